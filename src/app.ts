@@ -1,0 +1,67 @@
+import { randomUUID } from 'node:crypto';
+import Fastify, { type FastifyInstance } from 'fastify';
+import { serializerCompiler, validatorCompiler } from 'fastify-type-provider-zod';
+import type { Config } from './config.js';
+import { type Database, openDatabase } from './db/database.js';
+import { createTokens, registerAuthentication } from './http/auth.js';
+import { registerErrorHandling } from './http/errors.js';
+import { authRoutes } from './modules/auth/routes.js';
+import { AuthService } from './modules/auth/service.js';
+import { healthRoutes } from './modules/health/routes.js';
+
+export interface AppDependencies {
+  /** An open, migrated database. Without one, buildApp opens the configured one and closes it with the app. */
+  database?: Database;
+  /** Where log lines go (standard output by default); tests read them from here. */
+  logStream?: NodeJS.WritableStream;
+}
+
+const REQUEST_ID = /^[\w.:-]{1,128}$/;
+
+export async function buildApp(config: Config, deps: AppDependencies = {}): Promise<FastifyInstance> {
+  const app = Fastify({
+    logger: {
+      level: config.LOG_LEVEL,
+      redact: {
+        paths: ['req.headers.authorization', 'req.headers.cookie', '*.password', '*.currentPassword', '*.newPassword'],
+        censor: '[redacted]',
+      },
+      ...(deps.logStream ? { stream: deps.logStream } : {}),
+    },
+    // Echo a well-formed incoming request id (so a trace spans services); otherwise make one.
+    genReqId: (req) => {
+      const incoming = req.headers['x-request-id'];
+      return typeof incoming === 'string' && REQUEST_ID.test(incoming) ? incoming : randomUUID();
+    },
+    bodyLimit: 1024 * 1024,
+  });
+  app.setValidatorCompiler(validatorCompiler);
+  app.setSerializerCompiler(serializerCompiler);
+
+  const database = deps.database ?? (await openMigratedDatabase(config));
+  if (!deps.database) app.addHook('onClose', () => database.close());
+
+  app.addHook('onRequest', async (request, reply) => {
+    reply.header('x-request-id', request.id);
+  });
+  registerErrorHandling(app);
+
+  const tokens = createTokens(config.JWT_SECRET, config.JWT_EXPIRES_IN);
+  registerAuthentication(app, database.db, tokens);
+
+  await app.register(healthRoutes, { database });
+  await app.register(authRoutes, { prefix: '/api/v1/auth', auth: new AuthService(database.db, tokens, config.BCRYPT_ROUNDS) });
+
+  return app;
+}
+
+async function openMigratedDatabase(config: Config): Promise<Database> {
+  const database = await openDatabase(config);
+  try {
+    await database.migrate();
+  } catch (error) {
+    await database.close();
+    throw error;
+  }
+  return database;
+}

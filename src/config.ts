@@ -1,0 +1,109 @@
+import { randomBytes } from 'node:crypto';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { z } from 'zod';
+
+/** Parses a duration such as `7d`, `12h`, `30m`, `45s` or a bare number of seconds into seconds. */
+function parseDurationSeconds(value: string): number | undefined {
+  const match = /^(\d+)\s*([smhd]?)$/.exec(value.trim());
+  if (!match) return undefined;
+  const unit = { '': 1, s: 1, m: 60, h: 3600, d: 86400 }[match[2] as '' | 's' | 'm' | 'h' | 'd'];
+  const seconds = Number(match[1]) * unit;
+  return seconds > 0 ? seconds : undefined;
+}
+
+const int = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
+const optionalText = z
+  .string()
+  .trim()
+  .transform((v) => (v === '' ? undefined : v))
+  .optional();
+
+const envSchema = z.object({
+  NODE_ENV: z.enum(['development', 'production', 'test']).default('development'),
+  PORT: int(0, 65535).default(3000),
+  HOST: z.string().min(1).default('0.0.0.0'),
+  DATABASE_URL: optionalText.pipe(
+    z.string().regex(/^postgres(ql)?:\/\//, 'must be a postgres:// or postgresql:// URL').optional(),
+  ),
+  DATA_DIR: z.string().min(1).default('./data'),
+  JWT_SECRET: optionalText.pipe(z.string().min(32, 'must be at least 32 characters').optional()),
+  JWT_EXPIRES_IN: z
+    .string()
+    .default('7d')
+    .transform((v, ctx) => {
+      const seconds = parseDurationSeconds(v);
+      if (seconds === undefined) {
+        ctx.addIssue({ code: 'custom', message: 'must be a duration like 7d, 12h, 30m or 3600' });
+        return z.NEVER;
+      }
+      return seconds;
+    }),
+  BCRYPT_ROUNDS: int(4, 15).default(12),
+  AI_PROVIDER: z.enum(['openai', 'openrouter']).default('openai'),
+  OPENAI_API_KEY: optionalText,
+  OPENROUTER_API_KEY: optionalText,
+  AI_BASE_URL: optionalText.pipe(z.url('must be an http(s) URL').optional()),
+  AI_MODEL: optionalText,
+  AI_TIMEOUT_MS: int(100, 3_600_000).default(60_000),
+  AI_MAX_RETRIES: int(0, 10).default(2),
+  AI_CONTEXT_TOKENS: int(256, 10_000_000).optional(),
+  AI_MAX_OUTPUT_TOKENS: int(1, 1_000_000).default(1024),
+  FILE_MAX_BYTES: int(1, 1024 ** 3).default(20 * 1024 * 1024),
+  LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+  REDIS_URL: optionalText.pipe(z.string().regex(/^rediss?:\/\//, 'must be a redis:// URL').optional()),
+  RATE_LIMIT_LOGIN: int(1, 1_000_000).default(10),
+  RATE_LIMIT_REGISTER: int(1, 1_000_000).default(20),
+  RATE_LIMIT_CHAT: int(1, 1_000_000).default(60),
+  RATE_LIMIT_API: int(1, 10_000_000).default(1200),
+  SHUTDOWN_TIMEOUT_MS: int(0, 600_000).default(10_000),
+});
+
+type Env = z.infer<typeof envSchema>;
+
+export type Config = Omit<Env, 'JWT_SECRET' | 'DATA_DIR'> & {
+  DATA_DIR: string;
+  JWT_SECRET: string;
+};
+
+/** Thrown when the environment cannot start the service; its message is the one line to show. */
+export class ConfigError extends Error {
+  override name = 'ConfigError';
+}
+
+/**
+ * Reads and validates the environment. Outside production a missing JWT secret is generated once
+ * and kept under DATA_DIR, so tokens survive restarts of a laptop install.
+ */
+export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
+  const parsed = envSchema.safeParse(env);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0]!;
+    const variable = String(issue.path[0] ?? 'environment');
+    throw new ConfigError(`Invalid configuration: ${variable} ${issue.message}`);
+  }
+  const values = parsed.data;
+  const dataDir = resolve(values.DATA_DIR);
+  let secret = values.JWT_SECRET;
+  if (!secret) {
+    if (values.NODE_ENV === 'production') {
+      throw new ConfigError('Invalid configuration: JWT_SECRET is required when NODE_ENV=production (at least 32 characters)');
+    }
+    secret = loadOrCreateSecret(dataDir);
+  }
+  return { ...values, DATA_DIR: dataDir, JWT_SECRET: secret };
+}
+
+function loadOrCreateSecret(dataDir: string): string {
+  const file = join(dataDir, 'jwt-secret');
+  try {
+    const stored = readFileSync(file, 'utf8').trim();
+    if (stored.length >= 32) return stored;
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
+  }
+  mkdirSync(dataDir, { recursive: true });
+  const secret = randomBytes(48).toString('base64url');
+  writeFileSync(file, secret + '\n', { mode: 0o600 });
+  return secret;
+}

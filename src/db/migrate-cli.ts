@@ -1,0 +1,18 @@
+// `npm run db:migrate`: applies the committed SQL migrations and exits, for deploy pipelines that
+// migrate before rolling out new instances. The service also applies them at start.
+import { ConfigError, loadConfig } from '../config.js';
+import { openDatabase } from './database.js';
+
+try {
+  const config = loadConfig();
+  const database = await openDatabase(config);
+  try {
+    await database.migrate();
+    process.stdout.write(`migrations applied (${database.kind})\n`);
+  } finally {
+    await database.close();
+  }
+} catch (error) {
+  process.stderr.write(`${error instanceof ConfigError ? error.message : String(error)}\n`);
+  process.exit(1);
+}

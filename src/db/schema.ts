@@ -1,0 +1,94 @@
+import { sql } from 'drizzle-orm';
+import { bigint, check, index, integer, pgTable, text, timestamp, uniqueIndex, uuid } from 'drizzle-orm/pg-core';
+
+const timestamps = {
+  createdAt: timestamp('created_at', { withTimezone: true, mode: 'date' }).notNull().defaultNow(),
+  updatedAt: timestamp('updated_at', { withTimezone: true, mode: 'date' }).notNull().defaultNow(),
+};
+
+export const users = pgTable(
+  'users',
+  {
+    id: uuid('id').primaryKey(),
+    email: text('email').notNull(),
+    passwordHash: text('password_hash').notNull(),
+    name: text('name').notNull(),
+    // Bumped on every password change; a token carrying an older version is revoked.
+    tokenVersion: integer('token_version').notNull().default(0),
+    ...timestamps,
+  },
+  (t) => [uniqueIndex('users_email_lower_key').on(sql`lower(${t.email})`)],
+);
+
+export const projects = pgTable(
+  'projects',
+  {
+    id: uuid('id').primaryKey(),
+    userId: uuid('user_id')
+      .notNull()
+      .references(() => users.id, { onDelete: 'cascade' }),
+    name: text('name').notNull(),
+    description: text('description'),
+    provider: text('provider'),
+    model: text('model'),
+    ...timestamps,
+  },
+  (t) => [index('projects_user_id_id_idx').on(t.userId, t.id)],
+);
+
+export const prompts = pgTable(
+  'prompts',
+  {
+    id: uuid('id').primaryKey(),
+    projectId: uuid('project_id')
+      .notNull()
+      .references(() => projects.id, { onDelete: 'cascade' }),
+    title: text('title').notNull(),
+    content: text('content').notNull(),
+    ...timestamps,
+  },
+  (t) => [index('prompts_project_id_id_idx').on(t.projectId, t.id)],
+);
+
+export const messages = pgTable(
+  'messages',
+  {
+    id: uuid('id').primaryKey(),
+    projectId: uuid('project_id')
+      .notNull()
+      .references(() => projects.id, { onDelete: 'cascade' }),
+    role: text('role', { enum: ['user', 'assistant', 'system'] }).notNull(),
+    content: text('content').notNull(),
+    status: text('status', { enum: ['complete', 'incomplete', 'failed'] }).notNull(),
+    model: text('model'),
+    promptTokens: integer('prompt_tokens'),
+    completionTokens: integer('completion_tokens'),
+    totalTokens: integer('total_tokens'),
+    createdAt: timestamps.createdAt,
+  },
+  (t) => [
+    index('messages_project_id_created_at_id_idx').on(t.projectId, t.createdAt, t.id),
+    check('messages_role_check', sql`${t.role} in ('user', 'assistant', 'system')`),
+    check('messages_status_check', sql`${t.status} in ('complete', 'incomplete', 'failed')`),
+  ],
+);
+
+export const files = pgTable(
+  'files',
+  {
+    id: uuid('id').primaryKey(),
+    projectId: uuid('project_id')
+      .notNull()
+      .references(() => projects.id, { onDelete: 'cascade' }),
+    filename: text('filename').notNull(),
+    mimeType: text('mime_type').notNull(),
+    size: bigint('size', { mode: 'number' }).notNull(),
+    sha256: text('sha256').notNull(),
+    storageUrl: text('storage_url').notNull(),
+    providerFileId: text('provider_file_id'),
+    createdAt: timestamps.createdAt,
+  },
+  (t) => [index('files_project_id_id_idx').on(t.projectId, t.id)],
+);
+
+export const schema = { users, projects, prompts, messages, files };

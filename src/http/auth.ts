@@ -1,0 +1,91 @@
+import { eq } from 'drizzle-orm';
+import { createSigner, createVerifier } from 'fast-jwt';
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import type { Db } from '../db/database.js';
+import { users } from '../db/schema.js';
+import { Unauthorized } from './errors.js';
+
+export interface AuthUser {
+  id: string;
+  email: string;
+}
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    /** The authenticated user; set by the auth hook on every route not marked `public`. */
+    user: AuthUser;
+  }
+  interface FastifyContextConfig {
+    /** Marks a route that needs no bearer token. Every other route does. */
+    public?: boolean;
+  }
+}
+
+interface TokenClaims {
+  sub: string;
+  email: string;
+  /** The user's token version when issued; a password change bumps it and so revokes the token. */
+  ver: number;
+  iat: number;
+  exp: number;
+}
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+export interface Tokens {
+  issue(user: { id: string; email: string; tokenVersion: number }): string;
+  /** Verifies signature, algorithm and claims; throws Unauthorized on anything else. */
+  verify(token: string): TokenClaims;
+}
+
+export function createTokens(secret: string, expiresInSeconds: number): Tokens {
+  const sign = createSigner({ key: secret, algorithm: 'HS256', expiresIn: expiresInSeconds * 1000 });
+  const verify = createVerifier({
+    key: secret,
+    // Pinned: `none`, HS512, RS256 (with the secret as a "public key") and the rest are all rejected.
+    algorithms: ['HS256'],
+    // fast-jwt accepts a token without `exp` unless told it is required.
+    requiredClaims: ['sub', 'exp', 'iat'],
+    cache: 1000,
+  });
+  return {
+    issue: (user) => sign({ sub: user.id, email: user.email, ver: user.tokenVersion }),
+    verify(token) {
+      let claims: Partial<TokenClaims>;
+      try {
+        claims = verify(token) as Partial<TokenClaims>;
+      } catch {
+        throw new Unauthorized('Invalid or expired token');
+      }
+      if (typeof claims.sub !== 'string' || !UUID.test(claims.sub) || typeof claims.ver !== 'number') {
+        throw new Unauthorized('Invalid or expired token');
+      }
+      return claims as TokenClaims;
+    },
+  };
+}
+
+function bearerToken(request: FastifyRequest): string {
+  const header = request.headers.authorization;
+  const match = header ? /^Bearer\s+(\S+)\s*$/i.exec(header) : null;
+  if (!match) throw new Unauthorized('A bearer token is required');
+  return match[1]!;
+}
+
+/**
+ * Every route needs a valid token unless its config says `public: true`. The token is checked against
+ * the user's row (one primary-key lookup) so that deleted users and revoked tokens are refused.
+ */
+export function registerAuthentication(app: FastifyInstance, db: Db, tokens: Tokens): void {
+  app.decorateRequest('user', null as unknown as AuthUser);
+  app.addHook('onRequest', async (request) => {
+    if (request.is404 || request.routeOptions.config.public) return;
+    const claims = tokens.verify(bearerToken(request));
+    const [row] = await db
+      .select({ tokenVersion: users.tokenVersion, email: users.email })
+      .from(users)
+      .where(eq(users.id, claims.sub));
+    if (!row || row.tokenVersion !== claims.ver) throw new Unauthorized('Invalid or expired token');
+    request.user = { id: claims.sub, email: row.email };
+  });
+}

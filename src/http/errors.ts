@@ -1,0 +1,219 @@
+import { STATUS_CODES } from 'node:http';
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+
+export type ProblemCode =
+  | 'VALIDATION_ERROR'
+  | 'UNAUTHORIZED'
+  | 'FORBIDDEN'
+  | 'NOT_FOUND'
+  | 'CONFLICT'
+  | 'IDEMPOTENCY_CONFLICT'
+  | 'PAYLOAD_TOO_LARGE'
+  | 'IDEMPOTENCY_MISMATCH'
+  | 'UNSUPPORTED_MEDIA_TYPE'
+  | 'CONTEXT_TOO_LONG'
+  | 'RATE_LIMITED'
+  | 'INTERNAL'
+  | 'PROVIDER_ERROR'
+  | 'PROVIDER_NOT_CONFIGURED'
+  | 'PROVIDER_RATE_LIMITED'
+  | 'SERVICE_UNAVAILABLE'
+  | 'PROVIDER_TIMEOUT';
+
+export interface FieldError {
+  path: string;
+  message: string;
+}
+
+/** RFC 9457 problem details, as every 4xx/5xx body of the API. */
+export interface Problem {
+  type: string;
+  title: string;
+  status: number;
+  code: ProblemCode;
+  detail: string;
+  instance: string;
+  requestId: string;
+  errors?: FieldError[];
+  [extension: string]: unknown;
+}
+
+/**
+ * An error that knows its HTTP status and stable problem code. Services throw these; the one error
+ * handler turns them into problem+json. `extensions` become extra members of the problem body
+ * (e.g. `userMessageId`), `headers` extra response headers (e.g. `Retry-After`).
+ */
+export class ApiError extends Error {
+  constructor(
+    readonly status: number,
+    readonly code: ProblemCode,
+    detail: string,
+    readonly extensions: Record<string, unknown> = {},
+    readonly headers: Record<string, string> = {},
+  ) {
+    super(detail);
+    this.name = new.target.name;
+  }
+}
+
+export class ValidationFailed extends ApiError {
+  constructor(
+    detail: string,
+    readonly errors: FieldError[] = [],
+  ) {
+    super(400, 'VALIDATION_ERROR', detail);
+  }
+}
+
+export class Unauthorized extends ApiError {
+  constructor(detail = 'Missing or invalid credentials') {
+    super(401, 'UNAUTHORIZED', detail);
+  }
+}
+
+export class NotFound extends ApiError {
+  constructor(what = 'Resource') {
+    super(404, 'NOT_FOUND', `${what} not found`);
+  }
+}
+
+export class Conflict extends ApiError {
+  constructor(detail: string) {
+    super(409, 'CONFLICT', detail);
+  }
+}
+
+export class ServiceUnavailable extends ApiError {
+  constructor(detail = 'The database is unavailable; try again shortly') {
+    super(503, 'SERVICE_UNAVAILABLE', detail);
+  }
+}
+
+export function problemBody(
+  request: FastifyRequest,
+  status: number,
+  code: ProblemCode,
+  detail: string,
+  extra: Record<string, unknown> = {},
+): Problem {
+  return {
+    type: 'about:blank',
+    title: STATUS_CODES[status] ?? 'Error',
+    status,
+    code,
+    detail,
+    instance: request.url.split('?')[0] ?? request.url,
+    requestId: request.id,
+    ...extra,
+  };
+}
+
+export function sendProblem(reply: FastifyReply, problem: Problem): FastifyReply {
+  return reply.code(problem.status).type('application/problem+json').send(problem);
+}
+
+// Error codes of node-postgres / PostgreSQL / sockets that mean "the database is not reachable right now",
+// as opposed to a bug in a query.
+const DATABASE_DOWN_CODES = new Set([
+  'ECONNREFUSED',
+  'ECONNRESET',
+  'ENOTFOUND',
+  'ETIMEDOUT',
+  'EPIPE',
+  'EAI_AGAIN',
+  '57P01', // admin_shutdown
+  '57P02', // crash_shutdown
+  '57P03', // cannot_connect_now
+  '53300', // too_many_connections
+  '08000',
+  '08003',
+  '08006',
+  '08001',
+  '08004',
+]);
+
+const DATABASE_DOWN_MESSAGES = [
+  'Connection terminated',
+  'timeout exceeded when trying to connect',
+  'Client has encountered a connection error',
+  'Cannot use a pool after calling end',
+  'database did not answer',
+  'PGlite is closed',
+];
+
+/** Walks an error and its causes (drizzle wraps driver errors) looking for a lost database connection. */
+export function isDatabaseUnavailable(error: unknown): boolean {
+  for (let e = error, depth = 0; e && depth < 5; e = (e as { cause?: unknown }).cause, depth++) {
+    const { code, message } = e as { code?: unknown; message?: unknown };
+    if (typeof code === 'string' && DATABASE_DOWN_CODES.has(code)) return true;
+    if (typeof message === 'string' && DATABASE_DOWN_MESSAGES.some((m) => message.includes(m))) return true;
+    if (e instanceof AggregateError && e.errors.some(isDatabaseUnavailable)) return true;
+  }
+  return false;
+}
+
+/** Maps Fastify's own error codes (body parsing, content types) to the contract's problem codes. */
+const FASTIFY_ERRORS: Record<string, [number, ProblemCode]> = {
+  FST_ERR_CTP_BODY_TOO_LARGE: [413, 'PAYLOAD_TOO_LARGE'],
+  FST_REQ_FILE_TOO_LARGE: [413, 'PAYLOAD_TOO_LARGE'],
+  FST_FILES_LIMIT: [413, 'PAYLOAD_TOO_LARGE'],
+  FST_PARTS_LIMIT: [413, 'PAYLOAD_TOO_LARGE'],
+  FST_ERR_CTP_INVALID_MEDIA_TYPE: [415, 'UNSUPPORTED_MEDIA_TYPE'],
+  FST_ERR_CTP_INVALID_CONTENT_LENGTH: [400, 'VALIDATION_ERROR'],
+  FST_ERR_CTP_EMPTY_JSON_BODY: [400, 'VALIDATION_ERROR'],
+  FST_ERR_CTP_INVALID_JSON_BODY: [400, 'VALIDATION_ERROR'],
+  FST_ERR_CTP_INVALID_TYPE: [400, 'VALIDATION_ERROR'],
+  FST_ERR_CTP_EMPTY_TYPE: [415, 'UNSUPPORTED_MEDIA_TYPE'],
+  FST_ERR_CTP_INVALID_CHARSET: [415, 'UNSUPPORTED_MEDIA_TYPE'],
+};
+
+function toProblem(error: FastifyError | ApiError | Error, request: FastifyRequest): Problem {
+  if (error instanceof ValidationFailed) {
+    return problemBody(request, 400, 'VALIDATION_ERROR', error.message, { errors: error.errors });
+  }
+  if (error instanceof ApiError) {
+    return problemBody(request, error.status, error.code, error.message, error.extensions);
+  }
+  const fastifyError = error as FastifyError;
+  if (fastifyError.validation) {
+    const location = fastifyError.validationContext ?? 'body';
+    const errors = fastifyError.validation.map((issue) => ({
+      path: [location, ...issue.instancePath.split('/').filter(Boolean)].join('.'),
+      message: issue.message ?? 'is invalid',
+    }));
+    return problemBody(request, 400, 'VALIDATION_ERROR', `Invalid request ${location}`, { errors });
+  }
+  const known = fastifyError.code ? FASTIFY_ERRORS[fastifyError.code] : undefined;
+  if (known) {
+    const [status, code] = known;
+    // Fastify's own messages for these are safe and useful ("Body is not valid JSON…").
+    return problemBody(request, status, code, fastifyError.message);
+  }
+  if (isDatabaseUnavailable(error)) {
+    return problemBody(request, 503, 'SERVICE_UNAVAILABLE', 'The database is unavailable; try again shortly');
+  }
+  const status = fastifyError.statusCode;
+  if (status && status >= 400 && status < 500) {
+    // Another client error raised by Fastify or a plugin: keep its status, never its internals.
+    const code: ProblemCode = status === 401 ? 'UNAUTHORIZED' : status === 404 ? 'NOT_FOUND' : 'VALIDATION_ERROR';
+    return problemBody(request, status, code, fastifyError.message);
+  }
+  return problemBody(request, 500, 'INTERNAL', 'An unexpected error occurred');
+}
+
+export function registerErrorHandling(app: FastifyInstance): void {
+  app.setErrorHandler((error: FastifyError, request, reply) => {
+    const problem = toProblem(error, request);
+    if (problem.status >= 500) {
+      request.log.error({ err: error, code: problem.code }, 'request failed');
+    } else {
+      request.log.info({ code: problem.code, detail: problem.detail }, 'request rejected');
+    }
+    if (error instanceof ApiError) reply.headers(error.headers);
+    return sendProblem(reply, problem);
+  });
+
+  app.setNotFoundHandler((request, reply) =>
+    sendProblem(reply, problemBody(request, 404, 'NOT_FOUND', `Route ${request.method} ${request.url.split('?')[0]} not found`)),
+  );
+}

@@ -1,0 +1,45 @@
+import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+import {
+  changePasswordBody,
+  deleteMeBody,
+  loginBody,
+  registerBody,
+  session,
+  updateMeBody,
+  userEnvelope,
+} from './schemas.js';
+import type { AuthService } from './service.js';
+
+export const authRoutes: FastifyPluginAsyncZod<{ auth: AuthService }> = async (app, { auth }) => {
+  app.post(
+    '/register',
+    { config: { public: true }, schema: { tags: ['auth'], body: registerBody, response: { 201: session } } },
+    async (request, reply) => reply.code(201).send(await auth.register(request.body)),
+  );
+
+  app.post(
+    '/login',
+    { config: { public: true }, schema: { tags: ['auth'], body: loginBody, response: { 200: session } } },
+    async (request) => auth.login(request.body),
+  );
+
+  app.get('/me', { schema: { tags: ['auth'], response: { 200: userEnvelope } } }, async (request) => ({
+    user: await auth.me(request.user.id),
+  }));
+
+  app.patch(
+    '/me',
+    { schema: { tags: ['auth'], body: updateMeBody, response: { 200: userEnvelope } } },
+    async (request) => ({ user: await auth.updateMe(request.user.id, request.body) }),
+  );
+
+  app.post('/password', { schema: { tags: ['auth'], body: changePasswordBody } }, async (request, reply) => {
+    await auth.changePassword(request.user.id, request.body);
+    return reply.code(204).send();
+  });
+
+  app.delete('/me', { schema: { tags: ['auth'], body: deleteMeBody } }, async (request, reply) => {
+    await auth.deleteMe(request.user.id, request.body);
+    return reply.code(204).send();
+  });
+};

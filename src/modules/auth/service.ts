@@ -1,0 +1,104 @@
+import bcrypt from 'bcrypt';
+import { eq, sql } from 'drizzle-orm';
+import { v7 as uuidv7 } from 'uuid';
+import type { Db } from '../../db/database.js';
+import { users } from '../../db/schema.js';
+import type { Tokens } from '../../http/auth.js';
+import { Conflict, NotFound, Unauthorized } from '../../http/errors.js';
+import type { UserDto } from './schemas.js';
+
+type UserRow = typeof users.$inferSelect;
+
+const UNIQUE_VIOLATION = '23505';
+
+function toDto(row: UserRow): UserDto {
+  return { id: row.id, email: row.email, name: row.name, createdAt: row.createdAt.toISOString() };
+}
+
+function isUniqueViolation(error: unknown): boolean {
+  for (let e = error; e; e = (e as { cause?: unknown }).cause) {
+    if ((e as { code?: unknown }).code === UNIQUE_VIOLATION) return true;
+  }
+  return false;
+}
+
+export class AuthService {
+  /** A hash of a random password at the configured cost, compared against when the email is unknown,
+   *  so that an unknown email takes as long to refuse as a wrong password. */
+  private dummyHash: Promise<string> | undefined;
+
+  constructor(
+    private readonly db: Db,
+    private readonly tokens: Tokens,
+    private readonly bcryptRounds: number,
+  ) {}
+
+  async register(input: { email: string; password: string; name: string }) {
+    const passwordHash = await bcrypt.hash(input.password, this.bcryptRounds);
+    const now = new Date();
+    try {
+      const [row] = await this.db
+        .insert(users)
+        .values({ id: uuidv7(), email: input.email, passwordHash, name: input.name, createdAt: now, updatedAt: now })
+        .returning();
+      return this.session(row!);
+    } catch (error) {
+      if (isUniqueViolation(error)) throw new Conflict('An account with this email already exists');
+      throw error;
+    }
+  }
+
+  async login(input: { email: string; password: string }) {
+    const [row] = await this.db.select().from(users).where(sql`lower(${users.email}) = ${input.email}`);
+    const hash = row?.passwordHash ?? (await this.unknownUserHash());
+    const matches = await bcrypt.compare(input.password, hash);
+    if (!row || !matches) throw new Unauthorized('Invalid email or password');
+    return this.session(row);
+  }
+
+  async me(userId: string): Promise<UserDto> {
+    const [row] = await this.db.select().from(users).where(eq(users.id, userId));
+    if (!row) throw new NotFound('User');
+    return toDto(row);
+  }
+
+  async updateMe(userId: string, input: { name: string }): Promise<UserDto> {
+    const [row] = await this.db
+      .update(users)
+      .set({ name: input.name, updatedAt: new Date() })
+      .where(eq(users.id, userId))
+      .returning();
+    if (!row) throw new NotFound('User');
+    return toDto(row);
+  }
+
+  async changePassword(userId: string, input: { currentPassword: string; newPassword: string }): Promise<void> {
+    await this.checkPassword(userId, input.currentPassword);
+    const passwordHash = await bcrypt.hash(input.newPassword, this.bcryptRounds);
+    await this.db
+      .update(users)
+      .set({ passwordHash, tokenVersion: sql`${users.tokenVersion} + 1`, updatedAt: new Date() })
+      .where(eq(users.id, userId));
+  }
+
+  /** Deletes the account; foreign keys cascade to its projects and everything under them. */
+  async deleteMe(userId: string, input: { password: string }): Promise<void> {
+    await this.checkPassword(userId, input.password);
+    await this.db.delete(users).where(eq(users.id, userId));
+  }
+
+  private async checkPassword(userId: string, password: string): Promise<void> {
+    const [row] = await this.db.select({ passwordHash: users.passwordHash }).from(users).where(eq(users.id, userId));
+    if (!row) throw new Unauthorized('Invalid or expired token');
+    if (!(await bcrypt.compare(password, row.passwordHash))) throw new Unauthorized('The password is wrong');
+  }
+
+  private session(row: UserRow) {
+    return { token: this.tokens.issue(row), user: toDto(row) };
+  }
+
+  private unknownUserHash(): Promise<string> {
+    this.dummyHash ??= bcrypt.hash(`unknown-user-${uuidv7()}`, this.bcryptRounds);
+    return this.dummyHash;
+  }
+}

@@ -1,0 +1,32 @@
+import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+import { z } from 'zod';
+import type { Database } from '../../db/database.js';
+import { problemBody, sendProblem } from '../../http/errors.js';
+
+const healthy = z.object({ status: z.literal('ok'), checks: z.object({ database: z.literal('ok') }) });
+
+export const healthRoutes: FastifyPluginAsyncZod<{ database: Database }> = async (app, { database }) => {
+  app.get(
+    '/health',
+    { config: { public: true }, schema: { tags: ['health'], response: { 200: healthy } } },
+    async (request, reply) => {
+      try {
+        await database.ping();
+        return { status: 'ok' as const, checks: { database: 'ok' as const } };
+      } catch (error) {
+        request.log.warn({ err: error }, 'health check: database down');
+        // Every 5xx is problem+json; `checks` is an extension member telling which dependency failed.
+        const problem = problemBody(request, 503, 'SERVICE_UNAVAILABLE', 'The database is unavailable', {
+          checks: { database: 'down' },
+        });
+        return sendProblem(reply, problem);
+      }
+    },
+  );
+
+  app.get(
+    '/health/live',
+    { config: { public: true }, schema: { tags: ['health'], response: { 200: z.object({ status: z.literal('ok') }) } } },
+    async () => ({ status: 'ok' as const }),
+  );
+};

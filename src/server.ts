@@ -1,0 +1,46 @@
+import type { FastifyInstance } from 'fastify';
+import { buildApp } from './app.js';
+import { type Config, ConfigError, loadConfig } from './config.js';
+import { DatabaseLockedError } from './db/database.js';
+
+async function main(): Promise<void> {
+  let config: Config;
+  let app: FastifyInstance;
+  try {
+    config = loadConfig();
+    app = await buildApp(config);
+  } catch (error) {
+    if (error instanceof ConfigError || error instanceof DatabaseLockedError) {
+      // One clear line naming what is wrong, no stack trace.
+      process.stderr.write(`${error.message}\n`);
+      process.exit(1);
+    }
+    throw error;
+  }
+
+  let stopping = false;
+  const stop = async (signal: NodeJS.Signals) => {
+    if (stopping) return;
+    stopping = true;
+    app.log.info({ signal }, 'shutting down: no new connections, finishing requests in flight');
+    // Requests still running after the bound are cut so that the process always exits.
+    const force = setTimeout(() => {
+      app.log.warn('shutdown bound reached: closing remaining connections');
+      app.server.closeAllConnections();
+    }, config.SHUTDOWN_TIMEOUT_MS);
+    force.unref();
+    try {
+      await app.close(); // stops listening, waits for in-flight requests, runs onClose (closes the database)
+      process.exit(0);
+    } catch (error) {
+      app.log.error({ err: error }, 'shutdown failed');
+      process.exit(1);
+    }
+  };
+  process.once('SIGTERM', stop);
+  process.once('SIGINT', stop);
+
+  await app.listen({ port: config.PORT, host: config.HOST });
+}
+
+await main();

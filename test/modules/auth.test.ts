@@ -1,0 +1,254 @@
+import bcrypt from 'bcrypt';
+import { eq } from 'drizzle-orm';
+import { createSigner } from 'fast-jwt';
+import { v7 as uuidv7 } from 'uuid';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { projects, users } from '../../src/db/schema.js';
+import { expectProblem, registerUser, startTestApp, TEST_SECRET, type TestApp, uniqueEmail } from '../support/app.js';
+
+let t: TestApp;
+beforeAll(async () => {
+  t = await startTestApp({ BCRYPT_ROUNDS: '5' });
+});
+afterAll(() => t.close());
+
+const register = (payload: unknown) => t.app.inject({ method: 'POST', url: '/api/v1/auth/register', payload: payload as object });
+const login = (payload: unknown) => t.app.inject({ method: 'POST', url: '/api/v1/auth/login', payload: payload as object });
+const me = (authorization?: string) =>
+  t.app.inject({ method: 'GET', url: '/api/v1/auth/me', headers: authorization ? { authorization } : {} });
+
+describe('register', () => {
+  it('creates an account and returns a token and the public user', async () => {
+    const email = uniqueEmail('Reg');
+    const response = await register({ email: `  ${email.toUpperCase()} `, password: 'password-1', name: ' Ann ' });
+    expect(response.statusCode).toBe(201);
+    const body = response.json();
+    expect(Object.keys(body).sort()).toEqual(['token', 'user']);
+    expect(Object.keys(body.user).sort()).toEqual(['createdAt', 'email', 'id', 'name']);
+    expect(body.user.email).toBe(email.toLowerCase());
+    expect(body.user.name).toBe('Ann');
+    expect(body.user.id).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-7/); // UUID v7
+    expect(new Date(body.user.createdAt).toISOString()).toBe(body.user.createdAt);
+    expect(response.body).not.toContain('$2b$');
+  });
+
+  it('stores a bcrypt hash at the configured cost, never the password', async () => {
+    const user = await registerUser(t.app, { password: 'plain-text-secret' });
+    const [row] = await t.testDb.database.db.select().from(users).where(eq(users.id, user.id));
+    expect(row!.passwordHash).toMatch(/^\$2b\$05\$/);
+    expect(row!.passwordHash).not.toContain('plain-text-secret');
+    expect(await bcrypt.compare('plain-text-secret', row!.passwordHash)).toBe(true);
+  });
+
+  it('refuses a duplicate email in any letter case with 409', async () => {
+    const email = uniqueEmail('dup');
+    expect((await register({ email, password: 'password-1', name: 'A' })).statusCode).toBe(201);
+    for (const variant of [email, email.toUpperCase(), ` ${email.replace(/^d/, 'D')} `]) {
+      expectProblem(await register({ email: variant, password: 'password-2', name: 'B' }), 409, 'CONFLICT');
+    }
+    const rows = await t.testDb.database.db.select().from(users).where(eq(users.email, email));
+    expect(rows).toHaveLength(1);
+  });
+
+  it.each([
+    ['7 bytes', 'a'.repeat(7), 400],
+    ['8 bytes', 'a'.repeat(8), 201],
+    ['72 bytes', 'a'.repeat(72), 201],
+    ['73 bytes', 'a'.repeat(73), 400],
+    ['36 two-byte characters (72 bytes)', 'é'.repeat(36), 201],
+    ['37 two-byte characters (74 bytes, 37 characters)', 'é'.repeat(37), 400],
+    ['4 four-byte characters (16 bytes, 4 code points)', '😀'.repeat(4), 201],
+  ])('password of %s → %i', async (_, password, status) => {
+    const response = await register({ email: uniqueEmail(), password, name: 'P' });
+    if (status === 400) {
+      const body = expectProblem(response, 400, 'VALIDATION_ERROR');
+      expect(body.errors).toEqual([expect.objectContaining({ path: 'body.password' })]);
+    } else {
+      expect(response.statusCode).toBe(201);
+      expect((await login({ email: response.json().user.email, password })).statusCode).toBe(200);
+    }
+  });
+
+  it('never truncates: a 72-byte password differs from one with a 73rd byte', async () => {
+    const password = 'b'.repeat(72);
+    const user = await registerUser(t.app, { password });
+    expect((await login({ email: user.email, password: password.slice(0, 71) + 'c' })).statusCode).toBe(401);
+  });
+
+  it.each([
+    ['missing fields', {}, ['body.email', 'body.password', 'body.name']],
+    ['a bad email', { email: 'not-an-email', password: 'password-1', name: 'A' }, ['body.email']],
+    ['an empty name', { email: 'x@example.com', password: 'password-1', name: '   ' }, ['body.name']],
+    ['a name over 200 characters', { email: 'y@example.com', password: 'password-1', name: 'n'.repeat(201) }, ['body.name']],
+    ['wrong types', { email: 5, password: true, name: [] }, ['body.email', 'body.password', 'body.name']],
+    ['an unknown property', { email: 'z@example.com', password: 'password-1', name: 'A', id: uuidv7() }, ['body']],
+  ])('rejects %s with the fields named', async (_, payload, paths) => {
+    const body = expectProblem(await register(payload), 400, 'VALIDATION_ERROR');
+    expect([...new Set((body.errors as { path: string }[]).map((e) => e.path))].sort()).toEqual([...paths].sort());
+  });
+});
+
+describe('login', () => {
+  it('logs in with any letter case of the email', async () => {
+    const user = await registerUser(t.app);
+    const response = await login({ email: user.email.toUpperCase(), password: user.password });
+    expect(response.statusCode).toBe(200);
+    expect(response.json().user.id).toBe(user.id);
+    expect((await me(`Bearer ${response.json().token}`)).statusCode).toBe(200);
+  });
+
+  it('answers an unknown email and a wrong password with the same 401', async () => {
+    const user = await registerUser(t.app);
+    const wrong = expectProblem(await login({ email: user.email, password: 'wrong-password' }), 401, 'UNAUTHORIZED');
+    const unknown = expectProblem(await login({ email: uniqueEmail('nobody'), password: 'wrong-password' }), 401, 'UNAUTHORIZED');
+    expect(unknown.detail).toBe(wrong.detail);
+    expect(unknown.title).toBe(wrong.title);
+  });
+
+  it('spends a full bcrypt comparison on an unknown email too', async () => {
+    // At cost 10 one comparison takes tens of milliseconds; a refusal that skipped it would answer in about one.
+    const slow = await startTestApp({ BCRYPT_ROUNDS: '10' });
+    try {
+      const user = await registerUser(slow.app);
+      const median = async (email: string) => {
+        const times: number[] = [];
+        for (let i = 0; i < 5; i++) {
+          const start = performance.now();
+          await slow.app.inject({ method: 'POST', url: '/api/v1/auth/login', payload: { email, password: 'wrong-password' } });
+          times.push(performance.now() - start);
+        }
+        return times.sort((a, b) => a - b)[2]!;
+      };
+      await median(uniqueEmail('warmup'));
+      const known = await median(user.email);
+      const unknown = await median(uniqueEmail('nobody'));
+      expect(unknown).toBeGreaterThan(known * 0.5);
+      expect(unknown).toBeLessThan(known * 2);
+    } finally {
+      await slow.close();
+    }
+  });
+});
+
+describe('tokens', () => {
+  const b64 = (value: object) => Buffer.from(JSON.stringify(value)).toString('base64url');
+  const now = () => Math.floor(Date.now() / 1000);
+
+  async function forgeries(user: { id: string; email: string; token: string }) {
+    const claims = { sub: user.id, email: user.email, ver: 0 };
+    const [header, payload, signature] = user.token.split('.') as [string, string, string];
+    const hs256 = createSigner({ key: TEST_SECRET, algorithm: 'HS256' });
+    return {
+      'alg none': `${b64({ alg: 'none', typ: 'JWT' })}.${b64({ ...claims, iat: now(), exp: now() + 60 })}.`,
+      'alg NoNe': `${b64({ alg: 'NoNe', typ: 'JWT' })}.${b64({ ...claims, iat: now(), exp: now() + 60 })}.`,
+      HS512: createSigner({ key: TEST_SECRET, algorithm: 'HS512', expiresIn: 60_000 })(claims),
+      HS384: createSigner({ key: TEST_SECRET, algorithm: 'HS384', expiresIn: 60_000 })(claims),
+      'another secret': createSigner({ key: 'x'.repeat(48), algorithm: 'HS256', expiresIn: 60_000 })(claims),
+      'tampered payload': `${header}.${b64({ ...claims, sub: uuidv7(), iat: now(), exp: now() + 60 })}.${signature}`,
+      'tampered signature': `${header}.${payload}.${signature.slice(0, -4)}${signature.endsWith('AAAA') ? 'BBBB' : 'AAAA'}`,
+      expired: hs256({ ...claims, iat: now() - 120, exp: now() - 60 }),
+      'without exp': hs256({ ...claims, iat: now() }),
+      'without sub': hs256({ email: user.email, ver: 0, iat: now(), exp: now() + 60 }),
+      'with a sub that is not a uuid': hs256({ ...claims, sub: "1' or '1'='1", iat: now(), exp: now() + 60 }),
+      'not yet valid': createSigner({ key: TEST_SECRET, algorithm: 'HS256', expiresIn: 60_000, notBefore: 60_000 })(claims),
+      'garbage': 'not.a.jwt',
+    };
+  }
+
+  it('accepts the issued token, with HS256 and sub, email, iat, exp', async () => {
+    const user = await registerUser(t.app);
+    const [header, payload] = user.token
+      .split('.')
+      .slice(0, 2)
+      .map((part) => JSON.parse(Buffer.from(part, 'base64url').toString()));
+    expect(header.alg).toBe('HS256');
+    expect(payload).toMatchObject({ sub: user.id, email: user.email });
+    expect(payload.exp - payload.iat).toBe(7 * 24 * 3600);
+    expect((await me(user.auth.authorization)).json().user.id).toBe(user.id);
+  });
+
+  it('refuses every forged or unusable token with 401', async () => {
+    const user = await registerUser(t.app);
+    for (const [name, token] of Object.entries(await forgeries(user))) {
+      const response = await me(`Bearer ${token}`);
+      expect(response.statusCode, name).toBe(401);
+      expectProblem(response, 401, 'UNAUTHORIZED');
+    }
+  });
+
+  it('refuses a missing or malformed Authorization header', async () => {
+    expectProblem(await me(), 401, 'UNAUTHORIZED');
+    expectProblem(await me('Basic dXNlcjpwYXNz'), 401, 'UNAUTHORIZED');
+    expectProblem(await me('Bearer'), 401, 'UNAUTHORIZED');
+  });
+
+  it('refuses a valid token of a user who no longer exists', async () => {
+    const user = await registerUser(t.app);
+    await t.testDb.database.db.delete(users).where(eq(users.id, user.id));
+    expectProblem(await me(user.auth.authorization), 401, 'UNAUTHORIZED');
+  });
+});
+
+describe('profile, password change and account deletion', () => {
+  it('reads and updates the profile', async () => {
+    const user = await registerUser(t.app, { name: 'Before' });
+    const patched = await t.app.inject({ method: 'PATCH', url: '/api/v1/auth/me', headers: user.auth, payload: { name: 'After' } });
+    expect(patched.statusCode).toBe(200);
+    expect(patched.json().user).toMatchObject({ id: user.id, name: 'After', email: user.email });
+    expect((await me(user.auth.authorization)).json().user.name).toBe('After');
+  });
+
+  it('refuses to change the email or id through the profile', async () => {
+    const user = await registerUser(t.app);
+    for (const payload of [{ email: 'other@example.com' }, { name: 'X', id: uuidv7() }, { name: 'X', passwordHash: 'x' }, {}]) {
+      expectProblem(await t.app.inject({ method: 'PATCH', url: '/api/v1/auth/me', headers: user.auth, payload }), 400, 'VALIDATION_ERROR');
+    }
+    expect((await me(user.auth.authorization)).json().user).toMatchObject({ email: user.email, name: 'Test User' });
+  });
+
+  it('changes the password and revokes every token issued before', async () => {
+    const user = await registerUser(t.app);
+    const second = (await login({ email: user.email, password: user.password })).json().token as string;
+    const change = (body: object, auth = user.auth) =>
+      t.app.inject({ method: 'POST', url: '/api/v1/auth/password', headers: auth, payload: body });
+
+    expectProblem(await change({ currentPassword: 'not-the-password', newPassword: 'new-password-1' }), 401, 'UNAUTHORIZED');
+    expectProblem(await change({ currentPassword: user.password, newPassword: 'short' }), 400, 'VALIDATION_ERROR');
+    expect((await me(user.auth.authorization)).statusCode).toBe(200);
+
+    const changed = await change({ currentPassword: user.password, newPassword: 'new-password-1' });
+    expect(changed.statusCode).toBe(204);
+    expect(changed.body).toBe('');
+    expectProblem(await me(user.auth.authorization), 401, 'UNAUTHORIZED');
+    expectProblem(await me(`Bearer ${second}`), 401, 'UNAUTHORIZED');
+
+    expectProblem(await login({ email: user.email, password: user.password }), 401, 'UNAUTHORIZED');
+    const fresh = await login({ email: user.email, password: 'new-password-1' });
+    expect(fresh.statusCode).toBe(200);
+    expect((await me(`Bearer ${fresh.json().token}`)).statusCode).toBe(200);
+  });
+
+  it('deletes the account with its password, cascading to what it owns', async () => {
+    const user = await registerUser(t.app);
+    const other = await registerUser(t.app);
+    const { db } = t.testDb.database;
+    const now = new Date();
+    const project = { id: uuidv7(), userId: user.id, name: 'P', createdAt: now, updatedAt: now };
+    const otherProject = { ...project, id: uuidv7(), userId: other.id };
+    await db.insert(projects).values([project, otherProject]);
+
+    const remove = (payload: object) => t.app.inject({ method: 'DELETE', url: '/api/v1/auth/me', headers: user.auth, payload });
+    expectProblem(await remove({ password: 'wrong-password' }), 401, 'UNAUTHORIZED');
+    expectProblem(await remove({}), 400, 'VALIDATION_ERROR');
+    expect(await db.select().from(users).where(eq(users.id, user.id))).toHaveLength(1);
+
+    expect((await remove({ password: user.password })).statusCode).toBe(204);
+    expect(await db.select().from(users).where(eq(users.id, user.id))).toHaveLength(0);
+    expect(await db.select().from(projects).where(eq(projects.userId, user.id))).toHaveLength(0);
+    expect(await db.select().from(projects).where(eq(projects.id, otherProject.id))).toHaveLength(1);
+    expectProblem(await me(user.auth.authorization), 401, 'UNAUTHORIZED');
+    expectProblem(await login({ email: user.email, password: user.password }), 401, 'UNAUTHORIZED');
+    // The email is free again.
+    expect((await register({ email: user.email, password: 'password-9', name: 'Again' })).statusCode).toBe(201);
+  });
+});
