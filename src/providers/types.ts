@@ -1,0 +1,85 @@
+import { ApiError } from '../http/errors.js';
+
+export type ProviderName = 'openai' | 'openrouter';
+
+export interface ChatMessage {
+  role: 'system' | 'user' | 'assistant';
+  content: string;
+}
+
+export interface Usage {
+  promptTokens: number;
+  completionTokens: number;
+  totalTokens: number;
+}
+
+export interface ChatRequest {
+  model: string;
+  messages: ChatMessage[];
+  maxOutputTokens: number;
+  /** Aborts the whole call, retries and waits included: the request's deadline or a client that left. */
+  signal: AbortSignal;
+}
+
+export interface ChatCompletion {
+  content: string;
+  /** The model that answered, as the upstream names it. */
+  model: string;
+  usage: Usage | null;
+}
+
+export type StreamEvent =
+  | { type: 'delta'; content: string }
+  | { type: 'done'; model: string; usage: Usage | null };
+
+export interface UploadedFile {
+  providerFileId: string;
+}
+
+/**
+ * One AI provider. `complete` and `stream` retry upstream 429/5xx/timeouts themselves within the
+ * request's signal, and throw only the provider errors below. A stream may also throw mid-way (after
+ * deltas), with the same error classes.
+ */
+export interface ProviderAdapter {
+  readonly name: ProviderName;
+  /** Whether this provider has a Files API (OpenAI does; OpenRouter and most local servers do not). */
+  readonly supportsFiles: boolean;
+  complete(request: ChatRequest): Promise<ChatCompletion>;
+  stream(request: ChatRequest): AsyncIterable<StreamEvent>;
+  uploadFile?(file: { filename: string; mimeType: string; path: string }, signal: AbortSignal): Promise<UploadedFile>;
+  deleteFile?(providerFileId: string, signal: AbortSignal): Promise<void>;
+}
+
+/** Upstream 5xx, malformed bodies, refused connections: 502. */
+export class ProviderError extends ApiError {
+  constructor(detail = 'The AI provider failed to answer', extensions: Record<string, unknown> = {}) {
+    super(502, 'PROVIDER_ERROR', detail, extensions);
+  }
+}
+
+/** Upstream 429 after every retry: 503 with Retry-After (seconds). */
+export class ProviderRateLimited extends ApiError {
+  constructor(
+    readonly retryAfterSeconds: number,
+    extensions: Record<string, unknown> = {},
+  ) {
+    super(503, 'PROVIDER_RATE_LIMITED', 'The AI provider is rate limiting requests; try again later', extensions, {
+      'retry-after': String(retryAfterSeconds),
+    });
+  }
+}
+
+/** No answer within AI_TIMEOUT_MS for the whole request: 504. */
+export class ProviderTimeout extends ApiError {
+  constructor(extensions: Record<string, unknown> = {}) {
+    super(504, 'PROVIDER_TIMEOUT', 'The AI provider did not answer in time', extensions);
+  }
+}
+
+/** No key and no base URL for the provider a chat needs: 503, before anything is stored. */
+export class ProviderNotConfigured extends ApiError {
+  constructor(provider: ProviderName) {
+    super(503, 'PROVIDER_NOT_CONFIGURED', `The AI provider "${provider}" is not configured on this server`);
+  }
+}
