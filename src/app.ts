@@ -37,6 +37,8 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   });
   app.setValidatorCompiler(validatorCompiler);
   app.setSerializerCompiler(serializerCompiler);
+  // The API speaks JSON (and multipart for uploads); any other body is 415, not a string handed to a route.
+  app.removeContentTypeParser('text/plain');
 
   const database = deps.database ?? (await openMigratedDatabase(config));
   if (!deps.database) app.addHook('onClose', () => database.close());

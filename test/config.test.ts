@@ -1,0 +1,87 @@
+import { mkdtempSync, readFileSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { ConfigError, loadConfig } from '../src/config.js';
+
+const dataDir = () => mkdtempSync(join(tmpdir(), 'chatbot-config-'));
+
+describe('loadConfig', () => {
+  it('has the contract defaults', () => {
+    const config = loadConfig({ DATA_DIR: dataDir() });
+    expect(config).toMatchObject({
+      PORT: 3000,
+      HOST: '0.0.0.0',
+      JWT_EXPIRES_IN: 7 * 24 * 3600,
+      BCRYPT_ROUNDS: 12,
+      AI_PROVIDER: 'openai',
+      AI_TIMEOUT_MS: 60_000,
+      AI_MAX_RETRIES: 2,
+      AI_MAX_OUTPUT_TOKENS: 1024,
+      FILE_MAX_BYTES: 20 * 1024 * 1024,
+      RATE_LIMIT_LOGIN: 10,
+      RATE_LIMIT_REGISTER: 20,
+      RATE_LIMIT_CHAT: 60,
+      RATE_LIMIT_API: 1200,
+    });
+    expect(config.DATABASE_URL).toBeUndefined();
+    expect(config.AI_CONTEXT_TOKENS).toBeUndefined();
+  });
+
+  it('treats empty variables as unset', () => {
+    const config = loadConfig({ DATA_DIR: dataDir(), DATABASE_URL: '', OPENAI_API_KEY: ' ', JWT_SECRET: '' });
+    expect(config.DATABASE_URL).toBeUndefined();
+    expect(config.OPENAI_API_KEY).toBeUndefined();
+    expect(config.JWT_SECRET.length).toBeGreaterThanOrEqual(32);
+  });
+
+  it.each([
+    ['PORT', 'eighty'],
+    ['PORT', '70000'],
+    ['DATABASE_URL', 'mysql://localhost/x'],
+    ['JWT_SECRET', 'too-short'],
+    ['JWT_EXPIRES_IN', 'forever'],
+    ['BCRYPT_ROUNDS', '3'],
+    ['AI_PROVIDER', 'anthropic'],
+    ['AI_BASE_URL', 'not a url'],
+    ['AI_TIMEOUT_MS', '-1'],
+    ['FILE_MAX_BYTES', '1.5'],
+    ['LOG_LEVEL', 'loud'],
+    ['REDIS_URL', 'http://x'],
+    ['NODE_ENV', 'staging'],
+  ])('refuses %s=%s with one line naming the variable', (variable, value) => {
+    let error: unknown;
+    try {
+      loadConfig({ DATA_DIR: dataDir(), [variable]: value });
+    } catch (caught) {
+      error = caught;
+    }
+    expect(error).toBeInstanceOf(ConfigError);
+    const message = (error as Error).message;
+    expect(message).toMatch(new RegExp(`^Invalid configuration: ${variable} `));
+    expect(message).not.toContain('\n');
+  });
+
+  it('requires a strong JWT_SECRET in production', () => {
+    expect(() => loadConfig({ NODE_ENV: 'production', DATA_DIR: dataDir() })).toThrow(/JWT_SECRET is required/);
+    expect(() => loadConfig({ NODE_ENV: 'production', DATA_DIR: dataDir(), JWT_SECRET: 'x'.repeat(31) })).toThrow(/JWT_SECRET/);
+    expect(loadConfig({ NODE_ENV: 'production', DATA_DIR: dataDir(), JWT_SECRET: 'x'.repeat(32) }).JWT_SECRET).toBe('x'.repeat(32));
+  });
+
+  it('generates a secret once outside production and keeps it under DATA_DIR, readable only by its owner', () => {
+    const dir = dataDir();
+    const first = loadConfig({ DATA_DIR: dir });
+    const second = loadConfig({ DATA_DIR: dir });
+    expect(first.JWT_SECRET).toBe(second.JWT_SECRET);
+    expect(first.JWT_SECRET.length).toBeGreaterThanOrEqual(32);
+    expect(readFileSync(join(dir, 'jwt-secret'), 'utf8').trim()).toBe(first.JWT_SECRET);
+    expect(statSync(join(dir, 'jwt-secret')).mode & 0o077).toBe(0);
+    expect(loadConfig({ DATA_DIR: dataDir() }).JWT_SECRET).not.toBe(first.JWT_SECRET);
+  });
+
+  it('parses durations', () => {
+    expect(loadConfig({ DATA_DIR: dataDir(), JWT_EXPIRES_IN: '12h' }).JWT_EXPIRES_IN).toBe(43_200);
+    expect(loadConfig({ DATA_DIR: dataDir(), JWT_EXPIRES_IN: '90' }).JWT_EXPIRES_IN).toBe(90);
+    expect(loadConfig({ DATA_DIR: dataDir(), JWT_EXPIRES_IN: '30m' }).JWT_EXPIRES_IN).toBe(1800);
+  });
+});

@@ -1,0 +1,169 @@
+import { Writable } from 'node:stream';
+import { createSigner } from 'fast-jwt';
+import { v7 as uuidv7 } from 'uuid';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { buildApp } from '../../src/app.js';
+import { openPostgres } from '../../src/db/database.js';
+import { expectProblem, registerUser, startTestApp, TEST_SECRET, testConfig, type TestApp } from '../support/app.js';
+
+/** Collects the app's JSON log lines. */
+function logCollector() {
+  const lines: Record<string, unknown>[] = [];
+  const stream = new Writable({
+    write(chunk, _encoding, done) {
+      for (const line of String(chunk).split('\n').filter(Boolean)) lines.push(JSON.parse(line));
+      done();
+    },
+  });
+  return { lines, stream };
+}
+
+let t: TestApp;
+beforeAll(async () => {
+  t = await startTestApp();
+});
+afterAll(() => t.close());
+
+describe('problem+json for every error class', () => {
+  it('400 validation with field paths', async () => {
+    const body = expectProblem(
+      await t.app.inject({ method: 'POST', url: '/api/v1/auth/register', payload: { email: 'bad', password: 'x', name: 'n' } }),
+      400,
+      'VALIDATION_ERROR',
+    );
+    expect(body.type).toBe('about:blank');
+    expect(body.title).toBe('Bad Request');
+    expect(body.instance).toBe('/api/v1/auth/register');
+    expect(body.errors).toEqual(
+      expect.arrayContaining([expect.objectContaining({ path: 'body.email', message: expect.any(String) })]),
+    );
+  });
+
+  it('400 for a body that is not JSON, an empty JSON body and a JSON body that is not an object', async () => {
+    const headers = { 'content-type': 'application/json' };
+    for (const payload of ['{"email":', '', '"just a string"', 'null', '[1,2]']) {
+      const response = await t.app.inject({ method: 'POST', url: '/api/v1/auth/login', headers, payload });
+      expectProblem(response, 400, 'VALIDATION_ERROR');
+    }
+  });
+
+  it('401 without credentials, and only errors on validation problems', async () => {
+    const body = expectProblem(await t.app.inject({ method: 'GET', url: '/api/v1/auth/me' }), 401, 'UNAUTHORIZED');
+    expect(body).not.toHaveProperty('errors');
+  });
+
+  it('404 for an unknown route, authenticated or not', async () => {
+    const user = await registerUser(t.app);
+    expectProblem(await t.app.inject({ method: 'GET', url: '/api/v1/nothing-here' }), 404, 'NOT_FOUND');
+    expectProblem(await t.app.inject({ method: 'DELETE', url: '/api/v1/nothing', headers: user.auth }), 404, 'NOT_FOUND');
+  });
+
+  it('413 for a body over the limit, and nothing stored', async () => {
+    const response = await t.app.inject({
+      method: 'POST',
+      url: '/api/v1/auth/register',
+      payload: { email: 'big@example.com', password: 'password-1', name: 'x'.repeat(2 * 1024 * 1024) },
+    });
+    expectProblem(response, 413, 'PAYLOAD_TOO_LARGE');
+    const login = await t.app.inject({ method: 'POST', url: '/api/v1/auth/login', payload: { email: 'big@example.com', password: 'password-1' } });
+    expect(login.statusCode).toBe(401);
+  });
+
+  it('415 for a content type the route does not take', async () => {
+    const response = await t.app.inject({
+      method: 'POST',
+      url: '/api/v1/auth/login',
+      headers: { 'content-type': 'text/plain' },
+      payload: 'email=a@b.c',
+    });
+    expectProblem(response, 415, 'UNSUPPORTED_MEDIA_TYPE');
+  });
+
+  it('500 shows nothing of the cause and logs it with the request id', async () => {
+    const logs = logCollector();
+    const app = await buildApp(testConfig({ LOG_LEVEL: 'info' }), { database: t.testDb.database, logStream: logs.stream });
+    app.get('/boom', { config: { public: true } }, async () => {
+      throw new Error('select password_hash from users; key sk-live-123 at /srv/app.ts:1');
+    });
+    try {
+      const response = await app.inject({ method: 'GET', url: '/boom' });
+      const body = expectProblem(response, 500, 'INTERNAL');
+      expect(body.detail).toBe('An unexpected error occurred');
+      for (const secret of ['password_hash', 'sk-live-123', 'app.ts', 'stack']) expect(response.body).not.toContain(secret);
+      const logged = logs.lines.find((line) => line.msg === 'request failed');
+      expect(logged).toMatchObject({ reqId: body.requestId, err: { message: expect.stringContaining('sk-live-123') } });
+    } finally {
+      await app.close();
+    }
+  });
+});
+
+describe('when the database is down', () => {
+  // A real PostgreSQL client pointed at a port where nothing listens: every query fails to connect.
+  const down = openPostgres('postgres://postgres@127.0.0.1:1/nothing', { connectionTimeoutMs: 500 });
+  let app: Awaited<ReturnType<typeof buildApp>>;
+  beforeAll(async () => {
+    app = await buildApp(testConfig(), { database: down });
+  });
+  afterAll(async () => {
+    await app.close();
+    await down.close();
+  });
+
+  it('/health answers 503 with the database named, /health/live still 200', async () => {
+    const body = expectProblem(await app.inject({ method: 'GET', url: '/health' }), 503, 'SERVICE_UNAVAILABLE');
+    expect(body.checks).toEqual({ database: 'down' });
+    const live = await app.inject({ method: 'GET', url: '/health/live' });
+    expect(live.statusCode).toBe(200);
+    expect(live.json()).toEqual({ status: 'ok' });
+  });
+
+  it('routes that need the database answer 503 SERVICE_UNAVAILABLE, never 500', async () => {
+    expectProblem(
+      await app.inject({ method: 'POST', url: '/api/v1/auth/login', payload: { email: 'a@example.com', password: 'password-1' } }),
+      503,
+      'SERVICE_UNAVAILABLE',
+    );
+    const token = createSigner({ key: TEST_SECRET, algorithm: 'HS256', expiresIn: 60_000 })({ sub: uuidv7(), email: 'a@example.com', ver: 0 });
+    const body = expectProblem(
+      await app.inject({ method: 'GET', url: '/api/v1/auth/me', headers: { authorization: `Bearer ${token}` } }),
+      503,
+      'SERVICE_UNAVAILABLE',
+    );
+    expect(JSON.stringify(body)).not.toMatch(/ECONNREFUSED|127\.0\.0\.1|postgres:/);
+  });
+});
+
+describe('request ids', () => {
+  it('generates one when absent and puts it on every response', async () => {
+    const ok = await t.app.inject({ method: 'GET', url: '/health/live' });
+    const failed = await t.app.inject({ method: 'GET', url: '/api/v1/auth/me' });
+    const missing = await t.app.inject({ method: 'GET', url: '/nowhere' });
+    for (const response of [ok, failed, missing]) expect(response.headers['x-request-id']).toMatch(/^[0-9a-f-]{36}$/);
+    expect(new Set([ok, failed, missing].map((r) => r.headers['x-request-id'])).size).toBe(3);
+  });
+
+  it('echoes a well-formed incoming id and replaces a malformed one', async () => {
+    const echoed = await t.app.inject({ method: 'GET', url: '/health/live', headers: { 'x-request-id': 'trace-abc.123:x' } });
+    expect(echoed.headers['x-request-id']).toBe('trace-abc.123:x');
+    for (const bad of ['has spaces', 'x'.repeat(200), '<script>', 'a\u00e9b']) {
+      const response = await t.app.inject({ method: 'GET', url: '/health/live', headers: { 'x-request-id': bad } });
+      expect(response.headers['x-request-id']).not.toBe(bad);
+      expect(response.headers['x-request-id']).toMatch(/^[0-9a-f-]{36}$/);
+    }
+  });
+
+  it('carries the id in every log line of the request', async () => {
+    const logs = logCollector();
+    const app = await buildApp(testConfig({ LOG_LEVEL: 'info' }), { database: t.testDb.database, logStream: logs.stream });
+    try {
+      await app.inject({ method: 'GET', url: '/api/v1/auth/me', headers: { 'x-request-id': 'req-log-1', authorization: 'Bearer secret-token' } });
+      const lines = logs.lines.filter((line) => line.reqId === 'req-log-1');
+      expect(lines.length).toBeGreaterThanOrEqual(2); // incoming request, rejection, completion
+      expect(logs.lines.filter((line) => line.req || line.res).every((line) => typeof line.reqId === 'string')).toBe(true);
+      expect(JSON.stringify(logs.lines)).not.toContain('secret-token');
+    } finally {
+      await app.close();
+    }
+  });
+});
