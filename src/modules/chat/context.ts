@@ -1,0 +1,44 @@
+import type { ChatMessage } from '../../providers/types.js';
+
+export interface HistoryMessage {
+  role: 'user' | 'assistant' | 'system';
+  content: string;
+}
+
+export interface ContextInput {
+  /** The project's system prompts, oldest first. */
+  prompts: string[];
+  /** Stored history, newest first, read lazily so that only what fits is ever fetched. */
+  history: AsyncIterable<HistoryMessage>;
+  newMessage: string;
+  /** Tokens available for the request: the model's context minus what is kept for the reply. */
+  budget: number;
+  /** Tokens of one message, its chat formatting included. */
+  countTokens(message: ChatMessage): number;
+}
+
+export type ContextResult =
+  | { fits: true; messages: ChatMessage[]; promptTokens: number; historyIncluded: number }
+  | { fits: false; requiredTokens: number };
+
+/**
+ * The messages sent to the provider: prompts as system messages, then as much of the newest history as
+ * fits, oldest first, then the new message once. The oldest history is left out first; prompts and the
+ * new message never are: when they alone exceed the budget the result says so.
+ */
+export async function buildContext(input: ContextInput): Promise<ContextResult> {
+  const system: ChatMessage[] = input.prompts.map((content) => ({ role: 'system', content }));
+  const question: ChatMessage = { role: 'user', content: input.newMessage };
+  let used = system.reduce((sum, message) => sum + input.countTokens(message), input.countTokens(question));
+  if (used > input.budget) return { fits: false, requiredTokens: used };
+
+  const history: ChatMessage[] = [];
+  for await (const message of input.history) {
+    const tokens = input.countTokens(message);
+    if (used + tokens > input.budget) break;
+    used += tokens;
+    history.push({ role: message.role, content: message.content });
+  }
+  history.reverse();
+  return { fits: true, messages: [...system, ...history, question], promptTokens: used, historyIncluded: history.length };
+}

@@ -1,0 +1,52 @@
+import { once } from 'node:events';
+import type { ServerResponse } from 'node:http';
+
+/**
+ * A server-sent events stream on a raw response: numbered events, comment heartbeats while idle, and
+ * backpressure (a slow client pauses the writer instead of growing a buffer).
+ */
+export class EventStream {
+  private nextId = 1;
+  private heartbeat: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly raw: ServerResponse,
+    private readonly heartbeatMs: number,
+  ) {}
+
+  /** True once the client has gone or the stream was ended. */
+  get closed(): boolean {
+    return this.raw.writableEnded || this.raw.destroyed;
+  }
+
+  open(headers: Record<string, string>): void {
+    this.raw.writeHead(200, {
+      ...headers,
+      'content-type': 'text/event-stream; charset=utf-8',
+      'cache-control': 'no-cache, no-transform',
+      connection: 'keep-alive',
+      // Reverse proxies (nginx) must pass events through as they come.
+      'x-accel-buffering': 'no',
+    });
+    this.raw.flushHeaders();
+    this.heartbeat = setInterval(() => this.write(': ping\n\n'), this.heartbeatMs);
+    this.heartbeat.unref();
+    this.raw.once('close', () => clearInterval(this.heartbeat));
+  }
+
+  async send(event: string, data: unknown): Promise<void> {
+    if (this.closed) return;
+    if (!this.write(`id: ${this.nextId++}\nevent: ${event}\ndata: ${JSON.stringify(data)}\n\n`)) {
+      await Promise.race([once(this.raw, 'drain'), once(this.raw, 'close')]);
+    }
+  }
+
+  end(): void {
+    clearInterval(this.heartbeat);
+    if (!this.closed) this.raw.end();
+  }
+
+  private write(chunk: string): boolean {
+    return this.closed ? true : this.raw.write(chunk);
+  }
+}
