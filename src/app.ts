@@ -6,8 +6,19 @@ import { type Database, openDatabase } from './db/database.js';
 import { createTokens, registerAuthentication } from './http/auth.js';
 import { registerErrorHandling } from './http/errors.js';
 import { authRoutes } from './modules/auth/routes.js';
+import { IdempotencyStore } from './modules/chat/idempotency.js';
+import { chatRoutes } from './modules/chat/routes.js';
+import type { ChatResult } from './modules/chat/schemas.js';
+import { ChatService } from './modules/chat/service.js';
 import { AuthService } from './modules/auth/service.js';
 import { healthRoutes } from './modules/health/routes.js';
+import { messageRoutes } from './modules/messages/routes.js';
+import { MessagesService } from './modules/messages/service.js';
+import { projectRoutes } from './modules/projects/routes.js';
+import { ProjectsService } from './modules/projects/service.js';
+import { promptRoutes } from './modules/prompts/routes.js';
+import { PromptsService } from './modules/prompts/service.js';
+import { createProviders } from './providers/registry.js';
 
 export interface AppDependencies {
   /** An open, migrated database. Without one, buildApp opens the configured one and closes it with the app. */
@@ -53,6 +64,15 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
 
   await app.register(healthRoutes, { database });
   await app.register(authRoutes, { prefix: '/api/v1/auth', auth: new AuthService(database.db, tokens, config.BCRYPT_ROUNDS) });
+  await app.register(projectRoutes, { prefix: '/api/v1/projects', projects: new ProjectsService(database.db) });
+  await app.register(promptRoutes, { prefix: '/api/v1/projects/:projectId/prompts', prompts: new PromptsService(database.db) });
+  await app.register(messageRoutes, { prefix: '/api/v1/projects/:projectId/messages', messages: new MessagesService(database.db) });
+  await app.register(chatRoutes, {
+    prefix: '/api/v1/projects/:projectId',
+    chat: new ChatService(database.db, createProviders(config), config),
+    // A key still marked running after the longest possible chat belongs to an instance that died.
+    idempotency: new IdempotencyStore<ChatResult>(database.db, 2 * config.AI_TIMEOUT_MS),
+  });
 
   return app;
 }

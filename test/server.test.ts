@@ -1,6 +1,9 @@
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { createTestDatabase, type TestDatabase } from './support/database.js';
 import { spawnServer, waitUntilServing } from './support/server-process.js';
+
+// Each test starts real server processes (tsx compiles, PGlite boots): slow on a loaded machine.
+vi.setConfig({ testTimeout: 120_000 });
 
 describe('the server process', () => {
   it('starts on embedded defaults with no database and no provider key, and keeps a second process off its folder', async () => {

@@ -78,7 +78,7 @@ export async function openPglite(dataDir?: string): Promise<Database> {
   let releaseLock = () => {};
   if (dataDir) {
     mkdirSync(dataDir, { recursive: true });
-    releaseLock = acquireLock(join(dataDir, '..', 'pglite.lock'));
+    releaseLock = lockPglite(dataDir);
   }
   let client: PGlite;
   try {
@@ -105,7 +105,18 @@ export async function openPglite(dataDir?: string): Promise<Database> {
 }
 
 export async function openDatabase(config: { DATABASE_URL?: string | undefined; DATA_DIR: string }): Promise<Database> {
-  return config.DATABASE_URL ? openPostgres(config.DATABASE_URL) : openPglite(join(config.DATA_DIR, 'pglite'));
+  return config.DATABASE_URL ? openPostgres(config.DATABASE_URL) : openPglite(pgliteFolder(config.DATA_DIR));
+}
+
+/** The embedded database's folder under DATA_DIR. */
+export const pgliteFolder = (dataDir: string) => join(dataDir, 'pglite');
+
+/**
+ * Keeps every other process (a server, a backup, a restore) off an embedded database folder until the
+ * returned release is called; throws DatabaseLockedError while a live process holds it.
+ */
+export function lockPglite(dataDir: string): () => void {
+  return acquireLock(join(dataDir, '..', 'pglite.lock'));
 }
 
 function acquireLock(lockFile: string): () => void {

@@ -29,7 +29,7 @@ export const projects = pgTable(
       .references(() => users.id, { onDelete: 'cascade' }),
     name: text('name').notNull(),
     description: text('description'),
-    provider: text('provider'),
+    provider: text('provider', { enum: ['openai', 'openrouter'] }),
     model: text('model'),
     ...timestamps,
   },

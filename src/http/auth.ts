@@ -4,6 +4,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { Db } from '../db/database.js';
 import { users } from '../db/schema.js';
 import { Unauthorized } from './errors.js';
+import { isUuid } from './ids.js';
 
 export interface AuthUser {
   id: string;
@@ -30,8 +31,6 @@ interface TokenClaims {
   exp: number;
 }
 
-const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
-
 export interface Tokens {
   issue(user: { id: string; email: string; tokenVersion: number }): string;
   /** Verifies signature, algorithm and claims; throws Unauthorized on anything else. */
@@ -57,7 +56,7 @@ export function createTokens(secret: string, expiresInSeconds: number): Tokens {
       } catch {
         throw new Unauthorized('Invalid or expired token');
       }
-      if (typeof claims.sub !== 'string' || !UUID.test(claims.sub) || typeof claims.ver !== 'number') {
+      if (typeof claims.sub !== 'string' || !isUuid(claims.sub) || typeof claims.ver !== 'number') {
         throw new Unauthorized('Invalid or expired token');
       }
       return claims as TokenClaims;

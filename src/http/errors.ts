@@ -141,6 +141,16 @@ const DATABASE_DOWN_MESSAGES = [
   'PGlite is closed',
 ];
 
+const FOREIGN_KEY_VIOLATION = '23503';
+
+/** Whether the error, or one of its causes (drizzle wraps driver errors), carries the PostgreSQL `code`. */
+export function hasCode(error: unknown, code: string): boolean {
+  for (let e = error, depth = 0; e && depth < 5; e = (e as { cause?: unknown }).cause, depth++) {
+    if ((e as { code?: unknown }).code === code) return true;
+  }
+  return false;
+}
+
 /** Walks an error and its causes (drizzle wraps driver errors) looking for a lost database connection. */
 export function isDatabaseUnavailable(error: unknown): boolean {
   for (let e = error, depth = 0; e && depth < 5; e = (e as { cause?: unknown }).cause, depth++) {
@@ -188,6 +198,10 @@ function toProblem(error: FastifyError | ApiError | Error, request: FastifyReque
     const [status, code] = known;
     // Fastify's own messages for these are safe and useful ("Body is not valid JSON…").
     return problemBody(request, status, code, fastifyError.message);
+  }
+  if (hasCode(error, FOREIGN_KEY_VIOLATION)) {
+    // Every foreign key here points at a parent: a write under a project deleted meanwhile.
+    return problemBody(request, 404, 'NOT_FOUND', 'Resource not found');
   }
   if (isDatabaseUnavailable(error)) {
     return problemBody(request, 503, 'SERVICE_UNAVAILABLE', 'The database is unavailable; try again shortly');

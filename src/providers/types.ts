@@ -17,8 +17,18 @@ export interface ChatRequest {
   model: string;
   messages: ChatMessage[];
   maxOutputTokens: number;
-  /** Aborts the whole call, retries and waits included: the request's deadline or a client that left. */
+  /**
+   * Aborts the whole call, retries and waits included: the request's deadline or a client that left.
+   * An abort whose reason is a `TimeoutError` (as `AbortSignal.timeout` gives) is the deadline and ends
+   * in ProviderTimeout; any other abort is rethrown as its reason, untouched.
+   */
   signal: AbortSignal;
+  /**
+   * When the signal's deadline fires (epoch ms), which a signal cannot tell: a retry whose wait
+   * (Retry-After) would end past it is given up at once (429 → ProviderRateLimited) instead of being
+   * slept on until the signal fires (→ ProviderTimeout). Without it only the signal bounds the waits.
+   */
+  deadline?: number;
 }
 
 export interface ChatCompletion {

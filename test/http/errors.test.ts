@@ -4,6 +4,7 @@ import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildApp } from '../../src/app.js';
 import { openPostgres } from '../../src/db/database.js';
+import { prompts } from '../../src/db/schema.js';
 import { expectProblem, registerUser, startTestApp, TEST_SECRET, testConfig, type TestApp } from '../support/app.js';
 
 /** Collects the app's JSON log lines. */
@@ -96,6 +97,20 @@ describe('problem+json for every error class', () => {
       await app.close();
     }
   });
+});
+
+it('404 when a write finds its parent gone (a foreign key violation from the database)', async () => {
+  const app = await buildApp(testConfig(), { database: t.testDb.database });
+  // A real violation: a prompt row under a project id that does not exist.
+  app.get('/orphan', { config: { public: true } }, async () => {
+    const now = new Date();
+    await t.testDb.database.db.insert(prompts).values({ id: uuidv7(), projectId: uuidv7(), title: 't', content: 'c', createdAt: now, updatedAt: now });
+  });
+  try {
+    expectProblem(await app.inject({ method: 'GET', url: '/orphan' }), 404, 'NOT_FOUND');
+  } finally {
+    await app.close();
+  }
 });
 
 describe('when the database is down', () => {

@@ -2,8 +2,13 @@ import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { FastifyInstance } from 'fastify';
+import { v7 as uuidv7 } from 'uuid';
 import { buildApp } from '../../src/app.js';
 import { type Config, loadConfig } from '../../src/config.js';
+import type { Db } from '../../src/db/database.js';
+import { messages } from '../../src/db/schema.js';
+import type { ProjectDto } from '../../src/modules/projects/schemas.js';
+import type { PromptDto } from '../../src/modules/prompts/schemas.js';
 import { createTestDatabase, type TestDatabase } from './database.js';
 
 export const TEST_SECRET = 'test-secret-that-is-long-enough-for-hs256-0123456789';
@@ -87,4 +92,50 @@ export function expectProblem(
   if (body.requestId !== response.headers['x-request-id']) failures.push('requestId differs from x-request-id');
   if (failures.length) throw new Error(`not the expected problem: ${failures.join('; ')}\n${JSON.stringify(body)}`);
   return body;
+}
+
+async function created<T>(response: { statusCode: number; body: string; json(): unknown }, what: string): Promise<T> {
+  if (response.statusCode !== 201) throw new Error(`${what} failed: ${response.statusCode} ${response.body}`);
+  return response.json() as T;
+}
+
+export async function createProject(app: FastifyInstance, user: RegisteredUser, body: Record<string, unknown> = {}): Promise<ProjectDto> {
+  const response = await app.inject({ method: 'POST', url: '/api/v1/projects', headers: user.auth, payload: { name: 'Project', ...body } });
+  return created(response, 'create project');
+}
+
+export async function createPrompt(
+  app: FastifyInstance,
+  user: RegisteredUser,
+  projectId: string,
+  body: Record<string, unknown> = {},
+): Promise<PromptDto> {
+  const response = await app.inject({
+    method: 'POST',
+    url: `/api/v1/projects/${projectId}/prompts`,
+    headers: user.auth,
+    payload: { title: 'Prompt', content: 'You are helpful.', ...body },
+  });
+  return created(response, 'create prompt');
+}
+
+/**
+ * Writes `count` history rows straight to the database (chat is what writes them in the application),
+ * alternating user and assistant; `overrides` apply to every row.
+ */
+export async function insertMessages(
+  db: Db,
+  projectId: string,
+  count: number,
+  overrides: Partial<typeof messages.$inferInsert> = {},
+): Promise<(typeof messages.$inferSelect)[]> {
+  const rows = Array.from({ length: count }, (_, i) => ({
+    id: uuidv7(),
+    projectId,
+    role: i % 2 === 0 ? ('user' as const) : ('assistant' as const),
+    content: `message ${i}`,
+    status: 'complete' as const,
+    ...overrides,
+  }));
+  return db.insert(messages).values(rows).returning();
 }

@@ -48,7 +48,7 @@ export async function spawnServer(env: Record<string, string>): Promise<ServerPr
 }
 
 /** Polls `/health/live` until the server answers, or fails with what the process printed. */
-export async function waitUntilServing(server: ServerProcess, timeoutMs = 30_000): Promise<void> {
+export async function waitUntilServing(server: ServerProcess, timeoutMs = 90_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
     if (server.child.exitCode !== null) throw new Error(`server exited early:\n${server.output()}`);

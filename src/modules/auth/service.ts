@@ -4,7 +4,7 @@ import { v7 as uuidv7 } from 'uuid';
 import type { Db } from '../../db/database.js';
 import { users } from '../../db/schema.js';
 import type { Tokens } from '../../http/auth.js';
-import { Conflict, NotFound, Unauthorized } from '../../http/errors.js';
+import { Conflict, hasCode, NotFound, Unauthorized } from '../../http/errors.js';
 import type { UserDto } from './schemas.js';
 
 type UserRow = typeof users.$inferSelect;
@@ -13,13 +13,6 @@ const UNIQUE_VIOLATION = '23505';
 
 function toDto(row: UserRow): UserDto {
   return { id: row.id, email: row.email, name: row.name, createdAt: row.createdAt.toISOString() };
-}
-
-function isUniqueViolation(error: unknown): boolean {
-  for (let e = error; e; e = (e as { cause?: unknown }).cause) {
-    if ((e as { code?: unknown }).code === UNIQUE_VIOLATION) return true;
-  }
-  return false;
 }
 
 export class AuthService {
@@ -43,7 +36,7 @@ export class AuthService {
         .returning();
       return this.session(row!);
     } catch (error) {
-      if (isUniqueViolation(error)) throw new Conflict('An account with this email already exists');
+      if (hasCode(error, UNIQUE_VIOLATION)) throw new Conflict('An account with this email already exists');
       throw error;
     }
   }

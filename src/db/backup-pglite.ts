@@ -1,0 +1,48 @@
+import { existsSync } from 'node:fs';
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { gunzip } from 'node:zlib';
+import { PGlite, type PGliteOptions } from '@electric-sql/pglite';
+import { BackupError, type DatabaseStore, replaceFolder } from './backup-store.js';
+
+/**
+ * The embedded database as PGlite's own tarball of its data folder (`dumpDataDir`, restored with
+ * `loadDataDir`). It is taken through PGlite, so it holds what PostgreSQL itself sees, and a restore
+ * proves the tarball opens before the live folder is replaced. The copy is physical: it restores with
+ * the same PGlite major version, and it passes through memory whole (fine at embedded sizes).
+ * The caller holds the folder's lock, so no server writes meanwhile.
+ */
+export function pgliteStore(folder: string): DatabaseStore {
+  return {
+    kind: 'pglite',
+    fileName: 'pglite.tar.gz',
+    async dump(file) {
+      if (!existsSync(join(folder, 'PG_VERSION'))) {
+        throw new BackupError(`No embedded database in ${folder}: nothing to back up (check DATA_DIR)`);
+      }
+      await withPglite(folder, {}, async (db) => {
+        const tarball = await db.dumpDataDir('gzip');
+        await writeFile(file, new Uint8Array(await tarball.arrayBuffer()));
+      });
+    },
+    async restore(file) {
+      // Unpacked here: PGlite would unpack it too, but a damaged file then crashes the process from
+      // inside its decompression stream instead of failing this call.
+      const tar = await promisify(gunzip)(await readFile(file)).catch((error: Error) => {
+        throw new BackupError(`${file} is damaged: ${error.message}`);
+      });
+      await replaceFolder(folder, (staging) => withPglite(staging, { loadDataDir: new Blob([tar]) }, (db) => db.query('select 1')));
+    },
+  };
+}
+
+async function withPglite<T>(folder: string, options: PGliteOptions, use: (db: PGlite) => Promise<T>): Promise<T> {
+  const db = new PGlite(folder, options);
+  try {
+    await db.waitReady;
+    return await use(db);
+  } finally {
+    await db.close();
+  }
+}

@@ -1,0 +1,124 @@
+import { existsSync, mkdirSync } from 'node:fs';
+import { cp, mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import { z } from 'zod';
+import type { Config } from '../config.js';
+import { DatabaseLockedError, lockPglite, pgliteFolder } from './database.js';
+import { pgliteStore } from './backup-pglite.js';
+import { postgresStore } from './backup-postgres.js';
+import { BackupError, type DatabaseStore, replaceFolder } from './backup-store.js';
+
+export { BackupError };
+
+/*
+ * A backup is one folder the operator can move:
+ *   manifest.json                          format, version, kind of database, date
+ *   database.dump | pglite.tar.gz          the database (pg_dump custom format, or PGlite's data tarball)
+ *   files/                                 a copy of DATA_DIR/files, the uploaded files
+ */
+const FORMAT = 'chatbot-platform-backup';
+const manifestSchema = z.object({
+  format: z.literal(FORMAT),
+  version: z.literal(1),
+  kind: z.enum(['postgres', 'pglite']),
+  createdAt: z.iso.datetime(),
+});
+export type BackupManifest = z.infer<typeof manifestSchema>;
+
+type BackupConfig = Pick<Config, 'DATABASE_URL' | 'DATA_DIR'>;
+
+/** Where uploaded files live; the files module stores them there. */
+const uploadsFolder = (config: BackupConfig) => join(config.DATA_DIR, 'files');
+
+/**
+ * Writes a backup of the configured database and the uploaded files into `target`, a folder that must
+ * not exist yet. It appears there only once complete. On PostgreSQL the service may keep running (the
+ * dump is one consistent snapshot; files are copied after it); the embedded database must be stopped.
+ */
+export async function createBackup(config: BackupConfig, target: string): Promise<BackupManifest> {
+  const folder = resolve(target);
+  if (existsSync(folder)) throw new BackupError(`${folder} already exists: name a new folder for the backup`);
+  const partial = `${folder}.partial`;
+  await rm(partial, { recursive: true, force: true });
+  await mkdir(partial, { recursive: true });
+  try {
+    return await withStore(config, 'Backup', async (store) => {
+      await store.dump(join(partial, store.fileName));
+      const files = uploadsFolder(config);
+      if (existsSync(files)) await cp(files, join(partial, 'files'), { recursive: true, preserveTimestamps: true });
+      else await mkdir(join(partial, 'files'));
+      const manifest: BackupManifest = { format: FORMAT, version: 1, kind: store.kind, createdAt: new Date().toISOString() };
+      await writeFile(join(partial, 'manifest.json'), `${JSON.stringify(manifest, null, 2)}\n`);
+      await rename(partial, folder);
+      return manifest;
+    });
+  } catch (error) {
+    await rm(partial, { recursive: true, force: true });
+    throw error;
+  }
+}
+
+/**
+ * Replaces the configured database and the uploaded files with those of the backup in `source`. Stop
+ * the service first: the embedded database refuses while a server holds it; PostgreSQL cannot tell.
+ */
+export async function restoreBackup(config: BackupConfig, source: string): Promise<BackupManifest> {
+  const folder = resolve(source);
+  const manifest = await readManifest(folder);
+  return withStore(config, 'Restore', async (store) => {
+    if (manifest.kind !== store.kind) {
+      throw new BackupError(
+        manifest.kind === 'postgres'
+          ? `${folder} is a backup of PostgreSQL: set DATABASE_URL to the database to restore it into`
+          : `${folder} is a backup of the embedded database: unset DATABASE_URL to restore it under DATA_DIR`,
+      );
+    }
+    for (const part of [store.fileName, 'files']) {
+      if (!existsSync(join(folder, part))) throw new BackupError(`${folder} is incomplete: ${part} is missing`);
+    }
+    // The database first: if it fails, nothing has changed yet.
+    await store.restore(join(folder, store.fileName));
+    await replaceFolder(uploadsFolder(config), (staging) =>
+      cp(join(folder, 'files'), staging, { recursive: true, preserveTimestamps: true }),
+    );
+    return manifest;
+  });
+}
+
+async function readManifest(folder: string): Promise<BackupManifest> {
+  const file = join(folder, 'manifest.json');
+  const text = await readFile(file, 'utf8').catch(() => {
+    throw new BackupError(`${folder} is not a backup: it has no manifest.json`);
+  });
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch {
+    // reported below, as any other manifest that is not ours
+  }
+  const parsed = manifestSchema.safeParse(json);
+  if (!parsed.success) throw new BackupError(`${file} is not a manifest of this format (${FORMAT} version 1)`);
+  return parsed.data;
+}
+
+/**
+ * Runs `use` with the configured database's store. The embedded one is locked meanwhile, as a server
+ * locks it, so a backup or a restore never runs beside a server (nor beside each other).
+ */
+async function withStore<T>(config: BackupConfig, action: string, use: (store: DatabaseStore) => Promise<T>): Promise<T> {
+  if (config.DATABASE_URL) return use(postgresStore(config.DATABASE_URL));
+  const folder = pgliteFolder(config.DATA_DIR);
+  mkdirSync(config.DATA_DIR, { recursive: true });
+  let release: () => void;
+  try {
+    release = lockPglite(folder);
+  } catch (error) {
+    if (error instanceof DatabaseLockedError) throw new BackupError(`${action} needs the server stopped: ${error.message}`);
+    throw error;
+  }
+  try {
+    return await use(pgliteStore(folder));
+  } finally {
+    release();
+  }
+}

@@ -1,0 +1,81 @@
+import { z } from 'zod';
+
+const DEFAULT_PAGE_SIZE = 20;
+const MAX_PAGE_SIZE = 100;
+
+/** The sort key of a row as the list orders it; the cursor carries the key of a page's last row. */
+export type SortKey = readonly string[];
+
+/** Sort key of lists ordered by id alone (uuid v7 ids are time-ordered): projects, prompts, files. */
+export const idSortKey = z.tuple([z.uuid()]);
+export type IdSortKey = z.infer<typeof idSortKey>;
+export const idSortKeyOf = (row: { id: string }): IdSortKey => [row.id];
+
+/** Opaque to clients: base64url JSON of the sort key, checked against its shape on the way back in. */
+export function encodeCursor(key: SortKey): string {
+  return Buffer.from(JSON.stringify(key)).toString('base64url');
+}
+
+function decodeCursor(cursor: string): unknown {
+  try {
+    return JSON.parse(Buffer.from(cursor, 'base64url').toString('utf8'));
+  } catch {
+    return undefined;
+  }
+}
+
+// Query values arrive as strings; only plain digits are a limit ('1.5', '1e1', ' 5' and '0x10' are not).
+const limit = z
+  .string()
+  .regex(/^\d{1,3}$/, { message: `must be an integer from 1 to ${MAX_PAGE_SIZE}` })
+  .transform(Number)
+  .pipe(z.number().min(1).max(MAX_PAGE_SIZE))
+  .default(DEFAULT_PAGE_SIZE);
+
+/**
+ * `?limit&cursor` of a list whose sort key has the shape `sortKey`. A cursor that does not decode to
+ * that shape fails validation (400 on `querystring.cursor`) before any query sees it.
+ */
+export function pageQuery<Key extends SortKey>(sortKey: z.ZodType<Key>) {
+  const cursor = z
+    .string()
+    .max(512)
+    .transform((value, ctx) => {
+      const key = sortKey.safeParse(decodeCursor(value));
+      if (key.success) return key.data;
+      ctx.addIssue({ code: 'custom', message: 'is not a cursor of this list' });
+      return z.NEVER;
+    });
+  return z.strictObject({ limit, cursor: cursor.optional() });
+}
+
+export interface PageRequest<Key extends SortKey> {
+  limit: number;
+  cursor?: Key | undefined;
+}
+
+export interface Page<T> {
+  data: T[];
+  nextCursor: string | null;
+}
+
+/** The response schema of a list of `item`. */
+export function pageOf<Item extends z.ZodType>(item: Item) {
+  return z.object({ data: z.array(item), nextCursor: z.string().nullable() });
+}
+
+/**
+ * One page of a keyset-paginated list. `fetchRows(after, take)` reads up to `take` rows whose sort key
+ * comes after `after`, in order; one row more than the limit is read only to learn whether a next page
+ * exists. Keyset (not offset) paging returns every row exactly once while rows are being added.
+ */
+export async function paginate<Row, Key extends SortKey>(
+  request: PageRequest<Key>,
+  fetchRows: (after: Key | undefined, take: number) => Promise<Row[]>,
+  sortKeyOf: (row: Row) => Key,
+): Promise<Page<Row>> {
+  const rows = await fetchRows(request.cursor, request.limit + 1);
+  if (rows.length <= request.limit) return { data: rows, nextCursor: null };
+  const data = rows.slice(0, request.limit);
+  return { data, nextCursor: encodeCursor(sortKeyOf(data.at(-1)!)) };
+}

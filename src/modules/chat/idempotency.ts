@@ -1,0 +1,69 @@
+import { createHash } from 'node:crypto';
+import { and, eq, sql } from 'drizzle-orm';
+import type { Db } from '../../db/database.js';
+import { idempotencyKeys } from '../../db/schema.js';
+import { ApiError } from '../../http/errors.js';
+
+const REPLAY_WINDOW = '24 hours';
+
+export type IdempotencyClaim<T> = { kind: 'claimed' } | { kind: 'replay'; response: T };
+
+/** Identifies a request by what it asks: the same key with another hash is a different request. */
+export function requestHash(parts: unknown): string {
+  return createHash('sha256').update(JSON.stringify(parts)).digest('base64url');
+}
+
+/**
+ * Idempotency keys in PostgreSQL, so they hold across restarts and instances. A key is claimed by one
+ * request at a time; its finished result is replayed for 24 h. A key left running by an instance that
+ * died is taken over once the longest possible request (`staleAfterMs`) has passed.
+ */
+export class IdempotencyStore<T> {
+  constructor(
+    private readonly db: Db,
+    private readonly staleAfterMs: number,
+  ) {}
+
+  async claim(userId: string, key: string, hash: string): Promise<IdempotencyClaim<T>> {
+    const stale = sql`now() - make_interval(secs => ${this.staleAfterMs / 1000})`;
+    const claimed = await this.db
+      .insert(idempotencyKeys)
+      .values({ userId, key, requestHash: hash, state: 'running' })
+      .onConflictDoUpdate({
+        target: [idempotencyKeys.userId, idempotencyKeys.key],
+        set: { requestHash: hash, state: 'running', response: null, createdAt: sql`now()` },
+        setWhere: sql`${idempotencyKeys.createdAt} < now() - interval '${sql.raw(REPLAY_WINDOW)}'
+          or (${idempotencyKeys.state} = 'running' and ${idempotencyKeys.createdAt} < ${stale})`,
+      })
+      .returning({ key: idempotencyKeys.key });
+    if (claimed.length) return { kind: 'claimed' };
+
+    const [existing] = await this.db
+      .select()
+      .from(idempotencyKeys)
+      .where(and(eq(idempotencyKeys.userId, userId), eq(idempotencyKeys.key, key)));
+    // Released between the two statements: the caller may simply try again.
+    if (!existing) return this.claim(userId, key, hash);
+    if (existing.requestHash !== hash) {
+      throw new ApiError(422, 'IDEMPOTENCY_MISMATCH', 'This Idempotency-Key was used with a different request');
+    }
+    if (existing.state === 'running') {
+      throw new ApiError(409, 'IDEMPOTENCY_CONFLICT', 'A request with this Idempotency-Key is still in progress');
+    }
+    return { kind: 'replay', response: existing.response as T };
+  }
+
+  async complete(userId: string, key: string, response: T): Promise<void> {
+    await this.db
+      .update(idempotencyKeys)
+      .set({ state: 'done', response })
+      .where(and(eq(idempotencyKeys.userId, userId), eq(idempotencyKeys.key, key)));
+  }
+
+  /** Frees a key whose request failed, so that the client may retry with the same key. */
+  async release(userId: string, key: string): Promise<void> {
+    await this.db
+      .delete(idempotencyKeys)
+      .where(and(eq(idempotencyKeys.userId, userId), eq(idempotencyKeys.key, key), eq(idempotencyKeys.state, 'running')));
+  }
+}

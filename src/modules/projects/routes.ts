@@ -1,0 +1,41 @@
+import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+import {
+  createProjectBody,
+  project,
+  projectListQuery,
+  projectPage,
+  projectParams,
+  updateProjectBody,
+} from './schemas.js';
+import type { ProjectsService } from './service.js';
+
+export const projectRoutes: FastifyPluginAsyncZod<{ projects: ProjectsService }> = async (app, { projects }) => {
+  app.post(
+    '/',
+    { schema: { tags: ['projects'], body: createProjectBody, response: { 201: project } } },
+    async (request, reply) => reply.code(201).send(await projects.create(request.user.id, request.body)),
+  );
+
+  app.get(
+    '/',
+    { schema: { tags: ['projects'], querystring: projectListQuery, response: { 200: projectPage } } },
+    async (request) => projects.list(request.user.id, request.query),
+  );
+
+  app.get(
+    '/:projectId',
+    { schema: { tags: ['projects'], params: projectParams, response: { 200: project } } },
+    async (request) => projects.get(request.user.id, request.params.projectId),
+  );
+
+  app.patch(
+    '/:projectId',
+    { schema: { tags: ['projects'], params: projectParams, body: updateProjectBody, response: { 200: project } } },
+    async (request) => projects.update(request.user.id, request.params.projectId, request.body),
+  );
+
+  app.delete('/:projectId', { schema: { tags: ['projects'], params: projectParams } }, async (request, reply) => {
+    await projects.delete(request.user.id, request.params.projectId);
+    return reply.code(204).send();
+  });
+};

@@ -1,0 +1,41 @@
+import { z } from 'zod';
+import { idSortKey, pageOf, pageQuery } from '../../http/pagination.js';
+import { patchBody } from '../../http/patch.js';
+
+const name = z.string().trim().min(1).max(200);
+const description = z.string().max(2000).nullable();
+// A null provider or model means the server's default (AI_PROVIDER, AI_MODEL).
+const provider = z.enum(['openai', 'openrouter']).nullable();
+const model = z.string().trim().min(1).max(200).nullable();
+
+export const createProjectBody = z.strictObject({
+  name,
+  description: description.optional(),
+  provider: provider.optional(),
+  model: model.optional(),
+});
+
+export const updateProjectBody = patchBody({ name, description, provider, model });
+
+/** The `:projectId` of every route under a project; prompts, messages, chat and files extend it. */
+export const projectParams = z.object({ projectId: z.string() });
+
+export const project = z
+  .object({
+    id: z.uuid(),
+    name: z.string(),
+    description: z.string().nullable(),
+    provider,
+    model: z.string().nullable(),
+    createdAt: z.iso.datetime(),
+    updatedAt: z.iso.datetime(),
+    counts: z.object({ prompts: z.number().int(), messages: z.number().int(), files: z.number().int() }),
+  })
+  .meta({ id: 'Project' });
+
+export const projectListQuery = pageQuery(idSortKey);
+export const projectPage = pageOf(project);
+
+export type ProjectDto = z.infer<typeof project>;
+export type CreateProjectInput = z.infer<typeof createProjectBody>;
+export type UpdateProjectInput = z.infer<typeof updateProjectBody>;

@@ -1,0 +1,111 @@
+import { and, asc, eq, getTableColumns, gt, type SQL, sql } from 'drizzle-orm';
+import type { PgColumn } from 'drizzle-orm/pg-core';
+import { v7 as uuidv7 } from 'uuid';
+import type { Db } from '../../db/database.js';
+import { files, messages, projects, prompts } from '../../db/schema.js';
+import { NotFound } from '../../http/errors.js';
+import { isUuid } from '../../http/ids.js';
+import { type IdSortKey, idSortKeyOf, type Page, type PageRequest, paginate } from '../../http/pagination.js';
+import type { ProviderName } from '../../providers/types.js';
+import type { CreateProjectInput, ProjectDto, UpdateProjectInput } from './schemas.js';
+
+export type ProjectRow = typeof projects.$inferSelect;
+
+/**
+ * The one ownership rule: the project `projectId`, and only if it belongs to `userId`. Every query on
+ * projects and on what they hold is built on it, so another user's project is indistinguishable from a
+ * missing one. An id that cannot be a uuid is answered 404 here, before any query.
+ */
+export function ownedProject(userId: string, projectId: string): SQL {
+  if (!isUuid(projectId)) throw new NotFound('Project');
+  return and(eq(projects.id, projectId), eq(projects.userId, userId))!;
+}
+
+/** For rows under a project (prompts, messages, files): `projectIdColumn` is `projectId`, a project of `userId`. */
+export function inOwnedProject(projectIdColumn: PgColumn, userId: string, projectId: string): SQL {
+  return and(
+    eq(projectIdColumn, projectId),
+    sql`exists (select 1 from ${projects} where ${ownedProject(userId, projectId)})`,
+  )!;
+}
+
+/** The caller's project, or 404 NOT_FOUND; for lists and inserts under it, where no row says whether it exists. */
+export async function requireOwnedProject(db: Db, userId: string, projectId: string): Promise<ProjectRow> {
+  const [row] = await db.select().from(projects).where(ownedProject(userId, projectId));
+  if (!row) throw new NotFound('Project');
+  return row;
+}
+
+function toDto(row: ProjectRow & { promptCount: number; messageCount: number; fileCount: number }): ProjectDto {
+  return {
+    id: row.id,
+    name: row.name,
+    description: row.description,
+    // Only the validated request bodies write this column.
+    provider: row.provider as ProviderName | null,
+    model: row.model,
+    createdAt: row.createdAt.toISOString(),
+    updatedAt: row.updatedAt.toISOString(),
+    counts: { prompts: row.promptCount, messages: row.messageCount, files: row.fileCount },
+  };
+}
+
+/** A project's columns and its counts as correlated subqueries: one statement for one project or a whole page. */
+function withCounts(db: Db) {
+  return {
+    ...getTableColumns(projects),
+    promptCount: db.$count(prompts, eq(prompts.projectId, projects.id)),
+    messageCount: db.$count(messages, eq(messages.projectId, projects.id)),
+    fileCount: db.$count(files, eq(files.projectId, projects.id)),
+  };
+}
+
+export class ProjectsService {
+  constructor(private readonly db: Db) {}
+
+  async create(userId: string, input: CreateProjectInput): Promise<ProjectDto> {
+    const now = new Date();
+    const [row] = await this.db
+      .insert(projects)
+      .values({ id: uuidv7(), userId, ...input, createdAt: now, updatedAt: now })
+      .returning();
+    return toDto({ ...row!, promptCount: 0, messageCount: 0, fileCount: 0 });
+  }
+
+  async list(userId: string, page: PageRequest<IdSortKey>): Promise<Page<ProjectDto>> {
+    const { data, nextCursor } = await paginate(
+      page,
+      (after, take) =>
+        this.db
+          .select(withCounts(this.db))
+          .from(projects)
+          .where(and(eq(projects.userId, userId), after && gt(projects.id, after[0])))
+          .orderBy(asc(projects.id))
+          .limit(take),
+      idSortKeyOf,
+    );
+    return { data: data.map(toDto), nextCursor };
+  }
+
+  async get(userId: string, projectId: string): Promise<ProjectDto> {
+    const [row] = await this.db.select(withCounts(this.db)).from(projects).where(ownedProject(userId, projectId));
+    if (!row) throw new NotFound('Project');
+    return toDto(row);
+  }
+
+  async update(userId: string, projectId: string, patch: UpdateProjectInput): Promise<ProjectDto> {
+    const [row] = await this.db
+      .update(projects)
+      .set({ ...patch, updatedAt: new Date() })
+      .where(ownedProject(userId, projectId))
+      .returning(withCounts(this.db));
+    if (!row) throw new NotFound('Project');
+    return toDto(row);
+  }
+
+  /** Foreign keys cascade to the project's prompts, messages and files. */
+  async delete(userId: string, projectId: string): Promise<void> {
+    const deleted = await this.db.delete(projects).where(ownedProject(userId, projectId)).returning({ id: projects.id });
+    if (deleted.length === 0) throw new NotFound('Project');
+  }
+}

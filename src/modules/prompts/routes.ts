@@ -1,0 +1,38 @@
+import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+import { projectParams } from '../projects/schemas.js';
+import { createPromptBody, prompt, promptListQuery, promptPage, promptParams, updatePromptBody } from './schemas.js';
+import type { PromptsService } from './service.js';
+
+/** Mounted under /api/v1/projects/:projectId/prompts. */
+export const promptRoutes: FastifyPluginAsyncZod<{ prompts: PromptsService }> = async (app, { prompts }) => {
+  app.post(
+    '/',
+    { schema: { tags: ['prompts'], params: projectParams, body: createPromptBody, response: { 201: prompt } } },
+    async (request, reply) =>
+      reply.code(201).send(await prompts.create(request.user.id, request.params.projectId, request.body)),
+  );
+
+  app.get(
+    '/',
+    { schema: { tags: ['prompts'], params: projectParams, querystring: promptListQuery, response: { 200: promptPage } } },
+    async (request) => prompts.list(request.user.id, request.params.projectId, request.query),
+  );
+
+  app.get(
+    '/:promptId',
+    { schema: { tags: ['prompts'], params: promptParams, response: { 200: prompt } } },
+    async (request) => prompts.get(request.user.id, request.params.projectId, request.params.promptId),
+  );
+
+  app.patch(
+    '/:promptId',
+    { schema: { tags: ['prompts'], params: promptParams, body: updatePromptBody, response: { 200: prompt } } },
+    async (request) =>
+      prompts.update(request.user.id, request.params.projectId, request.params.promptId, request.body),
+  );
+
+  app.delete('/:promptId', { schema: { tags: ['prompts'], params: promptParams } }, async (request, reply) => {
+    await prompts.delete(request.user.id, request.params.projectId, request.params.promptId);
+    return reply.code(204).send();
+  });
+};

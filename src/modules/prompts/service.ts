@@ -1,0 +1,83 @@
+import { and, asc, eq, gt, type SQL } from 'drizzle-orm';
+import { v7 as uuidv7 } from 'uuid';
+import type { Db } from '../../db/database.js';
+import { prompts } from '../../db/schema.js';
+import { NotFound } from '../../http/errors.js';
+import { isUuid } from '../../http/ids.js';
+import { type IdSortKey, idSortKeyOf, type Page, type PageRequest, paginate } from '../../http/pagination.js';
+import { inOwnedProject, requireOwnedProject } from '../projects/service.js';
+import type { CreatePromptInput, PromptDto, UpdatePromptInput } from './schemas.js';
+
+type PromptRow = typeof prompts.$inferSelect;
+
+function toDto(row: PromptRow): PromptDto {
+  return {
+    id: row.id,
+    projectId: row.projectId,
+    title: row.title,
+    content: row.content,
+    createdAt: row.createdAt.toISOString(),
+    updatedAt: row.updatedAt.toISOString(),
+  };
+}
+
+/** The prompt `promptId` of the caller's project `projectId`; a prompt elsewhere is as missing as no prompt. */
+function ownedPrompt(userId: string, projectId: string, promptId: string): SQL {
+  if (!isUuid(promptId)) throw new NotFound('Prompt');
+  return and(eq(prompts.id, promptId), inOwnedProject(prompts.projectId, userId, projectId))!;
+}
+
+export class PromptsService {
+  constructor(private readonly db: Db) {}
+
+  async create(userId: string, projectId: string, input: CreatePromptInput): Promise<PromptDto> {
+    await requireOwnedProject(this.db, userId, projectId);
+    const now = new Date();
+    const [row] = await this.db
+      .insert(prompts)
+      .values({ id: uuidv7(), projectId, ...input, createdAt: now, updatedAt: now })
+      .returning();
+    return toDto(row!);
+  }
+
+  /** Oldest first: the order they are sent to the model in. */
+  async list(userId: string, projectId: string, page: PageRequest<IdSortKey>): Promise<Page<PromptDto>> {
+    await requireOwnedProject(this.db, userId, projectId);
+    const { data, nextCursor } = await paginate(
+      page,
+      (after, take) =>
+        this.db
+          .select()
+          .from(prompts)
+          .where(and(inOwnedProject(prompts.projectId, userId, projectId), after && gt(prompts.id, after[0])))
+          .orderBy(asc(prompts.id))
+          .limit(take),
+      idSortKeyOf,
+    );
+    return { data: data.map(toDto), nextCursor };
+  }
+
+  async get(userId: string, projectId: string, promptId: string): Promise<PromptDto> {
+    const [row] = await this.db.select().from(prompts).where(ownedPrompt(userId, projectId, promptId));
+    if (!row) throw new NotFound('Prompt');
+    return toDto(row);
+  }
+
+  async update(userId: string, projectId: string, promptId: string, patch: UpdatePromptInput): Promise<PromptDto> {
+    const [row] = await this.db
+      .update(prompts)
+      .set({ ...patch, updatedAt: new Date() })
+      .where(ownedPrompt(userId, projectId, promptId))
+      .returning();
+    if (!row) throw new NotFound('Prompt');
+    return toDto(row);
+  }
+
+  async delete(userId: string, projectId: string, promptId: string): Promise<void> {
+    const deleted = await this.db
+      .delete(prompts)
+      .where(ownedPrompt(userId, projectId, promptId))
+      .returning({ id: prompts.id });
+    if (deleted.length === 0) throw new NotFound('Prompt');
+  }
+}

@@ -1,0 +1,198 @@
+import { createReadStream } from 'node:fs';
+import { setTimeout as sleep } from 'node:timers/promises';
+import OpenAI, { APIConnectionError, APIError, NotFoundError, toFile } from 'openai';
+import { ApiError } from '../http/errors.js';
+import { backoffMs, retryAfterMs } from './retry.js';
+import {
+  type ChatCompletion,
+  type ChatRequest,
+  type ProviderAdapter,
+  ProviderError,
+  type ProviderName,
+  ProviderRateLimited,
+  ProviderTimeout,
+  type StreamEvent,
+  type UploadedFile,
+  type Usage,
+} from './types.js';
+
+export interface OpenAICompatibleOptions {
+  name: ProviderName;
+  apiKey: string;
+  /** Including the version path, e.g. `https://api.openai.com/v1`. */
+  baseURL: string;
+  defaultHeaders?: Record<string, string>;
+  supportsFiles: boolean;
+  /** Retries after the first attempt on upstream 408/429/5xx and connection failures (AI_MAX_RETRIES). */
+  maxRetries: number;
+}
+
+// The SDK's timeout is per attempt and knows nothing of the request's deadline, which the caller's
+// signal enforces; it only has to outlast any deadline (and stay below setTimeout's 2^31 ms limit).
+const SDK_TIMEOUT_MS = 24 * 60 * 60 * 1000;
+
+type CallBounds = Pick<ChatRequest, 'signal' | 'deadline'>;
+
+/**
+ * OpenAI's chat completions API as OpenAI, OpenRouter and local servers (Ollama, vLLM, llama.cpp)
+ * speak it. Retries are ours, not the SDK's: its Retry-After wait has no upper bound and its timeout
+ * is per attempt, while every wait here ends with the caller's signal.
+ */
+export class OpenAICompatibleAdapter implements ProviderAdapter {
+  readonly name: ProviderName;
+  readonly supportsFiles: boolean;
+  private readonly client: OpenAI;
+  private readonly maxRetries: number;
+
+  constructor(options: OpenAICompatibleOptions) {
+    this.name = options.name;
+    this.supportsFiles = options.supportsFiles;
+    this.maxRetries = options.maxRetries;
+    this.client = new OpenAI({
+      apiKey: options.apiKey,
+      baseURL: options.baseURL,
+      defaultHeaders: options.defaultHeaders,
+      maxRetries: 0,
+      timeout: SDK_TIMEOUT_MS,
+      // Left unset, the SDK reads OPENAI_ORG_ID and OPENAI_PROJECT_ID and sends them to every provider.
+      organization: null,
+      project: null,
+      // Failures surface as our errors, logged with their request; the SDK would print upstream bodies to the console.
+      logLevel: 'off',
+    });
+  }
+
+  async complete(request: ChatRequest): Promise<ChatCompletion> {
+    const { signal } = request;
+    const body: unknown = await this.withRetries(request, () => this.client.chat.completions.create(chatBody(request), { signal }));
+    // The SDK's types promise a ChatCompletion; an upstream may still send anything with a 200.
+    const completion = body as Partial<OpenAI.ChatCompletion> | null;
+    const content = completion?.choices?.[0]?.message?.content;
+    if (typeof content !== 'string') throw failure(new Error('reply without choices[0].message.content'), signal);
+    return { content, model: upstreamModel(completion?.model, request.model), usage: readUsage(completion?.usage) };
+  }
+
+  /**
+   * Deltas as each upstream chunk arrives. Only opening the stream is retried: once deltas have been
+   * yielded, a broken stream throws ProviderError and the caller keeps the text so far.
+   */
+  async *stream(request: ChatRequest): AsyncGenerator<StreamEvent> {
+    const { signal } = request;
+    const chunks = await this.withRetries(request, () =>
+      this.client.chat.completions.create({ ...chatBody(request), stream: true, stream_options: { include_usage: true } }, { signal }),
+    );
+    let model = request.model;
+    let usage: Usage | null = null;
+    let finished = false;
+    try {
+      for await (const chunk of chunks) {
+        if (typeof chunk !== 'object' || chunk === null) throw new Error('stream chunk is not an object');
+        model = upstreamModel(chunk.model, model);
+        // Servers that ignore stream_options send no usage chunk: usage stays null.
+        usage = readUsage(chunk.usage) ?? usage;
+        const choice = chunk.choices?.[0];
+        const content = choice?.delta?.content;
+        if (typeof content === 'string' && content !== '') yield { type: 'delta', content };
+        if (choice?.finish_reason) finished = true;
+      }
+    } catch (error) {
+      throw failure(error, signal);
+    }
+    // The SDK ends the iteration quietly when the signal aborts it, and so does an upstream that closes
+    // the stream cleanly half-way: only a finish_reason says the reply is whole.
+    if (!finished) throw failure(new Error('stream ended without a finish_reason'), signal);
+    yield { type: 'done', model, usage };
+  }
+
+  async uploadFile(file: { filename: string; mimeType: string; path: string }, signal: AbortSignal): Promise<UploadedFile> {
+    // Read once, before the attempts: a retry resends the same bytes, and a local read failure is ours
+    // to report, not the provider's.
+    const upload = await toFile(createReadStream(file.path), file.filename, { type: file.mimeType });
+    const created: unknown = await this.withRetries({ signal }, () =>
+      this.client.files.create({ file: upload, purpose: 'user_data' }, { signal }),
+    );
+    const id = (created as { id?: unknown } | null)?.id;
+    if (typeof id !== 'string' || id === '') throw failure(new Error('file upload answered without an id'), signal);
+    return { providerFileId: id };
+  }
+
+  async deleteFile(providerFileId: string, signal: AbortSignal): Promise<void> {
+    await this.withRetries({ signal }, async () => {
+      try {
+        await this.client.files.delete(providerFileId, { signal });
+      } catch (error) {
+        // Already gone upstream is what deleting wanted.
+        if (!(error instanceof NotFoundError)) throw error;
+      }
+    });
+  }
+
+  /**
+   * One attempt plus up to maxRetries retries of the transient failures, each after a wait (the
+   * upstream's Retry-After, else backoff). A wait that would end past the deadline is not started: the
+   * last failure is thrown at once. Throws only provider errors, or the signal's reason (see failure).
+   */
+  private async withRetries<T>(bounds: CallBounds, attempt: () => Promise<T>): Promise<T> {
+    const { signal, deadline = Number.POSITIVE_INFINITY } = bounds;
+    for (let retry = 0; ; retry++) {
+      try {
+        return await attempt();
+      } catch (error) {
+        const wait = retry < this.maxRetries && !signal.aborted ? retryWait(error, retry) : undefined;
+        if (wait === undefined || Date.now() + wait >= deadline) throw failure(error, signal);
+        await sleep(wait, undefined, { signal }).catch((abort: unknown) => {
+          throw failure(abort, signal);
+        });
+      }
+    }
+  }
+}
+
+/** Only the fields of the wire format: callers may hand over richer objects, such as stored rows. */
+function chatBody(request: ChatRequest) {
+  return {
+    model: request.model,
+    messages: request.messages.map(({ role, content }) => ({ role, content })),
+    // Not max_completion_tokens: OpenAI-compatible servers (and older OpenAI models) know only max_tokens.
+    max_tokens: request.maxOutputTokens,
+  };
+}
+
+/** How long to wait before retrying after `error`, or undefined when retrying cannot help. */
+function retryWait(error: unknown, retry: number): number | undefined {
+  const transient =
+    error instanceof APIConnectionError || // refused, reset or timed out before a response
+    (error instanceof APIError && error.status !== undefined && (error.status === 408 || error.status === 429 || error.status >= 500));
+  if (!transient) return undefined;
+  return retryAfterMs(error.headers) ?? backoffMs(retry);
+}
+
+/**
+ * What a failed call throws. When the signal fired: ProviderTimeout if its reason is a TimeoutError
+ * (the deadline, from AbortSignal.timeout), else the reason itself (a client that left) for the caller
+ * to recognise. Otherwise a provider error whose message is generic: upstream error text can carry
+ * account details and reaches clients through the problem body, so it stays on `cause`, for logs.
+ */
+function failure(error: unknown, signal: AbortSignal): unknown {
+  if (signal.aborted) {
+    const reason: unknown = signal.reason;
+    return (reason as { name?: unknown } | null | undefined)?.name === 'TimeoutError' ? new ProviderTimeout() : reason;
+  }
+  if (error instanceof ApiError) return error;
+  const mapped =
+    error instanceof APIError && error.status === 429
+      ? new ProviderRateLimited(Math.max(1, Math.ceil((retryAfterMs(error.headers) ?? 1000) / 1000)))
+      : new ProviderError();
+  mapped.cause = error;
+  return mapped;
+}
+
+function upstreamModel(model: unknown, fallback: string): string {
+  return typeof model === 'string' && model !== '' ? model : fallback;
+}
+
+function readUsage(usage: unknown): Usage | null {
+  const { prompt_tokens: prompt, completion_tokens: completion, total_tokens: total } = (usage ?? {}) as Partial<OpenAI.CompletionUsage>;
+  if (typeof prompt !== 'number' || typeof completion !== 'number') return null;
+  return { promptTokens: prompt, completionTokens: completion, totalTokens: typeof total === 'number' ? total : prompt + completion };
+}

@@ -1,0 +1,92 @@
+import type { Config } from '../config.js';
+import { OpenAICompatibleAdapter } from './openai-compatible.js';
+import { type ProviderAdapter, type ProviderName, ProviderNotConfigured } from './types.js';
+
+export type ProvidersConfig = Pick<
+  Config,
+  'AI_PROVIDER' | 'OPENAI_API_KEY' | 'OPENROUTER_API_KEY' | 'AI_BASE_URL' | 'AI_MODEL' | 'AI_MAX_RETRIES'
+>;
+
+interface ProviderDefaults {
+  baseURL: string;
+  /** The model when neither the project nor AI_MODEL names one. */
+  model: string;
+  apiKey(config: ProvidersConfig): string | undefined;
+  headers?: Record<string, string>;
+  hasFilesApi: boolean;
+}
+
+const PROVIDER_DEFAULTS: Record<ProviderName, ProviderDefaults> = {
+  openai: {
+    baseURL: 'https://api.openai.com/v1',
+    model: 'gpt-4o-mini',
+    apiKey: (config) => config.OPENAI_API_KEY,
+    hasFilesApi: true,
+  },
+  openrouter: {
+    baseURL: 'https://openrouter.ai/api/v1',
+    model: 'openai/gpt-4o-mini',
+    apiKey: (config) => config.OPENROUTER_API_KEY,
+    // App attribution (https://openrouter.ai/docs/app-attribution). The server has no public URL of its
+    // own to give, and OpenRouter tracks a localhost app by its title.
+    headers: { 'HTTP-Referer': 'http://localhost', 'X-Title': 'chatbot-platform' },
+    hasFilesApi: false,
+  },
+};
+
+// A local server may need no key, but the SDK refuses to start without one.
+const PLACEHOLDER_API_KEY = 'no-key-needed';
+
+export interface ResolvedProvider {
+  adapter: ProviderAdapter;
+  model: string;
+}
+
+export interface ProviderRegistry {
+  /**
+   * The adapter and model for one chat: the project's own provider and model when set, else the
+   * server's (AI_PROVIDER, AI_MODEL). Read per request, so a project's change needs no restart.
+   * Throws ProviderNotConfigured when that provider has neither a key nor a base URL.
+   */
+  resolve(projectProvider: ProviderName | null, projectModel: string | null): ResolvedProvider;
+  /** A provider's adapter when it is configured: file calls go to the provider that holds the file. */
+  get(provider: ProviderName): ProviderAdapter | undefined;
+}
+
+/** One adapter (one SDK client, one connection pool) per configured provider, for the process's life. */
+export function createProviders(config: ProvidersConfig): ProviderRegistry {
+  const adapters = new Map<ProviderName, ProviderAdapter>();
+  for (const name of Object.keys(PROVIDER_DEFAULTS) as ProviderName[]) {
+    const adapter = createAdapter(name, config);
+    if (adapter) adapters.set(name, adapter);
+  }
+  return {
+    resolve(projectProvider, projectModel) {
+      const name = projectProvider ?? config.AI_PROVIDER;
+      const adapter = adapters.get(name);
+      if (!adapter) throw new ProviderNotConfigured(name);
+      // AI_MODEL names a model of the default provider; another provider would not know it.
+      const serverModel = name === config.AI_PROVIDER ? config.AI_MODEL : undefined;
+      return { adapter, model: projectModel ?? serverModel ?? PROVIDER_DEFAULTS[name].model };
+    },
+    get: (provider) => adapters.get(provider),
+  };
+}
+
+/** The provider's adapter, or undefined when it is not configured: no key, and no AI_BASE_URL for it. */
+function createAdapter(name: ProviderName, config: ProvidersConfig): ProviderAdapter | undefined {
+  const defaults = PROVIDER_DEFAULTS[name];
+  const apiKey = defaults.apiKey(config);
+  // AI_BASE_URL moves the default provider to another server speaking its protocol (Ollama, vLLM, llama.cpp).
+  const baseURL = name === config.AI_PROVIDER ? config.AI_BASE_URL : undefined;
+  if (!apiKey && !baseURL) return undefined;
+  return new OpenAICompatibleAdapter({
+    name,
+    apiKey: apiKey ?? PLACEHOLDER_API_KEY,
+    baseURL: baseURL ?? defaults.baseURL,
+    defaultHeaders: defaults.headers,
+    // Another server behind the same protocol has no Files API to count on.
+    supportsFiles: defaults.hasFilesApi && !baseURL,
+    maxRetries: config.AI_MAX_RETRIES,
+  });
+}

@@ -1,0 +1,377 @@
+import { eq } from 'drizzle-orm';
+import { v7 as uuidv7 } from 'uuid';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { messages } from '../../src/db/schema.js';
+import { createProject, createPrompt, expectProblem, registerUser, type RegisteredUser, startTestApp, type TestApp } from '../support/app.js';
+import { FakeUpstream, UPSTREAM_ERROR_TEXT } from '../support/fake-upstream.js';
+import { readSse, type SseEvent } from '../support/sse.js';
+
+let fake: FakeUpstream;
+let t: TestApp;
+let baseUrl: string;
+let user: RegisteredUser;
+
+beforeAll(async () => {
+  fake = await FakeUpstream.start();
+  t = await startTestApp({ AI_BASE_URL: fake.url, AI_MODEL: 'gpt-4o-mini', AI_TIMEOUT_MS: '2000', AI_MAX_RETRIES: '2' });
+  baseUrl = await t.app.listen({ port: 0, host: '127.0.0.1' });
+  user = await registerUser(t.app);
+});
+afterAll(async () => {
+  await t.close();
+  await fake.close();
+});
+beforeEach(() => fake.reset());
+
+const newProject = async (owner: RegisteredUser = user, body: Record<string, unknown> = {}) => (await createProject(t.app, owner, body)).id;
+const addPrompt = (projectId: string, content: string) => createPrompt(t.app, user, projectId, { title: content.slice(0, 20), content });
+
+const chat = (projectId: string, payload: object, headers: Record<string, string> = {}, app = t.app) =>
+  app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: { ...user.auth, ...headers }, payload });
+
+const stored = (projectId: string) =>
+  t.testDb.database.db.select().from(messages).where(eq(messages.projectId, projectId)).orderBy(messages.createdAt, messages.id);
+
+function streamChat(projectId: string, payload: object, signal?: AbortSignal, headers: Record<string, string> = {}) {
+  return fetch(`${baseUrl}/api/v1/projects/${projectId}/chat`, {
+    method: 'POST',
+    headers: { ...user.auth, 'content-type': 'application/json', ...headers },
+    body: JSON.stringify({ ...payload, stream: true }),
+    signal,
+  });
+}
+
+describe('JSON chat', () => {
+  it('answers with both stored messages and sends the provider exactly prompts, history and the new message', async () => {
+    const projectId = await newProject();
+    await addPrompt(projectId, 'You are terse.');
+    await addPrompt(projectId, 'Answer in English.');
+
+    const first = await chat(projectId, { message: 'Hello' });
+    expect(first.statusCode).toBe(200);
+    const body = first.json();
+    expect(body.userMessage).toMatchObject({ projectId, role: 'user', content: 'Hello', status: 'complete', usage: null });
+    expect(body.assistantMessage).toMatchObject({ projectId, role: 'assistant', content: 'Echo: Hello', status: 'complete', model: 'gpt-4o-mini' });
+    expect(body.usage).toEqual({ promptTokens: expect.any(Number), completionTokens: expect.any(Number), totalTokens: expect.any(Number) });
+    expect(body.assistantMessage.usage).toEqual(body.usage);
+
+    const second = await chat(projectId, { message: 'And again' });
+    expect(second.statusCode).toBe(200);
+    expect(fake.requests).toHaveLength(2);
+    expect(fake.requests[1]!.path).toBe('/v1/chat/completions');
+    expect(fake.requests[1]!.body).toMatchObject({ model: 'gpt-4o-mini', max_tokens: 1024 });
+    expect(fake.requests[1]!.body.messages).toEqual([
+      { role: 'system', content: 'You are terse.' },
+      { role: 'system', content: 'Answer in English.' },
+      { role: 'user', content: 'Hello' },
+      { role: 'assistant', content: 'Echo: Hello' },
+      { role: 'user', content: 'And again' },
+    ]);
+
+    const rows = await stored(projectId);
+    expect(rows.map((r) => [r.role, r.content])).toEqual([
+      ['user', 'Hello'],
+      ['assistant', 'Echo: Hello'],
+      ['user', 'And again'],
+      ['assistant', 'Echo: And again'],
+    ]);
+    const history = await t.app.inject({ method: 'GET', url: `/api/v1/projects/${projectId}/messages`, headers: user.auth });
+    expect(history.json().data.map((m: { id: string }) => m.id)).toEqual(rows.map((r) => r.id));
+  });
+
+  it("uses the project's own model, switching with no restart", async () => {
+    const projectId = await newProject(user, { model: 'my-local-model' });
+    expect((await chat(projectId, { message: 'hi' })).json().assistantMessage.model).toBe('my-local-model');
+    await t.app.inject({ method: 'PATCH', url: `/api/v1/projects/${projectId}`, headers: user.auth, payload: { model: 'other-model' } });
+    expect((await chat(projectId, { message: 'hi' })).statusCode).toBe(200);
+    expect(fake.requests.map((r) => r.body.model)).toEqual(['my-local-model', 'other-model']);
+  });
+
+  it('answers 503 PROVIDER_NOT_CONFIGURED for a provider with no key, storing nothing', async () => {
+    const projectId = await newProject(user, { provider: 'openrouter' });
+    expectProblem(await chat(projectId, { message: 'hi' }), 503, 'PROVIDER_NOT_CONFIGURED');
+    expect(await stored(projectId)).toHaveLength(0);
+    expect(fake.requests).toHaveLength(0);
+  });
+
+  it.each([
+    ['an empty message', { message: '' }],
+    ['a message over 100,000 characters', { message: 'x'.repeat(100_001) }],
+    ['no message', {}],
+    ['an unknown property', { message: 'hi', role: 'system' }],
+    ['a non-boolean stream', { message: 'hi', stream: 'yes' }],
+  ])('refuses %s with 400 and stores nothing', async (_, payload) => {
+    const projectId = await newProject();
+    expectProblem(await chat(projectId, payload), 400, 'VALIDATION_ERROR');
+    expect(await stored(projectId)).toHaveLength(0);
+    expect(fake.requests).toHaveLength(0);
+  });
+
+  it("is 404 on another user's project and on a malformed id", async () => {
+    const other = await registerUser(t.app);
+    const theirs = await newProject(other);
+    expectProblem(await chat(theirs, { message: 'hi' }), 404, 'NOT_FOUND');
+    expectProblem(await chat('not-a-uuid', { message: 'hi' }), 404, 'NOT_FOUND');
+    expectProblem(await chat(uuidv7(), { message: 'hi' }), 404, 'NOT_FOUND');
+    expect(await stored(theirs)).toHaveLength(0);
+    expect(fake.requests).toHaveLength(0);
+  });
+});
+
+describe('context budget', () => {
+  it('leaves out the oldest history first and never the prompts or the new message', async () => {
+    const budgeted = await startTestApp({ AI_BASE_URL: fake.url, AI_CONTEXT_TOKENS: '300', AI_MAX_OUTPUT_TOKENS: '100' });
+    try {
+      const owner = await registerUser(budgeted.app);
+      const projectId = (await createProject(budgeted.app, owner)).id;
+      await createPrompt(budgeted.app, owner, projectId, { title: 'p', content: 'Be brief.' });
+      for (let i = 0; i < 12; i++) {
+        const turn = `Question number ${i} with some words to take up space in the context window`;
+        const response = await budgeted.app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: owner.auth, payload: { message: turn } });
+        expect(response.statusCode).toBe(200);
+      }
+      const sent = fake.requests.at(-1)!.body.messages as { role: string; content: string }[];
+      expect(sent[0]).toEqual({ role: 'system', content: 'Be brief.' });
+      expect(sent.at(-1)).toEqual({ role: 'user', content: expect.stringContaining('Question number 11') });
+      const history = sent.slice(1, -1);
+      expect(history.length).toBeGreaterThan(0);
+      expect(history.length).toBeLessThan(22);
+      // What is kept is the newest, contiguous end of the history, oldest first.
+      expect(history.at(-1)).toEqual({ role: 'assistant', content: expect.stringContaining('Question number 10') });
+      expect(history.some((m) => m.content.includes('Question number 0 '))).toBe(false);
+
+      const tooLong = await budgeted.app.inject({
+        method: 'POST',
+        url: `/api/v1/projects/${projectId}/chat`,
+        headers: owner.auth,
+        payload: { message: 'word '.repeat(400) },
+      });
+      expectProblem(tooLong, 400, 'CONTEXT_TOO_LONG');
+      expect(fake.requests).toHaveLength(12);
+      expect(await budgeted.testDb.database.db.select().from(messages).where(eq(messages.projectId, projectId))).toHaveLength(24);
+    } finally {
+      await budgeted.close();
+    }
+  });
+});
+
+describe('provider faults', () => {
+  async function failedChat(status: number, code: string) {
+    const projectId = await newProject();
+    const response = await chat(projectId, { message: 'Will it work?' });
+    const body = expectProblem(response, status, code);
+    expect(response.body).not.toContain(UPSTREAM_ERROR_TEXT.slice(0, 20));
+    expect(response.body).not.toContain('sk-upstream');
+    const rows = await stored(projectId);
+    expect(rows.map((r) => [r.role, r.content])).toEqual([['user', 'Will it work?']]);
+    expect(body.userMessageId).toBe(rows[0]!.id);
+    return { response, body };
+  }
+
+  it('retries 5xx at most AI_MAX_RETRIES times, then 502 PROVIDER_ERROR', async () => {
+    fake.setDefault({ status: 500 });
+    await failedChat(502, 'PROVIDER_ERROR');
+    expect(fake.requests).toHaveLength(3);
+  });
+
+  it('recovers when a retry succeeds, honouring Retry-After', async () => {
+    fake.enqueue({ status: 429, retryAfter: 1 }, { status: 503 });
+    const projectId = await newProject();
+    const response = await chat(projectId, { message: 'eventually' });
+    expect(response.statusCode).toBe(200);
+    expect(fake.requests).toHaveLength(3);
+    expect(fake.requests[1]!.receivedAt - fake.requests[0]!.receivedAt).toBeGreaterThanOrEqual(950);
+    expect((await stored(projectId)).map((r) => r.role)).toEqual(['user', 'assistant']);
+  });
+
+  it('answers 503 PROVIDER_RATE_LIMITED with Retry-After when 429 persists', async () => {
+    fake.setDefault({ status: 429, retryAfter: 30 });
+    const { response } = await failedChat(503, 'PROVIDER_RATE_LIMITED');
+    expect(response.headers['retry-after']).toBe('30');
+  });
+
+  it('answers 504 PROVIDER_TIMEOUT when the upstream hangs past the deadline', async () => {
+    fake.setDefault({ fault: 'hang' });
+    await failedChat(504, 'PROVIDER_TIMEOUT');
+    await fake.waitForClientClose();
+  });
+
+  it.each(['malformed-json', 'no-choices', 'error-body'] as const)('answers 502 for a %s body', async (fault) => {
+    fake.setDefault({ fault });
+    await failedChat(502, 'PROVIDER_ERROR');
+  });
+
+  it('treats an empty answer as a failure and stores no empty assistant message', async () => {
+    fake.setDefault({ content: '' });
+    await failedChat(502, 'PROVIDER_ERROR');
+  });
+});
+
+describe('streaming chat', () => {
+  it('sends user_message, deltas as they come, then done, each with an id', async () => {
+    const projectId = await newProject();
+    fake.enqueue({ content: 'one two three four', chunks: 4, chunkDelayMs: 150 });
+    const response = await streamChat(projectId, { message: 'count' });
+    expect(response.status).toBe(200);
+    expect(response.headers.get('content-type')).toMatch(/^text\/event-stream/);
+    expect(response.headers.get('x-request-id')).toBeTruthy();
+
+    let firstDeltaSeenWhileUpstreamSending = false;
+    const events = await readSse(response, (event) => {
+      if (event.event === 'delta' && !firstDeltaSeenWhileUpstreamSending) {
+        firstDeltaSeenWhileUpstreamSending = fake.requests[0]!.chunksSent < 4;
+      }
+    });
+    expect(firstDeltaSeenWhileUpstreamSending).toBe(true);
+    expect(events.map((e) => e.event)).toEqual(['user_message', 'delta', 'delta', 'delta', 'delta', 'done']);
+    expect(events.map((e) => Number(e.id))).toEqual([1, 2, 3, 4, 5, 6]);
+    const text = events.filter((e) => e.event === 'delta').map((e) => e.data.content).join('');
+    expect(text).toBe('one two three four');
+    const done = events.at(-1)!.data as { assistantMessage: { id: string; content: string; status: string }; usage: unknown };
+    expect(done.assistantMessage).toMatchObject({ content: text, status: 'complete' });
+    expect(done.usage).toEqual(expect.objectContaining({ totalTokens: expect.any(Number) }));
+    const rows = await stored(projectId);
+    expect(rows.map((r) => [r.role, r.content, r.status])).toEqual([
+      ['user', 'count', 'complete'],
+      ['assistant', text, 'complete'],
+    ]);
+    expect((events[0]!.data.userMessage as { id: string }).id).toBe(rows[0]!.id);
+    expect(fake.requests[0]!.body.stream).toBe(true);
+  });
+
+  it('aborts the upstream call when the client leaves and keeps the text so far as incomplete', async () => {
+    const projectId = await newProject();
+    fake.enqueue({ content: 'a b c d e f g h', chunks: 8, chunkDelayMs: 200 });
+    const controller = new AbortController();
+    const response = await streamChat(projectId, { message: 'long answer' }, controller.signal);
+    let deltas = 0;
+    await readSse(response, (event) => (event.event === 'delta' && ++deltas === 2 ? 'stop' : undefined), controller);
+    await fake.waitForClientClose();
+    expect(fake.requests[0]!.chunksSent).toBeLessThan(8);
+
+    await expect.poll(async () => (await stored(projectId)).length, { timeout: 5000 }).toBe(2);
+    const [question, answer] = await stored(projectId);
+    expect(question).toMatchObject({ role: 'user', content: 'long answer', status: 'complete' });
+    expect(answer!.role).toBe('assistant');
+    expect(answer!.status).toBe('incomplete');
+    expect('a b c d e f g h'.startsWith(answer!.content)).toBe(true);
+    expect(answer!.content.length).toBeGreaterThan(0);
+  });
+
+  it('ends with an error event and keeps the text so far when the upstream breaks mid-stream', async () => {
+    const projectId = await newProject();
+    fake.enqueue({ content: 'first second third', chunks: 3, fault: 'reset', afterChunks: 2 });
+    const events = await readSse(await streamChat(projectId, { message: 'break' }));
+    expect(events.map((e) => e.event)).toEqual(['user_message', 'delta', 'delta', 'error']);
+    const error = events.at(-1)!.data;
+    const rows = await stored(projectId);
+    expect(error).toMatchObject({ status: 502, code: 'PROVIDER_ERROR', userMessageId: rows[0]!.id, type: 'about:blank' });
+    expect(rows.map((r) => [r.role, r.status])).toEqual([
+      ['user', 'complete'],
+      ['assistant', 'incomplete'],
+    ]);
+    expect(rows[1]!.content).toBe(events.filter((e) => e.event === 'delta').map((e) => e.data.content).join(''));
+  });
+
+  it('reports a failure before the first delta as an error event, with nothing but the question stored', async () => {
+    const projectId = await newProject();
+    fake.setDefault({ status: 500 });
+    const events = await readSse(await streamChat(projectId, { message: 'fail' }));
+    expect(events.map((e) => e.event)).toEqual(['user_message', 'error']);
+    expect(events[1]!.data).toMatchObject({ code: 'PROVIDER_ERROR', status: 502 });
+    expect(JSON.stringify(events)).not.toContain('sk-upstream');
+    expect((await stored(projectId)).map((r) => r.role)).toEqual(['user']);
+  });
+
+  it('refuses before the stream opens with an ordinary problem response', async () => {
+    const response = await streamChat(uuidv7(), { message: 'nobody' });
+    expect(response.status).toBe(404);
+    expect(response.headers.get('content-type')).toMatch(/^application\/problem\+json/);
+  });
+});
+
+describe('idempotency', () => {
+  it('replays the first result for the same key and body, without calling the provider again', async () => {
+    const projectId = await newProject();
+    const key = { 'idempotency-key': `key-${uuidv7()}` };
+    const first = await chat(projectId, { message: 'once' }, key);
+    const again = await chat(projectId, { message: 'once' }, key);
+    expect(first.statusCode).toBe(200);
+    expect(again.statusCode).toBe(200);
+    expect(again.json()).toEqual(first.json());
+    expect(fake.requests).toHaveLength(1);
+    expect(await stored(projectId)).toHaveLength(2);
+  });
+
+  it('replays a streamed result as a stream', async () => {
+    const projectId = await newProject();
+    const key = { 'idempotency-key': `key-${uuidv7()}` };
+    const first = await readSse(await streamChat(projectId, { message: 'stream once' }, undefined, key));
+    const again = await readSse(await streamChat(projectId, { message: 'stream once' }, undefined, key));
+    expect(fake.requests).toHaveLength(1);
+    const done = (events: SseEvent[]) => events.find((e) => e.event === 'done')!.data;
+    expect(done(again)).toEqual(done(first));
+    expect(again.map((e) => e.event)).toEqual(['user_message', 'delta', 'done']);
+  });
+
+  it('answers 422 for the same key with a different body', async () => {
+    const projectId = await newProject();
+    const key = { 'idempotency-key': `key-${uuidv7()}` };
+    expect((await chat(projectId, { message: 'one' }, key)).statusCode).toBe(200);
+    expectProblem(await chat(projectId, { message: 'two' }, key), 422, 'IDEMPOTENCY_MISMATCH');
+    expectProblem(await chat(projectId, { message: 'one', stream: true }, key), 422, 'IDEMPOTENCY_MISMATCH');
+    expect(fake.requests).toHaveLength(1);
+  });
+
+  it('answers 409 while the first request is still running', async () => {
+    const projectId = await newProject();
+    const key = { 'idempotency-key': `key-${uuidv7()}` };
+    fake.enqueue({ delayMs: 500 });
+    const first = chat(projectId, { message: 'slow' }, key);
+    await fake.waitForRequests(1);
+    expectProblem(await chat(projectId, { message: 'slow' }, key), 409, 'IDEMPOTENCY_CONFLICT');
+    expect((await first).statusCode).toBe(200);
+    expect((await chat(projectId, { message: 'slow' }, key)).json()).toEqual((await first).json());
+  });
+
+  it('frees the key after a failure so that the same key may be retried', async () => {
+    const projectId = await newProject();
+    const key = { 'idempotency-key': `key-${uuidv7()}` };
+    fake.enqueue({ status: 500 }, { status: 500 }, { status: 500 });
+    expectProblem(await chat(projectId, { message: 'retry me' }, key), 502, 'PROVIDER_ERROR');
+    expect((await chat(projectId, { message: 'retry me' }, key)).statusCode).toBe(200);
+  });
+
+  it('keeps keys per user and refuses a key over 255 characters', async () => {
+    const projectId = await newProject();
+    const key = `shared-${uuidv7()}`;
+    const other = await registerUser(t.app);
+    const theirProject = await newProject(other);
+    expect((await chat(projectId, { message: 'mine' }, { 'idempotency-key': key })).statusCode).toBe(200);
+    const theirs = await t.app.inject({
+      method: 'POST',
+      url: `/api/v1/projects/${theirProject}/chat`,
+      headers: { ...other.auth, 'idempotency-key': key },
+      payload: { message: 'theirs' },
+    });
+    expect(theirs.json().assistantMessage.content).toBe('Echo: theirs');
+    expectProblem(await chat(projectId, { message: 'x' }, { 'idempotency-key': 'k'.repeat(256) }), 400, 'VALIDATION_ERROR');
+  });
+});
+
+describe('concurrency', () => {
+  it('answers concurrent chats to one project, each reply paired with its own question', async () => {
+    const projectId = await newProject();
+    fake.setDefault({ delayMs: 50 });
+    const questions = Array.from({ length: 20 }, (_, i) => `question ${i}`);
+    const responses = await Promise.all(questions.map((message) => chat(projectId, { message })));
+    for (const [i, response] of responses.entries()) {
+      expect(response.statusCode).toBe(200);
+      expect(response.json().userMessage.content).toBe(questions[i]);
+      expect(response.json().assistantMessage.content).toBe(`Echo: ${questions[i]}`);
+    }
+    const rows = await stored(projectId);
+    expect(rows).toHaveLength(40);
+    expect(new Set(rows.map((r) => r.content)).size).toBe(40);
+  });
+});

@@ -1,0 +1,137 @@
+import { eq } from 'drizzle-orm';
+import { v7 as uuidv7 } from 'uuid';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { prompts } from '../../src/db/schema.js';
+import type { ProjectDto } from '../../src/modules/projects/schemas.js';
+import { createProject, createPrompt, expectProblem, registerUser, type RegisteredUser, startTestApp, type TestApp } from '../support/app.js';
+
+let t: TestApp;
+let user: RegisteredUser;
+let project: ProjectDto;
+beforeAll(async () => {
+  t = await startTestApp();
+  user = await registerUser(t.app);
+  project = await createProject(t.app, user);
+});
+afterAll(() => t.close());
+
+const request = (method: 'GET' | 'POST' | 'PATCH' | 'DELETE', path: string, payload?: unknown, projectId = project.id) =>
+  t.app.inject({
+    method,
+    url: `/api/v1/projects/${projectId}/prompts${path}`,
+    headers: user.auth,
+    ...(payload === undefined ? {} : { payload: payload as object }),
+  });
+
+const errorPaths = (body: Record<string, unknown>) => [...new Set((body.errors as { path: string }[]).map((e) => e.path))].sort();
+
+describe('create and get', () => {
+  it('creates a prompt under the project', async () => {
+    const response = await request('POST', '', { title: '  Tone ', content: '  Be brief.\n' });
+    expect(response.statusCode).toBe(201);
+    const body = response.json();
+    expect(Object.keys(body).sort()).toEqual(['content', 'createdAt', 'id', 'projectId', 'title', 'updatedAt']);
+    // The title is a label and is trimmed; the content goes to the model exactly as written.
+    expect(body).toMatchObject({ projectId: project.id, title: 'Tone', content: '  Be brief.\n' });
+    expect(body.id).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-7/);
+    expect(body.updatedAt).toBe(body.createdAt);
+    expect((await request('GET', `/${body.id}`)).json()).toEqual(body);
+  });
+
+  it('accepts a title of 200 and a content of 100,000 characters', async () => {
+    const body = { title: 't'.repeat(200), content: 'c'.repeat(100_000) };
+    expect(await createPrompt(t.app, user, project.id, body)).toMatchObject(body);
+  });
+
+  it('lists the project’s prompts oldest first, and no other project’s', async () => {
+    const own = await createProject(t.app, user);
+    const elsewhere = await createProject(t.app, user);
+    await createPrompt(t.app, user, elsewhere.id);
+    const created = [];
+    for (const title of ['first', 'second', 'third']) created.push(await createPrompt(t.app, user, own.id, { title }));
+    expect((await request('GET', '', undefined, own.id)).json()).toEqual({ data: created, nextCursor: null });
+  });
+
+  it('answers a prompt of another project of the same user with 404', async () => {
+    const other = await createProject(t.app, user);
+    const prompt = await createPrompt(t.app, user, other.id);
+    for (const [method, payload] of [['GET'], ['PATCH', { title: 'x' }], ['DELETE']] as const) {
+      const body = expectProblem(await request(method, `/${prompt.id}`, payload), 404, 'NOT_FOUND');
+      expect(body.detail).toBe('Prompt not found');
+    }
+    expect((await request('GET', `/${prompt.id}`, undefined, other.id)).json()).toEqual(prompt);
+  });
+});
+
+describe('update and delete', () => {
+  it('changes only the fields given and moves updatedAt', async () => {
+    const prompt = await createPrompt(t.app, user, project.id, { title: 'Old', content: 'Old content' });
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    const body = (await request('PATCH', `/${prompt.id}`, { content: 'New content' })).json();
+    expect(body).toMatchObject({ id: prompt.id, projectId: project.id, title: 'Old', content: 'New content', createdAt: prompt.createdAt });
+    expect(new Date(body.updatedAt).getTime()).toBeGreaterThan(new Date(prompt.updatedAt).getTime());
+    expect((await request('PATCH', `/${prompt.id}`, { title: 'New' })).json()).toMatchObject({ title: 'New', content: 'New content' });
+  });
+
+  it('deletes a prompt, once', async () => {
+    const prompt = await createPrompt(t.app, user, project.id);
+    const response = await request('DELETE', `/${prompt.id}`);
+    expect(response.statusCode).toBe(204);
+    expect(response.body).toBe('');
+    expectProblem(await request('GET', `/${prompt.id}`), 404, 'NOT_FOUND');
+    expectProblem(await request('DELETE', `/${prompt.id}`), 404, 'NOT_FOUND');
+    expect(await t.testDb.database.db.select().from(prompts).where(eq(prompts.id, prompt.id))).toEqual([]);
+  });
+});
+
+describe('validation', () => {
+  it.each([
+    ['no fields', {}, ['body.content', 'body.title']],
+    ['an empty title', { title: '', content: 'c' }, ['body.title']],
+    ['a blank title', { title: '  ', content: 'c' }, ['body.title']],
+    ['a title over 200 characters', { title: 't'.repeat(201), content: 'c' }, ['body.title']],
+    ['an empty content', { title: 't', content: '' }, ['body.content']],
+    ['a content over 100,000 characters', { title: 't', content: 'c'.repeat(100_001) }, ['body.content']],
+    ['fields that are not strings', { title: 1, content: { text: 'c' } }, ['body.content', 'body.title']],
+    ['a projectId', { title: 't', content: 'c', projectId: uuidv7() }, ['body']],
+    ['an id', { title: 't', content: 'c', id: uuidv7() }, ['body']],
+    ['a createdAt', { title: 't', content: 'c', createdAt: '2020-01-01T00:00:00.000Z' }, ['body']],
+  ])('POST refuses %s', async (_, payload, paths) => {
+    const before = await t.testDb.database.db.$count(prompts);
+    expect(errorPaths(expectProblem(await request('POST', '', payload), 400, 'VALIDATION_ERROR'))).toEqual(paths);
+    expect(await t.testDb.database.db.$count(prompts)).toBe(before);
+  });
+
+  it.each([
+    ['an empty body', {}, ['body']],
+    ['a null title', { title: null }, ['body.title']],
+    ['a title over 200 characters', { title: 't'.repeat(201) }, ['body.title']],
+    ['an empty content', { content: '' }, ['body.content']],
+    ['a content over 100,000 characters', { content: 'c'.repeat(100_001) }, ['body.content']],
+    ['a projectId', { title: 't', projectId: uuidv7() }, ['body']],
+    ['an updatedAt', { updatedAt: '2020-01-01T00:00:00.000Z' }, ['body']],
+  ])('PATCH refuses %s and changes nothing', async (_, payload, paths) => {
+    const prompt = await createPrompt(t.app, user, project.id);
+    expect(errorPaths(expectProblem(await request('PATCH', `/${prompt.id}`, payload), 400, 'VALIDATION_ERROR'))).toEqual(paths);
+    expect((await request('GET', `/${prompt.id}`)).json()).toEqual(prompt);
+  });
+
+  it.each(['not-a-uuid', "1' or '1'='1", `${uuidv7()}0`])('answers a malformed prompt id (%s) with 404', async (id) => {
+    const path = `/${encodeURIComponent(id)}`;
+    for (const [method, payload] of [['GET'], ['PATCH', { title: 'x' }], ['DELETE']] as const) {
+      expectProblem(await request(method, path, payload), 404, 'NOT_FOUND');
+    }
+  });
+
+  it('answers a malformed or unknown project id with 404 on every route', async () => {
+    const prompt = await createPrompt(t.app, user, project.id);
+    for (const projectId of ['not-a-uuid', uuidv7()]) {
+      expectProblem(await request('POST', '', { title: 't', content: 'c' }, projectId), 404, 'NOT_FOUND');
+      expectProblem(await request('GET', '', undefined, projectId), 404, 'NOT_FOUND');
+      for (const [method, payload] of [['GET'], ['PATCH', { title: 'x' }], ['DELETE']] as const) {
+        expectProblem(await request(method, `/${prompt.id}`, payload, projectId), 404, 'NOT_FOUND');
+      }
+    }
+    expect((await request('GET', `/${prompt.id}`)).json()).toEqual(prompt);
+  });
+});

@@ -1,0 +1,263 @@
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { once } from 'node:events';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { sql } from 'drizzle-orm';
+import type { PgTable } from 'drizzle-orm/pg-core';
+import { v7 as uuidv7 } from 'uuid';
+import { afterAll, describe, expect, it } from 'vitest';
+import { type Db, openPglite, pgliteFolder } from '../../src/db/database.js';
+import { files, idempotencyKeys, messages, projects, prompts, schema, users } from '../../src/db/schema.js';
+import { createTestDatabase } from '../support/database.js';
+
+const scratch: string[] = [];
+function scratchFolder(): string {
+  const folder = mkdtempSync(join(tmpdir(), 'chatbot-backup-'));
+  scratch.push(folder);
+  return folder;
+}
+afterAll(() => scratch.forEach((folder) => rmSync(folder, { recursive: true, force: true })));
+
+/** Runs the command an operator runs, in its own process, with a clean environment plus `env`. */
+async function runBackupCli(args: string[], env: Record<string, string>): Promise<{ code: number | null; output: string }> {
+  const child = spawn(process.execPath, ['--import', 'tsx', 'src/db/backup-cli.ts', ...args], {
+    env: { PATH: process.env.PATH, HOME: process.env.HOME, JWT_SECRET: 'backup-test-secret-0123456789-0123456789', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let output = '';
+  child.stdout.on('data', (chunk) => (output += chunk));
+  child.stderr.on('data', (chunk) => (output += chunk));
+  const [code] = (await once(child, 'close')) as [number | null];
+  return { code, output };
+}
+
+/** The database the commands work on: a throwaway PostgreSQL database with TEST_DATABASE_URL, else DATA_DIR/pglite. */
+interface Target {
+  env: Record<string, string>;
+  /** Runs `use` on the database; the embedded one is closed again after it, as the commands need it stopped. */
+  withDb<T>(use: (db: Db) => Promise<T>): Promise<T>;
+  /** Loses everything: the tables and the migration history. */
+  wipe(): Promise<void>;
+  drop(): Promise<void>;
+}
+
+async function createTarget(dataDir: string): Promise<Target> {
+  if (process.env.TEST_DATABASE_URL) {
+    const testDb = await createTestDatabase();
+    return {
+      env: { DATABASE_URL: testDb.url! },
+      withDb: (use) => use(testDb.database.db),
+      wipe: async () => {
+        await testDb.database.db.execute(sql`drop schema drizzle cascade; drop schema public cascade; create schema public`);
+      },
+      drop: () => testDb.drop(),
+    };
+  }
+  const folder = pgliteFolder(dataDir);
+  const withDb = async <T>(use: (db: Db) => Promise<T>): Promise<T> => {
+    const database = await openPglite(folder);
+    try {
+      return await use(database.db);
+    } finally {
+      await database.close();
+    }
+  };
+  const database = await openPglite(folder);
+  await database.migrate();
+  await database.close();
+  return { env: {}, withDb, wipe: async () => rmSync(folder, { recursive: true, force: true }), drop: async () => {} };
+}
+
+/** Rows in every table, with the values that tend to break a round trip: nulls, JSON, Unicode, exact times. */
+async function seed(db: Db): Promise<void> {
+  const at = (ms: number) => new Date(Date.UTC(2025, 0, 2, 3, 4, 5, ms));
+  const [ann, bob] = [uuidv7(), uuidv7()];
+  await db.insert(users).values([
+    { id: ann, email: 'Ann@Example.com', passwordHash: '$2b$04$abcdefghijklmnopqrstuu', name: 'Ann', tokenVersion: 3, createdAt: at(1), updatedAt: at(2) },
+    { id: bob, email: 'bob@example.com', passwordHash: '$2b$04$zyxwvutsrqponmlkjihgfe', name: 'Bøb 🤖', createdAt: at(3), updatedAt: at(3) },
+  ]);
+  const [first, second] = [uuidv7(), uuidv7()];
+  await db.insert(projects).values([
+    { id: first, userId: ann, name: 'Support bot', description: 'answers "quoted"\nquestions', provider: 'openrouter', model: 'gpt-4o-mini' },
+    { id: second, userId: bob, name: 'Empty', description: null, provider: null, model: null },
+  ]);
+  await db.insert(prompts).values({ id: uuidv7(), projectId: first, title: 'Tone', content: 'Be brief.\tNo emoji. ünïcödé' });
+  await db.insert(messages).values([
+    { id: uuidv7(), projectId: first, role: 'system', content: 'You help.', status: 'complete' },
+    { id: uuidv7(), projectId: first, role: 'user', content: 'héllo 👋', status: 'complete', createdAt: at(10) },
+    {
+      id: uuidv7(),
+      projectId: first,
+      role: 'assistant',
+      content: 'Hi!',
+      status: 'incomplete',
+      model: 'gpt-4o-mini',
+      promptTokens: 12,
+      completionTokens: 3,
+      totalTokens: 15,
+      createdAt: at(11),
+    },
+  ]);
+  await db.insert(files).values({
+    id: uuidv7(),
+    projectId: first,
+    filename: 'report (final).pdf',
+    mimeType: 'application/pdf',
+    size: 70_000,
+    sha256: 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855',
+    storageUrl: 'file:///nested/deeper/b.bin',
+    providerFileId: null,
+  });
+  await db.insert(idempotencyKeys).values([
+    { userId: ann, key: 'key-1', requestHash: 'h1', state: 'done', response: { status: 200, body: { id: 'x', nested: [1, 'two', null] } } },
+    { userId: ann, key: 'key-2', requestHash: 'h2', state: 'running', response: null },
+  ]);
+}
+
+/** Every row of every table in the schema, in a stable order. */
+async function snapshot(db: Db): Promise<Record<string, unknown[]>> {
+  const tables: Record<string, unknown[]> = {};
+  for (const [name, table] of Object.entries(schema)) {
+    const rows = await db.select().from(table as PgTable);
+    tables[name] = rows.sort((a, b) => JSON.stringify(a).localeCompare(JSON.stringify(b)));
+  }
+  return tables;
+}
+
+const uploads: Record<string, Buffer> = {
+  'a.bin': randomBytes(70_000),
+  'nested/deeper/b.bin': randomBytes(1_234),
+  'empty.bin': Buffer.alloc(0),
+  'ünïcode name (1).txt': Buffer.from('bytes\u0000with a NUL\n'),
+};
+
+function writeUploads(folder: string): void {
+  for (const [name, bytes] of Object.entries(uploads)) {
+    mkdirSync(dirname(join(folder, name)), { recursive: true });
+    writeFileSync(join(folder, name), bytes);
+  }
+}
+
+function readUploads(folder: string): Record<string, Buffer> {
+  const found: Record<string, Buffer> = {};
+  for (const name of readdirSync(folder, { recursive: true, encoding: 'utf8' })) {
+    if (statSync(join(folder, name)).isFile()) found[name] = readFileSync(join(folder, name));
+  }
+  return found;
+}
+
+describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : 'embedded PGlite'})`, () => {
+  it('backs up, restores over later changes and onto nothing, and finds every row and file again', { timeout: 120_000 }, async () => {
+    const dataDir = scratchFolder();
+    const filesDir = join(dataDir, 'files');
+    const target = await createTarget(dataDir);
+    try {
+      const rows = await target.withDb(async (db) => {
+        await seed(db);
+        return snapshot(db);
+      });
+      for (const [table, tableRows] of Object.entries(rows)) expect(tableRows.length, `${table} has rows`).toBeGreaterThan(0);
+      writeUploads(filesDir);
+      const env = { DATA_DIR: dataDir, ...target.env };
+      const backup = join(scratchFolder(), 'backup');
+
+      const made = await runBackupCli(['backup', backup], env);
+      expect(made.code, made.output).toBe(0);
+      expect(JSON.parse(readFileSync(join(backup, 'manifest.json'), 'utf8'))).toMatchObject({
+        format: 'chatbot-platform-backup',
+        version: 1,
+        kind: process.env.TEST_DATABASE_URL ? 'postgres' : 'pglite',
+      });
+
+      const restoreAndFindEverything = async () => {
+        const restored = await runBackupCli(['restore', backup], env);
+        expect(restored.code, restored.output).toBe(0);
+        expect(await target.withDb(snapshot)).toEqual(rows);
+        expect(readUploads(filesDir)).toEqual(uploads);
+      };
+
+      // What changed after the backup is undone, not merged with it.
+      await target.withDb(async (db) => {
+        await db.insert(users).values({ id: uuidv7(), email: 'later@example.com', passwordHash: 'x', name: 'Later' });
+        await db.delete(messages);
+      });
+      writeFileSync(join(filesDir, 'a.bin'), 'changed');
+      writeFileSync(join(filesDir, 'later.bin'), 'uploaded after the backup');
+      await restoreAndFindEverything();
+
+      // Everything lost.
+      await target.wipe();
+      rmSync(filesDir, { recursive: true, force: true });
+      await restoreAndFindEverything();
+
+      const again = await runBackupCli(['backup', backup], env);
+      expect(again.code).toBe(1);
+      expect(again.output.trim()).toMatch(/^\S+ already exists: name a new folder for the backup$/);
+    } finally {
+      await target.drop();
+    }
+  });
+});
+
+describe('the embedded database while a server holds it', () => {
+  it('refuses to back it up or restore it, with one line, and leaves it as it was', { timeout: 60_000 }, async () => {
+    const dataDir = scratchFolder();
+    const folder = pgliteFolder(dataDir);
+    const env = { DATA_DIR: dataDir };
+    const setup = await openPglite(folder);
+    await setup.migrate();
+    await setup.db.insert(users).values({ id: uuidv7(), email: 'held@example.com', passwordHash: 'x', name: 'Held' });
+    await setup.close();
+    const backup = join(scratchFolder(), 'backup');
+    expect((await runBackupCli(['backup', backup], env)).code).toBe(0);
+
+    const server = await openPglite(folder); // holds the lock as a running server does
+    try {
+      const refusedBackup = await runBackupCli(['backup', join(scratchFolder(), 'second')], env);
+      expect(refusedBackup.code).toBe(1);
+      expect(refusedBackup.output.trim()).toMatch(/^Backup needs the server stopped: The embedded database is in use by process \d+[^\n]+$/);
+      expect(existsSync(join(dirname(backup), 'second'))).toBe(false);
+
+      const refusedRestore = await runBackupCli(['restore', backup], env);
+      expect(refusedRestore.code).toBe(1);
+      expect(refusedRestore.output.trim()).toMatch(/^Restore needs the server stopped: The embedded database is in use by process \d+[^\n]+$/);
+      expect((await server.db.select().from(users)).map((u) => u.email)).toEqual(['held@example.com']);
+    } finally {
+      await server.close();
+    }
+  });
+});
+
+describe('what restore refuses before touching anything', () => {
+  it('a folder that is not a backup, a backup of the other kind of database, a damaged one', async () => {
+    const env = { DATA_DIR: scratchFolder() };
+    const notBackup = scratchFolder();
+    const refused = await runBackupCli(['restore', notBackup], env);
+    expect(refused.code).toBe(1);
+    expect(refused.output.trim()).toBe(`${notBackup} is not a backup: it has no manifest.json`);
+
+    const writeManifest = (kind: string) =>
+      writeFileSync(
+        join(notBackup, 'manifest.json'),
+        JSON.stringify({ format: 'chatbot-platform-backup', version: 1, kind, createdAt: new Date().toISOString() }),
+      );
+    writeManifest('postgres');
+    const otherKind = await runBackupCli(['restore', notBackup], env);
+    expect(otherKind.code).toBe(1);
+    expect(otherKind.output.trim()).toBe(`${notBackup} is a backup of PostgreSQL: set DATABASE_URL to the database to restore it into`);
+
+    writeManifest('pglite');
+    mkdirSync(join(notBackup, 'files'));
+    writeFileSync(join(notBackup, 'pglite.tar.gz'), randomBytes(4096));
+    const damaged = await runBackupCli(['restore', notBackup], env);
+    expect(damaged.code).toBe(1);
+    expect(damaged.output.trim()).toMatch(/^\S+pglite\.tar\.gz is damaged: [^\n]+$/);
+    expect(readdirSync(env.DATA_DIR).sort()).toEqual([]);
+
+    const usage = await runBackupCli(['backup'], env);
+    expect(usage.code).toBe(1);
+    expect(usage.output.trim()).toMatch(/^Usage: /);
+  });
+});

@@ -1,0 +1,71 @@
+import { countTokens as cl100kCount } from 'gpt-tokenizer/encoding/cl100k_base';
+import { countTokens as o200kCount } from 'gpt-tokenizer/encoding/o200k_base';
+import { encodeChat } from 'gpt-tokenizer/model/gpt-4o';
+import { describe, expect, it } from 'vitest';
+import { contextWindow, countTokens, MESSAGE_OVERHEAD_TOKENS, REPLY_PRIMING_TOKENS } from '../../src/providers/models.js';
+
+// Counts differently in the two encodings, so a test can tell which one was used.
+const MIXED = 'Привет, мир! Comment ça va? 你好，世界。 function add(a, b) { return a + b; }';
+
+describe('countTokens', () => {
+  it('counts with the encoding of the model', () => {
+    expect(o200kCount(MIXED)).not.toBe(cl100kCount(MIXED));
+    expect(countTokens(MIXED, 'gpt-4o-mini')).toBe(o200kCount(MIXED));
+    expect(countTokens(MIXED, 'gpt-4')).toBe(cl100kCount(MIXED));
+    expect(countTokens(MIXED, 'gpt-3.5-turbo')).toBe(cl100kCount(MIXED));
+  });
+
+  it('knows a model behind a router vendor prefix or variant suffix', () => {
+    expect(countTokens(MIXED, 'openai/gpt-4')).toBe(cl100kCount(MIXED));
+    expect(countTokens(MIXED, 'openai/gpt-4:free')).toBe(cl100kCount(MIXED));
+    expect(countTokens(MIXED, 'GPT-4')).toBe(cl100kCount(MIXED));
+  });
+
+  it('counts unknown models with o200k_base', () => {
+    for (const model of ['llama3.2:3b', 'anthropic/claude-sonnet-4', 'constructor', '__proto__', '']) {
+      expect(countTokens(MIXED, model)).toBe(o200kCount(MIXED));
+    }
+  });
+
+  it('counts special-token text as text instead of throwing', () => {
+    expect(countTokens('a <|endoftext|> b <|im_start|>', 'gpt-4o')).toBeGreaterThan(4);
+  });
+
+  it('counts the empty string as 0', () => {
+    expect(countTokens('', 'gpt-4o')).toBe(0);
+  });
+
+  it('counts long runs without whitespace in slices, within 2% of the exact count', () => {
+    const letters = Array.from({ length: 3_000 }, (_, i) => String.fromCharCode(97 + ((i * 7919) % 26))).join('');
+    const url = `see https://example.com/${'x'.repeat(400)}?q=${'y'.repeat(300)} for more`;
+    const emoji = '😀🎉🚀'.repeat(500);
+    for (const text of [letters, url, emoji, ' '.repeat(5_000), `${'中文'.repeat(2_000)} and more`]) {
+      const exact = o200kCount(text);
+      expect(Math.abs(countTokens(text, 'gpt-4o') - exact)).toBeLessThanOrEqual(Math.ceil(exact * 0.02));
+    }
+  });
+
+  it('matches the chat format overheads gpt-tokenizer applies', () => {
+    const chat = [
+      { role: 'system' as const, content: 'You are helpful.' },
+      { role: 'user' as const, content: 'Hi there' },
+      { role: 'assistant' as const, content: 'Hello! How can I help?' },
+    ];
+    const counted = chat.reduce((sum, message) => sum + countTokens(message.content, 'gpt-4o') + MESSAGE_OVERHEAD_TOKENS, REPLY_PRIMING_TOKENS);
+    expect(counted).toBe(encodeChat(chat).length);
+  });
+});
+
+describe('contextWindow', () => {
+  it('gives the context window of known models, prefixed or not', () => {
+    expect(contextWindow('gpt-4o-mini')).toBe(128_000);
+    expect(contextWindow('openai/gpt-4o-mini')).toBe(128_000);
+    expect(contextWindow('gpt-4')).toBe(8_192);
+  });
+
+  it('gives undefined for unknown models and catalog entries without one', () => {
+    for (const model of ['llama3.2', 'mistralai/mistral-7b-instruct', 'dall-e-3', 'constructor', '__proto__', 'toString']) {
+      expect(contextWindow(model)).toBeUndefined();
+    }
+  });
+});

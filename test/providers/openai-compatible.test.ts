@@ -1,0 +1,368 @@
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { ApiError } from '../../src/http/errors.js';
+import { type OpenAICompatibleOptions, OpenAICompatibleAdapter } from '../../src/providers/openai-compatible.js';
+import {
+  type ChatRequest,
+  ProviderError,
+  ProviderRateLimited,
+  ProviderTimeout,
+  type StreamEvent,
+} from '../../src/providers/types.js';
+import { FakeUpstream, UPSTREAM_ERROR_TEXT, type UpstreamReply } from '../support/fake-upstream.js';
+
+let fake: FakeUpstream;
+beforeAll(async () => {
+  fake = await FakeUpstream.start();
+});
+afterAll(() => fake.close());
+beforeEach(() => fake.reset());
+
+const API_KEY = 'sk-test-key-0123';
+const MESSAGES: ChatRequest['messages'] = [
+  { role: 'system', content: 'Be brief.' },
+  { role: 'user', content: 'Hello there' },
+];
+
+function adapter(options: Partial<OpenAICompatibleOptions> = {}): OpenAICompatibleAdapter {
+  return new OpenAICompatibleAdapter({ name: 'openai', apiKey: API_KEY, baseURL: fake.url, supportsFiles: true, maxRetries: 2, ...options });
+}
+
+/** A request bounded by a deadline `timeoutMs` from now, as the chat service builds it. */
+function chat(timeoutMs = 10_000, overrides: Partial<ChatRequest> = {}): ChatRequest {
+  return {
+    model: 'gpt-4o-mini',
+    messages: MESSAGES,
+    maxOutputTokens: 64,
+    signal: AbortSignal.timeout(timeoutMs),
+    deadline: Date.now() + timeoutMs,
+    ...overrides,
+  };
+}
+
+/** Every event of a stream, and what it threw at the end if it did. */
+async function drain(stream: AsyncIterable<StreamEvent>): Promise<{ events: StreamEvent[]; error?: unknown }> {
+  const events: StreamEvent[] = [];
+  try {
+    for await (const event of stream) events.push(event);
+    return { events };
+  } catch (error) {
+    return { events, error };
+  }
+}
+
+function deltas(events: StreamEvent[]): string[] {
+  return events.flatMap((event) => (event.type === 'delta' ? [event.content] : []));
+}
+
+/** What of an error can reach a client: its problem detail, extensions and headers. */
+function clientVisible(error: unknown): string {
+  const { message, extensions, headers } = error as ApiError;
+  return JSON.stringify({ message, extensions, headers });
+}
+
+async function rejection(promise: Promise<unknown>): Promise<unknown> {
+  return promise.then(
+    () => expect.fail('expected a rejection'),
+    (error: unknown) => error,
+  );
+}
+
+describe('complete', () => {
+  it('sends the model, messages and max_tokens with the key, and returns content, model and usage', async () => {
+    fake.enqueue({ model: 'gpt-4o-mini-2024-07-18' });
+    const completion = await adapter().complete(chat());
+    expect(completion).toEqual({
+      content: 'Echo: Hello there',
+      model: 'gpt-4o-mini-2024-07-18',
+      usage: { promptTokens: 4, completionTokens: 3, totalTokens: 7 },
+    });
+    expect(fake.requests).toHaveLength(1);
+    const [request] = fake.requests;
+    expect(request!.method).toBe('POST');
+    expect(request!.path).toBe('/v1/chat/completions');
+    expect(request!.headers.authorization).toBe(`Bearer ${API_KEY}`);
+    expect(request!.body).toEqual({
+      model: 'gpt-4o-mini',
+      messages: MESSAGES,
+      max_tokens: 64,
+    });
+  });
+
+  it('sends only role and content of each message', async () => {
+    const messages = [{ role: 'user' as const, content: 'Hi', id: 'row-id', createdAt: new Date() }];
+    await adapter().complete(chat(10_000, { messages }));
+    expect(fake.requests[0]!.body.messages).toEqual([{ role: 'user', content: 'Hi' }]);
+  });
+
+  it('gives null usage when the upstream reports none, and the requested model when it names none', async () => {
+    fake.enqueue({ usage: false, model: '' });
+    expect(await adapter().complete(chat())).toEqual({ content: 'Echo: Hello there', model: 'gpt-4o-mini', usage: null });
+  });
+
+  it.each<[string, UpstreamReply, typeof ProviderError | typeof ProviderRateLimited, number]>([
+    ['400', { status: 400 }, ProviderError, 1],
+    ['401 (a bad key)', { status: 401 }, ProviderError, 1],
+    ['404 (an unknown model)', { status: 404 }, ProviderError, 1],
+    ['malformed JSON', { fault: 'malformed-json' }, ProviderError, 1],
+    ['a 200 without choices', { fault: 'no-choices' }, ProviderError, 1],
+    ['a 200 with an error body', { fault: 'error-body' }, ProviderError, 1],
+    ['500 every time', { status: 500 }, ProviderError, 3],
+    ['503 every time', { status: 503 }, ProviderError, 3],
+    ['429 every time', { status: 429 }, ProviderRateLimited, 3],
+    ['a reset connection every time', { fault: 'reset' }, ProviderError, 3],
+  ])('maps %s to its provider error, retried only if transient, without upstream text', async (_, reply, errorClass, requests) => {
+    fake.setDefault(reply);
+    const error = await rejection(adapter().complete(chat()));
+    expect(error).toBeInstanceOf(errorClass);
+    expect(fake.requests).toHaveLength(requests);
+    expect(clientVisible(error)).not.toContain('LEAK');
+    expect(clientVisible(error)).not.toContain(UPSTREAM_ERROR_TEXT);
+  });
+
+  it('retries 5xx and 429 at most maxRetries times, then answers', async () => {
+    fake.enqueue({ status: 500 }, { status: 429, retryAfter: 0 }, { content: 'third time lucky' }, { content: 'never asked for' });
+    expect((await adapter({ maxRetries: 2 }).complete(chat())).content).toBe('third time lucky');
+    expect(fake.requests).toHaveLength(3);
+  });
+
+  it('makes exactly one attempt with maxRetries 0', async () => {
+    fake.enqueue({ status: 503 }, { content: 'never asked for' });
+    expect(await rejection(adapter({ maxRetries: 0 }).complete(chat()))).toBeInstanceOf(ProviderError);
+    expect(fake.requests).toHaveLength(1);
+  });
+
+  it('gives ProviderRateLimited 1 second when the last 429 named no Retry-After', async () => {
+    fake.setDefault({ status: 429 });
+    const error = (await rejection(adapter({ maxRetries: 0 }).complete(chat()))) as ProviderRateLimited;
+    expect(error.retryAfterSeconds).toBe(1);
+    expect(error.headers).toEqual({ 'retry-after': '1' });
+  });
+
+  it('waits the Retry-After seconds before retrying', async () => {
+    fake.enqueue({ status: 429, retryAfter: 1 }, {});
+    await adapter().complete(chat());
+    const [first, second] = fake.requests;
+    expect(second!.receivedAt - first!.receivedAt).toBeGreaterThanOrEqual(950);
+  });
+
+  it('waits the retry-after-ms milliseconds before retrying', async () => {
+    fake.enqueue({ status: 503, headers: { 'retry-after-ms': '300' } }, {});
+    await adapter().complete(chat());
+    const [first, second] = fake.requests;
+    expect(second!.receivedAt - first!.receivedAt).toBeGreaterThanOrEqual(280);
+  });
+
+  it('gives up at once, before the deadline, when a Retry-After wait would pass it', async () => {
+    fake.enqueue({ status: 429, retryAfter: 30 });
+    const request = chat(2_000);
+    const error = await rejection(adapter().complete(request));
+    expect(request.signal.aborted).toBe(false); // not a timeout: it did not wait for the deadline
+    expect(error).toBeInstanceOf(ProviderRateLimited);
+    expect((error as ProviderRateLimited).retryAfterSeconds).toBe(30);
+    expect(fake.requests).toHaveLength(1);
+  });
+
+  it('reads a Retry-After given as an HTTP date', async () => {
+    fake.enqueue({ status: 429, retryAfter: new Date(Date.now() + 30_000).toUTCString() });
+    const error = (await rejection(adapter().complete(chat(2_000)))) as ProviderRateLimited;
+    expect(error).toBeInstanceOf(ProviderRateLimited);
+    expect(error.retryAfterSeconds).toBeGreaterThanOrEqual(28);
+    expect(error.retryAfterSeconds).toBeLessThanOrEqual(31);
+  });
+
+  it('gives up at once with ProviderError when a 5xx Retry-After would pass the deadline', async () => {
+    fake.enqueue({ status: 503, retryAfter: 30 });
+    const request = chat(2_000);
+    expect(await rejection(adapter().complete(request))).toBeInstanceOf(ProviderError);
+    expect(request.signal.aborted).toBe(false);
+    expect(fake.requests).toHaveLength(1);
+  });
+
+  it('ends a hanging upstream with ProviderTimeout at the deadline and closes its connection', async () => {
+    fake.enqueue({ fault: 'hang' });
+    const request = chat(300);
+    expect(await rejection(adapter().complete(request))).toBeInstanceOf(ProviderTimeout);
+    expect(request.signal.aborted).toBe(true);
+    await fake.waitForClientClose();
+  });
+
+  it('bounds the backoff waits by the signal too, when no deadline is given', async () => {
+    fake.setDefault({ status: 500 });
+    const error = await rejection(adapter({ maxRetries: 10 }).complete(chat(400, { deadline: undefined })));
+    expect(error).toBeInstanceOf(ProviderTimeout);
+    expect(fake.requests.length).toBeLessThan(11);
+  });
+
+  it('rethrows the reason of an abort that is not the deadline, and closes the upstream connection', async () => {
+    fake.enqueue({ fault: 'hang' });
+    const client = new AbortController();
+    const deadline = AbortSignal.timeout(10_000);
+    const pending = adapter().complete(chat(10_000, { signal: AbortSignal.any([deadline, client.signal]) }));
+    await fake.waitForRequests(1);
+    const clientGone = new Error('client went away');
+    client.abort(clientGone);
+    expect(await rejection(pending)).toBe(clientGone);
+    expect(deadline.aborted).toBe(false);
+    await fake.waitForClientClose();
+  });
+
+  it('stops a Retry-After wait when the client leaves, without another attempt', async () => {
+    fake.enqueue({ status: 429, retryAfter: 5 }, {});
+    const client = new AbortController();
+    const pending = adapter().complete(chat(10_000, { signal: client.signal }));
+    await fake.waitForRequests(1);
+    client.abort();
+    const error = await rejection(pending);
+    expect(error).not.toBeInstanceOf(ApiError);
+    expect((error as Error).name).toBe('AbortError');
+    expect(fake.requests).toHaveLength(1);
+  });
+
+  it('maps a refused connection to ProviderError after the retries', async () => {
+    const closed = createServer();
+    await new Promise<void>((resolve) => closed.listen(0, '127.0.0.1', resolve));
+    const { port } = closed.address() as AddressInfo;
+    await new Promise((resolve) => closed.close(resolve));
+    const error = await rejection(adapter({ baseURL: `http://127.0.0.1:${port}/v1`, maxRetries: 1 }).complete(chat()));
+    expect(error).toBeInstanceOf(ProviderError);
+  });
+});
+
+describe('stream', () => {
+  it('yields each upstream chunk as its own delta, in order, then done with model and usage', async () => {
+    fake.enqueue({ content: 'one two three', model: 'gpt-4o-mini-2024-07-18' });
+    const { events, error } = await drain(adapter().stream(chat()));
+    expect(error).toBeUndefined();
+    expect(events).toEqual([
+      { type: 'delta', content: 'one ' },
+      { type: 'delta', content: 'two ' },
+      { type: 'delta', content: 'three' },
+      { type: 'done', model: 'gpt-4o-mini-2024-07-18', usage: { promptTokens: 4, completionTokens: 3, totalTokens: 7 } },
+    ]);
+    expect(fake.requests[0]!.body).toEqual({
+      model: 'gpt-4o-mini',
+      messages: MESSAGES,
+      max_tokens: 64,
+      stream: true,
+      stream_options: { include_usage: true },
+    });
+    expect(fake.requests[0]!.headers.authorization).toBe(`Bearer ${API_KEY}`);
+  });
+
+  it('passes a delta on before the upstream has sent the rest (no buffering)', async () => {
+    fake.enqueue({ content: 'a b c d e', chunkDelayMs: 100 });
+    const received: { content: string; chunksSent: number; answered: boolean }[] = [];
+    for await (const event of adapter().stream(chat())) {
+      const { chunksSent, answered } = fake.requests[0]!;
+      if (event.type === 'delta') received.push({ content: event.content, chunksSent, answered });
+    }
+    expect(received.map((delta) => delta.content).join('')).toBe('a b c d e');
+    expect(received[0]).toMatchObject({ content: 'a ', answered: false });
+    expect(received[0]!.chunksSent).toBeLessThan(5);
+    expect(fake.requests[0]!.answered).toBe(true);
+  });
+
+  it('gives null usage when the server ignores stream_options', async () => {
+    fake.enqueue({ usage: false });
+    const { events } = await drain(adapter().stream(chat()));
+    expect(events.at(-1)).toEqual({ type: 'done', model: 'gpt-4o-mini', usage: null });
+  });
+
+  it('retries before the first delta, then streams', async () => {
+    fake.enqueue({ status: 503 }, { status: 429, retryAfter: 0 }, { content: 'made it' });
+    const { events, error } = await drain(adapter().stream(chat()));
+    expect(error).toBeUndefined();
+    expect(deltas(events).join('')).toBe('made it');
+    expect(fake.requests).toHaveLength(3);
+  });
+
+  it.each<[string, UpstreamReply, string[]]>([
+    ['a reset connection', { content: 'one two three four', fault: 'reset', afterChunks: 2 }, ['one ', 'two ']],
+    ['a malformed chunk', { content: 'one two three', fault: 'malformed-json', afterChunks: 1 }, ['one ']],
+    ['an error event', { content: 'one two three', fault: 'error-body', afterChunks: 2 }, ['one ', 'two ']],
+    ['an end without finish_reason', { content: 'one two three', fault: 'end-early', afterChunks: 2 }, ['one ', 'two ']],
+    ['chunks without choices', { fault: 'no-choices' }, []],
+  ])('yields the deltas before %s, then throws ProviderError without retrying', async (_, reply, before) => {
+    fake.enqueue(reply, { content: 'never asked for' });
+    const { events, error } = await drain(adapter().stream(chat()));
+    expect(deltas(events)).toEqual(before);
+    expect(events.some((event) => event.type === 'done')).toBe(false);
+    expect(error).toBeInstanceOf(ProviderError);
+    expect(clientVisible(error)).not.toContain('LEAK');
+    expect(fake.requests).toHaveLength(1);
+  });
+
+  it('rethrows a client abort mid-stream after the deltas so far, and closes the upstream connection', async () => {
+    fake.enqueue({ content: 'one two three', fault: 'stall', afterChunks: 2 });
+    const client = new AbortController();
+    const seen: string[] = [];
+    const clientGone = new Error('client went away');
+    const error = await rejection(
+      (async () => {
+        for await (const event of adapter().stream(chat(10_000, { signal: client.signal }))) {
+          if (event.type === 'delta') seen.push(event.content);
+          if (seen.length === 2) client.abort(clientGone);
+        }
+      })(),
+    );
+    expect(error).toBe(clientGone);
+    expect(seen).toEqual(['one ', 'two ']);
+    await fake.waitForClientClose();
+  });
+
+  it('ends a stalled stream with ProviderTimeout at the deadline, after the deltas so far', async () => {
+    fake.enqueue({ content: 'one two three', fault: 'stall', afterChunks: 1 });
+    const { events, error } = await drain(adapter().stream(chat(500)));
+    expect(deltas(events)).toEqual(['one ']);
+    expect(error).toBeInstanceOf(ProviderTimeout);
+    await fake.waitForClientClose();
+  });
+
+  it('closes the upstream connection when the consumer stops reading', async () => {
+    fake.enqueue({ content: 'one two three four', chunkDelayMs: 200 });
+    for await (const event of adapter().stream(chat())) {
+      if (event.type === 'delta') break;
+    }
+    await fake.waitForClientClose();
+    expect(fake.requests[0]!.chunksSent).toBeLessThan(4);
+  });
+});
+
+describe('files', () => {
+  const directory = mkdtempSync(join(tmpdir(), 'provider-files-'));
+  const path = join(directory, 'stored-under-an-id');
+  writeFileSync(path, 'name,score\nada,10\n');
+  const file = { filename: 'scores.csv', mimeType: 'text/csv', path };
+
+  it('uploads a file from disk with purpose user_data, then deletes it', async () => {
+    const files = adapter();
+    const { providerFileId } = await files.uploadFile(file, AbortSignal.timeout(10_000));
+    const stored = fake.files.get(providerFileId);
+    expect(stored).toMatchObject({ filename: 'scores.csv', purpose: 'user_data' });
+    expect(stored!.mimeType).toMatch(/^text\/csv/);
+    expect(stored!.bytes.toString()).toBe('name,score\nada,10\n');
+    expect(fake.requests[0]!.headers.authorization).toBe(`Bearer ${API_KEY}`);
+
+    await files.deleteFile(providerFileId, AbortSignal.timeout(10_000));
+    expect(fake.files.size).toBe(0);
+    expect(fake.requests[1]).toMatchObject({ method: 'DELETE', path: `/v1/files/${providerFileId}` });
+  });
+
+  it('takes a file already gone upstream as deleted', async () => {
+    await expect(adapter().deleteFile('file-unknown', AbortSignal.timeout(10_000))).resolves.toBeUndefined();
+  });
+
+  it('retries a failing upload, then maps it to ProviderError without upstream text', async () => {
+    fake.setDefault({ status: 500 });
+    const error = await rejection(adapter({ maxRetries: 1 }).uploadFile(file, AbortSignal.timeout(10_000)));
+    expect(error).toBeInstanceOf(ProviderError);
+    expect(clientVisible(error)).not.toContain('LEAK');
+    expect(fake.requests).toHaveLength(2);
+    expect(fake.files.size).toBe(0);
+  });
+});

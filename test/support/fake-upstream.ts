@@ -1,0 +1,395 @@
+import { createServer, type IncomingHttpHeaders, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+/**
+ * A real OpenAI-compatible server on 127.0.0.1 for tests: chat completions (JSON and SSE) and the Files
+ * API, scripted per request. Each request takes the next enqueued reply, else the default one (an echo).
+ *
+ *   const fake = await FakeUpstream.start();            // AI_BASE_URL: fake.url
+ *   fake.enqueue({ status: 429, retryAfter: 1 }, { status: 500 }, { content: 'ok' });
+ *   fake.enqueue({ chunks: 5, chunkDelayMs: 200 });     // a slow drip
+ *   fake.enqueue({ fault: 'hang' });                    // until the client goes away
+ *   await fake.waitForClientClose();                    // ...which it then did
+ *   fake.requests[0].body                               // what the upstream received
+ */
+
+/** Text every upstream error carries, so tests can check that it never reaches a client. */
+export const UPSTREAM_ERROR_TEXT = 'upstream detail: key sk-upstream-LEAK-0000 of org-LEAK is over quota';
+
+export type UpstreamFault =
+  /** Accept the request and never answer, until the client goes away (any endpoint). */
+  | 'hang'
+  /** Destroy the socket: before any byte, or when streaming after `afterChunks` content chunks. */
+  | 'reset'
+  /** JSON: a 200 application/json body cut off mid-way. Streaming: a `data:` line that is not JSON. */
+  | 'malformed-json'
+  /** JSON: a 200 completion without `choices`. Streaming: chunks with empty `choices`, never a finish_reason. */
+  | 'no-choices'
+  /** JSON: a 200 `{error}` body. Streaming: an `{error}` event after `afterChunks` content chunks. */
+  | 'error-body'
+  /** Streaming: stop after `afterChunks` content chunks, leaving the connection open. */
+  | 'stall'
+  /** Streaming: end the response cleanly after `afterChunks` content chunks, without finish_reason or [DONE]. */
+  | 'end-early';
+
+/** What the fake does with one request. Every field is optional: `{}` is the default echo. */
+export interface UpstreamReply {
+  /** A status of 400 or more answers an OpenAI-style error body carrying UPSTREAM_ERROR_TEXT. */
+  status?: number;
+  /** The Retry-After header: seconds, or a string as given (an HTTP date). */
+  retryAfter?: number | string;
+  /** More response headers, on any answer (e.g. `retry-after-ms`). */
+  headers?: Record<string, string>;
+  /** The reply text; by default `Echo: ` and the last user message. */
+  content?: string;
+  /** The model the reply names; by default the requested one. */
+  model?: string;
+  /** The usage reported; false sends none, even when the client asked for it. By default words counted. */
+  usage?: false | { prompt_tokens: number; completion_tokens: number; total_tokens: number };
+  /** A wait before anything is answered. */
+  delayMs?: number;
+  /** Streaming: the content split into this many chunks; by default one per word. */
+  chunks?: number;
+  /** Streaming: a pause before every content chunk but the first. */
+  chunkDelayMs?: number;
+  fault?: UpstreamFault;
+  /** Streaming faults strike after this many content chunks (default 1). */
+  afterChunks?: number;
+}
+
+export interface UpstreamRequest {
+  method: string;
+  path: string;
+  headers: IncomingHttpHeaders;
+  /** Parsed JSON; for a file upload its form fields: `{ purpose, filename, mimeType, size }`. */
+  body: Record<string, unknown>;
+  /** Date.now() when the request had fully arrived. */
+  receivedAt: number;
+  /** Content chunks written so far (streaming). */
+  chunksSent: number;
+  /** The fake finished its answer. */
+  answered: boolean;
+  /** The client closed the connection before the answer was finished. */
+  clientClosed: boolean;
+}
+
+export interface StoredFile {
+  filename: string;
+  mimeType: string;
+  purpose: string;
+  bytes: Buffer;
+}
+
+interface Exchange {
+  record: UpstreamRequest;
+  reply: UpstreamReply;
+  res: ServerResponse;
+  /** The file of an upload. */
+  upload?: File;
+  /** Aborted when the connection closes, so that no timer of the fake outlives it. */
+  gone: AbortSignal;
+  /** Destroys the socket, which the client sees as a reset (and the record not as a client close). */
+  resetSocket(): void;
+}
+
+const WAIT_POLL_MS = 5;
+
+export class FakeUpstream {
+  readonly requests: UpstreamRequest[] = [];
+  /** Files uploaded and not deleted, by id. */
+  readonly files = new Map<string, StoredFile>();
+  private queue: UpstreamReply[] = [];
+  private fallback: UpstreamReply = {};
+  private nextId = 1;
+
+  private constructor(
+    private readonly server: Server,
+    /** Base URL including `/v1`, as AI_BASE_URL or an SDK's baseURL. */
+    readonly url: string,
+  ) {}
+
+  static async start(): Promise<FakeUpstream> {
+    const server = createServer();
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const { port } = server.address() as AddressInfo;
+    const fake = new FakeUpstream(server, `http://127.0.0.1:${port}/v1`);
+    server.on('request', (req, res) => void fake.handle(req, res));
+    return fake;
+  }
+
+  /** Replies for the next requests, in order, whatever their endpoint; then the default again. */
+  enqueue(...replies: UpstreamReply[]): void {
+    this.queue.push(...replies);
+  }
+
+  /** The reply for every request once the queue is empty (e.g. `{ status: 500 }` for "always down"). */
+  setDefault(reply: UpstreamReply): void {
+    this.fallback = reply;
+  }
+
+  /** Forgets requests, queue, default and files; for a beforeEach. */
+  reset(): void {
+    this.requests.length = 0;
+    this.queue = [];
+    this.fallback = {};
+    this.files.clear();
+  }
+
+  /** Resolves with the `count`-th request (1-based) once it has arrived. */
+  async waitForRequests(count: number, timeoutMs = 5_000): Promise<UpstreamRequest> {
+    await this.waitUntil(() => this.requests.length >= count, `${count} request(s)`, timeoutMs);
+    return this.requests[count - 1]!;
+  }
+
+  /** Resolves once the client has closed the connection of `request` (by default the last) before its answer ended. */
+  async waitForClientClose(request?: UpstreamRequest, timeoutMs = 5_000): Promise<void> {
+    if (!request) await this.waitForRequests(1, timeoutMs);
+    const target = request ?? this.requests.at(-1)!;
+    await this.waitUntil(() => target.clientClosed, `the client to close ${target.method} ${target.path}`, timeoutMs);
+  }
+
+  async close(): Promise<void> {
+    this.server.closeAllConnections(); // hanging answers and idle keep-alive sockets
+    await new Promise<void>((resolve, reject) => this.server.close((error) => (error ? reject(error) : resolve())));
+  }
+
+  private async waitUntil(done: () => boolean, what: string, timeoutMs: number): Promise<void> {
+    const giveUpAt = Date.now() + timeoutMs;
+    while (!done()) {
+      if (Date.now() >= giveUpAt) throw new Error(`fake upstream: no ${what} within ${timeoutMs} ms`);
+      await sleep(WAIT_POLL_MS);
+    }
+  }
+
+  private async handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const closed = new AbortController();
+    let resetByFake = false;
+    const record: UpstreamRequest = {
+      method: req.method ?? 'GET',
+      path: new URL(req.url ?? '/', 'http://fake').pathname,
+      headers: req.headers,
+      body: {},
+      receivedAt: 0,
+      chunksSent: 0,
+      answered: false,
+      clientClosed: false,
+    };
+    res.on('finish', () => (record.answered = true));
+    res.on('close', () => {
+      if (!record.answered && !resetByFake) record.clientClosed = true;
+      closed.abort();
+    });
+    const reply = this.queue.shift() ?? this.fallback;
+    const exchange: Exchange = {
+      record,
+      reply,
+      res,
+      gone: closed.signal,
+      resetSocket() {
+        resetByFake = true;
+        req.socket.destroy();
+      },
+    };
+    try {
+      const { body, upload } = await parseBody(req, await readBody(req));
+      record.body = body;
+      record.receivedAt = Date.now();
+      exchange.upload = upload;
+      this.requests.push(record);
+      if (reply.delayMs) await sleep(reply.delayMs, undefined, { signal: closed.signal });
+      await this.answer(exchange);
+    } catch (error) {
+      // The client went away during a wait: nothing left to answer.
+      if (closed.signal.aborted) return;
+      throw error;
+    }
+  }
+
+  private async answer(exchange: Exchange): Promise<void> {
+    const { record, reply, res } = exchange;
+    if (reply.fault === 'hang') return;
+    if (reply.fault === 'reset' && !isStreaming(record)) return exchange.resetSocket();
+    for (const [name, value] of Object.entries(reply.headers ?? {})) res.setHeader(name, value);
+    if (reply.retryAfter !== undefined) res.setHeader('retry-after', String(reply.retryAfter));
+    if (reply.status && reply.status >= 400) return sendError(res, reply.status);
+
+    const fileId = /^\/v1\/files\/([^/]+)$/.exec(record.path)?.[1];
+    if (record.method === 'POST' && record.path === '/v1/chat/completions') {
+      return isStreaming(record) ? this.streamCompletion(exchange) : this.sendCompletion(exchange);
+    }
+    if (record.method === 'POST' && record.path === '/v1/files') return this.storeFile(exchange);
+    if (record.method === 'DELETE' && fileId) return this.deleteFile(exchange, fileId);
+    sendJson(res, 404, { error: { message: `Unknown route ${record.method} ${record.path}`, type: 'invalid_request_error' } });
+  }
+
+  private sendCompletion({ record, reply, res }: Exchange): void {
+    const model = reply.model ?? String(record.body.model);
+    if (reply.fault === 'malformed-json') return sendRaw(res, 200, 'application/json', '{"id":"chatcmpl-broken","choices":[{"mess');
+    if (reply.fault === 'error-body') return sendJson(res, 200, { error: { message: UPSTREAM_ERROR_TEXT, type: 'server_error' } });
+    const completion = { id: this.newId('chatcmpl'), object: 'chat.completion', created: nowSeconds(), model };
+    if (reply.fault === 'no-choices') return sendJson(res, 200, completion);
+    const content = replyContent(record, reply);
+    sendJson(res, 200, {
+      ...completion,
+      choices: [{ index: 0, message: { role: 'assistant', content }, finish_reason: 'stop' }],
+      ...(reply.usage === false ? {} : { usage: replyUsage(record, reply, content) }),
+    });
+  }
+
+  private async streamCompletion({ record, reply, res, gone, resetSocket }: Exchange): Promise<void> {
+    const content = replyContent(record, reply);
+    const withUsage = (record.body.stream_options as { include_usage?: boolean } | undefined)?.include_usage === true;
+    const base = { id: this.newId('chatcmpl'), object: 'chat.completion.chunk', created: nowSeconds(), model: reply.model ?? String(record.body.model) };
+    // As OpenAI does: with include_usage every chunk carries `usage: null` but the last.
+    const chunk = (choice: Record<string, unknown> | undefined) => ({
+      ...base,
+      choices: choice && reply.fault !== 'no-choices' ? [{ index: 0, finish_reason: null, ...choice }] : [],
+      ...(withUsage ? { usage: null } : {}),
+    });
+    // Resolves once the chunk is handed to the socket: a reset that follows cannot swallow it.
+    const send = (data: unknown) => new Promise<void>((resolve) => res.write(`data: ${JSON.stringify(data)}\n\n`, () => resolve()));
+
+    res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' });
+    await send(chunk({ delta: { role: 'assistant', content: '' } }));
+    const pieces = splitContent(content, reply.chunks);
+    const faultAt = reply.afterChunks ?? 1;
+    for (let i = 0; i <= pieces.length; i++) {
+      if (i === faultAt && streamFault(reply.fault, res, resetSocket)) return;
+      if (i === pieces.length) break;
+      if (i > 0 && reply.chunkDelayMs) await sleep(reply.chunkDelayMs, undefined, { signal: gone });
+      if (gone.aborted) return;
+      await send(chunk({ delta: { content: pieces[i] } }));
+      record.chunksSent++;
+    }
+    await send(chunk({ delta: {}, finish_reason: 'stop' }));
+    if (withUsage && reply.usage !== false) await send({ ...base, choices: [], usage: replyUsage(record, reply, content) });
+    res.end('data: [DONE]\n\n');
+  }
+
+  private async storeFile({ record, res, upload }: Exchange): Promise<void> {
+    const purpose = String(record.body.purpose);
+    if (!upload) {
+      return sendJson(res, 400, { error: { message: 'Missing file', type: 'invalid_request_error' } });
+    }
+    const id = this.newId('file');
+    const bytes = Buffer.from(await upload.arrayBuffer());
+    this.files.set(id, { filename: upload.name, mimeType: upload.type, purpose, bytes });
+    sendJson(res, 200, {
+      id,
+      object: 'file',
+      bytes: bytes.length,
+      created_at: nowSeconds(),
+      filename: upload.name,
+      purpose,
+      status: 'processed',
+    });
+  }
+
+  private deleteFile({ res }: Exchange, id: string): void {
+    if (!this.files.delete(id)) {
+      return sendJson(res, 404, { error: { message: `No such File object: ${id}`, type: 'invalid_request_error' } });
+    }
+    sendJson(res, 200, { id, object: 'file', deleted: true });
+  }
+
+  private newId(prefix: string): string {
+    return `${prefix}-fake${this.nextId++}`;
+  }
+}
+
+async function readBody(req: IncomingMessage): Promise<Buffer> {
+  const parts: Buffer[] = [];
+  for await (const part of req) parts.push(part as Buffer);
+  return Buffer.concat(parts);
+}
+
+/** JSON as parsed; a multipart upload as its printable fields, beside the file itself. */
+async function parseBody(req: IncomingMessage, raw: Buffer): Promise<{ body: Record<string, unknown>; upload?: File }> {
+  const type = req.headers['content-type'] ?? '';
+  if (type.startsWith('multipart/form-data')) {
+    const form = await new Response(new Uint8Array(raw), { headers: { 'content-type': type } }).formData();
+    const file = form.get('file');
+    const purpose = form.get('purpose');
+    if (!(file instanceof File)) return { body: { purpose } };
+    return { body: { purpose, filename: file.name, mimeType: file.type, size: file.size }, upload: file };
+  }
+  if (raw.length === 0) return { body: {} };
+  try {
+    return { body: JSON.parse(raw.toString('utf8')) as Record<string, unknown> };
+  } catch {
+    return { body: { unparsed: raw.toString('utf8') } };
+  }
+}
+
+function isStreaming(record: UpstreamRequest): boolean {
+  return record.body.stream === true;
+}
+
+function replyContent(record: UpstreamRequest, reply: UpstreamReply): string {
+  if (reply.content !== undefined) return reply.content;
+  const messages = (record.body.messages ?? []) as { role: string; content: string }[];
+  const lastUser = messages.filter((message) => message.role === 'user').at(-1);
+  return `Echo: ${lastUser?.content ?? ''}`;
+}
+
+function replyUsage(record: UpstreamRequest, reply: UpstreamReply, content: string) {
+  if (reply.usage) return reply.usage;
+  const messages = (record.body.messages ?? []) as { content: string }[];
+  const prompt = messages.reduce((sum, message) => sum + countWords(message.content), 0);
+  const completion = countWords(content);
+  return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion };
+}
+
+function countWords(text: string): number {
+  return text.split(/\s+/).filter(Boolean).length;
+}
+
+/** `count` near-equal pieces (by code point), or one per word with its trailing space. */
+function splitContent(content: string, count: number | undefined): string[] {
+  if (count === undefined) return content.match(/\S+\s*|\s+/g) ?? [];
+  const codePoints = [...content];
+  const size = Math.ceil(codePoints.length / count);
+  const pieces: string[] = [];
+  for (let i = 0; i < codePoints.length; i += size) pieces.push(codePoints.slice(i, i + size).join(''));
+  return pieces;
+}
+
+/** Carries out a streaming fault at its chunk; true when the stream is over (or left hanging). */
+function streamFault(fault: UpstreamFault | undefined, res: ServerResponse, resetSocket: () => void): boolean {
+  switch (fault) {
+    case 'reset':
+      resetSocket();
+      return true;
+    case 'malformed-json':
+      res.end('data: {"id":"chatcmpl-broken","choices":[{"delta":\n\n');
+      return true;
+    case 'error-body':
+      res.end(`data: ${JSON.stringify({ error: { message: UPSTREAM_ERROR_TEXT, type: 'server_error' } })}\n\n`);
+      return true;
+    case 'end-early':
+      res.end();
+      return true;
+    case 'stall':
+      return true;
+    default:
+      return false;
+  }
+}
+
+function sendError(res: ServerResponse, status: number): void {
+  const type = status === 429 ? 'rate_limit_exceeded' : status >= 500 ? 'server_error' : 'invalid_request_error';
+  sendJson(res, status, { error: { message: UPSTREAM_ERROR_TEXT, type, code: null } });
+}
+
+function sendJson(res: ServerResponse, status: number, body: unknown): void {
+  sendRaw(res, status, 'application/json', JSON.stringify(body));
+}
+
+function sendRaw(res: ServerResponse, status: number, contentType: string, body: string): void {
+  res.writeHead(status, { 'content-type': contentType }).end(body);
+}
+
+function nowSeconds(): number {
+  return Math.floor(Date.now() / 1000);
+}
