@@ -1,16 +1,24 @@
 import { randomUUID } from 'node:crypto';
+import { join } from 'node:path';
 import Fastify, { type FastifyInstance } from 'fastify';
 import { serializerCompiler, validatorCompiler } from 'fastify-type-provider-zod';
 import type { Config } from './config.js';
 import { type Database, openDatabase } from './db/database.js';
 import { createTokens, registerAuthentication } from './http/auth.js';
-import { registerErrorHandling } from './http/errors.js';
+import { registerErrorHandling, ShuttingDown } from './http/errors.js';
+import { registerHardening } from './http/hardening.js';
+import { registerMetrics } from './http/metrics.js';
+import { registerOpenApi } from './http/openapi.js';
+import { registerRateLimits } from './http/rate-limit.js';
 import { authRoutes } from './modules/auth/routes.js';
 import { IdempotencyStore } from './modules/chat/idempotency.js';
 import { chatRoutes } from './modules/chat/routes.js';
 import type { ChatResult } from './modules/chat/schemas.js';
 import { ChatService } from './modules/chat/service.js';
 import { AuthService } from './modules/auth/service.js';
+import { fileRoutes } from './modules/files/routes.js';
+import { FilesService } from './modules/files/service.js';
+import { LocalDiskStorage } from './modules/files/storage.js';
 import { healthRoutes } from './modules/health/routes.js';
 import { messageRoutes } from './modules/messages/routes.js';
 import { MessagesService } from './modules/messages/service.js';
@@ -18,6 +26,7 @@ import { projectRoutes } from './modules/projects/routes.js';
 import { ProjectsService } from './modules/projects/service.js';
 import { promptRoutes } from './modules/prompts/routes.js';
 import { PromptsService } from './modules/prompts/service.js';
+import { meterProviders } from './providers/metered.js';
 import { createProviders } from './providers/registry.js';
 
 export interface AppDependencies {
@@ -45,6 +54,10 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
       return typeof incoming === 'string' && REQUEST_ID.test(incoming) ? incoming : randomUUID();
     },
     bodyLimit: 1024 * 1024,
+    // Behind a load balancer, the client's address (rate limits, logs) comes from X-Forwarded-For.
+    trustProxy: config.TRUST_PROXY,
+    // Fastify's own 503 for a request that arrives while the app closes is not problem+json: see below.
+    return503OnClosing: false,
   });
   app.setValidatorCompiler(validatorCompiler);
   app.setSerializerCompiler(serializerCompiler);
@@ -57,21 +70,38 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   app.addHook('onRequest', async (request, reply) => {
     reply.header('x-request-id', request.id);
   });
+  // A request that still arrives on an open connection while the app closes is refused before any work
+  // (Fastify closes its connection after the answer).
+  let closing = false;
+  app.addHook('preClose', async () => {
+    closing = true;
+  });
+  app.addHook('onRequest', async () => {
+    if (closing) throw new ShuttingDown();
+  });
   registerErrorHandling(app);
+  await registerHardening(app, config);
+  await registerOpenApi(app);
+  const metrics = registerMetrics(app, database);
+  const rateLimits = await registerRateLimits(app, config);
 
   const tokens = createTokens(config.JWT_SECRET, config.JWT_EXPIRES_IN);
-  registerAuthentication(app, database.db, tokens);
+  registerAuthentication(app, database.db, tokens, rateLimits);
 
   await app.register(healthRoutes, { database });
-  await app.register(authRoutes, { prefix: '/api/v1/auth', auth: new AuthService(database.db, tokens, config.BCRYPT_ROUNDS) });
-  await app.register(projectRoutes, { prefix: '/api/v1/projects', projects: new ProjectsService(database.db) });
+  const providers = meterProviders(createProviders(config), metrics.recordProviderCall);
+  const files = new FilesService(database.db, new LocalDiskStorage(join(config.DATA_DIR, 'files')), providers, config);
+  await app.register(authRoutes, { prefix: '/api/v1/auth', auth: new AuthService(database.db, tokens, config.BCRYPT_ROUNDS, files) });
+  await app.register(projectRoutes, { prefix: '/api/v1/projects', projects: new ProjectsService(database.db, files) });
   await app.register(promptRoutes, { prefix: '/api/v1/projects/:projectId/prompts', prompts: new PromptsService(database.db) });
   await app.register(messageRoutes, { prefix: '/api/v1/projects/:projectId/messages', messages: new MessagesService(database.db) });
+  await app.register(fileRoutes, { prefix: '/api/v1/projects/:projectId/files', files, maxBytes: config.FILE_MAX_BYTES });
   await app.register(chatRoutes, {
     prefix: '/api/v1/projects/:projectId',
-    chat: new ChatService(database.db, createProviders(config), config),
+    chat: new ChatService(database.db, providers, files, config),
     // A key still marked running after the longest possible chat belongs to an instance that died.
     idempotency: new IdempotencyStore<ChatResult>(database.db, 2 * config.AI_TIMEOUT_MS),
+    shutdownTimeoutMs: config.SHUTDOWN_TIMEOUT_MS,
   });
 
   return app;

@@ -18,6 +18,44 @@ const optionalText = z
   .trim()
   .transform((v) => (v === '' ? undefined : v))
   .optional();
+const commaList = (value: string) =>
+  value
+    .split(',')
+    .map((item) => item.trim())
+    .filter(Boolean);
+
+/** `*`, or origins exactly as browsers send them: scheme, host and port, no path. */
+const corsOrigins = optionalText.pipe(
+  z
+    .string()
+    .transform(commaList)
+    .pipe(
+      z.array(
+        z.string().refine((origin) => origin === '*' || isOrigin(origin), 'must list origins such as https://app.example.com, or *'),
+      ),
+    )
+    .optional(),
+);
+
+function isOrigin(value: string): boolean {
+  try {
+    const url = new URL(value);
+    return (url.protocol === 'http:' || url.protocol === 'https:') && url.origin === value;
+  } catch {
+    return false;
+  }
+}
+
+/** Fastify's trustProxy: `true`, the number of proxies in front, or their addresses and CIDR ranges. */
+const trustProxy = optionalText.transform((value): boolean | string[] | ((address: string, hop: number) => boolean) => {
+  if (value === undefined || value === 'false') return false;
+  if (value === 'true') return true;
+  if (/^\d+$/.test(value)) {
+    const hops = Number(value);
+    return (_address, hop) => hop < hops;
+  }
+  return commaList(value);
+});
 
 const envSchema = z.object({
   NODE_ENV: z.enum(['development', 'production', 'test']).default('development'),
@@ -44,6 +82,7 @@ const envSchema = z.object({
   OPENAI_API_KEY: optionalText,
   OPENROUTER_API_KEY: optionalText,
   AI_BASE_URL: optionalText.pipe(z.url('must be an http(s) URL').optional()),
+  OPENAI_BASE_URL: optionalText.pipe(z.url('must be an http(s) URL').optional()),
   AI_MODEL: optionalText,
   AI_TIMEOUT_MS: int(100, 3_600_000).default(60_000),
   AI_MAX_RETRIES: int(0, 10).default(2),
@@ -52,11 +91,15 @@ const envSchema = z.object({
   FILE_MAX_BYTES: int(1, 1024 ** 3).default(20 * 1024 * 1024),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   REDIS_URL: optionalText.pipe(z.string().regex(/^rediss?:\/\//, 'must be a redis:// URL').optional()),
+  REDIS_KEY_PREFIX: z.string().min(1).default('chatbot:'),
   RATE_LIMIT_LOGIN: int(1, 1_000_000).default(10),
   RATE_LIMIT_REGISTER: int(1, 1_000_000).default(20),
   RATE_LIMIT_CHAT: int(1, 1_000_000).default(60),
   RATE_LIMIT_API: int(1, 10_000_000).default(1200),
   SHUTDOWN_TIMEOUT_MS: int(0, 600_000).default(10_000),
+  CORS_ORIGINS: corsOrigins,
+  TRUST_PROXY: trustProxy,
+  MAX_EVENT_LOOP_DELAY_MS: int(0, 60_000).default(1000),
 });
 
 type Env = z.infer<typeof envSchema>;

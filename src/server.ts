@@ -3,6 +3,9 @@ import { buildApp } from './app.js';
 import { type Config, ConfigError, loadConfig } from './config.js';
 import { DatabaseLockedError } from './db/database.js';
 
+/** While shutting down, how often connections that have become idle are closed. */
+const IDLE_CONNECTION_REAP_MS = 100;
+
 async function main(): Promise<void> {
   let config: Config;
   let app: FastifyInstance;
@@ -29,6 +32,9 @@ async function main(): Promise<void> {
       app.server.closeAllConnections();
     }, config.SHUTDOWN_TIMEOUT_MS);
     force.unref();
+    // Node closes idle keep-alive connections once, when the server stops listening. One whose response
+    // ends later would idle until its keep-alive timeout and hold every shutdown to the bound.
+    setInterval(() => app.server.closeIdleConnections(), IDLE_CONNECTION_REAP_MS).unref();
     try {
       await app.close(); // stops listening, waits for in-flight requests, runs onClose (closes the database)
       process.exit(0);

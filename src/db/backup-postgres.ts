@@ -39,16 +39,20 @@ async function runClientTool(name: string, url: string, args: string[]): Promise
   }
 }
 
-/** PATH first; else the newest under /usr/lib/postgresql, where Debian keeps them when PATH has none. */
 function findClientTool(name: string): string {
-  const folders = [...(process.env.PATH ?? '').split(delimiter).filter(Boolean), ...debianPostgresqlBins()];
-  const found = folders.map((folder) => join(folder, name)).find(isExecutable);
+  const found = findPostgresTool(name);
   if (!found) {
     throw new BackupError(
       `${name} not found on PATH nor under /usr/lib/postgresql/*/bin: install the PostgreSQL client tools (at least the server's version)`,
     );
   }
   return found;
+}
+
+/** A PostgreSQL program: PATH first; else the newest under /usr/lib/postgresql, where Debian keeps them. */
+export function findPostgresTool(name: string): string | undefined {
+  const folders = [...(process.env.PATH ?? '').split(delimiter).filter(Boolean), ...debianPostgresqlBins()];
+  return folders.map((folder) => join(folder, name)).find(isExecutable);
 }
 
 function debianPostgresqlBins(): string[] {

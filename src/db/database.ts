@@ -20,6 +20,15 @@ export interface Database {
   ping(timeoutMs?: number): Promise<void>;
   migrate(): Promise<void>;
   close(): Promise<void>;
+  /** Connections of the PostgreSQL pool, for metrics; embedded PGlite has no pool. */
+  readonly poolStats?: () => PoolStats;
+}
+
+export interface PoolStats {
+  total: number;
+  idle: number;
+  /** Queries waiting for a connection. */
+  waiting: number;
 }
 
 export const migrationsFolder = join(import.meta.dirname, 'migrations');
@@ -67,6 +76,7 @@ export function openPostgres(url: string, options: PostgresOptions = {}): Databa
       }
     },
     close: () => pool.end(),
+    poolStats: () => ({ total: pool.totalCount, idle: pool.idleCount, waiting: pool.waitingCount }),
   };
 }
 

@@ -5,6 +5,7 @@ import type { Db } from '../db/database.js';
 import { users } from '../db/schema.js';
 import { Unauthorized } from './errors.js';
 import { isUuid } from './ids.js';
+import type { RateLimits } from './rate-limit.js';
 
 export interface AuthUser {
   id: string;
@@ -73,18 +74,30 @@ function bearerToken(request: FastifyRequest): string {
 
 /**
  * Every route needs a valid token unless its config says `public: true`. The token is checked against
- * the user's row (one primary-key lookup) so that deleted users and revoked tokens are refused.
+ * the user's row (one primary-key lookup) so that deleted users and revoked tokens are refused. Every
+ * authenticated request counts against its user's rate limit; one that fails authentication counts
+ * against its address, so that guessing tokens is limited like using them.
  */
-export function registerAuthentication(app: FastifyInstance, db: Db, tokens: Tokens): void {
+export function registerAuthentication(app: FastifyInstance, db: Db, tokens: Tokens, limits: RateLimits): void {
   app.decorateRequest('user', null as unknown as AuthUser);
   app.addHook('onRequest', async (request) => {
     if (request.is404 || request.routeOptions.config.public) return;
-    const claims = tokens.verify(bearerToken(request));
-    const [row] = await db
-      .select({ tokenVersion: users.tokenVersion, email: users.email })
-      .from(users)
-      .where(eq(users.id, claims.sub));
-    if (!row || row.tokenVersion !== claims.ver) throw new Unauthorized('Invalid or expired token');
-    request.user = { id: claims.sub, email: row.email };
+    try {
+      request.user = await authenticate(request, db, tokens);
+    } catch (error) {
+      if (error instanceof Unauthorized) await limits.countAnonymous(request);
+      throw error;
+    }
+    await limits.countUser(request);
   });
+}
+
+async function authenticate(request: FastifyRequest, db: Db, tokens: Tokens): Promise<AuthUser> {
+  const claims = tokens.verify(bearerToken(request));
+  const [row] = await db
+    .select({ tokenVersion: users.tokenVersion, email: users.email })
+    .from(users)
+    .where(eq(users.id, claims.sub));
+  if (!row || row.tokenVersion !== claims.ver) throw new Unauthorized('Invalid or expired token');
+  return { id: claims.sub, email: row.email };
 }

@@ -1,24 +1,28 @@
 import { STATUS_CODES } from 'node:http';
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 
-export type ProblemCode =
-  | 'VALIDATION_ERROR'
-  | 'UNAUTHORIZED'
-  | 'FORBIDDEN'
-  | 'NOT_FOUND'
-  | 'CONFLICT'
-  | 'IDEMPOTENCY_CONFLICT'
-  | 'PAYLOAD_TOO_LARGE'
-  | 'IDEMPOTENCY_MISMATCH'
-  | 'UNSUPPORTED_MEDIA_TYPE'
-  | 'CONTEXT_TOO_LONG'
-  | 'RATE_LIMITED'
-  | 'INTERNAL'
-  | 'PROVIDER_ERROR'
-  | 'PROVIDER_NOT_CONFIGURED'
-  | 'PROVIDER_RATE_LIMITED'
-  | 'SERVICE_UNAVAILABLE'
-  | 'PROVIDER_TIMEOUT';
+/** The contract's stable problem codes, each with the status it is always sent with. */
+export const PROBLEM_STATUS = {
+  VALIDATION_ERROR: 400,
+  CONTEXT_TOO_LONG: 400,
+  UNAUTHORIZED: 401,
+  FORBIDDEN: 403,
+  NOT_FOUND: 404,
+  CONFLICT: 409,
+  IDEMPOTENCY_CONFLICT: 409,
+  PAYLOAD_TOO_LARGE: 413,
+  UNSUPPORTED_MEDIA_TYPE: 415,
+  IDEMPOTENCY_MISMATCH: 422,
+  RATE_LIMITED: 429,
+  INTERNAL: 500,
+  PROVIDER_ERROR: 502,
+  PROVIDER_NOT_CONFIGURED: 503,
+  PROVIDER_RATE_LIMITED: 503,
+  SERVICE_UNAVAILABLE: 503,
+  PROVIDER_TIMEOUT: 504,
+} as const;
+
+export type ProblemCode = keyof typeof PROBLEM_STATUS;
 
 export interface FieldError {
   path: string;
@@ -86,6 +90,21 @@ export class Conflict extends ApiError {
 export class ServiceUnavailable extends ApiError {
   constructor(detail = 'The database is unavailable; try again shortly') {
     super(503, 'SERVICE_UNAVAILABLE', detail);
+  }
+}
+
+/** A request refused, or a chat turn interrupted, because the server is shutting down. */
+export class ShuttingDown extends ServiceUnavailable {
+  constructor() {
+    super('The server is shutting down; try again shortly');
+  }
+}
+
+/** Over a rate limit: 429 with Retry-After, the seconds until the window that refused it ends. */
+export class RateLimited extends ApiError {
+  constructor(retryAfterSeconds: number) {
+    const seconds = Math.max(1, Math.ceil(retryAfterSeconds));
+    super(429, 'RATE_LIMITED', `Too many requests; retry in ${seconds} s`, {}, { 'retry-after': String(seconds) });
   }
 }
 
@@ -168,6 +187,7 @@ const FASTIFY_ERRORS: Record<string, [number, ProblemCode]> = {
   FST_REQ_FILE_TOO_LARGE: [413, 'PAYLOAD_TOO_LARGE'],
   FST_FILES_LIMIT: [413, 'PAYLOAD_TOO_LARGE'],
   FST_PARTS_LIMIT: [413, 'PAYLOAD_TOO_LARGE'],
+  FST_INVALID_MULTIPART_CONTENT_TYPE: [415, 'UNSUPPORTED_MEDIA_TYPE'],
   FST_ERR_CTP_INVALID_MEDIA_TYPE: [415, 'UNSUPPORTED_MEDIA_TYPE'],
   FST_ERR_CTP_INVALID_CONTENT_LENGTH: [400, 'VALIDATION_ERROR'],
   FST_ERR_CTP_EMPTY_JSON_BODY: [400, 'VALIDATION_ERROR'],
@@ -177,7 +197,8 @@ const FASTIFY_ERRORS: Record<string, [number, ProblemCode]> = {
   FST_ERR_CTP_INVALID_CHARSET: [415, 'UNSUPPORTED_MEDIA_TYPE'],
 };
 
-function toProblem(error: FastifyError | ApiError | Error, request: FastifyRequest): Problem {
+/** The problem an error answers with: what the error handler sends, and a stream's last event. */
+export function toProblem(error: FastifyError | ApiError | Error, request: FastifyRequest): Problem {
   if (error instanceof ValidationFailed) {
     return problemBody(request, 400, 'VALIDATION_ERROR', error.message, { errors: error.errors });
   }

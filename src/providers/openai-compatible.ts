@@ -1,10 +1,12 @@
-import { createReadStream } from 'node:fs';
+import { constants, createReadStream } from 'node:fs';
+import { access } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
-import OpenAI, { APIConnectionError, APIError, NotFoundError, toFile } from 'openai';
+import OpenAI, { APIConnectionError, APIError, NotFoundError, toStreamingFile } from 'openai';
 import { ApiError } from '../http/errors.js';
 import { backoffMs, retryAfterMs } from './retry.js';
 import {
   type ChatCompletion,
+  type ChatMessage,
   type ChatRequest,
   type ProviderAdapter,
   ProviderError,
@@ -64,7 +66,9 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
 
   async complete(request: ChatRequest): Promise<ChatCompletion> {
     const { signal } = request;
-    const body: unknown = await this.withRetries(request, () => this.client.chat.completions.create(chatBody(request), { signal }));
+    const body: unknown = await withSdkSignal(signal, (sdkSignal) =>
+      this.withRetries(request, () => this.client.chat.completions.create(chatBody(request), { signal: sdkSignal })),
+    );
     // The SDK's types promise a ChatCompletion; an upstream may still send anything with a 200.
     const completion = body as Partial<OpenAI.ChatCompletion> | null;
     const content = completion?.choices?.[0]?.message?.content;
@@ -78,38 +82,49 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
    */
   async *stream(request: ChatRequest): AsyncGenerator<StreamEvent> {
     const { signal } = request;
-    const chunks = await this.withRetries(request, () =>
-      this.client.chat.completions.create({ ...chatBody(request), stream: true, stream_options: { include_usage: true } }, { signal }),
-    );
-    let model = request.model;
-    let usage: Usage | null = null;
-    let finished = false;
+    const sdk = followSignal(signal);
     try {
-      for await (const chunk of chunks) {
-        if (typeof chunk !== 'object' || chunk === null) throw new Error('stream chunk is not an object');
-        model = upstreamModel(chunk.model, model);
-        // Servers that ignore stream_options send no usage chunk: usage stays null.
-        usage = readUsage(chunk.usage) ?? usage;
-        const choice = chunk.choices?.[0];
-        const content = choice?.delta?.content;
-        if (typeof content === 'string' && content !== '') yield { type: 'delta', content };
-        if (choice?.finish_reason) finished = true;
+      const chunks = await this.withRetries(request, () =>
+        this.client.chat.completions.create(
+          { ...chatBody(request), stream: true, stream_options: { include_usage: true } },
+          { signal: sdk.signal },
+        ),
+      );
+      let model = request.model;
+      let usage: Usage | null = null;
+      let finished = false;
+      try {
+        for await (const chunk of chunks) {
+          if (typeof chunk !== 'object' || chunk === null) throw new Error('stream chunk is not an object');
+          model = upstreamModel(chunk.model, model);
+          // Servers that ignore stream_options send no usage chunk: usage stays null.
+          usage = readUsage(chunk.usage) ?? usage;
+          const choice = chunk.choices?.[0];
+          const content = choice?.delta?.content;
+          if (typeof content === 'string' && content !== '') yield { type: 'delta', content };
+          if (choice?.finish_reason) finished = true;
+        }
+      } catch (error) {
+        throw failure(error, signal);
       }
-    } catch (error) {
-      throw failure(error, signal);
+      // The SDK ends the iteration quietly when the signal aborts it, and so does an upstream that closes
+      // the stream cleanly half-way: only a finish_reason says the reply is whole.
+      if (!finished) throw failure(new Error('stream ended without a finish_reason'), signal);
+      yield { type: 'done', model, usage };
+    } finally {
+      sdk.release();
     }
-    // The SDK ends the iteration quietly when the signal aborts it, and so does an upstream that closes
-    // the stream cleanly half-way: only a finish_reason says the reply is whole.
-    if (!finished) throw failure(new Error('stream ended without a finish_reason'), signal);
-    yield { type: 'done', model, usage };
   }
 
   async uploadFile(file: { filename: string; mimeType: string; path: string }, signal: AbortSignal): Promise<UploadedFile> {
-    // Read once, before the attempts: a retry resends the same bytes, and a local read failure is ours
-    // to report, not the provider's.
-    const upload = await toFile(createReadStream(file.path), file.filename, { type: file.mimeType });
-    const created: unknown = await this.withRetries({ signal }, () =>
-      this.client.files.create({ file: upload, purpose: 'user_data' }, { signal }),
+    // A file that cannot be read is ours to report, not the provider's.
+    await access(file.path, constants.R_OK);
+    // Streamed from disk, afresh for each attempt: a file of any size never sits in memory whole.
+    const created: unknown = await withSdkSignal(signal, (sdkSignal) =>
+      this.withRetries({ signal }, () => {
+        const upload = toStreamingFile(createReadStream(file.path), file.filename, { type: file.mimeType });
+        return this.client.files.create({ file: upload, purpose: 'user_data' }, { signal: sdkSignal });
+      }),
     );
     const id = (created as { id?: unknown } | null)?.id;
     if (typeof id !== 'string' || id === '') throw failure(new Error('file upload answered without an id'), signal);
@@ -117,14 +132,16 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
   }
 
   async deleteFile(providerFileId: string, signal: AbortSignal): Promise<void> {
-    await this.withRetries({ signal }, async () => {
-      try {
-        await this.client.files.delete(providerFileId, { signal });
-      } catch (error) {
-        // Already gone upstream is what deleting wanted.
-        if (!(error instanceof NotFoundError)) throw error;
-      }
-    });
+    await withSdkSignal(signal, (sdkSignal) =>
+      this.withRetries({ signal }, async () => {
+        try {
+          await this.client.files.delete(providerFileId, { signal: sdkSignal });
+        } catch (error) {
+          // Already gone upstream is what deleting wanted.
+          if (!(error instanceof NotFoundError)) throw error;
+        }
+      }),
+    );
   }
 
   /**
@@ -148,14 +165,45 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
   }
 }
 
+/**
+ * A signal for the SDK that follows `signal` until released. The SDK adds an abort listener to the
+ * signal it is given and never removes it, and Node keeps a timeout or combined (`AbortSignal.any`)
+ * signal alive while it has a listener and has not fired: handed the caller's signal, every call would
+ * stay in memory, the SDK's request state with it, until its deadline, and a stream's for good.
+ */
+function followSignal(signal: AbortSignal): { signal: AbortSignal; release(): void } {
+  const controller = new AbortController();
+  const follow = () => controller.abort(signal.reason);
+  if (signal.aborted) follow();
+  else signal.addEventListener('abort', follow, { once: true });
+  return { signal: controller.signal, release: () => signal.removeEventListener('abort', follow) };
+}
+
+/** Runs `call` with a signal for the SDK that follows `signal` only while `call` runs. */
+async function withSdkSignal<T>(signal: AbortSignal, call: (sdkSignal: AbortSignal) => Promise<T>): Promise<T> {
+  const sdk = followSignal(signal);
+  try {
+    return await call(sdk.signal);
+  } finally {
+    sdk.release();
+  }
+}
+
 /** Only the fields of the wire format: callers may hand over richer objects, such as stored rows. */
 function chatBody(request: ChatRequest) {
   return {
     model: request.model,
-    messages: request.messages.map(({ role, content }) => ({ role, content })),
+    messages: request.messages.map(wireMessage),
     // Not max_completion_tokens: OpenAI-compatible servers (and older OpenAI models) know only max_tokens.
     max_tokens: request.maxOutputTokens,
   };
+}
+
+/** A message as the API takes it; provider files go first, as file content parts of a user message. */
+function wireMessage({ role, content, fileIds }: ChatMessage): OpenAI.ChatCompletionMessageParam {
+  if (role !== 'user' || !fileIds?.length) return { role, content };
+  const files = fileIds.map((id) => ({ type: 'file' as const, file: { file_id: id } }));
+  return { role, content: [...files, { type: 'text', text: content }] };
 }
 
 /** How long to wait before retrying after `error`, or undefined when retrying cannot help. */

@@ -4,11 +4,11 @@ import { type ProviderAdapter, type ProviderName, ProviderNotConfigured } from '
 
 export type ProvidersConfig = Pick<
   Config,
-  'AI_PROVIDER' | 'OPENAI_API_KEY' | 'OPENROUTER_API_KEY' | 'AI_BASE_URL' | 'AI_MODEL' | 'AI_MAX_RETRIES'
+  'AI_PROVIDER' | 'OPENAI_API_KEY' | 'OPENROUTER_API_KEY' | 'AI_BASE_URL' | 'OPENAI_BASE_URL' | 'AI_MODEL' | 'AI_MAX_RETRIES'
 >;
 
 interface ProviderDefaults {
-  baseURL: string;
+  baseURL(config: ProvidersConfig): string;
   /** The model when neither the project nor AI_MODEL names one. */
   model: string;
   apiKey(config: ProvidersConfig): string | undefined;
@@ -18,13 +18,15 @@ interface ProviderDefaults {
 
 const PROVIDER_DEFAULTS: Record<ProviderName, ProviderDefaults> = {
   openai: {
-    baseURL: 'https://api.openai.com/v1',
+    // OPENAI_BASE_URL: OpenAI's own API at another address (a gateway, a proxy, a test double), so
+    // unlike AI_BASE_URL it keeps what only OpenAI has, the Files API.
+    baseURL: (config) => config.OPENAI_BASE_URL ?? 'https://api.openai.com/v1',
     model: 'gpt-4o-mini',
     apiKey: (config) => config.OPENAI_API_KEY,
     hasFilesApi: true,
   },
   openrouter: {
-    baseURL: 'https://openrouter.ai/api/v1',
+    baseURL: () => 'https://openrouter.ai/api/v1',
     model: 'openai/gpt-4o-mini',
     apiKey: (config) => config.OPENROUTER_API_KEY,
     // App attribution (https://openrouter.ai/docs/app-attribution). The server has no public URL of its
@@ -83,7 +85,7 @@ function createAdapter(name: ProviderName, config: ProvidersConfig): ProviderAda
   return new OpenAICompatibleAdapter({
     name,
     apiKey: apiKey ?? PLACEHOLDER_API_KEY,
-    baseURL: baseURL ?? defaults.baseURL,
+    baseURL: baseURL ?? defaults.baseURL(config),
     defaultHeaders: defaults.headers,
     // Another server behind the same protocol has no Files API to count on.
     supportsFiles: defaults.hasFilesApi && !baseURL,

@@ -5,6 +5,11 @@ export type ProviderName = 'openai' | 'openrouter';
 export interface ChatMessage {
   role: 'system' | 'user' | 'assistant';
   content: string;
+  /**
+   * Files the provider holds, sent with a user message as file content parts. Only given to an
+   * adapter whose `supportsFiles` is true.
+   */
+  fileIds?: string[];
 }
 
 export interface Usage {

@@ -1,4 +1,3 @@
-import { Writable } from 'node:stream';
 import { createSigner } from 'fast-jwt';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -6,18 +5,7 @@ import { buildApp } from '../../src/app.js';
 import { openPostgres } from '../../src/db/database.js';
 import { prompts } from '../../src/db/schema.js';
 import { expectProblem, registerUser, startTestApp, TEST_SECRET, testConfig, type TestApp } from '../support/app.js';
-
-/** Collects the app's JSON log lines. */
-function logCollector() {
-  const lines: Record<string, unknown>[] = [];
-  const stream = new Writable({
-    write(chunk, _encoding, done) {
-      for (const line of String(chunk).split('\n').filter(Boolean)) lines.push(JSON.parse(line));
-      done();
-    },
-  });
-  return { lines, stream };
-}
+import { logCollector } from '../support/logs.js';
 
 let t: TestApp;
 beforeAll(async () => {

@@ -5,10 +5,11 @@ import { files, messages, projects, prompts } from '../../src/db/schema.js';
 import { encodeCursor } from '../../src/http/pagination.js';
 import { createProject, createPrompt, expectProblem, insertMessages, registerUser, type RegisteredUser, startTestApp, type TestApp } from '../support/app.js';
 
-/** Ids a route is called with: user A's project and prompt, and user B's own project. */
+/** Ids a route is called with: user A's project, prompt and file, and user B's own project. */
 interface Ids {
   project: string;
   prompt: string;
+  file: string;
   ownProject: string;
 }
 
@@ -32,6 +33,16 @@ const routes: [name: string, method: Method, path: (ids: Ids) => string, body?: 
   ['read the history', 'GET', (ids) => `/api/v1/projects/${ids.project}/messages`],
   ['read the history from a cursor', 'GET', (ids) => `/api/v1/projects/${ids.project}/messages?limit=1`],
   ['clear the history', 'DELETE', (ids) => `/api/v1/projects/${ids.project}/messages`],
+  // Ownership is checked before the body is read: B's upload is refused before it is parsed or stored.
+  ['upload a file', 'POST', (ids) => `/api/v1/projects/${ids.project}/files`, { file: 'planted' }],
+  ['list the files', 'GET', (ids) => `/api/v1/projects/${ids.project}/files`],
+  ['list the files from a cursor', 'GET', (ids) => `/api/v1/projects/${ids.project}/files?limit=1&cursor=${encodeCursor([ids.file])}`],
+  ['get a file', 'GET', (ids) => `/api/v1/projects/${ids.project}/files/${ids.file}`],
+  ['download a file', 'GET', (ids) => `/api/v1/projects/${ids.project}/files/${ids.file}/content`],
+  ['delete a file', 'DELETE', (ids) => `/api/v1/projects/${ids.project}/files/${ids.file}`],
+  ['get a file through one’s own project', 'GET', (ids) => `/api/v1/projects/${ids.ownProject}/files/${ids.file}`],
+  ['download a file through one’s own project', 'GET', (ids) => `/api/v1/projects/${ids.ownProject}/files/${ids.file}/content`],
+  ['delete a file through one’s own project', 'DELETE', (ids) => `/api/v1/projects/${ids.ownProject}/files/${ids.file}`],
 ];
 
 let t: TestApp;
@@ -45,17 +56,20 @@ beforeAll(async () => {
   const prompt = await createPrompt(t.app, a, project.id, { title: 'A’s prompt', content: 'secret instructions' });
   await createPrompt(t.app, a, project.id);
   await insertMessages(t.testDb.database.db, project.id, 3);
-  await t.testDb.database.db.insert(files).values({
-    id: uuidv7(),
-    projectId: project.id,
-    filename: 'a.txt',
-    mimeType: 'text/plain',
-    size: 1,
-    sha256: 'f'.repeat(64),
-    storageUrl: 'file:///tmp/a.txt',
-  });
+  const [file] = await t.testDb.database.db
+    .insert(files)
+    .values({
+      id: uuidv7(),
+      projectId: project.id,
+      filename: 'a.txt',
+      mimeType: 'text/plain',
+      size: 1,
+      sha256: 'f'.repeat(64),
+      storageUrl: 'file:///tmp/a.txt',
+    })
+    .returning();
   const ownProject = await createProject(t.app, b, { name: 'B’s project' });
-  ids = { project: project.id, prompt: prompt.id, ownProject: ownProject.id };
+  ids = { project: project.id, prompt: prompt.id, file: file!.id, ownProject: ownProject.id };
 });
 afterAll(() => t.close());
 
@@ -83,7 +97,7 @@ describe('user B against user A’s ids', () => {
 
     expect(await everything()).toEqual(before);
     // The same answer as for ids that name nothing at all: not even existence leaks.
-    const missing = { project: uuidv7(), prompt: uuidv7(), ownProject: ids.ownProject };
+    const missing = { project: uuidv7(), prompt: uuidv7(), file: uuidv7(), ownProject: ids.ownProject };
     const absent = expectProblem(await call(b, method, path(missing), body), 404, 'NOT_FOUND');
     expect(problem.detail).toBe(absent.detail);
   });

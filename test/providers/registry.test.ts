@@ -78,6 +78,15 @@ describe('resolve', () => {
     expect(body.model).toBe('openai/gpt-4o-mini');
   });
 
+  it('sends OpenAI to OPENAI_BASE_URL with its key, keeping the Files API, and only with a key', async () => {
+    const registry = providers({ OPENAI_API_KEY: 'sk-openai', OPENAI_BASE_URL: fake.url });
+    const { adapter, model } = registry.resolve(null, null);
+    expect(adapter.supportsFiles).toBe(true);
+    await adapter.complete(chat(model));
+    expect(fake.requests[0]).toMatchObject({ path: '/v1/chat/completions', headers: { authorization: 'Bearer sk-openai' } });
+    expect(() => providers({ OPENAI_BASE_URL: fake.url }).resolve(null, null)).toThrow(ProviderNotConfigured);
+  });
+
   it('passes AI_MAX_RETRIES to the adapters', async () => {
     fake.setDefault({ status: 503 });
     const { adapter, model } = providers({ AI_BASE_URL: fake.url, AI_MAX_RETRIES: '1' }).resolve(null, null);

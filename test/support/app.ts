@@ -10,6 +10,7 @@ import { messages } from '../../src/db/schema.js';
 import type { ProjectDto } from '../../src/modules/projects/schemas.js';
 import type { PromptDto } from '../../src/modules/prompts/schemas.js';
 import { createTestDatabase, type TestDatabase } from './database.js';
+import { FakeUpstream } from './fake-upstream.js';
 
 export const TEST_SECRET = 'test-secret-that-is-long-enough-for-hs256-0123456789';
 
@@ -20,6 +21,13 @@ export function testConfig(env: Record<string, string> = {}): Config {
     BCRYPT_ROUNDS: '4',
     LOG_LEVEL: 'silent',
     DATA_DIR: mkdtempSync(join(tmpdir(), 'chatbot-test-')),
+    // Suites register and sign in many users from one address, and load a shared machine on purpose
+    // (embedded PGlite runs on the event loop): rate limits and load shedding have their own tests.
+    RATE_LIMIT_LOGIN: '1000000',
+    RATE_LIMIT_REGISTER: '1000000',
+    RATE_LIMIT_CHAT: '1000000',
+    RATE_LIMIT_API: '1000000',
+    MAX_EVENT_LOOP_DELAY_MS: '0',
     ...env,
   });
 }
@@ -44,6 +52,24 @@ export async function startTestApp(env: Record<string, string> = {}): Promise<Te
     async close() {
       await app.close();
       await testDb.drop();
+    },
+  };
+}
+
+export interface TestAppWithUpstream extends TestApp {
+  fake: FakeUpstream;
+}
+
+/** The app with its default provider at a fake upstream of its own (AI_BASE_URL); close() stops both. */
+export async function startTestAppWithUpstream(env: Record<string, string> = {}): Promise<TestAppWithUpstream> {
+  const fake = await FakeUpstream.start();
+  const t = await startTestApp({ AI_BASE_URL: fake.url, ...env });
+  return {
+    ...t,
+    fake,
+    async close() {
+      await t.close();
+      await fake.close();
     },
   };
 }

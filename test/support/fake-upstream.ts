@@ -328,15 +328,23 @@ function isStreaming(record: UpstreamRequest): boolean {
 
 function replyContent(record: UpstreamRequest, reply: UpstreamReply): string {
   if (reply.content !== undefined) return reply.content;
-  const messages = (record.body.messages ?? []) as { role: string; content: string }[];
+  const messages = (record.body.messages ?? []) as WireMessage[];
   const lastUser = messages.filter((message) => message.role === 'user').at(-1);
-  return `Echo: ${lastUser?.content ?? ''}`;
+  return `Echo: ${lastUser ? textOf(lastUser) : ''}`;
+}
+
+type WireMessage = { role: string; content: string | { type: string; text?: string }[] };
+
+/** A message's text: its content, or the text of its content parts (file parts have none). */
+function textOf(message: WireMessage): string {
+  if (typeof message.content === 'string') return message.content;
+  return message.content.map((part) => part.text ?? '').join('');
 }
 
 function replyUsage(record: UpstreamRequest, reply: UpstreamReply, content: string) {
   if (reply.usage) return reply.usage;
-  const messages = (record.body.messages ?? []) as { content: string }[];
-  const prompt = messages.reduce((sum, message) => sum + countWords(message.content), 0);
+  const messages = (record.body.messages ?? []) as WireMessage[];
+  const prompt = messages.reduce((sum, message) => sum + countWords(textOf(message)), 0);
   const completion = countWords(content);
   return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion };
 }

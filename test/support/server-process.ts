@@ -15,45 +15,72 @@ export async function freePort(): Promise<number> {
   return port;
 }
 
-export interface ServerProcess {
+export interface NodeProcess {
   child: ChildProcess;
   url: string;
-  dataDir: string;
   output(): string;
   /** Resolves with the exit code once the process has ended. */
   exited: Promise<number | null>;
 }
 
-/** Starts `src/server.ts` as its own process (as `npm start` does), with a clean environment plus `env`. */
-export async function spawnServer(env: Record<string, string>): Promise<ServerProcess> {
-  const port = env.PORT ?? String(await freePort());
-  const dataDir = env.DATA_DIR ?? mkdtempSync(join(tmpdir(), 'chatbot-server-'));
-  const child = spawn(process.execPath, ['--import', 'tsx', 'src/server.ts'], {
-    env: {
-      PATH: process.env.PATH,
-      HOME: process.env.HOME,
-      LOG_LEVEL: 'warn',
-      HOST: '127.0.0.1',
-      ...env,
-      PORT: port,
-      DATA_DIR: dataDir,
-    },
+export interface ServerProcess extends NodeProcess {
+  dataDir: string;
+}
+
+export interface NodeServerOptions {
+  /** The entry script, relative to the working directory; a `.ts` one runs through tsx. */
+  script: string;
+  args?: string[];
+  /** Where it listens on 127.0.0.1; the caller passes it on through `env` or `args`. */
+  port: number;
+  /** The whole environment besides PATH and HOME: nothing else is inherited. */
+  env?: Record<string, string>;
+  /** Node's own flags, such as `--cpu-prof`. */
+  nodeArgs?: string[];
+  /** Pins the process and every thread it starts to these CPUs (`taskset -c`), e.g. `0`. */
+  cpus?: string;
+}
+
+/** Starts a Node.js HTTP server as its own process. */
+export function spawnNodeServer(options: NodeServerOptions): NodeProcess {
+  const nodeArgs = [...(options.script.endsWith('.ts') ? ['--import', 'tsx'] : []), ...(options.nodeArgs ?? [])];
+  const command = [process.execPath, ...nodeArgs, options.script, ...(options.args ?? [])];
+  // taskset execs node in its own place: the child's pid stays node's, so signals reach the server.
+  const [file, ...args] = options.cpus ? ['taskset', '-c', options.cpus, ...command] : command;
+  const child = spawn(file!, args, {
+    env: { PATH: process.env.PATH, HOME: process.env.HOME, ...options.env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let output = '';
   child.stdout!.on('data', (chunk) => (output += chunk));
   child.stderr!.on('data', (chunk) => (output += chunk));
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
-  return { child, url: `http://127.0.0.1:${port}`, dataDir, output: () => output, exited };
+  return { child, url: `http://127.0.0.1:${options.port}`, output: () => output, exited };
 }
 
-/** Polls `/health/live` until the server answers, or fails with what the process printed. */
-export async function waitUntilServing(server: ServerProcess, timeoutMs = 90_000): Promise<void> {
+/** Starts `src/server.ts` as its own process (as `npm start` does), with a clean environment plus `env`. */
+export async function spawnServer(
+  env: Record<string, string>,
+  launch: Pick<NodeServerOptions, 'nodeArgs' | 'cpus'> = {},
+): Promise<ServerProcess> {
+  const port = env.PORT ?? String(await freePort());
+  const dataDir = env.DATA_DIR ?? mkdtempSync(join(tmpdir(), 'chatbot-server-'));
+  const server = spawnNodeServer({
+    ...launch,
+    script: 'src/server.ts',
+    port: Number(port),
+    env: { LOG_LEVEL: 'warn', HOST: '127.0.0.1', ...env, PORT: port, DATA_DIR: dataDir },
+  });
+  return { ...server, dataDir };
+}
+
+/** Polls `path` until the server answers it with a 2xx, or fails with what the process printed. */
+export async function waitUntilServing(server: NodeProcess, timeoutMs = 90_000, path = '/health/live'): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
     if (server.child.exitCode !== null) throw new Error(`server exited early:\n${server.output()}`);
     try {
-      const response = await fetch(`${server.url}/health/live`);
+      const response = await fetch(`${server.url}${path}`);
       if (response.ok) return;
     } catch {
       // not listening yet

@@ -1,4 +1,5 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+import { noContent } from '../../http/openapi.js';
 import {
   changePasswordBody,
   deleteMeBody,
@@ -13,13 +14,19 @@ import type { AuthService } from './service.js';
 export const authRoutes: FastifyPluginAsyncZod<{ auth: AuthService }> = async (app, { auth }) => {
   app.post(
     '/register',
-    { config: { public: true }, schema: { tags: ['auth'], body: registerBody, response: { 201: session } } },
+    {
+      config: { public: true, rateLimitGroup: 'register' },
+      schema: { tags: ['auth'], body: registerBody, response: { 201: session }, problems: ['CONFLICT'] },
+    },
     async (request, reply) => reply.code(201).send(await auth.register(request.body)),
   );
 
   app.post(
     '/login',
-    { config: { public: true }, schema: { tags: ['auth'], body: loginBody, response: { 200: session } } },
+    {
+      config: { public: true, rateLimitGroup: 'login' },
+      schema: { tags: ['auth'], body: loginBody, response: { 200: session }, problems: ['UNAUTHORIZED'] },
+    },
     async (request) => auth.login(request.body),
   );
 
@@ -33,13 +40,13 @@ export const authRoutes: FastifyPluginAsyncZod<{ auth: AuthService }> = async (a
     async (request) => ({ user: await auth.updateMe(request.user.id, request.body) }),
   );
 
-  app.post('/password', { schema: { tags: ['auth'], body: changePasswordBody } }, async (request, reply) => {
+  app.post('/password', { schema: { tags: ['auth'], body: changePasswordBody, response: { 204: noContent } } }, async (request, reply) => {
     await auth.changePassword(request.user.id, request.body);
     return reply.code(204).send();
   });
 
-  app.delete('/me', { schema: { tags: ['auth'], body: deleteMeBody } }, async (request, reply) => {
-    await auth.deleteMe(request.user.id, request.body);
+  app.delete('/me', { schema: { tags: ['auth'], body: deleteMeBody, response: { 204: noContent } } }, async (request, reply) => {
+    await auth.deleteMe(request.user.id, request.body, request.log);
     return reply.code(204).send();
   });
 };

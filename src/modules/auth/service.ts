@@ -1,10 +1,12 @@
 import bcrypt from 'bcrypt';
-import { eq, sql } from 'drizzle-orm';
+import { eq, inArray, sql } from 'drizzle-orm';
+import type { FastifyBaseLogger } from 'fastify';
 import { v7 as uuidv7 } from 'uuid';
 import type { Db } from '../../db/database.js';
-import { users } from '../../db/schema.js';
+import { files, projects, users } from '../../db/schema.js';
 import type { Tokens } from '../../http/auth.js';
 import { Conflict, hasCode, NotFound, Unauthorized } from '../../http/errors.js';
+import type { StoredFileDiscarder } from '../files/service.js';
 import type { UserDto } from './schemas.js';
 
 type UserRow = typeof users.$inferSelect;
@@ -24,6 +26,7 @@ export class AuthService {
     private readonly db: Db,
     private readonly tokens: Tokens,
     private readonly bcryptRounds: number,
+    private readonly storedFiles: StoredFileDiscarder,
   ) {}
 
   async register(input: { email: string; password: string; name: string }) {
@@ -75,9 +78,18 @@ export class AuthService {
   }
 
   /** Deletes the account; foreign keys cascade to its projects and everything under them. */
-  async deleteMe(userId: string, input: { password: string }): Promise<void> {
+  async deleteMe(userId: string, input: { password: string }, log: FastifyBaseLogger): Promise<void> {
     await this.checkPassword(userId, input.password);
-    await this.db.delete(users).where(eq(users.id, userId));
+    // File rows first, in the same transaction: the cascade would forget which bytes and provider copies to remove.
+    const removedFiles = await this.db.transaction(async (tx) => {
+      const fileRows = await tx
+        .delete(files)
+        .where(inArray(files.projectId, tx.select({ id: projects.id }).from(projects).where(eq(projects.userId, userId))))
+        .returning({ id: files.id, projectId: files.projectId, providerFileId: files.providerFileId });
+      await tx.delete(users).where(eq(users.id, userId));
+      return fileRows;
+    });
+    await this.storedFiles.discard(removedFiles, log);
   }
 
   private async checkPassword(userId: string, password: string): Promise<void> {

@@ -1,4 +1,5 @@
 import type { ChatMessage } from '../../providers/types.js';
+import type { FilesSection } from '../files/chat-section.js';
 
 export interface HistoryMessage {
   role: 'user' | 'assistant' | 'system';
@@ -8,6 +9,8 @@ export interface HistoryMessage {
 export interface ContextInput {
   /** The project's system prompts, oldest first. */
   prompts: string[];
+  /** The project's files as one system message that fits in `budget` tokens; undefined when none do. */
+  filesSection(budget: number): Promise<FilesSection | undefined>;
   /** Stored history, newest first, read lazily so that only what fits is ever fetched. */
   history: AsyncIterable<HistoryMessage>;
   newMessage: string;
@@ -22,15 +25,23 @@ export type ContextResult =
   | { fits: false; requiredTokens: number };
 
 /**
- * The messages sent to the provider: prompts as system messages, then as much of the newest history as
- * fits, oldest first, then the new message once. The oldest history is left out first; prompts and the
- * new message never are: when they alone exceed the budget the result says so.
+ * The messages sent to the provider: prompts as system messages, then the files section, then as much
+ * of the newest history as fits, oldest first, then the new message once. The oldest history is left
+ * out first; prompts and the new message never are: when they alone exceed the budget the result says
+ * so. The files section comes before history: it gets what prompts and message leave, history the rest.
  */
 export async function buildContext(input: ContextInput): Promise<ContextResult> {
   const system: ChatMessage[] = input.prompts.map((content) => ({ role: 'system', content }));
   const question: ChatMessage = { role: 'user', content: input.newMessage };
   let used = system.reduce((sum, message) => sum + input.countTokens(message), input.countTokens(question));
   if (used > input.budget) return { fits: false, requiredTokens: used };
+
+  const files = await input.filesSection(input.budget - used);
+  if (files) {
+    system.push(files.message);
+    used += files.tokens;
+    if (files.fileIds.length) question.fileIds = files.fileIds;
+  }
 
   const history: ChatMessage[] = [];
   for await (const message of input.history) {

@@ -1,15 +1,18 @@
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { problemBody } from '../../http/errors.js';
+import { problemBody, toProblem } from '../../http/errors.js';
 import { projectParams } from '../projects/schemas.js';
 import { type IdempotencyStore, requestHash } from './idempotency.js';
 import { chatBody, chatHeaders, type ChatResult, chatResult } from './schemas.js';
+import { InFlightTurns } from './in-flight-turns.js';
 import type { ChatService, PreparedTurn } from './service.js';
 import { EventStream } from './sse.js';
 
 /** Comment heartbeats keep proxies and clients from closing an idle stream. */
 const HEARTBEAT_MS = 15_000;
+/** On shutdown, turns in flight are interrupted this long before the bound: time to store and say so. */
+const INTERRUPT_BEFORE_BOUND_MS = 2_000;
 
 const sseResponse = z
   .string()
@@ -18,43 +21,76 @@ const sseResponse = z
       '{assistantMessage, usage}; or `error` with problem details. Each event has an id; `: ping` comments keep it open.',
   );
 
-export const chatRoutes: FastifyPluginAsyncZod<{ chat: ChatService; idempotency: IdempotencyStore<ChatResult> }> = async (
-  app,
-  { chat, idempotency },
-) => {
+export interface ChatRoutesOptions {
+  chat: ChatService;
+  idempotency: IdempotencyStore<ChatResult>;
+  /** SHUTDOWN_TIMEOUT_MS: how long the app may take to close before its connections are cut. */
+  shutdownTimeoutMs: number;
+}
+
+export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, { chat, idempotency, shutdownTimeoutMs }) => {
+  // While the app closes, turns in flight go on until shortly before the bound, then each is interrupted
+  // and ends with an answer. The database closes only after every turn's bookkeeping is done.
+  const turns = new InFlightTurns();
+  let interruptTimer: NodeJS.Timeout | undefined;
+  app.addHook('preClose', async () => {
+    interruptTimer = setTimeout(() => turns.interruptAll(), Math.max(0, shutdownTimeoutMs - INTERRUPT_BEFORE_BOUND_MS));
+  });
+  app.addHook('onClose', async () => {
+    await turns.settled();
+    clearTimeout(interruptTimer);
+  });
+
   app.post(
     '/chat',
     {
+      config: { rateLimitGroup: 'chat' },
       schema: {
         tags: ['chat'],
         params: projectParams,
         headers: chatHeaders,
         body: chatBody,
-        response: { 200: z.union([chatResult, sseResponse]) },
+        response: {
+          200: {
+            description: 'The turn: JSON, or with `stream: true` server-sent events',
+            content: { 'application/json': { schema: chatResult }, 'text/event-stream': { schema: sseResponse } },
+          },
+        },
+        problems: [
+          'CONTEXT_TOO_LONG',
+          'IDEMPOTENCY_CONFLICT',
+          'IDEMPOTENCY_MISMATCH',
+          'PROVIDER_ERROR',
+          'PROVIDER_NOT_CONFIGURED',
+          'PROVIDER_RATE_LIMITED',
+          'PROVIDER_TIMEOUT',
+        ],
       },
     },
-    async (request, reply) => {
-      const { projectId } = request.params;
-      const { message, stream = false } = request.body;
-      const userId = request.user.id;
-      const key = request.headers['idempotency-key'];
+    (request, reply) =>
+      turns.run(async (interrupt) => {
+        const { projectId } = request.params;
+        const { message, stream = false } = request.body;
+        const userId = request.user.id;
+        const key = request.headers['idempotency-key'];
 
-      const turn = await chat.prepare(userId, projectId, message);
-      if (!key) return stream ? streamTurn(chat, turn, request, reply) : chat.complete(turn);
+        const turn = await chat.prepare(userId, projectId, message);
+        const answer = () => (stream ? streamTurn(chat, turn, request, reply, interrupt) : chat.complete(turn, interrupt));
+        if (!key) return answer();
 
-      const claim = await idempotency.claim(userId, key, requestHash({ projectId, message, stream }));
-      if (claim.kind === 'replay') return stream ? replayAsStream(claim.response, request, reply) : claim.response;
-      try {
-        const result = stream ? await streamTurn(chat, turn, request, reply) : await chat.complete(turn);
-        // Only a complete answer is kept for replay; after a failure the same key may be retried.
-        if (result) await idempotency.complete(userId, key, result);
-        else await idempotency.release(userId, key);
-        return stream ? reply : result;
-      } catch (error) {
-        await idempotency.release(userId, key);
-        throw error;
-      }
-    },
+        const claim = await idempotency.claim(userId, key, requestHash({ projectId, message, stream }));
+        if (claim.kind === 'replay') return stream ? replayAsStream(claim.response, request, reply) : claim.response;
+        try {
+          const result = await answer();
+          // Only a complete answer is kept for replay; after a failure the same key may be retried.
+          if (result) await idempotency.complete(userId, key, result);
+          else await idempotency.release(userId, key);
+          return stream ? reply : result;
+        } catch (error) {
+          await idempotency.release(userId, key);
+          throw error;
+        }
+      }),
   );
 };
 
@@ -62,6 +98,7 @@ function openStream(request: FastifyRequest, reply: FastifyReply): EventStream {
   reply.hijack();
   const events = new EventStream(reply.raw, HEARTBEAT_MS);
   events.open({ 'x-request-id': request.id });
+  request.server.metrics.trackStream(reply.raw);
   return events;
 }
 
@@ -74,8 +111,10 @@ async function streamTurn(
   turn: PreparedTurn,
   request: FastifyRequest,
   reply: FastifyReply,
+  interrupt: AbortSignal,
 ): Promise<ChatResult | undefined> {
   let events: EventStream | undefined;
+  let userMessageId: string | undefined;
   const clientGone = new AbortController();
   reply.raw.once('close', () => {
     if (!reply.raw.writableFinished) clientGone.abort();
@@ -85,12 +124,14 @@ async function streamTurn(
       turn,
       {
         userMessage: (userMessage) => {
+          userMessageId = userMessage.id;
           events = openStream(request, reply);
           return events.send('user_message', { userMessage });
         },
         delta: (content) => events!.send('delta', { content }),
       },
       clientGone.signal,
+      interrupt,
     );
     if (outcome.kind === 'complete') {
       const { assistantMessage, usage } = outcome.result;
@@ -105,9 +146,10 @@ async function streamTurn(
     return undefined;
   } catch (error) {
     if (!events) throw error;
-    // After the headers nothing can change the status: the failure becomes the stream's last event.
+    // After the headers nothing can change the status: the failure becomes the stream's last event, as the
+    // error handler would answer it (a database lost mid-stream is a 503), naming the stored question.
     request.log.error({ err: error }, 'chat stream failed');
-    await events.send('error', problemBody(request, 500, 'INTERNAL', 'An unexpected error occurred'));
+    await events.send('error', { ...toProblem(error as Error, request), userMessageId });
     return undefined;
   } finally {
     events?.end();

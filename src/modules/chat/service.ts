@@ -13,6 +13,7 @@ import {
   ProviderTimeout,
   type Usage,
 } from '../../providers/types.js';
+import type { FilesService } from '../files/service.js';
 import { type MessageDto, type MessageRow, toMessageDto } from '../messages/schemas.js';
 import { requireOwnedProject } from '../projects/service.js';
 import { buildContext, type HistoryMessage } from './context.js';
@@ -51,6 +52,7 @@ export class ChatService {
   constructor(
     private readonly db: Db,
     private readonly providers: ProviderRegistry,
+    private readonly files: FilesService,
     private readonly config: Pick<Config, 'AI_CONTEXT_TOKENS' | 'AI_MAX_OUTPUT_TOKENS' | 'AI_TIMEOUT_MS'>,
   ) {}
 
@@ -70,6 +72,12 @@ export class ChatService {
     const budget = window - this.config.AI_MAX_OUTPUT_TOKENS - REPLY_PRIMING_TOKENS;
     const context = await buildContext({
       prompts: promptRows.map((row) => row.content),
+      filesSection: (room) =>
+        this.files.chatSection(projectId, {
+          budget: room,
+          countText: (content) => countTokens(content, model),
+          providerReadsFiles: adapter.supportsFiles,
+        }),
       history: this.newestHistory(projectId),
       newMessage: text,
       budget,
@@ -85,8 +93,11 @@ export class ChatService {
     return { projectId, adapter, model, context: context.messages, text };
   }
 
-  /** A JSON turn: the user message is stored first and kept whatever happens. */
-  async complete(turn: PreparedTurn): Promise<ChatResult> {
+  /**
+   * A JSON turn: the user message is stored first and kept whatever happens. `interrupt` (server
+   * shutdown) aborts the provider call; its reason, an ApiError, is then the failure.
+   */
+  async complete(turn: PreparedTurn, interrupt: AbortSignal): Promise<ChatResult> {
     const userMessage = await this.store(turn.projectId, { role: 'user', content: turn.text, status: 'complete' });
     const deadline = AbortSignal.timeout(this.config.AI_TIMEOUT_MS);
     let completion;
@@ -95,7 +106,7 @@ export class ChatService {
         model: turn.model,
         messages: turn.context,
         maxOutputTokens: this.config.AI_MAX_OUTPUT_TOKENS,
-        signal: deadline,
+        signal: AbortSignal.any([deadline, interrupt]),
         deadline: Date.now() + this.config.AI_TIMEOUT_MS,
       });
     } catch (error) {
@@ -110,16 +121,17 @@ export class ChatService {
    * A streamed turn. Deltas are passed on as they arrive. The deadline covers everything up to the first
    * delta (retries included) and then each silence between deltas, so a long answer that keeps coming
    * is never cut. A client that leaves aborts the upstream call; text received so far is kept as
-   * `incomplete`, as it is when the upstream breaks.
+   * `incomplete`, as it is when the upstream breaks or `interrupt` fires (server shutdown), whose
+   * reason, an ApiError, is then the failure.
    */
-  async stream(turn: PreparedTurn, observer: TurnObserver, clientGone: AbortSignal): Promise<StreamOutcome> {
+  async stream(turn: PreparedTurn, observer: TurnObserver, clientGone: AbortSignal, interrupt: AbortSignal): Promise<StreamOutcome> {
     const userMessage = await this.store(turn.projectId, { role: 'user', content: turn.text, status: 'complete' });
     await observer.userMessage(toMessageDto(userMessage));
 
     const deadline = new AbortController();
     const expire = () => deadline.abort(new DOMException('The chat deadline passed', 'TimeoutError'));
     let timer = setTimeout(expire, this.config.AI_TIMEOUT_MS);
-    const signal = AbortSignal.any([deadline.signal, clientGone]);
+    const signal = AbortSignal.any([deadline.signal, clientGone, interrupt]);
     let text = '';
     try {
       let done: { model: string; usage: Usage | null } | undefined;

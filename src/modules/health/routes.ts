@@ -26,7 +26,11 @@ export const healthRoutes: FastifyPluginAsyncZod<{ database: Database }> = async
 
   app.get(
     '/health/live',
-    { config: { public: true }, schema: { tags: ['health'], response: { 200: z.object({ status: z.literal('ok') }) } } },
+    {
+      // Liveness: answered while the process serves, even while it sheds load (a restart would not help).
+      config: { public: true, servedUnderPressure: true },
+      schema: { tags: ['health'], response: { 200: z.object({ status: z.literal('ok') }) } },
+    },
     async () => ({ status: 'ok' as const }),
   );
 };

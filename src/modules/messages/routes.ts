@@ -1,4 +1,5 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+import { noContent } from '../../http/openapi.js';
 import { projectParams } from '../projects/schemas.js';
 import { messageListQuery, messagePage } from './schemas.js';
 import type { MessagesService } from './service.js';
@@ -11,7 +12,7 @@ export const messageRoutes: FastifyPluginAsyncZod<{ messages: MessagesService }>
     async (request) => messages.list(request.user.id, request.params.projectId, request.query),
   );
 
-  app.delete('/', { schema: { tags: ['messages'], params: projectParams } }, async (request, reply) => {
+  app.delete('/', { schema: { tags: ['messages'], params: projectParams, response: { 204: noContent } } }, async (request, reply) => {
     await messages.clear(request.user.id, request.params.projectId);
     return reply.code(204).send();
   });

@@ -1,4 +1,5 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+import { noContent } from '../../http/openapi.js';
 import {
   createProjectBody,
   project,
@@ -34,8 +35,8 @@ export const projectRoutes: FastifyPluginAsyncZod<{ projects: ProjectsService }>
     async (request) => projects.update(request.user.id, request.params.projectId, request.body),
   );
 
-  app.delete('/:projectId', { schema: { tags: ['projects'], params: projectParams } }, async (request, reply) => {
-    await projects.delete(request.user.id, request.params.projectId);
+  app.delete('/:projectId', { schema: { tags: ['projects'], params: projectParams, response: { 204: noContent } } }, async (request, reply) => {
+    await projects.delete(request.user.id, request.params.projectId, request.log);
     return reply.code(204).send();
   });
 };

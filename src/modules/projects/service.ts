@@ -1,5 +1,6 @@
 import { and, asc, eq, getTableColumns, gt, type SQL, sql } from 'drizzle-orm';
 import type { PgColumn } from 'drizzle-orm/pg-core';
+import type { FastifyBaseLogger } from 'fastify';
 import { v7 as uuidv7 } from 'uuid';
 import type { Db } from '../../db/database.js';
 import { files, messages, projects, prompts } from '../../db/schema.js';
@@ -7,6 +8,7 @@ import { NotFound } from '../../http/errors.js';
 import { isUuid } from '../../http/ids.js';
 import { type IdSortKey, idSortKeyOf, type Page, type PageRequest, paginate } from '../../http/pagination.js';
 import type { ProviderName } from '../../providers/types.js';
+import type { StoredFileDiscarder } from '../files/service.js';
 import type { CreateProjectInput, ProjectDto, UpdateProjectInput } from './schemas.js';
 
 export type ProjectRow = typeof projects.$inferSelect;
@@ -27,6 +29,32 @@ export function inOwnedProject(projectIdColumn: PgColumn, userId: string, projec
     eq(projectIdColumn, projectId),
     sql`exists (select 1 from ${projects} where ${ownedProject(userId, projectId)})`,
   )!;
+}
+
+/**
+ * One page of the rows of `table` (prompts, files) under the caller's project, oldest first: 404 when
+ * the project is not theirs.
+ */
+export async function pageOfProjectRows<Table extends typeof prompts | typeof files>(
+  db: Db,
+  table: Table,
+  userId: string,
+  projectId: string,
+  page: PageRequest<IdSortKey>,
+): Promise<Page<Table['$inferSelect']>> {
+  await requireOwnedProject(db, userId, projectId);
+  const child = table as typeof prompts; // both tables have the `id` and `projectId` columns used here
+  return paginate(
+    page,
+    (after, take) =>
+      db
+        .select()
+        .from(child)
+        .where(and(inOwnedProject(child.projectId, userId, projectId), after && gt(child.id, after[0])))
+        .orderBy(asc(child.id))
+        .limit(take) as Promise<Table['$inferSelect'][]>,
+    idSortKeyOf,
+  );
 }
 
 /** The caller's project, or 404 NOT_FOUND; for lists and inserts under it, where no row says whether it exists. */
@@ -61,7 +89,10 @@ function withCounts(db: Db) {
 }
 
 export class ProjectsService {
-  constructor(private readonly db: Db) {}
+  constructor(
+    private readonly db: Db,
+    private readonly storedFiles: StoredFileDiscarder,
+  ) {}
 
   async create(userId: string, input: CreateProjectInput): Promise<ProjectDto> {
     const now = new Date();
@@ -103,9 +134,20 @@ export class ProjectsService {
     return toDto(row);
   }
 
-  /** Foreign keys cascade to the project's prompts, messages and files. */
-  async delete(userId: string, projectId: string): Promise<void> {
-    const deleted = await this.db.delete(projects).where(ownedProject(userId, projectId)).returning({ id: projects.id });
-    if (deleted.length === 0) throw new NotFound('Project');
+  /**
+   * Foreign keys cascade to the project's prompts and messages. Its file rows are deleted first, in the
+   * same transaction, because the cascade would forget which bytes and provider copies to remove.
+   */
+  async delete(userId: string, projectId: string, log: FastifyBaseLogger): Promise<void> {
+    const removedFiles = await this.db.transaction(async (tx) => {
+      const fileRows = await tx
+        .delete(files)
+        .where(inOwnedProject(files.projectId, userId, projectId))
+        .returning({ id: files.id, projectId: files.projectId, providerFileId: files.providerFileId });
+      const deleted = await tx.delete(projects).where(ownedProject(userId, projectId)).returning({ id: projects.id });
+      if (deleted.length === 0) throw new NotFound('Project');
+      return fileRows;
+    });
+    await this.storedFiles.discard(removedFiles, log);
   }
 }

@@ -1,4 +1,5 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+import { noContent } from '../../http/openapi.js';
 import { projectParams } from '../projects/schemas.js';
 import { createPromptBody, prompt, promptListQuery, promptPage, promptParams, updatePromptBody } from './schemas.js';
 import type { PromptsService } from './service.js';
@@ -31,7 +32,7 @@ export const promptRoutes: FastifyPluginAsyncZod<{ prompts: PromptsService }> = 
       prompts.update(request.user.id, request.params.projectId, request.params.promptId, request.body),
   );
 
-  app.delete('/:promptId', { schema: { tags: ['prompts'], params: promptParams } }, async (request, reply) => {
+  app.delete('/:promptId', { schema: { tags: ['prompts'], params: promptParams, response: { 204: noContent } } }, async (request, reply) => {
     await prompts.delete(request.user.id, request.params.projectId, request.params.promptId);
     return reply.code(204).send();
   });

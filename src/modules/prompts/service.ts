@@ -1,11 +1,11 @@
-import { and, asc, eq, gt, type SQL } from 'drizzle-orm';
+import { and, eq, type SQL } from 'drizzle-orm';
 import { v7 as uuidv7 } from 'uuid';
 import type { Db } from '../../db/database.js';
 import { prompts } from '../../db/schema.js';
 import { NotFound } from '../../http/errors.js';
 import { isUuid } from '../../http/ids.js';
-import { type IdSortKey, idSortKeyOf, type Page, type PageRequest, paginate } from '../../http/pagination.js';
-import { inOwnedProject, requireOwnedProject } from '../projects/service.js';
+import type { IdSortKey, Page, PageRequest } from '../../http/pagination.js';
+import { inOwnedProject, pageOfProjectRows, requireOwnedProject } from '../projects/service.js';
 import type { CreatePromptInput, PromptDto, UpdatePromptInput } from './schemas.js';
 
 type PromptRow = typeof prompts.$inferSelect;
@@ -42,18 +42,7 @@ export class PromptsService {
 
   /** Oldest first: the order they are sent to the model in. */
   async list(userId: string, projectId: string, page: PageRequest<IdSortKey>): Promise<Page<PromptDto>> {
-    await requireOwnedProject(this.db, userId, projectId);
-    const { data, nextCursor } = await paginate(
-      page,
-      (after, take) =>
-        this.db
-          .select()
-          .from(prompts)
-          .where(and(inOwnedProject(prompts.projectId, userId, projectId), after && gt(prompts.id, after[0])))
-          .orderBy(asc(prompts.id))
-          .limit(take),
-      idSortKeyOf,
-    );
+    const { data, nextCursor } = await pageOfProjectRows(this.db, prompts, userId, projectId, page);
     return { data: data.map(toDto), nextCursor };
   }
 

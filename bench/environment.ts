@@ -1,0 +1,296 @@
+import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { cpSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { availableParallelism, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { openDatabase, pgliteFolder } from '../src/db/database.js';
+import { adminQuery } from '../test/support/database.js';
+import {
+  freePort,
+  type NodeProcess,
+  type NodeServerOptions,
+  spawnNodeServer,
+  spawnServer,
+  waitUntilServing,
+} from '../test/support/server-process.js';
+import { HttpClient } from './http-client.js';
+import { type CpuMeter, cpuSeconds, ownCpu, postgresBackendsCpu } from './proc.js';
+import { type RoundTrip, RoundTripRecorder } from './round-trips.js';
+import { type Seed, seed } from './seed.js';
+import type { UpstreamBehaviour } from './workload.js';
+
+/**
+ * Two cores: the server being measured (ours, a baseline or the gateway, with every thread it starts)
+ * has core 0 to itself; this process (load generator and clients) and the fake upstream share core 1.
+ * PostgreSQL is the machine's own service, shared with whatever else runs here: it is left to the
+ * scheduler on both cores.
+ */
+const SERVER_CPU = '0';
+const HARNESS_CPU = '1';
+
+const LOG_DIR = 'bench/logs';
+
+export interface BenchOptions {
+  /** Runs the service with --cpu-prof, its profile written to this folder when it stops. */
+  cpuProfileDir?: string;
+}
+
+export interface RunningServer {
+  url: string;
+  pid: number;
+}
+
+/** A connection to the service that sends the seeded user's token with every request. */
+export interface SignedIn {
+  client: HttpClient;
+  /** The header's value, for load generators that bring their own connections. */
+  authorization: string;
+}
+
+export interface Bench {
+  readonly database: 'postgres' | 'pglite';
+  /** How processes were assigned to cores, for the report. */
+  readonly pinning: string;
+  readonly seed: Seed;
+  readonly service: RunningServer & SignedIn;
+  readonly fake: FakeUpstreamControl;
+  /** The CPU of the PostgreSQL backends serving the bench database; none on embedded PGlite, which runs inside the service. */
+  readonly databaseCpu: Record<string, CpuMeter>;
+  /** All the CPU the bench itself uses: this process, every process it started, its database backends. */
+  readonly benchCpu: CpuMeter;
+  /** The baselines and the peer start on first use. */
+  bareHttp(): Promise<RunningServer>;
+  fastifyPg(): Promise<RunningServer>;
+  gateway(): Promise<RunningServer>;
+  /**
+   * Database round trips of `work` on a second instance of the service, after one unrecorded run of
+   * it (connections opened); `prepare` runs before each, unrecorded. Kept for the report under `what`.
+   * PostgreSQL only: undefined on the embedded database, which has no wire to listen on.
+   */
+  countRoundTrips(what: string, work: (probe: SignedIn) => Promise<unknown>, prepare?: (probe: SignedIn) => Promise<unknown>): Promise<number | undefined>;
+  /** Round trips recorded by the figures, for the report. */
+  readonly roundTrips: { what: string; trips: RoundTrip[] }[];
+  /** The pool's projects in turn. */
+  nextPoolProject(): string;
+  close(): Promise<void>;
+}
+
+export class FakeUpstreamControl {
+  private readonly control: HttpClient;
+
+  constructor(
+    readonly url: string,
+    readonly pid: number,
+  ) {
+    this.control = new HttpClient(url);
+  }
+
+  async behave(behaviour: UpstreamBehaviour): Promise<void> {
+    await this.control.request('PUT', '/__behaviour', JSON.stringify(behaviour));
+  }
+
+  /** The body of the last chat completion request the fake received. */
+  async lastChat(): Promise<string> {
+    return (await this.control.request('GET', '/__last-chat')).body;
+  }
+
+  close(): void {
+    this.control.close();
+  }
+}
+
+export async function startBench(options: BenchOptions): Promise<Bench> {
+  const stack = new Stack();
+  try {
+    return await start(options, stack);
+  } catch (error) {
+    await stack.unwind();
+    throw error;
+  }
+}
+
+async function start(options: BenchOptions, stack: Stack): Promise<Bench> {
+  const started = new Set<number>();
+  const startServer = async (name: string, options: NodeServerOptions, readyPath?: string) => {
+    const server = spawnNodeServer(options);
+    await watch(server, name, readyPath);
+    return server;
+  };
+  /** Stopped at the end, its CPU counted as the bench's own. */
+  const watch = async (server: NodeProcess, name: string, readyPath?: string) => {
+    started.add(server.child.pid!);
+    stack.push(() => stop(server, name));
+    await waitUntilServing(server, 60_000, readyPath);
+  };
+
+  const pinned = availableParallelism() >= 2 && hasTaskset();
+  if (pinned) execFileSync('taskset', ['-a', '-p', '-c', HARNESS_CPU, String(process.pid)], { stdio: 'ignore' });
+  const serverCpus = pinned ? SERVER_CPU : undefined;
+  const harnessCpus = pinned ? HARNESS_CPU : undefined;
+
+  const dataDir = mkdtempSync(join(tmpdir(), 'chatbot-bench-'));
+  stack.push(() => rmSync(dataDir, { recursive: true, force: true }));
+  const databaseUrl = process.env.DATABASE_URL ? await createBenchDatabase(process.env.DATABASE_URL, stack) : undefined;
+
+  const database = await openDatabase({ DATABASE_URL: databaseUrl, DATA_DIR: dataDir });
+  let seeded: Seed;
+  try {
+    await database.migrate();
+    seeded = await seed(database);
+  } finally {
+    await database.close();
+  }
+  // A PGlite folder serves one process: the SQL baseline reads a copy made before the service opens it.
+  const baselineCopy = join(dataDir, 'baseline-pglite');
+  if (!databaseUrl) cpSync(pgliteFolder(dataDir), baselineCopy, { recursive: true });
+
+  const fakePort = await freePort();
+  const fake = await startServer('fake-upstream', { script: 'bench/fake-upstream.ts', port: fakePort, env: { PORT: String(fakePort) }, cpus: harnessCpus });
+  const fakeControl = new FakeUpstreamControl(fake.url, fake.child.pid!);
+  stack.push(() => fakeControl.close());
+
+  const serviceEnv: Record<string, string> = {
+    NODE_ENV: 'production',
+    JWT_SECRET: randomBytes(48).toString('base64url'),
+    LOG_LEVEL: 'warn',
+    BCRYPT_ROUNDS: '12',
+    AI_BASE_URL: `${fake.url}/v1`,
+    OPENAI_API_KEY: 'sk-bench',
+    // The limits' ceilings: the benchmarks measure the service, not its rate limiter turning them away.
+    RATE_LIMIT_API: '10000000',
+    RATE_LIMIT_CHAT: '1000000',
+    RATE_LIMIT_LOGIN: '1000000',
+    RATE_LIMIT_REGISTER: '1000000',
+    ...(databaseUrl ? { DATABASE_URL: databaseUrl } : {}),
+  };
+  if (options.cpuProfileDir) mkdirSync(options.cpuProfileDir, { recursive: true });
+  const nodeArgs = options.cpuProfileDir ? ['--cpu-prof', `--cpu-prof-dir=${options.cpuProfileDir}`] : [];
+  const serviceProcess = await spawnServer({ ...serviceEnv, DATA_DIR: dataDir }, { cpus: serverCpus, nodeArgs });
+  await watch(serviceProcess, 'service');
+  const service = { url: serviceProcess.url, pid: serviceProcess.child.pid!, ...(await signIn(serviceProcess.url, seeded, stack)) };
+
+  const lazily = <T>(startIt: () => Promise<T>) => {
+    let started: Promise<T> | undefined;
+    return () => (started ??= startIt());
+  };
+  const roundTrips: Bench['roundTrips'] = [];
+  /** A second instance of the service, reaching PostgreSQL through a recorder. */
+  const roundTripProbe = lazily(async () => {
+    const recorder = await RoundTripRecorder.start(databaseUrl!);
+    stack.push(() => recorder.close());
+    const probe = await spawnServer({ ...serviceEnv, DATABASE_URL: recorder.url, DATA_DIR: dataDir }, { cpus: serverCpus });
+    await watch(probe, 'round-trip-probe');
+    return { recorder, ...(await signIn(probe.url, seeded, stack)) };
+  });
+  let poolCursor = 0;
+  const databaseCpu: Record<string, CpuMeter> = databaseUrl ? { database: postgresBackendsCpu(new URL(databaseUrl).pathname.slice(1)) } : {};
+  return {
+    database: databaseUrl ? 'postgres' : 'pglite',
+    pinning: pinned
+      ? `taskset: the measured server (the service, a baseline or the gateway) on CPU ${SERVER_CPU}; ` +
+        `the harness (load generator, clients) and the fake upstream on CPU ${HARNESS_CPU}` +
+        (databaseUrl ? '; PostgreSQL unpinned' : '')
+      : 'not pinned (taskset or a second CPU missing)',
+    seed: seeded,
+    service,
+    fake: fakeControl,
+    databaseCpu,
+    benchCpu: () => ownCpu() + [...started].reduce((sum, pid) => sum + cpuSeconds(pid), 0) + (databaseCpu.database?.() ?? 0),
+    bareHttp: lazily(async () => {
+      const port = await freePort();
+      return running(await startServer('bare-http', { script: 'bench/baselines/bare-http.ts', port, env: { PORT: String(port) }, cpus: serverCpus }));
+    }),
+    fastifyPg: lazily(async () => {
+      const port = await freePort();
+      const env = { PORT: String(port), OWNER_ID: seeded.userId, ...(databaseUrl ? { DATABASE_URL: databaseUrl } : { PGLITE_DIR: baselineCopy }) };
+      const server = await startServer('fastify-pg', { script: 'bench/baselines/fastify-pg.ts', port, env, cpus: serverCpus }, `/api/v1/projects/${seeded.readProjectId}`);
+      return running(server);
+    }),
+    gateway: lazily(async () => {
+      const port = await freePort();
+      const script = 'node_modules/@portkey-ai/gateway/build/start-server.js';
+      return running(await startServer('gateway', { script, args: [`--port=${port}`], port, cpus: serverCpus }, '/'));
+    }),
+    async countRoundTrips(what, work, prepare) {
+      if (!databaseUrl) return undefined;
+      const { recorder, ...probe } = await roundTripProbe();
+      await prepare?.(probe);
+      await work(probe);
+      await prepare?.(probe);
+      const trips = await recorder.during(() => work(probe));
+      roundTrips.push({ what, trips });
+      return trips.length;
+    },
+    roundTrips,
+    nextPoolProject: () => seeded.poolProjectIds[poolCursor++ % seeded.poolProjectIds.length]!,
+    close: () => stack.unwind(),
+  };
+}
+
+function running(server: NodeProcess): RunningServer {
+  return { url: server.url, pid: server.child.pid! };
+}
+
+async function signIn(url: string, seeded: Seed, stack: Stack): Promise<SignedIn> {
+  const anonymous = new HttpClient(url);
+  const login = await anonymous.request('POST', '/api/v1/auth/login', JSON.stringify({ email: seeded.email, password: seeded.password }));
+  anonymous.close();
+  if (login.status !== 200) throw new Error(`login failed: ${login.status} ${login.body}`);
+  const authorization = `Bearer ${(JSON.parse(login.body) as { token: string }).token}`;
+  const client = new HttpClient(url, { authorization });
+  stack.push(() => client.close());
+  return { client, authorization };
+}
+
+/** A throwaway database on the server of `adminUrl`, dropped when the bench ends. */
+async function createBenchDatabase(adminUrl: string, stack: Stack): Promise<string> {
+  const name = `chatbot_bench_${randomBytes(6).toString('hex')}`;
+  await adminQuery(adminUrl, `create database ${name}`);
+  stack.push(() => adminQuery(adminUrl, `drop database if exists ${name} with (force)`));
+  const url = new URL(adminUrl);
+  url.pathname = `/${name}`;
+  return url.toString();
+}
+
+/**
+ * SIGTERM (graceful: a profiled service writes its profile), SIGKILL if it takes too long. What the
+ * process printed is kept in bench/logs/<name>.log.
+ */
+async function stop(server: NodeProcess, name: string): Promise<void> {
+  if (server.child.exitCode === null) {
+    server.child.kill('SIGTERM');
+    const killer = setTimeout(() => server.child.kill('SIGKILL'), 20_000);
+    await server.exited;
+    clearTimeout(killer);
+  }
+  mkdirSync(LOG_DIR, { recursive: true });
+  writeFileSync(join(LOG_DIR, `${name}.log`), server.output());
+}
+
+function hasTaskset(): boolean {
+  try {
+    execFileSync('taskset', ['--version'], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Clean-ups, run last first. */
+class Stack {
+  private readonly steps: (() => unknown)[] = [];
+
+  push(step: () => unknown): void {
+    this.steps.push(step);
+  }
+
+  async unwind(): Promise<void> {
+    while (this.steps.length) {
+      try {
+        await this.steps.pop()!();
+      } catch (error) {
+        process.stderr.write(`bench clean-up: ${(error as Error).message}\n`);
+      }
+    }
+  }
+}

@@ -1,0 +1,97 @@
+import type { Bench } from './environment.js';
+import { round, type Summary } from './stats.js';
+
+/** A target: a bound on our figure itself, or on its ratio to the baseline. */
+export interface Target {
+  on: 'value' | 'ratio';
+  atMost?: number;
+  atLeast?: number;
+}
+
+/** One line of the results table. */
+export interface Row {
+  figure: number;
+  measure: string;
+  unit: string;
+  ours: number;
+  /** What ours is compared with, measured in the same run (or an ideal); absent for a bare count. */
+  baseline?: { name: string; value: number };
+  /** Absent: reported only. */
+  target?: Target;
+  /** What a reader needs to judge the number: conditions, what limits it. */
+  notes?: string;
+  /** Raw measurements, for results.json. */
+  details?: unknown;
+}
+
+export interface Figure {
+  number: number;
+  title: string;
+  run(bench: Bench): Promise<Row[]>;
+}
+
+export function ratioOf(row: Row): number | undefined {
+  return row.baseline && row.baseline.value !== 0 ? row.ours / row.baseline.value : undefined;
+}
+
+/** True or false against the target; undefined when there is none, or no ratio to judge. */
+export function passes(row: Row): boolean | undefined {
+  const { target } = row;
+  if (!target) return undefined;
+  const value = target.on === 'ratio' ? ratioOf(row) : row.ours;
+  if (value === undefined || !Number.isFinite(value)) return false;
+  return (target.atMost === undefined || value <= target.atMost) && (target.atLeast === undefined || value >= target.atLeast);
+}
+
+export function describeTarget(row: Row): string {
+  const { target } = row;
+  if (!target) return 'reported';
+  const subject = target.on === 'ratio' ? 'ratio' : '';
+  const unit = target.on === 'value' ? ` ${row.unit}` : '';
+  const bounds = [
+    target.atLeast !== undefined ? `≥ ${target.atLeast}${unit}` : undefined,
+    target.atMost !== undefined ? `≤ ${target.atMost}${unit}` : undefined,
+  ].filter(Boolean);
+  return `${subject} ${bounds.join(' and ')}`.trim();
+}
+
+export interface AddedLatency {
+  figure: number;
+  measure: string;
+  at: 'p50' | 'p99';
+  /** Through the service, and straight to the upstream: the baseline. */
+  through: Summary;
+  direct: Summary;
+  directName: string;
+  atMostMs: number;
+  notes?: string;
+  details?: unknown;
+}
+
+/** The time the service adds at one percentile: its own minus the direct call's. */
+export function addedLatencyRow({ figure, measure, at, through, direct, directName, atMostMs, notes, details }: AddedLatency): Row {
+  return {
+    figure,
+    measure: `${measure} ${at}`,
+    unit: 'ms',
+    ours: through[at] - direct[at],
+    baseline: { name: `${directName}, ${at}`, value: direct[at] },
+    target: { on: 'value', atMost: atMostMs },
+    notes,
+    details,
+  };
+}
+
+/** A figure that failed to run is a miss, shown with its error, and the run goes on. */
+export function failedRow(figure: Figure, error: unknown): Row {
+  return {
+    figure: figure.number,
+    measure: figure.title,
+    unit: '',
+    ours: Number.NaN,
+    target: { on: 'value', atMost: Number.NaN },
+    notes: `did not complete: ${(error as Error).message ?? String(error)}`.slice(0, 500),
+  };
+}
+
+export const fmt = (value: number): string => (Number.isFinite(value) ? String(round(value)) : '—');

@@ -1,0 +1,70 @@
+import { alternate } from '../alternate.js';
+import { chatOnce, UpstreamClient } from '../chat.js';
+import { type Figure, fmt } from '../figure.js';
+import { LARGE_HISTORY, SMALL_HISTORY } from '../seed.js';
+import { percentileOf } from '../stats.js';
+import { ANSWER_AT_ONCE } from '../workload.js';
+
+const ROUNDS = 150;
+const WARMUP = 10;
+const TARGET_RATIO = 1.2;
+
+interface Sample {
+  ours: number;
+  direct: number;
+  /** What the service sent upstream. */
+  messages: number;
+  bytes: number;
+}
+
+export const historyScaling: Figure = {
+  number: 8,
+  title: 'History scaling',
+  async run(bench) {
+    const { service, seed } = bench;
+    if (seed.smallHistoryProjectIds.length < WARMUP + ROUNDS) throw new Error('too few seeded projects with a short history');
+    await bench.fake.behave(ANSWER_AT_ONCE);
+    const direct = new UpstreamClient(bench.fake.url);
+    // A chat through the service, then the same upstream body sent directly.
+    const pair = async (projectId: string): Promise<Sample> => {
+      const ours = await chatOnce(service, projectId);
+      const body = await bench.fake.lastChat();
+      return { ours, direct: await direct.complete(body), messages: (JSON.parse(body) as { messages: unknown[] }).messages.length, bytes: body.length };
+    };
+    // Each chat adds two messages: a fresh project each time keeps "10" at 10; 100,000 stays 100,000 near enough.
+    let small = 0;
+    const samples = await alternate(
+      ROUNDS,
+      { small: () => pair(seed.smallHistoryProjectIds[small++]!), large: () => pair(seed.largeHistoryProjectId) },
+      { warmupRounds: WARMUP },
+    );
+    direct.close();
+    const added = (side: Sample[], p: number) =>
+      percentileOf(side.map((sample) => sample.ours), p) - percentileOf(side.map((sample) => sample.direct), p);
+    const large = samples.large!;
+    const smallSide = samples.small!;
+    const sent = large.at(-1)!;
+
+    const trips = {
+      small: await bench.countRoundTrips(`POST chat, JSON, ${SMALL_HISTORY} stored messages`, (probe) => chatOnce(probe, seed.smallHistoryProjectIds.at(-1)!)),
+      large: await bench.countRoundTrips(`POST chat, JSON, ${LARGE_HISTORY.toLocaleString('en')} stored messages`, (probe) =>
+        chatOnce(probe, seed.largeHistoryProjectId),
+      ),
+    };
+    return [
+      {
+        figure: 8,
+        measure: `chat added latency p50, ${LARGE_HISTORY.toLocaleString('en')} stored messages`,
+        unit: 'ms',
+        ours: added(large, 50),
+        baseline: { name: `the same, ${SMALL_HISTORY} stored messages`, value: added(smallSide, 50) },
+        target: { on: 'ratio', atMost: TARGET_RATIO },
+        notes:
+          `${ROUNDS} chats each, alternating, each beside a direct call with the same upstream body; p99 ${fmt(added(large, 99))} vs ${fmt(added(smallSide, 99))} ms; ` +
+          `the large history fills the default model's context: ${sent.messages} messages (${fmt(sent.bytes / 1024)} KB) sent upstream per chat` +
+          (trips.large === undefined ? '' : `; ${trips.large} database round trips per chat vs ${trips.small}`),
+        details: samples,
+      },
+    ];
+  },
+};

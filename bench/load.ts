@@ -1,0 +1,89 @@
+import autocannon from 'autocannon';
+import { alternate } from './alternate.js';
+import { type CpuMeter, cpuShares, ownCpu, processCpu } from './proc.js';
+import { mean, percent } from './stats.js';
+
+export interface LoadOptions {
+  url: string;
+  connections: number;
+  durationSeconds: number;
+  method?: 'GET' | 'POST';
+  headers?: Record<string, string>;
+  body?: string;
+  /** A path per request (e.g. chats spread over many projects); the URL's path otherwise. */
+  nextPath?: () => string;
+}
+
+export interface LoadResult {
+  /** Successful (2xx) responses per second. */
+  rps: number;
+  /** Connection errors (timeouts among them) and non-2xx responses. */
+  errors: number;
+  p50Ms: number;
+  p99Ms: number;
+  /** Share of one core each meter's subject used (the server under test, the database, the load generator). */
+  cpu: Record<string, number>;
+}
+
+/** Closed-loop load from autocannon in this process. */
+export async function runLoad(meters: Record<string, CpuMeter>, options: LoadOptions): Promise<LoadResult> {
+  const { nextPath } = options;
+  const { result, shares } = await cpuShares(meters, () =>
+    autocannon({
+      url: options.url,
+      connections: options.connections,
+      duration: options.durationSeconds,
+      method: options.method ?? 'GET',
+      headers: options.headers,
+      body: options.body,
+      ...(nextPath ? { requests: [{ setupRequest: (request) => ({ ...request, path: nextPath() }) }] } : {}),
+    }),
+  );
+  return {
+    rps: result['2xx'] / result.duration,
+    errors: result.errors + result.non2xx,
+    p50Ms: result.latency.p50,
+    p99Ms: result.latency.p99,
+    cpu: shares,
+  };
+}
+
+export interface LoadSide {
+  pid: number;
+  load: Omit<LoadOptions, 'durationSeconds'>;
+}
+
+export interface ThroughputRounds {
+  rounds: number;
+  seconds: number;
+  warmupSeconds: number;
+  /** Whatever else works for the server, e.g. the database's backends. */
+  meters?: Record<string, CpuMeter>;
+}
+
+/** Each side under the same load in turn, `rounds` times, after a short warm-up of each. */
+export async function compareThroughput(sides: Record<string, LoadSide>, options: ThroughputRounds): Promise<Record<string, LoadResult[]>> {
+  const metersOf = (side: LoadSide) => ({ server: processCpu(side.pid), ...options.meters, 'load generator': ownCpu });
+  for (const side of Object.values(sides)) await runLoad(metersOf(side), { ...side.load, durationSeconds: options.warmupSeconds });
+  const runs = Object.fromEntries(
+    Object.entries(sides).map(([name, side]) => [name, () => runLoad(metersOf(side), { ...side.load, durationSeconds: options.seconds })]),
+  );
+  return alternate(options.rounds, runs);
+}
+
+export const meanRps = (results: LoadResult[]) => mean(results.map((result) => result.rps));
+export const totalErrors = (results: LoadResult[]) => results.reduce((sum, result) => sum + result.errors, 0);
+
+/**
+ * Who was busy: a server at 100% of its core is the limit; a load generator or a database near it may
+ * be. The server's CPU per request tells what a whole core would serve, whatever else ran meanwhile.
+ */
+export function cpuNotes(sides: Record<string, LoadResult[]>): string {
+  const side = ([name, results]: [string, LoadResult[]]) => {
+    const share = (meter: string) => mean(results.map((result) => result.cpu[meter]!));
+    const perRequestMs = (1000 * share('server')) / meanRps(results);
+    const meters = Object.keys(results[0]!.cpu).map((meter) => `${meter} ${percent(share(meter))}`);
+    return `${name}: ${meters.join(', ')} (server ${perRequestMs.toPrecision(2)} ms CPU per request)`;
+  };
+  return `CPU, share of one core: ${Object.entries(sides).map(side).join('; ')}`;
+}

@@ -1,0 +1,118 @@
+import { execFileSync } from 'node:child_process';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { cpus, release, totalmem } from 'node:os';
+import type { Bench } from './environment.js';
+import { describeTarget, fmt, passes, ratioOf, type Row } from './figure.js';
+import { percent } from './stats.js';
+
+export interface Machine {
+  cpus: number;
+  cpuModel: string;
+  memoryGiB: number;
+  kernel: string;
+  node: string;
+  postgres?: string;
+}
+
+export function describeMachine(postgresVersion?: string): Machine {
+  const model = /^model name\s*:\s*(.+)$/m.exec(readFileSync('/proc/cpuinfo', 'utf8'))?.[1] ?? 'unknown';
+  return {
+    // Not availableParallelism(): this process is pinned to one CPU by then.
+    cpus: cpus().length,
+    cpuModel: model.trim(),
+    memoryGiB: Math.round(totalmem() / 2 ** 30),
+    kernel: release(),
+    node: process.version,
+    ...(postgresVersion ? { postgres: postgresVersion } : {}),
+  };
+}
+
+export interface Report {
+  startedAt: string;
+  finishedAt: string;
+  /** The commit measured, and whether the working tree differed from it. */
+  revision: string;
+  machine: Machine;
+  database: Bench['database'];
+  pinning: string;
+  rows: Row[];
+  background: Background[];
+  roundTrips: Bench['roundTrips'];
+}
+
+/** Other work on the machine while a figure ran: tests of other people, say. */
+export interface Background {
+  figure: number;
+  /** CPU that processes other than the bench's used, as a share of one core (the machine has `cpus`). */
+  othersCpu: number;
+  /** The 1-minute load average at the figure's end. */
+  loadAverage: number;
+}
+
+export function currentRevision(): string {
+  try {
+    const commit = execFileSync('git', ['rev-parse', '--short', 'HEAD'], { encoding: 'utf8' }).trim();
+    const dirty = execFileSync('git', ['status', '--porcelain', '--', 'src'], { encoding: 'utf8' }).trim() !== '';
+    return dirty ? `${commit} with uncommitted changes in src/` : commit;
+  } catch {
+    return 'unknown';
+  }
+}
+
+export function writeReport(report: Report, jsonPath: string, markdownPath: string): void {
+  const rows = report.rows.map((row) => ({ ...row, ratio: ratioOf(row), targetText: describeTarget(row), pass: passes(row) }));
+  writeFileSync(jsonPath, JSON.stringify({ ...report, rows }, null, 2) + '\n');
+  writeFileSync(markdownPath, markdown(report));
+}
+
+function markdown(report: Report): string {
+  const { machine } = report;
+  const lines = [
+    `- Run: ${report.startedAt} – ${report.finishedAt}, revision ${report.revision}.`,
+    `- Machine: ${machine.cpus} × ${machine.cpuModel}, ${machine.memoryGiB} GiB, Linux ${machine.kernel}, Node.js ${machine.node}` +
+      (machine.postgres ? `, ${machine.postgres}` : '') +
+      `; database: ${report.database === 'postgres' ? 'PostgreSQL (DATABASE_URL), durable commits' : 'embedded PGlite'}.`,
+    `- CPUs: ${report.pinning}.`,
+    '',
+    '| # | measure | ours | baseline | ratio | target | result | notes |',
+    '|---|---|---|---|---|---|---|---|',
+    ...report.rows.map(tableRow),
+    '',
+    'Other processes on the machine (not the bench) while each figure ran, CPU as a share of one core, and the load average: ' +
+      report.background.map(({ figure, othersCpu, loadAverage }) => `${figure}: ${percent(othersCpu)}, ${loadAverage.toFixed(1)}`).join('; ') +
+      '.',
+    '',
+  ];
+  if (report.roundTrips.length) {
+    lines.push('Database round trips, recorded on the wire:', '');
+    for (const { what, trips } of report.roundTrips) {
+      lines.push(`- ${what}: **${trips.length}**`);
+      // The same statement again and again (history pages) is one line with its count.
+      for (let i = 0; i < trips.length; ) {
+        let repeats = 1;
+        while (trips[i + repeats]?.sql === trips[i]!.sql) repeats++;
+        const sql = trips[i]!.sql;
+        lines.push(`  - \`${sql.length > 160 ? `${sql.slice(0, 157)}...` : sql}\`${repeats > 1 ? ` × ${repeats}` : ''}`);
+        i += repeats;
+      }
+    }
+    lines.push('');
+  }
+  return lines.join('\n');
+}
+
+function tableRow(row: Row): string {
+  const pass = passes(row);
+  const ratio = ratioOf(row);
+  const cells = [
+    String(row.figure),
+    `${row.measure} (${row.unit})`,
+    fmt(row.ours),
+    row.baseline ? `${fmt(row.baseline.value)} (${row.baseline.name})` : '—',
+    ratio === undefined || row.target?.on === 'value' ? '—' : fmt(ratio),
+    describeTarget(row),
+    pass === undefined ? 'reported' : pass ? '**pass**' : '**MISS**',
+    row.notes ?? '',
+  ];
+  return `| ${cells.map((cell) => cell.replaceAll('|', '\\|')).join(' | ')} |`;
+}

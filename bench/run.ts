@@ -1,0 +1,115 @@
+import { readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { loadavg } from 'node:os';
+import { join } from 'node:path';
+import pg from 'pg';
+import { type Bench, startBench } from './environment.js';
+import { failedRow, type Figure, type Row } from './figure.js';
+import { authenticatedRead } from './figures/authenticated-read.js';
+import { chatLatency } from './figures/chat-latency.js';
+import { chatThroughput } from './figures/chat-throughput.js';
+import { frameworkFloor } from './figures/framework-floor.js';
+import { historyScaling } from './figures/history-scaling.js';
+import { loginIsolation } from './figures/login-isolation.js';
+import { openStreams } from './figures/open-streams.js';
+import { peer } from './figures/peer.js';
+import { streaming } from './figures/streaming.js';
+import { type CpuProfile, summarizeProfile } from './profile-summary.js';
+import { cpuShares, machineCpu } from './proc.js';
+import { type Background, currentRevision, describeMachine, writeReport } from './report.js';
+
+/**
+ * `npm run bench`: every figure of the performance issue against its baseline, in one run.
+ *   npm run bench -- --only=1,3        some figures
+ *   npm run bench -- --cpu-prof        the service profiled (bench/profiles/*.cpuprofile)
+ * DATABASE_URL names a PostgreSQL server where a throwaway database is made; without it, embedded PGlite.
+ */
+const FIGURES: Figure[] = [
+  frameworkFloor,
+  authenticatedRead,
+  chatLatency,
+  chatThroughput,
+  streaming,
+  openStreams,
+  loginIsolation,
+  historyScaling,
+  peer,
+];
+
+const args = process.argv.slice(2);
+const only = args.find((arg) => arg.startsWith('--only='))?.slice('--only='.length).split(',').map(Number);
+const unknown = only?.filter((number) => !FIGURES.some((figure) => figure.number === number));
+if (unknown?.length) throw new Error(`--only: no figure ${unknown.join(', ')}; there are ${FIGURES.map((figure) => figure.number).join(', ')}`);
+const selected = FIGURES.filter((figure) => !only || only.includes(figure.number));
+const cpuProfileDir = args.includes('--cpu-prof') ? 'bench/profiles' : undefined;
+
+const startedAt = new Date().toISOString();
+const bench = await startBench({ cpuProfileDir });
+// Interrupted: still stop every process started and drop the bench database.
+process.once('SIGINT', () => void bench.close().finally(() => process.exit(130)));
+const rows: Row[] = [];
+const background: Background[] = [];
+try {
+  for (const figure of selected) {
+    log(`figure ${figure.number}: ${figure.title}`);
+    // What the rest of the machine did meanwhile tells how far the figure can be trusted.
+    const { result: figureRows, shares } = await cpuShares({ machine: machineCpu, bench: bench.benchCpu }, () => runFigure(figure, bench));
+    background.push({ figure: figure.number, othersCpu: shares.machine! - shares.bench!, loadAverage: loadavg()[0]! });
+    rows.push(...figureRows);
+    for (const row of figureRows) log(`  ${row.measure}: ${row.ours} ${row.unit}${row.baseline ? ` (baseline ${row.baseline.value})` : ''}`);
+  }
+} finally {
+  await bench.close();
+}
+writeReport(
+  {
+    startedAt,
+    finishedAt: new Date().toISOString(),
+    revision: currentRevision(),
+    machine: describeMachine(await postgresVersion()),
+    database: bench.database,
+    pinning: bench.pinning,
+    rows,
+    background,
+    roundTrips: bench.roundTrips,
+  },
+  'bench/results.json',
+  'bench/results.md',
+);
+log('wrote bench/results.json and bench/results.md');
+if (cpuProfileDir) summarizeProfiles(cpuProfileDir, Date.parse(startedAt));
+
+async function runFigure(figure: Figure, bench: Bench): Promise<Row[]> {
+  try {
+    return await figure.run(bench);
+  } catch (error) {
+    log(`  figure ${figure.number} failed: ${(error as Error).stack ?? String(error)}`);
+    return [failedRow(figure, error)];
+  }
+}
+
+async function postgresVersion(): Promise<string | undefined> {
+  if (!process.env.DATABASE_URL) return undefined;
+  const client = new pg.Client({ connectionString: process.env.DATABASE_URL });
+  await client.connect();
+  try {
+    const { rows } = await client.query<{ server_version: string }>('show server_version');
+    return `PostgreSQL ${rows[0]!.server_version}`;
+  } finally {
+    await client.end();
+  }
+}
+
+/** Each profile the service wrote in this run, summarized beside it (<file>.txt). */
+function summarizeProfiles(dir: string, since: number): void {
+  for (const file of readdirSync(dir).filter((name) => name.endsWith('.cpuprofile'))) {
+    const path = join(dir, file);
+    if (statSync(path).mtimeMs < since) continue;
+    const summary = summarizeProfile(JSON.parse(readFileSync(path, 'utf8')) as CpuProfile);
+    writeFileSync(`${path}.txt`, `${summary}\n`);
+    log(`service profile: ${path} (summary: ${path}.txt)\n${summary.split('\n').slice(0, 20).join('\n')}`);
+  }
+}
+
+function log(line: string): void {
+  process.stdout.write(`${line}\n`);
+}

@@ -1,0 +1,167 @@
+import type { ServerResponse } from 'node:http';
+import { finished } from 'node:stream';
+import type { FastifyInstance } from 'fastify';
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import { z } from 'zod';
+import type { Database, PoolStats } from '../db/database.js';
+import type { Usage } from '../providers/types.js';
+import type { ProblemCode } from './errors.js';
+
+/** One finished call to an AI provider, as the metered adapter reports it. */
+export interface ProviderCall {
+  provider: string;
+  model: string;
+  operation: 'complete' | 'stream';
+  seconds: number;
+  /** `ok`, `aborted` (the client left and the call was cut), or the problem code it failed with. */
+  outcome: 'ok' | 'aborted' | ProblemCode;
+  usage: Usage | null;
+}
+
+export interface Metrics {
+  /** Counts an open server-sent events stream until `response` closes. */
+  trackStream(response: ServerResponse): void;
+  recordProviderCall(call: ProviderCall): void;
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    metrics: Metrics;
+  }
+}
+
+/** The label of requests that matched no route: their URLs are whatever a client sent. */
+const UNMATCHED_ROUTE = 'unmatched';
+/** Models are free text a user can set on a project: past this many distinct ones they share one label. */
+const MAX_MODEL_LABELS = 100;
+const OTHER_MODEL = 'other';
+
+let processRegistry: Registry | undefined;
+
+/**
+ * Process and event-loop metrics (CPU, memory, GC, handles, event-loop lag) describe the process, not
+ * one application in it, and collecting them starts monitors that are never stopped: collected once.
+ */
+function processMetrics(): Registry {
+  if (!processRegistry) {
+    processRegistry = new Registry();
+    collectDefaultMetrics({ register: processRegistry });
+  }
+  return processRegistry;
+}
+
+/**
+ * Prometheus metrics at `GET /metrics`: requests by route template and status, AI provider calls,
+ * open SSE streams, the database pool, and the process. Labels take route templates and a bounded set
+ * of models, never URLs or other client-chosen text, so the number of series stays bounded.
+ */
+export function registerMetrics(app: FastifyInstance, database: Database): Metrics {
+  const registry = new Registry();
+  const registers = [registry];
+
+  const requests = new Histogram({
+    name: 'http_request_duration_seconds',
+    help: 'HTTP requests by method, route template and status; _count is the number of requests',
+    labelNames: ['method', 'route', 'status'] as const,
+    buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60],
+    registers,
+  });
+  const openStreams = new Gauge({ name: 'sse_streams_open', help: 'Server-sent event streams open now', registers });
+  const providerCalls = new Histogram({
+    name: 'ai_provider_request_duration_seconds',
+    help: 'AI provider calls (retries included) by provider, model, operation and outcome (ok, error, aborted)',
+    labelNames: ['provider', 'model', 'operation', 'outcome'] as const,
+    buckets: [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120],
+    registers,
+  });
+  const providerTokens = new Counter({
+    name: 'ai_provider_tokens_total',
+    help: 'Tokens the AI providers reported, by provider, model and type (prompt, completion)',
+    labelNames: ['provider', 'model', 'type'] as const,
+    registers,
+  });
+  const providerErrors = new Counter({
+    name: 'ai_provider_errors_total',
+    help: 'Failed AI provider calls by provider, model and problem code',
+    labelNames: ['provider', 'model', 'code'] as const,
+    registers,
+  });
+  if (database.poolStats) registerPoolMetrics(registry, database.poolStats);
+  const scraped = Registry.merge([processMetrics(), registry]);
+  const modelLabel = boundedLabel(MAX_MODEL_LABELS, OTHER_MODEL);
+
+  // The one per-request cost: a single histogram observation once the response is sent.
+  app.addHook('onResponse', (request, reply, done) => {
+    requests.observe(
+      { method: request.method, route: request.routeOptions.url ?? UNMATCHED_ROUTE, status: reply.statusCode },
+      reply.elapsedTime / 1000,
+    );
+    done();
+  });
+
+  app.get(
+    '/metrics',
+    {
+      config: { public: true, servedUnderPressure: true },
+      schema: {
+        tags: ['operations'],
+        summary: 'Prometheus metrics (text exposition format)',
+        response: { 200: { content: { 'text/plain': { schema: z.string() } } } },
+      },
+    },
+    async (_request, reply) => reply.type(scraped.contentType).send(await scraped.metrics()),
+  );
+
+  const metrics: Metrics = {
+    trackStream(response) {
+      openStreams.inc();
+      // Called back once however the response ends (finished, client gone), even if it already has.
+      finished(response, () => openStreams.dec());
+    },
+    recordProviderCall({ provider, model, operation, seconds, outcome, usage }) {
+      const labels = { provider, model: modelLabel(model) };
+      const failed = outcome !== 'ok' && outcome !== 'aborted';
+      providerCalls.observe({ ...labels, operation, outcome: failed ? 'error' : outcome }, seconds);
+      if (failed) providerErrors.inc({ ...labels, code: outcome });
+      if (usage) {
+        providerTokens.inc({ ...labels, type: 'prompt' }, usage.promptTokens);
+        providerTokens.inc({ ...labels, type: 'completion' }, usage.completionTokens);
+      }
+    },
+  };
+  app.decorate('metrics', metrics);
+  return metrics;
+}
+
+function registerPoolMetrics(registry: Registry, poolStats: () => PoolStats): void {
+  new Gauge({
+    name: 'db_pool_connections',
+    help: 'PostgreSQL pool connections by state (busy, idle)',
+    labelNames: ['state'] as const,
+    registers: [registry],
+    collect() {
+      const { total, idle } = poolStats();
+      this.set({ state: 'busy' }, total - idle);
+      this.set({ state: 'idle' }, idle);
+    },
+  });
+  new Gauge({
+    name: 'db_pool_waiting_queries',
+    help: 'Queries waiting for a free PostgreSQL pool connection',
+    registers: [registry],
+    collect() {
+      this.set(poolStats().waiting);
+    },
+  });
+}
+
+/** The value itself for the first `max` distinct values seen, `other` for any after them. */
+function boundedLabel(max: number, other: string): (value: string) => string {
+  const seen = new Set<string>();
+  return (value) => {
+    if (seen.has(value)) return value;
+    if (seen.size >= max) return other;
+    seen.add(value);
+    return value;
+  };
+}

@@ -1,0 +1,149 @@
+import fastifySwagger, { type SwaggerTransform } from '@fastify/swagger';
+import fastifySwaggerUi from '@fastify/swagger-ui';
+import type { FastifyInstance, FastifySchema, RouteOptions } from 'fastify';
+import { jsonSchemaTransform, jsonSchemaTransformObject } from 'fastify-type-provider-zod';
+import { z } from 'zod';
+import { PROBLEM_STATUS, type ProblemCode } from './errors.js';
+import { rateLimitGroupOf } from './rate-limit.js';
+
+declare module 'fastify' {
+  interface FastifySchema {
+    /**
+     * Problem codes the route answers with besides the ones every route like it may (see
+     * `problemCodesOf`). Documentation only: error bodies are not serialized through a schema.
+     */
+    problems?: readonly ProblemCode[];
+  }
+}
+
+/** The response of a route that answers without a body (204). */
+export const noContent = z.undefined().describe('No content');
+
+const problemCodes = Object.keys(PROBLEM_STATUS) as [ProblemCode, ...ProblemCode[]];
+
+/** RFC 9457 problem details, the body of every 4xx and 5xx (see src/http/errors.ts). */
+const problem = z
+  .looseObject({
+    type: z.string(),
+    title: z.string(),
+    status: z.number().int(),
+    code: z.enum(problemCodes).describe('Stable and machine-readable'),
+    detail: z.string(),
+    instance: z.string(),
+    requestId: z.string().describe('The x-request-id of the response'),
+    errors: z
+      .array(z.object({ path: z.string(), message: z.string() }))
+      .optional()
+      .describe('Only on VALIDATION_ERROR: each invalid field, e.g. `body.name`'),
+  })
+  .meta({ id: 'Problem', description: 'RFC 9457 problem details (application/problem+json)' });
+
+const retryAfter = {
+  'Retry-After': { type: 'integer', description: 'Seconds to wait before trying again (429, and 503 when known)' },
+};
+
+const BODY_METHODS = new Set(['POST', 'PUT', 'PATCH']);
+
+/**
+ * The problem codes a route can answer with: the ones that follow from what it is (authenticated,
+ * rate limited, taking input, naming a resource, taking a body) plus those its schema lists.
+ */
+function problemCodesOf(route: RouteOptions, schema: FastifySchema): Set<ProblemCode> {
+  const config = route.config ?? {};
+  const methods = [route.method].flat();
+  const codes = new Set<ProblemCode>(schema.problems);
+  if (schema.body || schema.querystring || schema.params || schema.headers) codes.add('VALIDATION_ERROR');
+  if (!config.public) codes.add('UNAUTHORIZED');
+  if (route.url.includes(':')) codes.add('NOT_FOUND');
+  if (methods.some((method) => BODY_METHODS.has(method))) {
+    codes.add('PAYLOAD_TOO_LARGE');
+    codes.add('UNSUPPORTED_MEDIA_TYPE');
+  }
+  if (rateLimitGroupOf(config)) codes.add('RATE_LIMITED');
+  codes.add('INTERNAL');
+  if (!config.servedUnderPressure) codes.add('SERVICE_UNAVAILABLE');
+  return codes;
+}
+
+/** One problem+json response per status, naming the codes it can carry. */
+function problemResponses(codes: Set<ProblemCode>) {
+  const byStatus = new Map<number, ProblemCode[]>();
+  for (const code of codes) {
+    const status = PROBLEM_STATUS[code];
+    byStatus.set(status, [...(byStatus.get(status) ?? []), code]);
+  }
+  return Object.fromEntries(
+    [...byStatus].map(([status, statusCodes]) => [
+      status,
+      {
+        description: `Problem details; \`code\`: ${statusCodes.map((code) => `\`${code}\``).join(', ')}`,
+        content: { 'application/problem+json': { schema: problem } },
+      },
+    ]),
+  );
+}
+
+/**
+ * Each route's document from its own Zod schemas (fastify-type-provider-zod), with the problem
+ * responses it can answer with and its security: bearer auth unless the route is public. Applied to
+ * every route as the document is built, so a new route is documented with no step of its own.
+ */
+const documentRoute: SwaggerTransform = (input) => {
+  const { problems: _listed, ...schema } = input.schema ?? {};
+  const codes = problemCodesOf(input.route, input.schema ?? {});
+  const withProblems = { ...schema, response: { ...problemResponses(codes), ...(schema.response as object | undefined) } };
+  const transformed = jsonSchemaTransform({ ...input, schema: withProblems });
+  if (transformed.schema.hide) return transformed;
+  const responses = transformed.schema.response as Record<string, { headers?: object }>;
+  for (const status of ['429', '503']) {
+    if (responses[status]) responses[status].headers = retryAfter;
+  }
+  const security = input.route.config?.public ? { security: [] } : {};
+  // A prefix's root route answers with and without the slash; the contract names it without.
+  const url = transformed.url.length > 1 ? transformed.url.replace(/\/$/, '') : transformed.url;
+  return { url, schema: { ...transformed.schema, ...security } };
+};
+
+/**
+ * OpenAPI 3 at `GET /openapi.json`, generated from the Zod schemas that validate the requests, and
+ * Swagger UI at `GET /docs`. Register before any route: the document lists the routes registered after it.
+ */
+export async function registerOpenApi(app: FastifyInstance): Promise<void> {
+  await app.register(fastifySwagger, {
+    openapi: {
+      openapi: '3.0.3',
+      info: {
+        title: 'Chatbot platform API',
+        version: '1.0.0',
+        description:
+          'Projects (chatbots) with system prompts, chat through OpenAI-compatible providers (JSON or server-sent events) and files. ' +
+          'Every error is application/problem+json (RFC 9457) with a stable `code`.',
+      },
+      components: { securitySchemes: { bearerAuth: { type: 'http', scheme: 'bearer', bearerFormat: 'JWT' } } },
+      security: [{ bearerAuth: [] }],
+    },
+    transform: documentRoute,
+    transformObject: jsonSchemaTransformObject,
+  });
+
+  // The UI's own routes (page, assets, a copy of the document) are public and left out of the document.
+  await app.register(async (docs) => {
+    docs.addHook('onRoute', (route) => {
+      route.config = { ...route.config, public: true };
+    });
+    await docs.register(fastifySwaggerUi, { routePrefix: '/docs' });
+  });
+
+  app.get(
+    '/openapi.json',
+    {
+      config: { public: true },
+      schema: {
+        tags: ['operations'],
+        summary: 'This OpenAPI document',
+        response: { 200: z.looseObject({ openapi: z.string() }).describe('OpenAPI 3 document') },
+      },
+    },
+    () => app.swagger() as { openapi: string },
+  );
+}

@@ -1,0 +1,117 @@
+import fastifyRateLimit from '@fastify/rate-limit';
+import type { FastifyBaseLogger, FastifyInstance, FastifyRequest } from 'fastify';
+import { Redis } from 'ioredis';
+import type { Config } from '../config.js';
+import { RateLimited } from './errors.js';
+
+/** The limits of the contract; each counts requests in a fixed window. */
+export type RateLimitGroup = 'login' | 'register' | 'chat' | 'api';
+
+declare module 'fastify' {
+  interface FastifyContextConfig {
+    /**
+     * The limit a route counts against when it is not the default: authenticated routes count against
+     * `api`, public ones against none.
+     */
+    rateLimitGroup?: Exclude<RateLimitGroup, 'api'>;
+  }
+}
+
+/** What authentication reports to the limits, once it knows who is calling or that it cannot tell. */
+export interface RateLimits {
+  /** Counts a request of the authenticated `request.user` (chat or api); throws RateLimited over the limit. */
+  countUser(request: FastifyRequest): Promise<void>;
+  /** Counts a request that failed authentication against its address; throws RateLimited over the limit. */
+  countAnonymous(request: FastifyRequest): Promise<void>;
+}
+
+/** The limit a route counts against, or none (a public route). */
+export function rateLimitGroupOf(config: { public?: boolean; rateLimitGroup?: RateLimitGroup } | undefined): RateLimitGroup | undefined {
+  return config?.rateLimitGroup ?? (config?.public ? undefined : 'api');
+}
+
+const MINUTE = 60_000;
+/** The longest email the login schema accepts: a longer one must not make a longer key. */
+const MAX_EMAIL_LENGTH = 254;
+
+/**
+ * The contract's rate limits on @fastify/rate-limit: login per address and email, register per
+ * address, chat and every other authenticated route per user, and callers that fail authentication
+ * per address. Counters live in memory, or in Redis when REDIS_URL is set so that every instance
+ * shares them. Every attempt counts, whatever its answer.
+ */
+export async function registerRateLimits(app: FastifyInstance, config: Config): Promise<RateLimits> {
+  const redis = config.REDIS_URL ? await connectRedis(config.REDIS_URL, app.log) : undefined;
+  if (redis) app.addHook('onClose', () => redis.disconnect());
+  await app.register(fastifyRateLimit, {
+    global: false,
+    redis,
+    nameSpace: `${config.REDIS_KEY_PREFIX}rate-limit:`,
+    // Fail open: while Redis is unreachable requests are served unlimited (connectRedis logs it),
+    // rather than the whole API failing with it.
+    skipOnError: true,
+  });
+
+  const limiter = (group: RateLimitGroup | 'anonymous', max: number, timeWindow: number, key: (request: FastifyRequest) => string) => {
+    const check = app.createRateLimit({ max, timeWindow, keyGenerator: (request) => `${group}:${key(request)}` });
+    return async (request: FastifyRequest): Promise<void> => {
+      const result = await check(request);
+      if (!result.isAllowed && result.isExceeded) throw new RateLimited(result.ttlInSeconds);
+    };
+  };
+  const login = limiter('login', config.RATE_LIMIT_LOGIN, 15 * MINUTE, (request) => `${request.ip}:${emailOf(request.body)}`);
+  const register = limiter('register', config.RATE_LIMIT_REGISTER, 60 * MINUTE, (request) => request.ip);
+  const chat = limiter('chat', config.RATE_LIMIT_CHAT, MINUTE, (request) => request.user.id);
+  const api = limiter('api', config.RATE_LIMIT_API, MINUTE, (request) => request.user.id);
+  const anonymous = limiter('anonymous', config.RATE_LIMIT_API, MINUTE, (request) => request.ip);
+
+  // Login and register need no token, so authentication does not count them. They are counted once the
+  // body is parsed (the email is part of the login key) and before it is validated: malformed attempts count too.
+  const publicLimits = { login, register, chat: undefined };
+  app.addHook('onRoute', (route) => {
+    const group = route.config?.rateLimitGroup;
+    const limit = group && publicLimits[group];
+    if (limit) route.preValidation = [...[route.preValidation ?? []].flat(), limit];
+  });
+
+  return {
+    countUser: (request) => (request.routeOptions.config.rateLimitGroup === 'chat' ? chat(request) : api(request)),
+    countAnonymous: anonymous,
+  };
+}
+
+function emailOf(body: unknown): string {
+  const email = (body as { email?: unknown } | null | undefined)?.email;
+  return typeof email === 'string' ? email.trim().toLowerCase().slice(0, MAX_EMAIL_LENGTH) : '';
+}
+
+/**
+ * A Redis client for the counters that never holds a request back for long: while Redis is unreachable
+ * commands fail at once instead of queueing (the limit is skipped), one that gets no answer fails after
+ * a second, and a warning is logged once per outage. Waits for the first connection, or its first
+ * failure, so that counting starts with the first request.
+ */
+async function connectRedis(url: string, log: FastifyBaseLogger): Promise<Redis> {
+  const redis = new Redis(url, {
+    enableOfflineQueue: false,
+    maxRetriesPerRequest: 0,
+    commandTimeout: 1_000,
+    connectTimeout: 2_000,
+  });
+  let down = false;
+  redis.on('error', (error: Error) => {
+    if (down) return;
+    down = true;
+    log.warn({ err: error }, 'Redis is unreachable: rate limits are not enforced until it is back');
+  });
+  redis.on('ready', () => {
+    if (!down) return;
+    down = false;
+    log.info('Redis is reachable again: rate limits are enforced');
+  });
+  await new Promise((resolve) => {
+    redis.once('ready', resolve);
+    redis.once('error', resolve);
+  });
+  return redis;
+}

@@ -1,0 +1,87 @@
+import { MESSAGE_OVERHEAD_TOKENS } from '../../providers/models.js';
+import type { ChatMessage } from '../../providers/types.js';
+import { isTextType } from './content-type.js';
+
+/*
+ * What a project's files add to a chat turn: one system message, after the prompts and before the
+ * history, given whatever the budget leaves once the prompts and the new message are counted.
+ *  - Files are taken newest first. A text file (text/*, JSON) goes in whole, under a line naming it,
+ *    when it fits in what is left; one that does not is named as left out, and older files that fit
+ *    still go in. A file is never cut in half.
+ *  - A PDF with a provider copy, when the provider reads files (OpenAI), is named and sent by
+ *    reference: a file content part of the new user message. OpenAI's Chat Completions reads no
+ *    other type that way. Its tokens are the provider's to count: they are not in the budget.
+ *  - Any other file is named, with its type, and not sent.
+ *  - Naming stops at the first file whose line no longer fits.
+ */
+
+export interface ContextFile {
+  filename: string;
+  mimeType: string;
+  size: number;
+  providerFileId: string | null;
+  /** The file's text; read only for a text file that may fit. */
+  readText(): Promise<string>;
+}
+
+export interface FilesSection {
+  message: ChatMessage;
+  tokens: number;
+  /** Provider files to send with the new user message. */
+  fileIds: string[];
+}
+
+export interface FilesSectionOptions {
+  /** Tokens the section may take, its message framing included. */
+  budget: number;
+  countText(text: string): number;
+  /** Whether the provider of this turn reads provider files (PDF content parts). */
+  providerReadsFiles: boolean;
+}
+
+const HEADER = 'Files attached to this project, newest first:';
+const PDF = 'application/pdf';
+
+/**
+ * No real text takes more bytes per token than this, so a longer file cannot fit what is left and is
+ * not read; and a turn reads at most its budget times this many bytes of files in all.
+ */
+const MAX_BYTES_PER_TOKEN = 16;
+
+export async function buildFilesSection(files: ContextFile[], options: FilesSectionOptions): Promise<FilesSection | undefined> {
+  const { budget, countText } = options;
+  // Entries start on a new line, where the tokenizer splits anyway: their counts add up to the whole.
+  let tokens = MESSAGE_OVERHEAD_TOKENS + countText(HEADER);
+  let readable = budget * MAX_BYTES_PER_TOKEN;
+  const entries: string[] = [];
+  const fileIds: string[] = [];
+
+  for (const file of files) {
+    const heading = `\n\n--- ${file.filename} (${file.mimeType}) ---\n`;
+    if (isTextType(file.mimeType) && file.size <= Math.min(readable, (budget - tokens) * MAX_BYTES_PER_TOKEN)) {
+      readable -= file.size;
+      const entry = heading + (await file.readText());
+      const cost = countText(entry);
+      if (tokens + cost <= budget) {
+        entries.push(entry);
+        tokens += cost;
+        continue;
+      }
+    }
+    const reference = options.providerReadsFiles && file.mimeType === PDF ? file.providerFileId : null;
+    const entry = heading + note(file, reference);
+    const cost = countText(entry);
+    if (tokens + cost > budget) break;
+    entries.push(entry);
+    tokens += cost;
+    if (reference) fileIds.push(reference);
+  }
+  if (entries.length === 0) return undefined;
+  return { message: { role: 'system', content: HEADER + entries.join('') }, tokens, fileIds };
+}
+
+function note(file: ContextFile, reference: string | null): string {
+  if (reference) return '[attached to the latest user message]';
+  if (isTextType(file.mimeType)) return '[not included: too long for the context]';
+  return '[not included: only its name and type are known]';
+}

@@ -1,0 +1,107 @@
+import multipart, { type Multipart } from '@fastify/multipart';
+import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+import { ValidationFailed } from '../../http/errors.js';
+import { projectParams } from '../projects/schemas.js';
+import { isTextType } from './content-type.js';
+import { attachmentDisposition } from './filename.js';
+import { file, fileListQuery, filePage, fileParams } from './schemas.js';
+import type { FilesService, FormPart } from './service.js';
+
+/** Mounted under /api/v1/projects/:projectId/files. */
+export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: number }> = async (app, { files, maxBytes }) => {
+  // Registered here, not globally: everywhere else a multipart body stays a 415.
+  await app.register(multipart);
+  const parsing = {
+    // One byte past the limit gets through, so that the service sees the file is too large (413)
+    // rather than a silently truncated one.
+    limits: { fileSize: maxBytes + 1, fieldSize: 1024 },
+    // Browsers and fetch send UTF-8 filenames as they are; busboy would read them as Latin-1.
+    defParamCharset: 'utf8',
+  };
+
+  app.post(
+    '/',
+    {
+      schema: {
+        tags: ['files'],
+        description: 'multipart/form-data with one part, `file`. Streamed to storage; over FILE_MAX_BYTES is 413 and nothing is kept.',
+        consumes: ['multipart/form-data'],
+        params: projectParams,
+        response: { 201: file },
+      },
+    },
+    async (request, reply) => {
+      try {
+        const parts = formParts(request.parts(parsing));
+        return reply.code(201).send(await files.upload(request.user.id, request.params.projectId, parts, request.log));
+      } catch (error) {
+        // A refusal can come before the body's end (a file too large, a field too many); the rest is
+        // not worth reading, and the parser no longer does. Closing after the answer frees the connection.
+        if (!request.raw.complete) reply.header('connection', 'close');
+        throw error;
+      }
+    },
+  );
+
+  app.get(
+    '/',
+    { schema: { tags: ['files'], params: projectParams, querystring: fileListQuery, response: { 200: filePage } } },
+    async (request) => files.list(request.user.id, request.params.projectId, request.query),
+  );
+
+  app.get(
+    '/:fileId',
+    { schema: { tags: ['files'], params: fileParams, response: { 200: file } } },
+    async (request) => files.get(request.user.id, request.params.projectId, request.params.fileId),
+  );
+
+  app.get(
+    '/:fileId/content',
+    { schema: { tags: ['files'], description: 'The bytes as uploaded, as an attachment.', params: fileParams } },
+    async (request, reply) => {
+      const { file: stored, bytes } = await files.content(request.user.id, request.params.projectId, request.params.fileId);
+      return (
+        reply
+          // Text types were checked to be UTF-8 when uploaded.
+          .type(isTextType(stored.mimeType) ? `${stored.mimeType}; charset=utf-8` : stored.mimeType)
+          .header('content-length', stored.size)
+          .header('content-disposition', attachmentDisposition(stored.filename))
+          .header('x-content-type-options', 'nosniff')
+          .send(bytes)
+      );
+    },
+  );
+
+  app.delete('/:fileId', { schema: { tags: ['files'], params: fileParams } }, async (request, reply) => {
+    await files.delete(request.user.id, request.params.projectId, request.params.fileId, request.log);
+    return reply.code(204).send();
+  });
+};
+
+/**
+ * The form's parts. A body that the parser cannot read (no boundary, cut off, malformed) fails with a
+ * plain error, which is the client's mistake (400), not the server's; the plugin's own errors carry
+ * their status (413, 415…) and pass as they are.
+ */
+async function* formParts(parts: AsyncIterable<Multipart>): AsyncGenerator<FormPart> {
+  try {
+    for await (const part of parts) {
+      yield part.type === 'file' ? { ...part, file: clientBytes(part.file) } : part;
+    }
+  } catch (error) {
+    throw asClientError(error);
+  }
+}
+
+async function* clientBytes(stream: AsyncIterable<Uint8Array>): AsyncGenerator<Uint8Array> {
+  try {
+    yield* stream;
+  } catch (error) {
+    throw asClientError(error);
+  }
+}
+
+function asClientError(error: unknown): unknown {
+  const status = (error as { statusCode?: unknown }).statusCode;
+  return typeof status === 'number' ? error : new ValidationFailed('The multipart/form-data body is malformed or incomplete');
+}

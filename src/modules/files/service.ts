@@ -1,0 +1,250 @@
+import type { Readable } from 'node:stream';
+import { and, desc, eq, type SQL } from 'drizzle-orm';
+import type { FastifyBaseLogger } from 'fastify';
+import { v7 as uuidv7 } from 'uuid';
+import type { Config } from '../../config.js';
+import type { Db } from '../../db/database.js';
+import { files } from '../../db/schema.js';
+import { ApiError, NotFound, ValidationFailed } from '../../http/errors.js';
+import { isUuid } from '../../http/ids.js';
+import type { IdSortKey, Page, PageRequest } from '../../http/pagination.js';
+import type { ProviderRegistry } from '../../providers/registry.js';
+import { type ProviderAdapter, type ProviderName, ProviderNotConfigured } from '../../providers/types.js';
+import { inOwnedProject, pageOfProjectRows, type ProjectRow, requireOwnedProject } from '../projects/service.js';
+import { buildFilesSection, type FilesSection, type FilesSectionOptions } from './chat-section.js';
+import { ContentInspector, essence } from './content-type.js';
+import { displayFilename } from './filename.js';
+import type { FileDto } from './schemas.js';
+import type { FileStorage, StoredBytes } from './storage.js';
+
+/** One part of a multipart/form-data body, as @fastify/multipart hands it over. */
+export type FormPart =
+  | { type: 'file'; fieldname: string; filename: string; mimetype: string; file: AsyncIterable<Uint8Array> }
+  | { type: 'field'; fieldname: string };
+
+type FileRow = typeof files.$inferSelect;
+
+/** What is left to clean up of a file whose row is gone. */
+export type DeletedFile = Pick<FileRow, 'id' | 'projectId' | 'providerFileId'>;
+
+/** Whoever deletes file rows (directly or with their project or account) hands them over to this. */
+export interface StoredFileDiscarder {
+  discard(rows: DeletedFile[], log: FastifyBaseLogger): Promise<void>;
+}
+
+interface ReceivedFile extends StoredBytes {
+  filename: string;
+  mimeType: string;
+}
+
+/**
+ * Only OpenAI has a Files API among the providers, so every provider file id is OpenAI's; a second
+ * provider with one would need a column saying which provider holds a file.
+ */
+const FILES_PROVIDER: ProviderName = 'openai';
+
+/** A chat turn considers this many files at most, newest first: far more names than a context holds usefully. */
+const CHAT_FILES_MAX = 200;
+
+class PayloadTooLarge extends ApiError {
+  constructor(maxBytes: number) {
+    super(413, 'PAYLOAD_TOO_LARGE', `The file is larger than the limit of ${maxBytes} bytes`);
+  }
+}
+
+function toDto(row: FileRow): FileDto {
+  return {
+    id: row.id,
+    projectId: row.projectId,
+    filename: row.filename,
+    mimeType: row.mimeType,
+    size: row.size,
+    sha256: row.sha256,
+    providerFileId: row.providerFileId,
+    createdAt: row.createdAt.toISOString(),
+  };
+}
+
+/** Bytes are stored by ids alone; the uploaded name is only ever displayed. */
+const storageKey = (file: { projectId: string; id: string }) => `${file.projectId}/${file.id}`;
+
+/** The file `fileId` of the caller's project `projectId`; a file elsewhere is as missing as no file. */
+function ownedFile(userId: string, projectId: string, fileId: string): SQL {
+  if (!isUuid(fileId)) throw new NotFound('File');
+  return and(eq(files.id, fileId), inOwnedProject(files.projectId, userId, projectId))!;
+}
+
+export class FilesService {
+  constructor(
+    private readonly db: Db,
+    private readonly storage: FileStorage,
+    private readonly providers: ProviderRegistry,
+    private readonly config: Pick<Config, 'FILE_MAX_BYTES' | 'AI_TIMEOUT_MS'>,
+  ) {}
+
+  /**
+   * Stores the form's one `file`, then copies it to the project's provider when that has a Files API.
+   * The bytes are in place before the row that names them is written, and removed again if it is not:
+   * a crash in between leaves stray bytes, never a row without them. A failed provider copy only
+   * leaves `providerFileId` null.
+   */
+  async upload(userId: string, projectId: string, parts: AsyncIterable<FormPart>, log: FastifyBaseLogger): Promise<FileDto> {
+    const project = await requireOwnedProject(this.db, userId, projectId);
+    const id = uuidv7();
+    const key = storageKey({ projectId, id });
+    const received = await this.receive(key, parts);
+    const providerFileId = await this.copyToProvider(project, key, received, log);
+    try {
+      const [row] = await this.db
+        .insert(files)
+        .values({
+          id,
+          projectId,
+          filename: received.filename,
+          mimeType: received.mimeType,
+          size: received.size,
+          sha256: received.sha256,
+          storageUrl: received.url,
+          providerFileId,
+          createdAt: new Date(),
+        })
+        .returning();
+      return toDto(row!);
+    } catch (error) {
+      await this.storage.remove(key);
+      if (providerFileId) await this.deleteProviderCopy(providerFileId, log);
+      throw error;
+    }
+  }
+
+  /** Oldest first, as every list of the API. */
+  async list(userId: string, projectId: string, page: PageRequest<IdSortKey>): Promise<Page<FileDto>> {
+    const { data, nextCursor } = await pageOfProjectRows(this.db, files, userId, projectId, page);
+    return { data: data.map(toDto), nextCursor };
+  }
+
+  async get(userId: string, projectId: string, fileId: string): Promise<FileDto> {
+    return toDto(await this.ownedRow(userId, projectId, fileId));
+  }
+
+  /** The file and its bytes, opened before anything is sent: missing bytes fail the request, not the stream. */
+  async content(userId: string, projectId: string, fileId: string): Promise<{ file: FileDto; bytes: Readable }> {
+    const row = await this.ownedRow(userId, projectId, fileId);
+    return { file: toDto(row), bytes: await this.storage.open(storageKey(row)) };
+  }
+
+  /** The row goes first (owner-checked, one statement), then the bytes, then the provider copy. */
+  async delete(userId: string, projectId: string, fileId: string, log: FastifyBaseLogger): Promise<void> {
+    const [row] = await this.db.delete(files).where(ownedFile(userId, projectId, fileId)).returning();
+    if (!row) throw new NotFound('File');
+    await this.discard([row], log);
+  }
+
+  /** Removes the bytes and provider copies of file rows already deleted (a file, a project, an account). */
+  async discard(rows: DeletedFile[], log: FastifyBaseLogger): Promise<void> {
+    for (const row of rows) {
+      await this.storage.remove(storageKey(row));
+      if (row.providerFileId) await this.deleteProviderCopy(row.providerFileId, log);
+    }
+  }
+
+  /**
+   * The files section of a chat turn's context (see chat-section.ts). The caller has checked that
+   * the project is the user's.
+   */
+  async chatSection(projectId: string, options: FilesSectionOptions): Promise<FilesSection | undefined> {
+    const rows = await this.db
+      .select()
+      .from(files)
+      .where(eq(files.projectId, projectId))
+      .orderBy(desc(files.id))
+      .limit(CHAT_FILES_MAX);
+    const contextFiles = rows.map((row) => ({ ...row, readText: () => this.readText(row) }));
+    return buildFilesSection(contextFiles, options);
+  }
+
+  private async ownedRow(userId: string, projectId: string, fileId: string): Promise<FileRow> {
+    const [row] = await this.db.select().from(files).where(ownedFile(userId, projectId, fileId));
+    if (!row) throw new NotFound('File');
+    return row;
+  }
+
+  /**
+   * Streams the one `file` part to storage, hashing, counting and inspecting it on the way. Anything
+   * else in the form is refused, as unknown JSON properties are; on any failure nothing stays stored.
+   */
+  private async receive(key: string, parts: AsyncIterable<FormPart>): Promise<ReceivedFile> {
+    let received: ReceivedFile | undefined;
+    try {
+      for await (const part of parts) {
+        if (part.type !== 'file' || part.fieldname !== 'file') {
+          throw new ValidationFailed('Unexpected form field', [{ path: `body.${part.fieldname}`, message: 'is not a field of an upload; send only `file`' }]);
+        }
+        if (received) throw new ValidationFailed('One file per upload', [{ path: 'body.file', message: 'must be sent once' }]);
+        const inspector = new ContentInspector();
+        const stored = await this.storage.put(key, this.inspected(part.file, inspector));
+        received = { ...stored, filename: displayFilename(part.filename), mimeType: inspector.mimeType(essence(part.mimetype)) };
+      }
+    } catch (error) {
+      if (received) await this.storage.remove(key);
+      throw error;
+    }
+    if (!received) throw new ValidationFailed('The upload has no file', [{ path: 'body.file', message: 'is required' }]);
+    return received;
+  }
+
+  /** The bytes as they arrive, stopped one byte past FILE_MAX_BYTES (the parser lets exactly that one through). */
+  private async *inspected(source: AsyncIterable<Uint8Array>, inspector: ContentInspector): AsyncGenerator<Uint8Array> {
+    let size = 0;
+    for await (const chunk of source) {
+      size += chunk.byteLength;
+      if (size > this.config.FILE_MAX_BYTES) throw new PayloadTooLarge(this.config.FILE_MAX_BYTES);
+      inspector.inspect(chunk);
+      yield chunk;
+    }
+  }
+
+  /** The provider's file id, or null when the project's provider has no Files API or the upload failed. */
+  private async copyToProvider(project: ProjectRow, key: string, file: ReceivedFile, log: FastifyBaseLogger): Promise<string | null> {
+    const adapter = this.filesAdapter(project);
+    if (!adapter?.uploadFile) return null;
+    try {
+      const upload = { filename: file.filename, mimeType: file.mimeType, path: this.storage.localPath(key) };
+      const { providerFileId } = await adapter.uploadFile(upload, AbortSignal.timeout(this.config.AI_TIMEOUT_MS));
+      return providerFileId;
+    } catch (error) {
+      // The platform's copy is the file; the provider's only lets chat refer to it.
+      log.warn({ err: error, provider: adapter.name }, 'provider file upload failed; the file is kept without a provider copy');
+      return null;
+    }
+  }
+
+  private filesAdapter(project: ProjectRow): ProviderAdapter | undefined {
+    try {
+      const { adapter } = this.providers.resolve(project.provider, project.model);
+      return adapter.supportsFiles ? adapter : undefined;
+    } catch (error) {
+      if (error instanceof ProviderNotConfigured) return undefined;
+      throw error;
+    }
+  }
+
+  /** Best effort: the file is gone for the client whatever the provider says; a stray copy is logged. */
+  private async deleteProviderCopy(providerFileId: string, log: FastifyBaseLogger): Promise<void> {
+    const adapter = this.providers.get(FILES_PROVIDER);
+    if (!adapter?.deleteFile) {
+      log.warn({ provider: FILES_PROVIDER, providerFileId }, 'provider file copy not deleted: the provider is not configured');
+      return;
+    }
+    try {
+      await adapter.deleteFile(providerFileId, AbortSignal.timeout(this.config.AI_TIMEOUT_MS));
+    } catch (error) {
+      log.warn({ err: error, provider: FILES_PROVIDER, providerFileId }, 'provider file copy not deleted');
+    }
+  }
+
+  private async readText(file: FileRow): Promise<string> {
+    const bytes = await (await this.storage.open(storageKey(file))).toArray();
+    return new TextDecoder().decode(Buffer.concat(bytes));
+  }
+}

@@ -1,0 +1,99 @@
+import { createHash, randomUUID } from 'node:crypto';
+import { createWriteStream } from 'node:fs';
+import { mkdir, open, rename, rm } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
+import type { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { pathToFileURL } from 'node:url';
+
+export interface StoredBytes {
+  size: number;
+  /** Hex SHA-256 of the bytes. */
+  sha256: string;
+  /** Where the bytes are, as a URL (`file:///…` on local disk). */
+  url: string;
+}
+
+/**
+ * Where uploaded bytes live. A key is a relative name made of `/`-separated segments of letters,
+ * digits, `-` and `_` (the files module uses `<projectId>/<fileId>`), never anything a client chose.
+ */
+export interface FileStorage {
+  /** Stores `source` under `key` whole or not at all; a failing source leaves nothing behind. */
+  put(key: string, source: AsyncIterable<Uint8Array>): Promise<StoredBytes>;
+  /** The bytes under `key`. Rejects (ENOENT) before anything is read when there are none. */
+  open(key: string): Promise<Readable>;
+  /** Removes the bytes under `key`; bytes already gone are not an error. */
+  remove(key: string): Promise<void>;
+  /** A path on this machine holding the bytes, for readers that take a path (the provider SDK's upload). */
+  localPath(key: string): string;
+}
+
+const KEY = /^[\w-]+(\/[\w-]+)*$/;
+
+/**
+ * Files under `root` (DATA_DIR/files, which backups copy). A write goes to `root/tmp` first and is
+ * renamed into place once complete and flushed to disk, so a crash leaves at worst a stray temporary
+ * file, never a partial file under a key.
+ */
+export class LocalDiskStorage implements FileStorage {
+  private readonly staging: string;
+
+  constructor(private readonly root: string) {
+    this.staging = join(root, 'tmp');
+  }
+
+  async put(key: string, source: AsyncIterable<Uint8Array>): Promise<StoredBytes> {
+    const target = this.localPath(key);
+    await mkdir(this.staging, { recursive: true });
+    const temporary = join(this.staging, randomUUID());
+    const hash = createHash('sha256');
+    let size = 0;
+    try {
+      await pipeline(
+        source,
+        async function* (chunks: AsyncIterable<Uint8Array>) {
+          for await (const chunk of chunks) {
+            hash.update(chunk);
+            size += chunk.byteLength;
+            yield chunk;
+          }
+        },
+        createWriteStream(temporary, { flags: 'wx', mode: 0o600 }),
+      );
+      await flush(temporary);
+      await mkdir(dirname(target), { recursive: true });
+      await rename(temporary, target);
+      // The rename itself is durable only once the folder is flushed too.
+      await flush(dirname(target));
+    } catch (error) {
+      await rm(temporary, { force: true });
+      throw error;
+    }
+    return { size, sha256: hash.digest('hex'), url: pathToFileURL(target).href };
+  }
+
+  async open(key: string): Promise<Readable> {
+    const handle = await open(this.localPath(key), 'r');
+    return handle.createReadStream();
+  }
+
+  async remove(key: string): Promise<void> {
+    await rm(this.localPath(key), { force: true });
+  }
+
+  localPath(key: string): string {
+    if (!KEY.test(key)) throw new Error(`Invalid storage key ${JSON.stringify(key)}`);
+    return join(this.root, key);
+  }
+}
+
+/** fsync: the data (or a folder's entries) reach the disk before anything relies on them. */
+async function flush(path: string): Promise<void> {
+  const handle = await open(path, 'r');
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}

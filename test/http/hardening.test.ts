@@ -1,0 +1,157 @@
+import { gunzipSync } from 'node:zlib';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ConfigError } from '../../src/config.js';
+import {
+  createProject,
+  createPrompt,
+  expectProblem,
+  registerUser,
+  type RegisteredUser,
+  startTestApp,
+  startTestAppWithUpstream,
+  testConfig,
+  type TestAppWithUpstream,
+} from '../support/app.js';
+
+const ALLOWED_ORIGIN = 'https://app.example.com';
+
+let t: TestAppWithUpstream;
+let user: RegisteredUser;
+beforeAll(async () => {
+  t = await startTestAppWithUpstream({ CORS_ORIGINS: `${ALLOWED_ORIGIN}, http://localhost:5173` });
+  user = await registerUser(t.app);
+});
+afterAll(() => t.close());
+
+describe('security headers', () => {
+  it('sends helmet headers on answers and problems alike, and no x-powered-by', async () => {
+    for (const response of [
+      await t.app.inject({ method: 'GET', url: '/api/v1/auth/me', headers: user.auth }),
+      await t.app.inject({ method: 'GET', url: '/api/v1/auth/me' }),
+      await t.app.inject({ method: 'GET', url: '/nowhere' }),
+    ]) {
+      expect(response.headers['x-content-type-options']).toBe('nosniff');
+      expect(response.headers['x-frame-options']).toBe('SAMEORIGIN');
+      expect(response.headers['strict-transport-security']).toMatch(/max-age=\d+/);
+      expect(response.headers['content-security-policy']).toContain("default-src 'self'");
+      expect(response.headers['referrer-policy']).toBe('no-referrer');
+      expect(response.headers).not.toHaveProperty('x-powered-by');
+    }
+  });
+
+  it('refuses a body over the limit with 413 problem+json', async () => {
+    const response = await t.app.inject({
+      method: 'POST',
+      url: '/api/v1/projects',
+      headers: { ...user.auth, 'content-type': 'application/json' },
+      payload: JSON.stringify({ name: 'x', description: 'y'.repeat(1024 * 1024) }),
+    });
+    expectProblem(response, 413, 'PAYLOAD_TOO_LARGE');
+  });
+});
+
+describe('CORS (CORS_ORIGINS)', () => {
+  it('echoes an allowed origin and exposes the headers clients need; never allows credentials', async () => {
+    const response = await t.app.inject({ method: 'GET', url: '/api/v1/auth/me', headers: { ...user.auth, origin: ALLOWED_ORIGIN } });
+    expect(response.statusCode).toBe(200);
+    expect(response.headers['access-control-allow-origin']).toBe(ALLOWED_ORIGIN);
+    expect(response.headers.vary).toContain('Origin');
+    expect(response.headers['access-control-expose-headers']).toContain('x-request-id');
+    expect(response.headers['access-control-expose-headers']).toContain('retry-after');
+    expect(response.headers).not.toHaveProperty('access-control-allow-credentials');
+  });
+
+  it('does not allow any other origin', async () => {
+    const response = await t.app.inject({ method: 'GET', url: '/api/v1/auth/me', headers: { ...user.auth, origin: 'https://evil.example.com' } });
+    expect(response.headers).not.toHaveProperty('access-control-allow-origin');
+  });
+
+  it('answers a preflight without a token', async () => {
+    const response = await t.app.inject({
+      method: 'OPTIONS',
+      url: '/api/v1/projects',
+      headers: { origin: ALLOWED_ORIGIN, 'access-control-request-method': 'POST', 'access-control-request-headers': 'authorization, content-type' },
+    });
+    expect(response.statusCode).toBe(204);
+    expect(response.headers['access-control-allow-origin']).toBe(ALLOWED_ORIGIN);
+    expect(response.headers['access-control-allow-methods']).toContain('PATCH');
+    expect(response.headers['access-control-allow-headers']).toContain('authorization');
+  });
+
+  it('is off unless configured, and refuses an origin that is not one', async () => {
+    const plain = await startTestApp();
+    try {
+      const response = await plain.app.inject({ method: 'GET', url: '/health/live', headers: { origin: ALLOWED_ORIGIN } });
+      expect(response.headers).not.toHaveProperty('access-control-allow-origin');
+    } finally {
+      await plain.close();
+    }
+    expect(() => testConfig({ CORS_ORIGINS: 'app.example.com' })).toThrow(ConfigError);
+    expect(() => testConfig({ CORS_ORIGINS: 'https://app.example.com/path' })).toThrow(/CORS_ORIGINS/);
+    expect(testConfig({ CORS_ORIGINS: ' https://a.example, * ' }).CORS_ORIGINS).toEqual(['https://a.example', '*']);
+  });
+});
+
+describe('compression', () => {
+  it('compresses a large JSON list for a client that accepts it, and nothing small or unasked', async () => {
+    const project = await createProject(t.app, user);
+    for (let i = 0; i < 10; i++) await createPrompt(t.app, user, project.id, { content: `You are prompt ${i}. `.repeat(30) });
+    const url = `/api/v1/projects/${project.id}/prompts?limit=100`;
+
+    const compressed = await t.app.inject({ method: 'GET', url, headers: { ...user.auth, 'accept-encoding': 'gzip' } });
+    expect(compressed.statusCode).toBe(200);
+    expect(compressed.headers['content-encoding']).toBe('gzip');
+    expect(compressed.headers.vary).toContain('accept-encoding');
+    const list = JSON.parse(gunzipSync(compressed.rawPayload).toString('utf8'));
+    expect(list.data).toHaveLength(10);
+    expect(compressed.rawPayload.length).toBeLessThan(JSON.stringify(list).length / 2);
+
+    const plain = await t.app.inject({ method: 'GET', url, headers: user.auth });
+    expect(plain.headers).not.toHaveProperty('content-encoding');
+    expect(plain.json()).toEqual(list);
+
+    const small = await t.app.inject({ method: 'GET', url: '/health/live', headers: { 'accept-encoding': 'gzip' } });
+    expect(small.headers).not.toHaveProperty('content-encoding');
+  });
+
+  it('never compresses a server-sent event stream', async () => {
+    const project = await createProject(t.app, user);
+    t.fake.enqueue({ content: 'word '.repeat(400) });
+    const response = await t.app.inject({
+      method: 'POST',
+      url: `/api/v1/projects/${project.id}/chat`,
+      headers: { ...user.auth, 'accept-encoding': 'gzip, br' },
+      payload: { message: 'A long answer, please', stream: true },
+    });
+    expect(response.statusCode).toBe(200);
+    expect(response.headers['content-type']).toContain('text/event-stream');
+    expect(response.headers).not.toHaveProperty('content-encoding');
+    expect(response.body).toContain('event: done');
+    expect(response.body.length).toBeGreaterThan(2000);
+  });
+});
+
+describe('load shedding (@fastify/under-pressure)', () => {
+  it('answers 503 SERVICE_UNAVAILABLE with Retry-After while the event loop is saturated, but keeps /health/live up', async () => {
+    const pressured = await startTestApp({ MAX_EVENT_LOOP_DELAY_MS: '10' });
+    try {
+      // Block this process's event loop, as a CPU-bound request would.
+      const until = Date.now() + 1_500;
+      while (Date.now() < until);
+      // The load is sampled about once a second; the next sample sees the blocked loop.
+      let shed;
+      for (let attempt = 0; attempt < 40 && !shed; attempt++) {
+        const response = await pressured.app.inject({ method: 'GET', url: '/health' });
+        if (response.statusCode === 503) shed = response;
+        else await new Promise((resolve) => setTimeout(resolve, 50));
+      }
+      expect(shed, 'no 503 while the event loop was blocked').toBeDefined();
+      const body = expectProblem(shed!, 503, 'SERVICE_UNAVAILABLE');
+      expect(body.detail).toMatch(/overloaded/);
+      expect(Number(shed!.headers['retry-after'])).toBeGreaterThan(0);
+      expect((await pressured.app.inject({ method: 'GET', url: '/health/live' })).statusCode).toBe(200);
+    } finally {
+      await pressured.close();
+    }
+  });
+});

@@ -1,0 +1,146 @@
+import { randomUUID } from 'node:crypto';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { createProject, registerUser, type RegisteredUser, startTestAppWithUpstream, type TestAppWithUpstream } from '../support/app.js';
+import { readSse } from '../support/sse.js';
+
+let t: TestAppWithUpstream;
+let baseUrl: string;
+let user: RegisteredUser;
+beforeAll(async () => {
+  t = await startTestAppWithUpstream({ AI_MODEL: 'gpt-4o-mini', AI_MAX_RETRIES: '0' });
+  baseUrl = await t.app.listen({ port: 0, host: '127.0.0.1' });
+  user = await registerUser(t.app);
+});
+afterAll(() => t.close());
+beforeEach(() => t.fake.reset());
+
+async function scrape(): Promise<string> {
+  const response = await t.app.inject({ method: 'GET', url: '/metrics' });
+  expect(response.statusCode).toBe(200);
+  return response.body;
+}
+
+/** The value of the series `name` whose labels include `labels`; 0 when there is none yet. */
+function valueOf(text: string, name: string, labels: Record<string, string> = {}): number {
+  for (const line of text.split('\n')) {
+    const series = /^(\w+)(?:\{(.*)\})? (\S+)$/.exec(line);
+    if (!series || series[1] !== name) continue;
+    const has = Object.fromEntries([...(series[2] ?? '').matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)].map((label) => [label[1], label[2]]));
+    if (Object.entries(labels).every(([key, value]) => has[key] === value)) return Number(series[3]);
+  }
+  return 0;
+}
+
+const chat = (projectId: string, stream = false) =>
+  t.app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: user.auth, payload: { message: 'How many tokens?', stream } });
+
+describe('GET /metrics', () => {
+  it('answers Prometheus text without a token, with process and event-loop metrics', async () => {
+    const response = await t.app.inject({ method: 'GET', url: '/metrics' });
+    expect(response.statusCode).toBe(200);
+    expect(response.headers['content-type']).toMatch(/^text\/plain; version=0\.0\.4/);
+    for (const name of [
+      'process_cpu_user_seconds_total',
+      'process_resident_memory_bytes',
+      'nodejs_eventloop_lag_seconds',
+      'nodejs_eventloop_lag_p99_seconds',
+      'http_request_duration_seconds',
+      'ai_provider_request_duration_seconds',
+      'ai_provider_tokens_total',
+      'ai_provider_errors_total',
+      'sse_streams_open',
+    ]) {
+      expect(response.body, name).toContain(`# TYPE ${name} `);
+    }
+  });
+
+  it('counts requests and their duration by method, route template and status', async () => {
+    const before = await scrape();
+    const live = { method: 'GET', route: '/health/live', status: '200' };
+    for (let request = 0; request < 3; request++) await t.app.inject({ method: 'GET', url: '/health/live' });
+    const unknownProject = randomUUID();
+    await t.app.inject({ method: 'GET', url: `/api/v1/projects/${unknownProject}`, headers: user.auth });
+    const strangePath = `/no-such-route/${randomUUID()}`;
+    await t.app.inject({ method: 'GET', url: strangePath });
+
+    const after = await scrape();
+    expect(valueOf(after, 'http_request_duration_seconds_count', live) - valueOf(before, 'http_request_duration_seconds_count', live)).toBe(3);
+    expect(valueOf(after, 'http_request_duration_seconds_sum', live)).toBeGreaterThan(0);
+    expect(valueOf(after, 'http_request_duration_seconds_bucket', { ...live, le: '+Inf' })).toBe(valueOf(after, 'http_request_duration_seconds_count', live));
+    expect(valueOf(after, 'http_request_duration_seconds_count', { route: '/api/v1/projects/:projectId', status: '404' })).toBeGreaterThanOrEqual(1);
+    expect(valueOf(after, 'http_request_duration_seconds_count', { route: 'unmatched', status: '404' })).toBeGreaterThanOrEqual(1);
+    // Templates, never URLs: what a client puts in a path does not make new series.
+    expect(after).not.toContain(unknownProject);
+    expect(after).not.toContain(strangePath);
+  });
+
+  it('counts provider calls, their tokens and their errors by provider and model', async () => {
+    const projectId = (await createProject(t.app, user)).id;
+    const labels = { provider: 'openai', model: 'gpt-4o-mini' };
+    const before = await scrape();
+    t.fake.enqueue({ usage: { prompt_tokens: 11, completion_tokens: 7, total_tokens: 18 } });
+    expect((await chat(projectId)).statusCode).toBe(200);
+    t.fake.enqueue({ status: 500 });
+    expect((await chat(projectId)).statusCode).toBe(502);
+
+    const after = await scrape();
+    const delta = (name: string, extra: Record<string, string> = {}) =>
+      valueOf(after, name, { ...labels, ...extra }) - valueOf(before, name, { ...labels, ...extra });
+    expect(delta('ai_provider_tokens_total', { type: 'prompt' })).toBe(11);
+    expect(delta('ai_provider_tokens_total', { type: 'completion' })).toBe(7);
+    expect(delta('ai_provider_request_duration_seconds_count', { operation: 'complete', outcome: 'ok' })).toBe(1);
+    expect(delta('ai_provider_request_duration_seconds_count', { operation: 'complete', outcome: 'error' })).toBe(1);
+    expect(delta('ai_provider_errors_total', { code: 'PROVIDER_ERROR' })).toBe(1);
+  });
+
+  it('shows an SSE stream as open while it runs and closed after, with the tokens it used', async () => {
+    const projectId = (await createProject(t.app, user)).id;
+    const before = await scrape();
+    t.fake.enqueue({ content: 'one two three four', chunks: 4, chunkDelayMs: 150, usage: { prompt_tokens: 5, completion_tokens: 4, total_tokens: 9 } });
+    const response = await fetch(`${baseUrl}/api/v1/projects/${projectId}/chat`, {
+      method: 'POST',
+      headers: { ...user.auth, 'content-type': 'application/json' },
+      body: JSON.stringify({ message: 'Count to four', stream: true }),
+    });
+    let openDuringStream: Promise<number> | undefined;
+    const events = await readSse(response, (event) => {
+      if (event.event === 'delta') openDuringStream ??= scrape().then((text) => valueOf(text, 'sse_streams_open'));
+    });
+    expect(events.at(-1)!.event).toBe('done');
+    expect(await openDuringStream).toBe(1);
+    const after = await scrape();
+    expect(valueOf(after, 'sse_streams_open')).toBe(0);
+    const labels = { provider: 'openai', model: 'gpt-4o-mini' };
+    expect(valueOf(after, 'ai_provider_tokens_total', { ...labels, type: 'completion' }) - valueOf(before, 'ai_provider_tokens_total', { ...labels, type: 'completion' })).toBe(4);
+    expect(valueOf(after, 'ai_provider_request_duration_seconds_count', { ...labels, operation: 'stream', outcome: 'ok' })).toBe(1);
+  });
+
+  it('goes back to no open stream when the client leaves mid-stream', async () => {
+    const projectId = (await createProject(t.app, user)).id;
+    t.fake.enqueue({ content: 'slow words keep coming here', chunks: 5, chunkDelayMs: 300 });
+    const controller = new AbortController();
+    const response = await fetch(`${baseUrl}/api/v1/projects/${projectId}/chat`, {
+      method: 'POST',
+      headers: { ...user.auth, 'content-type': 'application/json' },
+      body: JSON.stringify({ message: 'Go on', stream: true }),
+      signal: controller.signal,
+    });
+    await readSse(response, (event) => (event.event === 'delta' ? 'stop' : undefined), controller);
+    await t.fake.waitForClientClose();
+    const giveUpAt = Date.now() + 5_000;
+    while (valueOf(await scrape(), 'sse_streams_open') !== 0 && Date.now() < giveUpAt) await new Promise((resolve) => setTimeout(resolve, 20));
+    expect(valueOf(await scrape(), 'sse_streams_open')).toBe(0);
+    expect(valueOf(await scrape(), 'ai_provider_request_duration_seconds_count', { operation: 'stream', outcome: 'aborted' })).toBe(1);
+  });
+
+  it('shows the PostgreSQL pool (embedded PGlite has none)', async () => {
+    const text = await scrape();
+    if (t.testDb.database.kind === 'postgres') {
+      expect(text).toContain('# TYPE db_pool_connections gauge');
+      expect(valueOf(text, 'db_pool_connections', { state: 'idle' }) + valueOf(text, 'db_pool_connections', { state: 'busy' })).toBeGreaterThan(0);
+      expect(text).toMatch(/^db_pool_waiting_queries \d+$/m);
+    } else {
+      expect(text).not.toContain('db_pool_connections');
+    }
+  });
+});

@@ -1,0 +1,151 @@
+import { validate } from '@readme/openapi-parser';
+import type { FastifyInstance } from 'fastify';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { MAX_CHAT_MESSAGE_CHARS } from '../../src/modules/chat/schemas.js';
+import { startTestApp, type TestApp } from '../support/app.js';
+
+interface Operation {
+  security?: unknown[];
+  parameters?: { in: string; name: string }[];
+  requestBody?: { content: Record<string, { schema: Record<string, unknown> }> };
+  responses: Record<string, { headers?: Record<string, unknown>; content?: Record<string, { schema: Record<string, unknown> }> }>;
+}
+interface Document {
+  openapi: string;
+  paths: Record<string, Record<string, Operation>>;
+  components: { schemas: Record<string, { properties?: Record<string, unknown> }>; securitySchemes: Record<string, unknown> };
+  security: unknown[];
+}
+
+let t: TestApp;
+let doc: Document;
+beforeAll(async () => {
+  t = await startTestApp();
+  const response = await t.app.inject({ method: 'GET', url: '/openapi.json' });
+  expect(response.statusCode).toBe(200);
+  doc = response.json();
+});
+afterAll(() => t.close());
+
+/**
+ * Every route the application answers, as `METHOD /path`, read from Fastify's own route tree (so a
+ * route registered in any way is seen); HEAD, which Fastify adds beside each GET, is left out.
+ */
+function registeredRoutes(app: FastifyInstance): string[] {
+  const routes: string[] = [];
+  const ancestors: string[] = [];
+  for (const line of app.printRoutes({ commonPrefix: false }).split('\n')) {
+    const node = /^((?:[│ ] {3})*)[├└]── (.+?)(?: \(([A-Z, ]+)\))?$/u.exec(line);
+    if (!node) continue;
+    ancestors.length = node[1]!.length / 4;
+    ancestors.push(node[2]!);
+    for (const method of node[3]?.split(', ') ?? []) {
+      if (method !== 'HEAD') routes.push(`${method} ${ancestors.join('')}`);
+    }
+  }
+  return routes;
+}
+
+/** `GET /api/v1/projects/:projectId/` as the document names it: `GET /api/v1/projects/{projectId}`. */
+const asDocumented = (route: string) => route.replace(/:(\w+)/g, '{$1}').replace(/(.)\/$/, '$1');
+
+const operations = () =>
+  Object.entries(doc.paths).flatMap(([path, item]) =>
+    Object.entries(item).map(([method, operation]) => ({ route: `${method.toUpperCase()} ${path}`, operation })),
+  );
+const operation = (method: string, path: string) => doc.paths[path]![method]!;
+const PUBLIC = ['GET /health', 'GET /health/live', 'GET /metrics', 'GET /openapi.json', 'POST /api/v1/auth/register', 'POST /api/v1/auth/login'];
+
+describe('OpenAPI document', () => {
+  it('is a valid OpenAPI 3 document', async () => {
+    expect(doc.openapi).toMatch(/^3\./);
+    const result = await validate(structuredClone(doc) as never);
+    expect(result.valid ? [] : result.errors).toEqual([]);
+    expect(result.valid).toBe(true);
+  });
+
+  it('documents every registered route; only the UI under /docs is left out', () => {
+    const documented = new Set(operations().map((entry) => entry.route));
+    const registered = registeredRoutes(t.app);
+    expect(registered.length).toBeGreaterThan(20);
+    const undocumented = registered.filter((route) => !documented.has(asDocumented(route)));
+    expect(undocumented.filter((route) => !route.startsWith('GET /docs'))).toEqual([]);
+    expect(undocumented).toContain('GET /docs');
+    // And nothing is documented that does not exist.
+    const answered = new Set(registered.map(asDocumented));
+    expect([...documented].filter((route) => !answered.has(route))).toEqual([]);
+  });
+
+  it('documents bearer auth, and marks exactly the public routes as needing none', () => {
+    expect(doc.components.securitySchemes.bearerAuth).toEqual({ type: 'http', scheme: 'bearer', bearerFormat: 'JWT' });
+    expect(doc.security).toEqual([{ bearerAuth: [] }]);
+    const open = operations().filter((entry) => Array.isArray(entry.operation.security) && entry.operation.security.length === 0);
+    expect(open.map((entry) => entry.route).sort()).toEqual([...PUBLIC].sort());
+  });
+
+  it('gives every operation its problem+json errors: 401 and 429 with Retry-After when authenticated, 500 always', () => {
+    for (const { route, operation: op } of operations()) {
+      const errors = Object.entries(op.responses).filter(([status]) => Number(status) >= 400);
+      expect(errors.length, route).toBeGreaterThan(0);
+      for (const [status, response] of errors) {
+        expect(response.content, `${route} ${status}`).toEqual({
+          'application/problem+json': { schema: { $ref: '#/components/schemas/Problem' } },
+        });
+      }
+      expect(op.responses['500'], route).toBeDefined();
+      if (!PUBLIC.includes(route)) {
+        expect(op.responses['401'], route).toBeDefined();
+        expect(op.responses['429']?.headers, route).toHaveProperty('Retry-After');
+      }
+    }
+    expect(doc.components.schemas.Problem!.properties).toHaveProperty('code');
+    expect(doc.components.schemas.Problem!.properties).toHaveProperty('requestId');
+  });
+
+  it('names the route-specific problems, and the limits of login and register', () => {
+    const chat = operation('post', '/api/v1/projects/{projectId}/chat');
+    expect(Object.keys(chat.responses)).toEqual(expect.arrayContaining(['400', '404', '409', '422', '502', '503', '504']));
+    expect(String((chat.responses['400'] as { description?: string }).description)).toContain('CONTEXT_TOO_LONG');
+    expect(operation('post', '/api/v1/auth/register').responses['409']).toBeDefined();
+    expect(operation('post', '/api/v1/auth/login').responses['429']).toBeDefined();
+    expect(operation('get', '/health/live').responses['429']).toBeUndefined();
+  });
+
+  it('takes request and response schemas from the Zod schemas that validate', () => {
+    const create = operation('post', '/api/v1/projects');
+    expect(create.requestBody!.content['application/json']!.schema).toMatchObject({
+      properties: { name: { type: 'string', maxLength: 200 } },
+      required: ['name'],
+      additionalProperties: false,
+    });
+    expect(create.responses['201']!.content!['application/json']!.schema).toEqual({ $ref: '#/components/schemas/Project' });
+    const list = operation('get', '/api/v1/projects');
+    expect(list.parameters!.map((parameter) => `${parameter.in}.${parameter.name}`)).toEqual(['query.limit', 'query.cursor']);
+    expect(operation('delete', '/api/v1/projects/{projectId}').responses['204']).toBeDefined();
+  });
+
+  it('documents the chat reply as JSON and as a server-sent event stream', () => {
+    const chat = operation('post', '/api/v1/projects/{projectId}/chat');
+    expect(chat.requestBody!.content['application/json']!.schema).toMatchObject({
+      properties: { message: { maxLength: MAX_CHAT_MESSAGE_CHARS } },
+    });
+    const content = chat.responses['200']!.content!;
+    expect(content['application/json']!.schema).toEqual({ $ref: '#/components/schemas/ChatResult' });
+    expect(content['text/event-stream']!.schema).toMatchObject({ type: 'string', description: expect.stringContaining('delta') });
+    expect(chat.parameters).toContainEqual(expect.objectContaining({ in: 'header', name: 'idempotency-key' }));
+  });
+});
+
+describe('Swagger UI', () => {
+  it('serves the UI and its assets at /docs without a token', async () => {
+    const page = await t.app.inject({ method: 'GET', url: '/docs' });
+    expect(page.statusCode).toBe(200);
+    expect(page.headers['content-type']).toContain('text/html');
+    const initializer = await t.app.inject({ method: 'GET', url: '/docs/static/swagger-initializer.js' });
+    expect(initializer.statusCode).toBe(200);
+    const bundle = await t.app.inject({ method: 'GET', url: '/docs/static/swagger-ui-bundle.js' });
+    expect(bundle.statusCode).toBe(200);
+    const copy = await t.app.inject({ method: 'GET', url: '/docs/json' });
+    expect(copy.json()).toEqual(doc);
+  });
+});

@@ -1,0 +1,286 @@
+import { randomUUID } from 'node:crypto';
+import { once } from 'node:events';
+import { connect, createServer, type Server, type Socket } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { FastifyInstance } from 'fastify';
+import { Redis } from 'ioredis';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { buildApp } from '../../src/app.js';
+import { createProject, expectProblem, type RegisteredUser, startTestAppWithUpstream, testConfig, type TestAppWithUpstream } from '../support/app.js';
+import { logCollector } from '../support/logs.js';
+import { freePort } from '../support/server-process.js';
+
+const LIMITS = { RATE_LIMIT_LOGIN: '3', RATE_LIMIT_REGISTER: '2', RATE_LIMIT_CHAT: '2', RATE_LIMIT_API: '5' };
+const PASSWORD = 'correct horse battery';
+const REDIS_URL = process.env.TEST_REDIS_URL ?? 'redis://127.0.0.1:6379';
+
+let t: TestAppWithUpstream;
+beforeAll(async () => {
+  t = await startTestAppWithUpstream(LIMITS);
+});
+afterAll(() => t.close());
+
+/** Each test comes from its own addresses, so that the counters of one never reach another. */
+let lastAddress = 0;
+const newAddress = () => `10.0.${Math.floor(++lastAddress / 250)}.${lastAddress % 250}`;
+
+const register = (app: FastifyInstance, remoteAddress: string, email = `${randomUUID()}@example.com`) =>
+  app.inject({ method: 'POST', url: '/api/v1/auth/register', remoteAddress, payload: { email, password: PASSWORD, name: 'Rate' } });
+
+const login = (app: FastifyInstance, remoteAddress: string, email: string, password = 'wrong password') =>
+  app.inject({ method: 'POST', url: '/api/v1/auth/login', remoteAddress, payload: { email, password } });
+
+async function newUser(app: FastifyInstance = t.app): Promise<RegisteredUser> {
+  const response = await register(app, newAddress());
+  expect(response.statusCode).toBe(201);
+  const { token, user } = response.json();
+  return { id: user.id, email: user.email, password: PASSWORD, token, auth: { authorization: `Bearer ${token}` } };
+}
+
+function expectRateLimited(response: Awaited<ReturnType<FastifyInstance['inject']>>, windowSeconds: number): void {
+  expectProblem(response, 429, 'RATE_LIMITED');
+  const retryAfter = Number(response.headers['retry-after']);
+  expect(retryAfter).toBeGreaterThanOrEqual(1);
+  expect(retryAfter).toBeLessThanOrEqual(windowSeconds);
+}
+
+describe('login', () => {
+  it('stops a brute force on one email from one address with 429 RATE_LIMITED and Retry-After, even with the right password', async () => {
+    const user = await newUser();
+    const address = newAddress();
+    for (let attempt = 0; attempt < 3; attempt++) expectProblem(await login(t.app, address, user.email), 401, 'UNAUTHORIZED');
+    expectRateLimited(await login(t.app, address, user.email, PASSWORD), 15 * 60);
+    // The same email in another case and with spaces is the same account.
+    expectRateLimited(await login(t.app, address, ` ${user.email.toUpperCase()} `, PASSWORD), 15 * 60);
+  });
+
+  it('counts per address and email: another email from that address, and that email from elsewhere, still get through', async () => {
+    const user = await newUser();
+    const other = await newUser();
+    const address = newAddress();
+    for (let attempt = 0; attempt < 4; attempt++) await login(t.app, address, user.email);
+    expect((await login(t.app, address, other.email, PASSWORD)).statusCode).toBe(200);
+    expect((await login(t.app, newAddress(), user.email, PASSWORD)).statusCode).toBe(200);
+  });
+
+  it('counts rejected attempts too: malformed ones and successful ones alike', async () => {
+    const user = await newUser();
+    const address = newAddress();
+    const malformed = { email: user.email, password: PASSWORD, rememberMe: true };
+    expectProblem(await t.app.inject({ method: 'POST', url: '/api/v1/auth/login', remoteAddress: address, payload: malformed }), 400, 'VALIDATION_ERROR');
+    expect((await login(t.app, address, user.email, PASSWORD)).statusCode).toBe(200);
+    expectProblem(await login(t.app, address, user.email), 401, 'UNAUTHORIZED');
+    expectRateLimited(await login(t.app, address, user.email, PASSWORD), 15 * 60);
+  });
+});
+
+describe('register', () => {
+  it('allows RATE_LIMIT_REGISTER accounts per address an hour, counting refused ones', async () => {
+    const address = newAddress();
+    const email = `${randomUUID()}@example.com`;
+    expect((await register(t.app, address, email)).statusCode).toBe(201);
+    expectProblem(await register(t.app, address, email), 409, 'CONFLICT');
+    expectRateLimited(await register(t.app, address), 60 * 60);
+    expect((await register(t.app, newAddress())).statusCode).toBe(201);
+  });
+});
+
+describe('behind a load balancer (TRUST_PROXY)', () => {
+  it("counts each client by the address the balancer forwards, not the balancer's own", async () => {
+    const app = await buildApp(testConfig({ ...LIMITS, TRUST_PROXY: '1' }), { database: t.testDb.database });
+    try {
+      const balancer = newAddress();
+      const via = (client: string) =>
+        app.inject({
+          method: 'POST',
+          url: '/api/v1/auth/register',
+          remoteAddress: balancer,
+          headers: { 'x-forwarded-for': client },
+          payload: { email: `${randomUUID()}@example.com`, password: PASSWORD, name: 'Rate' },
+        });
+      const [first, second] = [newAddress(), newAddress()];
+      expect((await via(first)).statusCode).toBe(201);
+      expect((await via(first)).statusCode).toBe(201);
+      expectRateLimited(await via(first), 60 * 60);
+      expect((await via(second)).statusCode).toBe(201);
+    } finally {
+      await app.close();
+    }
+  });
+});
+
+describe('authenticated routes', () => {
+  it('allows RATE_LIMIT_API requests per user a minute, whatever their answer, then 429 for that user only', async () => {
+    const user = await newUser();
+    const other = await newUser();
+    const me = () => t.app.inject({ method: 'GET', url: '/api/v1/auth/me', headers: user.auth });
+    expect((await me()).statusCode).toBe(200);
+    expectProblem(await t.app.inject({ method: 'GET', url: `/api/v1/projects/${randomUUID()}`, headers: user.auth }), 404, 'NOT_FOUND');
+    expectProblem(await t.app.inject({ method: 'GET', url: '/api/v1/projects?limit=0', headers: user.auth }), 400, 'VALIDATION_ERROR');
+    expect((await me()).statusCode).toBe(200);
+    // From another address: the limit is the user's, not the address's.
+    expect((await t.app.inject({ method: 'GET', url: '/api/v1/auth/me', headers: user.auth, remoteAddress: newAddress() })).statusCode).toBe(200);
+    expectRateLimited(await me(), 60);
+    expect((await t.app.inject({ method: 'GET', url: '/api/v1/auth/me', headers: other.auth })).statusCode).toBe(200);
+  });
+
+  it('counts requests that fail authentication against their address, then answers them 429', async () => {
+    const address = newAddress();
+    const anonymous = (authorization?: string) =>
+      t.app.inject({ method: 'GET', url: '/api/v1/projects', remoteAddress: address, headers: authorization ? { authorization } : {} });
+    for (let attempt = 0; attempt < 3; attempt++) expectProblem(await anonymous(), 401, 'UNAUTHORIZED');
+    for (let attempt = 0; attempt < 2; attempt++) expectProblem(await anonymous(`Bearer guess-${attempt}`), 401, 'UNAUTHORIZED');
+    expectRateLimited(await anonymous('Bearer another-guess'), 60);
+    // A real user at that address is counted as themselves.
+    const user = await newUser();
+    expect((await t.app.inject({ method: 'GET', url: '/api/v1/projects', remoteAddress: address, headers: user.auth })).statusCode).toBe(200);
+    expectProblem(await t.app.inject({ method: 'GET', url: '/api/v1/projects', remoteAddress: newAddress() }), 401, 'UNAUTHORIZED');
+  });
+
+  it('allows RATE_LIMIT_CHAT chats per user a minute, apart from the API limit', async () => {
+    const user = await newUser();
+    const project = await createProject(t.app, user);
+    const chat = (who: RegisteredUser, projectId: string) =>
+      t.app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: who.auth, payload: { message: 'Hi' } });
+    expect((await chat(user, project.id)).statusCode).toBe(200);
+    expect((await chat(user, project.id)).statusCode).toBe(200);
+    expectRateLimited(await chat(user, project.id), 60);
+    expect((await t.app.inject({ method: 'GET', url: `/api/v1/projects/${project.id}/messages`, headers: user.auth })).statusCode).toBe(200);
+    const other = await newUser();
+    expect((await chat(other, (await createProject(t.app, other)).id)).statusCode).toBe(200);
+  });
+
+  it('never limits the public operations routes', async () => {
+    for (let request = 0; request < 8; request++) {
+      expect((await t.app.inject({ method: 'GET', url: '/health/live', remoteAddress: '10.9.9.9' })).statusCode).toBe(200);
+    }
+  });
+});
+
+/** Whether a Redis server answers at `url` within a second. */
+async function redisAnswers(url: string): Promise<boolean> {
+  const redis = new Redis(url, { lazyConnect: true, connectTimeout: 1000, maxRetriesPerRequest: 0, retryStrategy: () => null });
+  redis.on('error', () => {});
+  try {
+    await redis.connect();
+    return (await redis.ping()) === 'PONG';
+  } catch {
+    return false;
+  } finally {
+    redis.disconnect();
+  }
+}
+
+// Skipped only where no Redis runs and none was asked for; CI sets TEST_REDIS_URL, and there they must run.
+const redisUp = await redisAnswers(REDIS_URL);
+const skipRedis = !redisUp && !process.env.TEST_REDIS_URL;
+
+describe('counters in Redis (REDIS_URL)', () => {
+  /** A key prefix of this run alone, so that runs and instances elsewhere never share its counters. */
+  const prefix = `chatbot-test:${randomUUID()}:`;
+  const apps: FastifyInstance[] = [];
+  const startInstance = async (env: Record<string, string>, logStream?: NodeJS.WritableStream) => {
+    const app = await buildApp(testConfig({ ...LIMITS, REDIS_KEY_PREFIX: prefix, ...env }), { database: t.testDb.database, logStream });
+    apps.push(app);
+    return app;
+  };
+  afterAll(async () => {
+    await Promise.all(apps.map((app) => app.close()));
+    if (!redisUp) return;
+    const redis = new Redis(REDIS_URL);
+    const keys = await redis.keys(`${prefix}*`);
+    if (keys.length) await redis.del(...keys);
+    redis.disconnect();
+  });
+
+  it.skipIf(skipRedis)(
+    `two instances sharing Redis stop a login brute force together${skipRedis ? ` (skipped: no Redis answers at ${REDIS_URL})` : ''}`,
+    async () => {
+      const [first, second] = [await startInstance({ REDIS_URL }), await startInstance({ REDIS_URL })];
+      const user = await newUser();
+      const address = newAddress();
+      expectProblem(await login(first!, address, user.email), 401, 'UNAUTHORIZED');
+      expectProblem(await login(second!, address, user.email), 401, 'UNAUTHORIZED');
+      expectProblem(await login(first!, address, user.email), 401, 'UNAUTHORIZED');
+      expectRateLimited(await login(second!, address, user.email, PASSWORD), 15 * 60);
+      expectRateLimited(await login(first!, address, user.email, PASSWORD), 15 * 60);
+      // The counters are in Redis under this run's prefix, not in either process.
+      const redis = new Redis(REDIS_URL);
+      expect(await redis.keys(`${prefix}*`)).not.toEqual([]);
+      redis.disconnect();
+    },
+  );
+
+  it.skipIf(skipRedis)('serves every request while Redis is unreachable (fail open, with a warning) and counts again once it is back', async () => {
+    const proxy = await TcpProxy.start(new URL(REDIS_URL));
+    const logs = logCollector();
+    const app = await startInstance({ REDIS_URL: `redis://127.0.0.1:${proxy.port}`, LOG_LEVEL: 'info' }, logs.stream);
+    const user = await newUser();
+    const me = () => app.inject({ method: 'GET', url: '/api/v1/auth/me', headers: user.auth });
+    expect((await me()).statusCode).toBe(200);
+
+    await proxy.stop();
+    for (let request = 0; request < 8; request++) expect((await me()).statusCode).toBe(200);
+    await waitFor(() => logs.lines.some((line) => line.level === 40 && String(line.msg).includes('Redis is unreachable')));
+
+    await proxy.restart();
+    await waitFor(() => logs.lines.some((line) => String(line.msg).includes('Redis is reachable again')));
+    const answers = [];
+    for (let request = 0; request < 6; request++) answers.push((await me()).statusCode);
+    expect(answers).toContain(429);
+  });
+
+  it('starts and serves without limits when Redis cannot be reached at all', async () => {
+    const logs = logCollector();
+    const app = await startInstance({ REDIS_URL: `redis://127.0.0.1:${await freePort()}`, LOG_LEVEL: 'warn' }, logs.stream);
+    const user = await newUser();
+    for (let request = 0; request < 8; request++) {
+      expect((await app.inject({ method: 'GET', url: '/api/v1/auth/me', headers: user.auth })).statusCode).toBe(200);
+    }
+    expect(logs.lines.filter((line) => String(line.msg).includes('Redis is unreachable'))).toHaveLength(1);
+  });
+});
+
+async function waitFor(condition: () => boolean, timeoutMs = 10_000): Promise<void> {
+  const giveUpAt = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > giveUpAt) throw new Error(`not true within ${timeoutMs} ms`);
+    await sleep(20);
+  }
+}
+
+/** A TCP relay to a server, which a test can take down (every connection cut) and bring back on the same port. */
+class TcpProxy {
+  private server: Server | undefined;
+  private readonly sockets = new Set<Socket>();
+
+  private constructor(
+    private readonly target: URL,
+    readonly port: number,
+  ) {}
+
+  static async start(target: URL): Promise<TcpProxy> {
+    const proxy = new TcpProxy(target, await freePort());
+    await proxy.restart();
+    return proxy;
+  }
+
+  async restart(): Promise<void> {
+    this.server = createServer((client) => {
+      const upstream = connect(Number(this.target.port || 6379), this.target.hostname);
+      for (const socket of [client, upstream]) {
+        this.sockets.add(socket);
+        socket.on('error', () => {});
+        socket.on('close', () => this.sockets.delete(socket));
+      }
+      client.pipe(upstream).pipe(client);
+    });
+    this.server.listen(this.port, '127.0.0.1');
+    await once(this.server, 'listening');
+  }
+
+  async stop(): Promise<void> {
+    for (const socket of this.sockets) socket.destroy();
+    await new Promise((resolve) => this.server!.close(resolve));
+  }
+}

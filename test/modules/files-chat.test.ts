@@ -1,0 +1,174 @@
+import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
+import { buildFilesSection, type ContextFile } from '../../src/modules/files/chat-section.js';
+import type { FileDto } from '../../src/modules/files/schemas.js';
+import { countTokens, MESSAGE_OVERHEAD_TOKENS } from '../../src/providers/models.js';
+import { createProject, createPrompt, insertMessages, registerUser, type RegisteredUser, startTestApp, type TestApp } from '../support/app.js';
+import { FakeUpstream } from '../support/fake-upstream.js';
+import { type FormPart, multipart } from '../support/multipart.js';
+
+const HEADER = 'Files attached to this project, newest first:';
+const PDF = Buffer.concat([Buffer.from('%PDF-1.7\n'), Buffer.from([0xe2, 0xe3, 0xcf, 0xd3, 0x0a, 0x00, 0x01])]);
+const PNG = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0, 0, 0, 13]);
+
+describe('the files section', () => {
+  const countText = (text: string) => countTokens(text, 'gpt-4o-mini');
+  const textFile = (filename: string, text: string): ContextFile => ({
+    filename,
+    mimeType: 'text/plain',
+    size: Buffer.byteLength(text),
+    providerFileId: null,
+    readText: vi.fn(async () => text),
+  });
+  const section = (files: ContextFile[], budget = 10_000, providerReadsFiles = true) =>
+    buildFilesSection(files, { budget, countText, providerReadsFiles });
+
+  it('is nothing without files', async () => {
+    expect(await section([])).toBeUndefined();
+  });
+
+  it('holds whole text files under their names and counts its tokens exactly as they add up', async () => {
+    const result = await section([textFile('b.txt', 'Bee.'), textFile('a.csv', 'x,y\n1,2\n')]);
+    const content = `${HEADER}\n\n--- b.txt (text/plain) ---\nBee.\n\n--- a.csv (text/plain) ---\nx,y\n1,2\n`;
+    expect(result).toEqual({ message: { role: 'system', content }, tokens: expect.any(Number), fileIds: [] });
+    expect(result!.tokens).toBeGreaterThanOrEqual(countText(content) + MESSAGE_OVERHEAD_TOKENS);
+    expect(result!.tokens).toBeLessThanOrEqual(countText(content) + MESSAGE_OVERHEAD_TOKENS + 2);
+  });
+
+  it('names a text file that does not fit as left out, and still takes older files that do', async () => {
+    const big = textFile('big.txt', 'word '.repeat(2_000));
+    const small = textFile('small.txt', 'Small enough.');
+    const result = await section([big, small], 500);
+    expect(result!.message.content).toBe(
+      `${HEADER}\n\n--- big.txt (text/plain) ---\n[not included: too long for the context]\n\n--- small.txt (text/plain) ---\nSmall enough.`,
+    );
+    expect(result!.tokens).toBeLessThanOrEqual(500);
+  });
+
+  it('does not read a text file that cannot fit, nor more bytes in all than the budget allows', async () => {
+    const huge = textFile('huge.txt', 'x'.repeat(200_000));
+    expect((await section([huge], 1_000))!.message.content).toContain('[not included: too long for the context]');
+    expect(huge.readText).not.toHaveBeenCalled();
+
+    // Each would fit what is left in bytes, but together they exceed what one turn reads.
+    const files = Array.from({ length: 10 }, (_, i) => textFile(`${i}.txt`, 'y'.repeat(3_000)));
+    await section(files, 1_000);
+    const read = files.filter((file) => vi.mocked(file.readText).mock.calls.length > 0);
+    expect(read.length * 3_000).toBeLessThanOrEqual(1_000 * 16);
+  });
+
+  it('sends a PDF with a provider copy by reference, and names what the provider cannot read', async () => {
+    const files: ContextFile[] = [
+      { filename: 'report.pdf', mimeType: 'application/pdf', size: 9, providerFileId: 'file-1', readText: vi.fn() },
+      { filename: 'photo.png', mimeType: 'image/png', size: 9, providerFileId: 'file-2', readText: vi.fn() },
+      { filename: 'local.pdf', mimeType: 'application/pdf', size: 9, providerFileId: null, readText: vi.fn() },
+    ];
+    const result = await section(files);
+    expect(result!.message.content).toBe(
+      `${HEADER}\n\n--- report.pdf (application/pdf) ---\n[attached to the latest user message]` +
+        `\n\n--- photo.png (image/png) ---\n[not included: only its name and type are known]` +
+        `\n\n--- local.pdf (application/pdf) ---\n[not included: only its name and type are known]`,
+    );
+    expect(result!.fileIds).toEqual(['file-1']);
+    expect((await section(files, 10_000, false))!.fileIds).toEqual([]);
+    for (const file of files) expect(file.readText).not.toHaveBeenCalled();
+  });
+
+  it('stops naming files once a name no longer fits, and is nothing when not even one does', async () => {
+    const files = Array.from({ length: 50 }, (_, i) => ({ ...textFile(`file-${i}.bin`, ''), mimeType: 'application/octet-stream' }));
+    const result = await section(files, 200);
+    expect(result!.tokens).toBeLessThanOrEqual(200);
+    const named = result!.message.content.match(/^--- /gm)!.length;
+    expect(named).toBeGreaterThan(0);
+    expect(named).toBeLessThan(50);
+    expect(await section(files, 15)).toBeUndefined();
+  });
+});
+
+describe('chat with files', () => {
+  let fake: FakeUpstream;
+  let t: TestApp;
+  let user: RegisteredUser;
+
+  beforeAll(async () => {
+    fake = await FakeUpstream.start();
+    t = await startTestApp({ OPENAI_API_KEY: 'sk-test-chat-files', OPENAI_BASE_URL: fake.url, AI_MODEL: 'gpt-4o-mini', AI_MAX_RETRIES: '0' });
+    user = await registerUser(t.app);
+  });
+  afterAll(async () => {
+    await t.close();
+    await fake.close();
+  });
+  beforeEach(() => fake.reset());
+
+  const upload = async (projectId: string, part: FormPart): Promise<FileDto> => {
+    const { payload, headers } = multipart(part);
+    const response = await t.app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/files`, headers: { ...user.auth, ...headers }, payload });
+    expect(response.statusCode).toBe(201);
+    return response.json();
+  };
+  const chat = (projectId: string, message: string) =>
+    t.app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: user.auth, payload: { message } });
+  const lastChatRequest = () => fake.requests.filter((request) => request.path === '/v1/chat/completions').at(-1)!;
+
+  it('answers from an uploaded text file: its content reaches the provider after the prompts', async () => {
+    const projectId = (await createProject(t.app, user)).id;
+    await createPrompt(t.app, user, projectId, { content: 'Answer from the files.' });
+    await upload(projectId, { filename: 'codes.md', type: 'text/markdown', content: 'The launch code is 4321.\n' });
+    fake.enqueue({ content: 'The launch code is 4321.' });
+
+    const response = await chat(projectId, 'What is the launch code?');
+    expect(response.statusCode).toBe(200);
+    expect(response.json().assistantMessage.content).toBe('The launch code is 4321.');
+    expect(lastChatRequest().body.messages).toEqual([
+      { role: 'system', content: 'Answer from the files.' },
+      { role: 'system', content: `${HEADER}\n\n--- codes.md (text/markdown) ---\nThe launch code is 4321.\n` },
+      { role: 'user', content: 'What is the launch code?' },
+    ]);
+  });
+
+  it('sends a PDF by its provider file id as a file part of the new message, and names an image only', async () => {
+    const projectId = (await createProject(t.app, user)).id;
+    const pdf = await upload(projectId, { filename: 'report.pdf', type: 'application/pdf', content: PDF });
+    await upload(projectId, { filename: 'photo.png', type: 'image/png', content: PNG });
+    expect(pdf.providerFileId).toMatch(/^file-/);
+
+    await chat(projectId, 'Summarise the report.');
+    expect(lastChatRequest().body.messages).toEqual([
+      {
+        role: 'system',
+        content:
+          `${HEADER}\n\n--- photo.png (image/png) ---\n[not included: only its name and type are known]` +
+          `\n\n--- report.pdf (application/pdf) ---\n[attached to the latest user message]`,
+      },
+      {
+        role: 'user',
+        content: [
+          { type: 'file', file: { file_id: pdf.providerFileId } },
+          { type: 'text', text: 'Summarise the report.' },
+        ],
+      },
+    ]);
+  });
+
+  it('gives files their place before history: the oldest history is left out first', async () => {
+    // gpt-4 has an 8,192-token window: 7,165 tokens for the request after the reply's share.
+    const projectId = (await createProject(t.app, user, { model: 'gpt-4' })).id;
+    const facts = Array.from({ length: 1_000 }, (_, i) => `fact ${i}`).join('\n');
+    await upload(projectId, { filename: 'facts.txt', type: 'text/plain', content: facts });
+    await insertMessages(t.testDb.database.db, projectId, 40, { content: 'history '.repeat(100) });
+
+    expect((await chat(projectId, 'Which facts?')).statusCode).toBe(200);
+    const messages = lastChatRequest().body.messages as { role: string; content: string }[];
+    expect(messages[0]).toEqual({ role: 'system', content: `${HEADER}\n\n--- facts.txt (text/plain) ---\n${facts}` });
+    const history = messages.slice(1, -1);
+    expect(history.length).toBeGreaterThan(0);
+    expect(history.length).toBeLessThan(40);
+    expect(messages.at(-1)).toEqual({ role: 'user', content: 'Which facts?' });
+  });
+
+  it('sends no section, and the same context as before, for a project without files', async () => {
+    const projectId = (await createProject(t.app, user)).id;
+    await chat(projectId, 'Hello');
+    expect(lastChatRequest().body.messages).toEqual([{ role: 'user', content: 'Hello' }]);
+  });
+});

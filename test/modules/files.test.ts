@@ -1,0 +1,450 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import { request as httpRequest } from 'node:http';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
+import { eq } from 'drizzle-orm';
+import { v7 as uuidv7 } from 'uuid';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { files } from '../../src/db/schema.js';
+import { ContentInspector } from '../../src/modules/files/content-type.js';
+import { attachmentDisposition, displayFilename } from '../../src/modules/files/filename.js';
+import type { FileDto } from '../../src/modules/files/schemas.js';
+import { createProject, expectProblem, registerUser, type RegisteredUser, startTestApp, type TestApp } from '../support/app.js';
+import { FakeUpstream } from '../support/fake-upstream.js';
+import { BOUNDARY, CLOSING, type FormPart, multipart, partHead } from '../support/multipart.js';
+
+const LIMIT = 256 * 1024;
+
+let fake: FakeUpstream;
+let t: TestApp;
+let user: RegisteredUser;
+let storageRoot: string;
+let baseUrl: string;
+
+beforeAll(async () => {
+  fake = await FakeUpstream.start();
+  // OPENAI_BASE_URL keeps the OpenAI provider (and its Files API) while pointing it at the fake.
+  t = await startTestApp({
+    OPENAI_API_KEY: 'sk-test-files',
+    OPENAI_BASE_URL: fake.url,
+    AI_MODEL: 'gpt-4o-mini',
+    AI_TIMEOUT_MS: '5000',
+    AI_MAX_RETRIES: '0',
+    FILE_MAX_BYTES: String(LIMIT),
+  });
+  storageRoot = join(t.config.DATA_DIR, 'files');
+  baseUrl = await t.app.listen({ port: 0, host: '127.0.0.1' });
+  user = await registerUser(t.app);
+});
+afterAll(async () => {
+  await t.close();
+  await fake.close();
+});
+beforeEach(() => fake.reset());
+
+const newProject = async (owner: RegisteredUser = user, body: Record<string, unknown> = {}) => (await createProject(t.app, owner, body)).id;
+const filesUrl = (projectId: string, rest = '') => `/api/v1/projects/${projectId}/files${rest}`;
+
+function send(projectId: string, body: { payload: Buffer; headers: Record<string, string> }, owner: RegisteredUser = user) {
+  return t.app.inject({ method: 'POST', url: filesUrl(projectId), headers: { ...owner.auth, ...body.headers }, payload: body.payload });
+}
+
+async function upload(projectId: string, content: string | Uint8Array, part: Omit<FormPart, 'content'> = {}): Promise<FileDto> {
+  const response = await send(projectId, multipart({ filename: 'notes.txt', type: 'text/plain', ...part, content }));
+  if (response.statusCode !== 201) throw new Error(`upload failed: ${response.statusCode} ${response.body}`);
+  return response.json();
+}
+
+const get = (url: string, owner: RegisteredUser = user) => t.app.inject({ method: 'GET', url, headers: owner.auth });
+const remove = (url: string, owner: RegisteredUser = user) => t.app.inject({ method: 'DELETE', url, headers: owner.auth });
+const rowsOf = (projectId: string) => t.testDb.database.db.select().from(files).where(eq(files.projectId, projectId));
+const sha256 = (bytes: string | Uint8Array) => createHash('sha256').update(bytes).digest('hex');
+
+/** Every stored file's path under the storage root, temporary ones included. */
+function storedPaths(): string[] {
+  if (!existsSync(storageRoot)) return [];
+  return readdirSync(storageRoot, { recursive: true, withFileTypes: true })
+    .filter((entry) => entry.isFile())
+    .map((entry) => join(entry.parentPath, entry.name).slice(storageRoot.length + 1));
+}
+const stagedPaths = () => storedPaths().filter((path) => path.startsWith('tmp/'));
+
+describe('upload and download', () => {
+  it('stores a text file under ids, copies it to the provider and gives back the exact bytes', async () => {
+    const projectId = await newProject();
+    const content = '# Notes\n\nThe launch code is 4321. Ünïcödé ✓\n';
+    const file = await upload(projectId, content, { filename: 'notes.md', type: 'text/markdown' });
+
+    expect(file).toEqual({
+      id: expect.any(String),
+      projectId,
+      filename: 'notes.md',
+      mimeType: 'text/markdown',
+      size: Buffer.byteLength(content),
+      sha256: sha256(content),
+      providerFileId: expect.stringMatching(/^file-/),
+      createdAt: expect.any(String),
+    });
+    expect(fake.requests).toHaveLength(1);
+    expect(fake.requests[0]).toMatchObject({ method: 'POST', path: '/v1/files', body: { purpose: 'user_data', filename: 'notes.md' } });
+    expect(fake.requests[0]!.headers.authorization).toBe('Bearer sk-test-files');
+    expect(fake.files.get(file.providerFileId!)!.bytes.toString()).toBe(content);
+
+    const [row] = await rowsOf(projectId);
+    expect(row!.storageUrl).toBe(`file://${join(storageRoot, projectId, file.id)}`);
+    expect(readFileSync(fileURLToPath(row!.storageUrl), 'utf8')).toBe(content);
+    expect(storedPaths()).toContain(`${projectId}/${file.id}`);
+
+    expect((await get(filesUrl(projectId, `/${file.id}`))).json()).toEqual(file);
+    const download = await get(filesUrl(projectId, `/${file.id}/content`));
+    expect(download.statusCode).toBe(200);
+    expect(download.body).toBe(content);
+    expect(download.headers).toMatchObject({
+      'content-type': 'text/markdown; charset=utf-8',
+      'content-length': String(Buffer.byteLength(content)),
+      'content-disposition': `attachment; filename="notes.md"; filename*=UTF-8''notes.md`,
+      'x-content-type-options': 'nosniff',
+    });
+  });
+
+  it('gives back random binary bytes, NUL bytes included, byte for byte', async () => {
+    const projectId = await newProject();
+    const bytes = Buffer.concat([Buffer.alloc(64), randomBytes(100_000), Buffer.from([0, 0xff, 0, 0xfe])]);
+    const file = await upload(projectId, bytes, { filename: 'blob.bin', type: 'application/octet-stream' });
+    expect(file).toMatchObject({ mimeType: 'application/octet-stream', size: bytes.length, sha256: sha256(bytes) });
+    expect(fake.files.get(file.providerFileId!)!.bytes.equals(bytes)).toBe(true);
+
+    const download = await get(filesUrl(projectId, `/${file.id}/content`));
+    expect(download.rawPayload.equals(bytes)).toBe(true);
+    expect(download.headers['content-type']).toBe('application/octet-stream');
+  });
+
+  it('takes a file of exactly FILE_MAX_BYTES', async () => {
+    const projectId = await newProject();
+    const bytes = randomBytes(LIMIT);
+    const file = await upload(projectId, bytes, { type: 'application/octet-stream' });
+    expect(file.size).toBe(LIMIT);
+    expect((await get(filesUrl(projectId, `/${file.id}/content`))).rawPayload.equals(bytes)).toBe(true);
+  });
+
+  it.each([
+    ['one byte over FILE_MAX_BYTES', LIMIT + 1],
+    ['far over FILE_MAX_BYTES', LIMIT * 8],
+  ])('refuses a file %s with 413 and stores nothing', async (_, size) => {
+    const projectId = await newProject();
+    const response = await send(projectId, multipart({ filename: 'big.bin', type: 'application/octet-stream', content: Buffer.alloc(size, 7) }));
+    const problem = expectProblem(response, 413, 'PAYLOAD_TOO_LARGE');
+    expect(problem.detail).toContain(String(LIMIT));
+    expect(await rowsOf(projectId)).toHaveLength(0);
+    expect(storedPaths().filter((path) => path.startsWith(projectId) || path.startsWith('tmp/'))).toEqual([]);
+    expect(fake.requests).toHaveLength(0);
+  });
+
+  it('writes the bytes to disk as they arrive, never holding the whole upload', async () => {
+    const projectId = await newProject();
+    const head = partHead({ filename: 'stream.bin', type: 'application/octet-stream' });
+    const first = randomBytes(160 * 1024);
+    const rest = randomBytes(80 * 1024);
+    const { statusCode, body } = await new Promise<{ statusCode: number; body: string }>((resolve, reject) => {
+      const req = httpRequest(`${baseUrl}${filesUrl(projectId)}`, {
+        method: 'POST',
+        headers: { ...user.auth, 'content-type': `multipart/form-data; boundary=${BOUNDARY}` },
+      });
+      req.on('error', reject);
+      req.on('response', (res) => {
+        let text = '';
+        res.setEncoding('utf8').on('data', (chunk: string) => (text += chunk));
+        res.on('end', () => resolve({ statusCode: res.statusCode!, body: text }));
+      });
+      req.write(Buffer.concat([head, first]));
+      // The first part is on disk, in a temporary file, while the rest has not even been sent.
+      void waitFor(() => stagedPaths().some((path) => statSync(join(storageRoot, path)).size >= 128 * 1024))
+        .then(() => req.end(Buffer.concat([rest, Buffer.from('\r\n'), CLOSING])))
+        .catch(reject);
+    });
+    expect(statusCode).toBe(201);
+    const file = JSON.parse(body) as FileDto;
+    expect(file).toMatchObject({ size: first.length + rest.length, sha256: sha256(Buffer.concat([first, rest])) });
+    expect(stagedPaths()).toEqual([]);
+  });
+});
+
+describe('the provider copy', () => {
+  it('keeps the file with providerFileId null when the provider upload fails', async () => {
+    fake.setDefault({ status: 500 });
+    const projectId = await newProject();
+    const file = await upload(projectId, 'still mine');
+    expect(file.providerFileId).toBeNull();
+    expect(fake.requests.map((r) => r.path)).toEqual(['/v1/files']);
+    expect((await rowsOf(projectId))[0]!.providerFileId).toBeNull();
+    expect((await get(filesUrl(projectId, `/${file.id}/content`))).body).toBe('still mine');
+  });
+
+  it('makes none for a project whose provider has no Files API here', async () => {
+    const projectId = await newProject(user, { provider: 'openrouter' });
+    expect((await upload(projectId, 'local only')).providerFileId).toBeNull();
+    expect(fake.requests).toHaveLength(0);
+  });
+});
+
+describe('delete', () => {
+  it('removes the row, the bytes and the provider copy', async () => {
+    const projectId = await newProject();
+    const file = await upload(projectId, 'to be deleted');
+    const path = join(storageRoot, projectId, file.id);
+    expect(existsSync(path)).toBe(true);
+
+    expect((await remove(filesUrl(projectId, `/${file.id}`))).statusCode).toBe(204);
+    expect(await rowsOf(projectId)).toHaveLength(0);
+    expect(existsSync(path)).toBe(false);
+    expect(fake.requests.at(-1)).toMatchObject({ method: 'DELETE', path: `/v1/files/${file.providerFileId}` });
+    expect(fake.files.size).toBe(0);
+
+    expectProblem(await get(filesUrl(projectId, `/${file.id}`)), 404, 'NOT_FOUND');
+    expectProblem(await get(filesUrl(projectId, `/${file.id}/content`)), 404, 'NOT_FOUND');
+    expectProblem(await remove(filesUrl(projectId, `/${file.id}`)), 404, 'NOT_FOUND');
+  });
+
+  it('still deletes when the provider copy cannot be deleted', async () => {
+    const projectId = await newProject();
+    const file = await upload(projectId, 'provider down later');
+    fake.setDefault({ status: 500 });
+    expect((await remove(filesUrl(projectId, `/${file.id}`))).statusCode).toBe(204);
+    expect(await rowsOf(projectId)).toHaveLength(0);
+    expect(existsSync(join(storageRoot, projectId, file.id))).toBe(false);
+  });
+});
+
+describe('deleting what holds files', () => {
+  it('a project deletion removes its files bytes and provider copies, and nobody else\'s', async () => {
+    const projectId = await newProject();
+    const kept = await newProject();
+    const gone = [await upload(projectId, 'first'), await upload(projectId, 'second')];
+    const other = await upload(kept, 'stays');
+
+    expect((await remove(`/api/v1/projects/${projectId}`)).statusCode).toBe(204);
+    for (const file of gone) expect(existsSync(join(storageRoot, projectId, file.id))).toBe(false);
+    expect(fake.files.has(other.providerFileId!)).toBe(true);
+    for (const file of gone) expect(fake.files.has(file.providerFileId!)).toBe(false);
+    expect(existsSync(join(storageRoot, kept, other.id))).toBe(true);
+    expect(await rowsOf(kept)).toHaveLength(1);
+  });
+
+  it('an account deletion removes the files of all its projects', async () => {
+    const owner = await registerUser(t.app);
+    const projectIds = [await newProject(owner), await newProject(owner)];
+    const uploaded: { projectId: string; file: FileDto }[] = [];
+    for (const projectId of projectIds) {
+      const response = await send(projectId, multipart({ filename: 'a.txt', type: 'text/plain', content: `of ${projectId}` }), owner);
+      uploaded.push({ projectId, file: response.json() });
+    }
+    const deleted = await t.app.inject({ method: 'DELETE', url: '/api/v1/auth/me', headers: owner.auth, payload: { password: owner.password } });
+    expect(deleted.statusCode).toBe(204);
+    for (const { projectId, file } of uploaded) {
+      expect(existsSync(join(storageRoot, projectId, file.id))).toBe(false);
+      expect(fake.files.has(file.providerFileId!)).toBe(false);
+      expect(await rowsOf(projectId)).toHaveLength(0);
+    }
+  });
+});
+
+describe('list', () => {
+  it('pages through the files oldest first, and the project counts them', async () => {
+    const projectId = await newProject();
+    const uploaded = [await upload(projectId, 'a'), await upload(projectId, 'b'), await upload(projectId, 'c')];
+    const first = (await get(filesUrl(projectId, '?limit=2'))).json();
+    expect(first.data).toEqual(uploaded.slice(0, 2));
+    const second = (await get(filesUrl(projectId, `?limit=2&cursor=${first.nextCursor}`))).json();
+    expect(second).toEqual({ data: uploaded.slice(2), nextCursor: null });
+    expect((await get(`/api/v1/projects/${projectId}`)).json().counts.files).toBe(3);
+    expectProblem(await get(filesUrl(projectId, '?limit=0')), 400, 'VALIDATION_ERROR');
+    expectProblem(await get(filesUrl(projectId, '?cursor=nope')), 400, 'VALIDATION_ERROR');
+  });
+});
+
+describe('what an upload must be', () => {
+  const refused = async (status: number, code: string, body: { payload: Buffer; headers: Record<string, string> }) => {
+    const projectId = await newProject();
+    const problem = expectProblem(await send(projectId, body), status, code);
+    expect(await rowsOf(projectId)).toHaveLength(0);
+    expect(storedPaths().filter((path) => path.startsWith(projectId) || path.startsWith('tmp/'))).toEqual([]);
+    expect(fake.requests).toHaveLength(0);
+    return problem;
+  };
+
+  it('refuses a form without `file` with 400 naming body.file', async () => {
+    const problem = await refused(400, 'VALIDATION_ERROR', { payload: CLOSING, headers: multipart().headers });
+    expect(problem.errors).toEqual([{ path: 'body.file', message: 'is required' }]);
+  });
+
+  it.each([
+    ['a plain field', [{ name: 'purpose', content: 'assistants' }, { filename: 'a.txt', content: 'a' }], 'body.purpose'],
+    ['a field after the file', [{ filename: 'a.txt', content: 'a' }, { name: 'purpose', content: 'assistants' }], 'body.purpose'],
+    ['a file under another name', [{ name: 'upload', filename: 'a.txt', content: 'a' }], 'body.upload'],
+    ['a second file', [{ filename: 'a.txt', content: 'a' }, { filename: 'b.txt', content: 'b' }], 'body.file'],
+  ] as [string, FormPart[], string][])('refuses %s with 400, storing nothing', async (_, parts, path) => {
+    const problem = await refused(400, 'VALIDATION_ERROR', multipart(...parts));
+    expect((problem.errors as { path: string }[])[0]!.path).toBe(path);
+  });
+
+  it.each([
+    ['JSON', { payload: Buffer.from('{"file":"x"}'), headers: { 'content-type': 'application/json' } }],
+    ['plain text', { payload: Buffer.from('x'), headers: { 'content-type': 'text/plain' } }],
+    ['bytes', { payload: Buffer.from('x'), headers: { 'content-type': 'application/octet-stream' } }],
+  ])('refuses %s with 415', async (_, body) => {
+    await refused(415, 'UNSUPPORTED_MEDIA_TYPE', body);
+  });
+
+  it.each([
+    ['no boundary', { payload: multipart({ content: 'a', filename: 'a' }).payload, headers: { 'content-type': 'multipart/form-data' } }],
+    ['a body cut off in the file', { payload: Buffer.concat([partHead({ filename: 'a.txt' }), Buffer.from('half a file')]), headers: multipart().headers }],
+  ])('refuses a malformed form (%s) with 400, never 500', async (_, body) => {
+    await refused(400, 'VALIDATION_ERROR', body);
+  });
+
+  it('answers a refused upload over HTTP at once, and the server goes on serving that client', async () => {
+    const projectId = await newProject();
+    const tooLarge = multipart({ filename: 'big.bin', content: Buffer.alloc(LIMIT * 4, 1) });
+    const twoFiles = multipart({ filename: 'a.txt', content: 'a' }, { filename: 'b.txt', content: Buffer.alloc(LIMIT, 2) });
+    // Twice each: a connection left with half a body unread would hang the next request sent on it.
+    for (const [body, status] of [[tooLarge, 413], [twoFiles, 400], [tooLarge, 413], [twoFiles, 400]] as const) {
+      const response = await fetch(`${baseUrl}${filesUrl(projectId)}`, { method: 'POST', headers: { ...user.auth, ...body.headers }, body: new Uint8Array(body.payload) });
+      expect(response.status).toBe(status);
+      // Closed when the refusal came before the whole body had arrived (how much had is up to timing).
+      expect(['close', 'keep-alive']).toContain(response.headers.get('connection'));
+      await response.body?.cancel();
+    }
+    const list = await fetch(`${baseUrl}${filesUrl(projectId)}`, { headers: user.auth });
+    expect(await list.json()).toEqual({ data: [], nextCursor: null });
+  });
+});
+
+describe('filenames', () => {
+  it.each([
+    ['notes.md', 'notes.md'],
+    ['../../etc/passwd', 'passwd'],
+    ['C:\\Users\\ann\\report.pdf', 'report.pdf'],
+    ['a\u0000b\u001fc\u007f.txt', 'abc.txt'],
+    ['evil\u202Etxt.exe', 'eviltxt.exe'],
+    ['  spaced  ', 'spaced'],
+    ['', 'file'],
+    [undefined, 'file'],
+    ['dir/', 'file'],
+    ['résumé 📄.txt', 'résumé 📄.txt'],
+    ['\uD800lone.txt', '\uFFFDlone.txt'],
+    [`${'ü'.repeat(300)}.txt`, 'ü'.repeat(255)],
+  ])('shows %j as %j', (uploaded, shown) => {
+    expect(displayFilename(uploaded)).toBe(shown);
+  });
+
+  it('keeps a UTF-8 name as sent, and stores the bytes under the ids alone', async () => {
+    const projectId = await newProject();
+    const file = await upload(projectId, 'x', { filename: '../résumé 📄.txt' });
+    expect(file.filename).toBe('résumé 📄.txt');
+    expect(storedPaths().filter((path) => path.startsWith(projectId))).toEqual([`${projectId}/${file.id}`]);
+    const download = await get(filesUrl(projectId, `/${file.id}/content`));
+    expect(download.headers['content-disposition']).toBe(
+      `attachment; filename="r_sum_ __.txt"; filename*=UTF-8''r%C3%A9sum%C3%A9%20%F0%9F%93%84.txt`,
+    );
+  });
+
+  it('sends a hostile name in Content-Disposition without letting it out of its parameter', async () => {
+    const projectId = await newProject();
+    // RFC 8187 lets a client send control characters too (the parser drops a part whose name has CR or LF).
+    const hostile = `x.txt"; filename*=UTF-8''evil.exe;\tSet-Cookie: a=b\u0001; x='%`;
+    const encoded = encodeURIComponent(hostile).replace(/'/g, '%27');
+    const file = await upload(projectId, 'x', { filename: undefined, parameters: `filename*=UTF-8''${encoded}` });
+    expect(file.filename).toBe(`x.txt"; filename*=UTF-8''evil.exe;Set-Cookie: a=b; x='%`);
+
+    const download = await get(filesUrl(projectId, `/${file.id}/content`));
+    expect(download.headers['set-cookie']).toBeUndefined();
+    const disposition = String(download.headers['content-disposition']);
+    expect(disposition).toBe(attachmentDisposition(file.filename));
+    const [, fallback, encodedName] = /^attachment; filename="([\w .()-]*)"; filename\*=UTF-8''([\w%!#$&+.^`|~-]*)$/.exec(disposition)!;
+    expect(fallback).toBe('x.txt__ filename__UTF-8__evil.exe_Set-Cookie_ a_b_ x___');
+    expect(decodeURIComponent(encodedName!)).toBe(file.filename);
+    expect(download.headers['x-content-type-options']).toBe('nosniff');
+  });
+});
+
+describe('media types', () => {
+  const PNG = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0, 0, 0, 13]);
+  const JPEG = Buffer.from([0xff, 0xd8, 0xff, 0xe0, 0, 16]);
+  const ZIP = Buffer.from('PK\x03\x04\x14\x00\x00\x00');
+  const stored = (declared: string, ...chunks: (string | Buffer)[]) => {
+    const inspector = new ContentInspector();
+    for (const chunk of chunks) inspector.inspect(Buffer.from(chunk));
+    return inspector.mimeType(declared);
+  };
+
+  it.each([
+    ['text/plain', ['plain text'], 'text/plain'],
+    ['text/csv', ['a,b\n1,2\n'], 'text/csv'],
+    ['application/json', ['{"a":1}'], 'application/json'],
+    ['text/plain', ['with a NUL\0 in it'], 'application/octet-stream'],
+    ['text/plain', [Buffer.from([0xc3, 0x28])], 'application/octet-stream'],
+    ['text/plain', [Buffer.from('caf'), Buffer.from([0xc3])], 'application/octet-stream'],
+    ['text/plain', [Buffer.from('caf\xc3', 'latin1'), Buffer.from('\xa9', 'latin1')], 'text/plain'],
+    ['text/plain', [PNG], 'image/png'],
+    ['image/png', [JPEG], 'image/jpeg'],
+    ['image/png', ['not a png'], 'application/octet-stream'],
+    ['application/pdf', ['not a pdf'], 'application/octet-stream'],
+    ['application/octet-stream', ['%PDF-1.7\n'], 'application/pdf'],
+    ['application/octet-stream', ['# markdown sent by curl'], 'text/plain'],
+    ['application/octet-stream', [Buffer.from([0, 1, 2])], 'application/octet-stream'],
+    ['application/vnd.openxmlformats-officedocument.wordprocessingml.document', [ZIP], 'application/vnd.openxmlformats-officedocument.wordprocessingml.document'],
+    ['text/plain', [ZIP], 'application/zip'],
+    ['audio/mpeg', ['ID3'], 'audio/mpeg'],
+  ] as [string, (string | Buffer)[], string][])('stores %s with bytes %j as %s', (declared, chunks, expected) => {
+    expect(stored(declared, ...chunks)).toBe(expected);
+  });
+
+  it('normalises the declared type and checks it against the bytes on upload', async () => {
+    const projectId = await newProject();
+    expect((await upload(projectId, 'hello', { type: 'Text/Plain; charset=UTF-8' })).mimeType).toBe('text/plain');
+    expect((await upload(projectId, 'hello', { type: 'nonsense' })).mimeType).toBe('text/plain');
+    expect((await upload(projectId, PNG, { type: 'text/plain' })).mimeType).toBe('image/png');
+    expect((await upload(projectId, PNG, {})).mimeType).toBe('image/png');
+  });
+});
+
+describe('another user', () => {
+  it('gets 404 on every method for a file of a project not theirs, and changes nothing', async () => {
+    const other = await registerUser(t.app);
+    const projectId = await newProject();
+    const file = await upload(projectId, 'private');
+    const theirs = await newProject(other);
+    const urls = [filesUrl(projectId, `/${file.id}`), filesUrl(projectId, `/${file.id}/content`), filesUrl(theirs, `/${file.id}`), filesUrl(theirs, `/${file.id}/content`)];
+    for (const url of urls) {
+      expectProblem(await get(url, other), 404, 'NOT_FOUND');
+      expectProblem(await remove(url, other), 404, 'NOT_FOUND');
+    }
+    expectProblem(await get(filesUrl(projectId), other), 404, 'NOT_FOUND');
+    expect((await get(filesUrl(theirs), other)).json()).toEqual({ data: [], nextCursor: null });
+
+    fake.reset();
+    const before = storedPaths();
+    expectProblem(await send(projectId, multipart({ filename: 'planted.txt', content: 'planted' }), other), 404, 'NOT_FOUND');
+    expect(storedPaths()).toEqual(before);
+    expect(fake.requests).toHaveLength(0);
+    expect(await rowsOf(projectId)).toHaveLength(1);
+    expect((await get(filesUrl(projectId, `/${file.id}/content`))).body).toBe('private');
+  });
+
+  it.each(['not-a-uuid', uuidv7()])('gets 404 for a file id %s that names nothing', async (fileId) => {
+    const projectId = await newProject();
+    expectProblem(await get(filesUrl(projectId, `/${fileId}`)), 404, 'NOT_FOUND');
+    expectProblem(await get(filesUrl(projectId, `/${fileId}/content`)), 404, 'NOT_FOUND');
+    expectProblem(await remove(filesUrl(projectId, `/${fileId}`)), 404, 'NOT_FOUND');
+  });
+});
+
+async function waitFor(condition: () => boolean, timeoutMs = 5_000): Promise<void> {
+  const giveUpAt = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > giveUpAt) throw new Error('condition not met in time');
+    await sleep(10);
+  }
+}
