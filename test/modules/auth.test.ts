@@ -1,3 +1,4 @@
+import { generateKeyPairSync } from 'node:crypto';
 import bcrypt from 'bcrypt';
 import { eq } from 'drizzle-orm';
 import { createSigner } from 'fast-jwt';
@@ -130,6 +131,9 @@ describe('login', () => {
   });
 });
 
+// A key pair of an attacker's own: asymmetric algorithms are refused whatever key signed the token.
+const rsaPrivateKey = generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ type: 'pkcs8', format: 'pem' }).toString();
+
 describe('tokens', () => {
   const b64 = (value: object) => Buffer.from(JSON.stringify(value)).toString('base64url');
   const now = () => Math.floor(Date.now() / 1000);
@@ -143,6 +147,7 @@ describe('tokens', () => {
       'alg NoNe': `${b64({ alg: 'NoNe', typ: 'JWT' })}.${b64({ ...claims, iat: now(), exp: now() + 60 })}.`,
       HS512: createSigner({ key: TEST_SECRET, algorithm: 'HS512', expiresIn: 60_000 })(claims),
       HS384: createSigner({ key: TEST_SECRET, algorithm: 'HS384', expiresIn: 60_000 })(claims),
+      RS256: createSigner({ key: rsaPrivateKey, algorithm: 'RS256', expiresIn: 60_000 })(claims),
       'another secret': createSigner({ key: 'x'.repeat(48), algorithm: 'HS256', expiresIn: 60_000 })(claims),
       'tampered payload': `${header}.${b64({ ...claims, sub: uuidv7(), iat: now(), exp: now() + 60 })}.${signature}`,
       'tampered signature': `${header}.${payload}.${signature.slice(0, -4)}${signature.endsWith('AAAA') ? 'BBBB' : 'AAAA'}`,
