@@ -75,16 +75,21 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         const key = request.headers['idempotency-key'];
 
         const turn = await chat.prepare(userId, projectId, message);
-        const answer = () => (stream ? streamTurn(chat, turn, request, reply, interrupt) : chat.complete(turn, interrupt));
+        // `keep` runs before the client hears the turn is done, so that a retry it sends then is a replay.
+        const answer = async (keep?: KeepResult) => {
+          if (stream) return streamTurn(chat, turn, request, reply, interrupt, keep);
+          const result = await chat.complete(turn, interrupt);
+          await keep?.(result);
+          return result;
+        };
         if (!key) return answer();
 
         const claim = await idempotency.claim(userId, key, requestHash({ projectId, message, stream }));
         if (claim.kind === 'replay') return stream ? replayAsStream(claim.response, request, reply) : claim.response;
         try {
-          const result = await answer();
           // Only a complete answer is kept for replay; after a failure the same key may be retried.
-          if (result) await idempotency.complete(userId, key, result);
-          else await idempotency.release(userId, key);
+          const result = await answer((done) => idempotency.complete(userId, key, done));
+          if (!result) await idempotency.release(userId, key);
           return stream ? reply : result;
         } catch (error) {
           await idempotency.release(userId, key);
@@ -93,6 +98,9 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
       }),
   );
 };
+
+/** Stores a complete result for replay (idempotency) before it is announced. */
+type KeepResult = (result: ChatResult) => Promise<void>;
 
 function openStream(request: FastifyRequest, reply: FastifyReply): EventStream {
   reply.hijack();
@@ -112,6 +120,7 @@ async function streamTurn(
   request: FastifyRequest,
   reply: FastifyReply,
   interrupt: AbortSignal,
+  keep?: KeepResult,
 ): Promise<ChatResult | undefined> {
   let events: EventStream | undefined;
   let userMessageId: string | undefined;
@@ -135,6 +144,7 @@ async function streamTurn(
     );
     if (outcome.kind === 'complete') {
       const { assistantMessage, usage } = outcome.result;
+      await keep?.(outcome.result);
       await events!.send('done', { assistantMessage, usage });
       return outcome.result;
     }
