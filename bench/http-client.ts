@@ -1,8 +1,9 @@
-import http from 'node:http';
+import http, { type IncomingHttpHeaders } from 'node:http';
 import { performance } from 'node:perf_hooks';
 
 export interface TimedResponse {
   status: number;
+  headers: IncomingHttpHeaders;
   body: string;
   /** From the call to the last byte of the response. */
   ms: number;
@@ -77,7 +78,7 @@ export class HttpClient {
         let text = '';
         res.setEncoding('utf8');
         res.on('data', (chunk: string) => (text += chunk));
-        res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text, ms: performance.now() - started }));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: text, ms: performance.now() - started }));
         res.on('error', reject);
       });
       req.on('error', reject);

@@ -6,6 +6,7 @@ const SSL_REQUEST = 80877103;
 const GSSENC_REQUEST = 80877104;
 const QUERY = 'Q'.charCodeAt(0);
 const PARSE = 'P'.charCodeAt(0);
+const BIND = 'B'.charCodeAt(0);
 const SYNC = 'S'.charCodeAt(0);
 
 /** One round trip to PostgreSQL: a simple query, or an extended-protocol exchange ended by Sync. */
@@ -67,7 +68,8 @@ export class RoundTripRecorder {
 
 /**
  * Reads the frontend side of the protocol: the untyped startup messages, then messages of a type byte
- * and a length. Parse and Query bodies are kept for their SQL; every other body is skipped.
+ * and a length. Parse and Query bodies are kept for their SQL, and Bind bodies for the name of the
+ * prepared statement they run (named when it was parsed on this connection); every other body is skipped.
  */
 class FrontendScanner {
   private startup = true;
@@ -76,6 +78,7 @@ class FrontendScanner {
   private type = 0;
   private body: Buffer[] | undefined;
   private pendingSql = '';
+  private readonly prepared = new Map<string, string>();
 
   constructor(private readonly onTrip: (trip: RoundTrip) => void) {}
 
@@ -110,7 +113,7 @@ class FrontendScanner {
       this.remaining = this.header.readInt32BE(1) - 4;
     }
     this.header = Buffer.alloc(0);
-    this.body = this.type === QUERY || this.type === PARSE ? [] : undefined;
+    this.body = this.type === QUERY || this.type === PARSE || this.type === BIND ? [] : undefined;
     if (this.remaining === 0) this.finish();
   }
 
@@ -118,8 +121,14 @@ class FrontendScanner {
     const body = this.body ? Buffer.concat(this.body) : undefined;
     this.body = undefined;
     if (this.type === QUERY) this.onTrip({ sql: cString(body!, 0) });
-    else if (this.type === PARSE) this.pendingSql = cString(body!, body!.indexOf(0) + 1); // after the statement name
-    else if (this.type === SYNC) {
+    else if (this.type === PARSE) {
+      const name = cString(body!, 0);
+      this.pendingSql = cString(body!, body!.indexOf(0) + 1);
+      if (name) this.prepared.set(name, this.pendingSql);
+    } else if (this.type === BIND && !this.pendingSql) {
+      const name = cString(body!, body!.indexOf(0) + 1); // after the portal name
+      this.pendingSql = `(prepared ${name}) ${this.prepared.get(name) ?? ''}`;
+    } else if (this.type === SYNC) {
       this.onTrip({ sql: this.pendingSql || '(a prepared statement)' });
       this.pendingSql = '';
     }

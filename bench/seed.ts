@@ -2,7 +2,8 @@ import bcrypt from 'bcrypt';
 import { sql } from 'drizzle-orm';
 import { v7 as uuidv7 } from 'uuid';
 import type { Database } from '../src/db/database.js';
-import { CHAT_MESSAGE, UPSTREAM_REPLY } from './workload.js';
+import { countTokens, encodingName } from '../src/providers/models.js';
+import { BENCH_MODEL, CHAT_MESSAGE, UPSTREAM_REPLY } from './workload.js';
 
 /** What the benchmarks read and chat in, written straight to the database before the service starts. */
 export interface Seed {
@@ -79,13 +80,17 @@ export async function seed(database: Database): Promise<Seed> {
 
 /**
  * `count` messages in each project that `projects` selects, alternating the benchmarks' own question
- * and answer, one second apart and ending a day ago: older than anything the benchmarks add.
+ * and answer, one second apart and ending a day ago: older than anything the benchmarks add. Each
+ * with its token count, as the service stores it.
  */
 async function insertHistory(database: Database, projects: ReturnType<typeof sql>, count: number): Promise<void> {
-  await database.db.execute(sql`insert into messages (id, project_id, role, content, status, created_at)
+  const [questionTokens, replyTokens] = [CHAT_MESSAGE, UPSTREAM_REPLY].map((text) => countTokens(text, BENCH_MODEL));
+  await database.db.execute(sql`insert into messages (id, project_id, role, content, status, tokens, token_encoding, created_at)
     select gen_random_uuid(), p.id,
       case when i % 2 = 1 then 'user' else 'assistant' end,
       case when i % 2 = 1 then ${CHAT_MESSAGE} else ${UPSTREAM_REPLY} end,
-      'complete', now() - interval '1 day' - make_interval(secs => ${count} - i)
+      'complete',
+      case when i % 2 = 1 then ${questionTokens}::int else ${replyTokens}::int end, ${encodingName(BENCH_MODEL)},
+      now() - interval '1 day' - make_interval(secs => ${count} - i)
     from ${projects} p cross join generate_series(1, ${count}) i`);
 }

@@ -16,3 +16,6 @@ export interface UpstreamBehaviour {
 }
 
 export const ANSWER_AT_ONCE: UpstreamBehaviour = { delayMs: 0, chunks: 8, chunkGapMs: 0 };
+
+/** The model every benchmarked chat uses: the server's default (no AI_MODEL is set). */
+export const BENCH_MODEL = 'gpt-4o-mini';

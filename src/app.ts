@@ -5,8 +5,9 @@ import { serializerCompiler, validatorCompiler } from 'fastify-type-provider-zod
 import type { Config } from './config.js';
 import { type Database, openDatabase } from './db/database.js';
 import { createTokens, registerAuthentication } from './http/auth.js';
-import { registerErrorHandling, ShuttingDown } from './http/errors.js';
+import { answerClientError, answerFrameworkError, registerErrorHandling, ShuttingDown } from './http/errors.js';
 import { registerHardening } from './http/hardening.js';
+import { requestLogger } from './http/logging.js';
 import { registerMetrics } from './http/metrics.js';
 import { registerOpenApi } from './http/openapi.js';
 import { registerRateLimits } from './http/rate-limit.js';
@@ -15,6 +16,7 @@ import { IdempotencyStore } from './modules/chat/idempotency.js';
 import { chatRoutes } from './modules/chat/routes.js';
 import type { ChatResult } from './modules/chat/schemas.js';
 import { ChatService } from './modules/chat/service.js';
+import { PasswordHasher } from './modules/auth/password-hasher.js';
 import { AuthService } from './modules/auth/service.js';
 import { fileRoutes } from './modules/files/routes.js';
 import { FilesService } from './modules/files/service.js';
@@ -48,6 +50,8 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
       },
       ...(deps.logStream ? { stream: deps.logStream } : {}),
     },
+    // Each request's logger binds its id (reqId), made when the request first logs (src/http/logging.ts).
+    childLoggerFactory: requestLogger,
     // Echo a well-formed incoming request id (so a trace spans services); otherwise make one.
     genReqId: (req) => {
       const incoming = req.headers['x-request-id'];
@@ -58,6 +62,10 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
     trustProxy: config.TRUST_PROXY,
     // Fastify's own 503 for a request that arrives while the app closes is not problem+json: see below.
     return503OnClosing: false,
+    // The router's own errors (a malformed or over-long path parameter) are problem+json too.
+    frameworkErrors: answerFrameworkError,
+    // So are requests Node's parser refuses before routing (headers over the limit, malformed HTTP).
+    clientErrorHandler: answerClientError,
   });
   app.setValidatorCompiler(validatorCompiler);
   app.setSerializerCompiler(serializerCompiler);
@@ -67,17 +75,15 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   const database = deps.database ?? (await openMigratedDatabase(config));
   if (!deps.database) app.addHook('onClose', () => database.close());
 
-  app.addHook('onRequest', async (request, reply) => {
-    reply.header('x-request-id', request.id);
-  });
   // A request that still arrives on an open connection while the app closes is refused before any work
-  // (Fastify closes its connection after the answer).
+  // (Fastify closes its connection after the answer). One callback hook for both: it runs on every request.
   let closing = false;
   app.addHook('preClose', async () => {
     closing = true;
   });
-  app.addHook('onRequest', async () => {
-    if (closing) throw new ShuttingDown();
+  app.addHook('onRequest', (request, reply, done) => {
+    reply.header('x-request-id', request.id);
+    done(closing ? new ShuttingDown() : undefined);
   });
   registerErrorHandling(app);
   await registerHardening(app, config);
@@ -91,7 +97,7 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   await app.register(healthRoutes, { database });
   const providers = meterProviders(createProviders(config), metrics.recordProviderCall);
   const files = new FilesService(database.db, new LocalDiskStorage(join(config.DATA_DIR, 'files')), providers, config);
-  await app.register(authRoutes, { prefix: '/api/v1/auth', auth: new AuthService(database.db, tokens, config.BCRYPT_ROUNDS, files) });
+  await app.register(authRoutes, { prefix: '/api/v1/auth', auth: new AuthService(database.db, tokens, new PasswordHasher(config), files) });
   await app.register(projectRoutes, { prefix: '/api/v1/projects', projects: new ProjectsService(database.db, files) });
   await app.register(promptRoutes, { prefix: '/api/v1/projects/:projectId/prompts', prompts: new PromptsService(database.db) });
   await app.register(messageRoutes, { prefix: '/api/v1/projects/:projectId/messages', messages: new MessagesService(database.db) });

@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import { join, resolve } from 'node:path';
 import { z } from 'zod';
 
@@ -78,6 +79,10 @@ const envSchema = z.object({
       return seconds;
     }),
   BCRYPT_ROUNDS: int(4, 15).default(12),
+  // As many hashing threads as CPUs this process may use (fewer under taskset or a container's cpuset),
+  // at most libuv's own pool size: at the lowest priority they take only CPU time the event loop leaves.
+  PASSWORD_HASH_THREADS: int(1, 64).default(() => Math.min(4, availableParallelism())),
+  PASSWORD_HASH_QUEUE: int(0, 100_000).default(64),
   AI_PROVIDER: z.enum(['openai', 'openrouter']).default('openai'),
   OPENAI_API_KEY: optionalText,
   OPENROUTER_API_KEY: optionalText,

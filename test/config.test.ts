@@ -1,5 +1,5 @@
 import { mkdtempSync, readFileSync, statSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ConfigError, loadConfig } from '../src/config.js';
@@ -23,6 +23,8 @@ describe('loadConfig', () => {
       RATE_LIMIT_REGISTER: 20,
       RATE_LIMIT_CHAT: 60,
       RATE_LIMIT_API: 1200,
+      PASSWORD_HASH_QUEUE: 64,
+      PASSWORD_HASH_THREADS: Math.min(4, availableParallelism()),
     });
     expect(config.DATABASE_URL).toBeUndefined();
     expect(config.AI_CONTEXT_TOKENS).toBeUndefined();
@@ -42,6 +44,8 @@ describe('loadConfig', () => {
     ['JWT_SECRET', 'too-short'],
     ['JWT_EXPIRES_IN', 'forever'],
     ['BCRYPT_ROUNDS', '3'],
+    ['PASSWORD_HASH_THREADS', '0'],
+    ['PASSWORD_HASH_QUEUE', '-1'],
     ['AI_PROVIDER', 'anthropic'],
     ['AI_BASE_URL', 'not a url'],
     ['AI_TIMEOUT_MS', '-1'],

@@ -64,6 +64,10 @@ export const messages = pgTable(
     promptTokens: integer('prompt_tokens'),
     completionTokens: integer('completion_tokens'),
     totalTokens: integer('total_tokens'),
+    // The content's tokens in `token_encoding`, counted once when stored, so that building a context
+    // never re-counts history; null for rows stored without (they are counted when read).
+    tokens: integer('tokens'),
+    tokenEncoding: text('token_encoding'),
     createdAt: timestamps.createdAt,
   },
   (t) => [

@@ -1,4 +1,6 @@
+import { randomUUID } from 'node:crypto';
 import { STATUS_CODES } from 'node:http';
+import type { Socket } from 'node:net';
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 
 /** The contract's stable problem codes, each with the status it is always sent with. */
@@ -161,6 +163,9 @@ const DATABASE_DOWN_MESSAGES = [
 ];
 
 const FOREIGN_KEY_VIOLATION = '23503';
+// PostgreSQL text cannot hold U+0000 (22021), nor jsonb its escape (22P05): a value the client sent that
+// cannot be stored, refused by the statement that would have stored it.
+const UNSTORABLE_TEXT = ['22021', '22P05'];
 
 /** Whether the error, or one of its causes (drizzle wraps driver errors), carries the PostgreSQL `code`. */
 export function hasCode(error: unknown, code: string): boolean {
@@ -195,6 +200,10 @@ const FASTIFY_ERRORS: Record<string, [number, ProblemCode]> = {
   FST_ERR_CTP_INVALID_TYPE: [400, 'VALIDATION_ERROR'],
   FST_ERR_CTP_EMPTY_TYPE: [415, 'UNSUPPORTED_MEDIA_TYPE'],
   FST_ERR_CTP_INVALID_CHARSET: [415, 'UNSUPPORTED_MEDIA_TYPE'],
+  // Raised by the router, before any route (see frameworkErrors): a path that is not valid
+  // percent-encoding, and a path parameter too long to be any id (a malformed id is 404).
+  FST_ERR_BAD_URL: [400, 'VALIDATION_ERROR'],
+  FST_ERR_MAX_PARAM_LENGTH: [404, 'NOT_FOUND'],
 };
 
 /** The problem an error answers with: what the error handler sends, and a stream's last event. */
@@ -224,6 +233,9 @@ export function toProblem(error: FastifyError | ApiError | Error, request: Fasti
     // Every foreign key here points at a parent: a write under a project deleted meanwhile.
     return problemBody(request, 404, 'NOT_FOUND', 'Resource not found');
   }
+  if (UNSTORABLE_TEXT.some((code) => hasCode(error, code))) {
+    return problemBody(request, 400, 'VALIDATION_ERROR', 'The request contains text that cannot be stored (the NUL character, U+0000)');
+  }
   if (isDatabaseUnavailable(error)) {
     return problemBody(request, 503, 'SERVICE_UNAVAILABLE', 'The database is unavailable; try again shortly');
   }
@@ -236,19 +248,65 @@ export function toProblem(error: FastifyError | ApiError | Error, request: Fasti
   return problemBody(request, 500, 'INTERNAL', 'An unexpected error occurred');
 }
 
+/** Answers an error as problem+json, logged as a failure (5xx) or a rejection (4xx). */
+function answerError(error: FastifyError, request: FastifyRequest, reply: FastifyReply): FastifyReply {
+  const problem = toProblem(error, request);
+  if (problem.status >= 500) {
+    request.log.error({ err: error, code: problem.code }, 'request failed');
+  } else {
+    request.log.info({ code: problem.code, detail: problem.detail }, 'request rejected');
+  }
+  if (error instanceof ApiError) reply.headers(error.headers);
+  return sendProblem(reply, problem);
+}
+
+/**
+ * Fastify's `frameworkErrors`: the errors its router raises before a request reaches any route or hook
+ * (a path that is not valid percent-encoding, a path parameter over `maxParamLength`), which Fastify
+ * would otherwise answer with a JSON body of its own. Hooks do not run for these, hence the request id here.
+ */
+export function answerFrameworkError(error: FastifyError, request: FastifyRequest, reply: FastifyReply): void {
+  reply.header('x-request-id', request.id);
+  answerError(error, request, reply);
+}
+
 export function registerErrorHandling(app: FastifyInstance): void {
-  app.setErrorHandler((error: FastifyError, request, reply) => {
-    const problem = toProblem(error, request);
-    if (problem.status >= 500) {
-      request.log.error({ err: error, code: problem.code }, 'request failed');
-    } else {
-      request.log.info({ code: problem.code, detail: problem.detail }, 'request rejected');
-    }
-    if (error instanceof ApiError) reply.headers(error.headers);
-    return sendProblem(reply, problem);
-  });
+  app.setErrorHandler(answerError);
 
   app.setNotFoundHandler((request, reply) =>
     sendProblem(reply, problemBody(request, 404, 'NOT_FOUND', `Route ${request.method} ${request.url.split('?')[0]} not found`)),
   );
+}
+
+/** Requests Node's HTTP parser refuses, by its error code; anything else it refuses is malformed HTTP. */
+const CLIENT_ERRORS: Record<string, [number, ProblemCode, string]> = {
+  HPE_HEADER_OVERFLOW: [431, 'PAYLOAD_TOO_LARGE', 'The request line and headers are over the size limit'],
+  ERR_HTTP_REQUEST_TIMEOUT: [408, 'VALIDATION_ERROR', 'The request did not arrive in time'],
+};
+
+/**
+ * Fastify's `clientErrorHandler`: a request that Node's parser refuses before there is a request to route
+ * (headers over the limit, a malformed request line, one too slow to arrive). Fastify would answer with a
+ * JSON body of its own; this is problem+json like every other 4xx (there is no path to name), and the
+ * connection closes, as Node's own answer does.
+ */
+export function answerClientError(this: FastifyInstance, error: Error & { code?: string }, socket: Socket): void {
+  if (error.code === 'ECONNRESET' || socket.destroyed) return;
+  const [status, code, detail] = CLIENT_ERRORS[error.code ?? ''] ?? [400, 'VALIDATION_ERROR', 'The request is not valid HTTP'];
+  const requestId = randomUUID();
+  const title = STATUS_CODES[status] ?? 'Error';
+  const body = JSON.stringify({ type: 'about:blank', title, status, code, detail, instance: '', requestId });
+  // Not the error itself: its rawPacket holds the request's bytes, Authorization header included.
+  this.log.info({ code, detail, parserError: error.code, requestId }, 'request rejected');
+  if (socket.writable) {
+    const head = [
+      `HTTP/1.1 ${status} ${title}`,
+      'content-type: application/problem+json; charset=utf-8',
+      `content-length: ${Buffer.byteLength(body)}`,
+      `x-request-id: ${requestId}`,
+      'connection: close',
+    ];
+    socket.write(`${head.join('\r\n')}\r\n\r\n${body}`);
+  }
+  socket.destroy(error);
 }

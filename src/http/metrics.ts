@@ -28,6 +28,10 @@ declare module 'fastify' {
   interface FastifyInstance {
     metrics: Metrics;
   }
+  interface FastifyContextConfig {
+    /** `false`: the route's requests are not in the request metrics (liveness probes, which are not traffic). */
+    metrics?: boolean;
+  }
 }
 
 /** The label of requests that matched no route: their URLs are whatever a client sent. */
@@ -92,10 +96,10 @@ export function registerMetrics(app: FastifyInstance, database: Database): Metri
 
   // The one per-request cost: a single histogram observation once the response is sent.
   app.addHook('onResponse', (request, reply, done) => {
-    requests.observe(
-      { method: request.method, route: request.routeOptions.url ?? UNMATCHED_ROUTE, status: reply.statusCode },
-      reply.elapsedTime / 1000,
-    );
+    const route = request.routeOptions;
+    if (route.config.metrics !== false) {
+      requests.observe({ method: request.method, route: route.url ?? UNMATCHED_ROUTE, status: reply.statusCode }, reply.elapsedTime / 1000);
+    }
     done();
   });
 

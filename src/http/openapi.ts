@@ -4,6 +4,7 @@ import type { FastifyInstance, FastifySchema, RouteOptions } from 'fastify';
 import { jsonSchemaTransform, jsonSchemaTransformObject } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { PROBLEM_STATUS, type ProblemCode } from './errors.js';
+import { sendDocumentHeaders } from './hardening.js';
 import { rateLimitGroupOf } from './rate-limit.js';
 
 declare module 'fastify' {
@@ -55,7 +56,8 @@ function problemCodesOf(route: RouteOptions, schema: FastifySchema): Set<Problem
   if (schema.body || schema.querystring || schema.params || schema.headers) codes.add('VALIDATION_ERROR');
   if (!config.public) codes.add('UNAUTHORIZED');
   if (route.url.includes(':')) codes.add('NOT_FOUND');
-  if (methods.some((method) => BODY_METHODS.has(method))) {
+  // A DELETE with a body (DELETE /auth/me) parses it like any other.
+  if (schema.body || methods.some((method) => BODY_METHODS.has(method))) {
     codes.add('PAYLOAD_TOO_LARGE');
     codes.add('UNSUPPORTED_MEDIA_TYPE');
   }
@@ -127,10 +129,12 @@ export async function registerOpenApi(app: FastifyInstance): Promise<void> {
   });
 
   // The UI's own routes (page, assets, a copy of the document) are public and left out of the document.
+  // They serve an HTML page and what it loads: a page's security headers, not an API response's.
   await app.register(async (docs) => {
     docs.addHook('onRoute', (route) => {
       route.config = { ...route.config, public: true };
     });
+    docs.addHook('onRequest', sendDocumentHeaders);
     await docs.register(fastifySwaggerUi, { routePrefix: '/docs' });
   });
 

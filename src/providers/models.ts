@@ -19,7 +19,13 @@ export const REPLY_PRIMING_TOKENS = 3;
  * in slices of this length, which adds at most a token or so per slice.
  */
 const MAX_RUN = 128;
-const LONG_RUN = new RegExp(`\\S{${MAX_RUN + 1},}|\\s{${MAX_RUN + 1},}`, 'g');
+/**
+ * An unbounded `{129,}` overflows the regular expression engine's stack on a run of some millions of
+ * characters (a reply an upstream made that long, stored, broke every later turn of its project): a
+ * longer run is matched as several, each cut in slices all the same. `u`: a match never splits a code point.
+ */
+const LONG_RUN_MATCH = 65_536;
+const LONG_RUN = new RegExp(`\\S{${MAX_RUN + 1},${LONG_RUN_MATCH}}|\\s{${MAX_RUN + 1},${LONG_RUN_MATCH}}`, 'gu');
 
 // Text is counted as the user wrote it: `<|endoftext|>` in a message is text, not a special token
 // (by default gpt-tokenizer throws on it).
@@ -38,18 +44,20 @@ function baseModelName(model: string): string {
   return (variant === -1 ? name : name.slice(0, variant)).toLowerCase();
 }
 
-/** The model's encoding when gpt-tokenizer knows it, else o200k_base (every current OpenAI model's). */
-function encodingFor(model: string): GptEncoding {
+/** The name of the model's encoding when gpt-tokenizer knows it, else o200k_base (every current OpenAI model's). */
+export function encodingName(model: string): EncodingName {
   const name = baseModelName(model);
-  const encodingName = Object.hasOwn(modelToEncodingMap, name)
-    ? modelToEncodingMap[name as keyof typeof modelToEncodingMap]
-    : DEFAULT_ENCODING;
-  let encoding = encodings.get(encodingName);
+  return Object.hasOwn(modelToEncodingMap, name) ? modelToEncodingMap[name as keyof typeof modelToEncodingMap] : DEFAULT_ENCODING;
+}
+
+function encodingFor(model: string): GptEncoding {
+  const name = encodingName(model);
+  let encoding = encodings.get(name);
   if (!encoding) {
     // Built on first use: each encoding's rank tables take tens of MB.
-    encoding = GptEncoding.getEncodingApi(encodingName, resolveEncoding);
+    encoding = GptEncoding.getEncodingApi(name, resolveEncoding);
     encoding.setMergeCacheSize(MERGE_CACHE_ENTRIES);
-    encodings.set(encodingName, encoding);
+    encodings.set(name, encoding);
   }
   return encoding;
 }

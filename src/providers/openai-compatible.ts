@@ -27,6 +27,16 @@ export interface OpenAICompatibleOptions {
   supportsFiles: boolean;
   /** Retries after the first attempt on upstream 408/429/5xx and connection failures (AI_MAX_RETRIES). */
   maxRetries: number;
+  /** The most bytes of one upstream response body (a reply, a stream, an error); by default room for 1,024 tokens. */
+  maxResponseBytes?: number;
+}
+
+/**
+ * Room for a reply of `maxOutputTokens` tokens in any form an upstream sends it (a stream spends a few
+ * hundred bytes of JSON on each token) and for any error body: a response larger than that is not a reply.
+ */
+export function maxResponseBytesFor(maxOutputTokens: number): number {
+  return 1024 * 1024 + 1024 * maxOutputTokens;
 }
 
 // The SDK's timeout is per attempt and knows nothing of the request's deadline, which the caller's
@@ -61,6 +71,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
       project: null,
       // Failures surface as our errors, logged with their request; the SDK would print upstream bodies to the console.
       logLevel: 'off',
+      fetch: guardedFetch(options.maxResponseBytes ?? maxResponseBytesFor(1024)),
     });
   }
 
@@ -177,6 +188,30 @@ function followSignal(signal: AbortSignal): { signal: AbortSignal; release(): vo
   if (signal.aborted) follow();
   else signal.addEventListener('abort', follow, { once: true });
   return { signal: controller.signal, release: () => signal.removeEventListener('abort', follow) };
+}
+
+/**
+ * The SDK's fetch, with two bounds no upstream can lift. A redirect is never followed: it would carry
+ * the conversation (and, to the same origin, the API key) wherever the upstream points; it is answered
+ * like any other response that is not a 2xx. A body past `maxBytes` fails as it is read, and its
+ * connection is closed: the SDK reads a JSON reply whole into memory, and a reply is stored whole.
+ */
+function guardedFetch(maxBytes: number): typeof fetch {
+  return async (input, init) => {
+    const response = await fetch(input, { ...init, redirect: 'manual' });
+    if (!response.body) return response;
+    let received = 0;
+    const bounded = response.body.pipeThrough(
+      new TransformStream<Uint8Array, Uint8Array>({
+        transform(chunk, controller) {
+          received += chunk.byteLength;
+          if (received > maxBytes) controller.error(new Error(`upstream response over ${maxBytes} bytes`));
+          else controller.enqueue(chunk);
+        },
+      }),
+    );
+    return new Response(bounded, { status: response.status, statusText: response.statusText, headers: response.headers });
+  };
 }
 
 /** Runs `call` with a signal for the SDK that follows `signal` only while `call` runs. */

@@ -1,10 +1,17 @@
 import type { Config } from '../config.js';
-import { OpenAICompatibleAdapter } from './openai-compatible.js';
+import { maxResponseBytesFor, OpenAICompatibleAdapter } from './openai-compatible.js';
 import { type ProviderAdapter, type ProviderName, ProviderNotConfigured } from './types.js';
 
 export type ProvidersConfig = Pick<
   Config,
-  'AI_PROVIDER' | 'OPENAI_API_KEY' | 'OPENROUTER_API_KEY' | 'AI_BASE_URL' | 'OPENAI_BASE_URL' | 'AI_MODEL' | 'AI_MAX_RETRIES'
+  | 'AI_PROVIDER'
+  | 'OPENAI_API_KEY'
+  | 'OPENROUTER_API_KEY'
+  | 'AI_BASE_URL'
+  | 'OPENAI_BASE_URL'
+  | 'AI_MODEL'
+  | 'AI_MAX_RETRIES'
+  | 'AI_MAX_OUTPUT_TOKENS'
 >;
 
 interface ProviderDefaults {
@@ -90,5 +97,6 @@ function createAdapter(name: ProviderName, config: ProvidersConfig): ProviderAda
     // Another server behind the same protocol has no Files API to count on.
     supportsFiles: defaults.hasFilesApi && !baseURL,
     maxRetries: config.AI_MAX_RETRIES,
+    maxResponseBytes: maxResponseBytesFor(config.AI_MAX_OUTPUT_TOKENS),
   });
 }

@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildApp } from '../../src/app.js';
 import { openPostgres } from '../../src/db/database.js';
 import { prompts } from '../../src/db/schema.js';
-import { expectProblem, registerUser, startTestApp, TEST_SECRET, testConfig, type TestApp } from '../support/app.js';
+import { createProject, expectProblem, registerUser, startTestApp, TEST_SECRET, testConfig, type TestApp } from '../support/app.js';
 import { logCollector } from '../support/logs.js';
 
 let t: TestApp;
@@ -66,6 +66,25 @@ describe('problem+json for every error class', () => {
       payload: 'email=a@b.c',
     });
     expectProblem(response, 415, 'UNSUPPORTED_MEDIA_TYPE');
+  });
+
+  it('400, never 500, for text the database cannot store (NUL), and nothing stored', async () => {
+    const user = await registerUser(t.app);
+    const project = await createProject(t.app, user);
+    const prompts = `/api/v1/projects/${project.id}/prompts`;
+    for (const payload of [{ title: 'a\u0000b', content: 'c' }, { title: 't', content: '\u0000' }]) {
+      expectProblem(await t.app.inject({ method: 'POST', url: prompts, headers: user.auth, payload }), 400, 'VALIDATION_ERROR');
+    }
+    expectProblem(await t.app.inject({ method: 'PATCH', url: '/api/v1/auth/me', headers: user.auth, payload: { name: 'n\u0000' } }), 400, 'VALIDATION_ERROR');
+    expect((await t.app.inject({ method: 'GET', url: prompts, headers: user.auth })).json()).toMatchObject({ data: [] });
+    expect((await t.app.inject({ method: 'GET', url: '/api/v1/auth/me', headers: user.auth })).json()).toMatchObject({ user: { name: 'Test User' } });
+  });
+
+  it('problem+json for what the router refuses: a path parameter over its length limit (404) and bad percent-encoding (400)', async () => {
+    const user = await registerUser(t.app);
+    expectProblem(await t.app.inject({ method: 'GET', url: `/api/v1/projects/${'a'.repeat(5_000)}`, headers: user.auth }), 404, 'NOT_FOUND');
+    expectProblem(await t.app.inject({ method: 'GET', url: '/api/v1/projects/%E0%A4%A/prompts', headers: user.auth }), 400, 'VALIDATION_ERROR');
+    expectProblem(await t.app.inject({ method: 'DELETE', url: '/api/v1/projects/%zz' }), 400, 'VALIDATION_ERROR');
   });
 
   it('500 shows nothing of the cause and logs it with the request id', async () => {

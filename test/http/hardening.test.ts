@@ -24,19 +24,49 @@ beforeAll(async () => {
 afterAll(() => t.close());
 
 describe('security headers', () => {
-  it('sends helmet headers on answers and problems alike, and no x-powered-by', async () => {
+  /** Helmet's headers that only matter to a page a browser renders. */
+  const PAGE_ONLY_HEADERS = [
+    'referrer-policy',
+    'cross-origin-opener-policy',
+    'cross-origin-resource-policy',
+    'origin-agent-cluster',
+    'x-dns-prefetch-control',
+    'x-download-options',
+    'x-permitted-cross-domain-policies',
+    'x-xss-protection',
+  ];
+
+  it("sends an API's security headers on answers and problems alike, not a page's, and no x-powered-by", async () => {
     for (const response of [
       await t.app.inject({ method: 'GET', url: '/api/v1/auth/me', headers: user.auth }),
       await t.app.inject({ method: 'GET', url: '/api/v1/auth/me' }),
       await t.app.inject({ method: 'GET', url: '/nowhere' }),
+      await t.app.inject({ method: 'GET', url: '/health/live' }),
     ]) {
       expect(response.headers['x-content-type-options']).toBe('nosniff');
-      expect(response.headers['x-frame-options']).toBe('SAMEORIGIN');
       expect(response.headers['strict-transport-security']).toMatch(/max-age=\d+/);
-      expect(response.headers['content-security-policy']).toContain("default-src 'self'");
-      expect(response.headers['referrer-policy']).toBe('no-referrer');
+      // A JSON response that a browser renders after all loads nothing and is framed by no one.
+      expect(response.headers['content-security-policy']).toBe("default-src 'none'; frame-ancestors 'none'");
+      expect(response.headers['x-frame-options']).toBe('DENY');
+      // What only an HTML page needs stays off JSON: see src/http/hardening.ts.
+      for (const header of PAGE_ONLY_HEADERS) expect(response.headers).not.toHaveProperty(header);
       expect(response.headers).not.toHaveProperty('x-powered-by');
     }
+  });
+
+  it("sends a page's security headers (all of helmet's) on the docs UI, which is HTML", async () => {
+    const page = await t.app.inject({ method: 'GET', url: '/docs' });
+    expect(page.statusCode).toBe(200);
+    expect(page.headers['content-type']).toMatch(/^text\/html/);
+    expect(page.headers['content-security-policy']).toContain("default-src 'self'");
+    expect(page.headers['content-security-policy']).toContain("script-src 'self'");
+    expect(page.headers['x-frame-options']).toBe('SAMEORIGIN');
+    expect(page.headers['referrer-policy']).toBe('no-referrer');
+    expect(page.headers['cross-origin-opener-policy']).toBe('same-origin');
+    expect(page.headers['x-content-type-options']).toBe('nosniff');
+    expect(page.headers['strict-transport-security']).toMatch(/max-age=\d+/);
+    // Only the docs: the route beside them is an API response.
+    expect((await t.app.inject({ method: 'GET', url: '/openapi.json' })).headers).not.toHaveProperty('referrer-policy');
   });
 
   it('refuses a body over the limit with 413 problem+json', async () => {
@@ -149,6 +179,8 @@ describe('load shedding (@fastify/under-pressure)', () => {
       const body = expectProblem(shed!, 503, 'SERVICE_UNAVAILABLE');
       expect(body.detail).toMatch(/overloaded/);
       expect(Number(shed!.headers['retry-after'])).toBeGreaterThan(0);
+      expect(shed!.headers['x-content-type-options']).toBe('nosniff');
+      expect(shed!.headers['x-request-id']).toBeTruthy();
       expect((await pressured.app.inject({ method: 'GET', url: '/health/live' })).statusCode).toBe(200);
     } finally {
       await pressured.close();

@@ -56,22 +56,41 @@ describe('GET /metrics', () => {
 
   it('counts requests and their duration by method, route template and status', async () => {
     const before = await scrape();
-    const live = { method: 'GET', route: '/health/live', status: '200' };
-    for (let request = 0; request < 3; request++) await t.app.inject({ method: 'GET', url: '/health/live' });
+    const health = { method: 'GET', route: '/health', status: '200' };
+    for (let request = 0; request < 3; request++) await t.app.inject({ method: 'GET', url: '/health' });
     const unknownProject = randomUUID();
     await t.app.inject({ method: 'GET', url: `/api/v1/projects/${unknownProject}`, headers: user.auth });
     const strangePath = `/no-such-route/${randomUUID()}`;
     await t.app.inject({ method: 'GET', url: strangePath });
 
     const after = await scrape();
-    expect(valueOf(after, 'http_request_duration_seconds_count', live) - valueOf(before, 'http_request_duration_seconds_count', live)).toBe(3);
-    expect(valueOf(after, 'http_request_duration_seconds_sum', live)).toBeGreaterThan(0);
-    expect(valueOf(after, 'http_request_duration_seconds_bucket', { ...live, le: '+Inf' })).toBe(valueOf(after, 'http_request_duration_seconds_count', live));
+    expect(valueOf(after, 'http_request_duration_seconds_count', health) - valueOf(before, 'http_request_duration_seconds_count', health)).toBe(3);
+    expect(valueOf(after, 'http_request_duration_seconds_sum', health)).toBeGreaterThan(0);
+    expect(valueOf(after, 'http_request_duration_seconds_bucket', { ...health, le: '+Inf' })).toBe(valueOf(after, 'http_request_duration_seconds_count', health));
     expect(valueOf(after, 'http_request_duration_seconds_count', { route: '/api/v1/projects/:projectId', status: '404' })).toBeGreaterThanOrEqual(1);
     expect(valueOf(after, 'http_request_duration_seconds_count', { route: 'unmatched', status: '404' })).toBeGreaterThanOrEqual(1);
     // Templates, never URLs: what a client puts in a path does not make new series.
     expect(after).not.toContain(unknownProject);
     expect(after).not.toContain(strangePath);
+  });
+
+  it('leaves liveness probes out (config `metrics: false`), and only them', async () => {
+    const count = (text: string, route: string, method = 'GET') =>
+      valueOf(text, 'http_request_duration_seconds_count', { method, route, status: '200' });
+    const before = await scrape();
+    for (let request = 0; request < 5; request++) {
+      expect((await t.app.inject({ method: 'GET', url: '/health/live' })).statusCode).toBe(200);
+      expect((await t.app.inject({ method: 'HEAD', url: '/health/live' })).statusCode).toBe(200);
+    }
+    // Its neighbour in the same plugin, a route of another module and Fastify's HEAD twin of a GET still count.
+    await t.app.inject({ method: 'GET', url: '/health' });
+    await t.app.inject({ method: 'GET', url: '/api/v1/auth/me', headers: user.auth });
+    await t.app.inject({ method: 'HEAD', url: '/health' });
+    const after = await scrape();
+    expect(after).not.toContain('route="/health/live"');
+    expect(count(after, '/health') - count(before, '/health')).toBe(1);
+    expect(count(after, '/api/v1/auth/me') - count(before, '/api/v1/auth/me')).toBe(1);
+    expect(count(after, '/health', 'HEAD') - count(before, '/health', 'HEAD')).toBe(1);
   });
 
   it('counts provider calls, their tokens and their errors by provider and model', async () => {

@@ -1,8 +1,8 @@
 import { validate } from '@readme/openapi-parser';
-import type { FastifyInstance } from 'fastify';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MAX_CHAT_MESSAGE_CHARS } from '../../src/modules/chat/schemas.js';
 import { startTestApp, type TestApp } from '../support/app.js';
+import { asDocumented, registeredRoutes } from '../support/routes.js';
 
 interface Operation {
   security?: unknown[];
@@ -26,28 +26,6 @@ beforeAll(async () => {
   doc = response.json();
 });
 afterAll(() => t.close());
-
-/**
- * Every route the application answers, as `METHOD /path`, read from Fastify's own route tree (so a
- * route registered in any way is seen); HEAD, which Fastify adds beside each GET, is left out.
- */
-function registeredRoutes(app: FastifyInstance): string[] {
-  const routes: string[] = [];
-  const ancestors: string[] = [];
-  for (const line of app.printRoutes({ commonPrefix: false }).split('\n')) {
-    const node = /^((?:[│ ] {3})*)[├└]── (.+?)(?: \(([A-Z, ]+)\))?$/u.exec(line);
-    if (!node) continue;
-    ancestors.length = node[1]!.length / 4;
-    ancestors.push(node[2]!);
-    for (const method of node[3]?.split(', ') ?? []) {
-      if (method !== 'HEAD') routes.push(`${method} ${ancestors.join('')}`);
-    }
-  }
-  return routes;
-}
-
-/** `GET /api/v1/projects/:projectId/` as the document names it: `GET /api/v1/projects/{projectId}`. */
-const asDocumented = (route: string) => route.replace(/:(\w+)/g, '{$1}').replace(/(.)\/$/, '$1');
 
 const operations = () =>
   Object.entries(doc.paths).flatMap(([path, item]) =>
@@ -109,6 +87,14 @@ describe('OpenAPI document', () => {
     expect(operation('post', '/api/v1/auth/register').responses['409']).toBeDefined();
     expect(operation('post', '/api/v1/auth/login').responses['429']).toBeDefined();
     expect(operation('get', '/health/live').responses['429']).toBeUndefined();
+  });
+
+  it('documents every answer a route gives: the file routes without a JSON body, and 413/415 for DELETE with a body', () => {
+    expect(operation('delete', '/api/v1/projects/{projectId}/files/{fileId}').responses['204']).toBeDefined();
+    expect(operation('get', '/api/v1/projects/{projectId}/files/{fileId}/content').responses['200']!.content).toEqual({
+      '*/*': { schema: { type: 'string', format: 'binary' } },
+    });
+    expect(Object.keys(operation('delete', '/api/v1/auth/me').responses)).toEqual(expect.arrayContaining(['204', '413', '415']));
   });
 
   it('takes request and response schemas from the Zod schemas that validate', () => {

@@ -150,10 +150,19 @@ describe('authenticated routes', () => {
     expect((await chat(other, (await createProject(t.app, other)).id)).statusCode).toBe(200);
   });
 
-  it('never limits the public operations routes', async () => {
+  it('never counts the public operations routes, while the same address is still counted everywhere else', async () => {
+    const address = newAddress();
     for (let request = 0; request < 8; request++) {
-      expect((await t.app.inject({ method: 'GET', url: '/health/live', remoteAddress: '10.9.9.9' })).statusCode).toBe(200);
+      for (const url of ['/health/live', '/health', '/metrics']) {
+        expect((await t.app.inject({ method: 'GET', url, remoteAddress: address })).statusCode).toBe(200);
+      }
     }
+    // None of those 24 counted: that address still has all of RATE_LIMIT_API (5) for failed authentication.
+    const anonymous = () => t.app.inject({ method: 'GET', url: '/api/v1/projects', remoteAddress: address });
+    for (let attempt = 0; attempt < 5; attempt++) expectProblem(await anonymous(), 401, 'UNAUTHORIZED');
+    expectRateLimited(await anonymous(), 60);
+    // And the probes still answer once it is limited.
+    expect((await t.app.inject({ method: 'GET', url: '/health/live', remoteAddress: address })).statusCode).toBe(200);
   });
 });
 

@@ -4,8 +4,18 @@ import { eq } from 'drizzle-orm';
 import { createSigner } from 'fast-jwt';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { projects, users } from '../../src/db/schema.js';
-import { expectProblem, registerUser, startTestApp, TEST_SECRET, type TestApp, uniqueEmail } from '../support/app.js';
+import { files, messages, projects, prompts, users } from '../../src/db/schema.js';
+import {
+  createProject,
+  createPrompt,
+  expectProblem,
+  insertMessages,
+  registerUser,
+  startTestApp,
+  TEST_SECRET,
+  type TestApp,
+  uniqueEmail,
+} from '../support/app.js';
 
 let t: TestApp;
 beforeAll(async () => {
@@ -255,5 +265,60 @@ describe('profile, password change and account deletion', () => {
     expectProblem(await login({ email: user.email, password: user.password }), 401, 'UNAUTHORIZED');
     // The email is free again.
     expect((await register({ email: user.email, password: 'password-9', name: 'Again' })).statusCode).toBe(201);
+  });
+});
+
+describe('a revoked token on every route', () => {
+  /** Bodies a route would accept, for routes that check the token only in their own statement (after validation). */
+  const validBodies: Record<string, object> = { 'POST /api/v1/projects/{projectId}/chat': { message: 'Still let in?' } };
+
+  async function everyRow() {
+    const { db } = t.testDb.database;
+    return Promise.all([projects, prompts, messages, files, users].map((table) => db.select().from(table)));
+  }
+
+  it('is refused with 401 by every authenticated route, its own resources included, and changes nothing', async () => {
+    const doc = (await t.app.inject({ method: 'GET', url: '/openapi.json' })).json() as {
+      paths: Record<string, Record<string, { security?: unknown[] }>>;
+    };
+    const revoked = await registerUser(t.app);
+    const gone = await registerUser(t.app);
+    const ids: Record<string, Record<string, string>> = {};
+    for (const owner of [revoked, gone]) {
+      const project = await createProject(t.app, owner);
+      const prompt = await createPrompt(t.app, owner, project.id);
+      await insertMessages(t.testDb.database.db, project.id, 2);
+      const [file] = await t.testDb.database.db
+        .insert(files)
+        .values({ id: uuidv7(), projectId: project.id, filename: 'a.txt', mimeType: 'text/plain', size: 1, sha256: 'f'.repeat(64), storageUrl: 'file:///nowhere' })
+        .returning();
+      ids[owner.id] = { projectId: project.id, promptId: prompt.id, fileId: file!.id };
+    }
+    const changed = await t.app.inject({
+      method: 'POST',
+      url: '/api/v1/auth/password',
+      headers: revoked.auth,
+      payload: { currentPassword: revoked.password, newPassword: 'another-password-1' },
+    });
+    expect(changed.statusCode).toBe(204);
+    await t.testDb.database.db.delete(users).where(eq(users.id, gone.id));
+    const before = await everyRow();
+
+    let checked = 0;
+    for (const [template, operations] of Object.entries(doc.paths)) {
+      for (const [method, operation] of Object.entries(operations)) {
+        if (operation.security?.length === 0) continue; // public
+        const key = `${method.toUpperCase()} ${template}`;
+        for (const owner of [revoked, gone]) {
+          const url = template.replace(/\{(\w+)\}/g, (_, name: string) => ids[owner.id]![name]!);
+          const response = await t.app.inject({ method: method.toUpperCase() as 'GET', url, headers: owner.auth, payload: validBodies[key] ?? {} });
+          expect({ route: key, status: response.statusCode }).toEqual({ route: key, status: 401 });
+          expectProblem(response, 401, 'UNAUTHORIZED');
+          checked++;
+        }
+      }
+    }
+    expect(checked).toBeGreaterThanOrEqual(2 * 20);
+    expect(await everyRow()).toEqual(before);
   });
 });

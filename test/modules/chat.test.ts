@@ -2,7 +2,8 @@ import { eq } from 'drizzle-orm';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { messages } from '../../src/db/schema.js';
-import { createProject, createPrompt, expectProblem, registerUser, type RegisteredUser, startTestApp, type TestApp } from '../support/app.js';
+import { countTokens } from '../../src/providers/models.js';
+import { createProject, createPrompt, expectProblem, insertMessages, registerUser, type RegisteredUser, startTestApp, type TestApp } from '../support/app.js';
 import { FakeUpstream, UPSTREAM_ERROR_TEXT } from '../support/fake-upstream.js';
 import { readSse, type SseEvent } from '../support/sse.js';
 
@@ -152,6 +153,51 @@ describe('context budget', () => {
     } finally {
       await budgeted.close();
     }
+  });
+});
+
+describe('stored token counts and long histories', () => {
+  const sentHistory = () => (fake.requests.at(-1)!.body.messages as { content: string }[]).slice(0, -1).map((m) => m.content);
+
+  it('stores each message with its token count in the model’s encoding', async () => {
+    const projectId = await newProject();
+    expect((await chat(projectId, { message: 'How many tokens is this question?' })).statusCode).toBe(200);
+    const rows = await stored(projectId);
+    expect(rows.map((row) => [row.role, row.tokens, row.tokenEncoding])).toEqual([
+      ['user', countTokens('How many tokens is this question?', 'gpt-4o-mini'), 'o200k_base'],
+      ['assistant', countTokens(rows[1]!.content, 'gpt-4o-mini'), 'o200k_base'],
+    ]);
+  });
+
+  it('trusts a stored count only in the model’s own encoding, and counts a message stored without one', async () => {
+    const budgeted = await startTestApp({ AI_BASE_URL: fake.url, AI_CONTEXT_TOKENS: '1000', AI_MAX_OUTPUT_TOKENS: '100' });
+    try {
+      const owner = await registerUser(budgeted.app);
+      const projectId = (await createProject(budgeted.app, owner, { model: 'gpt-4o-mini' })).id;
+      const { db } = budgeted.testDb.database;
+      // Far over the budget if believed: the first is left out with all older history; the others are counted anew.
+      await insertMessages(db, projectId, 1, { content: 'oldest, counted anew', tokens: null, tokenEncoding: null });
+      await insertMessages(db, projectId, 1, { content: 'counted in another encoding', tokens: 5000, tokenEncoding: 'cl100k_base' });
+      await insertMessages(db, projectId, 1, { content: 'believed to be huge', tokens: 5000, tokenEncoding: 'o200k_base' });
+      await insertMessages(db, projectId, 1, { content: 'newest, counted anew', tokens: null, tokenEncoding: null });
+      const response = await budgeted.app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: owner.auth, payload: { message: 'Hi' } });
+      expect(response.statusCode).toBe(200);
+      expect(sentHistory()).toEqual(['newest, counted anew']);
+
+      await db.update(messages).set({ tokens: 3 }).where(eq(messages.content, 'believed to be huge'));
+      await budgeted.app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: owner.auth, payload: { message: 'Hi' } });
+      expect(sentHistory().slice(0, 4)).toEqual(['oldest, counted anew', 'counted in another encoding', 'believed to be huge', 'newest, counted anew']);
+    } finally {
+      await budgeted.close();
+    }
+  });
+
+  it('reads a history longer than its first pages whole, oldest first, when it fits', async () => {
+    const projectId = await newProject();
+    const count = 64 + 256 + 30;
+    await insertMessages(t.testDb.database.db, projectId, count);
+    expect((await chat(projectId, { message: 'All of it?' })).statusCode).toBe(200);
+    expect(sentHistory()).toEqual(Array.from({ length: count }, (_, i) => `message ${i}`));
   });
 });
 

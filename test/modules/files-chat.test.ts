@@ -56,6 +56,14 @@ describe('the files section', () => {
     expect(read.length * 3_000).toBeLessThanOrEqual(1_000 * 16);
   });
 
+  it('leaves out a text file deleted while the turn was read (its bytes gone), and takes the others', async () => {
+    const gone = { ...textFile('gone.txt', 'Gone.'), readText: vi.fn(async () => Promise.reject(Object.assign(new Error('ENOENT: no such file'), { code: 'ENOENT' }))) };
+    const result = await section([gone, textFile('kept.txt', 'Kept.')]);
+    expect(result!.message.content).toBe(`${HEADER}\n\n--- kept.txt (text/plain) ---\nKept.`);
+    const broken = { ...textFile('broken.txt', 'x'), readText: vi.fn(async () => Promise.reject(Object.assign(new Error('EIO'), { code: 'EIO' }))) };
+    await expect(section([broken])).rejects.toThrow('EIO');
+  });
+
   it('sends a PDF with a provider copy by reference, and names what the provider cannot read', async () => {
     const files: ContextFile[] = [
       { filename: 'report.pdf', mimeType: 'application/pdf', size: 9, providerFileId: 'file-1', readText: vi.fn() },

@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { request as httpRequest } from 'node:http';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -205,6 +205,14 @@ describe('delete', () => {
     expectProblem(await get(filesUrl(projectId, `/${file.id}`)), 404, 'NOT_FOUND');
     expectProblem(await get(filesUrl(projectId, `/${file.id}/content`)), 404, 'NOT_FOUND');
     expectProblem(await remove(filesUrl(projectId, `/${file.id}`)), 404, 'NOT_FOUND');
+  });
+
+  it('is 404, never 500, for a download caught between the row and the bytes of a delete', async () => {
+    const projectId = await newProject();
+    const file = await upload(projectId, 'going');
+    // What a concurrent DELETE leaves for a moment: the download has read the row, the bytes are gone.
+    rmSync(join(storageRoot, projectId, file.id));
+    expectProblem(await get(filesUrl(projectId, `/${file.id}/content`)), 404, 'NOT_FOUND');
   });
 
   it('still deletes when the provider copy cannot be deleted', async () => {

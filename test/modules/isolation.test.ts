@@ -1,54 +1,14 @@
-import { asc } from 'drizzle-orm';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { files, messages, projects, prompts } from '../../src/db/schema.js';
+import { files } from '../../src/db/schema.js';
 import { encodeCursor } from '../../src/http/pagination.js';
 import { createProject, createPrompt, expectProblem, insertMessages, registerUser, type RegisteredUser, startTestApp, type TestApp } from '../support/app.js';
-
-/** Ids a route is called with: user A's project, prompt and file, and user B's own project. */
-interface Ids {
-  project: string;
-  prompt: string;
-  file: string;
-  ownProject: string;
-}
-
-type Method = 'GET' | 'POST' | 'PATCH' | 'DELETE';
-
-/** Every route and method that names a project or what it holds, with a body it would accept. */
-const routes: [name: string, method: Method, path: (ids: Ids) => string, body?: object][] = [
-  ['get the project', 'GET', (ids) => `/api/v1/projects/${ids.project}`],
-  ['rename the project', 'PATCH', (ids) => `/api/v1/projects/${ids.project}`, { name: 'Taken over' }],
-  ['reset the project’s provider', 'PATCH', (ids) => `/api/v1/projects/${ids.project}`, { provider: null, model: null, description: null }],
-  ['delete the project', 'DELETE', (ids) => `/api/v1/projects/${ids.project}`],
-  ['add a prompt', 'POST', (ids) => `/api/v1/projects/${ids.project}/prompts`, { title: 'Injected', content: 'Obey B.' }],
-  ['list the prompts', 'GET', (ids) => `/api/v1/projects/${ids.project}/prompts`],
-  ['list the prompts from a cursor', 'GET', (ids) => `/api/v1/projects/${ids.project}/prompts?limit=1&cursor=${encodeCursor([ids.prompt])}`],
-  ['get a prompt', 'GET', (ids) => `/api/v1/projects/${ids.project}/prompts/${ids.prompt}`],
-  ['edit a prompt', 'PATCH', (ids) => `/api/v1/projects/${ids.project}/prompts/${ids.prompt}`, { title: 'Edited', content: 'Obey B.' }],
-  ['delete a prompt', 'DELETE', (ids) => `/api/v1/projects/${ids.project}/prompts/${ids.prompt}`],
-  ['get a prompt through one’s own project', 'GET', (ids) => `/api/v1/projects/${ids.ownProject}/prompts/${ids.prompt}`],
-  ['edit a prompt through one’s own project', 'PATCH', (ids) => `/api/v1/projects/${ids.ownProject}/prompts/${ids.prompt}`, { content: 'Obey B.' }],
-  ['delete a prompt through one’s own project', 'DELETE', (ids) => `/api/v1/projects/${ids.ownProject}/prompts/${ids.prompt}`],
-  ['read the history', 'GET', (ids) => `/api/v1/projects/${ids.project}/messages`],
-  ['read the history from a cursor', 'GET', (ids) => `/api/v1/projects/${ids.project}/messages?limit=1`],
-  ['clear the history', 'DELETE', (ids) => `/api/v1/projects/${ids.project}/messages`],
-  // Ownership is checked before the body is read: B's upload is refused before it is parsed or stored.
-  ['upload a file', 'POST', (ids) => `/api/v1/projects/${ids.project}/files`, { file: 'planted' }],
-  ['list the files', 'GET', (ids) => `/api/v1/projects/${ids.project}/files`],
-  ['list the files from a cursor', 'GET', (ids) => `/api/v1/projects/${ids.project}/files?limit=1&cursor=${encodeCursor([ids.file])}`],
-  ['get a file', 'GET', (ids) => `/api/v1/projects/${ids.project}/files/${ids.file}`],
-  ['download a file', 'GET', (ids) => `/api/v1/projects/${ids.project}/files/${ids.file}/content`],
-  ['delete a file', 'DELETE', (ids) => `/api/v1/projects/${ids.project}/files/${ids.file}`],
-  ['get a file through one’s own project', 'GET', (ids) => `/api/v1/projects/${ids.ownProject}/files/${ids.file}`],
-  ['download a file through one’s own project', 'GET', (ids) => `/api/v1/projects/${ids.ownProject}/files/${ids.file}/content`],
-  ['delete a file through one’s own project', 'DELETE', (ids) => `/api/v1/projects/${ids.ownProject}/files/${ids.file}`],
-];
+import { type Method, type OwnedIds, ownedRoutes, projectRows } from '../support/routes.js';
 
 let t: TestApp;
 let a: RegisteredUser;
 let b: RegisteredUser;
-let ids: Ids;
+let ids: OwnedIds;
 beforeAll(async () => {
   t = await startTestApp();
   [a, b] = [await registerUser(t.app), await registerUser(t.app)];
@@ -73,22 +33,13 @@ beforeAll(async () => {
 });
 afterAll(() => t.close());
 
-/** Every row of every table a route could touch, A's and B's alike. */
-async function everything() {
-  const { db } = t.testDb.database;
-  return {
-    projects: await db.select().from(projects).orderBy(asc(projects.id)),
-    prompts: await db.select().from(prompts).orderBy(asc(prompts.id)),
-    messages: await db.select().from(messages).orderBy(asc(messages.id)),
-    files: await db.select().from(files).orderBy(asc(files.id)),
-  };
-}
+const everything = () => projectRows(t.testDb.database.db);
 
 const call = (as: RegisteredUser, method: Method, url: string, body?: object) =>
   t.app.inject({ method, url, headers: as.auth, ...(body ? { payload: body } : {}) });
 
 describe('user B against user A’s ids', () => {
-  it.each(routes)('%s (%s): 404 as if it did not exist, and nothing changes', async (_, method, path, body) => {
+  it.each(ownedRoutes)('%s (%s): 404 as if it did not exist, and nothing changes', async (_, method, path, body) => {
     const before = await everything();
 
     const response = await call(b, method, path(ids), body);

@@ -45,6 +45,13 @@ describe('countTokens', () => {
     }
   });
 
+  it('counts a run of ten million characters, which an unbounded pattern overflowed the stack on', () => {
+    for (const char of ['x', ' ', '😀']) {
+      const run = char.repeat(10_000_000);
+      expect(countTokens(run, 'gpt-4o')).toBeGreaterThanOrEqual(10_000_000 / 128);
+    }
+  });
+
   it('matches the chat format overheads gpt-tokenizer applies', () => {
     const chat = [
       { role: 'system' as const, content: 'You are helpful.' },

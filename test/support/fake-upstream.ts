@@ -8,8 +8,9 @@ import { setTimeout as sleep } from 'node:timers/promises';
  *
  *   const fake = await FakeUpstream.start();            // AI_BASE_URL: fake.url
  *   fake.enqueue({ status: 429, retryAfter: 1 }, { status: 500 }, { content: 'ok' });
- *   fake.enqueue({ chunks: 5, chunkDelayMs: 200 });     // a slow drip
+ *   fake.enqueue({ chunks: 5, chunkDelayMs: 200 });     // slow chunks
  *   fake.enqueue({ fault: 'hang' });                    // until the client goes away
+ *   fake.enqueue({ status: 307, headers: { location } }); // a redirect
  *   await fake.waitForClientClose();                    // ...which it then did
  *   fake.requests[0].body                               // what the upstream received
  */
@@ -31,11 +32,24 @@ export type UpstreamFault =
   /** Streaming: stop after `afterChunks` content chunks, leaving the connection open. */
   | 'stall'
   /** Streaming: end the response cleanly after `afterChunks` content chunks, without finish_reason or [DONE]. */
-  | 'end-early';
+  | 'end-early'
+  /**
+   * JSON: a 200 text/html page. Streaming: after `afterChunks` content chunks, GARBAGE_LINES (no event a
+   * parser may act on, though some carry UPSTREAM_ERROR_TEXT), then the rest as usual.
+   */
+  | 'garbage'
+  /**
+   * Bytes that keep coming too slowly to make an answer: one byte at a time, each `chunkDelayMs` (default
+   * 100) after the one before. JSON: the whole body. Streaming: from the `afterChunks`-th content chunk on.
+   */
+  | 'drip';
 
 /** What the fake does with one request. Every field is optional: `{}` is the default echo. */
 export interface UpstreamReply {
-  /** A status of 400 or more answers an OpenAI-style error body carrying UPSTREAM_ERROR_TEXT. */
+  /**
+   * A status of 400 or more answers an OpenAI-style error body carrying UPSTREAM_ERROR_TEXT; one from 300
+   * to 399 answers with no body (a redirect: give its `location` in `headers`).
+   */
   status?: number;
   /** The Retry-After header: seconds, or a string as given (an HTTP date). */
   retryAfter?: number | string;
@@ -51,7 +65,7 @@ export interface UpstreamReply {
   delayMs?: number;
   /** Streaming: the content split into this many chunks; by default one per word. */
   chunks?: number;
-  /** Streaming: a pause before every content chunk but the first. */
+  /** Streaming: a pause before every content chunk but the first; with `fault: 'drip'`, before every byte. */
   chunkDelayMs?: number;
   fault?: UpstreamFault;
   /** Streaming faults strike after this many content chunks (default 1). */
@@ -213,6 +227,7 @@ export class FakeUpstream {
     for (const [name, value] of Object.entries(reply.headers ?? {})) res.setHeader(name, value);
     if (reply.retryAfter !== undefined) res.setHeader('retry-after', String(reply.retryAfter));
     if (reply.status && reply.status >= 400) return sendError(res, reply.status);
+    if (reply.status && reply.status >= 300) return sendRaw(res, reply.status, 'text/plain', '');
 
     const fileId = /^\/v1\/files\/([^/]+)$/.exec(record.path)?.[1];
     if (record.method === 'POST' && record.path === '/v1/chat/completions') {
@@ -223,18 +238,23 @@ export class FakeUpstream {
     sendJson(res, 404, { error: { message: `Unknown route ${record.method} ${record.path}`, type: 'invalid_request_error' } });
   }
 
-  private sendCompletion({ record, reply, res }: Exchange): void {
+  private async sendCompletion({ record, reply, res, gone }: Exchange): Promise<void> {
     const model = reply.model ?? String(record.body.model);
     if (reply.fault === 'malformed-json') return sendRaw(res, 200, 'application/json', '{"id":"chatcmpl-broken","choices":[{"mess');
+    if (reply.fault === 'garbage') return sendRaw(res, 200, 'text/html', GARBAGE_HTML);
     if (reply.fault === 'error-body') return sendJson(res, 200, { error: { message: UPSTREAM_ERROR_TEXT, type: 'server_error' } });
     const completion = { id: this.newId('chatcmpl'), object: 'chat.completion', created: nowSeconds(), model };
     if (reply.fault === 'no-choices') return sendJson(res, 200, completion);
     const content = replyContent(record, reply);
-    sendJson(res, 200, {
+    const body = {
       ...completion,
       choices: [{ index: 0, message: { role: 'assistant', content }, finish_reason: 'stop' }],
       ...(reply.usage === false ? {} : { usage: replyUsage(record, reply, content) }),
-    });
+    };
+    if (reply.fault !== 'drip') return sendJson(res, 200, body);
+    res.writeHead(200, { 'content-type': 'application/json' });
+    await drip(res, Buffer.from(JSON.stringify(body)), reply, gone);
+    res.end();
   }
 
   private async streamCompletion({ record, reply, res, gone, resetSocket }: Exchange): Promise<void> {
@@ -247,17 +267,25 @@ export class FakeUpstream {
       choices: choice && reply.fault !== 'no-choices' ? [{ index: 0, finish_reason: null, ...choice }] : [],
       ...(withUsage ? { usage: null } : {}),
     });
+    let dripping = false;
     // Resolves once the chunk is handed to the socket: a reset that follows cannot swallow it.
-    const send = (data: unknown) => new Promise<void>((resolve) => res.write(`data: ${JSON.stringify(data)}\n\n`, () => resolve()));
+    const send = async (data: unknown) => {
+      const event = `data: ${JSON.stringify(data)}\n\n`;
+      if (dripping) return drip(res, Buffer.from(event), reply, gone);
+      await new Promise<void>((resolve) => res.write(event, () => resolve()));
+    };
 
     res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' });
     await send(chunk({ delta: { role: 'assistant', content: '' } }));
     const pieces = splitContent(content, reply.chunks);
     const faultAt = reply.afterChunks ?? 1;
     for (let i = 0; i <= pieces.length; i++) {
-      if (i === faultAt && streamFault(reply.fault, res, resetSocket)) return;
+      if (i === faultAt) {
+        if (streamFault(reply.fault, res, resetSocket)) return;
+        dripping = reply.fault === 'drip';
+      }
       if (i === pieces.length) break;
-      if (i > 0 && reply.chunkDelayMs) await sleep(reply.chunkDelayMs, undefined, { signal: gone });
+      if (i > 0 && reply.chunkDelayMs && !dripping) await sleep(reply.chunkDelayMs, undefined, { signal: gone });
       if (gone.aborted) return;
       await send(chunk({ delta: { content: pieces[i] } }));
       record.chunksSent++;
@@ -363,6 +391,31 @@ function splitContent(content: string, count: number | undefined): string[] {
   return pieces;
 }
 
+/** What a confused proxy or a captive portal answers instead of a completion. */
+const GARBAGE_HTML = `<html><head><title>502 Bad Gateway</title></head><body><h1>Bad Gateway</h1><p>${UPSTREAM_ERROR_TEXT}</p></body></html>`;
+
+/**
+ * Lines amid an event stream that no parser may act on: an HTML page, lines with no field or unknown
+ * fields, bytes that are not UTF-8 (each dispatches no event: none has `data`), then `data` events
+ * whose JSON is not a completion chunk (an object without choices, an array, content that is no string).
+ */
+const GARBAGE_LINES = Buffer.concat([
+  Buffer.from(`${GARBAGE_HTML}\ngarbage without a field\nunknown-field: ${UPSTREAM_ERROR_TEXT}\nretry: soon\n`),
+  Buffer.from([0xff, 0xfe, 0x00, 0x80, 0x0a, 0x0a]),
+  Buffer.from(`data: {"unexpected":"<script>${UPSTREAM_ERROR_TEXT}</script>"}\n\n`),
+  Buffer.from('data: [1,2,3]\n\n'),
+  Buffer.from('data: {"choices":[{"index":0,"delta":{"content":{"$ne":null}}},null]}\n\n'),
+  Buffer.from('data: {"choices":"not a list","model":{"name":"not a string"},"usage":"lots"}\n\n'),
+]);
+
+/** Writes `bytes` one at a time, each `chunkDelayMs` (default 100) after the one before, until done or the client leaves. */
+async function drip(res: ServerResponse, bytes: Buffer, reply: UpstreamReply, gone: AbortSignal): Promise<void> {
+  for (const byte of bytes) {
+    await sleep(reply.chunkDelayMs ?? 100, undefined, { signal: gone });
+    res.write(Buffer.of(byte));
+  }
+}
+
 /** Carries out a streaming fault at its chunk; true when the stream is over (or left hanging). */
 function streamFault(fault: UpstreamFault | undefined, res: ServerResponse, resetSocket: () => void): boolean {
   switch (fault) {
@@ -380,6 +433,9 @@ function streamFault(fault: UpstreamFault | undefined, res: ServerResponse, rese
       return true;
     case 'stall':
       return true;
+    case 'garbage':
+      res.write(GARBAGE_LINES);
+      return false;
     default:
       return false;
   }

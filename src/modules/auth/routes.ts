@@ -12,6 +12,9 @@ import {
 import type { AuthService } from './service.js';
 
 export const authRoutes: FastifyPluginAsyncZod<{ auth: AuthService }> = async (app, { auth }) => {
+  // The password hashing threads end with the app, so that a closed app (tests, graceful shutdown) leaves none behind.
+  app.addHook('onClose', () => auth.close());
+
   app.post(
     '/register',
     {

@@ -1,4 +1,3 @@
-import bcrypt from 'bcrypt';
 import { eq, inArray, sql } from 'drizzle-orm';
 import type { FastifyBaseLogger } from 'fastify';
 import { v7 as uuidv7 } from 'uuid';
@@ -7,6 +6,7 @@ import { files, projects, users } from '../../db/schema.js';
 import type { Tokens } from '../../http/auth.js';
 import { Conflict, hasCode, NotFound, Unauthorized } from '../../http/errors.js';
 import type { StoredFileDiscarder } from '../files/service.js';
+import type { PasswordHasher } from './password-hasher.js';
 import type { UserDto } from './schemas.js';
 
 type UserRow = typeof users.$inferSelect;
@@ -25,12 +25,12 @@ export class AuthService {
   constructor(
     private readonly db: Db,
     private readonly tokens: Tokens,
-    private readonly bcryptRounds: number,
+    private readonly passwords: PasswordHasher,
     private readonly storedFiles: StoredFileDiscarder,
   ) {}
 
   async register(input: { email: string; password: string; name: string }) {
-    const passwordHash = await bcrypt.hash(input.password, this.bcryptRounds);
+    const passwordHash = await this.passwords.hash(input.password);
     const now = new Date();
     try {
       const [row] = await this.db
@@ -47,7 +47,7 @@ export class AuthService {
   async login(input: { email: string; password: string }) {
     const [row] = await this.db.select().from(users).where(sql`lower(${users.email}) = ${input.email}`);
     const hash = row?.passwordHash ?? (await this.unknownUserHash());
-    const matches = await bcrypt.compare(input.password, hash);
+    const matches = await this.passwords.compare(input.password, hash);
     if (!row || !matches) throw new Unauthorized('Invalid email or password');
     return this.session(row);
   }
@@ -70,7 +70,7 @@ export class AuthService {
 
   async changePassword(userId: string, input: { currentPassword: string; newPassword: string }): Promise<void> {
     await this.checkPassword(userId, input.currentPassword);
-    const passwordHash = await bcrypt.hash(input.newPassword, this.bcryptRounds);
+    const passwordHash = await this.passwords.hash(input.newPassword);
     await this.db
       .update(users)
       .set({ passwordHash, tokenVersion: sql`${users.tokenVersion} + 1`, updatedAt: new Date() })
@@ -95,15 +95,27 @@ export class AuthService {
   private async checkPassword(userId: string, password: string): Promise<void> {
     const [row] = await this.db.select({ passwordHash: users.passwordHash }).from(users).where(eq(users.id, userId));
     if (!row) throw new Unauthorized('Invalid or expired token');
-    if (!(await bcrypt.compare(password, row.passwordHash))) throw new Unauthorized('The password is wrong');
+    if (!(await this.passwords.compare(password, row.passwordHash))) throw new Unauthorized('The password is wrong');
   }
 
   private session(row: UserRow) {
     return { token: this.tokens.issue(row), user: toDto(row) };
   }
 
+  /** Ends the password hashing threads. */
+  close(): Promise<void> {
+    return this.passwords.close();
+  }
+
   private unknownUserHash(): Promise<string> {
-    this.dummyHash ??= bcrypt.hash(`unknown-user-${uuidv7()}`, this.bcryptRounds);
+    if (!this.dummyHash) {
+      const dummyHash = this.passwords.hash(`unknown-user-${uuidv7()}`);
+      // A hash refused while the queue was full is tried again by the next unknown email, not kept.
+      dummyHash.catch(() => {
+        if (this.dummyHash === dummyHash) this.dummyHash = undefined;
+      });
+      this.dummyHash = dummyHash;
+    }
     return this.dummyHash;
   }
 }

@@ -1,9 +1,12 @@
+import { MESSAGE_OVERHEAD_TOKENS } from '../../providers/models.js';
 import type { ChatMessage } from '../../providers/types.js';
 import type { FilesSection } from '../files/chat-section.js';
 
 export interface HistoryMessage {
   role: 'user' | 'assistant' | 'system';
   content: string;
+  /** The tokens of `content`, framing not included. */
+  tokens: number;
 }
 
 export interface ContextInput {
@@ -13,11 +16,12 @@ export interface ContextInput {
   filesSection(budget: number): Promise<FilesSection | undefined>;
   /** Stored history, newest first, read lazily so that only what fits is ever fetched. */
   history: AsyncIterable<HistoryMessage>;
-  newMessage: string;
+  /** The new message and the tokens of its content. */
+  newMessage: { content: string; tokens: number };
   /** Tokens available for the request: the model's context minus what is kept for the reply. */
   budget: number;
-  /** Tokens of one message, its chat formatting included. */
-  countTokens(message: ChatMessage): number;
+  /** Tokens of a text (a prompt). */
+  countTokens(text: string): number;
 }
 
 export type ContextResult =
@@ -32,8 +36,11 @@ export type ContextResult =
  */
 export async function buildContext(input: ContextInput): Promise<ContextResult> {
   const system: ChatMessage[] = input.prompts.map((content) => ({ role: 'system', content }));
-  const question: ChatMessage = { role: 'user', content: input.newMessage };
-  let used = system.reduce((sum, message) => sum + input.countTokens(message), input.countTokens(question));
+  const question: ChatMessage = { role: 'user', content: input.newMessage.content };
+  let used = system.reduce(
+    (sum, message) => sum + MESSAGE_OVERHEAD_TOKENS + input.countTokens(message.content),
+    MESSAGE_OVERHEAD_TOKENS + input.newMessage.tokens,
+  );
   if (used > input.budget) return { fits: false, requiredTokens: used };
 
   const files = await input.filesSection(input.budget - used);
@@ -45,7 +52,7 @@ export async function buildContext(input: ContextInput): Promise<ContextResult> 
 
   const history: ChatMessage[] = [];
   for await (const message of input.history) {
-    const tokens = input.countTokens(message);
+    const tokens = MESSAGE_OVERHEAD_TOKENS + message.tokens;
     if (used + tokens > input.budget) break;
     used += tokens;
     history.push({ role: message.role, content: message.content });

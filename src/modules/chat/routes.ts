@@ -44,7 +44,7 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
   app.post(
     '/chat',
     {
-      config: { rateLimitGroup: 'chat' },
+      config: { rateLimitGroup: 'chat', tokenCheckedByHandler: true },
       schema: {
         tags: ['chat'],
         params: projectParams,
@@ -74,7 +74,7 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         const userId = request.user.id;
         const key = request.headers['idempotency-key'];
 
-        const turn = await chat.prepare(userId, projectId, message);
+        const turn = await chat.prepare(request.user, projectId, message);
         // `keep` runs before the client hears the turn is done, so that a retry it sends then is a replay.
         const answer = async (keep?: KeepResult) => {
           if (stream) return streamTurn(chat, turn, request, reply, interrupt, keep);
@@ -105,7 +105,8 @@ type KeepResult = (result: ChatResult) => Promise<void>;
 function openStream(request: FastifyRequest, reply: FastifyReply): EventStream {
   reply.hijack();
   const events = new EventStream(reply.raw, HEARTBEAT_MS);
-  events.open({ 'x-request-id': request.id });
+  // What the hooks set (x-request-id, the security headers, CORS): a hijacked reply does not send it by itself.
+  events.open(reply.getHeaders());
   request.server.metrics.trackStream(reply.raw);
   return events;
 }

@@ -1,28 +1,56 @@
-import { and, asc, desc, eq, sql } from 'drizzle-orm';
+import { and, eq, getTableColumns, type SQL, sql, type SQLWrapper } from 'drizzle-orm';
 import { v7 as uuidv7 } from 'uuid';
 import type { Config } from '../../config.js';
 import type { Db } from '../../db/database.js';
-import { messages, prompts } from '../../db/schema.js';
-import { ApiError } from '../../http/errors.js';
-import { contextWindow, countTokens, MESSAGE_OVERHEAD_TOKENS, REPLY_PRIMING_TOKENS } from '../../providers/models.js';
+import { messages, projects, prompts, users } from '../../db/schema.js';
+import { assertTokenCurrent, type AuthUser } from '../../http/auth.js';
+import { ApiError, NotFound } from '../../http/errors.js';
+import { contextWindow, countTokens, encodingName, REPLY_PRIMING_TOKENS } from '../../providers/models.js';
 import type { ProviderRegistry } from '../../providers/registry.js';
 import {
   type ChatMessage,
   type ProviderAdapter,
+  type ProviderName,
   ProviderError,
   ProviderTimeout,
   type Usage,
 } from '../../providers/types.js';
-import type { FilesService } from '../files/service.js';
+import { chatFilesOf, type FilesService } from '../files/service.js';
 import { type MessageDto, type MessageRow, toMessageDto } from '../messages/schemas.js';
-import { requireOwnedProject } from '../projects/service.js';
+import { projectIdParam } from '../projects/service.js';
 import { buildContext, type HistoryMessage } from './context.js';
 import type { ChatResult } from './schemas.js';
 
 /** Models we know nothing about get this context window, as the contract says. */
 const DEFAULT_CONTEXT_TOKENS = 16_000;
-/** History is read from the newest end in pages of this many rows, only as far as the budget reaches. */
-const HISTORY_PAGE = 64;
+/**
+ * History is read from the newest end, only as far as the budget reaches: this many rows with the rest
+ * of the turn's statement (most turns need no more), then pages four times as large each time, up to
+ * the last size.
+ */
+const HISTORY_PAGES = [64, 256, 1024, 4096];
+
+/** A stored message as a turn reads it: `tokens` counts its content in `encoding`, when stored with. */
+interface StoredHistoryMessage {
+  id: string;
+  role: HistoryMessage['role'];
+  content: string;
+  tokens: number | null;
+  encoding: string | null;
+}
+
+/**
+ * Up to `limit` messages of the project, newest first, older than the stored message `before` when
+ * given, as one JSON array: a single value to parse instead of a row to map per message. The keyset
+ * is the index order, compared against the stored row itself (its timestamp has microseconds).
+ */
+function historyPage(projectId: SQLWrapper, before: SQLWrapper | undefined, limit: SQLWrapper | number): SQL<StoredHistoryMessage[]> {
+  return sql`(select coalesce(json_agg(json_build_object('id', m.id, 'role', m.role, 'content', m.content,
+      'tokens', m.tokens, 'encoding', m.token_encoding) order by m.created_at desc, m.id desc), '[]')
+    from (select * from ${messages} where ${messages.projectId} = ${projectId}
+      ${before ? sql`and (${messages.createdAt}, ${messages.id}) < (select b.created_at, b.id from ${messages} b where b.id = ${before})` : sql``}
+      order by ${messages.createdAt} desc, ${messages.id} desc limit ${limit}) m)`;
+}
 
 /** Everything a turn needs, settled before anything is stored: a rejected turn leaves no trace. */
 export interface PreparedTurn {
@@ -31,6 +59,8 @@ export interface PreparedTurn {
   model: string;
   context: ChatMessage[];
   text: string;
+  /** The tokens of `text` for `model`, stored with it. */
+  textTokens: number;
 }
 
 /** What the streaming path tells its caller as the turn goes on. */
@@ -45,43 +75,99 @@ export type StreamOutcome =
   | { kind: 'failed'; error: ApiError }
   | { kind: 'client-gone' };
 
-type NewMessage = Pick<MessageRow, 'role' | 'content' | 'status'> &
+type NewMessage = Pick<MessageRow, 'role' | 'content' | 'status' | 'tokens'> &
   Partial<Pick<MessageRow, 'model' | 'promptTokens' | 'completionTokens' | 'totalTokens'>>;
 
 export class ChatService {
+  /**
+   * A turn's one read: the caller's row (the token check), their project, its prompts, its files and
+   * the newest page of its history.
+   */
+  private readonly turnStatement;
+  /** A further page of history, older than the stored message `before`. */
+  private readonly historyPageStatement;
+  private readonly insertStatement;
+  private readonly insertQuestionStatement;
+  private readonly touchStatement;
+
   constructor(
-    private readonly db: Db,
+    db: Db,
     private readonly providers: ProviderRegistry,
     private readonly files: FilesService,
     private readonly config: Pick<Config, 'AI_CONTEXT_TOKENS' | 'AI_MAX_OUTPUT_TOKENS' | 'AI_TIMEOUT_MS'>,
-  ) {}
+  ) {
+    this.turnStatement = db
+      .select({
+        tokenVersion: users.tokenVersion,
+        projectId: projects.id,
+        provider: projects.provider,
+        model: projects.model,
+        prompts: sql<string[]>`(select coalesce(json_agg(${prompts.content} order by ${prompts.id}), '[]')
+          from ${prompts} where ${prompts.projectId} = ${projects.id})`,
+        files: chatFilesOf(projects.id),
+        history: historyPage(projects.id, undefined, HISTORY_PAGES[0]!),
+      })
+      .from(users)
+      .leftJoin(projects, and(eq(projects.id, sql.placeholder('projectId')), eq(projects.userId, users.id)))
+      .where(eq(users.id, sql.placeholder('userId')))
+      .prepare('chat_turn');
+    this.historyPageStatement = db
+      .select({ page: historyPage(sql.placeholder('projectId'), sql.placeholder('before'), sql.placeholder('limit')) })
+      .from(sql`(select) as one_row`) // a statement of one value needs no table
+      .prepare('chat_history_page');
+    const insert = () =>
+      db.insert(messages).values({
+        id: sql.placeholder('id'),
+        projectId: sql.placeholder('projectId'),
+        role: sql.placeholder('role'),
+        content: sql.placeholder('content'),
+        status: sql.placeholder('status'),
+        model: sql.placeholder('model'),
+        promptTokens: sql.placeholder('promptTokens'),
+        completionTokens: sql.placeholder('completionTokens'),
+        totalTokens: sql.placeholder('totalTokens'),
+        tokens: sql.placeholder('tokens'),
+        tokenEncoding: sql.placeholder('tokenEncoding'),
+        createdAt: sql.placeholder('createdAt'),
+      });
+    this.insertStatement = insert().returning().prepare('chat_insert_message');
+    // `set_config(…, true)` lasts until the end of the statement's own transaction: its commit.
+    this.insertQuestionStatement = insert()
+      .returning({ ...getTableColumns(messages), asyncCommit: sql`set_config('synchronous_commit', 'off', true)` })
+      .prepare('chat_insert_question');
+    this.touchStatement = db
+      .update(messages)
+      .set({ status: sql`${messages.status}` })
+      .where(eq(messages.id, sql.placeholder('id')))
+      .prepare('chat_make_durable');
+  }
 
   /**
-   * Checks ownership, the provider and the token budget, and builds the context; throws 404, 503
-   * PROVIDER_NOT_CONFIGURED or 400 CONTEXT_TOO_LONG before any write or provider call.
+   * Checks the token, ownership, the provider and the token budget, and builds the context, reading
+   * everything in one statement (more only for a history longer than its first page); throws 401, 404,
+   * 503 PROVIDER_NOT_CONFIGURED or 400 CONTEXT_TOO_LONG before any write or provider call. The route
+   * is `tokenCheckedByHandler`.
    */
-  async prepare(userId: string, projectId: string, text: string): Promise<PreparedTurn> {
-    const project = await requireOwnedProject(this.db, userId, projectId);
-    const { adapter, model } = this.providers.resolve(project.provider, project.model);
-    const promptRows = await this.db
-      .select({ content: prompts.content })
-      .from(prompts)
-      .where(eq(prompts.projectId, projectId))
-      .orderBy(asc(prompts.id));
+  async prepare(user: AuthUser, projectId: string, text: string): Promise<PreparedTurn> {
+    const [row] = await this.turnStatement.execute({ userId: user.id, projectId: projectIdParam(projectId) });
+    assertTokenCurrent(user, row);
+    if (!row?.projectId) throw new NotFound('Project');
+    const { adapter, model } = this.providers.resolve(row.provider as ProviderName | null, row.model);
+    const textTokens = countTokens(text, model);
     const window = this.config.AI_CONTEXT_TOKENS ?? contextWindow(model) ?? DEFAULT_CONTEXT_TOKENS;
     const budget = window - this.config.AI_MAX_OUTPUT_TOKENS - REPLY_PRIMING_TOKENS;
     const context = await buildContext({
-      prompts: promptRows.map((row) => row.content),
+      prompts: row.prompts,
       filesSection: (room) =>
-        this.files.chatSection(projectId, {
+        this.files.chatSection(row.files, {
           budget: room,
           countText: (content) => countTokens(content, model),
           providerReadsFiles: adapter.supportsFiles,
         }),
-      history: this.newestHistory(projectId),
-      newMessage: text,
+      history: this.newestHistory(projectId, row.history, model),
+      newMessage: { content: text, tokens: textTokens },
       budget,
-      countTokens: (message) => countTokens(message.content, model) + MESSAGE_OVERHEAD_TOKENS,
+      countTokens: (content) => countTokens(content, model),
     });
     if (!context.fits) {
       throw new ApiError(
@@ -90,7 +176,7 @@ export class ChatService {
         `The prompts and the message need ${context.requiredTokens} tokens; the budget for ${model} is ${Math.max(budget, 0)}`,
       );
     }
-    return { projectId, adapter, model, context: context.messages, text };
+    return { projectId, adapter, model, context: context.messages, text, textTokens };
   }
 
   /**
@@ -98,7 +184,7 @@ export class ChatService {
    * shutdown) aborts the provider call; its reason, an ApiError, is then the failure.
    */
   async complete(turn: PreparedTurn, interrupt: AbortSignal): Promise<ChatResult> {
-    const userMessage = await this.store(turn.projectId, { role: 'user', content: turn.text, status: 'complete' });
+    const userMessage = await this.storeQuestion(turn);
     const deadline = AbortSignal.timeout(this.config.AI_TIMEOUT_MS);
     let completion;
     try {
@@ -110,10 +196,11 @@ export class ChatService {
         deadline: Date.now() + this.config.AI_TIMEOUT_MS,
       });
     } catch (error) {
-      throw naming(userMessage, providerFailure(error, deadline));
+      throw await this.failure(userMessage, providerFailure(error, deadline));
     }
-    if (!completion.content) throw naming(userMessage, new ProviderError('The AI provider answered with no content'));
-    const assistantMessage = await this.storeReply(turn.projectId, completion.content, 'complete', completion.model, completion.usage);
+    if (!completion.content) throw await this.failure(userMessage, new ProviderError('The AI provider answered with no content'));
+    // Its durable commit makes the question durable too: nothing is acknowledged before both are.
+    const assistantMessage = await this.storeReply(turn, completion.content, 'complete', completion.model, completion.usage);
     return { userMessage: toMessageDto(userMessage), assistantMessage: toMessageDto(assistantMessage), usage: completion.usage };
   }
 
@@ -125,77 +212,110 @@ export class ChatService {
    * reason, an ApiError, is then the failure.
    */
   async stream(turn: PreparedTurn, observer: TurnObserver, clientGone: AbortSignal, interrupt: AbortSignal): Promise<StreamOutcome> {
-    const userMessage = await this.store(turn.projectId, { role: 'user', content: turn.text, status: 'complete' });
-    await observer.userMessage(toMessageDto(userMessage));
-
+    const userMessage = await this.storeQuestion(turn);
     const deadline = new AbortController();
     const expire = () => deadline.abort(new DOMException('The chat deadline passed', 'TimeoutError'));
-    let timer = setTimeout(expire, this.config.AI_TIMEOUT_MS);
+    const timer = setTimeout(expire, this.config.AI_TIMEOUT_MS);
     const signal = AbortSignal.any([deadline.signal, clientGone, interrupt]);
+    const reply = turn.adapter.stream({
+      model: turn.model,
+      messages: turn.context,
+      maxOutputTokens: this.config.AI_MAX_OUTPUT_TOKENS,
+      signal,
+      // Retries happen only before the first delta, so this bounds them all.
+      deadline: Date.now() + this.config.AI_TIMEOUT_MS,
+    });
+    const events = reply[Symbol.asyncIterator]();
+    // The provider call starts while the question is made durable, which it must be before it is announced.
+    const first = events.next();
+    first.catch(() => undefined); // a failure is met below, when it is awaited: it must not go unhandled meanwhile
+    try {
+      await this.makeDurable(userMessage);
+      await observer.userMessage(toMessageDto(userMessage));
+    } catch (error) {
+      clearTimeout(timer);
+      deadline.abort();
+      await first.catch(() => undefined);
+      await events.return?.(undefined);
+      throw error;
+    }
+
     let text = '';
     try {
       let done: { model: string; usage: Usage | null } | undefined;
-      for await (const event of turn.adapter.stream({
-        model: turn.model,
-        messages: turn.context,
-        maxOutputTokens: this.config.AI_MAX_OUTPUT_TOKENS,
-        signal,
-        // Retries happen only before the first delta, so this bounds them all.
-        deadline: Date.now() + this.config.AI_TIMEOUT_MS,
-      })) {
+      for (let next = await first; !next.done; next = await events.next()) {
+        const event = next.value;
         if (event.type === 'done') {
           done = event;
           continue;
         }
-        clearTimeout(timer);
-        timer = setTimeout(expire, this.config.AI_TIMEOUT_MS);
+        timer.refresh();
         text += event.content;
         await observer.delta(event.content);
         if (clientGone.aborted) break;
       }
       if (clientGone.aborted) {
-        if (text) await this.storeReply(turn.projectId, text, 'incomplete', turn.model, null);
+        if (text) await this.storeReply(turn, text, 'incomplete', turn.model, null);
         return { kind: 'client-gone' };
       }
       if (!text) return { kind: 'failed', error: naming(userMessage, new ProviderError('The AI provider answered with no content')) };
-      const assistantMessage = await this.storeReply(turn.projectId, text, 'complete', done?.model ?? turn.model, done?.usage ?? null);
+      const assistantMessage = await this.storeReply(turn, text, 'complete', done?.model ?? turn.model, done?.usage ?? null);
       const result = { userMessage: toMessageDto(userMessage), assistantMessage: toMessageDto(assistantMessage), usage: done?.usage ?? null };
       return { kind: 'complete', result };
     } catch (error) {
-      if (text) await this.storeReply(turn.projectId, text, 'incomplete', turn.model, null);
+      if (text) await this.storeReply(turn, text, 'incomplete', turn.model, null);
       if (clientGone.aborted) return { kind: 'client-gone' };
       return { kind: 'failed', error: naming(userMessage, providerFailure(error, deadline.signal)) };
     } finally {
       clearTimeout(timer);
+      // Ends the provider's stream when the loop left it early (the client gone, a failed write).
+      await events.return?.(undefined);
     }
   }
 
-  /** The project's history from the newest message backwards, a page at a time, as long as it is read. */
-  private async *newestHistory(projectId: string): AsyncGenerator<HistoryMessage> {
-    let before: string | undefined;
-    for (;;) {
-      const page = await this.db
-        .select({ id: messages.id, role: messages.role, content: messages.content })
-        .from(messages)
-        .where(
-          and(
-            eq(messages.projectId, projectId),
-            // Keyset on the index order, against the stored row itself (its timestamp has microseconds).
-            before === undefined
-              ? undefined
-              : sql`(${messages.createdAt}, ${messages.id}) < (select m.created_at, m.id from ${messages} m where m.id = ${before})`,
-          ),
-        )
-        .orderBy(desc(messages.createdAt), desc(messages.id))
-        .limit(HISTORY_PAGE);
-      yield* page;
-      if (page.length < HISTORY_PAGE) return;
-      before = page[page.length - 1]!.id;
+  /**
+   * The project's history from the newest message backwards, starting with the page the turn's
+   * statement read, then as far as it is read. Stored token counts are used when they are in the
+   * model's encoding; any other message is counted here.
+   */
+  private async *newestHistory(projectId: string, firstPage: StoredHistoryMessage[], model: string): AsyncGenerator<HistoryMessage> {
+    const encoding = encodingName(model);
+    let page = firstPage;
+    for (let size = 0; ; ) {
+      for (const message of page) {
+        const tokens = message.encoding === encoding && message.tokens !== null ? message.tokens : countTokens(message.content, model);
+        yield { role: message.role, content: message.content, tokens };
+      }
+      if (page.length < HISTORY_PAGES[size]!) return;
+      size = Math.min(size + 1, HISTORY_PAGES.length - 1);
+      const rows = await this.historyPageStatement.execute({ projectId, before: page[page.length - 1]!.id, limit: HISTORY_PAGES[size] });
+      page = rows[0]!.page;
     }
   }
 
-  private storeReply(projectId: string, content: string, status: 'complete' | 'incomplete', model: string, usage: Usage | null) {
-    return this.store(projectId, {
+  /**
+   * The question is committed before the provider is called, but not flushed to disk: nothing is
+   * acknowledged until a later durable commit (the answer's, or `makeDurable`) has flushed the log up
+   * to and past it, which saves a turn one disk flush of the two.
+   */
+  private async storeQuestion(turn: PreparedTurn): Promise<MessageRow> {
+    const [row] = await this.insertQuestionStatement.execute(this.newRow(turn, { role: 'user', content: turn.text, status: 'complete', tokens: turn.textTokens }));
+    return row!;
+  }
+
+  /** Flushes the log past the question's commit with a durable commit of its own (a no-op update). */
+  private async makeDurable(question: MessageRow): Promise<void> {
+    await this.touchStatement.execute({ id: question.id });
+  }
+
+  /** A failure names the stored question, made durable first: naming it acknowledges it. */
+  private async failure(question: MessageRow, error: ApiError): Promise<ApiError> {
+    await this.makeDurable(question);
+    return naming(question, error);
+  }
+
+  private storeReply(turn: PreparedTurn, content: string, status: 'complete' | 'incomplete', model: string, usage: Usage | null) {
+    return this.store(turn, {
       role: 'assistant',
       content,
       status,
@@ -203,15 +323,28 @@ export class ChatService {
       promptTokens: usage?.promptTokens ?? null,
       completionTokens: usage?.completionTokens ?? null,
       totalTokens: usage?.totalTokens ?? null,
+      // Counted once here, in the turn's model's encoding, so that no later turn counts it again.
+      tokens: countTokens(content, turn.model),
     });
   }
 
-  private async store(projectId: string, message: NewMessage): Promise<MessageRow> {
-    const [row] = await this.db
-      .insert(messages)
-      .values({ id: uuidv7(), projectId, createdAt: new Date(), ...message })
-      .returning();
+  private async store(turn: PreparedTurn, message: NewMessage): Promise<MessageRow> {
+    const [row] = await this.insertStatement.execute(this.newRow(turn, message));
     return row!;
+  }
+
+  private newRow(turn: PreparedTurn, message: NewMessage) {
+    return {
+      model: null,
+      promptTokens: null,
+      completionTokens: null,
+      totalTokens: null,
+      ...message,
+      id: uuidv7(),
+      projectId: turn.projectId,
+      tokenEncoding: encodingName(turn.model),
+      createdAt: new Date(),
+    };
   }
 }
 

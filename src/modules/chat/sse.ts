@@ -19,7 +19,7 @@ export class EventStream {
     return this.raw.writableEnded || this.raw.destroyed;
   }
 
-  open(headers: Record<string, string>): void {
+  open(headers: Record<string, number | string | string[] | undefined>): void {
     this.raw.writeHead(200, {
       ...headers,
       'content-type': 'text/event-stream; charset=utf-8',

@@ -1,6 +1,7 @@
 import { MESSAGE_OVERHEAD_TOKENS } from '../../providers/models.js';
 import type { ChatMessage } from '../../providers/types.js';
 import { isTextType } from './content-type.js';
+import { bytesGone } from './storage.js';
 
 /*
  * What a project's files add to a chat turn: one system message, after the prompts and before the
@@ -20,7 +21,7 @@ export interface ContextFile {
   mimeType: string;
   size: number;
   providerFileId: string | null;
-  /** The file's text; read only for a text file that may fit. */
+  /** The file's text; read only for a text file that may fit. Rejects as `bytesGone` for a file deleted since. */
   readText(): Promise<string>;
 }
 
@@ -60,7 +61,13 @@ export async function buildFilesSection(files: ContextFile[], options: FilesSect
     const heading = `\n\n--- ${file.filename} (${file.mimeType}) ---\n`;
     if (isTextType(file.mimeType) && file.size <= Math.min(readable, (budget - tokens) * MAX_BYTES_PER_TOKEN)) {
       readable -= file.size;
-      const entry = heading + (await file.readText());
+      const text = await file.readText().catch((error: unknown) => {
+        if (bytesGone(error)) return undefined;
+        throw error;
+      });
+      // Deleted while this turn was read (a concurrent DELETE): as if it had never been there.
+      if (text === undefined) continue;
+      const entry = heading + text;
       const cost = countText(entry);
       if (tokens + cost <= budget) {
         entries.push(entry);

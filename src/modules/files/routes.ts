@@ -1,6 +1,8 @@
 import multipart, { type Multipart } from '@fastify/multipart';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+import { z } from 'zod';
 import { ValidationFailed } from '../../http/errors.js';
+import { noContent } from '../../http/openapi.js';
 import { projectParams } from '../projects/schemas.js';
 import { isTextType } from './content-type.js';
 import { attachmentDisposition } from './filename.js';
@@ -57,7 +59,17 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
 
   app.get(
     '/:fileId/content',
-    { schema: { tags: ['files'], description: 'The bytes as uploaded, as an attachment.', params: fileParams } },
+    {
+      schema: {
+        tags: ['files'],
+        description: 'The bytes as uploaded, as an attachment.',
+        params: fileParams,
+        // Documentation only: a stream is sent as it is, never serialized.
+        response: {
+          200: { description: 'The bytes, with the stored media type', content: { '*/*': { schema: z.any().meta({ type: 'string', format: 'binary' }) } } },
+        },
+      },
+    },
     async (request, reply) => {
       const { file: stored, bytes } = await files.content(request.user.id, request.params.projectId, request.params.fileId);
       return (
@@ -72,7 +84,7 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
     },
   );
 
-  app.delete('/:fileId', { schema: { tags: ['files'], params: fileParams } }, async (request, reply) => {
+  app.delete('/:fileId', { schema: { tags: ['files'], params: fileParams, response: { 204: noContent } } }, async (request, reply) => {
     await files.delete(request.user.id, request.params.projectId, request.params.fileId, request.log);
     return reply.code(204).send();
   });

@@ -1,5 +1,6 @@
 import type { Readable } from 'node:stream';
-import { and, desc, eq, type SQL } from 'drizzle-orm';
+import { and, eq, type SQL, sql } from 'drizzle-orm';
+import type { PgColumn } from 'drizzle-orm/pg-core';
 import type { FastifyBaseLogger } from 'fastify';
 import { v7 as uuidv7 } from 'uuid';
 import type { Config } from '../../config.js';
@@ -15,7 +16,7 @@ import { buildFilesSection, type FilesSection, type FilesSectionOptions } from '
 import { ContentInspector, essence } from './content-type.js';
 import { displayFilename } from './filename.js';
 import type { FileDto } from './schemas.js';
-import type { FileStorage, StoredBytes } from './storage.js';
+import { bytesGone, type FileStorage, type StoredBytes } from './storage.js';
 
 /** One part of a multipart/form-data body, as @fastify/multipart hands it over. */
 export type FormPart =
@@ -42,6 +43,20 @@ interface ReceivedFile extends StoredBytes {
  * provider with one would need a column saying which provider holds a file.
  */
 const FILES_PROVIDER: ProviderName = 'openai';
+
+/** What a chat turn reads of a file row. */
+export type ChatFileRow = Pick<FileRow, 'id' | 'projectId' | 'filename' | 'mimeType' | 'size' | 'providerFileId'>;
+
+/**
+ * The newest files of the project `projectId` (a column of the caller's statement) as a JSON array
+ * of ChatFileRow, for a chat turn to read along with everything else it needs in one round trip.
+ */
+export function chatFilesOf(projectId: PgColumn): SQL<ChatFileRow[]> {
+  return sql<ChatFileRow[]>`(select coalesce(json_agg(json_build_object(
+      'id', f.id, 'projectId', f.project_id, 'filename', f.filename, 'mimeType', f.mime_type,
+      'size', f.size, 'providerFileId', f.provider_file_id) order by f.id desc), '[]')
+    from (select * from ${files} where ${files.projectId} = ${projectId} order by ${files.id} desc limit ${CHAT_FILES_MAX}) f)`;
+}
 
 /** A chat turn considers this many files at most, newest first: far more names than a context holds usefully. */
 const CHAT_FILES_MAX = 200;
@@ -130,7 +145,13 @@ export class FilesService {
   /** The file and its bytes, opened before anything is sent: missing bytes fail the request, not the stream. */
   async content(userId: string, projectId: string, fileId: string): Promise<{ file: FileDto; bytes: Readable }> {
     const row = await this.ownedRow(userId, projectId, fileId);
-    return { file: toDto(row), bytes: await this.storage.open(storageKey(row)) };
+    try {
+      return { file: toDto(row), bytes: await this.storage.open(storageKey(row)) };
+    } catch (error) {
+      // Deleted between the row and the bytes.
+      if (bytesGone(error)) throw new NotFound('File');
+      throw error;
+    }
   }
 
   /** The row goes first (owner-checked, one statement), then the bytes, then the provider copy. */
@@ -149,18 +170,14 @@ export class FilesService {
   }
 
   /**
-   * The files section of a chat turn's context (see chat-section.ts). The caller has checked that
-   * the project is the user's.
+   * The files section of a chat turn's context (see chat-section.ts), from the rows `chatFilesOf`
+   * read. The caller has checked that the project is the user's.
    */
-  async chatSection(projectId: string, options: FilesSectionOptions): Promise<FilesSection | undefined> {
-    const rows = await this.db
-      .select()
-      .from(files)
-      .where(eq(files.projectId, projectId))
-      .orderBy(desc(files.id))
-      .limit(CHAT_FILES_MAX);
-    const contextFiles = rows.map((row) => ({ ...row, readText: () => this.readText(row) }));
-    return buildFilesSection(contextFiles, options);
+  chatSection(rows: ChatFileRow[], options: FilesSectionOptions): Promise<FilesSection | undefined> {
+    return buildFilesSection(
+      rows.map((row) => ({ ...row, readText: () => this.readText(row) })),
+      options,
+    );
   }
 
   private async ownedRow(userId: string, projectId: string, fileId: string): Promise<FileRow> {
@@ -243,7 +260,7 @@ export class FilesService {
     }
   }
 
-  private async readText(file: FileRow): Promise<string> {
+  private async readText(file: ChatFileRow): Promise<string> {
     const bytes = await (await this.storage.open(storageKey(file))).toArray();
     return new TextDecoder().decode(Buffer.concat(bytes));
   }

@@ -1,5 +1,4 @@
 import { createHash, randomUUID } from 'node:crypto';
-import { createWriteStream } from 'node:fs';
 import { mkdir, open, rename, rm } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import type { Readable } from 'node:stream';
@@ -21,7 +20,7 @@ export interface StoredBytes {
 export interface FileStorage {
   /** Stores `source` under `key` whole or not at all; a failing source leaves nothing behind. */
   put(key: string, source: AsyncIterable<Uint8Array>): Promise<StoredBytes>;
-  /** The bytes under `key`. Rejects (ENOENT) before anything is read when there are none. */
+  /** The bytes under `key`. Rejects (ENOENT, see `bytesGone`) before anything is read when there are none. */
   open(key: string): Promise<Readable>;
   /** Removes the bytes under `key`; bytes already gone are not an error. */
   remove(key: string): Promise<void>;
@@ -30,6 +29,14 @@ export interface FileStorage {
 }
 
 const KEY = /^[\w-]+(\/[\w-]+)*$/;
+
+/**
+ * Whether `open` failed because the bytes are not there: those of a file deleted after its row was read
+ * (a delete removes the row first, then the bytes), which is then as missing as if it had never been.
+ */
+export function bytesGone(error: unknown): boolean {
+  return (error as NodeJS.ErrnoException | undefined)?.code === 'ENOENT';
+}
 
 /**
  * Files under `root` (DATA_DIR/files, which backups copy). A write goes to `root/tmp` first and is
@@ -49,6 +56,9 @@ export class LocalDiskStorage implements FileStorage {
     const temporary = join(this.staging, randomUUID());
     const hash = createHash('sha256');
     let size = 0;
+    // Created before anything is read: a write stream opening the file itself could still be opening
+    // it when a failing source makes the cleanup below remove it, and would then leave it behind.
+    const file = await open(temporary, 'wx', 0o600);
     try {
       await pipeline(
         source,
@@ -59,7 +69,7 @@ export class LocalDiskStorage implements FileStorage {
             yield chunk;
           }
         },
-        createWriteStream(temporary, { flags: 'wx', mode: 0o600 }),
+        file.createWriteStream(),
       );
       await flush(temporary);
       await mkdir(dirname(target), { recursive: true });

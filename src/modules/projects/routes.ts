@@ -25,8 +25,8 @@ export const projectRoutes: FastifyPluginAsyncZod<{ projects: ProjectsService }>
 
   app.get(
     '/:projectId',
-    { schema: { tags: ['projects'], params: projectParams, response: { 200: project } } },
-    async (request) => projects.get(request.user.id, request.params.projectId),
+    { config: { tokenCheckedByHandler: true }, schema: { tags: ['projects'], params: projectParams, response: { 200: project } } },
+    async (request) => projects.get(request.user, request.params.projectId),
   );
 
   app.patch(

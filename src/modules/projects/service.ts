@@ -3,7 +3,8 @@ import type { PgColumn } from 'drizzle-orm/pg-core';
 import type { FastifyBaseLogger } from 'fastify';
 import { v7 as uuidv7 } from 'uuid';
 import type { Db } from '../../db/database.js';
-import { files, messages, projects, prompts } from '../../db/schema.js';
+import { files, messages, projects, prompts, users } from '../../db/schema.js';
+import { assertTokenCurrent, type AuthUser } from '../../http/auth.js';
 import { NotFound } from '../../http/errors.js';
 import { isUuid } from '../../http/ids.js';
 import { type IdSortKey, idSortKeyOf, type Page, type PageRequest, paginate } from '../../http/pagination.js';
@@ -88,11 +89,24 @@ function withCounts(db: Db) {
   };
 }
 
+/** A project id as a statement parameter: one that cannot be a uuid matches no row instead of failing the cast. */
+export const projectIdParam = (projectId: string) => (isUuid(projectId) ? projectId : null);
+
 export class ProjectsService {
+  /** The caller's row (for the token check) joined with their project and its counts: one round trip. */
+  private readonly projectOfUser;
+
   constructor(
     private readonly db: Db,
     private readonly storedFiles: StoredFileDiscarder,
-  ) {}
+  ) {
+    this.projectOfUser = db
+      .select({ tokenVersion: users.tokenVersion, ...withCounts(db) })
+      .from(users)
+      .leftJoin(projects, and(eq(projects.id, sql.placeholder('projectId')), eq(projects.userId, users.id)))
+      .where(eq(users.id, sql.placeholder('userId')))
+      .prepare('project_of_user');
+  }
 
   async create(userId: string, input: CreateProjectInput): Promise<ProjectDto> {
     const now = new Date();
@@ -118,10 +132,12 @@ export class ProjectsService {
     return { data: data.map(toDto), nextCursor };
   }
 
-  async get(userId: string, projectId: string): Promise<ProjectDto> {
-    const [row] = await this.db.select(withCounts(this.db)).from(projects).where(ownedProject(userId, projectId));
-    if (!row) throw new NotFound('Project');
-    return toDto(row);
+  /** For a route with `tokenCheckedByHandler`: checks the caller's token in the same statement. */
+  async get(user: AuthUser, projectId: string): Promise<ProjectDto> {
+    const [row] = await this.projectOfUser.execute({ userId: user.id, projectId: projectIdParam(projectId) });
+    assertTokenCurrent(user, row);
+    if (!row?.id) throw new NotFound('Project');
+    return toDto(row as ProjectRow & { promptCount: number; messageCount: number; fileCount: number });
   }
 
   async update(userId: string, projectId: string, patch: UpdateProjectInput): Promise<ProjectDto> {

@@ -1,0 +1,153 @@
+import { Worker } from 'node:worker_threads';
+import type { Config } from '../../config.js';
+import { ApiError, ShuttingDown } from '../../http/errors.js';
+
+/** The bcrypt cost of new hashes, how many threads hash at once, how many jobs may wait for one. */
+export type PasswordHasherConfig = Pick<Config, 'BCRYPT_ROUNDS' | 'PASSWORD_HASH_THREADS' | 'PASSWORD_HASH_QUEUE'>;
+
+/** What a thread reports once it runs: its OS thread id and nice value, on Linux. */
+export interface HashThreadInfo {
+  threadId?: number;
+  nice?: number;
+}
+
+type Operation = { op: 'hash'; password: string; rounds: number } | { op: 'compare'; password: string; hash: string };
+
+interface Job {
+  operation: Operation;
+  resolve(result: unknown): void;
+  reject(error: Error): void;
+  startedAt?: number;
+}
+
+interface HashThread {
+  worker: Worker;
+  info?: HashThreadInfo;
+  job?: Job;
+}
+
+type ThreadMessage = { ready: HashThreadInfo } | { result: unknown } | { error: string };
+
+/** 503 when too many hashes wait already: the client comes back later instead of waiting without bound. */
+export class PasswordHashingBusy extends ApiError {
+  constructor(retryAfterSeconds: number) {
+    const seconds = Math.max(1, Math.ceil(retryAfterSeconds));
+    super(503, 'SERVICE_UNAVAILABLE', `Too many passwords to check at once; retry in ${seconds} s`, {}, { 'retry-after': String(seconds) });
+  }
+}
+
+const WORKER_FILE = new URL('./password-hasher-worker.mjs', import.meta.url);
+
+/** Before a first job has finished, how long one is taken to last (cost 12 on a current core). */
+const FIRST_GUESS_MS = 250;
+
+/**
+ * bcrypt off the event loop's CPU time: a small pool of worker threads, each running bcrypt's
+ * synchronous API at the lowest scheduling priority (password-hasher-worker.mjs). bcrypt's async
+ * API would hash on libuv's pool, whose threads compete with the event loop at equal priority, so a
+ * burst of logins slows every other request; at nice 19 hashing gets only the CPU time the event loop
+ * leaves. Jobs beyond the threads wait in a bounded queue; past it the caller gets PasswordHashingBusy.
+ * Threads start with the first job that needs them, are unref'd while idle so that they never keep
+ * the process alive, and end with close().
+ */
+export class PasswordHasher {
+  private readonly threads: HashThread[] = [];
+  private readonly queue: Job[] = [];
+  private averageJobMs = FIRST_GUESS_MS;
+  private closed = false;
+
+  constructor(private readonly config: PasswordHasherConfig) {}
+
+  hash(password: string): Promise<string> {
+    return this.run({ op: 'hash', password, rounds: this.config.BCRYPT_ROUNDS }) as Promise<string>;
+  }
+
+  compare(password: string, hash: string): Promise<boolean> {
+    return this.run({ op: 'compare', password, hash }) as Promise<boolean>;
+  }
+
+  /** The running threads as they reported themselves (for tests and diagnostics). */
+  runningThreads(): HashThreadInfo[] {
+    return this.threads.flatMap((thread) => (thread.info ? [thread.info] : []));
+  }
+
+  /** Refuses what waits and what runs with 503, and ends every thread. */
+  async close(): Promise<void> {
+    this.closed = true;
+    for (const job of this.queue.splice(0)) job.reject(new ShuttingDown());
+    const threads = this.threads.splice(0);
+    for (const thread of threads) thread.job?.reject(new ShuttingDown());
+    await Promise.all(threads.map((thread) => thread.worker.terminate()));
+  }
+
+  private run(operation: Operation): Promise<unknown> {
+    if (this.closed) return Promise.reject(new ShuttingDown());
+    const idle = this.idleThread();
+    if (!idle && this.queue.length >= this.config.PASSWORD_HASH_QUEUE) {
+      // Everything ahead of it, spread over the threads: roughly when a new one would start.
+      const aheadMs = ((this.queue.length + this.threads.length) * this.averageJobMs) / this.threads.length;
+      return Promise.reject(new PasswordHashingBusy(aheadMs / 1000));
+    }
+    return new Promise((resolve, reject) => {
+      const job: Job = { operation, resolve, reject };
+      if (idle) this.give(idle, job);
+      else this.queue.push(job);
+    });
+  }
+
+  /** A thread without a job, started if the pool is not full yet. */
+  private idleThread(): HashThread | undefined {
+    const idle = this.threads.find((thread) => !thread.job);
+    if (idle || this.threads.length >= this.config.PASSWORD_HASH_THREADS) return idle;
+    return this.startThread();
+  }
+
+  private startThread(): HashThread {
+    // No execArgv: the thread runs plain JavaScript and needs neither tsx's loader (dev, tests) nor the
+    // service's own flags (the bench's --cpu-prof would profile every thread).
+    const thread: HashThread = { worker: new Worker(WORKER_FILE, { execArgv: [] }) };
+    thread.worker.on('message', (message: ThreadMessage) => {
+      if ('ready' in message) thread.info = message.ready;
+      else this.finish(thread, message);
+    });
+    // A thread that failed or ended on its own is replaced by the next job that needs one.
+    const lost = (error: Error) => {
+      const index = this.threads.indexOf(thread);
+      if (index === -1) return; // closed
+      this.threads.splice(index, 1);
+      thread.job?.reject(error);
+      this.dispatch();
+    };
+    thread.worker.on('error', lost);
+    thread.worker.on('exit', (code) => lost(new Error(`password hashing thread exited with code ${code}`)));
+    thread.worker.unref();
+    this.threads.push(thread);
+    return thread;
+  }
+
+  private give(thread: HashThread, job: Job): void {
+    thread.job = job;
+    job.startedAt = performance.now();
+    // Kept alive while it works: the caller is waiting for the answer.
+    thread.worker.ref();
+    thread.worker.postMessage(job.operation);
+  }
+
+  private finish(thread: HashThread, message: { result: unknown } | { error: string }): void {
+    const job = thread.job;
+    if (!job) return;
+    thread.job = undefined;
+    thread.worker.unref();
+    this.averageJobMs = 0.8 * this.averageJobMs + 0.2 * (performance.now() - job.startedAt!);
+    if ('error' in message) job.reject(new Error(`bcrypt: ${message.error}`));
+    else job.resolve(message.result);
+    this.dispatch();
+  }
+
+  /** Hands the oldest waiting job to an idle thread, starting one if the pool is not full. */
+  private dispatch(): void {
+    if (this.closed || this.queue.length === 0) return;
+    const idle = this.idleThread();
+    if (idle) this.give(idle, this.queue.shift()!);
+  }
+}
