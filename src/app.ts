@@ -75,8 +75,9 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   const database = deps.database ?? (await openMigratedDatabase(config));
   if (!deps.database) app.addHook('onClose', () => database.close());
 
-  // A request that still arrives on an open connection while the app closes is refused before any work
-  // (Fastify closes its connection after the answer). One callback hook for both: it runs on every request.
+  // Every response carries its request id; a request that still arrives on an open connection while the
+  // app closes is refused before any work (Fastify closes its connection after the answer). One callback
+  // hook for both, not async ones: it runs on every request.
   let closing = false;
   app.addHook('preClose', async () => {
     closing = true;

@@ -95,9 +95,8 @@ export function registerAuthentication(app: FastifyInstance, db: Db, tokens: Tok
     .from(users)
     .where(eq(users.id, sql.placeholder('id')))
     .prepare('auth_user_row');
-  app.addHook('onRequest', async (request) => {
+  const authenticate = async (request: FastifyRequest) => {
     const { config } = request.routeOptions;
-    if (request.is404 || config.public) return;
     try {
       const claims = tokens.verify(bearerToken(request));
       const user = { id: claims.sub, tokenVersion: claims.ver };
@@ -111,6 +110,13 @@ export function registerAuthentication(app: FastifyInstance, db: Db, tokens: Tok
       throw error;
     }
     await limits.countUser(request);
+  };
+  // A hook of each route that needs a token, not of the app: the public ones (health probes, docs,
+  // metrics, sign-up and login) do not pay for an async hook on every request. Route hooks run after
+  // the app's, as this one did registered last.
+  app.addHook('onRoute', (route) => {
+    if (route.config?.public) return;
+    route.onRequest = [...[route.onRequest ?? []].flat(), authenticate];
   });
 }
 

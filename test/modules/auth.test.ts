@@ -182,12 +182,17 @@ describe('tokens', () => {
     expect((await me(user.auth.authorization)).json().user.id).toBe(user.id);
   });
 
-  it('refuses every forged or unusable token with 401', async () => {
+  it('refuses every forged or unusable token with 401, on a route that checks the token in its own statement too', async () => {
     const user = await registerUser(t.app);
+    const project = await createProject(t.app, user);
     for (const [name, token] of Object.entries(await forgeries(user))) {
-      const response = await me(`Bearer ${token}`);
-      expect(response.statusCode, name).toBe(401);
-      expectProblem(response, 401, 'UNAUTHORIZED');
+      for (const response of [
+        await me(`Bearer ${token}`),
+        await t.app.inject({ method: 'GET', url: `/api/v1/projects/${project.id}`, headers: { authorization: `Bearer ${token}` } }),
+      ]) {
+        expect(response.statusCode, name).toBe(401);
+        expectProblem(response, 401, 'UNAUTHORIZED');
+      }
     }
   });
 
