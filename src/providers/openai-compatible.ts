@@ -200,6 +200,10 @@ function guardedFetch(maxBytes: number): typeof fetch {
   return async (input, init) => {
     const response = await fetch(input, { ...init, redirect: 'manual' });
     if (!response.body) return response;
+    // A declared length within the bound bounds the body already (fetch reads no byte past it): such a
+    // response (a JSON reply, as a rule) is passed on as it is, without a stream around its body.
+    const declared = response.headers.get('content-length');
+    if (declared !== null && Number(declared) <= maxBytes) return response;
     let received = 0;
     const bounded = response.body.pipeThrough(
       new TransformStream<Uint8Array, Uint8Array>({
