@@ -206,6 +206,12 @@ const FASTIFY_ERRORS: Record<string, [number, ProblemCode]> = {
   FST_ERR_MAX_PARAM_LENGTH: [404, 'NOT_FOUND'],
 };
 
+/** How many field errors a 400 lists, and how long each text may be: enough to fix a request by. */
+const MAX_FIELD_ERRORS = 50;
+const MAX_ERROR_TEXT = 500;
+
+const truncate = (text: string) => (text.length > MAX_ERROR_TEXT ? `${text.slice(0, MAX_ERROR_TEXT - 1)}…` : text);
+
 /** The problem an error answers with: what the error handler sends, and a stream's last event. */
 export function toProblem(error: FastifyError | ApiError | Error, request: FastifyRequest): Problem {
   if (error instanceof ValidationFailed) {
@@ -217,9 +223,10 @@ export function toProblem(error: FastifyError | ApiError | Error, request: Fasti
   const fastifyError = error as FastifyError;
   if (fastifyError.validation) {
     const location = fastifyError.validationContext ?? 'body';
-    const errors = fastifyError.validation.map((issue) => ({
-      path: [location, ...issue.instancePath.split('/').filter(Boolean)].join('.'),
-      message: issue.message ?? 'is invalid',
+    // Bounded: one issue names every unknown key, and a body may hold tens of thousands of them.
+    const errors = fastifyError.validation.slice(0, MAX_FIELD_ERRORS).map((issue) => ({
+      path: [location, ...issue.instancePath.split('/').filter(Boolean)].join('.').slice(0, MAX_ERROR_TEXT),
+      message: truncate(issue.message ?? 'is invalid'),
     }));
     return problemBody(request, 400, 'VALIDATION_ERROR', `Invalid request ${location}`, { errors });
   }

@@ -28,6 +28,16 @@ describe('problem+json for every error class', () => {
     );
   });
 
+  it('400 that stays small however many properties are wrong', async () => {
+    const payload = Object.fromEntries(Array.from({ length: 30_000 }, (_, i) => [`unknown${i}`, i]));
+    const response = await t.app.inject({ method: 'POST', url: '/api/v1/auth/login', payload: { email: 'a@example.com', password: 'password-1', ...payload } });
+    const { errors } = expectProblem(response, 400, 'VALIDATION_ERROR') as { errors: { message: string }[] };
+    expect(errors.length).toBeGreaterThan(0);
+    expect(errors.length).toBeLessThanOrEqual(50);
+    expect(errors[0]!.message).toContain('unknown0');
+    expect(response.body.length).toBeLessThan(30_000);
+  });
+
   it('400 for a body that is not JSON, an empty JSON body and a JSON body that is not an object', async () => {
     const headers = { 'content-type': 'application/json' };
     for (const payload of ['{"email":', '', '"just a string"', 'null', '[1,2]']) {
