@@ -9,6 +9,7 @@ import { contextWindow, countTokens, encodingName, REPLY_PRIMING_TOKENS } from '
 import type { ProviderRegistry } from '../../providers/registry.js';
 import {
   type ChatMessage,
+  type ChatRequest,
   type ProviderAdapter,
   type ProviderName,
   ProviderError,
@@ -196,7 +197,7 @@ export class ChatService {
         deadline: Date.now() + this.config.AI_TIMEOUT_MS,
       });
     } catch (error) {
-      throw await this.failure(userMessage, providerFailure(error, deadline));
+      throw await this.failure(userMessage, providerFailure(error, deadline.aborted));
     }
     if (!completion.content) throw await this.failure(userMessage, new ProviderError('The AI provider answered with no content'));
     // Its durable commit makes the question durable too: nothing is acknowledged before both are.
@@ -213,18 +214,26 @@ export class ChatService {
    */
   async stream(turn: PreparedTurn, observer: TurnObserver, clientGone: AbortSignal, interrupt: AbortSignal): Promise<StreamOutcome> {
     const userMessage = await this.storeQuestion(turn);
-    const deadline = new AbortController();
-    const expire = () => deadline.abort(new DOMException('The chat deadline passed', 'TimeoutError'));
+    // One controller for the call, aborted by whichever comes first of the deadline, the client leaving
+    // and the interrupt, with its reason: what AbortSignal.any of the three would be, without a combined
+    // signal and a deadline signal of its own held by each open stream.
+    const call = new AbortController();
+    let timedOut = false;
+    const expire = () => {
+      timedOut = true;
+      call.abort(new DOMException('The chat deadline passed', 'TimeoutError'));
+    };
     const timer = setTimeout(expire, this.config.AI_TIMEOUT_MS);
-    const signal = AbortSignal.any([deadline.signal, clientGone, interrupt]);
-    const reply = turn.adapter.stream({
+    const unfollow = follow(call, clientGone, interrupt);
+    const request: ChatRequest = {
       model: turn.model,
       messages: turn.context,
       maxOutputTokens: this.config.AI_MAX_OUTPUT_TOKENS,
-      signal,
+      signal: call.signal,
       // Retries happen only before the first delta, so this bounds them all.
       deadline: Date.now() + this.config.AI_TIMEOUT_MS,
-    });
+    };
+    const reply = turn.adapter.stream(request);
     const events = reply[Symbol.asyncIterator]();
     // The provider call starts while the question is made durable, which it must be before it is announced.
     const first = events.next();
@@ -234,7 +243,8 @@ export class ChatService {
       await observer.userMessage(toMessageDto(userMessage));
     } catch (error) {
       clearTimeout(timer);
-      deadline.abort();
+      call.abort();
+      unfollow();
       await first.catch(() => undefined);
       await events.return?.(undefined);
       throw error;
@@ -243,7 +253,12 @@ export class ChatService {
     let text = '';
     try {
       let done: { model: string; usage: Usage | null } | undefined;
-      for (let next = await first; !next.done; next = await events.next()) {
+      let next = await first;
+      // The upstream has answered and no retry will send the context again: an open stream does not keep
+      // it (the whole history, up to the model's window) until its last delta.
+      request.messages = [];
+      turn.context = [];
+      for (; !next.done; next = await events.next()) {
         const event = next.value;
         if (event.type === 'done') {
           done = event;
@@ -265,9 +280,10 @@ export class ChatService {
     } catch (error) {
       if (text) await this.storeReply(turn, text, 'incomplete', turn.model, null);
       if (clientGone.aborted) return { kind: 'client-gone' };
-      return { kind: 'failed', error: naming(userMessage, providerFailure(error, deadline.signal)) };
+      return { kind: 'failed', error: naming(userMessage, providerFailure(error, timedOut)) };
     } finally {
       clearTimeout(timer);
+      unfollow();
       // Ends the provider's stream when the loop left it early (the client gone, a failed write).
       await events.return?.(undefined);
     }
@@ -349,8 +365,8 @@ export class ChatService {
 }
 
 /** The provider error a failed call answers with: the deadline's own, or what the adapter threw. */
-function providerFailure(error: unknown, deadline: AbortSignal): ApiError {
-  if (deadline.aborted) return new ProviderTimeout();
+function providerFailure(error: unknown, timedOut: boolean): ApiError {
+  if (timedOut) return new ProviderTimeout();
   if (error instanceof ApiError) return error;
   return new ProviderError();
 }
@@ -359,4 +375,19 @@ function providerFailure(error: unknown, deadline: AbortSignal): ApiError {
 function naming(userMessage: MessageRow, error: ApiError): ApiError {
   Object.assign(error.extensions, { userMessageId: userMessage.id });
   return error;
+}
+
+/**
+ * Aborts `call` when any of `sources` aborts, with its reason (the first already aborted, in order, at
+ * once); returns what stops following them.
+ */
+function follow(call: AbortController, ...sources: AbortSignal[]): () => void {
+  const listeners = sources.map((source) => [source, () => call.abort(source.reason)] as const);
+  for (const [source, abort] of listeners) {
+    if (source.aborted) abort();
+    else source.addEventListener('abort', abort, { once: true });
+  }
+  return () => {
+    for (const [source, abort] of listeners) source.removeEventListener('abort', abort);
+  };
 }
