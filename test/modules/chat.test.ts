@@ -192,6 +192,35 @@ describe('stored token counts and long histories', () => {
     }
   });
 
+  it('reads a long history only as far as the budget reaches, leaving out nothing that fits', async () => {
+    const budgeted = await startTestApp({ AI_BASE_URL: fake.url, AI_CONTEXT_TOKENS: '4000', AI_MAX_OUTPUT_TOKENS: '100' });
+    try {
+      const owner = await registerUser(budgeted.app);
+      const projectId = (await createProject(budgeted.app, owner, { model: 'gpt-4o-mini' })).id;
+      const start = Date.now() - 3_600_000;
+      // The newest 300 counted three ways: never, in the model's encoding, and (wrongly large) in another
+      // one; the older ones, where the budget runs out, in the model's encoding, so the cut is exact there.
+      const rows = Array.from({ length: 1000 }, (_, i) => {
+        const content = `message ${i}`;
+        const exact = { tokens: countTokens(content, 'gpt-4o-mini'), tokenEncoding: 'o200k_base' };
+        const counted = i < 700 ? exact : [{ tokens: null, tokenEncoding: null }, exact, { tokens: 999, tokenEncoding: 'cl100k_base' }][i % 3]!;
+        return { id: uuidv7(), projectId, role: i % 2 ? ('assistant' as const) : ('user' as const), content, status: 'complete' as const, createdAt: new Date(start + i), ...counted };
+      });
+      await budgeted.testDb.database.db.insert(messages).values(rows);
+      const response = await budgeted.app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: owner.auth, payload: { message: 'Hi' } });
+      expect(response.statusCode).toBe(200);
+
+      let room = 4000 - 100 - 3 - (4 + countTokens('Hi', 'gpt-4o-mini'));
+      let fits = 0;
+      for (let i = 999; i >= 0 && room >= 4 + countTokens(`message ${i}`, 'gpt-4o-mini'); i--, fits++) room -= 4 + countTokens(`message ${i}`, 'gpt-4o-mini');
+      expect(fits).toBeGreaterThan(64 + 256); // the third page is the one cut
+      expect(fits).toBeLessThan(1000);
+      expect(sentHistory()).toEqual(Array.from({ length: fits }, (_, k) => `message ${1000 - fits + k}`));
+    } finally {
+      await budgeted.close();
+    }
+  });
+
   it('reads a history longer than its first pages whole, oldest first, when it fits', async () => {
     const projectId = await newProject();
     const count = 64 + 256 + 30;

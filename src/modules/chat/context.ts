@@ -14,8 +14,11 @@ export interface ContextInput {
   prompts: string[];
   /** The project's files as one system message that fits in `budget` tokens; undefined when none do. */
   filesSection(budget: number): Promise<FilesSection | undefined>;
-  /** Stored history, newest first, read lazily so that only what fits is ever fetched. */
-  history: AsyncIterable<HistoryMessage>;
+  /**
+   * Stored history, newest first, read lazily so that only what fits is ever fetched; `room` is the
+   * budget the history may take.
+   */
+  history(room: number): AsyncIterable<HistoryMessage>;
   /** The new message and the tokens of its content. */
   newMessage: { content: string; tokens: number };
   /** Tokens available for the request: the model's context minus what is kept for the reply. */
@@ -51,7 +54,7 @@ export async function buildContext(input: ContextInput): Promise<ContextResult> 
   }
 
   const history: ChatMessage[] = [];
-  for await (const message of input.history) {
+  for await (const message of input.history(input.budget - used)) {
     const tokens = MESSAGE_OVERHEAD_TOKENS + message.tokens;
     if (used + tokens > input.budget) break;
     used += tokens;

@@ -5,7 +5,7 @@ import type { Db } from '../../db/database.js';
 import { messages, projects, prompts, users } from '../../db/schema.js';
 import { assertTokenCurrent, type AuthUser } from '../../http/auth.js';
 import { ApiError, NotFound } from '../../http/errors.js';
-import { contextWindow, countTokens, encodingName, REPLY_PRIMING_TOKENS } from '../../providers/models.js';
+import { contextWindow, countTokens, encodingName, MESSAGE_OVERHEAD_TOKENS, REPLY_PRIMING_TOKENS } from '../../providers/models.js';
 import type { ProviderRegistry } from '../../providers/registry.js';
 import {
   type ChatMessage,
@@ -44,13 +44,30 @@ interface StoredHistoryMessage {
  * Up to `limit` messages of the project, newest first, older than the stored message `before` when
  * given, as one JSON array: a single value to parse instead of a row to map per message. The keyset
  * is the index order, compared against the stored row itself (its timestamp has microseconds).
+ *
+ * With `room`, the page stops at the first message that the budget left (`room` tokens) cannot hold
+ * even counting only what is known for sure: stored counts in `encoding` (a message counted in another
+ * encoding, or never, counts as its framing alone). Every message that may fit is still read, and the
+ * reader, counting exactly, stops within the page.
  */
-function historyPage(projectId: SQLWrapper, before: SQLWrapper | undefined, limit: SQLWrapper | number): SQL<StoredHistoryMessage[]> {
+function historyPage(
+  projectId: SQLWrapper,
+  before: SQLWrapper | undefined,
+  limit: SQLWrapper | number,
+  budget?: { room: SQLWrapper; encoding: SQLWrapper },
+): SQL<StoredHistoryMessage[]> {
+  const newest = sql`select * from ${messages} where ${messages.projectId} = ${projectId}
+      ${before ? sql`and (${messages.createdAt}, ${messages.id}) < (select b.created_at, b.id from ${messages} b where b.id = ${before})` : sql``}
+      order by ${messages.createdAt} desc, ${messages.id} desc limit ${limit}`;
+  const rows = budget
+    ? sql`(select * from (select p.*, coalesce(sum(${sql.raw(String(MESSAGE_OVERHEAD_TOKENS))} +
+          case when p.token_encoding = ${budget.encoding} then coalesce(p.tokens, 0) else 0 end)
+          over (order by p.created_at desc, p.id desc rows between unbounded preceding and 1 preceding), 0) as tokens_before
+        from (${newest}) p) q where q.tokens_before <= ${budget.room})`
+    : sql`(${newest})`;
   return sql`(select coalesce(json_agg(json_build_object('id', m.id, 'role', m.role, 'content', m.content,
       'tokens', m.tokens, 'encoding', m.token_encoding) order by m.created_at desc, m.id desc), '[]')
-    from (select * from ${messages} where ${messages.projectId} = ${projectId}
-      ${before ? sql`and (${messages.createdAt}, ${messages.id}) < (select b.created_at, b.id from ${messages} b where b.id = ${before})` : sql``}
-      order by ${messages.createdAt} desc, ${messages.id} desc limit ${limit}) m)`;
+    from ${rows} m)`;
 }
 
 /** Everything a turn needs, settled before anything is stored: a rejected turn leaves no trace. */
@@ -113,7 +130,12 @@ export class ChatService {
       .where(eq(users.id, sql.placeholder('userId')))
       .prepare('chat_turn');
     this.historyPageStatement = db
-      .select({ page: historyPage(sql.placeholder('projectId'), sql.placeholder('before'), sql.placeholder('limit')) })
+      .select({
+        page: historyPage(sql.placeholder('projectId'), sql.placeholder('before'), sql.placeholder('limit'), {
+          room: sql.placeholder('room'),
+          encoding: sql.placeholder('encoding'),
+        }),
+      })
       .from(sql`(select) as one_row`) // a statement of one value needs no table
       .prepare('chat_history_page');
     const insert = () =>
@@ -165,7 +187,7 @@ export class ChatService {
           countText: (content) => countTokens(content, model),
           providerReadsFiles: adapter.supportsFiles,
         }),
-      history: this.newestHistory(projectId, row.history, model),
+      history: (room) => this.newestHistory(projectId, row.history, model, room),
       newMessage: { content: text, tokens: textTokens },
       budget,
       countTokens: (content) => countTokens(content, model),
@@ -291,21 +313,25 @@ export class ChatService {
 
   /**
    * The project's history from the newest message backwards, starting with the page the turn's
-   * statement read, then as far as it is read. Stored token counts are used when they are in the
-   * model's encoding; any other message is counted here.
+   * statement read, then as far as it is read and `room` tokens reach. Stored token counts are used
+   * when they are in the model's encoding; any other message is counted here.
    */
-  private async *newestHistory(projectId: string, firstPage: StoredHistoryMessage[], model: string): AsyncGenerator<HistoryMessage> {
+  private async *newestHistory(projectId: string, firstPage: StoredHistoryMessage[], model: string, room: number): AsyncGenerator<HistoryMessage> {
     const encoding = encodingName(model);
     let page = firstPage;
     for (let size = 0; ; ) {
       for (const message of page) {
         const tokens = message.encoding === encoding && message.tokens !== null ? message.tokens : countTokens(message.content, model);
+        room -= MESSAGE_OVERHEAD_TOKENS + tokens;
         yield { role: message.role, content: message.content, tokens };
       }
-      if (page.length < HISTORY_PAGES[size]!) return;
+      // A page cut short by the room ends where the reader stopped already: only a short page that was
+      // not cut reaches here, and it was the oldest.
+      if (page.length < HISTORY_PAGES[size]! || room <= 0) return;
       size = Math.min(size + 1, HISTORY_PAGES.length - 1);
-      const rows = await this.historyPageStatement.execute({ projectId, before: page[page.length - 1]!.id, limit: HISTORY_PAGES[size] });
-      page = rows[0]!.page;
+      const before = page[page.length - 1]!.id;
+      const [row] = await this.historyPageStatement.execute({ projectId, before, limit: HISTORY_PAGES[size], room, encoding });
+      page = row!.page;
     }
   }
 
