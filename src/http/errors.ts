@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { STATUS_CODES } from 'node:http';
 import type { Socket } from 'node:net';
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { API_HEADERS } from './security-headers.js';
 
 /** The contract's stable problem codes, each with the status it is always sent with. */
 export const PROBLEM_STATUS = {
@@ -273,6 +274,8 @@ function answerError(error: FastifyError, request: FastifyRequest, reply: Fastif
  * would otherwise answer with a JSON body of its own. Hooks do not run for these, hence the request id here.
  */
 export function answerFrameworkError(error: FastifyError, request: FastifyRequest, reply: FastifyReply): void {
+  // No hook has run: what they would have set.
+  reply.headers(API_HEADERS);
   reply.header('x-request-id', request.id);
   answerError(error, request, reply);
 }
@@ -311,6 +314,7 @@ export function answerClientError(this: FastifyInstance, error: Error & { code?:
       'content-type: application/problem+json; charset=utf-8',
       `content-length: ${Buffer.byteLength(body)}`,
       `x-request-id: ${requestId}`,
+      ...Object.entries(API_HEADERS).map(([name, value]) => `${name}: ${value}`),
       'connection: close',
     ];
     socket.write(`${head.join('\r\n')}\r\n\r\n${body}`);

@@ -1,11 +1,10 @@
-import type { IncomingMessage, ServerResponse } from 'node:http';
 import fastifyCompress from '@fastify/compress';
 import fastifyCors from '@fastify/cors';
 import fastifyUnderPressure from '@fastify/under-pressure';
 import type { FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction } from 'fastify';
-import helmet from 'helmet';
 import type { Config } from '../config.js';
 import { ApiError } from './errors.js';
+import { API_HEADERS, DOCUMENT_HEADERS } from './security-headers.js';
 
 declare module 'fastify' {
   interface FastifyContextConfig {
@@ -23,44 +22,6 @@ class Overloaded extends ApiError {
     });
   }
 }
-
-/**
- * Helmet's default headers (CSP, HSTS, nosniff, frame, referrer and cross-origin policies), computed
- * once: they depend on no request. @fastify/helmet rebuilds helmet's middleware for every request,
- * which measured here as much CPU as all the rest of a trivial request. Fastify sends no
- * `x-powered-by` to remove.
- */
-function helmetHeaders(): Record<string, string> {
-  const headers: Record<string, string> = {};
-  const response = {
-    setHeader: (name: string, value: string | number) => (headers[name.toLowerCase()] = String(value)),
-    removeHeader: () => {},
-  };
-  // Without upgrade-insecure-requests: over plain HTTP on a private network, the one HTML page (/docs)
-  // would fetch its own scripts over HTTPS and fail. TLS is the load balancer's job, and HSTS asks for it.
-  const options = { contentSecurityPolicy: { directives: { upgradeInsecureRequests: null } } };
-  helmet(options)({} as IncomingMessage, response as unknown as ServerResponse, () => {});
-  return headers;
-}
-
-/** The headers of an HTML page: all of helmet's (the Swagger UI under /docs). */
-const DOCUMENT_HEADERS = helmetHeaders();
-
-/**
- * The headers of every other response (JSON, problem+json, downloads): the ones the OWASP REST Security
- * Cheat Sheet lists for an API. The rest of helmet's (a CSP for scripts and styles, referrer, opener and
- * embedder policies, DNS prefetch, IE's download options) tell a browser how to treat a page it renders,
- * and an API response is not one; they were most of the bytes of a small response, and Node checks every
- * header of every response again. What stays: HSTS; nosniff, so that a body is only ever its declared
- * type; and a policy under which a response that a browser renders after all loads nothing, runs nothing
- * and is framed by no one (X-Frame-Options for browsers older than frame-ancestors).
- */
-const API_HEADERS: Record<string, string> = {
-  'content-security-policy': "default-src 'none'; frame-ancestors 'none'",
-  'strict-transport-security': DOCUMENT_HEADERS['strict-transport-security']!,
-  'x-content-type-options': 'nosniff',
-  'x-frame-options': 'DENY',
-};
 
 /** An onRequest hook for the routes that answer HTML: registered in the scope of the docs UI. */
 export function sendDocumentHeaders(_request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction): void {

@@ -92,9 +92,19 @@ describe('problem+json for every error class', () => {
 
   it('problem+json for what the router refuses: a path parameter over its length limit (404) and bad percent-encoding (400)', async () => {
     const user = await registerUser(t.app);
-    expectProblem(await t.app.inject({ method: 'GET', url: `/api/v1/projects/${'a'.repeat(5_000)}`, headers: user.auth }), 404, 'NOT_FOUND');
-    expectProblem(await t.app.inject({ method: 'GET', url: '/api/v1/projects/%E0%A4%A/prompts', headers: user.auth }), 400, 'VALIDATION_ERROR');
-    expectProblem(await t.app.inject({ method: 'DELETE', url: '/api/v1/projects/%zz' }), 400, 'VALIDATION_ERROR');
+    const refused = [
+      await t.app.inject({ method: 'GET', url: `/api/v1/projects/${'a'.repeat(5_000)}`, headers: user.auth }),
+      await t.app.inject({ method: 'GET', url: '/api/v1/projects/%E0%A4%A/prompts', headers: user.auth }),
+      await t.app.inject({ method: 'DELETE', url: '/api/v1/projects/%zz' }),
+    ];
+    expectProblem(refused[0]!, 404, 'NOT_FOUND');
+    expectProblem(refused[1]!, 400, 'VALIDATION_ERROR');
+    expectProblem(refused[2]!, 400, 'VALIDATION_ERROR');
+    // No hook runs for these: the security headers are the error path's own.
+    for (const response of refused) {
+      expect(response.headers['x-content-type-options']).toBe('nosniff');
+      expect(response.headers['content-security-policy']).toBe("default-src 'none'; frame-ancestors 'none'");
+    }
   });
 
   it('500 shows nothing of the cause and logs it with the request id', async () => {
