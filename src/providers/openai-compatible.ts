@@ -3,6 +3,7 @@ import { access } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import OpenAI, { APIConnectionError, APIError, NotFoundError, toStreamingFile } from 'openai';
 import { ApiError } from '../http/errors.js';
+import { followAbort } from './abort.js';
 import { backoffMs, retryAfterMs } from './retry.js';
 import {
   type ChatCompletion,
@@ -184,10 +185,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
  */
 function followSignal(signal: AbortSignal): { signal: AbortSignal; release(): void } {
   const controller = new AbortController();
-  const follow = () => controller.abort(signal.reason);
-  if (signal.aborted) follow();
-  else signal.addEventListener('abort', follow, { once: true });
-  return { signal: controller.signal, release: () => signal.removeEventListener('abort', follow) };
+  return { signal: controller.signal, release: followAbort(controller, signal) };
 }
 
 /**

@@ -6,6 +6,7 @@ import { messages, projects, prompts, users } from '../../db/schema.js';
 import { assertTokenCurrent, type AuthUser } from '../../http/auth.js';
 import { ApiError, NotFound } from '../../http/errors.js';
 import { contextWindow, countTokens, encodingName, MESSAGE_OVERHEAD_TOKENS, REPLY_PRIMING_TOKENS } from '../../providers/models.js';
+import { followAbort } from '../../providers/abort.js';
 import type { ProviderRegistry } from '../../providers/registry.js';
 import {
   type ChatMessage,
@@ -246,7 +247,7 @@ export class ChatService {
       call.abort(new DOMException('The chat deadline passed', 'TimeoutError'));
     };
     const timer = setTimeout(expire, this.config.AI_TIMEOUT_MS);
-    const unfollow = follow(call, clientGone, interrupt);
+    const unfollow = followAbort(call, clientGone, interrupt);
     const request: ChatRequest = {
       model: turn.model,
       messages: turn.context,
@@ -401,19 +402,4 @@ function providerFailure(error: unknown, timedOut: boolean): ApiError {
 function naming(userMessage: MessageRow, error: ApiError): ApiError {
   Object.assign(error.extensions, { userMessageId: userMessage.id });
   return error;
-}
-
-/**
- * Aborts `call` when any of `sources` aborts, with its reason (the first already aborted, in order, at
- * once); returns what stops following them.
- */
-function follow(call: AbortController, ...sources: AbortSignal[]): () => void {
-  const listeners = sources.map((source) => [source, () => call.abort(source.reason)] as const);
-  for (const [source, abort] of listeners) {
-    if (source.aborted) abort();
-    else source.addEventListener('abort', abort, { once: true });
-  }
-  return () => {
-    for (const [source, abort] of listeners) source.removeEventListener('abort', abort);
-  };
 }
