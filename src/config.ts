@@ -93,6 +93,7 @@ const envSchema = z.object({
   AI_MAX_RETRIES: int(0, 10).default(2),
   AI_CONTEXT_TOKENS: int(256, 10_000_000).optional(),
   AI_MAX_OUTPUT_TOKENS: int(1, 1_000_000).default(1024),
+  HISTORY_CACHE_MB: int(0, 1_000_000).default(64),
   FILE_MAX_BYTES: int(1, 1024 ** 3).default(20 * 1024 * 1024),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   REDIS_URL: optionalText.pipe(z.string().regex(/^rediss?:\/\//, 'must be a redis:// URL').optional()),

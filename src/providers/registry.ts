@@ -43,9 +43,6 @@ const PROVIDER_DEFAULTS: Record<ProviderName, ProviderDefaults> = {
   },
 };
 
-// A local server may need no key, but the SDK refuses to start without one.
-const PLACEHOLDER_API_KEY = 'no-key-needed';
-
 export interface ResolvedProvider {
   adapter: ProviderAdapter;
   model: string;
@@ -62,7 +59,7 @@ export interface ProviderRegistry {
   get(provider: ProviderName): ProviderAdapter | undefined;
 }
 
-/** One adapter (one SDK client, one connection pool) per configured provider, for the process's life. */
+/** One adapter (one connection pool) per configured provider, for the process's life. */
 export function createProviders(config: ProvidersConfig): ProviderRegistry {
   const adapters = new Map<ProviderName, ProviderAdapter>();
   for (const name of Object.keys(PROVIDER_DEFAULTS) as ProviderName[]) {
@@ -91,7 +88,7 @@ function createAdapter(name: ProviderName, config: ProvidersConfig): ProviderAda
   if (!apiKey && !baseURL) return undefined;
   return new OpenAICompatibleAdapter({
     name,
-    apiKey: apiKey ?? PLACEHOLDER_API_KEY,
+    apiKey,
     baseURL: baseURL ?? defaults.baseURL(config),
     defaultHeaders: defaults.headers,
     // Another server behind the same protocol has no Files API to count on.

@@ -230,6 +230,52 @@ describe('stored token counts and long histories', () => {
   });
 });
 
+describe('the history cache', () => {
+  const sentHistory = () => (fake.requests.at(-1)!.body.messages as { content: string }[]).slice(0, -1).map((m) => m.content);
+  /** Every stored message but the last turn's two: the history that turn was sent. */
+  const historyBeforeLastTurn = async (projectId: string) => (await stored(projectId)).slice(0, -2).map((m) => m.content);
+  const turn = async (projectId: string, message: string) => expect((await chat(projectId, { message })).statusCode).toBe(200);
+
+  it('sends a long history from memory on the next turns, as stored, and reads it again when it no longer lines up', async () => {
+    const projectId = await newProject();
+    const { db } = t.testDb.database;
+    await insertMessages(db, projectId, 300);
+    await turn(projectId, 'first');
+    expect(sentHistory()).toEqual(await historyBeforeLastTurn(projectId));
+    await turn(projectId, 'second');
+    expect(sentHistory()).toEqual(await historyBeforeLastTurn(projectId));
+
+    // Stored messages never change; one changed behind the service's back shows where the turn read from.
+    await db.update(messages).set({ content: 'changed in the database' }).where(eq(messages.content, 'message 5'));
+    await turn(projectId, 'third');
+    expect(sentHistory()).toContain('message 5');
+    expect(sentHistory()).not.toContain('changed in the database');
+
+    // Another instance, its clock a little behind, stores a message older than the newest one the cache
+    // holds: the answer of the turn before last (the last turn's question and answer come after it).
+    const [cachedNewest] = (await stored(projectId)).slice(-3);
+    await insertMessages(db, projectId, 1, { content: 'stored out of order', createdAt: new Date(cachedNewest!.createdAt.getTime() - 1) });
+    await turn(projectId, 'fourth');
+    const sent = sentHistory();
+    expect(sent).toEqual(await historyBeforeLastTurn(projectId));
+    expect(sent).toContain('stored out of order');
+    expect(sent).toContain('changed in the database');
+  });
+
+  it('sends none of a cleared history, even when as much is written again', async () => {
+    const projectId = await newProject();
+    const { db } = t.testDb.database;
+    await insertMessages(db, projectId, 300, { content: 'before clearing' });
+    await turn(projectId, 'first');
+    await turn(projectId, 'second');
+    const cleared = await t.app.inject({ method: 'DELETE', url: `/api/v1/projects/${projectId}/messages`, headers: user.auth });
+    expect(cleared.statusCode).toBe(204);
+    await insertMessages(db, projectId, 300);
+    await turn(projectId, 'third');
+    expect(sentHistory()).toEqual(Array.from({ length: 300 }, (_, i) => `message ${i}`));
+  });
+});
+
 describe('provider faults', () => {
   async function failedChat(status: number, code: string) {
     const projectId = await newProject();

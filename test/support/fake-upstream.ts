@@ -119,7 +119,7 @@ export class FakeUpstream {
 
   private constructor(
     private readonly server: Server,
-    /** Base URL including `/v1`, as AI_BASE_URL or an SDK's baseURL. */
+    /** Base URL including `/v1`, as AI_BASE_URL or an adapter's baseURL. */
     readonly url: string,
   ) {}
 

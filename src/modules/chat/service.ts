@@ -21,6 +21,7 @@ import { chatFilesOf, type FilesService } from '../files/service.js';
 import { type MessageDto, type MessageRow, toMessageDto } from '../messages/schemas.js';
 import { projectIdParam } from '../projects/service.js';
 import { buildContext, type HistoryMessage } from './context.js';
+import { HistoryCache, type StoredHistoryMessage } from './history-cache.js';
 import type { ChatResult } from './schemas.js';
 
 /** Models we know nothing about get this context window, as the contract says. */
@@ -31,15 +32,6 @@ const DEFAULT_CONTEXT_TOKENS = 16_000;
  * the last size.
  */
 const HISTORY_PAGES = [64, 256, 1024, 4096];
-
-/** A stored message as a turn reads it: `tokens` counts its content in `encoding`, when stored with. */
-interface StoredHistoryMessage {
-  id: string;
-  role: HistoryMessage['role'];
-  content: string;
-  tokens: number | null;
-  encoding: string | null;
-}
 
 /**
  * Up to `limit` messages of the project, newest first, older than the stored message `before` when
@@ -108,13 +100,15 @@ export class ChatService {
   private readonly insertStatement;
   private readonly insertQuestionStatement;
   private readonly touchStatement;
+  private readonly historyCache: HistoryCache;
 
   constructor(
     db: Db,
     private readonly providers: ProviderRegistry,
     private readonly files: FilesService,
-    private readonly config: Pick<Config, 'AI_CONTEXT_TOKENS' | 'AI_MAX_OUTPUT_TOKENS' | 'AI_TIMEOUT_MS'>,
+    private readonly config: Pick<Config, 'AI_CONTEXT_TOKENS' | 'AI_MAX_OUTPUT_TOKENS' | 'AI_TIMEOUT_MS' | 'HISTORY_CACHE_MB'>,
   ) {
+    this.historyCache = new HistoryCache(config.HISTORY_CACHE_MB * 1024 * 1024);
     this.turnStatement = db
       .select({
         tokenVersion: users.tokenVersion,
@@ -314,25 +308,40 @@ export class ChatService {
 
   /**
    * The project's history from the newest message backwards, starting with the page the turn's
-   * statement read, then as far as it is read and `room` tokens reach. Stored token counts are used
-   * when they are in the model's encoding; any other message is counted here.
+   * statement read and what the cache holds past it, then as far as it is read and `room` tokens reach.
+   * Stored token counts are used when they are in the model's encoding; any other message is counted
+   * here. A history read past its first page is cached for the project's next turn.
    */
   private async *newestHistory(projectId: string, firstPage: StoredHistoryMessage[], model: string, room: number): AsyncGenerator<HistoryMessage> {
     const encoding = encodingName(model);
-    let page = firstPage;
-    for (let size = 0; ; ) {
-      for (const message of page) {
-        const tokens = message.encoding === encoding && message.tokens !== null ? message.tokens : countTokens(message.content, model);
-        room -= MESSAGE_OVERHEAD_TOKENS + tokens;
-        yield { role: message.role, content: message.content, tokens };
+    const full = (page: StoredHistoryMessage[], size: number) => page.length === HISTORY_PAGES[size];
+    const known = full(firstPage, 0) ? this.historyCache.extend(projectId, firstPage) : undefined;
+    let page = known?.messages ?? firstPage;
+    // Whether messages older than the page may exist: a short page that the budget did not cut was the oldest.
+    let more = known ? !known.complete : full(firstPage, 0);
+    const read: StoredHistoryMessage[] = [];
+    let oldestRead = false;
+    try {
+      for (let size = 0; ; ) {
+        for (const message of page) {
+          read.push(message);
+          const tokens = message.encoding === encoding && message.tokens !== null ? message.tokens : countTokens(message.content, model);
+          room -= MESSAGE_OVERHEAD_TOKENS + tokens;
+          yield { role: message.role, content: message.content, tokens };
+        }
+        // A page cut short by the room ends where the reader stopped already: a page is only read to its end
+        // when the room left more, or when it was the oldest.
+        oldestRead = !more;
+        if (!more || room <= 0) return;
+        size = Math.min(size + 1, HISTORY_PAGES.length - 1);
+        const before = page[page.length - 1]!.id;
+        const [row] = await this.historyPageStatement.execute({ projectId, before, limit: HISTORY_PAGES[size], room, encoding });
+        page = row!.page;
+        more = full(page, size);
       }
-      // A page cut short by the room ends where the reader stopped already: only a short page that was
-      // not cut reaches here, and it was the oldest.
-      if (page.length < HISTORY_PAGES[size]! || room <= 0) return;
-      size = Math.min(size + 1, HISTORY_PAGES.length - 1);
-      const before = page[page.length - 1]!.id;
-      const [row] = await this.historyPageStatement.execute({ projectId, before, limit: HISTORY_PAGES[size], room, encoding });
-      page = row!.page;
+    } finally {
+      // Runs when the reader stops, too: what it was given is what the next turn may start from.
+      if (read.length > HISTORY_PAGES[0]!) this.historyCache.remember(projectId, { messages: read, complete: oldestRead });
     }
   }
 

@@ -24,7 +24,7 @@ export interface FileStorage {
   open(key: string): Promise<Readable>;
   /** Removes the bytes under `key`; bytes already gone are not an error. */
   remove(key: string): Promise<void>;
-  /** A path on this machine holding the bytes, for readers that take a path (the provider SDK's upload). */
+  /** A path on this machine holding the bytes, for readers that take a path (the provider upload, which streams it from disk). */
   localPath(key: string): string;
 }
 

@@ -1,0 +1,74 @@
+import type { HistoryMessage } from './context.js';
+
+/** A stored message as a turn reads it: `tokens` counts its content in `encoding`, when stored with. */
+export interface StoredHistoryMessage {
+  id: string;
+  role: HistoryMessage['role'];
+  content: string;
+  tokens: number | null;
+  encoding: string | null;
+}
+
+/** A project's history, newest first, as far as a turn read it. */
+export interface KnownHistory {
+  messages: StoredHistoryMessage[];
+  /** The oldest stored message is the last of `messages`: there is nothing older to read. */
+  complete: boolean;
+}
+
+// What a cached message costs besides its text (UTF-16, two bytes a character): the object, its id.
+const MESSAGE_BYTES = 200;
+
+/**
+ * The history that turns read past their first page, per project, in this process, so that the next
+ * turn of a long conversation reads its newest page and not the thousands of messages behind it again.
+ * Messages are never changed once stored; they are only added (newer than all others, as a rule) and
+ * removed all at once (history cleared, project deleted). So a project's cached history still holds
+ * when the newest page read now contains the cached newest message and, from there on, the same
+ * messages as the cache: what is newer comes from the page, the rest from the cache. A cleared
+ * history, a message stored out of order within that page (another instance's clock behind ours) or
+ * anything else that does not line up is a miss, and the turn reads from the database as if there
+ * were no cache. Least recently used projects go first past `maxBytes`.
+ */
+export class HistoryCache {
+  private readonly entries = new Map<string, { history: KnownHistory; bytes: number }>();
+  private bytes = 0;
+
+  constructor(private readonly maxBytes: number) {}
+
+  /** The project's history: `newestPage` (read now, newest first) with what the cache holds past it, when the two line up. */
+  extend(projectId: string, newestPage: StoredHistoryMessage[]): KnownHistory | undefined {
+    const entry = this.entries.get(projectId);
+    if (!entry) return undefined;
+    const cached = entry.history.messages;
+    const start = newestPage.findIndex((message) => message.id === cached[0]!.id);
+    const overlap = newestPage.length - start;
+    if (start === -1 || overlap > cached.length) return undefined;
+    for (let i = 1; i < overlap; i++) if (newestPage[start + i]!.id !== cached[i]!.id) return undefined;
+    // Used now: the newest in the map's order, the last to go.
+    this.entries.delete(projectId);
+    this.entries.set(projectId, entry);
+    return { messages: start === 0 ? cached : newestPage.slice(0, start).concat(cached), complete: entry.history.complete };
+  }
+
+  remember(projectId: string, history: KnownHistory): void {
+    this.forget(projectId);
+    let bytes = 0;
+    for (const message of history.messages) bytes += MESSAGE_BYTES + 2 * message.content.length;
+    if (bytes > this.maxBytes) return;
+    this.entries.set(projectId, { history, bytes });
+    this.bytes += bytes;
+    for (const [oldest, entry] of this.entries) {
+      if (this.bytes <= this.maxBytes) break;
+      this.entries.delete(oldest);
+      this.bytes -= entry.bytes;
+    }
+  }
+
+  private forget(projectId: string): void {
+    const entry = this.entries.get(projectId);
+    if (!entry) return;
+    this.entries.delete(projectId);
+    this.bytes -= entry.bytes;
+  }
+}

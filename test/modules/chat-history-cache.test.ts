@@ -1,0 +1,44 @@
+import { describe, expect, it } from 'vitest';
+import { HistoryCache, type StoredHistoryMessage } from '../../src/modules/chat/history-cache.js';
+
+const message = (id: number, content = `message ${id}`): StoredHistoryMessage => ({ id: String(id), role: 'user', content, tokens: 3, encoding: 'o200k_base' });
+/** Messages `from` down to `to`, newest first, as pages are read. */
+const newestFirst = (from: number, to: number) => Array.from({ length: from - to + 1 }, (_, i) => message(from - i));
+const ids = (messages: StoredHistoryMessage[] | undefined) => messages?.map((m) => Number(m.id));
+
+describe('HistoryCache', () => {
+  it('puts the newer messages of the page before the cached history that it lines up with', () => {
+    const cache = new HistoryCache(1024 * 1024);
+    cache.remember('p', { messages: newestFirst(100, 1), complete: true });
+    const known = cache.extend('p', newestFirst(102, 39));
+    expect(ids(known?.messages)).toEqual(ids(newestFirst(102, 1)));
+    expect(known?.complete).toBe(true);
+  });
+
+  it('misses a project it holds nothing of, a page without the cached newest message, and one that differs past it', () => {
+    const cache = new HistoryCache(1024 * 1024);
+    cache.remember('p', { messages: newestFirst(100, 1), complete: false });
+    expect(cache.extend('q', newestFirst(100, 37))).toBeUndefined();
+    // Cleared, then written again: the cached newest message is gone.
+    expect(cache.extend('p', newestFirst(300, 237))).toBeUndefined();
+    // A message stored among the cached ones (another instance's clock behind): 99.5 between 100 and 99.
+    const page = [message(101), message(100), { ...message(995), id: '99.5' }, ...newestFirst(99, 39)];
+    expect(cache.extend('p', page)).toBeUndefined();
+    expect(ids(cache.extend('p', newestFirst(101, 38))?.messages)).toEqual(ids(newestFirst(101, 1)));
+  });
+
+  it('keeps at most its bytes, the least recently used projects going first', () => {
+    // 100 messages of about 210 bytes: 21 KB a project, room for two.
+    const cache = new HistoryCache(45_000);
+    for (const project of ['a', 'b']) cache.remember(project, { messages: newestFirst(100, 1), complete: true });
+    expect(cache.extend('a', newestFirst(100, 37))).toBeDefined(); // a is now the most recently used
+    cache.remember('c', { messages: newestFirst(100, 1), complete: true });
+    expect(cache.extend('b', newestFirst(100, 37))).toBeUndefined();
+    expect(cache.extend('a', newestFirst(100, 37))).toBeDefined();
+    expect(cache.extend('c', newestFirst(100, 37))).toBeDefined();
+    // A history larger than the whole cache is not kept, and what it replaces is dropped.
+    cache.remember('a', { messages: newestFirst(100, 1).map((m) => message(Number(m.id), 'x'.repeat(1_000))), complete: true });
+    expect(cache.extend('a', newestFirst(100, 37))).toBeUndefined();
+    expect(cache.extend('c', newestFirst(100, 37))).toBeDefined();
+  });
+});
