@@ -98,7 +98,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
 
   async complete(request: ChatRequest): Promise<ChatCompletion> {
     const { signal } = request;
-    const body = JSON.stringify(chatBody(request));
+    const body = chatBody(request, false);
     const completion = (await this.withRetries(request, async () => {
       const response = await this.send('POST', '/chat/completions', body, signal);
       return response.body.json();
@@ -115,7 +115,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
    */
   async *stream(request: ChatRequest): AsyncGenerator<StreamEvent> {
     const { signal } = request;
-    const body = JSON.stringify({ ...chatBody(request), stream: true, stream_options: { include_usage: true } });
+    const body = chatBody(request, true);
     const response = await this.withRetries(request, () => this.send('POST', '/chat/completions', body, signal));
     const chunks = response.body;
     // A character split between two chunks is joined before the events are read.
@@ -188,10 +188,10 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
    * handed to undici, which lets go of it when the body closes. Any other status throws
    * UpstreamStatusError once its body is read; no answer at all throws UpstreamUnreachable.
    */
-  private async send(method: 'POST' | 'DELETE', path: string, body: string | FormData | undefined, signal: AbortSignal): Promise<Dispatcher.ResponseData> {
+  private async send(method: 'POST' | 'DELETE', path: string, body: Buffer | FormData | undefined, signal: AbortSignal): Promise<Dispatcher.ResponseData> {
     let response: Dispatcher.ResponseData;
     try {
-      const headers = typeof body === 'string' ? this.jsonHeaders : this.headers;
+      const headers = body instanceof Buffer ? this.jsonHeaders : this.headers;
       response = await this.pool.request({ method, path: this.basePath + path, headers, body, signal });
     } catch (error) {
       throw new UpstreamUnreachable('the upstream did not answer', { cause: error });
@@ -236,21 +236,49 @@ function streamChunk(event: SseEvent): { model?: unknown; usage?: unknown; choic
   return chunk;
 }
 
-/** Only the fields of the wire format: callers may hand over richer objects, such as stored rows. */
-function chatBody(request: ChatRequest) {
-  return {
+const encoder = new TextEncoder();
+const END = encoder.encode(']}');
+
+/**
+ * The request body: its fields, then the messages last, each in the form `wireMessage` keeps for it.
+ * Bytes joined, not one JSON.stringify: a long history's messages are the same objects turn after turn
+ * (the chat's history cache), so a turn sending 6,000 of them copies their bytes instead of serializing
+ * and encoding 600 KB again (about 0.4 ms instead of 2).
+ */
+function chatBody(request: ChatRequest, stream: boolean): Buffer {
+  const fields = {
     model: request.model,
-    messages: request.messages.map(wireMessage),
     // Not max_completion_tokens: OpenAI-compatible servers (and older OpenAI models) know only max_tokens.
     max_tokens: request.maxOutputTokens,
+    ...(stream && { stream: true, stream_options: { include_usage: true } }),
   };
+  const parts: Uint8Array[] = [encoder.encode(`${JSON.stringify(fields).slice(0, -1)},"messages":[`)];
+  for (const message of request.messages) parts.push(wireMessage(message));
+  // Each form starts with the comma that separates it from the one before: the first one's is left out.
+  if (parts.length > 1) parts[1] = parts[1]!.subarray(1);
+  parts.push(END);
+  return Buffer.concat(parts);
 }
 
-/** A message as the API takes it; provider files go first, as file content parts of a user message. */
-function wireMessage({ role, content, fileIds }: ChatMessage) {
-  if (role !== 'user' || !fileIds?.length) return { role, content };
-  const files = fileIds.map((id) => ({ type: 'file' as const, file: { file_id: id } }));
-  return { role, content: [...files, { type: 'text' as const, text: content }] };
+/**
+ * Each message's JSON as sent, after a comma (half as many parts to join: one copy for each message),
+ * for as long as the message object lives (messages are never changed).
+ */
+const wireForms = new WeakMap<ChatMessage, Uint8Array>();
+
+/**
+ * A message as the API takes it, UTF-8: only the fields of the wire format (callers may hand over
+ * richer objects, such as stored rows); provider files go first, as file content parts of a user message.
+ */
+function wireMessage(message: ChatMessage): Uint8Array {
+  let wire = wireForms.get(message);
+  if (wire) return wire;
+  const { role, content, fileIds } = message;
+  const files = role === 'user' && fileIds?.length ? fileIds.map((id) => ({ type: 'file', file: { file_id: id } })) : undefined;
+  // TextEncoder's arrays have buffers of their own, unlike small Buffers, which share a pool's 8 KB slabs.
+  wire = encoder.encode(`,${JSON.stringify(files ? { role, content: [...files, { type: 'text', text: content }] } : { role, content })}`);
+  wireForms.set(message, wire);
+  return wire;
 }
 
 /** How long to wait before retrying after `error`, or undefined when retrying cannot help. */

@@ -2,6 +2,7 @@ import { ApiError } from '../http/errors.js';
 
 export type ProviderName = 'openai' | 'openrouter';
 
+/** Not changed once handed to an adapter, which may keep what it derives from it (its wire form) as long as it lives. */
 export interface ChatMessage {
   role: 'system' | 'user' | 'assistant';
   content: string;

@@ -28,8 +28,8 @@ describe('HistoryCache', () => {
   });
 
   it('keeps at most its bytes, the least recently used projects going first', () => {
-    // 100 messages of about 210 bytes: 21 KB a project, room for two.
-    const cache = new HistoryCache(45_000);
+    // 100 messages of about 230 bytes: 23 KB a project, room for two.
+    const cache = new HistoryCache(50_000);
     for (const project of ['a', 'b']) cache.remember(project, { messages: newestFirst(100, 1), complete: true });
     expect(cache.extend('a', newestFirst(100, 37))).toBeDefined(); // a is now the most recently used
     cache.remember('c', { messages: newestFirst(100, 1), complete: true });

@@ -15,10 +15,10 @@ export interface ContextInput {
   /** The project's files as one system message that fits in `budget` tokens; undefined when none do. */
   filesSection(budget: number): Promise<FilesSection | undefined>;
   /**
-   * Stored history, newest first, read lazily so that only what fits is ever fetched; `room` is the
-   * budget the history may take.
+   * Stored history, newest first, a page at a time, read lazily so that only what fits is ever fetched;
+   * `room` is the budget the history may take. Pages may hold more than fits.
    */
-  history(room: number): AsyncIterable<HistoryMessage>;
+  history(room: number): AsyncIterable<HistoryMessage[]>;
   /** The new message and the tokens of its content. */
   newMessage: { content: string; tokens: number };
   /** Tokens available for the request: the model's context minus what is kept for the reply. */
@@ -53,12 +53,16 @@ export async function buildContext(input: ContextInput): Promise<ContextResult> 
     if (files.fileIds.length) question.fileIds = files.fileIds;
   }
 
+  // The messages themselves, not copies: a long history's are kept between turns, and so is what an
+  // adapter derives from each (its wire form).
   const history: ChatMessage[] = [];
-  for await (const message of input.history(input.budget - used)) {
-    const tokens = MESSAGE_OVERHEAD_TOKENS + message.tokens;
-    if (used + tokens > input.budget) break;
-    used += tokens;
-    history.push({ role: message.role, content: message.content });
+  pages: for await (const page of input.history(input.budget - used)) {
+    for (const message of page) {
+      const tokens = MESSAGE_OVERHEAD_TOKENS + message.tokens;
+      if (used + tokens > input.budget) break pages;
+      used += tokens;
+      history.push(message);
+    }
   }
   history.reverse();
   return { fits: true, messages: [...system, ...history, question], promptTokens: used, historyIncluded: history.length };

@@ -16,8 +16,11 @@ export interface KnownHistory {
   complete: boolean;
 }
 
-// What a cached message costs besides its text (UTF-16, two bytes a character): the object, its id.
+// What a cached message costs besides its text: the object and its id. The text itself is counted three
+// bytes a character: the string (one or two bytes a character) and the UTF-8 wire form an adapter keeps
+// with the message (see providers/openai-compatible.ts).
 const MESSAGE_BYTES = 200;
+const BYTES_PER_CHARACTER = 3;
 
 /**
  * The history that turns read past their first page, per project, in this process, so that the next
@@ -54,7 +57,7 @@ export class HistoryCache {
   remember(projectId: string, history: KnownHistory): void {
     this.forget(projectId);
     let bytes = 0;
-    for (const message of history.messages) bytes += MESSAGE_BYTES + 2 * message.content.length;
+    for (const message of history.messages) bytes += MESSAGE_BYTES + BYTES_PER_CHARACTER * message.content.length;
     if (bytes > this.maxBytes) return;
     this.entries.set(projectId, { history, bytes });
     this.bytes += bytes;

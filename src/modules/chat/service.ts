@@ -307,32 +307,38 @@ export class ChatService {
   }
 
   /**
-   * The project's history from the newest message backwards, starting with the page the turn's
-   * statement read and what the cache holds past it, then as far as it is read and `room` tokens reach.
-   * Stored token counts are used when they are in the model's encoding; any other message is counted
-   * here. A history read past its first page is cached for the project's next turn.
+   * The project's history from the newest message backwards, a page at a time, as far as `room` tokens
+   * reach: first the page the turn's statement read with what the cache holds past it, then pages read
+   * as needed. Stored token counts are used when they are in the model's encoding; any other message is
+   * counted here. Each page ends where the room does, and what fitted is cached for the project's next
+   * turn when it is more than the first page.
    */
-  private async *newestHistory(projectId: string, firstPage: StoredHistoryMessage[], model: string, room: number): AsyncGenerator<HistoryMessage> {
+  private async *newestHistory(projectId: string, firstPage: StoredHistoryMessage[], model: string, room: number): AsyncGenerator<HistoryMessage[]> {
     const encoding = encodingName(model);
     const full = (page: StoredHistoryMessage[], size: number) => page.length === HISTORY_PAGES[size];
     const known = full(firstPage, 0) ? this.historyCache.extend(projectId, firstPage) : undefined;
     let page = known?.messages ?? firstPage;
     // Whether messages older than the page may exist: a short page that the budget did not cut was the oldest.
     let more = known ? !known.complete : full(firstPage, 0);
-    const read: StoredHistoryMessage[] = [];
-    let oldestRead = false;
+    const fitted: StoredHistoryMessage[] = [];
+    let roomLeft = true;
     try {
       for (let size = 0; ; ) {
+        const fits: HistoryMessage[] = [];
         for (const message of page) {
-          read.push(message);
-          const tokens = message.encoding === encoding && message.tokens !== null ? message.tokens : countTokens(message.content, model);
+          const counted = message.encoding === encoding && message.tokens !== null;
+          const tokens = counted ? message.tokens! : countTokens(message.content, model);
           room -= MESSAGE_OVERHEAD_TOKENS + tokens;
-          yield { role: message.role, content: message.content, tokens };
+          if (room < 0) {
+            roomLeft = false;
+            break;
+          }
+          fitted.push(message);
+          // The stored message itself when it carries its count: one object for as long as it is cached.
+          fits.push(counted ? (message as HistoryMessage) : { role: message.role, content: message.content, tokens });
         }
-        // A page cut short by the room ends where the reader stopped already: a page is only read to its end
-        // when the room left more, or when it was the oldest.
-        oldestRead = !more;
-        if (!more || room <= 0) return;
+        yield fits;
+        if (!more || !roomLeft) return;
         size = Math.min(size + 1, HISTORY_PAGES.length - 1);
         const before = page[page.length - 1]!.id;
         const [row] = await this.historyPageStatement.execute({ projectId, before, limit: HISTORY_PAGES[size], room, encoding });
@@ -340,8 +346,8 @@ export class ChatService {
         more = full(page, size);
       }
     } finally {
-      // Runs when the reader stops, too: what it was given is what the next turn may start from.
-      if (read.length > HISTORY_PAGES[0]!) this.historyCache.remember(projectId, { messages: read, complete: oldestRead });
+      // Runs when the reader stops early, too: what fitted is where the next turn may start from.
+      if (fitted.length > HISTORY_PAGES[0]!) this.historyCache.remember(projectId, { messages: fitted, complete: roomLeft && !more });
     }
   }
 
