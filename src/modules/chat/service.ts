@@ -321,7 +321,6 @@ export class ChatService {
     // Whether messages older than the page may exist: a short page that the budget did not cut was the oldest.
     let more = known ? !known.complete : full(firstPage, 0);
     const fitted: StoredHistoryMessage[] = [];
-    let roomLeft = true;
     try {
       for (let size = 0; ; ) {
         const fits: HistoryMessage[] = [];
@@ -329,16 +328,13 @@ export class ChatService {
           const counted = message.encoding === encoding && message.tokens !== null;
           const tokens = counted ? message.tokens! : countTokens(message.content, model);
           room -= MESSAGE_OVERHEAD_TOKENS + tokens;
-          if (room < 0) {
-            roomLeft = false;
-            break;
-          }
+          if (room < 0) break; // the room is spent: no older message goes in
           fitted.push(message);
           // The stored message itself when it carries its count: one object for as long as it is cached.
           fits.push(counted ? (message as HistoryMessage) : { role: message.role, content: message.content, tokens });
         }
         yield fits;
-        if (!more || !roomLeft) return;
+        if (!more || room < 0) return;
         size = Math.min(size + 1, HISTORY_PAGES.length - 1);
         const before = page[page.length - 1]!.id;
         const [row] = await this.historyPageStatement.execute({ projectId, before, limit: HISTORY_PAGES[size], room, encoding });
@@ -347,7 +343,7 @@ export class ChatService {
       }
     } finally {
       // Runs when the reader stops early, too: what fitted is where the next turn may start from.
-      if (fitted.length > HISTORY_PAGES[0]!) this.historyCache.remember(projectId, { messages: fitted, complete: roomLeft && !more });
+      if (fitted.length > HISTORY_PAGES[0]!) this.historyCache.remember(projectId, { messages: fitted, complete: room >= 0 && !more });
     }
   }
 
