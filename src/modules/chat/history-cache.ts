@@ -18,7 +18,7 @@ export interface KnownHistory {
 
 // What a cached message costs besides its text: the object and its id. The text itself is counted three
 // bytes a character: the string (one or two bytes a character) and the UTF-8 wire form an adapter keeps
-// with the message (see providers/openai-compatible.ts).
+// with the message (see providers/wire-messages.ts).
 const MESSAGE_BYTES = 200;
 const BYTES_PER_CHARACTER = 3;
 

@@ -1,0 +1,74 @@
+import fc from 'fast-check';
+import { describe, expect, it } from 'vitest';
+import type { ChatMessage } from '../../src/providers/types.js';
+import { messagesWire } from '../../src/providers/wire-messages.js';
+
+/** The messages as the body carries them: the joined parts, their first comma dropped, as a JSON array. */
+function sent(messages: ChatMessage[]): unknown {
+  const joined = Buffer.concat(messagesWire(messages)).toString('utf8');
+  return JSON.parse(`[${joined.slice(1)}]`);
+}
+
+/** What the chat completions API takes for each message. */
+function expected(messages: ChatMessage[]): unknown {
+  return messages.map(({ role, content, fileIds }) =>
+    role === 'user' && fileIds?.length
+      ? { role, content: [...fileIds.map((id) => ({ type: 'file', file: { file_id: id } })), { type: 'text', text: content }] }
+      : { role, content },
+  );
+}
+
+const message = (i: number, role: ChatMessage['role'] = i % 2 ? 'assistant' : 'user'): ChatMessage => ({ role, content: `message ${i} «ünïcode» "quoted"` });
+
+describe('messagesWire', () => {
+  it('gives each message in the wire format only: its role and content, provider files first as parts of a user message', () => {
+    const stored = { id: 'm1', role: 'assistant', content: 'from the database', tokens: 3, encoding: 'o200k_base' } as ChatMessage;
+    const messages: ChatMessage[] = [
+      { role: 'system', content: 'be brief', fileIds: ['ignored-on-system'] },
+      stored,
+      { role: 'user', content: 'read this', fileIds: ['file-1', 'file-2'] },
+    ];
+    expect(sent(messages)).toEqual([
+      { role: 'system', content: 'be brief' },
+      { role: 'assistant', content: 'from the database' },
+      { role: 'user', content: [{ type: 'file', file: { file_id: 'file-1' } }, { type: 'file', file: { file_id: 'file-2' } }, { type: 'text', text: 'read this' }] },
+    ]);
+    expect(messagesWire([])).toEqual([]);
+  });
+
+  it('gives every turn its own messages in order, whatever runs of the same objects earlier turns sent', () => {
+    // A pool of message objects kept between turns, as the history cache keeps them; each turn sends runs
+    // of them (in order, reversed, with gaps) between messages made for that turn alone.
+    const pool = Array.from({ length: 400 }, (_, i) => (i % 7 === 0 ? { ...message(i, 'user'), fileIds: [`file-${i}`] } : message(i)));
+    const run = fc.record({ from: fc.nat(399), length: fc.nat(200), reversed: fc.boolean(), skip: fc.nat(3) });
+    const turn = fc.record({ before: fc.nat(3), runs: fc.array(run, { maxLength: 4 }), after: fc.nat(3) });
+    let fresh = 0;
+    const made = (count: number) => Array.from({ length: count }, () => message(1_000 + fresh++));
+    fc.assert(
+      fc.property(fc.array(turn, { minLength: 1, maxLength: 6 }), (turns) => {
+        for (const { before, runs, after } of turns) {
+          const messages = [...made(before)];
+          for (const { from, length, reversed, skip } of runs) {
+            const slice = pool.slice(from, from + length).filter((_, i) => i % (skip + 1) === 0);
+            messages.push(...(reversed ? slice.reverse() : slice));
+          }
+          messages.push(...made(after));
+          expect(sent(messages)).toEqual(expected(messages));
+        }
+      }),
+      { numRuns: 300 },
+    );
+  });
+
+  it("sends a long history's next turn mostly as the bytes made for the turn before", () => {
+    const history = Array.from({ length: 6_002 }, (_, i) => message(i));
+    const first = messagesWire(history.slice(0, 6_000));
+    // The next turn: the two oldest left out for the budget, the question and its answer added.
+    const next = messagesWire(history.slice(2, 6_002));
+    expect(sent(history.slice(2, 6_002))).toEqual(expected(history.slice(2, 6_002)));
+    expect(first).toHaveLength(Math.ceil(6_000 / 64));
+    const reused = next.filter((part) => first.includes(part));
+    expect(reused.length).toBeGreaterThanOrEqual(Math.floor(6_000 / 64) - 1);
+    expect(next.length).toBeLessThanOrEqual(reused.length + 3);
+  });
+});
