@@ -97,6 +97,8 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
 
   await app.register(healthRoutes, { database });
   const providers = meterProviders(createProviders(config), metrics.recordProviderCall);
+  // After the chat routes' own close, which waits for the turns in flight.
+  app.addHook('onClose', () => providers.close());
   const files = new FilesService(database.db, new LocalDiskStorage(join(config.DATA_DIR, 'files')), providers, config);
   await app.register(authRoutes, { prefix: '/api/v1/auth', auth: new AuthService(database.db, tokens, new PasswordHasher(config), files) });
   await app.register(projectRoutes, { prefix: '/api/v1/projects', projects: new ProjectsService(database.db, files) });

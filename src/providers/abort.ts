@@ -14,3 +14,46 @@ export function followAbort(target: AbortController, ...sources: AbortSignal[]):
     for (const [source, abort] of listeners) source.removeEventListener('abort', abort);
   };
 }
+
+/**
+ * One controller for a provider call, aborted by whichever comes first of its deadline (`ms` from now,
+ * with a `TimeoutError`, as `AbortSignal.timeout` would) and `sources` (with their reasons): what
+ * `AbortSignal.any` of a timeout signal and the sources would be, without a combined signal and a timer
+ * signal of its own for each call (an open stream would hold both until its end).
+ */
+export class CallDeadline {
+  private readonly controller = new AbortController();
+  private readonly timer: NodeJS.Timeout;
+  private readonly unfollow: () => void;
+  /** Whether the deadline, and not a source, ended the call. */
+  timedOut = false;
+
+  constructor(ms: number, ...sources: AbortSignal[]) {
+    this.timer = setTimeout(() => {
+      if (this.signal.aborted) return; // a source came first: its reason stands
+      this.timedOut = true;
+      this.controller.abort(new DOMException('The deadline passed', 'TimeoutError'));
+    }, ms);
+    this.unfollow = followAbort(this.controller, ...sources);
+  }
+
+  get signal(): AbortSignal {
+    return this.controller.signal;
+  }
+
+  /** The deadline starts again from now (a stream's: each silence between deltas). */
+  refresh(): void {
+    this.timer.refresh();
+  }
+
+  /** Aborts the call (with an AbortError): its caller gave up on it. */
+  abort(): void {
+    this.controller.abort();
+  }
+
+  /** Stops the timer and following the sources: the call is over. */
+  end(): void {
+    clearTimeout(this.timer);
+    this.unfollow();
+  }
+}

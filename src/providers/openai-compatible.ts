@@ -96,6 +96,11 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
     this.jsonHeaders = { ...this.headers, 'content-type': 'application/json' };
   }
 
+  /** Closes the connections once the requests in flight are answered; no request may follow. */
+  close(): Promise<void> {
+    return this.pool.close();
+  }
+
   async complete(request: ChatRequest): Promise<ChatCompletion> {
     const { signal } = request;
     const body = chatBody(request, false);

@@ -57,11 +57,13 @@ export interface ProviderRegistry {
   resolve(projectProvider: ProviderName | null, projectModel: string | null): ResolvedProvider;
   /** A provider's adapter when it is configured: file calls go to the provider that holds the file. */
   get(provider: ProviderName): ProviderAdapter | undefined;
+  /** Closes every provider's connections once its calls in flight are done; for the app's close. */
+  close(): Promise<void>;
 }
 
 /** One adapter (one connection pool) per configured provider, for the process's life. */
 export function createProviders(config: ProvidersConfig): ProviderRegistry {
-  const adapters = new Map<ProviderName, ProviderAdapter>();
+  const adapters = new Map<ProviderName, OpenAICompatibleAdapter>();
   for (const name of Object.keys(PROVIDER_DEFAULTS) as ProviderName[]) {
     const adapter = createAdapter(name, config);
     if (adapter) adapters.set(name, adapter);
@@ -76,11 +78,14 @@ export function createProviders(config: ProvidersConfig): ProviderRegistry {
       return { adapter, model: projectModel ?? serverModel ?? PROVIDER_DEFAULTS[name].model };
     },
     get: (provider) => adapters.get(provider),
+    close: async () => {
+      await Promise.all([...adapters.values()].map((adapter) => adapter.close()));
+    },
   };
 }
 
 /** The provider's adapter, or undefined when it is not configured: no key, and no AI_BASE_URL for it. */
-function createAdapter(name: ProviderName, config: ProvidersConfig): ProviderAdapter | undefined {
+function createAdapter(name: ProviderName, config: ProvidersConfig): OpenAICompatibleAdapter | undefined {
   const defaults = PROVIDER_DEFAULTS[name];
   const apiKey = defaults.apiKey(config);
   // AI_BASE_URL moves the default provider to another server speaking its protocol (Ollama, vLLM, llama.cpp).

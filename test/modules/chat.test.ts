@@ -502,3 +502,21 @@ describe('concurrency', () => {
     expect(new Set(rows.map((r) => r.content)).size).toBe(40);
   });
 });
+
+describe('closing the app', () => {
+  it("closes the providers' connections once the turns are done", async () => {
+    const ownFake = await FakeUpstream.start();
+    const own = await startTestApp({ AI_BASE_URL: ownFake.url, AI_MODEL: 'gpt-4o-mini' });
+    try {
+      const owner = await registerUser(own.app);
+      const projectId = (await createProject(own.app, owner)).id;
+      const answered = await own.app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: owner.auth, payload: { message: 'Hi' } });
+      expect(answered.statusCode).toBe(200);
+      await own.app.close();
+      await ownFake.waitForNoConnections(1_000);
+    } finally {
+      await own.close();
+      await ownFake.close();
+    }
+  });
+});

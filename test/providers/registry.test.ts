@@ -118,3 +118,19 @@ describe('default base URLs', () => {
     expect(JSON.stringify(fake.requests[0]!.headers)).not.toMatch(/LEAK/);
   });
 });
+
+describe('close', () => {
+  it('closes every provider\'s connections, idle keep-alive ones included, where they would otherwise stay open', async () => {
+    // A fake of its own: the other tests' registries keep their connections to theirs.
+    const own = await FakeUpstream.start();
+    try {
+      const registry = providers({ AI_BASE_URL: own.url, OPENROUTER_API_KEY: 'sk-or' });
+      await registry.resolve(null, 'gpt-4o-mini').adapter.complete(chat('gpt-4o-mini'));
+      await expect(own.waitForNoConnections(300)).rejects.toThrow(/connections closed/);
+      await registry.close();
+      await own.waitForNoConnections(1_000);
+    } finally {
+      await own.close();
+    }
+  });
+});

@@ -163,6 +163,17 @@ export class FakeUpstream {
     await this.waitUntil(() => target.clientClosed, `the client to close ${target.method} ${target.path}`, timeoutMs);
   }
 
+  /** Resolves once no client holds a connection open to the fake (an idle keep-alive socket included). */
+  async waitForNoConnections(timeoutMs = 5_000): Promise<void> {
+    let open = -1;
+    const count = () => this.server.getConnections((_, connections) => (open = connections));
+    count();
+    await this.waitUntil(() => {
+      if (open !== 0) count();
+      return open === 0;
+    }, 'connections closed', timeoutMs);
+  }
+
   async close(): Promise<void> {
     this.server.closeAllConnections(); // hanging answers and idle keep-alive sockets
     await new Promise<void>((resolve, reject) => this.server.close((error) => (error ? reject(error) : resolve())));

@@ -6,7 +6,7 @@ import { messages, projects, prompts, users } from '../../db/schema.js';
 import { assertTokenCurrent, type AuthUser } from '../../http/auth.js';
 import { ApiError, NotFound } from '../../http/errors.js';
 import { contextWindow, countTokens, encodingName, MESSAGE_OVERHEAD_TOKENS, REPLY_PRIMING_TOKENS } from '../../providers/models.js';
-import { followAbort } from '../../providers/abort.js';
+import { CallDeadline } from '../../providers/abort.js';
 import type { ProviderRegistry } from '../../providers/registry.js';
 import {
   type ChatMessage,
@@ -203,18 +203,20 @@ export class ChatService {
    */
   async complete(turn: PreparedTurn, interrupt: AbortSignal): Promise<ChatResult> {
     const userMessage = await this.storeQuestion(turn);
-    const deadline = AbortSignal.timeout(this.config.AI_TIMEOUT_MS);
+    const call = new CallDeadline(this.config.AI_TIMEOUT_MS, interrupt);
     let completion;
     try {
       completion = await turn.adapter.complete({
         model: turn.model,
         messages: turn.context,
         maxOutputTokens: this.config.AI_MAX_OUTPUT_TOKENS,
-        signal: AbortSignal.any([deadline, interrupt]),
+        signal: call.signal,
         deadline: Date.now() + this.config.AI_TIMEOUT_MS,
       });
     } catch (error) {
-      throw await this.failure(userMessage, providerFailure(error, deadline.aborted));
+      throw await this.failure(userMessage, providerFailure(error, call.timedOut));
+    } finally {
+      call.end();
     }
     if (!completion.content) throw await this.failure(userMessage, new ProviderError('The AI provider answered with no content'));
     // Its durable commit makes the question durable too: nothing is acknowledged before both are.
@@ -231,17 +233,8 @@ export class ChatService {
    */
   async stream(turn: PreparedTurn, observer: TurnObserver, clientGone: AbortSignal, interrupt: AbortSignal): Promise<StreamOutcome> {
     const userMessage = await this.storeQuestion(turn);
-    // One controller for the call, aborted by whichever comes first of the deadline, the client leaving
-    // and the interrupt, with its reason: what AbortSignal.any of the three would be, without a combined
-    // signal and a deadline signal of its own held by each open stream.
-    const call = new AbortController();
-    let timedOut = false;
-    const expire = () => {
-      timedOut = true;
-      call.abort(new DOMException('The chat deadline passed', 'TimeoutError'));
-    };
-    const timer = setTimeout(expire, this.config.AI_TIMEOUT_MS);
-    const unfollow = followAbort(call, clientGone, interrupt);
+    // Aborted by whichever comes first of the deadline, the client leaving and the interrupt.
+    const call = new CallDeadline(this.config.AI_TIMEOUT_MS, clientGone, interrupt);
     const request: ChatRequest = {
       model: turn.model,
       messages: turn.context,
@@ -259,9 +252,8 @@ export class ChatService {
       await this.makeDurable(userMessage);
       await observer.userMessage(toMessageDto(userMessage));
     } catch (error) {
-      clearTimeout(timer);
       call.abort();
-      unfollow();
+      call.end();
       await first.catch(() => undefined);
       await events.return?.(undefined);
       throw error;
@@ -281,7 +273,7 @@ export class ChatService {
           done = event;
           continue;
         }
-        timer.refresh();
+        call.refresh();
         text += event.content;
         await observer.delta(event.content);
         if (clientGone.aborted) break;
@@ -297,10 +289,9 @@ export class ChatService {
     } catch (error) {
       if (text) await this.storeReply(turn, text, 'incomplete', turn.model, null);
       if (clientGone.aborted) return { kind: 'client-gone' };
-      return { kind: 'failed', error: naming(userMessage, providerFailure(error, timedOut)) };
+      return { kind: 'failed', error: naming(userMessage, providerFailure(error, call.timedOut)) };
     } finally {
-      clearTimeout(timer);
-      unfollow();
+      call.end();
       // Ends the provider's stream when the loop left it early (the client gone, a failed write).
       await events.return?.(undefined);
     }
