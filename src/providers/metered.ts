@@ -26,6 +26,7 @@ export function meterProviders(providers: ProviderRegistry, record: RecordCall):
       const adapter = providers.get(provider);
       return adapter && wrap(adapter);
     },
+    defaultModel: providers.defaultModel,
     close: () => providers.close(),
   };
 }

@@ -55,6 +55,8 @@ export interface ProviderRegistry {
    * Throws ProviderNotConfigured when that provider has neither a key nor a base URL.
    */
   resolve(projectProvider: ProviderName | null, projectModel: string | null): ResolvedProvider;
+  /** The model of a project that names neither provider nor model; undefined when its provider is not configured. */
+  readonly defaultModel: string | undefined;
   /** A provider's adapter when it is configured: file calls go to the provider that holds the file. */
   get(provider: ProviderName): ProviderAdapter | undefined;
   /** Closes every provider's connections once its calls in flight are done; for the app's close. */
@@ -68,15 +70,17 @@ export function createProviders(config: ProvidersConfig): ProviderRegistry {
     const adapter = createAdapter(name, config);
     if (adapter) adapters.set(name, adapter);
   }
+  // AI_MODEL names a model of the default provider; another provider would not know it.
+  const modelOf = (name: ProviderName, projectModel: string | null) =>
+    projectModel ?? (name === config.AI_PROVIDER ? config.AI_MODEL : undefined) ?? PROVIDER_DEFAULTS[name].model;
   return {
     resolve(projectProvider, projectModel) {
       const name = projectProvider ?? config.AI_PROVIDER;
       const adapter = adapters.get(name);
       if (!adapter) throw new ProviderNotConfigured(name);
-      // AI_MODEL names a model of the default provider; another provider would not know it.
-      const serverModel = name === config.AI_PROVIDER ? config.AI_MODEL : undefined;
-      return { adapter, model: projectModel ?? serverModel ?? PROVIDER_DEFAULTS[name].model };
+      return { adapter, model: modelOf(name, projectModel) };
     },
+    defaultModel: adapters.has(config.AI_PROVIDER) ? modelOf(config.AI_PROVIDER, null) : undefined,
     get: (provider) => adapters.get(provider),
     close: async () => {
       await Promise.all([...adapters.values()].map((adapter) => adapter.close()));

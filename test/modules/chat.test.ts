@@ -1,9 +1,9 @@
 import { eq } from 'drizzle-orm';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { messages } from '../../src/db/schema.js';
+import { messages, users } from '../../src/db/schema.js';
 import { countTokens } from '../../src/providers/models.js';
-import { createProject, createPrompt, expectProblem, insertMessages, registerUser, type RegisteredUser, startTestApp, type TestApp } from '../support/app.js';
+import { createProject, createPrompt, expectProblem, insertMessages, registerUser, type RegisteredUser, revokeTokens, startTestApp, type TestApp } from '../support/app.js';
 import { FakeUpstream, UPSTREAM_ERROR_TEXT } from '../support/fake-upstream.js';
 import { readSse, type SseEvent } from '../support/sse.js';
 
@@ -119,40 +119,90 @@ describe('JSON chat', () => {
   });
 });
 
-describe('context budget', () => {
-  it('leaves out the oldest history first and never the prompts or the new message', async () => {
-    const budgeted = await startTestApp({ AI_BASE_URL: fake.url, AI_CONTEXT_TOKENS: '300', AI_MAX_OUTPUT_TOKENS: '100' });
-    try {
-      const owner = await registerUser(budgeted.app);
-      const projectId = (await createProject(budgeted.app, owner)).id;
-      await createPrompt(budgeted.app, owner, projectId, { title: 'p', content: 'Be brief.' });
-      for (let i = 0; i < 12; i++) {
-        const turn = `Question number ${i} with some words to take up space in the context window`;
-        const response = await budgeted.app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: owner.auth, payload: { message: turn } });
-        expect(response.statusCode).toBe(200);
-      }
-      const sent = fake.requests.at(-1)!.body.messages as { role: string; content: string }[];
-      expect(sent[0]).toEqual({ role: 'system', content: 'Be brief.' });
-      expect(sent.at(-1)).toEqual({ role: 'user', content: expect.stringContaining('Question number 11') });
-      const history = sent.slice(1, -1);
-      expect(history.length).toBeGreaterThan(0);
-      expect(history.length).toBeLessThan(22);
-      // What is kept is the newest, contiguous end of the history, oldest first.
-      expect(history.at(-1)).toEqual({ role: 'assistant', content: expect.stringContaining('Question number 10') });
-      expect(history.some((m) => m.content.includes('Question number 0 '))).toBe(false);
-
-      const tooLong = await budgeted.app.inject({
-        method: 'POST',
-        url: `/api/v1/projects/${projectId}/chat`,
-        headers: owner.auth,
-        payload: { message: 'word '.repeat(400) },
-      });
-      expectProblem(tooLong, 400, 'CONTEXT_TOO_LONG');
-      expect(fake.requests).toHaveLength(12);
-      expect(await budgeted.testDb.database.db.select().from(messages).where(eq(messages.projectId, projectId))).toHaveLength(24);
-    } finally {
-      await budgeted.close();
+describe('the question stored with the read', () => {
+  // A project on the default provider and model, no idempotency key: the turn's read stores the question
+  // when nothing can refuse the turn, so these refusals are checked against that statement.
+  it('stores nothing for a revoked token or a deleted user (401)', async () => {
+    for (const refuse of ['revoke', 'delete'] as const) {
+      const owner = await registerUser(t.app);
+      const projectId = await newProject(owner);
+      if (refuse === 'revoke') await revokeTokens(t.app, owner);
+      else await t.testDb.database.db.delete(users).where(eq(users.id, owner.id));
+      const refused = await t.app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: owner.auth, payload: { message: 'hi' } });
+      expectProblem(refused, 401, 'UNAUTHORIZED');
+      expect(await stored(projectId)).toHaveLength(0);
     }
+    expect(fake.requests).toHaveLength(0);
+  });
+
+  it("checks a project's own model first: its encoding for the question, its window for the budget", async () => {
+    const projectId = await newProject(user, { model: 'gpt-4' }); // cl100k_base, 8,192 tokens
+    expectProblem(await chat(projectId, { message: 'word '.repeat(9_000) }), 400, 'CONTEXT_TOO_LONG');
+    expect(await stored(projectId)).toHaveLength(0);
+    expect((await chat(projectId, { message: 'Hello there' })).statusCode).toBe(200);
+    const [question] = await stored(projectId);
+    expect([question!.tokens, question!.tokenEncoding]).toEqual([countTokens('Hello there', 'gpt-4'), 'cl100k_base']);
+  });
+
+});
+
+describe('context budget', () => {
+  // A budget of 197 tokens (300, less 100 for the reply and 3 that prime it).
+  let budgeted: TestApp;
+  let owner: RegisteredUser;
+  beforeAll(async () => {
+    budgeted = await startTestApp({ AI_BASE_URL: fake.url, AI_CONTEXT_TOKENS: '300', AI_MAX_OUTPUT_TOKENS: '100' });
+    owner = await registerUser(budgeted.app);
+  });
+  afterAll(() => budgeted.close());
+
+  /** A project there with one short prompt. */
+  async function briefProject(): Promise<string> {
+    const projectId = (await createProject(budgeted.app, owner)).id;
+    await createPrompt(budgeted.app, owner, projectId, { title: 'p', content: 'Be brief.' });
+    return projectId;
+  }
+  const send = (projectId: string, message: string) =>
+    budgeted.app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: owner.auth, payload: { message } });
+  const storedThere = (projectId: string) =>
+    budgeted.testDb.database.db.select().from(messages).where(eq(messages.projectId, projectId)).orderBy(messages.createdAt, messages.id);
+
+  it('leaves out the oldest history first and never the prompts or the new message', async () => {
+    const projectId = await briefProject();
+    for (let i = 0; i < 12; i++) {
+      expect((await send(projectId, `Question number ${i} with some words to take up space in the context window`)).statusCode).toBe(200);
+    }
+    const sent = fake.requests.at(-1)!.body.messages as { role: string; content: string }[];
+    expect(sent[0]).toEqual({ role: 'system', content: 'Be brief.' });
+    expect(sent.at(-1)).toEqual({ role: 'user', content: expect.stringContaining('Question number 11') });
+    const history = sent.slice(1, -1);
+    expect(history.length).toBeGreaterThan(0);
+    expect(history.length).toBeLessThan(22);
+    // What is kept is the newest, contiguous end of the history, oldest first.
+    expect(history.at(-1)).toEqual({ role: 'assistant', content: expect.stringContaining('Question number 10') });
+    expect(history.some((m) => m.content.includes('Question number 0 '))).toBe(false);
+
+    expectProblem(await send(projectId, 'word '.repeat(400)), 400, 'CONTEXT_TOO_LONG');
+    expect(fake.requests).toHaveLength(12);
+    expect(await storedThere(projectId)).toHaveLength(24);
+  });
+
+  it('stores a question that fits only by its tokens (not a token a byte) once the turn is checked, counted for the model', async () => {
+    const projectId = await briefProject();
+    // 130 bytes: within the budget even a token a byte (the turn's read stores it); 500 bytes: only by its 100 tokens.
+    const short = 'word '.repeat(26);
+    const long = 'word '.repeat(100);
+    for (const message of [short, long]) expect((await send(projectId, message)).statusCode).toBe(200);
+    const rows = await storedThere(projectId);
+    expect(rows.map((row) => [row.role, row.content, row.tokens, row.tokenEncoding])).toEqual([
+      ['user', short, countTokens(short, 'gpt-4o-mini'), 'o200k_base'],
+      ['assistant', `Echo: ${short}`, expect.any(Number), 'o200k_base'],
+      ['user', long, countTokens(long, 'gpt-4o-mini'), 'o200k_base'],
+      ['assistant', `Echo: ${long}`, expect.any(Number), 'o200k_base'],
+    ]);
+    // Past the budget by its tokens too: refused, and nothing more stored.
+    expectProblem(await send(projectId, 'word '.repeat(190)), 400, 'CONTEXT_TOO_LONG');
+    expect(await storedThere(projectId)).toHaveLength(4);
   });
 });
 

@@ -87,6 +87,17 @@ export interface RegisteredUser {
   auth: { authorization: string };
 }
 
+/** Changes the user's password, which revokes every token issued to them before: `user.auth` no longer lets them in. */
+export async function revokeTokens(app: FastifyInstance, user: RegisteredUser): Promise<void> {
+  const changed = await app.inject({
+    method: 'POST',
+    url: '/api/v1/auth/password',
+    headers: user.auth,
+    payload: { currentPassword: user.password, newPassword: 'another-password-1' },
+  });
+  if (changed.statusCode !== 204) throw new Error(`password change answered ${changed.statusCode}: ${changed.body}`);
+}
+
 export async function registerUser(app: FastifyInstance, overrides: { email?: string; password?: string; name?: string } = {}): Promise<RegisteredUser> {
   const email = overrides.email ?? uniqueEmail();
   const password = overrides.password ?? 'correct horse battery';

@@ -1,4 +1,4 @@
-import { and, eq, getTableColumns, type SQL, sql, type SQLWrapper } from 'drizzle-orm';
+import { and, eq, type SQL, sql, type SQLWrapper } from 'drizzle-orm';
 import { v7 as uuidv7 } from 'uuid';
 import type { Config } from '../../config.js';
 import type { Db } from '../../db/database.js';
@@ -69,9 +69,10 @@ export interface PreparedTurn {
   adapter: ProviderAdapter;
   model: string;
   context: ChatMessage[];
-  text: string;
-  /** The tokens of `text` for `model`, stored with it. */
-  textTokens: number;
+  /** The user message, its tokens counted for `model`. */
+  question: MessageRow;
+  /** Whether the turn's read stored `question` already (see `ChatService.prepare`). */
+  questionStored: boolean;
 }
 
 /** What the streaming path tells its caller as the turn goes on. */
@@ -92,7 +93,7 @@ type NewMessage = Pick<MessageRow, 'role' | 'content' | 'status' | 'tokens'> &
 export class ChatService {
   /**
    * A turn's one read: the caller's row (the token check), their project, its prompts, its files and
-   * the newest page of its history.
+   * the newest page of its history; and, when nothing in it can refuse the turn, the question stored.
    */
   private readonly turnStatement;
   /** A further page of history, older than the stored message `before`. */
@@ -101,6 +102,8 @@ export class ChatService {
   private readonly insertQuestionStatement;
   private readonly touchStatement;
   private readonly historyCache: HistoryCache;
+  /** The model and token budget of a project that names neither provider nor model, when its provider is configured. */
+  private readonly defaultTurn: { model: string; budget: number } | undefined;
 
   constructor(
     db: Db,
@@ -109,7 +112,27 @@ export class ChatService {
     private readonly config: Pick<Config, 'AI_CONTEXT_TOKENS' | 'AI_MAX_OUTPUT_TOKENS' | 'AI_TIMEOUT_MS' | 'HISTORY_CACHE_MB'>,
   ) {
     this.historyCache = new HistoryCache(config.HISTORY_CACHE_MB * 1024 * 1024);
+    const { defaultModel } = providers;
+    this.defaultTurn = defaultModel === undefined ? undefined : { model: defaultModel, budget: this.budgetFor(defaultModel) };
+    // The question, stored by the turn's read itself when nothing can refuse the turn then: the caller's
+    // token is current, the project is theirs and chats with the server's default provider (configured)
+    // and model, and its prompts and the question fit that model's budget even counted a token a byte
+    // (no token is shorter: `promptsRoom` is what the question's bytes leave). Any other turn is checked
+    // first and its question stored after (`storeQuestion`): a refused turn stores nothing.
+    const question = db.$with('question', { id: sql<string>`id` }).as(
+      sql`insert into ${messages} (id, project_id, role, content, status, tokens, token_encoding, created_at)
+        select ${sql.placeholder('questionId')}::uuid, ${projects.id}, 'user', ${sql.placeholder('text')}::text, 'complete',
+          ${sql.placeholder('tokens')}::integer, ${sql.placeholder('encoding')}::text, ${sql.placeholder('createdAt')}::timestamptz
+        from ${users} join ${projects} on ${projects.userId} = ${users.id}
+        where ${users.id} = ${sql.placeholder('userId')} and ${users.tokenVersion} = ${sql.placeholder('tokenVersion')}::integer
+          and ${projects.id} = ${sql.placeholder('projectId')} and ${projects.provider} is null and ${projects.model} is null
+          and current_setting('server_encoding') in ('UTF8', 'SQL_ASCII')
+          and (select coalesce(sum(octet_length(${prompts.content}) + ${sql.raw(String(MESSAGE_OVERHEAD_TOKENS))}), 0)
+            from ${prompts} where ${prompts.projectId} = ${projects.id}) <= ${sql.placeholder('promptsRoom')}::integer
+        returning id`,
+    );
     this.turnStatement = db
+      .with(question)
       .select({
         tokenVersion: users.tokenVersion,
         projectId: projects.id,
@@ -119,6 +142,9 @@ export class ChatService {
           from ${prompts} where ${prompts.projectId} = ${projects.id})`,
         files: chatFilesOf(projects.id),
         history: historyPage(projects.id, undefined, HISTORY_PAGES[0]!),
+        questionStored: sql<boolean>`exists (select from ${question})`,
+        // Stored or not, the commit flushes nothing: see `storeQuestion`.
+        asyncCommit: sql`set_config('synchronous_commit', 'off', true)`,
       })
       .from(users)
       .leftJoin(projects, and(eq(projects.id, sql.placeholder('projectId')), eq(projects.userId, users.id)))
@@ -151,7 +177,7 @@ export class ChatService {
     this.insertStatement = insert().returning().prepare('chat_insert_message');
     // `set_config(…, true)` lasts until the end of the statement's own transaction: its commit.
     this.insertQuestionStatement = insert()
-      .returning({ ...getTableColumns(messages), asyncCommit: sql`set_config('synchronous_commit', 'off', true)` })
+      .returning({ asyncCommit: sql`set_config('synchronous_commit', 'off', true)` })
       .prepare('chat_insert_question');
     this.touchStatement = db
       .update(messages)
@@ -164,16 +190,31 @@ export class ChatService {
    * Checks the token, ownership, the provider and the token budget, and builds the context, reading
    * everything in one statement (more only for a history longer than its first page); throws 401, 404,
    * 503 PROVIDER_NOT_CONFIGURED or 400 CONTEXT_TOO_LONG before any write or provider call. The route
-   * is `tokenCheckedByHandler`.
+   * is `tokenCheckedByHandler`. With `storeEarly`, when nothing else may refuse the turn after this, the
+   * same statement stores the question where that cannot be one of these refusals (a round trip less).
    */
-  async prepare(user: AuthUser, projectId: string, text: string): Promise<PreparedTurn> {
-    const [row] = await this.turnStatement.execute({ userId: user.id, projectId: projectIdParam(projectId) });
+  async prepare(user: AuthUser, projectId: string, text: string, { storeEarly }: { storeEarly: boolean }): Promise<PreparedTurn> {
+    const fast = storeEarly ? this.defaultTurn : undefined;
+    const questionId = uuidv7();
+    const createdAt = new Date();
+    const defaultTokens = fast && countTokens(text, fast.model);
+    const [row] = await this.turnStatement.execute({
+      userId: user.id,
+      projectId: projectIdParam(projectId),
+      tokenVersion: user.tokenVersion,
+      questionId,
+      text,
+      tokens: defaultTokens ?? null,
+      encoding: fast ? encodingName(fast.model) : null,
+      createdAt,
+      promptsRoom: fast ? fast.budget - MESSAGE_OVERHEAD_TOKENS - Buffer.byteLength(text) : -1,
+    });
     assertTokenCurrent(user, row);
     if (!row?.projectId) throw new NotFound('Project');
     const { adapter, model } = this.providers.resolve(row.provider as ProviderName | null, row.model);
-    const textTokens = countTokens(text, model);
-    const window = this.config.AI_CONTEXT_TOKENS ?? contextWindow(model) ?? DEFAULT_CONTEXT_TOKENS;
-    const budget = window - this.config.AI_MAX_OUTPUT_TOKENS - REPLY_PRIMING_TOKENS;
+    const encoding = encodingName(model);
+    const textTokens = fast && encoding === encodingName(fast.model) ? defaultTokens! : countTokens(text, model);
+    const budget = this.budgetFor(model);
     const context = await buildContext({
       prompts: row.prompts,
       filesSection: (room) =>
@@ -187,6 +228,7 @@ export class ChatService {
       budget,
       countTokens: (content) => countTokens(content, model),
     });
+    // Never for a question stored by the read: what let it be stored is a stricter count of the same.
     if (!context.fits) {
       throw new ApiError(
         400,
@@ -194,7 +236,27 @@ export class ChatService {
         `The prompts and the message need ${context.requiredTokens} tokens; the budget for ${model} is ${Math.max(budget, 0)}`,
       );
     }
-    return { projectId, adapter, model, context: context.messages, text, textTokens };
+    const question: MessageRow = {
+      id: questionId,
+      projectId,
+      role: 'user',
+      content: text,
+      status: 'complete',
+      model: null,
+      promptTokens: null,
+      completionTokens: null,
+      totalTokens: null,
+      tokens: textTokens,
+      tokenEncoding: encoding,
+      createdAt,
+    };
+    return { projectId, adapter, model, context: context.messages, question, questionStored: row.questionStored };
+  }
+
+  /** The tokens a request for `model` may take: its context window less what is kept for the reply. */
+  private budgetFor(model: string): number {
+    const window = this.config.AI_CONTEXT_TOKENS ?? contextWindow(model) ?? DEFAULT_CONTEXT_TOKENS;
+    return window - this.config.AI_MAX_OUTPUT_TOKENS - REPLY_PRIMING_TOKENS;
   }
 
   /**
@@ -344,8 +406,8 @@ export class ChatService {
    * to and past it, which saves a turn one disk flush of the two.
    */
   private async storeQuestion(turn: PreparedTurn): Promise<MessageRow> {
-    const [row] = await this.insertQuestionStatement.execute(this.newRow(turn, { role: 'user', content: turn.text, status: 'complete', tokens: turn.textTokens }));
-    return row!;
+    if (!turn.questionStored) await this.insertQuestionStatement.execute(turn.question);
+    return turn.question;
   }
 
   /** Flushes the log past the question's commit with a durable commit of its own (a no-op update). */
