@@ -115,6 +115,12 @@ export type Config = Omit<Env, 'JWT_SECRET' | 'DATA_DIR'> & {
   JWT_SECRET: string;
 };
 
+/**
+ * A production JWT secret has at least this many different characters: long but repetitive ones
+ * (`xxxx…`, `changemechangeme…`) are guessed, not random. 64 random hex digits have all 16.
+ */
+const MIN_SECRET_CHARACTERS = 10;
+
 /** Thrown when the environment cannot start the service; its message is the one line to show. */
 export class ConfigError extends Error {
   override name = 'ConfigError';
@@ -139,6 +145,10 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
       throw new ConfigError('Invalid configuration: JWT_SECRET is required when NODE_ENV=production (at least 32 characters)');
     }
     secret = loadOrCreateSecret(dataDir);
+  } else if (values.NODE_ENV === 'production' && new Set(secret).size < MIN_SECRET_CHARACTERS) {
+    throw new ConfigError(
+      `Invalid configuration: JWT_SECRET must be random: at least ${MIN_SECRET_CHARACTERS} different characters (e.g. openssl rand -base64 48)`,
+    );
   }
   return { ...values, DATA_DIR: dataDir, JWT_SECRET: secret };
 }

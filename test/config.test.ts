@@ -69,7 +69,16 @@ describe('loadConfig', () => {
   it('requires a strong JWT_SECRET in production', () => {
     expect(() => loadConfig({ NODE_ENV: 'production', DATA_DIR: dataDir() })).toThrow(/JWT_SECRET is required/);
     expect(() => loadConfig({ NODE_ENV: 'production', DATA_DIR: dataDir(), JWT_SECRET: 'x'.repeat(31) })).toThrow(/JWT_SECRET/);
-    expect(loadConfig({ NODE_ENV: 'production', DATA_DIR: dataDir(), JWT_SECRET: 'x'.repeat(32) }).JWT_SECRET).toBe('x'.repeat(32));
+    // Long enough, but not random.
+    for (const weak of ['x'.repeat(32), 'changeme'.repeat(8), '0123456789'.repeat(4).slice(0, 32).replace(/9/g, '0')]) {
+      expect(() => loadConfig({ NODE_ENV: 'production', DATA_DIR: dataDir(), JWT_SECRET: weak })).toThrow(
+        /^Invalid configuration: JWT_SECRET must be random: at least 10 different characters/,
+      );
+    }
+    const hex = '0123456789abcdef'.repeat(4);
+    expect(loadConfig({ NODE_ENV: 'production', DATA_DIR: dataDir(), JWT_SECRET: hex }).JWT_SECRET).toBe(hex);
+    // Outside production a developer's placeholder still starts the service.
+    expect(loadConfig({ NODE_ENV: 'development', DATA_DIR: dataDir(), JWT_SECRET: 'x'.repeat(32) }).JWT_SECRET).toBe('x'.repeat(32));
   });
 
   it('generates a secret once outside production and keeps it under DATA_DIR, readable only by its owner', () => {
