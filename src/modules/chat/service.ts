@@ -100,7 +100,7 @@ export class ChatService {
   private readonly historyPageStatement;
   private readonly insertStatement;
   private readonly insertQuestionStatement;
-  private readonly touchStatement;
+  private readonly flushStatement;
   private readonly historyCache: HistoryCache;
   /** The model and token budget of a project that names neither provider nor model, when its provider is configured. */
   private readonly defaultTurn: { model: string; budget: number } | undefined;
@@ -179,10 +179,13 @@ export class ChatService {
     this.insertQuestionStatement = insert()
       .returning({ asyncCommit: sql`set_config('synchronous_commit', 'off', true)` })
       .prepare('chat_insert_question');
-    this.touchStatement = db
-      .update(messages)
-      .set({ status: sql`${messages.status}` })
-      .where(eq(messages.id, sql.placeholder('id')))
+    // A transaction that writes to the log commits durably by flushing the log up to its commit record,
+    // and so past every commit before it. A transactional logical message is such a write that touches
+    // no row: no dead row version per turn, as a no-op update left, and no UPDATE for readers of the
+    // change stream (logical decoding sees a message they can ignore by its prefix).
+    this.flushStatement = db
+      .select({ flushed: sql`pg_logical_emit_message(true, 'chatbot-platform.durable', '')` })
+      .from(sql`(select) as one_row`)
       .prepare('chat_make_durable');
   }
 
@@ -311,7 +314,7 @@ export class ChatService {
     const first = events.next();
     first.catch(() => undefined); // a failure is met below, when it is awaited: it must not go unhandled meanwhile
     try {
-      await this.makeDurable(userMessage);
+      await this.makeDurable();
       await observer.userMessage(toMessageDto(userMessage));
     } catch (error) {
       call.abort();
@@ -410,14 +413,14 @@ export class ChatService {
     return turn.question;
   }
 
-  /** Flushes the log past the question's commit with a durable commit of its own (a no-op update). */
-  private async makeDurable(question: MessageRow): Promise<void> {
-    await this.touchStatement.execute({ id: question.id });
+  /** Flushes the log past the question's commit with a durable commit of its own. */
+  private async makeDurable(): Promise<void> {
+    await this.flushStatement.execute();
   }
 
   /** A failure names the stored question, made durable first: naming it acknowledges it. */
   private async failure(question: MessageRow, error: ApiError): Promise<ApiError> {
-    await this.makeDurable(question);
+    await this.makeDurable();
     return naming(question, error);
   }
 
