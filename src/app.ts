@@ -99,7 +99,9 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   const providers = meterProviders(createProviders(config), metrics.recordProviderCall);
   // After the chat routes' own close, which waits for the turns in flight.
   app.addHook('onClose', () => providers.close());
-  const files = new FilesService(database.db, new LocalDiskStorage(join(config.DATA_DIR, 'files')), providers, config);
+  const storage = new LocalDiskStorage(join(config.DATA_DIR, 'files'));
+  await sweepInterruptedUploads(app, storage);
+  const files = new FilesService(database.db, storage, providers, config);
   await app.register(authRoutes, { prefix: '/api/v1/auth', auth: new AuthService(database.db, tokens, new PasswordHasher(config), files) });
   await app.register(projectRoutes, { prefix: '/api/v1/projects', projects: new ProjectsService(database.db, files) });
   await app.register(promptRoutes, { prefix: '/api/v1/projects/:projectId/prompts', prompts: new PromptsService(database.db) });
@@ -125,4 +127,17 @@ async function openMigratedDatabase(config: Config): Promise<Database> {
     throw error;
   }
   return database;
+}
+
+/** An upload older than this is no longer being written: its temporary is a crash's leftover. */
+const INTERRUPTED_UPLOAD_MS = 24 * 60 * 60 * 1000;
+
+/** Removes the temporaries of uploads cut off by a crash; never stops the start over it. */
+async function sweepInterruptedUploads(app: FastifyInstance, storage: LocalDiskStorage): Promise<void> {
+  try {
+    const removed = await storage.sweepStaging(INTERRUPTED_UPLOAD_MS);
+    if (removed) app.log.warn({ removed }, 'removed the temporary files of interrupted uploads');
+  } catch (error) {
+    app.log.warn({ err: error }, 'could not sweep the temporary files of interrupted uploads');
+  }
 }

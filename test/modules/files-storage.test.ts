@@ -1,8 +1,9 @@
-import { mkdtempSync, readdirSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { LocalDiskStorage } from '../../src/modules/files/storage.js';
+import { startTestApp } from '../support/app.js';
 
 describe('local disk storage', () => {
   it('leaves nothing behind when the source fails, even before its first byte', async () => {
@@ -19,5 +20,38 @@ describe('local disk storage', () => {
     await Promise.all(failures);
     expect(readdirSync(join(root, 'tmp'))).toEqual([]);
     expect(readdirSync(root)).toEqual(['tmp']);
+  });
+
+  it('sweeps the temporaries older than it is told, and keeps the younger ones and everything stored', async () => {
+    const root = mkdtempSync(join(tmpdir(), 'storage-test-'));
+    const storage = new LocalDiskStorage(root);
+    expect(await storage.sweepStaging(60_000)).toBe(0); // no staging folder yet
+    await storage.put('project/kept', (async function* () {
+      yield new TextEncoder().encode('stored');
+    })());
+    const dayAgo = (Date.now() - 25 * 60 * 60 * 1000) / 1000;
+    for (const name of ['left-by-a-crash', 'also-left']) {
+      writeFileSync(join(root, 'tmp', name), 'partial');
+      utimesSync(join(root, 'tmp', name), dayAgo, dayAgo);
+    }
+    writeFileSync(join(root, 'tmp', 'being-written'), 'partial');
+    expect(await storage.sweepStaging(24 * 60 * 60 * 1000)).toBe(2);
+    expect(readdirSync(join(root, 'tmp'))).toEqual(['being-written']);
+    expect(readdirSync(join(root, 'project'))).toEqual(['kept']);
+  });
+
+  it('is swept when the app starts', async () => {
+    const dataDir = mkdtempSync(join(tmpdir(), 'storage-test-'));
+    mkdirSync(join(dataDir, 'files', 'tmp'), { recursive: true });
+    const leftover = join(dataDir, 'files', 'tmp', 'left-by-a-crash');
+    writeFileSync(leftover, 'partial');
+    const dayAgo = (Date.now() - 25 * 60 * 60 * 1000) / 1000;
+    utimesSync(leftover, dayAgo, dayAgo);
+    const t = await startTestApp({ DATA_DIR: dataDir });
+    try {
+      expect(readdirSync(join(dataDir, 'files', 'tmp'))).toEqual([]);
+    } finally {
+      await t.close();
+    }
   });
 });

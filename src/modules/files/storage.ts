@@ -1,5 +1,5 @@
 import { createHash, randomUUID } from 'node:crypto';
-import { mkdir, open, rename, rm } from 'node:fs/promises';
+import { mkdir, open, readdir, rename, rm, stat } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -81,6 +81,28 @@ export class LocalDiskStorage implements FileStorage {
       throw error;
     }
     return { size, sha256: hash.digest('hex'), url: pathToFileURL(target).href };
+  }
+
+  /**
+   * Removes the temporaries in the staging folder last written more than `olderThanMs` ago: what writes
+   * of a process that died mid-way left there. Younger ones may be writes in progress of another
+   * instance sharing the folder. Resolves with how many were removed.
+   */
+  async sweepStaging(olderThanMs: number): Promise<number> {
+    const names = await readdir(this.staging).catch((error: NodeJS.ErrnoException) => {
+      if (error.code === 'ENOENT') return [];
+      throw error;
+    });
+    const before = Date.now() - olderThanMs;
+    let removed = 0;
+    for (const name of names) {
+      const path = join(this.staging, name);
+      const stats = await stat(path).catch(() => undefined); // gone meanwhile: renamed into place or removed
+      if (!stats?.isFile() || stats.mtimeMs >= before) continue;
+      await rm(path, { force: true });
+      removed++;
+    }
+    return removed;
   }
 
   async open(key: string): Promise<Readable> {
