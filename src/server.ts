@@ -5,6 +5,8 @@ import { DatabaseLockedError } from './db/database.js';
 
 /** While shutting down, how often connections that have become idle are closed. */
 const IDLE_CONNECTION_REAP_MS = 100;
+/** Past the shutdown bound, how long the rest of closing (the database's connections) may take before the process exits anyway. */
+const CLOSE_GRACE_MS = 5_000;
 
 async function main(): Promise<void> {
   let config: Config;
@@ -30,6 +32,11 @@ async function main(): Promise<void> {
     const force = setTimeout(() => {
       app.log.warn('shutdown bound reached: closing remaining connections');
       app.server.closeAllConnections();
+      // A database that stopped answering holds its connections, and the pool's end, for ever.
+      setTimeout(() => {
+        app.log.error('shutdown could not finish closing in time: exiting anyway');
+        process.exit(1);
+      }, CLOSE_GRACE_MS).unref();
     }, config.SHUTDOWN_TIMEOUT_MS);
     force.unref();
     // Node closes idle keep-alive connections once, when the server stops listening. One whose response

@@ -1,3 +1,4 @@
+import { createServer, type Server, type Socket, connect } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { createTestDatabase, type TestDatabase } from './support/database.js';
 import { spawnServer, waitUntilServing } from './support/server-process.js';
@@ -82,4 +83,72 @@ describe('graceful shutdown', () => {
       expect(await again.exited).toBe(0);
     }
   });
+
+  it.skipIf(!process.env.TEST_DATABASE_URL)('exits 1 shortly after the bound when the database stops answering while it closes', async () => {
+    const database = new URL(testDb!.url!);
+    const proxy = await HangingProxy.start(database.hostname, Number(database.port || 5432));
+    database.host = `127.0.0.1:${proxy.port}`;
+    const server = await spawnServer({ BCRYPT_ROUNDS: '4', SHUTDOWN_TIMEOUT_MS: '1000', DATABASE_URL: database.href });
+    try {
+      await waitUntilServing(server);
+      proxy.hang();
+      // Its insert never comes back: the request, then the pool's end, wait for ever.
+      const stuck = fetch(`${server.url}/api/v1/auth/register`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ email: 'stuck@example.com', password: 'password-1', name: 'Stuck' }),
+      }).catch(() => 'cut');
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      const signalled = Date.now();
+      server.child.kill('SIGTERM');
+      expect(await server.exited).toBe(1);
+      expect(Date.now() - signalled).toBeLessThan(30_000);
+      expect(await stuck).toBe('cut');
+      expect(server.output()).toContain('exiting anyway');
+    } finally {
+      server.child.kill('SIGKILL');
+      await proxy.close();
+    }
+  });
 });
+
+/** A TCP proxy whose peer, once `hang()` is called, stops answering without closing anything. */
+class HangingProxy {
+  private hung = false;
+  private readonly sockets = new Set<Socket>();
+
+  private constructor(private readonly server: Server) {}
+
+  static async start(host: string, port: number): Promise<HangingProxy> {
+    const server = createServer();
+    const proxy = new HangingProxy(server);
+    server.on('connection', (client) => {
+      const upstream = connect(port, host);
+      for (const socket of [client, upstream]) {
+        proxy.sockets.add(socket);
+        socket.on('error', () => socket.destroy());
+        socket.on('close', () => proxy.sockets.delete(socket));
+      }
+      client.on('data', (bytes) => proxy.hung || upstream.write(bytes));
+      upstream.on('data', (bytes) => proxy.hung || client.write(bytes));
+      client.on('close', () => upstream.destroy());
+      upstream.on('close', () => client.destroy());
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    return proxy;
+  }
+
+  get port(): number {
+    return (this.server.address() as { port: number }).port;
+  }
+
+  /** From now on every byte either way is dropped: queries sent are never answered. */
+  hang(): void {
+    this.hung = true;
+  }
+
+  async close(): Promise<void> {
+    for (const socket of this.sockets) socket.destroy();
+    await new Promise((resolve) => this.server.close(resolve));
+  }
+}
