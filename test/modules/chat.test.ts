@@ -135,6 +135,17 @@ describe('the question stored with the read', () => {
     expect(fake.requests).toHaveLength(0);
   });
 
+  it('answers with the question as stored: a lone surrogate as U+FFFD, the project id as the database has it', async () => {
+    const projectId = await newProject();
+    for (const headers of [{}, { 'idempotency-key': `key-${uuidv7()}` }]) {
+      const answered = await chat(projectId.toUpperCase(), { message: 'x\udfffy' }, headers);
+      expect(answered.statusCode).toBe(200);
+      const { userMessage, assistantMessage } = answered.json();
+      expect([userMessage.content, userMessage.projectId, assistantMessage.projectId]).toEqual(['x\ufffdy', projectId, projectId]);
+    }
+    expect((await stored(projectId)).filter((row) => row.role === 'user').map((row) => row.content)).toEqual(['x\ufffdy', 'x\ufffdy']);
+  });
+
   it("checks a project's own model first: its encoding for the question, its window for the budget", async () => {
     const projectId = await newProject(user, { model: 'gpt-4' }); // cl100k_base, 8,192 tokens
     expectProblem(await chat(projectId, { message: 'word '.repeat(9_000) }), 400, 'CONTEXT_TOO_LONG');

@@ -24,6 +24,9 @@ import { buildContext, type HistoryMessage } from './context.js';
 import { HistoryCache, type StoredHistoryMessage } from './history-cache.js';
 import type { ChatResult } from './schemas.js';
 
+/** A UTF-16 surrogate without its other half (what `String.prototype.toWellFormed`, ES2024, replaces). */
+const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g;
+
 /** Models we know nothing about get this context window, as the contract says. */
 const DEFAULT_CONTEXT_TOKENS = 16_000;
 /**
@@ -196,7 +199,9 @@ export class ChatService {
    * is `tokenCheckedByHandler`. With `storeEarly`, when nothing else may refuse the turn after this, the
    * same statement stores the question where that cannot be one of these refusals (a round trip less).
    */
-  async prepare(user: AuthUser, projectId: string, text: string, { storeEarly }: { storeEarly: boolean }): Promise<PreparedTurn> {
+  async prepare(user: AuthUser, projectId: string, message: string, { storeEarly }: { storeEarly: boolean }): Promise<PreparedTurn> {
+    // The question as stored and read back: UTF-8 has no lone surrogates, which become U+FFFD on the way.
+    const text = message.replace(LONE_SURROGATE, '\ufffd');
     const fast = storeEarly ? this.defaultTurn : undefined;
     const questionId = uuidv7();
     const createdAt = new Date();
@@ -241,7 +246,7 @@ export class ChatService {
     }
     const question: MessageRow = {
       id: questionId,
-      projectId,
+      projectId: row.projectId, // as stored: the path's may be in capitals
       role: 'user',
       content: text,
       status: 'complete',
