@@ -137,7 +137,7 @@ describe('the question stored with the read', () => {
 
   it('answers with the question as stored: a lone surrogate as U+FFFD, the project id as the database has it', async () => {
     const projectId = await newProject();
-    for (const headers of [{}, { 'idempotency-key': `key-${uuidv7()}` }]) {
+    for (const headers of [{}, { 'idempotency-key': `key-${uuidv7()}` }] as Record<string, string>[]) {
       const answered = await chat(projectId.toUpperCase(), { message: 'x\udfffy' }, headers);
       expect(answered.statusCode).toBe(200);
       const { userMessage, assistantMessage } = answered.json();
