@@ -255,10 +255,7 @@ function chatBody(request: ChatRequest, stream: boolean): Buffer {
     max_tokens: request.maxOutputTokens,
     ...(stream && { stream: true, stream_options: { include_usage: true } }),
   };
-  const messages = messagesWire(request.messages);
-  // Each message comes after the comma that separates it from the one before: the first one's is left out.
-  if (messages.length) messages[0] = messages[0]!.subarray(1);
-  return Buffer.concat([encoder.encode(`${JSON.stringify(fields).slice(0, -1)},"messages":[`), ...messages, END]);
+  return Buffer.concat([encoder.encode(`${JSON.stringify(fields).slice(0, -1)},"messages":[`), ...messagesWire(request.messages), END]);
 }
 
 /** How long to wait before retrying after `error`, or undefined when retrying cannot help. */

@@ -20,9 +20,8 @@ const encoder = new TextEncoder();
 const blocks = new WeakMap<ChatMessage, Block>();
 
 /**
- * The JSON of `messages` as the chat completions API takes them, as parts to join in order, each
- * message after a comma (the caller drops the first one). Messages must not change once given here:
- * their bytes are kept with them.
+ * The JSON of `messages` as the chat completions API takes them, comma-separated, as parts to join in
+ * order. Messages must not change once given here: their bytes are kept with them.
  */
 export function messagesWire(messages: readonly ChatMessage[]): Uint8Array[] {
   const parts: Uint8Array[] = [];
@@ -52,6 +51,8 @@ export function messagesWire(messages: readonly ChatMessage[]): Uint8Array[] {
     }
   }
   endLoose();
+  // Each message's JSON follows the comma that separates it from the one before: the first has none.
+  if (parts.length) parts[0] = parts[0]!.subarray(1);
   return parts;
 }
 

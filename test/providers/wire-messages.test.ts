@@ -3,10 +3,9 @@ import { describe, expect, it } from 'vitest';
 import type { ChatMessage } from '../../src/providers/types.js';
 import { messagesWire } from '../../src/providers/wire-messages.js';
 
-/** The messages as the body carries them: the joined parts, their first comma dropped, as a JSON array. */
+/** The messages as the body carries them: the joined parts, as a JSON array. */
 function sent(messages: ChatMessage[]): unknown {
-  const joined = Buffer.concat(messagesWire(messages)).toString('utf8');
-  return JSON.parse(`[${joined.slice(1)}]`);
+  return JSON.parse(`[${Buffer.concat(messagesWire(messages)).toString('utf8')}]`);
 }
 
 /** What the chat completions API takes for each message. */

@@ -106,7 +106,7 @@ export class ChatService {
   private readonly flushStatement;
   private readonly historyCache: HistoryCache;
   /** The model and token budget of a project that names neither provider nor model, when its provider is configured. */
-  private readonly defaultTurn: { model: string; budget: number } | undefined;
+  private readonly defaultTurn: { model: string; encoding: string; budget: number } | undefined;
 
   constructor(
     db: Db,
@@ -116,7 +116,8 @@ export class ChatService {
   ) {
     this.historyCache = new HistoryCache(config.HISTORY_CACHE_MB * 1024 * 1024);
     const { defaultModel } = providers;
-    this.defaultTurn = defaultModel === undefined ? undefined : { model: defaultModel, budget: this.budgetFor(defaultModel) };
+    this.defaultTurn =
+      defaultModel === undefined ? undefined : { model: defaultModel, encoding: encodingName(defaultModel), budget: this.budgetFor(defaultModel) };
     // The question, stored by the turn's read itself when nothing can refuse the turn then: the caller's
     // token is current, the project is theirs and chats with the server's default provider (configured)
     // and model, and its prompts and the question fit that model's budget even counted a token a byte
@@ -213,15 +214,17 @@ export class ChatService {
       questionId,
       text,
       tokens: defaultTokens ?? null,
-      encoding: fast ? encodingName(fast.model) : null,
+      encoding: fast?.encoding ?? null,
       createdAt,
       promptsRoom: fast ? fast.budget - MESSAGE_OVERHEAD_TOKENS - Buffer.byteLength(text) : -1,
     });
     assertTokenCurrent(user, row);
     if (!row?.projectId) throw new NotFound('Project');
+    // As stored from here on: the path's may be in capitals.
+    const ownedId = row.projectId;
     const { adapter, model } = this.providers.resolve(row.provider as ProviderName | null, row.model);
     const encoding = encodingName(model);
-    const textTokens = fast && encoding === encodingName(fast.model) ? defaultTokens! : countTokens(text, model);
+    const textTokens = fast && encoding === fast.encoding ? defaultTokens! : countTokens(text, model);
     const budget = this.budgetFor(model);
     const context = await buildContext({
       prompts: row.prompts,
@@ -231,7 +234,7 @@ export class ChatService {
           countText: (content) => countTokens(content, model),
           providerReadsFiles: adapter.supportsFiles,
         }),
-      history: (room) => this.newestHistory(projectId, row.history, model, room),
+      history: (room) => this.newestHistory(ownedId, row.history, model, room),
       newMessage: { content: text, tokens: textTokens },
       budget,
       countTokens: (content) => countTokens(content, model),
@@ -244,21 +247,8 @@ export class ChatService {
         `The prompts and the message need ${context.requiredTokens} tokens; the budget for ${model} is ${Math.max(budget, 0)}`,
       );
     }
-    const question: MessageRow = {
-      id: questionId,
-      projectId: row.projectId, // as stored: the path's may be in capitals
-      role: 'user',
-      content: text,
-      status: 'complete',
-      model: null,
-      promptTokens: null,
-      completionTokens: null,
-      totalTokens: null,
-      tokens: textTokens,
-      tokenEncoding: encoding,
-      createdAt,
-    };
-    return { projectId, adapter, model, context: context.messages, question, questionStored: row.questionStored };
+    const question = messageRow(ownedId, model, { role: 'user', content: text, status: 'complete', tokens: textTokens }, questionId, createdAt);
+    return { projectId: ownedId, adapter, model, context: context.messages, question, questionStored: row.questionStored };
   }
 
   /** The tokens a request for `model` may take: its context window less what is kept for the reply. */
@@ -444,23 +434,24 @@ export class ChatService {
   }
 
   private async store(turn: PreparedTurn, message: NewMessage): Promise<MessageRow> {
-    const [row] = await this.insertStatement.execute(this.newRow(turn, message));
+    const [row] = await this.insertStatement.execute(messageRow(turn.projectId, turn.model, message));
     return row!;
   }
+}
 
-  private newRow(turn: PreparedTurn, message: NewMessage) {
-    return {
-      model: null,
-      promptTokens: null,
-      completionTokens: null,
-      totalTokens: null,
-      ...message,
-      id: uuidv7(),
-      projectId: turn.projectId,
-      tokenEncoding: encodingName(turn.model),
-      createdAt: new Date(),
-    };
-  }
+/** A message of the project as it is stored: the fields given, null for the others, its tokens in the model's encoding. */
+function messageRow(projectId: string, model: string, message: NewMessage, id = uuidv7(), createdAt = new Date()): MessageRow {
+  return {
+    model: null,
+    promptTokens: null,
+    completionTokens: null,
+    totalTokens: null,
+    ...message,
+    id,
+    projectId,
+    tokenEncoding: encodingName(model),
+    createdAt,
+  };
 }
 
 /** The provider error a failed call answers with: the deadline's own, or what the adapter threw. */
