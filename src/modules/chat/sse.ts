@@ -28,7 +28,9 @@ export class EventStream {
       // Reverse proxies (nginx) must pass events through as they come.
       'x-accel-buffering': 'no',
     });
-    this.raw.flushHeaders();
+    // Not flushed on their own: they leave with the first event. Node's http holds what is written
+    // until the next tick and sends it in one write, so the headers, `user_message` and a first delta
+    // already there (the writes of one run of promise continuations) are one system call, not three.
     this.heartbeat = setInterval(() => this.write(': ping\n\n'), this.heartbeatMs);
     this.heartbeat.unref();
     this.raw.once('close', () => clearInterval(this.heartbeat));
