@@ -1,9 +1,9 @@
 import { eq, sql } from 'drizzle-orm';
 import { createSigner, createVerifier } from 'fast-jwt';
-import type { FastifyInstance, FastifyRequest } from 'fastify';
+import type { FastifyError, FastifyInstance, FastifyRequest } from 'fastify';
 import type { Db } from '../db/database.js';
 import { users } from '../db/schema.js';
-import { Unauthorized } from './errors.js';
+import { toProblem, Unauthorized } from './errors.js';
 import { isUuid } from './ids.js';
 import type { RateLimits } from './rate-limit.js';
 
@@ -24,9 +24,10 @@ declare module 'fastify' {
     /**
      * The handler's own first statement reads the user's row and passes it to `assertTokenCurrent`, so
      * that a hot route (chat, reading a project) makes one round trip where it would make two. Until
-     * then only the token's signature and claims are checked: a request whose parameters or body are
-     * invalid is answered 4xx without the row. `test/modules/isolation.test.ts` sends a revoked token to
-     * every route.
+     * then only the token's signature and claims are checked; a request refused before that (invalid
+     * parameters or body, a rate limit) has its token checked against the row before it is answered, so
+     * that a revoked token gets 401 whatever it sends. `test/modules/auth.test.ts` sends a revoked token
+     * to every route.
      */
     tokenCheckedByHandler?: boolean;
   }
@@ -111,12 +112,25 @@ export function registerAuthentication(app: FastifyInstance, db: Db, tokens: Tok
     }
     await limits.countUser(request);
   };
+  // A route that checks the token in its own statement answers a client error (4xx), its own or one
+  // raised before its handler ran, only once the token is known to be current: a token that no longer
+  // is gets 401, not a hint about its request. One lookup more, on refusals only. What this handler
+  // throws, the app's answers: the refusal itself, 401, or the database's failure (503).
+  const checkTokenBeforeRefusing = async (error: FastifyError, request: FastifyRequest): Promise<never> => {
+    const { status } = toProblem(error, request);
+    if (request.user && status >= 400 && status < 500 && status !== 401) {
+      const [row] = await userRow.execute({ id: request.user.id });
+      assertTokenCurrent(request.user, row);
+    }
+    throw error;
+  };
   // A hook of each route that needs a token, not of the app: the public ones (health probes, docs,
   // metrics, sign-up and login) do not pay for an async hook on every request. Route hooks run after
   // the app's, as this one did registered last.
   app.addHook('onRoute', (route) => {
     if (route.config?.public) return;
     route.onRequest = [...[route.onRequest ?? []].flat(), authenticate];
+    if (route.config?.tokenCheckedByHandler) route.errorHandler = checkTokenBeforeRefusing;
   });
 }
 

@@ -275,15 +275,12 @@ describe('profile, password change and account deletion', () => {
 });
 
 describe('a revoked token on every route', () => {
-  /** Bodies a route would accept, for routes that check the token only in their own statement (after validation). */
-  const validBodies: Record<string, object> = { 'POST /api/v1/projects/{projectId}/chat': { message: 'Still let in?' } };
-
   async function everyRow() {
     const { db } = t.testDb.database;
     return Promise.all([projects, prompts, messages, files, users].map((table) => db.select().from(table)));
   }
 
-  it('is refused with 401 by every authenticated route, its own resources included, and changes nothing', async () => {
+  it('is refused with 401 by every authenticated route, its own resources included and whatever the body, and changes nothing', async () => {
     const doc = (await t.app.inject({ method: 'GET', url: '/openapi.json' })).json() as {
       paths: Record<string, Record<string, { security?: unknown[] }>>;
     };
@@ -311,7 +308,8 @@ describe('a revoked token on every route', () => {
         const key = `${method.toUpperCase()} ${template}`;
         for (const owner of [revoked, gone]) {
           const url = template.replace(/\{(\w+)\}/g, (_, name: string) => ids[owner.id]![name]!);
-          const response = await t.app.inject({ method: method.toUpperCase() as 'GET', url, headers: owner.auth, payload: validBodies[key] ?? {} });
+          // An empty body, which the routes that take one refuse: the token is what is answered.
+          const response = await t.app.inject({ method: method.toUpperCase() as 'GET', url, headers: owner.auth, payload: {} });
           expect({ route: key, status: response.statusCode }).toEqual({ route: key, status: 401 });
           expectProblem(response, 401, 'UNAUTHORIZED');
           checked++;
@@ -320,5 +318,26 @@ describe('a revoked token on every route', () => {
     }
     expect(checked).toBeGreaterThanOrEqual(2 * 20);
     expect(await everyRow()).toEqual(before);
+  });
+
+  it('is refused with 401 where a current token is refused otherwise (a malformed id, an invalid body, a rate limit)', async () => {
+    const limited = await startTestApp({ RATE_LIMIT_CHAT: '1' });
+    try {
+      const user = await registerUser(limited.app);
+      const project = await createProject(limited.app, user);
+      const requests = [
+        { method: 'GET', url: '/api/v1/projects/not-an-id' },
+        { method: 'POST', url: `/api/v1/projects/${project.id}/chat`, payload: { message: '' } },
+        { method: 'POST', url: `/api/v1/projects/${project.id}/chat`, payload: { stream: 'yes' } },
+      ] as const;
+      const send = (request: (typeof requests)[number]) => limited.app.inject({ ...request, headers: user.auth });
+      expectProblem(await send(requests[0]), 404, 'NOT_FOUND');
+      expectProblem(await send(requests[1]), 400, 'VALIDATION_ERROR'); // the chat limit's one request
+      expectProblem(await send(requests[2]), 429, 'RATE_LIMITED');
+      await revokeTokens(limited.app, user);
+      for (const request of requests) expectProblem(await send(request), 401, 'UNAUTHORIZED');
+    } finally {
+      await limited.close();
+    }
   });
 });
