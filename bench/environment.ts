@@ -60,6 +60,7 @@ export interface Bench {
   readonly benchCpu: CpuMeter;
   /** The baselines and the peer start on first use. */
   bareHttp(): Promise<RunningServer>;
+  bareFastify(): Promise<RunningServer>;
   fastifyPg(): Promise<RunningServer>;
   gateway(): Promise<RunningServer>;
   /**
@@ -127,6 +128,11 @@ async function start(options: BenchOptions, stack: Stack): Promise<Bench> {
   if (pinned) execFileSync('taskset', ['-a', '-p', '-c', HARNESS_CPU, String(process.pid)], { stdio: 'ignore' });
   const serverCpus = pinned ? SERVER_CPU : undefined;
   const harnessCpus = pinned ? HARNESS_CPU : undefined;
+  /** A baseline of figure 1 (`bench/baselines/<name>.ts`), which answers GET /health/live. */
+  const startBaseline = async (name: string) => {
+    const port = await freePort();
+    return running(await startServer(name, { script: `bench/baselines/${name}.ts`, port, env: { PORT: String(port) }, cpus: serverCpus }));
+  };
 
   const dataDir = mkdtempSync(join(tmpdir(), 'chatbot-bench-'));
   stack.push(() => rmSync(dataDir, { recursive: true, force: true }));
@@ -196,10 +202,8 @@ async function start(options: BenchOptions, stack: Stack): Promise<Bench> {
     fake: fakeControl,
     databaseCpu,
     benchCpu: () => ownCpu() + [...started].reduce((sum, pid) => sum + cpuSeconds(pid), 0) + (databaseCpu.database?.() ?? 0),
-    bareHttp: lazily(async () => {
-      const port = await freePort();
-      return running(await startServer('bare-http', { script: 'bench/baselines/bare-http.ts', port, env: { PORT: String(port) }, cpus: serverCpus }));
-    }),
+    bareHttp: lazily(() => startBaseline('bare-http')),
+    bareFastify: lazily(() => startBaseline('bare-fastify')),
     fastifyPg: lazily(async () => {
       const port = await freePort();
       const env = { PORT: String(port), OWNER_ID: seeded.userId, ...(databaseUrl ? { DATABASE_URL: databaseUrl } : { PGLITE_DIR: baselineCopy }) };

@@ -1,0 +1,190 @@
+import { once } from 'node:events';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { createServer, type Server } from 'node:http';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { afterEach, describe, expect, it } from 'vitest';
+import { alternate } from '../../bench/alternate.js';
+import { addedLatencyRow, failedRow, passes, ratioOf, type Row } from '../../bench/figure.js';
+import { deltaGaps, firstDeltas, HttpClient, OPENAI_CHUNKS, OUR_EVENTS } from '../../bench/http-client.js';
+import { describeMachine, writeReport } from '../../bench/report.js';
+import { percentile, round, summarize } from '../../bench/stats.js';
+
+// The benchmarks judge their own figures: what they count and how they judge is tested here, so that
+// a pass in the README's table means what it says. Timings themselves are never asserted.
+
+const row = (ours: number, baseline: number | undefined, target: Row['target']): Row => ({
+  figure: 1,
+  measure: 'm',
+  unit: 'req/s',
+  ours,
+  ...(baseline === undefined ? {} : { baseline: { name: 'b', value: baseline } }),
+  target,
+});
+
+describe('percentiles and summaries', () => {
+  it('takes the nearest rank of an ascending array', () => {
+    const hundred = Array.from({ length: 100 }, (_, i) => i + 1);
+    expect(percentile(hundred, 50)).toBe(50);
+    expect(percentile(hundred, 99)).toBe(99);
+    expect(percentile(hundred, 100)).toBe(100);
+    expect(percentile([7], 99)).toBe(7);
+    expect(percentile([], 50)).toBeNaN();
+  });
+
+  it('summarizes samples in any order', () => {
+    const summary = summarize([5, 1, 4, 2, 3]);
+    expect(summary).toEqual({ n: 5, p50: 3, p90: 5, p99: 5, max: 5, mean: 3 });
+  });
+
+  it('rounds to three significant digits and at most two decimals', () => {
+    expect(round(52286.4)).toBe(52286);
+    expect(round(2.5349)).toBe(2.53);
+    expect(round(0.06712)).toBe(0.07);
+    expect(round(-0.0712)).toBe(-0.07);
+  });
+});
+
+describe('judging a row', () => {
+  it('holds a ratio to its bound, at the bound included', () => {
+    const atLeast = { on: 'ratio', atLeast: 0.9 } as const;
+    expect(passes(row(90, 100, atLeast))).toBe(true);
+    expect(passes(row(89.9, 100, atLeast))).toBe(false);
+    const atMost = { on: 'ratio', atMost: 2 } as const;
+    expect(passes(row(2, 1, atMost))).toBe(true);
+    expect(passes(row(2.01, 1, atMost))).toBe(false);
+  });
+
+  it('holds a value to its bound, whatever the baseline', () => {
+    const target = { on: 'value', atMost: 2 } as const;
+    expect(passes(row(1.99, 0.5, target))).toBe(true);
+    expect(passes(row(2.01, 100, target))).toBe(false);
+  });
+
+  it('counts what cannot be judged as a miss, and a row without a target as reported', () => {
+    expect(passes(row(1, undefined, { on: 'ratio', atLeast: 0.9 }))).toBe(false);
+    expect(passes(row(1, 0, { on: 'ratio', atLeast: 0.9 }))).toBe(false);
+    expect(ratioOf(row(1, 0, undefined))).toBeUndefined();
+    expect(passes(row(1, 1, undefined))).toBeUndefined();
+    const failed = failedRow({ number: 4, title: 'Chat throughput', run: async () => [] }, new Error('service exited'));
+    expect(passes(failed)).toBe(false);
+    expect(failed.notes).toContain('service exited');
+  });
+
+  it('reports added latency as ours less the direct call, at the same percentile', () => {
+    const through = summarize([3, 4, 5, 6, 20]);
+    const direct = summarize([1, 1, 2, 2, 9]);
+    const added = addedLatencyRow({ figure: 3, measure: 'added', at: 'p50', through, direct, directName: 'direct', atMostMs: 3 });
+    expect(added.ours).toBe(3);
+    expect(added.baseline).toEqual({ name: 'direct, p50', value: 2 });
+    expect(passes(added)).toBe(true);
+    const tail = addedLatencyRow({ figure: 3, measure: 'added', at: 'p99', through, direct, directName: 'direct', atMostMs: 10 });
+    expect(tail.ours).toBe(11);
+    expect(passes(tail)).toBe(false);
+  });
+});
+
+describe('the report', () => {
+  const dirs: string[] = [];
+  afterEach(() => dirs.splice(0).forEach((dir) => rmSync(dir, { recursive: true, force: true })));
+
+  it('writes a miss as a miss, in the table and in the JSON', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'bench-report-'));
+    dirs.push(dir);
+    const rows = [row(52_286, 78_232, { on: 'ratio', atLeast: 0.9 }), row(6_340, 4_906, { on: 'ratio', atLeast: 0.8 })];
+    const report = {
+      startedAt: 'start',
+      finishedAt: 'end',
+      revision: 'abc1234',
+      machine: describeMachine(),
+      database: 'postgres' as const,
+      pinning: 'none',
+      rows,
+      background: [{ figure: 1, othersCpu: 0.02, loadAverage: 1.5 }],
+      roundTrips: [],
+    };
+    writeReport(report, join(dir, 'results.json'), join(dir, 'results.md'));
+    const table = readFileSync(join(dir, 'results.md'), 'utf8').split('\n');
+    expect(table.find((line) => line.startsWith('| 1 | m (req/s) | 52286 |'))).toContain('| 0.67 | ratio ≥ 0.9 | **MISS** |');
+    expect(table.find((line) => line.startsWith('| 1 | m (req/s) | 6340 |'))).toContain('| 1.29 | ratio ≥ 0.8 | **pass** |');
+    const json = JSON.parse(readFileSync(join(dir, 'results.json'), 'utf8')) as { rows: { pass: boolean }[] };
+    expect(json.rows.map((judged) => judged.pass)).toEqual([false, true]);
+  });
+});
+
+describe('alternating sides', () => {
+  it('rotates which side goes first each round and drops the warm-up rounds', async () => {
+    const order: string[] = [];
+    let round = 0;
+    const results = await alternate(
+      3,
+      { a: async () => (order.push('a'), round), b: async () => (order.push('b'), round) },
+      { warmupRounds: 1, beforeRound: async () => round++ },
+    );
+    expect(order.join('')).toBe('abbaabba');
+    expect(results).toEqual({ a: [2, 3, 4], b: [2, 3, 4] });
+  });
+});
+
+describe('timing a stream', () => {
+  let server: Server | undefined;
+  afterEach(async () => {
+    server?.closeAllConnections();
+    server?.close();
+  });
+
+  /** Serves one stream: each entry is written on its own, `pauseMs` after the one before. */
+  async function serve(writes: string[], pauseMs: number): Promise<string> {
+    server = createServer(async (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      for (const write of writes) {
+        res.write(write);
+        await sleep(pauseMs);
+      }
+      res.end();
+    });
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    return `http://127.0.0.1:${(server.address() as { port: number }).port}`;
+  }
+
+  it('counts our deltas and done, when an event is split across writes', async () => {
+    const origin = await serve(
+      ['id: 1\nevent: user_message\ndata: {}\n\n', 'id: 2\nevent: delta\nda', 'ta: {"content":"a"}\n\nid: 3\nevent: delta\ndata: {"content":"b"}\n\n', 'event: done\ndata: {}\n\n'],
+      20,
+    );
+    const client = new HttpClient(origin);
+    const timing = await client.stream('/', '{}', OUR_EVENTS);
+    client.close();
+    expect(timing).toMatchObject({ status: 200, done: true });
+    expect(timing.error).toBeUndefined();
+    expect(timing.deltaMs).toHaveLength(2);
+    // The first event came a write before the first delta: the delta is timed when it is whole.
+    expect(timing.deltaMs[0]!).toBeGreaterThan(timing.firstEventMs);
+    expect(firstDeltas([timing])).toEqual([timing.deltaMs[0]]);
+    // Both deltas completed in one write: one gap, of nothing.
+    expect(deltaGaps([timing])).toEqual([0]);
+  });
+
+  it('counts OpenAI chunks with content as deltas, and [DONE] as the end', async () => {
+    const chunk = (content: string) => `data: ${JSON.stringify({ choices: [{ delta: { content } }] })}\n\n`;
+    const origin = await serve([chunk(''), chunk('a'), chunk('b'), 'data: [DONE]\n\n'], 5);
+    const client = new HttpClient(origin);
+    const timing = await client.stream('/', '{}', OPENAI_CHUNKS);
+    client.close();
+    expect(timing.deltaMs).toHaveLength(2);
+    expect(timing.done).toBe(true);
+    expect(deltaGaps([timing])[0]).toBeGreaterThan(0);
+  });
+
+  it('says a stream failed when the status is not 200', async () => {
+    server = createServer((_req, res) => res.writeHead(503).end());
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const client = new HttpClient(`http://127.0.0.1:${(server.address() as { port: number }).port}`);
+    const timing = await client.stream('/', '{}', OUR_EVENTS);
+    client.close();
+    expect(timing).toMatchObject({ status: 503, error: 'status 503', done: false });
+  });
+});
