@@ -109,7 +109,7 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   await app.register(fileRoutes, { prefix: '/api/v1/projects/:projectId/files', files, maxBytes: config.FILE_MAX_BYTES });
   await app.register(chatRoutes, {
     prefix: '/api/v1/projects/:projectId',
-    chat: new ChatService(database.db, providers, files, config),
+    chat: new ChatService(database, providers, files, config),
     // A key still marked running after the longest possible chat belongs to an instance that died.
     idempotency: new IdempotencyStore<ChatResult>(database.db, 2 * config.AI_TIMEOUT_MS),
     shutdownTimeoutMs: config.SHUTDOWN_TIMEOUT_MS,

@@ -22,6 +22,18 @@ export interface Database {
   close(): Promise<void>;
   /** Connections of the PostgreSQL pool, for metrics; embedded PGlite has no pool. */
   readonly poolStats?: () => PoolStats;
+  /**
+   * One connection, held until released: what is sent on its `db` runs in the order sent, each
+   * statement leaving the moment the one before is answered, with no round trip through the caller in
+   * between. Embedded PGlite has one connection, and lends it as it is.
+   */
+  hold(): Promise<HeldConnection>;
+}
+
+export interface HeldConnection {
+  readonly db: Db;
+  /** Hands the connection back; with an error (it may be broken), it is closed instead. */
+  release(error?: Error): void;
 }
 
 export interface PoolStats {
@@ -58,9 +70,17 @@ export function openPostgres(url: string, options: PostgresOptions = {}): Databa
   // the pool drops it and the next query opens a new one.
   pool.on('error', () => {});
   const db = drizzlePg(pool, { schema }) as unknown as Db;
+  // The pool keeps its connections: each gets its drizzle instance once.
+  const onConnection = new WeakMap<pg.PoolClient, Db>();
   return {
     kind: 'postgres',
     db,
+    async hold() {
+      const client = await pool.connect();
+      let held = onConnection.get(client);
+      if (!held) onConnection.set(client, (held = drizzlePg(client, { schema }) as unknown as Db));
+      return { db: held, release: (error) => client.release(error) };
+    },
     ping: (timeoutMs = 2_000) => withTimeout(pool.query('select 1').then(() => undefined), timeoutMs),
     async migrate() {
       const client = await pool.connect();
@@ -102,6 +122,7 @@ export async function openPglite(dataDir?: string): Promise<Database> {
   return {
     kind: 'pglite',
     db: db as unknown as Db,
+    hold: async () => ({ db: db as unknown as Db, release: () => {} }),
     ping: (timeoutMs = 2_000) => withTimeout(db.execute(sql`select 1`).then(() => undefined), timeoutMs),
     migrate: () => migratePglite(db, { migrationsFolder }),
     async close() {

@@ -6,6 +6,7 @@ import { sql } from 'drizzle-orm';
 import { describe, expect, it } from 'vitest';
 import { DatabaseLockedError, openPglite } from '../../src/db/database.js';
 import { users } from '../../src/db/schema.js';
+import { createTestDatabase } from '../support/database.js';
 
 describe('embedded PGlite on disk', () => {
   it('keeps data across reopen and applies migrations once', async () => {
@@ -38,5 +39,37 @@ describe('embedded PGlite on disk', () => {
     writeFileSync(lockFile, String(exited.stdout));
     const reopened = await openPglite(dir);
     await reopened.close();
+  });
+});
+
+describe('a held connection', () => {
+  it('runs what is sent on it in order, on one session, until it goes back', async () => {
+    const { database, drop } = await createTestDatabase();
+    try {
+      const busy = () => (database.poolStats ? database.poolStats().total - database.poolStats().idle : 0);
+      const probeOf = async (result: Promise<unknown>) => ((await result) as { rows: { probe: string | null }[] }).rows[0]!.probe;
+      const held = await database.hold();
+      // Both sent before either is answered: the second still runs after the first, in its session.
+      const set = held.db.execute(sql`select set_config('chatbot.probe', 'held', false)`);
+      const read = held.db.execute(sql`select current_setting('chatbot.probe', true) as probe`);
+      await set;
+      expect(await probeOf(read)).toBe('held');
+      if (database.poolStats) {
+        expect(busy()).toBe(1);
+        // The pool's other connections do not have it meanwhile.
+        expect(await probeOf(database.db.execute(sql`select current_setting('chatbot.probe', true) as probe`))).not.toBe('held');
+      }
+      held.release();
+      expect(busy()).toBe(0);
+      if (database.poolStats) {
+        // Released with an error, a connection is closed rather than lent again.
+        const broken = await database.hold();
+        const total = database.poolStats().total;
+        broken.release(new Error('broken'));
+        expect(database.poolStats().total).toBe(total - 1);
+      }
+    } finally {
+      await drop();
+    }
   });
 });

@@ -146,6 +146,26 @@ describe('the question stored with the read', () => {
     expect((await stored(projectId)).filter((row) => row.role === 'user').map((row) => row.content)).toEqual(['x\ufffdy', 'x\ufffdy']);
   });
 
+  it("makes a streamed question durable on the read's own connection and gives that back, whatever the turn", async () => {
+    // More refused streamed turns than the test pool has connections (10): one kept would starve the next.
+    for (let i = 0; i < 12; i++) {
+      const refused = await streamChat(uuidv7(), { message: 'nobody' });
+      expect(refused.status).toBe(404);
+      await refused.arrayBuffer();
+    }
+    // The first stores its question with the read; the second, of a model of its own, after it.
+    for (const projectId of [await newProject(), await newProject(user, { model: 'gpt-4' })]) {
+      const events = await readSse(await streamChat(projectId, { message: 'durable' }));
+      expect([events[0]!.event, events.at(-1)!.event]).toEqual(['user_message', 'done']);
+      expect((await stored(projectId)).map((row) => [row.role, row.status])).toEqual([
+        ['user', 'complete'],
+        ['assistant', 'complete'],
+      ]);
+    }
+    const { poolStats } = t.testDb.database;
+    if (poolStats) await expect.poll(() => poolStats().total - poolStats().idle).toBe(0);
+  });
+
   it("checks a project's own model first: its encoding for the question, its window for the budget", async () => {
     const projectId = await newProject(user, { model: 'gpt-4' }); // cl100k_base, 8,192 tokens
     expectProblem(await chat(projectId, { message: 'word '.repeat(9_000) }), 400, 'CONTEXT_TOO_LONG');

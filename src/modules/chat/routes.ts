@@ -75,7 +75,7 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         const key = request.headers['idempotency-key'];
 
         // A keyed turn may still be refused (or replayed) after its checks: its question waits for the claim.
-        const turn = await chat.prepare(request.user, projectId, message, { storeEarly: !key });
+        const turn = await chat.prepare(request.user, projectId, message, { storeEarly: !key, stream });
         // `keep` runs before the client hears the turn is done, so that a retry it sends then is a replay.
         const answer = async (keep?: KeepResult) => {
           if (stream) return streamTurn(chat, turn, request, reply, interrupt, keep);

@@ -1,7 +1,7 @@
 import { and, eq, type SQL, sql, type SQLWrapper } from 'drizzle-orm';
 import { v7 as uuidv7 } from 'uuid';
 import type { Config } from '../../config.js';
-import type { Db } from '../../db/database.js';
+import type { Database, Db } from '../../db/database.js';
 import { messages, projects, prompts, users } from '../../db/schema.js';
 import { assertTokenCurrent, type AuthUser } from '../../http/auth.js';
 import { ApiError, NotFound } from '../../http/errors.js';
@@ -66,6 +66,65 @@ function historyPage(
     from ${rows} m)`;
 }
 
+/**
+ * A turn's one read: the caller's row (the token check), their project, its prompts, its files and the
+ * newest page of its history; and, when nothing in it can refuse the turn, the question stored.
+ */
+function turnStatementOn(db: Db) {
+  // The question, stored by the turn's read itself when nothing can refuse the turn then: the caller's
+  // token is current, the project is theirs and chats with the server's default provider (configured)
+  // and model, and its prompts and the question fit that model's budget even counted a token a byte
+  // (no token is shorter: `promptsRoom` is what the question's bytes leave). Any other turn is checked
+  // first and its question stored after (`storeQuestion`): a refused turn stores nothing.
+  const question = db.$with('question', { id: sql<string>`id` }).as(
+    sql`insert into ${messages} (id, project_id, role, content, status, tokens, token_encoding, created_at)
+      select ${sql.placeholder('questionId')}::uuid, ${projects.id}, 'user', ${sql.placeholder('text')}::text, 'complete',
+        ${sql.placeholder('tokens')}::integer, ${sql.placeholder('encoding')}::text, ${sql.placeholder('createdAt')}::timestamptz
+      from ${users} join ${projects} on ${projects.userId} = ${users.id}
+      where ${users.id} = ${sql.placeholder('userId')} and ${users.tokenVersion} = ${sql.placeholder('tokenVersion')}::integer
+        and ${projects.id} = ${sql.placeholder('projectId')} and ${projects.provider} is null and ${projects.model} is null
+        and current_setting('server_encoding') in ('UTF8', 'SQL_ASCII')
+        and (select coalesce(sum(octet_length(${prompts.content}) + ${sql.raw(String(MESSAGE_OVERHEAD_TOKENS))}), 0)
+          from ${prompts} where ${prompts.projectId} = ${projects.id}) <= ${sql.placeholder('promptsRoom')}::integer
+      returning id`,
+  );
+  return db
+    .with(question)
+    .select({
+      tokenVersion: users.tokenVersion,
+      projectId: projects.id,
+      provider: projects.provider,
+      model: projects.model,
+      prompts: sql<string[]>`(select coalesce(json_agg(${prompts.content} order by ${prompts.id}), '[]')
+        from ${prompts} where ${prompts.projectId} = ${projects.id})`,
+      files: chatFilesOf(projects.id),
+      history: historyPage(projects.id, undefined, HISTORY_PAGES[0]!),
+      questionStored: sql<boolean>`exists (select from ${question})`,
+      // Stored or not, the commit flushes nothing: see `storeQuestion`.
+      asyncCommit: sql`set_config('synchronous_commit', 'off', true)`,
+    })
+    .from(users)
+    .leftJoin(projects, and(eq(projects.id, sql.placeholder('projectId')), eq(projects.userId, users.id)))
+    .where(eq(users.id, sql.placeholder('userId')))
+    .prepare('chat_turn');
+}
+
+type TurnRead = ReturnType<typeof turnStatementOn>;
+type TurnRow = Awaited<ReturnType<TurnRead['execute']>>[number];
+
+/**
+ * A transaction that writes to the log commits durably by flushing the log up to its commit record,
+ * and so past every commit before it. A transactional logical message is such a write that touches no
+ * row: no dead row version per turn, as a no-op update left, and no UPDATE for readers of the change
+ * stream (logical decoding sees a message they can ignore by its prefix).
+ */
+function flushStatementOn(db: Db) {
+  return db
+    .select({ flushed: sql`pg_logical_emit_message(true, 'chatbot-platform.durable', '')` })
+    .from(sql`(select) as one_row`)
+    .prepare('chat_make_durable');
+}
+
 /** Everything a turn needs, settled before anything is stored: a rejected turn leaves no trace. */
 export interface PreparedTurn {
   projectId: string;
@@ -76,6 +135,8 @@ export interface PreparedTurn {
   question: MessageRow;
   /** Whether the turn's read stored `question` already (see `ChatService.prepare`). */
   questionStored: boolean;
+  /** A streamed turn whose read stored the question: its flush, sent right behind the read. */
+  durable?: Promise<unknown>;
 }
 
 /** What the streaming path tells its caller as the turn goes on. */
@@ -94,66 +155,27 @@ type NewMessage = Pick<MessageRow, 'role' | 'content' | 'status' | 'tokens'> &
   Partial<Pick<MessageRow, 'model' | 'promptTokens' | 'completionTokens' | 'totalTokens'>>;
 
 export class ChatService {
-  /**
-   * A turn's one read: the caller's row (the token check), their project, its prompts, its files and
-   * the newest page of its history; and, when nothing in it can refuse the turn, the question stored.
-   */
-  private readonly turnStatement;
+  /** The turn's read and the flush, prepared on the pool and on each connection held for a streamed turn. */
+  private readonly turnStatements = new WeakMap<Db, { read: TurnRead; flush: ReturnType<typeof flushStatementOn> }>();
   /** A further page of history, older than the stored message `before`. */
   private readonly historyPageStatement;
   private readonly insertStatement;
   private readonly insertQuestionStatement;
-  private readonly flushStatement;
   private readonly historyCache: HistoryCache;
   /** The model and token budget of a project that names neither provider nor model, when its provider is configured. */
   private readonly defaultTurn: { model: string; encoding: string; budget: number } | undefined;
 
   constructor(
-    db: Db,
+    private readonly database: Pick<Database, 'db' | 'hold'>,
     private readonly providers: ProviderRegistry,
     private readonly files: FilesService,
     private readonly config: Pick<Config, 'AI_CONTEXT_TOKENS' | 'AI_MAX_OUTPUT_TOKENS' | 'AI_TIMEOUT_MS' | 'HISTORY_CACHE_MB'>,
   ) {
+    const { db } = database;
     this.historyCache = new HistoryCache(config.HISTORY_CACHE_MB * 1024 * 1024);
     const { defaultModel } = providers;
     this.defaultTurn =
       defaultModel === undefined ? undefined : { model: defaultModel, encoding: encodingName(defaultModel), budget: this.budgetFor(defaultModel) };
-    // The question, stored by the turn's read itself when nothing can refuse the turn then: the caller's
-    // token is current, the project is theirs and chats with the server's default provider (configured)
-    // and model, and its prompts and the question fit that model's budget even counted a token a byte
-    // (no token is shorter: `promptsRoom` is what the question's bytes leave). Any other turn is checked
-    // first and its question stored after (`storeQuestion`): a refused turn stores nothing.
-    const question = db.$with('question', { id: sql<string>`id` }).as(
-      sql`insert into ${messages} (id, project_id, role, content, status, tokens, token_encoding, created_at)
-        select ${sql.placeholder('questionId')}::uuid, ${projects.id}, 'user', ${sql.placeholder('text')}::text, 'complete',
-          ${sql.placeholder('tokens')}::integer, ${sql.placeholder('encoding')}::text, ${sql.placeholder('createdAt')}::timestamptz
-        from ${users} join ${projects} on ${projects.userId} = ${users.id}
-        where ${users.id} = ${sql.placeholder('userId')} and ${users.tokenVersion} = ${sql.placeholder('tokenVersion')}::integer
-          and ${projects.id} = ${sql.placeholder('projectId')} and ${projects.provider} is null and ${projects.model} is null
-          and current_setting('server_encoding') in ('UTF8', 'SQL_ASCII')
-          and (select coalesce(sum(octet_length(${prompts.content}) + ${sql.raw(String(MESSAGE_OVERHEAD_TOKENS))}), 0)
-            from ${prompts} where ${prompts.projectId} = ${projects.id}) <= ${sql.placeholder('promptsRoom')}::integer
-        returning id`,
-    );
-    this.turnStatement = db
-      .with(question)
-      .select({
-        tokenVersion: users.tokenVersion,
-        projectId: projects.id,
-        provider: projects.provider,
-        model: projects.model,
-        prompts: sql<string[]>`(select coalesce(json_agg(${prompts.content} order by ${prompts.id}), '[]')
-          from ${prompts} where ${prompts.projectId} = ${projects.id})`,
-        files: chatFilesOf(projects.id),
-        history: historyPage(projects.id, undefined, HISTORY_PAGES[0]!),
-        questionStored: sql<boolean>`exists (select from ${question})`,
-        // Stored or not, the commit flushes nothing: see `storeQuestion`.
-        asyncCommit: sql`set_config('synchronous_commit', 'off', true)`,
-      })
-      .from(users)
-      .leftJoin(projects, and(eq(projects.id, sql.placeholder('projectId')), eq(projects.userId, users.id)))
-      .where(eq(users.id, sql.placeholder('userId')))
-      .prepare('chat_turn');
     this.historyPageStatement = db
       .select({
         page: historyPage(sql.placeholder('projectId'), sql.placeholder('before'), sql.placeholder('limit'), {
@@ -183,14 +205,6 @@ export class ChatService {
     this.insertQuestionStatement = insert()
       .returning({ asyncCommit: sql`set_config('synchronous_commit', 'off', true)` })
       .prepare('chat_insert_question');
-    // A transaction that writes to the log commits durably by flushing the log up to its commit record,
-    // and so past every commit before it. A transactional logical message is such a write that touches
-    // no row: no dead row version per turn, as a no-op update left, and no UPDATE for readers of the
-    // change stream (logical decoding sees a message they can ignore by its prefix).
-    this.flushStatement = db
-      .select({ flushed: sql`pg_logical_emit_message(true, 'chatbot-platform.durable', '')` })
-      .from(sql`(select) as one_row`)
-      .prepare('chat_make_durable');
   }
 
   /**
@@ -198,16 +212,22 @@ export class ChatService {
    * everything in one statement (more only for a history longer than its first page); throws 401, 404,
    * 503 PROVIDER_NOT_CONFIGURED or 400 CONTEXT_TOO_LONG before any write or provider call. The route
    * is `tokenCheckedByHandler`. With `storeEarly`, when nothing else may refuse the turn after this, the
-   * same statement stores the question where that cannot be one of these refusals (a round trip less).
+   * same statement stores the question where that cannot be one of these refusals (a round trip less);
+   * for a turn that will `stream`, the flush that makes it durable is sent behind it (see `readTurn`).
    */
-  async prepare(user: AuthUser, projectId: string, message: string, { storeEarly }: { storeEarly: boolean }): Promise<PreparedTurn> {
+  async prepare(
+    user: AuthUser,
+    projectId: string,
+    message: string,
+    { storeEarly, stream }: { storeEarly: boolean; stream: boolean },
+  ): Promise<PreparedTurn> {
     // The question as stored and read back: UTF-8 has no lone surrogates, which become U+FFFD on the way.
     const text = message.replace(LONE_SURROGATE, '\ufffd');
     const fast = storeEarly ? this.defaultTurn : undefined;
     const questionId = uuidv7();
     const createdAt = new Date();
     const defaultTokens = fast && countTokens(text, fast.model);
-    const [row] = await this.turnStatement.execute({
+    const { row, durable } = await this.readTurn(Boolean(fast && stream), {
       userId: user.id,
       projectId: projectIdParam(projectId),
       tokenVersion: user.tokenVersion,
@@ -248,7 +268,39 @@ export class ChatService {
       );
     }
     const question = messageRow(ownedId, model, { role: 'user', content: text, status: 'complete', tokens: textTokens }, questionId, createdAt);
-    return { projectId: ownedId, adapter, model, context: context.messages, question, questionStored: row.questionStored };
+    const { questionStored } = row;
+    return { projectId: ownedId, adapter, model, context: context.messages, question, questionStored, ...(questionStored && { durable }) };
+  }
+
+  /**
+   * The turn's read, and with `flushBehind` the flush that makes a question it stored durable, on the
+   * read's own connection: sent the moment the read is answered, it reaches the disk while the context
+   * is built and the provider called, instead of after a round trip through the service. Flushed in
+   * vain when the read stored nothing (a refusal, a project of its own model): that turn stores its
+   * question later and flushes it then, as every other does.
+   */
+  private async readTurn(flushBehind: boolean, params: Record<string, unknown>): Promise<{ row: TurnRow | undefined; durable?: Promise<unknown> }> {
+    if (!flushBehind) {
+      const [row] = await this.statementsOn(this.database.db).read.execute(params);
+      return { row };
+    }
+    const connection = await this.database.hold();
+    const { read, flush } = this.statementsOn(connection.db);
+    const rows = read.execute(params);
+    const durable = flush.execute();
+    // Held until the flush is answered; a connection whose statement failed is closed, not reused.
+    durable.then(
+      () => connection.release(),
+      (error: Error) => connection.release(error),
+    );
+    const [row] = await rows;
+    return { row, durable };
+  }
+
+  private statementsOn(db: Db) {
+    let statements = this.turnStatements.get(db);
+    if (!statements) this.turnStatements.set(db, (statements = { read: turnStatementOn(db), flush: flushStatementOn(db) }));
+    return statements;
   }
 
   /** The tokens a request for `model` may take: its context window less what is kept for the reply. */
@@ -305,11 +357,12 @@ export class ChatService {
     };
     const reply = turn.adapter.stream(request);
     const events = reply[Symbol.asyncIterator]();
-    // The provider call starts while the question is made durable, which it must be before it is announced.
+    // The provider call starts while the question is made durable, which it must be before it is announced
+    // (by the flush sent behind the turn's read, when there is one).
     const first = events.next();
     first.catch(() => undefined); // a failure is met below, when it is awaited: it must not go unhandled meanwhile
     try {
-      await this.makeDurable();
+      await (turn.durable ?? this.makeDurable());
       await observer.userMessage(toMessageDto(userMessage));
     } catch (error) {
       call.abort();
@@ -410,7 +463,7 @@ export class ChatService {
 
   /** Flushes the log past the question's commit with a durable commit of its own. */
   private async makeDurable(): Promise<void> {
-    await this.flushStatement.execute();
+    await this.statementsOn(this.database.db).flush.execute();
   }
 
   /** A failure names the stored question, made durable first: naming it acknowledges it. */
