@@ -1,7 +1,8 @@
-import { eq } from 'drizzle-orm';
+import { eq, sql } from 'drizzle-orm';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { messages, users } from '../../src/db/schema.js';
+import { flushStatementOn } from '../../src/modules/chat/service.js';
 import { countTokens } from '../../src/providers/models.js';
 import { createProject, createPrompt, expectProblem, insertMessages, registerUser, type RegisteredUser, revokeTokens, startTestApp, type TestApp } from '../support/app.js';
 import { FakeUpstream, UPSTREAM_ERROR_TEXT } from '../support/fake-upstream.js';
@@ -164,6 +165,31 @@ describe('the question stored with the read', () => {
     }
     const { poolStats } = t.testDb.database;
     if (poolStats) await expect.poll(() => poolStats().total - poolStats().idle).toBe(0);
+  });
+
+  it('writes to the log to make a question durable only when it is stored: a refused turn costs no disk write', async () => {
+    const projectId = await newProject();
+    expect((await chat(projectId, { message: 'kept' })).statusCode).toBe(200);
+    const [question] = await stored(projectId);
+    const held = await t.testDb.database.hold();
+    const flush = flushStatementOn(held.db);
+    // A transaction that wrote to the log has a transaction id; one that did not commits without a flush.
+    const writes = async (questionId: string) => {
+      await held.db.execute(sql`begin`);
+      try {
+        await flush.execute({ questionId });
+        const result = (await held.db.execute(sql`select pg_current_xact_id_if_assigned() is not null as wrote`)) as unknown as { rows: { wrote: boolean }[] };
+        return result.rows[0]!.wrote;
+      } finally {
+        await held.db.execute(sql`rollback`);
+      }
+    };
+    try {
+      expect(await writes(question!.id)).toBe(true);
+      expect(await writes(uuidv7())).toBe(false);
+    } finally {
+      held.release();
+    }
   });
 
   it("checks a project's own model first: its encoding for the question, its window for the budget", async () => {

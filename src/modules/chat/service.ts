@@ -113,15 +113,18 @@ type TurnRead = ReturnType<typeof turnStatementOn>;
 type TurnRow = Awaited<ReturnType<TurnRead['execute']>>[number];
 
 /**
- * A transaction that writes to the log commits durably by flushing the log up to its commit record,
- * and so past every commit before it. A transactional logical message is such a write that touches no
- * row: no dead row version per turn, as a no-op update left, and no UPDATE for readers of the change
- * stream (logical decoding sees a message they can ignore by its prefix).
+ * Makes the stored message `questionId` durable. A transaction that writes to the log commits durably by
+ * flushing the log up to its commit record, and so past every commit before it. A transactional logical
+ * message is such a write that touches no row: no dead row version per turn, as a no-op update left,
+ * and no UPDATE for readers of the change stream (logical decoding sees a message they can ignore by
+ * its prefix). Written only when the message is stored: a transaction that writes nothing commits
+ * without a flush, so a flush sent ahead of knowing (see `readTurn`) costs a refused turn no disk write.
  */
-function flushStatementOn(db: Db) {
+export function flushStatementOn(db: Db) {
   return db
     .select({ flushed: sql`pg_logical_emit_message(true, 'chatbot-platform.durable', '')` })
-    .from(sql`(select) as one_row`)
+    .from(messages)
+    .where(eq(messages.id, sql.placeholder('questionId')))
     .prepare('chat_make_durable');
 }
 
@@ -275,9 +278,9 @@ export class ChatService {
   /**
    * The turn's read, and with `flushBehind` the flush that makes a question it stored durable, on the
    * read's own connection: sent the moment the read is answered, it reaches the disk while the context
-   * is built and the provider called, instead of after a round trip through the service. Flushed in
-   * vain when the read stored nothing (a refusal, a project of its own model): that turn stores its
-   * question later and flushes it then, as every other does.
+   * is built and the provider called, instead of after a round trip through the service. When the read
+   * stored nothing (a refusal, a project of its own model), the flush finds no question and writes
+   * nothing; such a turn stores its question later and flushes it then, as every other does.
    */
   private async readTurn(flushBehind: boolean, params: Record<string, unknown>): Promise<{ row: TurnRow | undefined; durable?: Promise<unknown> }> {
     if (!flushBehind) {
@@ -287,7 +290,7 @@ export class ChatService {
     const connection = await this.database.hold();
     const { read, flush } = this.statementsOn(connection.db);
     const rows = read.execute(params);
-    const durable = flush.execute();
+    const durable = flush.execute({ questionId: params.questionId });
     // Held until the flush is answered; a connection whose statement failed is closed, not reused.
     durable.then(
       () => connection.release(),
@@ -362,7 +365,7 @@ export class ChatService {
     const first = events.next();
     first.catch(() => undefined); // a failure is met below, when it is awaited: it must not go unhandled meanwhile
     try {
-      await (turn.durable ?? this.makeDurable());
+      await (turn.durable ?? this.makeDurable(userMessage));
       await observer.userMessage(toMessageDto(userMessage));
     } catch (error) {
       call.abort();
@@ -461,14 +464,14 @@ export class ChatService {
     return turn.question;
   }
 
-  /** Flushes the log past the question's commit with a durable commit of its own. */
-  private async makeDurable(): Promise<void> {
-    await this.statementsOn(this.database.db).flush.execute();
+  /** Flushes the log past the stored question's commit with a durable commit of its own. */
+  private async makeDurable(question: MessageRow): Promise<void> {
+    await this.statementsOn(this.database.db).flush.execute({ questionId: question.id });
   }
 
   /** A failure names the stored question, made durable first: naming it acknowledges it. */
   private async failure(question: MessageRow, error: ApiError): Promise<ApiError> {
-    await this.makeDurable();
+    await this.makeDurable(question);
     return naming(question, error);
   }
 
