@@ -1,6 +1,6 @@
 import { eq, inArray, sql } from 'drizzle-orm';
 import type { FastifyBaseLogger } from 'fastify';
-import { v7 as uuidv7 } from 'uuid';
+import { uuidv7 } from '../../db/ids.js';
 import type { Db } from '../../db/database.js';
 import { files, projects, users } from '../../db/schema.js';
 import type { Tokens } from '../../http/auth.js';

@@ -1,5 +1,5 @@
 import { and, eq, type SQL, sql, type SQLWrapper } from 'drizzle-orm';
-import { v7 as uuidv7 } from 'uuid';
+import { uuidv7 } from '../../db/ids.js';
 import type { Config } from '../../config.js';
 import type { Database, Db } from '../../db/database.js';
 import { messages, projects, prompts, users } from '../../db/schema.js';

@@ -1,5 +1,5 @@
 import { and, eq, type SQL } from 'drizzle-orm';
-import { v7 as uuidv7 } from 'uuid';
+import { uuidv7 } from '../../db/ids.js';
 import type { Db } from '../../db/database.js';
 import { prompts } from '../../db/schema.js';
 import { NotFound } from '../../http/errors.js';
