@@ -76,14 +76,14 @@ export function openPostgres(url: string, options: PostgresOptions = {}): Databa
     kind: 'postgres',
     db,
     async hold() {
-      const client = await pool.connect();
+      const { client, release } = await checkOut(pool);
       let held = onConnection.get(client);
       if (!held) onConnection.set(client, (held = drizzlePg(client, { schema }) as unknown as Db));
-      return { db: held, release: (error) => client.release(error) };
+      return { db: held, release };
     },
     ping: (timeoutMs = 2_000) => withTimeout(pool.query('select 1').then(() => undefined), timeoutMs),
     async migrate() {
-      const client = await pool.connect();
+      const { client, release } = await checkOut(pool);
       try {
         await client.query('select pg_advisory_lock($1)', [MIGRATION_LOCK_ID]);
         try {
@@ -92,11 +92,33 @@ export function openPostgres(url: string, options: PostgresOptions = {}): Databa
           await client.query('select pg_advisory_unlock($1)', [MIGRATION_LOCK_ID]);
         }
       } finally {
-        client.release();
+        release();
       }
     },
     close: () => pool.end(),
     poolStats: () => ({ total: pool.totalCount, idle: pool.idleCount, waiting: pool.waitingCount }),
+  };
+}
+
+/**
+ * One connection of the pool, lent until released. The pool listens for the errors of its idle
+ * connections only: one lent out whose connection is lost (the database restarted) would emit 'error'
+ * with no listener, an uncaught exception that takes the process down. What is sent on it fails with
+ * the error anyway; given back, with that error or the caller's, the connection is closed.
+ */
+async function checkOut(pool: pg.Pool): Promise<{ client: pg.PoolClient; release: (error?: Error) => void }> {
+  const client = await pool.connect();
+  let lost: Error | undefined;
+  const onLost = (error: Error) => {
+    lost = error;
+  };
+  client.on('error', onLost);
+  return {
+    client,
+    release(error) {
+      client.removeListener('error', onLost);
+      client.release(error ?? lost);
+    },
   };
 }
 

@@ -72,4 +72,31 @@ describe('a held connection', () => {
       await drop();
     }
   });
+  it.skipIf(!process.env.TEST_DATABASE_URL)('outlives losing its connection while held (the database restarted): its statements fail, and given back it is closed', async () => {
+    const { database, drop } = await createTestDatabase();
+    try {
+      const held = await database.hold();
+      const { rows } = (await held.db.execute(sql`select pg_backend_pid() as pid`)) as unknown as { rows: { pid: number }[] };
+      // Its connection ended from the database's side, as a restart ends it. Without a listener of its own,
+      // the held client's 'error' event would be an uncaught exception here.
+      await database.db.execute(sql`select pg_terminate_backend(${rows[0]!.pid})`);
+      // Failed first with the database's own message, then, once the connection's end has been read, refused
+      // by the client: the moment the lost connection is noticed, while it is still held.
+      const attempt = () =>
+        held.db.execute(sql`select 1`).then(
+          () => 'answered',
+          (error: Error) => (/not queryable/.test(String((error.cause as Error | undefined)?.message ?? error.message)) ? 'closed' : 'failed'),
+        );
+      await expect.poll(attempt).toBe('closed');
+      const total = database.poolStats!().total;
+      held.release();
+      expect(database.poolStats!().total).toBe(total - 1);
+      // The pool lends a working connection next.
+      const next = await database.hold();
+      expect(((await next.db.execute(sql`select 1 as one`)) as unknown as { rows: { one: number }[] }).rows[0]!.one).toBe(1);
+      next.release();
+    } finally {
+      await drop();
+    }
+  });
 });
