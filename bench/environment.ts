@@ -51,6 +51,8 @@ export interface Bench {
   readonly database: 'postgres' | 'pglite';
   /** How processes were assigned to cores, for the report. */
   readonly pinning: string;
+  /** The CPU (taskset's list) of the server being measured; undefined when nothing is pinned. */
+  readonly serverCpus: string | undefined;
   readonly seed: Seed;
   readonly service: RunningServer & SignedIn;
   readonly fake: FakeUpstreamControl;
@@ -197,6 +199,7 @@ async function start(options: BenchOptions, stack: Stack): Promise<Bench> {
         `the harness (load generator, clients) and the fake upstream on CPU ${HARNESS_CPU}` +
         (databaseUrl ? '; PostgreSQL unpinned' : '')
       : 'not pinned (taskset or a second CPU missing)',
+    serverCpus,
     seed: seeded,
     service,
     fake: fakeControl,

@@ -1,6 +1,7 @@
 import { execFileSync } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { cpus, release, totalmem } from 'node:os';
+import type { ColdCalls } from './cold-probe.js';
 import type { Bench } from './environment.js';
 import { describeTarget, fmt, passes, ratioOf, type Row } from './figure.js';
 import { percent } from './stats.js';
@@ -35,6 +36,8 @@ export interface Report {
   machine: Machine;
   database: Bench['database'];
   pinning: string;
+  /** Measured before the figures and after them (bench/cold-probe.ts). */
+  coldCalls: ColdCalls[];
   rows: Row[];
   background: Background[];
   roundTrips: Bench['roundTrips'];
@@ -73,6 +76,7 @@ function markdown(report: Report): string {
       (machine.postgres ? `, ${machine.postgres}` : '') +
       `; database: ${report.database === 'postgres' ? 'PostgreSQL (DATABASE_URL), durable commits' : 'embedded PGlite'}.`,
     `- CPUs: ${report.pinning}.`,
+    `- Cold code (\`bench/cold-probe.ts\`, on the measured server's CPU; before the figures, then after): ${report.coldCalls.map(describeColdCalls).join('; then ')}.`,
     '',
     '| # | measure | ours | baseline | ratio | target | result | notes |',
     '|---|---|---|---|---|---|---|---|',
@@ -99,6 +103,11 @@ function markdown(report: Report): string {
     lines.push('');
   }
   return lines.join('\n');
+}
+
+function describeColdCalls({ hotUs, afterSleepUs, afterSpinUs }: ColdCalls): string {
+  const times = (us: number) => `${fmt(us)} µs (${fmt(us / hotUs)}×)`;
+  return `${fmt(hotUs)} µs hot, ${times(afterSleepUs)} after 100 ms asleep, ${times(afterSpinUs)} after 100 ms of other work`;
 }
 
 function tableRow(row: Row): string {

@@ -13,6 +13,7 @@ import { loginIsolation } from './figures/login-isolation.js';
 import { openStreams } from './figures/open-streams.js';
 import { peer } from './figures/peer.js';
 import { streaming } from './figures/streaming.js';
+import { type ColdCalls, measureColdCalls } from './cold-probe.js';
 import { type CpuProfile, summarizeProfile } from './profile-summary.js';
 import { cpuShares, machineCpu } from './proc.js';
 import { type Background, currentRevision, describeMachine, writeReport } from './report.js';
@@ -48,6 +49,8 @@ const bench = await startBench({ cpuProfileDir });
 process.once('SIGINT', () => void bench.close().finally(() => process.exit(130)));
 const rows: Row[] = [];
 const background: Background[] = [];
+// The machine's speed drifts: how cold code runs is measured before the figures and after them.
+const coldCalls: ColdCalls[] = [measureColdCalls(bench.serverCpus)];
 try {
   for (const figure of selected) {
     log(`figure ${figure.number}: ${figure.title}`);
@@ -57,6 +60,7 @@ try {
     rows.push(...figureRows);
     for (const row of figureRows) log(`  ${row.measure}: ${row.ours} ${row.unit}${row.baseline ? ` (baseline ${row.baseline.value})` : ''}`);
   }
+  coldCalls.push(measureColdCalls(bench.serverCpus));
 } finally {
   await bench.close();
 }
@@ -68,6 +72,7 @@ writeReport(
     machine: describeMachine(await postgresVersion()),
     database: bench.database,
     pinning: bench.pinning,
+    coldCalls,
     rows,
     background,
     roundTrips: bench.roundTrips,

@@ -100,6 +100,10 @@ describe('the report', () => {
       machine: describeMachine(),
       database: 'postgres' as const,
       pinning: 'none',
+      coldCalls: [
+        { hotUs: 10, afterSleepUs: 40, afterSpinUs: 55 },
+        { hotUs: 20, afterSleepUs: 30, afterSpinUs: 20 },
+      ],
       rows,
       background: [{ figure: 1, othersCpu: 0.02, loadAverage: 1.5 }],
       roundTrips: [],
@@ -108,6 +112,9 @@ describe('the report', () => {
     const table = readFileSync(join(dir, 'results.md'), 'utf8').split('\n');
     expect(table.find((line) => line.startsWith('| 1 | m (req/s) | 52286 |'))).toContain('| 0.67 | ratio ≥ 0.9 | **MISS** |');
     expect(table.find((line) => line.startsWith('| 1 | m (req/s) | 6340 |'))).toContain('| 1.29 | ratio ≥ 0.8 | **pass** |');
+    expect(table.find((line) => line.startsWith('- Cold code'))).toContain(
+      '10 µs hot, 40 µs (4×) after 100 ms asleep, 55 µs (5.5×) after 100 ms of other work; then 20 µs hot, 30 µs (1.5×) after 100 ms asleep, 20 µs (1×) after 100 ms of other work.',
+    );
     const json = JSON.parse(readFileSync(join(dir, 'results.json'), 'utf8')) as { rows: { pass: boolean }[] };
     expect(json.rows.map((judged) => judged.pass)).toEqual([false, true]);
   });
