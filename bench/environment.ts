@@ -190,6 +190,17 @@ async function start(options: BenchOptions, stack: Stack): Promise<Bench> {
     await watch(probe, 'round-trip-probe');
     return { recorder, ...(await signIn(probe.url, seeded, stack)) };
   });
+  // A process that has exited (a server that failed) keeps the CPU it was last seen to have used.
+  const lastSeenCpu = new Map<number, number>();
+  const startedCpu = () =>
+    [...started].reduce((sum, pid) => {
+      try {
+        lastSeenCpu.set(pid, cpuSeconds(pid));
+      } catch {
+        // exited
+      }
+      return sum + (lastSeenCpu.get(pid) ?? 0);
+    }, 0);
   let poolCursor = 0;
   const databaseCpu: Record<string, CpuMeter> = databaseUrl ? { database: postgresBackendsCpu(new URL(databaseUrl).pathname.slice(1)) } : {};
   return {
@@ -204,7 +215,7 @@ async function start(options: BenchOptions, stack: Stack): Promise<Bench> {
     service,
     fake: fakeControl,
     databaseCpu,
-    benchCpu: () => ownCpu() + [...started].reduce((sum, pid) => sum + cpuSeconds(pid), 0) + (databaseCpu.database?.() ?? 0),
+    benchCpu: () => ownCpu() + startedCpu() + (databaseCpu.database?.() ?? 0),
     bareHttp: lazily(() => startBaseline('bare-http')),
     bareFastify: lazily(() => startBaseline('bare-fastify')),
     fastifyPg: lazily(async () => {

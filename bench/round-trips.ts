@@ -1,5 +1,5 @@
 import { once } from 'node:events';
-import { connect, createServer, type Server, type Socket } from 'node:net';
+import { connect, createServer, type NetConnectOpts, type Server, type Socket } from 'node:net';
 
 /** Untyped messages a client may send before its startup message, each answered by one byte. */
 const SSL_REQUEST = 80877103;
@@ -28,16 +28,17 @@ export class RoundTripRecorder {
   ) {}
 
   static async start(databaseUrl: string): Promise<RoundTripRecorder> {
-    const target = new URL(databaseUrl);
+    const target = serverAddress(databaseUrl);
     const server = createServer();
     server.listen(0, '127.0.0.1');
     await once(server, 'listening');
     const proxied = new URL(databaseUrl);
     proxied.hostname = '127.0.0.1';
     proxied.port = String((server.address() as { port: number }).port);
+    proxied.searchParams.delete('host');
     const recorder = new RoundTripRecorder(server, proxied.toString());
     server.on('connection', (client) => {
-      const upstream = connect(Number(target.port || 5432), target.hostname);
+      const upstream = connect(target);
       for (const socket of [client, upstream]) {
         recorder.sockets.add(socket);
         socket.on('close', () => recorder.sockets.delete(socket));
@@ -64,6 +65,17 @@ export class RoundTripRecorder {
       for (const socket of this.sockets) socket.destroy();
     });
   }
+}
+
+/**
+ * Where a connection string's server listens: a TCP host and port, or a Unix socket when the host is a
+ * directory, given as `?host=/var/run/postgresql` or percent-encoded in place of the host name.
+ */
+function serverAddress(databaseUrl: string): NetConnectOpts {
+  const url = new URL(databaseUrl);
+  const host = url.searchParams.get('host') || decodeURIComponent(url.hostname);
+  const port = Number(url.port || 5432);
+  return host.startsWith('/') ? { path: `${host}/.s.PGSQL.${port}` } : { host, port };
 }
 
 /**
