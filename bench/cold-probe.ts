@@ -70,7 +70,8 @@ async function measure(): Promise<ColdCalls> {
 export function measureColdCalls(cpus: string | undefined): ColdCalls {
   const node = [process.execPath, '--import', 'tsx', fileURLToPath(import.meta.url)];
   const [command, ...args] = cpus ? ['taskset', '-c', cpus, ...node] : node;
-  return JSON.parse(execFileSync(command!, args, { encoding: 'utf8' })) as ColdCalls;
+  // About 5 s of work: a child that takes a minute is stuck.
+  return JSON.parse(execFileSync(command!, args, { encoding: 'utf8', timeout: 60_000 })) as ColdCalls;
 }
 
 if (process.argv[1] === fileURLToPath(import.meta.url)) process.stdout.write(JSON.stringify(await measure()));

@@ -76,7 +76,7 @@ function markdown(report: Report): string {
       (machine.postgres ? `, ${machine.postgres}` : '') +
       `; database: ${report.database === 'postgres' ? 'PostgreSQL (DATABASE_URL), durable commits' : 'embedded PGlite'}.`,
     `- CPUs: ${report.pinning}.`,
-    `- Cold code (\`bench/cold-probe.ts\`, on the measured server's CPU; before the figures, then after): ${report.coldCalls.map(describeColdCalls).join('; then ')}.`,
+    `- Cold code (\`bench/cold-probe.ts\`, where the measured server runs; before the figures, then after): ${report.coldCalls.map(describeColdCalls).join('; then ') || 'not measured'}.`,
     '',
     '| # | measure | ours | baseline | ratio | target | result | notes |',
     '|---|---|---|---|---|---|---|---|',

@@ -35,7 +35,8 @@ export class RoundTripRecorder {
     const proxied = new URL(databaseUrl);
     proxied.hostname = '127.0.0.1';
     proxied.port = String((server.address() as { port: number }).port);
-    proxied.searchParams.delete('host');
+    // The proxy reads the protocol in the clear: the client speaks to it over TCP, without TLS.
+    for (const name of [...proxied.searchParams.keys()]) if (name === 'host' || name.startsWith('ssl')) proxied.searchParams.delete(name);
     const recorder = new RoundTripRecorder(server, proxied.toString());
     server.on('connection', (client) => {
       const upstream = connect(target);
@@ -73,7 +74,8 @@ export class RoundTripRecorder {
  */
 function serverAddress(databaseUrl: string): NetConnectOpts {
   const url = new URL(databaseUrl);
-  const host = url.searchParams.get('host') || decodeURIComponent(url.hostname);
+  // An IPv6 literal keeps its brackets in a URL, not in a connect() call.
+  const host = url.searchParams.get('host') || decodeURIComponent(url.hostname).replace(/^\[(.*)\]$/, '$1');
   const port = Number(url.port || 5432);
   return host.startsWith('/') ? { path: `${host}/.s.PGSQL.${port}` } : { host, port };
 }

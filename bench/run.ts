@@ -50,8 +50,16 @@ process.once('SIGINT', () => void bench.close().finally(() => process.exit(130))
 const rows: Row[] = [];
 const background: Background[] = [];
 // The machine's speed drifts: how cold code runs is measured before the figures and after them.
-const coldCalls: ColdCalls[] = [measureColdCalls(bench.serverCpus)];
+const coldCalls: ColdCalls[] = [];
+const probeColdCalls = () => {
+  try {
+    coldCalls.push(measureColdCalls(bench.serverCpus));
+  } catch (error) {
+    log(`cold-code probe failed: ${(error as Error).message}`);
+  }
+};
 try {
+  probeColdCalls();
   for (const figure of selected) {
     log(`figure ${figure.number}: ${figure.title}`);
     // What the rest of the machine did meanwhile tells how far the figure can be trusted.
@@ -60,7 +68,7 @@ try {
     rows.push(...figureRows);
     for (const row of figureRows) log(`  ${row.measure}: ${row.ours} ${row.unit}${row.baseline ? ` (baseline ${row.baseline.value})` : ''}`);
   }
-  coldCalls.push(measureColdCalls(bench.serverCpus));
+  probeColdCalls();
 } finally {
   await bench.close();
 }

@@ -112,7 +112,7 @@ describe('the report', () => {
     const table = readFileSync(join(dir, 'results.md'), 'utf8').split('\n');
     expect(table.find((line) => line.startsWith('| 1 | m (req/s) | 52286 |'))).toContain('| 0.67 | ratio ≥ 0.9 | **MISS** |');
     expect(table.find((line) => line.startsWith('| 1 | m (req/s) | 6340 |'))).toContain('| 1.29 | ratio ≥ 0.8 | **pass** |');
-    expect(table.find((line) => line.startsWith('- Cold code'))).toContain(
+    expect(table.find((line) => line.startsWith('- Cold code (`bench/cold-probe.ts`, where the measured server runs;'))).toContain(
       '10 µs hot, 40 µs (4×) after 100 ms asleep, 55 µs (5.5×) after 100 ms of other work; then 20 µs hot, 30 µs (1.5×) after 100 ms asleep, 20 µs (1×) after 100 ms of other work.',
     );
     const json = JSON.parse(readFileSync(join(dir, 'results.json'), 'utf8')) as { rows: { pass: boolean }[] };
