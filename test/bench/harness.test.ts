@@ -8,6 +8,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { alternate } from '../../bench/alternate.js';
 import { addedLatencyRow, failedRow, passes, ratioOf, type Row } from '../../bench/figure.js';
 import { deltaGaps, firstDeltas, HttpClient, OPENAI_CHUNKS, OUR_EVENTS } from '../../bench/http-client.js';
+import { runLoad } from '../../bench/load.js';
 import { describeMachine, writeReport } from '../../bench/report.js';
 import { percentile, round, summarize } from '../../bench/stats.js';
 
@@ -193,5 +194,28 @@ describe('timing a stream', () => {
     const timing = await client.stream('/', '{}', OUR_EVENTS);
     client.close();
     expect(timing).toMatchObject({ status: 503, error: 'status 503', done: false });
+  });
+});
+
+describe('closed-loop throughput', () => {
+  let server: Server | undefined;
+  afterEach(async () => {
+    server?.closeAllConnections();
+    server?.close();
+  });
+
+  it('counts each connection up to its last answer, not the request still in flight when the window closes', async () => {
+    // Every answer takes 400 ms at least: a connection makes at most 2.5 requests a second.
+    const ANSWER_MS = 400;
+    server = createServer((_req, res) => void sleep(ANSWER_MS).then(() => res.end('{}')));
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const url = `http://127.0.0.1:${(server.address() as { port: number }).port}`;
+    const load = await runLoad({}, { url, connections: 3, durationSeconds: 1 });
+    expect(load.errors).toBe(0);
+    // Counted over the window, each connection's third answer (at 1.2 s at the earliest) is left out.
+    expect(load.windowRps).toBeLessThanOrEqual(3 * 2);
+    expect(load.rps).toBeGreaterThan(load.windowRps);
+    expect(load.rps).toBeLessThanOrEqual((3 * 1000) / ANSWER_MS);
   });
 });
