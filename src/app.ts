@@ -7,7 +7,7 @@ import { type Database, openDatabase } from './db/database.js';
 import { createTokens, registerAuthentication } from './http/auth.js';
 import { answerClientError, answerFrameworkError, registerErrorHandling, ShuttingDown } from './http/errors.js';
 import { registerHardening } from './http/hardening.js';
-import { requestLogger } from './http/logging.js';
+import { requestLogger, serializeError } from './http/logging.js';
 import { registerMetrics } from './http/metrics.js';
 import { registerOpenApi } from './http/openapi.js';
 import { registerRateLimits } from './http/rate-limit.js';
@@ -48,6 +48,7 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
         paths: ['req.headers.authorization', 'req.headers.cookie', '*.password', '*.currentPassword', '*.newPassword'],
         censor: '[redacted]',
       },
+      serializers: { err: serializeError },
       ...(deps.logStream ? { stream: deps.logStream } : {}),
     },
     // Each request's logger binds its id (reqId), made when the request first logs (src/http/logging.ts).

@@ -1,4 +1,6 @@
+import { DrizzleQueryError } from 'drizzle-orm';
 import type { FastifyBaseLogger, FastifyServerOptions } from 'fastify';
+import { stdSerializers } from 'pino';
 
 type Bindings = Parameters<FastifyBaseLogger['child']>[0];
 type ChildOptions = Parameters<FastifyBaseLogger['child']>[1];
@@ -69,3 +71,25 @@ class RequestLogger implements FastifyBaseLogger {
  */
 export const requestLogger: NonNullable<FastifyServerOptions['childLoggerFactory']> = (logger, bindings, options) =>
   options.level || options.serializers ? logger.child(bindings, options) : new RequestLogger(logger as Logger, bindings);
+
+/** How far down an error's causes a failed query is looked for. */
+const MAX_CAUSES = 8;
+
+/**
+ * pino's error serializer, less the values of a failed query: drizzle writes every bound value into its
+ * error's message (so into each message and stack it causes) and keeps them in `params`, and those are a
+ * password hash, an email, a chat's text. The statement itself is kept, and what the database said.
+ */
+export function serializeError(error: Error): ReturnType<typeof stdSerializers.err> {
+  const serialized = stdSerializers.err(error);
+  let cause: unknown = error;
+  for (let depth = 0; cause instanceof Error && depth < MAX_CAUSES; cause = cause.cause, depth++) {
+    if (!(cause instanceof DrizzleQueryError)) continue;
+    // Exactly what drizzle wrote, wherever it went.
+    const values = `\nparams: ${String(cause.params)}`;
+    serialized.message = serialized.message.replaceAll(values, '\nparams: [redacted]');
+    serialized.stack = serialized.stack.replaceAll(values, '\nparams: [redacted]');
+  }
+  if (error instanceof DrizzleQueryError) delete (serialized as { params?: unknown }).params;
+  return serialized;
+}

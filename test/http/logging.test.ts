@@ -1,6 +1,8 @@
+import { sql } from 'drizzle-orm';
 import { afterAll, beforeAll, describe, expect, it, onTestFinished } from 'vitest';
 import { buildApp } from '../../src/app.js';
-import { startTestApp, testConfig, type TestApp } from '../support/app.js';
+import { startTestApp, testConfig, type TestApp, uniqueEmail } from '../support/app.js';
+import { createTestDatabase } from '../support/database.js';
 import { logCollector } from '../support/logs.js';
 
 let t: TestApp;
@@ -55,5 +57,34 @@ describe('request logs', () => {
     const requestId = verbose.headers['x-request-id'] as string;
     expect(requestId).toMatch(/^[0-9a-f-]{36}$/);
     expect(linesOf(logs, requestId).map((line) => line.msg)).toEqual(['incoming request', 'a detail', 'request completed']);
+  });
+});
+
+describe('a failed statement in the logs', () => {
+  it('is logged without the values it carried: a password hash, an email, a name', async () => {
+    const testDb = await createTestDatabase();
+    onTestFinished(() => testDb.drop());
+    const logs = logCollector();
+    const app = await buildApp(testConfig({ LOG_LEVEL: 'warn' }), { database: testDb.database, logStream: logs.stream });
+    onTestFinished(() => app.close());
+    // A schema the code does not expect: the insert of a new user fails in the database.
+    await testDb.database.db.execute(sql`alter table users rename column name to former_name`);
+    const email = uniqueEmail('logged');
+    const response = await app.inject({
+      method: 'POST',
+      url: '/api/v1/auth/register',
+      payload: { email, password: 'correct horse battery', name: 'Name Of Record' },
+    });
+    expect(response.statusCode).toBe(500);
+    const failure = logs.lines.find((line) => line.msg === 'request failed');
+    expect(failure).toBeDefined();
+    const logged = JSON.stringify(logs.lines);
+    // What failed and why are kept: the statement and the database's own words.
+    expect(logged).toContain('insert into \\"users\\"');
+    expect(logged).toContain('column \\"name\\" of relation \\"users\\" does not exist');
+    expect(logged).toContain('params: [redacted]');
+    expect(logged).not.toContain(email);
+    expect(logged).not.toContain('Name Of Record');
+    expect(logged).not.toMatch(/\$2[aby]\$/);
   });
 });
