@@ -215,6 +215,17 @@ describe('delete', () => {
     expectProblem(await get(filesUrl(projectId, `/${file.id}/content`)), 404, 'NOT_FOUND');
   });
 
+  it('finds and removes the bytes of a file uploaded through its project id in capitals', async () => {
+    const projectId = await newProject();
+    const file = await upload(projectId.toUpperCase(), 'spelled loudly');
+    expect(file.projectId).toBe(projectId);
+    const download = await get(filesUrl(projectId, `/${file.id}/content`));
+    expect(download.statusCode).toBe(200);
+    expect(download.body).toBe('spelled loudly');
+    expect((await remove(filesUrl(projectId, `/${file.id}`))).statusCode).toBe(204);
+    expect(storedPaths().filter((path) => path.includes(file.id))).toEqual([]);
+  });
+
   it('still deletes when the provider copy cannot be deleted', async () => {
     const projectId = await newProject();
     const file = await upload(projectId, 'provider down later');
@@ -415,6 +426,12 @@ describe('media types', () => {
     expect((await upload(projectId, 'hello', { type: 'nonsense' })).mimeType).toBe('text/plain');
     expect((await upload(projectId, PNG, { type: 'text/plain' })).mimeType).toBe('image/png');
     expect((await upload(projectId, PNG, {})).mimeType).toBe('image/png');
+    const longest = `application/${'x'.repeat(127)}`;
+    expect((await upload(projectId, 'hello', { type: longest })).mimeType).toBe(longest);
+    // Longer is not a media type (RFC 6838): it is not stored, listed or sent back as a header.
+    const tooLong = await upload(projectId, 'hello', { type: `application/${'x'.repeat(79_000)}` });
+    expect(tooLong.mimeType).toBe('text/plain');
+    expect((await get(filesUrl(projectId, `/${tooLong.id}/content`))).headers['content-type']).toMatch(/^text\/plain(;|$)/);
   });
 });
 

@@ -33,10 +33,14 @@ export function isTextType(mimeType: string): boolean {
   return mimeType.startsWith('text/') || mimeType === 'application/json' || mimeType.endsWith('+json');
 }
 
-/** `Text/Plain; charset=utf-8` → `text/plain`; anything that is not a type/subtype → application/octet-stream. */
+/**
+ * `Text/Plain; charset=utf-8` → `text/plain`; anything that is not a type/subtype → application/octet-stream.
+ * Names are at most 127 characters each (RFC 6838): the type is stored, listed and sent as a download's
+ * header, and a part's headers may otherwise carry tens of kilobytes of it.
+ */
 export function essence(declared: string | undefined): string {
   const type = (declared ?? '').split(';')[0]!.trim().toLowerCase();
-  return /^[\w.+-]+\/[\w.+-]+$/.test(type) ? type : OCTET_STREAM;
+  return /^[\w.+-]{1,127}\/[\w.+-]{1,127}$/.test(type) ? type : OCTET_STREAM;
 }
 
 /** Looks at an upload's bytes as they stream past, then says which type to store (see above). */

@@ -106,7 +106,9 @@ export class FilesService {
   async upload(userId: string, projectId: string, parts: AsyncIterable<FormPart>, log: FastifyBaseLogger): Promise<FileDto> {
     const project = await requireOwnedProject(this.db, userId, projectId);
     const id = uuidv7();
-    const key = storageKey({ projectId, id });
+    // The project's id as stored, not as the path spelled it (in capitals, perhaps): every later read
+    // and delete finds the bytes by the row's.
+    const key = storageKey({ projectId: project.id, id });
     const received = await this.receive(key, parts);
     const providerFileId = await this.copyToProvider(project, key, received, log);
     try {
@@ -114,7 +116,7 @@ export class FilesService {
         .insert(files)
         .values({
           id,
-          projectId,
+          projectId: project.id,
           filename: received.filename,
           mimeType: received.mimeType,
           size: received.size,
