@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from 'node:timers/promises';
 import { eq, sql } from 'drizzle-orm';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
@@ -486,6 +487,34 @@ describe('streaming chat', () => {
     expect(answer!.content.length).toBeGreaterThan(0);
   });
 
+  it('calls no provider for a client that left while its turn was prepared', async () => {
+    const projectId = await newProject();
+    const { db } = t.testDb.database;
+    let locked!: () => void;
+    let release!: () => void;
+    const isLocked = new Promise<void>((resolve) => (locked = resolve));
+    const released = new Promise<void>((resolve) => (release = resolve));
+    // The turn's read (it stores the question) waits behind this lock, and on PGlite behind the transaction.
+    const holding = db.transaction(async (tx) => {
+      await tx.execute(sql`lock table messages in share mode`);
+      locked();
+      await released;
+    });
+    await isLocked;
+    const controller = new AbortController();
+    const leaving = streamChat(projectId, { message: 'gone early' }, controller.signal).catch(() => undefined);
+    await sleep(300); // the request is waiting on its read
+    controller.abort();
+    await leaving;
+    await sleep(100); // and the server has seen its connection close
+    release();
+    await holding;
+    await expect.poll(async () => (await stored(projectId)).length, { timeout: 5000 }).toBe(1);
+    await sleep(300); // time enough for a provider call the turn should not make
+    expect(fake.requests).toHaveLength(0);
+    expect((await stored(projectId)).map((r) => [r.role, r.content])).toEqual([['user', 'gone early']]);
+  });
+
   it('ends with an error event and keeps the text so far when the upstream breaks mid-stream', async () => {
     const projectId = await newProject();
     fake.enqueue({ content: 'first second third', chunks: 3, fault: 'reset', afterChunks: 2 });
@@ -499,6 +528,27 @@ describe('streaming chat', () => {
       ['assistant', 'incomplete'],
     ]);
     expect(rows[1]!.content).toBe(events.filter((e) => e.event === 'delta').map((e) => e.data.content).join(''));
+  });
+
+  it("answers a failure to store the whole answer as the database's, not the provider's, and keeps no part of it", async () => {
+    const projectId = await newProject();
+    // The database refuses this project's complete answer, and nothing else.
+    const { db } = t.testDb.database;
+    await db.execute(sql.raw(`create function refuse_answer() returns trigger language plpgsql as $$ begin raise exception 'refused'; end $$`));
+    await db.execute(
+      sql.raw(`create trigger refuse_answer before insert on messages for each row
+        when (new.project_id = '${projectId}' and new.status = 'complete' and new.role = 'assistant') execute function refuse_answer()`),
+    );
+    try {
+      const events = await readSse(await streamChat(projectId, { message: 'store me' }));
+      expect(events.map((e) => e.event).filter((event) => event !== 'delta')).toEqual(['user_message', 'error']);
+      const rows = await stored(projectId);
+      expect(events.at(-1)!.data).toMatchObject({ status: 500, code: 'INTERNAL', userMessageId: rows[0]!.id });
+      expect(rows.map((r) => [r.role, r.status])).toEqual([['user', 'complete']]);
+    } finally {
+      await db.execute(sql.raw('drop trigger refuse_answer on messages'));
+      await db.execute(sql.raw('drop function refuse_answer()'));
+    }
   });
 
   it('reports a failure before the first delta as an error event, with nothing but the question stored', async () => {

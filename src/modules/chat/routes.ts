@@ -127,9 +127,13 @@ async function streamTurn(
   let events: EventStream | undefined;
   let userMessageId: string | undefined;
   const clientGone = new AbortController();
-  reply.raw.once('close', () => {
+  const leave = () => {
     if (!reply.raw.writableFinished) clientGone.abort();
-  });
+  };
+  // A client may have left while the turn was prepared: then its close has come and gone, and no
+  // provider is called for it.
+  if (reply.raw.destroyed) leave();
+  else reply.raw.once('close', leave);
   try {
     const outcome = await chat.stream(
       turn,

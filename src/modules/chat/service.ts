@@ -376,8 +376,8 @@ export class ChatService {
     }
 
     let text = '';
+    let done: { model: string; usage: Usage | null } | undefined;
     try {
-      let done: { model: string; usage: Usage | null } | undefined;
       let next = await first;
       // The upstream has answered and no retry will send the context again: an open stream does not keep
       // it (the whole history, up to the model's window) until its last delta.
@@ -394,15 +394,8 @@ export class ChatService {
         await observer.delta(event.content);
         if (clientGone.aborted) break;
       }
-      if (clientGone.aborted) {
-        if (text) await this.storeReply(turn, text, 'incomplete', turn.model, null);
-        return { kind: 'client-gone' };
-      }
-      if (!text) return { kind: 'failed', error: naming(userMessage, new ProviderError('The AI provider answered with no content')) };
-      const assistantMessage = await this.storeReply(turn, text, 'complete', done?.model ?? turn.model, done?.usage ?? null);
-      const result = { userMessage: toMessageDto(userMessage), assistantMessage: toMessageDto(assistantMessage), usage: done?.usage ?? null };
-      return { kind: 'complete', result };
     } catch (error) {
+      // The provider's failure (or the client's leaving): what came before it is kept.
       if (text) await this.storeReply(turn, text, 'incomplete', turn.model, null);
       if (clientGone.aborted) return { kind: 'client-gone' };
       return { kind: 'failed', error: naming(userMessage, providerFailure(error, call.timedOut)) };
@@ -411,6 +404,16 @@ export class ChatService {
       // Ends the provider's stream when the loop left it early (the client gone, a failed write).
       await events.return?.(undefined);
     }
+    // The provider is done with. A store that fails from here on is the database's failure, answered as
+    // such (the route names the question), not the provider's.
+    if (clientGone.aborted) {
+      if (text) await this.storeReply(turn, text, 'incomplete', turn.model, null);
+      return { kind: 'client-gone' };
+    }
+    if (!text) return { kind: 'failed', error: naming(userMessage, new ProviderError('The AI provider answered with no content')) };
+    const assistantMessage = await this.storeReply(turn, text, 'complete', done?.model ?? turn.model, done?.usage ?? null);
+    const result = { userMessage: toMessageDto(userMessage), assistantMessage: toMessageDto(assistantMessage), usage: done?.usage ?? null };
+    return { kind: 'complete', result };
   }
 
   /**
