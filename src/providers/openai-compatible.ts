@@ -1,4 +1,5 @@
 import { openAsBlob } from 'node:fs';
+import type { Readable } from 'node:stream';
 import { StringDecoder } from 'node:string_decoder';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { type Dispatcher, FormData, Pool } from 'undici';
@@ -131,13 +132,12 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
     let finished = false;
     let ended = false;
     try {
-      for await (const chunk of chunks as AsyncIterable<Buffer>) {
+      // Not destroyed when the loop leaves at [DONE]: see the end.
+      for await (const chunk of chunks.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>) {
         for (const event of decoder.push(text.write(chunk))) {
-          // After [DONE] the body is still read to its end, which keeps the connection for the next call.
-          if (ended) continue;
           if (event.data === '[DONE]') {
             ended = true;
-            continue;
+            break;
           }
           const data = streamChunk(event);
           model = upstreamModel(data.model, model);
@@ -148,12 +148,18 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
           if (typeof content === 'string' && content !== '') yield { type: 'delta', content };
           if (choice?.finish_reason) finished = true;
         }
+        if (ended) break;
       }
     } catch (error) {
       throw failure(error, signal);
     } finally {
-      // A consumer that stops early, or a failure, leaves the body unread: its connection is closed.
-      if (!chunks.readableEnded) chunks.destroy();
+      // After [DONE] the rest of the body (its end, as a rule) is read in the background, which keeps the
+      // connection for the next call; the answer does not wait for it. A consumer that stops early, or a
+      // failure, leaves the body unread: its connection is closed.
+      if (!chunks.readableEnded) {
+        if (ended) drainBriefly(chunks);
+        else chunks.destroy();
+      }
     }
     // An upstream may close the stream cleanly half-way: only a finish_reason says the reply is whole.
     if (!finished) throw failure(new Error('stream ended without a finish_reason'), signal);
@@ -256,6 +262,17 @@ function chatBody(request: ChatRequest, stream: boolean): Buffer {
     ...(stream && { stream: true, stream_options: { include_usage: true } }),
   };
   return Buffer.concat([encoder.encode(`${JSON.stringify(fields).slice(0, -1)},"messages":[`), ...messagesWire(request.messages), END]);
+}
+
+/** How long the rest of a stream's body may take after its [DONE] before its connection is closed. */
+const DRAIN_AFTER_DONE_MS = 1_000;
+
+/** Reads what is left of `body` in the background, or closes it if that takes too long (a response left open). */
+function drainBriefly(body: Readable): void {
+  const timer = setTimeout(() => body.destroy(), DRAIN_AFTER_DONE_MS);
+  timer.unref();
+  body.once('close', () => clearTimeout(timer));
+  body.on('error', () => {}).resume();
 }
 
 /** How long to wait before retrying after `error`, or undefined when retrying cannot help. */

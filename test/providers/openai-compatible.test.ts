@@ -323,6 +323,23 @@ describe('stream', () => {
     await fake.waitForClientClose();
   });
 
+  it('ends with done at [DONE] when the upstream leaves the response open after it, and lets that connection go', async () => {
+    fake.enqueue({ content: 'one two', fault: 'open-after-done' });
+    const { events, error } = await drain(adapter().stream(chat(3_000)));
+    expect(error).toBeUndefined();
+    expect(events.at(-1)).toEqual({ type: 'done', model: 'gpt-4o-mini', usage: { promptTokens: 4, completionTokens: 2, totalTokens: 6 } });
+    await fake.waitForClientClose();
+  });
+
+  it('keeps the connection of a stream that ended for the next call', async () => {
+    fake.enqueue({ content: 'first' }, { content: 'second' });
+    const provider = adapter();
+    expect(deltas((await drain(provider.stream(chat()))).events)).toEqual(['first']);
+    await new Promise((resolve) => setTimeout(resolve, 300)); // the first body's end, read after its [DONE]
+    expect(deltas((await drain(provider.stream(chat()))).events)).toEqual(['second']);
+    expect(fake.requests[1]!.clientPort).toBe(fake.requests[0]!.clientPort);
+  });
+
   it('closes the upstream connection when the consumer stops reading', async () => {
     fake.enqueue({ content: 'one two three four', chunkDelayMs: 200 });
     for await (const event of adapter().stream(chat())) {

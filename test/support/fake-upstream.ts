@@ -33,6 +33,8 @@ export type UpstreamFault =
   | 'stall'
   /** Streaming: end the response cleanly after `afterChunks` content chunks, without finish_reason or [DONE]. */
   | 'end-early'
+  /** Streaming: the whole answer and [DONE], then the response left open (a proxy that does not end it). */
+  | 'open-after-done'
   /**
    * JSON: a 200 text/html page. Streaming: after `afterChunks` content chunks, GARBAGE_LINES (no event a
    * parser may act on, though some carry UPSTREAM_ERROR_TEXT), then the rest as usual.
@@ -86,6 +88,8 @@ export interface UpstreamRequest {
   answered: boolean;
   /** The client closed the connection before the answer was finished. */
   clientClosed: boolean;
+  /** The client's port: the same for the requests of one kept-alive connection. */
+  clientPort: number | undefined;
 }
 
 export interface StoredFile {
@@ -199,6 +203,7 @@ export class FakeUpstream {
       chunksSent: 0,
       answered: false,
       clientClosed: false,
+      clientPort: req.socket.remotePort,
     };
     res.on('finish', () => (record.answered = true));
     res.on('close', () => {
@@ -303,7 +308,8 @@ export class FakeUpstream {
     }
     await send(chunk({ delta: {}, finish_reason: 'stop' }));
     if (withUsage && reply.usage !== false) await send({ ...base, choices: [], usage: replyUsage(record, reply, content) });
-    res.end('data: [DONE]\n\n');
+    if (reply.fault === 'open-after-done') res.write('data: [DONE]\n\n');
+    else res.end('data: [DONE]\n\n');
   }
 
   private async storeFile({ record, res, upload }: Exchange): Promise<void> {
