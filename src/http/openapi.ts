@@ -36,6 +36,12 @@ const problem = z
       .array(z.object({ path: z.string(), message: z.string() }))
       .optional()
       .describe('Only on VALIDATION_ERROR: each invalid field, e.g. `body.name`'),
+    userMessageId: z.string().optional().describe('A failed chat: the stored question, kept whatever happened'),
+    retryAfter: z
+      .number()
+      .int()
+      .optional()
+      .describe('PROVIDER_RATE_LIMITED: the seconds of its Retry-After, also in a stream’s error event, which no header can carry'),
   })
   .meta({ id: 'Problem', description: 'RFC 9457 problem details (application/problem+json)' });
 

@@ -74,15 +74,22 @@ export class ProviderError extends ApiError {
   }
 }
 
-/** Upstream 429 after every retry: 503 with Retry-After (seconds). */
+/**
+ * Upstream 429 after every retry: 503 with Retry-After (seconds), the same seconds also as `retryAfter`
+ * in the problem: a streamed turn's `error` event comes after the headers, where no header can carry them.
+ */
 export class ProviderRateLimited extends ApiError {
   constructor(
     readonly retryAfterSeconds: number,
     extensions: Record<string, unknown> = {},
   ) {
-    super(503, 'PROVIDER_RATE_LIMITED', 'The AI provider is rate limiting requests; try again later', extensions, {
-      'retry-after': String(retryAfterSeconds),
-    });
+    super(
+      503,
+      'PROVIDER_RATE_LIMITED',
+      'The AI provider is rate limiting requests; try again later',
+      { ...extensions, retryAfter: retryAfterSeconds },
+      { 'retry-after': String(retryAfterSeconds) },
+    );
   }
 }
 

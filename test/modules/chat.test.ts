@@ -415,8 +415,17 @@ describe('provider faults', () => {
 
   it('answers 503 PROVIDER_RATE_LIMITED with Retry-After when 429 persists', async () => {
     fake.setDefault({ status: 429, retryAfter: 30 });
-    const { response } = await failedChat(503, 'PROVIDER_RATE_LIMITED');
+    const { response, body } = await failedChat(503, 'PROVIDER_RATE_LIMITED');
     expect(response.headers['retry-after']).toBe('30');
+    expect(body.retryAfter).toBe(30);
+  });
+
+  it('names the seconds to wait in a stream’s error event, which comes after the headers', async () => {
+    fake.setDefault({ status: 429, retryAfter: 30 });
+    const projectId = await newProject();
+    const events = await readSse(await streamChat(projectId, { message: 'rate limited' }));
+    expect(events.map((e) => e.event)).toEqual(['user_message', 'error']);
+    expect(events[1]!.data).toMatchObject({ status: 503, code: 'PROVIDER_RATE_LIMITED', retryAfter: 30 });
   });
 
   it('answers 504 PROVIDER_TIMEOUT when the upstream hangs past the deadline', async () => {
