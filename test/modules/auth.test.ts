@@ -85,6 +85,19 @@ describe('register', () => {
     const password = 'b'.repeat(72);
     const user = await registerUser(t.app, { password });
     expect((await login({ email: user.email, password: password.slice(0, 71) + 'c' })).statusCode).toBe(401);
+    // Nor is a longer one taken for the first 72 bytes, which are all that bcrypt reads.
+    const longer = `${password}and more`;
+    expectProblem(await login({ email: user.email, password: longer }), 401, 'UNAUTHORIZED');
+    const changed = await t.app.inject({
+      method: 'POST',
+      url: '/api/v1/auth/password',
+      headers: user.auth,
+      payload: { currentPassword: longer, newPassword: 'another password' },
+    });
+    expectProblem(changed, 401, 'UNAUTHORIZED');
+    const deleted = await t.app.inject({ method: 'DELETE', url: '/api/v1/auth/me', headers: user.auth, payload: { password: longer } });
+    expectProblem(deleted, 401, 'UNAUTHORIZED');
+    expect((await login({ email: user.email, password })).statusCode).toBe(200);
   });
 
   it.each([

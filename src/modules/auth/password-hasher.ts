@@ -1,6 +1,7 @@
 import { Worker } from 'node:worker_threads';
 import type { Config } from '../../config.js';
 import { ApiError, ShuttingDown } from '../../http/errors.js';
+import { MAX_PASSWORD_BYTES } from './schemas.js';
 
 /** The bcrypt cost of new hashes, how many threads hash at once, how many jobs may wait for one. */
 export type PasswordHasherConfig = Pick<Config, 'BCRYPT_ROUNDS' | 'PASSWORD_HASH_THREADS' | 'PASSWORD_HASH_QUEUE'>;
@@ -62,8 +63,14 @@ export class PasswordHasher {
     return this.run({ op: 'hash', password, rounds: this.config.BCRYPT_ROUNDS }) as Promise<string>;
   }
 
-  compare(password: string, hash: string): Promise<boolean> {
-    return this.run({ op: 'compare', password, hash }) as Promise<boolean>;
+  /**
+   * Whether `password` is the one `hash` was made of. One longer than bcrypt reads is none (no password
+   * over it is ever hashed), though bcrypt would match its first 72 bytes; it takes a comparison's time
+   * all the same, as a wrong password does.
+   */
+  async compare(password: string, hash: string): Promise<boolean> {
+    const matches = (await this.run({ op: 'compare', password, hash })) as boolean;
+    return matches && Buffer.byteLength(password, 'utf8') <= MAX_PASSWORD_BYTES;
   }
 
   /** The running threads as they reported themselves (for tests and diagnostics). */

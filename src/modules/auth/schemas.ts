@@ -1,6 +1,6 @@
 import { z } from 'zod';
 
-const MAX_PASSWORD_BYTES = 72; // bcrypt reads only the first 72 bytes: longer is refused, never truncated.
+export const MAX_PASSWORD_BYTES = 72; // bcrypt reads only the first 72 bytes: longer is refused, never truncated.
 const MIN_PASSWORD_BYTES = 8;
 
 export const password = z
