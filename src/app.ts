@@ -9,6 +9,7 @@ import { answerClientError, answerFrameworkError, registerErrorHandling, Shuttin
 import { registerHardening } from './http/hardening.js';
 import { requestLogger, serializeError } from './http/logging.js';
 import { registerMetrics } from './http/metrics.js';
+import { catalogName } from './providers/models.js';
 import { registerOpenApi } from './http/openapi.js';
 import { registerRateLimits } from './http/rate-limit.js';
 import { authRoutes } from './modules/auth/routes.js';
@@ -90,7 +91,7 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   registerErrorHandling(app);
   await registerHardening(app, config);
   await registerOpenApi(app);
-  const metrics = registerMetrics(app, database);
+  const metrics = registerMetrics(app, database, (model) => (model === config.AI_MODEL ? model : catalogName(model)));
   const rateLimits = await registerRateLimits(app, config);
 
   const tokens = createTokens(config.JWT_SECRET, config.JWT_EXPIRES_IN);

@@ -36,8 +36,7 @@ declare module 'fastify' {
 
 /** The label of requests that matched no route: their URLs are whatever a client sent. */
 const UNMATCHED_ROUTE = 'unmatched';
-/** Models are free text a user can set on a project: past this many distinct ones they share one label. */
-const MAX_MODEL_LABELS = 100;
+/** The label of a model the server does not know (see `registerMetrics`). */
 const OTHER_MODEL = 'other';
 
 let processRegistry: Registry | undefined;
@@ -56,10 +55,12 @@ function processMetrics(): Registry {
 
 /**
  * Prometheus metrics at `GET /metrics`: requests by route template and status, AI provider calls,
- * open SSE streams, the database pool, and the process. Labels take route templates and a bounded set
- * of models, never URLs or other client-chosen text, so the number of series stays bounded.
+ * open SSE streams, the database pool, and the process. Labels take route templates and models by the
+ * names the server knows them by (`knownName`), never URLs or other client-chosen text: a project's
+ * model is free text its owner chose, shown to nobody else (and `/metrics` takes no token), so any
+ * other model is `other`. The number of series stays bounded too.
  */
-export function registerMetrics(app: FastifyInstance, database: Database): Metrics {
+export function registerMetrics(app: FastifyInstance, database: Database, knownName: (model: string) => string | undefined): Metrics {
   const registry = new Registry();
   const registers = [registry];
 
@@ -92,7 +93,7 @@ export function registerMetrics(app: FastifyInstance, database: Database): Metri
   });
   if (database.poolStats) registerPoolMetrics(registry, database.poolStats);
   const scraped = Registry.merge([processMetrics(), registry]);
-  const modelLabel = boundedLabel(MAX_MODEL_LABELS, OTHER_MODEL);
+  const modelLabel = (model: string) => knownName(model) ?? OTHER_MODEL;
 
   // The one per-request cost: a single histogram observation once the response is sent.
   app.addHook('onResponse', (request, reply, done) => {
@@ -159,13 +160,3 @@ function registerPoolMetrics(registry: Registry, poolStats: () => PoolStats): vo
   });
 }
 
-/** The value itself for the first `max` distinct values seen, `other` for any after them. */
-function boundedLabel(max: number, other: string): (value: string) => string {
-  const seen = new Set<string>();
-  return (value) => {
-    if (seen.has(value)) return value;
-    if (seen.size >= max) return other;
-    seen.add(value);
-    return value;
-  };
-}

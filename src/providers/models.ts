@@ -85,10 +85,16 @@ function isHighSurrogate(code: number): boolean {
   return code >= 0xd800 && code <= 0xdbff;
 }
 
+/** The model's name in gpt-tokenizer's catalog (`openai/gpt-4o`, `GPT-4o:latest` → `gpt-4o`), when it is there. */
+export function catalogName(model: string): string | undefined {
+  const name = baseModelName(model);
+  return Object.hasOwn(catalog, name) ? name : undefined;
+}
+
 /** The model's context window in tokens, when gpt-tokenizer's catalog knows the model. */
 export function contextWindow(model: string): number | undefined {
-  const name = baseModelName(model);
-  if (!Object.hasOwn(catalog, name)) return undefined;
+  const name = catalogName(model);
+  if (name === undefined) return undefined;
   // Not every catalog entry has a context window (image and speech models do not).
   const spec = catalog[name as keyof typeof catalog] as { context_window?: number };
   return spec.context_window;

@@ -112,6 +112,22 @@ describe('GET /metrics', () => {
     expect(delta('ai_provider_errors_total', { code: 'PROVIDER_ERROR' })).toBe(1);
   });
 
+  it("names a model only when the server knows it: a project's own model name is nobody else's to read", async () => {
+    const secret = `acme-confidential-finetune-${randomUUID()}`;
+    const known = (await createProject(t.app, user, { model: `${secret}/GPT-4o` })).id;
+    const unknown = (await createProject(t.app, user, { model: secret })).id;
+    const before = await scrape();
+    expect((await chat(known)).statusCode).toBe(200);
+    expect((await chat(unknown)).statusCode).toBe(200);
+    const after = await scrape();
+    expect(after).not.toContain(secret);
+    const calls = (model: string) =>
+      valueOf(after, 'ai_provider_request_duration_seconds_count', { provider: 'openai', model, operation: 'complete', outcome: 'ok' }) -
+      valueOf(before, 'ai_provider_request_duration_seconds_count', { provider: 'openai', model, operation: 'complete', outcome: 'ok' });
+    expect(calls('gpt-4o')).toBe(1);
+    expect(calls('other')).toBe(1);
+  });
+
   it('shows an SSE stream as open while it runs and closed after, with the tokens it used', async () => {
     const projectId = (await createProject(t.app, user)).id;
     const before = await scrape();
