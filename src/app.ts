@@ -112,7 +112,8 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   await app.register(chatRoutes, {
     prefix: '/api/v1/projects/:projectId',
     chat: new ChatService(database, providers, files, config),
-    // A key still marked running after the longest possible chat belongs to an instance that died.
+    // A key whose request has said nothing for the longest a chat may go without (its deadline, twice)
+    // belongs to an instance that died.
     idempotency: new IdempotencyStore<ChatResult>(database.db, 2 * config.AI_TIMEOUT_MS),
     shutdownTimeoutMs: config.SHUTDOWN_TIMEOUT_MS,
   });

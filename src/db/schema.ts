@@ -111,6 +111,8 @@ export const idempotencyKeys = pgTable(
     state: text('state', { enum: ['running', 'done'] }).notNull(),
     response: jsonb('response'),
     createdAt: timestamp('created_at', { withTimezone: true, mode: 'date' }).notNull().defaultNow(),
+    /** While `running`: when the request holding the key last said it is still at work. */
+    aliveAt: timestamp('alive_at', { withTimezone: true, mode: 'date' }).notNull().defaultNow(),
   },
   (t) => [primaryKey({ columns: [t.userId, t.key] }), index('idempotency_keys_created_at_idx').on(t.createdAt)],
 );

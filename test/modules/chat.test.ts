@@ -2,7 +2,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { eq, sql } from 'drizzle-orm';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { messages, users } from '../../src/db/schema.js';
+import { idempotencyKeys, messages, users } from '../../src/db/schema.js';
+import { requestHash } from '../../src/modules/chat/idempotency.js';
 import { flushStatementOn } from '../../src/modules/chat/service.js';
 import { countTokens } from '../../src/providers/models.js';
 import { createProject, createPrompt, expectProblem, insertMessages, registerUser, type RegisteredUser, revokeTokens, startTestApp, type TestApp } from '../support/app.js';
@@ -578,6 +579,34 @@ describe('streaming chat', () => {
 });
 
 describe('idempotency', () => {
+  it('keeps a key from being taken over while its stream goes on past the bound for a silent one', async () => {
+    // AI_TIMEOUT_MS is 2 s here: a running key that says nothing for 4 s is taken over. This stream
+    // takes about 5.6 s, a delta every 400 ms (each one pushes its deadline back).
+    const projectId = await newProject();
+    const key = { 'idempotency-key': `key-${uuidv7()}` };
+    fake.enqueue({ content: 'a b c d e f g h i j k l m n o', chunks: 15, chunkDelayMs: 400 });
+    const first = streamChat(projectId, { message: 'long' }, undefined, key).then((response) => readSse(response));
+    await sleep(4_600);
+    expectProblem(await chat(projectId, { message: 'long', stream: true }, key), 409, 'IDEMPOTENCY_CONFLICT');
+    expect((await first).at(-1)!.event).toBe('done');
+    expect(fake.requests).toHaveLength(1);
+    expect((await stored(projectId)).map((r) => r.role)).toEqual(['user', 'assistant']);
+  });
+
+  it('takes over a key that its request, on an instance that died, left running', async () => {
+    const projectId = await newProject();
+    const running = (key: string, aliveAt: Date) =>
+      t.testDb.database.db
+        .insert(idempotencyKeys)
+        .values({ userId: user.id, key, requestHash: requestHash({ projectId, message: 'again', stream: false }), state: 'running', aliveAt });
+    const alive = `key-${uuidv7()}`;
+    const dead = `key-${uuidv7()}`;
+    await running(alive, new Date());
+    await running(dead, new Date(Date.now() - 10_000));
+    expectProblem(await chat(projectId, { message: 'again' }, { 'idempotency-key': alive }), 409, 'IDEMPOTENCY_CONFLICT');
+    expect((await chat(projectId, { message: 'again' }, { 'idempotency-key': dead })).statusCode).toBe(200);
+  });
+
   it('replays the first result for the same key and body, without calling the provider again', async () => {
     const projectId = await newProject();
     const key = { 'idempotency-key': `key-${uuidv7()}` };

@@ -13,10 +13,14 @@ export function requestHash(parts: unknown): string {
   return createHash('sha256').update(JSON.stringify(parts)).digest('base64url');
 }
 
+/** A running key says it is alive this many times within the time after which it would be stale. */
+const BEATS_PER_STALE = 4;
+
 /**
  * Idempotency keys in PostgreSQL, so they hold across restarts and instances. A key is claimed by one
- * request at a time; its finished result is replayed for 24 h. A key left running by an instance that
- * died is taken over once the longest possible request (`staleAfterMs`) has passed.
+ * request at a time; its finished result is replayed for 24 h. The request holding a key says it is
+ * alive (`keepAlive`) for as long as it runs, a stream as long as its deltas keep coming: a key left
+ * running by an instance that died is taken over once it has said nothing for `staleAfterMs`.
  */
 export class IdempotencyStore<T> {
   constructor(
@@ -31,9 +35,9 @@ export class IdempotencyStore<T> {
       .values({ userId, key, requestHash: hash, state: 'running' })
       .onConflictDoUpdate({
         target: [idempotencyKeys.userId, idempotencyKeys.key],
-        set: { requestHash: hash, state: 'running', response: null, createdAt: sql`now()` },
+        set: { requestHash: hash, state: 'running', response: null, createdAt: sql`now()`, aliveAt: sql`now()` },
         setWhere: sql`${idempotencyKeys.createdAt} < now() - interval '${sql.raw(REPLAY_WINDOW)}'
-          or (${idempotencyKeys.state} = 'running' and ${idempotencyKeys.createdAt} < ${stale})`,
+          or (${idempotencyKeys.state} = 'running' and ${idempotencyKeys.aliveAt} < ${stale})`,
       })
       .returning({ key: idempotencyKeys.key });
     if (claimed.length) return { kind: 'claimed' };
@@ -51,6 +55,22 @@ export class IdempotencyStore<T> {
       throw new ApiError(409, 'IDEMPOTENCY_CONFLICT', 'A request with this Idempotency-Key is still in progress');
     }
     return { kind: 'replay', response: existing.response as T };
+  }
+
+  /**
+   * Says, until the returned function is called, that the request holding the key is at work. A beat
+   * that fails is not retried: the next one may get through, and at worst the key is taken over.
+   */
+  keepAlive(userId: string, key: string): () => void {
+    const beat = setInterval(() => {
+      this.db
+        .update(idempotencyKeys)
+        .set({ aliveAt: sql`now()` })
+        .where(and(eq(idempotencyKeys.userId, userId), eq(idempotencyKeys.key, key), eq(idempotencyKeys.state, 'running')))
+        .catch(() => undefined);
+    }, this.staleAfterMs / BEATS_PER_STALE);
+    beat.unref();
+    return () => clearInterval(beat);
   }
 
   async complete(userId: string, key: string, response: T): Promise<void> {

@@ -87,6 +87,8 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
 
         const claim = await idempotency.claim(userId, key, requestHash({ projectId, message, stream }));
         if (claim.kind === 'replay') return stream ? replayAsStream(claim.response, request, reply) : claim.response;
+        // A stream may run past any bound its deltas keep pushing back: the key is not taken over meanwhile.
+        const stopKeepingAlive = idempotency.keepAlive(userId, key);
         try {
           // Only a complete answer is kept for replay; after a failure the same key may be retried.
           const result = await answer((done) => idempotency.complete(userId, key, done));
@@ -95,6 +97,8 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         } catch (error) {
           await idempotency.release(userId, key);
           throw error;
+        } finally {
+          stopKeepingAlive();
         }
       }),
   );
