@@ -157,6 +157,9 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
       // connection for the next call; the answer does not wait for it. A consumer that stops early, or a
       // failure, leaves the body unread: its connection is closed.
       if (!chunks.readableEnded) {
+        // The loop's listeners are gone: an error the body emits from here on (undici's abort when it is
+        // destroyed, among them) is nobody's to hear, and unheard it would end the process.
+        chunks.on('error', () => {});
         if (ended) drainBriefly(chunks);
         else chunks.destroy();
       }
@@ -272,7 +275,7 @@ function drainBriefly(body: Readable): void {
   const timer = setTimeout(() => body.destroy(), DRAIN_AFTER_DONE_MS);
   timer.unref();
   body.once('close', () => clearTimeout(timer));
-  body.on('error', () => {}).resume();
+  body.resume();
 }
 
 /** How long to wait before retrying after `error`, or undefined when retrying cannot help. */
