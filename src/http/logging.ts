@@ -72,24 +72,47 @@ class RequestLogger implements FastifyBaseLogger {
 export const requestLogger: NonNullable<FastifyServerOptions['childLoggerFactory']> = (logger, bindings, options) =>
   options.level || options.serializers ? logger.child(bindings, options) : new RequestLogger(logger as Logger, bindings);
 
-/** How far down an error's causes a failed query is looked for. */
-const MAX_CAUSES = 8;
+/** How deep into the errors an error holds (causes, aggregated errors, properties) a failed query is looked for. */
+const MAX_DEPTH = 8;
+const REDACTED_VALUES = '\nparams: [redacted]';
+
+type SerializedError = ReturnType<typeof stdSerializers.err>;
+/** What pino's serializer makes of an error: an object of its own prototype. */
+const SERIALIZED_ERROR: unknown = Object.getPrototypeOf(stdSerializers.err(new Error()));
+const isSerializedError = (value: unknown): value is SerializedError =>
+  typeof value === 'object' && value !== null && Object.getPrototypeOf(value) === SERIALIZED_ERROR;
 
 /**
  * pino's error serializer, less the values of a failed query: drizzle writes every bound value into its
  * error's message (so into each message and stack it causes) and keeps them in `params`, and those are a
  * password hash, an email, a chat's text. The statement itself is kept, and what the database said.
  */
-export function serializeError(error: Error): ReturnType<typeof stdSerializers.err> {
+export function serializeError(error: Error): SerializedError {
   const serialized = stdSerializers.err(error);
-  let cause: unknown = error;
-  for (let depth = 0; cause instanceof Error && depth < MAX_CAUSES; cause = cause.cause, depth++) {
-    if (!(cause instanceof DrizzleQueryError)) continue;
-    // Exactly what drizzle wrote, wherever it went.
-    const values = `\nparams: ${String(cause.params)}`;
-    serialized.message = serialized.message.replaceAll(values, '\nparams: [redacted]');
-    serialized.stack = serialized.stack.replaceAll(values, '\nparams: [redacted]');
-  }
-  if (error instanceof DrizzleQueryError) delete (serialized as { params?: unknown }).params;
+  const values = queryValues(error, 0, []);
+  if (values.length > 0) redact(serialized, values, 0);
   return serialized;
+}
+
+/** The text drizzle wrote of each failed query's values, in `error` and in every error it holds. */
+function queryValues(error: unknown, depth: number, found: string[]): string[] {
+  if (!(error instanceof Error) || depth > MAX_DEPTH) return found;
+  if (error instanceof DrizzleQueryError) found.push(`\nparams: ${String(error.params)}`);
+  const held = [error.cause, ...(error instanceof AggregateError ? (error.errors as unknown[]) : []), ...Object.values(error)];
+  for (const value of held) queryValues(value, depth + 1, found);
+  return found;
+}
+
+/** Takes `values` out of what pino made of an error, and of the errors it made inside it (fresh objects, all). */
+function redact(serialized: SerializedError, values: string[], depth: number): void {
+  const without = (text: string) => values.reduce((rest, value) => rest.replaceAll(value, REDACTED_VALUES), text);
+  serialized.message = without(serialized.message);
+  serialized.stack = without(serialized.stack);
+  if (serialized.type === 'DrizzleQueryError') delete (serialized as { params?: unknown }).params;
+  if (depth >= MAX_DEPTH) return;
+  for (const value of Object.values(serialized)) {
+    for (const item of Array.isArray(value) ? (value as unknown[]) : [value]) {
+      if (isSerializedError(item)) redact(item, values, depth + 1);
+    }
+  }
 }

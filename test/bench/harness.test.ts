@@ -218,4 +218,18 @@ describe('closed-loop throughput', () => {
     expect(load.rps).toBeGreaterThan(load.windowRps);
     expect(load.rps).toBeLessThanOrEqual((3 * 1000) / ANSWER_MS);
   });
+
+  it('counts a connection whose request stalls at its rate over the whole window, not its rate before the stall', async () => {
+    // Every answer after 100 ms, but the third request never: one of the two connections stalls.
+    let requests = 0;
+    server = createServer((_req, res) => {
+      if (++requests !== 3) void sleep(100).then(() => res.end('{}'));
+    });
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const url = `http://127.0.0.1:${(server.address() as { port: number }).port}`;
+    const load = await runLoad({}, { url, connections: 2, durationSeconds: 1 });
+    // Counted up to its last answer alone, the stalled connection would count as much as the other.
+    expect(load.rps).toBeLessThan(1.5 * load.windowRps);
+  });
 });

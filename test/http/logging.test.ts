@@ -1,6 +1,7 @@
-import { sql } from 'drizzle-orm';
+import { DrizzleQueryError, sql } from 'drizzle-orm';
 import { afterAll, beforeAll, describe, expect, it, onTestFinished } from 'vitest';
 import { buildApp } from '../../src/app.js';
+import { serializeError } from '../../src/http/logging.js';
 import { startTestApp, testConfig, type TestApp, uniqueEmail } from '../support/app.js';
 import { createTestDatabase } from '../support/database.js';
 import { logCollector } from '../support/logs.js';
@@ -61,6 +62,19 @@ describe('request logs', () => {
 });
 
 describe('a failed statement in the logs', () => {
+  it('leaves out its values wherever the error logged holds it: as a cause, aggregated, or as a property', () => {
+    const failed = () => new DrizzleQueryError('insert into "users" ("email") values ($1)', ['someone@example.com'], new Error('the database said no'));
+    const aggregated = new AggregateError([failed()], 'several failed');
+    const held = Object.assign(new Error('a wrapper'), { inner: failed() });
+    const caused = new Error('a wrapper', { cause: failed() });
+    for (const error of [failed(), aggregated, held, caused]) {
+      const logged = JSON.stringify(serializeError(error));
+      expect(logged).not.toContain('someone@example.com');
+      expect(logged).toContain('params: [redacted]');
+    }
+    expect(JSON.stringify(serializeError(held))).toContain('the database said no');
+  });
+
   it('is logged without the values it carried: a password hash, an email, a name', async () => {
     const testDb = await createTestDatabase();
     onTestFinished(() => testDb.drop());

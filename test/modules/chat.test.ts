@@ -499,6 +499,12 @@ describe('streaming chat', () => {
 
   it('calls no provider for a client that left while its turn was prepared', async () => {
     const projectId = await newProject();
+    const abortedCalls = async () => {
+      const lines = (await t.app.inject({ method: 'GET', url: '/metrics' })).body.split('\n');
+      const series = lines.find((line) => line.startsWith('ai_provider_request_duration_seconds_count{') && line.includes('outcome="aborted"'));
+      return series ? Number(series.split(' ').at(-1)) : 0;
+    };
+    const abortedBefore = await abortedCalls();
     const { db } = t.testDb.database;
     let locked!: () => void;
     let release!: () => void;
@@ -522,6 +528,8 @@ describe('streaming chat', () => {
     await expect.poll(async () => (await stored(projectId)).length, { timeout: 5000 }).toBe(1);
     await sleep(300); // time enough for a provider call the turn should not make
     expect(fake.requests).toHaveLength(0);
+    // Nor is a call counted that was never made.
+    expect(await abortedCalls()).toBe(abortedBefore);
     expect((await stored(projectId)).map((r) => [r.role, r.content])).toEqual([['user', 'gone early']]);
   });
 
@@ -595,15 +603,21 @@ describe('idempotency', () => {
 
   it('takes over a key that its request, on an instance that died, left running', async () => {
     const projectId = await newProject();
-    const running = (key: string, aliveAt: Date) =>
+    const running = (key: string, createdAt: Date, aliveAt: Date) =>
       t.testDb.database.db
         .insert(idempotencyKeys)
-        .values({ userId: user.id, key, requestHash: requestHash({ projectId, message: 'again', stream: false }), state: 'running', aliveAt });
+        .values({ userId: user.id, key, requestHash: requestHash({ projectId, message: 'again', stream: false }), state: 'running', createdAt, aliveAt });
+    const now = new Date();
+    const past = new Date(Date.now() - 10_000);
     const alive = `key-${uuidv7()}`;
     const dead = `key-${uuidv7()}`;
-    await running(alive, new Date());
-    await running(dead, new Date(Date.now() - 10_000));
+    // Taken over by an instance of the code before alive_at, which moves created_at alone.
+    const takenOver = `key-${uuidv7()}`;
+    await running(alive, past, now);
+    await running(dead, past, past);
+    await running(takenOver, now, past);
     expectProblem(await chat(projectId, { message: 'again' }, { 'idempotency-key': alive }), 409, 'IDEMPOTENCY_CONFLICT');
+    expectProblem(await chat(projectId, { message: 'again' }, { 'idempotency-key': takenOver }), 409, 'IDEMPOTENCY_CONFLICT');
     expect((await chat(projectId, { message: 'again' }, { 'idempotency-key': dead })).statusCode).toBe(200);
   });
 

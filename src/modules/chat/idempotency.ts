@@ -16,11 +16,18 @@ export function requestHash(parts: unknown): string {
 /** A running key says it is alive this many times within the time after which it would be stale. */
 const BEATS_PER_STALE = 4;
 
+/** What a request holding a key tells the store while it runs (see `IdempotencyStore.keepAlive`). */
+export interface KeyHold {
+  /** The request got somewhere (a stream, a delta to its client): the next beat says it is alive. */
+  progressed(): void;
+  stop(): void;
+}
+
 /**
  * Idempotency keys in PostgreSQL, so they hold across restarts and instances. A key is claimed by one
- * request at a time; its finished result is replayed for 24 h. The request holding a key says it is
- * alive (`keepAlive`) for as long as it runs, a stream as long as its deltas keep coming: a key left
- * running by an instance that died is taken over once it has said nothing for `staleAfterMs`.
+ * request at a time; its finished result is replayed for 24 h. A key left running by an instance that
+ * died is taken over once it has said nothing for `staleAfterMs`: no JSON turn runs that long, and a
+ * stream says it is alive (`keepAlive`) as long as its deltas reach its client.
  */
 export class IdempotencyStore<T> {
   constructor(
@@ -36,8 +43,9 @@ export class IdempotencyStore<T> {
       .onConflictDoUpdate({
         target: [idempotencyKeys.userId, idempotencyKeys.key],
         set: { requestHash: hash, state: 'running', response: null, createdAt: sql`now()`, aliveAt: sql`now()` },
+        // `created_at` too: an instance of the code before `alive_at` takes a key over by it alone.
         setWhere: sql`${idempotencyKeys.createdAt} < now() - interval '${sql.raw(REPLAY_WINDOW)}'
-          or (${idempotencyKeys.state} = 'running' and ${idempotencyKeys.aliveAt} < ${stale})`,
+          or (${idempotencyKeys.state} = 'running' and greatest(${idempotencyKeys.createdAt}, ${idempotencyKeys.aliveAt}) < ${stale})`,
       })
       .returning({ key: idempotencyKeys.key });
     if (claimed.length) return { kind: 'claimed' };
@@ -58,11 +66,15 @@ export class IdempotencyStore<T> {
   }
 
   /**
-   * Says, until the returned function is called, that the request holding the key is at work. A beat
-   * that fails is not retried: the next one may get through, and at worst the key is taken over.
+   * Until `stop`, says the request holding the key is alive whenever it has `progressed` since it last
+   * said so: a stream whose client stopped reading, stuck on its next write, falls silent. A beat that
+   * fails is not retried: the next one may get through, and at worst the key is taken over.
    */
-  keepAlive(userId: string, key: string): () => void {
+  keepAlive(userId: string, key: string): KeyHold {
+    let progressed = false;
     const beat = setInterval(() => {
+      if (!progressed) return;
+      progressed = false;
       this.db
         .update(idempotencyKeys)
         .set({ aliveAt: sql`now()` })
@@ -70,7 +82,7 @@ export class IdempotencyStore<T> {
         .catch(() => undefined);
     }, this.staleAfterMs / BEATS_PER_STALE);
     beat.unref();
-    return () => clearInterval(beat);
+    return { progressed: () => (progressed = true), stop: () => clearInterval(beat) };
   }
 
   async complete(userId: string, key: string, response: T): Promise<void> {

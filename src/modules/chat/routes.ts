@@ -77,35 +77,41 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         // A keyed turn may still be refused (or replayed) after its checks: its question waits for the claim.
         const turn = await chat.prepare(request.user, projectId, message, { storeEarly: !key, stream });
         // `keep` runs before the client hears the turn is done, so that a retry it sends then is a replay.
-        const answer = async (keep?: KeepResult) => {
-          if (stream) return streamTurn(chat, turn, request, reply, interrupt, keep);
+        const answer = async (keyed?: KeyedTurn) => {
+          if (stream) return streamTurn(chat, turn, request, reply, interrupt, keyed);
           const result = await chat.complete(turn, interrupt);
-          await keep?.(result);
+          await keyed?.keep(result);
           return result;
         };
         if (!key) return answer();
 
         const claim = await idempotency.claim(userId, key, requestHash({ projectId, message, stream }));
         if (claim.kind === 'replay') return stream ? replayAsStream(claim.response, request, reply) : claim.response;
-        // A stream may run past any bound its deltas keep pushing back: the key is not taken over meanwhile.
-        const stopKeepingAlive = idempotency.keepAlive(userId, key);
+        // A stream may run past any fixed bound, each delta pushing its deadline back: as long as its deltas
+        // reach its client, its key is not taken over.
+        const hold = idempotency.keepAlive(userId, key);
         try {
           // Only a complete answer is kept for replay; after a failure the same key may be retried.
-          const result = await answer((done) => idempotency.complete(userId, key, done));
+          const result = await answer({ keep: (done) => idempotency.complete(userId, key, done), progressed: hold.progressed });
           if (!result) await idempotency.release(userId, key);
           return stream ? reply : result;
         } catch (error) {
           await idempotency.release(userId, key);
           throw error;
         } finally {
-          stopKeepingAlive();
+          hold.stop();
         }
       }),
   );
 };
 
-/** Stores a complete result for replay (idempotency) before it is announced. */
-type KeepResult = (result: ChatResult) => Promise<void>;
+/** What a turn with an Idempotency-Key does beside answering. */
+interface KeyedTurn {
+  /** Stores a complete result for replay before it is announced. */
+  keep(result: ChatResult): Promise<void>;
+  /** A delta reached the client: the key's request is alive. */
+  progressed(): void;
+}
 
 function openStream(request: FastifyRequest, reply: FastifyReply): EventStream {
   reply.hijack();
@@ -126,7 +132,7 @@ async function streamTurn(
   request: FastifyRequest,
   reply: FastifyReply,
   interrupt: AbortSignal,
-  keep?: KeepResult,
+  keyed?: KeyedTurn,
 ): Promise<ChatResult | undefined> {
   let events: EventStream | undefined;
   let userMessageId: string | undefined;
@@ -134,8 +140,8 @@ async function streamTurn(
   const leave = () => {
     if (!reply.raw.writableFinished) clientGone.abort();
   };
-  // A client may have left while the turn was prepared: then its close has come and gone, and no
-  // provider is called for it.
+  // A client may have left while the turn was prepared: then its close has come and gone (and the turn
+  // calls no provider for it).
   if (reply.raw.destroyed) leave();
   else reply.raw.once('close', leave);
   try {
@@ -147,14 +153,17 @@ async function streamTurn(
           events = openStream(request, reply);
           return events.send('user_message', { userMessage });
         },
-        delta: (content) => events!.send('delta', { content }),
+        delta: async (content) => {
+          await events!.send('delta', { content });
+          keyed?.progressed();
+        },
       },
       clientGone.signal,
       interrupt,
     );
     if (outcome.kind === 'complete') {
       const { assistantMessage, usage } = outcome.result;
-      await keep?.(outcome.result);
+      await keyed?.keep(outcome.result);
       await events!.send('done', { assistantMessage, usage });
       return outcome.result;
     }

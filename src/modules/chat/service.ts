@@ -348,6 +348,8 @@ export class ChatService {
    */
   async stream(turn: PreparedTurn, observer: TurnObserver, clientGone: AbortSignal, interrupt: AbortSignal): Promise<StreamOutcome> {
     const userMessage = await this.storeQuestion(turn);
+    // A client that left while the turn was prepared: nobody to answer, so no provider to call.
+    if (clientGone.aborted) return { kind: 'client-gone' };
     // Aborted by whichever comes first of the deadline, the client leaving and the interrupt.
     const call = new CallDeadline(this.config.AI_TIMEOUT_MS, clientGone, interrupt);
     const request: ChatRequest = {
