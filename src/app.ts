@@ -9,7 +9,6 @@ import { answerClientError, answerFrameworkError, registerErrorHandling, Shuttin
 import { registerHardening } from './http/hardening.js';
 import { requestLogger, serializeError } from './http/logging.js';
 import { registerMetrics } from './http/metrics.js';
-import { catalogName } from './providers/models.js';
 import { registerOpenApi } from './http/openapi.js';
 import { registerRateLimits } from './http/rate-limit.js';
 import { authRoutes } from './modules/auth/routes.js';
@@ -30,6 +29,7 @@ import { ProjectsService } from './modules/projects/service.js';
 import { promptRoutes } from './modules/prompts/routes.js';
 import { PromptsService } from './modules/prompts/service.js';
 import { meterProviders } from './providers/metered.js';
+import { catalogName } from './providers/models.js';
 import { createProviders } from './providers/registry.js';
 
 export interface AppDependencies {
