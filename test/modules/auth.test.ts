@@ -1,4 +1,4 @@
-import { generateKeyPairSync } from 'node:crypto';
+import { generateKeyPairSync, randomUUID } from 'node:crypto';
 import bcrypt from 'bcrypt';
 import { eq } from 'drizzle-orm';
 import { createSigner } from 'fast-jwt';
@@ -50,6 +50,17 @@ describe('register', () => {
     expect(row!.passwordHash).toMatch(/^\$2b\$05\$/);
     expect(row!.passwordHash).not.toContain('plain-text-secret');
     expect(await bcrypt.compare('plain-text-secret', row!.passwordHash)).toBe(true);
+  });
+
+  it('takes an address of 254 characters with spaces around it, its length counted once trimmed', async () => {
+    const local = `u${randomUUID().replaceAll('-', '')}`.padEnd(64, 'a');
+    const address = `${local}@${'b'.repeat(60)}.${'c'.repeat(60)}.${'d'.repeat(63)}.com`;
+    expect(address).toHaveLength(254);
+    const registered = await register({ email: `    ${address}    `, password: 'password-1', name: 'Long' });
+    expect(registered.statusCode).toBe(201);
+    expect(registered.json().user.email).toBe(address);
+    expect((await login({ email: ` ${address.toUpperCase()} `, password: 'password-1' })).statusCode).toBe(200);
+    expectProblem(await register({ email: `a${address}`, password: 'password-1', name: 'Longer' }), 400, 'VALIDATION_ERROR');
   });
 
   it('refuses a duplicate email in any letter case with 409', async () => {

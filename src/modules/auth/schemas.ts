@@ -12,10 +12,11 @@ export const password = z
     message: `must be at most ${MAX_PASSWORD_BYTES} bytes in UTF-8`,
   });
 
+// Trimmed before its length is checked: the address is what is left (the body limit bounds the rest).
 export const email = z
   .string()
-  .max(254)
   .trim()
+  .max(254)
   .toLowerCase()
   .pipe(z.email({ message: 'must be a valid email address' }));
 
