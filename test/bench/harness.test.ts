@@ -135,6 +135,13 @@ describe('alternating sides', () => {
   });
 });
 
+/** Listens on a free loopback port; its URL. */
+async function urlOf(listening: Server): Promise<string> {
+  listening.listen(0, '127.0.0.1');
+  await once(listening, 'listening');
+  return `http://127.0.0.1:${(listening.address() as { port: number }).port}`;
+}
+
 describe('timing a stream', () => {
   let server: Server | undefined;
   afterEach(async () => {
@@ -152,9 +159,7 @@ describe('timing a stream', () => {
       }
       res.end();
     });
-    server.listen(0, '127.0.0.1');
-    await once(server, 'listening');
-    return `http://127.0.0.1:${(server.address() as { port: number }).port}`;
+    return urlOf(server);
   }
 
   it('counts our deltas and done, when an event is split across writes', async () => {
@@ -188,9 +193,7 @@ describe('timing a stream', () => {
 
   it('says a stream failed when the status is not 200', async () => {
     server = createServer((_req, res) => res.writeHead(503).end());
-    server.listen(0, '127.0.0.1');
-    await once(server, 'listening');
-    const client = new HttpClient(`http://127.0.0.1:${(server.address() as { port: number }).port}`);
+    const client = new HttpClient(await urlOf(server));
     const timing = await client.stream('/', '{}', OUR_EVENTS);
     client.close();
     expect(timing).toMatchObject({ status: 503, error: 'status 503', done: false });
@@ -208,9 +211,7 @@ describe('closed-loop throughput', () => {
     // Every answer takes 400 ms at least: a connection makes at most 2.5 requests a second.
     const ANSWER_MS = 400;
     server = createServer((_req, res) => void sleep(ANSWER_MS).then(() => res.end('{}')));
-    server.listen(0, '127.0.0.1');
-    await once(server, 'listening');
-    const url = `http://127.0.0.1:${(server.address() as { port: number }).port}`;
+    const url = await urlOf(server);
     const load = await runLoad({}, { url, connections: 3, durationSeconds: 1 });
     expect(load.errors).toBe(0);
     // Counted over the window, each connection's third answer (at 1.2 s at the earliest) is left out.
@@ -225,9 +226,7 @@ describe('closed-loop throughput', () => {
     server = createServer((_req, res) => {
       if (++requests !== 3) void sleep(100).then(() => res.end('{}'));
     });
-    server.listen(0, '127.0.0.1');
-    await once(server, 'listening');
-    const url = `http://127.0.0.1:${(server.address() as { port: number }).port}`;
+    const url = await urlOf(server);
     const load = await runLoad({}, { url, connections: 2, durationSeconds: 1 });
     // Counted up to its last answer alone, the stalled connection would count as much as the other.
     expect(load.rps).toBeLessThan(1.5 * load.windowRps);

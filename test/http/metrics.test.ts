@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { createProject, registerUser, type RegisteredUser, startTestAppWithUpstream, type TestAppWithUpstream } from '../support/app.js';
+import { seriesValue } from '../support/metrics.js';
 import { readSse } from '../support/sse.js';
 
 let t: TestAppWithUpstream;
@@ -20,16 +21,6 @@ async function scrape(): Promise<string> {
   return response.body;
 }
 
-/** The value of the series `name` whose labels include `labels`; 0 when there is none yet. */
-function valueOf(text: string, name: string, labels: Record<string, string> = {}): number {
-  for (const line of text.split('\n')) {
-    const series = /^(\w+)(?:\{(.*)\})? (\S+)$/.exec(line);
-    if (!series || series[1] !== name) continue;
-    const has = Object.fromEntries([...(series[2] ?? '').matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)].map((label) => [label[1], label[2]]));
-    if (Object.entries(labels).every(([key, value]) => has[key] === value)) return Number(series[3]);
-  }
-  return 0;
-}
 
 const chat = (projectId: string, stream = false) =>
   t.app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: user.auth, payload: { message: 'How many tokens?', stream } });
@@ -64,11 +55,11 @@ describe('GET /metrics', () => {
     await t.app.inject({ method: 'GET', url: strangePath });
 
     const after = await scrape();
-    expect(valueOf(after, 'http_request_duration_seconds_count', health) - valueOf(before, 'http_request_duration_seconds_count', health)).toBe(3);
-    expect(valueOf(after, 'http_request_duration_seconds_sum', health)).toBeGreaterThan(0);
-    expect(valueOf(after, 'http_request_duration_seconds_bucket', { ...health, le: '+Inf' })).toBe(valueOf(after, 'http_request_duration_seconds_count', health));
-    expect(valueOf(after, 'http_request_duration_seconds_count', { route: '/api/v1/projects/:projectId', status: '404' })).toBeGreaterThanOrEqual(1);
-    expect(valueOf(after, 'http_request_duration_seconds_count', { route: 'unmatched', status: '404' })).toBeGreaterThanOrEqual(1);
+    expect(seriesValue(after, 'http_request_duration_seconds_count', health) - seriesValue(before, 'http_request_duration_seconds_count', health)).toBe(3);
+    expect(seriesValue(after, 'http_request_duration_seconds_sum', health)).toBeGreaterThan(0);
+    expect(seriesValue(after, 'http_request_duration_seconds_bucket', { ...health, le: '+Inf' })).toBe(seriesValue(after, 'http_request_duration_seconds_count', health));
+    expect(seriesValue(after, 'http_request_duration_seconds_count', { route: '/api/v1/projects/:projectId', status: '404' })).toBeGreaterThanOrEqual(1);
+    expect(seriesValue(after, 'http_request_duration_seconds_count', { route: 'unmatched', status: '404' })).toBeGreaterThanOrEqual(1);
     // Templates, never URLs: what a client puts in a path does not make new series.
     expect(after).not.toContain(unknownProject);
     expect(after).not.toContain(strangePath);
@@ -76,7 +67,7 @@ describe('GET /metrics', () => {
 
   it('leaves liveness probes out (config `metrics: false`), and only them', async () => {
     const count = (text: string, route: string, method = 'GET') =>
-      valueOf(text, 'http_request_duration_seconds_count', { method, route, status: '200' });
+      seriesValue(text, 'http_request_duration_seconds_count', { method, route, status: '200' });
     const before = await scrape();
     for (let request = 0; request < 5; request++) {
       expect((await t.app.inject({ method: 'GET', url: '/health/live' })).statusCode).toBe(200);
@@ -104,7 +95,7 @@ describe('GET /metrics', () => {
 
     const after = await scrape();
     const delta = (name: string, extra: Record<string, string> = {}) =>
-      valueOf(after, name, { ...labels, ...extra }) - valueOf(before, name, { ...labels, ...extra });
+      seriesValue(after, name, { ...labels, ...extra }) - seriesValue(before, name, { ...labels, ...extra });
     expect(delta('ai_provider_tokens_total', { type: 'prompt' })).toBe(11);
     expect(delta('ai_provider_tokens_total', { type: 'completion' })).toBe(7);
     expect(delta('ai_provider_request_duration_seconds_count', { operation: 'complete', outcome: 'ok' })).toBe(1);
@@ -122,8 +113,8 @@ describe('GET /metrics', () => {
     const after = await scrape();
     expect(after).not.toContain(secret);
     const calls = (model: string) =>
-      valueOf(after, 'ai_provider_request_duration_seconds_count', { provider: 'openai', model, operation: 'complete', outcome: 'ok' }) -
-      valueOf(before, 'ai_provider_request_duration_seconds_count', { provider: 'openai', model, operation: 'complete', outcome: 'ok' });
+      seriesValue(after, 'ai_provider_request_duration_seconds_count', { provider: 'openai', model, operation: 'complete', outcome: 'ok' }) -
+      seriesValue(before, 'ai_provider_request_duration_seconds_count', { provider: 'openai', model, operation: 'complete', outcome: 'ok' });
     expect(calls('gpt-4o')).toBe(1);
     expect(calls('other')).toBe(1);
   });
@@ -139,15 +130,15 @@ describe('GET /metrics', () => {
     });
     let openDuringStream: Promise<number> | undefined;
     const events = await readSse(response, (event) => {
-      if (event.event === 'delta') openDuringStream ??= scrape().then((text) => valueOf(text, 'sse_streams_open'));
+      if (event.event === 'delta') openDuringStream ??= scrape().then((text) => seriesValue(text, 'sse_streams_open'));
     });
     expect(events.at(-1)!.event).toBe('done');
     expect(await openDuringStream).toBe(1);
     const after = await scrape();
-    expect(valueOf(after, 'sse_streams_open')).toBe(0);
+    expect(seriesValue(after, 'sse_streams_open')).toBe(0);
     const labels = { provider: 'openai', model: 'gpt-4o-mini' };
-    expect(valueOf(after, 'ai_provider_tokens_total', { ...labels, type: 'completion' }) - valueOf(before, 'ai_provider_tokens_total', { ...labels, type: 'completion' })).toBe(4);
-    expect(valueOf(after, 'ai_provider_request_duration_seconds_count', { ...labels, operation: 'stream', outcome: 'ok' })).toBe(1);
+    expect(seriesValue(after, 'ai_provider_tokens_total', { ...labels, type: 'completion' }) - seriesValue(before, 'ai_provider_tokens_total', { ...labels, type: 'completion' })).toBe(4);
+    expect(seriesValue(after, 'ai_provider_request_duration_seconds_count', { ...labels, operation: 'stream', outcome: 'ok' })).toBe(1);
   });
 
   it('goes back to no open stream when the client leaves mid-stream', async () => {
@@ -163,16 +154,16 @@ describe('GET /metrics', () => {
     await readSse(response, (event) => (event.event === 'delta' ? 'stop' : undefined), controller);
     await t.fake.waitForClientClose();
     const giveUpAt = Date.now() + 5_000;
-    while (valueOf(await scrape(), 'sse_streams_open') !== 0 && Date.now() < giveUpAt) await new Promise((resolve) => setTimeout(resolve, 20));
-    expect(valueOf(await scrape(), 'sse_streams_open')).toBe(0);
-    expect(valueOf(await scrape(), 'ai_provider_request_duration_seconds_count', { operation: 'stream', outcome: 'aborted' })).toBe(1);
+    while (seriesValue(await scrape(), 'sse_streams_open') !== 0 && Date.now() < giveUpAt) await new Promise((resolve) => setTimeout(resolve, 20));
+    expect(seriesValue(await scrape(), 'sse_streams_open')).toBe(0);
+    expect(seriesValue(await scrape(), 'ai_provider_request_duration_seconds_count', { operation: 'stream', outcome: 'aborted' })).toBe(1);
   });
 
   it('shows the PostgreSQL pool (embedded PGlite has none)', async () => {
     const text = await scrape();
     if (t.testDb.database.kind === 'postgres') {
       expect(text).toContain('# TYPE db_pool_connections gauge');
-      expect(valueOf(text, 'db_pool_connections', { state: 'idle' }) + valueOf(text, 'db_pool_connections', { state: 'busy' })).toBeGreaterThan(0);
+      expect(seriesValue(text, 'db_pool_connections', { state: 'idle' }) + seriesValue(text, 'db_pool_connections', { state: 'busy' })).toBeGreaterThan(0);
       expect(text).toMatch(/^db_pool_waiting_queries \d+$/m);
     } else {
       expect(text).not.toContain('db_pool_connections');

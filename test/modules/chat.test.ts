@@ -8,6 +8,7 @@ import { flushStatementOn } from '../../src/modules/chat/service.js';
 import { countTokens } from '../../src/providers/models.js';
 import { createProject, createPrompt, expectProblem, insertMessages, registerUser, type RegisteredUser, revokeTokens, startTestApp, type TestApp } from '../support/app.js';
 import { FakeUpstream, UPSTREAM_ERROR_TEXT } from '../support/fake-upstream.js';
+import { seriesValue } from '../support/metrics.js';
 import { readSse, type SseEvent } from '../support/sse.js';
 
 let fake: FakeUpstream;
@@ -499,11 +500,8 @@ describe('streaming chat', () => {
 
   it('calls no provider for a client that left while its turn was prepared', async () => {
     const projectId = await newProject();
-    const abortedCalls = async () => {
-      const lines = (await t.app.inject({ method: 'GET', url: '/metrics' })).body.split('\n');
-      const series = lines.find((line) => line.startsWith('ai_provider_request_duration_seconds_count{') && line.includes('outcome="aborted"'));
-      return series ? Number(series.split(' ').at(-1)) : 0;
-    };
+    const abortedCalls = async () =>
+      seriesValue((await t.app.inject({ method: 'GET', url: '/metrics' })).body, 'ai_provider_request_duration_seconds_count', { outcome: 'aborted' });
     const abortedBefore = await abortedCalls();
     const { db } = t.testDb.database;
     let locked!: () => void;
