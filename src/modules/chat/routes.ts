@@ -88,18 +88,19 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         const claim = await idempotency.claim(userId, key, requestHash({ projectId, message, stream }));
         if (claim.kind === 'replay') return stream ? replayAsStream(claim.response, request, reply) : claim.response;
         // A stream may run past any fixed bound, each delta pushing its deadline back: as long as its deltas
-        // reach its client, its key is not taken over.
-        const hold = idempotency.keepAlive(userId, key);
+        // reach its client, its key is not taken over. A JSON turn ends within its deadline, half the time
+        // after which a silent key is stale, so it needs no beat.
+        const hold = stream ? idempotency.keepAlive(userId, key) : undefined;
         try {
           // Only a complete answer is kept for replay; after a failure the same key may be retried.
-          const result = await answer({ keep: (done) => idempotency.complete(userId, key, done), progressed: hold.progressed });
+          const result = await answer({ keep: (done) => idempotency.complete(userId, key, done), progressed: () => hold?.progressed() });
           if (!result) await idempotency.release(userId, key);
           return stream ? reply : result;
         } catch (error) {
           await idempotency.release(userId, key);
           throw error;
         } finally {
-          hold.stop();
+          hold?.stop();
         }
       }),
   );
