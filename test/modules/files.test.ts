@@ -4,7 +4,7 @@ import { request as httpRequest } from 'node:http';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
-import { eq } from 'drizzle-orm';
+import { eq, sql } from 'drizzle-orm';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { files } from '../../src/db/schema.js';
@@ -267,6 +267,39 @@ describe('deleting what holds files', () => {
       expect(await rowsOf(projectId)).toHaveLength(0);
     }
   });
+});
+
+describe.skipIf(!process.env.TEST_DATABASE_URL)('an upload racing the delete of what holds it (PostgreSQL: concurrent connections)', () => {
+  // The delete's transaction sleeps after its file rows are gone, for an upload to finish meanwhile.
+  beforeAll(async () => {
+    await t.testDb.database.db.execute(
+      sql.raw(`create function test_pause() returns trigger language plpgsql as $$ begin perform pg_sleep(1); return null; end $$;
+        create trigger test_pause after delete on files for each statement execute function test_pause();`),
+    );
+  });
+  afterAll(async () => {
+    await t.testDb.database.db.execute(sql.raw('drop trigger test_pause on files; drop function test_pause();'));
+  });
+
+  const deletes = {
+    project: (owner: RegisteredUser, projectId: string) => remove(`/api/v1/projects/${projectId}`, owner),
+    account: (owner: RegisteredUser) =>
+      t.app.inject({ method: 'DELETE', url: '/api/v1/auth/me', headers: owner.auth, payload: { password: owner.password } }),
+  };
+  for (const [what, deleteIt] of Object.entries(deletes)) {
+    it(`is refused, its bytes and provider copy removed, when the ${what} goes first`, async () => {
+      const owner = await registerUser(t.app);
+      const projectId = await newProject(owner);
+      const deleting = deleteIt(owner, projectId);
+      await sleep(300);
+      const uploading = await send(projectId, multipart({ filename: 'late.txt', type: 'text/plain', content: 'uploaded during the delete' }), owner);
+      expect((await deleting).statusCode).toBe(204);
+
+      expectProblem(uploading, 404, 'NOT_FOUND');
+      expect(storedPaths().filter((path) => path.startsWith(projectId))).toEqual([]);
+      expect(fake.files.size).toBe(0);
+    });
+  }
 });
 
 describe('list', () => {

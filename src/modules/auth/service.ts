@@ -80,8 +80,12 @@ export class AuthService {
   /** Deletes the account; foreign keys cascade to its projects and everything under them. */
   async deleteMe(userId: string, input: { password: string }, log: FastifyBaseLogger): Promise<void> {
     await this.checkPassword(userId, input.password);
-    // File rows first, in the same transaction: the cascade would forget which bytes and provider copies to remove.
+    // File rows first, in the same transaction: the cascade would forget which bytes and provider copies to
+    // remove. The account and its projects are locked before, so that no upload (nor a project to upload
+    // into) adds a row between the two deletes for the cascade to take.
     const removedFiles = await this.db.transaction(async (tx) => {
+      await tx.select({ id: users.id }).from(users).where(eq(users.id, userId)).for('update');
+      await tx.select({ id: projects.id }).from(projects).where(eq(projects.userId, userId)).for('update');
       const fileRows = await tx
         .delete(files)
         .where(inArray(files.projectId, tx.select({ id: projects.id }).from(projects).where(eq(projects.userId, userId))))

@@ -152,10 +152,13 @@ export class ProjectsService {
 
   /**
    * Foreign keys cascade to the project's prompts and messages. Its file rows are deleted first, in the
-   * same transaction, because the cascade would forget which bytes and provider copies to remove.
+   * same transaction, because the cascade would forget which bytes and provider copies to remove; the
+   * project is locked before, so that no upload adds a row between the two deletes for the cascade to
+   * take (its insert waits, then finds no project: 404, and removes its bytes).
    */
   async delete(userId: string, projectId: string, log: FastifyBaseLogger): Promise<void> {
     const removedFiles = await this.db.transaction(async (tx) => {
+      await tx.select({ id: projects.id }).from(projects).where(ownedProject(userId, projectId)).for('update');
       const fileRows = await tx
         .delete(files)
         .where(inOwnedProject(files.projectId, userId, projectId))
