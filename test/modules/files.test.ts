@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { request as httpRequest } from 'node:http';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -300,6 +300,37 @@ describe.skipIf(!process.env.TEST_DATABASE_URL)('an upload racing the delete of 
       expect(fake.files.size).toBe(0);
     });
   }
+});
+
+describe('bytes that cannot be removed', () => {
+  /** Puts a folder where a file's bytes are: removing them then fails, as on a volume gone read-only. */
+  function jam(projectId: string, file: FileDto): void {
+    const path = join(storageRoot, projectId, file.id);
+    rmSync(path);
+    mkdirSync(join(path, 'stuck'), { recursive: true });
+  }
+
+  it('a project deletion still answers 204 and removes every other file\'s bytes and every provider copy', async () => {
+    const projectId = await newProject();
+    const [first, second] = [await upload(projectId, 'first'), await upload(projectId, 'second')];
+    jam(projectId, first!);
+
+    expect((await remove(`/api/v1/projects/${projectId}`)).statusCode).toBe(204);
+    expect(await rowsOf(projectId)).toHaveLength(0);
+    expect(existsSync(join(storageRoot, projectId, second!.id))).toBe(false);
+    expect(fake.files.has(first!.providerFileId!)).toBe(false);
+    expect(fake.files.has(second!.providerFileId!)).toBe(false);
+  });
+
+  it('a file deletion still answers 204 and deletes the provider copy', async () => {
+    const projectId = await newProject();
+    const file = await upload(projectId, 'stuck');
+    jam(projectId, file);
+
+    expect((await remove(filesUrl(projectId, `/${file.id}`))).statusCode).toBe(204);
+    expect(await rowsOf(projectId)).toHaveLength(0);
+    expect(fake.files.has(file.providerFileId!)).toBe(false);
+  });
 });
 
 describe('list', () => {

@@ -163,10 +163,19 @@ export class FilesService {
     await this.discard([row], log);
   }
 
-  /** Removes the bytes and provider copies of file rows already deleted (a file, a project, an account). */
+  /**
+   * Removes the bytes and provider copies of file rows already deleted (a file, a project, an account).
+   * The delete has committed: bytes that cannot be removed (a volume gone read-only) are logged and
+   * left, like a provider copy, and the rest is still done; they are stray bytes no row names.
+   */
   async discard(rows: DeletedFile[], log: FastifyBaseLogger): Promise<void> {
     for (const row of rows) {
-      await this.storage.remove(storageKey(row));
+      const key = storageKey(row);
+      try {
+        await this.storage.remove(key);
+      } catch (error) {
+        log.warn({ err: error, key }, 'file bytes not removed');
+      }
       if (row.providerFileId) await this.deleteProviderCopy(row.providerFileId, log);
     }
   }
