@@ -1,5 +1,6 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { eq, sql } from 'drizzle-orm';
+import pg from 'pg';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { idempotencyKeys, messages, users } from '../../src/db/schema.js';
@@ -707,6 +708,43 @@ describe('concurrency', () => {
     const rows = await stored(projectId);
     expect(rows).toHaveLength(40);
     expect(new Set(rows.map((r) => r.content)).size).toBe(40);
+  });
+});
+
+describe.skipIf(!process.env.TEST_DATABASE_URL)('a question stored late (PostgreSQL: concurrent connections)', () => {
+  /** The project's messages a page of one at a time from `cursor`, while `more` says to go on. */
+  async function walkMessages(projectId: string, seen: string[], cursor: string | undefined, more: () => boolean) {
+    do {
+      const url = `/api/v1/projects/${projectId}/messages?limit=1${cursor ? `&cursor=${cursor}` : ''}`;
+      const page = (await t.app.inject({ method: 'GET', url, headers: user.auth })).json();
+      seen.push(...page.data.map((m: { content: string }) => m.content));
+      cursor = page.nextCursor ?? undefined;
+    } while (cursor && more());
+    return cursor;
+  }
+
+  it('is listed after what was stored before it: a cursor walk already past that finds it', async () => {
+    const projectId = await newProject();
+    await chat(projectId, { message: 'first' });
+    // Another transaction holds the key's row: the keyed turn waits at its claim, after it was prepared.
+    const blocker = new pg.Client({ connectionString: t.testDb.url });
+    await blocker.connect();
+    try {
+      await blocker.query('begin');
+      await blocker.query(`insert into idempotency_keys (user_id, key, request_hash, state) values ($1, 'late', 'held', 'running')`, [user.id]);
+      const keyed = chat(projectId, { message: 'keyed' }, { 'idempotency-key': 'late' });
+      while ((await blocker.query('select 1 from pg_stat_activity where pg_backend_pid() = any(pg_blocking_pids(pid))')).rowCount === 0) await sleep(10);
+      expect((await chat(projectId, { message: 'plain' })).statusCode).toBe(200);
+
+      const seen: string[] = [];
+      const cursor = await walkMessages(projectId, seen, undefined, () => !seen.includes('plain'));
+      await blocker.query('rollback');
+      expect((await keyed).statusCode).toBe(200);
+      await walkMessages(projectId, seen, cursor, () => true);
+      expect(seen).toEqual(['first', 'Echo: first', 'plain', 'Echo: plain', 'keyed', 'Echo: keyed']);
+    } finally {
+      await blocker.end();
+    }
   });
 });
 

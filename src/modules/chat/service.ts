@@ -76,17 +76,17 @@ function turnStatementOn(db: Db) {
   // and model, and its prompts and the question fit that model's budget even counted a token a byte
   // (no token is shorter: `promptsRoom` is what the question's bytes leave). Any other turn is checked
   // first and its question stored after (`storeQuestion`): a refused turn stores nothing.
-  const question = db.$with('question', { id: sql<string>`id` }).as(
+  const question = db.$with('question', { createdAt: sql`created_at` }).as(
     sql`insert into ${messages} (id, project_id, role, content, status, tokens, token_encoding, created_at)
       select ${sql.placeholder('questionId')}::uuid, ${projects.id}, 'user', ${sql.placeholder('text')}::text, 'complete',
-        ${sql.placeholder('tokens')}::integer, ${sql.placeholder('encoding')}::text, ${sql.placeholder('createdAt')}::timestamptz
+        ${sql.placeholder('tokens')}::integer, ${sql.placeholder('encoding')}::text, ${STORED_NOW}
       from ${users} join ${projects} on ${projects.userId} = ${users.id}
       where ${users.id} = ${sql.placeholder('userId')} and ${users.tokenVersion} = ${sql.placeholder('tokenVersion')}::integer
         and ${projects.id} = ${sql.placeholder('projectId')} and ${projects.provider} is null and ${projects.model} is null
         and current_setting('server_encoding') in ('UTF8', 'SQL_ASCII')
         and (select coalesce(sum(octet_length(${prompts.content}) + ${sql.raw(String(MESSAGE_OVERHEAD_TOKENS))}), 0)
           from ${prompts} where ${prompts.projectId} = ${projects.id}) <= ${sql.placeholder('promptsRoom')}::integer
-      returning id`,
+      returning created_at`,
   );
   return db
     .with(question)
@@ -99,7 +99,8 @@ function turnStatementOn(db: Db) {
         from ${prompts} where ${prompts.projectId} = ${projects.id})`,
       files: chatFilesOf(projects.id),
       history: historyPage(projects.id, undefined, HISTORY_PAGES[0]!),
-      questionStored: sql<boolean>`exists (select from ${question})`,
+      // When the read stored the question: its time, as stored.
+      questionStoredAt: sql<Date | null>`(select created_at from ${question})`.mapWith(messages.createdAt),
       // Stored or not, the commit flushes nothing: see `storeQuestion`.
       asyncCommit: sql`set_config('synchronous_commit', 'off', true)`,
     })
@@ -134,10 +135,10 @@ export interface PreparedTurn {
   adapter: ProviderAdapter;
   model: string;
   context: ChatMessage[];
-  /** The user message, its tokens counted for `model`. */
-  question: MessageRow;
-  /** Whether the turn's read stored `question` already (see `ChatService.prepare`). */
-  questionStored: boolean;
+  /** The user message, its tokens counted for `model`; the database stamps its time when it stores it. */
+  question: UnstampedMessage;
+  /** When the turn's read stored `question` already (see `ChatService.prepare`): the time it was stored at. */
+  questionStoredAt?: Date;
   /** A streamed turn whose read stored the question: its flush, sent right behind the read. */
   durable?: Promise<unknown>;
 }
@@ -153,6 +154,17 @@ export type StreamOutcome =
   /** The provider failed or was cut off; `error` names the stored user message. */
   | { kind: 'failed'; error: ApiError }
   | { kind: 'client-gone' };
+
+/**
+ * A message's time is the database's clock when the statement storing it runs, not when its turn began:
+ * lists page by (time, id), and a message stamped early but stored late (a keyed turn waits for its
+ * claim, another builds its context first) could land behind a cursor already past it, never to be
+ * listed. What remains is the moment between a statement and its commit, which no timestamp can close.
+ */
+const STORED_NOW = sql`clock_timestamp()`;
+
+/** A message as the service builds it, before the database stamps its time. */
+type UnstampedMessage = Omit<MessageRow, 'createdAt'>;
 
 type NewMessage = Pick<MessageRow, 'role' | 'content' | 'status' | 'tokens'> &
   Partial<Pick<MessageRow, 'model' | 'promptTokens' | 'completionTokens' | 'totalTokens'>>;
@@ -201,12 +213,12 @@ export class ChatService {
         totalTokens: sql.placeholder('totalTokens'),
         tokens: sql.placeholder('tokens'),
         tokenEncoding: sql.placeholder('tokenEncoding'),
-        createdAt: sql.placeholder('createdAt'),
+        createdAt: STORED_NOW,
       });
     this.insertStatement = insert().returning().prepare('chat_insert_message');
     // `set_config(…, true)` lasts until the end of the statement's own transaction: its commit.
     this.insertQuestionStatement = insert()
-      .returning({ asyncCommit: sql`set_config('synchronous_commit', 'off', true)` })
+      .returning({ createdAt: messages.createdAt, asyncCommit: sql`set_config('synchronous_commit', 'off', true)` })
       .prepare('chat_insert_question');
   }
 
@@ -228,7 +240,6 @@ export class ChatService {
     const text = message.replace(LONE_SURROGATE, '\ufffd');
     const fast = storeEarly ? this.defaultTurn : undefined;
     const questionId = uuidv7();
-    const createdAt = new Date();
     const defaultTokens = fast && countTokens(text, fast.model);
     const { row, durable } = await this.readTurn(Boolean(fast && stream), {
       userId: user.id,
@@ -238,7 +249,6 @@ export class ChatService {
       text,
       tokens: defaultTokens ?? null,
       encoding: fast?.encoding ?? null,
-      createdAt,
       promptsRoom: fast ? fast.budget - MESSAGE_OVERHEAD_TOKENS - Buffer.byteLength(text) : -1,
     });
     assertTokenCurrent(user, row);
@@ -270,9 +280,9 @@ export class ChatService {
         `The prompts and the message need ${context.requiredTokens} tokens; the budget for ${model} is ${Math.max(budget, 0)}`,
       );
     }
-    const question = messageRow(ownedId, model, { role: 'user', content: text, status: 'complete', tokens: textTokens }, questionId, createdAt);
-    const { questionStored } = row;
-    return { projectId: ownedId, adapter, model, context: context.messages, question, questionStored, ...(questionStored && { durable }) };
+    const question = messageRow(ownedId, model, { role: 'user', content: text, status: 'complete', tokens: textTokens }, questionId);
+    const { questionStoredAt } = row;
+    return { projectId: ownedId, adapter, model, context: context.messages, question, ...(questionStoredAt && { questionStoredAt, durable }) };
   }
 
   /**
@@ -465,8 +475,9 @@ export class ChatService {
    * to and past it, which saves a turn one disk flush of the two.
    */
   private async storeQuestion(turn: PreparedTurn): Promise<MessageRow> {
-    if (!turn.questionStored) await this.insertQuestionStatement.execute(turn.question);
-    return turn.question;
+    if (turn.questionStoredAt) return { ...turn.question, createdAt: turn.questionStoredAt };
+    const [stored] = await this.insertQuestionStatement.execute(turn.question);
+    return { ...turn.question, createdAt: stored!.createdAt };
   }
 
   /** Flushes the log past the stored question's commit with a durable commit of its own. */
@@ -501,7 +512,7 @@ export class ChatService {
 }
 
 /** A message of the project as it is stored: the fields given, null for the others, its tokens in the model's encoding. */
-function messageRow(projectId: string, model: string, message: NewMessage, id = uuidv7(), createdAt = new Date()): MessageRow {
+function messageRow(projectId: string, model: string, message: NewMessage, id = uuidv7()): UnstampedMessage {
   return {
     model: null,
     promptTokens: null,
@@ -511,7 +522,6 @@ function messageRow(projectId: string, model: string, message: NewMessage, id = 
     id,
     projectId,
     tokenEncoding: encodingName(model),
-    createdAt,
   };
 }
 
