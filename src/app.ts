@@ -116,6 +116,8 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
     // belongs to an instance that died.
     idempotency: new IdempotencyStore<ChatResult>(database.db, 2 * config.AI_TIMEOUT_MS),
     shutdownTimeoutMs: config.SHUTDOWN_TIMEOUT_MS,
+    // As long as the upstream may stay silent: a client may be as slow as the provider, no slower.
+    writeStallMs: config.AI_TIMEOUT_MS,
   });
 
   return app;

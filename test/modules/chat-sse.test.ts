@@ -23,7 +23,7 @@ async function serve(write: (events: EventStream) => Promise<void>): Promise<{ s
         original.apply(this, args);
       };
     }
-    const events = new EventStream(response, 60_000);
+    const events = new EventStream(response, 60_000, 60_000);
     events.open({ 'x-request-id': 'r1' });
     // As the service writes: in a continuation after an await (of the database, the provider).
     void nextTurn()
@@ -73,5 +73,53 @@ describe('EventStream', () => {
     expect(parseSse(body).events.map((event) => event.data.content)).toEqual(['a', 'b', 'c']);
     // One write per event, and one for the end of the stream.
     expect(flushes).toBe(4);
+  });
+
+  it('leaves no listener on the response for each event it waited to write', async () => {
+    const listeners = { before: 0, after: 0 };
+    const { body } = await serve(async (events) => {
+      const raw = (events as unknown as { raw: ServerResponse }).raw;
+      listeners.before = raw.listenerCount('close') + raw.listenerCount('error');
+      // Each event is over the response's buffer, so each send waits for the client to take it.
+      for (let i = 0; i < 30; i++) await events.send('delta', { content: 'x'.repeat(64 * 1024) });
+      listeners.after = raw.listenerCount('close') + raw.listenerCount('error');
+    });
+    expect(parseSse(body).events).toHaveLength(30);
+    expect(listeners.after).toBe(listeners.before);
+  });
+
+  it('cuts off a client that reads nothing for stallMs while an event waits, and does not wait on it any longer', async () => {
+    const stallMs = 300;
+    let sent = 0;
+    let cutOffAfterMs = -1;
+    const done = new Promise<void>((resolve) => {
+      const server = http.createServer((_request, response) => {
+        const events = new EventStream(response, 60_000, stallMs);
+        events.open({});
+        void (async () => {
+          let waitedSince = 0;
+          // More than the sockets on both sides hold: a send ends up waiting for a client that reads nothing.
+          while (!events.closed) {
+            waitedSince = Date.now();
+            await events.send('delta', { content: 'x'.repeat(256 * 1024) });
+            sent++;
+          }
+          cutOffAfterMs = Date.now() - waitedSince;
+          resolve();
+        })();
+      });
+      servers.push(server);
+      server.listen(0, '127.0.0.1');
+    });
+    const server = servers.at(-1)!;
+    if (!server.listening) await once(server, 'listening');
+    const { port } = server.address() as AddressInfo;
+    const client = http.get(`http://127.0.0.1:${port}/`, (response) => response.pause());
+    client.on('error', () => undefined);
+
+    await done;
+    client.destroy();
+    expect(sent).toBeGreaterThan(0);
+    expect(cutOffAfterMs).toBeGreaterThanOrEqual(stallMs - 20);
   });
 });

@@ -26,12 +26,15 @@ export interface ChatRoutesOptions {
   idempotency: IdempotencyStore<ChatResult>;
   /** SHUTDOWN_TIMEOUT_MS: how long the app may take to close before its connections are cut. */
   shutdownTimeoutMs: number;
+  /** How long a stream's client may read nothing while an event waits for it before it is cut off. */
+  writeStallMs: number;
 }
 
-export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, { chat, idempotency, shutdownTimeoutMs }) => {
+export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, { chat, idempotency, shutdownTimeoutMs, writeStallMs }) => {
   // While the app closes, turns in flight go on until shortly before the bound, then each is interrupted
   // and ends with an answer. The database closes only after every turn's bookkeeping is done.
   const turns = new InFlightTurns();
+  const openStream = streamOpener(writeStallMs);
   let interruptTimer: NodeJS.Timeout | undefined;
   app.addHook('preClose', async () => {
     interruptTimer = setTimeout(() => turns.interruptAll(), Math.max(0, shutdownTimeoutMs - INTERRUPT_BEFORE_BOUND_MS));
@@ -78,7 +81,7 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         const turn = await chat.prepare(request.user, projectId, message, { storeEarly: !key, stream });
         // `keep` runs before the client hears the turn is done, so that a retry it sends then is a replay.
         const answer = async (keyed?: KeyedTurn) => {
-          if (stream) return streamTurn(chat, turn, request, reply, interrupt, keyed);
+          if (stream) return streamTurn(chat, openStream, turn, request, reply, interrupt, keyed);
           const result = await chat.complete(turn, interrupt);
           await keyed?.keep(result);
           return result;
@@ -86,7 +89,7 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         if (!key) return answer();
 
         const claim = await idempotency.claim(userId, key, requestHash({ projectId, message, stream }));
-        if (claim.kind === 'replay') return stream ? replayAsStream(claim.response, request, reply) : claim.response;
+        if (claim.kind === 'replay') return stream ? replayAsStream(openStream, claim.response, request, reply) : claim.response;
         // A stream may run past any fixed bound, each delta pushing its deadline back: as long as its deltas
         // reach its client, its key is not taken over. A JSON turn ends within its deadline, half the time
         // after which a silent key is stale, so it needs no beat.
@@ -114,13 +117,18 @@ interface KeyedTurn {
   progressed(): void;
 }
 
-function openStream(request: FastifyRequest, reply: FastifyReply): EventStream {
-  reply.hijack();
-  const events = new EventStream(reply.raw, HEARTBEAT_MS);
-  // What the hooks set (x-request-id, the security headers, CORS): a hijacked reply does not send it by itself.
-  events.open(reply.getHeaders());
-  request.server.metrics.trackStream(reply.raw);
-  return events;
+/** Takes a reply over for server-sent events. */
+type StreamOpener = (request: FastifyRequest, reply: FastifyReply) => EventStream;
+
+function streamOpener(stallMs: number): StreamOpener {
+  return (request, reply) => {
+    reply.hijack();
+    const events = new EventStream(reply.raw, HEARTBEAT_MS, stallMs);
+    // What the hooks set (x-request-id, the security headers, CORS): a hijacked reply does not send it by itself.
+    events.open(reply.getHeaders());
+    request.server.metrics.trackStream(reply.raw);
+    return events;
+  };
 }
 
 /**
@@ -129,6 +137,7 @@ function openStream(request: FastifyRequest, reply: FastifyReply): EventStream {
  */
 async function streamTurn(
   chat: ChatService,
+  openStream: StreamOpener,
   turn: PreparedTurn,
   request: FastifyRequest,
   reply: FastifyReply,
@@ -186,7 +195,7 @@ async function streamTurn(
   }
 }
 
-async function replayAsStream(result: ChatResult, request: FastifyRequest, reply: FastifyReply): Promise<FastifyReply> {
+async function replayAsStream(openStream: StreamOpener, result: ChatResult, request: FastifyRequest, reply: FastifyReply): Promise<FastifyReply> {
   const events = openStream(request, reply);
   await events.send('user_message', { userMessage: result.userMessage });
   await events.send('delta', { content: result.assistantMessage.content });

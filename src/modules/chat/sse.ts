@@ -1,9 +1,10 @@
-import { once } from 'node:events';
 import type { ServerResponse } from 'node:http';
 
 /**
  * A server-sent events stream on a raw response: numbered events, comment heartbeats while idle, and
- * backpressure (a slow client pauses the writer instead of growing a buffer).
+ * backpressure (a slow client pauses the writer instead of growing a buffer). A client that reads
+ * nothing for `stallMs` while an event waits is cut off: it would otherwise hold its connection, its
+ * turn and the event for as long as it likes.
  */
 export class EventStream {
   private nextId = 1;
@@ -12,6 +13,7 @@ export class EventStream {
   constructor(
     private readonly raw: ServerResponse,
     private readonly heartbeatMs: number,
+    private readonly stallMs: number,
   ) {}
 
   /** True once the client has gone or the stream was ended. */
@@ -38,14 +40,29 @@ export class EventStream {
 
   async send(event: string, data: unknown): Promise<void> {
     if (this.closed) return;
-    if (!this.write(`id: ${this.nextId++}\nevent: ${event}\ndata: ${JSON.stringify(data)}\n\n`)) {
-      await Promise.race([once(this.raw, 'drain'), once(this.raw, 'close')]);
-    }
+    if (!this.write(`id: ${this.nextId++}\nevent: ${event}\ndata: ${JSON.stringify(data)}\n\n`)) await this.caughtUp();
   }
 
   end(): void {
     clearInterval(this.heartbeat);
     if (!this.closed) this.raw.end();
+  }
+
+  /**
+   * Resolves once the client has taken what was written (or is gone); cuts it off after `stallMs`. Its
+   * listeners go with it: a slow client of a long answer waits here once an event, and listeners left
+   * on the response each time would pile up until it closed.
+   */
+  private caughtUp(): Promise<void> {
+    return new Promise((resolve) => {
+      const stalled = setTimeout(() => this.raw.destroy(), this.stallMs);
+      const done = () => {
+        clearTimeout(stalled);
+        this.raw.off('drain', done).off('close', done);
+        resolve();
+      };
+      this.raw.on('drain', done).on('close', done);
+    });
   }
 
   private write(chunk: string): boolean {
