@@ -131,7 +131,9 @@ export class ConfigError extends Error {
  * and kept under DATA_DIR, so tokens survive restarts of a laptop install.
  */
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
-  const parsed = envSchema.safeParse(env);
+  // Empty or blank is unset, whatever the variable: compose writes `${VAR:-}` for one it was not given,
+  // and `z.coerce.number()` would read "" as 0 (a random port, load shedding off).
+  const parsed = envSchema.safeParse(Object.fromEntries(Object.entries(env).filter(([, value]) => value?.trim())));
   if (!parsed.success) {
     const issue = parsed.error.issues[0]!;
     const variable = String(issue.path[0] ?? 'environment');

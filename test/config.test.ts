@@ -37,6 +37,38 @@ describe('loadConfig', () => {
     expect(config.JWT_SECRET.length).toBeGreaterThanOrEqual(32);
   });
 
+  it('treats empty or blank variables as unset: their defaults apply (an integer is not 0)', () => {
+    // Compose passes a variable it was not given as "" (`${VAR:-}`).
+    const defaults = loadConfig({ DATA_DIR: dataDir() });
+    const integers = [
+      'PORT',
+      'BCRYPT_ROUNDS',
+      'PASSWORD_HASH_THREADS',
+      'PASSWORD_HASH_QUEUE',
+      'AI_TIMEOUT_MS',
+      'AI_MAX_RETRIES',
+      'AI_CONTEXT_TOKENS',
+      'AI_MAX_OUTPUT_TOKENS',
+      'HISTORY_CACHE_MB',
+      'FILE_MAX_BYTES',
+      'RATE_LIMIT_LOGIN',
+      'RATE_LIMIT_REGISTER',
+      'RATE_LIMIT_CHAT',
+      'RATE_LIMIT_API',
+      'SHUTDOWN_TIMEOUT_MS',
+      'MAX_EVENT_LOOP_DELAY_MS',
+    ] as const;
+    for (const blank of ['', ' ', '\t ']) {
+      const config = loadConfig({ DATA_DIR: dataDir(), ...Object.fromEntries(integers.map((name) => [name, blank])) });
+      for (const name of integers) expect([name, config[name]]).toEqual([name, defaults[name]]);
+    }
+    expect(defaults).toMatchObject({ HISTORY_CACHE_MB: 64, SHUTDOWN_TIMEOUT_MS: 10_000, MAX_EVENT_LOOP_DELAY_MS: 1000 });
+    // The text ones too, those with a default included.
+    const texts = ['NODE_ENV', 'HOST', 'JWT_EXPIRES_IN', 'AI_PROVIDER', 'LOG_LEVEL', 'REDIS_KEY_PREFIX'] as const;
+    const config = loadConfig({ DATA_DIR: dataDir(), ...Object.fromEntries(texts.map((name) => [name, ' '])) });
+    for (const name of texts) expect([name, config[name]]).toEqual([name, defaults[name]]);
+  });
+
   it.each([
     ['PORT', 'eighty'],
     ['PORT', '70000'],
