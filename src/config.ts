@@ -1,7 +1,9 @@
 import { randomBytes } from 'node:crypto';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { isIP } from 'node:net';
 import { availableParallelism } from 'node:os';
 import { join, resolve } from 'node:path';
+import proxyAddr from '@fastify/proxy-addr';
 import { z } from 'zod';
 
 /** Parses a duration such as `7d`, `12h`, `30m`, `45s` or a bare number of seconds into seconds. */
@@ -47,21 +49,41 @@ function isOrigin(value: string): boolean {
   }
 }
 
-/** Fastify's trustProxy: `true`, the number of proxies in front, or their addresses and CIDR ranges. */
-const trustProxy = optionalText.transform((value): boolean | string[] | ((address: string, hop: number) => boolean) => {
+/**
+ * Fastify's trustProxy: `true`, the number of proxies in front, or their addresses and CIDR ranges.
+ * A list is compiled here, by the same proxy-addr Fastify compiles it with when the app is built:
+ * an address it cannot read (`yes`, `10.0.0.0/33`) is one line naming the variable, not a stack trace.
+ */
+const trustProxy = optionalText.transform((value, ctx): boolean | ((address: string, hop: number) => boolean) => {
   if (value === undefined || value === 'false') return false;
   if (value === 'true') return true;
   if (/^\d+$/.test(value)) {
     const hops = Number(value);
     return (_address, hop) => hop < hops;
   }
-  return commaList(value);
+  try {
+    return proxyAddr.compile(commaList(value));
+  } catch (error) {
+    ctx.addIssue({
+      code: 'custom',
+      message: `must be true, false, a number of proxies, or addresses and CIDR ranges (${(error as Error).message})`,
+    });
+    return z.NEVER;
+  }
 });
+
+/** Dot-separated labels of letters, digits and inner hyphens (RFC 1123), at most 253 characters. */
+const HOST_NAME = /^(?=.{1,253}\.?$)[a-z\d]([a-z\d-]{0,61}[a-z\d])?(\.[a-z\d]([a-z\d-]{0,61}[a-z\d])?)*\.?$/i;
 
 const envSchema = z.object({
   NODE_ENV: z.enum(['development', 'production', 'test']).default('development'),
   PORT: int(0, 65535).default(3000),
-  HOST: z.string().min(1).default('0.0.0.0'),
+  // Checked here: Node reads anything else (`foo bar`, `[::1]`) as a name to resolve, and fails only in listen.
+  HOST: z
+    .string()
+    .trim()
+    .default('0.0.0.0')
+    .refine((host) => isIP(host) !== 0 || HOST_NAME.test(host), 'must be an IP address (0.0.0.0, ::, 127.0.0.1) or a host name'),
   DATABASE_URL: optionalText.pipe(
     z.string().regex(/^postgres(ql)?:\/\//, 'must be a postgres:// or postgresql:// URL').optional(),
   ),

@@ -85,6 +85,13 @@ describe('loadConfig', () => {
     ['LOG_LEVEL', 'loud'],
     ['REDIS_URL', 'http://x'],
     ['NODE_ENV', 'staging'],
+    // Each of these started, then failed later with a stack trace (Fastify's first request, or listen).
+    ['TRUST_PROXY', 'yes'],
+    ['TRUST_PROXY', '10.0.0.0/33'],
+    ['TRUST_PROXY', '127.0.0.1,proxy.example.com'],
+    ['HOST', 'foo bar'],
+    ['HOST', '[::1]'],
+    ['HOST', 'http://localhost'],
   ])('refuses %s=%s with one line naming the variable', (variable, value) => {
     let error: unknown;
     try {
@@ -96,6 +103,27 @@ describe('loadConfig', () => {
     const message = (error as Error).message;
     expect(message).toMatch(new RegExp(`^Invalid configuration: ${variable} `));
     expect(message).not.toContain('\n');
+  });
+
+  it('accepts the forms of TRUST_PROXY and HOST that Fastify and Node take', () => {
+    const trust = (value: string) => loadConfig({ DATA_DIR: dataDir(), TRUST_PROXY: value }).TRUST_PROXY;
+    expect(trust('true')).toBe(true);
+    expect(trust('false')).toBe(false);
+    const list = trust(' 10.0.0.0/8 , loopback, 2001:db8::/32,192.168.1.1/255.255.255.0');
+    expect(typeof list).toBe('function');
+    const trusts = list as (address: string, hop: number) => boolean;
+    expect([trusts('10.1.2.3', 0), trusts('127.0.0.1', 0), trusts('2001:db8::1', 1), trusts('192.168.1.7', 0)]).toEqual([true, true, true, true]);
+    expect(trusts('203.0.113.9', 0)).toBe(false);
+    const hops = trust('2') as (address: string, hop: number) => boolean;
+    expect([hops('203.0.113.9', 1), hops('203.0.113.9', 2)]).toEqual([true, false]);
+
+    const host = (value: string) => loadConfig({ DATA_DIR: dataDir(), HOST: value }).HOST;
+    expect([host(' 127.0.0.1 '), host('::'), host('localhost'), host('app.internal.example.')]).toEqual([
+      '127.0.0.1',
+      '::',
+      'localhost',
+      'app.internal.example.',
+    ]);
   });
 
   it('requires a strong JWT_SECRET in production', () => {
