@@ -53,7 +53,18 @@ async function main(): Promise<void> {
   process.once('SIGTERM', stop);
   process.once('SIGINT', stop);
 
-  await app.listen({ port: config.PORT, host: config.HOST });
+  try {
+    await app.listen({ port: config.PORT, host: config.HOST });
+  } catch (error) {
+    // The port taken, an address this machine does not have, a host name that does not resolve: the
+    // environment is wrong, and says so in one line as a bad variable does. Anything else is a bug.
+    if (!(error instanceof Error && 'syscall' in error)) throw error;
+    process.stderr.write(`Cannot listen on ${config.HOST} port ${config.PORT}: ${error.message}\n`);
+    // The database is open: closed (the embedded one's lock file removed) unless that hangs.
+    setTimeout(() => process.exit(1), CLOSE_GRACE_MS).unref();
+    await app.close().catch(() => undefined); // already failing: the line above is the one to show
+    process.exit(1);
+  }
 }
 
 await main();

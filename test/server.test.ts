@@ -1,4 +1,6 @@
-import { createServer, type Server, type Socket, connect } from 'node:net';
+import { existsSync } from 'node:fs';
+import { type AddressInfo, createServer, type Server, type Socket, connect } from 'node:net';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { createTestDatabase, type TestDatabase } from './support/database.js';
 import { spawnServer, waitUntilServing } from './support/server-process.js';
@@ -29,6 +31,20 @@ describe('the server process', () => {
     const server = await spawnServer({ BCRYPT_ROUNDS: 'many' });
     expect(await server.exited).toBe(1);
     expect(server.output().trim()).toMatch(/^Invalid configuration: BCRYPT_ROUNDS [^\n]+$/);
+  });
+
+  it('exits 1 with one line when it cannot listen (the port taken), its database closed', async () => {
+    const taken = createServer();
+    await new Promise<void>((resolve) => taken.listen(0, '127.0.0.1', resolve));
+    try {
+      const server = await spawnServer({ PORT: String((taken.address() as AddressInfo).port) });
+      expect(await server.exited).toBe(1);
+      expect(server.output().trim()).toMatch(/^Cannot listen on 127\.0\.0\.1 port \d+: listen EADDRINUSE[^\n]+$/);
+      // The embedded database was closed: its lock file is gone.
+      expect(existsSync(join(server.dataDir, 'pglite.lock'))).toBe(false);
+    } finally {
+      await new Promise((resolve) => taken.close(resolve));
+    }
   });
 
   it('refuses to start in production without a JWT secret', async () => {
