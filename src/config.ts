@@ -5,6 +5,7 @@ import { availableParallelism } from 'node:os';
 import { join, resolve } from 'node:path';
 import proxyAddr from '@fastify/proxy-addr';
 import { z } from 'zod';
+import { MESSAGE_OVERHEAD_TOKENS, REPLY_PRIMING_TOKENS } from './providers/models.js';
 
 /** Parses a duration such as `7d`, `12h`, `30m`, `45s` or a bare number of seconds into seconds. */
 function parseDurationSeconds(value: string): number | undefined {
@@ -72,8 +73,14 @@ const trustProxy = optionalText.transform((value, ctx): boolean | ((address: str
   }
 });
 
+/** A provider's address. `z.url()` alone takes any scheme: `ftp:`, `file:///etc/passwd`, `mailto:`. */
+const httpUrl = z.url({ protocol: /^https?$/, message: 'must be an http(s) URL' }).optional();
+
 /** Dot-separated labels of letters, digits and inner hyphens (RFC 1123), at most 253 characters. */
 const HOST_NAME = /^(?=.{1,253}\.?$)[a-z\d]([a-z\d-]{0,61}[a-z\d])?(\.[a-z\d]([a-z\d-]{0,61}[a-z\d])?)*\.?$/i;
+
+/** The longest JWT_EXPIRES_IN: a year. */
+const MAX_TOKEN_LIFETIME_SECONDS = 365 * 86_400;
 
 const envSchema = z.object({
   NODE_ENV: z.enum(['development', 'production', 'test']).default('development'),
@@ -94,8 +101,10 @@ const envSchema = z.object({
     .default('7d')
     .transform((v, ctx) => {
       const seconds = parseDurationSeconds(v);
-      if (seconds === undefined) {
-        ctx.addIssue({ code: 'custom', message: 'must be a duration like 7d, 12h, 30m or 3600' });
+      // Bounded: past it, 400 digits were Infinity, and fast-jwt then signed tokens with no `exp` that
+      // its own verification refused.
+      if (seconds === undefined || seconds > MAX_TOKEN_LIFETIME_SECONDS) {
+        ctx.addIssue({ code: 'custom', message: 'must be a duration like 7d, 12h, 30m or 3600, at most 365d' });
         return z.NEVER;
       }
       return seconds;
@@ -108,8 +117,8 @@ const envSchema = z.object({
   AI_PROVIDER: z.enum(['openai', 'openrouter']).default('openai'),
   OPENAI_API_KEY: optionalText,
   OPENROUTER_API_KEY: optionalText,
-  AI_BASE_URL: optionalText.pipe(z.url('must be an http(s) URL').optional()),
-  OPENAI_BASE_URL: optionalText.pipe(z.url('must be an http(s) URL').optional()),
+  AI_BASE_URL: optionalText.pipe(httpUrl),
+  OPENAI_BASE_URL: optionalText.pipe(httpUrl),
   AI_MODEL: optionalText,
   AI_TIMEOUT_MS: int(100, 3_600_000).default(60_000),
   AI_MAX_RETRIES: int(0, 10).default(2),
@@ -162,6 +171,14 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     throw new ConfigError(`Invalid configuration: ${variable} ${issue.message}`);
   }
   const values = parsed.data;
+  // A context no larger than what is kept for the reply leaves no room for even a one-token message:
+  // every chat would be 400 CONTEXT_TOO_LONG (see ChatService's budget).
+  const minContext = values.AI_MAX_OUTPUT_TOKENS + REPLY_PRIMING_TOKENS + MESSAGE_OVERHEAD_TOKENS + 1;
+  if (values.AI_CONTEXT_TOKENS !== undefined && values.AI_CONTEXT_TOKENS < minContext) {
+    throw new ConfigError(
+      `Invalid configuration: AI_CONTEXT_TOKENS must leave room for a message besides the AI_MAX_OUTPUT_TOKENS (${values.AI_MAX_OUTPUT_TOKENS}) kept for the reply: at least ${minContext}`,
+    );
+  }
   const dataDir = resolve(values.DATA_DIR);
   let secret = values.JWT_SECRET;
   if (!secret) {

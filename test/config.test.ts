@@ -92,6 +92,12 @@ describe('loadConfig', () => {
     ['HOST', 'foo bar'],
     ['HOST', '[::1]'],
     ['HOST', 'http://localhost'],
+    // Each of these started, then failed every request it governs.
+    ['AI_BASE_URL', 'ftp://models.example.com/v1'],
+    ['AI_BASE_URL', 'file:///etc/passwd'],
+    ['OPENAI_BASE_URL', 'mailto:ops@example.com'],
+    ['JWT_EXPIRES_IN', '9'.repeat(400)],
+    ['JWT_EXPIRES_IN', '366d'],
   ])('refuses %s=%s with one line naming the variable', (variable, value) => {
     let error: unknown;
     try {
@@ -152,9 +158,29 @@ describe('loadConfig', () => {
     expect(loadConfig({ DATA_DIR: dataDir() }).JWT_SECRET).not.toBe(first.JWT_SECRET);
   });
 
+  it('refuses an AI_CONTEXT_TOKENS that leaves no room for a message besides the reply, in one line', () => {
+    const context = (env: Record<string, string>) => () => loadConfig({ DATA_DIR: dataDir(), ...env });
+    expect(context({ AI_CONTEXT_TOKENS: '1000' })).toThrow(
+      new ConfigError(
+        'Invalid configuration: AI_CONTEXT_TOKENS must leave room for a message besides the AI_MAX_OUTPUT_TOKENS (1024) kept for the reply: at least 1032',
+      ),
+    );
+    expect(context({ AI_CONTEXT_TOKENS: '1024' })).toThrow(ConfigError);
+    expect(context({ AI_CONTEXT_TOKENS: '4096', AI_MAX_OUTPUT_TOKENS: '4096' })).toThrow(/AI_MAX_OUTPUT_TOKENS \(4096\)/);
+    // The smallest that fits: 7 framing tokens and one of text.
+    expect(context({ AI_CONTEXT_TOKENS: '1032' })().AI_CONTEXT_TOKENS).toBe(1032);
+    expect(context({ AI_CONTEXT_TOKENS: '256', AI_MAX_OUTPUT_TOKENS: '200' })().AI_CONTEXT_TOKENS).toBe(256);
+  });
+
+  it('takes http and https provider URLs', () => {
+    const config = loadConfig({ DATA_DIR: dataDir(), AI_BASE_URL: 'http://ollama:11434/v1', OPENAI_BASE_URL: 'https://gateway.example.com/v1' });
+    expect([config.AI_BASE_URL, config.OPENAI_BASE_URL]).toEqual(['http://ollama:11434/v1', 'https://gateway.example.com/v1']);
+  });
+
   it('parses durations', () => {
     expect(loadConfig({ DATA_DIR: dataDir(), JWT_EXPIRES_IN: '12h' }).JWT_EXPIRES_IN).toBe(43_200);
     expect(loadConfig({ DATA_DIR: dataDir(), JWT_EXPIRES_IN: '90' }).JWT_EXPIRES_IN).toBe(90);
     expect(loadConfig({ DATA_DIR: dataDir(), JWT_EXPIRES_IN: '30m' }).JWT_EXPIRES_IN).toBe(1800);
+    expect(loadConfig({ DATA_DIR: dataDir(), JWT_EXPIRES_IN: '365d' }).JWT_EXPIRES_IN).toBe(365 * 86_400);
   });
 });
