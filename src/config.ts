@@ -141,6 +141,9 @@ const envSchema = z.object({
 
 type Env = z.infer<typeof envSchema>;
 
+/** Every variable the service reads: `.env.example` documents each (test/config.test.ts holds it to that). */
+export const CONFIG_VARIABLES = Object.keys(envSchema.shape);
+
 export type Config = Omit<Env, 'JWT_SECRET' | 'DATA_DIR'> & {
   DATA_DIR: string;
   JWT_SECRET: string;

@@ -2,7 +2,7 @@ import { mkdtempSync, readFileSync, statSync } from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { ConfigError, loadConfig } from '../src/config.js';
+import { CONFIG_VARIABLES, ConfigError, loadConfig } from '../src/config.js';
 
 const dataDir = () => mkdtempSync(join(tmpdir(), 'chatbot-config-'));
 
@@ -175,6 +175,12 @@ describe('loadConfig', () => {
   it('takes http and https provider URLs', () => {
     const config = loadConfig({ DATA_DIR: dataDir(), AI_BASE_URL: 'http://ollama:11434/v1', OPENAI_BASE_URL: 'https://gateway.example.com/v1' });
     expect([config.AI_BASE_URL, config.OPENAI_BASE_URL]).toEqual(['http://ollama:11434/v1', 'https://gateway.example.com/v1']);
+  });
+
+  it('has every variable in .env.example, as the README says', () => {
+    const example = readFileSync(join(import.meta.dirname, '..', '.env.example'), 'utf8');
+    expect(CONFIG_VARIABLES.length).toBeGreaterThan(30);
+    expect(CONFIG_VARIABLES.filter((name) => !new RegExp(`^(# )?${name}=`, 'm').test(example))).toEqual([]);
   });
 
   it('parses durations', () => {

@@ -149,6 +149,15 @@ describe('compose.yaml', () => {
     expect(app?.volumes?.some((v) => v.split(':')[1] === '/data')).toBe(true);
   });
 
+  it('passes through the variables the README says it does', () => {
+    const container = /^## Container\n([\s\S]*?)^## /m.exec(read('README.md'))![1]!;
+    const passed = Object.entries(app?.environment ?? {})
+      .filter(([, value]) => /^\$\{\w+:-[^}]*\}$/.test(value))
+      .map(([name]) => name);
+    expect(passed.length).toBeGreaterThan(0);
+    expect(passed.filter((name) => !container.includes(`\`${name}\``))).toEqual([]);
+  });
+
   it('requires the JWT secret from the environment and hard-codes no secret', () => {
     expect(app?.environment?.JWT_SECRET).toMatch(/^\$\{JWT_SECRET:\?[^}]+\}$/);
     for (const [service, { environment = {} }] of Object.entries(compose.services)) {
