@@ -29,6 +29,7 @@ export interface ContextInput {
 
 export type ContextResult =
   | { fits: true; messages: ChatMessage[]; promptTokens: number; historyIncluded: number }
+  /** `requiredTokens`: at least this many (what was counted before the budget was passed). */
   | { fits: false; requiredTokens: number };
 
 /**
@@ -40,10 +41,13 @@ export type ContextResult =
 export async function buildContext(input: ContextInput): Promise<ContextResult> {
   const system: ChatMessage[] = input.prompts.map((content) => ({ role: 'system', content }));
   const question: ChatMessage = { role: 'user', content: input.newMessage.content };
-  let used = system.reduce(
-    (sum, message) => sum + MESSAGE_OVERHEAD_TOKENS + input.countTokens(message.content),
-    MESSAGE_OVERHEAD_TOKENS + input.newMessage.tokens,
-  );
+  let used = MESSAGE_OVERHEAD_TOKENS + input.newMessage.tokens;
+  for (const message of system) {
+    // Counted only until the budget is passed: the turn is refused whatever the rest hold, and a project
+    // may have many long prompts, whose counting would hold the event loop for every user of the process.
+    if (used > input.budget) break;
+    used += MESSAGE_OVERHEAD_TOKENS + input.countTokens(message.content);
+  }
   if (used > input.budget) return { fits: false, requiredTokens: used };
 
   const files = await input.filesSection(input.budget - used);

@@ -277,7 +277,7 @@ export class ChatService {
       throw new ApiError(
         400,
         'CONTEXT_TOO_LONG',
-        `The prompts and the message need ${context.requiredTokens} tokens; the budget for ${model} is ${Math.max(budget, 0)}`,
+        `The prompts and the message need at least ${context.requiredTokens} tokens; the budget for ${model} is ${Math.max(budget, 0)}`,
       );
     }
     const question = messageRow(ownedId, model, { role: 'user', content: text, status: 'complete', tokens: textTokens }, questionId);
