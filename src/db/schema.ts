@@ -113,6 +113,15 @@ export const idempotencyKeys = pgTable(
     createdAt: timestamp('created_at', { withTimezone: true, mode: 'date' }).notNull().defaultNow(),
     /** While `running`: when the request holding the key last said it is still at work. */
     aliveAt: timestamp('alive_at', { withTimezone: true, mode: 'date' }).notNull().defaultNow(),
+    /**
+     * Which claim holds the key: set on every claim and takeover, and required by whatever the holder
+     * writes later (see `IdempotencyStore.claim`). Nullable for a rolling deploy: an instance of the code
+     * before it inserts without it (null), takes a key over leaving it as it was, and completes or releases
+     * by user and key alone, as it always did; so until every instance runs this code, a holder that lost
+     * its key to such an instance may still finish it, and one on such an instance may still free a key
+     * taken from it.
+     */
+    claimId: uuid('claim_id'),
   },
   (t) => [primaryKey({ columns: [t.userId, t.key] }), index('idempotency_keys_created_at_idx').on(t.createdAt)],
 );

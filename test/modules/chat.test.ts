@@ -1,5 +1,5 @@
 import { setTimeout as sleep } from 'node:timers/promises';
-import { eq, sql } from 'drizzle-orm';
+import { and, eq, sql } from 'drizzle-orm';
 import pg from 'pg';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
@@ -618,6 +618,35 @@ describe('idempotency', () => {
     expectProblem(await chat(projectId, { message: 'again' }, { 'idempotency-key': alive }), 409, 'IDEMPOTENCY_CONFLICT');
     expectProblem(await chat(projectId, { message: 'again' }, { 'idempotency-key': takenOver }), 409, 'IDEMPOTENCY_CONFLICT');
     expect((await chat(projectId, { message: 'again' }, { 'idempotency-key': dead })).statusCode).toBe(200);
+  });
+
+  // A (a 400 is not retried) stops saying it is alive, as a stream whose client stopped reading does: its
+  // row is aged to say so, and B takes the key over. However A then ends, the key stays B's: a third
+  // request is refused while B runs (A's failure freed it, A's answer completed it, before the claim id),
+  // and afterwards the key replays B's answer. One key, one provider call per holder.
+  it.each([
+    ['fails', { status: 400 }, 502],
+    ['answers', { content: 'answer of A' }, 200],
+  ])('leaves a key taken over to its new holder when the request it was taken from %s', async (_, firstReply, firstStatus) => {
+    const projectId = await newProject();
+    const key = `key-${uuidv7()}`;
+    const keyed = () => chat(projectId, { message: 'one key' }, { 'idempotency-key': key });
+    const keyRow = and(eq(idempotencyKeys.userId, user.id), eq(idempotencyKeys.key, key));
+    fake.enqueue({ delayMs: 1_000, ...firstReply }, { delayMs: 1_500, content: 'answer of B' }, { content: 'answer of C' });
+    let firstSettled = false;
+    const first = keyed().finally(() => (firstSettled = true));
+    await expect.poll(async () => (await t.testDb.database.db.select().from(idempotencyKeys).where(keyRow)).length).toBe(1);
+    const aMinuteAgo = sql`now() - interval '1 minute'`;
+    await t.testDb.database.db.update(idempotencyKeys).set({ createdAt: aMinuteAgo, aliveAt: aMinuteAgo }).where(keyRow);
+    const second = keyed();
+    await fake.waitForRequests(2);
+    expect(firstSettled).toBe(false);
+    expect((await first).statusCode).toBe(firstStatus);
+    expectProblem(await keyed(), 409, 'IDEMPOTENCY_CONFLICT');
+    const answered = await second;
+    expect(answered.json().assistantMessage.content).toBe('answer of B');
+    expect((await keyed()).json()).toEqual(answered.json());
+    expect(fake.requests).toHaveLength(2);
   });
 
   it('replays the first result for the same key and body, without calling the provider again', async () => {

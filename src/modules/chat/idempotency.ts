@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import { and, eq, sql } from 'drizzle-orm';
 import type { Db } from '../../db/database.js';
 import { idempotencyKeys } from '../../db/schema.js';
@@ -6,7 +6,11 @@ import { ApiError } from '../../http/errors.js';
 
 const REPLAY_WINDOW = '24 hours';
 
-export type IdempotencyClaim<T> = { kind: 'claimed' } | { kind: 'replay'; response: T };
+/**
+ * `claimId` names this hold of the key: once the key is taken over (its holder fell silent), the holder it
+ * was taken from may no longer complete, release or keep alive what is now another request's.
+ */
+export type IdempotencyClaim<T> = { kind: 'claimed'; claimId: string } | { kind: 'replay'; response: T };
 
 /** Identifies a request by what it asks: the same key with another hash is a different request. */
 export function requestHash(parts: unknown): string {
@@ -37,18 +41,19 @@ export class IdempotencyStore<T> {
 
   async claim(userId: string, key: string, hash: string): Promise<IdempotencyClaim<T>> {
     const stale = sql`now() - make_interval(secs => ${this.staleAfterMs / 1000})`;
+    const claimId = randomUUID();
     const claimed = await this.db
       .insert(idempotencyKeys)
-      .values({ userId, key, requestHash: hash, state: 'running' })
+      .values({ userId, key, requestHash: hash, state: 'running', claimId })
       .onConflictDoUpdate({
         target: [idempotencyKeys.userId, idempotencyKeys.key],
-        set: { requestHash: hash, state: 'running', response: null, createdAt: sql`now()`, aliveAt: sql`now()` },
+        set: { requestHash: hash, state: 'running', response: null, createdAt: sql`now()`, aliveAt: sql`now()`, claimId },
         // `created_at` too: an instance of the code before `alive_at` takes a key over by it alone.
         setWhere: sql`${idempotencyKeys.createdAt} < now() - interval '${sql.raw(REPLAY_WINDOW)}'
           or (${idempotencyKeys.state} = 'running' and greatest(${idempotencyKeys.createdAt}, ${idempotencyKeys.aliveAt}) < ${stale})`,
       })
       .returning({ key: idempotencyKeys.key });
-    if (claimed.length) return { kind: 'claimed' };
+    if (claimed.length) return { kind: 'claimed', claimId };
 
     const [existing] = await this.db
       .select()
@@ -70,7 +75,7 @@ export class IdempotencyStore<T> {
    * said so: a stream whose client stopped reading, stuck on its next write, falls silent. A beat that
    * fails is not retried: the next one may get through, and at worst the key is taken over.
    */
-  keepAlive(userId: string, key: string): KeyHold {
+  keepAlive(userId: string, key: string, claimId: string): KeyHold {
     let progressed = false;
     const beat = setInterval(() => {
       if (!progressed) return;
@@ -78,24 +83,33 @@ export class IdempotencyStore<T> {
       this.db
         .update(idempotencyKeys)
         .set({ aliveAt: sql`now()` })
-        .where(and(eq(idempotencyKeys.userId, userId), eq(idempotencyKeys.key, key), eq(idempotencyKeys.state, 'running')))
+        .where(this.held(userId, key, claimId))
         .catch(() => undefined);
     }, this.staleAfterMs / BEATS_PER_STALE);
     beat.unref();
     return { progressed: () => (progressed = true), stop: () => clearInterval(beat) };
   }
 
-  async complete(userId: string, key: string, response: T): Promise<void> {
-    await this.db
-      .update(idempotencyKeys)
-      .set({ state: 'done', response })
-      .where(and(eq(idempotencyKeys.userId, userId), eq(idempotencyKeys.key, key)));
+  /** Keeps the result for replay, unless the key was taken over meanwhile: then it is the new holder's. */
+  async complete(userId: string, key: string, claimId: string, response: T): Promise<void> {
+    await this.db.update(idempotencyKeys).set({ state: 'done', response }).where(this.held(userId, key, claimId));
   }
 
-  /** Frees a key whose request failed, so that the client may retry with the same key. */
-  async release(userId: string, key: string): Promise<void> {
-    await this.db
-      .delete(idempotencyKeys)
-      .where(and(eq(idempotencyKeys.userId, userId), eq(idempotencyKeys.key, key), eq(idempotencyKeys.state, 'running')));
+  /**
+   * Frees a key whose request failed, so that the client may retry with the same key; a key taken over
+   * meanwhile stays with the request running it.
+   */
+  async release(userId: string, key: string, claimId: string): Promise<void> {
+    await this.db.delete(idempotencyKeys).where(this.held(userId, key, claimId));
+  }
+
+  /** The key's row while the claim `claimId` still holds it (running, not taken over). */
+  private held(userId: string, key: string, claimId: string) {
+    return and(
+      eq(idempotencyKeys.userId, userId),
+      eq(idempotencyKeys.key, key),
+      eq(idempotencyKeys.state, 'running'),
+      eq(idempotencyKeys.claimId, claimId),
+    );
   }
 }

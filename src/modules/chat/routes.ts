@@ -93,14 +93,15 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         // A stream may run past any fixed bound, each delta pushing its deadline back: as long as its deltas
         // reach its client, its key is not taken over. A JSON turn ends within its deadline, half the time
         // after which a silent key is stale, so it needs no beat.
-        const hold = stream ? idempotency.keepAlive(userId, key) : undefined;
+        const { claimId } = claim;
+        const hold = stream ? idempotency.keepAlive(userId, key, claimId) : undefined;
         try {
           // Only a complete answer is kept for replay; after a failure the same key may be retried.
-          const result = await answer({ keep: (done) => idempotency.complete(userId, key, done), progressed: () => hold?.progressed() });
-          if (!result) await idempotency.release(userId, key);
+          const result = await answer({ keep: (done) => idempotency.complete(userId, key, claimId, done), progressed: () => hold?.progressed() });
+          if (!result) await idempotency.release(userId, key, claimId);
           return stream ? reply : result;
         } catch (error) {
-          await idempotency.release(userId, key);
+          await idempotency.release(userId, key, claimId);
           throw error;
         } finally {
           hold?.stop();
