@@ -109,12 +109,14 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   await app.register(promptRoutes, { prefix: '/api/v1/projects/:projectId/prompts', prompts: new PromptsService(database.db) });
   await app.register(messageRoutes, { prefix: '/api/v1/projects/:projectId/messages', messages: new MessagesService(database.db) });
   await app.register(fileRoutes, { prefix: '/api/v1/projects/:projectId/files', files, maxBytes: config.FILE_MAX_BYTES });
+  // A key whose request has said nothing for the longest a chat may go without (its deadline, twice)
+  // belongs to an instance that died.
+  const idempotency = new IdempotencyStore<ChatResult>(database.db, 2 * config.AI_TIMEOUT_MS);
+  sweepIdempotencyKeys(app, idempotency);
   await app.register(chatRoutes, {
     prefix: '/api/v1/projects/:projectId',
     chat: new ChatService(database, providers, files, config),
-    // A key whose request has said nothing for the longest a chat may go without (its deadline, twice)
-    // belongs to an instance that died.
-    idempotency: new IdempotencyStore<ChatResult>(database.db, 2 * config.AI_TIMEOUT_MS),
+    idempotency,
     shutdownTimeoutMs: config.SHUTDOWN_TIMEOUT_MS,
     // As long as the upstream may stay silent: a client may be as slow as the provider, no slower.
     writeStallMs: config.AI_TIMEOUT_MS,
@@ -145,4 +147,35 @@ async function sweepInterruptedUploads(app: FastifyInstance, storage: LocalDiskS
   } catch (error) {
     app.log.warn({ err: error }, 'could not sweep the temporary files of interrupted uploads');
   }
+}
+
+/** How often idempotency keys past their replay window are deleted. */
+const IDEMPOTENCY_SWEEP_MS = 60 * 60 * 1000;
+
+/**
+ * Deletes the idempotency keys past their replay window at the start and then every hour: each keeps a
+ * whole turn, question and answer. The start does not wait for it (the first sweep in a long while may
+ * have many batches to go through); closing does, after telling it to stop at its next batch, and before
+ * the database closes (an onClose hook added later runs earlier). A failed sweep is logged and tried
+ * again at the next hour.
+ */
+function sweepIdempotencyKeys(app: FastifyInstance, store: IdempotencyStore<ChatResult>): void {
+  let closing = false;
+  let sweeping: Promise<void> | undefined;
+  const sweep = () => {
+    sweeping ??= store
+      .sweep(undefined, () => closing)
+      .then(
+        (removed) => app.log[removed ? 'info' : 'debug']({ removed }, 'deleted the idempotency keys past their replay window'),
+        (error: unknown) => app.log.warn({ err: error }, 'could not delete the idempotency keys past their replay window'),
+      )
+      .finally(() => (sweeping = undefined));
+  };
+  sweep();
+  const timer = setInterval(sweep, IDEMPOTENCY_SWEEP_MS).unref();
+  app.addHook('onClose', async () => {
+    closing = true;
+    clearInterval(timer);
+    await sweeping;
+  });
 }

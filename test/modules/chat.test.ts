@@ -3,12 +3,14 @@ import { and, eq, sql } from 'drizzle-orm';
 import pg from 'pg';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { buildApp } from '../../src/app.js';
 import { idempotencyKeys, messages, users } from '../../src/db/schema.js';
-import { requestHash } from '../../src/modules/chat/idempotency.js';
+import { IdempotencyStore, requestHash } from '../../src/modules/chat/idempotency.js';
 import { flushStatementOn } from '../../src/modules/chat/service.js';
 import { countTokens } from '../../src/providers/models.js';
-import { createProject, createPrompt, expectProblem, insertMessages, registerUser, type RegisteredUser, revokeTokens, startTestApp, type TestApp } from '../support/app.js';
+import { createProject, createPrompt, expectProblem, insertMessages, registerUser, type RegisteredUser, revokeTokens, startTestApp, type TestApp, testConfig } from '../support/app.js';
 import { FakeUpstream, UPSTREAM_ERROR_TEXT } from '../support/fake-upstream.js';
+import { logCollector } from '../support/logs.js';
 import { seriesValue } from '../support/metrics.js';
 import { readSse, type SseEvent } from '../support/sse.js';
 
@@ -720,6 +722,57 @@ describe('idempotency', () => {
     });
     expect(theirs.json().assistantMessage.content).toBe('Echo: theirs');
     expectProblem(await chat(projectId, { message: 'x' }, { 'idempotency-key': 'k'.repeat(256) }), 400, 'VALIDATION_ERROR');
+  });
+});
+
+describe('idempotency keys past their replay window', () => {
+  /** Inserts keys of `user`, each aged in SQL (an interval ago); returns the keys, named by their label. */
+  async function agedKeys(rows: Record<string, { state: 'running' | 'done'; created: string; alive?: string }>) {
+    const tag = uuidv7();
+    const ago = (interval: string) => sql`now() - ${interval}::interval`;
+    await t.testDb.database.db.insert(idempotencyKeys).values(
+      Object.entries(rows).map(([label, { state, created, alive = created }]) => ({
+        userId: user.id,
+        key: `${label}-${tag}`,
+        requestHash: 'hash',
+        state,
+        response: state === 'done' ? { question: 'x'.repeat(1_000) } : null,
+        createdAt: ago(created),
+        aliveAt: ago(alive),
+      })),
+    );
+    const left = async () =>
+      (await t.testDb.database.db.select({ key: idempotencyKeys.key }).from(idempotencyKeys).where(sql`${idempotencyKeys.key} like ${`%-${tag}`}`))
+        .map((row) => row.key.slice(0, -tag.length - 1))
+        .sort();
+    return { left };
+  }
+
+  it('are deleted in batches, but for a key whose request still runs', async () => {
+    const { left } = await agedKeys({
+      ...Object.fromEntries(Array.from({ length: 5 }, (_, i) => [`done-${i}`, { state: 'done', created: '25 hours' }] as const)),
+      'running-stale': { state: 'running', created: '25 hours' },
+      'running-alive': { state: 'running', created: '25 hours', alive: '1 second' },
+      'done-fresh': { state: 'done', created: '23 hours' },
+      // Stale, but a retry taking it over is what ends it, within the window.
+      'running-stale-fresh': { state: 'running', created: '1 hour' },
+    });
+    // The store the app sweeps with, on the app's database; 2 a batch: the sweep goes on past a full one.
+    const store = new IdempotencyStore(t.testDb.database.db, 2 * t.config.AI_TIMEOUT_MS);
+    expect(await store.sweep(2)).toBe(6);
+    expect(await left()).toEqual(['done-fresh', 'running-alive', 'running-stale-fresh']);
+  });
+
+  it('are deleted as the app starts, and the count logged', async () => {
+    const { left } = await agedKeys({ expired: { state: 'done', created: '25 hours' }, fresh: { state: 'done', created: '1 hour' } });
+    const logs = logCollector();
+    const app = await buildApp(testConfig({ LOG_LEVEL: 'info' }), { database: t.testDb.database, logStream: logs.stream });
+    try {
+      await expect.poll(left).toEqual(['fresh']);
+      await expect.poll(() => logs.lines.find((line) => line.msg === 'deleted the idempotency keys past their replay window')).toMatchObject({ removed: 1 });
+    } finally {
+      await app.close();
+    }
   });
 });
 

@@ -1,10 +1,12 @@
 import { createHash, randomUUID } from 'node:crypto';
-import { and, eq, sql } from 'drizzle-orm';
+import { and, eq, or, sql } from 'drizzle-orm';
 import type { Db } from '../../db/database.js';
 import { idempotencyKeys } from '../../db/schema.js';
 import { ApiError } from '../../http/errors.js';
 
 const REPLAY_WINDOW = '24 hours';
+/** Keys one statement of `sweep` deletes at most: each batch is quick and locks few rows. */
+const SWEEP_BATCH = 1_000;
 
 /**
  * `claimId` names this hold of the key: once the key is taken over (its holder fell silent), the holder it
@@ -39,8 +41,16 @@ export class IdempotencyStore<T> {
     private readonly staleAfterMs: number,
   ) {}
 
+  /** A key first claimed longer ago than it is replayed. */
+  private readonly expired = sql`${idempotencyKeys.createdAt} < now() - interval '${sql.raw(REPLAY_WINDOW)}'`;
+
+  /** A running key that has said nothing for `staleAfterMs`: its request is gone (or no longer heard from). */
+  private get stale() {
+    const silentSince = sql`now() - make_interval(secs => ${this.staleAfterMs / 1000})`;
+    return sql`${idempotencyKeys.state} = 'running' and greatest(${idempotencyKeys.createdAt}, ${idempotencyKeys.aliveAt}) < ${silentSince}`;
+  }
+
   async claim(userId: string, key: string, hash: string): Promise<IdempotencyClaim<T>> {
-    const stale = sql`now() - make_interval(secs => ${this.staleAfterMs / 1000})`;
     const claimId = randomUUID();
     const claimed = await this.db
       .insert(idempotencyKeys)
@@ -49,8 +59,7 @@ export class IdempotencyStore<T> {
         target: [idempotencyKeys.userId, idempotencyKeys.key],
         set: { requestHash: hash, state: 'running', response: null, createdAt: sql`now()`, aliveAt: sql`now()`, claimId },
         // `created_at` too: an instance of the code before `alive_at` takes a key over by it alone.
-        setWhere: sql`${idempotencyKeys.createdAt} < now() - interval '${sql.raw(REPLAY_WINDOW)}'
-          or (${idempotencyKeys.state} = 'running' and greatest(${idempotencyKeys.createdAt}, ${idempotencyKeys.aliveAt}) < ${stale})`,
+        setWhere: or(this.expired, this.stale),
       })
       .returning({ key: idempotencyKeys.key });
     if (claimed.length) return { kind: 'claimed', claimId };
@@ -101,6 +110,31 @@ export class IdempotencyStore<T> {
    */
   async release(userId: string, key: string, claimId: string): Promise<void> {
     await this.db.delete(idempotencyKeys).where(this.held(userId, key, claimId));
+  }
+
+  /**
+   * Deletes the keys past their replay window, oldest first (by the `created_at` index), `batchSize` per
+   * statement so that none holds many row locks for long, and skipping rows another statement has locked
+   * (a claim taking one over, another instance's sweep). A key still running and not stale stays: its
+   * request may yet complete it. Asks `stop` between batches; resolves with how many it deleted.
+   */
+  async sweep(batchSize = SWEEP_BATCH, stop: () => boolean = () => false): Promise<number> {
+    let removed = 0;
+    for (;;) {
+      const batch = this.db
+        .select({ userId: idempotencyKeys.userId, key: idempotencyKeys.key })
+        .from(idempotencyKeys)
+        .where(and(this.expired, or(eq(idempotencyKeys.state, 'done'), this.stale)))
+        .orderBy(idempotencyKeys.createdAt)
+        .limit(batchSize)
+        .for('update', { skipLocked: true });
+      const deleted = await this.db
+        .delete(idempotencyKeys)
+        .where(sql`(${idempotencyKeys.userId}, ${idempotencyKeys.key}) in ${batch}`)
+        .returning({ key: idempotencyKeys.key });
+      removed += deleted.length;
+      if (deleted.length < batchSize || stop()) return removed;
+    }
   }
 
   /** The key's row while the claim `claimId` still holds it (running, not taken over). */
