@@ -651,6 +651,26 @@ describe('idempotency', () => {
     expect(fake.requests).toHaveLength(2);
   });
 
+  it('lets no beat of the request a key was taken from keep it alive', async () => {
+    // Silent after 400 ms: a beat every 100 ms.
+    const store = new IdempotencyStore(t.testDb.database.db, 400);
+    const key = `key-${uuidv7()}`;
+    const keyRow = and(eq(idempotencyKeys.userId, user.id), eq(idempotencyKeys.key, key));
+    const aliveAt = async () => (await t.testDb.database.db.select().from(idempotencyKeys).where(keyRow))[0]!.aliveAt.getTime();
+    const first = await store.claim(user.id, key, 'hash');
+    await sleep(500);
+    const second = await store.claim(user.id, key, 'hash');
+    expect(second.kind).toBe('claimed');
+    const takenOverAt = await aliveAt();
+    if (first.kind !== 'claimed') throw new Error('the first claim replayed');
+    const hold = store.keepAlive(user.id, key, first.claimId);
+    hold.progressed();
+    // Time for its beat (and two more) to reach the database.
+    await sleep(300);
+    hold.stop();
+    expect(await aliveAt()).toBe(takenOverAt);
+  });
+
   it('replays the first result for the same key and body, without calling the provider again', async () => {
     const projectId = await newProject();
     const key = { 'idempotency-key': `key-${uuidv7()}` };
