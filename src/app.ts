@@ -60,6 +60,15 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
       return typeof incoming === 'string' && REQUEST_ID.test(incoming) ? incoming : randomUUID();
     },
     bodyLimit: 1024 * 1024,
+    // A request that trickles in would hold its connection (an upload, its temporary file) for as long as
+    // its client liked: Fastify turns Node's own bound off unless it is given one. Node applies it only
+    // while the bound on headers is no longer (60 s by default), and checks both on an interval (30 s by
+    // default), which a quarter of a shorter bound keeps near what was configured.
+    requestTimeout: config.REQUEST_TIMEOUT_MS,
+    http: {
+      headersTimeout: Math.min(60_000, config.REQUEST_TIMEOUT_MS),
+      connectionsCheckingInterval: Math.min(30_000, Math.ceil(config.REQUEST_TIMEOUT_MS / 4)),
+    },
     // Behind a load balancer, the client's address (rate limits, logs) comes from X-Forwarded-For.
     trustProxy: config.TRUST_PROXY,
     // Fastify's own 503 for a request that arrives while the app closes is not problem+json: see below.

@@ -134,6 +134,7 @@ const envSchema = z.object({
   RATE_LIMIT_CHAT: int(1, 1_000_000).default(60),
   RATE_LIMIT_API: int(1, 10_000_000).default(1200),
   SHUTDOWN_TIMEOUT_MS: int(0, 600_000).default(10_000),
+  REQUEST_TIMEOUT_MS: int(100, 3_600_000).default(300_000),
   CORS_ORIGINS: corsOrigins,
   TRUST_PROXY: trustProxy,
   MAX_EVENT_LOOP_DELAY_MS: int(0, 60_000).default(1000),

@@ -1,3 +1,5 @@
+import { once } from 'node:events';
+import { connect } from 'node:net';
 import { gunzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ConfigError } from '../../src/config.js';
@@ -184,6 +186,31 @@ describe('load shedding (@fastify/under-pressure)', () => {
       expect((await pressured.app.inject({ method: 'GET', url: '/health/live' })).statusCode).toBe(200);
     } finally {
       await pressured.close();
+    }
+  });
+});
+
+describe('a request that trickles in (REQUEST_TIMEOUT_MS)', () => {
+  it('is answered 408 problem+json and its connection closed once the bound has passed', async () => {
+    const slow = await startTestApp({ REQUEST_TIMEOUT_MS: '400' });
+    try {
+      const address = new URL(await slow.app.listen({ port: 0, host: '127.0.0.1' }));
+      const socket = connect(Number(address.port), address.hostname);
+      let received = '';
+      socket.setEncoding('utf8').on('data', (chunk: string) => (received += chunk));
+      const closed = once(socket, 'close');
+      const started = Date.now();
+      // Headers, then a first byte of a body of 1,000, then nothing.
+      socket.write('POST /api/v1/auth/login HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{');
+      await closed;
+
+      expect(Date.now() - started).toBeGreaterThanOrEqual(400);
+      const [head, body] = received.split('\r\n\r\n');
+      expect(head).toMatch(/^HTTP\/1\.1 408 /);
+      expect(head).toMatch(/content-type: application\/problem\+json/i);
+      expect(JSON.parse(body!)).toMatchObject({ status: 408 });
+    } finally {
+      await slow.close();
     }
   });
 });
