@@ -1,4 +1,4 @@
-import fastifyRateLimit from '@fastify/rate-limit';
+import fastifyRateLimit, { type RateLimitOptions } from '@fastify/rate-limit';
 import type { FastifyBaseLogger, FastifyInstance, FastifyRequest } from 'fastify';
 import { Redis } from 'ioredis';
 import type { Config } from '../config.js';
@@ -31,6 +31,14 @@ export function rateLimitGroupOf(config: { public?: boolean; rateLimitGroup?: Ra
 }
 
 const MINUTE = 60_000;
+/**
+ * Logins an address may try in a window, all emails together: `RATE_LIMIT_LOGIN` for this many accounts.
+ * Without it, one address could flood the counters with made-up emails until the one it guesses at was
+ * dropped (in memory, least recently used first) and counted from zero again.
+ */
+const LOGIN_ACCOUNTS_PER_ADDRESS = 10;
+/** Counters each limit keeps in memory (without Redis) before dropping the least recently used. */
+const COUNTERS_IN_MEMORY = 20_000;
 /** The longest email the login schema accepts: a longer one must not make a longer key. */
 const MAX_EMAIL_LENGTH = 254;
 
@@ -52,14 +60,22 @@ export async function registerRateLimits(app: FastifyInstance, config: Config): 
     skipOnError: true,
   });
 
-  const limiter = (group: RateLimitGroup | 'anonymous', max: number, timeWindow: number, key: (request: FastifyRequest) => string) => {
-    const check = app.createRateLimit({ max, timeWindow, keyGenerator: (request) => `${group}:${key(request)}` });
+  const limiter = (group: RateLimitGroup | 'login-address' | 'anonymous', max: number, timeWindow: number, key: (request: FastifyRequest) => string) => {
+    // `cache` is a route limit's option (RateLimitOptions) that createRateLimit passes on as well; the
+    // plugin's own reaches only its root store, not the one each limit makes.
+    const options: RateLimitOptions = { max, timeWindow, cache: COUNTERS_IN_MEMORY, keyGenerator: (request) => `${group}:${key(request)}` };
+    const check = app.createRateLimit(options);
     return async (request: FastifyRequest): Promise<void> => {
       const result = await check(request);
       if (!result.isAllowed && result.isExceeded) throw new RateLimited(result.ttlInSeconds);
     };
   };
-  const login = limiter('login', config.RATE_LIMIT_LOGIN, 15 * MINUTE, (request) => `${request.ip}:${emailOf(request.body)}`);
+  const loginFromAddress = limiter('login-address', LOGIN_ACCOUNTS_PER_ADDRESS * config.RATE_LIMIT_LOGIN, 15 * MINUTE, (request) => request.ip);
+  const loginToAccount = limiter('login', config.RATE_LIMIT_LOGIN, 15 * MINUTE, (request) => `${request.ip}:${emailOf(request.body)}`);
+  const login = async (request: FastifyRequest) => {
+    await loginFromAddress(request);
+    await loginToAccount(request);
+  };
   const register = limiter('register', config.RATE_LIMIT_REGISTER, 60 * MINUTE, (request) => request.ip);
   const chat = limiter('chat', config.RATE_LIMIT_CHAT, MINUTE, (request) => request.user.id);
   const api = limiter('api', config.RATE_LIMIT_API, MINUTE, (request) => request.user.id);

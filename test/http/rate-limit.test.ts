@@ -74,6 +74,35 @@ describe('login', () => {
   });
 });
 
+describe('login, against a flood of other emails', () => {
+  const filler = (address: string) =>
+    t.app.inject({ method: 'POST', url: '/api/v1/auth/login', remoteAddress: address, payload: { email: `${randomUUID()}@example.com` } });
+
+  it('limits an address to RATE_LIMIT_LOGIN attempts for each of 10 accounts: its flood cannot push the counters of a guessed one out', async () => {
+    const user = await newUser();
+    const address = newAddress();
+    for (let attempt = 0; attempt < 3; attempt++) expectProblem(await login(t.app, address, user.email), 401, 'UNAUTHORIZED');
+    expectRateLimited(await login(t.app, address, user.email), 15 * 60);
+
+    const statuses = new Map<number, number>();
+    for (let i = 0; i < 5_000; i++) {
+      const { statusCode } = await filler(address);
+      statuses.set(statusCode, (statuses.get(statusCode) ?? 0) + 1);
+    }
+    // 30 attempts from the address in all: the 4 above and 26 fillers; the rest refused before any is counted.
+    expect(Object.fromEntries(statuses)).toEqual({ 400: 26, 429: 4_974 });
+    expectRateLimited(await login(t.app, address, user.email, PASSWORD), 15 * 60);
+  });
+
+  it('keeps the counters of a guessed account through a flood from 5,000 other addresses', async () => {
+    const user = await newUser();
+    const address = newAddress();
+    for (let attempt = 0; attempt < 3; attempt++) expectProblem(await login(t.app, address, user.email), 401, 'UNAUTHORIZED');
+    for (let i = 0; i < 5_000; i++) expectProblem(await filler(newAddress()), 400, 'VALIDATION_ERROR');
+    expectRateLimited(await login(t.app, address, user.email, PASSWORD), 15 * 60);
+  });
+});
+
 describe('register', () => {
   it('allows RATE_LIMIT_REGISTER accounts per address an hour, counting refused ones', async () => {
     const address = newAddress();
