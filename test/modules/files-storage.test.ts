@@ -15,7 +15,7 @@ describe('local disk storage', () => {
       const failing = async function* (): AsyncGenerator<Uint8Array> {
         throw new Error(`cut ${i}`);
       };
-      await expect(storage.put(`project/file-${i}`, failing())).rejects.toThrow(`cut ${i}`);
+      await expect(storage.stage(failing())).rejects.toThrow(`cut ${i}`);
     });
     await Promise.all(failures);
     expect(readdirSync(join(root, 'tmp'))).toEqual([]);
@@ -26,9 +26,12 @@ describe('local disk storage', () => {
     const root = mkdtempSync(join(tmpdir(), 'storage-test-'));
     const storage = new LocalDiskStorage(root);
     expect(await storage.sweepStaging(60_000)).toBe(0); // no staging folder yet
-    await storage.put('project/kept', (async function* () {
-      yield new TextEncoder().encode('stored');
-    })());
+    const staged = await storage.stage(
+      (async function* () {
+        yield new TextEncoder().encode('stored');
+      })(),
+    );
+    await storage.keep(staged, 'project/kept');
     const dayAgo = (Date.now() - 25 * 60 * 60 * 1000) / 1000;
     for (const name of ['left-by-a-crash', 'also-left']) {
       writeFileSync(join(root, 'tmp', name), 'partial');

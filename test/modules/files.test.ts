@@ -71,6 +71,29 @@ function storedPaths(): string[] {
 }
 const stagedPaths = () => storedPaths().filter((path) => path.startsWith('tmp/'));
 
+/** An upload over HTTP whose file is sent in two parts: `finish` sends the second and resolves with the answer. */
+function uploadInTwo(projectId: string, part: Omit<FormPart, 'content'>, first: Buffer) {
+  let finish!: (rest: Buffer) => Promise<{ statusCode: number; body: string }>;
+  const answered = new Promise<{ statusCode: number; body: string }>((resolve, reject) => {
+    const req = httpRequest(`${baseUrl}${filesUrl(projectId)}`, {
+      method: 'POST',
+      headers: { ...user.auth, 'content-type': `multipart/form-data; boundary=${BOUNDARY}` },
+    });
+    req.on('error', reject);
+    req.on('response', (res) => {
+      let text = '';
+      res.setEncoding('utf8').on('data', (chunk: string) => (text += chunk));
+      res.on('end', () => resolve({ statusCode: res.statusCode!, body: text }));
+    });
+    req.write(Buffer.concat([partHead(part), first]));
+    finish = (rest) => {
+      req.end(Buffer.concat([rest, Buffer.from('\r\n'), CLOSING]));
+      return answered;
+    };
+  });
+  return { finish };
+}
+
 describe('upload and download', () => {
   it('stores a text file under ids, copies it to the provider and gives back the exact bytes', async () => {
     const projectId = await newProject();
@@ -144,26 +167,12 @@ describe('upload and download', () => {
 
   it('writes the bytes to disk as they arrive, never holding the whole upload', async () => {
     const projectId = await newProject();
-    const head = partHead({ filename: 'stream.bin', type: 'application/octet-stream' });
     const first = randomBytes(160 * 1024);
     const rest = randomBytes(80 * 1024);
-    const { statusCode, body } = await new Promise<{ statusCode: number; body: string }>((resolve, reject) => {
-      const req = httpRequest(`${baseUrl}${filesUrl(projectId)}`, {
-        method: 'POST',
-        headers: { ...user.auth, 'content-type': `multipart/form-data; boundary=${BOUNDARY}` },
-      });
-      req.on('error', reject);
-      req.on('response', (res) => {
-        let text = '';
-        res.setEncoding('utf8').on('data', (chunk: string) => (text += chunk));
-        res.on('end', () => resolve({ statusCode: res.statusCode!, body: text }));
-      });
-      req.write(Buffer.concat([head, first]));
-      // The first part is on disk, in a temporary file, while the rest has not even been sent.
-      void waitFor(() => stagedPaths().some((path) => statSync(join(storageRoot, path)).size >= 128 * 1024))
-        .then(() => req.end(Buffer.concat([rest, Buffer.from('\r\n'), CLOSING])))
-        .catch(reject);
-    });
+    const sending = uploadInTwo(projectId, { filename: 'stream.bin', type: 'application/octet-stream' }, first);
+    // The first part is on disk, in a temporary file, while the rest has not even been sent.
+    await waitFor(() => stagedPaths().some((path) => statSync(join(storageRoot, path)).size >= 128 * 1024));
+    const { statusCode, body } = await sending.finish(rest);
     expect(statusCode).toBe(201);
     const file = JSON.parse(body) as FileDto;
     expect(file).toMatchObject({ size: first.length + rest.length, sha256: sha256(Buffer.concat([first, rest])) });
@@ -344,6 +353,29 @@ describe('list', () => {
     expect((await get(`/api/v1/projects/${projectId}`)).json().counts.files).toBe(3);
     expectProblem(await get(filesUrl(projectId, '?limit=0')), 400, 'VALIDATION_ERROR');
     expectProblem(await get(filesUrl(projectId, '?cursor=nope')), 400, 'VALIDATION_ERROR');
+  });
+
+  it('lists a slow upload after the files stored while it arrived: a cursor walk already past them finds it', async () => {
+    const projectId = await newProject();
+    await upload(projectId, 'x', { filename: 'X.txt' });
+    const slow = uploadInTwo(projectId, { filename: 'slow.txt', type: 'text/plain' }, Buffer.from('the first half, '));
+    await waitFor(() => stagedPaths().length > 0);
+    await upload(projectId, 'b', { filename: 'B.txt' });
+    await upload(projectId, 'c', { filename: 'C.txt' });
+
+    const seen: string[] = [];
+    const walk = async (cursor: string | undefined, more: () => boolean) => {
+      do {
+        const page = (await get(filesUrl(projectId, `?limit=1${cursor ? `&cursor=${cursor}` : ''}`))).json();
+        seen.push(...page.data.map((file: FileDto) => file.filename));
+        cursor = page.nextCursor ?? undefined;
+      } while (cursor && more());
+      return cursor;
+    };
+    const cursor = await walk(undefined, () => !seen.includes('B.txt'));
+    expect((await slow.finish(Buffer.from('then the rest'))).statusCode).toBe(201);
+    await walk(cursor, () => true);
+    expect(seen).toEqual(['X.txt', 'B.txt', 'C.txt', 'slow.txt']);
   });
 });
 

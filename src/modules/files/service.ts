@@ -16,7 +16,7 @@ import { buildFilesSection, type FilesSection, type FilesSectionOptions } from '
 import { ContentInspector, essence } from './content-type.js';
 import { displayFilename } from './filename.js';
 import type { FileDto } from './schemas.js';
-import { bytesGone, type FileStorage, type StoredBytes } from './storage.js';
+import { bytesGone, type FileStorage, type StagedBytes } from './storage.js';
 
 /** One part of a multipart/form-data body, as @fastify/multipart hands it over. */
 export type FormPart =
@@ -33,7 +33,7 @@ export interface StoredFileDiscarder {
   discard(rows: DeletedFile[], log: FastifyBaseLogger): Promise<void>;
 }
 
-interface ReceivedFile extends StoredBytes {
+interface ReceivedFile extends StagedBytes {
   filename: string;
   mimeType: string;
 }
@@ -101,17 +101,22 @@ export class FilesService {
    * Stores the form's one `file`, then copies it to the project's provider when that has a Files API.
    * The bytes are in place before the row that names them is written, and removed again if it is not:
    * a crash in between leaves stray bytes, never a row without them. A failed provider copy only
-   * leaves `providerFileId` null.
+   * leaves `providerFileId` null. The file's id is taken just before its row is written: the list is in
+   * id order, and an id taken when a slow upload began would put the file behind others already listed
+   * past it, where a client walking the cursors would never see it.
    */
   async upload(userId: string, projectId: string, parts: AsyncIterable<FormPart>, log: FastifyBaseLogger): Promise<FileDto> {
     const project = await requireOwnedProject(this.db, userId, projectId);
-    const id = uuidv7();
-    // The project's id as stored, not as the path spelled it (in capitals, perhaps): every later read
-    // and delete finds the bytes by the row's.
-    const key = storageKey({ projectId: project.id, id });
-    const received = await this.receive(key, parts);
-    const providerFileId = await this.copyToProvider(project, key, received, log);
+    const received = await this.receive(parts);
+    let key: string | undefined;
+    let providerFileId: string | null = null;
     try {
+      providerFileId = await this.copyToProvider(project, received, log);
+      const id = uuidv7();
+      // The project's id as stored, not as the path spelled it (in capitals, perhaps): every later read
+      // and delete finds the bytes by the row's.
+      key = storageKey({ projectId: project.id, id });
+      const storageUrl = await this.storage.keep(received, key);
       const [row] = await this.db
         .insert(files)
         .values({
@@ -121,14 +126,16 @@ export class FilesService {
           mimeType: received.mimeType,
           size: received.size,
           sha256: received.sha256,
-          storageUrl: received.url,
+          storageUrl,
           providerFileId,
           createdAt: new Date(),
         })
         .returning();
       return toDto(row!);
     } catch (error) {
-      await this.storage.remove(key);
+      // Wherever the bytes got to: still staged, or already under the key.
+      await this.storage.drop(received);
+      if (key) await this.storage.remove(key);
       if (providerFileId) await this.deleteProviderCopy(providerFileId, log);
       throw error;
     }
@@ -201,7 +208,7 @@ export class FilesService {
    * Streams the one `file` part to storage, hashing, counting and inspecting it on the way. Anything
    * else in the form is refused, as unknown JSON properties are; on any failure nothing stays stored.
    */
-  private async receive(key: string, parts: AsyncIterable<FormPart>): Promise<ReceivedFile> {
+  private async receive(parts: AsyncIterable<FormPart>): Promise<ReceivedFile> {
     let received: ReceivedFile | undefined;
     try {
       for await (const part of parts) {
@@ -210,11 +217,11 @@ export class FilesService {
         }
         if (received) throw new ValidationFailed('One file per upload', [{ path: 'body.file', message: 'must be sent once' }]);
         const inspector = new ContentInspector();
-        const stored = await this.storage.put(key, this.inspected(part.file, inspector));
-        received = { ...stored, filename: displayFilename(part.filename), mimeType: inspector.mimeType(essence(part.mimetype)) };
+        const staged = await this.storage.stage(this.inspected(part.file, inspector));
+        received = { ...staged, filename: displayFilename(part.filename), mimeType: inspector.mimeType(essence(part.mimetype)) };
       }
     } catch (error) {
-      if (received) await this.storage.remove(key);
+      if (received) await this.storage.drop(received);
       throw error;
     }
     if (!received) throw new ValidationFailed('The upload has no file', [{ path: 'body.file', message: 'is required' }]);
@@ -233,11 +240,11 @@ export class FilesService {
   }
 
   /** The provider's file id, or null when the project's provider has no Files API or the upload failed. */
-  private async copyToProvider(project: ProjectRow, key: string, file: ReceivedFile, log: FastifyBaseLogger): Promise<string | null> {
+  private async copyToProvider(project: ProjectRow, file: ReceivedFile, log: FastifyBaseLogger): Promise<string | null> {
     const adapter = this.filesAdapter(project);
     if (!adapter?.uploadFile) return null;
     try {
-      const upload = { filename: file.filename, mimeType: file.mimeType, path: this.storage.localPath(key) };
+      const upload = { filename: file.filename, mimeType: file.mimeType, path: file.path };
       const { providerFileId } = await adapter.uploadFile(upload, AbortSignal.timeout(this.config.AI_TIMEOUT_MS));
       return providerFileId;
     } catch (error) {

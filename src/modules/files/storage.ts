@@ -5,27 +5,32 @@ import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { pathToFileURL } from 'node:url';
 
-export interface StoredBytes {
+/** Bytes written in full to a temporary place, not yet under any key. */
+export interface StagedBytes {
   size: number;
   /** Hex SHA-256 of the bytes. */
   sha256: string;
-  /** Where the bytes are, as a URL (`file:///…` on local disk). */
-  url: string;
+  /** Where they are meanwhile: a path on this machine, for readers that take one (the provider upload streams it from disk). */
+  path: string;
 }
 
 /**
  * Where uploaded bytes live. A key is a relative name made of `/`-separated segments of letters,
  * digits, `-` and `_` (the files module uses `<projectId>/<fileId>`), never anything a client chose.
+ * Bytes are written first and named after: a file's id, which orders its list, is taken when its row is
+ * written, not when its upload began.
  */
 export interface FileStorage {
-  /** Stores `source` under `key` whole or not at all; a failing source leaves nothing behind. */
-  put(key: string, source: AsyncIterable<Uint8Array>): Promise<StoredBytes>;
+  /** Writes `source` whole or not at all: a failing source leaves nothing behind. */
+  stage(source: AsyncIterable<Uint8Array>): Promise<StagedBytes>;
+  /** Puts staged bytes under `key`, durably; resolves with where they are, as a URL (`file:///…` on local disk). */
+  keep(staged: StagedBytes, key: string): Promise<string>;
+  /** Removes staged bytes that are not to be kept. */
+  drop(staged: StagedBytes): Promise<void>;
   /** The bytes under `key`. Rejects (ENOENT, see `bytesGone`) before anything is read when there are none. */
   open(key: string): Promise<Readable>;
   /** Removes the bytes under `key`; bytes already gone are not an error. */
   remove(key: string): Promise<void>;
-  /** A path on this machine holding the bytes, for readers that take a path (the provider upload, which streams it from disk). */
-  localPath(key: string): string;
 }
 
 const KEY = /^[\w-]+(\/[\w-]+)*$/;
@@ -50,8 +55,7 @@ export class LocalDiskStorage implements FileStorage {
     this.staging = join(root, 'tmp');
   }
 
-  async put(key: string, source: AsyncIterable<Uint8Array>): Promise<StoredBytes> {
-    const target = this.localPath(key);
+  async stage(source: AsyncIterable<Uint8Array>): Promise<StagedBytes> {
     await mkdir(this.staging, { recursive: true });
     const temporary = join(this.staging, randomUUID());
     const hash = createHash('sha256');
@@ -72,15 +76,24 @@ export class LocalDiskStorage implements FileStorage {
         file.createWriteStream(),
       );
       await flush(temporary);
-      await mkdir(dirname(target), { recursive: true });
-      await rename(temporary, target);
-      // The rename itself is durable only once the folder is flushed too.
-      await flush(dirname(target));
     } catch (error) {
       await rm(temporary, { force: true });
       throw error;
     }
-    return { size, sha256: hash.digest('hex'), url: pathToFileURL(target).href };
+    return { size, sha256: hash.digest('hex'), path: temporary };
+  }
+
+  async keep(staged: StagedBytes, key: string): Promise<string> {
+    const target = this.localPath(key);
+    await mkdir(dirname(target), { recursive: true });
+    await rename(staged.path, target);
+    // The rename itself is durable only once the folder is flushed too.
+    await flush(dirname(target));
+    return pathToFileURL(target).href;
+  }
+
+  async drop(staged: StagedBytes): Promise<void> {
+    await rm(staged.path, { force: true });
   }
 
   /**
@@ -114,7 +127,7 @@ export class LocalDiskStorage implements FileStorage {
     await rm(this.localPath(key), { force: true });
   }
 
-  localPath(key: string): string {
+  private localPath(key: string): string {
     if (!KEY.test(key)) throw new Error(`Invalid storage key ${JSON.stringify(key)}`);
     return join(this.root, key);
   }
