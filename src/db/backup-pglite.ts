@@ -32,9 +32,27 @@ export function pgliteStore(folder: string): DatabaseStore {
       const tar = await promisify(gunzip)(await readFile(file)).catch((error: Error) => {
         throw new BackupError(`${file} is damaged: ${error.message}`);
       });
+      // PGlite reads anything else as a gzip it must unpack, which fails inside a stream it never
+      // awaits: an unhandled rejection that ends the process and leaves the staging folder behind.
+      if (!startsWithTarHeader(tar)) throw new BackupError(`${file} is damaged: not a PGlite data tarball`);
       await replaceFolder(folder, (staging) => withPglite(staging, { loadDataDir: new Blob([tar]) }, (db) => db.query('select 1')));
     },
   };
+}
+
+/** A tar archive begins with a header block carrying the ustar magic and a checksum of its own bytes. */
+function startsWithTarHeader(tar: Buffer): boolean {
+  const BLOCK = 512;
+  const CHECKSUM = { offset: 148, length: 8 };
+  if (tar.length < BLOCK || tar.toString('latin1', 257, 262) !== 'ustar') return false;
+  const recorded = Number.parseInt(tar.toString('latin1', CHECKSUM.offset, CHECKSUM.offset + CHECKSUM.length).trim(), 8);
+  // The checksum is the sum of the header's bytes, counting its own field as spaces.
+  let sum = 0;
+  for (let i = 0; i < BLOCK; i++) {
+    const inField = i >= CHECKSUM.offset && i < CHECKSUM.offset + CHECKSUM.length;
+    sum += inField ? 0x20 : tar[i]!;
+  }
+  return sum === recorded;
 }
 
 async function withPglite<T>(folder: string, options: PGliteOptions, use: (db: PGlite) => Promise<T>): Promise<T> {

@@ -4,6 +4,7 @@ import { once } from 'node:events';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
+import { gzipSync } from 'node:zlib';
 import { sql } from 'drizzle-orm';
 import type { PgTable } from 'drizzle-orm/pg-core';
 import { v7 as uuidv7 } from 'uuid';
@@ -254,6 +255,13 @@ describe('what restore refuses before touching anything', () => {
     const damaged = await runBackupCli(['restore', notBackup], env);
     expect(damaged.code).toBe(1);
     expect(damaged.output.trim()).toMatch(/^\S+pglite\.tar\.gz is damaged: [^\n]+$/);
+    expect(readdirSync(env.DATA_DIR).sort()).toEqual([]);
+
+    // Gzip whose content is no tar: PGlite itself would crash the process on it.
+    writeFileSync(join(notBackup, 'pglite.tar.gz'), gzipSync(Buffer.from('not a tar at all '.repeat(1000))));
+    const notTar = await runBackupCli(['restore', notBackup], env);
+    expect(notTar.code).toBe(1);
+    expect(notTar.output.trim()).toBe(`${join(notBackup, 'pglite.tar.gz')} is damaged: not a PGlite data tarball`);
     expect(readdirSync(env.DATA_DIR).sort()).toEqual([]);
 
     const usage = await runBackupCli(['backup'], env);
