@@ -15,26 +15,44 @@ export interface DatabaseStore {
   restore(file: string): Promise<void>;
 }
 
+/** A folder's replacement, complete beside it and not yet in its place. */
+export interface StagedFolder {
+  /** Sets the live folder aside and puts the replacement in its place. */
+  commit(): Promise<void>;
+  /** Removes the replacement; the live folder stays as it was. */
+  discard(): Promise<void>;
+}
+
 /**
- * Replaces `folder` with what `fill` writes into a new sibling folder. The old folder is set aside only
- * once the new one is complete, so a restore that fails midway leaves the data as it was, and nothing of
- * the old content survives into the new one (a replacement, never a merge).
+ * Writes the replacement of `folder` with `fill` into a new sibling folder, leaving `folder` untouched
+ * until `commit`. Nothing of the old content survives into the new one (a replacement, never a merge).
  */
-export async function replaceFolder(folder: string, fill: (staging: string) => Promise<unknown>): Promise<void> {
+export async function stageFolder(folder: string, fill: (staging: string) => Promise<unknown>): Promise<StagedFolder> {
   const staging = `${folder}.restoring`;
   const previous = `${folder}.replaced`;
   // Either may be left by a restore that was interrupted; neither holds anything the live folder lacks.
   await rm(staging, { recursive: true, force: true });
   await rm(previous, { recursive: true, force: true });
+  const discard = () => rm(staging, { recursive: true, force: true });
   try {
     await fill(staging);
   } catch (error) {
-    await rm(staging, { recursive: true, force: true });
+    await discard();
     throw error;
   }
-  await rename(folder, previous).catch((error: NodeJS.ErrnoException) => {
-    if (error.code !== 'ENOENT') throw error;
-  });
-  await rename(staging, folder);
-  await rm(previous, { recursive: true, force: true });
+  return {
+    discard,
+    async commit() {
+      await rename(folder, previous).catch((error: NodeJS.ErrnoException) => {
+        if (error.code !== 'ENOENT') throw error;
+      });
+      await rename(staging, folder);
+      await rm(previous, { recursive: true, force: true });
+    },
+  };
+}
+
+/** Replaces `folder` with what `fill` writes, once that is complete: a fill that fails changes nothing. */
+export async function replaceFolder(folder: string, fill: (staging: string) => Promise<unknown>): Promise<void> {
+  await (await stageFolder(folder, fill)).commit();
 }

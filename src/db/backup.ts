@@ -6,7 +6,7 @@ import type { Config } from '../config.js';
 import { DatabaseLockedError, lockPglite, pgliteFolder } from './database.js';
 import { pgliteStore } from './backup-pglite.js';
 import { postgresStore } from './backup-postgres.js';
-import { BackupError, type DatabaseStore, replaceFolder } from './backup-store.js';
+import { BackupError, type DatabaseStore, stageFolder } from './backup-store.js';
 
 export { BackupError };
 
@@ -76,12 +76,30 @@ export async function restoreBackup(config: BackupConfig, source: string): Promi
     for (const part of [store.fileName, 'files']) {
       if (!existsSync(join(folder, part))) throw new BackupError(`${folder} is incomplete: ${part} is missing`);
     }
-    // The database first: if it fails, nothing has changed yet.
-    await store.restore(join(folder, store.fileName));
-    await replaceFolder(uploadsFolder(config), (staging) =>
-      cp(join(folder, 'files'), staging, { recursive: true, preserveTimestamps: true }),
-    );
+    await restoreInOrder(config, folder, store);
     return manifest;
+  });
+}
+
+/**
+ * The files are copied first, beside the live ones, so a full disk or an unreadable file in the backup
+ * fails before anything has changed. Then the database (all or nothing), and only once it is restored
+ * are the copied files swapped in for the live ones.
+ */
+async function restoreInOrder(config: BackupConfig, folder: string, store: DatabaseStore): Promise<void> {
+  const staged = await stageFolder(uploadsFolder(config), (staging) =>
+    cp(join(folder, 'files'), staging, { recursive: true, preserveTimestamps: true }),
+  ).catch((error: Error) => {
+    throw new BackupError(`Nothing was restored: the backup's files could not be copied: ${error.message}`);
+  });
+  try {
+    await store.restore(join(folder, store.fileName));
+  } catch (error) {
+    await staged.discard();
+    throw error;
+  }
+  await staged.commit().catch((error: Error) => {
+    throw new BackupError(`The database was restored but the files were not: ${error.message}`);
   });
 }
 

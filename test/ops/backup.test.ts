@@ -1,4 +1,4 @@
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
@@ -196,6 +196,31 @@ describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : '
       const again = await runBackupCli(['backup', backup], env);
       expect(again.code).toBe(1);
       expect(again.output.trim()).toMatch(/^\S+ already exists: name a new folder for the backup$/);
+    } finally {
+      await target.drop();
+    }
+  });
+  it('copies the files before it touches the database: a file it cannot copy changes nothing', { timeout: 60_000 }, async () => {
+    const dataDir = scratchFolder();
+    const filesDir = join(dataDir, 'files');
+    const target = await createTarget(dataDir);
+    try {
+      writeUploads(filesDir);
+      const env = { DATA_DIR: dataDir, ...target.env };
+      const backup = join(scratchFolder(), 'backup');
+      const made = await runBackupCli(['backup', backup], env);
+      expect(made.code, made.output).toBe(0);
+      await target.withDb((db) => db.insert(users).values({ id: uuidv7(), email: 'later@example.com', passwordHash: 'x', name: 'Later' }));
+      writeFileSync(join(filesDir, 'later.bin'), 'uploaded after the backup');
+      execFileSync('mkfifo', [join(backup, 'files', 'pipe')]); // no copy of a FIFO can be made
+
+      const refused = await runBackupCli(['restore', backup], env);
+      expect(refused.code).toBe(1);
+      expect(refused.output.trim()).toMatch(/^Nothing was restored: the backup's files could not be copied: [^\n]+$/);
+      const emails = await target.withDb(async (db) => (await db.select().from(users)).map((user) => user.email));
+      expect(emails).toEqual(['later@example.com']);
+      expect(readUploads(filesDir)).toEqual({ ...uploads, 'later.bin': Buffer.from('uploaded after the backup') });
+      expect(readdirSync(dataDir).filter((name) => name.startsWith('files'))).toEqual(['files']);
     } finally {
       await target.drop();
     }
