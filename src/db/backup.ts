@@ -1,9 +1,10 @@
 import { existsSync, mkdirSync } from 'node:fs';
-import { cp, mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { z } from 'zod';
 import type { Config } from '../config.js';
 import { DatabaseLockedError, lockPglite, pgliteFolder } from './database.js';
+import { copyUploads } from './backup-files.js';
 import { pgliteStore } from './backup-pglite.js';
 import { postgresStore } from './backup-postgres.js';
 import { BackupError, type DatabaseStore, stageFolder } from './backup-store.js';
@@ -44,9 +45,7 @@ export async function createBackup(config: BackupConfig, target: string): Promis
   try {
     return await withStore(config, 'Backup', async (store) => {
       await store.dump(join(partial, store.fileName));
-      const files = uploadsFolder(config);
-      if (existsSync(files)) await cp(files, join(partial, 'files'), { recursive: true, preserveTimestamps: true });
-      else await mkdir(join(partial, 'files'));
+      await copyUploads(uploadsFolder(config), join(partial, 'files'));
       const manifest: BackupManifest = { format: FORMAT, version: 1, kind: store.kind, createdAt: new Date().toISOString() };
       await writeFile(join(partial, 'manifest.json'), `${JSON.stringify(manifest, null, 2)}\n`);
       await rename(partial, folder);
@@ -87,9 +86,7 @@ export async function restoreBackup(config: BackupConfig, source: string): Promi
  * are the copied files swapped in for the live ones.
  */
 async function restoreInOrder(config: BackupConfig, folder: string, store: DatabaseStore): Promise<void> {
-  const staged = await stageFolder(uploadsFolder(config), (staging) =>
-    cp(join(folder, 'files'), staging, { recursive: true, preserveTimestamps: true }),
-  ).catch((error: Error) => {
+  const staged = await stageFolder(uploadsFolder(config), (staging) => copyUploads(join(folder, 'files'), staging)).catch((error: Error) => {
     throw new BackupError(`Nothing was restored: the backup's files could not be copied: ${error.message}`);
   });
   try {

@@ -2,6 +2,7 @@ import { execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { rename, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { gzipSync } from 'node:zlib';
@@ -9,6 +10,7 @@ import { sql } from 'drizzle-orm';
 import type { PgTable } from 'drizzle-orm/pg-core';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, describe, expect, it } from 'vitest';
+import { copyUploads } from '../../src/db/backup-files.js';
 import { type Db, openPglite, pgliteFolder } from '../../src/db/database.js';
 import { files, idempotencyKeys, messages, projects, prompts, schema, users } from '../../src/db/schema.js';
 import { createTestDatabase } from '../support/database.js';
@@ -225,7 +227,62 @@ describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : '
       await target.drop();
     }
   });
+  it('leaves out uploads in progress, which come and go in files/tmp while it copies', { timeout: 60_000 }, async () => {
+    const dataDir = scratchFolder();
+    const target = await createTarget(dataDir);
+    try {
+      writeUploads(join(dataDir, 'files'));
+      const staging = join(dataDir, 'files', 'tmp');
+      const backup = join(scratchFolder(), 'backup');
+      const made = await whileChurning(staging, () => runBackupCli(['backup', backup], { DATA_DIR: dataDir, ...target.env }));
+      expect(made.code, made.output).toBe(0);
+      expect(readUploads(join(backup, 'files'))).toEqual(uploads);
+      expect(existsSync(join(backup, 'files', 'tmp'))).toBe(false);
+    } finally {
+      await target.drop();
+    }
+  });
 });
+
+describe('copying the uploaded files', () => {
+  it('skips files removed while it copies, and copies the others byte for byte', async () => {
+    const from = join(scratchFolder(), 'files');
+    writeUploads(from);
+    const to = join(scratchFolder(), 'copy');
+    await whileChurning(join(from, 'project'), () => copyUploads(from, to));
+    const copied = readUploads(to);
+    for (const [name, bytes] of Object.entries(copied)) {
+      if (name.startsWith('project/')) expect(bytes.toString(), name).toBe(name.slice('project/'.length));
+    }
+    expect(Object.fromEntries(Object.entries(copied).filter(([name]) => !name.startsWith('project/')))).toEqual(uploads);
+  });
+});
+
+/**
+ * Runs `work` while files keep vanishing from `folder` and appearing in it whole (renamed in, as the
+ * storage does): 3000 of them at first, then one removed and one added at a time until `work` ends.
+ */
+async function whileChurning<T>(folder: string, work: () => Promise<T>): Promise<T> {
+  const COUNT = 3000;
+  const incoming = scratchFolder(); // on the same file system, outside what is copied
+  mkdirSync(folder, { recursive: true });
+  for (let i = 0; i < COUNT; i++) writeFileSync(join(folder, String(i)), String(i));
+  let done = false;
+  const churn = (async () => {
+    for (let i = 0; !done; i++) {
+      await rm(join(folder, String(i)));
+      const name = String(i + COUNT);
+      await writeFile(join(incoming, name), name);
+      await rename(join(incoming, name), join(folder, name));
+    }
+  })();
+  try {
+    return await work();
+  } finally {
+    done = true;
+    await churn;
+  }
+}
 
 describe('the embedded database while a server holds it', () => {
   it('refuses to back it up or restore it, with one line, and leaves it as it was', { timeout: 60_000 }, async () => {
