@@ -17,7 +17,8 @@ export function pgliteStore(folder: string): DatabaseStore {
   return {
     kind: 'pglite',
     fileName: 'pglite.tar.gz',
-    async dump(file) {
+    // Nothing else can write meanwhile: the caller holds the folder's lock.
+    async dump(file, alongside) {
       if (!existsSync(join(folder, 'PG_VERSION'))) {
         throw new BackupError(`No embedded database in ${folder}: nothing to back up (check DATA_DIR)`);
       }
@@ -25,6 +26,7 @@ export function pgliteStore(folder: string): DatabaseStore {
         const tarball = await db.dumpDataDir('gzip');
         await writeFile(file, new Uint8Array(await tarball.arrayBuffer()));
       });
+      await alongside();
     },
     async restore(file) {
       // Unpacked here: PGlite would unpack it too, but a damaged file then crashes the process from

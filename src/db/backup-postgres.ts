@@ -2,6 +2,9 @@ import { spawn } from 'node:child_process';
 import { accessSync, constants, readdirSync } from 'node:fs';
 import { once } from 'node:events';
 import { delimiter, join } from 'node:path';
+import { getTableName } from 'drizzle-orm';
+import pg from 'pg';
+import { files } from './schema.js';
 import { BackupError, type DatabaseStore } from './backup-store.js';
 
 /**
@@ -12,13 +15,46 @@ export function postgresStore(url: string): DatabaseStore {
   return {
     kind: 'postgres',
     fileName: 'database.dump',
-    dump: (file) => runClientTool('pg_dump', url, ['--format=custom', `--file=${file}`]),
+    dump: (file, alongside) =>
+      withFileRowsFrozen(url, async (snapshot) => {
+        await runClientTool('pg_dump', url, ['--format=custom', `--snapshot=${snapshot}`, `--file=${file}`]);
+        await alongside();
+      }),
     // --clean drops every object of the backup before re-creating it, and one transaction means a restore
     // that fails leaves the database as it was. Objects end up owned by the restoring user (the
     // application's own) and without the source's grants, whose roles need not exist on this server.
     restore: (file) =>
       runClientTool('pg_restore', url, ['--clean', '--if-exists', '--single-transaction', '--no-owner', '--no-privileges', file]),
   };
+}
+
+/**
+ * Runs `use` with a snapshot exported by a transaction that holds the files table in SHARE mode until
+ * `use` ends. Meanwhile file rows can be neither inserted nor deleted (those statements wait; reads go
+ * on), and a delete removes its row before the bytes, so every file row of a dump taken with that
+ * snapshot still has its bytes on disk while `use` copies them. An upload writes its bytes before its
+ * row: the copy may hold bytes whose row waits, which no row of the backup names.
+ */
+async function withFileRowsFrozen(url: string, use: (snapshot: string) => Promise<void>): Promise<void> {
+  const client = new pg.Client({ connectionString: url, application_name: 'chatbot-platform backup' });
+  // A connection lost while idle is an 'error' event, which would end the process; the next query fails instead.
+  client.on('error', () => {});
+  await client.connect();
+  try {
+    await client.query('begin isolation level repeatable read');
+    // Before any statement that takes the transaction's snapshot: a snapshot taken before the lock was
+    // granted could miss a file row committed while the lock waited.
+    await client.query(`lock table ${client.escapeIdentifier(getTableName(files))} in share mode`);
+    const { rows } = await client.query<{ snapshot: string }>('select pg_export_snapshot() as snapshot');
+    await use(rows[0]!.snapshot);
+    await client.query('commit');
+  } catch (error) {
+    // The connection may be what failed; ending it rolls back anyway.
+    await client.query('rollback').catch(() => {});
+    throw error;
+  } finally {
+    await client.end();
+  }
 }
 
 async function runClientTool(name: string, url: string, args: string[]): Promise<void> {

@@ -10,7 +10,11 @@ export interface DatabaseStore {
   readonly kind: 'postgres' | 'pglite';
   /** The file's name inside a backup folder. */
   readonly fileName: string;
-  dump(file: string): Promise<void>;
+  /**
+   * Writes the database to `file`, then runs `alongside` (the copy of the uploaded files) while the
+   * file rows cannot change, so the copy matches the dump: no row without its bytes.
+   */
+  dump(file: string, alongside: () => Promise<void>): Promise<void>;
   /** Replaces the whole database with the file's, or leaves it as it was when that fails. */
   restore(file: string): Promise<void>;
 }

@@ -34,7 +34,8 @@ const uploadsFolder = (config: BackupConfig) => join(config.DATA_DIR, 'files');
 /**
  * Writes a backup of the configured database and the uploaded files into `target`, a folder that must
  * not exist yet. It appears there only once complete. On PostgreSQL the service may keep running (the
- * dump is one consistent snapshot; files are copied after it); the embedded database must be stopped.
+ * dump is one consistent snapshot, and files are copied while their rows are locked against changes);
+ * the embedded database must be stopped.
  */
 export async function createBackup(config: BackupConfig, target: string): Promise<BackupManifest> {
   const folder = resolve(target);
@@ -44,8 +45,7 @@ export async function createBackup(config: BackupConfig, target: string): Promis
   await mkdir(partial, { recursive: true });
   try {
     return await withStore(config, 'Backup', async (store) => {
-      await store.dump(join(partial, store.fileName));
-      await copyUploads(uploadsFolder(config), join(partial, 'files'));
+      await store.dump(join(partial, store.fileName), () => copyUploads(uploadsFolder(config), join(partial, 'files')));
       const manifest: BackupManifest = { format: FORMAT, version: 1, kind: store.kind, createdAt: new Date().toISOString() };
       await writeFile(join(partial, 'manifest.json'), `${JSON.stringify(manifest, null, 2)}\n`);
       await rename(partial, folder);

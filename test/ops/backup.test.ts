@@ -4,16 +4,21 @@ import { once } from 'node:events';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { rename, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { dirname, join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { sql } from 'drizzle-orm';
 import type { PgTable } from 'drizzle-orm/pg-core';
+import pg from 'pg';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, describe, expect, it } from 'vitest';
 import { copyUploads } from '../../src/db/backup-files.js';
 import { type Db, openPglite, pgliteFolder } from '../../src/db/database.js';
 import { files, idempotencyKeys, messages, projects, prompts, schema, users } from '../../src/db/schema.js';
+import type { FileDto } from '../../src/modules/files/schemas.js';
+import { createProject, registerUser, startTestApp } from '../support/app.js';
 import { createTestDatabase } from '../support/database.js';
+import { multipart } from '../support/multipart.js';
 
 const scratch: string[] = [];
 function scratchFolder(): string {
@@ -243,6 +248,72 @@ describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : '
     }
   });
 });
+
+describe.runIf(process.env.TEST_DATABASE_URL)('a PostgreSQL backup while the service runs', () => {
+  it('holds deletes of files until the files are copied: every file row of the backup has its bytes', { timeout: 120_000 }, async () => {
+    const t = await startTestApp();
+    const url = t.testDb.url!;
+    const holder = new pg.Client({ connectionString: url });
+    // Not the holder: a transaction sees pg_stat_activity as it was when it first read it.
+    const watcher = new pg.Client({ connectionString: url });
+    try {
+      const user = await registerUser(t.app);
+      const project = await createProject(t.app, user);
+      const filesUrl = `/api/v1/projects/${project.id}/files`;
+      const contents = ['kept', 'deleted during the backup'];
+      const uploaded: FileDto[] = [];
+      for (const content of contents) {
+        const form = multipart({ filename: 'a.txt', type: 'text/plain', content });
+        const response = await t.app.inject({ method: 'POST', url: filesUrl, headers: { ...user.auth, ...form.headers }, payload: form.payload });
+        expect(response.statusCode, response.body).toBe(201);
+        uploaded.push(response.json());
+      }
+
+      // pg_dump is held right after it took its snapshot, before the files are copied.
+      await Promise.all([holder.connect(), watcher.connect()]);
+      await holder.query('begin; lock table prompts in access exclusive mode');
+      const env = { DATABASE_URL: url, DATA_DIR: t.config.DATA_DIR };
+      const backup = join(scratchFolder(), 'backup');
+      const backingUp = runBackupCli(['backup', backup], env);
+      await waitUntil(() => waitingOnLock(watcher, `application_name = 'pg_dump'`));
+      let deleted = false;
+      const deleting = t.app.inject({ method: 'DELETE', url: `${filesUrl}/${uploaded[1]!.id}`, headers: user.auth }).finally(() => (deleted = true));
+      await waitUntil(async () => deleted || (await waitingOnLock(watcher, `query ilike 'delete from "files"%'`)));
+      expect(deleted, 'the delete waits for the backup').toBe(false);
+      await holder.query('commit');
+      const made = await backingUp;
+      expect(made.code, made.output).toBe(0);
+      expect((await deleting).statusCode).toBe(204);
+
+      const restored = await runBackupCli(['restore', backup], env);
+      expect(restored.code, restored.output).toBe(0);
+      const listed = (await t.app.inject({ method: 'GET', url: filesUrl, headers: user.auth })).json() as { data: FileDto[] };
+      expect(listed.data.map((file) => file.id)).toEqual(uploaded.map((file) => file.id));
+      for (const [i, file] of uploaded.entries()) {
+        const content = await t.app.inject({ method: 'GET', url: `${filesUrl}/${file.id}/content`, headers: user.auth });
+        expect(content.statusCode, file.id).toBe(200);
+        expect(content.body).toBe(contents[i]);
+      }
+    } finally {
+      await Promise.all([holder.end(), watcher.end()]);
+      await t.close();
+    }
+  });
+});
+
+/** Whether a session matching `where` waits on a lock. */
+async function waitingOnLock(client: pg.Client, where: string): Promise<boolean> {
+  const { rowCount } = await client.query(`select 1 from pg_stat_activity where wait_event_type = 'Lock' and ${where}`);
+  return rowCount! > 0;
+}
+
+async function waitUntil(condition: () => Promise<boolean>, timeoutMs = 30_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await condition())) {
+    if (Date.now() > deadline) throw new Error(`not so within ${timeoutMs} ms: ${String(condition)}`);
+    await sleep(50);
+  }
+}
 
 describe('copying the uploaded files', () => {
   it('skips files removed while it copies, and copies the others byte for byte', async () => {
