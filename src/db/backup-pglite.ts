@@ -19,9 +19,7 @@ export function pgliteStore(folder: string): DatabaseStore {
     fileName: 'pglite.tar.gz',
     // Nothing else can write meanwhile: the caller holds the folder's lock.
     async dump(file, alongside) {
-      if (!existsSync(join(folder, 'PG_VERSION'))) {
-        throw new BackupError(`No embedded database in ${folder}: nothing to back up (check DATA_DIR)`);
-      }
+      requirePgliteDatabase(folder);
       await withPglite(folder, {}, async (db) => {
         const tarball = await db.dumpDataDir('gzip');
         await writeFile(file, new Uint8Array(await tarball.arrayBuffer()));
@@ -40,6 +38,13 @@ export function pgliteStore(folder: string): DatabaseStore {
       await replaceFolder(folder, (staging) => withPglite(staging, { loadDataDir: new Blob([tar]) }, (db) => db.query('select 1')));
     },
   };
+}
+
+/** Refuses a backup of `folder` when it holds no database (PGlite would create an empty one there). */
+export function requirePgliteDatabase(folder: string): void {
+  if (!existsSync(join(folder, 'PG_VERSION'))) {
+    throw new BackupError(`No embedded database in ${folder}: nothing to back up (check DATA_DIR)`);
+  }
 }
 
 /** A tar archive begins with a header block carrying the ustar magic and a checksum of its own bytes. */

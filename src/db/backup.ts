@@ -5,7 +5,7 @@ import { z } from 'zod';
 import type { Config } from '../config.js';
 import { DatabaseLockedError, lockPglite, pgliteFolder } from './database.js';
 import { copyUploads } from './backup-files.js';
-import { pgliteStore } from './backup-pglite.js';
+import { pgliteStore, requirePgliteDatabase } from './backup-pglite.js';
 import { postgresStore } from './backup-postgres.js';
 import { BackupError, type DatabaseStore, stageFolder } from './backup-store.js';
 
@@ -41,6 +41,8 @@ export async function createBackup(config: BackupConfig, target: string): Promis
   const folder = resolve(target);
   if (existsSync(folder)) throw new BackupError(`${folder} already exists: name a new folder for the backup`);
   const partial = `${folder}.partial`;
+  // Before the embedded database's lock, whose taking creates DATA_DIR: a wrong DATA_DIR is left as it was.
+  if (!config.DATABASE_URL) requirePgliteDatabase(pgliteFolder(config.DATA_DIR));
   await rm(partial, { recursive: true, force: true });
   await mkdir(partial, { recursive: true });
   try {

@@ -417,6 +417,12 @@ describe('what restore refuses before touching anything', () => {
     expect(notTar.output.trim()).toBe(`${join(notBackup, 'pglite.tar.gz')} is damaged: not a PGlite data tarball`);
     expect(readdirSync(env.DATA_DIR).sort()).toEqual([]);
 
+    const nowhere = join(scratchFolder(), 'no-data-dir');
+    const nothing = await runBackupCli(['backup', join(scratchFolder(), 'backup')], { DATA_DIR: nowhere });
+    expect(nothing.code).toBe(1);
+    expect(nothing.output.trim()).toBe(`No embedded database in ${join(nowhere, 'pglite')}: nothing to back up (check DATA_DIR)`);
+    expect(existsSync(nowhere)).toBe(false);
+
     const usage = await runBackupCli(['backup'], env);
     expect(usage.code).toBe(1);
     expect(usage.output.trim()).toMatch(/^Usage: /);
