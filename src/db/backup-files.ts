@@ -7,14 +7,14 @@ import { BackupError } from './backup-store.js';
 const STAGING = 'tmp';
 
 /**
- * Copies the uploaded files under `from` into `to`, a folder that must not exist yet, keeping their
- * modification times. `from` missing is no files. Left out: the staging folder `tmp/`, whose temporaries
+ * Copies the uploaded files under `from` into `to`, a new folder (made with its parents: a restore may
+ * be the first to write under DATA_DIR), keeping their modification times. `from` missing is no files. Left out: the staging folder `tmp/`, whose temporaries
  * are uploads still being written (or strays of a process that died), renamed away as uploads finish.
  * The service may run meanwhile, so an entry that vanishes between the listing and its copy is skipped:
  * it was not there to copy.
  */
 export async function copyUploads(from: string, to: string): Promise<void> {
-  await mkdir(to);
+  await mkdir(to, { recursive: true });
   await copyEntries(from, to, (entry) => entry.name !== STAGING);
 }
 

@@ -195,9 +195,9 @@ describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : '
       writeFileSync(join(filesDir, 'later.bin'), 'uploaded after the backup');
       await restoreAndFindEverything();
 
-      // Everything lost.
+      // Everything lost, DATA_DIR too.
       await target.wipe();
-      rmSync(filesDir, { recursive: true, force: true });
+      rmSync(dataDir, { recursive: true, force: true });
       await restoreAndFindEverything();
 
       const again = await runBackupCli(['backup', backup], env);
