@@ -1,5 +1,5 @@
 import fastifyRateLimit, { type RateLimitOptions } from '@fastify/rate-limit';
-import type { FastifyBaseLogger, FastifyInstance, FastifyRequest } from 'fastify';
+import type { FastifyBaseLogger, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { Redis } from 'ioredis';
 import type { Config } from '../config.js';
 import { RateLimited } from './errors.js';
@@ -32,9 +32,10 @@ export function rateLimitGroupOf(config: { public?: boolean; rateLimitGroup?: Ra
 
 const MINUTE = 60_000;
 /**
- * Logins an address may try in a window, all emails together: `RATE_LIMIT_LOGIN` for this many accounts.
- * Without it, one address could flood the counters with made-up emails until the one it guesses at was
- * dropped (in memory, least recently used first) and counted from zero again.
+ * Failed logins an address may make in a window, all emails together: `RATE_LIMIT_LOGIN` for this many
+ * accounts. Without it, one address could flood the counters with made-up emails until the one it
+ * guesses at was dropped (in memory, least recently used first) and counted from zero again. Only
+ * failures count, so that the users behind one address (a NAT, a proxy) may all sign in.
  */
 const LOGIN_ACCOUNTS_PER_ADDRESS = 10;
 /** Counters each limit keeps in memory (without Redis) before dropping the least recently used. */
@@ -60,21 +61,30 @@ export async function registerRateLimits(app: FastifyInstance, config: Config): 
     skipOnError: true,
   });
 
-  const limiter = (group: RateLimitGroup | 'login-address' | 'anonymous', max: number, timeWindow: number, key: (request: FastifyRequest) => string) => {
+  const counter = (group: RateLimitGroup | 'failed-logins' | 'anonymous', max: number, timeWindow: number, key: (request: FastifyRequest) => string) => {
     // `cache` is a route limit's option (RateLimitOptions) that createRateLimit passes on as well; the
     // plugin's own reaches only its root store, not the one each limit makes.
     const options: RateLimitOptions = { max, timeWindow, cache: COUNTERS_IN_MEMORY, keyGenerator: (request) => `${group}:${key(request)}` };
-    const check = app.createRateLimit(options);
+    return app.createRateLimit(options);
+  };
+  /** Counts a request; throws RateLimited once it is over the limit. */
+  const limiter = (...args: Parameters<typeof counter>) => {
+    const check = counter(...args);
     return async (request: FastifyRequest): Promise<void> => {
       const result = await check(request);
       if (!result.isAllowed && result.isExceeded) throw new RateLimited(result.ttlInSeconds);
     };
   };
-  const loginFromAddress = limiter('login-address', LOGIN_ACCOUNTS_PER_ADDRESS * config.RATE_LIMIT_LOGIN, 15 * MINUTE, (request) => request.ip);
+  const failedLogins = counter('failed-logins', LOGIN_ACCOUNTS_PER_ADDRESS * config.RATE_LIMIT_LOGIN, 15 * MINUTE, (request) => request.ip);
   const loginToAccount = limiter('login', config.RATE_LIMIT_LOGIN, 15 * MINUTE, (request) => `${request.ip}:${emailOf(request.body)}`);
   const login = async (request: FastifyRequest) => {
-    await loginFromAddress(request);
+    // Checked before, counted once the answer is known to be a failure (below).
+    const spent = await failedLogins(request, { increment: false });
+    if (!spent.isAllowed && spent.remaining === 0) throw new RateLimited(spent.ttlInSeconds);
     await loginToAccount(request);
+  };
+  const countFailedLogin = async (request: FastifyRequest, reply: FastifyReply) => {
+    if (reply.statusCode >= 400 && reply.statusCode !== 429) await failedLogins(request);
   };
   const register = limiter('register', config.RATE_LIMIT_REGISTER, 60 * MINUTE, (request) => request.ip);
   const chat = limiter('chat', config.RATE_LIMIT_CHAT, MINUTE, (request) => request.user.id);
@@ -88,6 +98,7 @@ export async function registerRateLimits(app: FastifyInstance, config: Config): 
     const group = route.config?.rateLimitGroup;
     const limit = group && publicLimits[group];
     if (limit) route.preValidation = [...[route.preValidation ?? []].flat(), limit];
+    if (group === 'login') route.onResponse = [...[route.onResponse ?? []].flat(), countFailedLogin];
   });
 
   return {
