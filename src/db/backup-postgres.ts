@@ -17,7 +17,11 @@ export function postgresStore(url: string): DatabaseStore {
     fileName: 'database.dump',
     dump: (file, alongside) =>
       withFileRowsFrozen(url, async (snapshot) => {
-        await runClientTool('pg_dump', url, ['--format=custom', `--snapshot=${snapshot}`, `--file=${file}`]);
+        // Its locks wait for nothing longer than ours did: a statement queued for a table (a migration's
+        // ALTER) behind our lock would otherwise wait for us while pg_dump waits for it, a deadlock
+        // through this process that PostgreSQL cannot see.
+        const lockWait = `--lock-wait-timeout=${LOCK_WAIT_MS}`;
+        await runClientTool('pg_dump', url, ['--format=custom', `--snapshot=${snapshot}`, lockWait, `--file=${file}`]);
         await alongside();
       }),
     // --clean drops every object of the backup before re-creating it, and one transaction means a restore
@@ -27,6 +31,9 @@ export function postgresStore(url: string): DatabaseStore {
       runClientTool('pg_restore', url, ['--clean', '--if-exists', '--single-transaction', '--no-owner', '--no-privileges', file]),
   };
 }
+
+/** How long a backup waits for a lock (writes to `files` in progress, a table pg_dump reads) before it fails. */
+const LOCK_WAIT_MS = 60_000;
 
 /**
  * Runs `use` with a snapshot exported by a transaction that holds the files table in SHARE mode until
@@ -42,6 +49,7 @@ async function withFileRowsFrozen(url: string, use: (snapshot: string) => Promis
   await client.connect();
   try {
     await client.query('begin isolation level repeatable read');
+    await client.query(`set local lock_timeout = ${LOCK_WAIT_MS}`);
     // Before any statement that takes the transaction's snapshot: a snapshot taken before the lock was
     // granted could miss a file row committed while the lock waited.
     await client.query(`lock table ${client.escapeIdentifier(getTableName(files))} in share mode`);

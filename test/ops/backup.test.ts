@@ -299,6 +299,31 @@ describe.runIf(process.env.TEST_DATABASE_URL)('a PostgreSQL backup while the ser
       await t.close();
     }
   });
+
+  it("holds a project's delete before it locks anything: writes to the project go on meanwhile", { timeout: 60_000 }, async () => {
+    const t = await startTestApp();
+    const holder = new pg.Client({ connectionString: t.testDb.url! });
+    const watcher = new pg.Client({ connectionString: t.testDb.url! });
+    try {
+      const user = await registerUser(t.app);
+      const project = await createProject(t.app, user);
+      await Promise.all([holder.connect(), watcher.connect()]);
+      // What a backup holds from its snapshot until its files are copied.
+      await holder.query('begin; lock table files in share mode');
+      const deleting = t.app.inject({ method: 'DELETE', url: `/api/v1/projects/${project.id}`, headers: user.auth });
+      await waitUntil(() => waitingOnLock(watcher, 'datname = current_database()'));
+
+      const renamed = t.app.inject({ method: 'PATCH', url: `/api/v1/projects/${project.id}`, headers: user.auth, payload: { name: 'renamed' } });
+      const answered = await Promise.race([renamed.then((response) => response.statusCode), sleep(5_000).then(() => 'held')]);
+      expect(answered).toBe(200);
+
+      await holder.query('commit');
+      expect((await deleting).statusCode).toBe(204);
+    } finally {
+      await Promise.all([holder.end(), watcher.end()]);
+      await t.close();
+    }
+  });
 });
 
 /** Whether a session matching `where` waits on a lock. */

@@ -5,6 +5,7 @@ import type { Db } from '../../db/database.js';
 import { files, projects, users } from '../../db/schema.js';
 import type { Tokens } from '../../http/auth.js';
 import { Conflict, hasCode, NotFound, Unauthorized } from '../../http/errors.js';
+import { waitForFileWrites } from '../files/deleting.js';
 import type { StoredFileDiscarder } from '../files/service.js';
 import type { PasswordHasher } from './password-hasher.js';
 import type { UserDto } from './schemas.js';
@@ -84,6 +85,7 @@ export class AuthService {
     // remove. The account and its projects are locked before, so that no upload (nor a project to upload
     // into) adds a row between the two deletes for the cascade to take.
     const removedFiles = await this.db.transaction(async (tx) => {
+      await waitForFileWrites(tx);
       await tx.select({ id: users.id }).from(users).where(eq(users.id, userId)).for('update');
       await tx.select({ id: projects.id }).from(projects).where(eq(projects.userId, userId)).for('update');
       const fileRows = await tx

@@ -9,6 +9,7 @@ import { NotFound } from '../../http/errors.js';
 import { isUuid } from '../../http/ids.js';
 import { type IdSortKey, idSortKeyOf, type Page, type PageRequest, paginate } from '../../http/pagination.js';
 import type { ProviderName } from '../../providers/types.js';
+import { waitForFileWrites } from '../files/deleting.js';
 import type { StoredFileDiscarder } from '../files/service.js';
 import type { CreateProjectInput, ProjectDto, UpdateProjectInput } from './schemas.js';
 
@@ -158,6 +159,7 @@ export class ProjectsService {
    */
   async delete(userId: string, projectId: string, log: FastifyBaseLogger): Promise<void> {
     const removedFiles = await this.db.transaction(async (tx) => {
+      await waitForFileWrites(tx);
       await tx.select({ id: projects.id }).from(projects).where(ownedProject(userId, projectId)).for('update');
       const fileRows = await tx
         .delete(files)
