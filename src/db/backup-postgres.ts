@@ -46,15 +46,21 @@ async function withFileRowsFrozen(url: string, use: (snapshot: string) => Promis
   const client = new pg.Client({ connectionString: url, application_name: 'chatbot-platform backup' });
   // A connection lost while idle is an 'error' event, which would end the process; the next query fails instead.
   client.on('error', () => {});
-  await client.connect();
-  try {
+  const snapshot = async () => {
+    await client.connect();
     await client.query('begin isolation level repeatable read');
     await client.query(`set local lock_timeout = ${LOCK_WAIT_MS}`);
     // Before any statement that takes the transaction's snapshot: a snapshot taken before the lock was
     // granted could miss a file row committed while the lock waited.
     await client.query(`lock table ${client.escapeIdentifier(getTableName(files))} in share mode`);
     const { rows } = await client.query<{ snapshot: string }>('select pg_export_snapshot() as snapshot');
-    await use(rows[0]!.snapshot);
+    return rows[0]!.snapshot;
+  };
+  try {
+    const exported = await snapshot().catch((error: Error) => {
+      throw new BackupError(`Could not take the database's snapshot with the files table held: ${error.message}`);
+    });
+    await use(exported);
     await client.query('commit');
   } catch (error) {
     // The connection may be what failed; ending it rolls back anyway.

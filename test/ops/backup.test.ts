@@ -18,6 +18,7 @@ import { files, idempotencyKeys, messages, projects, prompts, schema, users } fr
 import type { FileDto } from '../../src/modules/files/schemas.js';
 import { createProject, registerUser, startTestApp } from '../support/app.js';
 import { createTestDatabase } from '../support/database.js';
+import { freePort } from '../support/server-process.js';
 import { multipart } from '../support/multipart.js';
 
 const scratch: string[] = [];
@@ -451,5 +452,16 @@ describe('what restore refuses before touching anything', () => {
     const usage = await runBackupCli(['backup'], env);
     expect(usage.code).toBe(1);
     expect(usage.output.trim()).toMatch(/^Usage: /);
+  });
+});
+
+describe('a PostgreSQL backup that cannot start', () => {
+  it('says why in one line when the database cannot be reached, and leaves no folder', async () => {
+    const env = { DATABASE_URL: `postgres://postgres@127.0.0.1:${await freePort()}/nowhere`, DATA_DIR: scratchFolder() };
+    const backup = join(scratchFolder(), 'backup');
+    const refused = await runBackupCli(['backup', backup], env);
+    expect(refused.code).toBe(1);
+    expect(refused.output.trim()).toMatch(/^Could not take the database's snapshot with the files table held: connect ECONNREFUSED [^\n]+$/);
+    expect(existsSync(backup)).toBe(false);
   });
 });
