@@ -133,9 +133,9 @@ export class FilesService {
         .returning();
       return toDto(row!);
     } catch (error) {
-      // Wherever the bytes got to: still staged, or already under the key.
-      await this.storage.drop(received);
-      if (key) await this.storage.remove(key);
+      // Wherever the bytes got to: still staged, or already under the key. A cleanup that fails leaves
+      // stray bytes, and must neither hide the error nor stop the rest of the cleanup.
+      await Promise.allSettled([this.storage.drop(received), key && this.storage.remove(key)]);
       if (providerFileId) await this.deleteProviderCopy(providerFileId, log);
       throw error;
     }
