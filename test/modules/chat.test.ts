@@ -765,8 +765,18 @@ describe('idempotency keys past their replay window', () => {
       (await t.testDb.database.db.select({ key: idempotencyKeys.key }).from(idempotencyKeys).where(sql`${idempotencyKeys.key} like ${`%-${tag}`}`))
         .map((row) => row.key.slice(0, -tag.length - 1))
         .sort();
-    return { left };
+    return { left, tag };
   }
+
+  it('are taken over by a new request when done, but not while their request still runs and is heard from', async () => {
+    const { tag } = await agedKeys({
+      'done-old': { state: 'done', created: '25 hours' },
+      'running-alive': { state: 'running', created: '25 hours', alive: '1 second' },
+    });
+    const store = new IdempotencyStore(t.testDb.database.db, 2 * t.config.AI_TIMEOUT_MS);
+    expect((await store.claim(user.id, `done-old-${tag}`, 'hash')).kind).toBe('claimed');
+    await expect(store.claim(user.id, `running-alive-${tag}`, 'hash')).rejects.toMatchObject({ status: 409, code: 'IDEMPOTENCY_CONFLICT' });
+  });
 
   it('are deleted in batches, but for a key whose request still runs', async () => {
     const { left } = await agedKeys({

@@ -44,7 +44,10 @@ export class IdempotencyStore<T> {
   /** A key first claimed longer ago than it is replayed. */
   private readonly expired = sql`${idempotencyKeys.createdAt} < now() - interval '${sql.raw(REPLAY_WINDOW)}'`;
 
-  /** A running key that has said nothing for `staleAfterMs`: its request is gone (or no longer heard from). */
+  /**
+   * A running key that has said nothing for `staleAfterMs`: its request is gone (or no longer heard from).
+   * `created_at` too: an instance of the code before `alive_at` takes a key over by it alone.
+   */
   private get stale() {
     const silentSince = sql`now() - make_interval(secs => ${this.staleAfterMs / 1000})`;
     return sql`${idempotencyKeys.state} = 'running' and greatest(${idempotencyKeys.createdAt}, ${idempotencyKeys.aliveAt}) < ${silentSince}`;
@@ -58,8 +61,9 @@ export class IdempotencyStore<T> {
       .onConflictDoUpdate({
         target: [idempotencyKeys.userId, idempotencyKeys.key],
         set: { requestHash: hash, state: 'running', response: null, createdAt: sql`now()`, aliveAt: sql`now()`, claimId },
-        // `created_at` too: an instance of the code before `alive_at` takes a key over by it alone.
-        setWhere: or(this.expired, this.stale),
+        // A key past its replay window once its request is done; a running one only once it is stale,
+        // however old: a stream may run past the window as long as its deltas reach its client.
+        setWhere: or(and(this.expired, eq(idempotencyKeys.state, 'done')), this.stale),
       })
       .returning({ key: idempotencyKeys.key });
     if (claimed.length) return { kind: 'claimed', claimId };
