@@ -957,8 +957,9 @@ describe('API10:2023 Unsafe Consumption of APIs', () => {
     const server = await spawnServer({
       AI_BASE_URL: fake.url,
       AI_MAX_RETRIES: '0',
-      // Room for 7 MB to be refused on a loaded machine; the drip still never ends in time.
-      AI_TIMEOUT_MS: '2000',
+      // Room for 7 MB to be refused on a loaded machine (2 s was not, once, with the test files beside it
+      // flooding logins and the fake in this process); the drip, a byte every 50 ms, still never ends in time.
+      AI_TIMEOUT_MS: '5000',
       JWT_SECRET: TEST_SECRET,
       BCRYPT_ROUNDS: '4',
       ...(ownDb ? { DATABASE_URL: ownDb.url! } : {}),
