@@ -8,8 +8,9 @@ const STAGING = 'tmp';
 
 /**
  * Copies the uploaded files under `from` into `to`, a new folder (made with its parents: a restore may
- * be the first to write under DATA_DIR), keeping their modification times. `from` missing is no files. Left out: the staging folder `tmp/`, whose temporaries
- * are uploads still being written (or strays of a process that died), renamed away as uploads finish.
+ * be the first to write under DATA_DIR), keeping their modification times. `from` missing is no files.
+ * Left out: the staging folder `tmp/`, whose temporaries are uploads still being written (or strays of a
+ * process that died), renamed away as uploads finish.
  * The service may run meanwhile, so an entry that vanishes between the listing and its copy is skipped:
  * it was not there to copy.
  */

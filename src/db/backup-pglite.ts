@@ -17,9 +17,9 @@ export function pgliteStore(folder: string): DatabaseStore {
   return {
     kind: 'pglite',
     fileName: 'pglite.tar.gz',
-    // Nothing else can write meanwhile: the caller holds the folder's lock.
+    // Nothing else can write meanwhile: the caller holds the folder's lock, and has checked that the
+    // folder holds a database (`requirePgliteDatabase`) before taking it.
     async dump(file, alongside) {
-      requirePgliteDatabase(folder);
       await withPglite(folder, {}, async (db) => {
         const tarball = await db.dumpDataDir('gzip');
         await writeFile(file, new Uint8Array(await tarball.arrayBuffer()));
