@@ -2,6 +2,7 @@ import autocannon from 'autocannon';
 import { alternate } from './alternate.js';
 import { type CpuMeter, cpuShares, ownCpu, processCpu } from './proc.js';
 import { mean, percent } from './stats.js';
+import { runWrk } from './wrk.js';
 
 export interface LoadOptions {
   url: string;
@@ -12,12 +13,17 @@ export interface LoadOptions {
   body?: string;
   /** A path per request (e.g. chats spread over many projects); the URL's path otherwise. */
   nextPath?: () => string;
+  /**
+   * autocannon (the default) or, for GETs of one URL from servers too fast for it, wrk (`bench/wrk.ts`),
+   * which counts over the window: its `rps` is its `windowRps`.
+   */
+  generator?: 'autocannon' | 'wrk';
 }
 
 export interface LoadResult {
   /** Successful (2xx) responses per second: each connection's rate, summed (see `runLoad`). */
   rps: number;
-  /** What autocannon reports: 2xx responses in the window ÷ its length (see `runLoad`). */
+  /** 2xx responses in the window ÷ its length: what autocannon and wrk report (see `runLoad`). */
   windowRps: number;
   /** Connection errors (timeouts among them) and non-2xx responses. */
   errors: number;
@@ -28,39 +34,51 @@ export interface LoadResult {
 }
 
 /**
- * Closed-loop load from autocannon in this process. The rate is each connection's 2xx responses over
- * the time to its last response, summed over the connections. Autocannon's own (responses in the
+ * Closed-loop load, and the CPU each meter's subject used meanwhile. From autocannon in this process
+ * unless `generator` says wrk (which runs as a child of this process: see `ownCpu`).
+ */
+export async function runLoad(meters: Record<string, CpuMeter>, options: LoadOptions): Promise<LoadResult> {
+  const { result, shares } = await cpuShares(meters, () => (options.generator === 'wrk' ? wrkLoad(options) : autocannonLoad(options)));
+  return { ...result, cpu: shares };
+}
+
+async function wrkLoad(options: LoadOptions): Promise<Omit<LoadResult, 'cpu'>> {
+  if ((options.method ?? 'GET') !== 'GET' || options.body !== undefined || options.nextPath) throw new Error('wrk sends GETs of one URL here');
+  const result = await runWrk(options);
+  return { ...result, windowRps: result.rps };
+}
+
+/**
+ * Autocannon's load. The rate is each connection's 2xx responses over the time to its last response,
+ * summed over the connections. Autocannon's own (responses in the
  * window ÷ its length) leaves out the request each connection still has in flight when the window
  * closes: a loss of up to one request per connection, in steps of one, so that with figure 4's 200
  * clients, 500 ms a chat and 10 s it can only say 380, 360 or 340/s (380 for anything from 500 to
  * 526 ms a chat). A request in flight for longer than its connection took for one on average is
  * stalled, not cut off: that connection's time then runs to the window's end, less one such request.
  */
-export async function runLoad(meters: Record<string, CpuMeter>, options: LoadOptions): Promise<LoadResult> {
+async function autocannonLoad(options: LoadOptions): Promise<Omit<LoadResult, 'cpu'>> {
   const { nextPath } = options;
   const connections = new Map<object, { ok: number; lastMs: number }>();
-  let startedAt = 0;
-  const { result, shares } = await cpuShares(meters, () => {
-    startedAt = performance.now();
-    return new Promise<autocannon.Result>((resolve, reject) => {
-      const instance = autocannon(
-        {
-          url: options.url,
-          connections: options.connections,
-          duration: options.durationSeconds,
-          method: options.method ?? 'GET',
-          headers: options.headers,
-          body: options.body,
-          ...(nextPath ? { requests: [{ setupRequest: (request) => ({ ...request, path: nextPath() }) }] } : {}),
-        },
-        (error: unknown, done) => (error ? reject(error as Error) : resolve(done)),
-      );
-      instance.on('response', (client, statusCode) => {
-        let connection = connections.get(client);
-        if (!connection) connections.set(client, (connection = { ok: 0, lastMs: 0 }));
-        if (statusCode >= 200 && statusCode < 300) connection.ok++;
-        connection.lastMs = performance.now() - startedAt;
-      });
+  const startedAt = performance.now();
+  const result = await new Promise<autocannon.Result>((resolve, reject) => {
+    const instance = autocannon(
+      {
+        url: options.url,
+        connections: options.connections,
+        duration: options.durationSeconds,
+        method: options.method ?? 'GET',
+        headers: options.headers,
+        body: options.body,
+        ...(nextPath ? { requests: [{ setupRequest: (request) => ({ ...request, path: nextPath() }) }] } : {}),
+      },
+      (error: unknown, done) => (error ? reject(error as Error) : resolve(done)),
+    );
+    instance.on('response', (client, statusCode) => {
+      let connection = connections.get(client);
+      if (!connection) connections.set(client, (connection = { ok: 0, lastMs: 0 }));
+      if (statusCode >= 200 && statusCode < 300) connection.ok++;
+      connection.lastMs = performance.now() - startedAt;
     });
   });
   const windowMs = performance.now() - startedAt;
@@ -74,7 +92,6 @@ export async function runLoad(meters: Record<string, CpuMeter>, options: LoadOpt
     errors: result.errors + result.non2xx,
     p50Ms: result.latency.p50,
     p99Ms: result.latency.p99,
-    cpu: shares,
   };
 }
 

@@ -1,3 +1,4 @@
+import { execFileSync } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { createServer, type Server } from 'node:http';
@@ -9,8 +10,10 @@ import { alternate } from '../../bench/alternate.js';
 import { addedLatencyRow, failedRow, passes, ratioOf, type Row } from '../../bench/figure.js';
 import { deltaGaps, firstDeltas, HttpClient, OPENAI_CHUNKS, OUR_EVENTS } from '../../bench/http-client.js';
 import { runLoad } from '../../bench/load.js';
+import { ownCpu } from '../../bench/proc.js';
 import { describeMachine, writeReport } from '../../bench/report.js';
 import { percentile, round, summarize } from '../../bench/stats.js';
+import { parseWrkOutput } from '../../bench/wrk.js';
 
 // The benchmarks judge their own figures: what they count and how they judge is tested here, so that
 // a pass in the README's table means what it says. Timings themselves are never asserted.
@@ -230,5 +233,75 @@ describe('closed-loop throughput', () => {
     const load = await runLoad({}, { url, connections: 2, durationSeconds: 1 });
     // Counted up to its last answer alone, the stalled connection would count as much as the other.
     expect(load.rps).toBeLessThan(1.5 * load.windowRps);
+  });
+
+  const hasWrk = (() => {
+    try {
+      execFileSync('wrk', ['--version'], { stdio: 'ignore' });
+      return true;
+    } catch (error) {
+      // wrk prints its usage and exits 1 when asked its version: there, but not for this.
+      return (error as NodeJS.ErrnoException).code !== 'ENOENT';
+    }
+  })();
+
+  it.skipIf(!hasWrk)('from wrk: counts the answers in the window, and what was not a success as errors', async () => {
+    // Every answer after 100 ms, every third a 503: 2 connections make at most 20 requests a second.
+    let requests = 0;
+    server = createServer((_req, res) => void sleep(100).then(() => res.writeHead(++requests % 3 === 0 ? 503 : 200).end('{}')));
+    const url = await urlOf(server);
+    const load = await runLoad({}, { url, connections: 2, durationSeconds: 1, generator: 'wrk' });
+    expect(load.errors).toBeGreaterThanOrEqual(Math.floor(requests / 3) - 2);
+    expect(load.rps).toBeGreaterThan(0);
+    expect(load.rps).toBeLessThanOrEqual((2 / 3) * 20 + 1);
+    expect(load.p50Ms).toBeGreaterThanOrEqual(100);
+    await expect(runLoad({}, { url, connections: 1, durationSeconds: 1, generator: 'wrk', method: 'POST', body: '{}' })).rejects.toThrow(/GETs/);
+  });
+});
+
+describe('the harness own CPU', () => {
+  it('counts a child of its own once the child has ended, as wrk is', () => {
+    const before = ownCpu();
+    execFileSync(process.execPath, ['-e', 'const end = Date.now() + 300; while (Date.now() < end);']);
+    expect(ownCpu() - before).toBeGreaterThanOrEqual(0.25);
+  });
+});
+
+describe("wrk's report", () => {
+  // What wrk 4.1 printed for a server answering every tenth request 503 (`wrk -t1 -c5 -d1s --latency`).
+  const REPORT = `Running 1s test @ http://127.0.0.1:4199/
+  1 threads and 5 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   491.60us    1.36ms  16.29ms   95.86%
+    Req/Sec    20.38k     7.83k   25.69k    80.00%
+  Latency Distribution
+     50%  193.00us
+     75%  298.00us
+     90%  627.00us
+     99%    8.19ms
+  20212 requests in 1.00s, 2.79MB read
+  Non-2xx or 3xx responses: 2021
+Requests/sec:  20193.62
+Transfer/sec:      2.79MB
+`;
+
+  it('counts only the successful answers in the rate, the others as errors, and reads the percentiles in ms', () => {
+    const result = parseWrkOutput(REPORT);
+    expect(result.rps).toBeCloseTo((20193.62 * (20212 - 2021)) / 20212, 6);
+    expect(result.errors).toBe(2021);
+    expect(result.p50Ms).toBeCloseTo(0.193, 9);
+    expect(result.p99Ms).toBeCloseTo(8.19, 9);
+  });
+
+  it('adds socket errors, timeouts among them, to the errors', () => {
+    const withSockets = REPORT.replace('  Non-2xx', '  Socket errors: connect 1, read 2, write 3, timeout 4\n  Non-2xx');
+    expect(parseWrkOutput(withSockets).errors).toBe(2021 + 10);
+    const allAnswered = REPORT.replace(/^ {2}Non-2xx.*\n/m, '');
+    expect(parseWrkOutput(allAnswered)).toMatchObject({ rps: 20193.62, errors: 0 });
+  });
+
+  it('refuses a report it cannot read rather than count it as nothing', () => {
+    expect(() => parseWrkOutput('unable to connect to 127.0.0.1:1 Connection refused')).toThrow(/no request count/);
+    expect(() => parseWrkOutput(REPORT.replace(/^ +99%.*\n/m, ''))).toThrow(/99% latency/);
   });
 });
