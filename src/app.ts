@@ -113,6 +113,10 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   const storage = new LocalDiskStorage(join(config.DATA_DIR, 'files'));
   await sweepInterruptedUploads(app, storage);
   const files = new FilesService(database.db, storage, providers, config);
+  sweepInBackground(app, {
+    what: 'the file bytes no file row names',
+    sweep: (stop) => files.removeStrayBytes(storage.keysWrittenBefore(STRAY_BYTES_MS, STRAY_BYTES_BATCH), stop),
+  });
   await app.register(authRoutes, { prefix: '/api/v1/auth', auth: new AuthService(database.db, tokens, new PasswordHasher(config), files) });
   await app.register(projectRoutes, { prefix: '/api/v1/projects', projects: new ProjectsService(database.db, files) });
   await app.register(promptRoutes, { prefix: '/api/v1/projects/:projectId/prompts', prompts: new PromptsService(database.db) });
@@ -121,7 +125,11 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   // A key whose request has said nothing for the longest a chat may go without (its deadline, twice)
   // belongs to an instance that died.
   const idempotency = new IdempotencyStore<ChatResult>(database.db, 2 * config.AI_TIMEOUT_MS);
-  sweepIdempotencyKeys(app, idempotency);
+  sweepInBackground(app, {
+    what: 'the idempotency keys past their replay window',
+    sweep: (stop) => idempotency.sweep(undefined, stop),
+    everyMs: IDEMPOTENCY_SWEEP_MS,
+  });
   await app.register(chatRoutes, {
     prefix: '/api/v1/projects/:projectId',
     chat: new ChatService(database, providers, files, config),
@@ -158,30 +166,36 @@ async function sweepInterruptedUploads(app: FastifyInstance, storage: LocalDiskS
   }
 }
 
-/** How often idempotency keys past their replay window are deleted. */
+/**
+ * Named bytes older than this are no upload whose row is still to come (an upload names its bytes
+ * within its request, and a request is bounded by REQUEST_TIMEOUT_MS): with no row, they are stray.
+ */
+const STRAY_BYTES_MS = 24 * 60 * 60 * 1000;
+/** Keys one look-up of their rows takes at most. */
+const STRAY_BYTES_BATCH = 1000;
+
+/** How often idempotency keys past their replay window are deleted: each keeps a whole turn, question and answer. */
 const IDEMPOTENCY_SWEEP_MS = 60 * 60 * 1000;
 
 /**
- * Deletes the idempotency keys past their replay window at the start and then every hour: each keeps a
- * whole turn, question and answer. The start does not wait for it (the first sweep in a long while may
- * have many batches to go through); closing does, after telling it to stop at its next batch, and before
- * the database closes (an onClose hook added later runs earlier). A failed sweep is logged and tried
- * again at the next hour.
+ * Removes what is no longer wanted at the start and then, with `everyMs`, that often. The start does
+ * not wait for it (the first sweep in a long while may have a lot to go through); closing does, after
+ * telling it to stop (`sweep` checks its argument between batches), and before the database closes (an
+ * onClose hook added later runs earlier). A failed sweep is logged and tried again at the next time.
  */
-function sweepIdempotencyKeys(app: FastifyInstance, store: IdempotencyStore<ChatResult>): void {
+function sweepInBackground(app: FastifyInstance, { what, sweep, everyMs }: { what: string; sweep: (stop: () => boolean) => Promise<number>; everyMs?: number }): void {
   let closing = false;
   let sweeping: Promise<void> | undefined;
-  const sweep = () => {
-    sweeping ??= store
-      .sweep(undefined, () => closing)
+  const run = () => {
+    sweeping ??= sweep(() => closing)
       .then(
-        (removed) => app.log[removed ? 'info' : 'debug']({ removed }, 'deleted the idempotency keys past their replay window'),
-        (error: unknown) => app.log.warn({ err: error }, 'could not delete the idempotency keys past their replay window'),
+        (removed) => app.log[removed ? 'info' : 'debug']({ removed }, `removed ${what}`),
+        (error: unknown) => app.log.warn({ err: error }, `could not remove ${what}`),
       )
       .finally(() => (sweeping = undefined));
   };
-  sweep();
-  const timer = setInterval(sweep, IDEMPOTENCY_SWEEP_MS).unref();
+  run();
+  const timer = everyMs === undefined ? undefined : setInterval(run, everyMs).unref();
   app.addHook('onClose', async () => {
     closing = true;
     clearInterval(timer);

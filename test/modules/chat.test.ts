@@ -799,7 +799,7 @@ describe('idempotency keys past their replay window', () => {
     const app = await buildApp(testConfig({ LOG_LEVEL: 'info' }), { database: t.testDb.database, logStream: logs.stream });
     try {
       await expect.poll(left).toEqual(['fresh']);
-      await expect.poll(() => logs.lines.find((line) => line.msg === 'deleted the idempotency keys past their replay window')).toMatchObject({ removed: 1 });
+      await expect.poll(() => logs.lines.find((line) => line.msg === 'removed the idempotency keys past their replay window')).toMatchObject({ removed: 1 });
     } finally {
       await app.close();
     }

@@ -43,6 +43,35 @@ describe('local disk storage', () => {
     expect(readdirSync(join(root, 'project'))).toEqual(['kept']);
   });
 
+  it('lists the keys of stored bytes older than it is told, in batches, and neither temporaries nor younger bytes', async () => {
+    const root = mkdtempSync(join(tmpdir(), 'storage-test-'));
+    const storage = new LocalDiskStorage(root);
+    const collect = async (batchSize: number) => {
+      const batches: string[][] = [];
+      for await (const batch of storage.keysWrittenBefore(24 * 60 * 60 * 1000, batchSize)) batches.push(batch);
+      return batches;
+    };
+    expect(await collect(2)).toEqual([]); // nothing stored yet
+    const dayAgo = (Date.now() - 25 * 60 * 60 * 1000) / 1000;
+    for (const key of ['a/one', 'a/two', 'b/three', 'b/deeper/four', 'young/five']) {
+      const staged = await storage.stage(
+        (async function* () {
+          yield new TextEncoder().encode(key);
+        })(),
+      );
+      await storage.keep(staged, key);
+      if (!key.startsWith('young/')) utimesSync(join(root, key), dayAgo, dayAgo);
+    }
+    writeFileSync(join(root, 'tmp', 'left-by-a-crash'), 'partial');
+    utimesSync(join(root, 'tmp', 'left-by-a-crash'), dayAgo, dayAgo);
+    writeFileSync(join(root, 'b', 'not a key'), 'x');
+    utimesSync(join(root, 'b', 'not a key'), dayAgo, dayAgo);
+
+    const batches = await collect(3);
+    expect(batches.map((batch) => batch.length)).toEqual([3, 1]);
+    expect(batches.flat().sort()).toEqual(['a/one', 'a/two', 'b/deeper/four', 'b/three']);
+  });
+
   it('is swept when the app starts', async () => {
     const dataDir = mkdtempSync(join(tmpdir(), 'storage-test-'));
     mkdirSync(join(dataDir, 'files', 'tmp'), { recursive: true });

@@ -1,18 +1,20 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { request as httpRequest } from 'node:http';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { eq, sql } from 'drizzle-orm';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { buildApp } from '../../src/app.js';
 import { files } from '../../src/db/schema.js';
 import { ContentInspector } from '../../src/modules/files/content-type.js';
 import { attachmentDisposition, displayFilename } from '../../src/modules/files/filename.js';
 import type { FileDto } from '../../src/modules/files/schemas.js';
-import { createProject, expectProblem, registerUser, type RegisteredUser, startTestApp, type TestApp } from '../support/app.js';
+import { createProject, expectProblem, registerUser, type RegisteredUser, startTestApp, type TestApp, testConfig } from '../support/app.js';
 import { FakeUpstream } from '../support/fake-upstream.js';
+import { logCollector } from '../support/logs.js';
 import { BOUNDARY, CLOSING, type FormPart, multipart, partHead } from '../support/multipart.js';
 
 const LIMIT = 256 * 1024;
@@ -339,6 +341,33 @@ describe('bytes that cannot be removed', () => {
     expect((await remove(filesUrl(projectId, `/${file.id}`))).statusCode).toBe(204);
     expect(await rowsOf(projectId)).toHaveLength(0);
     expect(fake.files.has(file.providerFileId!)).toBe(false);
+  });
+});
+
+describe('stray bytes', () => {
+  it('are removed when the app starts, once a day old and named by no file row', async () => {
+    const projectId = await newProject();
+    const folder = join(storageRoot, projectId);
+    const kept = await upload(projectId, 'a day old, and its row is there');
+    const orphaned = await upload(projectId, 'its row deleted, its bytes left: a removal that failed');
+    await t.testDb.database.db.delete(files).where(eq(files.id, orphaned.id));
+    const crashed = join(folder, uuidv7()); // named, its row never written: a crash in between
+    const young = join(folder, uuidv7()); // an upload whose row may still be coming
+    const notOurs = join(folder, 'README'); // no key the files module makes
+    for (const path of [crashed, young, notOurs]) writeFileSync(path, 'bytes');
+    const dayAgo = (Date.now() - 25 * 60 * 60 * 1000) / 1000;
+    for (const path of [join(folder, kept.id), join(folder, orphaned.id), crashed, notOurs]) utimesSync(path, dayAgo, dayAgo);
+
+    // Another start on the same database and folder.
+    const logs = logCollector();
+    const app = await buildApp(testConfig({ LOG_LEVEL: 'info', DATA_DIR: t.config.DATA_DIR }), { database: t.testDb.database, logStream: logs.stream });
+    try {
+      await expect.poll(() => logs.lines.find((line) => line.msg === 'removed the file bytes no file row names')).toMatchObject({ removed: 2 });
+      expect(readdirSync(folder).sort()).toEqual([kept.id, basename(young), 'README'].sort());
+      expect((await get(filesUrl(projectId, `/${kept.id}/content`))).body).toBe('a day old, and its row is there');
+    } finally {
+      await app.close();
+    }
   });
 });
 

@@ -1,5 +1,5 @@
 import type { Readable } from 'node:stream';
-import { and, eq, type SQL, sql } from 'drizzle-orm';
+import { and, eq, inArray, type SQL, sql } from 'drizzle-orm';
 import type { PgColumn } from 'drizzle-orm/pg-core';
 import type { FastifyBaseLogger } from 'fastify';
 import { uuidv7 } from '../../db/ids.js';
@@ -185,6 +185,34 @@ export class FilesService {
       }
       if (row.providerFileId) await this.deleteProviderCopy(row.providerFileId, log);
     }
+  }
+
+  /**
+   * Removes, of the bytes under `keys`, those that no file row names: left by a crash between an
+   * upload's bytes being named and its row being written, or by a removal that failed once its row was
+   * gone. The keys must be of bytes too old to be an upload whose row is still to come. Goes on while
+   * `stop` says no; resolves with how many it removed.
+   */
+  async removeStrayBytes(keys: AsyncIterable<string[]>, stop: () => boolean): Promise<number> {
+    let removed = 0;
+    for await (const batch of keys) {
+      if (stop()) break;
+      // Only keys of the files module's own making (ids as stored: in lower case): nothing else under
+      // the folder is its to remove.
+      const ours = batch.filter((key) => key === key.toLowerCase() && key.split('/').length === 2 && key.split('/').every(isUuid));
+      if (!ours.length) continue;
+      const rows = await this.db
+        .select({ id: files.id, projectId: files.projectId })
+        .from(files)
+        .where(inArray(files.id, ours.map((key) => key.split('/')[1]!)));
+      const named = new Set(rows.map(storageKey));
+      for (const key of ours) {
+        if (named.has(key)) continue;
+        await this.storage.remove(key);
+        removed++;
+      }
+    }
+    return removed;
   }
 
   /**

@@ -102,20 +102,40 @@ export class LocalDiskStorage implements FileStorage {
    * instance sharing the folder. Resolves with how many were removed.
    */
   async sweepStaging(olderThanMs: number): Promise<number> {
-    const names = await readdir(this.staging).catch((error: NodeJS.ErrnoException) => {
-      if (error.code === 'ENOENT') return [];
-      throw error;
-    });
     const before = Date.now() - olderThanMs;
     let removed = 0;
-    for (const name of names) {
+    for (const name of await namesIn(this.staging)) {
       const path = join(this.staging, name);
-      const stats = await stat(path).catch(() => undefined); // gone meanwhile: renamed into place or removed
-      if (!stats?.isFile() || stats.mtimeMs >= before) continue;
+      if (!(await writtenBefore(path, before))) continue;
       await rm(path, { force: true });
       removed++;
     }
     return removed;
+  }
+
+  /**
+   * The keys of the bytes stored here that were last written more than `olderThanMs` ago (the
+   * staging folder aside), at most `batchSize` at a time: what a sweep of bytes no longer wanted
+   * looks through. A key's bytes keep the time they were written at when they are named.
+   */
+  async *keysWrittenBefore(olderThanMs: number, batchSize: number): AsyncGenerator<string[]> {
+    let batch: string[] = [];
+    for await (const key of this.keysUnder('', Date.now() - olderThanMs)) {
+      if (batch.push(key) < batchSize) continue;
+      yield batch;
+      batch = [];
+    }
+    if (batch.length) yield batch;
+  }
+
+  private async *keysUnder(prefix: string, before: number): AsyncGenerator<string> {
+    for (const name of await namesIn(join(this.root, prefix))) {
+      const key = prefix ? `${prefix}/${name}` : name;
+      if (key === 'tmp' || !KEY.test(key)) continue;
+      const stats = await stat(join(this.root, key)).catch(() => undefined); // removed meanwhile
+      if (stats?.isDirectory()) yield* this.keysUnder(key, before);
+      else if (stats?.isFile() && stats.mtimeMs < before) yield key;
+    }
   }
 
   async open(key: string): Promise<Readable> {
@@ -131,6 +151,20 @@ export class LocalDiskStorage implements FileStorage {
     if (!KEY.test(key)) throw new Error(`Invalid storage key ${JSON.stringify(key)}`);
     return join(this.root, key);
   }
+}
+
+/** The entries of a folder; none when it does not exist (yet). */
+async function namesIn(folder: string): Promise<string[]> {
+  return readdir(folder).catch((error: NodeJS.ErrnoException) => {
+    if (error.code === 'ENOENT') return [];
+    throw error;
+  });
+}
+
+/** Whether `path` is a file last written before `before` (ms since the epoch); false once it is gone. */
+async function writtenBefore(path: string, before: number): Promise<boolean> {
+  const stats = await stat(path).catch(() => undefined); // gone meanwhile: renamed into place or removed
+  return Boolean(stats?.isFile() && stats.mtimeMs < before);
 }
 
 /** fsync: the data (or a folder's entries) reach the disk before anything relies on them. */
