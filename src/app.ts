@@ -167,8 +167,9 @@ async function sweepInterruptedUploads(app: FastifyInstance, storage: LocalDiskS
 }
 
 /**
- * Named bytes older than this are no upload whose row is still to come (an upload names its bytes
- * within its request, and a request is bounded by REQUEST_TIMEOUT_MS): with no row, they are stray.
+ * Named bytes older than this are no upload whose row is still to come: an upload's bytes are written
+ * within REQUEST_TIMEOUT_MS, then copied to the provider within AI_TIMEOUT_MS (an hour at most each),
+ * then named, and its row written right after. With no row, they are stray.
  */
 const STRAY_BYTES_MS = 24 * 60 * 60 * 1000;
 /** Keys one look-up of their rows takes at most. */
