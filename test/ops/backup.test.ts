@@ -411,7 +411,7 @@ describe('the embedded database while a server holds it', () => {
 });
 
 describe('what restore refuses before touching anything', () => {
-  it('a folder that is not a backup, a backup of the other kind of database, a damaged one', async () => {
+  it('a folder that is not a backup, a backup of the other kind of database, a damaged one', { timeout: 60_000 }, async () => {
     const env = { DATA_DIR: scratchFolder() };
     const notBackup = scratchFolder();
     const refused = await runBackupCli(['restore', notBackup], env);
