@@ -32,7 +32,15 @@ export interface OpenAICompatibleOptions {
   maxRetries: number;
   /** The most bytes of one upstream response body (a reply, a stream, an error); by default room for 1,024 tokens. */
   maxResponseBytes?: number;
+  /**
+   * The request field that bounds the reply. `max_tokens` by default: OpenAI-compatible servers know it.
+   * OpenAI's own API deprecated it for `max_completion_tokens`, and refuses it (400) for its reasoning
+   * models (o1, o3, o4-mini, gpt-5…), where `max_completion_tokens` works with every chat model.
+   */
+  outputLimitField?: OutputLimitField;
 }
+
+export type OutputLimitField = 'max_tokens' | 'max_completion_tokens';
 
 /**
  * Room for a reply of `maxOutputTokens` tokens in any form an upstream sends it (a stream spends a few
@@ -78,11 +86,13 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
   private readonly basePath: string;
   private readonly headers: Record<string, string>;
   private readonly jsonHeaders: Record<string, string>;
+  private readonly outputLimitField: OutputLimitField;
 
   constructor(options: OpenAICompatibleOptions) {
     this.name = options.name;
     this.supportsFiles = options.supportsFiles;
     this.maxRetries = options.maxRetries;
+    this.outputLimitField = options.outputLimitField ?? 'max_tokens';
     this.baseURL = options.baseURL;
     const base = new URL(options.baseURL);
     this.basePath = base.pathname.replace(/\/+$/, '');
@@ -104,7 +114,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
 
   async complete(request: ChatRequest): Promise<ChatCompletion> {
     const { signal } = request;
-    const body = chatBody(request, false);
+    const body = chatBody(request, false, this.outputLimitField);
     const completion = (await this.withRetries(request, async () => {
       const response = await this.send('POST', '/chat/completions', body, signal);
       return response.body.json();
@@ -121,7 +131,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
    */
   async *stream(request: ChatRequest): AsyncGenerator<StreamEvent> {
     const { signal } = request;
-    const body = chatBody(request, true);
+    const body = chatBody(request, true, this.outputLimitField);
     const response = await this.withRetries(request, () => this.send('POST', '/chat/completions', body, signal));
     const chunks = response.body;
     // A character split between two chunks is joined before the events are read.
@@ -257,11 +267,10 @@ const END = encoder.encode(']}');
  * The request body: its fields, then the messages last, as `messagesWire` keeps them. Bytes joined, not
  * one JSON.stringify: a long history's messages are the same objects turn after turn.
  */
-function chatBody(request: ChatRequest, stream: boolean): Buffer {
+function chatBody(request: ChatRequest, stream: boolean, outputLimitField: OutputLimitField): Buffer {
   const fields = {
     model: request.model,
-    // Not max_completion_tokens: OpenAI-compatible servers (and older OpenAI models) know only max_tokens.
-    max_tokens: request.maxOutputTokens,
+    [outputLimitField]: request.maxOutputTokens,
     ...(stream && { stream: true, stream_options: { include_usage: true } }),
   };
   return Buffer.concat([encoder.encode(`${JSON.stringify(fields).slice(0, -1)},"messages":[`), ...messagesWire(request.messages), END]);

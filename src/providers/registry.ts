@@ -1,5 +1,5 @@
 import type { Config } from '../config.js';
-import { maxResponseBytesFor, OpenAICompatibleAdapter } from './openai-compatible.js';
+import { maxResponseBytesFor, OpenAICompatibleAdapter, type OutputLimitField } from './openai-compatible.js';
 import { type ProviderAdapter, type ProviderName, ProviderNotConfigured } from './types.js';
 
 export type ProvidersConfig = Pick<
@@ -21,6 +21,8 @@ interface ProviderDefaults {
   apiKey(config: ProvidersConfig): string | undefined;
   headers?: Record<string, string>;
   hasFilesApi: boolean;
+  /** The field that bounds a reply, at the provider's own API (another server behind AI_BASE_URL gets `max_tokens`). */
+  outputLimitField?: OutputLimitField;
 }
 
 const PROVIDER_DEFAULTS: Record<ProviderName, ProviderDefaults> = {
@@ -31,6 +33,8 @@ const PROVIDER_DEFAULTS: Record<ProviderName, ProviderDefaults> = {
     model: 'gpt-4o-mini',
     apiKey: (config) => config.OPENAI_API_KEY,
     hasFilesApi: true,
+    // Its reasoning models refuse max_tokens.
+    outputLimitField: 'max_completion_tokens',
   },
   openrouter: {
     baseURL: () => 'https://openrouter.ai/api/v1',
@@ -102,6 +106,7 @@ function createAdapter(name: ProviderName, config: ProvidersConfig): OpenAICompa
     defaultHeaders: defaults.headers,
     // Another server behind the same protocol has no Files API to count on.
     supportsFiles: defaults.hasFilesApi && !baseURL,
+    ...(!baseURL && defaults.outputLimitField && { outputLimitField: defaults.outputLimitField }),
     maxRetries: config.AI_MAX_RETRIES,
     maxResponseBytes: maxResponseBytesFor(config.AI_MAX_OUTPUT_TOKENS),
   });

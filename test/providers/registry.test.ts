@@ -87,6 +87,27 @@ describe('resolve', () => {
     expect(() => providers({ OPENAI_BASE_URL: fake.url }).resolve(null, null)).toThrow(ProviderNotConfigured);
   });
 
+  it("bounds replies with max_completion_tokens at OpenAI's API, which its reasoning models need, and with max_tokens elsewhere", async () => {
+    fake.setDefault({ asOpenAI: true });
+    const openai = providers({ OPENAI_API_KEY: 'sk-openai', OPENAI_BASE_URL: fake.url }).resolve('openai', 'o4-mini');
+    expect((await openai.adapter.complete(chat(openai.model))).content).toBe('Echo: Hi');
+    const streamed: string[] = [];
+    for await (const event of openai.adapter.stream(chat(openai.model))) streamed.push(event.type);
+    expect(streamed).toEqual(['delta', 'delta', 'done']);
+    // A server behind AI_BASE_URL (Ollama, vLLM…) and OpenRouter know max_tokens.
+    const others: Record<string, string>[] = [{ AI_BASE_URL: fake.url }, { AI_PROVIDER: 'openrouter', AI_BASE_URL: fake.url, OPENROUTER_API_KEY: 'sk-or' }];
+    for (const env of others) {
+      const { adapter, model } = providers(env).resolve(null, 'llama3.2');
+      await adapter.complete(chat(model));
+    }
+    expect(fake.requests.map(({ body }) => [body.max_completion_tokens, body.max_tokens])).toEqual([
+      [16, undefined],
+      [16, undefined],
+      [undefined, 16],
+      [undefined, 16],
+    ]);
+  });
+
   it('passes AI_MAX_RETRIES to the adapters', async () => {
     fake.setDefault({ status: 503 });
     const { adapter, model } = providers({ AI_BASE_URL: fake.url, AI_MAX_RETRIES: '1' }).resolve(null, null);

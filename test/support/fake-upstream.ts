@@ -72,6 +72,8 @@ export interface UpstreamReply {
   fault?: UpstreamFault;
   /** Streaming faults strike after this many content chunks (default 1). */
   afterChunks?: number;
+  /** Refuse what OpenAI's own API refuses: `max_tokens` for its reasoning models (o1, o3, o4-mini, gpt-5…). */
+  asOpenAI?: boolean;
 }
 
 export interface UpstreamRequest {
@@ -247,6 +249,7 @@ export class FakeUpstream {
 
     const fileId = /^\/v1\/files\/([^/]+)$/.exec(record.path)?.[1];
     if (record.method === 'POST' && record.path === '/v1/chat/completions') {
+      if (reply.asOpenAI && refusesMaxTokens(record)) return sendJson(res, 400, MAX_TOKENS_REFUSED);
       return isStreaming(record) ? this.streamCompletion(exchange) : this.sendCompletion(exchange);
     }
     if (record.method === 'POST' && record.path === '/v1/files') return this.storeFile(exchange);
@@ -366,6 +369,20 @@ async function parseBody(req: IncomingMessage, raw: Buffer): Promise<{ body: Rec
     return { body: { unparsed: raw.toString('utf8') } };
   }
 }
+
+/** OpenAI's reasoning models refuse the deprecated `max_tokens`. */
+function refusesMaxTokens(record: UpstreamRequest): boolean {
+  return record.body.max_tokens !== undefined && /^(o\d|gpt-5)/.test(String(record.body.model));
+}
+
+const MAX_TOKENS_REFUSED = {
+  error: {
+    message: "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.",
+    type: 'invalid_request_error',
+    param: 'max_tokens',
+    code: 'unsupported_parameter',
+  },
+};
 
 function isStreaming(record: UpstreamRequest): boolean {
   return record.body.stream === true;
