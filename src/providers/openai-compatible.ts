@@ -64,7 +64,10 @@ class UpstreamStatusError extends Error {
   }
 }
 
-/** No answer at all: the connection refused, reset or closed before a status line. */
+/**
+ * No answer, or none whole: the connection refused, or reset or closed before a status line, or (after
+ * one) before anything of the answer was used: a JSON body cut off, a stream before its first delta.
+ */
 class UpstreamUnreachable extends Error {}
 
 /**
@@ -117,7 +120,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
     const body = chatBody(request, false, this.outputLimitField);
     const completion = (await this.withRetries(request, async () => {
       const response = await this.send('POST', '/chat/completions', body, signal);
-      return response.body.json();
+      return response.body.json().catch(readFailure);
     })) as { choices?: { message?: { content?: unknown } }[]; model?: unknown; usage?: unknown } | null;
     // An upstream may send anything with a 200.
     const content = completion?.choices?.[0]?.message?.content;
@@ -126,57 +129,28 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
   }
 
   /**
-   * Deltas as each upstream chunk arrives. Only opening the stream is retried: once deltas have been
-   * yielded, a broken stream throws ProviderError and the caller keeps the text so far.
+   * Deltas as each upstream chunk arrives. Retried up to the first delta (a connection lost after the
+   * headers too: nothing of the answer was passed on yet); once deltas have been yielded, a broken
+   * stream throws ProviderError and the caller keeps the text so far.
    */
   async *stream(request: ChatRequest): AsyncGenerator<StreamEvent> {
     const { signal } = request;
     const body = chatBody(request, true, this.outputLimitField);
-    const response = await this.withRetries(request, () => this.send('POST', '/chat/completions', body, signal));
-    const chunks = response.body;
-    // A character split between two chunks is joined before the events are read.
-    const text = new StringDecoder('utf8');
-    const decoder = new SseDecoder();
-    let model = request.model;
-    let usage: Usage | null = null;
-    let finished = false;
-    let ended = false;
+    const { events, first } = await this.withRetries(request, async () => {
+      const response = await this.send('POST', '/chat/completions', body, signal);
+      const events = streamEvents(response.body, request.model);
+      return { events, first: await events.next().catch(readFailure) };
+    });
     try {
-      // Not destroyed when the loop leaves at [DONE]: see the end.
-      for await (const chunk of chunks.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>) {
-        for (const event of decoder.push(text.write(chunk))) {
-          if (event.data === '[DONE]') {
-            ended = true;
-            break;
-          }
-          const data = streamChunk(event);
-          model = upstreamModel(data.model, model);
-          // Servers that ignore stream_options send no usage chunk: usage stays null.
-          usage = readUsage(data.usage) ?? usage;
-          const choice = Array.isArray(data.choices) ? (data.choices[0] as StreamChoice | null | undefined) : undefined;
-          const content = choice?.delta?.content;
-          if (typeof content === 'string' && content !== '') yield { type: 'delta', content };
-          if (choice?.finish_reason) finished = true;
-        }
-        if (ended) break;
-      }
+      if (first.done) return;
+      yield first.value;
+      yield* events;
     } catch (error) {
       throw failure(error, signal);
     } finally {
-      // After [DONE] the rest of the body (its end, as a rule) is read in the background, which keeps the
-      // connection for the next call; the answer does not wait for it. A consumer that stops early, or a
-      // failure, leaves the body unread: its connection is closed.
-      if (!chunks.readableEnded) {
-        // The loop's listeners are gone: an error the body emits from here on (undici's abort when it is
-        // destroyed, among them) is nobody's to hear, and unheard it would end the process.
-        chunks.on('error', () => {});
-        if (ended) drainBriefly(chunks);
-        else chunks.destroy();
-      }
+      // A consumer that stops at the first delta leaves `events` where it was: its body is closed now.
+      await events.return(undefined);
     }
-    // An upstream may close the stream cleanly half-way: only a finish_reason says the reply is whole.
-    if (!finished) throw failure(new Error('stream ended without a finish_reason'), signal);
-    yield { type: 'done', model, usage };
   }
 
   async uploadFile(file: { filename: string; mimeType: string; path: string }, signal: AbortSignal): Promise<UploadedFile> {
@@ -188,7 +162,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
       form.set('purpose', 'user_data');
       form.set('file', blob, file.filename);
       const response = await this.send('POST', '/files', form, signal);
-      return response.body.json();
+      return response.body.json().catch(readFailure);
     });
     const id = (created as { id?: unknown } | null)?.id;
     if (typeof id !== 'string' || id === '') throw failure(new Error('file upload answered without an id'), signal);
@@ -244,6 +218,64 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
       }
     }
   }
+}
+
+/**
+ * The events of a chat stream's body, read as its chunks arrive; throws what goes wrong as it is (the
+ * caller maps it). Not destroyed when the loop leaves at [DONE]: see the end.
+ */
+async function* streamEvents(chunks: Readable, requestedModel: string): AsyncGenerator<StreamEvent, void, undefined> {
+  // A character split between two chunks is joined before the events are read.
+  const text = new StringDecoder('utf8');
+  const decoder = new SseDecoder();
+  let model = requestedModel;
+  let usage: Usage | null = null;
+  let finished = false;
+  let ended = false;
+  try {
+    for await (const chunk of chunks.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>) {
+      for (const event of decoder.push(text.write(chunk))) {
+        if (event.data === '[DONE]') {
+          ended = true;
+          break;
+        }
+        const data = streamChunk(event);
+        model = upstreamModel(data.model, model);
+        // Servers that ignore stream_options send no usage chunk: usage stays null.
+        usage = readUsage(data.usage) ?? usage;
+        const choice = Array.isArray(data.choices) ? (data.choices[0] as StreamChoice | null | undefined) : undefined;
+        const content = choice?.delta?.content;
+        if (typeof content === 'string' && content !== '') yield { type: 'delta', content };
+        if (choice?.finish_reason) finished = true;
+      }
+      if (ended) break;
+    }
+  } finally {
+    // After [DONE] the rest of the body (its end, as a rule) is read in the background, which keeps the
+    // connection for the next call; the answer does not wait for it. A consumer that stops early, or a
+    // failure, leaves the body unread: its connection is closed.
+    if (!chunks.readableEnded) {
+      // The loop's listeners are gone: an error the body emits from here on (undici's abort when it is
+      // destroyed, among them) is nobody's to hear, and unheard it would end the process.
+      chunks.on('error', () => {});
+      if (ended) drainBriefly(chunks);
+      else chunks.destroy();
+    }
+  }
+  // An upstream may close the stream cleanly half-way: only a finish_reason says the reply is whole.
+  if (!finished) throw new Error('stream ended without a finish_reason');
+  yield { type: 'done', model, usage };
+}
+
+/**
+ * What reading a 2xx answer's body failed with, for `withRetries`: its connection reset or closed
+ * half-way is a connection failure, to be retried like one before the headers (the answer is lost
+ * whole); anything else (a body that is no JSON, one too large) is the answer's own fault.
+ */
+function readFailure(error: unknown): never {
+  const { code } = (error ?? {}) as { code?: unknown };
+  if (code === 'UND_ERR_SOCKET' || code === 'ECONNRESET') throw new UpstreamUnreachable('the upstream connection broke during its answer', { cause: error });
+  throw error;
 }
 
 interface StreamChoice {

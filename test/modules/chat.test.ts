@@ -433,6 +433,21 @@ describe('provider faults', () => {
     expect(events[1]!.data).toMatchObject({ status: 503, code: 'PROVIDER_RATE_LIMITED', retryAfter: 30 });
   });
 
+  it('retries an answer whose connection breaks after the headers: a JSON body half-way, a stream before its first delta', async () => {
+    fake.enqueue({ fault: 'reset-mid-body' }, {}, { fault: 'reset', afterChunks: 0 }, {});
+    const projectId = await newProject();
+    expect((await chat(projectId, { message: 'cut once' })).statusCode).toBe(200);
+    const events = await readSse(await streamChat(projectId, { message: 'cut again' }));
+    expect(events.map((e) => e.event)).toEqual(['user_message', 'delta', 'delta', 'delta', 'done']);
+    expect(fake.requests).toHaveLength(4);
+    expect((await stored(projectId)).map((r) => [r.role, r.content, r.status])).toEqual([
+      ['user', 'cut once', 'complete'],
+      ['assistant', 'Echo: cut once', 'complete'],
+      ['user', 'cut again', 'complete'],
+      ['assistant', 'Echo: cut again', 'complete'],
+    ]);
+  });
+
   it('answers 504 PROVIDER_TIMEOUT when the upstream hangs past the deadline', async () => {
     fake.setDefault({ fault: 'hang' });
     await failedChat(504, 'PROVIDER_TIMEOUT');

@@ -115,6 +115,7 @@ describe('complete', () => {
     ['503 every time', { status: 503 }, ProviderError, 3],
     ['429 every time', { status: 429 }, ProviderRateLimited, 3],
     ['a reset connection every time', { fault: 'reset' }, ProviderError, 3],
+    ['a connection reset after the headers every time', { fault: 'reset-mid-body' }, ProviderError, 3],
   ])('maps %s to its provider error, retried only if transient, without upstream text', async (_, reply, errorClass, requests) => {
     fake.setDefault(reply);
     const error = await rejection(adapter().complete(chat()));
@@ -128,6 +129,12 @@ describe('complete', () => {
     fake.enqueue({ status: 500 }, { status: 429, retryAfter: 0 }, { content: 'third time lucky' }, { content: 'never asked for' });
     expect((await adapter({ maxRetries: 2 }).complete(chat())).content).toBe('third time lucky');
     expect(fake.requests).toHaveLength(3);
+  });
+
+  it('retries an answer whose connection is reset after the headers, half-way through its body', async () => {
+    fake.enqueue({ fault: 'reset-mid-body' }, { content: 'whole this time' });
+    expect((await adapter().complete(chat())).content).toBe('whole this time');
+    expect(fake.requests).toHaveLength(2);
   });
 
   it('makes exactly one attempt with maxRetries 0', async () => {
@@ -279,6 +286,14 @@ describe('stream', () => {
     expect(error).toBeUndefined();
     expect(deltas(events).join('')).toBe('made it');
     expect(fake.requests).toHaveLength(3);
+  });
+
+  it('retries a stream whose connection is reset after the headers, before its first delta', async () => {
+    fake.enqueue({ content: 'never seen', fault: 'reset', afterChunks: 0 }, { content: 'made it' });
+    const { events, error } = await drain(adapter().stream(chat()));
+    expect(error).toBeUndefined();
+    expect(deltas(events)).toEqual(['made ', 'it']);
+    expect(fake.requests).toHaveLength(2);
   });
 
   it.each<[string, UpstreamReply, string[]]>([

@@ -23,6 +23,8 @@ export type UpstreamFault =
   | 'hang'
   /** Destroy the socket: before any byte, or when streaming after `afterChunks` content chunks. */
   | 'reset'
+  /** JSON: a 200 whose connection is destroyed half-way through its body, after the headers. */
+  | 'reset-mid-body'
   /** JSON: a 200 application/json body cut off mid-way. Streaming: a `data:` line that is not JSON. */
   | 'malformed-json'
   /** JSON: a 200 completion without `choices`. Streaming: chunks with empty `choices`, never a finish_reason. */
@@ -257,10 +259,15 @@ export class FakeUpstream {
     sendJson(res, 404, { error: { message: `Unknown route ${record.method} ${record.path}`, type: 'invalid_request_error' } });
   }
 
-  private async sendCompletion({ record, reply, res, gone }: Exchange): Promise<void> {
+  private async sendCompletion({ record, reply, res, gone, resetSocket }: Exchange): Promise<void> {
     const model = reply.model ?? String(record.body.model);
     if (reply.fault === 'malformed-json') return sendRaw(res, 200, 'application/json', '{"id":"chatcmpl-broken","choices":[{"mess');
     if (reply.fault === 'garbage') return sendRaw(res, 200, 'text/html', GARBAGE_HTML);
+    if (reply.fault === 'reset-mid-body') {
+      res.writeHead(200, { 'content-type': 'application/json', 'content-length': '1000' });
+      await new Promise<void>((resolve) => res.write('{"id":"chatcmpl-cut","choices":[{"mess', () => resolve()));
+      return resetSocket();
+    }
     if (reply.fault === 'error-body') return sendJson(res, 200, { error: { message: UPSTREAM_ERROR_TEXT, type: 'server_error' } });
     const completion = { id: this.newId('chatcmpl'), object: 'chat.completion', created: nowSeconds(), model };
     if (reply.fault === 'no-choices') return sendJson(res, 200, completion);
