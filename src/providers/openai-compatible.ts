@@ -232,6 +232,10 @@ async function* streamEvents(chunks: Readable, requestedModel: string): AsyncGen
   let usage: Usage | null = null;
   let finished = false;
   let ended = false;
+  // Once the reply is whole, what may follow (its usage, [DONE]) comes right behind it: a body that
+  // then neither says [DONE] nor ends is closed after DRAIN_AFTER_DONE_MS, and the reply is done.
+  let afterFinish: NodeJS.Timeout | undefined;
+  let cutAfterFinish = false;
   try {
     for await (const chunk of chunks.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>) {
       for (const event of decoder.push(text.write(chunk))) {
@@ -246,11 +250,20 @@ async function* streamEvents(chunks: Readable, requestedModel: string): AsyncGen
         const choice = Array.isArray(data.choices) ? (data.choices[0] as StreamChoice | null | undefined) : undefined;
         const content = choice?.delta?.content;
         if (typeof content === 'string' && content !== '') yield { type: 'delta', content };
-        if (choice?.finish_reason) finished = true;
+        if (choice?.finish_reason && !finished) {
+          finished = true;
+          afterFinish = setTimeout(() => {
+            cutAfterFinish = true;
+            chunks.destroy();
+          }, DRAIN_AFTER_DONE_MS).unref();
+        }
       }
       if (ended) break;
     }
+  } catch (error) {
+    if (!cutAfterFinish) throw error;
   } finally {
+    clearTimeout(afterFinish);
     // After [DONE] the rest of the body (its end, as a rule) is read in the background, which keeps the
     // connection for the next call; the answer does not wait for it. A consumer that stops early, or a
     // failure, leaves the body unread: its connection is closed.
@@ -308,7 +321,7 @@ function chatBody(request: ChatRequest, stream: boolean, outputLimitField: Outpu
   return Buffer.concat([encoder.encode(`${JSON.stringify(fields).slice(0, -1)},"messages":[`), ...messagesWire(request.messages), END]);
 }
 
-/** How long the rest of a stream's body may take after its [DONE] before its connection is closed. */
+/** How long the rest of a stream's body may take after its [DONE] (or its finish_reason) before its connection is closed. */
 const DRAIN_AFTER_DONE_MS = 1_000;
 
 /** Reads what is left of `body` in the background, or closes it if that takes too long (a response left open). */

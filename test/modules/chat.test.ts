@@ -564,6 +564,17 @@ describe('streaming chat', () => {
     expect(rows[1]!.content).toBe(events.filter((e) => e.event === 'delta').map((e) => e.data.content).join(''));
   });
 
+  it('completes an answer whose upstream sent its finish_reason, then neither [DONE] nor the end of the response', async () => {
+    const projectId = await newProject();
+    fake.enqueue({ content: 'all of it', fault: 'open-after-finish' });
+    const events = await readSse(await streamChat(projectId, { message: 'then silence' }));
+    expect(events.map((e) => e.event)).toEqual(['user_message', 'delta', 'delta', 'delta', 'done']);
+    expect((await stored(projectId)).map((r) => [r.role, r.content, r.status])).toEqual([
+      ['user', 'then silence', 'complete'],
+      ['assistant', 'all of it', 'complete'],
+    ]);
+  });
+
   it("answers a failure to store the whole answer as the database's, not the provider's, and keeps no part of it", async () => {
     const projectId = await newProject();
     // The database refuses this project's complete answer, and nothing else.

@@ -346,6 +346,16 @@ describe('stream', () => {
     await fake.waitForClientClose();
   });
 
+  it('ends with done soon after the finish_reason when the upstream then neither sends [DONE] nor ends the response', async () => {
+    fake.enqueue({ content: 'one two', fault: 'open-after-finish' });
+    const started = Date.now();
+    const { events, error } = await drain(adapter().stream(chat(5_000)));
+    expect(error).toBeUndefined();
+    expect(events.at(-1)).toEqual({ type: 'done', model: 'gpt-4o-mini', usage: { promptTokens: 4, completionTokens: 2, totalTokens: 6 } });
+    expect(Date.now() - started).toBeLessThan(3_000);
+    await fake.waitForClientClose();
+  });
+
   it('keeps the connection of a stream that ended for the next call', async () => {
     fake.enqueue({ content: 'first' }, { content: 'second' });
     const provider = adapter();

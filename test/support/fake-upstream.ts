@@ -37,6 +37,8 @@ export type UpstreamFault =
   | 'end-early'
   /** Streaming: the whole answer and [DONE], then the response left open (a proxy that does not end it). */
   | 'open-after-done'
+  /** Streaming: the whole answer (finish_reason, usage), then no [DONE] and the response left open. */
+  | 'open-after-finish'
   /**
    * JSON: a 200 text/html page. Streaming: after `afterChunks` content chunks, GARBAGE_LINES (no event a
    * parser may act on, though some carry UPSTREAM_ERROR_TEXT), then the rest as usual.
@@ -319,7 +321,7 @@ export class FakeUpstream {
     await send(chunk({ delta: {}, finish_reason: 'stop' }));
     if (withUsage && reply.usage !== false) await send({ ...base, choices: [], usage: replyUsage(record, reply, content) });
     if (reply.fault === 'open-after-done') res.write('data: [DONE]\n\n');
-    else res.end('data: [DONE]\n\n');
+    else if (reply.fault !== 'open-after-finish') res.end('data: [DONE]\n\n');
   }
 
   private async storeFile({ record, res, upload }: Exchange): Promise<void> {
