@@ -8,23 +8,31 @@ const LF = 10;
 const CR = 13;
 const COLON = 58;
 const SPACE = 32;
+const BOM = 0xfeff;
 
 /**
  * Server-sent events (WHATWG HTML, "Interpreting an event stream") from text that arrives in pieces of
  * any size. Lines end in CRLF, LF or CR; the `data` lines of one event are joined with LF; comments,
- * `id`, `retry` and unknown fields are skipped; an event is dispatched at the blank line that ends it,
- * and one the stream ends before is dropped. Synchronous, an array per piece: a stream's chunks pass
+ * `id`, `retry` and unknown fields are skipped, as is a byte order mark that starts the stream; an
+ * event is dispatched at the blank line that ends it, and one the stream ends before is dropped. Synchronous, an array per piece: a stream's chunks pass
  * through no promise of their own on their way to the reader.
  */
 export class SseDecoder {
   private rest = '';
   private data: string | undefined;
   private event: string | undefined;
+  private started = false;
 
   /** The events that `text` completes, in order. */
   push(text: string): SseEvent[] {
     const events: SseEvent[] = [];
-    const buffer = this.rest === '' ? text : this.rest + text;
+    let piece = text;
+    if (!this.started && piece !== '') {
+      this.started = true;
+      // Left in, it would make the first line's field unknown, and its event (a first delta) lost.
+      if (piece.charCodeAt(0) === BOM) piece = piece.slice(1);
+    }
+    const buffer = this.rest === '' ? piece : this.rest + piece;
     let start = 0;
     // Where the next CR is, looked up again only once passed: most streams end lines in LF alone, and
     // a lookup per line would scan the rest of the piece each time.

@@ -29,6 +29,12 @@ describe('SseDecoder', () => {
     ]);
   });
 
+  it('takes away one byte order mark at the start of the stream, however it is cut, and keeps any other', () => {
+    expect(decode('\ufeffdata: first\n\n\ufeffdata: second\n\n')).toEqual([{ event: undefined, data: 'first' }]);
+    expect(decode('', '\ufeff', 'data: first\n\n')).toEqual([{ event: undefined, data: 'first' }]);
+    expect(decode('data: \ufeffkept\n\n')).toEqual([{ event: undefined, data: '\ufeffkept' }]);
+  });
+
   it('drops an event that the stream ends before its blank line', () => {
     expect(decode('data: whole\n\ndata: cut')).toEqual([{ event: undefined, data: 'whole' }]);
   });
