@@ -606,6 +606,28 @@ describe('streaming chat', () => {
     expect((await stored(projectId)).map((r) => r.role)).toEqual(['user']);
   });
 
+  it("logs what failed a stream (the upstream's answer), as a JSON turn's failure is logged, and tells its client only the problem", async () => {
+    const logs = logCollector();
+    const app = await buildApp(testConfig({ AI_BASE_URL: fake.url, AI_MAX_RETRIES: '0', LOG_LEVEL: 'warn' }), { database: t.testDb.database, logStream: logs.stream });
+    try {
+      const url = await app.listen({ port: 0, host: '127.0.0.1' });
+      fake.setDefault({ status: 401 });
+      const projectId = await newProject();
+      const response = await fetch(`${url}/api/v1/projects/${projectId}/chat`, {
+        method: 'POST',
+        headers: { ...user.auth, 'content-type': 'application/json' },
+        body: JSON.stringify({ message: 'wrong key', stream: true }),
+      });
+      const events = await readSse(response);
+      expect(events.at(-1)).toMatchObject({ event: 'error', data: { status: 502, code: 'PROVIDER_ERROR' } });
+      expect(JSON.stringify(events)).not.toContain('LEAK');
+      const logged = logs.lines.find((line) => line.msg === 'chat stream failed');
+      expect(JSON.stringify(logged)).toContain('upstream answered 401');
+    } finally {
+      await app.close();
+    }
+  });
+
   it('refuses before the stream opens with an ordinary problem response', async () => {
     const response = await streamChat(uuidv7(), { message: 'nobody' });
     expect(response.status).toBe(404);

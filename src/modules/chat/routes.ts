@@ -180,7 +180,8 @@ async function streamTurn(
     }
     if (outcome.kind === 'failed') {
       const { error } = outcome;
-      request.log.warn({ code: error.code, detail: error.message }, 'chat stream failed');
+      // With its cause, as the error handler logs a JSON turn's: what the upstream answered is for the log only.
+      request.log.warn({ err: error, code: error.code }, 'chat stream failed');
       await events!.send('error', problemBody(request, error.status, error.code, error.message, error.extensions));
     }
     return undefined;
