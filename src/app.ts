@@ -82,6 +82,14 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   app.setSerializerCompiler(serializerCompiler);
   // The API speaks JSON (and multipart for uploads); any other body is 415, not a string handed to a route.
   app.removeContentTypeParser('text/plain');
+  // An empty body is no body, whatever Content-Type says: clients that set `application/json` on every
+  // request (a fetch wrapper, a requests Session) send it on a DELETE too, which Fastify's own parser
+  // refused (400). A route that needs a body refuses its absence itself (400 on `body`).
+  const parseJson = app.getDefaultJsonParser(app.initialConfig.onProtoPoisoning ?? 'error', app.initialConfig.onConstructorPoisoning ?? 'error');
+  app.addContentTypeParser('application/json', { parseAs: 'string' }, (request, body: string, done) => {
+    if (body === '') done(null, undefined);
+    else parseJson(request, body, done);
+  });
 
   const database = deps.database ?? (await openMigratedDatabase(config));
   if (!deps.database) app.addHook('onClose', () => database.close());

@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildApp } from '../../src/app.js';
 import { openPostgres } from '../../src/db/database.js';
 import { prompts } from '../../src/db/schema.js';
-import { createProject, expectProblem, registerUser, startTestApp, TEST_SECRET, testConfig, type TestApp } from '../support/app.js';
+import { createProject, createPrompt, expectProblem, registerUser, startTestApp, TEST_SECRET, testConfig, type TestApp } from '../support/app.js';
 import { logCollector } from '../support/logs.js';
 
 let t: TestApp;
@@ -44,6 +44,24 @@ describe('problem+json for every error class', () => {
       const response = await t.app.inject({ method: 'POST', url: '/api/v1/auth/login', headers, payload });
       expectProblem(response, 400, 'VALIDATION_ERROR');
     }
+  });
+
+  it('no 400 for a request without a body that still says application/json, as fetch wrappers and requests send a DELETE', async () => {
+    const user = await registerUser(t.app);
+    const project = await createProject(t.app, user);
+    const prompt = await createPrompt(t.app, user, project.id);
+    const del = (url: string, headers: Record<string, string> = { 'content-type': 'application/json' }) =>
+      t.app.inject({ method: 'DELETE', url, headers: { ...user.auth, ...headers } });
+    expect((await del(`/api/v1/projects/${project.id}/messages`)).statusCode).toBe(204);
+    expect((await del(`/api/v1/projects/${project.id}/messages`, { 'content-type': 'application/json; charset=utf-8', 'content-length': '0' })).statusCode).toBe(204);
+    expect((await del(`/api/v1/projects/${project.id}/prompts/${prompt.id}`)).statusCode).toBe(204);
+    expect((await del(`/api/v1/projects/${project.id}`)).statusCode).toBe(204);
+    expectProblem(await del(`/api/v1/projects/${project.id}`), 404, 'NOT_FOUND');
+    // A route that needs a body still refuses an empty one, naming it.
+    const empty = await t.app.inject({ method: 'POST', url: '/api/v1/projects', headers: { ...user.auth, 'content-type': 'application/json' } });
+    expect(expectProblem(empty, 400, 'VALIDATION_ERROR').errors).toEqual([expect.objectContaining({ path: 'body' })]);
+    const deleteMe = await t.app.inject({ method: 'DELETE', url: '/api/v1/auth/me', headers: { ...user.auth, 'content-type': 'application/json' } });
+    expectProblem(deleteMe, 400, 'VALIDATION_ERROR');
   });
 
   it('401 without credentials, and only errors on validation problems', async () => {
