@@ -72,9 +72,12 @@ export class ValidationFailed extends ApiError {
   }
 }
 
+/** RFC 9110 (11.6.1): a 401 names the scheme that would be accepted; the API's is a bearer token. */
+export const BEARER_CHALLENGE = 'Bearer';
+
 export class Unauthorized extends ApiError {
   constructor(detail = 'Missing or invalid credentials') {
-    super(401, 'UNAUTHORIZED', detail);
+    super(401, 'UNAUTHORIZED', detail, {}, { 'www-authenticate': BEARER_CHALLENGE });
   }
 }
 

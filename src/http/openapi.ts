@@ -3,7 +3,7 @@ import fastifySwaggerUi from '@fastify/swagger-ui';
 import type { FastifyInstance, FastifySchema, RouteOptions } from 'fastify';
 import { jsonSchemaTransform, jsonSchemaTransformObject } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { PROBLEM_STATUS, type ProblemCode } from './errors.js';
+import { BEARER_CHALLENGE, PROBLEM_STATUS, type ProblemCode } from './errors.js';
 import { sendDocumentHeaders } from './hardening.js';
 import { rateLimitGroupOf } from './rate-limit.js';
 
@@ -47,6 +47,10 @@ const problem = z
 
 const retryAfter = {
   'Retry-After': { type: 'integer', description: 'Seconds to wait before trying again (429, and 503 when known)' },
+};
+
+const challenge = {
+  'WWW-Authenticate': { type: 'string', description: `The scheme the API takes: \`${BEARER_CHALLENGE}\`` },
 };
 
 const BODY_METHODS = new Set(['POST', 'PUT', 'PATCH']);
@@ -106,6 +110,7 @@ const documentRoute: SwaggerTransform = (input) => {
   for (const status of ['429', '503']) {
     if (responses[status]) responses[status].headers = retryAfter;
   }
+  if (responses['401']) responses['401'].headers = challenge;
   const security = input.route.config?.public ? { security: [] } : {};
   // A prefix's root route answers with and without the slash; the contract names it without.
   const url = transformed.url.length > 1 ? transformed.url.replace(/\/$/, '') : transformed.url;

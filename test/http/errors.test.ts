@@ -69,6 +69,23 @@ describe('problem+json for every error class', () => {
     expect(body).not.toHaveProperty('errors');
   });
 
+  it('401 with the challenge RFC 9110 requires: WWW-Authenticate names the bearer scheme', async () => {
+    const user = await registerUser(t.app);
+    const project = await createProject(t.app, user);
+    const forged = { authorization: `Bearer ${user.token.slice(0, -2)}xx` };
+    const refused = [
+      await t.app.inject({ method: 'GET', url: '/api/v1/auth/me' }),
+      await t.app.inject({ method: 'GET', url: '/api/v1/projects', headers: forged }),
+      // A route that checks the token in its own statement, and one that refuses a wrong password.
+      await t.app.inject({ method: 'GET', url: `/api/v1/projects/${project.id}`, headers: forged }),
+      await t.app.inject({ method: 'POST', url: '/api/v1/auth/login', payload: { email: user.email, password: 'not the password' } }),
+    ];
+    for (const response of refused) {
+      expectProblem(response, 401, 'UNAUTHORIZED');
+      expect(response.headers['www-authenticate']).toBe('Bearer');
+    }
+  });
+
   it('404 for an unknown route, authenticated or not', async () => {
     const user = await registerUser(t.app);
     expectProblem(await t.app.inject({ method: 'GET', url: '/api/v1/nothing-here' }), 404, 'NOT_FOUND');

@@ -74,6 +74,7 @@ describe('OpenAPI document', () => {
       if (!PUBLIC.includes(route)) {
         expect(op.responses['401'], route).toBeDefined();
         expect(op.responses['429']?.headers, route).toHaveProperty('Retry-After');
+        expect(op.responses['401']?.headers, route).toHaveProperty('WWW-Authenticate');
       }
     }
     expect(doc.components.schemas.Problem!.properties).toHaveProperty('code');
