@@ -14,6 +14,11 @@ declare module 'fastify' {
      * `problemCodesOf`). Documentation only: error bodies are not serialized through a schema.
      */
     problems?: readonly ProblemCode[];
+    /**
+     * The body of a route that reads its own (a multipart upload), as the document shows it.
+     * Documentation only: Fastify never validates it, as it would a `body`.
+     */
+    documentedBody?: z.ZodType;
   }
 }
 
@@ -101,9 +106,13 @@ function problemResponses(codes: Set<ProblemCode>) {
  * every route as the document is built, so a new route is documented with no step of its own.
  */
 const documentRoute: SwaggerTransform = (input) => {
-  const { problems: _listed, ...schema } = input.schema ?? {};
+  const { problems: _listed, documentedBody, ...schema } = input.schema ?? {};
   const codes = problemCodesOf(input.route, input.schema ?? {});
-  const withProblems = { ...schema, response: { ...problemResponses(codes), ...(schema.response as object | undefined) } };
+  const withProblems = {
+    ...schema,
+    ...(documentedBody && { body: documentedBody }),
+    response: { ...problemResponses(codes), ...(schema.response as object | undefined) },
+  };
   const transformed = jsonSchemaTransform({ ...input, schema: withProblems });
   if (transformed.schema.hide) return transformed;
   const responses = transformed.schema.response as Record<string, { headers?: object }>;

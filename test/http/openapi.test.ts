@@ -98,6 +98,17 @@ describe('OpenAPI document', () => {
     expect(Object.keys(operation('delete', '/api/v1/auth/me').responses)).toEqual(expect.arrayContaining(['204', '413', '415']));
   });
 
+  it('documents the upload’s form, which the route reads itself: one part, `file`, its bytes', () => {
+    const upload = operation('post', '/api/v1/projects/{projectId}/files');
+    expect(Object.keys(upload.requestBody?.content ?? {})).toEqual(['multipart/form-data']);
+    expect(upload.requestBody!.content['multipart/form-data']!.schema).toMatchObject({
+      type: 'object',
+      properties: { file: { type: 'string', format: 'binary' } },
+      required: ['file'],
+      additionalProperties: false,
+    });
+  });
+
   it('takes request and response schemas from the Zod schemas that validate', () => {
     const create = operation('post', '/api/v1/projects');
     expect(create.requestBody!.content['application/json']!.schema).toMatchObject({

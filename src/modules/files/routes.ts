@@ -28,6 +28,7 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
         tags: ['files'],
         description: 'multipart/form-data with one part, `file`. Streamed to storage; over FILE_MAX_BYTES is 413 and nothing is kept.',
         consumes: ['multipart/form-data'],
+        documentedBody: z.strictObject({ file: z.string().meta({ format: 'binary', description: 'The file’s bytes, its name and media type' }) }),
         params: projectParams,
         response: { 201: file },
       },
