@@ -125,7 +125,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
     // An upstream may send anything with a 200.
     const content = completion?.choices?.[0]?.message?.content;
     if (typeof content !== 'string') throw failure(new Error('reply without choices[0].message.content'), signal);
-    return { content, model: upstreamModel(completion?.model, request.model), usage: readUsage(completion?.usage) };
+    return { content: storable(content), model: upstreamModel(completion?.model, request.model), usage: readUsage(completion?.usage) };
   }
 
   /**
@@ -249,7 +249,7 @@ async function* streamEvents(chunks: Readable, requestedModel: string): AsyncGen
         usage = readUsage(data.usage) ?? usage;
         const choice = Array.isArray(data.choices) ? (data.choices[0] as StreamChoice | null | undefined) : undefined;
         const content = choice?.delta?.content;
-        if (typeof content === 'string' && content !== '') yield { type: 'delta', content };
+        if (typeof content === 'string' && content !== '') yield { type: 'delta', content: storable(content) };
         if (choice?.finish_reason && !finished) {
           finished = true;
           afterFinish = setTimeout(() => {
@@ -360,12 +360,28 @@ function failure(error: unknown, signal: AbortSignal): unknown {
   return mapped;
 }
 
-function upstreamModel(model: unknown, fallback: string): string {
-  return typeof model === 'string' && model !== '' ? model : fallback;
+/**
+ * An upstream's text as it can be stored: PostgreSQL text holds no NUL (U+0000), which becomes U+FFFD,
+ * as a lone surrogate does on its way to the database. Unchanged, an answer holding one was paid for,
+ * then refused by the database as if the client's question had been at fault (400).
+ */
+function storable(text: string): string {
+  return text.replaceAll('\0', '\uFFFD');
 }
 
+function upstreamModel(model: unknown, fallback: string): string {
+  return typeof model === 'string' && model !== '' ? storable(model) : fallback;
+}
+
+/** The largest count a message's token columns (PostgreSQL integer) hold. */
+const MAX_TOKEN_COUNT = 2 ** 31 - 1;
+
+const isTokenCount = (value: unknown): value is number => Number.isInteger(value) && (value as number) >= 0 && (value as number) <= MAX_TOKEN_COUNT;
+
+/** The usage an upstream reports, or none when it reports counts that are not counts (fractions, negatives, past 2^31). */
 function readUsage(usage: unknown): Usage | null {
   const { prompt_tokens: prompt, completion_tokens: completion, total_tokens: total } = (usage ?? {}) as Record<string, unknown>;
-  if (typeof prompt !== 'number' || typeof completion !== 'number') return null;
-  return { promptTokens: prompt, completionTokens: completion, totalTokens: typeof total === 'number' ? total : prompt + completion };
+  if (!isTokenCount(prompt) || !isTokenCount(completion)) return null;
+  const totalTokens = isTokenCount(total) ? total : prompt + completion;
+  return isTokenCount(totalTokens) ? { promptTokens: prompt, completionTokens: completion, totalTokens } : null;
 }

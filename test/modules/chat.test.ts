@@ -459,6 +459,29 @@ describe('provider faults', () => {
     await failedChat(502, 'PROVIDER_ERROR');
   });
 
+  it('stores and answers an upstream reply the database could not hold as sent: NUL as U+FFFD, counts that are not counts as no usage', async () => {
+    const projectId = await newProject();
+    fake.enqueue({ content: 'a\u0000b', model: 'model\u0000x' });
+    const json = await chat(projectId, { message: 'one' });
+    expect(json.statusCode, json.body).toBe(200);
+    expect(json.json().assistantMessage).toMatchObject({ content: 'a\uFFFDb', model: 'model\uFFFDx', status: 'complete' });
+    fake.enqueue({ content: 'c\u0000d', chunks: 2 });
+    const events = await readSse(await streamChat(projectId, { message: 'two' }));
+    expect(events.map((e) => e.event)).toEqual(['user_message', 'delta', 'delta', 'done']);
+    expect(events.filter((e) => e.event === 'delta').map((e) => e.data.content).join('')).toBe('c\uFFFDd');
+    for (const usage of [{ prompt_tokens: 1e10, completion_tokens: 1, total_tokens: 3 }, { prompt_tokens: 1.5, completion_tokens: 1, total_tokens: 3 }, { prompt_tokens: -1, completion_tokens: 1, total_tokens: 0 }]) {
+      fake.enqueue({ content: 'counted', usage });
+      const response = await chat(projectId, { message: 'three' });
+      expect(response.statusCode, response.body).toBe(200);
+      expect(response.json()).toMatchObject({ usage: null, assistantMessage: { usage: null } });
+    }
+    const rows = await stored(projectId);
+    expect(rows.map((r) => [r.role, r.content])).toEqual([
+      ['user', 'one'], ['assistant', 'a\uFFFDb'], ['user', 'two'], ['assistant', 'c\uFFFDd'],
+      ...Array.from({ length: 3 }, () => [['user', 'three'], ['assistant', 'counted']]).flat(),
+    ]);
+  });
+
   it('treats an empty answer as a failure and stores no empty assistant message', async () => {
     fake.setDefault({ content: '' });
     await failedChat(502, 'PROVIDER_ERROR');
