@@ -114,6 +114,21 @@ export class RateLimited extends ApiError {
   }
 }
 
+/**
+ * A failure that came after something was stored which its answer must name (a chat turn's question):
+ * answered as `cause` would be, with `extensions` as extra members of the problem.
+ */
+export class FailureNaming extends Error {
+  constructor(
+    override readonly cause: unknown,
+    readonly extensions: Record<string, unknown>,
+  ) {
+    // Not the cause's message, which may carry a failed statement's values: the logs redact them in the cause.
+    super('The request failed after it stored what its answer names', { cause });
+    this.name = new.target.name;
+  }
+}
+
 export function problemBody(
   request: FastifyRequest,
   status: number,
@@ -218,6 +233,10 @@ const truncate = (text: string) => (text.length > MAX_ERROR_TEXT ? `${text.slice
 
 /** The problem an error answers with: what the error handler sends, and a stream's last event. */
 export function toProblem(error: FastifyError | ApiError | Error, request: FastifyRequest): Problem {
+  if (error instanceof FailureNaming) {
+    const cause = error.cause instanceof Error ? error.cause : new Error(String(error.cause));
+    return { ...toProblem(cause, request), ...error.extensions };
+  }
   if (error instanceof ValidationFailed) {
     return problemBody(request, 400, 'VALIDATION_ERROR', error.message, { errors: error.errors });
   }

@@ -34,6 +34,22 @@ beforeEach(() => fake.reset());
 const newProject = async (owner: RegisteredUser = user, body: Record<string, unknown> = {}) => (await createProject(t.app, owner, body)).id;
 const addPrompt = (projectId: string, content: string) => createPrompt(t.app, user, projectId, { title: content.slice(0, 20), content });
 
+/** Runs `run` while the database refuses the project's answers (assistant messages) that also meet `also`, and nothing else. */
+async function refusingAnswers(projectId: string, also: string, run: () => Promise<void>): Promise<void> {
+  const { db } = t.testDb.database;
+  await db.execute(sql.raw(`create function refuse_answer() returns trigger language plpgsql as $$ begin raise exception 'refused'; end $$`));
+  await db.execute(
+    sql.raw(`create trigger refuse_answer before insert on messages for each row
+      when (new.project_id = '${projectId}' and new.role = 'assistant'${also}) execute function refuse_answer()`),
+  );
+  try {
+    await run();
+  } finally {
+    await db.execute(sql.raw('drop trigger refuse_answer on messages'));
+    await db.execute(sql.raw('drop function refuse_answer()'));
+  }
+}
+
 const chat = (projectId: string, payload: object, headers: Record<string, string> = {}, app = t.app) =>
   app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: { ...user.auth, ...headers }, payload });
 
@@ -482,6 +498,16 @@ describe('provider faults', () => {
     ]);
   });
 
+  it('names the stored question when the database refuses the answer, as every failed call does', async () => {
+    const projectId = await newProject();
+    await refusingAnswers(projectId, '', async () => {
+      const body = expectProblem(await chat(projectId, { message: 'store me' }), 500, 'INTERNAL');
+      const rows = await stored(projectId);
+      expect(rows.map((r) => [r.role, r.content])).toEqual([['user', 'store me']]);
+      expect(body.userMessageId).toBe(rows[0]!.id);
+    });
+  });
+
   it('treats an empty answer as a failure and stores no empty assistant message', async () => {
     fake.setDefault({ content: '' });
     await failedChat(502, 'PROVIDER_ERROR');
@@ -601,22 +627,13 @@ describe('streaming chat', () => {
   it("answers a failure to store the whole answer as the database's, not the provider's, and keeps no part of it", async () => {
     const projectId = await newProject();
     // The database refuses this project's complete answer, and nothing else.
-    const { db } = t.testDb.database;
-    await db.execute(sql.raw(`create function refuse_answer() returns trigger language plpgsql as $$ begin raise exception 'refused'; end $$`));
-    await db.execute(
-      sql.raw(`create trigger refuse_answer before insert on messages for each row
-        when (new.project_id = '${projectId}' and new.status = 'complete' and new.role = 'assistant') execute function refuse_answer()`),
-    );
-    try {
+    await refusingAnswers(projectId, " and new.status = 'complete'", async () => {
       const events = await readSse(await streamChat(projectId, { message: 'store me' }));
       expect(events.map((e) => e.event).filter((event) => event !== 'delta')).toEqual(['user_message', 'error']);
       const rows = await stored(projectId);
       expect(events.at(-1)!.data).toMatchObject({ status: 500, code: 'INTERNAL', userMessageId: rows[0]!.id });
       expect(rows.map((r) => [r.role, r.status])).toEqual([['user', 'complete']]);
-    } finally {
-      await db.execute(sql.raw('drop trigger refuse_answer on messages'));
-      await db.execute(sql.raw('drop function refuse_answer()'));
-    }
+    });
   });
 
   it('reports a failure before the first delta as an error event, with nothing but the question stored', async () => {

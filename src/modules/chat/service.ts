@@ -4,7 +4,7 @@ import type { Config } from '../../config.js';
 import type { Database, Db } from '../../db/database.js';
 import { messages, projects, prompts, users } from '../../db/schema.js';
 import { assertTokenCurrent, type AuthUser } from '../../http/auth.js';
-import { ApiError, NotFound } from '../../http/errors.js';
+import { ApiError, FailureNaming, NotFound } from '../../http/errors.js';
 import { contextWindow, countTokens, encodingName, MESSAGE_OVERHEAD_TOKENS, REPLY_PRIMING_TOKENS } from '../../providers/models.js';
 import { CallDeadline } from '../../providers/abort.js';
 import type { ProviderRegistry } from '../../providers/registry.js';
@@ -344,8 +344,11 @@ export class ChatService {
       call.end();
     }
     if (!completion.content) throw await this.failure(userMessage, new ProviderError('The AI provider answered with no content'));
-    // Its durable commit makes the question durable too: nothing is acknowledged before both are.
-    const assistantMessage = await this.storeReply(turn, completion.content, 'complete', completion.model, completion.usage);
+    // Its durable commit makes the question durable too: nothing is acknowledged before both are. A store
+    // that fails is the database's failure, answered as such, naming the question as a stream's does.
+    const assistantMessage = await this.storeReply(turn, completion.content, 'complete', completion.model, completion.usage).catch((error: unknown) => {
+      throw new FailureNaming(error, { userMessageId: userMessage.id });
+    });
     return { userMessage: toMessageDto(userMessage), assistantMessage: toMessageDto(assistantMessage), usage: completion.usage };
   }
 
