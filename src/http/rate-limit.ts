@@ -4,14 +4,18 @@ import { Redis } from 'ioredis';
 import type { Config } from '../config.js';
 import { RateLimited } from './errors.js';
 
-/** The limits of the contract; each counts requests in a fixed window. */
-export type RateLimitGroup = 'login' | 'register' | 'chat' | 'api';
+/**
+ * The limits of the contract; each counts requests in a fixed window. `password` is the account
+ * routes that check the caller's password (changing it, deleting the account): they count against
+ * `api` as well.
+ */
+export type RateLimitGroup = 'login' | 'register' | 'chat' | 'api' | 'password';
 
 declare module 'fastify' {
   interface FastifyContextConfig {
     /**
      * The limit a route counts against when it is not the default: authenticated routes count against
-     * `api`, public ones against none.
+     * `api`, public ones against none. A `password` route counts against `api` too.
      */
     rateLimitGroup?: Exclude<RateLimitGroup, 'api'>;
   }
@@ -90,13 +94,18 @@ export async function registerRateLimits(app: FastifyInstance, config: Config): 
   const chat = limiter('chat', config.RATE_LIMIT_CHAT, MINUTE, (request) => request.user.id);
   const api = limiter('api', config.RATE_LIMIT_API, MINUTE, (request) => request.user.id);
   const anonymous = limiter('anonymous', config.RATE_LIMIT_API, MINUTE, (request) => request.ip);
+  // A password guessed through a session is limited like one guessed at login, per account (the caller
+  // holds its token, from any address): without it a stolen token could try RATE_LIMIT_API passwords a
+  // minute, and any one user keep every hashing thread busy, so that everyone's logins were 503.
+  const password = limiter('password', config.RATE_LIMIT_LOGIN, 15 * MINUTE, (request) => request.user.id);
 
-  // Login and register need no token, so authentication does not count them. They are counted once the
-  // body is parsed (the email is part of the login key) and before it is validated: malformed attempts count too.
-  const publicLimits = { login, register, chat: undefined };
+  // Login and register need no token, so authentication does not count them. They, and the password checks
+  // of a session, are counted once the body is parsed (the email is part of the login key) and before it is
+  // validated: malformed attempts count too.
+  const routeLimits = { login, register, password, chat: undefined };
   app.addHook('onRoute', (route) => {
     const group = route.config?.rateLimitGroup;
-    const limit = group && publicLimits[group];
+    const limit = group && routeLimits[group];
     if (limit) route.preValidation = [...[route.preValidation ?? []].flat(), limit];
     if (group === 'login') route.onResponse = [...[route.onResponse ?? []].flat(), countFailedLogin];
   });

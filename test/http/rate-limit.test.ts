@@ -171,6 +171,27 @@ describe('authenticated routes', () => {
     expectProblem(await t.app.inject({ method: 'GET', url: '/api/v1/projects', remoteAddress: newAddress() }), 401, 'UNAUTHORIZED');
   });
 
+  it('limits the password checks of a session (a password change, an account deletion) like logins: RATE_LIMIT_LOGIN per account, from any address', async () => {
+    const user = await newUser();
+    const other = await newUser();
+    const check = (who: RegisteredUser, method: 'POST' | 'DELETE', password: string) =>
+      t.app.inject({
+        method,
+        url: method === 'POST' ? '/api/v1/auth/password' : '/api/v1/auth/me',
+        remoteAddress: newAddress(),
+        headers: who.auth,
+        payload: method === 'POST' ? { currentPassword: password, newPassword: 'a new password' } : { password },
+      });
+    expectProblem(await check(user, 'POST', 'guess one'), 401, 'UNAUTHORIZED');
+    expectProblem(await check(user, 'POST', 'guess two'), 401, 'UNAUTHORIZED');
+    expectProblem(await check(user, 'DELETE', 'guess three'), 401, 'UNAUTHORIZED');
+    // Even the right password: the account is not deleted, and its token still works.
+    expectRateLimited(await check(user, 'DELETE', PASSWORD), 15 * 60);
+    expect((await t.app.inject({ method: 'GET', url: '/api/v1/auth/me', headers: user.auth })).statusCode).toBe(200);
+    // Another account's checks are its own.
+    expect((await check(other, 'POST', PASSWORD)).statusCode).toBe(204);
+  });
+
   it('allows RATE_LIMIT_CHAT chats per user a minute, apart from the API limit', async () => {
     const user = await newUser();
     const project = await createProject(t.app, user);

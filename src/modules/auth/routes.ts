@@ -43,13 +43,22 @@ export const authRoutes: FastifyPluginAsyncZod<{ auth: AuthService }> = async (a
     async (request) => ({ user: await auth.updateMe(request.user.id, request.body) }),
   );
 
-  app.post('/password', { schema: { tags: ['auth'], body: changePasswordBody, response: { 204: noContent } } }, async (request, reply) => {
-    await auth.changePassword(request.user.id, request.body);
-    return reply.code(204).send();
-  });
+  // Both check the caller's password: limited like logins (src/http/rate-limit.ts).
+  app.post(
+    '/password',
+    { config: { rateLimitGroup: 'password' }, schema: { tags: ['auth'], body: changePasswordBody, response: { 204: noContent } } },
+    async (request, reply) => {
+      await auth.changePassword(request.user.id, request.body);
+      return reply.code(204).send();
+    },
+  );
 
-  app.delete('/me', { schema: { tags: ['auth'], body: deleteMeBody, response: { 204: noContent } } }, async (request, reply) => {
-    await auth.deleteMe(request.user.id, request.body, request.log);
-    return reply.code(204).send();
-  });
+  app.delete(
+    '/me',
+    { config: { rateLimitGroup: 'password' }, schema: { tags: ['auth'], body: deleteMeBody, response: { 204: noContent } } },
+    async (request, reply) => {
+      await auth.deleteMe(request.user.id, request.body, request.log);
+      return reply.code(204).send();
+    },
+  );
 };
