@@ -1,3 +1,4 @@
+import { isIPv6 } from 'node:net';
 import fastifyRateLimit, { type RateLimitOptions } from '@fastify/rate-limit';
 import type { FastifyBaseLogger, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { Redis } from 'ioredis';
@@ -50,8 +51,8 @@ const MAX_EMAIL_LENGTH = 254;
 /**
  * The contract's rate limits on @fastify/rate-limit: login per address and email, register per
  * address, chat and every other authenticated route per user, and callers that fail authentication
- * per address. Counters live in memory, or in Redis when REDIS_URL is set so that every instance
- * shares them. Every attempt counts, whatever its answer.
+ * per address (an IPv6 one by its /64: `addressKey`). Counters live in memory, or in Redis when REDIS_URL
+ * is set so that every instance shares them. Every attempt counts, whatever its answer.
  */
 export async function registerRateLimits(app: FastifyInstance, config: Config): Promise<RateLimits> {
   const redis = config.REDIS_URL ? await connectRedis(config.REDIS_URL, app.log) : undefined;
@@ -79,8 +80,8 @@ export async function registerRateLimits(app: FastifyInstance, config: Config): 
       if (!result.isAllowed && result.isExceeded) throw new RateLimited(result.ttlInSeconds);
     };
   };
-  const failedLogins = counter('failed-logins', LOGIN_ACCOUNTS_PER_ADDRESS * config.RATE_LIMIT_LOGIN, 15 * MINUTE, (request) => request.ip);
-  const loginToAccount = limiter('login', config.RATE_LIMIT_LOGIN, 15 * MINUTE, (request) => `${request.ip}:${emailOf(request.body)}`);
+  const failedLogins = counter('failed-logins', LOGIN_ACCOUNTS_PER_ADDRESS * config.RATE_LIMIT_LOGIN, 15 * MINUTE, (request) => addressKey(request.ip));
+  const loginToAccount = limiter('login', config.RATE_LIMIT_LOGIN, 15 * MINUTE, (request) => `${addressKey(request.ip)}:${emailOf(request.body)}`);
   const login = async (request: FastifyRequest) => {
     // Checked before, counted once the answer is known to be a failure (below).
     const spent = await failedLogins(request, { increment: false });
@@ -90,10 +91,10 @@ export async function registerRateLimits(app: FastifyInstance, config: Config): 
   const countFailedLogin = async (request: FastifyRequest, reply: FastifyReply) => {
     if (reply.statusCode >= 400 && reply.statusCode !== 429) await failedLogins(request);
   };
-  const register = limiter('register', config.RATE_LIMIT_REGISTER, 60 * MINUTE, (request) => request.ip);
+  const register = limiter('register', config.RATE_LIMIT_REGISTER, 60 * MINUTE, (request) => addressKey(request.ip));
   const chat = limiter('chat', config.RATE_LIMIT_CHAT, MINUTE, (request) => request.user.id);
   const api = limiter('api', config.RATE_LIMIT_API, MINUTE, (request) => request.user.id);
-  const anonymous = limiter('anonymous', config.RATE_LIMIT_API, MINUTE, (request) => request.ip);
+  const anonymous = limiter('anonymous', config.RATE_LIMIT_API, MINUTE, (request) => addressKey(request.ip));
   // A password guessed through a session is limited like one guessed at login, per account (the caller
   // holds its token, from any address): without it a stolen token could try RATE_LIMIT_API passwords a
   // minute, and any one user keep every hashing thread busy, so that everyone's logins were 503.
@@ -114,6 +115,41 @@ export async function registerRateLimits(app: FastifyInstance, config: Config): 
     countUser: (request) => (request.routeOptions.config.rateLimitGroup === 'chat' ? chat(request) : api(request)),
     countAnonymous: anonymous,
   };
+}
+
+/**
+ * What a client's address is counted by: an IPv4 address as it is; an IPv6 one by its /64, the least a
+ * home line, an office or a server is given (its owner may use any address in it, 2^64 of them, each of
+ * which was a fresh counter); an IPv4 address written as IPv6 (`::ffff:192.0.2.1`, as a dual-stack
+ * socket reports an IPv4 client) as the IPv4 address. Anything that is no IP address is left as it is.
+ */
+function addressKey(ip: string): string {
+  if (!isIPv6(ip)) return ip;
+  const groups = ipv6Groups(ip.split('%')[0]!);
+  if (groups.slice(0, 5).every((group) => group === 0) && groups[5] === 0xffff) {
+    return [groups[6]! >> 8, groups[6]! & 0xff, groups[7]! >> 8, groups[7]! & 0xff].join('.');
+  }
+  return `${groups
+    .slice(0, 4)
+    .map((group) => group.toString(16))
+    .join(':')}::/64`;
+}
+
+/** The eight 16-bit groups of a valid IPv6 address: `::` filled in with zeros, a dotted IPv4 end read as two. */
+function ipv6Groups(address: string): number[] {
+  const read = (part: string) =>
+    part === ''
+      ? []
+      : part.split(':').flatMap((piece) => {
+          if (!piece.includes('.')) return [Number.parseInt(piece, 16)];
+          const [a, b, c, d] = piece.split('.').map(Number) as [number, number, number, number];
+          return [(a << 8) | b, (c << 8) | d];
+        });
+  const [head = '', tail] = address.split('::');
+  const left = read(head);
+  if (tail === undefined) return left;
+  const right = read(tail);
+  return [...left, ...new Array<number>(8 - left.length - right.length).fill(0), ...right];
 }
 
 function emailOf(body: unknown): string {

@@ -63,6 +63,26 @@ describe('login', () => {
     expect((await login(t.app, newAddress(), user.email, PASSWORD)).statusCode).toBe(200);
   });
 
+  it('counts an IPv6 client by its /64, whichever of its addresses it sends from, and an IPv4 one written as IPv6 as itself', async () => {
+    const user = await newUser();
+    // A /64 is the least one home line or server is given: its 2^64 addresses are one client's.
+    const group = (++lastAddress).toString(16);
+    const prefix = `2001:db8:${group}:0`;
+    for (const address of [`${prefix}::1`, `${prefix}:a:b:c:d`, `${prefix}:0:0:ffff:1`]) {
+      expectProblem(await login(t.app, address, user.email), 401, 'UNAUTHORIZED');
+    }
+    expectRateLimited(await login(t.app, `${prefix}:ffff:ffff:ffff:ffff`, user.email, PASSWORD), 15 * 60);
+    // However it is written.
+    expectRateLimited(await login(t.app, `2001:0DB8:${group.padStart(4, '0')}:0000::9`, user.email, PASSWORD), 15 * 60);
+    // The next /64 is another client.
+    expect((await login(t.app, `2001:db8:${group}:1::1`, user.email, PASSWORD)).statusCode).toBe(200);
+
+    const address = newAddress();
+    expect((await register(t.app, address)).statusCode).toBe(201);
+    expect((await register(t.app, `::ffff:${address}`)).statusCode).toBe(201);
+    expectRateLimited(await register(t.app, `::ffff:${address}`), 60 * 60);
+  });
+
   it('counts rejected attempts too: malformed ones and successful ones alike', async () => {
     const user = await newUser();
     const address = newAddress();
