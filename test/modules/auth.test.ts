@@ -111,6 +111,44 @@ describe('register', () => {
     expect((await login({ email: user.email, password })).statusCode).toBe(200);
   });
 
+  it('takes a password in either Unicode form: an accent typed as one character or as a letter and a combining mark is the same', async () => {
+    const composed = 'Crème brûlée, señor'.normalize('NFC');
+    const decomposed = composed.normalize('NFD');
+    expect(decomposed).not.toBe(composed);
+    const one = await registerUser(t.app, { password: decomposed });
+    const other = await registerUser(t.app, { password: composed });
+    for (const user of [one, other]) {
+      for (const password of [composed, decomposed]) expect((await login({ email: user.email, password })).statusCode).toBe(200);
+    }
+    const changed = await t.app.inject({
+      method: 'POST',
+      url: '/api/v1/auth/password',
+      headers: one.auth,
+      payload: { currentPassword: composed, newPassword: `${decomposed}!` },
+    });
+    expect(changed.statusCode).toBe(204);
+    expect((await login({ email: one.email, password: `${composed}!` })).statusCode).toBe(200);
+    // Its bytes are counted composed: 36 accented letters are 72 bytes so, 108 decomposed.
+    const accents = 'é'.repeat(36).normalize('NFD');
+    expect(Buffer.byteLength(accents)).toBe(108);
+    const long = await registerUser(t.app, { password: accents });
+    expect((await login({ email: long.email, password: accents.normalize('NFC') })).statusCode).toBe(200);
+    // A hash made of a decomposed password before passwords were compared composed still matches it.
+    const [legacy] = await t.testDb.database.db
+      .insert(users)
+      .values({ id: uuidv7(), email: uniqueEmail('legacy'), passwordHash: bcrypt.hashSync(decomposed, 4), name: 'L' })
+      .returning();
+    expect((await login({ email: legacy!.email, password: decomposed })).statusCode).toBe(200);
+    expectProblem(await login({ email: legacy!.email, password: 'not the password' }), 401, 'UNAUTHORIZED');
+    // One too long to be 72 bytes in any form is refused before it is composed: composing a run of
+    // combining marks takes time quadratic in its length (seconds, the event loop held, for 100,000).
+    const marks = `a${'\u0301\u0316'.repeat(50_000)}`;
+    const start = performance.now();
+    const body = expectProblem(await register({ email: uniqueEmail(), password: marks, name: 'M' }), 400, 'VALIDATION_ERROR');
+    expect(performance.now() - start).toBeLessThan(1_000);
+    expect(body.errors).toEqual([{ path: 'body.password', message: 'must be at most 72 bytes in UTF-8' }]);
+  });
+
   it.each([
     ['missing fields', {}, ['body.email', 'body.password', 'body.name']],
     ['a bad email', { email: 'not-an-email', password: 'password-1', name: 'A' }, ['body.email']],

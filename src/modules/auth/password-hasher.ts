@@ -1,7 +1,7 @@
 import { Worker } from 'node:worker_threads';
 import type { Config } from '../../config.js';
 import { ApiError, ShuttingDown } from '../../http/errors.js';
-import { MAX_PASSWORD_BYTES } from './schemas.js';
+import { MAX_PASSWORD_BYTES, normalizePassword } from './schemas.js';
 
 /** The bcrypt cost of new hashes, how many threads hash at once, how many jobs may wait for one. */
 export type PasswordHasherConfig = Pick<Config, 'BCRYPT_ROUNDS' | 'PASSWORD_HASH_THREADS' | 'PASSWORD_HASH_QUEUE'>;
@@ -59,16 +59,27 @@ export class PasswordHasher {
 
   constructor(private readonly config: PasswordHasherConfig) {}
 
+  /** A hash of the password in its composed form (`normalizePassword`). */
   hash(password: string): Promise<string> {
-    return this.run({ op: 'hash', password, rounds: this.config.BCRYPT_ROUNDS }) as Promise<string>;
+    return this.run({ op: 'hash', password: normalizePassword(password), rounds: this.config.BCRYPT_ROUNDS }) as Promise<string>;
   }
 
   /**
-   * Whether `password` is the one `hash` was made of. One longer than bcrypt reads is none (no password
-   * over it is ever hashed), though bcrypt would match its first 72 bytes; it takes a comparison's time
-   * all the same, as a wrong password does.
+   * Whether `password`, in its composed form, is the one `hash` was made of; failing that, when it was
+   * sent otherwise, whether it is as sent (hashes made before passwords were composed are of the
+   * password as it was sent then). A second comparison whatever the email, known or not.
    */
   async compare(password: string, hash: string): Promise<boolean> {
+    const composed = normalizePassword(password);
+    if (await this.matches(composed, hash)) return true;
+    return composed !== password && this.matches(password, hash);
+  }
+
+  /**
+   * One longer than bcrypt reads matches nothing (no password over it is ever hashed), though bcrypt
+   * would match its first 72 bytes; it takes a comparison's time all the same, as a wrong password does.
+   */
+  private async matches(password: string, hash: string): Promise<boolean> {
     const matches = (await this.run({ op: 'compare', password, hash })) as boolean;
     return matches && Buffer.byteLength(password, 'utf8') <= MAX_PASSWORD_BYTES;
   }
