@@ -311,6 +311,33 @@ describe('profile, password change and account deletion', () => {
     expect((await me(`Bearer ${fresh.json().token}`)).statusCode).toBe(200);
   });
 
+  it('takes one of several password changes (or deletions) sent at once with one token: the first revokes it, so the others are 401', async () => {
+    const user = await registerUser(t.app);
+    const newPasswords = ['new-password-1', 'new-password-2', 'new-password-3', 'new-password-4'];
+    const responses = await Promise.all(
+      newPasswords.map((newPassword) =>
+        t.app.inject({ method: 'POST', url: '/api/v1/auth/password', headers: user.auth, payload: { currentPassword: user.password, newPassword } }),
+      ),
+    );
+    expect(responses.map((response) => response.statusCode).sort()).toEqual([204, 401, 401, 401]);
+    for (const [i, newPassword] of newPasswords.entries()) {
+      const answered = responses[i]!.statusCode;
+      if (answered === 401) expectProblem(responses[i]!, 401, 'UNAUTHORIZED');
+      // The password that works is the one its client was told was set.
+      expect((await login({ email: user.email, password: newPassword })).statusCode).toBe(answered === 204 ? 200 : 401);
+    }
+
+    // Likewise a password change and the account's deletion: one of them, never both.
+    const other = await registerUser(t.app);
+    const [changed, deleted] = await Promise.all([
+      t.app.inject({ method: 'POST', url: '/api/v1/auth/password', headers: other.auth, payload: { currentPassword: other.password, newPassword: 'new-password-5' } }),
+      t.app.inject({ method: 'DELETE', url: '/api/v1/auth/me', headers: other.auth, payload: { password: other.password } }),
+    ]);
+    expect([changed!.statusCode, deleted!.statusCode].sort()).toEqual([204, 401]);
+    const [row] = await t.testDb.database.db.select().from(users).where(eq(users.id, other.id));
+    expect(row !== undefined).toBe(changed!.statusCode === 204);
+  });
+
   it('deletes the account with its password, cascading to what it owns', async () => {
     const user = await registerUser(t.app);
     const other = await registerUser(t.app);

@@ -48,7 +48,7 @@ export const authRoutes: FastifyPluginAsyncZod<{ auth: AuthService }> = async (a
     '/password',
     { config: { rateLimitGroup: 'password' }, schema: { tags: ['auth'], body: changePasswordBody, response: { 204: noContent } } },
     async (request, reply) => {
-      await auth.changePassword(request.user.id, request.body);
+      await auth.changePassword(request.user, request.body);
       return reply.code(204).send();
     },
   );
@@ -57,7 +57,7 @@ export const authRoutes: FastifyPluginAsyncZod<{ auth: AuthService }> = async (a
     '/me',
     { config: { rateLimitGroup: 'password' }, schema: { tags: ['auth'], body: deleteMeBody, response: { 204: noContent } } },
     async (request, reply) => {
-      await auth.deleteMe(request.user.id, request.body, request.log);
+      await auth.deleteMe(request.user, request.body, request.log);
       return reply.code(204).send();
     },
   );

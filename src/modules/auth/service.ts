@@ -1,9 +1,9 @@
-import { eq, inArray, sql } from 'drizzle-orm';
+import { and, eq, inArray, sql } from 'drizzle-orm';
 import type { FastifyBaseLogger } from 'fastify';
 import { uuidv7 } from '../../db/ids.js';
 import type { Db } from '../../db/database.js';
 import { files, projects, users } from '../../db/schema.js';
-import type { Tokens } from '../../http/auth.js';
+import { assertTokenCurrent, type AuthUser, type Tokens } from '../../http/auth.js';
 import { Conflict, hasCode, NotFound, Unauthorized } from '../../http/errors.js';
 import { waitForFileWrites } from '../files/deleting.js';
 import type { StoredFileDiscarder } from '../files/service.js';
@@ -69,24 +69,35 @@ export class AuthService {
     return toDto(row);
   }
 
-  async changePassword(userId: string, input: { currentPassword: string; newPassword: string }): Promise<void> {
-    await this.checkPassword(userId, input.currentPassword);
+  /**
+   * Only while the caller's token is still current: a change that another one revoked it for while its
+   * password was checked (two changes sent at once) is 401, as the token now is, and changes nothing.
+   */
+  async changePassword(user: AuthUser, input: { currentPassword: string; newPassword: string }): Promise<void> {
+    await this.checkPassword(user.id, input.currentPassword);
     const passwordHash = await this.passwords.hash(input.newPassword);
-    await this.db
+    const changed = await this.db
       .update(users)
       .set({ passwordHash, tokenVersion: sql`${users.tokenVersion} + 1`, updatedAt: new Date() })
-      .where(eq(users.id, userId));
+      .where(and(eq(users.id, user.id), eq(users.tokenVersion, user.tokenVersion)))
+      .returning({ id: users.id });
+    if (changed.length === 0) throw new Unauthorized('Invalid or expired token');
   }
 
-  /** Deletes the account; foreign keys cascade to its projects and everything under them. */
-  async deleteMe(userId: string, input: { password: string }, log: FastifyBaseLogger): Promise<void> {
+  /**
+   * Deletes the account; foreign keys cascade to its projects and everything under them. Only while the
+   * caller's token is still current (a password change may have revoked it while its password was checked).
+   */
+  async deleteMe(user: AuthUser, input: { password: string }, log: FastifyBaseLogger): Promise<void> {
+    const userId = user.id;
     await this.checkPassword(userId, input.password);
     // File rows first, in the same transaction: the cascade would forget which bytes and provider copies to
     // remove. The account and its projects are locked before, so that no upload (nor a project to upload
     // into) adds a row between the two deletes for the cascade to take.
     const removedFiles = await this.db.transaction(async (tx) => {
       await waitForFileWrites(tx);
-      await tx.select({ id: users.id }).from(users).where(eq(users.id, userId)).for('update');
+      const [row] = await tx.select({ tokenVersion: users.tokenVersion }).from(users).where(eq(users.id, userId)).for('update');
+      assertTokenCurrent(user, row);
       await tx.select({ id: projects.id }).from(projects).where(eq(projects.userId, userId)).for('update');
       const fileRows = await tx
         .delete(files)
