@@ -119,7 +119,10 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   // After the chat routes' own close, which waits for the turns in flight.
   app.addHook('onClose', () => providers.close());
   const storage = new LocalDiskStorage(join(config.DATA_DIR, 'files'));
-  await sweepInterruptedUploads(app, storage);
+  sweepInBackground(app, {
+    what: 'the temporary files of interrupted uploads',
+    sweep: () => storage.sweepStaging(INTERRUPTED_UPLOAD_MS),
+  });
   const files = new FilesService(database.db, storage, providers, config);
   sweepInBackground(app, {
     what: 'the file bytes no file row names',
@@ -163,16 +166,6 @@ async function openMigratedDatabase(config: Config): Promise<Database> {
 
 /** An upload older than this is no longer being written: its temporary is a crash's leftover. */
 const INTERRUPTED_UPLOAD_MS = 24 * 60 * 60 * 1000;
-
-/** Removes the temporaries of uploads cut off by a crash; never stops the start over it. */
-async function sweepInterruptedUploads(app: FastifyInstance, storage: LocalDiskStorage): Promise<void> {
-  try {
-    const removed = await storage.sweepStaging(INTERRUPTED_UPLOAD_MS);
-    if (removed) app.log.warn({ removed }, 'removed the temporary files of interrupted uploads');
-  } catch (error) {
-    app.log.warn({ err: error }, 'could not sweep the temporary files of interrupted uploads');
-  }
-}
 
 /**
  * Named bytes older than this are no upload whose row is still to come: an upload's bytes are written

@@ -72,16 +72,18 @@ describe('local disk storage', () => {
     expect(batches.flat().sort()).toEqual(['a/one', 'a/two', 'b/deeper/four', 'b/three']);
   });
 
-  it('is swept when the app starts', async () => {
+  it('is swept when the app starts, in the background', async () => {
     const dataDir = mkdtempSync(join(tmpdir(), 'storage-test-'));
-    mkdirSync(join(dataDir, 'files', 'tmp'), { recursive: true });
-    const leftover = join(dataDir, 'files', 'tmp', 'left-by-a-crash');
+    const staging = join(dataDir, 'files', 'tmp');
+    mkdirSync(staging, { recursive: true });
+    const leftover = join(staging, 'left-by-a-crash');
     writeFileSync(leftover, 'partial');
+    writeFileSync(join(staging, 'still-arriving'), 'partial');
     const dayAgo = (Date.now() - 25 * 60 * 60 * 1000) / 1000;
     utimesSync(leftover, dayAgo, dayAgo);
     const t = await startTestApp({ DATA_DIR: dataDir });
     try {
-      expect(readdirSync(join(dataDir, 'files', 'tmp'))).toEqual([]);
+      await expect.poll(() => readdirSync(staging)).toEqual(['still-arriving']);
     } finally {
       await t.close();
     }

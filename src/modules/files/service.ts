@@ -197,16 +197,19 @@ export class FilesService {
     let removed = 0;
     for await (const batch of keys) {
       if (stop()) break;
-      // Only keys of the files module's own making (ids as stored: in lower case): nothing else under
-      // the folder is its to remove.
-      const ours = batch.filter((key) => key === key.toLowerCase() && key.split('/').length === 2 && key.split('/').every(isUuid));
+      // Only keys of the files module's own making (`project/file`, ids as stored: in lower case):
+      // nothing else under the folder is its to remove.
+      const ours = batch.flatMap((key) => {
+        const ids = key.split('/');
+        return key === key.toLowerCase() && ids.length === 2 && ids.every(isUuid) ? [{ key, fileId: ids[1]! }] : [];
+      });
       if (!ours.length) continue;
       const rows = await this.db
         .select({ id: files.id, projectId: files.projectId })
         .from(files)
-        .where(inArray(files.id, ours.map((key) => key.split('/')[1]!)));
+        .where(inArray(files.id, ours.map(({ fileId }) => fileId)));
       const named = new Set(rows.map(storageKey));
-      for (const key of ours) {
+      for (const { key } of ours) {
         if (named.has(key)) continue;
         await this.storage.remove(key);
         removed++;
