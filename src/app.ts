@@ -148,6 +148,7 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
     shutdownTimeoutMs: config.SHUTDOWN_TIMEOUT_MS,
     // As long as the upstream may stay silent: a client may be as slow as the provider, no slower.
     writeStallMs: config.AI_TIMEOUT_MS,
+    chatsPerUser: config.CHAT_CONCURRENCY_PER_USER,
   });
 
   return app;

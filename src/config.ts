@@ -133,6 +133,10 @@ const envSchema = z.object({
   RATE_LIMIT_REGISTER: int(1, 1_000_000).default(20),
   RATE_LIMIT_CHAT: int(1, 1_000_000).default(60),
   RATE_LIMIT_API: int(1, 10_000_000).default(1200),
+  // Chats one user may have running at once in this process. 32: a person (a few tabs) or a script using
+  // all of RATE_LIMIT_CHAT (60 a minute) with replies of up to 30 s stays under it; past it are chats
+  // piling up (streams held open, an upstream that hangs), each holding memory and an upstream connection.
+  CHAT_CONCURRENCY_PER_USER: int(1, 1_000_000).default(32),
   SHUTDOWN_TIMEOUT_MS: int(0, 600_000).default(10_000),
   REQUEST_TIMEOUT_MS: int(100, 3_600_000).default(300_000),
   CORS_ORIGINS: corsOrigins,

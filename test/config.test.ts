@@ -23,6 +23,7 @@ describe('loadConfig', () => {
       RATE_LIMIT_REGISTER: 20,
       RATE_LIMIT_CHAT: 60,
       RATE_LIMIT_API: 1200,
+      CHAT_CONCURRENCY_PER_USER: 32,
       PASSWORD_HASH_QUEUE: 64,
       PASSWORD_HASH_THREADS: Math.min(4, availableParallelism()),
     });
@@ -55,6 +56,7 @@ describe('loadConfig', () => {
       'RATE_LIMIT_REGISTER',
       'RATE_LIMIT_CHAT',
       'RATE_LIMIT_API',
+      'CHAT_CONCURRENCY_PER_USER',
       'SHUTDOWN_TIMEOUT_MS',
       'MAX_EVENT_LOOP_DELAY_MS',
     ] as const;
@@ -82,6 +84,8 @@ describe('loadConfig', () => {
     ['AI_BASE_URL', 'not a url'],
     ['AI_TIMEOUT_MS', '-1'],
     ['FILE_MAX_BYTES', '1.5'],
+    ['CHAT_CONCURRENCY_PER_USER', '0'],
+    ['CHAT_CONCURRENCY_PER_USER', '1000001'],
     ['LOG_LEVEL', 'loud'],
     ['REDIS_URL', 'http://x'],
     ['NODE_ENV', 'staging'],

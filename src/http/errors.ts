@@ -106,11 +106,14 @@ export class ShuttingDown extends ServiceUnavailable {
   }
 }
 
-/** Over a rate limit: 429 with Retry-After, the seconds until the window that refused it ends. */
+/**
+ * Over a rate limit: 429 with Retry-After, the seconds until the window that refused it ends (or, for a
+ * limit with no window, such as chats at once, when trying again is worth it).
+ */
 export class RateLimited extends ApiError {
-  constructor(retryAfterSeconds: number) {
+  constructor(retryAfterSeconds: number, what = 'Too many requests') {
     const seconds = Math.max(1, Math.ceil(retryAfterSeconds));
-    super(429, 'RATE_LIMITED', `Too many requests; retry in ${seconds} s`, {}, { 'retry-after': String(seconds) });
+    super(429, 'RATE_LIMITED', `${what}; retry in ${seconds} s`, {}, { 'retry-after': String(seconds) });
   }
 }
 

@@ -9,7 +9,7 @@ import { IdempotencyStore, requestHash } from '../../src/modules/chat/idempotenc
 import { flushStatementOn } from '../../src/modules/chat/service.js';
 import { countTokens } from '../../src/providers/models.js';
 import { createProject, createPrompt, expectProblem, insertMessages, registerUser, type RegisteredUser, revokeTokens, startTestApp, type TestApp, testConfig } from '../support/app.js';
-import { FakeUpstream, UPSTREAM_ERROR_TEXT } from '../support/fake-upstream.js';
+import { FakeUpstream, UPSTREAM_ERROR_TEXT, type UpstreamReply } from '../support/fake-upstream.js';
 import { logCollector } from '../support/logs.js';
 import { seriesValue } from '../support/metrics.js';
 import { readSse, type SseEvent } from '../support/sse.js';
@@ -53,11 +53,11 @@ async function refusingAnswers(projectId: string, also: string, run: () => Promi
 const chat = (projectId: string, payload: object, headers: Record<string, string> = {}, app = t.app) =>
   app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: { ...user.auth, ...headers }, payload });
 
-const stored = (projectId: string) =>
-  t.testDb.database.db.select().from(messages).where(eq(messages.projectId, projectId)).orderBy(messages.createdAt, messages.id);
+const stored = (projectId: string, on: TestApp = t) =>
+  on.testDb.database.db.select().from(messages).where(eq(messages.projectId, projectId)).orderBy(messages.createdAt, messages.id);
 
-function streamChat(projectId: string, payload: object, signal?: AbortSignal, headers: Record<string, string> = {}) {
-  return fetch(`${baseUrl}/api/v1/projects/${projectId}/chat`, {
+function streamChat(projectId: string, payload: object, signal?: AbortSignal, headers: Record<string, string> = {}, base = baseUrl) {
+  return fetch(`${base}/api/v1/projects/${projectId}/chat`, {
     method: 'POST',
     headers: { ...user.auth, 'content-type': 'application/json', ...headers },
     body: JSON.stringify({ ...payload, stream: true }),
@@ -891,6 +891,117 @@ describe('idempotency keys past their replay window', () => {
     } finally {
       await app.close();
     }
+  });
+});
+
+describe('chats at once per user (CHAT_CONCURRENCY_PER_USER)', () => {
+  // One chat at a time: a turn held open (a stream, a JSON turn whose upstream hangs until the deadline)
+  // takes the user's only slot.
+  let capped: TestApp;
+  let cappedUrl: string;
+  let owner: RegisteredUser;
+  beforeAll(async () => {
+    capped = await startTestApp({
+      AI_BASE_URL: fake.url,
+      AI_MODEL: 'gpt-4o-mini',
+      AI_TIMEOUT_MS: '3000',
+      AI_MAX_RETRIES: '0',
+      CHAT_CONCURRENCY_PER_USER: '1',
+    });
+    cappedUrl = await capped.app.listen({ port: 0, host: '127.0.0.1' });
+    owner = await registerUser(capped.app);
+  });
+  afterAll(() => capped.close());
+
+  const projectOf = async (who = owner) => (await createProject(capped.app, who)).id;
+  const send = (projectId: string, payload: object, headers: Record<string, string> = {}, who = owner) =>
+    chat(projectId, payload, { ...who.auth, ...headers }, capped.app);
+  const open = (projectId: string, message: string, signal?: AbortSignal) => streamChat(projectId, { message }, signal, owner.auth, cappedUrl);
+
+  /** The slot is free again: the user's next chat is answered, once the turn that ended has done its bookkeeping. */
+  async function slotFreed() {
+    const projectId = await projectOf();
+    await expect.poll(async () => (await send(projectId, { message: 'next' })).statusCode, { timeout: 5_000 }).toBe(200);
+  }
+
+  /** A chat of either kind, in a project of its own, is 429 with Retry-After before any work: nothing stored, no provider called. */
+  async function expectRefused() {
+    const projectId = await projectOf();
+    const calls = fake.requests.length;
+    const json = await send(projectId, { message: 'one too many' });
+    expectProblem(json, 429, 'RATE_LIMITED');
+    expect(json.headers['retry-after']).toBe('5');
+    const streamed = await open(projectId, 'one too many');
+    expect([streamed.status, streamed.headers.get('content-type'), streamed.headers.get('retry-after')]).toEqual([429, 'application/problem+json; charset=utf-8', '5']);
+    expect(await streamed.json()).toMatchObject({ status: 429, code: 'RATE_LIMITED' });
+    expect(await stored(projectId, capped)).toEqual([]);
+    expect(fake.requests).toHaveLength(calls);
+  }
+
+  /** A JSON turn whose upstream answers `reply`: `meanwhile` runs while it holds the slot, which it frees as it fails. */
+  async function failingJsonTurn(reply: UpstreamReply, meanwhile: () => Promise<unknown>, status: number, code: string) {
+    fake.enqueue(reply);
+    const calls = fake.requests.length;
+    const turn = send(await projectOf(), { message: 'held' });
+    await fake.waitForRequests(calls + 1);
+    await meanwhile();
+    expectProblem(await turn, status, code);
+    await slotFreed();
+  }
+
+  it('refuses a chat past the cap, JSON or streamed, in any project, with 429 and Retry-After, storing nothing; another user is unaffected', async () => {
+    // A stream held open by an upstream that sends nothing, until its client leaves.
+    fake.enqueue({ fault: 'hang' });
+    const leave = new AbortController();
+    await open(await projectOf(), 'held open', leave.signal);
+    await fake.waitForRequests(1);
+    await expectRefused();
+    const other = await registerUser(capped.app);
+    expect((await send(await projectOf(other), { message: 'mine' }, {}, other)).json().assistantMessage.content).toBe('Echo: mine');
+    leave.abort();
+    await slotFreed();
+
+    // A JSON turn holds the slot as long, here until its deadline.
+    await failingJsonTurn({ fault: 'hang' }, expectRefused, 504, 'PROVIDER_TIMEOUT');
+  });
+
+  it('holds the slot while a chat runs and frees it however it ends: a stream done, left mid-way or broken upstream, a failed call, a replay, a refusal', async () => {
+    const elsewhere = await projectOf();
+    /** The chat under way has the slot: another of the user's is refused. */
+    const slotTaken = async () => expectProblem(await send(elsewhere, { message: 'meanwhile' }), 429, 'RATE_LIMITED');
+
+    // Each answer takes a second or so, time for the refusal while it runs.
+    fake.enqueue({ content: 'one two three', chunks: 3, chunkDelayMs: 500 });
+    const done = await open(await projectOf(), 'all of it');
+    await slotTaken();
+    expect((await readSse(done)).at(-1)!.event).toBe('done');
+    await slotFreed();
+
+    fake.enqueue({ content: 'a b c d e f g h', chunks: 8, chunkDelayMs: 300 });
+    const leave = new AbortController();
+    const left = await open(await projectOf(), 'leaving', leave.signal);
+    await slotTaken();
+    let deltas = 0;
+    await readSse(left, (e) => (e.event === 'delta' && ++deltas === 2 ? 'stop' : undefined), leave);
+    await fake.waitForClientClose();
+    await slotFreed();
+
+    fake.enqueue({ content: 'first second third', chunks: 3, chunkDelayMs: 500, fault: 'reset', afterChunks: 2 });
+    const broken = await open(await projectOf(), 'broken');
+    await slotTaken();
+    expect((await readSse(broken)).at(-1)!.data).toMatchObject({ code: 'PROVIDER_ERROR' });
+    await slotFreed();
+
+    await failingJsonTurn({ status: 500, delayMs: 1_000 }, slotTaken, 502, 'PROVIDER_ERROR');
+
+    // Each of these would be 429 if the one before still held the slot.
+    const projectId = await projectOf();
+    const key = { 'idempotency-key': `key-${uuidv7()}` };
+    const first = await send(projectId, { message: 'once' }, key);
+    expect((await send(projectId, { message: 'once' }, key)).json()).toEqual(first.json());
+    expectProblem(await send(uuidv7(), { message: 'nowhere' }), 404, 'NOT_FOUND');
+    await slotFreed();
+    expect(await stored(elsewhere, capped)).toEqual([]);
   });
 });
 

@@ -7,7 +7,8 @@ let t: TestAppWithUpstream;
 let user: RegisteredUser;
 
 beforeAll(async () => {
-  t = await startTestAppWithUpstream({ AI_MODEL: 'gpt-4o-mini' });
+  // Every chat of the test is one user's, all at once: as many slots as that.
+  t = await startTestAppWithUpstream({ AI_MODEL: 'gpt-4o-mini', CHAT_CONCURRENCY_PER_USER: String(PARALLEL * (1 + SENDS_PER_KEY)) });
   user = await registerUser(t.app);
 });
 

@@ -28,12 +28,14 @@ export interface ChatRoutesOptions {
   shutdownTimeoutMs: number;
   /** How long a stream's client may read nothing while an event waits for it before it is cut off. */
   writeStallMs: number;
+  /** CHAT_CONCURRENCY_PER_USER: the turns one user may have running at once in this process. */
+  chatsPerUser: number;
 }
 
-export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, { chat, idempotency, shutdownTimeoutMs, writeStallMs }) => {
+export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, { chat, idempotency, shutdownTimeoutMs, writeStallMs, chatsPerUser }) => {
   // While the app closes, turns in flight go on until shortly before the bound, then each is interrupted
   // and ends with an answer. The database closes only after every turn's bookkeeping is done.
-  const turns = new InFlightTurns();
+  const turns = new InFlightTurns(chatsPerUser);
   const openStream = streamOpener(writeStallMs);
   let interruptTimer: NodeJS.Timeout | undefined;
   app.addHook('preClose', async () => {
@@ -70,8 +72,10 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         ],
       },
     },
+    // A turn holds one of its user's slots from before its first read until its last bookkeeping. A replay
+    // does too, briefly: only the claim, a read, tells it from a new turn, and the cap comes before any work.
     (request, reply) =>
-      turns.run(async (interrupt) => {
+      turns.run(request.user.id, async (interrupt) => {
         const { projectId } = request.params;
         const { message, stream = false } = request.body;
         const userId = request.user.id;
