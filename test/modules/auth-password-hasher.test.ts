@@ -1,9 +1,10 @@
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { getPriority } from 'node:os';
+import { Worker } from 'node:worker_threads';
 import bcrypt from 'bcrypt';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 import { ShuttingDown } from '../../src/http/errors.js';
-import { type PasswordHasherConfig, PasswordHasher } from '../../src/modules/auth/password-hasher.js';
+import { type PasswordHasherConfig, PasswordHashingBusy, PasswordHasher } from '../../src/modules/auth/password-hasher.js';
 import { expectProblem, registerUser, startTestApp, type TestApp, uniqueEmail } from '../support/app.js';
 
 const onLinux = process.platform === 'linux';
@@ -28,6 +29,24 @@ function lowPriorityThreads(): number[] {
       }
     });
 }
+
+const postMessage = Worker.prototype.postMessage;
+
+/**
+ * The next `times` threads given a job are terminated as soon as it is sent, as a crash, a
+ * `process.exit` or running out of memory would end them: Node's Worker is spied on, not the hasher.
+ */
+function killThreadsMidJob(times: number): void {
+  let left = times;
+  vi.spyOn(Worker.prototype, 'postMessage').mockImplementation(function (this: Worker, message: unknown) {
+    postMessage.call(this, message);
+    if (left-- > 0) void this.terminate();
+  });
+}
+
+afterEach(() => {
+  vi.restoreAllMocks();
+});
 
 describe('PasswordHasher', () => {
   let hasher: PasswordHasher | undefined;
@@ -62,6 +81,40 @@ describe('PasswordHasher', () => {
     expect(await Promise.all([running, waiting])).toEqual([expect.stringMatching(/^\$2b\$08\$/), expect.stringMatching(/^\$2b\$08\$/)]);
     // The queue has room again.
     expect(await passwords.hash('fourth one')).toMatch(/^\$2b\$08\$/);
+  });
+
+  it('runs a job again on a fresh thread when its thread dies under it', async () => {
+    const passwords = start({ BCRYPT_ROUNDS: 10 });
+    const hash = await passwords.hash('a password');
+    killThreadsMidJob(1);
+    expect(await passwords.compare('a password', hash)).toBe(true);
+    expect(await passwords.hash('another one')).toMatch(/^\$2b\$10\$/);
+    expect(passwords.runningThreads()).toHaveLength(1);
+  });
+
+  it('refuses a job whose fresh thread dies too with 503 and Retry-After, and goes on with the next ones', async () => {
+    const passwords = start({ BCRYPT_ROUNDS: 10 });
+    await passwords.hash('warm up');
+    killThreadsMidJob(2);
+    const [lost, waiting] = await Promise.allSettled([passwords.hash('lost twice'), passwords.hash('waiting behind it')]);
+    expect(lost).toMatchObject({ status: 'rejected', reason: expect.any(PasswordHashingBusy) });
+    expect((lost as PromiseRejectedResult).reason).toMatchObject({
+      status: 503,
+      code: 'SERVICE_UNAVAILABLE',
+      headers: { 'retry-after': expect.stringMatching(/^[1-9]\d*$/) },
+    });
+    expect(waiting).toEqual({ status: 'fulfilled', value: expect.stringMatching(/^\$2b\$10\$/) });
+    expect(await passwords.hash('later')).toMatch(/^\$2b\$10\$/);
+  });
+
+  it("fails a job that bcrypt itself refuses at once, on the same thread, which goes on", async () => {
+    const passwords = start();
+    await passwords.hash('warm up');
+    const [before] = passwords.runningThreads();
+    // Not a thread's fault, so no retry: a caller's mistake that would fail the same way again.
+    await expect(passwords.compare('a password', 42 as unknown as string)).rejects.toThrow(/^bcrypt: /);
+    expect(await passwords.hash('later')).toMatch(/^\$2b\$04\$/);
+    expect(passwords.runningThreads()).toEqual([before]);
   });
 
   it.runIf(onLinux)("runs at nice 19 on its own threads, leaving the event loop's priority alone", async () => {
@@ -133,6 +186,19 @@ describe('login through the password hashing threads', () => {
     const unknown = expectProblem(await login(t, uniqueEmail('nobody')), 401, 'UNAUTHORIZED');
     const wrong = expectProblem(await login(t, user.email), 401, 'UNAUTHORIZED');
     expect(unknown.detail).toBe(wrong.detail);
+    expect((await login(t, user.email, user.password)).statusCode).toBe(200);
+  });
+
+  it('answers a login whose hashing thread dies once as usual, and 503 problem+json with Retry-After when twice', async () => {
+    t = await startTestApp({ BCRYPT_ROUNDS: '10', PASSWORD_HASH_THREADS: '1' });
+    const user = await registerUser(t.app);
+    killThreadsMidJob(1);
+    expect((await login(t, user.email, user.password)).statusCode).toBe(200);
+    killThreadsMidJob(2);
+    const refused = await login(t, user.email, user.password);
+    expect(expectProblem(refused, 503, 'SERVICE_UNAVAILABLE').detail).not.toMatch(/thread|exit|code/i);
+    expect(refused.headers['retry-after']).toMatch(/^[1-9]\d*$/);
+    vi.restoreAllMocks();
     expect((await login(t, user.email, user.password)).statusCode).toBe(200);
   });
 

@@ -19,6 +19,8 @@ interface Job {
   resolve(result: unknown): void;
   reject(error: Error): void;
   startedAt?: number;
+  /** Whether a thread already died running it: once is a fluke (a crash, a kill), twice is not. */
+  retried?: boolean;
 }
 
 interface HashThread {
@@ -29,11 +31,16 @@ interface HashThread {
 
 type ThreadMessage = { ready: HashThreadInfo } | { result: unknown } | { error: string };
 
-/** 503 when too many hashes wait already: the client comes back later instead of waiting without bound. */
+/**
+ * 503 when too many hashes wait already: the client comes back later instead of waiting without bound.
+ * Also when a job's thread died twice under it (`cause` says how, for the log): a fault of the server, not
+ * of the request, that the fresh threads replacing them may well not repeat.
+ */
 export class PasswordHashingBusy extends ApiError {
-  constructor(retryAfterSeconds: number) {
+  constructor(retryAfterSeconds: number, detail = 'Too many passwords to check at once', cause?: Error) {
     const seconds = Math.max(1, Math.ceil(retryAfterSeconds));
-    super(503, 'SERVICE_UNAVAILABLE', `Too many passwords to check at once; retry in ${seconds} s`, {}, { 'retry-after': String(seconds) });
+    super(503, 'SERVICE_UNAVAILABLE', `${detail}; retry in ${seconds} s`, {}, { 'retry-after': String(seconds) });
+    if (cause) this.cause = cause;
   }
 }
 
@@ -41,6 +48,9 @@ const WORKER_FILE = new URL('./password-hasher-worker.mjs', import.meta.url);
 
 /** Before a first job has finished, how long one is taken to last (cost 12 on a current core). */
 const FIRST_GUESS_MS = 250;
+
+/** Retry-After of a job whose thread died twice: long enough for what killed them (memory) to ease. */
+const LOST_RETRY_AFTER_S = 5;
 
 /**
  * bcrypt off the event loop's CPU time: a small pool of worker threads, each running bcrypt's
@@ -128,12 +138,18 @@ export class PasswordHasher {
       if ('ready' in message) thread.info = message.ready;
       else this.finish(thread, message);
     });
-    // A thread that failed or ended on its own is replaced by the next job that needs one.
+    // A thread that failed or ended on its own is replaced by the next job that needs one. Its job runs
+    // again first, on a fresh thread: the caller is not to blame for the thread (a 500 would say it is).
     const lost = (error: Error) => {
       const index = this.threads.indexOf(thread);
-      if (index === -1) return; // closed
+      if (index === -1) return; // closed, or lost already ('exit' follows 'error')
       this.threads.splice(index, 1);
-      thread.job?.reject(error);
+      const job = thread.job;
+      if (job?.retried) job.reject(new PasswordHashingBusy(LOST_RETRY_AFTER_S, 'Passwords cannot be checked at the moment', error));
+      else if (job) {
+        job.retried = true;
+        this.queue.unshift(job);
+      }
       this.dispatch();
     };
     thread.worker.on('error', lost);
