@@ -117,6 +117,14 @@ describe('PasswordHasher', () => {
     expect(passwords.runningThreads()).toEqual([before]);
   });
 
+  it('tells a hash made at another cost than the configured one', async () => {
+    const passwords = start({ BCRYPT_ROUNDS: 5 });
+    expect(passwords.needsRehash(await passwords.hash('a password'))).toBe(false);
+    expect(passwords.needsRehash(bcrypt.hashSync('a password', 4))).toBe(true);
+    expect(passwords.needsRehash(bcrypt.hashSync('a password', 6))).toBe(true);
+    expect(passwords.needsRehash(bcrypt.hashSync('a password', 5).replace(/^\$2b/, '$2a'))).toBe(false);
+  });
+
   it.runIf(onLinux)("runs at nice 19 on its own threads, leaving the event loop's priority alone", async () => {
     const passwords = start({ PASSWORD_HASH_THREADS: 2 });
     const before = getPriority();

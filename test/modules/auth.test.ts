@@ -179,6 +179,50 @@ describe('login', () => {
     expect(unknown.title).toBe(wrong.title);
   });
 
+  it('hashes a password made at another cost again at the configured one when it logs in, keeping its tokens', async () => {
+    // As if BCRYPT_ROUNDS had been raised since: its comparison would be quicker than an unknown email's.
+    const user = await registerUser(t.app);
+    const oldHash = bcrypt.hashSync(user.password, 4);
+    await t.testDb.database.db.update(users).set({ passwordHash: oldHash }).where(eq(users.id, user.id));
+    const storedHash = async () => (await t.testDb.database.db.select().from(users).where(eq(users.id, user.id)))[0]!.passwordHash;
+
+    expectProblem(await login({ email: user.email, password: 'wrong-password' }), 401, 'UNAUTHORIZED');
+    expect(await storedHash()).toBe(oldHash);
+    expect((await login({ email: user.email, password: user.password })).statusCode).toBe(200);
+    const newHash = await storedHash();
+    expect(newHash).toMatch(/^\$2b\$05\$/);
+    expect(bcrypt.compareSync(user.password, newHash)).toBe(true);
+    // The same password: the tokens issued before still work, and the next login leaves the hash alone.
+    expect((await me(user.auth.authorization)).statusCode).toBe(200);
+    expect((await login({ email: user.email, password: user.password })).statusCode).toBe(200);
+    expect(await storedHash()).toBe(newHash);
+  });
+
+  it('keeps a password changed while a login hashes the old one again', async () => {
+    // One hashing thread, jobs in turn: the change's comparison, the login's, the new password's hash, then
+    // the login's hash of the old password, written last.
+    const one = await startTestApp({ BCRYPT_ROUNDS: '5', PASSWORD_HASH_THREADS: '1' });
+    try {
+      const user = await registerUser(one.app);
+      await one.testDb.database.db.update(users).set({ passwordHash: bcrypt.hashSync(user.password, 11) }).where(eq(users.id, user.id));
+      const login = (password: string) => one.app.inject({ method: 'POST', url: '/api/v1/auth/login', payload: { email: user.email, password } });
+      const change = one.app.inject({
+        method: 'POST',
+        url: '/api/v1/auth/password',
+        headers: user.auth,
+        payload: { currentPassword: user.password, newPassword: 'new-password-1' },
+      });
+      // While the change's comparison at cost 11 runs (over 100 ms).
+      await new Promise((resolve) => setTimeout(resolve, 40));
+      const [changed, loggedIn] = await Promise.all([change, login(user.password)]);
+      expect([changed.statusCode, loggedIn.statusCode]).toEqual([204, 200]);
+      expect((await login('new-password-1')).statusCode).toBe(200);
+      expectProblem(await login(user.password), 401, 'UNAUTHORIZED');
+    } finally {
+      await one.close();
+    }
+  });
+
   it('spends a full bcrypt comparison on an unknown email too', async () => {
     // At cost 10 one comparison takes tens of milliseconds; a refusal that skipped it would answer in about one.
     const slow = await startTestApp({ BCRYPT_ROUNDS: '10' });

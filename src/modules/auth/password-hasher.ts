@@ -52,6 +52,9 @@ const FIRST_GUESS_MS = 250;
 /** Retry-After of a job whose thread died twice: long enough for what killed them (memory) to ease. */
 const LOST_RETRY_AFTER_S = 5;
 
+/** The cost of a bcrypt hash, from its `$2b$12$` prefix (any of bcrypt's versions). */
+const COST = /^\$2[abxy]?\$(\d{2})\$/;
+
 /**
  * bcrypt off the event loop's CPU time: a small pool of worker threads, each running bcrypt's
  * synchronous API at the lowest scheduling priority (password-hasher-worker.mjs). bcrypt's async
@@ -92,6 +95,15 @@ export class PasswordHasher {
   private async matches(password: string, hash: string): Promise<boolean> {
     const matches = (await this.run({ op: 'compare', password, hash })) as boolean;
     return matches && Buffer.byteLength(password, 'utf8') <= MAX_PASSWORD_BYTES;
+  }
+
+  /**
+   * Whether a hash was made at another cost than the configured one, so that a password just verified
+   * against it should be hashed again: comparing against it takes another time than against the hash
+   * of an unknown email (always at the configured cost), which would tell that the email exists.
+   */
+  needsRehash(hash: string): boolean {
+    return Number(COST.exec(hash)?.[1]) !== this.config.BCRYPT_ROUNDS;
   }
 
   /** The running threads as they reported themselves (for tests and diagnostics). */

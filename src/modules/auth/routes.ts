@@ -30,7 +30,7 @@ export const authRoutes: FastifyPluginAsyncZod<{ auth: AuthService }> = async (a
       config: { public: true, rateLimitGroup: 'login' },
       schema: { tags: ['auth'], body: loginBody, response: { 200: session }, problems: ['UNAUTHORIZED'] },
     },
-    async (request) => auth.login(request.body),
+    async (request) => auth.login(request.body, request.log),
   );
 
   app.get('/me', { schema: { tags: ['auth'], response: { 200: userEnvelope } } }, async (request) => ({

@@ -45,12 +45,31 @@ export class AuthService {
     }
   }
 
-  async login(input: { email: string; password: string }) {
+  async login(input: { email: string; password: string }, log: FastifyBaseLogger) {
     const [row] = await this.db.select().from(users).where(sql`lower(${users.email}) = ${input.email}`);
     const hash = row?.passwordHash ?? (await this.unknownUserHash());
     const matches = await this.passwords.compare(input.password, hash);
     if (!row || !matches) throw new Unauthorized('Invalid email or password');
+    if (this.passwords.needsRehash(row.passwordHash)) await this.rehash(row, input.password, log);
     return this.session(row);
+  }
+
+  /**
+   * Hashes a password just verified again at the configured cost (`BCRYPT_ROUNDS` changed since it was
+   * hashed), so that its logins take as long as an unknown email's. Tokens stay valid: the password is
+   * the same. Only while the hash is still the one verified: a password changed meanwhile is kept. A
+   * failure (a full queue) costs the login nothing; the next one tries again.
+   */
+  private async rehash(row: UserRow, password: string, log: FastifyBaseLogger): Promise<void> {
+    try {
+      const passwordHash = await this.passwords.hash(password);
+      await this.db
+        .update(users)
+        .set({ passwordHash })
+        .where(and(eq(users.id, row.id), eq(users.passwordHash, row.passwordHash)));
+    } catch (error) {
+      log.warn({ err: error }, 'password not hashed again at the configured cost');
+    }
   }
 
   async me(userId: string): Promise<UserDto> {
