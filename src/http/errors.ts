@@ -197,16 +197,24 @@ export function hasCode(error: unknown, code: string): boolean {
   return false;
 }
 
-/** Walks an error and its causes (drizzle wraps driver errors) looking for a lost database connection. */
-export function isDatabaseUnavailable(error: unknown): boolean {
+/**
+ * Walks an error and its causes (drizzle wraps driver errors) looking for a lost database connection: what
+ * said so (the driver's code, or its words), undefined when nothing did. Never a message whole, which may
+ * carry a failed statement's values.
+ */
+export function databaseDownReason(error: unknown): string | undefined {
   for (let e = error, depth = 0; e && depth < 5; e = (e as { cause?: unknown }).cause, depth++) {
     const { code, message } = e as { code?: unknown; message?: unknown };
-    if (typeof code === 'string' && DATABASE_DOWN_CODES.has(code)) return true;
-    if (typeof message === 'string' && DATABASE_DOWN_MESSAGES.some((m) => message.includes(m))) return true;
-    if (e instanceof AggregateError && e.errors.some(isDatabaseUnavailable)) return true;
+    if (typeof code === 'string' && DATABASE_DOWN_CODES.has(code)) return code;
+    const reason =
+      (typeof message === 'string' ? DATABASE_DOWN_MESSAGES.find((m) => message.includes(m)) : undefined) ??
+      (e instanceof AggregateError ? (e.errors as unknown[]).map(databaseDownReason).find(Boolean) : undefined);
+    if (reason) return reason;
   }
-  return false;
+  return undefined;
 }
+
+export const isDatabaseUnavailable = (error: unknown): boolean => databaseDownReason(error) !== undefined;
 
 /** Maps Fastify's own error codes (body parsing, content types) to the contract's problem codes. */
 const FASTIFY_ERRORS: Record<string, [number, ProblemCode]> = {
@@ -281,14 +289,35 @@ export function toProblem(error: FastifyError | ApiError | Error, request: Fasti
   return problemBody(request, 500, 'INTERNAL', 'An unexpected error occurred');
 }
 
+/**
+ * Logs an error answered with `problem`, at the level its cause calls for:
+ * - a 4xx is the client's: `info`, its code and detail;
+ * - a 503 is a refusal the service chose (load shed, hashing queue full, shutting down, the upstream's
+ *   rate limit outlasting the retries, no provider configured, the database unreachable): `warn`, its
+ *   code and detail (and what said the database was down), no stack, which would be the same for every
+ *   refusal, and under load they come by the hundred;
+ * - a 502 or 504 we raised (ProviderError, ProviderTimeout) is the upstream's fault: `warn` with the error,
+ *   since its cause is what the upstream answered, and may be a bug of ours wrapped as a provider failure;
+ * - anything else (500 INTERNAL) was not meant to happen: `error` with the error, stack and causes.
+ */
+export function logFailure(request: FastifyRequest, error: unknown, problem: Problem, message: string): void {
+  const { status, code, detail } = problem;
+  if (status < 500) {
+    request.log.info({ code, detail }, message);
+  } else if (status === 503) {
+    const reason = databaseDownReason(error);
+    request.log.warn({ code, detail, ...(reason && { reason }) }, message);
+  } else if ((error instanceof FailureNaming ? error.cause : error) instanceof ApiError) {
+    request.log.warn({ err: error, code }, message);
+  } else {
+    request.log.error({ err: error, code }, message);
+  }
+}
+
 /** Answers an error as problem+json, logged as a failure (5xx) or a rejection (4xx). */
 function answerError(error: FastifyError, request: FastifyRequest, reply: FastifyReply): FastifyReply {
   const problem = toProblem(error, request);
-  if (problem.status >= 500) {
-    request.log.error({ err: error, code: problem.code }, 'request failed');
-  } else {
-    request.log.info({ code: problem.code, detail: problem.detail }, 'request rejected');
-  }
+  logFailure(request, error, problem, problem.status < 500 ? 'request rejected' : 'request failed');
   if (error instanceof ApiError) reply.headers(error.headers);
   return sendProblem(reply, problem);
 }

@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildApp } from '../../src/app.js';
 import { openPostgres } from '../../src/db/database.js';
 import { prompts } from '../../src/db/schema.js';
-import { createProject, createPrompt, expectProblem, registerUser, startTestApp, TEST_SECRET, testConfig, type TestApp } from '../support/app.js';
+import { createProject, createPrompt, expectProblem, registerUser, startTestApp, TEST_SECRET, testConfig, type TestApp, uniqueEmail } from '../support/app.js';
 import { logCollector } from '../support/logs.js';
 
 let t: TestApp;
@@ -154,7 +154,29 @@ describe('problem+json for every error class', () => {
       expect(body.detail).toBe('An unexpected error occurred');
       for (const secret of ['password_hash', 'sk-live-123', 'app.ts', 'stack']) expect(response.body).not.toContain(secret);
       const logged = logs.lines.find((line) => line.msg === 'request failed');
-      expect(logged).toMatchObject({ reqId: body.requestId, err: { message: expect.stringContaining('sk-live-123') } });
+      // Not meant to happen: at error, with the stack to find it by.
+      expect(logged).toMatchObject({ level: 50, reqId: body.requestId, code: 'INTERNAL', err: { message: expect.stringContaining('sk-live-123'), stack: expect.stringContaining('\n    at ') } });
+    } finally {
+      await app.close();
+    }
+  });
+
+  it('503 of a full password-hashing queue is logged as a refusal: warn, its code and detail, no stack', async () => {
+    const logs = logCollector();
+    const config = testConfig({ LOG_LEVEL: 'info', BCRYPT_ROUNDS: '10', PASSWORD_HASH_THREADS: '1', PASSWORD_HASH_QUEUE: '0' });
+    const app = await buildApp(config, { database: t.testDb.database, logStream: logs.stream });
+    try {
+      // One thread, no queue: the unknown emails' comparisons are asked for at once, and all but one refused.
+      const login = () => app.inject({ method: 'POST', url: '/api/v1/auth/login', payload: { email: uniqueEmail('nobody'), password: 'password-1' } });
+      const refused = (await Promise.all(Array.from({ length: 4 }, login))).filter((response) => response.statusCode === 503);
+      expect(refused.length).toBeGreaterThan(0);
+      for (const response of refused) {
+        const { requestId, detail } = expectProblem(response, 503, 'SERVICE_UNAVAILABLE');
+        const logged = logs.lines.filter((line) => line.reqId === requestId && Number(line.level) >= 40);
+        expect(logged).toEqual([expect.objectContaining({ level: 40, msg: 'request failed', code: 'SERVICE_UNAVAILABLE', detail })]);
+        expect(logged[0]).not.toHaveProperty('err');
+        expect(JSON.stringify(logged)).not.toContain('    at ');
+      }
     } finally {
       await app.close();
     }
@@ -178,9 +200,10 @@ it('404 when a write finds its parent gone (a foreign key violation from the dat
 describe('when the database is down', () => {
   // A real PostgreSQL client pointed at a port where nothing listens: every query fails to connect.
   const down = openPostgres('postgres://postgres@127.0.0.1:1/nothing', { connectionTimeoutMs: 500 });
+  const logs = logCollector();
   let app: Awaited<ReturnType<typeof buildApp>>;
   beforeAll(async () => {
-    app = await buildApp(testConfig(), { database: down });
+    app = await buildApp(testConfig({ LOG_LEVEL: 'warn' }), { database: down, logStream: logs.stream });
   });
   afterAll(async () => {
     await app.close();
@@ -208,6 +231,11 @@ describe('when the database is down', () => {
       'SERVICE_UNAVAILABLE',
     );
     expect(JSON.stringify(body)).not.toMatch(/ECONNREFUSED|127\.0\.0\.1|postgres:/);
+    // An outage's every request: a warning naming what said the database was down, not a stack each.
+    expect(logs.lines.find((line) => line.reqId === body.requestId)).toEqual(
+      expect.objectContaining({ level: 40, msg: 'request failed', code: 'SERVICE_UNAVAILABLE', reason: 'ECONNREFUSED' }),
+    );
+    expect(JSON.stringify(logs.lines.filter((line) => line.msg === 'request failed'))).not.toContain('    at ');
   });
 });
 

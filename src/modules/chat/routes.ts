@@ -1,7 +1,7 @@
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { problemBody, toProblem } from '../../http/errors.js';
+import { logFailure, problemBody, toProblem } from '../../http/errors.js';
 import { projectParams } from '../projects/schemas.js';
 import { type IdempotencyStore, requestHash } from './idempotency.js';
 import { chatBody, chatHeaders, type ChatResult, chatResult } from './schemas.js';
@@ -184,17 +184,19 @@ async function streamTurn(
     }
     if (outcome.kind === 'failed') {
       const { error } = outcome;
-      // With its cause, as the error handler logs a JSON turn's: what the upstream answered is for the log only.
-      request.log.warn({ err: error, code: error.code }, 'chat stream failed');
-      await events!.send('error', problemBody(request, error.status, error.code, error.message, error.extensions));
+      const problem = problemBody(request, error.status, error.code, error.message, error.extensions);
+      // As the error handler logs a JSON turn's: what the upstream answered is for the log only.
+      logFailure(request, error, problem, 'chat stream failed');
+      await events!.send('error', problem);
     }
     return undefined;
   } catch (error) {
     if (!events) throw error;
     // After the headers nothing can change the status: the failure becomes the stream's last event, as the
     // error handler would answer it (a database lost mid-stream is a 503), naming the stored question.
-    request.log.error({ err: error }, 'chat stream failed');
-    await events.send('error', { ...toProblem(error as Error, request), userMessageId });
+    const problem = toProblem(error as Error, request);
+    logFailure(request, error, problem, 'chat stream failed');
+    await events.send('error', { ...problem, userMessageId });
     return undefined;
   } finally {
     events?.end();
