@@ -354,7 +354,7 @@ function failure(error: unknown, signal: AbortSignal): unknown {
   if (error instanceof ApiError) return error;
   const mapped =
     error instanceof UpstreamStatusError && error.status === 429
-      ? new ProviderRateLimited(Math.max(1, Math.ceil((retryAfterMs(error.headers) ?? 1000) / 1000)))
+      ? new ProviderRateLimited((retryAfterMs(error.headers) ?? 1000) / 1000)
       : new ProviderError();
   mapped.cause = error;
   return mapped;

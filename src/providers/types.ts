@@ -75,21 +75,23 @@ export class ProviderError extends ApiError {
 }
 
 /**
- * Upstream 429 after every retry: 503 with Retry-After (seconds), the same seconds also as `retryAfter`
- * in the problem: a streamed turn's `error` event comes after the headers, where no header can carry them.
+ * Upstream 429 after every retry: 503 with Retry-After (whole seconds, at least 1), the same seconds also
+ * as `retryAfter` in the problem: a streamed turn's `error` event comes after the headers, where no header
+ * can carry them.
  */
 export class ProviderRateLimited extends ApiError {
-  constructor(
-    readonly retryAfterSeconds: number,
-    extensions: Record<string, unknown> = {},
-  ) {
+  readonly retryAfterSeconds: number;
+
+  constructor(retryAfterSeconds: number, extensions: Record<string, unknown> = {}) {
+    const seconds = Math.max(1, Math.ceil(retryAfterSeconds));
     super(
       503,
       'PROVIDER_RATE_LIMITED',
       'The AI provider is rate limiting requests; try again later',
-      { ...extensions, retryAfter: retryAfterSeconds },
-      { 'retry-after': String(retryAfterSeconds) },
+      { ...extensions, retryAfter: seconds },
+      { 'retry-after': String(seconds) },
     );
+    this.retryAfterSeconds = seconds;
   }
 }
 

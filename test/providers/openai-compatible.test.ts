@@ -182,6 +182,26 @@ describe('complete', () => {
     expect(error.retryAfterSeconds).toBeLessThanOrEqual(31);
   });
 
+  it('passes on at most an hour of an absurd Retry-After, in whole seconds, without waiting for it', async () => {
+    for (const reply of [{ retryAfter: '99999999999' }, { headers: { 'retry-after-ms': '1e300' } }, { headers: { 'retry-after-ms': 'Infinity' } }]) {
+      fake.reset();
+      fake.setDefault({ status: 429, ...reply });
+      const error = (await rejection(adapter().complete(chat(2_000)))) as ProviderRateLimited;
+      expect(error, JSON.stringify(reply)).toBeInstanceOf(ProviderRateLimited);
+      expect(error.headers).toEqual({ 'retry-after': '3600' });
+      expect(error.extensions).toMatchObject({ retryAfter: 3600 });
+      expect(fake.requests).toHaveLength(1);
+    }
+  });
+
+  it('waits out an absurd Retry-After until the signal when no deadline is given, never retrying at once', async () => {
+    // Unbounded, 1e300 ms was a timer past Node's 2^31 ms, which Node fires after 1 ms.
+    fake.setDefault({ status: 429, headers: { 'retry-after-ms': '1e300' } });
+    const error = await rejection(adapter().complete(chat(500, { deadline: undefined })));
+    expect(error).toBeInstanceOf(ProviderTimeout);
+    expect(fake.requests).toHaveLength(1);
+  });
+
   it('gives up at once with ProviderError when a 5xx Retry-After would pass the deadline', async () => {
     fake.enqueue({ status: 503, retryAfter: 30 });
     const request = chat(2_000);
