@@ -117,9 +117,8 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
 
   async complete(request: ChatRequest): Promise<ChatCompletion> {
     const { signal } = request;
-    const body = chatBody(request, false, this.outputLimitField);
     const completion = (await this.withRetries(request, async () => {
-      const response = await this.send('POST', '/chat/completions', body, signal);
+      const response = await this.send('POST', '/chat/completions', chatBody(request, false, this.outputLimitField), signal);
       return response.body.json().catch(readFailure);
     })) as { choices?: { message?: { content?: unknown } }[]; model?: unknown; usage?: unknown } | null;
     // An upstream may send anything with a 200.
@@ -135,9 +134,8 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
    */
   async *stream(request: ChatRequest): AsyncGenerator<StreamEvent> {
     const { signal } = request;
-    const body = chatBody(request, true, this.outputLimitField);
     const { events, first } = await this.withRetries(request, async () => {
-      const response = await this.send('POST', '/chat/completions', body, signal);
+      const response = await this.send('POST', '/chat/completions', chatBody(request, true, this.outputLimitField), signal);
       const events = streamEvents(response.body, request.model);
       return { events, first: await events.next().catch(readFailure) };
     });
@@ -184,13 +182,18 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
   /**
    * One request, answered with a 2xx whose body the caller reads (or destroys). The caller's signal is
    * handed to undici, which lets go of it when the body closes. Any other status throws
-   * UpstreamStatusError once its body is read; no answer at all throws UpstreamUnreachable.
+   * UpstreamStatusError once its body is read; no answer at all throws UpstreamUnreachable. JSON is
+   * made for each attempt and handed over as it is written: undici keeps a request's body until the
+   * answer ends, which for a stream is as long as it streams, and a long history's is hundreds of KB.
    */
   private async send(method: 'POST' | 'DELETE', path: string, body: Buffer | FormData | undefined, signal: AbortSignal): Promise<Dispatcher.ResponseData> {
     let response: Dispatcher.ResponseData;
     try {
-      const headers = body instanceof Buffer ? this.jsonHeaders : this.headers;
-      response = await this.pool.request({ method, path: this.basePath + path, headers, body, signal });
+      const sent =
+        body instanceof Buffer
+          ? { headers: { ...this.jsonHeaders, 'content-length': String(body.length) }, body: new HandedOver(body) as unknown as Readable }
+          : { headers: this.headers, body };
+      response = await this.pool.request({ method, path: this.basePath + path, ...sent, signal });
     } catch (error) {
       throw new UpstreamUnreachable('the upstream did not answer', { cause: error });
     }
@@ -319,6 +322,26 @@ function chatBody(request: ChatRequest, stream: boolean, outputLimitField: Outpu
     ...(stream && { stream: true, stream_options: { include_usage: true } }),
   };
   return Buffer.concat([encoder.encode(`${JSON.stringify(fields).slice(0, -1)},"messages":[`), ...messagesWire(request.messages), END]);
+}
+
+/**
+ * Bytes as a body that undici lets go of once it has written them. undici keeps what it was given as a
+ * body in the request's closures until the answer ends; this iterable gives its bytes up as it hands them
+ * over (a generator would not: V8 keeps a finished generator's arguments). undici takes any iterable as a
+ * body (its docs, Dispatcher.request); its types name only streams.
+ */
+class HandedOver implements IterableIterator<Buffer> {
+  constructor(private bytes: Buffer | undefined) {}
+
+  [Symbol.iterator](): this {
+    return this;
+  }
+
+  next(): IteratorResult<Buffer, undefined> {
+    const { bytes } = this;
+    this.bytes = undefined;
+    return bytes ? { value: bytes, done: false } : { value: undefined, done: true };
+  }
 }
 
 /** How long the rest of a stream's body may take after its [DONE] (or its finish_reason) before its connection is closed. */

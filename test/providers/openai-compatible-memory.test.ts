@@ -2,7 +2,7 @@ import { afterAll, beforeAll, expect, it } from 'vitest';
 import { OpenAICompatibleAdapter } from '../../src/providers/openai-compatible.js';
 import type { ChatRequest } from '../../src/providers/types.js';
 import { FakeUpstream } from '../support/fake-upstream.js';
-import { reachableHeapBytes } from '../support/heap.js';
+import { reachableBufferBytes, reachableHeapBytes } from '../support/heap.js';
 
 // A file of its own: heap figures in a process that has run other tests carry their leftovers.
 
@@ -35,4 +35,33 @@ it('keeps nothing of a finished call, whatever signal the caller combined (a lis
   }
   // The OpenAI SDK, used here before, kept 2 to 3 KB a call (a stream's for good) until it got signals of its own.
   expect(Math.min(...perCall), `bytes kept per call, by round: ${perCall.join(', ')}`).toBeLessThan(1_000);
+});
+
+it('lets go of a request body once it is sent: an open stream keeps none of its history', async () => {
+  const adapter = new OpenAICompatibleAdapter({ name: 'openai', apiKey: 'sk-test', baseURL: fake.url, supportsFiles: false, maxRetries: 0 });
+  const controller = new AbortController();
+  // A long history's body (1 MB), each stream's own: its messages are made afresh, its bytes joined once.
+  const request = (i: number): ChatRequest => ({
+    model: 'gpt-4o-mini',
+    messages: [{ role: 'user', content: `${i} ${'a'.repeat(1024 * 1024)}` }],
+    maxOutputTokens: 16,
+    signal: controller.signal,
+  });
+  const streams = 10;
+  for (let i = 0; i < streams; i++) fake.enqueue({ fault: 'stall', afterChunks: 1 });
+  const before = reachableBufferBytes();
+  // Each stream at its first delta, its answer still coming (the fake says no more and keeps it open).
+  const open = [];
+  for (let i = 0; i < streams; i++) {
+    const events = adapter.stream(request(i));
+    expect((await events.next()).value).toMatchObject({ type: 'delta' });
+    open.push(events);
+  }
+  fake.requests.length = 0; // the fake's own record of the bodies
+  const keptPerStream = (reachableBufferBytes() - before) / streams;
+  controller.abort();
+  await Promise.allSettled(open.map((events) => events.next()));
+  await adapter.close();
+  // Before, undici held each body until its answer ended: a megabyte a stream.
+  expect(keptPerStream, 'bytes of Buffers kept per open stream').toBeLessThan(100 * 1024);
 });
