@@ -81,6 +81,20 @@ describe('the files section', () => {
     for (const file of files) expect(file.readText).not.toHaveBeenCalled();
   });
 
+  it('attaches PDFs up to OpenAI\'s 32 MB of files per request, newest first, and names the rest as left out', async () => {
+    const pdf = (name: string, megabytes: number): ContextFile =>
+      ({ filename: name, mimeType: 'application/pdf', size: megabytes * 1_000_000, providerFileId: `file-${name}`, readText: vi.fn() });
+    // 20 + 15 MB would be refused whole (every turn of the project a 502); 20 + 10 fits.
+    const result = await section([pdf('a.pdf', 20), pdf('b.pdf', 15), pdf('c.pdf', 10), pdf('d.pdf', 3)]);
+    expect(result!.fileIds).toEqual(['file-a.pdf', 'file-c.pdf']);
+    expect(result!.message.content).toBe(
+      `${HEADER}\n\n--- a.pdf (application/pdf) ---\n[attached to the latest user message]` +
+        `\n\n--- b.pdf (application/pdf) ---\n[not included: over the provider's limit for attached files]` +
+        `\n\n--- c.pdf (application/pdf) ---\n[attached to the latest user message]` +
+        `\n\n--- d.pdf (application/pdf) ---\n[not included: over the provider's limit for attached files]`,
+    );
+  });
+
   it('stops naming files once a name no longer fits, and is nothing when not even one does', async () => {
     const files = Array.from({ length: 50 }, (_, i) => ({ ...textFile(`file-${i}.bin`, ''), mimeType: 'application/octet-stream' }));
     const result = await section(files, 200);

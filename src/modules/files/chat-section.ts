@@ -11,7 +11,9 @@ import { bytesGone } from './storage.js';
  *    still go in. A file is never cut in half.
  *  - A PDF with a provider copy, when the provider reads files (OpenAI), is named and sent by
  *    reference: a file content part of the new user message. OpenAI's Chat Completions reads no
- *    other type that way. Its tokens are the provider's to count: they are not in the budget.
+ *    other type that way. Its tokens are the provider's to count: they are not in the budget. Its
+ *    bytes are counted: OpenAI refuses a request whose files hold more than 32 MB in all, and so would
+ *    refuse every turn of the project; a PDF past that is named as left out, older ones that fit still go.
  *  - Any other file is named, with its type, and not sent.
  *  - Naming stops at the first file whose line no longer fits.
  */
@@ -49,11 +51,15 @@ const PDF = 'application/pdf';
  */
 const MAX_BYTES_PER_TOKEN = 16;
 
+/** OpenAI reads at most 32 MB of file inputs in one request (its guide to PDF inputs); MB or MiB, this is within. */
+const MAX_REFERENCED_BYTES = 32_000_000;
+
 export async function buildFilesSection(files: ContextFile[], options: FilesSectionOptions): Promise<FilesSection | undefined> {
   const { budget, countText } = options;
   // Entries start on a new line, where the tokenizer splits anyway: their counts add up to the whole.
   let tokens = MESSAGE_OVERHEAD_TOKENS + countText(HEADER);
   let readable = budget * MAX_BYTES_PER_TOKEN;
+  let referable = MAX_REFERENCED_BYTES;
   const entries: string[] = [];
   const fileIds: string[] = [];
 
@@ -75,20 +81,25 @@ export async function buildFilesSection(files: ContextFile[], options: FilesSect
         continue;
       }
     }
-    const reference = options.providerReadsFiles && file.mimeType === PDF ? file.providerFileId : null;
-    const entry = heading + note(file, reference);
+    const attachable = options.providerReadsFiles && file.mimeType === PDF ? file.providerFileId : null;
+    const reference = attachable && file.size <= referable ? attachable : null;
+    const entry = heading + note(file, reference, attachable);
     const cost = countText(entry);
     if (tokens + cost > budget) break;
     entries.push(entry);
     tokens += cost;
-    if (reference) fileIds.push(reference);
+    if (reference) {
+      fileIds.push(reference);
+      referable -= file.size;
+    }
   }
   if (entries.length === 0) return undefined;
   return { message: { role: 'system', content: HEADER + entries.join('') }, tokens, fileIds };
 }
 
-function note(file: ContextFile, reference: string | null): string {
+function note(file: ContextFile, reference: string | null, attachable: string | null): string {
   if (reference) return '[attached to the latest user message]';
+  if (attachable) return '[not included: over the provider\'s limit for attached files]';
   if (isTextType(file.mimeType)) return '[not included: too long for the context]';
   return '[not included: only its name and type are known]';
 }
