@@ -1,6 +1,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { request as httpRequest } from 'node:http';
+import { type AddressInfo, connect, createServer } from 'node:net';
 import { basename, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
@@ -8,6 +9,7 @@ import { eq, sql } from 'drizzle-orm';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { buildApp } from '../../src/app.js';
+import { openPostgres } from '../../src/db/database.js';
 import { files } from '../../src/db/schema.js';
 import { ContentInspector } from '../../src/modules/files/content-type.js';
 import { attachmentDisposition, displayFilename } from '../../src/modules/files/filename.js';
@@ -311,6 +313,51 @@ describe.skipIf(!process.env.TEST_DATABASE_URL)('an upload racing the delete of 
       expect(fake.files.size).toBe(0);
     });
   }
+});
+
+describe.skipIf(!process.env.TEST_DATABASE_URL)('an upload whose row was written and its answer lost (PostgreSQL over TCP)', () => {
+  it('keeps the bytes and the provider copy the row names: the file can still be downloaded', async () => {
+    // Between the app and the database: once armed, the insert's answer is held back, and the connection
+    // dropped once the database is ready for the next statement (the insert committed).
+    let armed = false;
+    let holding = false;
+    const readyForQuery = Buffer.from([0x5a, 0, 0, 0, 5]);
+    const target = new URL(t.testDb.url!);
+    const { port, hostname } = target;
+    const proxy = createServer((client) => {
+      const server = connect(Number(port), hostname);
+      for (const socket of [client, server]) socket.on('error', () => {}).on('close', () => [client, server].forEach((s) => s.destroy()));
+      client.pipe(server);
+      server.on('data', (chunk: Buffer) => {
+        holding ||= armed && chunk.includes('INSERT 0 1');
+        if (!holding) client.write(chunk);
+        else if (chunk.includes(readyForQuery)) {
+          armed = holding = false;
+          client.destroy();
+        }
+      });
+    }).listen(0, '127.0.0.1');
+    await new Promise((resolve) => proxy.once('listening', resolve));
+    target.port = String((proxy.address() as AddressInfo).port);
+    const database = openPostgres(target.toString(), { max: 2 });
+    const app = await buildApp(t.config, { database });
+    try {
+      const projectId = await newProject();
+      armed = true;
+      const { payload, headers } = multipart({ filename: 'kept.txt', type: 'text/plain', content: 'written, unacknowledged' });
+      const response = await app.inject({ method: 'POST', url: filesUrl(projectId), headers: { ...user.auth, ...headers }, payload });
+      expectProblem(response, 503, 'SERVICE_UNAVAILABLE');
+
+      const [row] = await rowsOf(projectId);
+      expect(row).toBeDefined();
+      expect((await get(filesUrl(projectId, `/${row!.id}/content`))).body).toBe('written, unacknowledged');
+      expect(fake.files.has(row!.providerFileId!)).toBe(true);
+    } finally {
+      await app.close();
+      await database.close();
+      proxy.close();
+    }
+  });
 });
 
 describe('bytes that cannot be removed', () => {

@@ -6,7 +6,7 @@ import { uuidv7 } from '../../db/ids.js';
 import type { Config } from '../../config.js';
 import type { Db } from '../../db/database.js';
 import { files } from '../../db/schema.js';
-import { ApiError, NotFound, ValidationFailed } from '../../http/errors.js';
+import { ApiError, isDatabaseUnavailable, NotFound, ValidationFailed } from '../../http/errors.js';
 import { isUuid } from '../../http/ids.js';
 import type { IdSortKey, Page, PageRequest } from '../../http/pagination.js';
 import type { ProviderRegistry } from '../../providers/registry.js';
@@ -100,8 +100,8 @@ export class FilesService {
   /**
    * Stores the form's one `file`, then copies it to the project's provider when that has a Files API.
    * The bytes are in place before the row that names them is written, and removed again if it is not:
-   * a crash in between leaves stray bytes, never a row without them. A failed provider copy only
-   * leaves `providerFileId` null. The file's id is taken just before its row is written: the list is in
+   * a crash in between, or a connection lost before the insert's answer, leaves stray bytes, never a
+   * row without them. A failed provider copy only leaves `providerFileId` null. The file's id is taken just before its row is written: the list is in
    * id order, and an id taken when a slow upload began would put the file behind others already listed
    * past it, where a client walking the cursors would never see it.
    */
@@ -110,6 +110,7 @@ export class FilesService {
     const received = await this.receive(parts);
     let key: string | undefined;
     let providerFileId: string | null = null;
+    let inserting = false;
     try {
       providerFileId = await this.copyToProvider(project, received, log);
       const id = uuidv7();
@@ -117,6 +118,7 @@ export class FilesService {
       // and delete finds the bytes by the row's.
       key = storageKey({ projectId: project.id, id });
       const storageUrl = await this.storage.keep(received, key);
+      inserting = true;
       const [row] = await this.db
         .insert(files)
         .values({
@@ -133,6 +135,12 @@ export class FilesService {
         .returning();
       return toDto(row!);
     } catch (error) {
+      if (inserting && isDatabaseUnavailable(error)) {
+        // The connection was lost with the insert sent, perhaps after its commit: a row may name these
+        // bytes and this provider copy. They are left; bytes no row names go with the sweep at a start.
+        log.warn({ err: error, key, providerFileId }, 'file row not confirmed by the database; its bytes are left in place');
+        throw error;
+      }
       // Wherever the bytes got to: still staged, or already under the key. A cleanup that fails leaves
       // stray bytes, and must neither hide the error nor stop the rest of the cleanup.
       await Promise.allSettled([this.storage.drop(received), key && this.storage.remove(key)]);
