@@ -360,6 +360,32 @@ describe.skipIf(!process.env.TEST_DATABASE_URL)('an upload whose row was written
   });
 });
 
+describe('a provider that does not answer deletes', () => {
+  it('holds up a project deletion AI_TIMEOUT_MS once, not once for every file', async () => {
+    const env = { OPENAI_API_KEY: 'sk-test-files', OPENAI_BASE_URL: fake.url, AI_MODEL: 'gpt-4o-mini', AI_MAX_RETRIES: '0' };
+    const logs = logCollector();
+    const app = await buildApp(testConfig({ ...env, AI_TIMEOUT_MS: '1000', LOG_LEVEL: 'warn', DATA_DIR: t.config.DATA_DIR }), {
+      database: t.testDb.database,
+      logStream: logs.stream,
+    });
+    try {
+      const projectId = await newProject();
+      const uploaded = [await upload(projectId, 'a'), await upload(projectId, 'b'), await upload(projectId, 'c'), await upload(projectId, 'd')];
+      fake.setDefault({ fault: 'hang' });
+
+      const started = Date.now();
+      expect((await app.inject({ method: 'DELETE', url: `/api/v1/projects/${projectId}`, headers: user.auth })).statusCode).toBe(204);
+      expect(Date.now() - started).toBeLessThan(2_500);
+      for (const file of uploaded) expect(existsSync(join(storageRoot, projectId, file.id))).toBe(false);
+      // Each copy left upstream is logged by its id.
+      const notDeleted = logs.lines.filter((line) => line.msg === 'provider file copy not deleted').map((line) => line.providerFileId);
+      expect(notDeleted.sort()).toEqual(uploaded.map((file) => file.providerFileId).sort());
+    } finally {
+      await app.close();
+    }
+  });
+});
+
 describe('bytes that cannot be removed', () => {
   /** Puts a folder where a file's bytes are: removing them then fails, as on a volume gone read-only. */
   function jam(projectId: string, file: FileDto): void {

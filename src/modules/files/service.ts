@@ -58,6 +58,9 @@ export function chatFilesOf(projectId: PgColumn): SQL<ChatFileRow[]> {
     from (select * from ${files} where ${files.projectId} = ${projectId} order by ${files.id} desc limit ${CHAT_FILES_MAX}) f)`;
 }
 
+/** Provider copies one deletion removes at once: many files go faster, without a flood of requests. */
+const PROVIDER_DELETES_AT_ONCE = 8;
+
 /** A chat turn considers this many files at most, newest first: far more names than a context holds usefully. */
 const CHAT_FILES_MAX = 200;
 
@@ -144,7 +147,7 @@ export class FilesService {
       // Wherever the bytes got to: still staged, or already under the key. A cleanup that fails leaves
       // stray bytes, and must neither hide the error nor stop the rest of the cleanup.
       await Promise.allSettled([this.storage.drop(received), key && this.storage.remove(key)]);
-      if (providerFileId) await this.deleteProviderCopy(providerFileId, log);
+      if (providerFileId) await this.deleteProviderCopies([providerFileId], log);
       throw error;
     }
   }
@@ -191,8 +194,8 @@ export class FilesService {
       } catch (error) {
         log.warn({ err: error, key }, 'file bytes not removed');
       }
-      if (row.providerFileId) await this.deleteProviderCopy(row.providerFileId, log);
     }
+    await this.deleteProviderCopies(rows.flatMap((row) => (row.providerFileId ? [row.providerFileId] : [])), log);
   }
 
   /**
@@ -303,18 +306,31 @@ export class FilesService {
     }
   }
 
-  /** Best effort: the file is gone for the client whatever the provider says; a stray copy is logged. */
-  private async deleteProviderCopy(providerFileId: string, log: FastifyBaseLogger): Promise<void> {
+  /**
+   * Best effort: the files are gone for the client whatever the provider says; a stray copy is logged.
+   * One deadline for them all, a few at a time: a provider that does not answer holds up the deletion
+   * of a project or an account for AI_TIMEOUT_MS, not for that once per file.
+   */
+  private async deleteProviderCopies(providerFileIds: string[], log: FastifyBaseLogger): Promise<void> {
     const adapter = this.providers.get(FILES_PROVIDER);
     if (!adapter?.deleteFile) {
-      log.warn({ provider: FILES_PROVIDER, providerFileId }, 'provider file copy not deleted: the provider is not configured');
+      for (const providerFileId of providerFileIds) {
+        log.warn({ provider: FILES_PROVIDER, providerFileId }, 'provider file copy not deleted: the provider is not configured');
+      }
       return;
     }
-    try {
-      await adapter.deleteFile(providerFileId, AbortSignal.timeout(this.config.AI_TIMEOUT_MS));
-    } catch (error) {
-      log.warn({ err: error, provider: FILES_PROVIDER, providerFileId }, 'provider file copy not deleted');
-    }
+    const signal = AbortSignal.timeout(this.config.AI_TIMEOUT_MS);
+    const left = [...providerFileIds];
+    const worker = async () => {
+      for (let providerFileId = left.shift(); providerFileId; providerFileId = left.shift()) {
+        try {
+          await adapter.deleteFile!(providerFileId, signal);
+        } catch (error) {
+          log.warn({ err: error, provider: FILES_PROVIDER, providerFileId }, 'provider file copy not deleted');
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(PROVIDER_DELETES_AT_ONCE, left.length) }, worker));
   }
 
   private async readText(file: ChatFileRow): Promise<string> {
