@@ -81,7 +81,7 @@ export function countTokens(text: string, model: string): number {
   return total + encoding.countTokens(text.slice(counted), AS_PLAIN_TEXT);
 }
 
-function isHighSurrogate(code: number): boolean {
+export function isHighSurrogate(code: number): boolean {
   return code >= 0xd800 && code <= 0xdbff;
 }
 

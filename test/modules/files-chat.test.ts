@@ -56,6 +56,28 @@ describe('the files section', () => {
     expect(read.length * 3_000).toBeLessThanOrEqual(1_000 * 16);
   });
 
+  it('stops counting a text file once it is past what is left: one that cannot fit is not counted whole', async () => {
+    // Within the bytes a file may have (16 a token), far past the tokens: 1.5 MB of words, ~300,000 tokens.
+    const lines = textFile('lines.txt', `${'word '.repeat(999)}word\n`.repeat(300));
+    const oneLine = { ...textFile('one-line.json', JSON.stringify('word '.repeat(300_000))), mimeType: 'application/json' };
+    for (const file of [lines, oneLine]) {
+      const counted: number[] = [];
+      const result = await buildFilesSection([file], {
+        budget: 100_000,
+        countText: (text) => (counted.push(text.length), countText(text)),
+        providerReadsFiles: false,
+      });
+      expect(result!.message.content).toContain('[not included: too long for the context]');
+      // What fits (~500,000 characters) and a piece more, not the 1,500,000.
+      expect(counted.reduce((sum, length) => sum + length, 0)).toBeLessThan(700_000);
+    }
+    // One that fits is counted in pieces too, which add up to the whole's count.
+    const fits = await section([lines], 400_000);
+    const whole = countText(fits!.message.content) + MESSAGE_OVERHEAD_TOKENS;
+    expect(fits!.tokens).toBeGreaterThanOrEqual(whole);
+    expect(fits!.tokens).toBeLessThanOrEqual(whole + 30);
+  });
+
   it('leaves out a text file deleted while the turn was read (its bytes gone), and takes the others', async () => {
     const gone = { ...textFile('gone.txt', 'Gone.'), readText: vi.fn(async () => Promise.reject(Object.assign(new Error('ENOENT: no such file'), { code: 'ENOENT' }))) };
     const result = await section([gone, textFile('kept.txt', 'Kept.')]);

@@ -1,4 +1,4 @@
-import { MESSAGE_OVERHEAD_TOKENS } from '../../providers/models.js';
+import { isHighSurrogate, MESSAGE_OVERHEAD_TOKENS } from '../../providers/models.js';
 import type { ChatMessage } from '../../providers/types.js';
 import { isTextType } from './content-type.js';
 import { bytesGone } from './storage.js';
@@ -74,8 +74,8 @@ export async function buildFilesSection(files: ContextFile[], options: FilesSect
       // Deleted while this turn was read (a concurrent DELETE): as if it had never been there.
       if (text === undefined) continue;
       const entry = heading + text;
-      const cost = countText(entry);
-      if (tokens + cost <= budget) {
+      const cost = tokensWithin(entry, budget - tokens, countText);
+      if (cost !== undefined) {
         entries.push(entry);
         tokens += cost;
         continue;
@@ -95,6 +95,29 @@ export async function buildFilesSection(files: ContextFile[], options: FilesSect
   }
   if (entries.length === 0) return undefined;
   return { message: { role: 'system', content: HEADER + entries.join('') }, tokens, fileIds };
+}
+
+/** A text is counted this many characters at a time, or up to twice that to end a piece at a line's end. */
+const COUNTED_AT_ONCE = 64 * 1024;
+
+/**
+ * The tokens of `text`, or undefined as soon as they are past `room`: a file that cannot fit costs the
+ * counting of what fits, not of all of it (megabytes, holding the event loop for seconds at every
+ * turn). Pieces end at a line's end where there is one, where the tokenizer splits anyway: their
+ * counts add up to the whole's, give or take a token a piece.
+ */
+function tokensWithin(text: string, room: number, countText: (text: string) => number): number | undefined {
+  let total = 0;
+  for (let start = 0; start < text.length; ) {
+    // Looked for in the next piece only: a text of one long line is not searched to its end each time.
+    const lineEnd = text.slice(start + COUNTED_AT_ONCE, start + 2 * COUNTED_AT_ONCE).indexOf('\n') + 1;
+    let end = Math.min(start + COUNTED_AT_ONCE + lineEnd, text.length);
+    if (lineEnd === 0 && isHighSurrogate(text.charCodeAt(end - 1))) end++; // a code point stays whole
+    total += countText(text.slice(start, end));
+    if (total > room) return undefined;
+    start = end;
+  }
+  return total;
 }
 
 function note(file: ContextFile, reference: string | null, attachable: string | null): string {
