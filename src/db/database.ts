@@ -1,4 +1,4 @@
-import { closeSync, mkdirSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, mkdirSync, openSync, readFileSync, readlinkSync, rmSync, statSync, utimesSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { PGlite } from '@electric-sql/pglite';
 import { sql } from 'drizzle-orm';
@@ -172,19 +172,55 @@ export function lockPglite(dataDir: string): () => void {
   return acquireLock(join(dataDir, '..', 'pglite.lock'));
 }
 
+/** How often a holder touches its lock file, and how long untouched until it counts as left behind. */
+const LOCK_REFRESH_MS = 5_000;
+const LOCK_STALE_MS = 60_000;
+
+/**
+ * The PID namespace this process's pid is counted in. Each container has its own, where the server is
+ * typically pid 1: a process in another one (a backup run in a second container on the same volume)
+ * could neither tell whether the holder lives nor tell its pid from its own.
+ */
+function pidNamespace(): string {
+  try {
+    return readlinkSync('/proc/self/ns/pid');
+  } catch {
+    return ''; // not Linux: one namespace
+  }
+}
+
 function acquireLock(lockFile: string): () => void {
+  const namespace = pidNamespace();
   for (let attempt = 0; attempt < 2; attempt++) {
     try {
       const fd = openSync(lockFile, 'wx');
-      writeSync(fd, String(process.pid));
+      writeSync(fd, `${process.pid} ${namespace}`.trim());
       closeSync(fd);
-      return () => rmSync(lockFile, { force: true });
+      // Its age is what tells a holder in another namespace from one that is gone.
+      const refresh = setInterval(() => {
+        const now = new Date();
+        try {
+          utimesSync(lockFile, now, now);
+        } catch {
+          // removed by hand: nothing to keep fresh
+        }
+      }, LOCK_REFRESH_MS).unref();
+      return () => {
+        clearInterval(refresh);
+        rmSync(lockFile, { force: true });
+      };
     } catch (error) {
       if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error;
-      const holder = Number(readFileSync(lockFile, 'utf8').trim());
-      if (isAlive(holder) && holder !== process.pid) {
+      const [pid, holderNamespace = namespace] = readFileSync(lockFile, 'utf8').trim().split(' ');
+      const holder = Number(pid);
+      const held =
+        holderNamespace === namespace
+          ? isAlive(holder) && holder !== process.pid
+          : Date.now() - statSync(lockFile).mtimeMs < LOCK_STALE_MS;
+      if (held) {
+        const where = holderNamespace === namespace ? '' : ' in another PID namespace (a container), or was until less than a minute ago';
         throw new DatabaseLockedError(
-          `The embedded database is in use by process ${holder} (lock file ${lockFile}); stop it or set another DATA_DIR`,
+          `The embedded database is in use by process ${holder}${where} (lock file ${lockFile}); stop it or set another DATA_DIR`,
         );
       }
       // A lock left by a process that no longer runs (or was taken before by ourselves): take it over.

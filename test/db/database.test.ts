@@ -1,5 +1,5 @@
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { sql } from 'drizzle-orm';
@@ -39,6 +39,15 @@ describe('embedded PGlite on disk', () => {
     writeFileSync(lockFile, String(exited.stdout));
     const reopened = await openPglite(dir);
     await reopened.close();
+
+    // A holder in another PID namespace (another container) may have our very pid: it holds the lock
+    // while it keeps the file fresh, and is taken over once the file is a minute old.
+    writeFileSync(lockFile, `${process.pid} pid:[1]`);
+    await expect(openPglite(dir)).rejects.toThrow(/in use by process \d+ in another PID namespace/);
+    const aMinuteAgo = new Date(Date.now() - 61_000);
+    utimesSync(lockFile, aMinuteAgo, aMinuteAgo);
+    const takenOver = await openPglite(dir);
+    await takenOver.close();
   });
 });
 

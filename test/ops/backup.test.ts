@@ -18,7 +18,7 @@ import { files, idempotencyKeys, messages, projects, prompts, schema, users } fr
 import type { FileDto } from '../../src/modules/files/schemas.js';
 import { createProject, registerUser, startTestApp } from '../support/app.js';
 import { createTestDatabase } from '../support/database.js';
-import { freePort } from '../support/server-process.js';
+import { canUsePidNamespaces, freePort, spawnServer, waitUntilServing } from '../support/server-process.js';
 import { multipart } from '../support/multipart.js';
 
 const scratch: string[] = [];
@@ -30,8 +30,14 @@ function scratchFolder(): string {
 afterAll(() => scratch.forEach((folder) => rmSync(folder, { recursive: true, force: true })));
 
 /** Runs the command an operator runs, in its own process, with a clean environment plus `env`. */
-async function runBackupCli(args: string[], env: Record<string, string>): Promise<{ code: number | null; output: string }> {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'src/db/backup-cli.ts', ...args], {
+async function runBackupCli(
+  args: string[],
+  env: Record<string, string>,
+  { ownPidNamespace = false } = {},
+): Promise<{ code: number | null; output: string }> {
+  const command = [process.execPath, '--import', 'tsx', 'src/db/backup-cli.ts', ...args];
+  const [file, ...rest] = ownPidNamespace ? ['unshare', '--pid', '--fork', ...command] : command;
+  const child = spawn(file!, rest, {
     env: { PATH: process.env.PATH, HOME: process.env.HOME, JWT_SECRET: 'backup-test-secret-0123456789-0123456789', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -406,6 +412,34 @@ describe('the embedded database while a server holds it', () => {
       expect((await server.db.select().from(users)).map((u) => u.email)).toEqual(['held@example.com']);
     } finally {
       await server.close();
+    }
+  });
+});
+
+describe.runIf(canUsePidNamespaces)('the embedded database held by a server in another container', () => {
+  it('refuses a backup and a restore run beside it in a container of their own, where both are pid 1', { timeout: 120_000 }, async () => {
+    const backup = join(scratchFolder(), 'backup');
+    const dataDir = scratchFolder();
+    const env = { DATA_DIR: dataDir, JWT_SECRET: 'backup-test-secret-0123456789-0123456789' };
+    const setup = await openPglite(pgliteFolder(dataDir));
+    await setup.migrate();
+    await setup.close();
+    expect((await runBackupCli(['backup', backup], env)).code).toBe(0);
+
+    const server = await spawnServer(env, { ownPidNamespace: true });
+    try {
+      await waitUntilServing(server);
+      expect(readFileSync(join(dataDir, 'pglite.lock'), 'utf8')).toMatch(/^1\b/); // pid 1, as in a container
+      for (const [command, folder] of [['backup', join(scratchFolder(), 'second')], ['restore', backup]] as const) {
+        const refused = await runBackupCli([command, folder], env, { ownPidNamespace: true });
+        expect(refused.code, refused.output).toBe(1);
+        expect(refused.output.trim()).toMatch(/^\w+ needs the server stopped: The embedded database is in use by process 1 in another PID namespace[^\n]+$/);
+      }
+      expect(existsSync(join(dataDir, 'pglite.lock')), 'the server keeps its lock').toBe(true);
+    } finally {
+      // unshare ignores SIGTERM while it waits; killed, it kills the server (--kill-child).
+      server.child.kill('SIGKILL');
+      await server.exited;
     }
   });
 });

@@ -1,4 +1,4 @@
-import { type ChildProcess, spawn } from 'node:child_process';
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtempSync } from 'node:fs';
 import { createServer } from 'node:net';
@@ -39,6 +39,11 @@ export interface NodeServerOptions {
   nodeArgs?: string[];
   /** Pins the process and every thread it starts to these CPUs (`taskset -c`), e.g. `0`. */
   cpus?: string;
+  /**
+   * Runs it as pid 1 of a PID namespace of its own, as a container runs it (`unshare`, root only). Stop it
+   * with SIGKILL: unshare ignores SIGTERM, and kills the server when it dies.
+   */
+  ownPidNamespace?: boolean;
 }
 
 /** Starts a Node.js HTTP server as its own process. */
@@ -46,7 +51,9 @@ export function spawnNodeServer(options: NodeServerOptions): NodeProcess {
   const nodeArgs = [...(options.script.endsWith('.ts') ? ['--import', 'tsx'] : []), ...(options.nodeArgs ?? [])];
   const command = [process.execPath, ...nodeArgs, options.script, ...(options.args ?? [])];
   // taskset execs node in its own place: the child's pid stays node's, so signals reach the server.
-  const [file, ...args] = options.cpus ? ['taskset', '-c', options.cpus, ...command] : command;
+  const pinned = options.cpus ? ['taskset', '-c', options.cpus, ...command] : command;
+  // --kill-child: the namespace, and the server with it, ends with unshare when the test kills it.
+  const [file, ...args] = options.ownPidNamespace ? ['unshare', '--pid', '--kill-child', ...pinned] : pinned;
   const child = spawn(file!, args, {
     env: { PATH: process.env.PATH, HOME: process.env.HOME, ...options.env },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -61,7 +68,7 @@ export function spawnNodeServer(options: NodeServerOptions): NodeProcess {
 /** Starts `src/server.ts` as its own process (as `npm start` does), with a clean environment plus `env`. */
 export async function spawnServer(
   env: Record<string, string>,
-  launch: Pick<NodeServerOptions, 'nodeArgs' | 'cpus'> = {},
+  launch: Pick<NodeServerOptions, 'nodeArgs' | 'cpus' | 'ownPidNamespace'> = {},
 ): Promise<ServerProcess> {
   const port = env.PORT ?? String(await freePort());
   const dataDir = env.DATA_DIR ?? mkdtempSync(join(tmpdir(), 'chatbot-server-'));
@@ -89,3 +96,6 @@ export async function waitUntilServing(server: NodeProcess, timeoutMs = 90_000, 
   }
   throw new Error(`server did not start within ${timeoutMs} ms:\n${server.output()}`);
 }
+
+/** Whether this machine lets us start a process in a PID namespace of its own (root on Linux). */
+export const canUsePidNamespaces = spawnSync('unshare', ['--pid', '--fork', 'true']).status === 0;
