@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { accessSync, constants, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import { availableParallelism } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -208,10 +208,27 @@ function loadOrCreateSecret(dataDir: string): string {
     const stored = readFileSync(file, 'utf8').trim();
     if (stored.length >= 32) return stored;
   } catch (error) {
-    if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
+    if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw unusableDataDir(dataDir, error);
   }
-  mkdirSync(dataDir, { recursive: true });
+  requireWritableDataDir(dataDir);
   const secret = randomBytes(48).toString('base64url');
   writeFileSync(file, secret + '\n', { mode: 0o600 });
   return secret;
 }
+
+/**
+ * Creates DATA_DIR if need be and checks that this process may write there, as the server must (the
+ * embedded database, its lock, uploads). A volume owned by another user is one line naming the
+ * variable, not a stack trace from wherever the first write happens.
+ */
+export function requireWritableDataDir(dataDir: string): void {
+  try {
+    mkdirSync(dataDir, { recursive: true });
+    accessSync(dataDir, constants.W_OK);
+  } catch (error) {
+    throw unusableDataDir(dataDir, error);
+  }
+}
+
+const unusableDataDir = (dataDir: string, error: unknown) =>
+  new ConfigError(`Invalid configuration: DATA_DIR ${dataDir} is not a folder this process can write to: ${(error as Error).message}`);

@@ -1,6 +1,6 @@
 import type { FastifyInstance } from 'fastify';
 import { buildApp } from './app.js';
-import { type Config, ConfigError, loadConfig } from './config.js';
+import { type Config, ConfigError, loadConfig, requireWritableDataDir } from './config.js';
 import { DatabaseLockedError } from './db/database.js';
 
 /** While shutting down, how often connections that have become idle are closed. */
@@ -13,6 +13,7 @@ async function main(): Promise<void> {
   let app: FastifyInstance;
   try {
     config = loadConfig();
+    requireWritableDataDir(config.DATA_DIR);
     app = await buildApp(config);
   } catch (error) {
     if (error instanceof ConfigError || error instanceof DatabaseLockedError) {

@@ -1,4 +1,5 @@
-import { existsSync } from 'node:fs';
+import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { type AddressInfo, createServer, type Server, type Socket, connect } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
@@ -31,6 +32,18 @@ describe('the server process', () => {
     const server = await spawnServer({ BCRYPT_ROUNDS: 'many' });
     expect(await server.exited).toBe(1);
     expect(server.output().trim()).toMatch(/^Invalid configuration: BCRYPT_ROUNDS [^\n]+$/);
+  });
+
+  it('refuses a DATA_DIR it cannot write to with one line naming the variable, a JWT secret to keep there or not', async () => {
+    // A path under a file stands for any folder this process cannot write to (a volume owned by
+    // another user, a read-only mount): tests run as root, which may write anywhere else.
+    const file = join(mkdtempSync(join(tmpdir(), 'chatbot-server-')), 'a-file');
+    writeFileSync(file, '');
+    for (const secret of [{}, { JWT_SECRET: 'server-test-secret-0123456789-0123456789' }] as Record<string, string>[]) {
+      const server = await spawnServer({ ...secret, DATA_DIR: join(file, 'data') });
+      expect(await server.exited).toBe(1);
+      expect(server.output().trim()).toMatch(/^Invalid configuration: DATA_DIR \S+ is not a folder this process can write to: ENOTDIR[^\n]+$/);
+    }
   });
 
   it('exits 1 with one line when it cannot listen (the port taken), its database closed', async () => {
