@@ -1,6 +1,6 @@
 import { existsSync, mkdirSync } from 'node:fs';
 import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { z } from 'zod';
 import type { Config } from '../config.js';
 import { DatabaseLockedError, lockPglite, pgliteFolder } from './database.js';
@@ -44,7 +44,9 @@ export async function createBackup(config: BackupConfig, target: string): Promis
   // Before the embedded database's lock, whose taking creates DATA_DIR: a wrong DATA_DIR is left as it was.
   if (!config.DATABASE_URL) requirePgliteDatabase(pgliteFolder(config.DATA_DIR));
   await rm(partial, { recursive: true, force: true });
-  await mkdir(partial, { recursive: true });
+  await mkdir(dirname(partial), { recursive: true });
+  // It holds every password hash, conversation and upload: for its owner only, as the live data is.
+  await mkdir(partial, { mode: 0o700 });
   try {
     return await withStore(config, 'Backup', async (store) => {
       await store.dump(join(partial, store.fileName), () => copyUploads(uploadsFolder(config), join(partial, 'files')));

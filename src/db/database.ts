@@ -1,4 +1,4 @@
-import { closeSync, mkdirSync, openSync, readFileSync, readlinkSync, rmSync, statSync, utimesSync, writeSync } from 'node:fs';
+import { chmodSync, closeSync, mkdirSync, openSync, readFileSync, readlinkSync, rmSync, statSync, utimesSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { PGlite } from '@electric-sql/pglite';
 import { sql } from 'drizzle-orm';
@@ -129,7 +129,10 @@ async function checkOut(pool: pg.Pool): Promise<{ client: pg.PoolClient; release
 export async function openPglite(dataDir?: string): Promise<Database> {
   let releaseLock = () => {};
   if (dataDir) {
-    mkdirSync(dataDir, { recursive: true });
+    // PGlite writes its files readable and writable by everyone (0666): only its folder keeps other
+    // local users out, as PostgreSQL insists of its own. One made before this was 0755.
+    mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+    chmodSync(dataDir, 0o700);
     releaseLock = lockPglite(dataDir);
   }
   let client: PGlite;

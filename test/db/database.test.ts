@@ -1,5 +1,5 @@
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, utimesSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdtempSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { sql } from 'drizzle-orm';
@@ -26,6 +26,16 @@ describe('embedded PGlite on disk', () => {
     };
     expect(applied.rows[0]!.n).toBeGreaterThanOrEqual(2);
     await second.close();
+  });
+
+  it('keeps its folder to its owner: PGlite writes its files for everyone to read and write', async () => {
+    const dir = join(mkdtempSync(join(tmpdir(), 'chatbot-pglite-')), 'pglite');
+    for (const made of ['by PGlite', 'before, open to all']) {
+      const database = await openPglite(dir);
+      await database.close();
+      expect(statSync(dir).mode & 0o777, made).toBe(0o700);
+      chmodSync(dir, 0o755);
+    }
   });
 
   it('refuses a folder locked by a live process and takes over a lock whose process has exited', async () => {

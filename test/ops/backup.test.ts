@@ -185,6 +185,8 @@ describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : '
         version: 1,
         kind: process.env.TEST_DATABASE_URL ? 'postgres' : 'pglite',
       });
+      // Password hashes, every conversation: no other local user may read it.
+      expect(statSync(backup).mode & 0o777).toBe(0o700);
 
       const restoreAndFindEverything = async () => {
         const restored = await runBackupCli(['restore', backup], env);
