@@ -1,7 +1,5 @@
 import type { FastifyInstance } from 'fastify';
-import { buildApp } from './app.js';
-import { type Config, ConfigError, loadConfig, requireWritableDataDir } from './config.js';
-import { DatabaseLockedError } from './db/database.js';
+import type { Config } from './config.js';
 
 /** While shutting down, how often connections that have become idle are closed. */
 const IDLE_CONNECTION_REAP_MS = 100;
@@ -9,6 +7,28 @@ const IDLE_CONNECTION_REAP_MS = 100;
 const CLOSE_GRACE_MS = 5_000;
 
 async function main(): Promise<void> {
+  // Heard from the first moment: a signal's default is to end the process at once (and a process that is
+  // pid 1, in a container, ignores SIGTERM without a handler, so `docker stop` waited for its timeout).
+  // One that comes while the app is built stops it once built, before it listens; a second signal of
+  // either kind has its default effect, so that a second Ctrl-C ends a shutdown that takes too long.
+  let stopRequested: NodeJS.Signals | undefined;
+  let stop = async (signal: NodeJS.Signals) => {
+    stopRequested = signal;
+  };
+  const onSignal = (signal: NodeJS.Signals) => {
+    process.off('SIGTERM', onSignal);
+    process.off('SIGINT', onSignal);
+    void stop(signal);
+  };
+  process.on('SIGTERM', onSignal);
+  process.on('SIGINT', onSignal);
+  // Loaded once the signals are heard: loading the app's modules takes a moment of its own.
+  const [{ buildApp }, { ConfigError, loadConfig, requireWritableDataDir }, { DatabaseLockedError }] = await Promise.all([
+    import('./app.js'),
+    import('./config.js'),
+    import('./db/database.js'),
+  ]);
+
   let config: Config;
   let app: FastifyInstance;
   try {
@@ -24,10 +44,7 @@ async function main(): Promise<void> {
     throw error;
   }
 
-  let stopping = false;
-  const stop = async (signal: NodeJS.Signals) => {
-    if (stopping) return;
-    stopping = true;
+  stop = async (signal: NodeJS.Signals) => {
     app.log.info({ signal }, 'shutting down: no new connections, finishing requests in flight');
     // Requests still running after the bound are cut so that the process always exits.
     const force = setTimeout(() => {
@@ -51,8 +68,7 @@ async function main(): Promise<void> {
       process.exit(1);
     }
   };
-  process.once('SIGTERM', stop);
-  process.once('SIGINT', stop);
+  if (stopRequested) return stop(stopRequested);
 
   try {
     await app.listen({ port: config.PORT, host: config.HOST });

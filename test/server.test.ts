@@ -75,6 +75,18 @@ describe('graceful shutdown', () => {
   });
   afterAll(() => testDb?.drop());
 
+  it('stops cleanly on a SIGTERM that comes while it starts: built, never listening, its database closed, exit 0', async () => {
+    // The embedded database: its lock file appears once the app is being built, a moment to signal in.
+    const server = await spawnServer({});
+    const lock = join(server.dataDir, 'pglite.lock');
+    await vi.waitFor(() => expect(existsSync(lock)).toBe(true), { timeout: 60_000, interval: 10 });
+    server.child.kill('SIGTERM');
+    expect(await server.exited).toBe(0);
+    expect(server.child.signalCode).toBeNull();
+    expect(existsSync(lock)).toBe(false);
+    await expect(fetch(`${server.url}/health/live`)).rejects.toThrow();
+  });
+
   it('finishes a request in flight on SIGTERM, refuses new connections, closes the database and exits 0', async () => {
     // Cost 13 makes registration take a few hundred milliseconds: long enough to be in flight.
     const server = await spawnServer({ BCRYPT_ROUNDS: '13', ...(testDb?.url ? { DATABASE_URL: testDb.url } : {}) });
