@@ -1,4 +1,4 @@
-import { rename, rm } from 'node:fs/promises';
+import { chmod, rename, rm } from 'node:fs/promises';
 
 /** A backup or restore that cannot go on; its message is the one line the command prints. */
 export class BackupError extends Error {
@@ -40,6 +40,9 @@ export async function stageFolder(folder: string, fill: (staging: string) => Pro
   const discard = () => rm(staging, { recursive: true, force: true });
   try {
     await fill(staging);
+    // What a restore brings back (every password hash and conversation, the uploads) is the owner's
+    // alone, as the live folders are: PGlite makes its folder readable by all.
+    await chmod(staging, 0o700);
   } catch (error) {
     await discard();
     throw error;

@@ -191,6 +191,8 @@ describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : '
       const restoreAndFindEverything = async () => {
         const restored = await runBackupCli(['restore', backup], env);
         expect(restored.code, restored.output).toBe(0);
+        const folders = [filesDir, ...(process.env.TEST_DATABASE_URL ? [] : [pgliteFolder(dataDir)])];
+        for (const folder of folders) expect(statSync(folder).mode & 0o777, `${folder} is its owner's alone`).toBe(0o700);
         expect(await target.withDb(snapshot)).toEqual(rows);
         expect(readUploads(filesDir)).toEqual(uploads);
       };
