@@ -104,9 +104,10 @@ export class FilesService {
    * Stores the form's one `file`, then copies it to the project's provider when that has a Files API.
    * The bytes are in place before the row that names them is written, and removed again if it is not:
    * a crash in between, or a connection lost before the insert's answer, leaves stray bytes, never a
-   * row without them. A failed provider copy only leaves `providerFileId` null. The file's id is taken just before its row is written: the list is in
-   * id order, and an id taken when a slow upload began would put the file behind others already listed
-   * past it, where a client walking the cursors would never see it.
+   * row without them. A failed provider copy only leaves `providerFileId` null. The file's id is taken
+   * just before its row is written: the list is in id order, and an id taken when a slow upload began
+   * would put the file behind others already listed past it, where a client walking the cursors would
+   * never see it.
    */
   async upload(userId: string, projectId: string, parts: AsyncIterable<FormPart>, log: FastifyBaseLogger): Promise<FileDto> {
     const project = await requireOwnedProject(this.db, userId, projectId);
