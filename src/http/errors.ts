@@ -107,12 +107,20 @@ export class ShuttingDown extends ServiceUnavailable {
 }
 
 /**
+ * A wait as Retry-After gives it: whole seconds (RFC 9110 §10.2.3 has no fractions), and at least one,
+ * since 0 would tell the client to come straight back.
+ */
+export function retryAfterSeconds(seconds: number): number {
+  return Math.max(1, Math.ceil(seconds));
+}
+
+/**
  * Over a rate limit: 429 with Retry-After, the seconds until the window that refused it ends (or, for a
  * limit with no window, such as chats at once, when trying again is worth it).
  */
 export class RateLimited extends ApiError {
-  constructor(retryAfterSeconds: number, what = 'Too many requests') {
-    const seconds = Math.max(1, Math.ceil(retryAfterSeconds));
+  constructor(waitSeconds: number, what = 'Too many requests') {
+    const seconds = retryAfterSeconds(waitSeconds);
     super(429, 'RATE_LIMITED', `${what}; retry in ${seconds} s`, {}, { 'retry-after': String(seconds) });
   }
 }

@@ -1,4 +1,4 @@
-import { ApiError } from '../http/errors.js';
+import { ApiError, retryAfterSeconds } from '../http/errors.js';
 
 export type ProviderName = 'openai' | 'openrouter';
 
@@ -82,8 +82,8 @@ export class ProviderError extends ApiError {
 export class ProviderRateLimited extends ApiError {
   readonly retryAfterSeconds: number;
 
-  constructor(retryAfterSeconds: number, extensions: Record<string, unknown> = {}) {
-    const seconds = Math.max(1, Math.ceil(retryAfterSeconds));
+  constructor(waitSeconds: number, extensions: Record<string, unknown> = {}) {
+    const seconds = retryAfterSeconds(waitSeconds);
     super(
       503,
       'PROVIDER_RATE_LIMITED',

@@ -1,6 +1,6 @@
 import { Worker } from 'node:worker_threads';
 import type { Config } from '../../config.js';
-import { ApiError, ShuttingDown } from '../../http/errors.js';
+import { ApiError, retryAfterSeconds, ShuttingDown } from '../../http/errors.js';
 import { MAX_PASSWORD_BYTES, normalizePassword } from './schemas.js';
 
 /** The bcrypt cost of new hashes, how many threads hash at once, how many jobs may wait for one. */
@@ -37,8 +37,8 @@ type ThreadMessage = { ready: HashThreadInfo } | { result: unknown } | { error: 
  * of the request, that the fresh threads replacing them may well not repeat.
  */
 export class PasswordHashingBusy extends ApiError {
-  constructor(retryAfterSeconds: number, detail = 'Too many passwords to check at once', cause?: Error) {
-    const seconds = Math.max(1, Math.ceil(retryAfterSeconds));
+  constructor(waitSeconds: number, detail = 'Too many passwords to check at once', cause?: Error) {
+    const seconds = retryAfterSeconds(waitSeconds);
     super(503, 'SERVICE_UNAVAILABLE', `${detail}; retry in ${seconds} s`, {}, { 'retry-after': String(seconds) });
     if (cause) this.cause = cause;
   }
