@@ -1,7 +1,7 @@
 import fastifyCompress from '@fastify/compress';
 import fastifyCors from '@fastify/cors';
 import fastifyUnderPressure from '@fastify/under-pressure';
-import type { FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction } from 'fastify';
+import type { FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, RequestPayload } from 'fastify';
 import type { Config } from '../config.js';
 import { ApiError } from './errors.js';
 import { API_HEADERS, DOCUMENT_HEADERS } from './security-headers.js';
@@ -23,6 +23,33 @@ class Overloaded extends ApiError {
   }
 }
 
+/**
+ * A body sent with a content coding (`Content-Encoding: gzip`): request bodies are never decompressed
+ * (see `globalDecompression` below), and parsing the compressed bytes as JSON or a form would answer a
+ * misleading 400. RFC 9110 (8.4, 12.5.3): 415, naming the one coding accepted.
+ */
+class EncodedBody extends ApiError {
+  constructor() {
+    super(415, 'UNSUPPORTED_MEDIA_TYPE', 'Request bodies are accepted uncompressed only: send it without Content-Encoding', {}, {
+      'accept-encoding': 'identity',
+    });
+  }
+}
+
+const BODILESS_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
+
+/** A preParsing hook of the routes that take a body: refuses it before reading it if it is encoded. */
+function refuseEncodedBody(request: FastifyRequest, reply: FastifyReply, payload: RequestPayload, done: (error: Error | null, payload?: RequestPayload) => void): void {
+  const coding = request.headers['content-encoding'];
+  if (coding === undefined || coding.trim().toLowerCase() === 'identity') {
+    done(null, payload);
+    return;
+  }
+  // The body is left unread: closing after the answer frees the connection rather than reading it to its end.
+  if (!request.raw.complete) reply.header('connection', 'close');
+  done(new EncodedBody());
+}
+
 /** An onRequest hook for the routes that answer HTML: registered in the scope of the docs UI. */
 export function sendDocumentHeaders(_request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction): void {
   reply.headers(DOCUMENT_HEADERS);
@@ -30,8 +57,9 @@ export function sendDocumentHeaders(_request: FastifyRequest, reply: FastifyRepl
 }
 
 /**
- * Load shedding, security headers, CORS and compression. Registered before authentication, so that a
- * saturated server refuses work before doing any and CORS preflights (which carry no token) are answered.
+ * Load shedding, security headers, CORS, compression, and the refusal of compressed request bodies.
+ * Registered before authentication, so that a saturated server refuses work before doing any and CORS
+ * preflights (which carry no token) are answered.
  */
 export async function registerHardening(app: FastifyInstance, config: Config): Promise<void> {
   // First, so that a request shed below is answered with them too.
@@ -64,6 +92,12 @@ export async function registerHardening(app: FastifyInstance, config: Config): P
       strictPreflight: false,
     });
   }
+
+  // On the routes that take a body only: GETs, /health/live among them, do not pay for it.
+  app.addHook('onRoute', (route) => {
+    if ([route.method].flat().every((method) => BODILESS_METHODS.has(method))) return;
+    route.preParsing = [...[route.preParsing ?? []].flat(), refuseEncodedBody];
+  });
 
   await app.register(fastifyCompress, {
     global: true,

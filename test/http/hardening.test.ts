@@ -1,6 +1,6 @@
 import { once } from 'node:events';
 import { connect } from 'node:net';
-import { gunzipSync } from 'node:zlib';
+import { gunzipSync, gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ConfigError } from '../../src/config.js';
 import {
@@ -14,6 +14,7 @@ import {
   testConfig,
   type TestAppWithUpstream,
 } from '../support/app.js';
+import { multipart } from '../support/multipart.js';
 
 const ALLOWED_ORIGIN = 'https://app.example.com';
 
@@ -160,6 +161,37 @@ describe('compression', () => {
     expect(response.headers).not.toHaveProperty('content-encoding');
     expect(response.body).toContain('event: done');
     expect(response.body.length).toBeGreaterThan(2000);
+  });
+});
+
+describe('a compressed request body (Content-Encoding)', () => {
+  it('is refused 415 with Accept-Encoding: identity before it is read, JSON and uploads alike, and nothing is stored', async () => {
+    const project = await createProject(t.app, user);
+    const json = { 'content-type': 'application/json', ...user.auth };
+    const created = await t.app.inject({ method: 'POST', url: '/api/v1/projects', headers: { ...json, 'content-encoding': 'gzip' }, payload: gzipSync(JSON.stringify({ name: 'Zipped' })) });
+    expectProblem(created, 415, 'UNSUPPORTED_MEDIA_TYPE');
+    expect(created.headers['accept-encoding']).toBe('identity');
+    expect(created.json().detail).toMatch(/Content-Encoding/);
+
+    const form = multipart({ name: 'file', filename: 'notes.txt', type: 'text/plain', content: 'Some notes' });
+    const upload = await t.app.inject({
+      method: 'POST',
+      url: `/api/v1/projects/${project.id}/files`,
+      headers: { ...form.headers, 'content-encoding': 'br', ...user.auth },
+      payload: form.payload,
+    });
+    expectProblem(upload, 415, 'UNSUPPORTED_MEDIA_TYPE');
+
+    const projects = await t.app.inject({ method: 'GET', url: '/api/v1/projects?limit=100', headers: user.auth });
+    expect(projects.json().data.map((p: { name: string }) => p.name)).not.toContain('Zipped');
+    const files = await t.app.inject({ method: 'GET', url: `/api/v1/projects/${project.id}/files`, headers: user.auth });
+    expect(files.json().data).toEqual([]);
+
+    // `identity` is no coding at all; a GET's header has no body to refer to.
+    const plain = await t.app.inject({ method: 'POST', url: '/api/v1/projects', headers: { ...json, 'content-encoding': 'Identity' }, payload: { name: 'Plain' } });
+    expect(plain.statusCode).toBe(201);
+    const read = await t.app.inject({ method: 'GET', url: `/api/v1/projects/${project.id}`, headers: { ...user.auth, 'content-encoding': 'gzip' } });
+    expect(read.statusCode).toBe(200);
   });
 });
 
