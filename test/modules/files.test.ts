@@ -136,6 +136,28 @@ describe('upload and download', () => {
     });
   });
 
+  it("answers HEAD on the content with the download's headers and no body, never reading the bytes", async () => {
+    const projectId = await newProject();
+    const file = await upload(projectId, 'the bytes', { filename: 'notes.txt', type: 'text/plain' });
+    const download = await get(filesUrl(projectId, `/${file.id}/content`));
+    const head = () => t.app.inject({ method: 'HEAD', url: filesUrl(projectId, `/${file.id}/content`), headers: user.auth });
+    const answer = await head();
+    expect(answer.statusCode).toBe(200);
+    expect(answer.body).toBe('');
+    for (const name of ['content-type', 'content-length', 'content-disposition', 'x-content-type-options']) {
+      expect(answer.headers[name], name).toBe(download.headers[name]);
+    }
+
+    // Bytes read by this process (Linux counts them in /proc/self/io), around a HEAD of a large file.
+    if (!existsSync('/proc/self/io')) return;
+    const bytesRead = () => Number(/^rchar: (\d+)$/m.exec(readFileSync('/proc/self/io', 'utf8'))![1]);
+    writeFileSync(join(storageRoot, projectId, file.id), Buffer.alloc(16 * 1024 * 1024, 'x'));
+    const before = bytesRead();
+    expect((await head()).statusCode).toBe(200);
+    await sleep(200); // a stream left flowing would go on reading after the answer
+    expect(bytesRead() - before).toBeLessThan(1024 * 1024);
+  });
+
   it('gives back random binary bytes, NUL bytes included, byte for byte', async () => {
     const projectId = await newProject();
     const bytes = Buffer.concat([Buffer.alloc(64), randomBytes(100_000), Buffer.from([0, 0xff, 0, 0xfe])]);
@@ -642,6 +664,7 @@ describe('another user', () => {
     const urls = [filesUrl(projectId, `/${file.id}`), filesUrl(projectId, `/${file.id}/content`), filesUrl(theirs, `/${file.id}`), filesUrl(theirs, `/${file.id}/content`)];
     for (const url of urls) {
       expectProblem(await get(url, other), 404, 'NOT_FOUND');
+      expect((await t.app.inject({ method: 'HEAD', url, headers: other.auth })).statusCode).toBe(404);
       expectProblem(await remove(url, other), 404, 'NOT_FOUND');
     }
     expectProblem(await get(filesUrl(projectId), other), 404, 'NOT_FOUND');

@@ -1,4 +1,5 @@
 import multipart, { type Multipart } from '@fastify/multipart';
+import type { FastifyReply } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { ValidationFailed } from '../../http/errors.js';
@@ -6,7 +7,7 @@ import { noContent } from '../../http/openapi.js';
 import { projectParams } from '../projects/schemas.js';
 import { isTextType } from './content-type.js';
 import { attachmentDisposition } from './filename.js';
-import { file, fileListQuery, filePage, fileParams } from './schemas.js';
+import { file, type FileDto, fileListQuery, filePage, fileParams } from './schemas.js';
 import type { FilesService, FormPart } from './service.js';
 
 /** Mounted under /api/v1/projects/:projectId/files. */
@@ -58,38 +59,43 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
     async (request) => files.get(request.user.id, request.params.projectId, request.params.fileId),
   );
 
-  app.get(
-    '/:fileId/content',
-    {
-      schema: {
-        tags: ['files'],
-        description: 'The bytes as uploaded, as an attachment.',
-        params: fileParams,
-        // Documentation only: a stream is sent as it is, never serialized.
-        response: {
-          200: { description: 'The bytes, with the stored media type', content: { '*/*': { schema: z.any().meta({ type: 'string', format: 'binary' }) } } },
-        },
-      },
+  const downloadSchema = {
+    tags: ['files'],
+    description: 'The bytes as uploaded, as an attachment.',
+    params: fileParams,
+    // Documentation only: a stream is sent as it is, never serialized.
+    response: {
+      200: { description: 'The bytes, with the stored media type', content: { '*/*': { schema: z.any().meta({ type: 'string', format: 'binary' }) } } },
     },
-    async (request, reply) => {
-      const { file: stored, bytes } = await files.content(request.user.id, request.params.projectId, request.params.fileId);
-      return (
-        reply
-          // Text types were checked to be UTF-8 when uploaded.
-          .type(isTextType(stored.mimeType) ? `${stored.mimeType}; charset=utf-8` : stored.mimeType)
-          .header('content-length', stored.size)
-          .header('content-disposition', attachmentDisposition(stored.filename))
-          .header('x-content-type-options', 'nosniff')
-          .send(bytes)
-      );
-    },
-  );
+  };
+  // HEAD has a handler of its own: Fastify's runs the GET and reads the whole file to discard it.
+  app.get('/:fileId/content', { schema: downloadSchema, exposeHeadRoute: false }, async (request, reply) => {
+    const { file: stored, bytes } = await files.content(request.user.id, request.params.projectId, request.params.fileId);
+    return downloadHeaders(reply, stored).send(bytes);
+  });
+  // Undocumented, as every HEAD: the GET's headers, from bytes known to be there (opened), never read.
+  app.head('/:fileId/content', { schema: { ...downloadSchema, hide: true } }, async (request, reply) => {
+    const { file: stored, bytes } = await files.content(request.user.id, request.params.projectId, request.params.fileId);
+    bytes.destroy();
+    return downloadHeaders(reply, stored).send();
+  });
 
   app.delete('/:fileId', { schema: { tags: ['files'], params: fileParams, response: { 204: noContent } } }, async (request, reply) => {
     await files.delete(request.user.id, request.params.projectId, request.params.fileId, request.log);
     return reply.code(204).send();
   });
 };
+
+function downloadHeaders(reply: FastifyReply, stored: FileDto): FastifyReply {
+  return (
+    reply
+      // Text types were checked to be UTF-8 when uploaded.
+      .type(isTextType(stored.mimeType) ? `${stored.mimeType}; charset=utf-8` : stored.mimeType)
+      .header('content-length', stored.size)
+      .header('content-disposition', attachmentDisposition(stored.filename))
+      .header('x-content-type-options', 'nosniff')
+  );
+}
 
 /**
  * The form's parts. A body that the parser cannot read (no boundary, cut off, malformed) fails with a
