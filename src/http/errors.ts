@@ -23,6 +23,7 @@ export const PROBLEM_STATUS = {
   PROVIDER_RATE_LIMITED: 503,
   SERVICE_UNAVAILABLE: 503,
   PROVIDER_TIMEOUT: 504,
+  INSUFFICIENT_STORAGE: 507,
 } as const;
 
 export type ProblemCode = keyof typeof PROBLEM_STATUS;
@@ -193,6 +194,8 @@ const DATABASE_DOWN_MESSAGES = [
 ];
 
 const FOREIGN_KEY_VIOLATION = '23503';
+// No room left on the disk (or in the quota) where an upload's bytes go.
+const NO_ROOM = ['ENOSPC', 'EDQUOT'];
 // PostgreSQL text cannot hold U+0000 (22021), nor jsonb its escape (22P05): a value the client sent that
 // cannot be stored, refused by the statement that would have stored it.
 const UNSTORABLE_TEXT = ['22021', '22P05'];
@@ -284,6 +287,10 @@ export function toProblem(error: FastifyError | ApiError | Error, request: Fasti
   }
   if (UNSTORABLE_TEXT.some((code) => hasCode(error, code))) {
     return problemBody(request, 400, 'VALIDATION_ERROR', 'The request contains text that cannot be stored (the NUL character, U+0000)');
+  }
+  if (NO_ROOM.some((code) => hasCode(error, code))) {
+    // RFC 4918 (11.5): the server cannot store what the request needs stored. Nothing of it was kept.
+    return problemBody(request, 507, 'INSUFFICIENT_STORAGE', 'The server has no room left to store this; try again later');
   }
   if (isDatabaseUnavailable(error)) {
     return problemBody(request, 503, 'SERVICE_UNAVAILABLE', 'The database is unavailable; try again shortly');

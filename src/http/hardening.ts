@@ -1,7 +1,7 @@
 import fastifyCompress from '@fastify/compress';
 import fastifyCors from '@fastify/cors';
 import fastifyUnderPressure from '@fastify/under-pressure';
-import type { FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, RequestPayload } from 'fastify';
+import type { FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, RequestPayload, RouteOptions } from 'fastify';
 import type { Config } from '../config.js';
 import { ApiError } from './errors.js';
 import { API_HEADERS, DOCUMENT_HEADERS } from './security-headers.js';
@@ -36,7 +36,12 @@ class EncodedBody extends ApiError {
   }
 }
 
-const BODILESS_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
+const BODY_METHODS = new Set(['POST', 'PUT', 'PATCH']);
+
+/** Whether a route reads a body: one of a method that has one, or a body of its own (DELETE /auth/me). */
+export function takesBody(route: Pick<RouteOptions, 'method' | 'schema'>): boolean {
+  return Boolean(route.schema?.body) || [route.method].flat().some((method) => BODY_METHODS.has(method));
+}
 
 /** A preParsing hook of the routes that take a body: refuses it before reading it if it is encoded. */
 function refuseEncodedBody(request: FastifyRequest, reply: FastifyReply, payload: RequestPayload, done: (error: Error | null, payload?: RequestPayload) => void): void {
@@ -93,9 +98,9 @@ export async function registerHardening(app: FastifyInstance, config: Config): P
     });
   }
 
-  // On the routes that take a body only: GETs, /health/live among them, do not pay for it.
+  // On the routes that take a body only: the others, /health/live among them, do not pay for it.
   app.addHook('onRoute', (route) => {
-    if ([route.method].flat().every((method) => BODILESS_METHODS.has(method))) return;
+    if (!takesBody(route)) return;
     route.preParsing = [...[route.preParsing ?? []].flat(), refuseEncodedBody];
   });
 

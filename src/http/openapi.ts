@@ -4,7 +4,7 @@ import type { FastifyInstance, FastifySchema, RouteOptions } from 'fastify';
 import { jsonSchemaTransform, jsonSchemaTransformObject } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { BEARER_CHALLENGE, PROBLEM_STATUS, type ProblemCode } from './errors.js';
-import { sendDocumentHeaders } from './hardening.js';
+import { sendDocumentHeaders, takesBody } from './hardening.js';
 import { rateLimitGroupOf } from './rate-limit.js';
 
 declare module 'fastify' {
@@ -58,23 +58,21 @@ const challenge = {
   'WWW-Authenticate': { type: 'string', description: `The scheme the API takes: \`${BEARER_CHALLENGE}\`` },
 };
 
-const BODY_METHODS = new Set(['POST', 'PUT', 'PATCH']);
-
 /**
  * The problem codes a route can answer with: the ones that follow from what it is (authenticated,
  * rate limited, taking input, naming a resource, taking a body) plus those its schema lists.
  */
 function problemCodesOf(route: RouteOptions, schema: FastifySchema): Set<ProblemCode> {
   const config = route.config ?? {};
-  const methods = [route.method].flat();
   const codes = new Set<ProblemCode>(schema.problems);
   if (schema.body || schema.querystring || schema.params || schema.headers) codes.add('VALIDATION_ERROR');
   if (!config.public) codes.add('UNAUTHORIZED');
   if (route.url.includes(':')) codes.add('NOT_FOUND');
-  // A DELETE with a body (DELETE /auth/me) parses it like any other.
-  if (schema.body || methods.some((method) => BODY_METHODS.has(method))) {
+  if (takesBody({ method: route.method, schema })) {
     codes.add('PAYLOAD_TOO_LARGE');
     codes.add('UNSUPPORTED_MEDIA_TYPE');
+    // What it stores may find no room (a full disk).
+    codes.add('INSUFFICIENT_STORAGE');
   }
   if (rateLimitGroupOf(config)) codes.add('RATE_LIMITED');
   codes.add('INTERNAL');

@@ -44,6 +44,12 @@ export interface NodeServerOptions {
    * with SIGKILL: unshare ignores SIGTERM, and kills the server when it dies.
    */
   ownPidNamespace?: boolean;
+  /**
+   * Mounts a memory file system of `bytes` on `path` (an existing folder) that only the server sees: a
+   * disk that fills up (`unshare --mount`, root only; see `canMountTmpfs`). The process keeps its pid;
+   * the mount is seen from outside under `/proc/<pid>/root`.
+   */
+  tmpfs?: { path: string; bytes: number };
 }
 
 /** Starts a Node.js HTTP server as its own process. */
@@ -52,8 +58,9 @@ export function spawnNodeServer(options: NodeServerOptions): NodeProcess {
   const command = [process.execPath, ...nodeArgs, options.script, ...(options.args ?? [])];
   // taskset execs node in its own place: the child's pid stays node's, so signals reach the server.
   const pinned = options.cpus ? ['taskset', '-c', options.cpus, ...command] : command;
+  const mounted = options.tmpfs ? [...mountingTmpfs(options.tmpfs), ...pinned] : pinned;
   // --kill-child: the namespace, and the server with it, ends with unshare when the test kills it.
-  const [file, ...args] = options.ownPidNamespace ? ['unshare', '--pid', '--kill-child', ...pinned] : pinned;
+  const [file, ...args] = options.ownPidNamespace ? ['unshare', '--pid', '--kill-child', ...mounted] : mounted;
   const child = spawn(file!, args, {
     env: { PATH: process.env.PATH, HOME: process.env.HOME, ...options.env },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -68,7 +75,7 @@ export function spawnNodeServer(options: NodeServerOptions): NodeProcess {
 /** Starts `src/server.ts` as its own process (as `npm start` does), with a clean environment plus `env`. */
 export async function spawnServer(
   env: Record<string, string>,
-  launch: Pick<NodeServerOptions, 'nodeArgs' | 'cpus' | 'ownPidNamespace'> = {},
+  launch: Pick<NodeServerOptions, 'nodeArgs' | 'cpus' | 'ownPidNamespace' | 'tmpfs'> = {},
 ): Promise<ServerProcess> {
   const port = env.PORT ?? String(await freePort());
   const dataDir = env.DATA_DIR ?? mkdtempSync(join(tmpdir(), 'chatbot-server-'));
@@ -96,6 +103,17 @@ export async function waitUntilServing(server: NodeProcess, timeoutMs = 90_000, 
   }
   throw new Error(`server did not start within ${timeoutMs} ms:\n${server.output()}`);
 }
+
+/** A command prefix that runs the rest in a mount namespace of its own with the tmpfs mounted: sh execs it, keeping the pid. */
+function mountingTmpfs({ path, bytes }: { path: string; bytes: number }): string[] {
+  return ['unshare', '--mount', 'sh', '-c', 'mount -t tmpfs -o "size=$0" tmpfs "$1" && shift && exec "$@"', String(bytes), path];
+}
+
+/** Whether this machine lets us mount a file system in a mount namespace of our own (root on Linux). */
+export const canMountTmpfs = ((): boolean => {
+  const [unshare, ...args] = mountingTmpfs({ path: tmpdir(), bytes: 1024 * 1024 });
+  return spawnSync(unshare!, [...args, 'true']).status === 0;
+})();
 
 /** Whether this machine lets us start a process in a PID namespace of its own (root on Linux). */
 export const canUsePidNamespaces = spawnSync('unshare', ['--pid', '--fork', 'true']).status === 0;
