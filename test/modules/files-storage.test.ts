@@ -1,4 +1,4 @@
-import { mkdirSync, mkdtempSync, readdirSync, utimesSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -20,6 +20,33 @@ describe('local disk storage', () => {
     await Promise.all(failures);
     expect(readdirSync(join(root, 'tmp'))).toEqual([]);
     expect(readdirSync(root)).toEqual(['tmp']);
+  });
+
+  it('removes a folder with its last file, and keeps the bytes moved into it as it goes', async () => {
+    const root = mkdtempSync(join(tmpdir(), 'storage-test-'));
+    const storage = new LocalDiskStorage(root);
+    const staged = (text: string) =>
+      storage.stage(
+        (async function* () {
+          yield new TextEncoder().encode(text);
+        })(),
+      );
+    await storage.keep(await staged('a'), 'project/a');
+    await storage.keep(await staged('b'), 'project/b');
+    await storage.remove('project/a');
+    expect(readdirSync(join(root, 'project'))).toEqual(['b']);
+    await storage.remove('project/b');
+    expect(existsSync(join(root, 'project'))).toBe(false);
+
+    // A project's last file deleted while another is uploaded to it: the folder may go between the
+    // upload's making it and its moving the bytes in.
+    for (let i = 0; i < 300; i++) {
+      await storage.keep(await staged('old'), 'race/old');
+      const upload = await staged(`new ${i}`);
+      await Promise.all([storage.remove('race/old'), storage.keep(upload, `race/new-${i}`)]);
+      expect(readFileSync(join(root, 'race', `new-${i}`), 'utf8')).toBe(`new ${i}`);
+      await storage.remove(`race/new-${i}`);
+    }
   });
 
   it('sweeps the temporaries older than it is told, and keeps the younger ones and everything stored', async () => {

@@ -280,6 +280,7 @@ describe('deleting what holds files', () => {
 
     expect((await remove(`/api/v1/projects/${projectId}`)).statusCode).toBe(204);
     for (const file of gone) expect(existsSync(join(storageRoot, projectId, file.id))).toBe(false);
+    expect(existsSync(join(storageRoot, projectId))).toBe(false); // its folder too
     expect(fake.files.has(other.providerFileId!)).toBe(true);
     for (const file of gone) expect(fake.files.has(file.providerFileId!)).toBe(false);
     expect(existsSync(join(storageRoot, kept, other.id))).toBe(true);

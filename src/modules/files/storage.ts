@@ -1,5 +1,5 @@
 import { createHash, randomUUID } from 'node:crypto';
-import { mkdir, open, readdir, rename, rm, stat } from 'node:fs/promises';
+import { mkdir, open, readdir, rename, rm, rmdir, stat } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -34,6 +34,9 @@ export interface FileStorage {
 }
 
 const KEY = /^[\w-]+(\/[\w-]+)*$/;
+
+/** How many times `keep` moves bytes into a folder that a removal keeps taking away, before it gives up. */
+const KEEP_ATTEMPTS = 5;
 
 /**
  * Whether `open` failed because the bytes are not there: those of a file deleted after its row was read
@@ -85,8 +88,17 @@ export class LocalDiskStorage implements FileStorage {
 
   async keep(staged: StagedBytes, key: string): Promise<string> {
     const target = this.localPath(key);
-    await mkdir(dirname(target), { recursive: true });
-    await rename(staged.path, target);
+    for (let attempt = 1; ; attempt++) {
+      await mkdir(dirname(target), { recursive: true });
+      try {
+        await rename(staged.path, target);
+        break;
+      } catch (error) {
+        // The folder, made empty, was removed (see `remove`) between the two: made again, if the staged
+        // bytes are still there to move.
+        if (!bytesGone(error) || attempt === KEEP_ATTEMPTS || !(await exists(staged.path))) throw error;
+      }
+    }
     // The rename itself is durable only once the folder is flushed too.
     await flush(dirname(target));
     return pathToFileURL(target).href;
@@ -144,7 +156,11 @@ export class LocalDiskStorage implements FileStorage {
   }
 
   async remove(key: string): Promise<void> {
-    await rm(this.localPath(key), { force: true });
+    const path = this.localPath(key);
+    await rm(path, { force: true });
+    // The folder goes with its last file (a deleted project's): rmdir removes only an empty one. A
+    // folder that stays is empty and harmless, so its removal failing is no failure of this one.
+    if (dirname(path) !== this.root) await rmdir(dirname(path)).catch(() => {});
   }
 
   private localPath(key: string): string {
@@ -159,6 +175,13 @@ async function namesIn(folder: string): Promise<string[]> {
     if (error.code === 'ENOENT') return [];
     throw error;
   });
+}
+
+async function exists(path: string): Promise<boolean> {
+  return stat(path).then(
+    () => true,
+    () => false,
+  );
 }
 
 /** Whether `path` is a file last written before `before` (ms since the epoch); false once it is gone. */
