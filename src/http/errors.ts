@@ -194,8 +194,9 @@ const DATABASE_DOWN_MESSAGES = [
 ];
 
 const FOREIGN_KEY_VIOLATION = '23503';
-// No room left on the disk (or in the quota) where an upload's bytes go.
-const NO_ROOM = ['ENOSPC', 'EDQUOT'];
+// No room left on the disk (or in the quota): where an upload's bytes go, or the database's (53100,
+// disk_full: PostgreSQL, or PGlite under DATA_DIR, could not extend a table's file).
+const NO_ROOM = ['ENOSPC', 'EDQUOT', '53100'];
 // PostgreSQL text cannot hold U+0000 (22021), nor jsonb its escape (22P05): a value the client sent that
 // cannot be stored, refused by the statement that would have stored it.
 const UNSTORABLE_TEXT = ['22021', '22P05'];
