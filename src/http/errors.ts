@@ -23,6 +23,9 @@ export const PROBLEM_STATUS = {
   PROVIDER_RATE_LIMITED: 503,
   SERVICE_UNAVAILABLE: 503,
   PROVIDER_TIMEOUT: 504,
+  // Beyond the contract's list, for statuses it names no code for.
+  REQUEST_TIMEOUT: 408,
+  HEADERS_TOO_LARGE: 431,
   INSUFFICIENT_STORAGE: 507,
 } as const;
 
@@ -360,8 +363,8 @@ export function registerErrorHandling(app: FastifyInstance): void {
 
 /** Requests Node's HTTP parser refuses, by its error code; anything else it refuses is malformed HTTP. */
 const CLIENT_ERRORS: Record<string, [number, ProblemCode, string]> = {
-  HPE_HEADER_OVERFLOW: [431, 'PAYLOAD_TOO_LARGE', 'The request line and headers are over the size limit'],
-  ERR_HTTP_REQUEST_TIMEOUT: [408, 'VALIDATION_ERROR', 'The request did not arrive in time'],
+  HPE_HEADER_OVERFLOW: [431, 'HEADERS_TOO_LARGE', 'The request line and headers are over the size limit'],
+  ERR_HTTP_REQUEST_TIMEOUT: [408, 'REQUEST_TIMEOUT', 'The request did not arrive in time'],
 };
 
 /**

@@ -240,7 +240,7 @@ describe('a request that trickles in (REQUEST_TIMEOUT_MS)', () => {
       const [head, body] = received.split('\r\n\r\n');
       expect(head).toMatch(/^HTTP\/1\.1 408 /);
       expect(head).toMatch(/content-type: application\/problem\+json/i);
-      expect(JSON.parse(body!)).toMatchObject({ status: 408 });
+      expect(JSON.parse(body!)).toMatchObject({ status: 408, code: 'REQUEST_TIMEOUT' });
     } finally {
       await slow.close();
     }

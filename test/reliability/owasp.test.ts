@@ -528,7 +528,7 @@ describe('API4:2023 Unrestricted Resource Consumption', () => {
       expect(response.status).toBe(431);
       expect(response.headers.get('content-type')).toMatch(/^application\/problem\+json/);
       const problem = await response.json();
-      expect(problem).toMatchObject({ status: 431, code: 'PAYLOAD_TOO_LARGE', requestId: response.headers.get('x-request-id') });
+      expect(problem).toMatchObject({ status: 431, code: 'HEADERS_TOO_LARGE', requestId: response.headers.get('x-request-id') });
       expect(response.headers.get('x-content-type-options')).toBe('nosniff');
       expect(response.headers.get('x-frame-options')).toBe('DENY');
     }
