@@ -129,8 +129,8 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
     sweep: (stop) => files.removeStrayBytes(storage.keysWrittenBefore(STRAY_BYTES_MS, STRAY_BYTES_BATCH), stop),
   });
   await app.register(authRoutes, { prefix: '/api/v1/auth', auth: new AuthService(database.db, tokens, new PasswordHasher(config), files) });
-  await app.register(projectRoutes, { prefix: '/api/v1/projects', projects: new ProjectsService(database.db, files) });
-  await app.register(promptRoutes, { prefix: '/api/v1/projects/:projectId/prompts', prompts: new PromptsService(database.db) });
+  await app.register(projectRoutes, { prefix: '/api/v1/projects', projects: new ProjectsService(database.db, files, config) });
+  await app.register(promptRoutes, { prefix: '/api/v1/projects/:projectId/prompts', prompts: new PromptsService(database.db, config) });
   await app.register(messageRoutes, { prefix: '/api/v1/projects/:projectId/messages', messages: new MessagesService(database.db) });
   await app.register(fileRoutes, { prefix: '/api/v1/projects/:projectId/files', files, maxBytes: config.FILE_MAX_BYTES });
   // A key whose request has said nothing for the longest a chat may go without (its deadline, twice)

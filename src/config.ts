@@ -126,6 +126,10 @@ const envSchema = z.object({
   AI_MAX_OUTPUT_TOKENS: int(1, 1_000_000).default(1024),
   HISTORY_CACHE_MB: int(0, 1_000_000).default(64),
   FILE_MAX_BYTES: int(1, 1024 ** 3).default(20 * 1024 * 1024),
+  // How much one account may hold: one more create is 409 CONFLICT naming the variable.
+  MAX_PROJECTS_PER_USER: int(1, 1_000_000).default(1000),
+  MAX_PROMPTS_PER_PROJECT: int(1, 100_000).default(100),
+  MAX_FILES_PER_PROJECT: int(1, 1_000_000).default(1000),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   REDIS_URL: optionalText.pipe(z.string().regex(/^rediss?:\/\//, 'must be a redis:// URL').optional()),
   REDIS_KEY_PREFIX: z.string().min(1).default('chatbot:'),

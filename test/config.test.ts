@@ -26,6 +26,9 @@ describe('loadConfig', () => {
       CHAT_CONCURRENCY_PER_USER: 32,
       PASSWORD_HASH_QUEUE: 64,
       PASSWORD_HASH_THREADS: Math.min(4, availableParallelism()),
+      MAX_PROJECTS_PER_USER: 1000,
+      MAX_PROMPTS_PER_PROJECT: 100,
+      MAX_FILES_PER_PROJECT: 1000,
     });
     expect(config.DATABASE_URL).toBeUndefined();
     expect(config.AI_CONTEXT_TOKENS).toBeUndefined();
@@ -52,6 +55,9 @@ describe('loadConfig', () => {
       'AI_MAX_OUTPUT_TOKENS',
       'HISTORY_CACHE_MB',
       'FILE_MAX_BYTES',
+      'MAX_PROJECTS_PER_USER',
+      'MAX_PROMPTS_PER_PROJECT',
+      'MAX_FILES_PER_PROJECT',
       'RATE_LIMIT_LOGIN',
       'RATE_LIMIT_REGISTER',
       'RATE_LIMIT_CHAT',
@@ -86,6 +92,12 @@ describe('loadConfig', () => {
     ['FILE_MAX_BYTES', '1.5'],
     ['CHAT_CONCURRENCY_PER_USER', '0'],
     ['CHAT_CONCURRENCY_PER_USER', '1000001'],
+    ['MAX_PROJECTS_PER_USER', '0'],
+    ['MAX_PROJECTS_PER_USER', '1000001'],
+    ['MAX_PROMPTS_PER_PROJECT', '100001'],
+    ['MAX_PROMPTS_PER_PROJECT', 'many'],
+    ['MAX_FILES_PER_PROJECT', '0'],
+    ['MAX_FILES_PER_PROJECT', '2.5'],
     ['LOG_LEVEL', 'loud'],
     ['REDIS_URL', 'http://x'],
     ['NODE_ENV', 'staging'],

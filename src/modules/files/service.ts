@@ -1,17 +1,18 @@
 import type { Readable } from 'node:stream';
-import { and, eq, inArray, type SQL, sql } from 'drizzle-orm';
+import { and, eq, getTableColumns, inArray, type SQL, sql } from 'drizzle-orm';
 import type { PgColumn } from 'drizzle-orm/pg-core';
 import type { FastifyBaseLogger } from 'fastify';
 import { uuidv7 } from '../../db/ids.js';
 import type { Config } from '../../config.js';
 import type { Db } from '../../db/database.js';
-import { files } from '../../db/schema.js';
+import { files, projects } from '../../db/schema.js';
 import { ApiError, isDatabaseUnavailable, NotFound, ValidationFailed } from '../../http/errors.js';
 import { isUuid } from '../../http/ids.js';
 import type { IdSortKey, Page, PageRequest } from '../../http/pagination.js';
 import type { ProviderRegistry } from '../../providers/registry.js';
 import { type ProviderAdapter, type ProviderName, ProviderNotConfigured } from '../../providers/types.js';
-import { inOwnedProject, pageOfProjectRows, type ProjectRow, requireOwnedProject } from '../projects/service.js';
+import { type CountLimit, CountLimitReached, filesPerProject, insertedUnder, insertUnderLimit, param } from '../projects/count-limit.js';
+import { inOwnedProject, ownedProject, ownedProjectParam, pageOfProjectRows, type ProjectRow } from '../projects/service.js';
 import { buildFilesSection, type FilesSection, type FilesSectionOptions } from './chat-section.js';
 import { ContentInspector, essence } from './content-type.js';
 import { displayFilename } from './filename.js';
@@ -93,12 +94,30 @@ function ownedFile(userId: string, projectId: string, fileId: string): SQL {
 }
 
 export class FilesService {
+  private readonly limit: CountLimit;
+  /** The upload's row, under MAX_FILES_PER_PROJECT (see `upload`). */
+  private readonly insert;
+
   constructor(
     private readonly db: Db,
     private readonly storage: FileStorage,
     private readonly providers: ProviderRegistry,
-    private readonly config: Pick<Config, 'FILE_MAX_BYTES' | 'AI_TIMEOUT_MS'>,
-  ) {}
+    private readonly config: Pick<Config, 'FILE_MAX_BYTES' | 'AI_TIMEOUT_MS' | 'MAX_FILES_PER_PROJECT'>,
+  ) {
+    this.limit = filesPerProject(config.MAX_FILES_PER_PROJECT);
+    const { parent, inserted } = insertUnderLimit(db, this.limit, projects, ownedProjectParam, files, (projectId) => ({
+      id: param('id', 'uuid'),
+      projectId,
+      filename: param('filename', 'text'),
+      mimeType: param('mimeType', 'text'),
+      size: param('size', 'bigint'),
+      sha256: param('sha256', 'text'),
+      storageUrl: param('storageUrl', 'text'),
+      providerFileId: param('providerFileId', 'text'),
+      createdAt: param('now', 'timestamptz'),
+    }));
+    this.insert = db.with(parent, inserted).select().from(parent).leftJoin(inserted, sql`true`).prepare('create_file');
+  }
 
   /**
    * Stores the form's one `file`, then copies it to the project's provider when that has a Files API.
@@ -108,9 +127,13 @@ export class FilesService {
    * just before its row is written: the list is in id order, and an id taken when a slow upload began
    * would put the file behind others already listed past it, where a client walking the cursors would
    * never see it.
+   *
+   * A project already holding MAX_FILES_PER_PROJECT files is refused before anything is received or
+   * copied; the insert enforces the limit again, race-free, against uploads finishing meanwhile, and a
+   * refusal there (or a project deleted meanwhile) is cleaned up as any other failure.
    */
   async upload(userId: string, projectId: string, parts: AsyncIterable<FormPart>, log: FastifyBaseLogger): Promise<FileDto> {
-    const project = await requireOwnedProject(this.db, userId, projectId);
+    const project = await this.projectWithRoom(userId, projectId);
     const received = await this.receive(parts);
     let key: string | undefined;
     let providerFileId: string | null = null;
@@ -123,21 +146,19 @@ export class FilesService {
       key = storageKey({ projectId: project.id, id });
       const storageUrl = await this.storage.keep(received, key);
       inserting = true;
-      const [row] = await this.db
-        .insert(files)
-        .values({
-          id,
-          projectId: project.id,
-          filename: received.filename,
-          mimeType: received.mimeType,
-          size: received.size,
-          sha256: received.sha256,
-          storageUrl,
-          providerFileId,
-          createdAt: new Date(),
-        })
-        .returning();
-      return toDto(row!);
+      const result = await this.insert.execute({
+        userId,
+        projectId: project.id,
+        id,
+        filename: received.filename,
+        mimeType: received.mimeType,
+        size: received.size,
+        sha256: received.sha256,
+        storageUrl,
+        providerFileId,
+        now: new Date().toISOString(),
+      });
+      return toDto(insertedUnder(result, this.limit, () => new NotFound('Project')));
     } catch (error) {
       if (inserting && isDatabaseUnavailable(error)) {
         // The connection was lost with the insert sent, perhaps after its commit: a row may name these
@@ -239,6 +260,18 @@ export class FilesService {
       rows.map((row) => ({ ...row, readText: () => this.readText(row) })),
       options,
     );
+  }
+
+  /** The caller's project, checked to have room for one more file: 404 when it is not theirs, else 409 when full. */
+  private async projectWithRoom(userId: string, projectId: string): Promise<ProjectRow> {
+    const [row] = await this.db
+      .select({ ...getTableColumns(projects), fileCount: this.db.$count(files, eq(files.projectId, projects.id)) })
+      .from(projects)
+      .where(ownedProject(userId, projectId));
+    if (!row) throw new NotFound('Project');
+    const { fileCount, ...project } = row;
+    if (fileCount >= this.limit.max) throw new CountLimitReached(this.limit);
+    return project;
   }
 
   private async ownedRow(userId: string, projectId: string, fileId: string): Promise<FileRow> {

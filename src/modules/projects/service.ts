@@ -2,15 +2,17 @@ import { and, asc, eq, getTableColumns, gt, type SQL, sql } from 'drizzle-orm';
 import type { PgColumn } from 'drizzle-orm/pg-core';
 import type { FastifyBaseLogger } from 'fastify';
 import { uuidv7 } from '../../db/ids.js';
+import type { Config } from '../../config.js';
 import type { Db } from '../../db/database.js';
 import { files, messages, projects, prompts, users } from '../../db/schema.js';
 import { assertTokenCurrent, type AuthUser } from '../../http/auth.js';
-import { NotFound } from '../../http/errors.js';
+import { NotFound, Unauthorized } from '../../http/errors.js';
 import { isUuid } from '../../http/ids.js';
 import { type IdSortKey, idSortKeyOf, type Page, type PageRequest, paginate } from '../../http/pagination.js';
 import type { ProviderName } from '../../providers/types.js';
 import { waitForFileWrites } from '../files/deleting.js';
 import type { StoredFileDiscarder } from '../files/service.js';
+import { type CountLimit, insertedUnder, insertUnderLimit, param, projectsPerUser } from './count-limit.js';
 import type { CreateProjectInput, ProjectDto, UpdateProjectInput } from './schemas.js';
 
 export type ProjectRow = typeof projects.$inferSelect;
@@ -93,14 +95,33 @@ function withCounts(db: Db) {
 /** A project id as a statement parameter: one that cannot be a uuid matches no row instead of failing the cast. */
 export const projectIdParam = (projectId: string) => (isUuid(projectId) ? projectId : null);
 
+/** `ownedProject` in a prepared statement: its parameters `projectId` (see `projectIdParam`) and `userId`. */
+export const ownedProjectParam = and(eq(projects.id, sql.placeholder('projectId')), eq(projects.userId, sql.placeholder('userId')))!;
+
 export class ProjectsService {
   /** The caller's row (for the token check) joined with their project and its counts: one round trip. */
   private readonly projectOfUser;
+  private readonly limit: CountLimit;
+  /** The user's row locked, the limit and the insert: one round trip, as the insert alone was. */
+  private readonly insert;
 
   constructor(
     private readonly db: Db,
     private readonly storedFiles: StoredFileDiscarder,
+    config: Pick<Config, 'MAX_PROJECTS_PER_USER'>,
   ) {
+    this.limit = projectsPerUser(config.MAX_PROJECTS_PER_USER);
+    const { parent, inserted } = insertUnderLimit(db, this.limit, users, eq(users.id, sql.placeholder('userId')), projects, (userId) => ({
+      id: param('id', 'uuid'),
+      userId,
+      name: param('name', 'text'),
+      description: param('description', 'text'),
+      provider: param('provider', 'text'),
+      model: param('model', 'text'),
+      createdAt: param('now', 'timestamptz'),
+      updatedAt: param('now', 'timestamptz'),
+    }));
+    this.insert = db.with(parent, inserted).select().from(parent).leftJoin(inserted, sql`true`).prepare('create_project');
     this.projectOfUser = db
       .select({ tokenVersion: users.tokenVersion, ...withCounts(db) })
       .from(users)
@@ -110,12 +131,18 @@ export class ProjectsService {
   }
 
   async create(userId: string, input: CreateProjectInput): Promise<ProjectDto> {
-    const now = new Date();
-    const [row] = await this.db
-      .insert(projects)
-      .values({ id: uuidv7(), userId, ...input, createdAt: now, updatedAt: now })
-      .returning();
-    return toDto({ ...row!, promptCount: 0, messageCount: 0, fileCount: 0 });
+    const result = await this.insert.execute({
+      userId,
+      id: uuidv7(),
+      name: input.name,
+      description: input.description ?? null,
+      provider: input.provider ?? null,
+      model: input.model ?? null,
+      now: new Date().toISOString(),
+    });
+    // No row of the caller: the account was deleted since the request's token was checked.
+    const row = insertedUnder(result, this.limit, () => new Unauthorized());
+    return toDto({ ...row, promptCount: 0, messageCount: 0, fileCount: 0 });
   }
 
   async list(userId: string, page: PageRequest<IdSortKey>): Promise<Page<ProjectDto>> {

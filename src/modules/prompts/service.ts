@@ -1,11 +1,13 @@
-import { and, eq, type SQL } from 'drizzle-orm';
+import { and, eq, type SQL, sql } from 'drizzle-orm';
+import type { Config } from '../../config.js';
 import { uuidv7 } from '../../db/ids.js';
 import type { Db } from '../../db/database.js';
-import { prompts } from '../../db/schema.js';
+import { projects, prompts } from '../../db/schema.js';
 import { NotFound } from '../../http/errors.js';
 import { isUuid } from '../../http/ids.js';
 import type { IdSortKey, Page, PageRequest } from '../../http/pagination.js';
-import { inOwnedProject, pageOfProjectRows, requireOwnedProject } from '../projects/service.js';
+import { type CountLimit, insertedUnder, insertUnderLimit, param, promptsPerProject } from '../projects/count-limit.js';
+import { inOwnedProject, ownedProjectParam, pageOfProjectRows, projectIdParam } from '../projects/service.js';
 import type { CreatePromptInput, PromptDto, UpdatePromptInput } from './schemas.js';
 
 type PromptRow = typeof prompts.$inferSelect;
@@ -28,16 +30,35 @@ function ownedPrompt(userId: string, projectId: string, promptId: string): SQL {
 }
 
 export class PromptsService {
-  constructor(private readonly db: Db) {}
+  private readonly limit: CountLimit;
+  /** The owner check, the limit and the insert: one round trip. */
+  private readonly insert;
+
+  constructor(
+    private readonly db: Db,
+    config: Pick<Config, 'MAX_PROMPTS_PER_PROJECT'>,
+  ) {
+    this.limit = promptsPerProject(config.MAX_PROMPTS_PER_PROJECT);
+    const { parent, inserted } = insertUnderLimit(db, this.limit, projects, ownedProjectParam, prompts, (projectId) => ({
+      id: param('id', 'uuid'),
+      projectId,
+      title: param('title', 'text'),
+      content: param('content', 'text'),
+      createdAt: param('now', 'timestamptz'),
+      updatedAt: param('now', 'timestamptz'),
+    }));
+    this.insert = db.with(parent, inserted).select().from(parent).leftJoin(inserted, sql`true`).prepare('create_prompt');
+  }
 
   async create(userId: string, projectId: string, input: CreatePromptInput): Promise<PromptDto> {
-    await requireOwnedProject(this.db, userId, projectId);
-    const now = new Date();
-    const [row] = await this.db
-      .insert(prompts)
-      .values({ id: uuidv7(), projectId, ...input, createdAt: now, updatedAt: now })
-      .returning();
-    return toDto(row!);
+    const result = await this.insert.execute({
+      userId,
+      projectId: projectIdParam(projectId),
+      id: uuidv7(),
+      ...input,
+      now: new Date().toISOString(),
+    });
+    return toDto(insertedUnder(result, this.limit, () => new NotFound('Project')));
   }
 
   /** Oldest first: the order they are sent to the model in. */
