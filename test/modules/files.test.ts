@@ -15,6 +15,7 @@ import { ContentInspector } from '../../src/modules/files/content-type.js';
 import { attachmentDisposition, displayFilename } from '../../src/modules/files/filename.js';
 import type { FileDto } from '../../src/modules/files/schemas.js';
 import { createProject, expectProblem, registerUser, type RegisteredUser, startTestApp, type TestApp, testConfig } from '../support/app.js';
+import { expectLimitReached, oneCreatedTheRestRefused, statusesOfCreatesAtOnce } from '../support/limits.js';
 import { FakeUpstream } from '../support/fake-upstream.js';
 import { logCollector } from '../support/logs.js';
 import { BOUNDARY, CLOSING, type FormPart, multipart, partHead } from '../support/multipart.js';
@@ -27,17 +28,19 @@ let user: RegisteredUser;
 let storageRoot: string;
 let baseUrl: string;
 
+/** The app's environment: OPENAI_BASE_URL keeps the OpenAI provider (and its Files API) while pointing it at the fake. */
+const appEnv = () => ({
+  OPENAI_API_KEY: 'sk-test-files',
+  OPENAI_BASE_URL: fake.url,
+  AI_MODEL: 'gpt-4o-mini',
+  AI_TIMEOUT_MS: '5000',
+  AI_MAX_RETRIES: '0',
+  FILE_MAX_BYTES: String(LIMIT),
+});
+
 beforeAll(async () => {
   fake = await FakeUpstream.start();
-  // OPENAI_BASE_URL keeps the OpenAI provider (and its Files API) while pointing it at the fake.
-  t = await startTestApp({
-    OPENAI_API_KEY: 'sk-test-files',
-    OPENAI_BASE_URL: fake.url,
-    AI_MODEL: 'gpt-4o-mini',
-    AI_TIMEOUT_MS: '5000',
-    AI_MAX_RETRIES: '0',
-    FILE_MAX_BYTES: String(LIMIT),
-  });
+  t = await startTestApp(appEnv());
   storageRoot = join(t.config.DATA_DIR, 'files');
   baseUrl = await t.app.listen({ port: 0, host: '127.0.0.1' });
   user = await registerUser(t.app);
@@ -66,22 +69,22 @@ const remove = (url: string, owner: RegisteredUser = user) => t.app.inject({ met
 const rowsOf = (projectId: string) => t.testDb.database.db.select().from(files).where(eq(files.projectId, projectId));
 const sha256 = (bytes: string | Uint8Array) => createHash('sha256').update(bytes).digest('hex');
 
-/** Every stored file's path under the storage root, temporary ones included. */
-function storedPaths(): string[] {
-  if (!existsSync(storageRoot)) return [];
-  return readdirSync(storageRoot, { recursive: true, withFileTypes: true })
+/** Every stored file's path under the storage root (by default the app's), temporary ones included. */
+function storedPaths(root = storageRoot): string[] {
+  if (!existsSync(root)) return [];
+  return readdirSync(root, { recursive: true, withFileTypes: true })
     .filter((entry) => entry.isFile())
-    .map((entry) => join(entry.parentPath, entry.name).slice(storageRoot.length + 1));
+    .map((entry) => join(entry.parentPath, entry.name).slice(root.length + 1));
 }
 const stagedPaths = () => storedPaths().filter((path) => path.startsWith('tmp/'));
 
 /** An upload over HTTP whose file is sent in two parts: `finish` sends the second and resolves with the answer. */
-function uploadInTwo(projectId: string, part: Omit<FormPart, 'content'>, first: Buffer) {
+function uploadInTwo(projectId: string, part: Omit<FormPart, 'content'>, first: Buffer, { server = baseUrl, owner = user } = {}) {
   let finish!: (rest: Buffer) => Promise<{ statusCode: number; body: string }>;
   const answered = new Promise<{ statusCode: number; body: string }>((resolve, reject) => {
-    const req = httpRequest(`${baseUrl}${filesUrl(projectId)}`, {
+    const req = httpRequest(`${server}${filesUrl(projectId)}`, {
       method: 'POST',
-      headers: { ...user.auth, 'content-type': `multipart/form-data; boundary=${BOUNDARY}` },
+      headers: { ...owner.auth, 'content-type': `multipart/form-data; boundary=${BOUNDARY}` },
     });
     req.on('error', reject);
     req.on('response', (res) => {
@@ -465,6 +468,95 @@ describe('stray bytes', () => {
     } finally {
       await app.close();
     }
+  });
+});
+
+describe('MAX_FILES_PER_PROJECT', () => {
+  const MAX = 2;
+  const DETAIL = `This project already has the most files it may hold: ${MAX} (MAX_FILES_PER_PROJECT)`;
+  let limited: TestApp;
+  let limitedUrl: string;
+  let limitedRoot: string;
+  let owner: RegisteredUser;
+  beforeAll(async () => {
+    limited = await startTestApp({ ...appEnv(), MAX_FILES_PER_PROJECT: String(MAX) });
+    limitedRoot = join(limited.config.DATA_DIR, 'files');
+    limitedUrl = await limited.app.listen({ port: 0, host: '127.0.0.1' });
+    owner = await registerUser(limited.app);
+  });
+  afterAll(() => limited.close());
+
+  const post = (projectId: string, content = 'one more', as = owner) => {
+    const { payload, headers } = multipart({ filename: 'more.txt', type: 'text/plain', content });
+    return limited.app.inject({ method: 'POST', url: filesUrl(projectId), headers: { ...as.auth, ...headers }, payload });
+  };
+  const stored = async (projectId: string) =>
+    (await limited.testDb.database.db.select({ id: files.id }).from(files).where(eq(files.projectId, projectId))).length;
+  const providerUploads = () => fake.requests.filter((request) => request.method === 'POST' && request.path === '/v1/files').length;
+  /** A new project of `as` holding `count` files; the fake's record starts after them. */
+  async function projectWith(count: number, as = owner) {
+    const { id } = await createProject(limited.app, as);
+    for (let i = 0; i < count; i++) expect((await post(id, `file ${i}`, as)).statusCode).toBe(201);
+    fake.reset();
+    return id;
+  }
+  /** Nothing of a refused upload is left: no bytes but the project's files', none staged, no provider copy no row names. */
+  async function onlyStoredFilesKept(projectId: string) {
+    const rows = await limited.testDb.database.db.select().from(files).where(eq(files.projectId, projectId));
+    const paths = storedPaths(limitedRoot);
+    expect(paths.filter((path) => path.startsWith(`${projectId}/`)).sort()).toEqual(rows.map((row) => `${projectId}/${row.id}`).sort());
+    expect(paths.filter((path) => path.startsWith('tmp/'))).toEqual([]);
+    const named = rows.map((row) => row.providerFileId);
+    expect([...fake.files.keys()].filter((id) => !named.includes(id))).toEqual([]);
+  }
+
+  it('refuses one file more with 409 CONFLICT naming the limit, before reading it or copying it to the provider', async () => {
+    const projectId = await projectWith(MAX);
+    expectLimitReached(await post(projectId), DETAIL);
+    expect(await stored(projectId)).toBe(MAX);
+    expect(providerUploads()).toBe(0);
+    await onlyStoredFilesKept(projectId);
+  });
+
+  it('refuses an upload that found room but lost it while it arrived, and removes its bytes and provider copy', async () => {
+    const projectId = await projectWith(MAX - 1);
+    const slow = uploadInTwo(projectId, { filename: 'slow.txt', type: 'text/plain' }, Buffer.from('the first half, '), { server: limitedUrl, owner });
+    await waitFor(() => storedPaths(limitedRoot).some((path) => path.startsWith('tmp/')));
+    expect((await post(projectId, 'took the last slot')).statusCode).toBe(201);
+
+    const refused = await slow.finish(Buffer.from('then the rest'));
+    expect(refused.statusCode).toBe(409);
+    expect(JSON.parse(refused.body)).toMatchObject({ code: 'CONFLICT', detail: DETAIL });
+    expect(await stored(projectId)).toBe(MAX);
+    // Its provider copy was made (the limit is enforced at the insert, after it), then deleted.
+    expect(providerUploads()).toBe(2);
+    expect(fake.files.size).toBe(1);
+    await onlyStoredFilesKept(projectId);
+  });
+
+  it('takes a file again once one is deleted', async () => {
+    const projectId = await projectWith(MAX);
+    const [first] = (await limited.app.inject({ method: 'GET', url: filesUrl(projectId), headers: owner.auth })).json().data;
+    expect((await limited.app.inject({ method: 'DELETE', url: filesUrl(projectId, `/${first.id}`), headers: owner.auth })).statusCode).toBe(204);
+    expect((await post(projectId)).statusCode).toBe(201);
+    expectLimitReached(await post(projectId), DETAIL);
+    expect(await stored(projectId)).toBe(MAX);
+  });
+
+  it('answers another user’s full project with 404, as if it did not exist, and keeps nothing', async () => {
+    const projectId = await projectWith(MAX);
+    const stranger = await registerUser(limited.app);
+    expect(expectProblem(await post(projectId, 'not yours', stranger), 404, 'NOT_FOUND').detail).toBe('Project not found');
+    expect(await stored(projectId)).toBe(MAX);
+    expect(providerUploads()).toBe(0);
+    await onlyStoredFilesKept(projectId);
+  });
+
+  it('stores exactly one of many uploads at once into the last slot, and nothing of the others', async () => {
+    const projectId = await projectWith(MAX - 1);
+    expect(await statusesOfCreatesAtOnce(10, () => post(projectId))).toEqual(oneCreatedTheRestRefused(10));
+    expect(await stored(projectId)).toBe(MAX);
+    await onlyStoredFilesKept(projectId);
   });
 });
 
