@@ -15,7 +15,7 @@ import { ContentInspector } from '../../src/modules/files/content-type.js';
 import { attachmentDisposition, displayFilename } from '../../src/modules/files/filename.js';
 import type { FileDto } from '../../src/modules/files/schemas.js';
 import { createProject, expectProblem, registerUser, type RegisteredUser, startTestApp, type TestApp, testConfig } from '../support/app.js';
-import { expectLimitReached, oneCreatedTheRestRefused, statusesOfCreatesAtOnce } from '../support/limits.js';
+import { expectDeleteFreesOneSlot, expectFull, expectOneOfManyIntoTheLastSlot, type Holder } from '../support/limits.js';
 import { FakeUpstream } from '../support/fake-upstream.js';
 import { logCollector } from '../support/logs.js';
 import { BOUNDARY, CLOSING, type FormPart, multipart, partHead } from '../support/multipart.js';
@@ -492,6 +492,7 @@ describe('MAX_FILES_PER_PROJECT', () => {
   };
   const stored = async (projectId: string) =>
     (await limited.testDb.database.db.select({ id: files.id }).from(files).where(eq(files.projectId, projectId))).length;
+  const holder = (projectId: string): Holder => ({ max: MAX, detail: DETAIL, create: () => post(projectId), stored: () => stored(projectId) });
   const providerUploads = () => fake.requests.filter((request) => request.method === 'POST' && request.path === '/v1/files').length;
   /** A new project of `as` holding `count` files; the fake's record starts after them. */
   async function projectWith(count: number, as = owner) {
@@ -512,8 +513,7 @@ describe('MAX_FILES_PER_PROJECT', () => {
 
   it('refuses one file more with 409 CONFLICT naming the limit, before reading it or copying it to the provider', async () => {
     const projectId = await projectWith(MAX);
-    expectLimitReached(await post(projectId), DETAIL);
-    expect(await stored(projectId)).toBe(MAX);
+    await expectFull(holder(projectId));
     expect(providerUploads()).toBe(0);
     await onlyStoredFilesKept(projectId);
   });
@@ -537,10 +537,10 @@ describe('MAX_FILES_PER_PROJECT', () => {
   it('takes a file again once one is deleted', async () => {
     const projectId = await projectWith(MAX);
     const [first] = (await limited.app.inject({ method: 'GET', url: filesUrl(projectId), headers: owner.auth })).json().data;
-    expect((await limited.app.inject({ method: 'DELETE', url: filesUrl(projectId, `/${first.id}`), headers: owner.auth })).statusCode).toBe(204);
-    expect((await post(projectId)).statusCode).toBe(201);
-    expectLimitReached(await post(projectId), DETAIL);
-    expect(await stored(projectId)).toBe(MAX);
+    await expectDeleteFreesOneSlot(holder(projectId), () =>
+      limited.app.inject({ method: 'DELETE', url: filesUrl(projectId, `/${first.id}`), headers: owner.auth }),
+    );
+    await onlyStoredFilesKept(projectId);
   });
 
   it('answers another user’s full project with 404, as if it did not exist, and keeps nothing', async () => {
@@ -554,8 +554,7 @@ describe('MAX_FILES_PER_PROJECT', () => {
 
   it('stores exactly one of many uploads at once into the last slot, and nothing of the others', async () => {
     const projectId = await projectWith(MAX - 1);
-    expect(await statusesOfCreatesAtOnce(10, () => post(projectId))).toEqual(oneCreatedTheRestRefused(10));
-    expect(await stored(projectId)).toBe(MAX);
+    await expectOneOfManyIntoTheLastSlot(holder(projectId));
     await onlyStoredFilesKept(projectId);
   });
 });

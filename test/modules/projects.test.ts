@@ -3,7 +3,7 @@ import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { files, messages, projects, prompts } from '../../src/db/schema.js';
 import { createProject, createPrompt, expectProblem, insertMessages, registerUser, type RegisteredUser, startTestApp, type TestApp } from '../support/app.js';
-import { expectLimitReached, oneCreatedTheRestRefused, statusesOfCreatesAtOnce } from '../support/limits.js';
+import { expectDeleteFreesOneSlot, expectFull, expectOneOfManyIntoTheLastSlot, type Holder } from '../support/limits.js';
 
 let t: TestApp;
 let user: RegisteredUser;
@@ -219,16 +219,18 @@ describe('delete', () => {
 
 describe('MAX_PROJECTS_PER_USER', () => {
   const MAX = 3;
-  const DETAIL = `This account already has the most projects it may hold: ${MAX} (MAX_PROJECTS_PER_USER)`;
   let limited: TestApp;
   beforeAll(async () => {
     limited = await startTestApp({ MAX_PROJECTS_PER_USER: String(MAX) });
   });
   afterAll(() => limited.close());
 
-  const post = (as: RegisteredUser) => limited.app.inject({ method: 'POST', url: '/api/v1/projects', headers: as.auth, payload: { name: 'One more' } });
-  const stored = async (as: RegisteredUser) =>
-    (await limited.testDb.database.db.select({ id: projects.id }).from(projects).where(eq(projects.userId, as.id))).length;
+  const holder = (owner: RegisteredUser): Holder => ({
+    max: MAX,
+    detail: `This account already has the most projects it may hold: ${MAX} (MAX_PROJECTS_PER_USER)`,
+    create: () => limited.app.inject({ method: 'POST', url: '/api/v1/projects', headers: owner.auth, payload: { name: 'One more' } }),
+    stored: async () => (await limited.testDb.database.db.select({ id: projects.id }).from(projects).where(eq(projects.userId, owner.id))).length,
+  });
   async function userWith(count: number) {
     const owner = await registerUser(limited.app);
     for (let i = 0; i < count; i++) await createProject(limited.app, owner);
@@ -236,25 +238,18 @@ describe('MAX_PROJECTS_PER_USER', () => {
   }
 
   it('refuses one project more with 409 CONFLICT naming the limit, and stores nothing', async () => {
-    const owner = await userWith(MAX);
-    expectLimitReached(await post(owner), DETAIL);
-    expect(await stored(owner)).toBe(MAX);
+    await expectFull(holder(await userWith(MAX)));
     // A limit per user: another one still creates.
-    expect((await post(await userWith(0))).statusCode).toBe(201);
+    expect((await holder(await userWith(0)).create()).statusCode).toBe(201);
   });
 
   it('takes a project again once one is deleted', async () => {
     const owner = await userWith(MAX);
     const [first] = (await limited.app.inject({ method: 'GET', url: '/api/v1/projects', headers: owner.auth })).json().data;
-    expect((await limited.app.inject({ method: 'DELETE', url: `/api/v1/projects/${first.id}`, headers: owner.auth })).statusCode).toBe(204);
-    expect((await post(owner)).statusCode).toBe(201);
-    expectLimitReached(await post(owner), DETAIL);
-    expect(await stored(owner)).toBe(MAX);
+    await expectDeleteFreesOneSlot(holder(owner), () => limited.app.inject({ method: 'DELETE', url: `/api/v1/projects/${first.id}`, headers: owner.auth }));
   });
 
   it('stores exactly one of many creates at once into the last slot', async () => {
-    const owner = await userWith(MAX - 1);
-    expect(await statusesOfCreatesAtOnce(10, () => post(owner))).toEqual(oneCreatedTheRestRefused(10));
-    expect(await stored(owner)).toBe(MAX);
+    await expectOneOfManyIntoTheLastSlot(holder(await userWith(MAX - 1)));
   });
 });

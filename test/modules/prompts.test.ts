@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { prompts } from '../../src/db/schema.js';
 import type { ProjectDto } from '../../src/modules/projects/schemas.js';
 import { createProject, createPrompt, expectProblem, registerUser, type RegisteredUser, startTestApp, type TestApp } from '../support/app.js';
-import { expectLimitReached, oneCreatedTheRestRefused, statusesOfCreatesAtOnce } from '../support/limits.js';
+import { expectDeleteFreesOneSlot, expectFull, expectOneOfManyIntoTheLastSlot, type Holder } from '../support/limits.js';
 
 let t: TestApp;
 let user: RegisteredUser;
@@ -139,7 +139,6 @@ describe('validation', () => {
 
 describe('MAX_PROMPTS_PER_PROJECT', () => {
   const MAX = 3;
-  const DETAIL = `This project already has the most prompts it may hold: ${MAX} (MAX_PROMPTS_PER_PROJECT)`;
   let limited: TestApp;
   let owner: RegisteredUser;
   beforeAll(async () => {
@@ -148,45 +147,43 @@ describe('MAX_PROMPTS_PER_PROJECT', () => {
   });
   afterAll(() => limited.close());
 
-  const post = (projectId: string, as = owner) =>
-    limited.app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/prompts`, headers: as.auth, payload: { title: 'One more', content: 'c' } });
-  const stored = async (projectId: string) =>
-    (await limited.testDb.database.db.select({ id: prompts.id }).from(prompts).where(eq(prompts.projectId, projectId))).length;
-  async function projectWith(count: number, as = owner) {
-    const { id } = await createProject(limited.app, as);
-    for (let i = 0; i < count; i++) await createPrompt(limited.app, as, id);
+  const prompt = (projectId: string, as = owner, method: 'POST' | 'GET' = 'POST') =>
+    limited.app.inject({ method, url: `/api/v1/projects/${projectId}/prompts`, headers: as.auth, ...(method === 'POST' ? { payload: { title: 'One more', content: 'c' } } : {}) });
+  const holder = (projectId: string): Holder => ({
+    max: MAX,
+    detail: `This project already has the most prompts it may hold: ${MAX} (MAX_PROMPTS_PER_PROJECT)`,
+    create: () => prompt(projectId),
+    stored: async () => (await limited.testDb.database.db.select({ id: prompts.id }).from(prompts).where(eq(prompts.projectId, projectId))).length,
+  });
+  async function projectWith(count: number) {
+    const { id } = await createProject(limited.app, owner);
+    for (let i = 0; i < count; i++) await createPrompt(limited.app, owner, id);
     return id;
   }
 
   it('refuses one prompt more with 409 CONFLICT naming the limit, and stores nothing', async () => {
-    const projectId = await projectWith(MAX);
-    expectLimitReached(await post(projectId), DETAIL);
-    expect(await stored(projectId)).toBe(MAX);
+    await expectFull(holder(await projectWith(MAX)));
     // A limit per project: the user's other projects still take prompts.
-    expect((await post(await projectWith(0))).statusCode).toBe(201);
+    expect((await prompt(await projectWith(0))).statusCode).toBe(201);
   });
 
   it('takes a prompt again once one is deleted', async () => {
     const projectId = await projectWith(MAX);
-    const [first] = (await limited.app.inject({ method: 'GET', url: `/api/v1/projects/${projectId}/prompts`, headers: owner.auth })).json().data;
-    const deleted = await limited.app.inject({ method: 'DELETE', url: `/api/v1/projects/${projectId}/prompts/${first.id}`, headers: owner.auth });
-    expect(deleted.statusCode).toBe(204);
-    expect((await post(projectId)).statusCode).toBe(201);
-    expectLimitReached(await post(projectId), DETAIL);
-    expect(await stored(projectId)).toBe(MAX);
+    const [first] = (await prompt(projectId, owner, 'GET')).json().data;
+    await expectDeleteFreesOneSlot(holder(projectId), () =>
+      limited.app.inject({ method: 'DELETE', url: `/api/v1/projects/${projectId}/prompts/${first.id}`, headers: owner.auth }),
+    );
   });
 
   it('answers another user’s full project with 404, as if it did not exist', async () => {
     const projectId = await projectWith(MAX);
     const stranger = await registerUser(limited.app);
-    expect(expectProblem(await post(projectId, stranger), 404, 'NOT_FOUND').detail).toBe('Project not found');
-    expect(await stored(projectId)).toBe(MAX);
+    expect(expectProblem(await prompt(projectId, stranger), 404, 'NOT_FOUND').detail).toBe('Project not found');
+    expect(await holder(projectId).stored()).toBe(MAX);
   });
 
   it('stores exactly one of many creates at once into the last slot', async () => {
-    const projectId = await projectWith(MAX - 1);
-    expect(await statusesOfCreatesAtOnce(10, () => post(projectId))).toEqual(oneCreatedTheRestRefused(10));
-    expect(await stored(projectId)).toBe(MAX);
+    await expectOneOfManyIntoTheLastSlot(holder(await projectWith(MAX - 1)));
   });
 
   it.skipIf(!process.env.TEST_DATABASE_URL)('still stores exactly one when each create holds its lock a while (PostgreSQL: concurrent connections)', async () => {
@@ -198,9 +195,7 @@ describe('MAX_PROMPTS_PER_PROJECT', () => {
         create trigger test_pause after insert on prompts for each statement execute function test_pause();`),
     );
     try {
-      const projectId = await projectWith(MAX - 1);
-      expect(await statusesOfCreatesAtOnce(10, () => post(projectId))).toEqual(oneCreatedTheRestRefused(10));
-      expect(await stored(projectId)).toBe(MAX);
+      await expectOneOfManyIntoTheLastSlot(holder(await projectWith(MAX - 1)));
     } finally {
       await db.execute(sql.raw('drop trigger test_pause on prompts; drop function test_pause();'));
     }

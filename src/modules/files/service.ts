@@ -11,8 +11,8 @@ import { isUuid } from '../../http/ids.js';
 import type { IdSortKey, Page, PageRequest } from '../../http/pagination.js';
 import type { ProviderRegistry } from '../../providers/registry.js';
 import { type ProviderAdapter, type ProviderName, ProviderNotConfigured } from '../../providers/types.js';
-import { type CountLimit, CountLimitReached, filesPerProject, insertedUnder, insertUnderLimit, param } from '../projects/count-limit.js';
-import { inOwnedProject, ownedProject, ownedProjectParam, pageOfProjectRows, type ProjectRow } from '../projects/service.js';
+import { CountLimitReached, filesPerProject, type LimitedInsert, limitedInsert, param } from '../projects/count-limit.js';
+import { callersProject, inOwnedProject, ownedProject, pageOfProjectRows, type ProjectRow } from '../projects/service.js';
 import { buildFilesSection, type FilesSection, type FilesSectionOptions } from './chat-section.js';
 import { ContentInspector, essence } from './content-type.js';
 import { displayFilename } from './filename.js';
@@ -94,9 +94,8 @@ function ownedFile(userId: string, projectId: string, fileId: string): SQL {
 }
 
 export class FilesService {
-  private readonly limit: CountLimit;
   /** The upload's row, under MAX_FILES_PER_PROJECT (see `upload`). */
-  private readonly insert;
+  private readonly insert: LimitedInsert<FileRow>;
 
   constructor(
     private readonly db: Db,
@@ -104,19 +103,22 @@ export class FilesService {
     private readonly providers: ProviderRegistry,
     private readonly config: Pick<Config, 'FILE_MAX_BYTES' | 'AI_TIMEOUT_MS' | 'MAX_FILES_PER_PROJECT'>,
   ) {
-    this.limit = filesPerProject(config.MAX_FILES_PER_PROJECT);
-    const { parent, inserted } = insertUnderLimit(db, this.limit, projects, ownedProjectParam, files, (projectId) => ({
-      id: param('id', 'uuid'),
-      projectId,
-      filename: param('filename', 'text'),
+    this.insert = limitedInsert(db, {
+      name: 'create_file',
+      limit: filesPerProject(config.MAX_FILES_PER_PROJECT),
+      parent: callersProject,
+      table: files,
+      parentColumn: 'projectId',
+      values: {
+        filename: param('filename', 'text'),
       mimeType: param('mimeType', 'text'),
       size: param('size', 'bigint'),
       sha256: param('sha256', 'text'),
       storageUrl: param('storageUrl', 'text'),
       providerFileId: param('providerFileId', 'text'),
-      createdAt: param('now', 'timestamptz'),
-    }));
-    this.insert = db.with(parent, inserted).select().from(parent).leftJoin(inserted, sql`true`).prepare('create_file');
+        createdAt: param('now', 'timestamptz'),
+      },
+    });
   }
 
   /**
@@ -146,7 +148,7 @@ export class FilesService {
       key = storageKey({ projectId: project.id, id });
       const storageUrl = await this.storage.keep(received, key);
       inserting = true;
-      const result = await this.insert.execute({
+      const params = {
         userId,
         projectId: project.id,
         id,
@@ -157,8 +159,8 @@ export class FilesService {
         storageUrl,
         providerFileId,
         now: new Date().toISOString(),
-      });
-      return toDto(insertedUnder(result, this.limit, () => new NotFound('Project')));
+      };
+      return toDto(await this.insert.run(params, () => new NotFound('Project')));
     } catch (error) {
       if (inserting && isDatabaseUnavailable(error)) {
         // The connection was lost with the insert sent, perhaps after its commit: a row may name these
@@ -270,7 +272,7 @@ export class FilesService {
       .where(ownedProject(userId, projectId));
     if (!row) throw new NotFound('Project');
     const { fileCount, ...project } = row;
-    if (fileCount >= this.limit.max) throw new CountLimitReached(this.limit);
+    if (fileCount >= this.insert.limit.max) throw new CountLimitReached(this.insert.limit);
     return project;
   }
 

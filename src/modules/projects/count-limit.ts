@@ -52,15 +52,43 @@ export class CountLimitReached extends Conflict {
 }
 
 /** A statement parameter named `name`, cast to `type`: an insert's source select infers no types of its own. */
-export const param = (name: string, type: 'uuid' | 'text' | 'bigint' | 'timestamptz') => sql`${sql.placeholder(name)}::${sql.raw(type)}`;
+export const param = (name: string, type: 'text' | 'bigint' | 'timestamptz') => sql`${sql.placeholder(name)}::${sql.raw(type)}`;
 
-type Values<Table extends PgTable> = { [Key in keyof Table['$inferInsert']]?: SQL | PgColumn };
+/** The parent row of a create: the one of `table` that `where` selects (a prepared statement's parameters). */
+export interface Parent {
+  table: PgTable & { id: PgColumn };
+  where: SQL;
+}
+
+type Insert<Table extends PgTable> = Table['$inferInsert'];
+
+export interface LimitedInsertOptions<Table extends PgTable> {
+  /** The prepared statement's name. */
+  name: string;
+  limit: CountLimit;
+  parent: Parent;
+  table: Table;
+  /** The column of `table` that names the parent. */
+  parentColumn: keyof Insert<Table>;
+  /** The other columns; the row's id is the parameter `id`. */
+  values: { [Key in keyof Insert<Table>]?: SQL };
+}
+
+/** A create under a count limit, prepared: see `limitedInsert`. */
+export interface LimitedInsert<Row> {
+  readonly limit: CountLimit;
+  /**
+   * The row inserted with `params`. No parent is `missing()` (404 for a project: another user's is
+   * answered so too, whatever it holds, so a limit never tells that it exists); a parent and no row
+   * inserted is the limit's refusal, CountLimitReached.
+   */
+  run(params: Record<string, unknown>, missing: () => ApiError): Promise<Row>;
+}
 
 /**
- * The two parts of a create's one statement under a count limit: `parent`, the parent row selected by
- * `parentWhere` (owner-checked where the parent is a project) and locked; `inserted`, the row of `table`
- * with `values`, inserted only while the parent holds fewer than `limit.max` rows. Select the parent
- * left-joined with what was inserted (see `insertedUnder`).
+ * A create's one statement under a count limit: the parent row selected (owner-checked where the
+ * parent is a project) and locked, and the row inserted only while the parent holds fewer than
+ * `limit.max` rows; the parent left-joined with what was inserted is the answer.
  *
  * Race-free under READ COMMITTED. Creates under one parent wait for each other's lock, then count with
  * the counter function, which takes a snapshot of its own (it is VOLATILE): it sees every row committed
@@ -69,17 +97,15 @@ type Values<Table extends PgTable> = { [Key in keyof Table['$inferInsert']]?: SQ
  * one slot left would each count the same and all insert. FOR NO KEY UPDATE, not FOR UPDATE: it neither
  * waits for nor holds up the foreign-key checks of other writes under the parent (a chat's messages).
  */
-export function insertUnderLimit<Table extends PgTable>(
-  db: Db,
-  limit: CountLimit,
-  parentTable: PgTable & { id: PgColumn },
-  parentWhere: SQL,
-  table: Table,
-  values: (parentId: PgColumn) => Values<Table>,
-) {
-  const parent = db.$with('parent').as(db.select({ id: parentTable.id }).from(parentTable).where(parentWhere).for('no key update'));
-  const columns = getTableColumns(table);
-  const given = Object.entries(values(parent.id)) as [keyof typeof columns, SQL | PgColumn][];
+export function limitedInsert<Table extends PgTable>(db: Db, options: LimitedInsertOptions<Table>): LimitedInsert<Table['$inferSelect']> {
+  const { name, limit, table } = options;
+  const parent = db.$with('parent').as(db.select({ id: options.parent.table.id }).from(options.parent.table).where(options.parent.where).for('no key update'));
+  const columns = getTableColumns(table) as Record<string, PgColumn>;
+  const given: [string, SQL | PgColumn][] = [
+    ['id', sql`${sql.placeholder('id')}::uuid`],
+    [options.parentColumn as string, parent.id],
+    ...(Object.entries(options.values) as [string, SQL][]),
+  ];
   const inserted = db.$with('inserted', columns).as(
     sql`insert into ${table} (${sql.join(
       given.map(([key]) => sql.identifier(columns[key]!.name)),
@@ -89,17 +115,14 @@ export function insertUnderLimit<Table extends PgTable>(
       sql`, `,
     )} from ${parent} where ${sql.raw(limit.counter)}(${parent.id}) < ${limit.max}::integer returning *`,
   );
-  return { parent, inserted };
-}
-
-/**
- * The row the statement of `insertUnderLimit` inserted. No parent is `missing()` (404 for a project:
- * another user's is answered so too, whatever it holds, so a limit never tells that it exists); a
- * parent and nothing inserted is the limit's refusal.
- */
-export function insertedUnder<Row>(result: { inserted: Row | null }[], limit: CountLimit, missing: () => ApiError): Row {
-  const [found] = result;
-  if (!found) throw missing();
-  if (!found.inserted) throw new CountLimitReached(limit);
-  return found.inserted;
+  const statement = db.with(parent, inserted).select().from(parent).leftJoin(inserted, sql`true`).prepare(name);
+  return {
+    limit,
+    async run(params, missing) {
+      const [found] = (await statement.execute(params)) as { inserted: Table['$inferSelect'] | null }[];
+      if (!found) throw missing();
+      if (!found.inserted) throw new CountLimitReached(limit);
+      return found.inserted;
+    },
+  };
 }

@@ -12,7 +12,7 @@ import { type IdSortKey, idSortKeyOf, type Page, type PageRequest, paginate } fr
 import type { ProviderName } from '../../providers/types.js';
 import { waitForFileWrites } from '../files/deleting.js';
 import type { StoredFileDiscarder } from '../files/service.js';
-import { type CountLimit, insertedUnder, insertUnderLimit, param, projectsPerUser } from './count-limit.js';
+import { type LimitedInsert, limitedInsert, param, type Parent, projectsPerUser } from './count-limit.js';
 import type { CreateProjectInput, ProjectDto, UpdateProjectInput } from './schemas.js';
 
 export type ProjectRow = typeof projects.$inferSelect;
@@ -95,33 +95,38 @@ function withCounts(db: Db) {
 /** A project id as a statement parameter: one that cannot be a uuid matches no row instead of failing the cast. */
 export const projectIdParam = (projectId: string) => (isUuid(projectId) ? projectId : null);
 
-/** `ownedProject` in a prepared statement: its parameters `projectId` (see `projectIdParam`) and `userId`. */
-export const ownedProjectParam = and(eq(projects.id, sql.placeholder('projectId')), eq(projects.userId, sql.placeholder('userId')))!;
+/** `ownedProject` as the parent of a create under a limit: its parameters `projectId` (see `projectIdParam`) and `userId`. */
+export const callersProject: Parent = {
+  table: projects,
+  where: and(eq(projects.id, sql.placeholder('projectId')), eq(projects.userId, sql.placeholder('userId')))!,
+};
 
 export class ProjectsService {
   /** The caller's row (for the token check) joined with their project and its counts: one round trip. */
   private readonly projectOfUser;
-  private readonly limit: CountLimit;
   /** The user's row locked, the limit and the insert: one round trip, as the insert alone was. */
-  private readonly insert;
+  private readonly insert: LimitedInsert<ProjectRow>;
 
   constructor(
     private readonly db: Db,
     private readonly storedFiles: StoredFileDiscarder,
     config: Pick<Config, 'MAX_PROJECTS_PER_USER'>,
   ) {
-    this.limit = projectsPerUser(config.MAX_PROJECTS_PER_USER);
-    const { parent, inserted } = insertUnderLimit(db, this.limit, users, eq(users.id, sql.placeholder('userId')), projects, (userId) => ({
-      id: param('id', 'uuid'),
-      userId,
-      name: param('name', 'text'),
-      description: param('description', 'text'),
-      provider: param('provider', 'text'),
-      model: param('model', 'text'),
-      createdAt: param('now', 'timestamptz'),
-      updatedAt: param('now', 'timestamptz'),
-    }));
-    this.insert = db.with(parent, inserted).select().from(parent).leftJoin(inserted, sql`true`).prepare('create_project');
+    this.insert = limitedInsert(db, {
+      name: 'create_project',
+      limit: projectsPerUser(config.MAX_PROJECTS_PER_USER),
+      parent: { table: users, where: eq(users.id, sql.placeholder('userId')) },
+      table: projects,
+      parentColumn: 'userId',
+      values: {
+        name: param('name', 'text'),
+        description: param('description', 'text'),
+        provider: param('provider', 'text'),
+        model: param('model', 'text'),
+        createdAt: param('now', 'timestamptz'),
+        updatedAt: param('now', 'timestamptz'),
+      },
+    });
     this.projectOfUser = db
       .select({ tokenVersion: users.tokenVersion, ...withCounts(db) })
       .from(users)
@@ -131,7 +136,7 @@ export class ProjectsService {
   }
 
   async create(userId: string, input: CreateProjectInput): Promise<ProjectDto> {
-    const result = await this.insert.execute({
+    const params = {
       userId,
       id: uuidv7(),
       name: input.name,
@@ -139,9 +144,9 @@ export class ProjectsService {
       provider: input.provider ?? null,
       model: input.model ?? null,
       now: new Date().toISOString(),
-    });
+    };
     // No row of the caller: the account was deleted since the request's token was checked.
-    const row = insertedUnder(result, this.limit, () => new Unauthorized());
+    const row = await this.insert.run(params, () => new Unauthorized());
     return toDto({ ...row, promptCount: 0, messageCount: 0, fileCount: 0 });
   }
 

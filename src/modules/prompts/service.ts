@@ -1,13 +1,13 @@
-import { and, eq, type SQL, sql } from 'drizzle-orm';
+import { and, eq, type SQL } from 'drizzle-orm';
 import type { Config } from '../../config.js';
 import { uuidv7 } from '../../db/ids.js';
 import type { Db } from '../../db/database.js';
-import { projects, prompts } from '../../db/schema.js';
+import { prompts } from '../../db/schema.js';
 import { NotFound } from '../../http/errors.js';
 import { isUuid } from '../../http/ids.js';
 import type { IdSortKey, Page, PageRequest } from '../../http/pagination.js';
-import { type CountLimit, insertedUnder, insertUnderLimit, param, promptsPerProject } from '../projects/count-limit.js';
-import { inOwnedProject, ownedProjectParam, pageOfProjectRows, projectIdParam } from '../projects/service.js';
+import { type LimitedInsert, limitedInsert, param, promptsPerProject } from '../projects/count-limit.js';
+import { callersProject, inOwnedProject, pageOfProjectRows, projectIdParam } from '../projects/service.js';
 import type { CreatePromptInput, PromptDto, UpdatePromptInput } from './schemas.js';
 
 type PromptRow = typeof prompts.$inferSelect;
@@ -30,35 +30,31 @@ function ownedPrompt(userId: string, projectId: string, promptId: string): SQL {
 }
 
 export class PromptsService {
-  private readonly limit: CountLimit;
   /** The owner check, the limit and the insert: one round trip. */
-  private readonly insert;
+  private readonly insert: LimitedInsert<PromptRow>;
 
   constructor(
     private readonly db: Db,
     config: Pick<Config, 'MAX_PROMPTS_PER_PROJECT'>,
   ) {
-    this.limit = promptsPerProject(config.MAX_PROMPTS_PER_PROJECT);
-    const { parent, inserted } = insertUnderLimit(db, this.limit, projects, ownedProjectParam, prompts, (projectId) => ({
-      id: param('id', 'uuid'),
-      projectId,
-      title: param('title', 'text'),
-      content: param('content', 'text'),
-      createdAt: param('now', 'timestamptz'),
-      updatedAt: param('now', 'timestamptz'),
-    }));
-    this.insert = db.with(parent, inserted).select().from(parent).leftJoin(inserted, sql`true`).prepare('create_prompt');
+    this.insert = limitedInsert(db, {
+      name: 'create_prompt',
+      limit: promptsPerProject(config.MAX_PROMPTS_PER_PROJECT),
+      parent: callersProject,
+      table: prompts,
+      parentColumn: 'projectId',
+      values: {
+        title: param('title', 'text'),
+        content: param('content', 'text'),
+        createdAt: param('now', 'timestamptz'),
+        updatedAt: param('now', 'timestamptz'),
+      },
+    });
   }
 
   async create(userId: string, projectId: string, input: CreatePromptInput): Promise<PromptDto> {
-    const result = await this.insert.execute({
-      userId,
-      projectId: projectIdParam(projectId),
-      id: uuidv7(),
-      ...input,
-      now: new Date().toISOString(),
-    });
-    return toDto(insertedUnder(result, this.limit, () => new NotFound('Project')));
+    const params = { userId, projectId: projectIdParam(projectId), id: uuidv7(), ...input, now: new Date().toISOString() };
+    return toDto(await this.insert.run(params, () => new NotFound('Project')));
   }
 
   /** Oldest first: the order they are sent to the model in. */
