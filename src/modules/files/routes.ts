@@ -27,11 +27,13 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
     {
       schema: {
         tags: ['files'],
-        description: 'multipart/form-data with one part, `file`. Streamed to storage; over FILE_MAX_BYTES is 413 and nothing is kept.',
+        description:
+          'multipart/form-data with one part, `file`. Streamed to storage; over FILE_MAX_BYTES is 413 and nothing is kept. A project already holding MAX_FILES_PER_PROJECT files is 409.',
         consumes: ['multipart/form-data'],
         documentedBody: z.strictObject({ file: z.string().meta({ format: 'binary', description: 'The file’s bytes, its name and media type' }) }),
         params: projectParams,
         response: { 201: file },
+        problems: ['CONFLICT'],
       },
     },
     async (request, reply) => {

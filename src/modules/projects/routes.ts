@@ -13,7 +13,7 @@ import type { ProjectsService } from './service.js';
 export const projectRoutes: FastifyPluginAsyncZod<{ projects: ProjectsService }> = async (app, { projects }) => {
   app.post(
     '/',
-    { schema: { tags: ['projects'], body: createProjectBody, response: { 201: project } } },
+    { schema: { tags: ['projects'], body: createProjectBody, response: { 201: project }, problems: ['CONFLICT'] } },
     async (request, reply) => reply.code(201).send(await projects.create(request.user.id, request.body)),
   );
 

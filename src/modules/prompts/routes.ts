@@ -8,7 +8,7 @@ import type { PromptsService } from './service.js';
 export const promptRoutes: FastifyPluginAsyncZod<{ prompts: PromptsService }> = async (app, { prompts }) => {
   app.post(
     '/',
-    { schema: { tags: ['prompts'], params: projectParams, body: createPromptBody, response: { 201: prompt } } },
+    { schema: { tags: ['prompts'], params: projectParams, body: createPromptBody, response: { 201: prompt }, problems: ['CONFLICT'] } },
     async (request, reply) =>
       reply.code(201).send(await prompts.create(request.user.id, request.params.projectId, request.body)),
   );
