@@ -111,11 +111,11 @@ export class FilesService {
       parentColumn: 'projectId',
       values: {
         filename: param('filename', 'text'),
-      mimeType: param('mimeType', 'text'),
-      size: param('size', 'bigint'),
-      sha256: param('sha256', 'text'),
-      storageUrl: param('storageUrl', 'text'),
-      providerFileId: param('providerFileId', 'text'),
+        mimeType: param('mimeType', 'text'),
+        size: param('size', 'bigint'),
+        sha256: param('sha256', 'text'),
+        storageUrl: param('storageUrl', 'text'),
+        providerFileId: param('providerFileId', 'text'),
         createdAt: param('now', 'timestamptz'),
       },
     });
