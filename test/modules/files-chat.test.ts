@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
-import { buildFilesSection, type ContextFile } from '../../src/modules/files/chat-section.js';
+import { buildFilesSection, type ContextFile, EntryCounts } from '../../src/modules/files/chat-section.js';
 import type { FileDto } from '../../src/modules/files/schemas.js';
 import { countTokens, MESSAGE_OVERHEAD_TOKENS } from '../../src/providers/models.js';
 import { createProject, createPrompt, insertMessages, registerUser, type RegisteredUser, startTestApp, type TestApp } from '../support/app.js';
@@ -13,6 +13,7 @@ const PNG = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0, 0, 0
 describe('the files section', () => {
   const countText = (text: string) => countTokens(text, 'gpt-4o-mini');
   const textFile = (filename: string, text: string): ContextFile => ({
+    id: `id of ${filename}`,
     filename,
     mimeType: 'text/plain',
     size: Buffer.byteLength(text),
@@ -78,6 +79,44 @@ describe('the files section', () => {
     expect(fits!.tokens).toBeLessThanOrEqual(whole + 30);
   });
 
+  it('counts a file once: later turns take its count (read, not counted, when it fits; neither when it cannot)', async () => {
+    const counts = new EntryCounts();
+    const counted: string[] = [];
+    const options = (budget: number, encoding = 'o200k_base') => ({
+      budget,
+      countText: (text: string) => (counted.push(text), countText(text)),
+      providerReadsFiles: false,
+      counted: { encoding, counts },
+    });
+    const fits = textFile('fits.txt', 'Some words that fit. '.repeat(100));
+    const tooLong = textFile('long.txt', 'Far too many words. '.repeat(300));
+    const first = await buildFilesSection([fits, tooLong], options(1_000));
+    const countedFirst = counted.join('');
+    expect(countedFirst).toContain('Some words that fit.');
+    expect(countedFirst).toContain('Far too many words.');
+
+    counted.length = 0;
+    expect(await buildFilesSection([fits, tooLong], options(1_000))).toEqual(first);
+    expect(counted.join('')).not.toContain('words'); // only the names of what is left out
+    expect(fits.readText).toHaveBeenCalledTimes(2);
+    expect(tooLong.readText).toHaveBeenCalledTimes(1);
+
+    // With more room than it was found past, the long file is counted again, and then fits.
+    const roomy = await buildFilesSection([fits, tooLong], options(100_000));
+    expect(roomy!.message.content).toContain('Far too many words.');
+    expect(roomy!.tokens).toBe((await section([fits, tooLong], 100_000))!.tokens);
+    // Another encoding counts for itself.
+    counted.length = 0;
+    await buildFilesSection([fits], options(1_000, 'cl100k_base'));
+    expect(counted.join('')).toContain('Some words that fit.');
+
+    // The oldest counts go past the bound.
+    const bounded = new EntryCounts(2);
+    for (const id of ['a', 'b', 'c']) bounded.set(id, 'o200k_base', { tokens: 1 });
+    expect(bounded.get('a', 'o200k_base')).toBeUndefined();
+    expect(bounded.get('c', 'o200k_base')).toEqual({ tokens: 1 });
+  });
+
   it('leaves out a text file deleted while the turn was read (its bytes gone), and takes the others', async () => {
     const gone = { ...textFile('gone.txt', 'Gone.'), readText: vi.fn(async () => Promise.reject(Object.assign(new Error('ENOENT: no such file'), { code: 'ENOENT' }))) };
     const result = await section([gone, textFile('kept.txt', 'Kept.')]);
@@ -88,9 +127,9 @@ describe('the files section', () => {
 
   it('sends a PDF with a provider copy by reference, and names what the provider cannot read', async () => {
     const files: ContextFile[] = [
-      { filename: 'report.pdf', mimeType: 'application/pdf', size: 9, providerFileId: 'file-1', readText: vi.fn() },
-      { filename: 'photo.png', mimeType: 'image/png', size: 9, providerFileId: 'file-2', readText: vi.fn() },
-      { filename: 'local.pdf', mimeType: 'application/pdf', size: 9, providerFileId: null, readText: vi.fn() },
+      { id: '1', filename: 'report.pdf', mimeType: 'application/pdf', size: 9, providerFileId: 'file-1', readText: vi.fn() },
+      { id: '2', filename: 'photo.png', mimeType: 'image/png', size: 9, providerFileId: 'file-2', readText: vi.fn() },
+      { id: '3', filename: 'local.pdf', mimeType: 'application/pdf', size: 9, providerFileId: null, readText: vi.fn() },
     ];
     const result = await section(files);
     expect(result!.message.content).toBe(
@@ -105,7 +144,7 @@ describe('the files section', () => {
 
   it('attaches PDFs up to OpenAI\'s 32 MB of files per request, newest first, and names the rest as left out', async () => {
     const pdf = (name: string, megabytes: number): ContextFile =>
-      ({ filename: name, mimeType: 'application/pdf', size: megabytes * 1_000_000, providerFileId: `file-${name}`, readText: vi.fn() });
+      ({ id: name, filename: name, mimeType: 'application/pdf', size: megabytes * 1_000_000, providerFileId: `file-${name}`, readText: vi.fn() });
     // 20 + 15 MB would be refused whole (every turn of the project a 502); 20 + 10 fits.
     const result = await section([pdf('a.pdf', 20), pdf('b.pdf', 15), pdf('c.pdf', 10), pdf('d.pdf', 3)]);
     expect(result!.fileIds).toEqual(['file-a.pdf', 'file-c.pdf']);

@@ -265,6 +265,7 @@ export class ChatService {
         this.files.chatSection(row.files, {
           budget: room,
           countText: (content) => countTokens(content, model),
+          encoding,
           providerReadsFiles: adapter.supportsFiles,
         }),
       history: (room) => this.newestHistory(ownedId, row.history, model, room),

@@ -19,6 +19,7 @@ import { bytesGone } from './storage.js';
  */
 
 export interface ContextFile {
+  id: string;
   filename: string;
   mimeType: string;
   size: number;
@@ -40,6 +41,34 @@ export interface FilesSectionOptions {
   countText(text: string): number;
   /** Whether the provider of this turn reads provider files (PDF content parts). */
   providerReadsFiles: boolean;
+  /** The encoding `countText` counts in, and the counts of the files' entries in it from earlier turns. */
+  counted?: { encoding: string; counts: EntryCounts };
+}
+
+/** What counting a text file's entry found: its tokens, or that they are more than `over`. */
+type EntryCount = { tokens: number } | { over: number };
+
+/**
+ * The token counts of text files' entries (the line naming a file, and its text), by file and encoding,
+ * from the turns before: a file's bytes and name never change, so a count holds for as long as the
+ * file is there. Counting a large file is most of a turn's work otherwise (a 300 KB file: 50 ms of
+ * the event loop, every turn). The oldest counts go past `maxEntries`.
+ */
+export class EntryCounts {
+  private readonly counts = new Map<string, EntryCount>();
+
+  constructor(private readonly maxEntries = 10_000) {}
+
+  get(fileId: string, encoding: string): EntryCount | undefined {
+    return this.counts.get(`${fileId} ${encoding}`);
+  }
+
+  set(fileId: string, encoding: string, count: EntryCount): void {
+    const key = `${fileId} ${encoding}`;
+    this.counts.delete(key);
+    this.counts.set(key, count);
+    if (this.counts.size > this.maxEntries) this.counts.delete(this.counts.keys().next().value!);
+  }
 }
 
 const HEADER = 'Files attached to this project, newest first:';
@@ -67,18 +96,27 @@ export async function buildFilesSection(files: ContextFile[], options: FilesSect
     const heading = `\n\n--- ${file.filename} (${file.mimeType}) ---\n`;
     if (isTextType(file.mimeType) && file.size <= Math.min(readable, (budget - tokens) * MAX_BYTES_PER_TOKEN)) {
       readable -= file.size;
-      const text = await file.readText().catch((error: unknown) => {
-        if (bytesGone(error)) return undefined;
-        throw error;
-      });
+      const room = budget - tokens;
+      const known = options.counted?.counts.get(file.id, options.counted.encoding);
+      // Known not to fit: not read again. Known to fit: read, not counted again.
+      const fitsNot = known && ('over' in known ? known.over >= room : known.tokens > room);
+      const text = fitsNot
+        ? null
+        : await file.readText().catch((error: unknown) => {
+            if (bytesGone(error)) return undefined;
+            throw error;
+          });
       // Deleted while this turn was read (a concurrent DELETE): as if it had never been there.
       if (text === undefined) continue;
-      const entry = heading + text;
-      const cost = tokensWithin(entry, budget - tokens, countText);
-      if (cost !== undefined) {
-        entries.push(entry);
-        tokens += cost;
-        continue;
+      if (text !== null) {
+        const entry = heading + text;
+        const cost = known && 'tokens' in known ? known.tokens : tokensWithin(entry, room, countText);
+        options.counted?.counts.set(file.id, options.counted.encoding, cost === undefined ? { over: room } : { tokens: cost });
+        if (cost !== undefined) {
+          entries.push(entry);
+          tokens += cost;
+          continue;
+        }
       }
     }
     const attachable = options.providerReadsFiles && file.mimeType === PDF ? file.providerFileId : null;

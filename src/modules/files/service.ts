@@ -13,7 +13,7 @@ import type { ProviderRegistry } from '../../providers/registry.js';
 import { type ProviderAdapter, type ProviderName, ProviderNotConfigured } from '../../providers/types.js';
 import { CountLimitReached, filesPerProject, type LimitedInsert, limitedInsert, param } from '../projects/count-limit.js';
 import { callersProject, inOwnedProject, ownedProject, pageOfProjectRows, type ProjectRow } from '../projects/service.js';
-import { buildFilesSection, type FilesSection, type FilesSectionOptions } from './chat-section.js';
+import { buildFilesSection, EntryCounts, type FilesSection, type FilesSectionOptions } from './chat-section.js';
 import { ContentInspector, essence } from './content-type.js';
 import { displayFilename } from './filename.js';
 import type { FileDto } from './schemas.js';
@@ -96,6 +96,8 @@ function ownedFile(userId: string, projectId: string, fileId: string): SQL {
 export class FilesService {
   /** The upload's row, under MAX_FILES_PER_PROJECT (see `upload`). */
   private readonly insert: LimitedInsert<FileRow>;
+  /** Chat turns' counts of text files, kept for the turns after (see chat-section.ts). */
+  private readonly entryCounts = new EntryCounts();
 
   constructor(
     private readonly db: Db,
@@ -257,10 +259,10 @@ export class FilesService {
    * The files section of a chat turn's context (see chat-section.ts), from the rows `chatFilesOf`
    * read. The caller has checked that the project is the user's.
    */
-  chatSection(rows: ChatFileRow[], options: FilesSectionOptions): Promise<FilesSection | undefined> {
+  chatSection(rows: ChatFileRow[], { encoding, ...options }: Omit<FilesSectionOptions, 'counted'> & { encoding: string }): Promise<FilesSection | undefined> {
     return buildFilesSection(
       rows.map((row) => ({ ...row, readText: () => this.readText(row) })),
-      options,
+      { ...options, counted: { encoding, counts: this.entryCounts } },
     );
   }
 
