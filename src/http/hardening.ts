@@ -46,7 +46,9 @@ export function takesBody(route: Pick<RouteOptions, 'method' | 'schema'>): boole
 /** A preParsing hook of the routes that take a body: refuses it before reading it if it is encoded. */
 function refuseEncodedBody(request: FastifyRequest, reply: FastifyReply, payload: RequestPayload, done: (error: Error | null, payload?: RequestPayload) => void): void {
   const coding = request.headers['content-encoding'];
-  if (coding === undefined || coding.trim().toLowerCase() === 'identity') {
+  // A list (RFC 9110, 8.4), whose empty elements and `identity` apply no coding.
+  const codings = coding?.split(',').filter((element) => !['', 'identity'].includes(element.trim().toLowerCase()));
+  if (!codings?.length) {
     done(null, payload);
     return;
   }

@@ -187,9 +187,13 @@ describe('a compressed request body (Content-Encoding)', () => {
     const files = await t.app.inject({ method: 'GET', url: `/api/v1/projects/${project.id}/files`, headers: user.auth });
     expect(files.json().data).toEqual([]);
 
-    // `identity` is no coding at all; a GET's header has no body to refer to.
-    const plain = await t.app.inject({ method: 'POST', url: '/api/v1/projects', headers: { ...json, 'content-encoding': 'Identity' }, payload: { name: 'Plain' } });
-    expect(plain.statusCode).toBe(201);
+    // `identity` and empty elements are no coding at all; a GET's header has no body to refer to.
+    for (const coding of ['Identity', '', ' ', 'identity, ']) {
+      const plain = await t.app.inject({ method: 'POST', url: '/api/v1/projects', headers: { ...json, 'content-encoding': coding }, payload: { name: 'Plain' } });
+      expect(plain.statusCode, JSON.stringify(coding)).toBe(201);
+    }
+    const listed = await t.app.inject({ method: 'POST', url: '/api/v1/projects', headers: { ...json, 'content-encoding': 'identity, gzip' }, payload: { name: 'Zipped' } });
+    expectProblem(listed, 415, 'UNSUPPORTED_MEDIA_TYPE');
     const read = await t.app.inject({ method: 'GET', url: `/api/v1/projects/${project.id}`, headers: { ...user.auth, 'content-encoding': 'gzip' } });
     expect(read.statusCode).toBe(200);
   });

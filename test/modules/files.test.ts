@@ -141,15 +141,22 @@ describe('upload and download', () => {
 
   it("answers HEAD on the content with the download's headers and no body, never reading the bytes", async () => {
     const projectId = await newProject();
-    const file = await upload(projectId, 'the bytes', { filename: 'notes.txt', type: 'text/plain' });
-    const download = await get(filesUrl(projectId, `/${file.id}/content`));
-    const head = () => t.app.inject({ method: 'HEAD', url: filesUrl(projectId, `/${file.id}/content`), headers: user.auth });
+    // Over the 1 KiB from which answers are compressed.
+    const text = 'the bytes '.repeat(300);
+    const file = await upload(projectId, text, { filename: 'notes.txt', type: 'text/plain' });
+    const url = filesUrl(projectId, `/${file.id}/content`);
+    // A client that takes compressed answers too: the download goes as uploaded, its length known.
+    const headers = { ...user.auth, 'accept-encoding': 'gzip' };
+    const download = await t.app.inject({ method: 'GET', url, headers });
+    expect(download.body).toBe(text);
+    const head = () => t.app.inject({ method: 'HEAD', url, headers });
     const answer = await head();
     expect(answer.statusCode).toBe(200);
     expect(answer.body).toBe('');
-    for (const name of ['content-type', 'content-length', 'content-disposition', 'x-content-type-options']) {
+    for (const name of ['content-type', 'content-length', 'content-disposition', 'x-content-type-options', 'content-encoding', 'vary']) {
       expect(answer.headers[name], name).toBe(download.headers[name]);
     }
+    expect(answer.headers['content-length']).toBe(String(file.size));
 
     // Bytes read by this process (Linux counts them in /proc/self/io), around a HEAD of a large file.
     if (!existsSync('/proc/self/io')) return;

@@ -78,7 +78,8 @@ it.skipIf(!canMountTmpfs)('answers an upload that fills the disk 507 INSUFFICIEN
 it.skipIf(!canMountTmpfs || Boolean(process.env.TEST_DATABASE_URL))(
   'answers a write the embedded database has no room for 507 INSUFFICIENT_STORAGE, and goes on serving what is stored',
   async () => {
-    const { api, post, token, project } = await serverOnSmallDisk(undefined, 64 * MiB);
+    // The prompts' limit out of the way: the disk, not MAX_PROMPTS_PER_PROJECT, is to refuse one.
+    const { api, post, token, project } = await serverOnSmallDisk(undefined, 64 * MiB, { MAX_PROMPTS_PER_PROJECT: '100000' });
     const prompts = `/api/v1/projects/${project.id}/prompts`;
     let stored = 0;
     let refused: Response | undefined;

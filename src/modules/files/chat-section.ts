@@ -98,7 +98,8 @@ export async function buildFilesSection(files: ContextFile[], options: FilesSect
       readable -= file.size;
       const room = budget - tokens;
       const known = options.counted?.counts.get(file.id, options.counted.encoding);
-      // Known not to fit: not read again. Known to fit: read, not counted again.
+      // Known not to fit: not read again (so one deleted meanwhile is named, not passed over as below).
+      // Known to fit: read, not counted again.
       const fitsNot = known && ('over' in known ? known.over >= room : known.tokens > room);
       const text = fitsNot
         ? null

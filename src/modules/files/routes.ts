@@ -70,13 +70,14 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
       200: { description: 'The bytes, with the stored media type', content: { '*/*': { schema: z.any().meta({ type: 'string', format: 'binary' }) } } },
     },
   };
-  // HEAD has a handler of its own: Fastify's runs the GET and reads the whole file to discard it.
-  app.get('/:fileId/content', { schema: downloadSchema, exposeHeadRoute: false }, async (request, reply) => {
+  // HEAD has a handler of its own: Fastify's runs the GET and reads the whole file to discard it. Neither
+  // is compressed: the bytes go as uploaded, with their length, which a HEAD can then tell as the GET does.
+  app.get('/:fileId/content', { schema: downloadSchema, exposeHeadRoute: false, compress: false }, async (request, reply) => {
     const { file: stored, bytes } = await files.content(request.user.id, request.params.projectId, request.params.fileId);
     return downloadHeaders(reply, stored).send(bytes);
   });
   // Undocumented, as every HEAD: the GET's headers, from bytes known to be there (opened), never read.
-  app.head('/:fileId/content', { schema: { ...downloadSchema, hide: true } }, async (request, reply) => {
+  app.head('/:fileId/content', { schema: { ...downloadSchema, hide: true }, compress: false }, async (request, reply) => {
     const { file: stored, bytes } = await files.content(request.user.id, request.params.projectId, request.params.fileId);
     bytes.destroy();
     return downloadHeaders(reply, stored).send();
