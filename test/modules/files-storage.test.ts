@@ -47,6 +47,15 @@ describe('local disk storage', () => {
       expect(readFileSync(join(root, 'race', `new-${i}`), 'utf8')).toBe(`new ${i}`);
       await storage.remove(`race/new-${i}`);
     }
+    // An empty folder removed while an upload makes it: within mkdir, which finds it there and then
+    // does not (ENOENT). An upload's failed cleanup removes a file that was never kept, and its folder.
+    for (let i = 0; i < 300; i++) {
+      mkdirSync(join(root, 'empty'), { recursive: true });
+      const upload = await staged(`new ${i}`);
+      await Promise.all([storage.remove('empty/never-kept'), storage.keep(upload, `empty/new-${i}`)]);
+      expect(readFileSync(join(root, 'empty', `new-${i}`), 'utf8')).toBe(`new ${i}`);
+      await storage.remove(`empty/new-${i}`);
+    }
   });
 
   it('sweeps the temporaries older than it is told, and keeps the younger ones and everything stored', async () => {

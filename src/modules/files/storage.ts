@@ -89,13 +89,14 @@ export class LocalDiskStorage implements FileStorage {
   async keep(staged: StagedBytes, key: string): Promise<string> {
     const target = this.localPath(key);
     for (let attempt = 1; ; attempt++) {
-      await mkdir(dirname(target), { recursive: true });
       try {
+        await mkdir(dirname(target), { recursive: true });
         await rename(staged.path, target);
         break;
       } catch (error) {
-        // The folder, made empty, was removed (see `remove`) between the two: made again, if the staged
-        // bytes are still there to move.
+        // The folder, made empty, was removed (see `remove`) before the bytes were in: between the two,
+        // or within `mkdir` itself, which finds it there (EEXIST) and then fails to stat it (ENOENT).
+        // Made again, if the staged bytes are still there to move.
         if (!bytesGone(error) || attempt === KEEP_ATTEMPTS || !(await exists(staged.path))) throw error;
       }
     }
