@@ -26,7 +26,7 @@ async function main(): Promise<void> {
   const [{ buildApp }, { ConfigError, loadConfig, requireWritableDataDir }, { DatabaseLockedError }] = await Promise.all([
     import('./app.js'),
     import('./config.js'),
-    import('./db/database.js'),
+    import('./db/pglite-lock.js'),
   ]);
 
   let config: Config;

@@ -3,7 +3,8 @@ import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { z } from 'zod';
 import type { Config } from '../config.js';
-import { DatabaseLockedError, lockPglite, pgliteFolder } from './database.js';
+import { pgliteFolder } from './database.js';
+import { DatabaseLockedError, lockPglite } from './pglite-lock.js';
 import { copyUploads } from './backup-files.js';
 import { pgliteStore, requirePgliteDatabase } from './backup-pglite.js';
 import { postgresStore } from './backup-postgres.js';
@@ -130,7 +131,7 @@ async function withStore<T>(config: BackupConfig, action: string, use: (store: D
   mkdirSync(config.DATA_DIR, { recursive: true });
   let release: () => void;
   try {
-    release = lockPglite(folder);
+    release = await lockPglite(folder);
   } catch (error) {
     if (error instanceof DatabaseLockedError) throw new BackupError(`${action} needs the server stopped: ${error.message}`);
     throw error;

@@ -1,4 +1,4 @@
-import { chmodSync, closeSync, mkdirSync, openSync, readFileSync, readlinkSync, rmSync, statSync, utimesSync, writeSync } from 'node:fs';
+import { chmodSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { PGlite } from '@electric-sql/pglite';
 import { sql } from 'drizzle-orm';
@@ -8,6 +8,7 @@ import type { PgDatabase, PgQueryResultHKT } from 'drizzle-orm/pg-core';
 import { drizzle as drizzlePglite } from 'drizzle-orm/pglite';
 import { migrate as migratePglite } from 'drizzle-orm/pglite/migrator';
 import pg from 'pg';
+import { lockPglite } from './pglite-lock.js';
 import { schema } from './schema.js';
 
 export type Db = PgDatabase<PgQueryResultHKT, typeof schema>;
@@ -47,10 +48,6 @@ export const migrationsFolder = join(import.meta.dirname, 'migrations');
 
 /** Chosen at random once; every instance migrating the same database takes this advisory lock first. */
 const MIGRATION_LOCK_ID = 7_202_611_240;
-
-export class DatabaseLockedError extends Error {
-  override name = 'DatabaseLockedError';
-}
 
 export interface PostgresOptions {
   /** Pool size; PostgreSQL's default of 100 connections is shared by every instance. */
@@ -133,7 +130,7 @@ export async function openPglite(dataDir?: string): Promise<Database> {
     // local users out, as PostgreSQL insists of its own. One made before this was 0755.
     mkdirSync(dataDir, { recursive: true, mode: 0o700 });
     chmodSync(dataDir, 0o700);
-    releaseLock = lockPglite(dataDir);
+    releaseLock = await lockPglite(dataDir);
   }
   let client: PGlite;
   try {
@@ -166,82 +163,6 @@ export async function openDatabase(config: { DATABASE_URL?: string | undefined; 
 
 /** The embedded database's folder under DATA_DIR. */
 export const pgliteFolder = (dataDir: string) => join(dataDir, 'pglite');
-
-/**
- * Keeps every other process (a server, a backup, a restore) off an embedded database folder until the
- * returned release is called; throws DatabaseLockedError while a live process holds it.
- */
-export function lockPglite(dataDir: string): () => void {
-  return acquireLock(join(dataDir, '..', 'pglite.lock'));
-}
-
-/** How often a holder touches its lock file, and how long untouched until it counts as left behind. */
-const LOCK_REFRESH_MS = 5_000;
-const LOCK_STALE_MS = 60_000;
-
-/**
- * The PID namespace this process's pid is counted in. Each container has its own, where the server is
- * typically pid 1: a process in another one (a backup run in a second container on the same volume)
- * could neither tell whether the holder lives nor tell its pid from its own.
- */
-function pidNamespace(): string {
-  try {
-    return readlinkSync('/proc/self/ns/pid');
-  } catch {
-    return ''; // not Linux: one namespace
-  }
-}
-
-function acquireLock(lockFile: string): () => void {
-  const namespace = pidNamespace();
-  for (let attempt = 0; attempt < 2; attempt++) {
-    try {
-      const fd = openSync(lockFile, 'wx');
-      writeSync(fd, `${process.pid} ${namespace}`.trim());
-      closeSync(fd);
-      // Its age is what tells a holder in another namespace from one that is gone.
-      const refresh = setInterval(() => {
-        const now = new Date();
-        try {
-          utimesSync(lockFile, now, now);
-        } catch {
-          // removed by hand: nothing to keep fresh
-        }
-      }, LOCK_REFRESH_MS).unref();
-      return () => {
-        clearInterval(refresh);
-        rmSync(lockFile, { force: true });
-      };
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error;
-      const [pid, holderNamespace = namespace] = readFileSync(lockFile, 'utf8').trim().split(' ');
-      const holder = Number(pid);
-      const held =
-        holderNamespace === namespace
-          ? isAlive(holder) && holder !== process.pid
-          : Date.now() - statSync(lockFile).mtimeMs < LOCK_STALE_MS;
-      if (held) {
-        const where = holderNamespace === namespace ? '' : ' in another PID namespace (a container), or was until less than a minute ago';
-        throw new DatabaseLockedError(
-          `The embedded database is in use by process ${holder}${where} (lock file ${lockFile}); stop it or set another DATA_DIR`,
-        );
-      }
-      // A lock left by a process that no longer runs (or was taken before by ourselves): take it over.
-      rmSync(lockFile, { force: true });
-    }
-  }
-  throw new DatabaseLockedError(`Could not take the lock ${lockFile}`);
-}
-
-function isAlive(pid: number): boolean {
-  if (!Number.isInteger(pid) || pid <= 0) return false;
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    return (error as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
 
 function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
   let timer: NodeJS.Timeout | undefined;

@@ -433,7 +433,7 @@ describe.runIf(canUsePidNamespaces)('the embedded database held by a server in a
     const server = await spawnServer(env, { ownPidNamespace: true });
     try {
       await waitUntilServing(server);
-      expect(readFileSync(join(dataDir, 'pglite.lock'), 'utf8')).toMatch(/^1\b/); // pid 1, as in a container
+      expect(JSON.parse(readFileSync(join(dataDir, 'pglite.lock'), 'utf8'))).toMatchObject({ pid: 1 }); // as in a container
       for (const [command, folder] of [['backup', join(scratchFolder(), 'second')], ['restore', backup]] as const) {
         const refused = await runBackupCli([command, folder], env, { ownPidNamespace: true });
         expect(refused.code, refused.output).toBe(1);
@@ -445,6 +445,10 @@ describe.runIf(canUsePidNamespaces)('the embedded database held by a server in a
       server.child.kill('SIGKILL');
       await server.exited;
     }
+    // Killed, as out of memory, it could not free its lock, still fresh; a backup run at once is not
+    // refused, as a restarted container is not: the lock's socket tells that nothing listens any more.
+    const afterKill = await runBackupCli(['backup', join(scratchFolder(), 'after-kill')], env, { ownPidNamespace: true });
+    expect(afterKill.code, afterKill.output).toBe(0);
   });
 });
 

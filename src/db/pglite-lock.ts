@@ -1,0 +1,216 @@
+import { randomBytes } from 'node:crypto';
+import { closeSync, openSync, readFileSync, readlinkSync, rmSync, statSync, utimesSync, writeSync } from 'node:fs';
+import { createConnection, createServer, type Server } from 'node:net';
+import { dirname, join } from 'node:path';
+
+export class DatabaseLockedError extends Error {
+  override name = 'DatabaseLockedError';
+}
+
+/** How often a holder touches its lock file, and how long untouched until it counts as left behind. */
+const LOCK_REFRESH_MS = 5_000;
+const LOCK_STALE_MS = 60_000;
+/** How long a holder's beacon may take to answer before it tells nothing (the lock file's age decides). */
+const BEACON_TIMEOUT_MS = 1_000;
+/** The longest path of a Unix socket (Linux: 108 bytes with the terminating NUL; macOS allows 103). */
+const SOCKET_PATH_MAX = 103;
+/** A beacon's name, as `lightBeacon` makes it: the only files beside the lock that a takeover removes. */
+const BEACON_NAME = /^pglite\.[0-9a-f]{12}\.sock$/;
+
+/** What a lock file says of its holder. */
+interface Holder {
+  pid: number;
+  /** The PID namespace its pid is counted in (see `pidNamespace`). */
+  pidNamespace: string;
+  /** The kernel it runs on: Linux's boot id, the same in every container of a host and in no other host. */
+  kernel?: string;
+  /** The name of its beacon: a Unix socket beside the lock file that it listens on for as long as it lives. */
+  beacon?: string;
+}
+
+/**
+ * Keeps every other process (a server, a backup, a restore) off an embedded database folder until the
+ * returned release is called; rejects with DatabaseLockedError while a live process holds it.
+ *
+ * Whether the holder lives is asked in the surest way open to the asker:
+ * - On another kernel (a volume shared over the network), nothing but the lock file's age can tell:
+ *   the holder keeps it fresh, and a lock a minute old is left behind.
+ * - In the same PID namespace, whether its pid runs.
+ * - In another PID namespace of the same kernel (a container, where every server is pid 1), its pid
+ *   means nothing here, but its beacon answers: the kernel refuses a connection to a Unix socket once
+ *   the process listening on it is gone, killed (SIGKILL, out of memory) or not. A container restarted
+ *   after a kill starts at once instead of waiting out the minute; where a beacon cannot be made (a
+ *   file system without sockets, a path too long for one), the age decides.
+ */
+export async function lockPglite(dataDir: string): Promise<() => void> {
+  const lockFile = join(dataDir, '..', 'pglite.lock');
+  const beacon = await lightBeacon(dirname(lockFile));
+  try {
+    return await takeLock(lockFile, beacon);
+  } catch (error) {
+    beacon?.close();
+    throw error;
+  }
+}
+
+interface Beacon {
+  name: string;
+  close(): void;
+}
+
+async function takeLock(lockFile: string, beacon: Beacon | undefined): Promise<() => void> {
+  const self: Holder = { pid: process.pid, pidNamespace: pidNamespace(), kernel: kernel(), beacon: beacon?.name };
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      // The beacon listens before the lock names it: no one ever finds a live holder's beacon silent.
+      const fd = openSync(lockFile, 'wx');
+      writeSync(fd, JSON.stringify(self));
+      closeSync(fd);
+      // Its age is what tells a holder on another kernel from one that is gone.
+      const refresh = setInterval(() => {
+        const now = new Date();
+        try {
+          utimesSync(lockFile, now, now);
+        } catch {
+          // removed by hand: nothing to keep fresh
+        }
+      }, LOCK_REFRESH_MS).unref();
+      return () => {
+        clearInterval(refresh);
+        // The lock first: a lock whose beacon is missing is judged by its age, never taken over at once.
+        rmSync(lockFile, { force: true });
+        beacon?.close();
+      };
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error;
+      const holder = readHolder(lockFile, self);
+      const verdict = await holds(holder, lockFile, self);
+      if (verdict) {
+        const where = !sameKernel(holder, self) ? ' on another machine' : holder.pidNamespace === self.pidNamespace ? '' : ' in another PID namespace (a container)';
+        const elsewhere = `${where}${verdict === 'lately' ? ', or was until less than a minute ago' : ''}`;
+        throw new DatabaseLockedError(
+          `The embedded database is in use by process ${holder.pid}${elsewhere} (lock file ${lockFile}); stop it or set another DATA_DIR`,
+        );
+      }
+      // A lock left by a process that no longer runs (or was taken before by ourselves): take it over.
+      rmSync(lockFile, { force: true });
+      if (holder.beacon && BEACON_NAME.test(holder.beacon)) rmSync(join(dirname(lockFile), holder.beacon), { force: true });
+    }
+  }
+  throw new DatabaseLockedError(`Could not take the lock ${lockFile}`);
+}
+
+/** A holder that names no kernel (a lock written before kernels were named) is judged as if on ours. */
+function sameKernel(holder: Holder, self: Holder): boolean {
+  return holder.kernel === undefined || holder.kernel === self.kernel;
+}
+
+/** Whether the holder still holds the lock: 'alive' when it was seen to live, 'lately' when its lock is only fresh. */
+async function holds(holder: Holder, lockFile: string, self: Holder): Promise<'alive' | 'lately' | false> {
+  const fresh = () => (Date.now() - statSync(lockFile).mtimeMs < LOCK_STALE_MS ? 'lately' : false);
+  if (!sameKernel(holder, self)) return fresh();
+  if (holder.pidNamespace === self.pidNamespace) return isAlive(holder.pid) && holder.pid !== process.pid && 'alive';
+  if (holder.beacon && BEACON_NAME.test(holder.beacon)) {
+    const answered = await callBeacon(join(dirname(lockFile), holder.beacon));
+    if (answered !== undefined) return answered && 'alive';
+  }
+  return fresh();
+}
+
+/**
+ * What the lock file says: JSON, or `<pid> [<namespace>]` as written before beacons. A holder that
+ * names no namespace is in ours.
+ */
+function readHolder(lockFile: string, self: Holder): Holder {
+  const text = readFileSync(lockFile, 'utf8').trim();
+  if (!text.startsWith('{')) {
+    const [pid, namespace = self.pidNamespace] = text.split(' ');
+    return { pid: Number(pid), pidNamespace: namespace };
+  }
+  const parsed = parseObject(text);
+  return {
+    pid: Number(parsed.pid),
+    pidNamespace: typeof parsed.pidNamespace === 'string' ? parsed.pidNamespace : self.pidNamespace,
+    kernel: typeof parsed.kernel === 'string' ? parsed.kernel : undefined,
+    beacon: typeof parsed.beacon === 'string' ? parsed.beacon : undefined,
+  };
+}
+
+/** A lock file cut short (its writer died while writing it) names no pid, so no live holder. */
+function parseObject(text: string): Record<string, unknown> {
+  try {
+    return JSON.parse(text) as Record<string, unknown>;
+  } catch {
+    return {};
+  }
+}
+
+/** A Unix socket beside the lock file, listened on (without holding the process up) until closed; none where one cannot be made. */
+async function lightBeacon(folder: string): Promise<Beacon | undefined> {
+  const name = `pglite.${randomBytes(6).toString('hex')}.sock`;
+  const path = join(folder, name);
+  // Longer, Node would make the socket under a name cut short, where no one would look for it.
+  if (Buffer.byteLength(path) > SOCKET_PATH_MAX) return undefined;
+  const server: Server = createServer((connection) => connection.destroy());
+  const listening = await new Promise<boolean>((resolve) => {
+    server.once('error', () => resolve(false));
+    server.listen(path, () => resolve(true));
+  });
+  if (!listening) return undefined;
+  server.unref();
+  return {
+    name,
+    close: () => {
+      server.close();
+      rmSync(path, { force: true });
+    },
+  };
+}
+
+/** True when a process listens on the socket, false when the kernel says none does, undefined when it tells nothing. */
+function callBeacon(path: string): Promise<boolean | undefined> {
+  return new Promise((resolve) => {
+    const connection = createConnection(path);
+    const settle = (answer: boolean | undefined) => {
+      clearTimeout(timer);
+      connection.destroy();
+      resolve(answer);
+    };
+    const timer = setTimeout(() => settle(undefined), BEACON_TIMEOUT_MS);
+    connection.once('connect', () => settle(true));
+    // ENOENT (the socket removed by hand, or the holder releasing) tells nothing: the lock's age decides.
+    connection.once('error', (error: NodeJS.ErrnoException) => settle(error.code === 'ECONNREFUSED' ? false : undefined));
+  });
+}
+
+/**
+ * The PID namespace this process's pid is counted in. Each container has its own, where the server is
+ * typically pid 1: a process in another one (a backup run in a second container on the same volume)
+ * could neither tell whether the holder lives nor tell its pid from its own.
+ */
+function pidNamespace(): string {
+  try {
+    return readlinkSync('/proc/self/ns/pid');
+  } catch {
+    return 'none'; // not Linux: one namespace
+  }
+}
+
+/** This boot of this machine's kernel; undefined where Linux does not say. */
+function kernel(): string | undefined {
+  try {
+    return readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+  } catch {
+    return undefined;
+  }
+}
+
+function isAlive(pid: number): boolean {
+  if (!Number.isInteger(pid) || pid <= 0) return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
