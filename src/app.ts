@@ -19,6 +19,7 @@ import { ChatService } from './modules/chat/service.js';
 import { PasswordHasher } from './modules/auth/password-hasher.js';
 import { AuthService } from './modules/auth/service.js';
 import { fileRoutes } from './modules/files/routes.js';
+import { ProviderCopies } from './modules/files/provider-copies.js';
 import { FilesService } from './modules/files/service.js';
 import { LocalDiskStorage } from './modules/files/storage.js';
 import { healthRoutes } from './modules/health/routes.js';
@@ -123,7 +124,13 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
     what: 'the temporary files of interrupted uploads',
     sweep: () => storage.sweepStaging(INTERRUPTED_UPLOAD_MS),
   });
-  const files = new FilesService(database.db, storage, providers, config);
+  const providerCopies = new ProviderCopies(database.db, providers, config);
+  sweepInBackground(app, {
+    what: 'the provider copies of deleted files',
+    sweep: (stop) => providerCopies.deleteDue(stop, app.log),
+    everyMs: PROVIDER_COPIES_SWEEP_MS,
+  });
+  const files = new FilesService(database.db, storage, providers, providerCopies, config);
   sweepInBackground(app, {
     what: 'the file bytes no file row names',
     sweep: (stop) => files.removeStrayBytes(storage.keysWrittenBefore(STRAY_BYTES_MS, STRAY_BYTES_BATCH), stop),
@@ -176,6 +183,9 @@ const INTERRUPTED_UPLOAD_MS = 24 * 60 * 60 * 1000;
 const STRAY_BYTES_MS = 24 * 60 * 60 * 1000;
 /** Keys one look-up of their rows takes at most. */
 const STRAY_BYTES_BATCH = 1000;
+
+/** How often the provider copies of deleted files whose deletion failed are tried again, once their wait is over. */
+const PROVIDER_COPIES_SWEEP_MS = 60 * 1000;
 
 /** How often idempotency keys past their replay window are deleted: each keeps a whole turn, question and answer. */
 const IDEMPOTENCY_SWEEP_MS = 60 * 60 * 1000;

@@ -95,6 +95,23 @@ export const files = pgTable(
   (t) => [index('files_project_id_id_idx').on(t.projectId, t.id)],
 );
 
+/**
+ * Provider copies (OpenAI's Files API) of deleted files, still to be deleted upstream. A file row's
+ * deletion queues its copy in the same transaction (a trigger on `files`: migration 0006), whatever
+ * deleted it (the file, its project, its account), so that a provider that is down or slow when the
+ * file goes leaves no copy behind for good: its deletion is tried again, later, until it is done.
+ * `dueAt` is when next; a try pushes it forward before it calls the provider (see `FilesService`).
+ */
+export const providerFileDeletions = pgTable(
+  'provider_file_deletions',
+  {
+    providerFileId: text('provider_file_id').primaryKey(),
+    attempts: integer('attempts').notNull().default(0),
+    dueAt: timestamp('due_at', { withTimezone: true, mode: 'date' }).notNull().defaultNow(),
+    createdAt: timestamp('created_at', { withTimezone: true, mode: 'date' }).notNull().defaultNow(),
+  },
+  (t) => [index('provider_file_deletions_due_at_idx').on(t.dueAt)],
+);
 
 /**
  * Idempotency keys of POST chat, per user. `requestHash` identifies the request the key was first used
@@ -126,4 +143,4 @@ export const idempotencyKeys = pgTable(
   (t) => [primaryKey({ columns: [t.userId, t.key] }), index('idempotency_keys_created_at_idx').on(t.createdAt)],
 );
 
-export const schema = { users, projects, prompts, messages, files, idempotencyKeys };
+export const schema = { users, projects, prompts, messages, files, providerFileDeletions, idempotencyKeys };

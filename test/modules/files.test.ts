@@ -10,7 +10,7 @@ import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { buildApp } from '../../src/app.js';
 import { openPostgres } from '../../src/db/database.js';
-import { files } from '../../src/db/schema.js';
+import { files, providerFileDeletions } from '../../src/db/schema.js';
 import { ContentInspector } from '../../src/modules/files/content-type.js';
 import { attachmentDisposition, displayFilename } from '../../src/modules/files/filename.js';
 import type { FileDto } from '../../src/modules/files/schemas.js';
@@ -49,7 +49,11 @@ afterAll(async () => {
   await t.close();
   await fake.close();
 });
-beforeEach(() => fake.reset());
+beforeEach(async () => {
+  fake.reset();
+  // The copies a test's provider failed to delete are the fake's of that test, which forgets them.
+  await t.testDb.database.db.delete(providerFileDeletions);
+});
 
 const newProject = async (owner: RegisteredUser = user, body: Record<string, unknown> = {}) => (await createProject(t.app, owner, body)).id;
 const filesUrl = (projectId: string, rest = '') => `/api/v1/projects/${projectId}/files${rest}`;
@@ -67,6 +71,22 @@ async function upload(projectId: string, content: string | Uint8Array, part: Omi
 const get = (url: string, owner: RegisteredUser = user) => t.app.inject({ method: 'GET', url, headers: owner.auth });
 const remove = (url: string, owner: RegisteredUser = user) => t.app.inject({ method: 'DELETE', url, headers: owner.auth });
 const rowsOf = (projectId: string) => t.testDb.database.db.select().from(files).where(eq(files.projectId, projectId));
+/** The provider copies queued for deletion, with their tries and the seconds until the next. */
+async function queuedCopies(): Promise<{ providerFileId: string; attempts: number; waitSeconds: number }[]> {
+  const { providerFileId, attempts, dueAt } = providerFileDeletions;
+  return t.testDb.database.db
+    .select({ providerFileId, attempts, waitSeconds: sql<number>`extract(epoch from ${dueAt} - now())::float8` })
+    .from(providerFileDeletions)
+    .orderBy(providerFileId);
+}
+/** As if the queued copies' waits were over. */
+const endWaits = () => t.testDb.database.db.update(providerFileDeletions).set({ dueAt: sql`now()` });
+/** What another instance does when it starts (and every minute): one sweep of the queued copies that are due. */
+async function sweepOnce(): Promise<void> {
+  const instance = await buildApp(testConfig({ ...appEnv(), DATA_DIR: t.config.DATA_DIR }), { database: t.testDb.database });
+  // Closing waits for the sweep that the start began, once its batch is done.
+  await instance.close();
+}
 const sha256 = (bytes: string | Uint8Array) => createHash('sha256').update(bytes).digest('hex');
 
 /** Every stored file's path under the storage root (by default the app's), temporary ones included. */
@@ -271,13 +291,31 @@ describe('delete', () => {
     expect(storedPaths().filter((path) => path.includes(file.id))).toEqual([]);
   });
 
-  it('still deletes when the provider copy cannot be deleted', async () => {
+  it('still deletes when the provider copy cannot be deleted, and deletes the copy later, waiting longer after each failure', async () => {
     const projectId = await newProject();
     const file = await upload(projectId, 'provider down later');
     fake.setDefault({ status: 500 });
     expect((await remove(filesUrl(projectId, `/${file.id}`))).statusCode).toBe(204);
     expect(await rowsOf(projectId)).toHaveLength(0);
     expect(existsSync(join(storageRoot, projectId, file.id))).toBe(false);
+
+    // Queued with the row's deletion: tried once, the next try in 30 s.
+    expect(await queuedCopies()).toEqual([{ providerFileId: file.providerFileId, attempts: 1, waitSeconds: expect.closeTo(30, 0) }]);
+    // Its wait over, an instance's sweep tries again: the provider still fails, and the wait doubles.
+    await endWaits();
+    await sweepOnce();
+    expect(await queuedCopies()).toEqual([{ providerFileId: file.providerFileId, attempts: 2, waitSeconds: expect.closeTo(60, 0) }]);
+    expect(fake.files.has(file.providerFileId!)).toBe(true);
+    // Not due yet: a sweep leaves it alone.
+    const calls = fake.requests.length;
+    await sweepOnce();
+    expect(fake.requests).toHaveLength(calls);
+
+    fake.setDefault({});
+    await endWaits();
+    await sweepOnce();
+    expect(fake.files.has(file.providerFileId!)).toBe(false);
+    expect(await queuedCopies()).toEqual([]);
   });
 });
 
@@ -414,6 +452,8 @@ describe('a provider that does not answer deletes', () => {
       // Each copy left upstream is logged by its id.
       const notDeleted = logs.lines.filter((line) => line.msg === 'provider file copy not deleted').map((line) => line.providerFileId);
       expect(notDeleted.sort()).toEqual(uploaded.map((file) => file.providerFileId).sort());
+      // And each stays queued, to be tried again.
+      expect((await queuedCopies()).map((copy) => copy.providerFileId)).toEqual(notDeleted);
     } finally {
       await app.close();
     }

@@ -10,13 +10,14 @@ import { ApiError, isDatabaseUnavailable, NotFound, ValidationFailed } from '../
 import { isUuid } from '../../http/ids.js';
 import type { IdSortKey, Page, PageRequest } from '../../http/pagination.js';
 import type { ProviderRegistry } from '../../providers/registry.js';
-import { type ProviderAdapter, type ProviderName, ProviderNotConfigured } from '../../providers/types.js';
+import { type ProviderAdapter, ProviderNotConfigured } from '../../providers/types.js';
 import { CountLimitReached, filesPerProject, type LimitedInsert, limitedInsert, param } from '../projects/count-limit.js';
 import { callersProject, inOwnedProject, ownedProject, pageOfProjectRows, type ProjectRow } from '../projects/service.js';
 import { buildFilesSection, EntryCounts, type FilesSection, type FilesSectionOptions } from './chat-section.js';
 import { ContentInspector, essence } from './content-type.js';
 import { displayFilename } from './filename.js';
 import type { FileDto } from './schemas.js';
+import { FILES_PROVIDER, type ProviderCopies } from './provider-copies.js';
 import { bytesGone, type FileStorage, type StagedBytes } from './storage.js';
 
 /** One part of a multipart/form-data body, as @fastify/multipart hands it over. */
@@ -39,12 +40,6 @@ interface ReceivedFile extends StagedBytes {
   mimeType: string;
 }
 
-/**
- * Only OpenAI has a Files API among the providers, so every provider file id is OpenAI's; a second
- * provider with one would need a column saying which provider holds a file.
- */
-const FILES_PROVIDER: ProviderName = 'openai';
-
 /** What a chat turn reads of a file row. */
 export type ChatFileRow = Pick<FileRow, 'id' | 'projectId' | 'filename' | 'mimeType' | 'size' | 'providerFileId'>;
 
@@ -58,9 +53,6 @@ export function chatFilesOf(projectId: PgColumn): SQL<ChatFileRow[]> {
       'size', f.size, 'providerFileId', f.provider_file_id) order by f.id desc), '[]')
     from (select * from ${files} where ${files.projectId} = ${projectId} order by ${files.id} desc limit ${CHAT_FILES_MAX}) f)`;
 }
-
-/** Provider copies one deletion removes at once: many files go faster, without a flood of requests. */
-const PROVIDER_DELETES_AT_ONCE = 8;
 
 /** A chat turn considers this many files at most, newest first: far more names than a context holds usefully. */
 const CHAT_FILES_MAX = 200;
@@ -103,6 +95,7 @@ export class FilesService {
     private readonly db: Db,
     private readonly storage: FileStorage,
     private readonly providers: ProviderRegistry,
+    private readonly providerCopies: ProviderCopies,
     private readonly config: Pick<Config, 'FILE_MAX_BYTES' | 'AI_TIMEOUT_MS' | 'MAX_FILES_PER_PROJECT'>,
   ) {
     this.insert = limitedInsert(db, {
@@ -173,7 +166,7 @@ export class FilesService {
       // Wherever the bytes got to: still staged, or already under the key. A cleanup that fails leaves
       // stray bytes, and must neither hide the error nor stop the rest of the cleanup.
       await Promise.allSettled([this.storage.drop(received), key && this.storage.remove(key)]);
-      if (providerFileId) await this.deleteProviderCopies([providerFileId], log);
+      if (providerFileId) await this.discardProviderCopy(providerFileId, log);
       throw error;
     }
   }
@@ -221,7 +214,8 @@ export class FilesService {
         log.warn({ err: error, key }, 'file bytes not removed');
       }
     }
-    await this.deleteProviderCopies(rows.flatMap((row) => (row.providerFileId ? [row.providerFileId] : [])), log);
+    // Queued with their rows' deletion (see ProviderCopies): what is not deleted now is tried again later.
+    await this.providerCopies.deleteNow(rows.flatMap((row) => (row.providerFileId ? [row.providerFileId] : [])), log);
   }
 
   /**
@@ -344,31 +338,15 @@ export class FilesService {
     }
   }
 
-  /**
-   * Best effort: the files are gone for the client whatever the provider says; a stray copy is logged.
-   * One deadline for them all, a few at a time: a provider that does not answer holds up the deletion
-   * of a project or an account for AI_TIMEOUT_MS, not for that once per file.
-   */
-  private async deleteProviderCopies(providerFileIds: string[], log: FastifyBaseLogger): Promise<void> {
-    const adapter = this.providers.get(FILES_PROVIDER);
-    if (!adapter?.deleteFile) {
-      for (const providerFileId of providerFileIds) {
-        log.warn({ provider: FILES_PROVIDER, providerFileId }, 'provider file copy not deleted: the provider is not configured');
-      }
+  /** The provider copy of an upload whose row was never written: queued as a deleted file's would be, then deleted. */
+  private async discardProviderCopy(providerFileId: string, log: FastifyBaseLogger): Promise<void> {
+    try {
+      await this.providerCopies.queue([providerFileId]);
+    } catch (error) {
+      log.warn({ err: error, provider: FILES_PROVIDER, providerFileId }, 'provider file copy not deleted');
       return;
     }
-    const signal = AbortSignal.timeout(this.config.AI_TIMEOUT_MS);
-    const left = [...providerFileIds];
-    const worker = async () => {
-      for (let providerFileId = left.shift(); providerFileId; providerFileId = left.shift()) {
-        try {
-          await adapter.deleteFile!(providerFileId, signal);
-        } catch (error) {
-          log.warn({ err: error, provider: FILES_PROVIDER, providerFileId }, 'provider file copy not deleted');
-        }
-      }
-    };
-    await Promise.all(Array.from({ length: Math.min(PROVIDER_DELETES_AT_ONCE, left.length) }, worker));
+    await this.providerCopies.deleteNow([providerFileId], log);
   }
 
   private async readText(file: ChatFileRow): Promise<string> {

@@ -1,0 +1,122 @@
+import { and, inArray, lte, sql } from 'drizzle-orm';
+import type { FastifyBaseLogger } from 'fastify';
+import type { Config } from '../../config.js';
+import type { Db } from '../../db/database.js';
+import { providerFileDeletions } from '../../db/schema.js';
+import type { ProviderRegistry } from '../../providers/registry.js';
+import type { ProviderName } from '../../providers/types.js';
+
+/**
+ * Only OpenAI has a Files API among the providers, so every provider file id is OpenAI's; a second
+ * provider with one would need a column saying which provider holds a file.
+ */
+export const FILES_PROVIDER: ProviderName = 'openai';
+
+/** Provider copies deleted at once: many files go faster, without a flood of requests. */
+const DELETES_AT_ONCE = 8;
+/** Queued copies one claim takes at most. */
+const CLAIM_BATCH = 64;
+/** The wait before a copy's next try: 30 s, doubling with each try, 6 h at most. */
+const RETRY_BASE_SECONDS = 30;
+const RETRY_MAX_SECONDS = 6 * 60 * 60;
+
+/**
+ * The deletion of provider copies of deleted files, from the queue that the deletion of their rows
+ * fills (`provider_file_deletions`). A copy is claimed before its provider is called: the claim counts
+ * the try and pushes the copy's next one past a wait that doubles each time, so another instance (or
+ * a sweep beside a request) never calls for it at once too, and a crash mid-call leaves it to be tried
+ * again after that wait. Deleted upstream (or already gone there), it leaves the queue.
+ */
+export class ProviderCopies {
+  constructor(
+    private readonly db: Db,
+    private readonly providers: ProviderRegistry,
+    private readonly config: Pick<Config, 'AI_TIMEOUT_MS'>,
+  ) {}
+
+  /** Queues copies whose file row was never written (an upload that failed after making its copy). */
+  async queue(providerFileIds: string[]): Promise<void> {
+    if (!providerFileIds.length) return;
+    await this.db
+      .insert(providerFileDeletions)
+      .values(providerFileIds.map((providerFileId) => ({ providerFileId })))
+      .onConflictDoNothing();
+  }
+
+  /**
+   * Deletes the queued copies `providerFileIds`, those just deleted with their rows, within one
+   * AI_TIMEOUT_MS: a provider that does not answer holds the deletion that long once, not once a
+   * file. What is not deleted by then stays queued for `deleteDue`, logged by its id.
+   */
+  async deleteNow(providerFileIds: string[], log: FastifyBaseLogger): Promise<void> {
+    const adapter = this.providers.get(FILES_PROVIDER);
+    if (!adapter?.deleteFile) {
+      for (const providerFileId of providerFileIds) {
+        log.warn({ provider: FILES_PROVIDER, providerFileId }, 'provider file copy not deleted: the provider is not configured');
+      }
+      return;
+    }
+    const signal = AbortSignal.timeout(this.config.AI_TIMEOUT_MS);
+    for (let start = 0; start < providerFileIds.length && !signal.aborted; start += CLAIM_BATCH) {
+      await this.deleteClaimed(await this.claim(providerFileIds.slice(start, start + CLAIM_BATCH)), signal, log);
+    }
+  }
+
+  /**
+   * Deletes every queued copy whose time has come, a batch at a time, each batch within AI_TIMEOUT_MS,
+   * while `stop` says no: the retries of copies a provider failed to delete, and what a crash or a
+   * deadline left. Resolves with how many were deleted.
+   */
+  async deleteDue(stop: () => boolean, log: FastifyBaseLogger): Promise<number> {
+    const adapter = this.providers.get(FILES_PROVIDER);
+    if (!adapter?.deleteFile) return 0;
+    let deleted = 0;
+    while (!stop()) {
+      const claimed = await this.claim();
+      if (!claimed.length) break;
+      deleted += await this.deleteClaimed(claimed, AbortSignal.timeout(this.config.AI_TIMEOUT_MS), log);
+    }
+    return deleted;
+  }
+
+  /** Claims due copies, those of `only` when given: their try is counted and their next one put off. */
+  private async claim(only?: string[]): Promise<string[]> {
+    const { providerFileId, attempts, dueAt } = providerFileDeletions;
+    const due = this.db
+      .select({ providerFileId })
+      .from(providerFileDeletions)
+      .where(and(lte(dueAt, sql`now()`), only && inArray(providerFileId, only)))
+      .orderBy(dueAt)
+      .limit(CLAIM_BATCH)
+      .for('update', { skipLocked: true });
+    const claimed = await this.db
+      .update(providerFileDeletions)
+      .set({
+        attempts: sql`${attempts} + 1`,
+        dueAt: sql`now() + make_interval(secs => least(${RETRY_BASE_SECONDS} * power(2, least(${attempts}, 16)), ${RETRY_MAX_SECONDS}))`,
+      })
+      .where(inArray(providerFileId, due))
+      .returning({ providerFileId });
+    return claimed.map((row) => row.providerFileId);
+  }
+
+  /** Deletes claimed copies upstream, DELETES_AT_ONCE at a time, and the deleted ones from the queue; resolves with how many. */
+  private async deleteClaimed(providerFileIds: string[], signal: AbortSignal, log: FastifyBaseLogger): Promise<number> {
+    const adapter = this.providers.get(FILES_PROVIDER)!;
+    const left = [...providerFileIds];
+    const done: string[] = [];
+    const worker = async () => {
+      for (let providerFileId = left.shift(); providerFileId; providerFileId = left.shift()) {
+        try {
+          await adapter.deleteFile!(providerFileId, signal);
+          done.push(providerFileId);
+        } catch (error) {
+          log.warn({ err: error, provider: FILES_PROVIDER, providerFileId }, 'provider file copy not deleted');
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(DELETES_AT_ONCE, left.length) }, worker));
+    if (done.length) await this.db.delete(providerFileDeletions).where(inArray(providerFileDeletions.providerFileId, done));
+    return done.length;
+  }
+}
