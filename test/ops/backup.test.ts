@@ -14,7 +14,7 @@ import { v7 as uuidv7 } from 'uuid';
 import { afterAll, describe, expect, it } from 'vitest';
 import { copyUploads } from '../../src/db/backup-files.js';
 import { type Db, openPglite, pgliteFolder } from '../../src/db/database.js';
-import { files, idempotencyKeys, messages, projects, prompts, schema, users } from '../../src/db/schema.js';
+import { files, idempotencyKeys, messages, projects, prompts, providerFileDeletions, schema, users } from '../../src/db/schema.js';
 import type { FileDto } from '../../src/modules/files/schemas.js';
 import { createProject, registerUser, startTestApp } from '../support/app.js';
 import { createTestDatabase } from '../support/database.js';
@@ -125,6 +125,8 @@ async function seed(db: Db): Promise<void> {
     storageUrl: 'file:///nested/deeper/b.bin',
     providerFileId: null,
   });
+  // A deleted file's provider copy still to be deleted upstream: the restored database tries it again.
+  await db.insert(providerFileDeletions).values({ providerFileId: 'file-abc123', attempts: 2, dueAt: at(20), createdAt: at(12) });
   await db.insert(idempotencyKeys).values([
     { userId: ann, key: 'key-1', requestHash: 'h1', state: 'done', response: { status: 200, body: { id: 'x', nested: [1, 'two', null] } } },
     { userId: ann, key: 'key-2', requestHash: 'h2', state: 'running', response: null },
