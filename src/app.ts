@@ -127,13 +127,13 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   const providerCopies = new ProviderCopies(database.db, providers, config);
   sweepInBackground(app, {
     what: 'the provider copies of deleted files',
-    sweep: (stop) => providerCopies.deleteDue(stop, app.log),
+    sweep: (closing) => providerCopies.deleteDue(closing, app.log),
     everyMs: PROVIDER_COPIES_SWEEP_MS,
   });
   const files = new FilesService(database.db, storage, providers, providerCopies, config);
   sweepInBackground(app, {
     what: 'the file bytes no file row names',
-    sweep: (stop) => files.removeStrayBytes(storage.keysWrittenBefore(STRAY_BYTES_MS, STRAY_BYTES_BATCH), stop),
+    sweep: (closing) => files.removeStrayBytes(storage.keysWrittenBefore(STRAY_BYTES_MS, STRAY_BYTES_BATCH), () => closing.aborted),
   });
   await app.register(authRoutes, { prefix: '/api/v1/auth', auth: new AuthService(database.db, tokens, new PasswordHasher(config), files) });
   await app.register(projectRoutes, { prefix: '/api/v1/projects', projects: new ProjectsService(database.db, files, config) });
@@ -145,7 +145,7 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   const idempotency = new IdempotencyStore<ChatResult>(database.db, 2 * config.AI_TIMEOUT_MS);
   sweepInBackground(app, {
     what: 'the idempotency keys past their replay window',
-    sweep: (stop) => idempotency.sweep(undefined, stop),
+    sweep: (closing) => idempotency.sweep(undefined, () => closing.aborted),
     everyMs: IDEMPOTENCY_SWEEP_MS,
   });
   await app.register(chatRoutes, {
@@ -193,14 +193,15 @@ const IDEMPOTENCY_SWEEP_MS = 60 * 60 * 1000;
 /**
  * Removes what is no longer wanted at the start and then, with `everyMs`, that often. The start does
  * not wait for it (the first sweep in a long while may have a lot to go through); closing does, after
- * telling it to stop (`sweep` checks its argument between batches), and before the database closes (an
+ * telling it to stop (`sweep` checks its signal between batches, and cuts its calls to a provider short
+ * with it), and before the database closes (an
  * onClose hook added later runs earlier). A failed sweep is logged and tried again at the next time.
  */
-function sweepInBackground(app: FastifyInstance, { what, sweep, everyMs }: { what: string; sweep: (stop: () => boolean) => Promise<number>; everyMs?: number }): void {
-  let closing = false;
+function sweepInBackground(app: FastifyInstance, { what, sweep, everyMs }: { what: string; sweep: (closing: AbortSignal) => Promise<number>; everyMs?: number }): void {
+  const closing = new AbortController();
   let sweeping: Promise<void> | undefined;
   const run = () => {
-    sweeping ??= sweep(() => closing)
+    sweeping ??= sweep(closing.signal)
       .then(
         (removed) => app.log[removed ? 'info' : 'debug']({ removed }, `removed ${what}`),
         (error: unknown) => app.log.warn({ err: error }, `could not remove ${what}`),
@@ -210,7 +211,7 @@ function sweepInBackground(app: FastifyInstance, { what, sweep, everyMs }: { wha
   run();
   const timer = everyMs === undefined ? undefined : setInterval(run, everyMs).unref();
   app.addHook('onClose', async () => {
-    closing = true;
+    closing.abort();
     clearInterval(timer);
     await sweeping;
   });

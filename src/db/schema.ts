@@ -100,7 +100,7 @@ export const files = pgTable(
  * deletion queues its copy in the same transaction (a trigger on `files`: migration 0006), whatever
  * deleted it (the file, its project, its account), so that a provider that is down or slow when the
  * file goes leaves no copy behind for good: its deletion is tried again, later, until it is done.
- * `dueAt` is when next; a try pushes it forward before it calls the provider (see `FilesService`).
+ * `dueAt` is when next; a try pushes it forward before it calls the provider (see `ProviderCopies`).
  */
 export const providerFileDeletions = pgTable(
   'provider_file_deletions',

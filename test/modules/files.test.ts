@@ -82,10 +82,16 @@ async function queuedCopies(): Promise<{ providerFileId: string; attempts: numbe
 /** As if the queued copies' waits were over. */
 const endWaits = () => t.testDb.database.db.update(providerFileDeletions).set({ dueAt: sql`now()` });
 /** What another instance does when it starts (and every minute): one sweep of the queued copies that are due. */
-async function sweepOnce(): Promise<void> {
-  const instance = await buildApp(testConfig({ ...appEnv(), DATA_DIR: t.config.DATA_DIR }), { database: t.testDb.database });
-  // Closing waits for the sweep that the start began, once its batch is done.
-  await instance.close();
+async function sweepOnce(env: Record<string, string> = {}): Promise<void> {
+  const logs = logCollector();
+  const config = testConfig({ ...appEnv(), ...env, LOG_LEVEL: 'debug', DATA_DIR: t.config.DATA_DIR });
+  const instance = await buildApp(config, { database: t.testDb.database, logStream: logs.stream });
+  try {
+    // Its end is logged, whatever it did ("removed …", or "could not remove …"); closing would cut it short.
+    await waitFor(() => logs.lines.some((line) => String(line.msg).endsWith('the provider copies of deleted files')));
+  } finally {
+    await instance.close();
+  }
 }
 const sha256 = (bytes: string | Uint8Array) => createHash('sha256').update(bytes).digest('hex');
 
@@ -300,11 +306,11 @@ describe('delete', () => {
     expect(existsSync(join(storageRoot, projectId, file.id))).toBe(false);
 
     // Queued with the row's deletion: tried once, the next try in 30 s.
-    expect(await queuedCopies()).toEqual([{ providerFileId: file.providerFileId, attempts: 1, waitSeconds: expect.closeTo(30, 0) }]);
+    expect(await queuedCopies()).toEqual([{ providerFileId: file.providerFileId, attempts: 1, waitSeconds: expect.closeTo(30, -1) }]);
     // Its wait over, an instance's sweep tries again: the provider still fails, and the wait doubles.
     await endWaits();
     await sweepOnce();
-    expect(await queuedCopies()).toEqual([{ providerFileId: file.providerFileId, attempts: 2, waitSeconds: expect.closeTo(60, 0) }]);
+    expect(await queuedCopies()).toEqual([{ providerFileId: file.providerFileId, attempts: 2, waitSeconds: expect.closeTo(60, -1) }]);
     expect(fake.files.has(file.providerFileId!)).toBe(true);
     // Not due yet: a sweep leaves it alone.
     const calls = fake.requests.length;
@@ -316,6 +322,51 @@ describe('delete', () => {
     await sweepOnce();
     expect(fake.files.has(file.providerFileId!)).toBe(false);
     expect(await queuedCopies()).toEqual([]);
+  });
+
+  it('still deletes when the database fails after the rows are gone: the copy stays queued for the sweep', async () => {
+    const projectId = await newProject();
+    const file = await upload(projectId, 'queued, never claimed');
+    const db = t.testDb.database.db;
+    await db.execute(sql.raw(`create function test_refuse_claims() returns trigger language plpgsql as $$ begin raise exception 'claims refused'; end $$`));
+    await db.execute(sql.raw('create trigger test_refuse_claims before update on provider_file_deletions execute function test_refuse_claims()'));
+    try {
+      expect((await remove(filesUrl(projectId, `/${file.id}`))).statusCode).toBe(204);
+    } finally {
+      await db.execute(sql.raw('drop trigger test_refuse_claims on provider_file_deletions'));
+      await db.execute(sql.raw('drop function test_refuse_claims()'));
+    }
+    expect(await rowsOf(projectId)).toHaveLength(0);
+    expect(await queuedCopies()).toEqual([{ providerFileId: file.providerFileId, attempts: 0, waitSeconds: expect.any(Number) }]);
+    await sweepOnce();
+    expect(fake.files.has(file.providerFileId!)).toBe(false);
+    expect(await queuedCopies()).toEqual([]);
+  });
+
+  it('leaves the copies queued where OpenAI is configured without its Files API (AI_BASE_URL elsewhere), rather than ask another server', async () => {
+    const projectId = await newProject();
+    const file = await upload(projectId, 'an OpenAI copy');
+    await t.testDb.database.db.delete(files).where(eq(files.id, file.id));
+    const calls = fake.requests.length;
+    await sweepOnce({ OPENAI_BASE_URL: '', AI_BASE_URL: fake.url });
+    expect(fake.requests).toHaveLength(calls);
+    expect(await queuedCopies()).toEqual([{ providerFileId: file.providerFileId, attempts: 0, waitSeconds: expect.any(Number) }]);
+  });
+
+  it('lets an instance close at once while its sweep waits on a provider that does not answer', async () => {
+    const projectId = await newProject();
+    const file = await upload(projectId, 'held upstream');
+    await t.testDb.database.db.delete(files).where(eq(files.id, file.id));
+    fake.setDefault({ fault: 'hang' });
+    const calls = fake.requests.length;
+    const instance = await buildApp(testConfig({ ...appEnv(), AI_TIMEOUT_MS: '60000', DATA_DIR: t.config.DATA_DIR }), { database: t.testDb.database });
+    await fake.waitForRequests(calls + 1);
+    const started = Date.now();
+    await instance.close();
+    // Not the minute of the call's own deadline: the close cuts it short.
+    expect(Date.now() - started).toBeLessThan(30_000);
+    // Tried once; the next try after the call's deadline at least.
+    expect(await queuedCopies()).toEqual([{ providerFileId: file.providerFileId, attempts: 1, waitSeconds: expect.closeTo(60, -1) }]);
   });
 });
 

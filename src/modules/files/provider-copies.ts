@@ -4,7 +4,7 @@ import type { Config } from '../../config.js';
 import type { Db } from '../../db/database.js';
 import { providerFileDeletions } from '../../db/schema.js';
 import type { ProviderRegistry } from '../../providers/registry.js';
-import type { ProviderName } from '../../providers/types.js';
+import type { ProviderAdapter, ProviderName } from '../../providers/types.js';
 
 /**
  * Only OpenAI has a Files API among the providers, so every provider file id is OpenAI's; a second
@@ -46,40 +46,56 @@ export class ProviderCopies {
   /**
    * Deletes the queued copies `providerFileIds`, those just deleted with their rows, within one
    * AI_TIMEOUT_MS: a provider that does not answer holds the deletion that long once, not once a
-   * file. What is not deleted by then stays queued for `deleteDue`, logged by its id.
+   * file. Never fails: the rows' deletion has committed, and whatever is not deleted now (the provider
+   * failing, the deadline, the database lost meanwhile) stays queued for `deleteDue`, logged.
    */
   async deleteNow(providerFileIds: string[], log: FastifyBaseLogger): Promise<void> {
-    const adapter = this.providers.get(FILES_PROVIDER);
-    if (!adapter?.deleteFile) {
-      for (const providerFileId of providerFileIds) {
-        log.warn({ provider: FILES_PROVIDER, providerFileId }, 'provider file copy not deleted: the provider is not configured');
-      }
+    if (!providerFileIds.length) return;
+    const adapter = this.filesApi();
+    if (!adapter) {
+      log.warn({ provider: FILES_PROVIDER, providerFileIds }, 'provider file copies left queued: the provider is not configured with its Files API');
       return;
     }
-    const signal = AbortSignal.timeout(this.config.AI_TIMEOUT_MS);
-    for (let start = 0; start < providerFileIds.length && !signal.aborted; start += CLAIM_BATCH) {
-      await this.deleteClaimed(await this.claim(providerFileIds.slice(start, start + CLAIM_BATCH)), signal, log);
+    try {
+      const signal = AbortSignal.timeout(this.config.AI_TIMEOUT_MS);
+      for (let start = 0; start < providerFileIds.length && !signal.aborted; start += CLAIM_BATCH) {
+        await this.deleteClaimed(adapter, await this.claim(providerFileIds.slice(start, start + CLAIM_BATCH)), signal, log);
+      }
+    } catch (error) {
+      log.warn({ err: error, provider: FILES_PROVIDER, providerFileIds }, 'provider file copies left queued');
     }
   }
 
   /**
    * Deletes every queued copy whose time has come, a batch at a time, each batch within AI_TIMEOUT_MS,
-   * while `stop` says no: the retries of copies a provider failed to delete, and what a crash or a
-   * deadline left. Resolves with how many were deleted.
+   * until `closing` aborts, which also cuts the provider calls in flight short: the retries of copies
+   * a provider failed to delete, and what a crash or a deadline left. Resolves with how many were deleted.
    */
-  async deleteDue(stop: () => boolean, log: FastifyBaseLogger): Promise<number> {
-    const adapter = this.providers.get(FILES_PROVIDER);
-    if (!adapter?.deleteFile) return 0;
+  async deleteDue(closing: AbortSignal, log: FastifyBaseLogger): Promise<number> {
+    const adapter = this.filesApi();
+    if (!adapter) return 0;
     let deleted = 0;
-    while (!stop()) {
+    while (!closing.aborted) {
       const claimed = await this.claim();
       if (!claimed.length) break;
-      deleted += await this.deleteClaimed(claimed, AbortSignal.timeout(this.config.AI_TIMEOUT_MS), log);
+      deleted += await this.deleteClaimed(adapter, claimed, AbortSignal.any([AbortSignal.timeout(this.config.AI_TIMEOUT_MS), closing]), log);
     }
     return deleted;
   }
 
-  /** Claims due copies, those of `only` when given: their try is counted and their next one put off. */
+  /**
+   * The adapter that deletes the copies: OpenAI's own. One pointed elsewhere (`AI_BASE_URL`) makes no
+   * copies, and would answer 404 for OpenAI's, which would count as deleted; its copies wait instead.
+   */
+  private filesApi(): Required<Pick<ProviderAdapter, 'deleteFile'>> | undefined {
+    const adapter = this.providers.get(FILES_PROVIDER);
+    return adapter?.supportsFiles && adapter.deleteFile ? { deleteFile: adapter.deleteFile } : undefined;
+  }
+
+  /**
+   * Claims due copies, those of `only` when given: their try is counted and their next one put off,
+   * past the try's own deadline at least, so that no other claim calls for them while it runs.
+   */
   private async claim(only?: string[]): Promise<string[]> {
     const { providerFileId, attempts, dueAt } = providerFileDeletions;
     const due = this.db
@@ -89,26 +105,30 @@ export class ProviderCopies {
       .orderBy(dueAt)
       .limit(CLAIM_BATCH)
       .for('update', { skipLocked: true });
+    const deadlineSeconds = Math.ceil(this.config.AI_TIMEOUT_MS / 1000);
     const claimed = await this.db
       .update(providerFileDeletions)
       .set({
         attempts: sql`${attempts} + 1`,
-        dueAt: sql`now() + make_interval(secs => least(${RETRY_BASE_SECONDS} * power(2, least(${attempts}, 16)), ${RETRY_MAX_SECONDS}))`,
+        dueAt: sql`now() + make_interval(secs => greatest(${deadlineSeconds}, least(${RETRY_BASE_SECONDS} * power(2, least(${attempts}, 16)), ${RETRY_MAX_SECONDS})))`,
       })
       .where(inArray(providerFileId, due))
       .returning({ providerFileId });
     return claimed.map((row) => row.providerFileId);
   }
 
-  /** Deletes claimed copies upstream, DELETES_AT_ONCE at a time, and the deleted ones from the queue; resolves with how many. */
-  private async deleteClaimed(providerFileIds: string[], signal: AbortSignal, log: FastifyBaseLogger): Promise<number> {
-    const adapter = this.providers.get(FILES_PROVIDER)!;
+  /**
+   * Deletes claimed copies upstream, DELETES_AT_ONCE at a time, and the deleted ones from the queue;
+   * resolves with how many. Those not tried before `signal` aborts are handed back, due at once, their
+   * try not counted.
+   */
+  private async deleteClaimed(adapter: Required<Pick<ProviderAdapter, 'deleteFile'>>, providerFileIds: string[], signal: AbortSignal, log: FastifyBaseLogger): Promise<number> {
     const left = [...providerFileIds];
     const done: string[] = [];
     const worker = async () => {
-      for (let providerFileId = left.shift(); providerFileId; providerFileId = left.shift()) {
+      for (let providerFileId = left.shift(); providerFileId; providerFileId = signal.aborted ? undefined : left.shift()) {
         try {
-          await adapter.deleteFile!(providerFileId, signal);
+          await adapter.deleteFile(providerFileId, signal);
           done.push(providerFileId);
         } catch (error) {
           log.warn({ err: error, provider: FILES_PROVIDER, providerFileId }, 'provider file copy not deleted');
@@ -116,7 +136,9 @@ export class ProviderCopies {
       }
     };
     await Promise.all(Array.from({ length: Math.min(DELETES_AT_ONCE, left.length) }, worker));
-    if (done.length) await this.db.delete(providerFileDeletions).where(inArray(providerFileDeletions.providerFileId, done));
+    const { providerFileId, attempts } = providerFileDeletions;
+    if (done.length) await this.db.delete(providerFileDeletions).where(inArray(providerFileId, done));
+    if (left.length) await this.db.update(providerFileDeletions).set({ attempts: sql`${attempts} - 1`, dueAt: sql`now()` }).where(inArray(providerFileId, left));
     return done.length;
   }
 }
