@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
-import { closeSync, openSync, readFileSync, readlinkSync, rmSync, statSync, utimesSync, writeSync } from 'node:fs';
+import { linkSync, readFileSync, readlinkSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { hostname } from 'node:os';
 import { createConnection, createServer, type Server } from 'node:net';
 import { dirname, join } from 'node:path';
 
@@ -22,7 +23,10 @@ interface Holder {
   pid: number;
   /** The PID namespace its pid is counted in (see `pidNamespace`). */
   pidNamespace: string;
-  /** The kernel it runs on: Linux's boot id, the same in every container of a host and in no other host. */
+  /**
+   * The kernel it runs on: Linux's boot id, the same in every container of a host and in no other host
+   * (see `kernel`). None in a lock written before kernels were named.
+   */
   kernel?: string;
   /** The name of its beacon: a Unix socket beside the lock file that it listens on for as long as it lives. */
   beacon?: string;
@@ -60,12 +64,9 @@ interface Beacon {
 
 async function takeLock(lockFile: string, beacon: Beacon | undefined): Promise<() => void> {
   const self: Holder = { pid: process.pid, pidNamespace: pidNamespace(), kernel: kernel(), beacon: beacon?.name };
-  for (let attempt = 0; attempt < 2; attempt++) {
-    try {
-      // The beacon listens before the lock names it: no one ever finds a live holder's beacon silent.
-      const fd = openSync(lockFile, 'wx');
-      writeSync(fd, JSON.stringify(self));
-      closeSync(fd);
+  for (let attempt = 0; attempt < 3; attempt++) {
+    // The beacon listens before the lock names it: no one ever finds a live holder's beacon silent.
+    if (createWith(lockFile, lockText(self))) {
       // Its age is what tells a holder on another kernel from one that is gone.
       const refresh = setInterval(() => {
         const now = new Date();
@@ -81,23 +82,60 @@ async function takeLock(lockFile: string, beacon: Beacon | undefined): Promise<(
         rmSync(lockFile, { force: true });
         beacon?.close();
       };
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error;
-      const holder = readHolder(lockFile, self);
-      const verdict = await holds(holder, lockFile, self);
-      if (verdict) {
-        const where = !sameKernel(holder, self) ? ' on another machine' : holder.pidNamespace === self.pidNamespace ? '' : ' in another PID namespace (a container)';
-        const elsewhere = `${where}${verdict === 'lately' ? ', or was until less than a minute ago' : ''}`;
-        throw new DatabaseLockedError(
-          `The embedded database is in use by process ${holder.pid}${elsewhere} (lock file ${lockFile}); stop it or set another DATA_DIR`,
-        );
-      }
-      // A lock left by a process that no longer runs (or was taken before by ourselves): take it over.
-      rmSync(lockFile, { force: true });
-      if (holder.beacon && BEACON_NAME.test(holder.beacon)) rmSync(join(dirname(lockFile), holder.beacon), { force: true });
     }
+    const judged = statSync(lockFile, { throwIfNoEntry: false });
+    if (!judged) continue; // released meanwhile
+    const holder = readHolder(lockFile, self);
+    const verdict = await holds(holder, lockFile, self);
+    if (verdict) {
+      const where = !sameKernel(holder, self) ? ' on another machine' : holder.pidNamespace === self.pidNamespace ? '' : ' in another PID namespace (a container)';
+      const elsewhere = `${where}${verdict === 'lately' ? ', or was until less than a minute ago' : ''}`;
+      throw new DatabaseLockedError(
+        `The embedded database is in use by process ${holder.pid}${elsewhere} (lock file ${lockFile}); stop it or set another DATA_DIR`,
+      );
+    }
+    // A lock left by a process that no longer runs (or was taken before by ourselves): taken over, if it
+    // is still the one judged. Another process may have taken it over meanwhile, and its lock is judged anew.
+    if (statSync(lockFile, { throwIfNoEntry: false })?.ino !== judged.ino) continue;
+    rmSync(lockFile, { force: true });
+    if (holder.beacon && BEACON_NAME.test(holder.beacon)) rmSync(join(dirname(lockFile), holder.beacon), { force: true });
   }
   throw new DatabaseLockedError(`Could not take the lock ${lockFile}`);
+}
+
+/**
+ * Creates `path` with `text` in it, whole, unless it exists: written under a name of its own and linked
+ * into place, so that no reader ever finds it empty or cut short. Where a file system has no hard
+ * links, it is created and then written.
+ */
+function createWith(path: string, text: string): boolean {
+  const draft = `${path}.${randomBytes(6).toString('hex')}`;
+  writeFileSync(draft, text, { flag: 'wx' });
+  try {
+    linkSync(draft, path);
+    return true;
+  } catch (error) {
+    const { code } = error as NodeJS.ErrnoException;
+    if (code === 'EEXIST') return false;
+    if (code !== 'EPERM' && code !== 'ENOTSUP' && code !== 'EOPNOTSUPP') throw error;
+  } finally {
+    rmSync(draft, { force: true });
+  }
+  try {
+    writeFileSync(path, text, { flag: 'wx' });
+    return true;
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'EEXIST') return false;
+    throw error;
+  }
+}
+
+/**
+ * `<pid> <namespace> <JSON: kernel, beacon>`: a reader of before beacons (a server or a backup of an
+ * older release) reads the pid and the namespace, and judges as it did.
+ */
+function lockText(self: Holder): string {
+  return `${self.pid} ${self.pidNamespace} ${JSON.stringify({ kernel: self.kernel, beacon: self.beacon })}`;
 }
 
 /** A holder that names no kernel (a lock written before kernels were named) is judged as if on ours. */
@@ -118,28 +156,25 @@ async function holds(holder: Holder, lockFile: string, self: Holder): Promise<'a
 }
 
 /**
- * What the lock file says: JSON, or `<pid> [<namespace>]` as written before beacons. A holder that
- * names no namespace is in ours.
+ * What the lock file says (see `lockText`; before beacons, `<pid> [<namespace>]`). A holder that names
+ * no namespace is in ours; one that names details it cannot be read by is on a kernel of its own.
  */
 function readHolder(lockFile: string, self: Holder): Holder {
-  const text = readFileSync(lockFile, 'utf8').trim();
-  if (!text.startsWith('{')) {
-    const [pid, namespace = self.pidNamespace] = text.split(' ');
-    return { pid: Number(pid), pidNamespace: namespace };
-  }
-  const parsed = parseObject(text);
+  const [pid, namespace = self.pidNamespace, ...details] = readFileSync(lockFile, 'utf8').trim().split(' ');
+  const holder: Holder = { pid: Number(pid), pidNamespace: namespace };
+  if (!details.length) return holder;
+  const { kernel: holderKernel, beacon } = parseObject(details.join(' '));
   return {
-    pid: Number(parsed.pid),
-    pidNamespace: typeof parsed.pidNamespace === 'string' ? parsed.pidNamespace : self.pidNamespace,
-    kernel: typeof parsed.kernel === 'string' ? parsed.kernel : undefined,
-    beacon: typeof parsed.beacon === 'string' ? parsed.beacon : undefined,
+    ...holder,
+    kernel: typeof holderKernel === 'string' ? holderKernel : 'unknown',
+    beacon: typeof beacon === 'string' ? beacon : undefined,
   };
 }
 
-/** A lock file cut short (its writer died while writing it) names no pid, so no live holder. */
 function parseObject(text: string): Record<string, unknown> {
   try {
-    return JSON.parse(text) as Record<string, unknown>;
+    const parsed: unknown = JSON.parse(text);
+    return typeof parsed === 'object' && parsed !== null ? (parsed as Record<string, unknown>) : {};
   } catch {
     return {};
   }
@@ -157,6 +192,8 @@ async function lightBeacon(folder: string): Promise<Beacon | undefined> {
     server.listen(path, () => resolve(true));
   });
   if (!listening) return undefined;
+  // A failure to accept a connection (out of file descriptors) is no failure of the server it keeps.
+  server.on('error', () => {});
   server.unref();
   return {
     name,
@@ -196,12 +233,12 @@ function pidNamespace(): string {
   }
 }
 
-/** This boot of this machine's kernel; undefined where Linux does not say. */
-function kernel(): string | undefined {
+/** This boot of this machine's kernel (Linux); elsewhere, the machine's name. */
+function kernel(): string {
   try {
     return readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
   } catch {
-    return undefined;
+    return `host:${hostname()}`;
   }
 }
 

@@ -63,47 +63,61 @@ describe('embedded PGlite on disk', () => {
   });
 
   const bootId = '/proc/sys/kernel/random/boot_id';
+  /** A lock file's text: pid and namespace first, as a reader of an older release reads them. */
+  const lockText = (pid: number, namespace: string, details: Record<string, unknown>) => `${pid} ${namespace} ${JSON.stringify(details)}`;
+  const readLock = (lockFile: string) => {
+    const [pid, namespace, details] = readFileSync(lockFile, 'utf8').split(' ');
+    return { pid: Number(pid), namespace, ...(JSON.parse(details!) as { kernel?: string; beacon?: string }) };
+  };
+
   it.runIf(existsSync(bootId))('takes over at once the lock of a holder in another container of this kernel once its beacon is silent, killed or not', async () => {
     const folder = mkdtempSync(join(tmpdir(), 'chatbot-pglite-'));
     const dir = join(folder, 'pglite');
     const beacon = 'pglite.0123456789ab.sock';
     // A holder in another PID namespace on this kernel, pid 1 as in a container, listening on its beacon.
     const holder = spawn(process.execPath, ['-e', `require('node:net').createServer().listen(${JSON.stringify(join(folder, beacon))}, () => console.log('listening'))`]);
-    await once(holder.stdout, 'data');
-    const lock = { pid: 1, pidNamespace: 'pid:[1]', kernel: readFileSync(bootId, 'utf8').trim(), beacon };
-    writeFileSync(join(folder, 'pglite.lock'), JSON.stringify(lock));
-    // Seen to live: the lock's age plays no part.
-    await expect(openPglite(dir)).rejects.toThrow(/in use by process 1 in another PID namespace \(a container\) \(lock file/);
+    try {
+      await once(holder.stdout, 'data');
+      const kernel = readFileSync(bootId, 'utf8').trim();
+      writeFileSync(join(folder, 'pglite.lock'), lockText(1, 'pid:[1]', { kernel, beacon }));
+      // Seen to live: the lock's age plays no part.
+      await expect(openPglite(dir)).rejects.toThrow(/in use by process 1 in another PID namespace \(a container\) \(lock file/);
 
-    // Killed, it leaves its lock fresh and its socket's file behind, but nothing listens on it any more.
-    holder.kill('SIGKILL');
-    await once(holder, 'exit');
-    expect(existsSync(join(folder, beacon))).toBe(true);
-    const takenOver = await openPglite(dir);
-    expect(existsSync(join(folder, beacon)), 'the dead holder\'s socket removed').toBe(false);
-    const ours = JSON.parse(readFileSync(join(folder, 'pglite.lock'), 'utf8')) as typeof lock;
-    expect(ours).toMatchObject({ pid: process.pid, kernel: lock.kernel });
-    expect(readdirSync(folder).sort()).toEqual(['pglite', 'pglite.lock', ours.beacon].sort());
-    await takenOver.close();
-    expect(readdirSync(folder), 'the lock and the beacon go with the close').toEqual(['pglite']);
+      // Killed, it leaves its lock fresh and its socket's file behind, but nothing listens on it any more.
+      holder.kill('SIGKILL');
+      await once(holder, 'exit');
+      expect(existsSync(join(folder, beacon))).toBe(true);
+      const takenOver = await openPglite(dir);
+      expect(existsSync(join(folder, beacon)), "the dead holder's socket removed").toBe(false);
+      const ours = readLock(join(folder, 'pglite.lock'));
+      expect(ours).toMatchObject({ pid: process.pid, namespace: readlinkSync('/proc/self/ns/pid'), kernel });
+      expect(readdirSync(folder).sort()).toEqual(['pglite', 'pglite.lock', ours.beacon].sort());
+      await takenOver.close();
+      expect(readdirSync(folder), 'the lock and the beacon go with the close').toEqual(['pglite']);
+    } finally {
+      holder.kill('SIGKILL');
+    }
   });
 
   it('takes its lock without a socket where the path would be too long for one, rather than under a name cut short', async () => {
     const folder = join(mkdtempSync(join(tmpdir(), 'chatbot-pglite-')), 'd'.repeat(70));
     const database = await openPglite(join(folder, 'pglite'));
     expect(readdirSync(folder).sort()).toEqual(['pglite', 'pglite.lock']);
-    expect(JSON.parse(readFileSync(join(folder, 'pglite.lock'), 'utf8'))).not.toHaveProperty('beacon');
+    expect(readLock(join(folder, 'pglite.lock'))).not.toHaveProperty('beacon');
     await database.close();
     expect(readdirSync(folder)).toEqual(['pglite']);
   });
 
-  it.runIf(existsSync(bootId))('judges the lock of a holder on another kernel (a volume shared over the network) by its age alone', async () => {
+  it.runIf(existsSync(bootId))('judges the lock of a holder on another kernel (a volume shared over the network), or of one it cannot read, by its age alone', async () => {
     const folder = mkdtempSync(join(tmpdir(), 'chatbot-pglite-'));
     const lockFile = join(folder, 'pglite.lock');
     // A pid that runs here, in our very namespace: on the holder's machine it is another process, or none.
-    const lock = { pid: process.ppid, pidNamespace: readlinkSync('/proc/self/ns/pid'), kernel: 'another-boot' };
-    writeFileSync(lockFile, JSON.stringify(lock));
-    await expect(openPglite(join(folder, 'pglite'))).rejects.toThrow(/in use by process \d+ on another machine, or was until less than a minute ago/);
+    for (const details of [{ kernel: 'another-boot' }, { kernel: 7 }, {}]) {
+      writeFileSync(lockFile, lockText(process.ppid, readlinkSync('/proc/self/ns/pid'), details));
+      await expect(openPglite(join(folder, 'pglite')), JSON.stringify(details)).rejects.toThrow(
+        /in use by process \d+ on another machine, or was until less than a minute ago/,
+      );
+    }
     const aMinuteAgo = new Date(Date.now() - 61_000);
     utimesSync(lockFile, aMinuteAgo, aMinuteAgo);
     const takenOver = await openPglite(join(folder, 'pglite'));

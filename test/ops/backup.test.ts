@@ -435,7 +435,7 @@ describe.runIf(canUsePidNamespaces)('the embedded database held by a server in a
     const server = await spawnServer(env, { ownPidNamespace: true });
     try {
       await waitUntilServing(server);
-      expect(JSON.parse(readFileSync(join(dataDir, 'pglite.lock'), 'utf8'))).toMatchObject({ pid: 1 }); // as in a container
+      expect(readFileSync(join(dataDir, 'pglite.lock'), 'utf8')).toMatch(/^1 /); // pid 1, as in a container
       for (const [command, folder] of [['backup', join(scratchFolder(), 'second')], ['restore', backup]] as const) {
         const refused = await runBackupCli([command, folder], env, { ownPidNamespace: true });
         expect(refused.code, refused.output).toBe(1);
