@@ -238,6 +238,9 @@ const FASTIFY_ERRORS: Record<string, [number, ProblemCode]> = {
   FST_FILES_LIMIT: [413, 'PAYLOAD_TOO_LARGE'],
   FST_PARTS_LIMIT: [413, 'PAYLOAD_TOO_LARGE'],
   FST_INVALID_MULTIPART_CONTENT_TYPE: [415, 'UNSUPPORTED_MEDIA_TYPE'],
+  // A form field declared `application/json` that is not: the plugin says 406 Not Acceptable, which is
+  // about the Accept header; it is a malformed body.
+  FST_INVALID_JSON_FIELD_ERROR: [400, 'VALIDATION_ERROR'],
   FST_ERR_CTP_INVALID_MEDIA_TYPE: [415, 'UNSUPPORTED_MEDIA_TYPE'],
   FST_ERR_CTP_INVALID_CONTENT_LENGTH: [400, 'VALIDATION_ERROR'],
   FST_ERR_CTP_EMPTY_JSON_BODY: [400, 'VALIDATION_ERROR'],

@@ -730,6 +730,8 @@ describe('what an upload must be', () => {
   it.each([
     ['no boundary', { payload: multipart({ content: 'a', filename: 'a' }).payload, headers: { 'content-type': 'multipart/form-data' } }],
     ['a body cut off in the file', { payload: Buffer.concat([partHead({ filename: 'a.txt' }), Buffer.from('half a file')]), headers: multipart().headers }],
+    // The parser's own refusal of it is a 406 Not Acceptable, which is about Accept, not the body.
+    ['a field declared JSON that is not', multipart({ name: 'meta', type: 'application/json', content: '{' }, { filename: 'a.txt', content: 'a' })],
   ])('refuses a malformed form (%s) with 400, never 500', async (_, body) => {
     await refused(400, 'VALIDATION_ERROR', body);
   });
