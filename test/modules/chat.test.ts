@@ -788,6 +788,31 @@ describe('idempotency', () => {
     expect(again.map((e) => e.event)).toEqual(['user_message', 'delta', 'done']);
   });
 
+  // Changed between the first request and its retry: the key's first result is the retry's answer,
+  // as a JSON turn and as a stream, and no provider is called again.
+  it.each([
+    ['its provider is no longer configured', { provider: 'openrouter' }],
+    ['its prompts no longer fit its model', { model: 'gpt-4' }],
+  ])('replays the first result once the project is set so that %s', async (_, change) => {
+    const projectId = await newProject();
+    // About 9,000 tokens: within gpt-4o-mini's budget, past gpt-4's (8,192).
+    await addPrompt(projectId, 'word '.repeat(9_000));
+    const json = { 'idempotency-key': `key-${uuidv7()}` };
+    const streamed = { 'idempotency-key': `key-${uuidv7()}` };
+    const first = await chat(projectId, { message: 'before' }, json);
+    expect(first.statusCode).toBe(200);
+    const done = async (response: Response) => (await readSse(response)).find((e) => e.event === 'done')?.data;
+    const firstStreamed = await done(await streamChat(projectId, { message: 'before' }, undefined, streamed));
+    await t.app.inject({ method: 'PATCH', url: `/api/v1/projects/${projectId}`, headers: user.auth, payload: change });
+
+    const again = await chat(projectId, { message: 'before' }, json);
+    expect([again.statusCode, again.json()]).toEqual([200, first.json()]);
+    expect(await done(await streamChat(projectId, { message: 'before' }, undefined, streamed))).toEqual(firstStreamed);
+    expect(fake.requests).toHaveLength(2);
+    // A new request is refused as the project is now.
+    expect((await chat(projectId, { message: 'after' }, { 'idempotency-key': `key-${uuidv7()}` })).statusCode).toBe('provider' in change ? 503 : 400);
+  });
+
   it('answers 422 for the same key with a different body', async () => {
     const projectId = await newProject();
     const key = { 'idempotency-key': `key-${uuidv7()}` };

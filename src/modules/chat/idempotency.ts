@@ -1,5 +1,5 @@
 import { createHash, randomUUID } from 'node:crypto';
-import { and, eq, or, sql } from 'drizzle-orm';
+import { and, eq, not, or, sql } from 'drizzle-orm';
 import type { Db } from '../../db/database.js';
 import { idempotencyKeys } from '../../db/schema.js';
 import { ApiError } from '../../http/errors.js';
@@ -81,6 +81,26 @@ export class IdempotencyStore<T> {
       throw new ApiError(409, 'IDEMPOTENCY_CONFLICT', 'A request with this Idempotency-Key is still in progress');
     }
     return { kind: 'replay', response: existing.response as T };
+  }
+
+  /**
+   * The result kept for the key's request `hash` when that request completed within the replay window;
+   * undefined otherwise. Only reads: it claims nothing.
+   */
+  async replay(userId: string, key: string, hash: string): Promise<T | undefined> {
+    const [done] = await this.db
+      .select({ response: idempotencyKeys.response })
+      .from(idempotencyKeys)
+      .where(
+        and(
+          eq(idempotencyKeys.userId, userId),
+          eq(idempotencyKeys.key, key),
+          eq(idempotencyKeys.requestHash, hash),
+          eq(idempotencyKeys.state, 'done'),
+          not(this.expired),
+        ),
+      );
+    return (done?.response ?? undefined) as T | undefined;
   }
 
   /**

@@ -1,7 +1,7 @@
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { logFailure, problemBody, toProblem } from '../../http/errors.js';
+import { ApiError, logFailure, problemBody, toProblem } from '../../http/errors.js';
 import { projectParams } from '../projects/schemas.js';
 import { type IdempotencyStore, requestHash } from './idempotency.js';
 import { chatBody, chatHeaders, type ChatResult, chatResult } from './schemas.js';
@@ -20,6 +20,9 @@ const sseResponse = z
     'text/event-stream: `user_message` {userMessage}, then `delta` {content} events, then `done` ' +
       '{assistantMessage, usage}; or `error` with problem details. Each event has an id; `: ping` comments keep it open.',
   );
+
+/** A turn's refusals that depend on the project's settings at the time, not on the request or its caller. */
+const REFUSED_AS_SET_NOW = new Set(['CONTEXT_TOO_LONG', 'PROVIDER_NOT_CONFIGURED']);
 
 export interface ChatRoutesOptions {
   chat: ChatService;
@@ -81,8 +84,19 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         const userId = request.user.id;
         const key = request.headers['idempotency-key'];
 
+        const hash = requestHash({ projectId, message, stream });
         // A keyed turn may still be refused (or replayed) after its checks: its question waits for the claim.
-        const turn = await chat.prepare(request.user, projectId, message, { storeEarly: !key, stream });
+        let turn: PreparedTurn;
+        try {
+          turn = await chat.prepare(request.user, projectId, message, { storeEarly: !key, stream });
+        } catch (error) {
+          // Refused for what the project is now (its provider, its model's budget, its prompts), after the
+          // token and the project were checked: a key whose request was answered before that changed
+          // still has its first result, which a retry is owed.
+          const first = key && error instanceof ApiError && REFUSED_AS_SET_NOW.has(error.code) ? await idempotency.replay(userId, key, hash) : undefined;
+          if (!first) throw error;
+          return stream ? replayAsStream(openStream, first, request, reply) : first;
+        }
         // `keep` runs before the client hears the turn is done, so that a retry it sends then is a replay.
         const answer = async (keyed?: KeyedTurn) => {
           if (stream) return streamTurn(chat, openStream, turn, request, reply, interrupt, keyed);
@@ -92,7 +106,7 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         };
         if (!key) return answer();
 
-        const claim = await idempotency.claim(userId, key, requestHash({ projectId, message, stream }));
+        const claim = await idempotency.claim(userId, key, hash);
         if (claim.kind === 'replay') return stream ? replayAsStream(openStream, claim.response, request, reply) : claim.response;
         // A stream may run past any fixed bound, each delta pushing its deadline back: as long as its deltas
         // reach its client, its key is not taken over. A JSON turn ends within its deadline, half the time
