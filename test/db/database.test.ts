@@ -5,9 +5,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { sql } from 'drizzle-orm';
 import { describe, expect, it } from 'vitest';
-import { openPglite } from '../../src/db/database.js';
+import { migrationsFolder, openPglite } from '../../src/db/database.js';
 import { DatabaseLockedError } from '../../src/db/pglite-lock.js';
-import { users } from '../../src/db/schema.js';
+import { providerFileDeletions, users } from '../../src/db/schema.js';
 import { createTestDatabase } from '../support/database.js';
 
 describe('embedded PGlite on disk', () => {
@@ -122,6 +122,26 @@ describe('embedded PGlite on disk', () => {
     utimesSync(lockFile, aMinuteAgo, aMinuteAgo);
     const takenOver = await openPglite(join(folder, 'pglite'));
     await takenOver.close();
+  });
+});
+
+describe('migrations', () => {
+  it('run again, and cleanly, after a restore of a backup taken before them, which leaves their new objects behind', async () => {
+    const { database, drop } = await createTestDatabase();
+    try {
+      const { db } = database;
+      // What pg_restore --clean of such a backup leaves: the migrations' record as it was then, their
+      // new functions and tables still there (the backup had none to drop), a queued copy among them.
+      await db.insert(providerFileDeletions).values({ providerFileId: 'file-queued-after-the-backup' });
+      await db.execute(sql`delete from drizzle.__drizzle_migrations where id in (select id from drizzle.__drizzle_migrations order by created_at desc limit 2)`);
+      await database.migrate();
+      // The queue starts empty: its copies were those of files the backup has again.
+      expect(await db.select().from(providerFileDeletions)).toEqual([]);
+      const applied = (await db.execute(sql`select count(*)::int as n from drizzle.__drizzle_migrations`)) as unknown as { rows: { n: number }[] };
+      expect(applied.rows[0]!.n).toBe(readdirSync(migrationsFolder).filter((name) => name.endsWith('.sql')).length);
+    } finally {
+      await drop();
+    }
   });
 });
 
