@@ -171,9 +171,12 @@ async function connectRedis(url: string, log: FastifyBaseLogger): Promise<Redis>
     connectTimeout: 2_000,
   });
   let down = false;
-  redis.on('error', (error: Error) => {
+  redis.on('error', (error: Error & { command?: unknown }) => {
     if (down) return;
     down = true;
+    // ioredis attaches the command that failed to its error, arguments and all: a refused HELLO or AUTH
+    // carries the password of REDIS_URL, which the log must not.
+    delete error.command;
     log.warn({ err: error }, 'Redis is unreachable: rate limits are not enforced until it is back');
   });
   redis.on('ready', () => {

@@ -323,6 +323,28 @@ describe('counters in Redis (REDIS_URL)', () => {
     }
     expect(logs.lines.filter((line) => String(line.msg).includes('Redis is unreachable'))).toHaveLength(1);
   });
+  it('keeps the REDIS_URL password out of the log when Redis refuses it', async () => {
+    // A Redis that refuses every password, as one does after its password was changed: ioredis's error
+    // carries the refused command (HELLO, or AUTH) with its arguments.
+    const refusing = createServer((socket) => {
+      socket.on('error', () => {});
+      socket.on('data', () => socket.write('-WRONGPASS invalid username-password pair or user is disabled.\r\n'));
+    });
+    refusing.listen(0, '127.0.0.1');
+    await once(refusing, 'listening');
+    const { port } = refusing.address() as { port: number };
+    const password = `redis-password-${randomUUID()}`;
+    const logs = logCollector();
+    try {
+      await startInstance({ REDIS_URL: `redis://:${password}@127.0.0.1:${port}`, LOG_LEVEL: 'info' }, logs.stream);
+      await waitFor(() => logs.lines.some((line) => String(line.msg).includes('Redis is unreachable')));
+      expect(JSON.stringify(logs.lines)).toContain('WRONGPASS');
+      expect(JSON.stringify(logs.lines)).not.toContain(password);
+    } finally {
+      await apps.pop()?.close();
+      refusing.close();
+    }
+  });
 });
 
 async function waitFor(condition: () => boolean, timeoutMs = 10_000): Promise<void> {
