@@ -1,4 +1,4 @@
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { linkSync, readFileSync, readlinkSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { createConnection, createServer, type Server } from 'node:net';
@@ -83,9 +83,9 @@ async function takeLock(lockFile: string, beacon: Beacon | undefined): Promise<(
         beacon?.close();
       };
     }
-    const judged = statSync(lockFile, { throwIfNoEntry: false });
-    if (!judged) continue; // released meanwhile
-    const holder = readHolder(lockFile, self);
+    const text = readLockText(lockFile);
+    if (text === undefined) continue; // released meanwhile
+    const holder = readHolder(text, self);
     const verdict = await holds(holder, lockFile, self);
     if (verdict) {
       const where = !sameKernel(holder, self) ? ' on another machine' : holder.pidNamespace === self.pidNamespace ? '' : ' in another PID namespace (a container)';
@@ -96,8 +96,23 @@ async function takeLock(lockFile: string, beacon: Beacon | undefined): Promise<(
     }
     // A lock left by a process that no longer runs (or was taken before by ourselves): taken over, if it
     // is still the one judged. Another process may have taken it over meanwhile, and its lock is judged anew.
-    if (statSync(lockFile, { throwIfNoEntry: false })?.ino !== judged.ino) continue;
-    rmSync(lockFile, { force: true });
+    // By one taker at a time: the one that makes the mark named for the judged lock's text, which no two
+    // holders share. Checking the lock and then removing it let a taker remove, between the two, the lock
+    // another taker had just made (its inode told nothing: ext4 gives a removed file's to the next at
+    // once), and both opened the database. A mark is held for a moment; one older than a lock's staleness
+    // is a taker's that died within it.
+    const mark = `${lockFile}.${createHash('sha256').update(text).digest('hex').slice(0, 16)}.takeover`;
+    if (!createWith(mark, lockText(self))) {
+      const markedAt = statSync(mark, { throwIfNoEntry: false })?.mtimeMs;
+      if (markedAt !== undefined && Date.now() - markedAt > LOCK_STALE_MS) rmSync(mark, { force: true });
+      continue;
+    }
+    try {
+      if (readLockText(lockFile) !== text) continue;
+      rmSync(lockFile, { force: true });
+    } finally {
+      rmSync(mark, { force: true });
+    }
     if (holder.beacon && BEACON_NAME.test(holder.beacon)) rmSync(join(dirname(lockFile), holder.beacon), { force: true });
   }
   throw new DatabaseLockedError(`Could not take the lock ${lockFile}`);
@@ -159,8 +174,8 @@ async function holds(holder: Holder, lockFile: string, self: Holder): Promise<'a
  * What the lock file says (see `lockText`; before beacons, `<pid> [<namespace>]`). A holder that names
  * no namespace is in ours; one that names details it cannot be read by is on a kernel of its own.
  */
-function readHolder(lockFile: string, self: Holder): Holder {
-  const [pid, namespace = self.pidNamespace, ...details] = readFileSync(lockFile, 'utf8').trim().split(' ');
+function readHolder(text: string, self: Holder): Holder {
+  const [pid, namespace = self.pidNamespace, ...details] = text.trim().split(' ');
   const holder: Holder = { pid: Number(pid), pidNamespace: namespace };
   if (!details.length) return holder;
   const { kernel: holderKernel, beacon } = parseObject(details.join(' '));
@@ -169,6 +184,16 @@ function readHolder(lockFile: string, self: Holder): Holder {
     kernel: typeof holderKernel === 'string' ? holderKernel : 'unknown',
     beacon: typeof beacon === 'string' ? beacon : undefined,
   };
+}
+
+/** A lock file's text (see `lockText`), which no two holders share (a pid, its namespace, a beacon); undefined once it is gone. */
+function readLockText(lockFile: string): string | undefined {
+  try {
+    return readFileSync(lockFile, 'utf8');
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw error;
+  }
 }
 
 function parseObject(text: string): Record<string, unknown> {

@@ -108,6 +108,48 @@ describe('embedded PGlite on disk', () => {
     expect(readdirSync(folder)).toEqual(['pglite']);
   });
 
+  it.runIf(existsSync(bootId))('lets one process alone take over a lock left behind, however many try at once', { timeout: 120_000 }, async () => {
+    // Processes that each take the lock once told to, hold it a moment and say whether they had it.
+    const taker = `
+      const { lockPglite } = await import(${JSON.stringify(new URL('../../src/db/pglite-lock.ts', import.meta.url).href)});
+      console.log('ready');
+      process.stdin.once('data', async (startAt) => {
+        while (Date.now() < Number(startAt)) {}
+        try {
+          const release = await lockPglite(process.argv[1]);
+          console.log('held');
+          setTimeout(release, 1_000);
+        } catch (error) {
+          console.log(error.name);
+        }
+      });`;
+    for (let round = 0; round < 3; round++) {
+      const folder = mkdtempSync(join(tmpdir(), 'chatbot-pglite-'));
+      // Left by a process of this namespace that has exited: any taker may take it over.
+      const exited = spawnSync(process.execPath, ['-e', 'process.stdout.write(String(process.pid))']);
+      const kernel = readFileSync(bootId, 'utf8').trim();
+      writeFileSync(join(folder, 'pglite.lock'), lockText(Number(exited.stdout), readlinkSync('/proc/self/ns/pid'), { kernel }));
+      const takers = Array.from({ length: 8 }, () =>
+        spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', taker, join(folder, 'pglite')], { stdio: ['pipe', 'pipe', 'inherit'] }),
+      );
+      const said = takers.map((child) => {
+        let output = '';
+        child.stdout.on('data', (chunk: Buffer) => (output += String(chunk)));
+        return async () => {
+          await once(child, 'exit');
+          return output;
+        };
+      });
+      // Once every one is loaded, told a moment to start at: they judge the lock at the same time.
+      await Promise.all(takers.map((child) => once(child.stdout, 'data')));
+      const startAt = Date.now() + 500;
+      for (const child of takers) child.stdin.end(String(startAt));
+      const outputs = await Promise.all(said.map((output) => output()));
+      expect(outputs.every((output) => /^ready\n(held|DatabaseLockedError)\n$/.test(output)), outputs.join('|')).toBe(true);
+      expect(outputs.filter((output) => output.includes('held')), `round ${round}`).toHaveLength(1);
+    }
+  });
+
   it.runIf(existsSync(bootId))('judges the lock of a holder on another kernel (a volume shared over the network), or of one it cannot read, by its age alone', async () => {
     const folder = mkdtempSync(join(tmpdir(), 'chatbot-pglite-'));
     const lockFile = join(folder, 'pglite.lock');
