@@ -121,9 +121,13 @@ export async function registerRateLimits(app: FastifyInstance, config: Config): 
  * What a client's address is counted by: an IPv4 address as it is; an IPv6 one by its /64, the least a
  * home line, an office or a server is given (its owner may use any address in it, 2^64 of them, each of
  * which was a fresh counter); an IPv4 address written as IPv6 (`::ffff:192.0.2.1`, as a dual-stack
- * socket reports an IPv4 client) as the IPv4 address. Anything that is no IP address is left as it is.
+ * socket reports an IPv4 client) as the IPv4 address; either without the port a balancer may have added.
+ * Anything that is no IP address is left as it is.
  */
-function addressKey(ip: string): string {
+function addressKey(forwarded: string): string {
+  // A balancer may forward the client's address with its port (Azure Application Gateway:
+  // `192.0.2.1:51234`, `[2001:db8::1]:51234`): a port of its own each connection, so a counter of its own.
+  const ip = /^\[([^\]]+)\]:\d+$/.exec(forwarded)?.[1] ?? /^(\d+\.\d+\.\d+\.\d+):\d+$/.exec(forwarded)?.[1] ?? forwarded;
   if (!isIPv6(ip)) return ip;
   const groups = ipv6Groups(ip.split('%')[0]!);
   if (groups.slice(0, 5).every((group) => group === 0) && groups[5] === 0xffff) {

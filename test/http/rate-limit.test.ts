@@ -161,6 +161,32 @@ describe('behind a load balancer (TRUST_PROXY)', () => {
       await app.close();
     }
   });
+
+  it('counts a client the balancer forwards with its port (as Azure Application Gateway does) by its address, whichever port', async () => {
+    const app = await buildApp(testConfig({ ...LIMITS, TRUST_PROXY: '1' }), { database: t.testDb.database });
+    try {
+      const user = await newUser();
+      const attempt = (client: string, password?: string) =>
+        app.inject({
+          method: 'POST',
+          url: '/api/v1/auth/login',
+          remoteAddress: newAddress(),
+          headers: { 'x-forwarded-for': client },
+          payload: { email: user.email, password: password ?? 'wrong password' },
+        });
+      // Each connection comes from a port of its own: the port is no part of who the client is.
+      const address = newAddress();
+      for (const port of [40001, 40002, 40003]) expectProblem(await attempt(`${address}:${port}`), 401, 'UNAUTHORIZED');
+      expectRateLimited(await attempt(`${address}:40004`, PASSWORD), 15 * 60);
+      expectRateLimited(await attempt(address, PASSWORD), 15 * 60);
+
+      const prefix = `2001:db8:${(++lastAddress).toString(16)}:0`;
+      for (const port of [40001, 40002, 40003]) expectProblem(await attempt(`[${prefix}::${port - 40000}]:${port}`), 401, 'UNAUTHORIZED');
+      expectRateLimited(await attempt(`${prefix}::1`, PASSWORD), 15 * 60);
+    } finally {
+      await app.close();
+    }
+  });
 });
 
 describe('authenticated routes', () => {
