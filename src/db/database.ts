@@ -53,8 +53,6 @@ export interface PostgresOptions {
   /** Pool size; PostgreSQL's default of 100 connections is shared by every instance. */
   max?: number;
   connectionTimeoutMs?: number;
-  /** How long a statement may go unanswered (see `openPostgres`); migrations are not bounded by it. */
-  queryTimeoutMs?: number;
 }
 
 export function openPostgres(url: string, options: PostgresOptions = {}): Database {
@@ -63,10 +61,6 @@ export function openPostgres(url: string, options: PostgresOptions = {}): Databa
     max: options.max ?? 20,
     // A request waiting on a dead database fails fast with 503 instead of hanging.
     connectionTimeoutMillis: options.connectionTimeoutMs ?? 5_000,
-    // A database that stops answering without closing the connection (its host frozen, the network
-    // cut) would hold a request, and its connection, for as long as TCP takes to give up: a quarter of
-    // an hour. Past this bound the statement fails as the database being unavailable (503).
-    query_timeout: options.queryTimeoutMs ?? 60_000,
     idleTimeoutMillis: 30_000,
   });
   // An idle client losing its connection (database restarted) must not crash the process;
@@ -86,11 +80,7 @@ export function openPostgres(url: string, options: PostgresOptions = {}): Databa
     },
     ping: (timeoutMs = 2_000) => withTimeout(pool.query('select 1').then(() => undefined), timeoutMs),
     async migrate() {
-      // A connection of its own, outside the pool's bound on statements: a migration may wait for as
-      // long as another instance's takes (the advisory lock), or for the tables it alters.
-      const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: pool.options.connectionTimeoutMillis });
-      client.on('error', () => {}); // a lost connection fails what is sent on it
-      await client.connect();
+      const { client, release } = await checkOut(pool);
       try {
         await client.query('select pg_advisory_lock($1)', [MIGRATION_LOCK_ID]);
         try {
@@ -99,7 +89,7 @@ export function openPostgres(url: string, options: PostgresOptions = {}): Databa
           await client.query('select pg_advisory_unlock($1)', [MIGRATION_LOCK_ID]);
         }
       } finally {
-        await client.end();
+        release();
       }
     },
     close: () => pool.end(),
@@ -167,10 +157,8 @@ export async function openPglite(dataDir?: string): Promise<Database> {
   };
 }
 
-export async function openDatabase(config: { DATABASE_URL?: string | undefined; DATABASE_QUERY_TIMEOUT_MS?: number; DATA_DIR: string }): Promise<Database> {
-  return config.DATABASE_URL
-    ? openPostgres(config.DATABASE_URL, { queryTimeoutMs: config.DATABASE_QUERY_TIMEOUT_MS })
-    : openPglite(pgliteFolder(config.DATA_DIR));
+export async function openDatabase(config: { DATABASE_URL?: string | undefined; DATA_DIR: string }): Promise<Database> {
+  return config.DATABASE_URL ? openPostgres(config.DATABASE_URL) : openPglite(pgliteFolder(config.DATA_DIR));
 }
 
 /** The embedded database's folder under DATA_DIR. */

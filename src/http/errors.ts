@@ -193,8 +193,6 @@ const DATABASE_DOWN_MESSAGES = [
   'Client has encountered a connection error',
   'Cannot use a pool after calling end',
   'database did not answer',
-  // pg's query_timeout (DATABASE_QUERY_TIMEOUT_MS): sent, and never answered.
-  'Query read timeout',
   'PGlite is closed',
 ];
 
