@@ -93,6 +93,12 @@ async function sweepOnce(env: Record<string, string> = {}): Promise<void> {
     await instance.close();
   }
 }
+/** One sweep deletes the file's provider copy upstream, and the queue is empty after it. */
+async function expectSweptAway(file: FileDto): Promise<void> {
+  await sweepOnce();
+  expect(fake.files.has(file.providerFileId!)).toBe(false);
+  expect(await queuedCopies()).toEqual([]);
+}
 const sha256 = (bytes: string | Uint8Array) => createHash('sha256').update(bytes).digest('hex');
 
 /** Every stored file's path under the storage root (by default the app's), temporary ones included. */
@@ -319,9 +325,7 @@ describe('delete', () => {
 
     fake.setDefault({});
     await endWaits();
-    await sweepOnce();
-    expect(fake.files.has(file.providerFileId!)).toBe(false);
-    expect(await queuedCopies()).toEqual([]);
+    await expectSweptAway(file);
   });
 
   it('still deletes when the database fails after the rows are gone: the copy stays queued for the sweep', async () => {
@@ -338,9 +342,7 @@ describe('delete', () => {
     }
     expect(await rowsOf(projectId)).toHaveLength(0);
     expect(await queuedCopies()).toEqual([{ providerFileId: file.providerFileId, attempts: 0, waitSeconds: expect.any(Number) }]);
-    await sweepOnce();
-    expect(fake.files.has(file.providerFileId!)).toBe(false);
-    expect(await queuedCopies()).toEqual([]);
+    await expectSweptAway(file);
   });
 
   it('leaves the copies queued where OpenAI is configured without its Files API (AI_BASE_URL elsewhere), rather than ask another server', async () => {

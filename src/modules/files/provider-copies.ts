@@ -10,7 +10,7 @@ import type { ProviderAdapter, ProviderName } from '../../providers/types.js';
  * Only OpenAI has a Files API among the providers, so every provider file id is OpenAI's; a second
  * provider with one would need a column saying which provider holds a file.
  */
-export const FILES_PROVIDER: ProviderName = 'openai';
+const FILES_PROVIDER: ProviderName = 'openai';
 
 /** Provider copies deleted at once: many files go faster, without a flood of requests. */
 const DELETES_AT_ONCE = 8;
@@ -34,13 +34,19 @@ export class ProviderCopies {
     private readonly config: Pick<Config, 'AI_TIMEOUT_MS'>,
   ) {}
 
-  /** Queues copies whose file row was never written (an upload that failed after making its copy). */
-  async queue(providerFileIds: string[]): Promise<void> {
-    if (!providerFileIds.length) return;
-    await this.db
-      .insert(providerFileDeletions)
-      .values(providerFileIds.map((providerFileId) => ({ providerFileId })))
-      .onConflictDoNothing();
+  /**
+   * Deletes the copy of a file whose row was never written (an upload that failed after making it):
+   * queued first, as a deleted file's would be, so that a failure now is tried again. Never fails; a
+   * copy that cannot even be queued is logged.
+   */
+  async discardUnnamed(providerFileId: string, log: FastifyBaseLogger): Promise<void> {
+    try {
+      await this.db.insert(providerFileDeletions).values({ providerFileId }).onConflictDoNothing();
+    } catch (error) {
+      log.warn({ err: error, provider: FILES_PROVIDER, providerFileId }, 'provider file copy not deleted');
+      return;
+    }
+    await this.deleteNow([providerFileId], log);
   }
 
   /**

@@ -17,7 +17,7 @@ import { buildFilesSection, EntryCounts, type FilesSection, type FilesSectionOpt
 import { ContentInspector, essence } from './content-type.js';
 import { displayFilename } from './filename.js';
 import type { FileDto } from './schemas.js';
-import { FILES_PROVIDER, type ProviderCopies } from './provider-copies.js';
+import type { ProviderCopies } from './provider-copies.js';
 import { bytesGone, type FileStorage, type StagedBytes } from './storage.js';
 
 /** One part of a multipart/form-data body, as @fastify/multipart hands it over. */
@@ -166,7 +166,7 @@ export class FilesService {
       // Wherever the bytes got to: still staged, or already under the key. A cleanup that fails leaves
       // stray bytes, and must neither hide the error nor stop the rest of the cleanup.
       await Promise.allSettled([this.storage.drop(received), key && this.storage.remove(key)]);
-      if (providerFileId) await this.discardProviderCopy(providerFileId, log);
+      if (providerFileId) await this.providerCopies.discardUnnamed(providerFileId, log);
       throw error;
     }
   }
@@ -336,17 +336,6 @@ export class FilesService {
       if (error instanceof ProviderNotConfigured) return undefined;
       throw error;
     }
-  }
-
-  /** The provider copy of an upload whose row was never written: queued as a deleted file's would be, then deleted. */
-  private async discardProviderCopy(providerFileId: string, log: FastifyBaseLogger): Promise<void> {
-    try {
-      await this.providerCopies.queue([providerFileId]);
-    } catch (error) {
-      log.warn({ err: error, provider: FILES_PROVIDER, providerFileId }, 'provider file copy not deleted');
-      return;
-    }
-    await this.providerCopies.deleteNow([providerFileId], log);
   }
 
   private async readText(file: ChatFileRow): Promise<string> {
