@@ -135,8 +135,8 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
     what: 'the file bytes no file row names',
     sweep: (closing) => files.removeStrayBytes(storage.keysWrittenBefore(STRAY_BYTES_MS, STRAY_BYTES_BATCH), () => closing.aborted),
   });
-  await app.register(authRoutes, { prefix: '/api/v1/auth', auth: new AuthService(database.db, tokens, new PasswordHasher(config), files) });
-  await app.register(projectRoutes, { prefix: '/api/v1/projects', projects: new ProjectsService(database.db, files, config) });
+  await app.register(authRoutes, { prefix: '/api/v1/auth', auth: new AuthService(database, tokens, new PasswordHasher(config), files) });
+  await app.register(projectRoutes, { prefix: '/api/v1/projects', projects: new ProjectsService(database, files, config) });
   await app.register(promptRoutes, { prefix: '/api/v1/projects/:projectId/prompts', prompts: new PromptsService(database.db, config) });
   await app.register(messageRoutes, { prefix: '/api/v1/projects/:projectId/messages', messages: new MessagesService(database.db) });
   await app.register(fileRoutes, { prefix: '/api/v1/projects/:projectId/files', files, maxBytes: config.FILE_MAX_BYTES });

@@ -94,6 +94,7 @@ const envSchema = z.object({
   DATABASE_URL: optionalText.pipe(
     z.string().regex(/^postgres(ql)?:\/\//, 'must be a postgres:// or postgresql:// URL').optional(),
   ),
+  DATABASE_QUERY_TIMEOUT_MS: int(100, 3_600_000).default(60_000),
   DATA_DIR: z.string().min(1).default('./data'),
   JWT_SECRET: optionalText.pipe(z.string().min(32, 'must be at least 32 characters').optional()),
   JWT_EXPIRES_IN: z

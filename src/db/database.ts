@@ -29,6 +29,12 @@ export interface Database {
    * between. Embedded PGlite has one connection, and lends it as it is.
    */
   hold(): Promise<HeldConnection>;
+  /**
+   * Runs `work` in a transaction on one connection: committed when it resolves, rolled back when it
+   * throws. A connection that fails to roll back (lost, or given up on: `BoundedClient`) is closed, so
+   * that nothing of the transaction goes back to the pool.
+   */
+  transaction<T>(work: (tx: Db) => Promise<T>): Promise<T>;
 }
 
 export interface HeldConnection {
@@ -53,7 +59,44 @@ export interface PostgresOptions {
   /** Pool size; PostgreSQL's default of 100 connections is shared by every instance. */
   max?: number;
   connectionTimeoutMs?: number;
+  /** How long a statement may go unanswered (see `BoundedClient`); migrations are not bound by it. */
+  queryTimeoutMs?: number;
 }
+
+/**
+ * A connection that is closed when a statement on it goes unanswered for `query_timeout`. A database
+ * that stops answering without closing its connections (its host frozen, packets dropped) would
+ * otherwise hold a request, and its connection, for as long as TCP takes to give up: a quarter of an
+ * hour. pg fails the statement at the bound but keeps the connection, which still owes the statement's
+ * answer and may hold its transaction open: handed back to the pool, the next request's statements
+ * would wait behind it, or run inside that transaction and never commit. Closed, it fails at once
+ * whatever is queued on it, the pool drops it, and the server rolls back what it left open.
+ */
+class BoundedClient extends pg.Client {
+  // pg's overloads (text or config, values, callback or promise) all end in these two forms.
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  override query(...args: any[]): any {
+    const callback: unknown = args.at(-1);
+    if (typeof callback === 'function') {
+      args[args.length - 1] = (error: Error | undefined, result: unknown) => {
+        this.closeIfUnanswered(error);
+        callback(error, result);
+      };
+      return super.query(...(args as Parameters<pg.Client['query']>));
+    }
+    const result: unknown = super.query(...(args as Parameters<pg.Client['query']>));
+    if (result instanceof Promise) result.catch((error: Error) => this.closeIfUnanswered(error));
+    return result;
+  }
+
+  private closeIfUnanswered(error: Error | undefined): void {
+    // end() destroys the socket of a connection whose statement is still unanswered.
+    if (error?.message === QUERY_TIMEOUT_MESSAGE) this.end().catch(() => {});
+  }
+}
+
+/** pg's error for a statement unanswered for `query_timeout`. */
+const QUERY_TIMEOUT_MESSAGE = 'Query read timeout';
 
 export function openPostgres(url: string, options: PostgresOptions = {}): Database {
   const pool = new pg.Pool({
@@ -61,6 +104,8 @@ export function openPostgres(url: string, options: PostgresOptions = {}): Databa
     max: options.max ?? 20,
     // A request waiting on a dead database fails fast with 503 instead of hanging.
     connectionTimeoutMillis: options.connectionTimeoutMs ?? 5_000,
+    Client: BoundedClient,
+    query_timeout: options.queryTimeoutMs ?? 60_000,
     idleTimeoutMillis: 30_000,
   });
   // An idle client losing its connection (database restarted) must not crash the process;
@@ -69,18 +114,40 @@ export function openPostgres(url: string, options: PostgresOptions = {}): Databa
   const db = drizzlePg(pool, { schema }) as unknown as Db;
   // The pool keeps its connections: each gets its drizzle instance once.
   const onConnection = new WeakMap<pg.PoolClient, Db>();
+  async function hold(): Promise<HeldConnection> {
+    const { client, release } = await checkOut(pool);
+    let held = onConnection.get(client);
+    if (!held) onConnection.set(client, (held = drizzlePg(client, { schema }) as unknown as Db));
+    return { db: held, release };
+  }
   return {
     kind: 'postgres',
     db,
-    async hold() {
-      const { client, release } = await checkOut(pool);
-      let held = onConnection.get(client);
-      if (!held) onConnection.set(client, (held = drizzlePg(client, { schema }) as unknown as Db));
-      return { db: held, release };
+    hold,
+    // Not drizzle's: its BEGIN runs before its try, and a BEGIN that fails never gives the connection back.
+    async transaction(work) {
+      const { db: tx, release } = await hold();
+      try {
+        await tx.execute(sql`begin`);
+        const result = await work(tx);
+        await tx.execute(sql`commit`);
+        release();
+        return result;
+      } catch (error) {
+        await tx.execute(sql`rollback`).then(
+          () => release(),
+          (lost: Error) => release(lost),
+        );
+        throw error;
+      }
     },
     ping: (timeoutMs = 2_000) => withTimeout(pool.query('select 1').then(() => undefined), timeoutMs),
     async migrate() {
-      const { client, release } = await checkOut(pool);
+      // A connection of its own, outside the pool's bound on statements: a migration may wait for as
+      // long as another instance's takes (the advisory lock), or for the tables it alters.
+      const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: pool.options.connectionTimeoutMillis });
+      client.on('error', () => {}); // a lost connection fails what is sent on it
+      await client.connect();
       try {
         await client.query('select pg_advisory_lock($1)', [MIGRATION_LOCK_ID]);
         try {
@@ -89,7 +156,7 @@ export function openPostgres(url: string, options: PostgresOptions = {}): Databa
           await client.query('select pg_advisory_unlock($1)', [MIGRATION_LOCK_ID]);
         }
       } finally {
-        release();
+        await client.end();
       }
     },
     close: () => pool.end(),
@@ -145,6 +212,8 @@ export async function openPglite(dataDir?: string): Promise<Database> {
     kind: 'pglite',
     db: db as unknown as Db,
     hold: async () => ({ db: db as unknown as Db, release: () => {} }),
+    // PGlite's own: it keeps every other statement of the process out until the transaction ends.
+    transaction: (work) => db.transaction((tx) => work(tx as unknown as Db)),
     ping: (timeoutMs = 2_000) => withTimeout(db.execute(sql`select 1`).then(() => undefined), timeoutMs),
     migrate: () => migratePglite(db, { migrationsFolder }),
     async close() {
@@ -157,8 +226,10 @@ export async function openPglite(dataDir?: string): Promise<Database> {
   };
 }
 
-export async function openDatabase(config: { DATABASE_URL?: string | undefined; DATA_DIR: string }): Promise<Database> {
-  return config.DATABASE_URL ? openPostgres(config.DATABASE_URL) : openPglite(pgliteFolder(config.DATA_DIR));
+export async function openDatabase(config: { DATABASE_URL?: string | undefined; DATABASE_QUERY_TIMEOUT_MS?: number; DATA_DIR: string }): Promise<Database> {
+  return config.DATABASE_URL
+    ? openPostgres(config.DATABASE_URL, { queryTimeoutMs: config.DATABASE_QUERY_TIMEOUT_MS })
+    : openPglite(pgliteFolder(config.DATA_DIR));
 }
 
 /** The embedded database's folder under DATA_DIR. */

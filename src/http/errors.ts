@@ -193,6 +193,9 @@ const DATABASE_DOWN_MESSAGES = [
   'Client has encountered a connection error',
   'Cannot use a pool after calling end',
   'database did not answer',
+  // A statement unanswered for DATABASE_QUERY_TIMEOUT_MS, and what was queued behind it on its connection.
+  'Query read timeout',
+  'Client was closed and is not queryable',
   'PGlite is closed',
 ];
 

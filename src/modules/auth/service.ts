@@ -1,7 +1,7 @@
 import { and, eq, inArray, sql } from 'drizzle-orm';
 import type { FastifyBaseLogger } from 'fastify';
 import { uuidv7 } from '../../db/ids.js';
-import type { Db } from '../../db/database.js';
+import type { Database, Db } from '../../db/database.js';
 import { files, projects, users } from '../../db/schema.js';
 import { assertTokenCurrent, type AuthUser, type Tokens } from '../../http/auth.js';
 import { Conflict, hasCode, NotFound, Unauthorized } from '../../http/errors.js';
@@ -23,12 +23,16 @@ export class AuthService {
    *  so that an unknown email takes as long to refuse as a wrong password. */
   private dummyHash: Promise<string> | undefined;
 
+  private readonly db: Db;
+
   constructor(
-    private readonly db: Db,
+    private readonly database: Pick<Database, 'db' | 'transaction'>,
     private readonly tokens: Tokens,
     private readonly passwords: PasswordHasher,
     private readonly storedFiles: StoredFileDiscarder,
-  ) {}
+  ) {
+    this.db = database.db;
+  }
 
   async register(input: { email: string; password: string; name: string }) {
     const passwordHash = await this.passwords.hash(input.password);
@@ -113,7 +117,7 @@ export class AuthService {
     // File rows first, in the same transaction: the cascade would forget which bytes and provider copies to
     // remove. The account and its projects are locked before, so that no upload (nor a project to upload
     // into) adds a row between the two deletes for the cascade to take.
-    const removedFiles = await this.db.transaction(async (tx) => {
+    const removedFiles = await this.database.transaction(async (tx) => {
       await waitForFileWrites(tx);
       const [row] = await tx.select({ tokenVersion: users.tokenVersion }).from(users).where(eq(users.id, userId)).for('update');
       assertTokenCurrent(user, row);

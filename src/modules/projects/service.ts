@@ -3,7 +3,7 @@ import type { PgColumn } from 'drizzle-orm/pg-core';
 import type { FastifyBaseLogger } from 'fastify';
 import { uuidv7 } from '../../db/ids.js';
 import type { Config } from '../../config.js';
-import type { Db } from '../../db/database.js';
+import type { Database, Db } from '../../db/database.js';
 import { files, messages, projects, prompts, users } from '../../db/schema.js';
 import { assertTokenCurrent, type AuthUser } from '../../http/auth.js';
 import { NotFound, Unauthorized } from '../../http/errors.js';
@@ -107,11 +107,14 @@ export class ProjectsService {
   /** The user's row locked, the limit and the insert: one round trip, as the insert alone was. */
   private readonly insert: LimitedInsert<ProjectRow>;
 
+  private readonly db: Db;
+
   constructor(
-    private readonly db: Db,
+    private readonly database: Pick<Database, 'db' | 'transaction'>,
     private readonly storedFiles: StoredFileDiscarder,
     config: Pick<Config, 'MAX_PROJECTS_PER_USER'>,
   ) {
+    const db = (this.db = database.db);
     this.insert = limitedInsert(db, {
       name: 'create_project',
       limit: projectsPerUser(config.MAX_PROJECTS_PER_USER),
@@ -190,7 +193,7 @@ export class ProjectsService {
    * take (its insert waits, then finds no project: 404, and removes its bytes).
    */
   async delete(userId: string, projectId: string, log: FastifyBaseLogger): Promise<void> {
-    const removedFiles = await this.db.transaction(async (tx) => {
+    const removedFiles = await this.database.transaction(async (tx) => {
       await waitForFileWrites(tx);
       await tx.select({ id: projects.id }).from(projects).where(ownedProject(userId, projectId)).for('update');
       const fileRows = await tx
