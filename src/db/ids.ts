@@ -15,7 +15,7 @@ let sequence = 0;
  * sort in the order they were made (a 32-bit counter, as the `uuid` package lays it out). The randomness
  * is drawn from the CSPRNG 4 KB at a time, as `crypto.randomUUID` does, instead of with a call for each
  * id: a turn makes its ids on the way to its first statement, and a call into the CSPRNG after the
- * process has idled measured here about 100 µs (README, "Benchmarks").
+ * process has idled measured here about 100 µs (docs/benchmarks.md).
  */
 export function uuidv7(): string {
   if (drawn === random.length) {

@@ -74,7 +74,7 @@ class UpstreamUnreachable extends Error {}
  * OpenAI's chat completions and Files APIs as OpenAI, OpenRouter and local servers (Ollama, vLLM,
  * llama.cpp) speak them, over undici's request API with a pool of keep-alive connections. Not the
  * official SDK: on the chat path its fetch, WHATWG streams and per-call objects cost about a fifth of
- * a chat's CPU and a large share of each open stream's memory (README, "Benchmarks"). Retries are ours,
+ * a chat's CPU and a large share of each open stream's memory (figures 4 and 6 of the benchmarks). Retries are ours,
  * and every wait ends with the caller's signal. Two bounds no upstream can lift: a redirect is never
  * followed (it would carry the conversation, and the key, wherever the upstream points) and is answered
  * like any other status that is not a 2xx; a body past `maxResponseBytes` fails as it is read.
