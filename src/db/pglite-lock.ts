@@ -96,26 +96,38 @@ async function takeLock(lockFile: string, beacon: Beacon | undefined): Promise<(
     }
     // A lock left by a process that no longer runs (or was taken before by ourselves): taken over, if it
     // is still the one judged. Another process may have taken it over meanwhile, and its lock is judged anew.
-    // By one taker at a time: the one that makes the mark named for the judged lock's text, which no two
-    // holders share. Checking the lock and then removing it let a taker remove, between the two, the lock
-    // another taker had just made (its inode told nothing: ext4 gives a removed file's to the next at
-    // once), and both opened the database. A mark is held for a moment; one older than a lock's staleness
-    // is a taker's that died within it.
-    const mark = `${lockFile}.${createHash('sha256').update(text).digest('hex').slice(0, 16)}.takeover`;
-    if (!createWith(mark, lockText(self))) {
-      const markedAt = statSync(mark, { throwIfNoEntry: false })?.mtimeMs;
-      if (markedAt !== undefined && Date.now() - markedAt > LOCK_STALE_MS) rmSync(mark, { force: true });
-      continue;
-    }
-    try {
-      if (readLockText(lockFile) !== text) continue;
-      rmSync(lockFile, { force: true });
-    } finally {
-      rmSync(mark, { force: true });
-    }
+    if (!removeIfStill(lockFile, text, lockText(self))) continue;
     if (holder.beacon && BEACON_NAME.test(holder.beacon)) rmSync(join(dirname(lockFile), holder.beacon), { force: true });
   }
   throw new DatabaseLockedError(`Could not take the lock ${lockFile}`);
+}
+
+/**
+ * Removes `path` if it still says `text`, and tells whether it did; by one process at a time: the one that
+ * makes the mark named for that text, which no two holders share. Checking the lock and then removing it
+ * let a taker remove, between the two, the lock another taker had just made (its inode told nothing: ext4
+ * gives a removed file's to the next at once), and both opened the database. A mark is held for a moment;
+ * one older than a lock's staleness is a taker's that died within it, removed in turn the same way: a mark
+ * checked and then removed could be, by then, a live taker's that had replaced it.
+ */
+function removeIfStill(path: string, text: string, taker: string): boolean {
+  const mark = `${path}.${createHash('sha256').update(text).digest('hex').slice(0, 16)}.takeover`;
+  // Its own text, as a lock's, tells one mark from another: two takers may name themselves alike (pid 1
+  // in two containers, neither with a beacon).
+  if (!createWith(mark, `${taker} ${randomBytes(6).toString('hex')}`)) {
+    const marked = readLockText(mark);
+    // Its age read after its text: a mark made anew since is young, never taken for the one read.
+    const markedAt = statSync(mark, { throwIfNoEntry: false })?.mtimeMs;
+    if (marked !== undefined && markedAt !== undefined && Date.now() - markedAt > LOCK_STALE_MS) removeIfStill(mark, marked, taker);
+    return false;
+  }
+  try {
+    if (readLockText(path) !== text) return false;
+    rmSync(path, { force: true });
+    return true;
+  } finally {
+    rmSync(mark, { force: true });
+  }
 }
 
 /**
@@ -160,7 +172,12 @@ function sameKernel(holder: Holder, self: Holder): boolean {
 
 /** Whether the holder still holds the lock: 'alive' when it was seen to live, 'lately' when its lock is only fresh. */
 async function holds(holder: Holder, lockFile: string, self: Holder): Promise<'alive' | 'lately' | false> {
-  const fresh = () => (Date.now() - statSync(lockFile).mtimeMs < LOCK_STALE_MS ? 'lately' : false);
+  // The lock may be gone since it was read (released, or taken over): then it holds nothing, and the
+  // takeover finds it gone and tries again. One made anew since is fresh: held, and refused.
+  const fresh = () => {
+    const touchedAt = statSync(lockFile, { throwIfNoEntry: false })?.mtimeMs;
+    return touchedAt !== undefined && Date.now() - touchedAt < LOCK_STALE_MS ? 'lately' : false;
+  };
   if (!sameKernel(holder, self)) return fresh();
   if (holder.pidNamespace === self.pidNamespace) return isAlive(holder.pid) && holder.pid !== process.pid && 'alive';
   if (holder.beacon && BEACON_NAME.test(holder.beacon)) {
@@ -186,7 +203,7 @@ function readHolder(text: string, self: Holder): Holder {
   };
 }
 
-/** A lock file's text (see `lockText`), which no two holders share (a pid, its namespace, a beacon); undefined once it is gone. */
+/** A lock file's text (see `lockText`), which no two holders share (a pid, its namespace, a beacon), or a mark's; undefined once it is gone. */
 function readLockText(lockFile: string): string | undefined {
   try {
     return readFileSync(lockFile, 'utf8');

@@ -1,4 +1,5 @@
 import { spawn, spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { once } from 'node:events';
 import { chmodSync, existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -6,7 +7,7 @@ import { join } from 'node:path';
 import { sql } from 'drizzle-orm';
 import { describe, expect, it } from 'vitest';
 import { migrationsFolder, openPglite } from '../../src/db/database.js';
-import { DatabaseLockedError } from '../../src/db/pglite-lock.js';
+import { DatabaseLockedError, lockPglite } from '../../src/db/pglite-lock.js';
 import { providerFileDeletions, users } from '../../src/db/schema.js';
 import { createTestDatabase } from '../support/database.js';
 
@@ -147,6 +148,58 @@ describe('embedded PGlite on disk', () => {
       const outputs = await Promise.all(said.map((output) => output()));
       expect(outputs.every((output) => /^ready\n(held|DatabaseLockedError)\n$/.test(output)), outputs.join('|')).toBe(true);
       expect(outputs.filter((output) => output.includes('held')), `round ${round}`).toHaveLength(1);
+    }
+  });
+
+  it.runIf(existsSync(bootId))('takes over a lock whose takeover mark a taker left behind a minute ago, and no sooner', async () => {
+    const folder = mkdtempSync(join(tmpdir(), 'chatbot-pglite-'));
+    const lockFile = join(folder, 'pglite.lock');
+    const exited = spawnSync(process.execPath, ['-e', 'process.stdout.write(String(process.pid))']);
+    const kernel = readFileSync(bootId, 'utf8').trim();
+    const text = lockText(Number(exited.stdout), readlinkSync('/proc/self/ns/pid'), { kernel });
+    writeFileSync(lockFile, text);
+    // The mark of a taker of that lock, named as takers name it: killed while it held it, or still holding it.
+    const mark = `${lockFile}.${createHash('sha256').update(text).digest('hex').slice(0, 16)}.takeover`;
+    writeFileSync(mark, 'a taker');
+    await expect(lockPglite(join(folder, 'pglite'))).rejects.toThrow(/Could not take the lock/);
+    const aMinuteAgo = new Date(Date.now() - 61_000);
+    utimesSync(mark, aMinuteAgo, aMinuteAgo);
+    const release = await lockPglite(join(folder, 'pglite'));
+    expect(readdirSync(folder).filter((name) => name.endsWith('.takeover'))).toEqual([]);
+    release();
+  });
+
+  it.runIf(existsSync(bootId))('takes the lock or refuses it, and fails no other way, while the lock it judges is removed and made again', { timeout: 30_000 }, async () => {
+    const folder = mkdtempSync(join(tmpdir(), 'chatbot-pglite-'));
+    const lockFile = join(folder, 'pglite.lock');
+    // A holder in another container of this kernel whose beacon is gone: the lock is judged by its age, and
+    // only once the beacon has been called, long enough for another process to remove the lock meanwhile.
+    const kernel = readFileSync(bootId, 'utf8').trim();
+    writeFileSync(join(folder, 'held'), lockText(1, 'pid:[1]', { kernel, beacon: 'pglite.000000000000.sock' }));
+    // Another process that makes the lock and removes it (releases it, or takes it over) without pause.
+    const churner = spawn(process.execPath, [
+      '-e',
+      `const fs = require('node:fs');
+      console.log('churning');
+      for (;;) {
+        try { fs.linkSync(process.argv[1], process.argv[2]); } catch {}
+        fs.rmSync(process.argv[2], { force: true });
+      }`,
+      join(folder, 'held'),
+      lockFile,
+    ]);
+    try {
+      await once(churner.stdout, 'data');
+      for (let attempt = 0; attempt < 300; attempt++) {
+        try {
+          const release = await lockPglite(join(folder, 'pglite'));
+          release();
+        } catch (error) {
+          if (!(error instanceof DatabaseLockedError)) throw error;
+        }
+      }
+    } finally {
+      churner.kill('SIGKILL');
     }
   });
 
