@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { linkSync, readFileSync, readlinkSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { linkSync, lstatSync, readFileSync, readlinkSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { createConnection, createServer, type Server } from 'node:net';
 import { dirname, join } from 'node:path';
@@ -96,8 +96,7 @@ async function takeLock(lockFile: string, beacon: Beacon | undefined): Promise<(
     }
     // A lock left by a process that no longer runs (or was taken before by ourselves): taken over, if it
     // is still the one judged. Another process may have taken it over meanwhile, and its lock is judged anew.
-    if (!removeIfStill(lockFile, text, lockText(self))) continue;
-    if (holder.beacon && BEACON_NAME.test(holder.beacon)) rmSync(join(dirname(lockFile), holder.beacon), { force: true });
+    if (removeIfStill(lockFile, text, lockText(self))) await removeDeadBeacon(dirname(lockFile), holder.beacon);
   }
   throw new DatabaseLockedError(`Could not take the lock ${lockFile}`);
 }
@@ -128,6 +127,17 @@ function removeIfStill(path: string, text: string, taker: string): boolean {
   } finally {
     rmSync(mark, { force: true });
   }
+}
+
+/**
+ * Removes the beacon a holder gone named, so that every kill does not leave one more behind; only if it is
+ * still a socket beside the lock that no process listens on: a lock's text is only a claim, and a live
+ * process's socket, or anything else under that name, is not the taker's to remove.
+ */
+async function removeDeadBeacon(folder: string, name: string | undefined): Promise<void> {
+  if (!name || !BEACON_NAME.test(name)) return;
+  const path = join(folder, name);
+  if (lstatSync(path, { throwIfNoEntry: false })?.isSocket() && (await callBeacon(path)) === false) rmSync(path, { force: true });
 }
 
 /**

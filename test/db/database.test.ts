@@ -1,7 +1,7 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { once } from 'node:events';
-import { chmodSync, existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { sql } from 'drizzle-orm';
@@ -200,6 +200,29 @@ describe('embedded PGlite on disk', () => {
       }
     } finally {
       churner.kill('SIGKILL');
+    }
+  });
+
+  it.runIf(existsSync(bootId))("removes, taking over a lock, the holder's beacon only as a socket nothing listens on", async () => {
+    const folder = mkdtempSync(join(tmpdir(), 'chatbot-pglite-'));
+    const lockFile = join(folder, 'pglite.lock');
+    const kernel = readFileSync(bootId, 'utf8').trim();
+    const exited = spawnSync(process.execPath, ['-e', 'process.stdout.write(String(process.pid))']);
+    // The lock's text is a claim of a process gone: what it names as its beacon may be another's.
+    const listened = 'pglite.0123456789ab.sock';
+    const listener = spawn(process.execPath, ['-e', `require('node:net').createServer().listen(${JSON.stringify(join(folder, listened))}, () => console.log('listening'))`]);
+    const notSocket = 'pglite.ba5eba11ba5e.sock';
+    mkdirSync(join(folder, notSocket));
+    try {
+      await once(listener.stdout, 'data');
+      for (const beacon of [listened, notSocket]) {
+        writeFileSync(lockFile, lockText(Number(exited.stdout), readlinkSync('/proc/self/ns/pid'), { kernel, beacon }));
+        const release = await lockPglite(join(folder, 'pglite'));
+        expect(existsSync(join(folder, beacon)), beacon).toBe(true);
+        release();
+      }
+    } finally {
+      listener.kill('SIGKILL');
     }
   });
 
