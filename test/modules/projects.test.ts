@@ -4,6 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { files, messages, projects, prompts } from '../../src/db/schema.js';
 import { createProject, createPrompt, expectProblem, insertMessages, registerUser, type RegisteredUser, startTestApp, type TestApp } from '../support/app.js';
 import { expectDeleteFreesOneSlot, expectFull, expectOneOfManyIntoTheLastSlot, type Holder } from '../support/limits.js';
+import { expectWaitingCreateListedLast } from '../support/waiting-create.js';
 
 let t: TestApp;
 let user: RegisteredUser;
@@ -162,6 +163,21 @@ describe('get and list', () => {
   it('lists nothing for a new user', async () => {
     const fresh = await registerUser(t.app);
     expect((await request('GET', '', undefined, fresh)).json()).toEqual({ data: [], nextCursor: null });
+  });
+
+  it.skipIf(!process.env.TEST_DATABASE_URL)('lists a create that waited for its account after what was stored meanwhile (PostgreSQL: concurrent connections)', async () => {
+    const owner = await registerUser(t.app);
+    await expectWaitingCreateListedLast({
+      app: t.app,
+      headers: owner.auth,
+      list: '/api/v1/projects',
+      url: t.testDb.url!,
+      table: 'projects',
+      column: 'name',
+      body: {},
+      parent: { table: 'users', id: owner.id },
+      insertRow: `insert into projects (id, user_id, name) values ($1, $2, 'other')`,
+    });
   });
 });
 

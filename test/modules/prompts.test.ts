@@ -5,6 +5,7 @@ import { prompts } from '../../src/db/schema.js';
 import type { ProjectDto } from '../../src/modules/projects/schemas.js';
 import { createProject, createPrompt, expectProblem, registerUser, type RegisteredUser, startTestApp, type TestApp } from '../support/app.js';
 import { expectDeleteFreesOneSlot, expectFull, expectOneOfManyIntoTheLastSlot, type Holder } from '../support/limits.js';
+import { expectWaitingCreateListedLast } from '../support/waiting-create.js';
 
 let t: TestApp;
 let user: RegisteredUser;
@@ -51,6 +52,21 @@ describe('create and get', () => {
     const created = [];
     for (const title of ['first', 'second', 'third']) created.push(await createPrompt(t.app, user, own.id, { title }));
     expect((await request('GET', '', undefined, own.id)).json()).toEqual({ data: created, nextCursor: null });
+  });
+
+  it.skipIf(!process.env.TEST_DATABASE_URL)('lists a create that waited for its project after what was stored meanwhile (PostgreSQL: concurrent connections)', async () => {
+    const own = await createProject(t.app, user);
+    await expectWaitingCreateListedLast({
+      app: t.app,
+      headers: user.auth,
+      list: `/api/v1/projects/${own.id}/prompts`,
+      url: t.testDb.url!,
+      table: 'prompts',
+      column: 'title',
+      body: { content: 'c' },
+      parent: { table: 'projects', id: own.id },
+      insertRow: `insert into prompts (id, project_id, title, content) values ($1, $2, 'other', 'c')`,
+    });
   });
 
   it('answers a prompt of another project of the same user with 404', async () => {

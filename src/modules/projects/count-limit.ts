@@ -70,7 +70,13 @@ export interface LimitedInsertOptions<Table extends PgTable> {
   table: Table;
   /** The column of `table` that names the parent. */
   parentColumn: keyof Insert<Table>;
-  /** The other columns; the row's id is the parameter `id`. */
+  /**
+   * The function of migration 0007 that makes the row's id, once the parent is locked. Without it the id
+   * is the parameter `id`, taken before the statement waits for the lock: files, whose bytes are stored
+   * under their id before their row is written.
+   */
+  newId?: 'new_project_id' | 'new_prompt_id';
+  /** The other columns. */
   values: { [Key in keyof Insert<Table>]?: SQL };
 }
 
@@ -96,13 +102,18 @@ export interface LimitedInsert<Row> {
  * statement's snapshot is taken when it starts, before its lock is granted, and N creates at once with
  * one slot left would each count the same and all insert. FOR NO KEY UPDATE, not FOR UPDATE: it neither
  * waits for nor holds up the foreign-key checks of other writes under the parent (a chat's messages).
+ *
+ * With `newId`, the row's id is made after the lock too, greater than the id of every row under the
+ * parent: lists page by id, and ids under one parent then follow the order their rows are committed in.
+ * An id taken before the wait (as `id` is) may be older than those of creates that got the lock first
+ * and committed; a client whose walk of the list passed them would never be shown this row.
  */
 export function limitedInsert<Table extends PgTable>(db: Db, options: LimitedInsertOptions<Table>): LimitedInsert<Table['$inferSelect']> {
   const { name, limit, table } = options;
   const parent = db.$with('parent').as(db.select({ id: options.parent.table.id }).from(options.parent.table).where(options.parent.where).for('no key update'));
   const columns = getTableColumns(table) as Record<string, PgColumn>;
   const given: [string, SQL | PgColumn][] = [
-    ['id', sql`${sql.placeholder('id')}::uuid`],
+    ['id', options.newId ? sql`${sql.raw(options.newId)}(${parent.id})` : sql`${sql.placeholder('id')}::uuid`],
     [options.parentColumn as string, parent.id],
     ...(Object.entries(options.values) as [string, SQL][]),
   ];

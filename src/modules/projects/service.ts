@@ -1,7 +1,6 @@
 import { and, asc, eq, getTableColumns, gt, type SQL, sql } from 'drizzle-orm';
 import type { PgColumn } from 'drizzle-orm/pg-core';
 import type { FastifyBaseLogger } from 'fastify';
-import { uuidv7 } from '../../db/ids.js';
 import type { Config } from '../../config.js';
 import type { Database, Db } from '../../db/database.js';
 import { files, messages, projects, prompts, users } from '../../db/schema.js';
@@ -121,6 +120,7 @@ export class ProjectsService {
       parent: { table: users, where: eq(users.id, sql.placeholder('userId')) },
       table: projects,
       parentColumn: 'userId',
+      newId: 'new_project_id',
       values: {
         name: param('name', 'text'),
         description: param('description', 'text'),
@@ -141,7 +141,6 @@ export class ProjectsService {
   async create(userId: string, input: CreateProjectInput): Promise<ProjectDto> {
     const params = {
       userId,
-      id: uuidv7(),
       name: input.name,
       description: input.description ?? null,
       provider: input.provider ?? null,

@@ -1,6 +1,5 @@
 import { and, eq, type SQL } from 'drizzle-orm';
 import type { Config } from '../../config.js';
-import { uuidv7 } from '../../db/ids.js';
 import type { Db } from '../../db/database.js';
 import { prompts } from '../../db/schema.js';
 import { NotFound } from '../../http/errors.js';
@@ -43,6 +42,7 @@ export class PromptsService {
       parent: callersProject,
       table: prompts,
       parentColumn: 'projectId',
+      newId: 'new_prompt_id',
       values: {
         title: param('title', 'text'),
         content: param('content', 'text'),
@@ -53,7 +53,7 @@ export class PromptsService {
   }
 
   async create(userId: string, projectId: string, input: CreatePromptInput): Promise<PromptDto> {
-    const params = { userId, projectId: projectIdParam(projectId), id: uuidv7(), ...input, now: new Date().toISOString() };
+    const params = { userId, projectId: projectIdParam(projectId), ...input, now: new Date().toISOString() };
     return toDto(await this.insert.run(params, () => new NotFound('Project')));
   }
 
