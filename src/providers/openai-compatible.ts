@@ -14,6 +14,7 @@ import {
   ProviderError,
   type ProviderName,
   ProviderRateLimited,
+  ProviderRefusedDeletion,
   ProviderTimeout,
   type StreamEvent,
   type UploadedFile,
@@ -173,8 +174,10 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
         const response = await this.send('DELETE', `/files/${encodeURIComponent(providerFileId)}`, undefined, signal);
         await response.body.dump();
       } catch (error) {
+        if (!(error instanceof UpstreamStatusError)) throw error;
         // Already gone upstream is what deleting wanted.
-        if (!(error instanceof UpstreamStatusError && error.status === 404)) throw error;
+        if (error.status === 404) return;
+        throw refusedForGood(error.status) ? new ProviderRefusedDeletion(error.status) : error;
       }
     });
   }
@@ -353,6 +356,11 @@ function drainBriefly(body: Readable): void {
   timer.unref();
   body.once('close', () => clearTimeout(timer));
   body.resume();
+}
+
+/** A 4xx that no later try answers otherwise: not 401 (a key put right), 408 or 429 (transient). */
+function refusedForGood(status: number): boolean {
+  return status >= 400 && status < 500 && status !== 401 && status !== 408 && status !== 429;
 }
 
 /** How long to wait before retrying after `error`, or undefined when retrying cannot help. */

@@ -75,6 +75,16 @@ export class ProviderError extends ApiError {
 }
 
 /**
+ * A file's deletion refused with a 4xx that asking again cannot change (400, 403…), not one that may
+ * pass: 401 (the key, which an operator puts right), 404 (already gone: deleted), 408 and 429.
+ */
+export class ProviderRefusedDeletion extends ProviderError {
+  constructor(readonly upstreamStatus: number) {
+    super(`The AI provider refused to delete the file (${upstreamStatus})`);
+  }
+}
+
+/**
  * Upstream 429 after every retry: 503 with Retry-After (whole seconds, at least 1), the same seconds also
  * as `retryAfter` in the problem: a streamed turn's `error` event comes after the headers, where no header
  * can carry them.

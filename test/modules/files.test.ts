@@ -81,8 +81,8 @@ async function queuedCopies(): Promise<{ providerFileId: string; attempts: numbe
 }
 /** As if the queued copies' waits were over. */
 const endWaits = () => t.testDb.database.db.update(providerFileDeletions).set({ dueAt: sql`now()` });
-/** What another instance does when it starts (and every minute): one sweep of the queued copies that are due. */
-async function sweepOnce(env: Record<string, string> = {}): Promise<void> {
+/** What another instance does when it starts (and every minute): one sweep of the queued copies that are due. Resolves with its log lines. */
+async function sweepOnce(env: Record<string, string> = {}): Promise<Record<string, unknown>[]> {
   const logs = logCollector();
   const config = testConfig({ ...appEnv(), ...env, LOG_LEVEL: 'debug', DATA_DIR: t.config.DATA_DIR });
   const instance = await buildApp(config, { database: t.testDb.database, logStream: logs.stream });
@@ -92,6 +92,7 @@ async function sweepOnce(env: Record<string, string> = {}): Promise<void> {
   } finally {
     await instance.close();
   }
+  return logs.lines;
 }
 /** One sweep deletes the file's provider copy upstream, and the queue is empty after it. */
 async function expectSweptAway(file: FileDto): Promise<void> {
@@ -326,6 +327,28 @@ describe('delete', () => {
     fake.setDefault({});
     await endWaits();
     await expectSweptAway(file);
+  });
+
+  it('gives up on a copy the provider refuses for good (400, 403), saying so once, and keeps trying those it may yet delete', async () => {
+    for (const status of [400, 403, 401, 429, 500]) {
+      await t.testDb.database.db.delete(providerFileDeletions);
+      fake.setDefault({});
+      const projectId = await newProject();
+      const file = await upload(projectId, `refused with ${status}`);
+      await t.testDb.database.db.delete(files).where(eq(files.id, file.id));
+      fake.setDefault({ status });
+      const lines = await sweepOnce();
+      const givenUp = lines.filter((line) => line.msg === 'provider file copy refused for good; no longer tried');
+      if (status === 400 || status === 403) {
+        expect(await queuedCopies()).toEqual([]);
+        expect(givenUp).toEqual([expect.objectContaining({ level: 40, providerFileId: file.providerFileId, status })]);
+        expect(JSON.stringify(givenUp)).not.toMatch(/sk-/);
+      } else {
+        // 401 is the key's fault, not the copy's: a key put right deletes it, as it does after a 429 or a 5xx.
+        expect(await queuedCopies()).toEqual([{ providerFileId: file.providerFileId, attempts: 1, waitSeconds: expect.closeTo(30, -1) }]);
+        expect(givenUp).toEqual([]);
+      }
+    }
   });
 
   it('still deletes when the database fails after the rows are gone: the copy stays queued for the sweep', async () => {

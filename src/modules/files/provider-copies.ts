@@ -4,7 +4,7 @@ import type { Config } from '../../config.js';
 import type { Db } from '../../db/database.js';
 import { providerFileDeletions } from '../../db/schema.js';
 import type { ProviderRegistry } from '../../providers/registry.js';
-import type { ProviderAdapter, ProviderName } from '../../providers/types.js';
+import { type ProviderAdapter, type ProviderName, ProviderRefusedDeletion } from '../../providers/types.js';
 
 /**
  * Only OpenAI has a Files API among the providers, so every provider file id is OpenAI's; a second
@@ -25,7 +25,8 @@ const RETRY_MAX_SECONDS = 6 * 60 * 60;
  * fills (`provider_file_deletions`). A copy is claimed before its provider is called: the claim counts
  * the try and pushes the copy's next one past a wait that doubles each time, so another instance (or
  * a sweep beside a request) never calls for it at once too, and a crash mid-call leaves it to be tried
- * again after that wait. Deleted upstream (or already gone there), it leaves the queue.
+ * again after that wait. Deleted upstream (or already gone there), or refused there for good, it
+ * leaves the queue.
  */
 export class ProviderCopies {
   constructor(
@@ -124,26 +125,35 @@ export class ProviderCopies {
   }
 
   /**
-   * Deletes claimed copies upstream, DELETES_AT_ONCE at a time, and the deleted ones from the queue;
-   * resolves with how many. Those not tried before `signal` aborts are handed back, due at once, their
-   * try not counted.
+   * Deletes claimed copies upstream, DELETES_AT_ONCE at a time, and from the queue those deleted or
+   * refused for good; resolves with how many were deleted. Those not tried before `signal` aborts are
+   * handed back, due at once, their try not counted.
    */
   private async deleteClaimed(adapter: Required<Pick<ProviderAdapter, 'deleteFile'>>, providerFileIds: string[], signal: AbortSignal, log: FastifyBaseLogger): Promise<number> {
     const left = [...providerFileIds];
     const done: string[] = [];
+    const refused: string[] = [];
     const worker = async () => {
       for (let providerFileId = left.shift(); providerFileId; providerFileId = signal.aborted ? undefined : left.shift()) {
         try {
           await adapter.deleteFile(providerFileId, signal);
           done.push(providerFileId);
         } catch (error) {
-          log.warn({ err: error, provider: FILES_PROVIDER, providerFileId }, 'provider file copy not deleted');
+          if (error instanceof ProviderRefusedDeletion) {
+            // Tried again every 6 h, it would be refused forever: said once, for an operator to see to
+            // (without the provider's own text, which may name the account).
+            log.warn({ provider: FILES_PROVIDER, providerFileId, status: error.upstreamStatus }, 'provider file copy refused for good; no longer tried');
+            refused.push(providerFileId);
+          } else {
+            log.warn({ err: error, provider: FILES_PROVIDER, providerFileId }, 'provider file copy not deleted');
+          }
         }
       }
     };
     await Promise.all(Array.from({ length: Math.min(DELETES_AT_ONCE, left.length) }, worker));
     const { providerFileId, attempts } = providerFileDeletions;
-    if (done.length) await this.db.delete(providerFileDeletions).where(inArray(providerFileId, done));
+    const leaving = [...done, ...refused];
+    if (leaving.length) await this.db.delete(providerFileDeletions).where(inArray(providerFileId, leaving));
     if (left.length) await this.db.update(providerFileDeletions).set({ attempts: sql`${attempts} - 1`, dueAt: sql`now()` }).where(inArray(providerFileId, left));
     return done.length;
   }
