@@ -5,6 +5,19 @@ import { describe, expect, it } from 'vitest';
 import { LocalDiskStorage } from '../../src/modules/files/storage.js';
 import { startTestApp } from '../support/app.js';
 
+function stageText(storage: LocalDiskStorage, text: string) {
+  return storage.stage(
+    (async function* () {
+      yield new TextEncoder().encode(text);
+    })(),
+  );
+}
+
+/** Resolves after `turns` turns of the event loop. */
+async function later(turns: number): Promise<void> {
+  for (let turn = 0; turn < turns; turn++) await new Promise(setImmediate);
+}
+
 describe('local disk storage', () => {
   it('leaves nothing behind when the source fails, even before its first byte', async () => {
     const root = mkdtempSync(join(tmpdir(), 'storage-test-'));
@@ -106,6 +119,30 @@ describe('local disk storage', () => {
     const batches = await collect(3);
     expect(batches.map((batch) => batch.length)).toEqual([3, 1]);
     expect(batches.flat().sort()).toEqual(['a/one', 'a/two', 'b/deeper/four', 'b/three']);
+  });
+
+  it('removes the empty folders it finds while listing keys (a crash between a folder\'s last file and the folder), and no upload into one is lost', async () => {
+    const root = mkdtempSync(join(tmpdir(), 'storage-test-'));
+    const storage = new LocalDiskStorage(root);
+    const list = async () => {
+      for await (const batch of storage.keysWrittenBefore(0, 10)) expect(batch).toBeDefined();
+    };
+    await storage.keep(await stageText(storage, 'kept'), 'full/kept');
+    // The staging folder is the storage's own, and a folder named as no key is not its to remove.
+    for (const folder of ['left-empty', 'full/empty-within', 'lost+found']) mkdirSync(join(root, folder), { recursive: true });
+    await list();
+    expect(readdirSync(root).sort()).toEqual(['full', 'lost+found', 'tmp']);
+    expect(readdirSync(join(root, 'full'))).toEqual(['kept']);
+
+    // An upload into an empty folder as it is removed: between the upload's making it and its moving
+    // the bytes in. The upload starts a little later each round, to meet the listing at each step.
+    for (let i = 0; i < 300; i++) {
+      mkdirSync(join(root, 'race'), { recursive: true });
+      const upload = await stageText(storage, `new ${i}`);
+      await Promise.all([list(), later(i % 10).then(() => storage.keep(upload, `race/new-${i}`))]);
+      expect(readFileSync(join(root, 'race', `new-${i}`), 'utf8')).toBe(`new ${i}`);
+      await storage.remove(`race/new-${i}`);
+    }
   });
 
   it('is swept when the app starts, in the background', async () => {

@@ -578,6 +578,8 @@ describe('stray bytes', () => {
     const young = join(folder, uuidv7()); // an upload whose row may still be coming
     const notOurs = join(folder, 'README'); // no key the files module makes
     for (const path of [crashed, young, notOurs]) writeFileSync(path, 'bytes');
+    const emptied = join(storageRoot, uuidv7()); // its last file removed, then a crash before the folder
+    mkdirSync(emptied);
     const dayAgo = (Date.now() - 25 * 60 * 60 * 1000) / 1000;
     for (const path of [join(folder, kept.id), join(folder, orphaned.id), crashed, notOurs]) utimesSync(path, dayAgo, dayAgo);
 
@@ -587,6 +589,7 @@ describe('stray bytes', () => {
     try {
       await expect.poll(() => logs.lines.find((line) => line.msg === 'removed the file bytes no file row names')).toMatchObject({ removed: 2 });
       expect(readdirSync(folder).sort()).toEqual([kept.id, basename(young), 'README'].sort());
+      expect(existsSync(emptied)).toBe(false);
       expect((await get(filesUrl(projectId, `/${kept.id}/content`))).body).toBe('a day old, and its row is there');
     } finally {
       await app.close();

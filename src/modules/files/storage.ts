@@ -129,7 +129,9 @@ export class LocalDiskStorage implements FileStorage {
   /**
    * The keys of the bytes stored here that were last written more than `olderThanMs` ago (the
    * staging folder aside), at most `batchSize` at a time: what a sweep of bytes no longer wanted
-   * looks through. A key's bytes keep the time they were written at when they are named.
+   * looks through. A key's bytes keep the time they were written at when they are named. The folders
+   * it finds empty it removes on its way: `remove` takes a folder with its last file, but a crash in
+   * between, or an older version, left them, and nothing else ever comes back to them.
    */
   async *keysWrittenBefore(olderThanMs: number, batchSize: number): AsyncGenerator<string[]> {
     let batch: string[] = [];
@@ -141,14 +143,20 @@ export class LocalDiskStorage implements FileStorage {
     if (batch.length) yield batch;
   }
 
-  private async *keysUnder(prefix: string, before: number): AsyncGenerator<string> {
-    for (const name of await namesIn(join(this.root, prefix))) {
+  /** The keys under the folder `prefix`, as `keysWrittenBefore` lists them; returns whether it was empty. */
+  private async *keysUnder(prefix: string, before: number): AsyncGenerator<string, boolean> {
+    const names = await namesIn(join(this.root, prefix));
+    for (const name of names) {
       const key = prefix ? `${prefix}/${name}` : name;
       if (key === 'tmp' || !KEY.test(key)) continue;
       const stats = await stat(join(this.root, key)).catch(() => undefined); // removed meanwhile
-      if (stats?.isDirectory()) yield* this.keysUnder(key, before);
-      else if (stats?.isFile() && stats.mtimeMs < before) yield key;
+      if (stats?.isDirectory()) {
+        // An upload may be moving bytes into it right now: rmdir removes only an empty folder, and
+        // `keep` makes one again that went between its mkdir and its rename.
+        if (yield* this.keysUnder(key, before)) await rmdir(join(this.root, key)).catch(() => {});
+      } else if (stats?.isFile() && stats.mtimeMs < before) yield key;
     }
+    return names.length === 0;
   }
 
   async open(key: string): Promise<Readable> {
