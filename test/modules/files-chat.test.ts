@@ -174,7 +174,7 @@ describe('chat with files', () => {
 
   beforeAll(async () => {
     fake = await FakeUpstream.start();
-    t = await startTestApp({ OPENAI_API_KEY: 'sk-test-chat-files', OPENAI_BASE_URL: fake.url, AI_MODEL: 'gpt-4o-mini', AI_MAX_RETRIES: '0' });
+    t = await startTestApp({ OPENAI_API_KEY: 'sk-test-chat-files', OPENAI_BASE_URL: fake.url, AI_MODEL: 'gpt-4o-mini', AI_MAX_RETRIES: '1' });
     user = await registerUser(t.app);
   });
   afterAll(async () => {
@@ -231,6 +231,36 @@ describe('chat with files', () => {
         ],
       },
     ]);
+  });
+
+  it.each([false, true])('answers a turn whose PDF is deleted while it waits on the provider, without the PDF (stream: %s)', async (stream) => {
+    fake.setDefault({ asOpenAI: true });
+    const projectId = (await createProject(t.app, user)).id;
+    const pdf = await upload(projectId, { filename: 'report.pdf', type: 'application/pdf', content: PDF });
+    // The provider asks the turn to wait a second; the PDF and its copy are deleted meanwhile.
+    fake.enqueue({ status: 429, retryAfter: 1 });
+    const answer = t.app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: user.auth, payload: { message: 'Summarise the report.', stream } });
+    await fake.waitForRequests(2);
+    const deleted = await t.app.inject({ method: 'DELETE', url: `/api/v1/projects/${projectId}/files/${pdf.id}`, headers: user.auth });
+    expect(deleted.statusCode).toBe(204);
+    expect(fake.files.has(pdf.providerFileId!)).toBe(false);
+
+    const response = await answer;
+    expect(response.statusCode).toBe(200);
+    expect(response.body).toContain(stream ? 'event: done' : '"assistantMessage"');
+    expect(response.body).not.toContain('event: error');
+    expect(lastChatRequest().body.messages).toEqual([
+      { role: 'system', content: `${HEADER}\n\n--- report.pdf (application/pdf) ---\n[attached to the latest user message]` },
+      { role: 'user', content: 'Summarise the report.' },
+    ]);
+  });
+
+  it('fails a turn that the provider refuses while its PDF is still there, asking once', async () => {
+    const projectId = (await createProject(t.app, user)).id;
+    await upload(projectId, { filename: 'report.pdf', type: 'application/pdf', content: PDF });
+    fake.enqueue({ status: 400 });
+    expect((await chat(projectId, 'Summarise the report.')).statusCode).toBe(502);
+    expect(fake.requests.filter((request) => request.path === '/v1/chat/completions')).toHaveLength(1);
   });
 
   it('gives files their place before history: the oldest history is left out first', async () => {

@@ -76,7 +76,10 @@ export interface UpstreamReply {
   fault?: UpstreamFault;
   /** Streaming faults strike after this many content chunks (default 1). */
   afterChunks?: number;
-  /** Refuse what OpenAI's own API refuses: `max_tokens` for its reasoning models (o1, o3, o4-mini, gpt-5…). */
+  /**
+   * Refuse what OpenAI's own API refuses: `max_tokens` for its reasoning models (o1, o3, o4-mini, gpt-5…),
+   * and a file part naming a file it does not hold (never uploaded, or deleted).
+   */
   asOpenAI?: boolean;
 }
 
@@ -254,6 +257,8 @@ export class FakeUpstream {
     const fileId = /^\/v1\/files\/([^/]+)$/.exec(record.path)?.[1];
     if (record.method === 'POST' && record.path === '/v1/chat/completions') {
       if (reply.asOpenAI && refusesMaxTokens(record)) return sendJson(res, 400, MAX_TOKENS_REFUSED);
+      const unknownFile = reply.asOpenAI && fileIdsOf(record).find((id) => !this.files.has(id));
+      if (unknownFile) return sendJson(res, 400, { error: { message: `Invalid file '${unknownFile}'`, type: 'invalid_request_error', code: 'invalid_value' } });
       return isStreaming(record) ? this.streamCompletion(exchange) : this.sendCompletion(exchange);
     }
     if (record.method === 'POST' && record.path === '/v1/files') return this.storeFile(exchange);
@@ -384,6 +389,14 @@ function refusesMaxTokens(record: UpstreamRequest): boolean {
   return record.body.max_tokens !== undefined && /^(o\d|gpt-5)/.test(String(record.body.model));
 }
 
+/** The provider files a chat request's messages name in file parts. */
+function fileIdsOf(record: UpstreamRequest): string[] {
+  const messages = (record.body.messages ?? []) as WireMessage[];
+  return messages.flatMap((message) =>
+    typeof message.content === 'string' ? [] : message.content.flatMap((part) => (part.file?.file_id ? [part.file.file_id] : [])),
+  );
+}
+
 const MAX_TOKENS_REFUSED = {
   error: {
     message: "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.",
@@ -404,7 +417,7 @@ function replyContent(record: UpstreamRequest, reply: UpstreamReply): string {
   return `Echo: ${lastUser ? textOf(lastUser) : ''}`;
 }
 
-type WireMessage = { role: string; content: string | { type: string; text?: string }[] };
+type WireMessage = { role: string; content: string | { type: string; text?: string; file?: { file_id?: string } }[] };
 
 /** A message's text: its content, or the text of its content parts (file parts have none). */
 function textOf(message: WireMessage): string {

@@ -283,7 +283,8 @@ export class ChatService {
     }
     const question = messageRow(ownedId, model, { role: 'user', content: text, status: 'complete', tokens: textTokens }, questionId);
     const { questionStoredAt } = row;
-    return { projectId: ownedId, adapter, model, context: context.messages, question, ...(questionStoredAt && { questionStoredAt, durable }) };
+    const turnAdapter = this.files.turnAdapter(ownedId, adapter, context.messages.at(-1)!);
+    return { projectId: ownedId, adapter: turnAdapter, model, context: context.messages, question, ...(questionStoredAt && { questionStoredAt, durable }) };
   }
 
   /**

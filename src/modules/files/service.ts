@@ -10,11 +10,12 @@ import { ApiError, isDatabaseUnavailable, NotFound, ValidationFailed } from '../
 import { isUuid } from '../../http/ids.js';
 import type { IdSortKey, Page, PageRequest } from '../../http/pagination.js';
 import type { ProviderRegistry } from '../../providers/registry.js';
-import { type ProviderAdapter, ProviderNotConfigured } from '../../providers/types.js';
+import { type ChatMessage, type ProviderAdapter, ProviderNotConfigured } from '../../providers/types.js';
 import { CountLimitReached, filesPerProject, type LimitedInsert, limitedInsert, param } from '../projects/count-limit.js';
 import { callersProject, inOwnedProject, ownedProject, pageOfProjectRows, type ProjectRow } from '../projects/service.js';
 import { buildFilesSection, EntryCounts, type FilesSection, type FilesSectionOptions } from './chat-section.js';
 import { ContentInspector, essence } from './content-type.js';
+import { ForgettingDeletedCopies } from './deleted-copies.js';
 import { displayFilename } from './filename.js';
 import type { FileDto } from './schemas.js';
 import type { ProviderCopies } from './provider-copies.js';
@@ -258,6 +259,22 @@ export class FilesService {
       rows.map((row) => ({ ...row, readText: () => this.readText(row) })),
       { ...options, counted: { encoding, counts: this.entryCounts } },
     );
+  }
+
+  /**
+   * The adapter for a turn of the project `projectId` whose new message is `question`: one that makes
+   * a call refused for files deleted meanwhile again without them (see ForgettingDeletedCopies), when
+   * the message names any.
+   */
+  turnAdapter(projectId: string, adapter: ProviderAdapter, question: ChatMessage): ProviderAdapter {
+    if (!question.fileIds?.length) return adapter;
+    return new ForgettingDeletedCopies(adapter, async (providerFileIds) => {
+      const rows = await this.db
+        .select({ providerFileId: files.providerFileId })
+        .from(files)
+        .where(and(eq(files.projectId, projectId), inArray(files.providerFileId, providerFileIds)));
+      return rows.map((row) => row.providerFileId!);
+    });
   }
 
   /** The caller's project, checked to have room for one more file: 404 when it is not theirs, else 409 when full. */
