@@ -358,9 +358,13 @@ function drainBriefly(body: Readable): void {
   body.resume();
 }
 
-/** A 4xx that no later try answers otherwise: not 401 (a key put right), 408 or 429 (transient). */
+/**
+ * A 4xx that no later try answers otherwise: not 401 or 403 (the key, or a project key without the
+ * permission to delete files, which an operator puts right: given up on, the user's deleted file would
+ * stay with the provider for good), nor 408 or 429 (transient).
+ */
 function refusedForGood(status: number): boolean {
-  return status >= 400 && status < 500 && status !== 401 && status !== 408 && status !== 429;
+  return status >= 400 && status < 500 && ![401, 403, 408, 429].includes(status);
 }
 
 /** How long to wait before retrying after `error`, or undefined when retrying cannot help. */

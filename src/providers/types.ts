@@ -75,8 +75,8 @@ export class ProviderError extends ApiError {
 }
 
 /**
- * A file's deletion refused with a 4xx that asking again cannot change (400, 403…), not one that may
- * pass: 401 (the key, which an operator puts right), 404 (already gone: deleted), 408 and 429.
+ * A file's deletion refused with a 4xx that asking again cannot change (400, 422…), not one that may
+ * pass: 401 and 403 (the key or its permissions, which an operator puts right), 404 (already gone: deleted), 408 and 429.
  */
 export class ProviderRefusedDeletion extends ProviderError {
   constructor(readonly upstreamStatus: number) {

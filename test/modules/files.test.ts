@@ -329,8 +329,8 @@ describe('delete', () => {
     await expectSweptAway(file);
   });
 
-  it('gives up on a copy the provider refuses for good (400, 403), saying so once, and keeps trying those it may yet delete', async () => {
-    for (const status of [400, 403, 401, 429, 500]) {
+  it('gives up on a copy the provider refuses for good (400, 422), saying so once, and keeps trying those it may yet delete', async () => {
+    for (const status of [400, 422, 401, 403, 429, 500]) {
       await t.testDb.database.db.delete(providerFileDeletions);
       fake.setDefault({});
       const projectId = await newProject();
@@ -339,12 +339,12 @@ describe('delete', () => {
       fake.setDefault({ status });
       const lines = await sweepOnce();
       const givenUp = lines.filter((line) => line.msg === 'provider file copy refused for good; no longer tried');
-      if (status === 400 || status === 403) {
+      if (status === 400 || status === 422) {
         expect(await queuedCopies()).toEqual([]);
         expect(givenUp).toEqual([expect.objectContaining({ level: 40, providerFileId: file.providerFileId, status })]);
         expect(JSON.stringify(givenUp)).not.toMatch(/sk-/);
       } else {
-        // 401 is the key's fault, not the copy's: a key put right deletes it, as it does after a 429 or a 5xx.
+        // 401 and 403 are the key's fault, not the copy's: a key put right deletes it, as after a 429 or a 5xx.
         expect(await queuedCopies()).toEqual([{ providerFileId: file.providerFileId, attempts: 1, waitSeconds: expect.closeTo(30, -1) }]);
         expect(givenUp).toEqual([]);
       }

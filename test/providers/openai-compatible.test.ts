@@ -420,8 +420,8 @@ describe('files', () => {
     await expect(adapter().deleteFile('file-unknown', AbortSignal.timeout(10_000))).resolves.toBeUndefined();
   });
 
-  it('tells a deletion refused for good (400, 403) from one a later try may pass (401, 408, 429, 5xx)', async () => {
-    for (const [status, refusedForGood] of [[400, true], [403, true], [401, false], [408, false], [429, false], [500, false]] as const) {
+  it('tells a deletion refused for good (400, 422) from one a later try may pass (401, 403, 408, 429, 5xx)', async () => {
+    for (const [status, refusedForGood] of [[400, true], [422, true], [403, false], [401, false], [408, false], [429, false], [500, false]] as const) {
       fake.setDefault({ status });
       const error = await rejection(adapter({ maxRetries: 0 }).deleteFile('file-kept', AbortSignal.timeout(10_000)));
       expect(error instanceof ProviderRefusedDeletion, String(status)).toBe(refusedForGood);
