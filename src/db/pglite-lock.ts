@@ -66,12 +66,15 @@ async function takeLock(lockFile: string, beacon: Beacon | undefined): Promise<(
   const self: Holder = { pid: process.pid, pidNamespace: pidNamespace(), kernel: kernel(), beacon: beacon?.name };
   for (let attempt = 0; attempt < 3; attempt++) {
     // The beacon listens before the lock names it: no one ever finds a live holder's beacon silent.
-    if (createWith(lockFile, lockText(self))) {
-      // Its age is what tells a holder on another kernel from one that is gone.
+    const mine = lockText(self);
+    if (createWith(lockFile, mine)) {
+      // Its age is what tells a holder on another kernel from one that is gone. Only while it is still
+      // ours: a process stalled past the lock's staleness (judged by its age) may have been taken over,
+      // and keeping the new holder's lock fresh would make a dead one look alive.
       const refresh = setInterval(() => {
         const now = new Date();
         try {
-          utimesSync(lockFile, now, now);
+          if (readLockText(lockFile) === mine) utimesSync(lockFile, now, now);
         } catch {
           // removed by hand: nothing to keep fresh
         }
@@ -79,7 +82,8 @@ async function takeLock(lockFile: string, beacon: Beacon | undefined): Promise<(
       return () => {
         clearInterval(refresh);
         // The lock first: a lock whose beacon is missing is judged by its age, never taken over at once.
-        rmSync(lockFile, { force: true });
+        // Only ours, for the same reason: the lock of the process that took ours over stays.
+        removeIfStill(lockFile, mine, mine);
         beacon?.close();
       };
     }

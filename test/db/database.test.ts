@@ -4,6 +4,7 @@ import { once } from 'node:events';
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { sql } from 'drizzle-orm';
 import { describe, expect, it } from 'vitest';
 import { migrationsFolder, openPglite } from '../../src/db/database.js';
@@ -224,6 +225,23 @@ describe('embedded PGlite on disk', () => {
     } finally {
       listener.kill('SIGKILL');
     }
+  });
+
+  it('neither keeps fresh nor removes, released, a lock that is no longer its own: the lock of a process that took it over', { timeout: 20_000 }, async () => {
+    const folder = mkdtempSync(join(tmpdir(), 'chatbot-pglite-'));
+    const lockFile = join(folder, 'pglite.lock');
+    const release = await lockPglite(join(folder, 'pglite'));
+    // Stalled past the lock's staleness on another machine, this process was taken over meanwhile, and
+    // the taker has stopped too: its lock must age, as it would without us.
+    const taker = lockText(4242, 'pid:[4026531836]', { kernel: 'another-boot' });
+    writeFileSync(lockFile, taker);
+    const aMinuteAgo = new Date(Date.now() - 61_000);
+    utimesSync(lockFile, aMinuteAgo, aMinuteAgo);
+    await sleep(5_500); // past a refresh (every 5 s)
+    expect(statSync(lockFile).mtimeMs).toBeLessThan(Date.now() - 60_000);
+    release();
+    expect(readFileSync(lockFile, 'utf8')).toBe(taker);
+    expect(readdirSync(folder).filter((name) => name.endsWith('.takeover'))).toEqual([]);
   });
 
   it.runIf(existsSync(bootId))('judges the lock of a holder on another kernel (a volume shared over the network), or of one it cannot read, by its age alone', async () => {
