@@ -380,8 +380,8 @@ describe('the history cache', () => {
     expect(sentHistory()).toContain('message 5');
     expect(sentHistory()).not.toContain('changed in the database');
 
-    // Another instance, its clock a little behind, stores a message older than the newest one the cache
-    // holds: the answer of the turn before last (the last turn's question and answer come after it).
+    // A message written by hand, older than the newest one the cache holds: the answer of the turn before
+    // last (the last turn's question and answer come after it).
     const [cachedNewest] = (await stored(projectId)).slice(-3);
     await insertMessages(db, projectId, 1, { content: 'stored out of order', createdAt: new Date(cachedNewest!.createdAt.getTime() - 1) });
     await turn(projectId, 'fourth');
@@ -1047,6 +1047,27 @@ describe('concurrency', () => {
   });
 });
 
+describe('the time a message is stored at', () => {
+  it('follows the newest message of the project even when the clock is behind it (a clock set back)', async () => {
+    const projectId = await newProject();
+    const [future] = await insertMessages(t.testDb.database.db, projectId, 1, { createdAt: new Date(Date.now() + 3_600_000) });
+    for (const stream of [false, true]) {
+      const response = await (stream ? chat(projectId, { message: 'streamed', stream: true }) : chat(projectId, { message: 'plain' }));
+      expect(response.statusCode).toBe(200);
+    }
+    const rows = await stored(projectId);
+    expect(rows.map((m) => m.content)).toEqual([future!.content, 'plain', 'Echo: plain', 'streamed', 'Echo: streamed']);
+    // A microsecond apart: each stamp is the newest's plus one, the clock being an hour behind.
+    const micros = await t.testDb.database.db
+      .select({ micros: sql<string>`(extract(epoch from ${messages.createdAt}) * 1000000)::bigint::text` })
+      .from(messages)
+      .where(eq(messages.projectId, projectId))
+      .orderBy(messages.createdAt);
+    const steps = micros.map((row, i) => (i === 0 ? 0 : Number(BigInt(row.micros) - BigInt(micros[i - 1]!.micros))));
+    expect(steps).toEqual([0, 1, 1, 1, 1]);
+  });
+});
+
 describe.skipIf(!process.env.TEST_DATABASE_URL)('a question stored late (PostgreSQL: concurrent connections)', () => {
   /** The project's messages a page of one at a time from `cursor`, while `more` says to go on. */
   async function walkMessages(projectId: string, seen: string[], cursor: string | undefined, more: () => boolean) {
@@ -1080,6 +1101,45 @@ describe.skipIf(!process.env.TEST_DATABASE_URL)('a question stored late (Postgre
       expect(seen).toEqual(['first', 'Echo: first', 'plain', 'Echo: plain', 'keyed', 'Echo: keyed']);
     } finally {
       await blocker.end();
+    }
+  });
+
+  it('is committed before a message stamped after it: a walk past the later one does not miss it', async () => {
+    const projectId = await newProject();
+    await chat(projectId, { message: 'first' });
+    // A trigger holds the stored question 'held' between its stamp and its commit until the gate opens.
+    const GATE = 8_008;
+    const gate = new pg.Client({ connectionString: t.testDb.url });
+    await gate.connect();
+    await gate.query(`create function test_gate() returns trigger language plpgsql as $$ begin perform pg_advisory_xact_lock_shared(${GATE}); return new; end $$`);
+    await gate.query(`create trigger test_gate before insert on messages for each row when (new.content = 'held') execute function test_gate()`);
+    const waiting = async () => Number((await gate.query('select count(*) from pg_stat_activity where datname = current_database() and cardinality(pg_blocking_pids(pid)) > 0')).rows[0].count);
+    let held: ReturnType<typeof chat> | undefined;
+    try {
+      await gate.query('select pg_advisory_lock($1)', [GATE]);
+      held = chat(projectId, { message: 'held' });
+      while ((await waiting()) === 0) await sleep(5);
+      // The other turn either waits for the held one's commit, or (stamped later, committed first) answers.
+      let answered = false;
+      const other = chat(projectId, { message: 'other' }).finally(() => (answered = true));
+      while (!answered && (await waiting()) < 2) await sleep(5);
+
+      // A walk as far as one message short of the end of what is listed now: it then has a cursor.
+      const listed = Number((await gate.query('select count(*) from messages where project_id = $1', [projectId])).rows[0].count);
+      const first = (await t.app.inject({ method: 'GET', url: `/api/v1/projects/${projectId}/messages?limit=${listed - 1}`, headers: user.auth })).json();
+      const seen: string[] = first.data.map((m: { content: string }) => m.content);
+      await gate.query('select pg_advisory_unlock($1)', [GATE]);
+      expect((await held).statusCode).toBe(200);
+      expect((await other).statusCode).toBe(200);
+      await walkMessages(projectId, seen, first.nextCursor, () => true);
+      const all = (await stored(projectId)).map((m) => m.content);
+      expect(all).toHaveLength(6);
+      expect(seen).toEqual(all);
+    } finally {
+      await gate.query('select pg_advisory_unlock_all()');
+      await held;
+      await gate.query('drop trigger test_gate on messages; drop function test_gate()');
+      await gate.end();
     }
   });
 });

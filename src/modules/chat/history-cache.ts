@@ -29,9 +29,10 @@ const BYTES_PER_CHARACTER = 3;
  * removed all at once (history cleared, project deleted). So a project's cached history still holds
  * when the newest page read now contains the cached newest message and, from there on, the same
  * messages as the cache: what is newer comes from the page, the rest from the cache. A cleared
- * history, a message stored out of order within that page (another instance's clock behind ours) or
- * anything else that does not line up is a miss, and the turn reads from the database as if there
- * were no cache. Least recently used projects go first past `maxBytes`.
+ * history, a message stored out of order within that page (by hand: the service stamps each message
+ * after the project's newest, see `message_stamp`) or anything else that does not line up is a miss,
+ * and the turn reads from the database as if there were no cache. Least recently used projects go
+ * first past `maxBytes`.
  */
 export class HistoryCache {
   private readonly entries = new Map<string, { history: KnownHistory; bytes: number }>();

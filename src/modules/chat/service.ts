@@ -79,7 +79,7 @@ function turnStatementOn(db: Db) {
   const question = db.$with('question', { createdAt: sql`created_at` }).as(
     sql`insert into ${messages} (id, project_id, role, content, status, tokens, token_encoding, created_at)
       select ${sql.placeholder('questionId')}::uuid, ${projects.id}, 'user', ${sql.placeholder('text')}::text, 'complete',
-        ${sql.placeholder('tokens')}::integer, ${sql.placeholder('encoding')}::text, ${STORED_NOW}
+        ${sql.placeholder('tokens')}::integer, ${sql.placeholder('encoding')}::text, ${storedNow(projects.id)}
       from ${users} join ${projects} on ${projects.userId} = ${users.id}
       where ${users.id} = ${sql.placeholder('userId')} and ${users.tokenVersion} = ${sql.placeholder('tokenVersion')}::integer
         and ${projects.id} = ${sql.placeholder('projectId')} and ${projects.provider} is null and ${projects.model} is null
@@ -156,12 +156,14 @@ export type StreamOutcome =
   | { kind: 'client-gone' };
 
 /**
- * A message's time is the database's clock when the statement storing it runs, not when its turn began:
- * lists page by (time, id), and a message stamped early but stored late (a keyed turn waits for its
- * claim, another builds its context first) could land behind a cursor already past it, never to be
- * listed. What remains is the moment between a statement and its commit, which no timestamp can close.
+ * A message's time, stamped by the statement that stores it (`message_stamp`, migration 0008): later
+ * than every message of `projectId` committed before, and under a lock of the project's held until its
+ * own commit, so that messages of one project commit in the order of their times. Lists page by (time,
+ * id): a message stamped early but committed late (a keyed turn waits for its claim, another builds its
+ * context first, two turns run at once) would land behind a cursor already past the other, never to be
+ * listed to that walk.
  */
-const STORED_NOW = sql`clock_timestamp()`;
+const storedNow = (projectId: SQLWrapper) => sql`message_stamp(${projectId})`;
 
 /** A message as the service builds it, before the database stamps its time. */
 type UnstampedMessage = Omit<MessageRow, 'createdAt'>;
@@ -213,7 +215,7 @@ export class ChatService {
         totalTokens: sql.placeholder('totalTokens'),
         tokens: sql.placeholder('tokens'),
         tokenEncoding: sql.placeholder('tokenEncoding'),
-        createdAt: STORED_NOW,
+        createdAt: storedNow(sql`${sql.placeholder('projectId')}::uuid`),
       });
     this.insertStatement = insert().returning().prepare('chat_insert_message');
     // `set_config(…, true)` lasts until the end of the statement's own transaction: its commit.

@@ -1,0 +1,18 @@
+-- The time a message is stored at, for the statement that stores it in a project: lists page by
+-- (created_at, id), and a message stamped before another but committed after it would land behind a
+-- cursor already past the other, never to be listed to that walk. So the stamp is taken under a lock
+-- of the project's that its transaction holds until it commits (messages of one project are then
+-- committed in the order of their stamps), with a snapshot of its own taken after the lock (VOLATILE:
+-- it sees the messages of every transaction that held the lock before), later than the newest of them
+-- even if the clock was set back. An advisory lock, not the project row's: taking a row lock writes the
+-- row, for every message. (1836279667, 'msgs' in ASCII, keeps these locks apart from any other's; two
+-- projects whose ids hash alike only wait for each other.)
+-- OR REPLACE: runs again after a restore of a backup taken before it, which leaves it in place.
+CREATE OR REPLACE FUNCTION "message_stamp"("project" uuid) RETURNS timestamptz LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+  newest timestamptz;
+BEGIN
+  PERFORM pg_advisory_xact_lock(1836279667, hashtext("project"::text));
+  SELECT max("created_at") INTO newest FROM "messages" WHERE "project_id" = "project";
+  RETURN greatest(clock_timestamp(), newest + interval '1 microsecond');
+END $$;
