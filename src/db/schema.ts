@@ -92,7 +92,7 @@ export const files = pgTable(
     providerFileId: text('provider_file_id'),
     createdAt: timestamps.createdAt,
   },
-  (t) => [index('files_project_id_id_idx').on(t.projectId, t.id)],
+  (t) => [index('files_project_id_created_at_id_idx').on(t.projectId, t.createdAt, t.id)],
 );
 
 /**

@@ -6,10 +6,18 @@ const MAX_PAGE_SIZE = 100;
 /** The sort key of a row as the list orders it; the cursor carries the key of a page's last row. */
 export type SortKey = readonly string[];
 
-/** Sort key of lists ordered by id alone (uuid v7 ids are time-ordered): projects, prompts, files. */
+/** Sort key of lists ordered by id alone (uuid v7 ids are time-ordered): projects, prompts. */
 export const idSortKey = z.tuple([z.uuid()]);
 export type IdSortKey = z.infer<typeof idSortKey>;
 export const idSortKeyOf = (row: { id: string }): IdSortKey => [row.id];
+
+/**
+ * Sort key of lists ordered by (created_at, id), the order of their index: messages, files. The time is
+ * carried as microseconds since the epoch: a Date keeps only milliseconds, and a cursor cut to them
+ * would return the rows of its last millisecond again.
+ */
+export const timeSortKey = z.tuple([z.string().regex(/^-?\d{1,16}$/), z.uuid()]);
+export type TimeSortKey = z.infer<typeof timeSortKey>;
 
 /** Opaque to clients: base64url JSON of the sort key, checked against its shape on the way back in. */
 export function encodeCursor(key: SortKey): string {

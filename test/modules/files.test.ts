@@ -17,6 +17,7 @@ import type { FileDto } from '../../src/modules/files/schemas.js';
 import { createProject, expectProblem, registerUser, type RegisteredUser, startTestApp, type TestApp, testConfig } from '../support/app.js';
 import { expectDeleteFreesOneSlot, expectFull, expectOneOfManyIntoTheLastSlot, type Holder } from '../support/limits.js';
 import { FakeUpstream } from '../support/fake-upstream.js';
+import { expectWaitingCreateListedLast } from '../support/waiting-create.js';
 import { logCollector } from '../support/logs.js';
 import { BOUNDARY, CLOSING, type FormPart, multipart, partHead } from '../support/multipart.js';
 
@@ -719,6 +720,34 @@ describe('list', () => {
     expect((await slow.finish(Buffer.from('then the rest'))).statusCode).toBe(201);
     await walk(cursor, () => true);
     expect(seen).toEqual(['X.txt', 'B.txt', 'C.txt', 'slow.txt']);
+  });
+
+  it('lists an upload after the newest file even when the clock is behind it (a clock set back)', async () => {
+    const projectId = await newProject();
+    const future = new Date(Date.now() + 3_600_000);
+    await t.testDb.database.db
+      .insert(files)
+      .values({ id: uuidv7(), projectId, filename: 'future.txt', mimeType: 'text/plain', size: 1, sha256: 'x', storageUrl: 'x', createdAt: future });
+    const uploaded = await upload(projectId, 'now', { filename: 'now.txt', type: 'text/plain' });
+    expect(new Date(uploaded.createdAt).getTime()).toBe(future.getTime()); // a microsecond later
+    const listed = (await get(filesUrl(projectId))).json().data.map((file: FileDto) => file.filename);
+    expect(listed).toEqual(['future.txt', 'now.txt']);
+  });
+
+  it.skipIf(!process.env.TEST_DATABASE_URL)('lists an upload that waited for its project after what was stored meanwhile (PostgreSQL: concurrent connections)', async () => {
+    const projectId = await newProject();
+    await expectWaitingCreateListedLast({
+      app: t.app,
+      headers: user.auth,
+      list: filesUrl(projectId),
+      url: t.testDb.url!,
+      table: 'files',
+      column: 'filename',
+      create: (filename) => multipart({ filename, type: 'text/plain', content: 'waited' }),
+      parent: { table: 'projects', id: projectId },
+      insertRow: `insert into files (id, project_id, filename, mime_type, size, sha256, storage_url, created_at)
+        values ($1, $2, 'other.txt', 'text/plain', 1, 'x', 'x', clock_timestamp())`,
+    });
   });
 });
 

@@ -174,7 +174,7 @@ describe('get and list', () => {
       url: t.testDb.url!,
       table: 'projects',
       column: 'name',
-      body: {},
+      create: (name) => ({ payload: { name } }),
       parent: { table: 'users', id: owner.id },
       insertRow: `insert into projects (id, user_id, name) values ($1, $2, 'other')`,
     });

@@ -63,7 +63,7 @@ describe('create and get', () => {
       url: t.testDb.url!,
       table: 'prompts',
       column: 'title',
-      body: { content: 'c' },
+      create: (title) => ({ payload: { title, content: 'c' } }),
       parent: { table: 'projects', id: own.id },
       insertRow: `insert into prompts (id, project_id, title, content) values ($1, $2, 'other', 'c')`,
     });

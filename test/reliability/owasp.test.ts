@@ -160,8 +160,8 @@ describe('API1:2023 Broken Object Level Authorization', () => {
     for (const url of [
       `/api/v1/projects?cursor=${encodeCursor(['00000000-0000-7000-8000-000000000000'])}`,
       `/api/v1/projects/${ids.ownProject}/prompts?cursor=${encodeCursor(['00000000-0000-7000-8000-000000000000'])}`,
-      `/api/v1/projects/${ids.ownProject}/files?cursor=${encodeCursor(['00000000-0000-7000-8000-000000000000'])}`,
-      `/api/v1/projects/${ids.ownProject}/messages`,
+      `/api/v1/projects/${ids.ownProject}/files?cursor=${encodeCursor(['-9999999999999999', '00000000-0000-7000-8000-000000000000'])}`,
+      `/api/v1/projects/${ids.ownProject}/messages?cursor=${encodeCursor(['-9999999999999999', '00000000-0000-7000-8000-000000000000'])}`,
     ]) {
       const listed = await send(b, 'GET', url);
       expect(listed.statusCode, url).toBe(200);

@@ -4,7 +4,7 @@ import pg from 'pg';
 import { expect } from 'vitest';
 import { uuidv7 } from '../../src/db/ids.js';
 
-/** Rows created under a parent row that a create locks (a user's projects, a project's prompts), as the walk below sees them. */
+/** Rows created under a parent row that a create locks (a user's projects, a project's prompts and files), as the walk below sees them. */
 export interface RowsUnderParent {
   app: FastifyInstance;
   /** The caller's, owning the parent. */
@@ -14,12 +14,13 @@ export interface RowsUnderParent {
   /** A throwaway PostgreSQL database the app runs on. */
   url: string;
   table: string;
-  /** A text column that the create's `body` sets to its own value. */
+  /** A text column that the create's request sets to `value`. */
   column: string;
-  body: Record<string, string>;
+  /** The create's request, `column` set to `value`: a JSON body, or a form with its Content-Type header. */
+  create: (value: string) => { payload: object | Buffer; headers?: Record<string, string> };
   /** The parent row: a user's or a project's. */
   parent: { table: 'users' | 'projects'; id: string };
-  /** Inserts a row `id` under the parent ($2), as another create holding the parent's lock would. */
+  /** Inserts a row `id` under the parent ($2), as another create holding the parent's lock would (its time the clock's then). */
   insertRow: string;
 }
 
@@ -29,8 +30,8 @@ const GATE = 7_007;
 /**
  * A create that waits for its parent's lock while other creates under it commit is listed after them,
  * also to a client whose walk of the list passed them before it committed. Another transaction holds the
- * parent's lock and, while the create waits for it, stores two rows with ids taken then; once the
- * create has the lock, a trigger holds its insert until the walk has passed the first of them.
+ * parent's lock and, while the create waits for it, stores two rows with ids and times taken then; once
+ * the create has the lock, a trigger holds its insert until the walk has passed the first of them.
  */
 export async function expectWaitingCreateListedLast(rows: RowsUnderParent): Promise<void> {
   const page = async (cursor: string | null): Promise<{ data: { id: string }[]; nextCursor: string | null }> =>
@@ -50,7 +51,8 @@ export async function expectWaitingCreateListedLast(rows: RowsUnderParent): Prom
     await gate.query('select pg_advisory_lock($1)', [GATE]);
     await other.query('begin');
     await other.query(`select 1 from ${rows.parent.table} where id = $1 for no key update`, [rows.parent.id]);
-    created = rows.app.inject({ method: 'POST', url: rows.list, headers: rows.headers, payload: { ...rows.body, [rows.column]: 'gated' } });
+    const { payload, headers } = rows.create('gated');
+    created = rows.app.inject({ method: 'POST', url: rows.list, headers: { ...rows.headers, ...headers }, payload });
     await blocking(other);
     const others = [uuidv7(), uuidv7()];
     for (const id of others) await other.query(rows.insertRow, [id, rows.parent.id]);

@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { idSortKey, pageOf, pageQuery } from '../../http/pagination.js';
+import { pageOf, pageQuery, timeSortKey } from '../../http/pagination.js';
 import { projectParams } from '../projects/schemas.js';
 
 export const fileParams = projectParams.extend({ fileId: z.string() });
@@ -17,7 +17,7 @@ export const file = z
   })
   .meta({ id: 'File' });
 
-export const fileListQuery = pageQuery(idSortKey);
+export const fileListQuery = pageQuery(timeSortKey);
 export const filePage = pageOf(file);
 
 export type FileDto = z.infer<typeof file>;

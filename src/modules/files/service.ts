@@ -8,11 +8,11 @@ import type { Db } from '../../db/database.js';
 import { files, projects } from '../../db/schema.js';
 import { ApiError, isDatabaseUnavailable, NotFound, ValidationFailed } from '../../http/errors.js';
 import { isUuid } from '../../http/ids.js';
-import type { IdSortKey, Page, PageRequest } from '../../http/pagination.js';
+import type { Page, PageRequest, TimeSortKey } from '../../http/pagination.js';
 import type { ProviderRegistry } from '../../providers/registry.js';
 import { type ChatMessage, type ProviderAdapter, ProviderNotConfigured } from '../../providers/types.js';
 import { CountLimitReached, filesPerProject, type LimitedInsert, limitedInsert, param } from '../projects/count-limit.js';
-import { callersProject, inOwnedProject, ownedProject, pageOfProjectRows, type ProjectRow } from '../projects/service.js';
+import { callersProject, inOwnedProject, ownedProject, pageOfProjectRowsByTime, type ProjectRow } from '../projects/service.js';
 import { buildFilesSection, EntryCounts, type FilesSection, type FilesSectionOptions } from './chat-section.js';
 import { ContentInspector, essence } from './content-type.js';
 import { ForgettingDeletedCopies } from './deleted-copies.js';
@@ -51,8 +51,9 @@ export type ChatFileRow = Pick<FileRow, 'id' | 'projectId' | 'filename' | 'mimeT
 export function chatFilesOf(projectId: PgColumn): SQL<ChatFileRow[]> {
   return sql<ChatFileRow[]>`(select coalesce(json_agg(json_build_object(
       'id', f.id, 'projectId', f.project_id, 'filename', f.filename, 'mimeType', f.mime_type,
-      'size', f.size, 'providerFileId', f.provider_file_id) order by f.id desc), '[]')
-    from (select * from ${files} where ${files.projectId} = ${projectId} order by ${files.id} desc limit ${CHAT_FILES_MAX}) f)`;
+      'size', f.size, 'providerFileId', f.provider_file_id) order by f.created_at desc, f.id desc), '[]')
+    from (select * from ${files} where ${files.projectId} = ${projectId}
+      order by ${files.createdAt} desc, ${files.id} desc limit ${CHAT_FILES_MAX}) f)`;
 }
 
 /** A chat turn considers this many files at most, newest first: far more names than a context holds usefully. */
@@ -105,6 +106,7 @@ export class FilesService {
       parent: callersProject,
       table: files,
       parentColumn: 'projectId',
+      order: { newCreatedAt: 'new_file_created_at' },
       values: {
         filename: param('filename', 'text'),
         mimeType: param('mimeType', 'text'),
@@ -112,7 +114,6 @@ export class FilesService {
         sha256: param('sha256', 'text'),
         storageUrl: param('storageUrl', 'text'),
         providerFileId: param('providerFileId', 'text'),
-        createdAt: param('now', 'timestamptz'),
       },
     });
   }
@@ -121,10 +122,10 @@ export class FilesService {
    * Stores the form's one `file`, then copies it to the project's provider when that has a Files API.
    * The bytes are in place before the row that names them is written, and removed again if it is not:
    * a crash in between, or a connection lost before the insert's answer, leaves stray bytes, never a
-   * row without them. A failed provider copy only leaves `providerFileId` null. The file's id is taken
-   * just before its row is written: the list is in id order, and an id taken when a slow upload began
-   * would put the file behind others already listed past it, where a client walking the cursors would
-   * never see it.
+   * row without them. A failed provider copy only leaves `providerFileId` null. The list orders files by
+   * their time, which the insert stamps once it holds the project's lock (see `limitedInsert`): a file
+   * whose upload began long ago, or whose insert waited for another's, is listed after every file
+   * committed before it, where a client walking the cursors will find it.
    *
    * A project already holding MAX_FILES_PER_PROJECT files is refused before anything is received or
    * copied; the insert enforces the limit again, race-free, against uploads finishing meanwhile, and a
@@ -154,7 +155,6 @@ export class FilesService {
         sha256: received.sha256,
         storageUrl,
         providerFileId,
-        now: new Date().toISOString(),
       };
       return toDto(await this.insert.run(params, () => new NotFound('Project')));
     } catch (error) {
@@ -173,8 +173,8 @@ export class FilesService {
   }
 
   /** Oldest first, as every list of the API. */
-  async list(userId: string, projectId: string, page: PageRequest<IdSortKey>): Promise<Page<FileDto>> {
-    const { data, nextCursor } = await pageOfProjectRows(this.db, files, userId, projectId, page);
+  async list(userId: string, projectId: string, page: PageRequest<TimeSortKey>): Promise<Page<FileDto>> {
+    const { data, nextCursor } = await pageOfProjectRowsByTime(this.db, files, userId, projectId, page);
     return { data: data.map(toDto), nextCursor };
   }
 

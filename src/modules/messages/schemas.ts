@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import type { messages } from '../../db/schema.js';
-import { pageOf, pageQuery } from '../../http/pagination.js';
+import { pageOf, pageQuery, timeSortKey } from '../../http/pagination.js';
 
 export const usage = z
   .object({ promptTokens: z.number().int(), completionTokens: z.number().int(), totalTokens: z.number().int() })
@@ -41,13 +41,5 @@ export function toMessageDto(row: MessageRow): MessageDto {
   };
 }
 
-/**
- * Messages sort by (created_at, id), the order of their index. The time is carried as microseconds since
- * the epoch: a Date keeps only milliseconds, and a cursor cut to them would return the rows of
- * its last millisecond again.
- */
-export const messageSortKey = z.tuple([z.string().regex(/^-?\d{1,16}$/), z.uuid()]);
-export type MessageSortKey = z.infer<typeof messageSortKey>;
-
-export const messageListQuery = pageQuery(messageSortKey);
+export const messageListQuery = pageQuery(timeSortKey);
 export const messagePage = pageOf(message);

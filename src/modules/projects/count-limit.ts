@@ -71,11 +71,12 @@ export interface LimitedInsertOptions<Table extends PgTable> {
   /** The column of `table` that names the parent. */
   parentColumn: keyof Insert<Table>;
   /**
-   * The function of migration 0007 that makes the row's id, once the parent is locked. Without it the id
-   * is the parameter `id`, taken before the statement waits for the lock: files, whose bytes are stored
+   * What orders the list of the rows under the parent, made once the parent is locked by a function of
+   * migration 0007 or 0009: the row's id (`newId`), or else its `createdAt` (`newCreatedAt`) and the id is
+   * the parameter `id`, taken before the statement waits for the lock: files, whose bytes are stored
    * under their id before their row is written.
    */
-  newId?: 'new_project_id' | 'new_prompt_id';
+  order: { newId: 'new_project_id' | 'new_prompt_id' } | { newCreatedAt: 'new_file_created_at' };
   /** The other columns. */
   values: { [Key in keyof Insert<Table>]?: SQL };
 }
@@ -103,18 +104,22 @@ export interface LimitedInsert<Row> {
  * one slot left would each count the same and all insert. FOR NO KEY UPDATE, not FOR UPDATE: it neither
  * waits for nor holds up the foreign-key checks of other writes under the parent (a chat's messages).
  *
- * With `newId`, the row's id is made after the lock too, greater than the id of every row under the
- * parent: lists page by id, and ids under one parent then follow the order their rows are committed in.
- * An id taken before the wait (as `id` is) may be older than those of creates that got the lock first
- * and committed; a client whose walk of the list passed them would never be shown this row.
+ * What the list of the rows under the parent is ordered by (`order`: the id, or the time and then the
+ * id) is made after the lock too, later than that of every row under the parent, so that it follows
+ * the order the rows are committed in. Made before the wait, it could be older than that of creates
+ * that got the lock first and committed; a client whose walk of the list passed them would never be
+ * shown this row.
  */
 export function limitedInsert<Table extends PgTable>(db: Db, options: LimitedInsertOptions<Table>): LimitedInsert<Table['$inferSelect']> {
   const { name, limit, table } = options;
   const parent = db.$with('parent').as(db.select({ id: options.parent.table.id }).from(options.parent.table).where(options.parent.where).for('no key update'));
   const columns = getTableColumns(table) as Record<string, PgColumn>;
+  const madeUnderLock = (fn: string) => sql`${sql.raw(fn)}(${parent.id})`;
+  const { order } = options;
   const given: [string, SQL | PgColumn][] = [
-    ['id', options.newId ? sql`${sql.raw(options.newId)}(${parent.id})` : sql`${sql.placeholder('id')}::uuid`],
+    ['id', 'newId' in order ? madeUnderLock(order.newId) : sql`${sql.placeholder('id')}::uuid`],
     [options.parentColumn as string, parent.id],
+    ...('newCreatedAt' in order ? [['createdAt', madeUnderLock(order.newCreatedAt)] as [string, SQL]] : []),
     ...(Object.entries(options.values) as [string, SQL][]),
   ];
   const inserted = db.$with('inserted', columns).as(

@@ -7,7 +7,7 @@ import { files, messages, projects, prompts, users } from '../../db/schema.js';
 import { assertTokenCurrent, type AuthUser } from '../../http/auth.js';
 import { NotFound, Unauthorized } from '../../http/errors.js';
 import { isUuid } from '../../http/ids.js';
-import { type IdSortKey, idSortKeyOf, type Page, type PageRequest, paginate } from '../../http/pagination.js';
+import { type IdSortKey, idSortKeyOf, type Page, type PageRequest, paginate, type TimeSortKey } from '../../http/pagination.js';
 import type { ProviderName } from '../../providers/types.js';
 import { waitForFileWrites } from '../files/deleting.js';
 import type { StoredFileDiscarder } from '../files/service.js';
@@ -34,29 +34,54 @@ export function inOwnedProject(projectIdColumn: PgColumn, userId: string, projec
   )!;
 }
 
-/**
- * One page of the rows of `table` (prompts, files) under the caller's project, oldest first: 404 when
- * the project is not theirs.
- */
-export async function pageOfProjectRows<Table extends typeof prompts | typeof files>(
+/** One page of the project's prompts, oldest first (by id): 404 when the project is not the caller's. */
+export async function pageOfPrompts(
   db: Db,
-  table: Table,
   userId: string,
   projectId: string,
   page: PageRequest<IdSortKey>,
-): Promise<Page<Table['$inferSelect']>> {
+): Promise<Page<typeof prompts.$inferSelect>> {
   await requireOwnedProject(db, userId, projectId);
-  const child = table as typeof prompts; // both tables have the `id` and `projectId` columns used here
   return paginate(
     page,
     (after, take) =>
       db
         .select()
-        .from(child)
-        .where(and(inOwnedProject(child.projectId, userId, projectId), after && gt(child.id, after[0])))
-        .orderBy(asc(child.id))
-        .limit(take) as Promise<Table['$inferSelect'][]>,
+        .from(prompts)
+        .where(and(inOwnedProject(prompts.projectId, userId, projectId), after && gt(prompts.id, after[0])))
+        .orderBy(asc(prompts.id))
+        .limit(take),
     idSortKeyOf,
+  );
+}
+
+/**
+ * One page of the rows of `table` (messages, files) under the caller's project, oldest first by
+ * (created_at, id), as their index orders them: 404 when the project is not theirs. Rows after the
+ * cursor are a row comparison, which the index serves.
+ */
+export async function pageOfProjectRowsByTime<Table extends typeof messages | typeof files>(
+  db: Db,
+  table: Table,
+  userId: string,
+  projectId: string,
+  page: PageRequest<TimeSortKey>,
+): Promise<Page<Table['$inferSelect']>> {
+  await requireOwnedProject(db, userId, projectId);
+  const child = table as typeof files; // both tables have the `id`, `projectId` and `createdAt` columns used here
+  const createdAtMicros = sql<string>`(extract(epoch from ${child.createdAt}) * 1000000)::bigint::text`;
+  const after = ([micros, id]: TimeSortKey) =>
+    sql`(${child.createdAt}, ${child.id}) > (timestamptz 'epoch' + ${micros}::bigint * interval '1 microsecond', ${id}::uuid)`;
+  return paginate(
+    page,
+    (cursor, take) =>
+      db
+        .select({ ...getTableColumns(child), createdAtMicros })
+        .from(child)
+        .where(and(inOwnedProject(child.projectId, userId, projectId), cursor && after(cursor)))
+        .orderBy(asc(child.createdAt), asc(child.id))
+        .limit(take) as Promise<(Table['$inferSelect'] & { createdAtMicros: string })[]>,
+    (row): TimeSortKey => [row.createdAtMicros, row.id],
   );
 }
 
@@ -120,7 +145,7 @@ export class ProjectsService {
       parent: { table: users, where: eq(users.id, sql.placeholder('userId')) },
       table: projects,
       parentColumn: 'userId',
-      newId: 'new_project_id',
+      order: { newId: 'new_project_id' },
       values: {
         name: param('name', 'text'),
         description: param('description', 'text'),

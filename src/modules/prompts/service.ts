@@ -6,7 +6,7 @@ import { NotFound } from '../../http/errors.js';
 import { isUuid } from '../../http/ids.js';
 import type { IdSortKey, Page, PageRequest } from '../../http/pagination.js';
 import { type LimitedInsert, limitedInsert, param, promptsPerProject } from '../projects/count-limit.js';
-import { callersProject, inOwnedProject, pageOfProjectRows, projectIdParam } from '../projects/service.js';
+import { callersProject, inOwnedProject, pageOfPrompts, projectIdParam } from '../projects/service.js';
 import type { CreatePromptInput, PromptDto, UpdatePromptInput } from './schemas.js';
 
 type PromptRow = typeof prompts.$inferSelect;
@@ -42,7 +42,7 @@ export class PromptsService {
       parent: callersProject,
       table: prompts,
       parentColumn: 'projectId',
-      newId: 'new_prompt_id',
+      order: { newId: 'new_prompt_id' },
       values: {
         title: param('title', 'text'),
         content: param('content', 'text'),
@@ -59,7 +59,7 @@ export class PromptsService {
 
   /** Oldest first: the order they are sent to the model in. */
   async list(userId: string, projectId: string, page: PageRequest<IdSortKey>): Promise<Page<PromptDto>> {
-    const { data, nextCursor } = await pageOfProjectRows(this.db, prompts, userId, projectId, page);
+    const { data, nextCursor } = await pageOfPrompts(this.db, userId, projectId, page);
     return { data: data.map(toDto), nextCursor };
   }
 
