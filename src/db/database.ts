@@ -11,7 +11,11 @@ import pg from 'pg';
 import { lockPglite } from './pglite-lock.js';
 import { schema } from './schema.js';
 
-export type Db = PgDatabase<PgQueryResultHKT, typeof schema>;
+/**
+ * The database as queries see it. Without drizzle's `transaction`, whose BEGIN is outside its own error
+ * handling (a BEGIN that failed leaked the pool's connection for good): `Database.transaction` is the one.
+ */
+export type Db = Omit<PgDatabase<PgQueryResultHKT, typeof schema>, 'transaction'>;
 
 /** One interface over a PostgreSQL pool and embedded PGlite, so nothing above this file can tell them apart. */
 export interface Database {

@@ -570,13 +570,12 @@ describe('streaming chat', () => {
     const abortedCalls = async () =>
       seriesValue((await t.app.inject({ method: 'GET', url: '/metrics' })).body, 'ai_provider_request_duration_seconds_count', { outcome: 'aborted' });
     const abortedBefore = await abortedCalls();
-    const { db } = t.testDb.database;
     let locked!: () => void;
     let release!: () => void;
     const isLocked = new Promise<void>((resolve) => (locked = resolve));
     const released = new Promise<void>((resolve) => (release = resolve));
     // The turn's read (it stores the question) waits behind this lock, and on PGlite behind the transaction.
-    const holding = db.transaction(async (tx) => {
+    const holding = t.testDb.database.transaction(async (tx) => {
       await tx.execute(sql`lock table messages in share mode`);
       locked();
       await released;
