@@ -141,7 +141,8 @@ describe('graceful shutdown', () => {
         headers: { 'content-type': 'application/json' },
         body: JSON.stringify({ email: 'stuck@example.com', password: 'password-1', name: 'Stuck' }),
       }).catch(() => 'cut');
-      await new Promise((resolve) => setTimeout(resolve, 200));
+      // Signalled once the insert is stuck (a fixed wait was not always enough for it to get there).
+      await proxy.dropping('stuck@example.com');
       const signalled = Date.now();
       server.child.kill('SIGTERM');
       expect(await server.exited).toBe(1);
@@ -158,6 +159,8 @@ describe('graceful shutdown', () => {
 /** A TCP proxy whose peer, once `hang()` is called, stops answering without closing anything. */
 class HangingProxy {
   private hung = false;
+  /** What the service sent the database since it hung. */
+  private dropped = Buffer.alloc(0);
   private readonly sockets = new Set<Socket>();
 
   private constructor(private readonly server: Server) {}
@@ -172,7 +175,10 @@ class HangingProxy {
         socket.on('error', () => socket.destroy());
         socket.on('close', () => proxy.sockets.delete(socket));
       }
-      client.on('data', (bytes) => proxy.hung || upstream.write(bytes));
+      client.on('data', (bytes) => {
+        if (!proxy.hung) upstream.write(bytes);
+        else proxy.dropped = Buffer.concat([proxy.dropped, bytes]);
+      });
       upstream.on('data', (bytes) => proxy.hung || client.write(bytes));
       client.on('close', () => upstream.destroy());
       upstream.on('close', () => client.destroy());
@@ -188,6 +194,11 @@ class HangingProxy {
   /** From now on every byte either way is dropped: queries sent are never answered. */
   hang(): void {
     this.hung = true;
+  }
+
+  /** Until a statement sent since it hung carries `text` (a parameter: they go as text). */
+  async dropping(text: string): Promise<void> {
+    while (!this.dropped.includes(text)) await new Promise((resolve) => setTimeout(resolve, 10));
   }
 
   async close(): Promise<void> {
