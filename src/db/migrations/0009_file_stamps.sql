@@ -4,7 +4,20 @@
 -- past them. Its time is stamped by the create's statement once it holds the lock (count-limit.ts),
 -- later than the project's newest file: a project's files commit in the order they are listed in.
 -- IF [NOT] EXISTS and OR REPLACE: runs again after a restore of a backup taken before it.
-DROP INDEX IF EXISTS "files_project_id_id_idx";--> statement-breakpoint
+--
+-- The index by id is dropped only if that takes no more than a second: dropping locks the table against
+-- reads too, until the migrations commit, and behind a backup running meanwhile (it holds the table in
+-- SHARE mode to the end) every chat turn would wait for the backup. Left in place, it is only unused.
+DO $$
+DECLARE
+  waited text := current_setting('lock_timeout');
+BEGIN
+  PERFORM set_config('lock_timeout', '1s', true);
+  DROP INDEX IF EXISTS "files_project_id_id_idx";
+  PERFORM set_config('lock_timeout', waited, true);
+EXCEPTION WHEN lock_not_available THEN
+  RAISE NOTICE 'files_project_id_id_idx left in place: files were locked (a backup running?)';
+END $$;--> statement-breakpoint
 CREATE INDEX IF NOT EXISTS "files_project_id_created_at_id_idx" ON "files" USING btree ("project_id","created_at","id");--> statement-breakpoint
 -- VOLATILE, as the counters of migration 0005, for a snapshot of its own, taken after the lock: it sees
 -- the files of the creates that held it before. Later than the newest even if the clock was set back.
