@@ -675,6 +675,18 @@ describe('streaming chat', () => {
 });
 
 describe('idempotency', () => {
+  it('replays a retry that spells the project id in capitals, the same project', async () => {
+    const projectId = await newProject();
+    const key = { 'idempotency-key': `key-${uuidv7()}` };
+    const first = await chat(projectId, { message: 'spelled' }, key);
+    expect(first.statusCode).toBe(200);
+    const retry = await chat(projectId.toUpperCase(), { message: 'spelled' }, key);
+    expect(retry.statusCode).toBe(200);
+    expect(retry.json()).toEqual(first.json());
+    expect(fake.requests).toHaveLength(1);
+    expect(await stored(projectId)).toHaveLength(2);
+  });
+
   it('keeps a key from being taken over while its stream goes on past the bound for a silent one', async () => {
     // AI_TIMEOUT_MS is 2 s here: a running key that says nothing for 4 s is taken over. This stream
     // takes about 5.6 s, a delta every 400 ms (each one pushes its deadline back).

@@ -84,7 +84,8 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         const userId = request.user.id;
         const key = request.headers['idempotency-key'];
 
-        const hash = requestHash({ projectId, message, stream });
+        // The project as stored: a UUID in capitals names the same one, and a retry may spell it either way.
+        const hash = requestHash({ projectId: projectId.toLowerCase(), message, stream });
         // A keyed turn may still be refused (or replayed) after its checks: its question waits for the claim.
         let turn: PreparedTurn;
         try {
