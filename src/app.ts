@@ -42,6 +42,13 @@ export interface AppDependencies {
 
 const REQUEST_ID = /^[\w.:-]{1,128}$/;
 
+/**
+ * The largest JSON body that a valid request can need: a prompt's 200 + 100,000 characters, each a JSON
+ * escape of up to 12 bytes (an emoji written `\ud83d\ude00`, as Python's json.dumps writes it by
+ * default), with room for the rest. At 1 MiB, such valid prompts and chat messages were refused (413).
+ */
+export const BODY_LIMIT_BYTES = 1.25 * 1024 * 1024;
+
 export async function buildApp(config: Config, deps: AppDependencies = {}): Promise<FastifyInstance> {
   const app = Fastify({
     logger: {
@@ -60,7 +67,7 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
       const incoming = req.headers['x-request-id'];
       return typeof incoming === 'string' && REQUEST_ID.test(incoming) ? incoming : randomUUID();
     },
-    bodyLimit: 1024 * 1024,
+    bodyLimit: BODY_LIMIT_BYTES,
     // A request that trickles in would hold its connection (an upload, its temporary file) for as long as
     // its client liked: Fastify turns Node's own bound off unless it is given one. Node applies it only
     // while the bound on headers is no longer (60 s by default), and checks both on an interval (30 s by

@@ -2,6 +2,7 @@ import { once } from 'node:events';
 import { connect } from 'node:net';
 import { gunzipSync, gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { BODY_LIMIT_BYTES } from '../../src/app.js';
 import { ConfigError } from '../../src/config.js';
 import {
   createProject,
@@ -77,7 +78,7 @@ describe('security headers', () => {
       method: 'POST',
       url: '/api/v1/projects',
       headers: { ...user.auth, 'content-type': 'application/json' },
-      payload: JSON.stringify({ name: 'x', description: 'y'.repeat(1024 * 1024) }),
+      payload: JSON.stringify({ name: 'x', description: 'y'.repeat(BODY_LIMIT_BYTES) }),
     });
     expectProblem(response, 413, 'PAYLOAD_TOO_LARGE');
   });

@@ -40,6 +40,17 @@ describe('create and get', () => {
     expect((await request('GET', `/${body.id}`)).json()).toEqual(body);
   });
 
+  it('accepts 200 and 100,000 characters written as JSON escapes of 12 bytes each (Python’s default), 1.2 MB', async () => {
+    // JSON.stringify writes an emoji as it is (4 bytes); json.dumps as a pair of \u escapes.
+    const escaped = (text: string) => text.replace(/[\u{10000}-\u{10ffff}]/gu, (c) => c.split('').map((unit) => `\\u${unit.charCodeAt(0).toString(16)}`).join(''));
+    const body = { title: '😀'.repeat(200), content: '🙂'.repeat(100_000) };
+    const payload = escaped(JSON.stringify(body));
+    expect(payload.length).toBeGreaterThan(1_200_000);
+    const response = await t.app.inject({ method: 'POST', url: `/api/v1/projects/${project.id}/prompts`, headers: { ...user.auth, 'content-type': 'application/json' }, payload });
+    expect(response.statusCode).toBe(201);
+    expect(response.json()).toMatchObject(body);
+  });
+
   it('accepts a title of 200 and a content of 100,000 characters', async () => {
     const body = { title: 't'.repeat(200), content: 'c'.repeat(100_000) };
     expect(await createPrompt(t.app, user, project.id, body)).toMatchObject(body);

@@ -3,7 +3,7 @@ import fc from 'fast-check';
 import { createSigner } from 'fast-jwt';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { buildApp } from '../../src/app.js';
+import { BODY_LIMIT_BYTES, buildApp } from '../../src/app.js';
 import { files, messages, projects, prompts } from '../../src/db/schema.js';
 import { isUuid } from '../../src/http/ids.js';
 import { encodeCursor } from '../../src/http/pagination.js';
@@ -57,8 +57,6 @@ const MIN_REQUESTS = 10_000;
 const PARALLEL = 4;
 /** Small, so that an upload over the limit is cheap to send. */
 const FILE_MAX_BYTES = 4096;
-/** Fastify's bodyLimit in src/app.ts. */
-const BODY_LIMIT = 1024 * 1024;
 
 let t: Omit<TestApp, 'close'> & { fake: FakeUpstream };
 let doc: OpenApiDocument;
@@ -519,7 +517,7 @@ const MUTATIONS: Mutation[] = [
       const key = Object.keys(e.body?.properties ?? {})[0] ?? 'x';
       return fc.integer({ min: 1, max: 100_000 }).map((over) => ({
         ...plan,
-        body: raw(() => JSON.stringify({ ...bodyObject(plan), [key]: 'x'.repeat(BODY_LIMIT + over) }), `${key}: ${BODY_LIMIT + over} characters`),
+        body: raw(() => JSON.stringify({ ...bodyObject(plan), [key]: 'x'.repeat(BODY_LIMIT_BYTES + over) }), `${key}: ${BODY_LIMIT_BYTES + over} characters`),
       }));
     },
   },

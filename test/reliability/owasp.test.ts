@@ -5,7 +5,7 @@ import { eq, sql } from 'drizzle-orm';
 import type { FastifyInstance, InjectOptions, LightMyRequestResponse } from 'fastify';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { buildApp } from '../../src/app.js';
+import { BODY_LIMIT_BYTES, buildApp } from '../../src/app.js';
 import { type Config, ConfigError, loadConfig } from '../../src/config.js';
 import { messages, users } from '../../src/db/schema.js';
 import { encodeCursor } from '../../src/http/pagination.js';
@@ -448,11 +448,11 @@ describe('API4:2023 Unrestricted Resource Consumption', () => {
   });
   const everything = async () => ({ rows: await projectRows(db()), users: await db().select().from(users).orderBy(users.id) });
 
-  it('refuses a JSON body over 1 MiB on every route that takes one with 413, before doing anything', async () => {
+  it('refuses a JSON body over the limit (1.25 MiB) on every route that takes one with 413, before doing anything', async () => {
     const writes = concreteRoutes({ projectId, promptId }).filter(({ method }) => method !== 'GET');
     expect(writes.length).toBeGreaterThan(10);
     const before = await everything();
-    const oversized = JSON.stringify({ name: 'x'.repeat(1024 * 1024) });
+    const oversized = JSON.stringify({ name: 'x'.repeat(BODY_LIMIT_BYTES) });
     for (const { route, method, url } of writes) {
       const response = await send(user, method, url, oversized, app, { 'content-type': 'application/json' });
       expect(response.statusCode, route).toBe(413);
