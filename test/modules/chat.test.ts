@@ -1058,6 +1058,42 @@ describe('concurrency', () => {
   });
 });
 
+describe('the history cleared or the project deleted during a turn', () => {
+  const clearHistory = (projectId: string) => t.app.inject({ method: 'DELETE', url: `/api/v1/projects/${projectId}/messages`, headers: user.auth });
+  const deleteProject = (projectId: string) => t.app.inject({ method: 'DELETE', url: `/api/v1/projects/${projectId}`, headers: user.auth });
+  /** Until the fake upstream has the turn's request: the question is stored by then. */
+  const called = async () => {
+    while (fake.requests.length === 0) await sleep(5);
+  };
+
+  it('stores no answer without its question: a JSON turn whose history was cleared is 409, one whose project was deleted 404', async () => {
+    for (const [remove, status, code] of [[clearHistory, 409, 'CONFLICT'], [deleteProject, 404, 'NOT_FOUND']] as const) {
+      fake.reset();
+      const projectId = await newProject();
+      fake.enqueue({ delayMs: 300 });
+      const turn = chat(projectId, { message: 'asked before' });
+      await called();
+      expect((await remove(projectId)).statusCode).toBe(204);
+      expectProblem(await turn, status, code);
+      expect(await stored(projectId)).toEqual([]);
+    }
+  });
+
+  it('ends a stream whose history was cleared with an error event, its answer not stored, and stores the next turn whole', async () => {
+    const projectId = await newProject();
+    fake.enqueue({ content: 'one two three four', chunkDelayMs: 100 });
+    const events = streamChat(projectId, { message: 'asked before', stream: true }).then((response) => readSse(response));
+    await called();
+    expect((await clearHistory(projectId)).statusCode).toBe(204);
+    const received = await events;
+    expect(received.map((event) => event.event)).toEqual(['user_message', 'delta', 'delta', 'delta', 'delta', 'error']);
+    expect(received.at(-1)!.data).toMatchObject({ status: 409, code: 'CONFLICT' });
+    expect(await stored(projectId)).toEqual([]);
+    expect((await chat(projectId, { message: 'after' })).statusCode).toBe(200);
+    expect((await stored(projectId)).map((m) => m.content)).toEqual(['after', 'Echo: after']);
+  });
+});
+
 describe('the time a message is stored at', () => {
   it('follows the newest message of the project even when the clock is behind it (a clock set back)', async () => {
     const projectId = await newProject();
@@ -1115,43 +1151,76 @@ describe.skipIf(!process.env.TEST_DATABASE_URL)('a question stored late (Postgre
     }
   });
 
-  it('is committed before a message stamped after it: a walk past the later one does not miss it', async () => {
-    const projectId = await newProject();
-    await chat(projectId, { message: 'first' });
-    // A trigger holds the stored question 'held' between its stamp and its commit until the gate opens.
+  /**
+   * Runs `run` while a trigger holds every message stored with `content` inside its statement (after its
+   * stamp and its checks, before its commit) until `open()`. `held(request)` waits until the request sent
+   * is held as well, by the trigger or by what it holds, or answered (it needed nothing held).
+   */
+  async function holdingMessages(content: string, run: (gate: { held(request: Promise<unknown>): Promise<void>; open(): Promise<unknown> }) => Promise<void>) {
     const GATE = 8_008;
     const gate = new pg.Client({ connectionString: t.testDb.url });
     await gate.connect();
     await gate.query(`create function test_gate() returns trigger language plpgsql as $$ begin perform pg_advisory_xact_lock_shared(${GATE}); return new; end $$`);
-    await gate.query(`create trigger test_gate before insert on messages for each row when (new.content = 'held') execute function test_gate()`);
+    await gate.query(`create trigger test_gate before insert on messages for each row when (new.content = '${content}') execute function test_gate()`);
     const waiting = async () => Number((await gate.query('select count(*) from pg_stat_activity where datname = current_database() and cardinality(pg_blocking_pids(pid)) > 0')).rows[0].count);
-    let held: ReturnType<typeof chat> | undefined;
+    const sent: Promise<unknown>[] = [];
     try {
       await gate.query('select pg_advisory_lock($1)', [GATE]);
-      held = chat(projectId, { message: 'held' });
-      while ((await waiting()) === 0) await sleep(5);
+      await run({
+        async held(request) {
+          let answered = false;
+          sent.push(request.finally(() => (answered = true)));
+          while (!answered && (await waiting()) < sent.length) await sleep(5);
+        },
+        open: () => gate.query('select pg_advisory_unlock($1)', [GATE]),
+      });
+    } finally {
+      // Whatever failed, what it held is let through before the trigger is dropped.
+      await gate.query('select pg_advisory_unlock_all()');
+      await Promise.allSettled(sent);
+      await gate.query('drop trigger test_gate on messages; drop function test_gate()');
+      await gate.end();
+    }
+  }
+
+  it('is committed before a message stamped after it: a walk past the later one does not miss it', async () => {
+    const projectId = await newProject();
+    await chat(projectId, { message: 'first' });
+    await holdingMessages('held', async (gate) => {
+      const held = chat(projectId, { message: 'held' });
+      await gate.held(held);
       // The other turn either waits for the held one's commit, or (stamped later, committed first) answers.
-      let answered = false;
-      const other = chat(projectId, { message: 'other' }).finally(() => (answered = true));
-      while (!answered && (await waiting()) < 2) await sleep(5);
+      const other = chat(projectId, { message: 'other' });
+      await gate.held(other);
 
       // A walk as far as one message short of the end of what is listed now: it then has a cursor.
-      const listed = Number((await gate.query('select count(*) from messages where project_id = $1', [projectId])).rows[0].count);
+      const listed = (await stored(projectId)).length;
       const first = (await t.app.inject({ method: 'GET', url: `/api/v1/projects/${projectId}/messages?limit=${listed - 1}`, headers: user.auth })).json();
       const seen: string[] = first.data.map((m: { content: string }) => m.content);
-      await gate.query('select pg_advisory_unlock($1)', [GATE]);
+      await gate.open();
       expect((await held).statusCode).toBe(200);
       expect((await other).statusCode).toBe(200);
       await walkMessages(projectId, seen, first.nextCursor, () => true);
       const all = (await stored(projectId)).map((m) => m.content);
       expect(all).toHaveLength(6);
       expect(seen).toEqual(all);
-    } finally {
-      await gate.query('select pg_advisory_unlock_all()');
-      await held;
-      await gate.query('drop trigger test_gate on messages; drop function test_gate()');
-      await gate.end();
-    }
+    });
+  });
+
+  it('clears an answer that was being stored: the clear waits for its commit', async () => {
+    const projectId = await newProject();
+    await holdingMessages('Echo: held', async (gate) => {
+      // The answer is held after its question was found; the clear either waits for its commit, or
+      // (deleting what it saw) answers first.
+      const held = chat(projectId, { message: 'held' });
+      await gate.held(held);
+      const cleared = t.app.inject({ method: 'DELETE', url: `/api/v1/projects/${projectId}/messages`, headers: user.auth });
+      await gate.held(cleared);
+      await gate.open();
+      expect((await held).statusCode).toBe(200);
+      expect((await cleared).statusCode).toBe(204);
+      expect(await stored(projectId)).toEqual([]);
+    });
   });
 });
 

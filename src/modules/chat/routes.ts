@@ -65,6 +65,7 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
           },
         },
         problems: [
+          'CONFLICT',
           'CONTEXT_TOO_LONG',
           'IDEMPOTENCY_CONFLICT',
           'IDEMPOTENCY_MISMATCH',

@@ -1,10 +1,10 @@
-import { and, eq, type SQL, sql, type SQLWrapper } from 'drizzle-orm';
+import { and, eq, getTableColumns, type SQL, sql, type SQLWrapper } from 'drizzle-orm';
 import { uuidv7 } from '../../db/ids.js';
 import type { Config } from '../../config.js';
 import type { Database, Db } from '../../db/database.js';
 import { messages, projects, prompts, users } from '../../db/schema.js';
 import { assertTokenCurrent, type AuthUser } from '../../http/auth.js';
-import { ApiError, FailureNaming, NotFound } from '../../http/errors.js';
+import { ApiError, Conflict, FailureNaming, NotFound } from '../../http/errors.js';
 import { contextWindow, countTokens, encodingName, MESSAGE_OVERHEAD_TOKENS, REPLY_PRIMING_TOKENS } from '../../providers/models.js';
 import { CallDeadline } from '../../providers/abort.js';
 import type { ProviderRegistry } from '../../providers/registry.js';
@@ -19,6 +19,7 @@ import {
 } from '../../providers/types.js';
 import { chatFilesOf, type FilesService } from '../files/service.js';
 import { type MessageDto, type MessageRow, toMessageDto } from '../messages/schemas.js';
+import { param } from '../projects/count-limit.js';
 import { projectIdParam } from '../projects/service.js';
 import { buildContext, type HistoryMessage } from './context.js';
 import { HistoryCache, type StoredHistoryMessage } from './history-cache.js';
@@ -202,26 +203,34 @@ export class ChatService {
       })
       .from(sql`(select) as one_row`) // a statement of one value needs no table
       .prepare('chat_history_page');
-    const insert = () =>
-      db.insert(messages).values({
+    const projectId = param('projectId', 'uuid');
+    // `set_config(…, true)` lasts until the end of the statement's own transaction: its commit.
+    this.insertQuestionStatement = db
+      .insert(messages)
+      .values({
         id: sql.placeholder('id'),
         projectId: sql.placeholder('projectId'),
         role: sql.placeholder('role'),
         content: sql.placeholder('content'),
         status: sql.placeholder('status'),
-        model: sql.placeholder('model'),
-        promptTokens: sql.placeholder('promptTokens'),
-        completionTokens: sql.placeholder('completionTokens'),
-        totalTokens: sql.placeholder('totalTokens'),
         tokens: sql.placeholder('tokens'),
         tokenEncoding: sql.placeholder('tokenEncoding'),
-        createdAt: storedNow(sql`${sql.placeholder('projectId')}::uuid`),
-      });
-    this.insertStatement = insert().returning().prepare('chat_insert_message');
-    // `set_config(…, true)` lasts until the end of the statement's own transaction: its commit.
-    this.insertQuestionStatement = insert()
+        createdAt: storedNow(projectId),
+      })
       .returning({ createdAt: messages.createdAt, asyncCommit: sql`set_config('synchronous_commit', 'off', true)` })
       .prepare('chat_insert_question');
+    // An answer is stored only while its question is (`message_kept`, migration 0008): a history cleared
+    // during the turn took the question, and the answer would be all that was left of the turn.
+    const answer = db.$with('answer', getTableColumns(messages)).as(
+      sql`insert into ${messages} (id, project_id, role, content, status, model, prompt_tokens, completion_tokens, total_tokens,
+          tokens, token_encoding, created_at)
+        select ${param('id', 'uuid')}, ${projectId}, ${param('role', 'text')}, ${param('content', 'text')}, ${param('status', 'text')},
+          ${param('model', 'text')}, ${param('promptTokens', 'integer')}, ${param('completionTokens', 'integer')}, ${param('totalTokens', 'integer')},
+          ${param('tokens', 'integer')}, ${param('tokenEncoding', 'text')}, ${storedNow(projectId)}
+        where message_kept(${projectId}, ${param('questionId', 'uuid')})
+        returning *`,
+    );
+    this.insertStatement = db.with(answer).select().from(answer).prepare('chat_insert_message');
   }
 
   /**
@@ -353,6 +362,7 @@ export class ChatService {
     const assistantMessage = await this.storeReply(turn, completion.content, 'complete', completion.model, completion.usage).catch((error: unknown) => {
       throw new FailureNaming(error, { userMessageId: userMessage.id });
     });
+    if (!assistantMessage) throw await this.questionGone(turn);
     return { userMessage: toMessageDto(userMessage), assistantMessage: toMessageDto(assistantMessage), usage: completion.usage };
   }
 
@@ -431,6 +441,7 @@ export class ChatService {
     }
     if (!text) return { kind: 'failed', error: naming(userMessage, new ProviderError('The AI provider answered with no content')) };
     const assistantMessage = await this.storeReply(turn, text, 'complete', done?.model ?? turn.model, done?.usage ?? null);
+    if (!assistantMessage) return { kind: 'failed', error: await this.questionGone(turn) };
     const result = { userMessage: toMessageDto(userMessage), assistantMessage: toMessageDto(assistantMessage), usage: done?.usage ?? null };
     return { kind: 'complete', result };
   }
@@ -512,9 +523,17 @@ export class ChatService {
     });
   }
 
-  private async store(turn: PreparedTurn, message: NewMessage): Promise<MessageRow> {
-    const [row] = await this.insertStatement.execute(messageRow(turn.projectId, turn.model, message));
-    return row!;
+  /** The answer, unless its question is gone (see `insertStatement`): then nothing is stored. */
+  private async store(turn: PreparedTurn, message: NewMessage): Promise<MessageRow | undefined> {
+    const [row] = await this.insertStatement.execute({ ...messageRow(turn.projectId, turn.model, message), questionId: turn.question.id });
+    return row;
+  }
+
+  /** Why an answer was not stored: its project was deleted during the turn (404), or only its history cleared. */
+  private async questionGone(turn: PreparedTurn): Promise<ApiError> {
+    const [project] = await this.database.db.select({ id: projects.id }).from(projects).where(eq(projects.id, turn.projectId));
+    if (!project) return new NotFound('Project');
+    return new Conflict('The history was cleared during the turn: its answer was not stored');
   }
 }
 

@@ -52,7 +52,7 @@ export class CountLimitReached extends Conflict {
 }
 
 /** A statement parameter named `name`, cast to `type`: an insert's source select infers no types of its own. */
-export const param = (name: string, type: 'text' | 'bigint' | 'timestamptz') => sql`${sql.placeholder(name)}::${sql.raw(type)}`;
+export const param = (name: string, type: 'text' | 'integer' | 'bigint' | 'uuid' | 'timestamptz') => sql`${sql.placeholder(name)}::${sql.raw(type)}`;
 
 /** The parent row of a create: the one of `table` that `where` selects (a prepared statement's parameters). */
 export interface Parent {
