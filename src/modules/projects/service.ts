@@ -34,27 +34,6 @@ export function inOwnedProject(projectIdColumn: PgColumn, userId: string, projec
   )!;
 }
 
-/** One page of the project's prompts, oldest first (by id): 404 when the project is not the caller's. */
-export async function pageOfPrompts(
-  db: Db,
-  userId: string,
-  projectId: string,
-  page: PageRequest<IdSortKey>,
-): Promise<Page<typeof prompts.$inferSelect>> {
-  await requireOwnedProject(db, userId, projectId);
-  return paginate(
-    page,
-    (after, take) =>
-      db
-        .select()
-        .from(prompts)
-        .where(and(inOwnedProject(prompts.projectId, userId, projectId), after && gt(prompts.id, after[0])))
-        .orderBy(asc(prompts.id))
-        .limit(take),
-    idSortKeyOf,
-  );
-}
-
 /**
  * One page of the rows of `table` (messages, files) under the caller's project, oldest first by
  * (created_at, id), as their index orders them: 404 when the project is not theirs. Rows after the

@@ -1,12 +1,12 @@
-import { and, eq, type SQL } from 'drizzle-orm';
+import { and, asc, eq, gt, type SQL } from 'drizzle-orm';
 import type { Config } from '../../config.js';
 import type { Db } from '../../db/database.js';
 import { prompts } from '../../db/schema.js';
 import { NotFound } from '../../http/errors.js';
 import { isUuid } from '../../http/ids.js';
-import type { IdSortKey, Page, PageRequest } from '../../http/pagination.js';
+import { type IdSortKey, idSortKeyOf, type Page, type PageRequest, paginate } from '../../http/pagination.js';
 import { type LimitedInsert, limitedInsert, param, promptsPerProject } from '../projects/count-limit.js';
-import { callersProject, inOwnedProject, pageOfPrompts, projectIdParam } from '../projects/service.js';
+import { callersProject, inOwnedProject, projectIdParam, requireOwnedProject } from '../projects/service.js';
 import type { CreatePromptInput, PromptDto, UpdatePromptInput } from './schemas.js';
 
 type PromptRow = typeof prompts.$inferSelect;
@@ -58,8 +58,20 @@ export class PromptsService {
   }
 
   /** Oldest first: the order they are sent to the model in. */
+  /** Oldest first (by id), the order they reach the model. */
   async list(userId: string, projectId: string, page: PageRequest<IdSortKey>): Promise<Page<PromptDto>> {
-    const { data, nextCursor } = await pageOfPrompts(this.db, userId, projectId, page);
+    await requireOwnedProject(this.db, userId, projectId);
+    const { data, nextCursor } = await paginate(
+      page,
+      (after, take) =>
+        this.db
+          .select()
+          .from(prompts)
+          .where(and(inOwnedProject(prompts.projectId, userId, projectId), after && gt(prompts.id, after[0])))
+          .orderBy(asc(prompts.id))
+          .limit(take),
+      idSortKeyOf,
+    );
     return { data: data.map(toDto), nextCursor };
   }
 
