@@ -12,13 +12,16 @@ CREATE OR REPLACE FUNCTION "lock_project_messages"("project" uuid) RETURNS void 
 BEGIN
   PERFORM pg_advisory_xact_lock(1836279667, hashtext("project"::text));
 END $$;--> statement-breakpoint
+-- A time later than `newest` (a row's, or null): the clock's, or, when the clock has not passed it (two
+-- rows in one microsecond, or a clock set back), a microsecond after it. Files' too (migration 0009).
+CREATE OR REPLACE FUNCTION "stamp_after"("newest" timestamptz) RETURNS timestamptz LANGUAGE sql VOLATILE AS $$ SELECT greatest(clock_timestamp(), $1 + interval '1 microsecond') $$;--> statement-breakpoint
 CREATE OR REPLACE FUNCTION "message_stamp"("project" uuid) RETURNS timestamptz LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
   newest timestamptz;
 BEGIN
   PERFORM "lock_project_messages"("project");
   SELECT max("created_at") INTO newest FROM "messages" WHERE "project_id" = "project";
-  RETURN greatest(clock_timestamp(), newest + interval '1 microsecond');
+  RETURN "stamp_after"(newest);
 END $$;--> statement-breakpoint
 -- Whether the message `question` is still stored, asked under the same lock (and with a snapshot taken
 -- after it): an answer is stored only with its question. A clear of the history takes the lock before

@@ -20,5 +20,5 @@ EXCEPTION WHEN lock_not_available THEN
 END $$;--> statement-breakpoint
 CREATE INDEX IF NOT EXISTS "files_project_id_created_at_id_idx" ON "files" USING btree ("project_id","created_at","id");--> statement-breakpoint
 -- VOLATILE, as the counters of migration 0005, for a snapshot of its own, taken after the lock: it sees
--- the files of the creates that held it before. Later than the newest even if the clock was set back.
-CREATE OR REPLACE FUNCTION "new_file_created_at"(uuid) RETURNS timestamptz LANGUAGE sql VOLATILE AS $$ SELECT greatest(clock_timestamp(), (SELECT max("created_at") FROM "files" WHERE "project_id" = $1) + interval '1 microsecond') $$;
+-- the files of the creates that held it before.
+CREATE OR REPLACE FUNCTION "new_file_created_at"(uuid) RETURNS timestamptz LANGUAGE sql VOLATILE AS $$ SELECT "stamp_after"((SELECT max("created_at") FROM "files" WHERE "project_id" = $1)) $$;
