@@ -86,7 +86,8 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         const key = request.headers['idempotency-key'];
 
         // The project as stored: a UUID in capitals names the same one, and a retry may spell it either way.
-        const hash = requestHash({ projectId: projectId.toLowerCase(), message, stream });
+        // Only a keyed turn needs it: hashing a message of up to 100,000 characters is no work to do for nothing.
+        const hash = () => requestHash({ projectId: projectId.toLowerCase(), message, stream });
         // A keyed turn may still be refused (or replayed) after its checks: its question waits for the claim.
         let turn: PreparedTurn;
         try {
@@ -95,7 +96,7 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
           // Refused for what the project is now (its provider, its model's budget, its prompts), after the
           // token and the project were checked: a key whose request was answered before that changed
           // still has its first result, which a retry is owed.
-          const first = key && error instanceof ApiError && REFUSED_AS_SET_NOW.has(error.code) ? await idempotency.replay(userId, key, hash) : undefined;
+          const first = key && error instanceof ApiError && REFUSED_AS_SET_NOW.has(error.code) ? await idempotency.replay(userId, key, hash()) : undefined;
           if (!first) throw error;
           return stream ? replayAsStream(openStream, first, request, reply) : first;
         }
@@ -108,7 +109,7 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         };
         if (!key) return answer();
 
-        const claim = await idempotency.claim(userId, key, hash);
+        const claim = await idempotency.claim(userId, key, hash());
         if (claim.kind === 'replay') return stream ? replayAsStream(openStream, claim.response, request, reply) : claim.response;
         // A stream may run past any fixed bound, each delta pushing its deadline back: as long as its deltas
         // reach its client, its key is not taken over. A JSON turn ends within its deadline, half the time
