@@ -60,23 +60,42 @@ class MeteredAdapter implements ProviderAdapter {
     }
   }
 
-  async *stream(request: ChatRequest): AsyncGenerator<StreamEvent> {
+  /**
+   * The adapter's stream itself, watched: not an async generator of its own, which would add a promise
+   * and a suspended frame to every delta. An open stream waits for its next delta for as long as the
+   * upstream takes, so those outlive the young generation and are promoted as garbage: with 5,000 streams
+   * open (benchmark figure 6), the generator's scavenges took 8.0–8.1 s of the figure's minute against
+   * 7.0 s, and the heap peaked at 642–650 MB against 578–581.
+   */
+  stream(request: ChatRequest): AsyncIterable<StreamEvent> {
     const started = performance.now();
-    // Stays `aborted` when the consumer stops reading early (the client left) and the stream is closed under it.
-    let outcome: ProviderCall['outcome'] = 'aborted';
+    const events = this.inner.stream(request)[Symbol.asyncIterator]();
     let usage: Usage | null = null;
-    try {
-      for await (const event of this.inner.stream(request)) {
-        if (event.type === 'done') usage = event.usage;
-        yield event;
-      }
-      outcome = 'ok';
-    } catch (error) {
-      outcome = outcomeOf(error);
-      throw error;
-    } finally {
+    let reported = false;
+    const report = (outcome: ProviderCall['outcome']) => {
+      if (reported) return;
+      reported = true;
       this.report(request, 'stream', started, outcome, usage);
-    }
+    };
+    const seen = (result: IteratorResult<StreamEvent>) => {
+      if (result.done) report('ok');
+      else if (result.value.type === 'done') usage = result.value.usage;
+      return result;
+    };
+    const failed = (error: unknown): never => {
+      report(outcomeOf(error));
+      throw error;
+    };
+    const watched: AsyncIterableIterator<StreamEvent> = {
+      next: () => events.next().then(seen, failed),
+      // The consumer stopped reading before the end (the client left): the call counts as aborted.
+      async return(value?: unknown) {
+        report('aborted');
+        return (await events.return?.(value)) ?? { done: true, value: undefined };
+      },
+      [Symbol.asyncIterator]: () => watched,
+    };
+    return watched;
   }
 
   private report(request: ChatRequest, operation: ProviderCall['operation'], started: number, outcome: ProviderCall['outcome'], usage: Usage | null): void {

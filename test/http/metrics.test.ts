@@ -159,6 +159,26 @@ describe('GET /metrics', () => {
     expect(seriesValue(await scrape(), 'ai_provider_request_duration_seconds_count', { operation: 'stream', outcome: 'aborted' })).toBe(1);
   });
 
+  it('counts a stream that failed, before its first delta and after its second, as an error: once each', async () => {
+    const projectId = (await createProject(t.app, user)).id;
+    const count = async (outcome: string) =>
+      seriesValue(await scrape(), 'ai_provider_request_duration_seconds_count', { provider: 'openai', model: 'gpt-4o-mini', operation: 'stream', outcome });
+    const before = { error: await count('error'), ok: await count('ok'), aborted: await count('aborted') };
+    t.fake.enqueue({ status: 500 });
+    t.fake.enqueue({ content: 'first second third', chunks: 3, fault: 'reset', afterChunks: 2 });
+    for (const deltas of [[], ['delta', 'delta']]) {
+      const response = await fetch(`${baseUrl}/api/v1/projects/${projectId}/chat`, {
+        method: 'POST',
+        headers: { ...user.auth, 'content-type': 'application/json' },
+        body: JSON.stringify({ message: 'Go on', stream: true }),
+      });
+      expect((await readSse(response)).map((event) => event.event)).toEqual(['user_message', ...deltas, 'error']);
+    }
+    expect(await count('error')).toBe(before.error + 2);
+    expect(await count('ok')).toBe(before.ok);
+    expect(await count('aborted')).toBe(before.aborted);
+  });
+
   it('shows the PostgreSQL pool (embedded PGlite has none)', async () => {
     const text = await scrape();
     if (t.testDb.database.kind === 'postgres') {
