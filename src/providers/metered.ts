@@ -64,8 +64,8 @@ class MeteredAdapter implements ProviderAdapter {
    * The adapter's stream itself, watched: not an async generator of its own, which would add a promise
    * and a suspended frame to every delta. An open stream waits for its next delta for as long as the
    * upstream takes, so those outlive the young generation and are promoted as garbage: with 5,000 streams
-   * open (benchmark figure 6), the generator's scavenges took 8.0–8.1 s of the figure's minute against
-   * 7.0 s, and the heap peaked at 642–650 MB against 578–581.
+   * open (benchmark figure 6), the heap peaked at 642–661 MB with the generator and 578–590 MB without it
+   * (4 and 6 runs), after 317–334 scavenges against 303–319.
    */
   stream(request: ChatRequest): AsyncIterable<StreamEvent> {
     const started = performance.now();
