@@ -88,10 +88,14 @@ class MeteredAdapter implements ProviderAdapter {
     };
     const watched: AsyncIterableIterator<StreamEvent> = {
       next: () => events.next().then(seen, failed),
-      // The consumer stopped reading before the end (the client left): the call counts as aborted.
+      // The consumer stopped reading before the end (the client left): the call counts as aborted. Closed
+      // first, as a generator's `finally` would: a report that failed must not leave the upstream open.
       async return(value?: unknown) {
-        report('aborted');
-        return (await events.return?.(value)) ?? { done: true, value: undefined };
+        try {
+          return (await events.return?.(value)) ?? { done: true, value: undefined };
+        } finally {
+          report('aborted');
+        }
       },
       [Symbol.asyncIterator]: () => watched,
     };
