@@ -57,7 +57,6 @@ export class PromptsService {
     return toDto(await this.insert.run(params, () => new NotFound('Project')));
   }
 
-  /** Oldest first: the order they are sent to the model in. */
   /** Oldest first (by id), the order they reach the model. */
   async list(userId: string, projectId: string, page: PageRequest<IdSortKey>): Promise<Page<PromptDto>> {
     await requireOwnedProject(this.db, userId, projectId);
