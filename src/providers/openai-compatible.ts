@@ -1,5 +1,5 @@
 import { openAsBlob } from 'node:fs';
-import type { Readable } from 'node:stream';
+import { finished, type Readable } from 'node:stream';
 import { StringDecoder } from 'node:string_decoder';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { type Dispatcher, FormData, Pool } from 'undici';
@@ -130,26 +130,33 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
 
   /**
    * Deltas as each upstream chunk arrives. Retried up to the first delta (a connection lost after the
-   * headers too: nothing of the answer was passed on yet); once deltas have been yielded, a broken
-   * stream throws ProviderError and the caller keeps the text so far.
+   * headers too: nothing of the answer was passed on yet); once deltas have been given, a broken
+   * stream throws ProviderError and the caller keeps the text so far. A plain iterator, not an async
+   * generator around the body's events: see `ChatStreamEvents`.
    */
-  async *stream(request: ChatRequest): AsyncGenerator<StreamEvent> {
+  stream(request: ChatRequest): AsyncIterableIterator<StreamEvent> {
     const { signal } = request;
-    const { events, first } = await this.withRetries(request, async () => {
-      const response = await this.send('POST', '/chat/completions', chatBody(request, true, this.outputLimitField), signal);
-      const events = streamEvents(response.body, request.model);
-      return { events, first: await events.next().catch(readFailure) };
-    });
-    try {
-      if (first.done) return;
-      yield first.value;
-      yield* events;
-    } catch (error) {
-      throw failure(error, signal);
-    } finally {
-      // A consumer that stops at the first delta leaves `events` where it was: its body is closed now.
-      await events.return(undefined);
-    }
+    let events: ChatStreamEvents | undefined;
+    let opening: Promise<IteratorResult<StreamEvent>> | undefined;
+    const open = () =>
+      this.withRetries(request, async () => {
+        const response = await this.send('POST', '/chat/completions', chatBody(request, true, this.outputLimitField), signal);
+        const attempt = new ChatStreamEvents(response.body, request.model, (error) => failure(error, signal));
+        const first = await attempt.next().catch(readFailure);
+        events = attempt;
+        return first;
+      });
+    const stream: AsyncIterableIterator<StreamEvent> = {
+      // Asked again while the call opens: after it, as a generator would; nothing more if it failed.
+      next: () => events?.next() ?? opening?.then(() => events!.next(), () => NO_MORE) ?? (opening = open()),
+      // A consumer that stops early (the client left): the body is let go, its connection closed.
+      async return() {
+        await opening?.catch(() => undefined);
+        return events?.return() ?? NO_MORE;
+      },
+      [Symbol.asyncIterator]: () => stream,
+    };
+    return stream;
   }
 
   async uploadFile(file: { filename: string; mimeType: string; path: string }, signal: AbortSignal): Promise<UploadedFile> {
@@ -226,64 +233,182 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
   }
 }
 
+const NO_MORE: IteratorReturnResult<undefined> = { done: true, value: undefined };
+
 /**
- * The events of a chat stream's body, read as its chunks arrive; throws what goes wrong as it is (the
- * caller maps it). Not destroyed when the loop leaves at [DONE]: see the end.
+ * The events of a chat stream's body, read as its chunks arrive. A plain iterator pulled by its
+ * consumer, not async generators over the body's own async iterator (itself a generator, with a
+ * promise of its own per chunk): an open stream waits for its next delta for as long as the upstream
+ * takes, and what each level leaves waiting meanwhile (a promise, a suspended frame) outlives the young
+ * generation and is promoted as garbage. Here a waiting stream holds one promise, its consumer's.
+ *
+ * A failure is given as it is up to the first event, for the caller's retries (see `stream`), and as
+ * `failed` makes it after. At [DONE] the body is not destroyed: see `close`.
  */
-async function* streamEvents(chunks: Readable, requestedModel: string): AsyncGenerator<StreamEvent, void, undefined> {
+class ChatStreamEvents implements AsyncIterableIterator<StreamEvent> {
   // A character split between two chunks is joined before the events are read.
-  const text = new StringDecoder('utf8');
-  const decoder = new SseDecoder();
-  let model = requestedModel;
-  let usage: Usage | null = null;
-  let finished = false;
-  let ended = false;
+  private readonly text = new StringDecoder('utf8');
+  private readonly decoder = new SseDecoder();
+  /** The events of the last chunk read, given from `nextEvent` on. */
+  private events: SseEvent[] = [];
+  private nextEvent = 0;
+  private model: string;
+  private usage: Usage | null = null;
+  /** A finish_reason was read: the reply is whole. */
+  private finished = false;
+  /** The finish_reason came with the delta last given: its wait starts when the consumer asks again. */
+  private finishAfterDelta = false;
+  /** [DONE] was read. */
+  private ended = false;
+  /** How the body ended: undefined while it is open, null at its end, else what it failed with. */
+  private bodyEnd: Error | null | undefined;
   // Once the reply is whole, what may follow (its usage, [DONE]) comes right behind it: a body that
   // then neither says [DONE] nor ends is closed after DRAIN_AFTER_DONE_MS, and the reply is done.
-  let afterFinish: NodeJS.Timeout | undefined;
-  let cutAfterFinish = false;
-  try {
-    for await (const chunk of chunks.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>) {
-      for (const event of decoder.push(text.write(chunk))) {
+  private afterFinish: NodeJS.Timeout | undefined;
+  private cutAfterFinish = false;
+  /** An event was given: a failure from here on is one of the stream under way (see `failed`). */
+  private given = false;
+  /** Nothing more to give: the done event was given, or a failure, or the consumer stopped. */
+  private over = false;
+  private closed = false;
+  private reading = false;
+  /** The consumer's call waiting for the next event, and its promise. */
+  private waiting: { resolve: (result: IteratorResult<StreamEvent>) => void; reject: (error: unknown) => void } | undefined;
+  private asked: Promise<IteratorResult<StreamEvent>> | undefined;
+  private readonly unwatch: () => void;
+
+  constructor(
+    private readonly body: Readable,
+    requestedModel: string,
+    private readonly failed: (error: unknown) => unknown,
+  ) {
+    this.model = requestedModel;
+    body.on('readable', this.pump);
+    this.unwatch = finished(body, { writable: false }, (error) => {
+      this.bodyEnd = error ?? null;
+      this.pump();
+    });
+  }
+
+  [Symbol.asyncIterator](): this {
+    return this;
+  }
+
+  next(): Promise<IteratorResult<StreamEvent>> {
+    if (this.over) return Promise.resolve(NO_MORE);
+    // Asked again before the last was answered: after it, as a generator would.
+    if (this.waiting) return this.asked!.then(() => this.next(), () => this.next());
+    return (this.asked = new Promise((resolve, reject) => {
+      this.waiting = { resolve, reject };
+      this.pump();
+    }));
+  }
+
+  return(): Promise<IteratorResult<StreamEvent>> {
+    this.over = true;
+    this.close();
+    this.waiting?.resolve(NO_MORE);
+    this.waiting = undefined;
+    return Promise.resolve(NO_MORE);
+  }
+
+  /** Answers the consumer waiting, when what it waits for is here: on its call, and whenever the body has more. */
+  private readonly pump = (): void => {
+    const { waiting } = this;
+    // Reading the body may tell of more at once: the read under way goes on with it.
+    if (!waiting || this.reading) return;
+    this.reading = true;
+    let result: IteratorResult<StreamEvent> | undefined;
+    try {
+      result = this.read();
+    } catch (error) {
+      this.waiting = undefined;
+      this.over = true;
+      this.close();
+      waiting.reject(this.given ? this.failed(error) : error);
+      return;
+    } finally {
+      this.reading = false;
+    }
+    if (!result) return;
+    this.waiting = undefined;
+    this.given = true;
+    waiting.resolve(result);
+  };
+
+  /** The next event, or undefined until the body has more; throws what the body or an event fails with. */
+  private read(): IteratorResult<StreamEvent> | undefined {
+    if (this.finishAfterDelta) this.finish();
+    for (;;) {
+      if (this.nextEvent < this.events.length) {
+        const event = this.events[this.nextEvent++]!;
         if (event.data === '[DONE]') {
-          ended = true;
-          break;
+          this.ended = true;
+          return this.end();
         }
         const data = streamChunk(event);
-        model = upstreamModel(data.model, model);
+        this.model = upstreamModel(data.model, this.model);
         // Servers that ignore stream_options send no usage chunk: usage stays null.
-        usage = readUsage(data.usage) ?? usage;
+        this.usage = readUsage(data.usage) ?? this.usage;
         const choice = Array.isArray(data.choices) ? (data.choices[0] as StreamChoice | null | undefined) : undefined;
         const content = choice?.delta?.content;
-        if (typeof content === 'string' && content !== '') yield { type: 'delta', content: storable(content) };
-        if (choice?.finish_reason && !finished) {
-          finished = true;
-          afterFinish = setTimeout(() => {
-            cutAfterFinish = true;
-            chunks.destroy();
-          }, DRAIN_AFTER_DONE_MS).unref();
+        const finishes = Boolean(choice?.finish_reason);
+        if (typeof content === 'string' && content !== '') {
+          this.finishAfterDelta = finishes;
+          return { value: { type: 'delta', content: storable(content) }, done: false };
         }
+        if (finishes) this.finish();
+        continue;
       }
-      if (ended) break;
-    }
-  } catch (error) {
-    if (!cutAfterFinish) throw error;
-  } finally {
-    clearTimeout(afterFinish);
-    // After [DONE] the rest of the body (its end, as a rule) is read in the background, which keeps the
-    // connection for the next call; the answer does not wait for it. A consumer that stops early, or a
-    // failure, leaves the body unread: its connection is closed.
-    if (!chunks.readableEnded) {
-      // The loop's listeners are gone: an error the body emits from here on (undici's abort when it is
-      // destroyed, among them) is nobody's to hear, and unheard it would end the process.
-      chunks.on('error', () => {});
-      if (ended) drainBriefly(chunks);
-      else chunks.destroy();
+      const chunk = this.body.destroyed ? null : (this.body.read() as Buffer | null);
+      if (chunk !== null) {
+        this.events = this.decoder.push(this.text.write(chunk));
+        this.nextEvent = 0;
+        continue;
+      }
+      if (this.bodyEnd === undefined) return undefined;
+      if (this.bodyEnd && !this.cutAfterFinish) throw this.bodyEnd;
+      return this.end();
     }
   }
-  // An upstream may close the stream cleanly half-way: only a finish_reason says the reply is whole.
-  if (!finished) throw new Error('stream ended without a finish_reason');
-  yield { type: 'done', model, usage };
+
+  private finish(): void {
+    this.finishAfterDelta = false;
+    if (this.finished) return;
+    this.finished = true;
+    this.afterFinish = setTimeout(() => {
+      this.cutAfterFinish = true;
+      this.body.destroy();
+    }, DRAIN_AFTER_DONE_MS).unref();
+  }
+
+  /** The done event, once the body ended or said [DONE]. */
+  private end(): IteratorResult<StreamEvent> {
+    this.close();
+    // An upstream may close the stream cleanly half-way: only a finish_reason says the reply is whole.
+    if (!this.finished) throw new Error('stream ended without a finish_reason');
+    this.over = true;
+    return { value: { type: 'done', model: this.model, usage: this.usage }, done: false };
+  }
+
+  /**
+   * Lets go of the body. After [DONE] the rest of it (its end, as a rule) is read in the background,
+   * which keeps the connection for the next call; the answer does not wait for it. A consumer that
+   * stops early, or a failure, leaves the body unread: its connection is closed.
+   */
+  private close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    clearTimeout(this.afterFinish);
+    this.body.off('readable', this.pump);
+    this.unwatch();
+    if (this.body.readableEnded) return;
+    // The listeners are gone: an error the body emits from here on (undici's abort when it is
+    // destroyed, among them) is nobody's to hear, and unheard it would end the process.
+    this.body.on('error', () => {});
+    if (this.ended) drainBriefly(this.body);
+    else this.body.destroy();
+  }
 }
 
 /**

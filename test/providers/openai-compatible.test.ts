@@ -386,6 +386,61 @@ describe('stream', () => {
     expect(fake.requests[1]!.clientPort).toBe(fake.requests[0]!.clientPort);
   });
 
+  it.each([
+    ['all in one write', Number.POSITIVE_INFINITY],
+    ['in writes of 5 bytes, cut within events, lines and characters', 5],
+  ])('reads the events however the body comes in pieces: %s', async (_, pieceBytes) => {
+    const chunk = (choice: object, extra: object = {}) => `data: ${JSON.stringify({ model: 'local-model', choices: [choice], ...extra })}\n\n`;
+    const body = Buffer.from(
+      ': a comment\n\n' +
+        chunk({ index: 0, delta: { role: 'assistant', content: 'héllo ' } }) +
+        chunk({ index: 0, delta: { content: '🙂 wörld' } }) +
+        // The last words and the finish_reason in one chunk, as some servers send them.
+        chunk({ index: 0, delta: { content: '!' }, finish_reason: 'stop' }) +
+        `data: ${JSON.stringify({ choices: [], usage: { prompt_tokens: 5, completion_tokens: 3, total_tokens: 8 } })}\n\n` +
+        'data: [DONE]\n\n',
+    );
+    const upstream = createServer((_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      void (async () => {
+        for (let at = 0; at < body.length; at += pieceBytes) {
+          res.write(body.subarray(at, at + pieceBytes));
+          await new Promise((resolve) => setTimeout(resolve, 1));
+        }
+        res.end();
+      })();
+    });
+    await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve));
+    try {
+      const { port } = upstream.address() as AddressInfo;
+      const { events, error } = await drain(adapter({ baseURL: `http://127.0.0.1:${port}/v1` }).stream(chat()));
+      expect(error).toBeUndefined();
+      expect(events).toEqual([
+        { type: 'delta', content: 'héllo ' },
+        { type: 'delta', content: '🙂 wörld' },
+        { type: 'delta', content: '!' },
+        { type: 'done', model: 'local-model', usage: { promptTokens: 5, completionTokens: 3, totalTokens: 8 } },
+      ]);
+    } finally {
+      upstream.closeAllConnections();
+      await new Promise((resolve) => upstream.close(resolve));
+    }
+  });
+
+  it('answers calls of next() made at once in order, as a generator would', async () => {
+    // Deltas apart, so that calls wait on the call opening and on the body.
+    fake.enqueue({ content: 'one two', chunkDelayMs: 50 });
+    const stream = adapter().stream(chat());
+    const results = await Promise.all(Array.from({ length: 5 }, () => stream.next()));
+    expect(results).toEqual([
+      { done: false, value: { type: 'delta', content: 'one ' } },
+      { done: false, value: { type: 'delta', content: 'two' } },
+      { done: false, value: { type: 'done', model: 'gpt-4o-mini', usage: { promptTokens: 4, completionTokens: 2, totalTokens: 6 } } },
+      { done: true, value: undefined },
+      { done: true, value: undefined },
+    ]);
+  });
+
   it('closes the upstream connection when the consumer stops reading', async () => {
     fake.enqueue({ content: 'one two three four', chunkDelayMs: 200 });
     for await (const event of adapter().stream(chat())) {
