@@ -138,6 +138,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
     const { signal } = request;
     let events: ChatStreamEvents | undefined;
     let opening: Promise<IteratorResult<StreamEvent>> | undefined;
+    let returned = false;
     const open = () =>
       this.withRetries(request, async () => {
         const response = await this.send('POST', '/chat/completions', chatBody(request, true, this.outputLimitField), signal);
@@ -147,10 +148,12 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
         return first;
       });
     const stream: AsyncIterableIterator<StreamEvent> = {
-      // Asked again while the call opens: after it, as a generator would; nothing more if it failed.
-      next: () => events?.next() ?? opening?.then(() => events!.next(), () => NO_MORE) ?? (opening = open()),
+      // Asked again while the call opens: after it, as a generator would; nothing more if it failed,
+      // and no call at all once the consumer has stopped.
+      next: () => events?.next() ?? opening?.then(() => events!.next(), () => NO_MORE) ?? (returned ? Promise.resolve(NO_MORE) : (opening = open())),
       // A consumer that stops early (the client left): the body is let go, its connection closed.
       async return() {
+        returned = true;
         await opening?.catch(() => undefined);
         return events?.return() ?? NO_MORE;
       },
@@ -233,7 +236,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
   }
 }
 
-const NO_MORE: IteratorReturnResult<undefined> = { done: true, value: undefined };
+const NO_MORE: IteratorReturnResult<undefined> = Object.freeze({ done: true, value: undefined });
 
 /**
  * The events of a chat stream's body, read as its chunks arrive. A plain iterator pulled by its
@@ -305,10 +308,10 @@ class ChatStreamEvents implements AsyncIterableIterator<StreamEvent> {
   }
 
   return(): Promise<IteratorResult<StreamEvent>> {
+    // Asked while an event is awaited: after it, as a generator would (the event is the consumer's).
+    if (this.waiting) return this.asked!.then(() => this.return(), () => this.return());
     this.over = true;
     this.close();
-    this.waiting?.resolve(NO_MORE);
-    this.waiting = undefined;
     return Promise.resolve(NO_MORE);
   }
 

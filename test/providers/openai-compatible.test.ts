@@ -441,6 +441,24 @@ describe('stream', () => {
     ]);
   });
 
+  it('stops as a generator does: returned before its first next(), it calls no upstream; returned while a delta is awaited, it gives that delta first', async () => {
+    const unstarted = adapter().stream(chat());
+    expect(await unstarted.return!()).toEqual({ done: true, value: undefined });
+    expect(await unstarted.next()).toEqual({ done: true, value: undefined });
+    expect(fake.requests).toHaveLength(0);
+
+    fake.enqueue({ content: 'one two three', chunkDelayMs: 100 });
+    const stream = adapter().stream(chat());
+    expect((await stream.next()).value).toEqual({ type: 'delta', content: 'one ' });
+    const awaited = stream.next();
+    const returned = stream.return!();
+    expect(await awaited).toEqual({ done: false, value: { type: 'delta', content: 'two ' } });
+    expect(await returned).toEqual({ done: true, value: undefined });
+    expect(await stream.next()).toEqual({ done: true, value: undefined });
+    await fake.waitForClientClose();
+    expect(fake.requests[0]!.chunksSent).toBeLessThan(3);
+  });
+
   it('closes the upstream connection when the consumer stops reading', async () => {
     fake.enqueue({ content: 'one two three four', chunkDelayMs: 200 });
     for await (const event of adapter().stream(chat())) {
