@@ -2,11 +2,21 @@ import { sql } from 'drizzle-orm';
 import type { Database } from '../../db/database.js';
 import { messages } from '../../db/schema.js';
 import type { Page, PageRequest, TimeSortKey } from '../../http/pagination.js';
-import { inOwnedProject, pageOfProjectRowsByTime, requireOwnedProject } from '../projects/service.js';
+import { NotFound } from '../../http/errors.js';
+import { param } from '../projects/count-limit.js';
+import { pageOfProjectRowsByTime, projectIdParam } from '../projects/service.js';
 import { type MessageDto, toMessageDto } from './schemas.js';
 
 export class MessagesService {
-  constructor(private readonly database: Pick<Database, 'db' | 'transaction'>) {}
+  /** `clear_project_messages` (migration 0010): the whole clear, one round trip. */
+  private readonly clearStatement;
+
+  constructor(private readonly database: Pick<Database, 'db'>) {
+    this.clearStatement = database.db
+      .select({ owned: sql<boolean>`clear_project_messages(${param('projectId', 'uuid')}, ${param('userId', 'uuid')})` })
+      .from(sql`(select) as one_row`) // a statement of one value needs no table
+      .prepare('messages_clear');
+  }
 
   /** The project's history, oldest first. */
   async list(userId: string, projectId: string, page: PageRequest<TimeSortKey>): Promise<Page<MessageDto>> {
@@ -20,10 +30,7 @@ export class MessagesService {
    * deletes is not stored after (see `message_kept`).
    */
   async clear(userId: string, projectId: string): Promise<void> {
-    const project = await requireOwnedProject(this.database.db, userId, projectId);
-    await this.database.transaction(async (tx) => {
-      await tx.execute(sql`select lock_project_messages(${project.id})`);
-      await tx.delete(messages).where(inOwnedProject(messages.projectId, userId, project.id));
-    });
+    const [row] = await this.clearStatement.execute({ projectId: projectIdParam(projectId), userId });
+    if (!row?.owned) throw new NotFound('Project');
   }
 }
