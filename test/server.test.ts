@@ -133,7 +133,12 @@ describe('graceful shutdown', () => {
     database.host = `127.0.0.1:${proxy.port}`;
     const server = await spawnServer({ BCRYPT_ROUNDS: '4', SHUTDOWN_TIMEOUT_MS: '1000', DATABASE_URL: database.href });
     try {
-      await waitUntilServing(server);
+      // GET /health pings the database: a connection is open in the pool. Once the start's own statements
+      // (its sweeps) are done too, the register takes an idle one, and its insert reaches the proxy. A
+      // connection opened after the hang would not (its start-up dropped): the test would wait for an
+      // insert never sent, as it did once on a loaded CI machine.
+      await waitUntilServing(server, 90_000, '/health');
+      await proxy.quiet(300);
       proxy.hang();
       // Its insert never comes back: the request, then the pool's end, wait for ever.
       const stuck = fetch(`${server.url}/api/v1/auth/register`, {
@@ -161,6 +166,8 @@ class HangingProxy {
   private hung = false;
   /** What the service sent the database since it hung. */
   private dropped = Buffer.alloc(0);
+  /** When bytes last passed, either way. */
+  private lastTraffic = Date.now();
   private readonly sockets = new Set<Socket>();
 
   private constructor(private readonly server: Server) {}
@@ -176,10 +183,14 @@ class HangingProxy {
         socket.on('close', () => proxy.sockets.delete(socket));
       }
       client.on('data', (bytes) => {
+        proxy.lastTraffic = Date.now();
         if (!proxy.hung) upstream.write(bytes);
         else proxy.dropped = Buffer.concat([proxy.dropped, bytes]);
       });
-      upstream.on('data', (bytes) => proxy.hung || client.write(bytes));
+      upstream.on('data', (bytes) => {
+        proxy.lastTraffic = Date.now();
+        if (!proxy.hung) client.write(bytes);
+      });
       client.on('close', () => upstream.destroy());
       upstream.on('close', () => client.destroy());
     });
@@ -194,6 +205,11 @@ class HangingProxy {
   /** From now on every byte either way is dropped: queries sent are never answered. */
   hang(): void {
     this.hung = true;
+  }
+
+  /** Until no byte has passed either way for `ms`. */
+  async quiet(ms: number): Promise<void> {
+    while (Date.now() - this.lastTraffic < ms) await new Promise((resolve) => setTimeout(resolve, 10));
   }
 
   /** Until a statement sent since it hung carries `text` (a parameter: they go as text). */
