@@ -208,17 +208,22 @@ class HangingProxy {
   }
 
   /** Until no byte has passed either way for `ms`. */
-  async quiet(ms: number): Promise<void> {
-    while (Date.now() - this.lastTraffic < ms) await new Promise((resolve) => setTimeout(resolve, 10));
+  quiet(ms: number): Promise<void> {
+    return until(() => Date.now() - this.lastTraffic >= ms);
   }
 
   /** Until a statement sent since it hung carries `text` (a parameter: they go as text). */
-  async dropping(text: string): Promise<void> {
-    while (!this.dropped.includes(text)) await new Promise((resolve) => setTimeout(resolve, 10));
+  dropping(text: string): Promise<void> {
+    return until(() => this.dropped.includes(text));
   }
 
   async close(): Promise<void> {
     for (const socket of this.sockets) socket.destroy();
     await new Promise((resolve) => this.server.close(resolve));
   }
+}
+
+/** Until `condition` holds, looked at every 10 ms. */
+async function until(condition: () => boolean): Promise<void> {
+  while (!condition()) await new Promise((resolve) => setTimeout(resolve, 10));
 }

@@ -5,8 +5,8 @@ import { join } from 'node:path';
 /**
  * Vitest's global setup: one temporary folder for the whole run, removed at its end. TMPDIR points
  * there, so every folder the tests make under the system's temporary folder (data folders, PGlite
- * databases, uploads, the data folders of the servers they spawn) goes in it. Left to each test to remove its
- * own, a run of the suite left about 300 folders and 300 MB behind in /tmp.
+ * databases, uploads, the data folders of the servers they spawn) goes in it. Left to each test to
+ * remove its own, a run of the suite left about 300 folders and 300 MB behind in /tmp.
  */
 export default function setup(): () => void {
   const { TMPDIR } = process.env;

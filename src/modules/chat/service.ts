@@ -19,7 +19,7 @@ import {
 } from '../../providers/types.js';
 import { chatFilesOf, type FilesService } from '../files/service.js';
 import { type MessageDto, type MessageRow, toMessageDto } from '../messages/schemas.js';
-import { param } from '../projects/count-limit.js';
+import { oneRow, param } from '../projects/count-limit.js';
 import { projectIdParam } from '../projects/service.js';
 import { buildContext, type HistoryMessage } from './context.js';
 import { HistoryCache, type StoredHistoryMessage } from './history-cache.js';
@@ -201,7 +201,7 @@ export class ChatService {
           encoding: sql.placeholder('encoding'),
         }),
       })
-      .from(sql`(select) as one_row`) // a statement of one value needs no table
+      .from(oneRow)
       .prepare('chat_history_page');
     const projectId = param('projectId', 'uuid');
     // `set_config(…, true)` lasts until the end of the statement's own transaction: its commit.

@@ -3,7 +3,7 @@ import type { Database } from '../../db/database.js';
 import { messages } from '../../db/schema.js';
 import type { Page, PageRequest, TimeSortKey } from '../../http/pagination.js';
 import { NotFound } from '../../http/errors.js';
-import { param } from '../projects/count-limit.js';
+import { oneRow, param } from '../projects/count-limit.js';
 import { pageOfProjectRowsByTime, projectIdParam } from '../projects/service.js';
 import { type MessageDto, toMessageDto } from './schemas.js';
 
@@ -14,7 +14,7 @@ export class MessagesService {
   constructor(private readonly database: Pick<Database, 'db'>) {
     this.clearStatement = database.db
       .select({ owned: sql<boolean>`clear_project_messages(${param('projectId', 'uuid')}, ${param('userId', 'uuid')})` })
-      .from(sql`(select) as one_row`) // a statement of one value needs no table
+      .from(oneRow)
       .prepare('messages_clear');
   }
 

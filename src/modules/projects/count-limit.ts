@@ -54,6 +54,9 @@ export class CountLimitReached extends Conflict {
 /** A statement parameter named `name`, cast to `type`: an insert's source select infers no types of its own. */
 export const param = (name: string, type: 'text' | 'integer' | 'bigint' | 'uuid' | 'timestamptz') => sql`${sql.placeholder(name)}::${sql.raw(type)}`;
 
+/** The FROM of a statement that selects one value computed from its parameters: it needs no table. */
+export const oneRow = sql`(select) as one_row`;
+
 /** The parent row of a create: the one of `table` that `where` selects (a prepared statement's parameters). */
 export interface Parent {
   table: PgTable & { id: PgColumn };
