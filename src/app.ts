@@ -11,6 +11,7 @@ import { requestLogger, serializeError } from './http/logging.js';
 import { registerMetrics } from './http/metrics.js';
 import { registerOpenApi } from './http/openapi.js';
 import { registerRateLimits } from './http/rate-limit.js';
+import { setResponseHeaders } from './http/security-headers.js';
 import { authRoutes } from './modules/auth/routes.js';
 import { IdempotencyStore } from './modules/chat/idempotency.js';
 import { chatRoutes } from './modules/chat/routes.js';
@@ -102,15 +103,16 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   const database = deps.database ?? (await openMigratedDatabase(config));
   if (!deps.database) app.addHook('onClose', () => database.close());
 
-  // Every response carries its request id; a request that still arrives on an open connection while the
-  // app closes is refused before any work (Fastify closes its connection after the answer). One callback
-  // hook for both, not async ones: it runs on every request.
+  // Every response carries its request id and security headers, set first so that an answer given by any
+  // later hook carries them too; a request that still arrives on an open connection while the app closes
+  // is refused before any work (Fastify closes its connection after the answer). One callback hook for
+  // both, not async ones: it runs on every request.
   let closing = false;
   app.addHook('preClose', async () => {
     closing = true;
   });
   app.addHook('onRequest', (request, reply, done) => {
-    reply.header('x-request-id', request.id);
+    setResponseHeaders(request, reply);
     done(closing ? new ShuttingDown() : undefined);
   });
   registerErrorHandling(app);

@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { STATUS_CODES } from 'node:http';
 import type { Socket } from 'node:net';
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import { API_HEADERS } from './security-headers.js';
+import { API_HEADERS, setResponseHeaders } from './security-headers.js';
 
 /** The contract's stable problem codes, each with the status it is always sent with. */
 export const PROBLEM_STATUS = {
@@ -353,9 +353,8 @@ function answerError(error: FastifyError, request: FastifyRequest, reply: Fastif
  * would otherwise answer with a JSON body of its own. Hooks do not run for these, hence the request id here.
  */
 export function answerFrameworkError(error: FastifyError, request: FastifyRequest, reply: FastifyReply): void {
-  // No hook has run: what they would have set.
-  reply.headers(API_HEADERS);
-  reply.header('x-request-id', request.id);
+  // No hook has run: what the first would have set.
+  setResponseHeaders(request, reply);
   answerError(error, request, reply);
 }
 

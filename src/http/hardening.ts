@@ -1,27 +1,10 @@
 import fastifyCompress from '@fastify/compress';
 import fastifyCors from '@fastify/cors';
-import fastifyUnderPressure from '@fastify/under-pressure';
 import type { FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, RequestPayload, RouteOptions } from 'fastify';
 import type { Config } from '../config.js';
 import { ApiError } from './errors.js';
-import { API_HEADERS, DOCUMENT_HEADERS } from './security-headers.js';
-
-declare module 'fastify' {
-  interface FastifyContextConfig {
-    /** Answered even while the server sheds load (liveness, metrics): they are how an operator sees it. */
-    servedUnderPressure?: boolean;
-  }
-}
-
-const OVERLOADED_RETRY_AFTER_SECONDS = 10;
-
-class Overloaded extends ApiError {
-  constructor() {
-    super(503, 'SERVICE_UNAVAILABLE', 'The server is overloaded; try again shortly', {}, {
-      'retry-after': String(OVERLOADED_RETRY_AFTER_SECONDS),
-    });
-  }
-}
+import { registerLoadShedding } from './load-shedding.js';
+import { DOCUMENT_HEADERS } from './security-headers.js';
 
 /**
  * A body sent with a content coding (`Content-Encoding: gzip`): request bodies are never decompressed
@@ -64,26 +47,12 @@ export function sendDocumentHeaders(_request: FastifyRequest, reply: FastifyRepl
 }
 
 /**
- * Load shedding, security headers, CORS, compression, and the refusal of compressed request bodies.
+ * Load shedding, CORS, compression, and the refusal of compressed request bodies.
  * Registered before authentication, so that a saturated server refuses work before doing any and CORS
  * preflights (which carry no token) are answered.
  */
 export async function registerHardening(app: FastifyInstance, config: Config): Promise<void> {
-  // First, so that a request shed below is answered with them too.
-  app.addHook('onRequest', (_request, reply, done) => {
-    reply.headers(API_HEADERS);
-    done();
-  });
-
-  if (config.MAX_EVENT_LOOP_DELAY_MS > 0) {
-    await app.register(fastifyUnderPressure, {
-      maxEventLoopDelay: config.MAX_EVENT_LOOP_DELAY_MS,
-      // A 503 like every other: problem+json through the error handler, with Retry-After.
-      pressureHandler: async (request) => {
-        if (!request.routeOptions.config.servedUnderPressure) throw new Overloaded();
-      },
-    });
-  }
+  if (config.MAX_EVENT_LOOP_DELAY_MS > 0) registerLoadShedding(app, config.MAX_EVENT_LOOP_DELAY_MS);
 
   if (config.CORS_ORIGINS) {
     await app.register(fastifyCors, {

@@ -1,4 +1,5 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { FastifyReply, FastifyRequest } from 'fastify';
 import helmet from 'helmet';
 
 /**
@@ -38,3 +39,12 @@ export const API_HEADERS: Record<string, string> = {
   'x-content-type-options': 'nosniff',
   'x-frame-options': 'DENY',
 };
+
+/**
+ * What every response carries: its request id (the contract's `x-request-id`) and the API's headers above
+ * (an HTML page's own replace them). Set by the first hook of every request, and by what answers before
+ * any hook has run.
+ */
+export function setResponseHeaders(request: FastifyRequest, reply: FastifyReply): void {
+  reply.headers(API_HEADERS).header('x-request-id', request.id);
+}

@@ -151,6 +151,9 @@ it('refuses a request that arrives on an open connection while the app closes wi
     expect(refused.status).toBe(503);
     expect(refused.headers['content-type']).toMatch(/^application\/problem\+json/);
     expect(refused.headers.connection).toBe('close');
+    // Refused by the first hook, and still with what every response carries.
+    expect(refused.headers['x-request-id']).toBeTruthy();
+    expect(refused.headers['x-content-type-options']).toBe('nosniff');
     expect(JSON.parse(refused.body)).toMatchObject({ status: 503, code: 'SERVICE_UNAVAILABLE', detail: expect.stringMatching(/shutting down/) });
     await closed;
   } finally {
