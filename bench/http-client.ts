@@ -56,6 +56,18 @@ export const firstDeltas = (timings: StreamTiming[]) => timings.map((timing) => 
 export const deltaGaps = (timings: StreamTiming[]) => timings.flatMap((timing) => timing.deltaMs.slice(1).map((at, i) => at - timing.deltaMs[i]!));
 
 /**
+ * The pauses between deltas longer than `overMs`: how many, in how many streams, at how many positions
+ * (the first gap, the second…). A tail made by one step of every stream sits at one position; pauses of
+ * the process or of the machine fall anywhere.
+ */
+export function lateGaps(timings: StreamTiming[], overMs: number): { gaps: number; streams: number; positions: number } {
+  const late = timings.flatMap((timing, stream) =>
+    timing.deltaMs.slice(1).flatMap((at, position) => (at - timing.deltaMs[position]! > overMs ? [{ stream, position }] : [])),
+  );
+  return { gaps: late.length, streams: new Set(late.map((gap) => gap.stream)).size, positions: new Set(late.map((gap) => gap.position)).size };
+}
+
+/**
  * An HTTP/1.1 client of one origin on node:http, as thin as a client gets, so that what it costs is
  * the same small amount for every server it times.
  */

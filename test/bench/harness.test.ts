@@ -8,7 +8,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
 import { alternate } from '../../bench/alternate.js';
 import { addedLatencyRow, failedRow, passes, ratioOf, type Row } from '../../bench/figure.js';
-import { deltaGaps, firstDeltas, HttpClient, OPENAI_CHUNKS, OUR_EVENTS } from '../../bench/http-client.js';
+import { deltaGaps, firstDeltas, HttpClient, lateGaps, OPENAI_CHUNKS, OUR_EVENTS } from '../../bench/http-client.js';
 import { runLoad } from '../../bench/load.js';
 import { ownCpu } from '../../bench/proc.js';
 import { describeMachine, writeReport } from '../../bench/report.js';
@@ -192,6 +192,19 @@ describe('timing a stream', () => {
     expect(timing.deltaMs).toHaveLength(2);
     expect(timing.done).toBe(true);
     expect(deltaGaps([timing])[0]).toBeGreaterThan(0);
+  });
+
+  it('tells how many gaps are late, in how many streams and at how many positions', () => {
+    const stream = (deltaMs: number[]) => ({ status: 200, startedAt: 0, firstEventMs: 0, deltaMs, endMs: deltaMs.at(-1)!, done: true });
+    // Gaps 5, 9, 5 / 9, 5, 5 / 5, 5, 12: three over 6 ms, one in each stream, each at a position of its own.
+    const timings = [stream([1, 6, 15, 20]), stream([1, 10, 15, 20]), stream([1, 6, 11, 23])];
+    expect(lateGaps(timings, 6)).toEqual({ gaps: 3, streams: 3, positions: 3 });
+    expect(lateGaps(timings.slice(0, 2), 6)).toEqual({ gaps: 2, streams: 2, positions: 2 });
+    // Two late at one position, and two in one stream.
+    expect(lateGaps([...timings, stream([1, 10, 15, 20])], 6)).toEqual({ gaps: 4, streams: 4, positions: 3 });
+    expect(lateGaps([stream([1, 10, 19, 24])], 6)).toEqual({ gaps: 2, streams: 1, positions: 2 });
+    expect(lateGaps(timings, 9)).toEqual({ gaps: 1, streams: 1, positions: 1 });
+    expect(lateGaps(timings, 12)).toEqual({ gaps: 0, streams: 0, positions: 0 });
   });
 
   it('says a stream failed when the status is not 200', async () => {
