@@ -29,7 +29,9 @@ class Overloaded extends ApiError {
  * that is not `servedUnderPressure`, put there as the route is added (before authentication's, so that
  * a saturated server does no work for a request it refuses): the routes that are served anyway carry no
  * hook at all, as @fastify/under-pressure's one hook for every request could not (and it built the
- * route's options object for each request to read that flag).
+ * route's options object for each request to read that flag). Being a route's, it leaves out what costs
+ * nothing to answer: an unknown route's 404, and a CORS preflight (answered by @fastify/cors's own hook,
+ * which runs before any route's).
  */
 export function registerLoadShedding(app: FastifyInstance, maxDelayMs: number): void {
   const delays = monitorEventLoopDelay({ resolution: RESOLUTION_MS });
