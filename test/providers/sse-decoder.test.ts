@@ -39,11 +39,24 @@ describe('SseDecoder', () => {
     expect(decode('data: whole\n\ndata: cut')).toEqual([{ event: undefined, data: 'whole' }]);
   });
 
-  it('holds a CR that ends a piece until the next piece says whether a LF follows', () => {
+  it('ends a line at a CR that ends a piece, and takes a LF that starts the next one for the rest of a CRLF', () => {
     const decoder = new SseDecoder();
     expect(decoder.push('data: a\r')).toEqual([]);
-    expect(decoder.push('\n\r')).toEqual([]);
-    expect(decoder.push('\n')).toEqual([{ event: undefined, data: 'a' }]);
+    expect(decoder.push('\n\r')).toEqual([{ event: undefined, data: 'a' }]);
+    expect(decoder.push('\n')).toEqual([]);
+    expect(decoder.push('data: b\n\n')).toEqual([{ event: undefined, data: 'b' }]);
+  });
+
+  it('reads a line of megabytes that arrives in small pieces', () => {
+    // Joined and searched again with each piece, this line took minutes (the test's timeout is the
+    // bound): an upstream that drips one large event would hold the event loop that long.
+    const decoder = new SseDecoder();
+    const piece = 'x'.repeat(256);
+    const pieces = (4 * 1024 * 1024) / piece.length;
+    const events = [decoder.push('data: ')];
+    for (let i = 0; i < pieces; i++) events.push(decoder.push(piece));
+    events.push(decoder.push('\n\n'));
+    expect(events.flat()).toEqual([{ event: undefined, data: piece.repeat(pieces) }]);
   });
 
   it('reads the same events however the stream is cut into pieces', () => {
