@@ -3,7 +3,7 @@ import fastifyRateLimit, { type RateLimitOptions } from '@fastify/rate-limit';
 import type { FastifyBaseLogger, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { Redis } from 'ioredis';
 import type { Config } from '../config.js';
-import { RateLimited } from './errors.js';
+import { RateLimited, toProblem } from './errors.js';
 
 /**
  * The limits of the contract; each counts requests in a fixed window. `password` is the account
@@ -88,8 +88,11 @@ export async function registerRateLimits(app: FastifyInstance, config: Config): 
     if (!spent.isAllowed && spent.remaining === 0) throw new RateLimited(spent.ttlInSeconds);
     await loginToAccount(request);
   };
-  const countFailedLogin = async (request: FastifyRequest, reply: FastifyReply) => {
-    if (reply.statusCode >= 400 && reply.statusCode !== 429) await failedLogins(request);
+  // When the attempt fails, before its answer is written: counted once the response was sent (an
+  // `onResponse` hook), an attempt whose client hung up before its answer (a password compared all the
+  // same) was never counted, and the cap never reached.
+  const countFailedLogin = async (request: FastifyRequest, _reply: FastifyReply, error: Error) => {
+    if (toProblem(error, request).status !== 429) await failedLogins(request);
   };
   const register = limiter('register', config.RATE_LIMIT_REGISTER, 60 * MINUTE, (request) => addressKey(request.ip));
   const chat = limiter('chat', config.RATE_LIMIT_CHAT, MINUTE, (request) => request.user.id);
@@ -108,7 +111,7 @@ export async function registerRateLimits(app: FastifyInstance, config: Config): 
     const group = route.config?.rateLimitGroup;
     const limit = group && routeLimits[group];
     if (limit) route.preValidation = [...[route.preValidation ?? []].flat(), limit];
-    if (group === 'login') route.onResponse = [...[route.onResponse ?? []].flat(), countFailedLogin];
+    if (group === 'login') route.onError = [...[route.onError ?? []].flat(), countFailedLogin];
   });
 
   return {

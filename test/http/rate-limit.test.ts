@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { once } from 'node:events';
-import { connect, createServer, type Server, type Socket } from 'node:net';
+import { type AddressInfo, connect, createServer, type Server, type Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { FastifyInstance } from 'fastify';
 import { Redis } from 'ioredis';
@@ -112,6 +112,33 @@ describe('login, against a flood of other emails', () => {
     // 30 failures from the address in all: the 3 above and 27 fillers; the rest refused before they are counted.
     expect(Object.fromEntries(statuses)).toEqual({ 400: 27, 429: 4_973 });
     expectRateLimited(await login(t.app, address, user.email, PASSWORD), 15 * 60);
+  });
+
+  it('counts a failed login whose client hangs up before its answer', async () => {
+    await t.app.listen({ port: 0, host: '127.0.0.1' });
+    const { port } = t.app.server.address() as AddressInfo;
+    // 30 failures, the cap of an address (3 logins for each of 10 accounts), each sent whole over a
+    // connection of its own that is closed at once: every password is compared, no answer is read.
+    for (let i = 0; i < 30; i++) {
+      const body = JSON.stringify({ email: `${randomUUID()}@example.com`, password: 'wrong password' });
+      const socket = connect(port, '127.0.0.1');
+      await once(socket, 'connect');
+      socket.write(`POST /api/v1/auth/login HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\n\r\n${body}`);
+      socket.destroy();
+    }
+    // A right password is not a failure, so it counts nothing: it is 429 once the 30 above are counted.
+    let status = 0;
+    for (let probe = 0; probe < 50 && status !== 429; probe++) {
+      const user = await newUser();
+      const response = await fetch(`http://127.0.0.1:${port}/api/v1/auth/login`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ email: user.email, password: PASSWORD }),
+      });
+      status = response.status;
+      await sleep(20);
+    }
+    expect(status).toBe(429);
   });
 
   it('counts only failures against an address: the users behind one (a NAT, a proxy) all sign in', async () => {
