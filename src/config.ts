@@ -4,6 +4,7 @@ import { isIP } from 'node:net';
 import { availableParallelism } from 'node:os';
 import { join, resolve } from 'node:path';
 import proxyAddr from '@fastify/proxy-addr';
+import { parse as parseConnectionString } from 'pg-connection-string';
 import { z } from 'zod';
 import { MESSAGE_OVERHEAD_TOKENS, REPLY_PRIMING_TOKENS } from './providers/models.js';
 
@@ -14,6 +15,19 @@ function parseDurationSeconds(value: string): number | undefined {
   const unit = { '': 1, s: 1, m: 60, h: 3600, d: 86400 }[match[2] as '' | 's' | 'm' | 'h' | 'd'];
   const seconds = Number(match[1]) * unit;
   return seconds > 0 ? seconds : undefined;
+}
+
+/**
+ * Read by the driver's own parser. What it cannot read passed a check of the scheme alone, and the
+ * service then stopped at its first connection with a stack trace that did not name the variable.
+ */
+function readableByDriver(url: string): boolean {
+  try {
+    parseConnectionString(url);
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 const int = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
@@ -92,7 +106,14 @@ const envSchema = z.object({
     .default('0.0.0.0')
     .refine((host) => isIP(host) !== 0 || HOST_NAME.test(host), 'must be an IP address (0.0.0.0, ::, 127.0.0.1) or a host name'),
   DATABASE_URL: optionalText.pipe(
-    z.string().regex(/^postgres(ql)?:\/\//, 'must be a postgres:// or postgresql:// URL').optional(),
+    z
+      .string()
+      .regex(/^postgres(ql)?:\/\//, 'must be a postgres:// or postgresql:// URL')
+      .refine(
+        readableByDriver,
+        'is not a URL the PostgreSQL driver can read: a port that is not a number, a character such as # / ? @ in the user or password not percent-encoded (%23 %2F %3F %40), or an SSL file that cannot be read',
+      )
+      .optional(),
   ),
   DATABASE_QUERY_TIMEOUT_MS: int(100, 3_600_000).default(60_000),
   DATA_DIR: z.string().min(1).default('./data'),

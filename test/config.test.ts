@@ -81,6 +81,9 @@ describe('loadConfig', () => {
     ['PORT', 'eighty'],
     ['PORT', '70000'],
     ['DATABASE_URL', 'mysql://localhost/x'],
+    // Each of these passed, then stopped the start at the first connection with a stack trace.
+    ['DATABASE_URL', 'postgres://postgres@127.0.0.1:notaport/x'],
+    ['DATABASE_URL', 'postgres://postgres:s3cr#t@127.0.0.1:5432/x'],
     ['JWT_SECRET', 'too-short'],
     ['JWT_EXPIRES_IN', 'forever'],
     ['BCRYPT_ROUNDS', '3'],
@@ -125,6 +128,19 @@ describe('loadConfig', () => {
     const message = (error as Error).message;
     expect(message).toMatch(new RegExp(`^Invalid configuration: ${variable} `));
     expect(message).not.toContain('\n');
+  });
+
+  it('accepts the forms of DATABASE_URL that the driver takes, and names no password when it refuses one', () => {
+    for (const url of [
+      'postgresql://app:p%23ss@db.internal:6432/chat?sslmode=verify-full',
+      'postgres://app@/chat?host=/var/run/postgresql',
+      'postgres://[::1]:5432/chat',
+    ]) {
+      expect(loadConfig({ DATA_DIR: dataDir(), DATABASE_URL: url }).DATABASE_URL).toBe(url);
+    }
+    expect(() => loadConfig({ DATA_DIR: dataDir(), DATABASE_URL: 'postgres://app:hunter2#x@db:5432/chat' })).toThrow(
+      expect.objectContaining({ message: expect.not.stringContaining('hunter2') }),
+    );
   });
 
   it('accepts the forms of TRUST_PROXY and HOST that Fastify and Node take', () => {

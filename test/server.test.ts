@@ -60,6 +60,17 @@ describe('the server process', () => {
     }
   });
 
+  it('exits 1 with one line when its PostgreSQL cannot be reached, naming no password', async () => {
+    const closed = createServer();
+    await new Promise<void>((resolve) => closed.listen(0, '127.0.0.1', resolve));
+    const { port } = closed.address() as AddressInfo;
+    await new Promise((resolve) => closed.close(resolve));
+    const server = await spawnServer({ DATABASE_URL: `postgres://chat:hunter2-secret@127.0.0.1:${port}/chat` });
+    expect(await server.exited).toBe(1);
+    expect(server.output().trim()).toMatch(/^Cannot connect to the database of DATABASE_URL: connect ECONNREFUSED 127\.0\.0\.1:\d+$/);
+    expect(server.output()).not.toContain('hunter2');
+  });
+
   it('refuses to start in production without a JWT secret', async () => {
     const server = await spawnServer({ NODE_ENV: 'production' });
     expect(await server.exited).toBe(1);

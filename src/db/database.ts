@@ -99,6 +99,18 @@ class BoundedClient extends pg.Client {
   }
 }
 
+/**
+ * The start's first connection to PostgreSQL failed (refused, unanswered, an unknown database or user, a
+ * wrong password): the environment is wrong, which the server says in one line, as a bad variable. pg's
+ * messages name the host, database and user, never the password.
+ */
+export class DatabaseUnreachableError extends Error {
+  override name = 'DatabaseUnreachableError';
+  constructor(cause: unknown) {
+    super(`Cannot connect to the database of DATABASE_URL: ${cause instanceof Error ? cause.message : String(cause)}`, { cause });
+  }
+}
+
 /** pg's error for a statement unanswered for `query_timeout`. */
 const QUERY_TIMEOUT_MESSAGE = 'Query read timeout';
 
@@ -151,7 +163,9 @@ export function openPostgres(url: string, options: PostgresOptions = {}): Databa
       // long as another instance's takes (the advisory lock), or for the tables it alters.
       const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: pool.options.connectionTimeoutMillis });
       client.on('error', () => {}); // a lost connection fails what is sent on it
-      await client.connect();
+      await client.connect().catch((error: unknown) => {
+        throw new DatabaseUnreachableError(error);
+      });
       try {
         await client.query('select pg_advisory_lock($1)', [MIGRATION_LOCK_ID]);
         try {
