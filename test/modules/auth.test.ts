@@ -81,6 +81,9 @@ describe('register', () => {
     ['36 two-byte characters (72 bytes)', 'é'.repeat(36), 201],
     ['37 two-byte characters (74 bytes, 37 characters)', 'é'.repeat(37), 400],
     ['4 four-byte characters (16 bytes, 4 code points)', '😀'.repeat(4), 201],
+    // Hashed as U+FFFD, which any other lone surrogate would have matched.
+    ['a lone high surrogate', 'password\ud800', 400],
+    ['a lone low surrogate', '\udfffpassword', 400],
   ])('password of %s → %i', async (_, password, status) => {
     const response = await register({ email: uniqueEmail(), password, name: 'P' });
     if (status === 400) {

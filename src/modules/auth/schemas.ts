@@ -20,6 +20,8 @@ const MAX_PASSWORD_LENGTH = 1024;
 export const password = z
   .string()
   .max(MAX_PASSWORD_LENGTH, { abort: true, message: `must be at most ${MAX_PASSWORD_BYTES} bytes in UTF-8` })
+  // A lone surrogate would be hashed as U+FFFD (bcrypt hashes UTF-8), so that any other would match it.
+  .refine((value) => !/\p{Surrogate}/u.test(value), { message: 'must be valid Unicode: a UTF-16 surrogate without its other half', abort: true })
   .overwrite(normalizePassword)
   .refine((value) => Buffer.byteLength(value, 'utf8') >= MIN_PASSWORD_BYTES, {
     message: `must be at least ${MIN_PASSWORD_BYTES} bytes`,
