@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { linkSync, lstatSync, readFileSync, readlinkSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { existsSync, linkSync, lstatSync, readFileSync, readlinkSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { createConnection, createServer, type Server } from 'node:net';
 import { dirname, join } from 'node:path';
@@ -302,8 +302,25 @@ function isAlive(pid: number): boolean {
   if (!Number.isInteger(pid) || pid <= 0) return false;
   try {
     process.kill(pid, 0);
-    return true;
   } catch (error) {
     return (error as NodeJS.ErrnoException).code === 'EPERM';
   }
+  return !hasExited(pid);
+}
+
+/**
+ * Linux: whether a pid that can still be signalled is a process that has exited and that its parent has
+ * not collected yet (a zombie): it holds nothing, the database least of all, and a restart after a kill
+ * waited for the parent (a supervisor slow to collect) to start. Its state is the letter after the
+ * command's closing parenthesis in /proc/<pid>/stat (a command may hold spaces and parentheses).
+ */
+function hasExited(pid: number): boolean {
+  let stat: string;
+  try {
+    stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === 'ENOENT' && existsSync('/proc/self/stat'); // gone meanwhile; no /proc elsewhere
+  }
+  const state = stat[stat.lastIndexOf(')') + 2];
+  return state === 'Z' || state === 'X';
 }

@@ -101,6 +101,27 @@ describe('embedded PGlite on disk', () => {
     }
   });
 
+  it.runIf(existsSync(bootId))('takes over at once the lock of a holder killed that its parent has not collected yet (a zombie)', async () => {
+    const folder = mkdtempSync(join(tmpdir(), 'chatbot-pglite-'));
+    // A parent that never collects its children: sh starts one, then becomes a sleep that never waits.
+    const parent = spawn('sh', ['-c', 'sleep 600 & echo $!; exec sleep 600']);
+    try {
+      const [pid] = (await once(parent.stdout, 'data')) as [Buffer];
+      const holder = Number(String(pid).trim());
+      process.kill(holder, 'SIGKILL');
+      const state = () => readFileSync(`/proc/${holder}/stat`, 'utf8').split(') ')[1]![0];
+      for (let wait = 0; wait < 100 && state() !== 'Z'; wait++) await sleep(10);
+      expect(state()).toBe('Z');
+      const kernel = readFileSync(bootId, 'utf8').trim();
+      writeFileSync(join(folder, 'pglite.lock'), lockText(holder, readlinkSync('/proc/self/ns/pid'), { kernel }));
+      const release = await lockPglite(join(folder, 'pglite'));
+      expect(readLock(join(folder, 'pglite.lock')).pid).toBe(process.pid);
+      release();
+    } finally {
+      parent.kill('SIGKILL');
+    }
+  });
+
   it('takes its lock without a socket where the path would be too long for one, rather than under a name cut short', async () => {
     const folder = join(mkdtempSync(join(tmpdir(), 'chatbot-pglite-')), 'd'.repeat(70));
     const database = await openPglite(join(folder, 'pglite'));
