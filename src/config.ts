@@ -175,8 +175,12 @@ type Env = z.infer<typeof envSchema>;
 /** Every variable the service reads: `.env.example` documents each (test/config.test.ts holds it to that). */
 export const CONFIG_VARIABLES = Object.keys(envSchema.shape);
 
-export type Config = Omit<Env, 'JWT_SECRET' | 'DATA_DIR'> & {
+/** What the database commands (migrate, backup, restore) read: the environment without the JWT secret. */
+export type Environment = Omit<Env, 'JWT_SECRET' | 'DATA_DIR'> & {
   DATA_DIR: string;
+};
+
+export type Config = Environment & {
   JWT_SECRET: string;
 };
 
@@ -196,6 +200,32 @@ export class ConfigError extends Error {
  * and kept under DATA_DIR, so tokens survive restarts of a laptop install.
  */
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
+  const { JWT_SECRET: given, ...values } = readEnvironment(env);
+  let secret = given;
+  if (!secret) {
+    if (values.NODE_ENV === 'production') {
+      throw new ConfigError('Invalid configuration: JWT_SECRET is required when NODE_ENV=production (at least 32 characters)');
+    }
+    secret = loadOrCreateSecret(values.DATA_DIR);
+  } else if (values.NODE_ENV === 'production' && new Set(secret).size < MIN_SECRET_CHARACTERS) {
+    throw new ConfigError(
+      `Invalid configuration: JWT_SECRET must be random: at least ${MIN_SECRET_CHARACTERS} different characters (e.g. openssl rand -base64 48)`,
+    );
+  }
+  return { ...values, JWT_SECRET: secret };
+}
+
+/**
+ * Reads and validates the environment but for the JWT secret, which the database commands neither need
+ * nor make: read through loadConfig, a backup or a restore pointed at a wrong DATA_DIR created it, and
+ * a secret in it.
+ */
+export function loadEnvironment(env: NodeJS.ProcessEnv = process.env): Environment {
+  const { JWT_SECRET: _secret, ...values } = readEnvironment(env);
+  return values;
+}
+
+function readEnvironment(env: NodeJS.ProcessEnv): Environment & Pick<Env, 'JWT_SECRET'> {
   // Empty or blank is unset, whatever the variable: compose writes `${VAR:-}` for one it was not given,
   // and `z.coerce.number()` would read "" as 0 (a random port, load shedding off).
   const parsed = envSchema.safeParse(Object.fromEntries(Object.entries(env).filter(([, value]) => value?.trim())));
@@ -213,19 +243,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
       `Invalid configuration: AI_CONTEXT_TOKENS must leave room for a message besides the AI_MAX_OUTPUT_TOKENS (${values.AI_MAX_OUTPUT_TOKENS}) kept for the reply: at least ${minContext}`,
     );
   }
-  const dataDir = resolve(values.DATA_DIR);
-  let secret = values.JWT_SECRET;
-  if (!secret) {
-    if (values.NODE_ENV === 'production') {
-      throw new ConfigError('Invalid configuration: JWT_SECRET is required when NODE_ENV=production (at least 32 characters)');
-    }
-    secret = loadOrCreateSecret(dataDir);
-  } else if (values.NODE_ENV === 'production' && new Set(secret).size < MIN_SECRET_CHARACTERS) {
-    throw new ConfigError(
-      `Invalid configuration: JWT_SECRET must be random: at least ${MIN_SECRET_CHARACTERS} different characters (e.g. openssl rand -base64 48)`,
-    );
-  }
-  return { ...values, DATA_DIR: dataDir, JWT_SECRET: secret };
+  return { ...values, DATA_DIR: resolve(values.DATA_DIR) };
 }
 
 function loadOrCreateSecret(dataDir: string): string {

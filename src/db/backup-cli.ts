@@ -1,6 +1,6 @@
 // `npm run db:backup -- <folder>` and `npm run db:restore -- <folder>`; from the compiled code (the
 // container has no tsx): `node dist/db/backup-cli.js backup|restore <folder>`.
-import { ConfigError, loadConfig } from '../config.js';
+import { ConfigError, loadEnvironment } from '../config.js';
 import { BackupError, createBackup, restoreBackup } from './backup.js';
 
 const [command, folder] = process.argv.slice(2);
@@ -9,7 +9,7 @@ try {
   if ((command !== 'backup' && command !== 'restore') || !folder) {
     throw new BackupError('Usage: npm run db:backup -- <folder> | npm run db:restore -- <folder>');
   }
-  const config = loadConfig();
+  const config = loadEnvironment();
   if (command === 'backup') {
     const manifest = await createBackup(config, folder);
     process.stdout.write(`backup of the ${manifest.kind} database and the uploaded files written to ${folder}\n`);

@@ -1,10 +1,10 @@
 // `npm run db:migrate`: applies the committed SQL migrations and exits, for deploy pipelines that
 // migrate before rolling out new instances. The service also applies them at start.
-import { ConfigError, loadConfig } from '../config.js';
+import { ConfigError, loadEnvironment } from '../config.js';
 import { openDatabase } from './database.js';
 
 try {
-  const config = loadConfig();
+  const config = loadEnvironment();
   const database = await openDatabase(config);
   try {
     await database.migrate();

@@ -38,7 +38,8 @@ async function runBackupCli(
   const command = [process.execPath, '--import', 'tsx', 'src/db/backup-cli.ts', ...args];
   const [file, ...rest] = ownPidNamespace ? ['unshare', '--pid', '--fork', ...command] : command;
   const child = spawn(file!, rest, {
-    env: { PATH: process.env.PATH, HOME: process.env.HOME, JWT_SECRET: 'backup-test-secret-0123456789-0123456789', ...env },
+    // No JWT_SECRET: the commands need none, and make none in DATA_DIR.
+    env: { PATH: process.env.PATH, HOME: process.env.HOME, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let output = '';
