@@ -15,6 +15,8 @@ export const users = pgTable(
     name: text('name').notNull(),
     // Bumped on every password change; a token carrying an older version is revoked.
     tokenVersion: integer('token_version').notNull().default(0),
+    // The newest list key made under the row (see `limitedInsert`), deleted rows' included: a new one comes after it.
+    newestProjectId: uuid('newest_project_id'),
     ...timestamps,
   },
   (t) => [uniqueIndex('users_email_lower_key').on(sql`lower(${t.email})`)],
@@ -31,6 +33,8 @@ export const projects = pgTable(
     description: text('description'),
     provider: text('provider', { enum: ['openai', 'openrouter'] }),
     model: text('model'),
+    newestPromptId: uuid('newest_prompt_id'),
+    newestFileCreatedAt: timestamp('newest_file_created_at', { withTimezone: true, mode: 'date' }),
     ...timestamps,
   },
   (t) => [index('projects_user_id_id_idx').on(t.userId, t.id)],

@@ -17,6 +17,7 @@ import type { FileDto } from '../../src/modules/files/schemas.js';
 import { createProject, expectProblem, registerUser, type RegisteredUser, startTestApp, type TestApp, testConfig } from '../support/app.js';
 import { expectDeleteFreesOneSlot, expectFull, expectOneOfManyIntoTheLastSlot, type Holder } from '../support/limits.js';
 import { FakeUpstream } from '../support/fake-upstream.js';
+import { expectCreateListedAfterDeletedNewest } from '../support/deleted-newest.js';
 import { expectWaitingCreateListedLast } from '../support/waiting-create.js';
 import { logCollector } from '../support/logs.js';
 import { BOUNDARY, CLOSING, type FormPart, multipart, partHead } from '../support/multipart.js';
@@ -732,6 +733,22 @@ describe('list', () => {
     expect(new Date(uploaded.createdAt).getTime()).toBe(future.getTime()); // a microsecond later
     const listed = (await get(filesUrl(projectId))).json().data.map((file: FileDto) => file.filename);
     expect(listed).toEqual(['future.txt', 'now.txt']);
+  });
+
+  it('lists an upload after the newest files deleted, to a walk that had reached them, when the clock is behind them', async () => {
+    const projectId = await newProject();
+    await expectCreateListedAfterDeletedNewest({
+      app: t.app,
+      headers: user.auth,
+      list: filesUrl(projectId),
+      insertAhead: async () => {
+        const id = uuidv7();
+        const createdAt = new Date(Date.now() + 3_600_000);
+        await t.testDb.database.db.insert(files).values({ id, projectId, filename: 'ahead.txt', mimeType: 'text/plain', size: 1, sha256: 'x', storageUrl: 'x', createdAt });
+        return id;
+      },
+      create: () => multipart({ filename: 'new.txt', type: 'text/plain', content: 'new' }),
+    });
   });
 
   it.skipIf(!process.env.TEST_DATABASE_URL)('lists an upload that waited for its project after what was stored meanwhile (PostgreSQL: concurrent connections)', async () => {

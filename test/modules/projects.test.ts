@@ -4,6 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { files, messages, projects, prompts } from '../../src/db/schema.js';
 import { createProject, createPrompt, expectProblem, insertMessages, registerUser, type RegisteredUser, startTestApp, type TestApp } from '../support/app.js';
 import { expectDeleteFreesOneSlot, expectFull, expectOneOfManyIntoTheLastSlot, type Holder } from '../support/limits.js';
+import { expectCreateListedAfterDeletedNewest } from '../support/deleted-newest.js';
 import { expectWaitingCreateListedLast } from '../support/waiting-create.js';
 
 let t: TestApp;
@@ -163,6 +164,21 @@ describe('get and list', () => {
   it('lists nothing for a new user', async () => {
     const fresh = await registerUser(t.app);
     expect((await request('GET', '', undefined, fresh)).json()).toEqual({ data: [], nextCursor: null });
+  });
+
+  it('lists a create after the newest projects deleted, to a walk that had reached them, when the clock is behind them', async () => {
+    const owner = await registerUser(t.app);
+    await expectCreateListedAfterDeletedNewest({
+      app: t.app,
+      headers: owner.auth,
+      list: '/api/v1/projects',
+      insertAhead: async () => {
+        const id = uuidv7({ msecs: Date.now() + 3_600_000 });
+        await t.testDb.database.db.insert(projects).values({ id, userId: owner.id, name: 'ahead' });
+        return id;
+      },
+      create: () => ({ payload: { name: 'new' } }),
+    });
   });
 
   it.skipIf(!process.env.TEST_DATABASE_URL)('lists a create that waited for its account after what was stored meanwhile (PostgreSQL: concurrent connections)', async () => {

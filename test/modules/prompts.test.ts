@@ -5,6 +5,7 @@ import { prompts } from '../../src/db/schema.js';
 import type { ProjectDto } from '../../src/modules/projects/schemas.js';
 import { createProject, createPrompt, expectProblem, registerUser, type RegisteredUser, startTestApp, type TestApp } from '../support/app.js';
 import { expectDeleteFreesOneSlot, expectFull, expectOneOfManyIntoTheLastSlot, type Holder } from '../support/limits.js';
+import { expectCreateListedAfterDeletedNewest } from '../support/deleted-newest.js';
 import { expectWaitingCreateListedLast } from '../support/waiting-create.js';
 
 let t: TestApp;
@@ -63,6 +64,21 @@ describe('create and get', () => {
     const created = [];
     for (const title of ['first', 'second', 'third']) created.push(await createPrompt(t.app, user, own.id, { title }));
     expect((await request('GET', '', undefined, own.id)).json()).toEqual({ data: created, nextCursor: null });
+  });
+
+  it('lists a create after the newest prompts deleted, to a walk that had reached them, when the clock is behind them', async () => {
+    const own = await createProject(t.app, user);
+    await expectCreateListedAfterDeletedNewest({
+      app: t.app,
+      headers: user.auth,
+      list: `/api/v1/projects/${own.id}/prompts`,
+      insertAhead: async () => {
+        const id = uuidv7({ msecs: Date.now() + 3_600_000 });
+        await t.testDb.database.db.insert(prompts).values({ id, projectId: own.id, title: 'ahead', content: 'c' });
+        return id;
+      },
+      create: () => ({ payload: { title: 'new', content: 'c' } }),
+    });
   });
 
   it.skipIf(!process.env.TEST_DATABASE_URL)('lists a create that waited for its project after what was stored meanwhile (PostgreSQL: concurrent connections)', async () => {

@@ -106,7 +106,7 @@ export class FilesService {
       parent: callersProject,
       table: files,
       parentColumn: 'projectId',
-      order: { newCreatedAt: 'new_file_created_at' },
+      order: { newCreatedAt: 'new_file_created_at', newest: projects.newestFileCreatedAt },
       values: {
         filename: param('filename', 'text'),
         mimeType: param('mimeType', 'text'),

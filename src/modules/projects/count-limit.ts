@@ -77,9 +77,10 @@ export interface LimitedInsertOptions<Table extends PgTable> {
    * What orders the list of the rows under the parent, made once the parent is locked by a function of
    * migration 0007 or 0009: the row's id (`newId`), or else its `createdAt` (`newCreatedAt`) and the id is
    * the parameter `id`, taken before the statement waits for the lock: files, whose bytes are stored
-   * under their id before their row is written.
+   * under their id before their row is written. `newest` is the parent's column that keeps the newest
+   * key made (migration 0011), which the next one comes after even once this row is deleted.
    */
-  order: { newId: 'new_project_id' | 'new_prompt_id' } | { newCreatedAt: 'new_file_created_at' };
+  order: ({ newId: 'new_project_id' | 'new_prompt_id' } | { newCreatedAt: 'new_file_created_at' }) & { newest: PgColumn };
   /** The other columns. */
   values: { [Key in keyof Insert<Table>]?: SQL };
 }
@@ -134,7 +135,12 @@ export function limitedInsert<Table extends PgTable>(db: Db, options: LimitedIns
       sql`, `,
     )} from ${parent} where ${sql.raw(limit.counter)}(${parent.id}) < ${limit.max}::integer returning *`,
   );
-  const statement = db.with(parent, inserted).select().from(parent).leftJoin(inserted, sql`true`).prepare(name);
+  // Under the lock the parent CTE holds; a statement's data-modifying CTEs all run, used or not.
+  const key = columns['newId' in order ? 'id' : 'createdAt']!;
+  const marked = db.$with('marked', {}).as(
+    sql`update ${options.parent.table} set ${sql.identifier(order.newest.name)} = ${sql.identifier('inserted')}.${sql.identifier(key.name)} from ${inserted} where ${options.parent.table.id} = ${sql.identifier('inserted')}.${sql.identifier(columns[options.parentColumn as string]!.name)} returning 1 as marked`,
+  );
+  const statement = db.with(parent, inserted, marked).select().from(parent).leftJoin(inserted, sql`true`).prepare(name);
   return {
     limit,
     async run(params, missing) {

@@ -124,7 +124,7 @@ export class ProjectsService {
       parent: { table: users, where: eq(users.id, sql.placeholder('userId')) },
       table: projects,
       parentColumn: 'userId',
-      order: { newId: 'new_project_id' },
+      order: { newId: 'new_project_id', newest: users.newestProjectId },
       values: {
         name: param('name', 'text'),
         description: param('description', 'text'),

@@ -1,7 +1,7 @@
 import { and, asc, eq, gt, type SQL } from 'drizzle-orm';
 import type { Config } from '../../config.js';
 import type { Db } from '../../db/database.js';
-import { prompts } from '../../db/schema.js';
+import { projects, prompts } from '../../db/schema.js';
 import { NotFound } from '../../http/errors.js';
 import { isUuid } from '../../http/ids.js';
 import { type IdSortKey, idSortKeyOf, type Page, type PageRequest, paginate } from '../../http/pagination.js';
@@ -42,7 +42,7 @@ export class PromptsService {
       parent: callersProject,
       table: prompts,
       parentColumn: 'projectId',
-      order: { newId: 'new_prompt_id' },
+      order: { newId: 'new_prompt_id', newest: projects.newestPromptId },
       values: {
         title: param('title', 'text'),
         content: param('content', 'text'),
