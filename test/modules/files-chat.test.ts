@@ -1,8 +1,10 @@
+import { mkdirSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
 import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
 import { buildFilesSection, type ContextFile, EntryCounts } from '../../src/modules/files/chat-section.js';
 import type { FileDto } from '../../src/modules/files/schemas.js';
 import { countTokens, MESSAGE_OVERHEAD_TOKENS } from '../../src/providers/models.js';
-import { createProject, createPrompt, insertMessages, registerUser, type RegisteredUser, startTestApp, type TestApp } from '../support/app.js';
+import { createProject, createPrompt, expectProblem, insertMessages, registerUser, type RegisteredUser, startTestApp, type TestApp } from '../support/app.js';
 import { FakeUpstream } from '../support/fake-upstream.js';
 import { type FormPart, multipart } from '../support/multipart.js';
 
@@ -207,6 +209,23 @@ describe('chat with files', () => {
       { role: 'system', content: `${HEADER}\n\n--- codes.md (text/markdown) ---\nThe launch code is 4321.\n` },
       { role: 'user', content: 'What is the launch code?' },
     ]);
+  });
+
+  it('names the question it stored when a file cannot be read for the context, JSON and streamed alike', async () => {
+    const projectId = (await createProject(t.app, user)).id;
+    const file = await upload(projectId, { filename: 'notes.txt', type: 'text/plain', content: 'Some notes.' });
+    // Its bytes unreadable (a folder where they were: EISDIR), as a failing disk would make them.
+    const bytes = join(t.config.DATA_DIR, 'files', projectId, file.id);
+    rmSync(bytes);
+    mkdirSync(bytes);
+    for (const stream of [false, true]) {
+      const message = `What do my notes say? (${stream ? 'streamed' : 'JSON'})`;
+      const response = await t.app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: user.auth, payload: { message, stream } });
+      const problem = expectProblem(response, 500, 'INTERNAL');
+      const history = (await t.app.inject({ method: 'GET', url: `/api/v1/projects/${projectId}/messages`, headers: user.auth })).json().data;
+      expect(history.find((stored: { id: string }) => stored.id === problem.userMessageId)).toMatchObject({ role: 'user', content: message });
+    }
+    expect(fake.requests.filter((request) => request.path === '/v1/chat/completions')).toHaveLength(0);
   });
 
   it('sends a PDF by its provider file id as a file part of the new message, and names an image only', async () => {

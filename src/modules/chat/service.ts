@@ -283,6 +283,9 @@ export class ChatService {
       newMessage: { content: text, tokens: textTokens },
       budget,
       countTokens: (content) => countTokens(content, model),
+    }).catch(async (error: unknown) => {
+      // A file's bytes unreadable, a page of history the database failed to give: the question is stored.
+      throw row.questionStoredAt ? await this.failedAfterStoring(questionId, durable, error) : error;
     });
     // Never for a question stored by the read: what let it be stored is a stricter count of the same.
     if (!context.fits) {
@@ -394,7 +397,7 @@ export class ChatService {
     const first = events.next();
     first.catch(() => undefined); // a failure is met below, when it is awaited: it must not go unhandled meanwhile
     try {
-      await (turn.durable ?? this.makeDurable(userMessage));
+      await (turn.durable ?? this.makeDurable(userMessage.id));
       await observer.userMessage(toMessageDto(userMessage));
     } catch (error) {
       call.abort();
@@ -499,14 +502,28 @@ export class ChatService {
   }
 
   /** Flushes the log past the stored question's commit with a durable commit of its own. */
-  private async makeDurable(question: MessageRow): Promise<void> {
-    await this.statementsOn(this.database.db).flush.execute({ questionId: question.id });
+  private async makeDurable(questionId: string): Promise<void> {
+    await this.statementsOn(this.database.db).flush.execute({ questionId });
   }
 
   /** A failure names the stored question, made durable first: naming it acknowledges it. */
   private async failure(question: MessageRow, error: ApiError): Promise<ApiError> {
-    await this.makeDurable(question);
+    await this.makeDurable(question.id);
     return naming(question, error);
+  }
+
+  /**
+   * A failure of the turn's preparation after its read stored the question: the failure naming it, once
+   * it is durable (by the flush behind the read, or by one of its own), as any later failure names it;
+   * the failure alone when it cannot be made durable, as nothing then acknowledges it.
+   */
+  private async failedAfterStoring(questionId: string, durable: Promise<unknown> | undefined, error: unknown): Promise<unknown> {
+    try {
+      await (durable ?? this.makeDurable(questionId));
+    } catch {
+      return error;
+    }
+    return new FailureNaming(error, { userMessageId: questionId });
   }
 
   private storeReply(turn: PreparedTurn, content: string, status: 'complete' | 'incomplete', model: string, usage: Usage | null) {
