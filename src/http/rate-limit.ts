@@ -88,9 +88,9 @@ export async function registerRateLimits(app: FastifyInstance, config: Config): 
     if (!spent.isAllowed && spent.remaining === 0) throw new RateLimited(spent.ttlInSeconds);
     await loginToAccount(request);
   };
-  // When the attempt fails, before its answer is written: counted once the response was sent (an
-  // `onResponse` hook), an attempt whose client hung up before its answer (a password compared all the
-  // same) was never counted, and the cap never reached.
+  // Counted when the attempt fails, before its answer is written. Counted once the answer had been sent
+  // (an `onResponse` hook), an attempt whose client hung up first, its password compared all the same,
+  // was never counted, and the cap never reached.
   const countFailedLogin = async (request: FastifyRequest, _reply: FastifyReply, error: Error) => {
     if (toProblem(error, request).status !== 429) await failedLogins(request);
   };
