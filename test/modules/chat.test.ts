@@ -34,21 +34,23 @@ beforeEach(() => fake.reset());
 const newProject = async (owner: RegisteredUser = user, body: Record<string, unknown> = {}) => (await createProject(t.app, owner, body)).id;
 const addPrompt = (projectId: string, content: string) => createPrompt(t.app, user, projectId, { title: content.slice(0, 20), content });
 
-/** Runs `run` while the database refuses the project's answers (assistant messages) that also meet `also`, and nothing else. */
-async function refusingAnswers(projectId: string, also: string, run: () => Promise<void>): Promise<void> {
+/** Runs `run` while the database refuses the writes (`before insert on messages`, say) of the rows that meet `when`, and nothing else. */
+async function refusing(writes: string, when: string, run: () => Promise<void>): Promise<void> {
   const { db } = t.testDb.database;
-  await db.execute(sql.raw(`create function refuse_answer() returns trigger language plpgsql as $$ begin raise exception 'refused'; end $$`));
-  await db.execute(
-    sql.raw(`create trigger refuse_answer before insert on messages for each row
-      when (new.project_id = '${projectId}' and new.role = 'assistant'${also}) execute function refuse_answer()`),
-  );
+  await db.execute(sql.raw(`create function refuse_write() returns trigger language plpgsql as $$ begin raise exception 'refused'; end $$`));
+  const [, table] = /\bon (\w+)$/.exec(writes)!;
+  await db.execute(sql.raw(`create trigger refuse_write ${writes} for each row when (${when}) execute function refuse_write()`));
   try {
     await run();
   } finally {
-    await db.execute(sql.raw('drop trigger refuse_answer on messages'));
-    await db.execute(sql.raw('drop function refuse_answer()'));
+    await db.execute(sql.raw(`drop trigger refuse_write on ${table}`));
+    await db.execute(sql.raw('drop function refuse_write()'));
   }
 }
+
+/** Runs `run` while the database refuses the project's answers (assistant messages) that also meet `also`, and nothing else. */
+const refusingAnswers = (projectId: string, also: string, run: () => Promise<void>) =>
+  refusing('before insert on messages', `new.project_id = '${projectId}' and new.role = 'assistant'${also}`, run);
 
 const chat = (projectId: string, payload: object, headers: Record<string, string> = {}, app = t.app) =>
   app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: { ...user.auth, ...headers }, payload });
@@ -842,6 +844,32 @@ describe('idempotency', () => {
     expectProblem(await chat(projectId, { message: 'slow' }, key), 409, 'IDEMPOTENCY_CONFLICT');
     expect((await first).statusCode).toBe(200);
     expect((await chat(projectId, { message: 'slow' }, key)).json()).toEqual((await first).json());
+  });
+
+  // The answer and the key's result are stored together. When the result could not be kept, the key was
+  // freed for a retry while the answer stayed stored: once the retry answered, the history held two answers.
+  it.each([false, true])('stores no answer whose key could not keep its result (streamed: %s), so that a retry stores one', async (stream) => {
+    const projectId = await newProject();
+    const key = `key-${uuidv7()}`;
+    const keyed = () =>
+      stream
+        ? streamChat(projectId, { message: 'answered once' }, undefined, { 'idempotency-key': key }).then((response) => readSse(response))
+        : chat(projectId, { message: 'answered once' }, { 'idempotency-key': key });
+    let failedQuestion: string | undefined;
+    await refusing('before update on idempotency_keys', `new.key = '${key}' and new.state = 'done'`, async () => {
+      const failed = await keyed();
+      if (Array.isArray(failed)) expect(failed.at(-1)!.event).toBe('error');
+      failedQuestion = (Array.isArray(failed) ? failed.at(-1)!.data : expectProblem(failed, 500, 'INTERNAL')).userMessageId as string;
+    });
+    const retried = await keyed();
+    const answer = (Array.isArray(retried) ? retried.find((event) => event.event === 'done')!.data.assistantMessage : retried.json().assistantMessage) as { id: string };
+    const history = await stored(projectId);
+    expect(history.map((row) => [row.role, row.id])).toEqual([
+      ['user', failedQuestion],
+      ['user', history[1]!.id],
+      ['assistant', answer.id],
+    ]);
+    expect(fake.requests).toHaveLength(2);
   });
 
   it('frees the key after a failure so that the same key may be retried', async () => {

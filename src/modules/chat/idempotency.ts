@@ -123,9 +123,12 @@ export class IdempotencyStore<T> {
     return { progressed: () => (progressed = true), stop: () => clearInterval(beat) };
   }
 
-  /** Keeps the result for replay, unless the key was taken over meanwhile: then it is the new holder's. */
-  async complete(userId: string, key: string, claimId: string, response: T): Promise<void> {
-    await this.db.update(idempotencyKeys).set({ state: 'done', response }).where(this.held(userId, key, claimId));
+  /**
+   * Keeps the result for replay, unless the key was taken over meanwhile: then it is the new holder's. On
+   * `db`, the transaction that stores what the result says was stored.
+   */
+  async complete(userId: string, key: string, claimId: string, response: T, db: Db = this.db): Promise<void> {
+    await db.update(idempotencyKeys).set({ state: 'done', response }).where(this.held(userId, key, claimId));
   }
 
   /**

@@ -6,7 +6,7 @@ import { projectParams } from '../projects/schemas.js';
 import { type IdempotencyStore, requestHash } from './idempotency.js';
 import { chatBody, chatHeaders, type ChatResult, chatResult } from './schemas.js';
 import { InFlightTurns } from './in-flight-turns.js';
-import type { ChatService, PreparedTurn } from './service.js';
+import type { ChatService, KeepResult, PreparedTurn } from './service.js';
 import { EventStream } from './sse.js';
 
 /** Comment heartbeats keep proxies and clients from closing an idle stream. */
@@ -101,12 +101,8 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
           return stream ? replayAsStream(openStream, first, request, reply) : first;
         }
         // `keep` runs before the client hears the turn is done, so that a retry it sends then is a replay.
-        const answer = async (keyed?: KeyedTurn) => {
-          if (stream) return streamTurn(chat, openStream, turn, request, reply, interrupt, keyed);
-          const result = await chat.complete(turn, interrupt);
-          await keyed?.keep(result);
-          return result;
-        };
+        const answer = (keyed?: KeyedTurn) =>
+          stream ? streamTurn(chat, openStream, turn, request, reply, interrupt, keyed) : chat.complete(turn, interrupt, keyed?.keep);
         if (!key) return answer();
 
         const claim = await idempotency.claim(userId, key, hash());
@@ -118,7 +114,7 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         const hold = stream ? idempotency.keepAlive(userId, key, claimId) : undefined;
         try {
           // Only a complete answer is kept for replay; after a failure the same key may be retried.
-          const result = await answer({ keep: (done) => idempotency.complete(userId, key, claimId, done), progressed: () => hold?.progressed() });
+          const result = await answer({ keep: (tx, done) => idempotency.complete(userId, key, claimId, done, tx), progressed: () => hold?.progressed() });
           if (!result) await idempotency.release(userId, key, claimId);
           return stream ? reply : result;
         } catch (error) {
@@ -133,8 +129,8 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
 
 /** What a turn with an Idempotency-Key does beside answering. */
 interface KeyedTurn {
-  /** Stores a complete result for replay before it is announced. */
-  keep(result: ChatResult): Promise<void>;
+  /** Stores a complete result for replay, with its answer, before it is announced. */
+  keep: KeepResult;
   /** A delta reached the client: the key's request is alive. */
   progressed(): void;
 }
@@ -192,10 +188,10 @@ async function streamTurn(
       },
       clientGone.signal,
       interrupt,
+      keyed?.keep,
     );
     if (outcome.kind === 'complete') {
       const { assistantMessage, usage } = outcome.result;
-      await keyed?.keep(outcome.result);
       await events!.send('done', { assistantMessage, usage });
       return outcome.result;
     }

@@ -130,6 +130,30 @@ export function flushStatementOn(db: Db) {
     .prepare('chat_make_durable');
 }
 
+/**
+ * Stores an answer, only while its question is stored (`message_kept`, migration 0008): a history cleared
+ * during the turn took the question, and the answer would be all that was left of the turn.
+ */
+function answerStatementOn(db: Db) {
+  const projectId = param('projectId', 'uuid');
+  const answer = db.$with('answer', getTableColumns(messages)).as(
+    sql`insert into ${messages} (id, project_id, role, content, status, model, prompt_tokens, completion_tokens, total_tokens,
+        tokens, token_encoding, created_at)
+      select ${param('id', 'uuid')}, ${projectId}, ${param('role', 'text')}, ${param('content', 'text')}, ${param('status', 'text')},
+        ${param('model', 'text')}, ${param('promptTokens', 'integer')}, ${param('completionTokens', 'integer')}, ${param('totalTokens', 'integer')},
+        ${param('tokens', 'integer')}, ${param('tokenEncoding', 'text')}, ${storedNow(projectId)}
+      where message_kept(${projectId}, ${param('questionId', 'uuid')})
+      returning *`,
+  );
+  return db.with(answer).select().from(answer).prepare('chat_insert_message');
+}
+
+interface TurnStatements {
+  read: TurnRead;
+  flush: ReturnType<typeof flushStatementOn>;
+  insertAnswer: ReturnType<typeof answerStatementOn>;
+}
+
 /** Everything a turn needs, settled before anything is stored: a rejected turn leaves no trace. */
 export interface PreparedTurn {
   projectId: string;
@@ -143,6 +167,13 @@ export interface PreparedTurn {
   /** A streamed turn whose read stored the question: its flush, sent right behind the read. */
   durable?: Promise<unknown>;
 }
+
+/**
+ * Keeps a turn's complete result for replay (its Idempotency-Key's) in the transaction that stores its
+ * answer. Kept apart, a result that failed to be kept freed its key for a retry while the answer stayed
+ * stored, and the retry stored a second one.
+ */
+export type KeepResult = (tx: Db, result: ChatResult) => Promise<void>;
 
 /** What the streaming path tells its caller as the turn goes on. */
 export interface TurnObserver {
@@ -173,18 +204,17 @@ type NewMessage = Pick<MessageRow, 'role' | 'content' | 'status' | 'tokens'> &
   Partial<Pick<MessageRow, 'model' | 'promptTokens' | 'completionTokens' | 'totalTokens'>>;
 
 export class ChatService {
-  /** The turn's read and the flush, prepared on the pool and on each connection held for a streamed turn. */
-  private readonly turnStatements = new WeakMap<Db, { read: TurnRead; flush: ReturnType<typeof flushStatementOn> }>();
+  /** The turn's statements, prepared on the pool and on each connection held for a streamed turn or a transaction. */
+  private readonly statements = new WeakMap<Db, TurnStatements>();
   /** A further page of history, older than the stored message `before`. */
   private readonly historyPageStatement;
-  private readonly insertStatement;
   private readonly insertQuestionStatement;
   private readonly historyCache: HistoryCache;
   /** The model and token budget of a project that names neither provider nor model, when its provider is configured. */
   private readonly defaultTurn: { model: string; encoding: string; budget: number } | undefined;
 
   constructor(
-    private readonly database: Pick<Database, 'db' | 'hold'>,
+    private readonly database: Pick<Database, 'db' | 'hold' | 'transaction'>,
     private readonly providers: ProviderRegistry,
     private readonly files: FilesService,
     private readonly config: Pick<Config, 'AI_CONTEXT_TOKENS' | 'AI_MAX_OUTPUT_TOKENS' | 'AI_TIMEOUT_MS' | 'HISTORY_CACHE_MB'>,
@@ -219,18 +249,6 @@ export class ChatService {
       })
       .returning({ createdAt: messages.createdAt, asyncCommit: sql`set_config('synchronous_commit', 'off', true)` })
       .prepare('chat_insert_question');
-    // An answer is stored only while its question is (`message_kept`, migration 0008): a history cleared
-    // during the turn took the question, and the answer would be all that was left of the turn.
-    const answer = db.$with('answer', getTableColumns(messages)).as(
-      sql`insert into ${messages} (id, project_id, role, content, status, model, prompt_tokens, completion_tokens, total_tokens,
-          tokens, token_encoding, created_at)
-        select ${param('id', 'uuid')}, ${projectId}, ${param('role', 'text')}, ${param('content', 'text')}, ${param('status', 'text')},
-          ${param('model', 'text')}, ${param('promptTokens', 'integer')}, ${param('completionTokens', 'integer')}, ${param('totalTokens', 'integer')},
-          ${param('tokens', 'integer')}, ${param('tokenEncoding', 'text')}, ${storedNow(projectId)}
-        where message_kept(${projectId}, ${param('questionId', 'uuid')})
-        returning *`,
-    );
-    this.insertStatement = db.with(answer).select().from(answer).prepare('chat_insert_message');
   }
 
   /**
@@ -326,9 +344,9 @@ export class ChatService {
     return { row, durable };
   }
 
-  private statementsOn(db: Db) {
-    let statements = this.turnStatements.get(db);
-    if (!statements) this.turnStatements.set(db, (statements = { read: turnStatementOn(db), flush: flushStatementOn(db) }));
+  private statementsOn(db: Db): TurnStatements {
+    let statements = this.statements.get(db);
+    if (!statements) this.statements.set(db, (statements = { read: turnStatementOn(db), flush: flushStatementOn(db), insertAnswer: answerStatementOn(db) }));
     return statements;
   }
 
@@ -340,9 +358,10 @@ export class ChatService {
 
   /**
    * A JSON turn: the user message is stored first and kept whatever happens. `interrupt` (server
-   * shutdown) aborts the provider call; its reason, an ApiError, is then the failure.
+   * shutdown) aborts the provider call; its reason, an ApiError, is then the failure. `keep` keeps the
+   * result with the answer.
    */
-  async complete(turn: PreparedTurn, interrupt: AbortSignal): Promise<ChatResult> {
+  async complete(turn: PreparedTurn, interrupt: AbortSignal, keep?: KeepResult): Promise<ChatResult> {
     const userMessage = await this.storeQuestion(turn);
     const call = new CallDeadline(this.config.AI_TIMEOUT_MS, interrupt);
     let completion;
@@ -362,11 +381,11 @@ export class ChatService {
     if (!completion.content) throw await this.failure(userMessage, new ProviderError('The AI provider answered with no content'));
     // Its durable commit makes the question durable too: nothing is acknowledged before both are. A store
     // that fails is the database's failure, answered as such, naming the question as a stream's does.
-    const assistantMessage = await this.storeReply(turn, completion.content, 'complete', completion.model, completion.usage).catch((error: unknown) => {
+    const result = await this.storeAnswer(turn, userMessage, completion, keep).catch((error: unknown) => {
       throw new FailureNaming(error, { userMessageId: userMessage.id });
     });
-    if (!assistantMessage) throw await this.questionGone(turn);
-    return { userMessage: toMessageDto(userMessage), assistantMessage: toMessageDto(assistantMessage), usage: completion.usage };
+    if (!result) throw await this.questionGone(turn);
+    return result;
   }
 
   /**
@@ -374,9 +393,9 @@ export class ChatService {
    * delta (retries included) and then each silence between deltas, so a long answer that keeps coming
    * is never cut. A client that leaves aborts the upstream call; text received so far is kept as
    * `incomplete`, as it is when the upstream breaks or `interrupt` fires (server shutdown), whose
-   * reason, an ApiError, is then the failure.
+   * reason, an ApiError, is then the failure. `keep` keeps a complete result with the answer.
    */
-  async stream(turn: PreparedTurn, observer: TurnObserver, clientGone: AbortSignal, interrupt: AbortSignal): Promise<StreamOutcome> {
+  async stream(turn: PreparedTurn, observer: TurnObserver, clientGone: AbortSignal, interrupt: AbortSignal, keep?: KeepResult): Promise<StreamOutcome> {
     const userMessage = await this.storeQuestion(turn);
     // A client that left while the turn was prepared: nobody to answer, so no provider to call.
     if (clientGone.aborted) return { kind: 'client-gone' };
@@ -443,9 +462,8 @@ export class ChatService {
       return { kind: 'client-gone' };
     }
     if (!text) return { kind: 'failed', error: naming(userMessage, new ProviderError('The AI provider answered with no content')) };
-    const assistantMessage = await this.storeReply(turn, text, 'complete', done?.model ?? turn.model, done?.usage ?? null);
-    if (!assistantMessage) return { kind: 'failed', error: await this.questionGone(turn) };
-    const result = { userMessage: toMessageDto(userMessage), assistantMessage: toMessageDto(assistantMessage), usage: done?.usage ?? null };
+    const result = await this.storeAnswer(turn, userMessage, { content: text, model: done?.model ?? turn.model, usage: done?.usage ?? null }, keep);
+    if (!result) return { kind: 'failed', error: await this.questionGone(turn) };
     return { kind: 'complete', result };
   }
 
@@ -526,8 +544,30 @@ export class ChatService {
     return new FailureNaming(error, { userMessageId: questionId });
   }
 
-  private storeReply(turn: PreparedTurn, content: string, status: 'complete' | 'incomplete', model: string, usage: Usage | null) {
-    return this.store(turn, {
+  /**
+   * A complete answer and the turn's result, with `keep` in one transaction, so that an answer is stored
+   * exactly when its key would replay it; undefined when its question is gone (see `answerStatementOn`).
+   */
+  private async storeAnswer(
+    turn: PreparedTurn,
+    userMessage: MessageRow,
+    { content, model, usage }: { content: string; model: string; usage: Usage | null },
+    keep?: KeepResult,
+  ): Promise<ChatResult | undefined> {
+    const store = async (db: Db) => {
+      const assistantMessage = await this.storeReply(turn, content, 'complete', model, usage, db);
+      return assistantMessage && { userMessage: toMessageDto(userMessage), assistantMessage: toMessageDto(assistantMessage), usage };
+    };
+    if (!keep) return store(this.database.db);
+    return this.database.transaction(async (tx) => {
+      const result = await store(tx);
+      if (result) await keep(tx, result);
+      return result;
+    });
+  }
+
+  private storeReply(turn: PreparedTurn, content: string, status: 'complete' | 'incomplete', model: string, usage: Usage | null, db = this.database.db) {
+    return this.store(db, turn, {
       role: 'assistant',
       content,
       status,
@@ -540,9 +580,9 @@ export class ChatService {
     });
   }
 
-  /** The answer, unless its question is gone (see `insertStatement`): then nothing is stored. */
-  private async store(turn: PreparedTurn, message: NewMessage): Promise<MessageRow | undefined> {
-    const [row] = await this.insertStatement.execute({ ...messageRow(turn.projectId, turn.model, message), questionId: turn.question.id });
+  /** The answer, unless its question is gone (see `answerStatementOn`): then nothing is stored. */
+  private async store(db: Db, turn: PreparedTurn, message: NewMessage): Promise<MessageRow | undefined> {
+    const [row] = await this.statementsOn(db).insertAnswer.execute({ ...messageRow(turn.projectId, turn.model, message), questionId: turn.question.id });
     return row;
   }
 
