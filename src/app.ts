@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import Fastify, { type FastifyInstance } from 'fastify';
 import { serializerCompiler, validatorCompiler } from 'fastify-type-provider-zod';
 import type { Config } from './config.js';
+import { settleCutSwap } from './db/backup-store.js';
 import { type Database, openDatabase } from './db/database.js';
 import { createTokens, registerAuthentication } from './http/auth.js';
 import { answerClientError, answerFrameworkError, registerErrorHandling, ShuttingDown } from './http/errors.js';
@@ -128,7 +129,11 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   const providers = meterProviders(createProviders(config), metrics.recordProviderCall);
   // After the chat routes' own close, which waits for the turns in flight.
   app.addHook('onClose', () => providers.close());
-  const storage = new LocalDiskStorage(join(config.DATA_DIR, 'files'));
+  const uploads = join(config.DATA_DIR, 'files');
+  // A restore swaps the uploads in after the database: one cut between the renames of that swap (killed)
+  // had restored the database already, so the files it had copied go in.
+  await settleCutSwap(uploads, 'forward');
+  const storage = new LocalDiskStorage(uploads);
   sweepInBackground(app, {
     what: 'the temporary files of interrupted uploads',
     sweep: () => storage.sweepStaging(INTERRUPTED_UPLOAD_MS),

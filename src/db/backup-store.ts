@@ -1,3 +1,4 @@
+import { existsSync } from 'node:fs';
 import { chmod, rename, rm } from 'node:fs/promises';
 
 /** A backup or restore that cannot go on; its message is the one line the command prints. */
@@ -27,13 +28,35 @@ export interface StagedFolder {
   discard(): Promise<void>;
 }
 
+/** Where `folder`'s replacement is written, and where `folder` is set aside while the two are swapped. */
+const besides = (folder: string) => ({ staging: `${folder}.restoring`, previous: `${folder}.replaced` });
+
+/**
+ * Settles a swap of `folder` that was cut (the process killed, the power lost) between its two renames:
+ * the live folder missing, set aside beside its complete replacement. `back` puts the folder that was set
+ * aside in its place again, `forward` puts the replacement in. Without this, the embedded database
+ * started empty in the folder's place, its data beside it, and the next restore deleted that data before
+ * it began.
+ */
+export async function settleCutSwap(folder: string, way: 'back' | 'forward'): Promise<void> {
+  const { staging, previous } = besides(folder);
+  if (existsSync(folder) || !existsSync(previous)) return;
+  if (way === 'forward' && existsSync(staging)) {
+    await rename(staging, folder);
+    await rm(previous, { recursive: true, force: true });
+  } else {
+    await rename(previous, folder);
+  }
+}
+
 /**
  * Writes the replacement of `folder` with `fill` into a new sibling folder, leaving `folder` untouched
  * until `commit`. Nothing of the old content survives into the new one (a replacement, never a merge).
  */
 export async function stageFolder(folder: string, fill: (staging: string) => Promise<unknown>): Promise<StagedFolder> {
-  const staging = `${folder}.restoring`;
-  const previous = `${folder}.replaced`;
+  const { staging, previous } = besides(folder);
+  // A restore run again after one that was cut starts from the folders as they were before that one.
+  await settleCutSwap(folder, 'back');
   // Either may be left by a restore that was interrupted; neither holds anything the live folder lacks.
   await rm(staging, { recursive: true, force: true });
   await rm(previous, { recursive: true, force: true });

@@ -1,5 +1,5 @@
 import { chmodSync, mkdirSync } from 'node:fs';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { PGlite } from '@electric-sql/pglite';
 import { sql } from 'drizzle-orm';
 import { drizzle as drizzlePg } from 'drizzle-orm/node-postgres';
@@ -8,6 +8,7 @@ import type { PgDatabase, PgQueryResultHKT } from 'drizzle-orm/pg-core';
 import { drizzle as drizzlePglite } from 'drizzle-orm/pglite';
 import { migrate as migratePglite } from 'drizzle-orm/pglite/migrator';
 import pg from 'pg';
+import { settleCutSwap } from './backup-store.js';
 import { lockPglite } from './pglite-lock.js';
 import { schema } from './schema.js';
 
@@ -211,14 +212,12 @@ async function checkOut(pool: pg.Pool): Promise<{ client: pg.PoolClient; release
 export async function openPglite(dataDir?: string): Promise<Database> {
   let releaseLock = () => {};
   if (dataDir) {
-    // PGlite writes its files readable and writable by everyone (0666): only its folder keeps other
-    // local users out, as PostgreSQL insists of its own. One made before this was 0755.
-    mkdirSync(dataDir, { recursive: true, mode: 0o700 });
-    chmodSync(dataDir, 0o700);
+    mkdirSync(dirname(dataDir), { recursive: true, mode: 0o700 });
     releaseLock = await lockPglite(dataDir);
   }
   let client: PGlite;
   try {
+    if (dataDir) await prepareFolder(dataDir);
     client = new PGlite(dataDir);
     await client.waitReady;
   } catch (error) {
@@ -242,6 +241,19 @@ export async function openPglite(dataDir?: string): Promise<Database> {
       }
     },
   };
+}
+
+/**
+ * The embedded database's folder, made or settled under its lock: a restore that holds the lock may be
+ * between the renames of its swap. One cut there (killed) had changed nothing else yet, so the database
+ * as it was goes back in its place (`settleCutSwap`).
+ */
+async function prepareFolder(dataDir: string): Promise<void> {
+  await settleCutSwap(dataDir, 'back');
+  // PGlite writes its files readable and writable by everyone (0666): only its folder keeps other
+  // local users out, as PostgreSQL insists of its own. One made before this was 0755.
+  mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+  chmodSync(dataDir, 0o700);
 }
 
 export async function openDatabase(config: { DATABASE_URL?: string | undefined; DATABASE_QUERY_TIMEOUT_MS?: number; DATA_DIR: string }): Promise<Database> {

@@ -1,7 +1,7 @@
 import { execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { rename, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -13,6 +13,7 @@ import pg from 'pg';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, describe, expect, it } from 'vitest';
 import { copyUploads } from '../../src/db/backup-files.js';
+import { stageFolder } from '../../src/db/backup-store.js';
 import { type Db, openPglite, pgliteFolder } from '../../src/db/database.js';
 import { files, idempotencyKeys, messages, projects, prompts, providerFileDeletions, schema, users } from '../../src/db/schema.js';
 import type { FileDto } from '../../src/modules/files/schemas.js';
@@ -452,6 +453,54 @@ describe.runIf(canUsePidNamespaces)('the embedded database held by a server in a
     // refused, as a restarted container is not: the lock's socket tells that nothing listens any more.
     const afterKill = await runBackupCli(['backup', join(scratchFolder(), 'after-kill')], env, { ownPidNamespace: true });
     expect(afterKill.code, afterKill.output).toBe(0);
+  });
+});
+
+// A restore swaps each folder in with two renames: the live one set aside, then its replacement put in
+// its place. Each test leaves the folders as a process killed between the two would.
+describe('a restore cut between the two renames of a swap', () => {
+  const cut = (folder: string, replacement: Record<string, string>) => {
+    renameSync(folder, `${folder}.replaced`);
+    mkdirSync(`${folder}.restoring`);
+    for (const [name, content] of Object.entries(replacement)) writeFileSync(join(`${folder}.restoring`, name), content);
+  };
+
+  it('opens the embedded database that it had set aside, not an empty one in its place', { timeout: 60_000 }, async () => {
+    const folder = pgliteFolder(scratchFolder());
+    const setup = await openPglite(folder);
+    await setup.migrate();
+    await setup.db.insert(users).values({ id: uuidv7(), email: 'kept@example.com', passwordHash: 'x', name: 'Kept' });
+    await setup.close();
+    cut(folder, {});
+    const reopened = await openPglite(folder);
+    try {
+      expect((await reopened.db.select().from(users)).map((u) => u.email)).toEqual(['kept@example.com']);
+    } finally {
+      await reopened.close();
+    }
+    expect(existsSync(`${folder}.replaced`)).toBe(false);
+  });
+
+  it("puts the uploads' replacement in place at the server's start: the database was restored before them", async () => {
+    const dataDir = scratchFolder();
+    const uploadsFolder = join(dataDir, 'files');
+    mkdirSync(uploadsFolder);
+    writeFileSync(join(uploadsFolder, 'old'), 'before the restore');
+    cut(uploadsFolder, { new: 'from the backup' });
+    const t = await startTestApp({ DATA_DIR: dataDir });
+    await t.close();
+    expect(readdirSync(uploadsFolder)).toEqual(['new']);
+    expect(existsSync(`${uploadsFolder}.replaced`)).toBe(false);
+  });
+
+  it('starts a restore run again from the folder as it was, and leaves it so when this one fails too', async () => {
+    const folder = join(scratchFolder(), 'files');
+    mkdirSync(folder);
+    writeFileSync(join(folder, 'old'), 'before the restore');
+    cut(folder, { new: 'from the backup' });
+    await expect(stageFolder(folder, () => Promise.reject(new Error('the disk is full')))).rejects.toThrow('the disk is full');
+    expect(readFileSync(join(folder, 'old'), 'utf8')).toBe('before the restore');
+    expect(readdirSync(dirname(folder))).toEqual(['files']);
   });
 });
 
