@@ -257,7 +257,10 @@ class ChatStreamEvents implements AsyncIterableIterator<StreamEvent> {
   private nextEvent = 0;
   private model: string;
   private usage: Usage | null = null;
-  /** A finish_reason was read: the reply is whole. */
+  /**
+   * A finish_reason was read and no text after it: the reply is whole. Text after one says it was not the
+   * end (Open WebUI puts one on its reasoning chunks, some proxies on every chunk).
+   */
   private finished = false;
   /** The finish_reason came with the delta last given: its wait starts when the consumer asks again. */
   private finishAfterDelta = false;
@@ -266,9 +269,8 @@ class ChatStreamEvents implements AsyncIterableIterator<StreamEvent> {
   /** How the body ended: undefined while it is open, null at its end, else what it failed with. */
   private bodyEnd: Error | null | undefined;
   // Once the reply is whole, what may follow (its usage, [DONE]) comes right behind it: a body that
-  // then neither says [DONE] nor ends is closed after DRAIN_AFTER_DONE_MS, and the reply is done.
+  // then neither says [DONE] nor ends is closed after DRAIN_AFTER_DONE_MS of silence, and the reply is done.
   private afterFinish: NodeJS.Timeout | undefined;
-  private cutAfterFinish = false;
   /** An event was given: a failure from here on is one of the stream under way (see `failed`). */
   private given = false;
   /** Nothing more to give: the done event was given, or a failure, or the consumer stopped. */
@@ -350,6 +352,7 @@ class ChatStreamEvents implements AsyncIterableIterator<StreamEvent> {
           return this.end();
         }
         const data = streamChunk(event);
+        this.afterFinish?.refresh();
         this.model = upstreamModel(data.model, this.model);
         // Servers that ignore stream_options send no usage chunk: usage stays null.
         this.usage = readUsage(data.usage) ?? this.usage;
@@ -357,6 +360,7 @@ class ChatStreamEvents implements AsyncIterableIterator<StreamEvent> {
         const content = choice?.delta?.content;
         const finishes = Boolean(choice?.finish_reason);
         if (typeof content === 'string' && content !== '') {
+          this.unfinish();
           this.finishAfterDelta = finishes;
           return { value: { type: 'delta', content: storable(content) }, done: false };
         }
@@ -370,7 +374,8 @@ class ChatStreamEvents implements AsyncIterableIterator<StreamEvent> {
         continue;
       }
       if (this.bodyEnd === undefined) return undefined;
-      if (this.bodyEnd && !this.cutAfterFinish) throw this.bodyEnd;
+      // A whole reply stays whole when its connection is lost before [DONE], as when it is ended then.
+      if (this.bodyEnd && !this.finished) throw this.bodyEnd;
       return this.end();
     }
   }
@@ -379,10 +384,13 @@ class ChatStreamEvents implements AsyncIterableIterator<StreamEvent> {
     this.finishAfterDelta = false;
     if (this.finished) return;
     this.finished = true;
-    this.afterFinish = setTimeout(() => {
-      this.cutAfterFinish = true;
-      this.body.destroy();
-    }, DRAIN_AFTER_DONE_MS).unref();
+    this.afterFinish = setTimeout(() => this.body.destroy(), DRAIN_AFTER_DONE_MS).unref();
+  }
+
+  private unfinish(): void {
+    clearTimeout(this.afterFinish);
+    this.afterFinish = undefined;
+    this.finished = false;
   }
 
   /** The done event, once the body ended or said [DONE]. */

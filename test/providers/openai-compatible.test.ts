@@ -1,5 +1,5 @@
 import { mkdtempSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:http';
+import { createServer, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -59,6 +59,24 @@ async function drain(stream: AsyncIterable<StreamEvent>): Promise<{ events: Stre
 function deltas(events: StreamEvent[]): string[] {
   return events.flatMap((event) => (event.type === 'delta' ? [event.content] : []));
 }
+
+/** A stream's events written as `script` writes them, by an upstream of its own that `use` calls at its base URL. */
+async function withScriptedStream<T>(script: (res: ServerResponse) => Promise<void>, use: (baseURL: string) => Promise<T>): Promise<T> {
+  const upstream = createServer((_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' });
+    void script(res);
+  });
+  await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve));
+  try {
+    return await use(`http://127.0.0.1:${(upstream.address() as AddressInfo).port}/v1`);
+  } finally {
+    upstream.closeAllConnections();
+    await new Promise((resolve) => upstream.close(resolve));
+  }
+}
+
+/** One `data:` event of a stream: a chunk of `choice`. */
+const streamed = (choice: object, extra: object = {}) => `data: ${JSON.stringify({ model: 'local-model', choices: [choice], ...extra })}\n\n`;
 
 /** What of an error can reach a client: its problem detail, extensions and headers. */
 function clientVisible(error: unknown): string {
@@ -390,41 +408,64 @@ describe('stream', () => {
     ['all in one write', Number.POSITIVE_INFINITY],
     ['in writes of 5 bytes, cut within events, lines and characters', 5],
   ])('reads the events however the body comes in pieces: %s', async (_, pieceBytes) => {
-    const chunk = (choice: object, extra: object = {}) => `data: ${JSON.stringify({ model: 'local-model', choices: [choice], ...extra })}\n\n`;
     const body = Buffer.from(
       ': a comment\n\n' +
-        chunk({ index: 0, delta: { role: 'assistant', content: 'héllo ' } }) +
-        chunk({ index: 0, delta: { content: '🙂 wörld' } }) +
+        streamed({ index: 0, delta: { role: 'assistant', content: 'héllo ' } }) +
+        streamed({ index: 0, delta: { content: '🙂 wörld' } }) +
         // The last words and the finish_reason in one chunk, as some servers send them.
-        chunk({ index: 0, delta: { content: '!' }, finish_reason: 'stop' }) +
+        streamed({ index: 0, delta: { content: '!' }, finish_reason: 'stop' }) +
         `data: ${JSON.stringify({ choices: [], usage: { prompt_tokens: 5, completion_tokens: 3, total_tokens: 8 } })}\n\n` +
         'data: [DONE]\n\n',
     );
-    const upstream = createServer((_req, res) => {
-      res.writeHead(200, { 'content-type': 'text/event-stream' });
-      void (async () => {
-        for (let at = 0; at < body.length; at += pieceBytes) {
-          res.write(body.subarray(at, at + pieceBytes));
-          await new Promise((resolve) => setTimeout(resolve, 1));
-        }
-        res.end();
-      })();
-    });
-    await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve));
-    try {
-      const { port } = upstream.address() as AddressInfo;
-      const { events, error } = await drain(adapter({ baseURL: `http://127.0.0.1:${port}/v1` }).stream(chat()));
-      expect(error).toBeUndefined();
-      expect(events).toEqual([
-        { type: 'delta', content: 'héllo ' },
-        { type: 'delta', content: '🙂 wörld' },
-        { type: 'delta', content: '!' },
-        { type: 'done', model: 'local-model', usage: { promptTokens: 5, completionTokens: 3, totalTokens: 8 } },
-      ]);
-    } finally {
-      upstream.closeAllConnections();
-      await new Promise((resolve) => upstream.close(resolve));
-    }
+    const script = async (res: ServerResponse) => {
+      for (let at = 0; at < body.length; at += pieceBytes) {
+        res.write(body.subarray(at, at + pieceBytes));
+        await new Promise((resolve) => setTimeout(resolve, 1));
+      }
+      res.end();
+    };
+    const { events, error } = await withScriptedStream(script, (baseURL) => drain(adapter({ baseURL }).stream(chat())));
+    expect(error).toBeUndefined();
+    expect(events).toEqual([
+      { type: 'delta', content: 'héllo ' },
+      { type: 'delta', content: '🙂 wörld' },
+      { type: 'delta', content: '!' },
+      { type: 'done', model: 'local-model', usage: { promptTokens: 5, completionTokens: 3, totalTokens: 8 } },
+    ]);
+  });
+
+  // Open WebUI puts a finish_reason on its reasoning chunks, some proxies on every chunk: the text that
+  // follows it is the answer's, however long after it comes. It was cut 1 s after the first, and stored
+  // as complete.
+  it('reads on past a finish_reason that more text follows', async () => {
+    const script = async (res: ServerResponse) => {
+      res.write(streamed({ index: 0, delta: { reasoning_content: 'Thinking.' }, finish_reason: 'stop' }));
+      for (const word of ['one ', 'two ', 'three']) {
+        await new Promise((resolve) => setTimeout(resolve, 600));
+        res.write(streamed({ index: 0, delta: { content: word }, finish_reason: 'stop' }));
+      }
+      res.end('data: [DONE]\n\n');
+    };
+    const { events, error } = await withScriptedStream(script, (baseURL) => drain(adapter({ baseURL }).stream(chat())));
+    expect(error).toBeUndefined();
+    expect(deltas(events)).toEqual(['one ', 'two ', 'three']);
+    expect(events.at(-1)).toMatchObject({ type: 'done' });
+  });
+
+  // Whole by its finish_reason, as when the upstream then ends the response without [DONE], or leaves it open.
+  it('ends with done when the connection is reset after the finish_reason', async () => {
+    const script = async (res: ServerResponse) => {
+      res.write(streamed({ index: 0, delta: { content: 'whole' } }));
+      res.write(streamed({ index: 0, delta: {}, finish_reason: 'stop' }));
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      res.socket?.destroy();
+    };
+    const { events, error } = await withScriptedStream(script, (baseURL) => drain(adapter({ baseURL }).stream(chat())));
+    expect(error).toBeUndefined();
+    expect(events).toEqual([
+      { type: 'delta', content: 'whole' },
+      { type: 'done', model: 'local-model', usage: null },
+    ]);
   });
 
   it('answers calls of next() made at once in order, as a generator would', async () => {
