@@ -5,14 +5,14 @@ import { MESSAGE_OVERHEAD_TOKENS } from '../../src/providers/models.js';
 async function* noHistory() {}
 
 /** A turn of `prompts`, a one-token message and no files or history, within 1,000 tokens. */
-const contextOf = (prompts: string[], countTokens: (text: string) => number) =>
+const contextOf = (prompts: string[], countTokens: (text: string) => number | Promise<number>) =>
   buildContext({
-    prompts,
+    prompts: prompts.map((content) => ({ content })),
     filesSection: async () => undefined,
     history: noHistory,
     newMessage: { content: 'hello', tokens: 1 },
     budget: 1_000,
-    countTokens,
+    promptTokens: ({ content }) => countTokens(content),
   });
 
 describe('buildContext', () => {
@@ -28,8 +28,8 @@ describe('buildContext', () => {
     expect(counted).toEqual(prompts.slice(0, 10));
   });
 
-  it('counts every prompt of a turn that fits', async () => {
-    const result = await contextOf(['a', 'b', 'c'], () => 100);
+  it('counts every prompt of a turn that fits, counts given later included', async () => {
+    const result = await contextOf(['a', 'b', 'c'], (text) => (text === 'b' ? Promise.resolve(100) : 100));
     expect(result).toMatchObject({ fits: true, promptTokens: MESSAGE_OVERHEAD_TOKENS + 1 + 3 * (MESSAGE_OVERHEAD_TOKENS + 100) });
   });
 });

@@ -268,6 +268,20 @@ describe('context budget', () => {
     expect(await storedThere(projectId)).toHaveLength(24);
   });
 
+  // A prompt's count is kept from one turn to the next (counting all of a project's long prompts every
+  // turn held the event loop for seconds); a changed prompt is counted again.
+  it('counts a prompt again once it is changed', async () => {
+    const projectId = (await createProject(budgeted.app, owner)).id;
+    const prompt = await createPrompt(budgeted.app, owner, projectId, { title: 'p', content: 'word '.repeat(150) });
+    const edit = (content: string) =>
+      budgeted.app.inject({ method: 'PATCH', url: `/api/v1/projects/${projectId}/prompts/${prompt.id}`, headers: owner.auth, payload: { content } });
+    expect((await send(projectId, 'hi')).statusCode).toBe(200);
+    expect((await edit('word '.repeat(250))).statusCode).toBe(200);
+    expectProblem(await send(projectId, 'hi'), 400, 'CONTEXT_TOO_LONG');
+    expect((await edit('word '.repeat(100))).statusCode).toBe(200);
+    expect((await send(projectId, 'hi')).statusCode).toBe(200);
+  });
+
   it('stores a question that fits only by its tokens (not a token a byte) once the turn is checked, counted for the model', async () => {
     const projectId = await briefProject();
     // 130 bytes: within the budget even a token a byte (the turn's read stores it); 500 bytes: only by its 100 tokens.

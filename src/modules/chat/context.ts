@@ -9,9 +9,9 @@ export interface HistoryMessage {
   tokens: number;
 }
 
-export interface ContextInput {
+export interface ContextInput<P extends { content: string } = { content: string }> {
   /** The project's system prompts, oldest first. */
-  prompts: string[];
+  prompts: P[];
   /** The project's files as one system message that fits in `budget` tokens; undefined when none do. */
   filesSection(budget: number): Promise<FilesSection | undefined>;
   /**
@@ -23,8 +23,8 @@ export interface ContextInput {
   newMessage: { content: string; tokens: number };
   /** Tokens available for the request: the model's context minus what is kept for the reply. */
   budget: number;
-  /** Tokens of a text (a prompt). */
-  countTokens(text: string): number;
+  /** Tokens of a prompt's content; a promise when counting them took long enough to let other work run after it. */
+  promptTokens(prompt: P): number | Promise<number>;
 }
 
 export type ContextResult =
@@ -38,15 +38,15 @@ export type ContextResult =
  * out first; prompts and the new message never are: when they alone exceed the budget the result says
  * so. The files section comes before history: it gets what prompts and message leave, history the rest.
  */
-export async function buildContext(input: ContextInput): Promise<ContextResult> {
-  const system: ChatMessage[] = input.prompts.map((content) => ({ role: 'system', content }));
+export async function buildContext<P extends { content: string }>(input: ContextInput<P>): Promise<ContextResult> {
+  const system: ChatMessage[] = input.prompts.map(({ content }) => ({ role: 'system', content }));
   const question: ChatMessage = { role: 'user', content: input.newMessage.content };
   let used = MESSAGE_OVERHEAD_TOKENS + input.newMessage.tokens;
-  for (const message of system) {
+  for (const prompt of input.prompts) {
     // Counted only until the budget is passed: the turn is refused whatever the rest hold, and a project
     // may have many long prompts, whose counting would hold the event loop for every user of the process.
     if (used > input.budget) break;
-    used += MESSAGE_OVERHEAD_TOKENS + input.countTokens(message.content);
+    used += MESSAGE_OVERHEAD_TOKENS + (await input.promptTokens(prompt));
   }
   if (used > input.budget) return { fits: false, requiredTokens: used };
 

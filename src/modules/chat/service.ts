@@ -7,6 +7,7 @@ import { assertTokenCurrent, type AuthUser } from '../../http/auth.js';
 import { ApiError, Conflict, FailureNaming, NotFound } from '../../http/errors.js';
 import { contextWindow, countTokens, encodingName, MESSAGE_OVERHEAD_TOKENS, REPLY_PRIMING_TOKENS } from '../../providers/models.js';
 import { CallDeadline } from '../../providers/abort.js';
+import { TokenCounts } from '../../providers/token-counts.js';
 import type { ProviderRegistry } from '../../providers/registry.js';
 import {
   type ChatMessage,
@@ -96,7 +97,8 @@ function turnStatementOn(db: Db) {
       projectId: projects.id,
       provider: projects.provider,
       model: projects.model,
-      prompts: sql<string[]>`(select coalesce(json_agg(${prompts.content} order by ${prompts.id}), '[]')
+      prompts: sql<TurnPrompt[]>`(select coalesce(json_agg(json_build_object('id', ${prompts.id}, 'updatedAt', ${prompts.updatedAt},
+          'content', ${prompts.content}) order by ${prompts.id}), '[]')
         from ${prompts} where ${prompts.projectId} = ${projects.id})`,
       files: chatFilesOf(projects.id),
       history: historyPage(projects.id, undefined, HISTORY_PAGES[0]!),
@@ -154,6 +156,16 @@ interface TurnStatements {
   insertAnswer: ReturnType<typeof answerStatementOn>;
 }
 
+/** A project's prompt as a turn reads it: its version (id and last change) names its token count. */
+interface TurnPrompt {
+  id: string;
+  updatedAt: string;
+  content: string;
+}
+
+/** A prompt this long (in UTF-16 units) takes milliseconds to count: the event loop runs other work after it. */
+const LONG_PROMPT = 10_000;
+
 /** Everything a turn needs, settled before anything is stored: a rejected turn leaves no trace. */
 export interface PreparedTurn {
   projectId: string;
@@ -210,6 +222,7 @@ export class ChatService {
   private readonly historyPageStatement;
   private readonly insertQuestionStatement;
   private readonly historyCache: HistoryCache;
+  private readonly promptCounts = new TokenCounts<number>();
   /** The model and token budget of a project that names neither provider nor model, when its provider is configured. */
   private readonly defaultTurn: { model: string; encoding: string; budget: number } | undefined;
 
@@ -300,7 +313,7 @@ export class ChatService {
       history: (room) => this.newestHistory(ownedId, row.history, model, room),
       newMessage: { content: text, tokens: textTokens },
       budget,
-      countTokens: (content) => countTokens(content, model),
+      promptTokens: (prompt) => this.promptTokens(prompt, model, encoding),
     }).catch(async (error: unknown) => {
       // A file's bytes unreadable, a page of history the database failed to give: the question is stored.
       throw row.questionStoredAt ? await this.failedAfterStoring(questionId, durable, error) : error;
@@ -348,6 +361,21 @@ export class ChatService {
     let statements = this.statements.get(db);
     if (!statements) this.statements.set(db, (statements = { read: turnStatementOn(db), flush: flushStatementOn(db), insertAnswer: answerStatementOn(db) }));
     return statements;
+  }
+
+  /**
+   * A prompt's tokens in `model`'s encoding, counted once per version of the prompt and kept. One that took
+   * long to count (a prompt is up to 100,000 characters: a fifth of a second of some texts) lets the other
+   * requests waiting run before the next is counted, so that a project's many long prompts, counted
+   * for the first time, do not hold the event loop for seconds.
+   */
+  private promptTokens(prompt: TurnPrompt, model: string, encoding: string): number | Promise<number> {
+    const version = `${prompt.id} ${prompt.updatedAt} ${prompt.content.length}`;
+    const known = this.promptCounts.get(version, encoding);
+    if (known !== undefined) return known;
+    const tokens = countTokens(prompt.content, model);
+    this.promptCounts.set(version, encoding, tokens);
+    return prompt.content.length < LONG_PROMPT ? tokens : new Promise((resolve) => setImmediate(resolve, tokens));
   }
 
   /** The tokens a request for `model` may take: its context window less what is kept for the reply. */

@@ -1,4 +1,5 @@
 import { isHighSurrogate, MESSAGE_OVERHEAD_TOKENS } from '../../providers/models.js';
+import { TokenCounts } from '../../providers/token-counts.js';
 import type { ChatMessage } from '../../providers/types.js';
 import { isTextType } from './content-type.js';
 import { bytesGone } from './storage.js';
@@ -49,27 +50,10 @@ export interface FilesSectionOptions {
 type EntryCount = { tokens: number } | { over: number };
 
 /**
- * The token counts of text files' entries (the line naming a file, and its text), by file and encoding,
- * from the turns before: a file's bytes and name never change, so a count holds for as long as the
- * file is there. Counting a large file is most of a turn's work otherwise (a 300 KB file: 50 ms of
- * the event loop, every turn). The oldest counts go past `maxEntries`.
+ * The counts of text files' entries (the line naming a file, and its text), by file: a file's bytes and
+ * name never change, so a count holds for as long as the file is there.
  */
-export class EntryCounts {
-  private readonly counts = new Map<string, EntryCount>();
-
-  constructor(private readonly maxEntries = 10_000) {}
-
-  get(fileId: string, encoding: string): EntryCount | undefined {
-    return this.counts.get(`${fileId} ${encoding}`);
-  }
-
-  set(fileId: string, encoding: string, count: EntryCount): void {
-    const key = `${fileId} ${encoding}`;
-    this.counts.delete(key);
-    this.counts.set(key, count);
-    if (this.counts.size > this.maxEntries) this.counts.delete(this.counts.keys().next().value!);
-  }
-}
+export class EntryCounts extends TokenCounts<EntryCount> {}
 
 const HEADER = 'Files attached to this project, newest first:';
 const PDF = 'application/pdf';
