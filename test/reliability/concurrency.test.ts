@@ -100,3 +100,31 @@ async function walkHistory(projectId: string): Promise<MessageDto[]> {
   } while (cursor);
   return all;
 }
+
+// Every other write under a project or an account checks its key there (a chat's messages the project,
+// a keyed chat's key the account): a create that locked the parent against them, then marked it with its
+// new key (migration 0011), deadlocked with another create waiting for the same lock. PostgreSQL broke
+// the cycle by failing one create: 500.
+it.each([
+  ['prompts into a project', (projectId: string, i: number) => ({ url: `/api/v1/projects/${projectId}/prompts`, payload: { title: `p${i}`, content: 'Be brief.' } })],
+  ['projects into an account', (_: string, i: number) => ({ url: '/api/v1/projects', payload: { name: `project ${i}` } })],
+])('creates %s while chats run under the same parent, each one 201', async (_, create) => {
+  t.fake.setDefault({ delayMs: 0 });
+  const statuses: number[] = [];
+  for (let round = 0; round < 10; round++) {
+    const owner = await registerUser(t.app);
+    const projectId = (await createProject(t.app, owner)).id;
+    const chats = Array.from({ length: 6 }, (_, i) =>
+      t.app.inject({
+        method: 'POST',
+        url: `/api/v1/projects/${projectId}/chat`,
+        headers: { ...owner.auth, 'idempotency-key': `key-${uuidv7()}` },
+        payload: { message: `chat ${i}` },
+      }),
+    );
+    const creates = Array.from({ length: 6 }, (_, i) => t.app.inject({ method: 'POST', headers: owner.auth, ...create(projectId, i) }));
+    const [created] = await Promise.all([Promise.all(creates), Promise.all(chats)]);
+    statuses.push(...created.map((response) => response.statusCode));
+  }
+  expect(statuses.filter((status) => status !== 201)).toEqual([]);
+});

@@ -105,8 +105,11 @@ export interface LimitedInsert<Row> {
  * the counter function, which takes a snapshot of its own (it is VOLATILE): it sees every row committed
  * by the creates that held the lock before. A count(*) in the statement itself would not: the
  * statement's snapshot is taken when it starts, before its lock is granted, and N creates at once with
- * one slot left would each count the same and all insert. FOR NO KEY UPDATE, not FOR UPDATE: it neither
- * waits for nor holds up the foreign-key checks of other writes under the parent (a chat's messages).
+ * one slot left would each count the same and all insert. FOR UPDATE: the statement then writes the
+ * parent row too (its newest key, `marked`). Under FOR NO KEY UPDATE the foreign-key checks of other
+ * writes under the parent (a chat's messages, a keyed chat's key) share the row meanwhile, so that the
+ * write had to wait for the next create queued for the lock, which waited for this one: PostgreSQL
+ * failed one of the two (a deadlock), a 500. Those checks now wait for this one statement instead.
  *
  * What the list of the rows under the parent is ordered by (`order`: the id, or the time and then the
  * id) is made after the lock too, later than that of every row under the parent, so that it follows
@@ -116,7 +119,7 @@ export interface LimitedInsert<Row> {
  */
 export function limitedInsert<Table extends PgTable>(db: Db, options: LimitedInsertOptions<Table>): LimitedInsert<Table['$inferSelect']> {
   const { name, limit, table } = options;
-  const parent = db.$with('parent').as(db.select({ id: options.parent.table.id }).from(options.parent.table).where(options.parent.where).for('no key update'));
+  const parent = db.$with('parent').as(db.select({ id: options.parent.table.id }).from(options.parent.table).where(options.parent.where).for('update'));
   const columns = getTableColumns(table) as Record<string, PgColumn>;
   const madeUnderLock = (fn: string) => sql`${sql.raw(fn)}(${parent.id})`;
   const { order } = options;
