@@ -246,18 +246,43 @@ function readEnvironment(env: NodeJS.ProcessEnv): Environment & Pick<Env, 'JWT_S
   return { ...values, DATA_DIR: resolve(values.DATA_DIR) };
 }
 
+/** How long a secret file found shorter than a secret is given to be written whole, before it is replaced. */
+const PARTIAL_SECRET_WAIT_MS = 2_000;
+const PARTIAL_SECRET_RETRY_MS = 50;
+
+/**
+ * DATA_DIR/jwt-secret, made once when there is none. Instances started at once on one DATA_DIR each found
+ * none and each kept a secret of its own, refusing the others' tokens: the file is now created only
+ * where there is none, and whoever finds it made reads it, waiting while it is shorter than a secret (its
+ * writer not done yet). One that stays short (cut, edited by hand) is replaced.
+ */
 function loadOrCreateSecret(dataDir: string): string {
   const file = join(dataDir, 'jwt-secret');
-  try {
-    const stored = readFileSync(file, 'utf8').trim();
-    if (stored.length >= 32) return stored;
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw unusableDataDir(dataDir, error);
+  for (let waited = 0; ; waited += PARTIAL_SECRET_RETRY_MS) {
+    let stored: string | undefined;
+    try {
+      stored = readFileSync(file, 'utf8').trim();
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw unusableDataDir(dataDir, error);
+    }
+    if (stored !== undefined && stored.length >= 32) return stored;
+    requireWritableDataDir(dataDir);
+    const secret = randomBytes(48).toString('base64url');
+    if (stored === undefined) {
+      try {
+        writeFileSync(file, secret + '\n', { mode: 0o600, flag: 'wx' });
+        return secret;
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw unusableDataDir(dataDir, error);
+        continue; // made meanwhile by another process: its secret is the one
+      }
+    }
+    if (waited >= PARTIAL_SECRET_WAIT_MS) {
+      writeFileSync(file, secret + '\n', { mode: 0o600 });
+      return secret;
+    }
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, PARTIAL_SECRET_RETRY_MS);
   }
-  requireWritableDataDir(dataDir);
-  const secret = randomBytes(48).toString('base64url');
-  writeFileSync(file, secret + '\n', { mode: 0o600 });
-  return secret;
 }
 
 /**

@@ -1,4 +1,5 @@
-import { mkdtempSync, readFileSync, statSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { mkdtempSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -188,6 +189,23 @@ describe('loadConfig', () => {
     expect(readFileSync(join(dir, 'jwt-secret'), 'utf8').trim()).toBe(first.JWT_SECRET);
     expect(statSync(join(dir, 'jwt-secret')).mode & 0o077).toBe(0);
     expect(loadConfig({ DATA_DIR: dataDir() }).JWT_SECRET).not.toBe(first.JWT_SECRET);
+  });
+
+  // Found shorter than a secret: another process is writing it (instances started at once on one DATA_DIR,
+  // each of which kept a secret of its own and refused the others' tokens), or it was cut short.
+  it('reads the secret another process is writing, and replaces one that stays too short', () => {
+    const dir = dataDir();
+    const file = join(dir, 'jwt-secret');
+    writeFileSync(file, '');
+    const theirs = 'secret-of-the-process-that-made-the-file-0123456789';
+    const writer = spawn('sh', ['-c', `sleep 0.3; printf '%s\\n' "$0" > "$1"`, theirs, file], { stdio: 'ignore' });
+    expect(loadConfig({ DATA_DIR: dir }).JWT_SECRET).toBe(theirs);
+    writer.unref();
+
+    writeFileSync(file, 'too short\n');
+    const replaced = loadConfig({ DATA_DIR: dir }).JWT_SECRET;
+    expect(replaced.length).toBeGreaterThanOrEqual(32);
+    expect(readFileSync(file, 'utf8').trim()).toBe(replaced);
   });
 
   it('refuses an AI_CONTEXT_TOKENS that leaves no room for a message besides the reply, in one line', () => {
