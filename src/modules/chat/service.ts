@@ -163,8 +163,8 @@ interface TurnPrompt {
   content: string;
 }
 
-/** A prompt this long (in UTF-16 units) takes milliseconds to count: the event loop runs other work after it. */
-const LONG_PROMPT = 10_000;
+/** A text this long (in UTF-16 units) takes milliseconds to count: the event loop runs other work after it. */
+const LONG_TEXT = 10_000;
 
 /** Everything a turn needs, settled before anything is stored: a rejected turn leaves no trace. */
 export interface PreparedTurn {
@@ -222,7 +222,8 @@ export class ChatService {
   private readonly historyPageStatement;
   private readonly insertQuestionStatement;
   private readonly historyCache: HistoryCache;
-  private readonly promptCounts = new TokenCounts<number>();
+  /** Counts of prompts (by version) and of stored messages in an encoding they were not stored with (by id). */
+  private readonly textCounts = new TokenCounts<number>();
   /** The model and token budget of a project that names neither provider nor model, when its provider is configured. */
   private readonly defaultTurn: { model: string; encoding: string; budget: number } | undefined;
 
@@ -363,19 +364,23 @@ export class ChatService {
     return statements;
   }
 
-  /**
-   * A prompt's tokens in `model`'s encoding, counted once per version of the prompt and kept. One that took
-   * long to count (a prompt is up to 100,000 characters: a fifth of a second of some texts) lets the other
-   * requests waiting run before the next is counted, so that a project's many long prompts, counted
-   * for the first time, do not hold the event loop for seconds.
-   */
+  /** A prompt's tokens in `model`'s encoding, counted once per version of the prompt (see `textTokens`). */
   private promptTokens(prompt: TurnPrompt, model: string, encoding: string): number | Promise<number> {
-    const version = `${prompt.id} ${prompt.updatedAt} ${prompt.content.length}`;
-    const known = this.promptCounts.get(version, encoding);
+    return this.textTokens(`${prompt.id} ${prompt.updatedAt} ${prompt.content.length}`, prompt.content, model, encoding);
+  }
+
+  /**
+   * The tokens of a text that does not change under `key`, in `model`'s encoding: counted once and kept.
+   * One that took long to count (a prompt or a message is up to 100,000 characters: a fifth of a second of
+   * some texts) lets the requests waiting run before the next is counted, so that a project's many long
+   * prompts, or a long history under a model of another encoding, do not hold the event loop for seconds.
+   */
+  private textTokens(key: string, content: string, model: string, encoding: string): number | Promise<number> {
+    const known = this.textCounts.get(key, encoding);
     if (known !== undefined) return known;
-    const tokens = countTokens(prompt.content, model);
-    this.promptCounts.set(version, encoding, tokens);
-    return prompt.content.length < LONG_PROMPT ? tokens : new Promise((resolve) => setImmediate(resolve, tokens));
+    const tokens = countTokens(content, model);
+    this.textCounts.set(key, encoding, tokens);
+    return content.length < LONG_TEXT ? tokens : new Promise((resolve) => setImmediate(resolve, tokens));
   }
 
   /** The tokens a request for `model` may take: its context window less what is kept for the reply. */
@@ -515,7 +520,7 @@ export class ChatService {
         const fits: HistoryMessage[] = [];
         for (const message of page) {
           const counted = message.encoding === encoding && message.tokens !== null;
-          const tokens = counted ? message.tokens! : countTokens(message.content, model);
+          const tokens = counted ? message.tokens! : await this.textTokens(message.id, message.content, model, encoding);
           room -= MESSAGE_OVERHEAD_TOKENS + tokens;
           if (room < 0) break; // the room is spent: no older message goes in
           fitted.push(message);
