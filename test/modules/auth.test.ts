@@ -218,9 +218,30 @@ describe('login', () => {
       // While the change's comparison at cost 11 runs (over 100 ms).
       await new Promise((resolve) => setTimeout(resolve, 40));
       const [changed, loggedIn] = await Promise.all([change, login(user.password)]);
-      expect([changed.statusCode, loggedIn.statusCode]).toEqual([204, 200]);
-      expect((await login('new-password-1')).statusCode).toBe(200);
+      // The change committed while the login hashed the old password again: the old password no longer
+      // signs in (a session of it would be refused at its first use, as the change revoked it).
+      expect(changed.statusCode).toBe(204);
+      expectProblem(loggedIn, 401, 'UNAUTHORIZED');
+      const session = await login('new-password-1');
+      expect(session.statusCode).toBe(200);
+      expect((await one.app.inject({ method: 'GET', url: '/api/v1/auth/me', headers: { authorization: `Bearer ${session.json().token}` } })).statusCode).toBe(200);
       expectProblem(await login(user.password), 401, 'UNAUTHORIZED');
+    } finally {
+      await one.close();
+    }
+  });
+
+  // The login's comparison waits on the one hashing thread behind the deletion's, which commits first.
+  it('refuses a login whose account is deleted while its password is compared', async () => {
+    const one = await startTestApp({ BCRYPT_ROUNDS: '12', PASSWORD_HASH_THREADS: '1' });
+    try {
+      const user = await registerUser(one.app);
+      const deleted = one.app.inject({ method: 'DELETE', url: '/api/v1/auth/me', headers: user.auth, payload: { password: user.password } });
+      // While the deletion's comparison at cost 12 runs (a quarter of a second).
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      const login = one.app.inject({ method: 'POST', url: '/api/v1/auth/login', payload: { email: user.email, password: user.password } });
+      expect((await deleted).statusCode).toBe(204);
+      expectProblem(await login, 401, 'UNAUTHORIZED');
     } finally {
       await one.close();
     }

@@ -54,25 +54,36 @@ export class AuthService {
     const hash = row?.passwordHash ?? (await this.unknownUserHash());
     const matches = await this.passwords.compare(input.password, hash);
     if (!row || !matches) throw new Unauthorized('Invalid email or password');
-    if (this.passwords.needsRehash(row.passwordHash)) await this.rehash(row, input.password, log);
-    return this.session(row);
+    const rehashed = this.passwords.needsRehash(row.passwordHash) ? await this.rehash(row, input.password, log) : undefined;
+    // Read again once the password matched: a password change or the account's deletion may have committed
+    // while it was compared (behind other hashes on the threads), and a session of the password as it was
+    // would be refused at its first use, or a deleted account's.
+    const [current] = await this.db.select({ tokenVersion: users.tokenVersion, passwordHash: users.passwordHash }).from(users).where(eq(users.id, row.id));
+    if (!current || (current.passwordHash !== row.passwordHash && current.passwordHash !== rehashed)) {
+      throw new Unauthorized('Invalid email or password');
+    }
+    return this.session({ ...row, tokenVersion: current.tokenVersion });
   }
 
   /**
    * Hashes a password just verified again at the configured cost (`BCRYPT_ROUNDS` changed since it was
    * hashed), so that its logins take as long as an unknown email's. Tokens stay valid: the password is
    * the same. Only while the hash is still the one verified: a password changed meanwhile is kept. A
-   * failure (a full queue) costs the login nothing; the next one tries again.
+   * failure (a full queue) costs the login nothing; the next one tries again. Resolves with the new hash
+   * when it was stored.
    */
-  private async rehash(row: UserRow, password: string, log: FastifyBaseLogger): Promise<void> {
+  private async rehash(row: UserRow, password: string, log: FastifyBaseLogger): Promise<string | undefined> {
     try {
       const passwordHash = await this.passwords.hash(password);
-      await this.db
+      const stored = await this.db
         .update(users)
         .set({ passwordHash })
-        .where(and(eq(users.id, row.id), eq(users.passwordHash, row.passwordHash)));
+        .where(and(eq(users.id, row.id), eq(users.passwordHash, row.passwordHash)))
+        .returning({ id: users.id });
+      return stored.length ? passwordHash : undefined;
     } catch (error) {
       log.warn({ err: error }, 'password not hashed again at the configured cost');
+      return undefined;
     }
   }
 
