@@ -90,9 +90,12 @@ export async function registerRateLimits(app: FastifyInstance, config: Config): 
   };
   // Counted when the attempt fails, before its answer is written. Counted once the answer had been sent
   // (an `onResponse` hook), an attempt whose client hung up first, its password compared all the same,
-  // was never counted, and the cap never reached.
+  // was never counted, and the cap never reached. Only refusals of what the client sent: the server's own
+  // 503s (its hashing threads busy, its database down) counted too locked every user behind a busy
+  // address out for 15 minutes.
   const countFailedLogin = async (request: FastifyRequest, _reply: FastifyReply, error: Error) => {
-    if (toProblem(error, request).status !== 429) await failedLogins(request);
+    const { status } = toProblem(error, request);
+    if (status < 500 && status !== 429) await failedLogins(request);
   };
   const register = limiter('register', config.RATE_LIMIT_REGISTER, 60 * MINUTE, (request) => addressKey(request.ip));
   const chat = limiter('chat', config.RATE_LIMIT_CHAT, MINUTE, (request) => request.user.id);

@@ -146,6 +146,27 @@ describe('login, against a flood of other emails', () => {
     for (let i = 0; i < 40; i++) expect((await login(t.app, address, (await newUser()).email, PASSWORD)).statusCode).toBe(200);
   });
 
+  // Logins of the right password that the server could not check then (its one hashing thread busy, no
+  // queue): 503s counted as failures locked the address out once there were 10 (RATE_LIMIT_LOGIN of 1).
+  it("does not count the server's own 503s as failed logins", async () => {
+    const busy = await startTestAppWithUpstream({ RATE_LIMIT_LOGIN: '1', RATE_LIMIT_REGISTER: '1000', PASSWORD_HASH_THREADS: '1', PASSWORD_HASH_QUEUE: '0' });
+    try {
+      const users: RegisteredUser[] = [];
+      for (let i = 0; i < 25; i++) users.push(await newUser(busy.app));
+      const address = newAddress();
+      const statuses: number[] = [];
+      for (let pair = 0; pair < 12; pair++) {
+        const both = await Promise.all(users.slice(2 * pair, 2 * pair + 2).map((user) => login(busy.app, address, user.email, PASSWORD)));
+        statuses.push(...both.map((response) => response.statusCode));
+      }
+      expect(statuses).not.toContain(429);
+      expect(statuses.filter((status) => status === 503).length).toBeGreaterThan(10);
+      expect((await login(busy.app, address, users[24]!.email, PASSWORD)).statusCode).toBe(200);
+    } finally {
+      await busy.close();
+    }
+  });
+
   it('keeps the counters of a guessed account through a flood from 5,000 other addresses', async () => {
     const user = await newUser();
     const address = newAddress();
