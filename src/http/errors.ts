@@ -27,6 +27,8 @@ export const PROBLEM_STATUS = {
   REQUEST_TIMEOUT: 408,
   HEADERS_TOO_LARGE: 431,
   INSUFFICIENT_STORAGE: 507,
+  // Never sent: its client is gone (nginx's code for that). It says so in the log.
+  CLIENT_CLOSED_REQUEST: 499,
 } as const;
 
 export type ProblemCode = keyof typeof PROBLEM_STATUS;
@@ -101,6 +103,29 @@ export class ServiceUnavailable extends ApiError {
   constructor(detail = 'The database is unavailable; try again shortly') {
     super(503, 'SERVICE_UNAVAILABLE', detail);
   }
+}
+
+/** Work given up because its client went away before its answer: nobody would hear it. */
+export class ClientGone extends ApiError {
+  constructor() {
+    super(499, 'CLIENT_CLOSED_REQUEST', 'The client closed its connection before the answer');
+  }
+}
+
+/**
+ * Aborts once the client of `reply` has gone before its answer was written whole: work queued for it
+ * need not be done.
+ */
+export function clientGoneSignal(reply: FastifyReply): AbortSignal {
+  const gone = new AbortController();
+  const { raw } = reply;
+  // With an AbortError, as any caller giving up on a call: what the call then fails with is no error of its own.
+  const leave = () => {
+    if (!raw.writableFinished) gone.abort();
+  };
+  if (raw.destroyed) leave();
+  else raw.once('close', leave);
+  return gone.signal;
 }
 
 /** A request refused, or a chat turn interrupted, because the server is shutting down. */

@@ -1,9 +1,10 @@
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { type AddressInfo, connect } from 'node:net';
 import { getPriority } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import bcrypt from 'bcrypt';
 import { afterEach, describe, expect, it, vi } from 'vitest';
-import { ShuttingDown } from '../../src/http/errors.js';
+import { ClientGone, ShuttingDown } from '../../src/http/errors.js';
 import { type PasswordHasherConfig, PasswordHashingBusy, PasswordHasher } from '../../src/modules/auth/password-hasher.js';
 import { expectProblem, registerUser, startTestApp, type TestApp, uniqueEmail } from '../support/app.js';
 
@@ -81,6 +82,19 @@ describe('PasswordHasher', () => {
     expect(await Promise.all([running, waiting])).toEqual([expect.stringMatching(/^\$2b\$08\$/), expect.stringMatching(/^\$2b\$08\$/)]);
     // The queue has room again.
     expect(await passwords.hash('fourth one')).toMatch(/^\$2b\$08\$/);
+  });
+
+  it('gives up a job whose client has gone while it waits, and frees its place in the queue', async () => {
+    const passwords = start({ BCRYPT_ROUNDS: 8, PASSWORD_HASH_QUEUE: 1 });
+    const gone = new AbortController();
+    const running = passwords.hash('first one', gone.signal);
+    const waiting = passwords.hash('second one', gone.signal).catch((error: unknown) => error);
+    gone.abort();
+    expect(await waiting).toBeInstanceOf(ClientGone);
+    // Its place is free: one more may wait, where it was refused while the other waited.
+    const next = passwords.hash('third one');
+    expect(await Promise.all([running, next])).toEqual([expect.stringMatching(/^\$2b\$08\$/), expect.stringMatching(/^\$2b\$08\$/)]);
+    expect(await passwords.hash('fourth one', gone.signal).catch((error: unknown) => error)).toBeInstanceOf(ClientGone);
   });
 
   it('runs a job again on a fresh thread when its thread dies under it', async () => {
@@ -179,6 +193,27 @@ describe('login through the password hashing threads', () => {
     }
     // Nothing is left waiting: the next login is compared again.
     expectProblem(await login(t, uniqueEmail('nobody')), 401, 'UNAUTHORIZED');
+  });
+
+  // Clients that send a login and hang up kept their places in the queue, each hash computed for nobody,
+  // and everyone else was refused 503 meanwhile.
+  it('frees the places of logins whose clients hung up while they waited', async () => {
+    t = await startTestApp({ BCRYPT_ROUNDS: '12', PASSWORD_HASH_THREADS: '1', PASSWORD_HASH_QUEUE: '2' });
+    const user = await registerUser(t.app);
+    await t.app.listen({ port: 0, host: '127.0.0.1' });
+    const { port } = t.app.server.address() as AddressInfo;
+    const body = JSON.stringify({ email: user.email, password: 'wrong-password' });
+    const sockets = Array.from({ length: 3 }, () => {
+      const socket = connect(port, '127.0.0.1');
+      socket.on('error', () => {});
+      socket.write(`POST /api/v1/auth/login HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\n\r\n${body}`);
+      return socket;
+    });
+    // One compared, two waiting: then their clients go.
+    await new Promise((resolve) => setTimeout(resolve, 150));
+    for (const socket of sockets) socket.destroy();
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    expect((await login(t, user.email, user.password)).statusCode).toBe(200);
   });
 
   it('hashes again for unknown emails after a refusal, and still tells nothing apart', async () => {

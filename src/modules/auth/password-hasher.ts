@@ -1,6 +1,6 @@
 import { Worker } from 'node:worker_threads';
 import type { Config } from '../../config.js';
-import { ApiError, retryAfterSeconds, ShuttingDown } from '../../http/errors.js';
+import { ApiError, ClientGone, retryAfterSeconds, ShuttingDown } from '../../http/errors.js';
 import { MAX_PASSWORD_BYTES, normalizePassword } from './schemas.js';
 
 /** The bcrypt cost of new hashes, how many threads hash at once, how many jobs may wait for one. */
@@ -72,28 +72,32 @@ export class PasswordHasher {
 
   constructor(private readonly config: PasswordHasherConfig) {}
 
-  /** A hash of the password in its composed form (`normalizePassword`). */
-  hash(password: string): Promise<string> {
-    return this.run({ op: 'hash', password: normalizePassword(password), rounds: this.config.BCRYPT_ROUNDS }) as Promise<string>;
+  /**
+   * A hash of the password in its composed form (`normalizePassword`). With `clientGone` (its client's,
+   * see `clientGoneSignal`), one still waiting for a thread when it aborts is given up (ClientGone).
+   */
+  hash(password: string, clientGone?: AbortSignal): Promise<string> {
+    return this.run({ op: 'hash', password: normalizePassword(password), rounds: this.config.BCRYPT_ROUNDS }, clientGone) as Promise<string>;
   }
 
   /**
    * Whether `password`, in its composed form, is the one `hash` was made of; failing that, when it was
    * sent otherwise, whether it is as sent (hashes made before passwords were composed are of the
-   * password as it was sent then). A second comparison whatever the email, known or not.
+   * password as it was sent then). A second comparison whatever the email, known or not. `clientGone`
+   * as for `hash`.
    */
-  async compare(password: string, hash: string): Promise<boolean> {
+  async compare(password: string, hash: string, clientGone?: AbortSignal): Promise<boolean> {
     const composed = normalizePassword(password);
-    if (await this.matches(composed, hash)) return true;
-    return composed !== password && this.matches(password, hash);
+    if (await this.matches(composed, hash, clientGone)) return true;
+    return composed !== password && this.matches(password, hash, clientGone);
   }
 
   /**
    * One longer than bcrypt reads matches nothing (no password over it is ever hashed), though bcrypt
    * would match its first 72 bytes; it takes a comparison's time all the same, as a wrong password does.
    */
-  private async matches(password: string, hash: string): Promise<boolean> {
-    const matches = (await this.run({ op: 'compare', password, hash })) as boolean;
+  private async matches(password: string, hash: string, clientGone?: AbortSignal): Promise<boolean> {
+    const matches = (await this.run({ op: 'compare', password, hash }, clientGone)) as boolean;
     return matches && Buffer.byteLength(password, 'utf8') <= MAX_PASSWORD_BYTES;
   }
 
@@ -120,8 +124,9 @@ export class PasswordHasher {
     await Promise.all(threads.map((thread) => thread.worker.terminate()));
   }
 
-  private run(operation: Operation): Promise<unknown> {
+  private run(operation: Operation, clientGone?: AbortSignal): Promise<unknown> {
     if (this.closed) return Promise.reject(new ShuttingDown());
+    if (clientGone?.aborted) return Promise.reject(new ClientGone());
     const idle = this.idleThread();
     if (!idle && this.queue.length >= this.config.PASSWORD_HASH_QUEUE) {
       // Everything ahead of it, spread over the threads: roughly when a new one would start.
@@ -130,8 +135,20 @@ export class PasswordHasher {
     }
     return new Promise((resolve, reject) => {
       const job: Job = { operation, resolve, reject };
-      if (idle) this.give(idle, job);
-      else this.queue.push(job);
+      if (idle) return this.give(idle, job);
+      this.queue.push(job);
+      // Its client gone while it waits: nobody would hear the answer, and its place is another's. Clients
+      // that send and hang up kept the queue full (everyone else 503), a hash computed for each.
+      clientGone?.addEventListener(
+        'abort',
+        () => {
+          const waiting = this.queue.indexOf(job);
+          if (waiting === -1) return; // running, or done: its answer is dropped by its caller
+          this.queue.splice(waiting, 1);
+          reject(new ClientGone());
+        },
+        { once: true },
+      );
     });
   }
 

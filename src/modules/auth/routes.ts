@@ -1,4 +1,5 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+import { clientGoneSignal } from '../../http/errors.js';
 import { noContent } from '../../http/openapi.js';
 import {
   changePasswordBody,
@@ -21,7 +22,7 @@ export const authRoutes: FastifyPluginAsyncZod<{ auth: AuthService }> = async (a
       config: { public: true, rateLimitGroup: 'register' },
       schema: { tags: ['auth'], body: registerBody, response: { 201: session }, problems: ['CONFLICT'] },
     },
-    async (request, reply) => reply.code(201).send(await auth.register(request.body)),
+    async (request, reply) => reply.code(201).send(await auth.register(request.body, clientGoneSignal(reply))),
   );
 
   app.post(
@@ -30,7 +31,7 @@ export const authRoutes: FastifyPluginAsyncZod<{ auth: AuthService }> = async (a
       config: { public: true, rateLimitGroup: 'login' },
       schema: { tags: ['auth'], body: loginBody, response: { 200: session }, problems: ['UNAUTHORIZED'] },
     },
-    async (request) => auth.login(request.body, request.log),
+    async (request, reply) => auth.login(request.body, request.log, clientGoneSignal(reply)),
   );
 
   app.get('/me', { schema: { tags: ['auth'], response: { 200: userEnvelope } } }, async (request) => ({
@@ -48,7 +49,7 @@ export const authRoutes: FastifyPluginAsyncZod<{ auth: AuthService }> = async (a
     '/password',
     { config: { rateLimitGroup: 'password' }, schema: { tags: ['auth'], body: changePasswordBody, response: { 204: noContent } } },
     async (request, reply) => {
-      await auth.changePassword(request.user, request.body);
+      await auth.changePassword(request.user, request.body, clientGoneSignal(reply));
       return reply.code(204).send();
     },
   );
@@ -57,7 +58,7 @@ export const authRoutes: FastifyPluginAsyncZod<{ auth: AuthService }> = async (a
     '/me',
     { config: { rateLimitGroup: 'password' }, schema: { tags: ['auth'], body: deleteMeBody, response: { 204: noContent } } },
     async (request, reply) => {
-      await auth.deleteMe(request.user, request.body, request.log);
+      await auth.deleteMe(request.user, request.body, request.log, clientGoneSignal(reply));
       return reply.code(204).send();
     },
   );

@@ -34,8 +34,9 @@ export class AuthService {
     this.db = database.db;
   }
 
-  async register(input: { email: string; password: string; name: string }) {
-    const passwordHash = await this.passwords.hash(input.password);
+  /** `clientGone` (the request's, see `clientGoneSignal`) here and below: a hash still waiting for a thread then is given up. */
+  async register(input: { email: string; password: string; name: string }, clientGone?: AbortSignal) {
+    const passwordHash = await this.passwords.hash(input.password, clientGone);
     const now = new Date();
     try {
       const [row] = await this.db
@@ -49,10 +50,10 @@ export class AuthService {
     }
   }
 
-  async login(input: { email: string; password: string }, log: FastifyBaseLogger) {
+  async login(input: { email: string; password: string }, log: FastifyBaseLogger, clientGone?: AbortSignal) {
     const [row] = await this.db.select().from(users).where(sql`lower(${users.email}) = ${input.email}`);
     const hash = row?.passwordHash ?? (await this.unknownUserHash());
-    const matches = await this.passwords.compare(input.password, hash);
+    const matches = await this.passwords.compare(input.password, hash, clientGone);
     if (!row || !matches) throw new Unauthorized('Invalid email or password');
     const rehashed = this.passwords.needsRehash(row.passwordHash) ? await this.rehash(row, input.password, log) : undefined;
     // Read again once the password matched: a password change or the account's deletion may have committed
@@ -107,9 +108,9 @@ export class AuthService {
    * Only while the caller's token is still current: a change that another one revoked it for while its
    * password was checked (two changes sent at once) is 401, as the token now is, and changes nothing.
    */
-  async changePassword(user: AuthUser, input: { currentPassword: string; newPassword: string }): Promise<void> {
-    await this.checkPassword(user.id, input.currentPassword);
-    const passwordHash = await this.passwords.hash(input.newPassword);
+  async changePassword(user: AuthUser, input: { currentPassword: string; newPassword: string }, clientGone?: AbortSignal): Promise<void> {
+    await this.checkPassword(user.id, input.currentPassword, clientGone);
+    const passwordHash = await this.passwords.hash(input.newPassword, clientGone);
     const changed = await this.db
       .update(users)
       .set({ passwordHash, tokenVersion: sql`${users.tokenVersion} + 1`, updatedAt: new Date() })
@@ -122,9 +123,9 @@ export class AuthService {
    * Deletes the account; foreign keys cascade to its projects and everything under them. Only while the
    * caller's token is still current (a password change may have revoked it while its password was checked).
    */
-  async deleteMe(user: AuthUser, input: { password: string }, log: FastifyBaseLogger): Promise<void> {
+  async deleteMe(user: AuthUser, input: { password: string }, log: FastifyBaseLogger, clientGone?: AbortSignal): Promise<void> {
     const userId = user.id;
-    await this.checkPassword(userId, input.password);
+    await this.checkPassword(userId, input.password, clientGone);
     // File rows first, in the same transaction: the cascade would forget which bytes and provider copies to
     // remove. The account and its projects are locked before, so that no upload (nor a project to upload
     // into) adds a row between the two deletes for the cascade to take.
@@ -143,10 +144,10 @@ export class AuthService {
     await this.storedFiles.discard(removedFiles, log);
   }
 
-  private async checkPassword(userId: string, password: string): Promise<void> {
+  private async checkPassword(userId: string, password: string, clientGone?: AbortSignal): Promise<void> {
     const [row] = await this.db.select({ passwordHash: users.passwordHash }).from(users).where(eq(users.id, userId));
     if (!row) throw new Unauthorized('Invalid or expired token');
-    if (!(await this.passwords.compare(password, row.passwordHash))) throw new Unauthorized('The password is wrong');
+    if (!(await this.passwords.compare(password, row.passwordHash, clientGone))) throw new Unauthorized('The password is wrong');
   }
 
   private session(row: UserRow) {

@@ -1,7 +1,7 @@
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { ApiError, logFailure, problemBody, toProblem } from '../../http/errors.js';
+import { ApiError, clientGoneSignal, logFailure, problemBody, toProblem } from '../../http/errors.js';
 import { projectParams } from '../projects/schemas.js';
 import { type IdempotencyStore, requestHash } from './idempotency.js';
 import { chatBody, chatHeaders, type ChatResult, chatResult } from './schemas.js';
@@ -164,14 +164,8 @@ async function streamTurn(
 ): Promise<ChatResult | undefined> {
   let events: EventStream | undefined;
   let userMessageId: string | undefined;
-  const clientGone = new AbortController();
-  const leave = () => {
-    if (!reply.raw.writableFinished) clientGone.abort();
-  };
-  // A client may have left while the turn was prepared: then its close has come and gone (and the turn
-  // calls no provider for it).
-  if (reply.raw.destroyed) leave();
-  else reply.raw.once('close', leave);
+  // A client may have left while the turn was prepared: then the turn calls no provider for it.
+  const clientGone = clientGoneSignal(reply);
   try {
     const outcome = await chat.stream(
       turn,
@@ -186,7 +180,7 @@ async function streamTurn(
           keyed?.progressed();
         },
       },
-      clientGone.signal,
+      clientGone,
       interrupt,
       keyed?.keep,
     );
