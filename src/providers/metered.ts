@@ -1,5 +1,5 @@
 import { performance } from 'node:perf_hooks';
-import { ApiError } from '../http/errors.js';
+import { ApiError, ShuttingDown } from '../http/errors.js';
 import type { ProviderCall } from '../http/metrics.js';
 import type { ProviderRegistry } from './registry.js';
 import type { ChatCompletion, ChatRequest, ProviderAdapter, ProviderName, StreamEvent, Usage } from './types.js';
@@ -108,7 +108,10 @@ class MeteredAdapter implements ProviderAdapter {
   }
 }
 
-/** Adapters throw provider errors (ApiError), or the abort reason when the client left. */
+/**
+ * Adapters throw provider errors (ApiError), or the abort reason when the call was given up: the client
+ * gone, or the server shutting down (its interrupt, an ApiError too, is no failure of the provider's).
+ */
 function outcomeOf(error: unknown): ProviderCall['outcome'] {
-  return error instanceof ApiError ? error.code : 'aborted';
+  return error instanceof ApiError && !(error instanceof ShuttingDown) ? error.code : 'aborted';
 }

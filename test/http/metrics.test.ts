@@ -1,6 +1,10 @@
 import { randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { createProject, registerUser, type RegisteredUser, startTestAppWithUpstream, type TestAppWithUpstream } from '../support/app.js';
+import { createProject, registerUser, type RegisteredUser, startTestAppWithUpstream, type TestAppWithUpstream, testConfig } from '../support/app.js';
+import { ShuttingDown } from '../../src/http/errors.js';
+import type { ProviderCall } from '../../src/http/metrics.js';
+import { meterProviders } from '../../src/providers/metered.js';
+import { createProviders } from '../../src/providers/registry.js';
 import { seriesValue } from '../support/metrics.js';
 import { readSse } from '../support/sse.js';
 
@@ -177,6 +181,33 @@ describe('GET /metrics', () => {
     expect(await count('error')).toBe(before.error + 2);
     expect(await count('ok')).toBe(before.ok);
     expect(await count('aborted')).toBe(before.aborted);
+  });
+
+  // Every deploy that interrupted streams counted a provider error for each (ai_provider_errors_total).
+  it('counts a call that the shutdown interrupts as aborted, not as a failure of the provider', async () => {
+    const calls: ProviderCall[] = [];
+    const providers = meterProviders(createProviders(testConfig({ AI_BASE_URL: t.fake.url, AI_MODEL: 'gpt-4o-mini' })), (call) => calls.push(call));
+    try {
+      const { adapter, model } = providers.resolve(null, null);
+      const call = (signal: AbortSignal) => ({ model, messages: [{ role: 'user' as const, content: 'Go on' }], maxOutputTokens: 16, signal, deadline: Date.now() + 10_000 });
+      t.fake.enqueue({ content: 'slow words keep coming', chunks: 4, chunkDelayMs: 300 }, { delayMs: 2_000 });
+      const streamed = new AbortController();
+      const stream = adapter.stream(call(streamed.signal))[Symbol.asyncIterator]();
+      expect((await stream.next()).value).toMatchObject({ type: 'delta' });
+      streamed.abort(new ShuttingDown());
+      await expect(stream.next()).rejects.toBeInstanceOf(ShuttingDown);
+      const completed = new AbortController();
+      const completion = adapter.complete(call(completed.signal));
+      await t.fake.waitForRequests(2);
+      completed.abort(new ShuttingDown());
+      await expect(completion).rejects.toBeInstanceOf(ShuttingDown);
+      expect(calls.map(({ operation, outcome }) => [operation, outcome])).toEqual([
+        ['stream', 'aborted'],
+        ['complete', 'aborted'],
+      ]);
+    } finally {
+      await providers.close();
+    }
   });
 
   it('shows the PostgreSQL pool (embedded PGlite has none)', async () => {
