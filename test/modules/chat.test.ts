@@ -35,16 +35,18 @@ const newProject = async (owner: RegisteredUser = user, body: Record<string, unk
 const addPrompt = (projectId: string, content: string) => createPrompt(t.app, user, projectId, { title: content.slice(0, 20), content });
 
 /** Runs `run` while the database refuses the writes (`before insert on messages`, say) of the rows that meet `when`, and nothing else. */
+let refusals = 0;
 async function refusing(writes: string, when: string, run: () => Promise<void>): Promise<void> {
   const { db } = t.testDb.database;
-  await db.execute(sql.raw(`create function refuse_write() returns trigger language plpgsql as $$ begin raise exception 'refused'; end $$`));
+  const name = `refuse_write_${++refusals}`;
+  await db.execute(sql.raw(`create function ${name}() returns trigger language plpgsql as $$ begin raise exception 'refused'; end $$`));
   const [, table] = /\bon (\w+)$/.exec(writes)!;
-  await db.execute(sql.raw(`create trigger refuse_write ${writes} for each row when (${when}) execute function refuse_write()`));
+  await db.execute(sql.raw(`create trigger ${name} ${writes} for each row when (${when}) execute function ${name}()`));
   try {
     await run();
   } finally {
-    await db.execute(sql.raw(`drop trigger refuse_write on ${table}`));
-    await db.execute(sql.raw('drop function refuse_write()'));
+    await db.execute(sql.raw(`drop trigger ${name} on ${table}`));
+    await db.execute(sql.raw(`drop function ${name}()`));
   }
 }
 
@@ -884,6 +886,32 @@ describe('idempotency', () => {
       ['assistant', answer.id],
     ]);
     expect(fake.requests).toHaveLength(2);
+  });
+
+  // The database failing the answer's store and then the key's release, as in an outage: the release's
+  // failure took the turn's place (JSON: a 500 without userMessageId) or was met twice (a stream's, once
+  // more in the catch, logged as an error by Fastify).
+  it("answers a keyed turn's own failure when its key cannot be released either", async () => {
+    const projectId = await newProject();
+    const logs = logCollector();
+    const app = await buildApp(testConfig({ AI_BASE_URL: fake.url, AI_MODEL: 'gpt-4o-mini', LOG_LEVEL: 'warn' }), { database: t.testDb.database, logStream: logs.stream });
+    try {
+      const url = await app.listen({ port: 0, host: '127.0.0.1' });
+      await refusingAnswers(projectId, '', () =>
+        refusing('before delete on idempotency_keys', `old.user_id = '${user.id}'`, async () => {
+          const json = await chat(projectId, { message: 'json' }, { 'idempotency-key': `key-${uuidv7()}` }, app);
+          expect(expectProblem(json, 500, 'INTERNAL').userMessageId).toEqual(expect.any(String));
+          const events = await readSse(await streamChat(projectId, { message: 'streamed' }, undefined, { 'idempotency-key': `key-${uuidv7()}` }, url));
+          expect([events[0]!.event, events.at(-1)!.event]).toEqual(['user_message', 'error']);
+          expect(events.at(-1)!.data.userMessageId).toBe((events[0]!.data.userMessage as { id: string }).id);
+        }),
+      );
+      const messages = logs.lines.map((line) => line.msg);
+      expect(messages.filter((msg) => msg === 'idempotency key not released')).toHaveLength(2);
+      expect(messages).not.toContain('Promise errored, but reply.sent = true was set');
+    } finally {
+      await app.close();
+    }
   });
 
   it('frees the key after a failure so that the same key may be retried', async () => {

@@ -112,17 +112,22 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         // after which a silent key is stale, so it needs no beat.
         const { claimId } = claim;
         const hold = stream ? idempotency.keepAlive(userId, key, claimId) : undefined;
+        // Only a complete answer is kept for replay; after a failure the same key may be retried. A key
+        // that cannot be released (the database failing) is taken over once stale: its failure is logged,
+        // and the turn's own is what the client is told.
+        const release = () =>
+          idempotency.release(userId, key, claimId).catch((error: unknown) => request.log.warn({ err: error }, 'idempotency key not released'));
+        let result: ChatResult | undefined;
         try {
-          // Only a complete answer is kept for replay; after a failure the same key may be retried.
-          const result = await answer({ keep: (tx, done) => idempotency.complete(userId, key, claimId, done, tx), progressed: () => hold?.progressed() });
-          if (!result) await idempotency.release(userId, key, claimId);
-          return stream ? reply : result;
+          result = await answer({ keep: (tx, done) => idempotency.complete(userId, key, claimId, done, tx), progressed: () => hold?.progressed() });
         } catch (error) {
-          await idempotency.release(userId, key, claimId);
+          await release();
           throw error;
         } finally {
           hold?.stop();
         }
+        if (!result) await release();
+        return stream ? reply : result;
       }),
   );
 };
