@@ -1,11 +1,11 @@
 import type { ServerResponse } from 'node:http';
 import { finished } from 'node:stream';
-import type { FastifyInstance } from 'fastify';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 import { z } from 'zod';
 import type { Database, PoolStats } from '../db/database.js';
 import type { Usage } from '../providers/types.js';
-import type { ProblemCode } from './errors.js';
+import { PROBLEM_STATUS, type ProblemCode } from './errors.js';
 
 /** One finished call to an AI provider, as the metered adapter reports it. */
 export interface ProviderCall {
@@ -36,6 +36,7 @@ declare module 'fastify' {
 
 /** The label of requests that matched no route: their URLs are whatever a client sent. */
 const UNMATCHED_ROUTE = 'unmatched';
+const CLIENT_CLOSED_REQUEST = PROBLEM_STATUS.CLIENT_CLOSED_REQUEST;
 /** The label of a model the server does not know (see `registerMetrics`). */
 const OTHER_MODEL = 'other';
 
@@ -95,13 +96,27 @@ export function registerMetrics(app: FastifyInstance, database: Database, knownN
   const scraped = Registry.merge([processMetrics(), registry]);
   const modelLabel = (model: string) => knownName(model) ?? OTHER_MODEL;
 
+  const observe = (request: FastifyRequest, reply: FastifyReply, status: number) =>
+    requests.observe({ method: request.method, route: request.routeOptions.url ?? UNMATCHED_ROUTE, status }, reply.elapsedTime / 1000);
   // The one per-request cost: a single histogram observation once the response is sent.
   app.addHook('onResponse', (request, reply, done) => {
-    const route = request.routeOptions;
-    if (route.config.metrics !== false) {
-      requests.observe({ method: request.method, route: route.url ?? UNMATCHED_ROUTE, status: reply.statusCode }, reply.elapsedTime / 1000);
-    }
+    if (request.routeOptions.config.metrics !== false) observe(request, reply, reply.statusCode);
     done();
+  });
+  // A response whose client has gone before it was written whole emits neither 'finish' nor 'error', and
+  // no onResponse hook runs for it: it is counted when it closes, as 499 (nginx's "client closed
+  // request"), and logged. On the routes measured only (not /health/live, which orchestrators probe).
+  const watchAbandoned = (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
+    const { raw } = reply;
+    raw.once('close', () => {
+      if (raw.writableFinished) return;
+      observe(request, reply, CLIENT_CLOSED_REQUEST);
+      request.log.info({ responseTime: reply.elapsedTime }, 'request abandoned: its client closed the connection before the answer');
+    });
+    done();
+  };
+  app.addHook('onRoute', (route) => {
+    if (route.config?.metrics !== false) route.onRequest = [...[route.onRequest ?? []].flat(), watchAbandoned];
   });
 
   app.get(

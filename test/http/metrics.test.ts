@@ -163,6 +163,35 @@ describe('GET /metrics', () => {
     expect(seriesValue(await scrape(), 'ai_provider_request_duration_seconds_count', { operation: 'stream', outcome: 'aborted' })).toBe(1);
   });
 
+  // Its response emits neither 'finish' nor 'error', and no onResponse hook ran: such requests were in
+  // no count, and no log line told of them.
+  it('counts a request whose client leaves before its answer as 499, once, JSON and streamed alike', async () => {
+    const projectId = (await createProject(t.app, user)).id;
+    const count = async (status: number) =>
+      seriesValue(await scrape(), 'http_request_duration_seconds_count', { method: 'POST', route: '/api/v1/projects/:projectId/chat', status: String(status) });
+    const before = { gone: await count(499), ok: await count(200) };
+    const send = (stream: boolean, signal: AbortSignal) =>
+      fetch(`${baseUrl}/api/v1/projects/${projectId}/chat`, {
+        method: 'POST',
+        headers: { ...user.auth, 'content-type': 'application/json' },
+        body: JSON.stringify({ message: 'Go on', stream }),
+        signal,
+      });
+    t.fake.enqueue({ delayMs: 300 }, { content: 'slow words keep coming here', chunks: 5, chunkDelayMs: 300 });
+    const json = new AbortController();
+    const answered = send(false, json.signal).catch(() => undefined);
+    await t.fake.waitForRequests(1);
+    json.abort();
+    await answered;
+    const streamed = new AbortController();
+    await readSse(await send(true, streamed.signal), (event) => (event.event === 'delta' ? 'stop' : undefined), streamed);
+    // Both turns end on their own: the JSON one stores its answer (for nobody), the stream its text so far.
+    await expect.poll(async () => (await t.app.inject({ method: 'GET', url: `/api/v1/projects/${projectId}/messages`, headers: user.auth })).json().data.length).toBe(4);
+    await new Promise((resolve) => setTimeout(resolve, 100)); // the JSON turn's answer, written to no one
+    expect(await count(499)).toBe(before.gone + 2);
+    expect(await count(200)).toBe(before.ok);
+  });
+
   it('counts a stream that failed, before its first delta and after its second, as an error: once each', async () => {
     const projectId = (await createProject(t.app, user)).id;
     const count = async (outcome: string) =>
