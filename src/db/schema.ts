@@ -96,11 +96,16 @@ export const files = pgTable(
     providerFileId: text('provider_file_id'),
     createdAt: timestamps.createdAt,
   },
-  (t) => [index('files_project_id_created_at_id_idx').on(t.projectId, t.createdAt, t.id)],
+  (t) => [
+    index('files_project_id_created_at_id_idx').on(t.projectId, t.createdAt, t.id),
+    // Whether a row names a provider copy queued before its row was written (see `ProviderCopies.reserve`).
+    index('files_provider_file_id_idx').on(t.providerFileId).where(sql`${t.providerFileId} is not null`),
+  ],
 );
 
 /**
- * Provider copies (OpenAI's Files API) of deleted files, still to be deleted upstream. A file row's
+ * Provider copies (OpenAI's Files API) of deleted files, still to be deleted upstream, and copies just
+ * made whose row is not written yet (due a day later: see `ProviderCopies.reserve`). A file row's
  * deletion queues its copy in the same transaction (a trigger on `files`: migration 0006), whatever
  * deleted it (the file, its project, its account), so that a provider that is down or slow when the
  * file goes leaves no copy behind for good: its deletion is tried again, later, until it is done.

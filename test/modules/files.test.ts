@@ -262,6 +262,52 @@ describe('the provider copy', () => {
     expect((await get(filesUrl(projectId, `/${file.id}/content`))).body).toBe('still mine');
   });
 
+  // Its copy is queued, due a day later, before its row is written: a row the database may not have
+  // written (the connection lost with the insert in flight, a crash) left a copy no sweep could find.
+  it('deletes the copy of an upload whose row may not have been written, a day later, and keeps one that a row names', async () => {
+    const projectId = await newProject();
+    const kept = await upload(projectId, 'confirmed');
+    const db = t.testDb.database.db;
+    await db.execute(sql.raw(`create function test_lose_inserts() returns trigger language plpgsql as $$ begin raise exception 'connection lost' using errcode = '57P01'; end $$`));
+    await db.execute(sql.raw('create trigger test_lose_inserts before insert on files for each row execute function test_lose_inserts()'));
+    try {
+      expectProblem(await send(projectId, multipart({ filename: 'lost.txt', type: 'text/plain', content: 'unconfirmed' })), 503, 'SERVICE_UNAVAILABLE');
+    } finally {
+      await db.execute(sql.raw('drop trigger test_lose_inserts on files'));
+      await db.execute(sql.raw('drop function test_lose_inserts()'));
+    }
+    const lost = [...fake.files.keys()].find((id) => id !== kept.providerFileId)!;
+    expect((await queuedCopies()).map(({ providerFileId, waitSeconds }) => [providerFileId, Math.round(waitSeconds / 3600)])).toEqual(
+      [
+        [kept.providerFileId, 24],
+        [lost, 24],
+      ].sort(),
+    );
+    await endWaits();
+    await sweepOnce();
+    expect([...fake.files.keys()]).toEqual([kept.providerFileId]);
+    expect(await queuedCopies()).toEqual([]);
+  });
+
+  // Refused for want of room (507), as its deletion's queueing then is: the copy was kept for good.
+  it('deletes the copy of an upload the database has no room for, though it cannot queue its deletion', async () => {
+    const projectId = await newProject();
+    const db = t.testDb.database.db;
+    await db.execute(sql.raw(`create function test_disk_full() returns trigger language plpgsql as $$ begin raise exception 'disk full' using errcode = '53100'; end $$`));
+    await db.execute(sql.raw('create trigger test_disk_full before insert on files for each row execute function test_disk_full()'));
+    await db.execute(sql.raw('create trigger test_disk_full before insert or update on provider_file_deletions for each row execute function test_disk_full()'));
+    try {
+      expectProblem(await send(projectId, multipart({ filename: 'big.txt', type: 'text/plain', content: 'no room' })), 507, 'INSUFFICIENT_STORAGE');
+    } finally {
+      await db.execute(sql.raw('drop trigger test_disk_full on files'));
+      await db.execute(sql.raw('drop trigger test_disk_full on provider_file_deletions'));
+      await db.execute(sql.raw('drop function test_disk_full()'));
+    }
+    expect(fake.requests.map((request) => request.method)).toEqual(['POST', 'DELETE']);
+    expect(fake.files.size).toBe(0);
+    expect(await rowsOf(projectId)).toEqual([]);
+  });
+
   it('makes none for a project whose provider has no Files API here', async () => {
     const projectId = await newProject(user, { provider: 'openrouter' });
     expect((await upload(projectId, 'local only')).providerFileId).toBeNull();
@@ -358,7 +404,10 @@ describe('delete', () => {
     const file = await upload(projectId, 'queued, never claimed');
     const db = t.testDb.database.db;
     await db.execute(sql.raw(`create function test_refuse_claims() returns trigger language plpgsql as $$ begin raise exception 'claims refused'; end $$`));
-    await db.execute(sql.raw('create trigger test_refuse_claims before update on provider_file_deletions execute function test_refuse_claims()'));
+    // A claim counts a try; the deletion of the row only makes its copy, queued since it was made, due now.
+    await db.execute(
+      sql.raw('create trigger test_refuse_claims before update on provider_file_deletions for each row when (new.attempts > old.attempts) execute function test_refuse_claims()'),
+    );
     try {
       expect((await remove(filesUrl(projectId, `/${file.id}`))).statusCode).toBe(204);
     } finally {

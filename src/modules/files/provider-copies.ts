@@ -1,8 +1,8 @@
-import { and, inArray, lte, sql } from 'drizzle-orm';
+import { and, inArray, lte, not, sql } from 'drizzle-orm';
 import type { FastifyBaseLogger } from 'fastify';
 import type { Config } from '../../config.js';
 import type { Db } from '../../db/database.js';
-import { providerFileDeletions } from '../../db/schema.js';
+import { files, providerFileDeletions } from '../../db/schema.js';
 import type { ProviderRegistry } from '../../providers/registry.js';
 import { type ProviderAdapter, type ProviderName, ProviderRefusedDeletion } from '../../providers/types.js';
 
@@ -11,6 +11,12 @@ import { type ProviderAdapter, type ProviderName, ProviderRefusedDeletion } from
  * provider with one would need a column saying which provider holds a file.
  */
 const FILES_PROVIDER: ProviderName = 'openai';
+
+/** How long a copy queued when it was made waits for its row before it is deleted (see `reserve`). */
+const UNNAMED_COPY_WAIT = '1 day';
+
+/** A queued copy that a file row names: never deleted upstream. */
+const namedByARow = sql`exists (select 1 from ${files} where ${files.providerFileId} = ${providerFileDeletions.providerFileId})`;
 
 /** Provider copies deleted at once: many files go faster, without a flood of requests. */
 const DELETES_AT_ONCE = 8;
@@ -36,15 +42,31 @@ export class ProviderCopies {
   ) {}
 
   /**
-   * Deletes the copy of a file whose row was never written (an upload that failed after making it):
-   * queued first, as a deleted file's would be, so that a failure now is tried again. Never fails; a
-   * copy that cannot even be queued is logged.
+   * Queues a copy just made, due a day later, before the row that names it is written: should the row
+   * never be (a crash, the database lost with the insert in flight), the copy is deleted then. Once a row
+   * names it, the queue drops it instead (`deleteDue`).
+   */
+  async reserve(providerFileId: string): Promise<void> {
+    await this.db
+      .insert(providerFileDeletions)
+      .values({ providerFileId, dueAt: sql`now() + interval '${sql.raw(UNNAMED_COPY_WAIT)}'` })
+      .onConflictDoNothing();
+  }
+
+  /**
+   * Deletes the copy of a file whose row was not written (an upload that failed after making it): due
+   * at once in the queue, as a deleted file's is, so that a failure now is tried again. Never fails. A
+   * copy that cannot even be queued (the database failing) is deleted all the same, logged if that
+   * fails too.
    */
   async discardUnnamed(providerFileId: string, log: FastifyBaseLogger): Promise<void> {
     try {
-      await this.db.insert(providerFileDeletions).values({ providerFileId }).onConflictDoNothing();
+      await this.db.insert(providerFileDeletions).values({ providerFileId }).onConflictDoUpdate({ target: providerFileDeletions.providerFileId, set: { dueAt: sql`now()` } });
     } catch (error) {
-      log.warn({ err: error, provider: FILES_PROVIDER, providerFileId }, 'provider file copy not deleted');
+      const deleted = await this.filesApi()
+        ?.deleteFile(providerFileId, AbortSignal.timeout(this.config.AI_TIMEOUT_MS))
+        .then(() => true, () => false);
+      if (!deleted) log.warn({ err: error, provider: FILES_PROVIDER, providerFileId }, 'provider file copy not deleted');
       return;
     }
     await this.deleteNow([providerFileId], log);
@@ -81,6 +103,8 @@ export class ProviderCopies {
   async deleteDue(closing: AbortSignal, log: FastifyBaseLogger): Promise<number> {
     const adapter = this.filesApi();
     if (!adapter) return 0;
+    // Copies queued when they were made (`reserve`) whose rows were written: theirs to keep.
+    await this.db.delete(providerFileDeletions).where(and(lte(providerFileDeletions.dueAt, sql`now()`), namedByARow));
     let deleted = 0;
     while (!closing.aborted) {
       const claimed = await this.claim();
@@ -108,7 +132,7 @@ export class ProviderCopies {
     const due = this.db
       .select({ providerFileId })
       .from(providerFileDeletions)
-      .where(and(lte(dueAt, sql`now()`), only && inArray(providerFileId, only)))
+      .where(and(lte(dueAt, sql`now()`), only && inArray(providerFileId, only), not(namedByARow)))
       .orderBy(dueAt)
       .limit(CLAIM_BATCH)
       .for('update', { skipLocked: true });

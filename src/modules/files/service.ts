@@ -139,6 +139,7 @@ export class FilesService {
     let inserting = false;
     try {
       providerFileId = await this.copyToProvider(project, received, log);
+      if (providerFileId) await this.providerCopies.reserve(providerFileId);
       const id = uuidv7();
       // The project's id as stored, not as the path spelled it (in capitals, perhaps): every later read
       // and delete finds the bytes by the row's.
@@ -160,7 +161,8 @@ export class FilesService {
     } catch (error) {
       if (inserting && isDatabaseUnavailable(error)) {
         // The connection was lost with the insert sent, perhaps after its commit: a row may name these
-        // bytes and this provider copy. They are left; bytes no row names go with the sweep at a start.
+        // bytes and this provider copy. They are left; bytes no row names go with the sweep at a start,
+        // a copy no row names with the queue a day later (`reserve`).
         log.warn({ err: error, key, providerFileId }, 'file row not confirmed by the database; its bytes are left in place');
         throw error;
       }
