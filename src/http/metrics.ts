@@ -98,18 +98,21 @@ export function registerMetrics(app: FastifyInstance, database: Database, knownN
 
   const observe = (request: FastifyRequest, reply: FastifyReply, status: number) =>
     requests.observe({ method: request.method, route: request.routeOptions.url ?? UNMATCHED_ROUTE, status }, reply.elapsedTime / 1000);
+  const answered = new WeakSet<FastifyRequest>();
   // The one per-request cost: a single histogram observation once the response is sent.
   app.addHook('onResponse', (request, reply, done) => {
-    if (request.routeOptions.config.metrics !== false) observe(request, reply, reply.statusCode);
+    if (request.routeOptions.config.metrics !== false) {
+      observe(request, reply, reply.statusCode);
+      answered.add(request);
+    }
     done();
   });
   // A response whose client has gone before it was written whole emits neither 'finish' nor 'error', and
   // no onResponse hook runs for it: it is counted when it closes, as 499 (nginx's "client closed
   // request"), and logged. On the routes measured only (not /health/live, which orchestrators probe).
   const watchAbandoned = (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
-    const { raw } = reply;
-    raw.once('close', () => {
-      if (raw.writableFinished) return;
+    reply.raw.once('close', () => {
+      if (answered.has(request)) return;
       observe(request, reply, CLIENT_CLOSED_REQUEST);
       request.log.info({ responseTime: reply.elapsedTime }, 'request abandoned: its client closed the connection before the answer');
     });
