@@ -9,6 +9,7 @@ import { IdempotencyStore, requestHash } from '../../src/modules/chat/idempotenc
 import { flushStatementOn } from '../../src/modules/chat/service.js';
 import { countTokens } from '../../src/providers/models.js';
 import { createProject, createPrompt, expectProblem, insertMessages, registerUser, type RegisteredUser, revokeTokens, startTestApp, type TestApp, testConfig } from '../support/app.js';
+import { refusingWrites } from '../support/database.js';
 import { FakeUpstream, UPSTREAM_ERROR_TEXT, type UpstreamReply } from '../support/fake-upstream.js';
 import { logCollector } from '../support/logs.js';
 import { seriesValue } from '../support/metrics.js';
@@ -35,20 +36,7 @@ const newProject = async (owner: RegisteredUser = user, body: Record<string, unk
 const addPrompt = (projectId: string, content: string) => createPrompt(t.app, user, projectId, { title: content.slice(0, 20), content });
 
 /** Runs `run` while the database refuses the writes (`before insert on messages`, say) of the rows that meet `when`, and nothing else. */
-let refusals = 0;
-async function refusing(writes: string, when: string, run: () => Promise<void>): Promise<void> {
-  const { db } = t.testDb.database;
-  const name = `refuse_write_${++refusals}`;
-  await db.execute(sql.raw(`create function ${name}() returns trigger language plpgsql as $$ begin raise exception 'refused'; end $$`));
-  const [, table] = /\bon (\w+)$/.exec(writes)!;
-  await db.execute(sql.raw(`create trigger ${name} ${writes} for each row when (${when}) execute function ${name}()`));
-  try {
-    await run();
-  } finally {
-    await db.execute(sql.raw(`drop trigger ${name} on ${table}`));
-    await db.execute(sql.raw(`drop function ${name}()`));
-  }
-}
+const refusing = (writes: string, when: string, run: () => Promise<void>) => refusingWrites(t.testDb.database.db, writes, run, { when });
 
 /** Runs `run` while the database refuses the project's answers (assistant messages) that also meet `also`, and nothing else. */
 const refusingAnswers = (projectId: string, also: string, run: () => Promise<void>) =>

@@ -16,6 +16,7 @@ import { attachmentDisposition, displayFilename } from '../../src/modules/files/
 import type { FileDto } from '../../src/modules/files/schemas.js';
 import { createProject, expectProblem, registerUser, type RegisteredUser, startTestApp, type TestApp, testConfig } from '../support/app.js';
 import { expectDeleteFreesOneSlot, expectFull, expectOneOfManyIntoTheLastSlot, type Holder } from '../support/limits.js';
+import { refusingWrites } from '../support/database.js';
 import { FakeUpstream } from '../support/fake-upstream.js';
 import { expectCreateListedAfterDeletedNewest } from '../support/deleted-newest.js';
 import { expectWaitingCreateListedLast } from '../support/waiting-create.js';
@@ -267,15 +268,14 @@ describe('the provider copy', () => {
   it('deletes the copy of an upload whose row may not have been written, a day later, and keeps one that a row names', async () => {
     const projectId = await newProject();
     const kept = await upload(projectId, 'confirmed');
-    const db = t.testDb.database.db;
-    await db.execute(sql.raw(`create function test_lose_inserts() returns trigger language plpgsql as $$ begin raise exception 'connection lost' using errcode = '57P01'; end $$`));
-    await db.execute(sql.raw('create trigger test_lose_inserts before insert on files for each row execute function test_lose_inserts()'));
-    try {
-      expectProblem(await send(projectId, multipart({ filename: 'lost.txt', type: 'text/plain', content: 'unconfirmed' })), 503, 'SERVICE_UNAVAILABLE');
-    } finally {
-      await db.execute(sql.raw('drop trigger test_lose_inserts on files'));
-      await db.execute(sql.raw('drop function test_lose_inserts()'));
-    }
+    await refusingWrites(
+      t.testDb.database.db,
+      'before insert on files',
+      async () => {
+        expectProblem(await send(projectId, multipart({ filename: 'lost.txt', type: 'text/plain', content: 'unconfirmed' })), 503, 'SERVICE_UNAVAILABLE');
+      },
+      { error: "'connection lost' using errcode = '57P01'" },
+    );
     const lost = [...fake.files.keys()].find((id) => id !== kept.providerFileId)!;
     expect((await queuedCopies()).map(({ providerFileId, waitSeconds }) => [providerFileId, Math.round(waitSeconds / 3600)])).toEqual(
       [
@@ -293,16 +293,21 @@ describe('the provider copy', () => {
   it('deletes the copy of an upload the database has no room for, though it cannot queue its deletion', async () => {
     const projectId = await newProject();
     const db = t.testDb.database.db;
-    await db.execute(sql.raw(`create function test_disk_full() returns trigger language plpgsql as $$ begin raise exception 'disk full' using errcode = '53100'; end $$`));
-    await db.execute(sql.raw('create trigger test_disk_full before insert on files for each row execute function test_disk_full()'));
-    await db.execute(sql.raw('create trigger test_disk_full before insert or update on provider_file_deletions for each row execute function test_disk_full()'));
-    try {
-      expectProblem(await send(projectId, multipart({ filename: 'big.txt', type: 'text/plain', content: 'no room' })), 507, 'INSUFFICIENT_STORAGE');
-    } finally {
-      await db.execute(sql.raw('drop trigger test_disk_full on files'));
-      await db.execute(sql.raw('drop trigger test_disk_full on provider_file_deletions'));
-      await db.execute(sql.raw('drop function test_disk_full()'));
-    }
+    const diskFull = { error: "'disk full' using errcode = '53100'" };
+    await refusingWrites(
+      db,
+      'before insert on files',
+      () =>
+        refusingWrites(
+          db,
+          'before insert or update on provider_file_deletions',
+          async () => {
+            expectProblem(await send(projectId, multipart({ filename: 'big.txt', type: 'text/plain', content: 'no room' })), 507, 'INSUFFICIENT_STORAGE');
+          },
+          diskFull,
+        ),
+      diskFull,
+    );
     expect(fake.requests.map((request) => request.method)).toEqual(['POST', 'DELETE']);
     expect(fake.files.size).toBe(0);
     expect(await rowsOf(projectId)).toEqual([]);
@@ -402,18 +407,15 @@ describe('delete', () => {
   it('still deletes when the database fails after the rows are gone: the copy stays queued for the sweep', async () => {
     const projectId = await newProject();
     const file = await upload(projectId, 'queued, never claimed');
-    const db = t.testDb.database.db;
-    await db.execute(sql.raw(`create function test_refuse_claims() returns trigger language plpgsql as $$ begin raise exception 'claims refused'; end $$`));
     // A claim counts a try; the deletion of the row only makes its copy, queued since it was made, due now.
-    await db.execute(
-      sql.raw('create trigger test_refuse_claims before update on provider_file_deletions for each row when (new.attempts > old.attempts) execute function test_refuse_claims()'),
+    await refusingWrites(
+      t.testDb.database.db,
+      'before update on provider_file_deletions',
+      async () => {
+        expect((await remove(filesUrl(projectId, `/${file.id}`))).statusCode).toBe(204);
+      },
+      { when: 'new.attempts > old.attempts', error: "'claims refused'" },
     );
-    try {
-      expect((await remove(filesUrl(projectId, `/${file.id}`))).statusCode).toBe(204);
-    } finally {
-      await db.execute(sql.raw('drop trigger test_refuse_claims on provider_file_deletions'));
-      await db.execute(sql.raw('drop function test_refuse_claims()'));
-    }
     expect(await rowsOf(projectId)).toHaveLength(0);
     expect(await queuedCopies()).toEqual([{ providerFileId: file.providerFileId, attempts: 0, waitSeconds: expect.any(Number) }]);
     await expectSweptAway(file);

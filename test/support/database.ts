@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
+import { sql } from 'drizzle-orm';
 import pg from 'pg';
-import { type Database, openPglite, openPostgres } from '../../src/db/database.js';
+import { type Database, type Db, openPglite, openPostgres } from '../../src/db/database.js';
 
 export interface TestDatabase {
   database: Database;
@@ -43,5 +44,24 @@ export async function adminQuery(url: string, statement: string): Promise<void> 
     await client.query(statement);
   } finally {
     await client.end();
+  }
+}
+
+let refusals = 0;
+
+/**
+ * Runs `run` while `db` refuses the writes `writes` (`before insert on messages`, say) of the rows that meet
+ * `when`, and nothing else, with `error` (a `raise exception` clause: a message, and an errcode to give).
+ */
+export async function refusingWrites(db: Db, writes: string, run: () => Promise<void>, { when = 'true', error = "'refused'" } = {}): Promise<void> {
+  const name = `refuse_write_${++refusals}`;
+  await db.execute(sql.raw(`create function ${name}() returns trigger language plpgsql as $$ begin raise exception ${error}; end $$`));
+  const [, table] = /\bon (\w+)$/.exec(writes)!;
+  await db.execute(sql.raw(`create trigger ${name} ${writes} for each row when (${when}) execute function ${name}()`));
+  try {
+    await run();
+  } finally {
+    await db.execute(sql.raw(`drop trigger ${name} on ${table}`));
+    await db.execute(sql.raw(`drop function ${name}()`));
   }
 }
