@@ -17,6 +17,12 @@ declare module 'fastify' {
   interface FastifyRequest {
     /** The authenticated user; set by the auth hook on every route not marked `public`. */
     user: AuthUser;
+    /**
+     * What a route with `tokenCheckedByHandler` answers for `error`: the error itself, unless it is a
+     * client error (4xx but 401) and the token is no longer current; then 401 (or the database's failure
+     * to tell). For its error handler, and for the error event of a stream already answering 200.
+     */
+    refusal(error: Error): Promise<Error>;
   }
   interface FastifyContextConfig {
     /** Marks a route that needs no bearer token. Every other route does. */
@@ -128,13 +134,19 @@ export function registerAuthentication(app: FastifyInstance, db: Db, tokens: Tok
   // raised before its handler ran, only once the token is known to be current: a token that no longer
   // is gets 401, not a hint about its request. One lookup more, on refusals only. What this handler
   // throws, the app's answers: the refusal itself, 401, or the database's failure (503).
-  const checkTokenBeforeRefusing = async (error: FastifyError, request: FastifyRequest): Promise<never> => {
-    const { status } = toProblem(error, request);
-    if (request.user && status >= 400 && status < 500 && status !== 401) {
-      const [row] = await userRow.execute({ id: request.user.id });
-      assertTokenCurrent(request.user, row);
+  app.decorateRequest('refusal', async function (this: FastifyRequest, error: Error): Promise<Error> {
+    const { status } = toProblem(error, this);
+    if (!this.user || status < 400 || status >= 500 || status === 401) return error;
+    try {
+      const [row] = await userRow.execute({ id: this.user.id });
+      assertTokenCurrent(this.user, row);
+      return error;
+    } catch (refused) {
+      return refused as Error;
     }
-    throw error;
+  });
+  const checkTokenBeforeRefusing = async (error: FastifyError, request: FastifyRequest): Promise<never> => {
+    throw await request.refusal(error);
   };
   // A hook of each route that needs a token, not of the app: the public ones (health probes, docs,
   // metrics, sign-up and login) do not pay for an async hook on every request. Route hooks run after

@@ -1137,6 +1137,41 @@ describe('the history cleared or the project deleted during a turn', () => {
     }
   });
 
+  it('refuses a turn whose account was deleted during it as any request of a deleted account: 401, JSON and streamed', async () => {
+    for (const stream of [false, true]) {
+      fake.reset();
+      const owner = await registerUser(t.app);
+      const projectId = await newProject(owner);
+      fake.enqueue(stream ? { content: 'one two three four five six seven eight', chunkDelayMs: 150 } : { delayMs: 1000 });
+      const headers = { ...owner.auth, 'content-type': 'application/json' };
+      const turn = fetch(`${baseUrl}/api/v1/projects/${projectId}/chat`, { method: 'POST', headers, body: JSON.stringify({ message: 'asked before', stream }) });
+      await called();
+      const deleted = await t.app.inject({ method: 'DELETE', url: '/api/v1/auth/me', headers: owner.auth, payload: { password: owner.password } });
+      expect(deleted.statusCode).toBe(204);
+      const response = await turn;
+      const problem = stream ? (await readSse(response)).at(-1)!.data : await response.json();
+      expect(response.status).toBe(stream ? 200 : 401);
+      expect(problem).toMatchObject({ status: 401, code: 'UNAUTHORIZED' });
+    }
+  });
+
+  it('ends a stream whose token was revoked during it with a 401 event in place of a client error, naming no question', async () => {
+    const owner = await registerUser(t.app);
+    const projectId = await newProject(owner);
+    fake.enqueue({ content: 'one two three four five six seven eight', chunkDelayMs: 150 });
+    // The answer refused as if its project had gone meanwhile (the foreign key's own error, 404 by itself).
+    const answers = { when: `new.project_id = '${projectId}' and new.role = 'assistant'`, error: "'gone' using errcode = 'foreign_key_violation'" };
+    await refusingWrites(t.testDb.database.db, 'before insert on messages', async () => {
+      const events = streamChat(projectId, { message: 'asked before' }, undefined, owner.auth).then((response) => readSse(response));
+      await called();
+      await revokeTokens(t.app, owner);
+      const last = (await events).at(-1)!;
+      expect(last.event).toBe('error');
+      expect(last.data).toMatchObject({ status: 401, code: 'UNAUTHORIZED' });
+      expect(last.data).not.toHaveProperty('userMessageId');
+    }, answers);
+  });
+
   it('ends a stream whose history was cleared with an error event, its answer not stored, and stores the next turn whole', async () => {
     const projectId = await newProject();
     fake.enqueue({ content: 'one two three four', chunkDelayMs: 100 });

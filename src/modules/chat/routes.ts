@@ -1,7 +1,7 @@
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { ApiError, clientGoneSignal, logFailure, problemBody, toProblem } from '../../http/errors.js';
+import { ApiError, clientGoneSignal, logFailure, toProblem } from '../../http/errors.js';
 import { projectParams } from '../projects/schemas.js';
 import { type IdempotencyStore, requestHash } from './idempotency.js';
 import { chatBody, chatHeaders, type ChatResult, chatResult } from './schemas.js';
@@ -195,9 +195,10 @@ async function streamTurn(
       return outcome.result;
     }
     if (outcome.kind === 'failed') {
-      const { error } = outcome;
-      const problem = problemBody(request, error.status, error.code, error.message, error.extensions);
-      // As the error handler logs a JSON turn's: what the upstream answered is for the log only.
+      // As a JSON turn's error handler answers it (a turn whose account was deleted meanwhile is 401, not
+      // 404), and logs it: what the upstream answered is for the log only.
+      const error = await request.refusal(outcome.error);
+      const problem = toProblem(error, request);
       logFailure(request, error, problem, 'chat stream failed');
       await events!.send('error', problem);
     }
@@ -206,9 +207,10 @@ async function streamTurn(
     if (!events) throw error;
     // After the headers nothing can change the status: the failure becomes the stream's last event, as the
     // error handler would answer it (a database lost mid-stream is a 503), naming the stored question.
-    const problem = toProblem(error as Error, request);
+    const refusal = await request.refusal(error as Error);
+    const problem = toProblem(refusal, request);
     logFailure(request, error, problem, 'chat stream failed');
-    await events.send('error', { ...problem, userMessageId });
+    await events.send('error', refusal === error ? { ...problem, userMessageId } : problem);
     return undefined;
   } finally {
     events?.end();
