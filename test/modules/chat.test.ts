@@ -2,7 +2,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { and, eq, sql } from 'drizzle-orm';
 import pg from 'pg';
 import { v7 as uuidv7 } from 'uuid';
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
 import { buildApp } from '../../src/app.js';
 import { idempotencyKeys, messages, users } from '../../src/db/schema.js';
 import { IdempotencyStore, requestHash } from '../../src/modules/chat/idempotency.js';
@@ -270,6 +270,30 @@ describe('context budget', () => {
     expectProblem(await send(projectId, 'hi'), 400, 'CONTEXT_TOO_LONG');
     expect((await edit('word '.repeat(100))).statusCode).toBe(200);
     expect((await send(projectId, 'hi')).statusCode).toBe(200);
+  });
+
+  it('counts a prompt again once it is changed, even within the millisecond of its last change on the clock of the instance', async () => {
+    const projectId = (await createProject(budgeted.app, owner)).id;
+    const prompt = await createPrompt(budgeted.app, owner, projectId, { title: 'p', content: 'Be brief.' });
+    const edit = (content: string) =>
+      budgeted.app.inject({ method: 'PATCH', url: `/api/v1/projects/${projectId}/prompts/${prompt.id}`, headers: owner.auth, payload: { content } });
+    // Two versions of one length: the first fits the budget of 197, the second alone does not.
+    const fits = 'word '.repeat(150);
+    const overflows = '😀 '.repeat(250);
+    expect(overflows.length).toBe(fits.length);
+    expect(countTokens(overflows, 'gpt-4o-mini')).toBeGreaterThan(197);
+    // The instance's clock stands still: two clients saving at once, or a clock set back.
+    vi.useFakeTimers({ toFake: ['Date'], now: Date.now() });
+    try {
+      expect((await edit(fits)).statusCode).toBe(200);
+      expect((await send(projectId, 'hi')).statusCode).toBe(200);
+      expect((await edit(overflows)).statusCode).toBe(200);
+    } finally {
+      vi.useRealTimers();
+    }
+    const calls = fake.requests.length;
+    expectProblem(await send(projectId, 'hi'), 400, 'CONTEXT_TOO_LONG');
+    expect(fake.requests).toHaveLength(calls);
   });
 
   it('stores a question that fits only by its tokens (not a token a byte) once the turn is checked, counted for the model', async () => {

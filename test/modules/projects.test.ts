@@ -4,6 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { files, messages, projects, prompts } from '../../src/db/schema.js';
 import { createProject, createPrompt, expectProblem, insertMessages, registerUser, type RegisteredUser, startTestApp, type TestApp } from '../support/app.js';
 import { expectDeleteFreesOneSlot, expectFull, expectOneOfManyIntoTheLastSlot, type Holder } from '../support/limits.js';
+import { expectTimesInListOrder } from '../support/clock-behind.js';
 import { expectCreateListedAfterDeletedNewest } from '../support/deleted-newest.js';
 import { expectWaitingCreateListedLast } from '../support/waiting-create.js';
 
@@ -164,6 +165,11 @@ describe('get and list', () => {
   it('lists nothing for a new user', async () => {
     const fresh = await registerUser(t.app);
     expect((await request('GET', '', undefined, fresh)).json()).toEqual({ data: [], nextCursor: null });
+  });
+
+  it('gives times that agree with the list order though the clock of the instance is behind', async () => {
+    const owner = await registerUser(t.app);
+    await expectTimesInListOrder({ app: t.app, headers: owner.auth, list: '/api/v1/projects', create: { name: 'p' }, change: { name: 'q' } });
   });
 
   it('lists a create after the newest projects deleted, to a walk that had reached them, when the clock is behind them', async () => {

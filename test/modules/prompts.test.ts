@@ -5,6 +5,7 @@ import { prompts } from '../../src/db/schema.js';
 import type { ProjectDto } from '../../src/modules/projects/schemas.js';
 import { createProject, createPrompt, expectProblem, registerUser, type RegisteredUser, startTestApp, type TestApp } from '../support/app.js';
 import { expectDeleteFreesOneSlot, expectFull, expectOneOfManyIntoTheLastSlot, type Holder } from '../support/limits.js';
+import { expectTimesInListOrder } from '../support/clock-behind.js';
 import { expectCreateListedAfterDeletedNewest } from '../support/deleted-newest.js';
 import { expectWaitingCreateListedLast } from '../support/waiting-create.js';
 
@@ -104,6 +105,11 @@ describe('create and get', () => {
       expect(body.detail).toBe('Prompt not found');
     }
     expect((await request('GET', `/${prompt.id}`, undefined, other.id)).json()).toEqual(prompt);
+  });
+
+  it('gives times that agree with the list order though the clock of the instance is behind', async () => {
+    const own = await createProject(t.app, user);
+    await expectTimesInListOrder({ app: t.app, headers: user.auth, list: `/api/v1/projects/${own.id}/prompts`, create: { title: 't', content: 'c' }, change: { content: 'd' } });
   });
 });
 

@@ -81,9 +81,20 @@ export interface LimitedInsertOptions<Table extends PgTable> {
    * key made (migration 0011), which the next one comes after even once this row is deleted.
    */
   order: ({ newId: 'new_project_id' | 'new_prompt_id' } | { newCreatedAt: 'new_file_created_at' }) & { newest: PgColumn };
-  /** The other columns. */
+  /** The other columns; not the key's (`id`, `createdAt` and for a row ordered by its id `updatedAt`). */
   values: { [Key in keyof Insert<Table>]?: SQL };
 }
+
+/** The time a version 7 UUID was made at (its first 48 bits: milliseconds since the epoch). */
+const uuidv7Time = (id: SQL) => sql`timestamptz 'epoch' + ('x' || substr(replace(${id}::text, '-', ''), 1, 12))::bit(48)::bigint * interval '1 millisecond'`;
+
+/**
+ * The `updatedAt` of a change to a row that `limitedInsert` made: the database's clock, and always later
+ * than the version before (its creation's millisecond included), so that each version of the row has a
+ * time of its own. A prompt's time names its token count, kept between turns (ChatService): two edits
+ * within one millisecond of an instance's clock had the same time, and turns went on counting the first.
+ */
+export const changedAt = (updatedAt: PgColumn) => sql<Date>`greatest(clock_timestamp(), ${updatedAt} + interval '1 microsecond')`;
 
 /** A create under a count limit, prepared: see `limitedInsert`. */
 export interface LimitedInsert<Row> {
@@ -121,14 +132,22 @@ export function limitedInsert<Table extends PgTable>(db: Db, options: LimitedIns
   const { name, limit, table } = options;
   const parent = db.$with('parent').as(db.select({ id: options.parent.table.id }).from(options.parent.table).where(options.parent.where).for('update'));
   const columns = getTableColumns(table) as Record<string, PgColumn>;
-  const madeUnderLock = (fn: string) => sql`${sql.raw(fn)}(${parent.id})`;
   const { order } = options;
-  const given: [string, SQL | PgColumn][] = [
-    ['id', 'newId' in order ? madeUnderLock(order.newId) : sql`${sql.placeholder('id')}::uuid`],
-    [options.parentColumn as string, parent.id],
-    ...('newCreatedAt' in order ? [['createdAt', madeUnderLock(order.newCreatedAt)] as [string, SQL]] : []),
-    ...(Object.entries(options.values) as [string, SQL][]),
-  ];
+  // The list key, made once the parent is locked, in a lateral subquery: a row ordered by its id takes
+  // that id's millisecond as its times, so that no list is in an order its own createdAt contradicts
+  // (taken from the clock of the instance that served the create, it was behind its predecessors' on an
+  // instance whose clock is behind, or after a clock was set back).
+  const made = sql`${sql.identifier('made')}.${sql.identifier('key')}`;
+  const keyOrder: [string, SQL][] =
+    'newId' in order
+      ? [
+          ['id', made],
+          ['createdAt', uuidv7Time(made)],
+          ['updatedAt', uuidv7Time(made)],
+        ]
+      : [['id', sql`${sql.placeholder('id')}::uuid`], ['createdAt', made]];
+  const given: [string, SQL | PgColumn][] = [...keyOrder, [options.parentColumn as string, parent.id], ...(Object.entries(options.values) as [string, SQL][])];
+  const makeKey = sql.raw('newId' in order ? order.newId : order.newCreatedAt);
   const inserted = db.$with('inserted', columns).as(
     sql`insert into ${table} (${sql.join(
       given.map(([key]) => sql.identifier(columns[key]!.name)),
@@ -136,7 +155,7 @@ export function limitedInsert<Table extends PgTable>(db: Db, options: LimitedIns
     )}) select ${sql.join(
       given.map(([, value]) => value),
       sql`, `,
-    )} from ${parent} where ${sql.raw(limit.counter)}(${parent.id}) < ${limit.max}::integer returning *`,
+    )} from ${parent} cross join lateral (select ${makeKey}(${parent.id}) as key) as made where ${sql.raw(limit.counter)}(${parent.id}) < ${limit.max}::integer returning *`,
   );
   // Under the lock the parent CTE holds; a statement's data-modifying CTEs all run, used or not.
   const key = columns['newId' in order ? 'id' : 'createdAt']!;

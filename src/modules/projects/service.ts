@@ -11,7 +11,7 @@ import { type IdSortKey, idSortKeyOf, type Page, type PageRequest, paginate, typ
 import type { ProviderName } from '../../providers/types.js';
 import { waitForFileWrites } from '../files/deleting.js';
 import type { StoredFileDiscarder } from '../files/service.js';
-import { type LimitedInsert, limitedInsert, param, type Parent, projectsPerUser } from './count-limit.js';
+import { changedAt, type LimitedInsert, limitedInsert, param, type Parent, projectsPerUser } from './count-limit.js';
 import type { CreateProjectInput, ProjectDto, UpdateProjectInput } from './schemas.js';
 
 export type ProjectRow = typeof projects.$inferSelect;
@@ -130,8 +130,6 @@ export class ProjectsService {
         description: param('description', 'text'),
         provider: param('provider', 'text'),
         model: param('model', 'text'),
-        createdAt: param('now', 'timestamptz'),
-        updatedAt: param('now', 'timestamptz'),
       },
     });
     this.projectOfUser = db
@@ -149,7 +147,6 @@ export class ProjectsService {
       description: input.description ?? null,
       provider: input.provider ?? null,
       model: input.model ?? null,
-      now: new Date().toISOString(),
     };
     // No row of the caller: the account was deleted since the request's token was checked.
     const row = await this.insert.run(params, () => new Unauthorized());
@@ -182,7 +179,7 @@ export class ProjectsService {
   async update(userId: string, projectId: string, patch: UpdateProjectInput): Promise<ProjectDto> {
     const [row] = await this.db
       .update(projects)
-      .set({ ...patch, updatedAt: new Date() })
+      .set({ ...patch, updatedAt: changedAt(projects.updatedAt) })
       .where(ownedProject(userId, projectId))
       .returning(withCounts(this.db));
     if (!row) throw new NotFound('Project');

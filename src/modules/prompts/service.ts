@@ -5,7 +5,7 @@ import { projects, prompts } from '../../db/schema.js';
 import { NotFound } from '../../http/errors.js';
 import { isUuid } from '../../http/ids.js';
 import { type IdSortKey, idSortKeyOf, type Page, type PageRequest, paginate } from '../../http/pagination.js';
-import { type LimitedInsert, limitedInsert, param, promptsPerProject } from '../projects/count-limit.js';
+import { changedAt, type LimitedInsert, limitedInsert, param, promptsPerProject } from '../projects/count-limit.js';
 import { callersProject, inOwnedProject, projectIdParam, requireOwnedProject } from '../projects/service.js';
 import type { CreatePromptInput, PromptDto, UpdatePromptInput } from './schemas.js';
 
@@ -46,14 +46,12 @@ export class PromptsService {
       values: {
         title: param('title', 'text'),
         content: param('content', 'text'),
-        createdAt: param('now', 'timestamptz'),
-        updatedAt: param('now', 'timestamptz'),
       },
     });
   }
 
   async create(userId: string, projectId: string, input: CreatePromptInput): Promise<PromptDto> {
-    const params = { userId, projectId: projectIdParam(projectId), ...input, now: new Date().toISOString() };
+    const params = { userId, projectId: projectIdParam(projectId), ...input };
     return toDto(await this.insert.run(params, () => new NotFound('Project')));
   }
 
@@ -83,7 +81,7 @@ export class PromptsService {
   async update(userId: string, projectId: string, promptId: string, patch: UpdatePromptInput): Promise<PromptDto> {
     const [row] = await this.db
       .update(prompts)
-      .set({ ...patch, updatedAt: new Date() })
+      .set({ ...patch, updatedAt: changedAt(prompts.updatedAt) })
       .where(ownedPrompt(userId, projectId, promptId))
       .returning();
     if (!row) throw new NotFound('Prompt');
