@@ -1,5 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { HistoryCache, type StoredHistoryMessage } from '../../src/modules/chat/history-cache.js';
+import { messagesWire } from '../../src/providers/wire-messages.js';
+import { reachableBufferBytes, reachableHeapBytes } from '../support/heap.js';
 
 const message = (id: number, content = `message ${id}`): StoredHistoryMessage => ({ id: String(id), role: 'user', content, tokens: 3, encoding: 'o200k_base' });
 /** Messages `from` down to `to`, newest first, as pages are read. */
@@ -40,5 +42,24 @@ describe('HistoryCache', () => {
     cache.remember('a', { messages: newestFirst(100, 1).map((m) => message(Number(m.id), 'x'.repeat(1_000))), complete: true });
     expect(cache.extend('a', newestFirst(100, 37))).toBeUndefined();
     expect(cache.extend('c', newestFirst(100, 37))).toBeDefined();
+  });
+});
+
+describe('HistoryCache memory', () => {
+  it('keeps what it holds, the messages and the wire form a turn made of them, within its bytes, in any script', () => {
+    const maxBytes = 32 * 1024 * 1024;
+    const cache = new HistoryCache(maxBytes);
+    // Chinese text: each character one UTF-16 unit, two bytes in the string and three in UTF-8.
+    const text = (seed: number) => Array.from({ length: 1_000 }, (_, i) => String.fromCharCode(0x4e00 + ((seed * 7 + i * 37) % 20_000))).join('');
+    const before = reachableHeapBytes() + reachableBufferBytes();
+    for (let project = 0; project < 80; project++) {
+      const history = Array.from({ length: 200 }, (_, i) => message(project * 1_000 + i, text(project * 1_000 + i)));
+      cache.remember(`p${project}`, { messages: history, complete: true });
+      // What a turn sends of it (providers/openai-compatible.ts joins these parts into its body).
+      messagesWire(history);
+    }
+    const kept = reachableHeapBytes() + reachableBufferBytes() - before;
+    // A little over the bound for what the estimate cannot know (object headers, the map), not half again as much.
+    expect(kept).toBeLessThan(maxBytes * 1.15);
   });
 });
