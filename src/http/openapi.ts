@@ -54,6 +54,11 @@ const retryAfter = {
   'Retry-After': { type: 'integer', description: 'Seconds to wait before trying again (429, and 503 when known)' },
 };
 
+/** What a 201 names (RFC 9110 §15.3.2: without it, a 201 says that it made the request's own URL). */
+const location = {
+  Location: { type: 'string', description: 'The path of what was created' },
+};
+
 const challenge = {
   'WWW-Authenticate': { type: 'string', description: `The scheme the API takes: \`${BEARER_CHALLENGE}\`` },
 };
@@ -76,7 +81,8 @@ function problemCodesOf(route: RouteOptions, schema: FastifySchema): Set<Problem
   }
   if (rateLimitGroupOf(config)) codes.add('RATE_LIMITED');
   codes.add('INTERNAL');
-  if (!config.servedUnderPressure) codes.add('SERVICE_UNAVAILABLE');
+  // Shed under pressure unless served under it; and during a drain (SIGTERM), every route.
+  codes.add('SERVICE_UNAVAILABLE');
   return codes;
 }
 
@@ -118,6 +124,7 @@ const documentRoute: SwaggerTransform = (input) => {
     if (responses[status]) responses[status].headers = retryAfter;
   }
   if (responses['401']) responses['401'].headers = challenge;
+  if (responses['201']) responses['201'].headers = location;
   const security = input.route.config?.public ? { security: [] } : {};
   // A prefix's root route answers with and without the slash; the contract names it without.
   const url = transformed.url.length > 1 ? transformed.url.replace(/\/$/, '') : transformed.url;

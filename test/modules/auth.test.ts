@@ -42,6 +42,8 @@ describe('register', () => {
     expect(body.user.id).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-7/); // UUID v7
     expect(new Date(body.user.createdAt).toISOString()).toBe(body.user.createdAt);
     expect(response.body).not.toContain('$2b$');
+    // What it made: the account, which its token reads at /me.
+    expect(response.headers.location).toBe('/api/v1/auth/me');
   });
 
   it('stores a bcrypt hash at the configured cost, never the password', async () => {

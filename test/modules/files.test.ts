@@ -68,7 +68,9 @@ function send(projectId: string, body: { payload: Buffer; headers: Record<string
 async function upload(projectId: string, content: string | Uint8Array, part: Omit<FormPart, 'content'> = {}): Promise<FileDto> {
   const response = await send(projectId, multipart({ filename: 'notes.txt', type: 'text/plain', ...part, content }));
   if (response.statusCode !== 201) throw new Error(`upload failed: ${response.statusCode} ${response.body}`);
-  return response.json();
+  const file: FileDto = response.json();
+  expect(response.headers.location).toBe(filesUrl(file.projectId, `/${file.id}`));
+  return file;
 }
 
 const get = (url: string, owner: RegisteredUser = user) => t.app.inject({ method: 'GET', url, headers: owner.auth });

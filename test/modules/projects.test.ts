@@ -42,6 +42,9 @@ describe('create', () => {
     expect(body.id).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-7/);
     expect(new Date(body.createdAt).toISOString()).toBe(body.createdAt);
     expect(body.updatedAt).toBe(body.createdAt);
+    // RFC 9110 §15.3.2: without Location, a 201 says that it made the request's own URL.
+    expect(response.headers.location).toBe(`/api/v1/projects/${body.id}`);
+    expect((await t.app.inject({ method: 'GET', url: response.headers.location!, headers: user.auth })).json()).toEqual(body);
     const [row] = await t.testDb.database.db.select().from(projects).where(eq(projects.id, body.id));
     expect(row!.userId).toBe(user.id);
   });

@@ -39,7 +39,8 @@ describe('create and get', () => {
     expect(body).toMatchObject({ projectId: project.id, title: 'Tone', content: '  Be brief.\n' });
     expect(body.id).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-7/);
     expect(body.updatedAt).toBe(body.createdAt);
-    expect((await request('GET', `/${body.id}`)).json()).toEqual(body);
+    expect(response.headers.location).toBe(`/api/v1/projects/${project.id}/prompts/${body.id}`);
+    expect((await t.app.inject({ method: 'GET', url: response.headers.location!, headers: user.auth })).json()).toEqual(body);
   });
 
   it('accepts 200 and 100,000 characters written as JSON escapes of 12 bytes each (Python’s default), 1.2 MB', async () => {

@@ -22,7 +22,8 @@ export const authRoutes: FastifyPluginAsyncZod<{ auth: AuthService }> = async (a
       config: { public: true, rateLimitGroup: 'register' },
       schema: { tags: ['auth'], body: registerBody, response: { 201: session }, problems: ['CONFLICT'] },
     },
-    async (request, reply) => reply.code(201).send(await auth.register(request.body, clientGoneSignal(reply))),
+    // What it made is the caller's account, which a token reads at /me.
+    async (request, reply) => reply.code(201).header('location', '/api/v1/auth/me').send(await auth.register(request.body, clientGoneSignal(reply))),
   );
 
   app.post(

@@ -39,7 +39,8 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
     async (request, reply) => {
       try {
         const parts = formParts(request.parts(parsing));
-        return reply.code(201).send(await files.upload(request.user.id, request.params.projectId, parts, request.log));
+        const created = await files.upload(request.user.id, request.params.projectId, parts, request.log);
+        return reply.code(201).header('location', `/api/v1/projects/${created.projectId}/files/${created.id}`).send(created);
       } catch (error) {
         // A refusal can come before the body's end (a file too large, a field too many); the rest is
         // not worth reading, and the parser no longer does. Closing after the answer frees the connection.

@@ -14,7 +14,10 @@ export const projectRoutes: FastifyPluginAsyncZod<{ projects: ProjectsService }>
   app.post(
     '/',
     { schema: { tags: ['projects'], body: createProjectBody, response: { 201: project }, problems: ['CONFLICT'] } },
-    async (request, reply) => reply.code(201).send(await projects.create(request.user.id, request.body)),
+    async (request, reply) => {
+      const created = await projects.create(request.user.id, request.body);
+      return reply.code(201).header('location', `/api/v1/projects/${created.id}`).send(created);
+    },
   );
 
   app.get(

@@ -9,8 +9,10 @@ export const promptRoutes: FastifyPluginAsyncZod<{ prompts: PromptsService }> = 
   app.post(
     '/',
     { schema: { tags: ['prompts'], params: projectParams, body: createPromptBody, response: { 201: prompt }, problems: ['CONFLICT'] } },
-    async (request, reply) =>
-      reply.code(201).send(await prompts.create(request.user.id, request.params.projectId, request.body)),
+    async (request, reply) => {
+      const created = await prompts.create(request.user.id, request.params.projectId, request.body);
+      return reply.code(201).header('location', `/api/v1/projects/${created.projectId}/prompts/${created.id}`).send(created);
+    },
   );
 
   app.get(
