@@ -64,6 +64,22 @@ describe('problem+json for every error class', () => {
     expectProblem(deleteMe, 400, 'VALIDATION_ERROR');
   });
 
+  it("no 415 for a DELETE without a body whatever Content-Type it names, as fetch sends `body: ''` and curl `-d ''`", async () => {
+    const user = await registerUser(t.app);
+    const project = await createProject(t.app, user);
+    const prompt = await createPrompt(t.app, user, project.id);
+    // An empty body, declared: fetch names a string body text/plain, curl -d names it a form.
+    const del = (url: string, type: string) => t.app.inject({ method: 'DELETE', url, headers: { ...user.auth, 'content-type': type, 'content-length': '0' } });
+    for (const type of ['text/plain;charset=UTF-8', 'application/x-www-form-urlencoded']) {
+      expect((await del(`/api/v1/projects/${project.id}/messages`, type)).statusCode, type).toBe(204);
+    }
+    expect((await del(`/api/v1/projects/${project.id}/prompts/${prompt.id}`, 'text/plain;charset=UTF-8')).statusCode).toBe(204);
+    expect((await del(`/api/v1/projects/${project.id}`, 'text/plain;charset=UTF-8')).statusCode).toBe(204);
+    // A body that is not empty is still one of a type the API does not speak.
+    const sent = await t.app.inject({ method: 'DELETE', url: `/api/v1/projects/${project.id}/messages`, headers: { ...user.auth, 'content-type': 'text/plain' }, payload: 'x' });
+    expectProblem(sent, 415, 'UNSUPPORTED_MEDIA_TYPE');
+  });
+
   it('401 without credentials, and only errors on validation problems', async () => {
     const body = expectProblem(await t.app.inject({ method: 'GET', url: '/api/v1/auth/me' }), 401, 'UNAUTHORIZED');
     expect(body).not.toHaveProperty('errors');
