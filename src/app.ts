@@ -1,4 +1,5 @@
 import { randomUUID } from 'node:crypto';
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import { join } from 'node:path';
 import Fastify, { type FastifyInstance } from 'fastify';
 import { serializerCompiler, validatorCompiler } from 'fastify-type-provider-zod';
@@ -6,7 +7,7 @@ import type { Config } from './config.js';
 import { settleCutSwap } from './db/backup-store.js';
 import { type Database, openDatabase } from './db/database.js';
 import { createTokens, registerAuthentication } from './http/auth.js';
-import { answerClientError, answerFrameworkError, registerErrorHandling, ShuttingDown } from './http/errors.js';
+import { answerClientError, answerFrameworkError, MissingHost, registerErrorHandling, ShuttingDown } from './http/errors.js';
 import { registerHardening } from './http/hardening.js';
 import { requestLogger, serializeError } from './http/logging.js';
 import { registerMetrics } from './http/metrics.js';
@@ -78,6 +79,9 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
     http: {
       headersTimeout: Math.min(60_000, config.REQUEST_TIMEOUT_MS),
       connectionsCheckingInterval: Math.min(30_000, Math.ceil(config.REQUEST_TIMEOUT_MS / 4)),
+      // Node's own 400 for an HTTP/1.1 request without Host (a health check written by hand) has no
+      // body and no request id: the first hook refuses it instead.
+      requireHostHeader: false,
     },
     // Behind a load balancer, the client's address (rate limits, logs) comes from X-Forwarded-For.
     trustProxy: config.TRUST_PROXY,
@@ -114,8 +118,13 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   });
   app.addHook('onRequest', (request, reply, done) => {
     setResponseHeaders(request, reply);
-    done(closing ? new ShuttingDown() : undefined);
+    if (closing) done(new ShuttingDown());
+    else if (request.headers.host === undefined && request.raw.httpVersionMinor === 1) done(new MissingHost());
+    else done();
   });
+  // An Expect other than 100-continue: Node's own 417 has no body and no request id. RFC 9110 (10.1.1)
+  // lets a server ignore an expectation it does not know; the request is served as if it had none.
+  app.server.on('checkExpectation', (request: IncomingMessage, response: ServerResponse) => app.server.emit('request', request, response));
   registerErrorHandling(app);
   await registerHardening(app, config);
   await registerOpenApi(app);

@@ -78,6 +78,13 @@ export class ValidationFailed extends ApiError {
   }
 }
 
+/** RFC 9112 (3.2): an HTTP/1.1 request names its Host. */
+export class MissingHost extends ValidationFailed {
+  constructor() {
+    super('An HTTP/1.1 request must carry a Host header', [{ path: 'headers.host', message: 'is required' }]);
+  }
+}
+
 /** RFC 9110 (11.6.1): a 401 names the scheme that would be accepted; the API's is a bearer token. */
 export const BEARER_CHALLENGE = 'Bearer';
 

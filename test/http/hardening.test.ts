@@ -260,3 +260,41 @@ describe('a request that trickles in (REQUEST_TIMEOUT_MS)', () => {
     }
   });
 });
+
+describe('what Node would answer by itself, before Fastify sees a request', () => {
+  /** What the server answers `request`, written as is on a connection of its own, and the problem it sends. */
+  async function exchange(url: string, request: string) {
+    const address = new URL(url);
+    const socket = connect(Number(address.port), address.hostname);
+    let received = '';
+    socket.setEncoding('utf8').on('data', (chunk: string) => (received += chunk));
+    const closed = once(socket, 'close');
+    socket.write(request);
+    await closed;
+    const [head, body] = received.split('\r\n\r\n');
+    // The JSON whether it comes with a length or in chunks.
+    return { head: head!, json: JSON.parse(/\{[\s\S]*\}/.exec(body ?? '')?.[0] ?? 'null') as Record<string, unknown> | null };
+  }
+
+  it('refuses an HTTP/1.1 request without Host in problem+json with a request id, and serves one that expects what it does not know', async () => {
+    const served = await startTestApp();
+    try {
+      const url = await served.app.listen({ port: 0, host: '127.0.0.1' });
+      // A health check written by hand (HAProxy's httpchk without a Host line).
+      const noHost = await exchange(url, 'GET /health/live HTTP/1.1\r\nconnection: close\r\n\r\n');
+      expect(noHost.head).toMatch(/^HTTP\/1\.1 400 /);
+      expect(noHost.head).toMatch(/\r\ncontent-type: application\/problem\+json/i);
+      expect(noHost.json).toMatchObject({ status: 400, code: 'VALIDATION_ERROR', errors: [{ path: 'headers.host', message: 'is required' }] });
+      expect(noHost.head).toContain(`x-request-id: ${String(noHost.json!.requestId)}`);
+      // HTTP/1.0 names no Host.
+      expect((await exchange(url, 'GET /health/live HTTP/1.0\r\n\r\n')).head).toMatch(/^HTTP\/1\.1 200 /);
+      // RFC 9110 (10.1.1): an expectation the server does not know may be ignored; Node's own 417 had no body.
+      const expecting = await exchange(url, 'GET /health/live HTTP/1.1\r\nhost: localhost\r\nexpect: something-else\r\nconnection: close\r\n\r\n');
+      expect(expecting.head).toMatch(/^HTTP\/1\.1 200 /);
+      expect(expecting.json).toEqual({ status: 'ok' });
+      expect(expecting.head).toMatch(/\r\nx-request-id: \S+/i);
+    } finally {
+      await served.close();
+    }
+  });
+});
