@@ -25,7 +25,8 @@ declare module 'fastify' {
 /** The response of a route that answers without a body (204). */
 export const noContent = z.undefined().describe('No content');
 
-const problemCodes = Object.keys(PROBLEM_STATUS) as [ProblemCode, ...ProblemCode[]];
+/** The codes a response can carry: not CLIENT_CLOSED_REQUEST, whose client is gone before it (logs and metrics only). */
+const problemCodes = Object.keys(PROBLEM_STATUS).filter((code) => code !== 'CLIENT_CLOSED_REQUEST') as [ProblemCode, ...ProblemCode[]];
 
 /** RFC 9457 problem details, the body of every 4xx and 5xx (see src/http/errors.ts). */
 const problem = z

@@ -623,7 +623,7 @@ describe('bytes that cannot be removed', () => {
 });
 
 describe('stray bytes', () => {
-  it('are removed when the app starts, once a day old and named by no file row', async () => {
+  it('are removed when the app starts, once a day old and named by no file row of a project the database holds', async () => {
     const projectId = await newProject();
     const folder = join(storageRoot, projectId);
     const kept = await upload(projectId, 'a day old, and its row is there');
@@ -635,8 +635,13 @@ describe('stray bytes', () => {
     for (const path of [crashed, young, notOurs]) writeFileSync(path, 'bytes');
     const emptied = join(storageRoot, uuidv7()); // its last file removed, then a crash before the folder
     mkdirSync(emptied);
+    // A project this database does not hold: the folder is another database's too (DATABASE_URL left blank).
+    const elsewhere = join(storageRoot, uuidv7());
+    mkdirSync(elsewhere);
+    const othersUpload = join(elsewhere, uuidv7());
+    writeFileSync(othersUpload, 'an upload of another database');
     const dayAgo = (Date.now() - 25 * 60 * 60 * 1000) / 1000;
-    for (const path of [join(folder, kept.id), join(folder, orphaned.id), crashed, notOurs]) utimesSync(path, dayAgo, dayAgo);
+    for (const path of [join(folder, kept.id), join(folder, orphaned.id), crashed, notOurs, othersUpload]) utimesSync(path, dayAgo, dayAgo);
 
     // Another start on the same database and folder.
     const logs = logCollector();
@@ -645,6 +650,7 @@ describe('stray bytes', () => {
       await expect.poll(() => logs.lines.find((line) => line.msg === 'removed the file bytes no file row names')).toMatchObject({ removed: 2 });
       expect(readdirSync(folder).sort()).toEqual([kept.id, basename(young), 'README'].sort());
       expect(existsSync(emptied)).toBe(false);
+      expect(readFileSync(othersUpload, 'utf8')).toBe('an upload of another database');
       expect((await get(filesUrl(projectId, `/${kept.id}/content`))).body).toBe('a day old, and its row is there');
     } finally {
       await app.close();

@@ -222,10 +222,14 @@ export class FilesService {
   }
 
   /**
-   * Removes, of the bytes under `keys`, those that no file row names: left by a crash between an
-   * upload's bytes being named and its row being written, or by a removal that failed once its row was
-   * gone. The keys must be of bytes too old to be an upload whose row is still to come. Goes on while
-   * `stop` says no; resolves with how many it removed.
+   * Removes, of the bytes under `keys`, those that no file row names under a project this database
+   * holds: left by a crash between an upload's bytes being named and its row being written, or by a
+   * removal that failed once its row was gone. Not those of projects it does not hold: the folder may
+   * be another database's (`DATABASE_URL` left blank starts on the embedded one; a URL naming another
+   * database), whose uploads would all look stray, and were all removed. The bytes of a project whose
+   * deletion failed to remove them stay (their removal's failure is logged). The keys must be of bytes
+   * too old to be an upload whose row is still to come. Goes on while `stop` says no; resolves with how
+   * many it removed.
    */
   async removeStrayBytes(keys: AsyncIterable<string[]>, stop: () => boolean): Promise<number> {
     let removed = 0;
@@ -235,16 +239,23 @@ export class FilesService {
       // nothing else under the folder is its to remove.
       const ours = batch.flatMap((key) => {
         const ids = key.split('/');
-        return key === key.toLowerCase() && ids.length === 2 && ids.every(isUuid) ? [{ key, fileId: ids[1]! }] : [];
+        return key === key.toLowerCase() && ids.length === 2 && ids.every(isUuid) ? [{ key, projectId: ids[0]!, fileId: ids[1]! }] : [];
       });
       if (!ours.length) continue;
-      const rows = await this.db
-        .select({ id: files.id, projectId: files.projectId })
-        .from(files)
-        .where(inArray(files.id, ours.map(({ fileId }) => fileId)));
+      const [rows, held] = await Promise.all([
+        this.db
+          .select({ id: files.id, projectId: files.projectId })
+          .from(files)
+          .where(inArray(files.id, ours.map(({ fileId }) => fileId))),
+        this.db
+          .select({ id: projects.id })
+          .from(projects)
+          .where(inArray(projects.id, [...new Set(ours.map(({ projectId }) => projectId))])),
+      ]);
       const named = new Set(rows.map(storageKey));
-      for (const { key } of ours) {
-        if (named.has(key)) continue;
+      const projectsHeld = new Set(held.map(({ id }) => id));
+      for (const { key, projectId } of ours) {
+        if (named.has(key) || !projectsHeld.has(projectId)) continue;
         await this.storage.remove(key);
         removed++;
       }
