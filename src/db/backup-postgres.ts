@@ -4,6 +4,7 @@ import { once } from 'node:events';
 import { delimiter, join } from 'node:path';
 import { getTableName } from 'drizzle-orm';
 import pg from 'pg';
+import { parse as parseConnectionString } from 'pg-connection-string';
 import { files } from './schema.js';
 import { BackupError, type DatabaseStore } from './backup-store.js';
 
@@ -46,10 +47,18 @@ async function withFileRowsFrozen(url: string, use: (snapshot: string) => Promis
   const client = new pg.Client({ connectionString: url, application_name: 'chatbot-platform backup' });
   // A connection lost while idle is an 'error' event, which would end the process; the next query fails instead.
   client.on('error', () => {});
+  // One closed by the server as it starts (a proxy whose database is down) has ended: a query or end()
+  // on it would never settle.
+  let ended = false;
+  client.once('end', () => (ended = true));
   const snapshot = async () => {
     await client.connect();
     await client.query('begin isolation level repeatable read');
     await client.query(`set local lock_timeout = ${LOCK_WAIT_MS}`);
+    // The transaction sits idle while pg_dump runs and the files are copied: a database or role that
+    // bounds idle transactions or statements (managed services do) would end it, and the backup with it.
+    await client.query('set local idle_in_transaction_session_timeout = 0');
+    await client.query('set local statement_timeout = 0');
     // Before any statement that takes the transaction's snapshot: a snapshot taken before the lock was
     // granted could miss a file row committed while the lock waited.
     await client.query(`lock table ${client.escapeIdentifier(getTableName(files))} in share mode`);
@@ -64,20 +73,17 @@ async function withFileRowsFrozen(url: string, use: (snapshot: string) => Promis
     await client.query('commit');
   } catch (error) {
     // The connection may be what failed; ending it rolls back anyway.
-    await client.query('rollback').catch(() => {});
+    if (!ended) await client.query('rollback').catch(() => {});
     throw error;
   } finally {
-    await client.end();
+    if (!ended) await client.end();
   }
 }
 
 async function runClientTool(name: string, url: string, args: string[]): Promise<void> {
-  // The password travels in the environment: a command line is visible to every local user.
-  const connection = new URL(url);
-  const password = decodeURIComponent(connection.password);
-  connection.password = '';
-  const child = spawn(findClientTool(name), [...args, `--dbname=${connection.toString()}`], {
-    env: { ...process.env, ...(password ? { PGPASSWORD: password } : {}) },
+  const { environment, dbname } = libpqConnection(url);
+  const child = spawn(findClientTool(name), [...args, `--dbname=${dbname}`], {
+    env: { ...process.env, ...environment },
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   let stderr = '';
@@ -87,6 +93,48 @@ async function runClientTool(name: string, url: string, args: string[]): Promise
     const reason = stderr.replace(/\s+/g, ' ').trim() || `exit code ${code}`;
     throw new BackupError(`${name} failed: ${reason}`);
   }
+}
+
+/** URL parameters that libpq reads from the environment variable named, as the Node driver reads them. */
+const LIBPQ_VARIABLES: Record<string, string> = {
+  sslrootcert: 'PGSSLROOTCERT',
+  sslcert: 'PGSSLCERT',
+  sslkey: 'PGSSLKEY',
+  options: 'PGOPTIONS',
+  application_name: 'PGAPPNAME',
+  connect_timeout: 'PGCONNECT_TIMEOUT',
+};
+
+/**
+ * How pg_dump and pg_restore (libpq) reach the database of `url`, read as the service's driver reads
+ * it: in their environment, and on their command line (which every local user can read) only the
+ * database's name. Handed the URL itself, libpq refused what only the Node driver knows
+ * (`sslmode=no-verify`, `ssl=true`, `uselibpqcompat`), and `new URL` a host given as a parameter
+ * (Cloud SQL's `user:password@/db?host=/cloudsql/…`); a `?password=` went on the command line.
+ * SSL modes keep libpq's meaning: `require` encrypts without checking the certificate (the Node driver
+ * checks it unless `uselibpqcompat=true`), and `no-verify` is taken as `require`.
+ */
+export function libpqConnection(url: string): { environment: Record<string, string>; dbname: string } {
+  const config = parseConnectionString(url) as Record<string, unknown>;
+  const text = (key: string) => (typeof config[key] === 'string' && config[key] !== '' ? (config[key] as string) : undefined);
+  const environment: Record<string, string> = {};
+  const given = { PGHOST: text('host'), PGPORT: text('port'), PGUSER: text('user'), PGPASSWORD: text('password'), PGSSLMODE: sslMode(text('sslmode'), text('ssl')) };
+  for (const [variable, value] of Object.entries(given)) if (value) environment[variable] = value;
+  for (const [key, variable] of Object.entries(LIBPQ_VARIABLES)) {
+    const value = text(key);
+    if (value) environment[variable] = value;
+  }
+  // A conninfo string (it holds `=`), so that no name is taken for anything else; as the driver, the user's name by default.
+  const database = text('database') ?? text('user');
+  return { environment, dbname: database ? `dbname='${database.replace(/[\\']/g, '\\$&')}'` : '' };
+}
+
+function sslMode(mode: string | undefined, ssl: string | undefined): string | undefined {
+  if (mode === 'no-verify') return 'require';
+  if (mode) return mode;
+  if (ssl === 'true' || ssl === '1') return 'require';
+  if (ssl === 'false' || ssl === '0') return 'disable';
+  return undefined;
 }
 
 function findClientTool(name: string): string {
