@@ -579,43 +579,42 @@ describe('a PostgreSQL backup that cannot start', () => {
 });
 
 describe.runIf(process.env.TEST_DATABASE_URL)('a PostgreSQL backup through every DATABASE_URL the service accepts', () => {
-  it('backs up and restores through options only the Node driver reads (uselibpqcompat, ssl)', { timeout: 120_000 }, async () => {
+  /** Runs `run` on a new target database, its DATA_DIR and URL, and drops it afterwards. */
+  async function onTarget(run: (target: Target, dataDir: string, url: URL) => Promise<void>) {
     const dataDir = scratchFolder();
     const target = await createTarget(dataDir);
     try {
+      await run(target, dataDir, new URL(target.env.DATABASE_URL!));
+    } finally {
+      await target.drop();
+    }
+  }
+  /** Backs up into a new folder with `env`, which must succeed; the folder. */
+  async function backedUp(env: Record<string, string>) {
+    const backup = join(scratchFolder(), 'backup');
+    const made = await runBackupCli(['backup', backup], env);
+    expect(made.code, made.output).toBe(0);
+    return backup;
+  }
+
+  it('backs up and restores through options only the Node driver reads (uselibpqcompat, ssl)', { timeout: 120_000 }, () =>
+    onTarget(async (target, dataDir) => {
       // The first is what pg's own warning about sslmode=require tells operators to write.
       for (const options of ['uselibpqcompat=true&sslmode=disable', 'ssl=0']) {
         const env = { DATA_DIR: dataDir, DATABASE_URL: `${target.env.DATABASE_URL}?${options}` };
-        const backup = join(scratchFolder(), 'backup');
-        const made = await runBackupCli(['backup', backup], env);
-        expect(made.code, made.output).toBe(0);
-        const restored = await runBackupCli(['restore', backup], env);
+        const restored = await runBackupCli(['restore', await backedUp(env)], env);
         expect(restored.code, restored.output).toBe(0);
       }
-    } finally {
-      await target.drop();
-    }
-  });
+    }));
 
-  it('backs up through a URL whose host is a query parameter and whose password is in the user part (Cloud SQL: user:password@/db?host=/cloudsql/…)', { timeout: 60_000 }, async () => {
-    const dataDir = scratchFolder();
-    const target = await createTarget(dataDir);
-    try {
-      const url = new URL(target.env.DATABASE_URL!);
+  it('backs up through a URL whose host is a query parameter and whose password is in the user part (Cloud SQL: user:password@/db?host=/cloudsql/…)', { timeout: 60_000 }, () =>
+    onTarget(async (_target, dataDir, url) => {
       const password = url.password || 'unused-under-trust';
-      const DATABASE_URL = `postgres://${url.username}:${password}@${url.pathname}?host=${url.hostname}&port=${url.port || 5432}`;
-      const made = await runBackupCli(['backup', join(scratchFolder(), 'backup')], { DATA_DIR: dataDir, DATABASE_URL });
-      expect(made.code, made.output).toBe(0);
-    } finally {
-      await target.drop();
-    }
-  });
+      await backedUp({ DATA_DIR: dataDir, DATABASE_URL: `postgres://${url.username}:${password}@${url.pathname}?host=${url.hostname}&port=${url.port || 5432}` });
+    }));
 
-  it("puts no password on pg_dump's command line, which every local user can read, wherever the URL holds it", { timeout: 60_000 }, async () => {
-    const dataDir = scratchFolder();
-    const target = await createTarget(dataDir);
-    try {
-      const url = new URL(target.env.DATABASE_URL!);
+  it("puts no password on pg_dump's command line, which every local user can read, wherever the URL holds it", { timeout: 60_000 }, () =>
+    onTarget(async (_target, dataDir, url) => {
       const password = url.password ? decodeURIComponent(url.password) : 'hunter2-secret';
       // A pg_dump that notes its own command line as ps shows it, then runs the real one.
       const bin = scratchFolder();
@@ -623,39 +622,31 @@ describe.runIf(process.env.TEST_DATABASE_URL)('a PostgreSQL backup through every
       writeFileSync(join(bin, 'pg_dump'), `#!/bin/sh\ntr '\\0' ' ' < /proc/$$/cmdline >> '${seen}'\necho >> '${seen}'\nexec '${findPostgresTool('pg_dump')}' "$@"\n`, { mode: 0o755 });
       url.password = '';
       for (const DATABASE_URL of [`postgres://${url.username}:${encodeURIComponent(password)}@${url.host}${url.pathname}`, `${url.toString()}?password=${encodeURIComponent(password)}`]) {
-        const made = await runBackupCli(['backup', join(scratchFolder(), 'backup')], { DATA_DIR: dataDir, DATABASE_URL, PATH: `${bin}:${process.env.PATH}` });
-        expect(made.code, made.output).toBe(0);
+        await backedUp({ DATA_DIR: dataDir, DATABASE_URL, PATH: `${bin}:${process.env.PATH}` });
       }
       const commandLines = readFileSync(seen, 'utf8');
       expect(commandLines.trim().split('\n')).toHaveLength(2);
       expect(commandLines).not.toContain('password=');
       expect(commandLines).not.toContain(`:${encodeURIComponent(password)}@`);
-    } finally {
-      await target.drop();
-    }
-  });
+    }));
 
-  it('keeps its snapshot and its hold on the files table through a dump longer than the database lets a transaction idle', { timeout: 60_000 }, async () => {
-    const dataDir = scratchFolder();
-    const target = await createTarget(dataDir);
-    const url = target.env.DATABASE_URL!;
-    const holder = new pg.Client({ connectionString: url });
-    const watcher = new pg.Client({ connectionString: url });
-    try {
-      // Managed PostgreSQL services and careful DBAs set this for the application's database or role.
-      await target.withDb((db) => db.execute(sql.raw(`alter database "${new URL(url).pathname.slice(1)}" set idle_in_transaction_session_timeout = '1s'`)));
-      await Promise.all([holder.connect(), watcher.connect()]);
-      // pg_dump held for a few seconds, as a large database or a slow disk holds it.
-      await holder.query('set idle_in_transaction_session_timeout = 0; begin; lock table prompts in access exclusive mode');
-      const backingUp = runBackupCli(['backup', join(scratchFolder(), 'backup')], { DATA_DIR: dataDir, DATABASE_URL: url });
-      await waitUntil(() => waitingOnLock(watcher, `application_name = 'pg_dump'`));
-      await sleep(3_000);
-      await holder.query('commit');
-      const made = await backingUp;
-      expect(made.code, made.output).toBe(0);
-    } finally {
-      await Promise.all([holder.end(), watcher.end()]);
-      await target.drop();
-    }
-  });
+  it('keeps its snapshot and its hold on the files table through a dump longer than the database lets a transaction idle', { timeout: 60_000 }, () =>
+    onTarget(async (target, dataDir, url) => {
+      const holder = new pg.Client({ connectionString: url.toString() });
+      const watcher = new pg.Client({ connectionString: url.toString() });
+      try {
+        // Managed PostgreSQL services and careful DBAs set this for the application's database or role.
+        await target.withDb((db) => db.execute(sql.raw(`alter database "${url.pathname.slice(1)}" set idle_in_transaction_session_timeout = '1s'`)));
+        await Promise.all([holder.connect(), watcher.connect()]);
+        // pg_dump held for a few seconds, as a large database or a slow disk holds it.
+        await holder.query('set idle_in_transaction_session_timeout = 0; begin; lock table prompts in access exclusive mode');
+        const backingUp = backedUp({ DATA_DIR: dataDir, DATABASE_URL: url.toString() });
+        await waitUntil(() => waitingOnLock(watcher, `application_name = 'pg_dump'`));
+        await sleep(3_000);
+        await holder.query('commit');
+        await backingUp;
+      } finally {
+        await Promise.all([holder.end(), watcher.end()]);
+      }
+    }));
 });
