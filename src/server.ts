@@ -23,7 +23,7 @@ async function main(): Promise<void> {
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);
   // Loaded once the signals are heard: loading the app's modules takes a moment of its own.
-  const [{ buildApp }, { ConfigError, loadConfig, requireWritableDataDir }, { DatabaseLockedError }, { DatabaseUnreachableError }] = await Promise.all([
+  const [{ buildApp }, { ConfigError, loadConfig, requireWritableDataDir }, { DatabaseLockedError }, { DatabaseUnreachableError, MigrationError }] = await Promise.all([
     import('./app.js'),
     import('./config.js'),
     import('./db/pglite-lock.js'),
@@ -37,7 +37,7 @@ async function main(): Promise<void> {
     requireWritableDataDir(config.DATA_DIR);
     app = await buildApp(config);
   } catch (error) {
-    if (error instanceof ConfigError || error instanceof DatabaseLockedError || error instanceof DatabaseUnreachableError) {
+    if (error instanceof ConfigError || error instanceof DatabaseLockedError || error instanceof DatabaseUnreachableError || error instanceof MigrationError) {
       // One clear line naming what is wrong, no stack trace.
       process.stderr.write(`${error.message}\n`);
       process.exit(1);

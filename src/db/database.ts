@@ -112,6 +112,27 @@ export class DatabaseUnreachableError extends Error {
   }
 }
 
+/**
+ * Migrations the database refused (a user that may not create in it, a lock that timed out), named by
+ * what the database said: drizzle's own message is the failed statement, and the reason is its cause's.
+ */
+export class MigrationError extends Error {
+  override name = 'MigrationError';
+  constructor(cause: unknown) {
+    let reason = cause;
+    while (reason instanceof Error && reason.cause !== undefined) reason = reason.cause;
+    const said = reason instanceof Error ? reason.message : String(reason);
+    super(`Migrations could not be applied: ${said.replace(/\s+/g, ' ').trim()}`, { cause });
+  }
+}
+
+/** Runs migrations; what fails them is a MigrationError. */
+async function migrating(run: Promise<unknown>): Promise<void> {
+  await run.catch((error: unknown) => {
+    throw new MigrationError(error);
+  });
+}
+
 /** pg's error for a statement unanswered for `query_timeout`. */
 const QUERY_TIMEOUT_MESSAGE = 'Query read timeout';
 
@@ -170,7 +191,7 @@ export function openPostgres(url: string, options: PostgresOptions = {}): Databa
       try {
         await client.query('select pg_advisory_lock($1)', [MIGRATION_LOCK_ID]);
         try {
-          await migratePg(drizzlePg(client), { migrationsFolder });
+          await migrating(migratePg(drizzlePg(client), { migrationsFolder }));
         } finally {
           await client.query('select pg_advisory_unlock($1)', [MIGRATION_LOCK_ID]);
         }
@@ -232,7 +253,7 @@ export async function openPglite(dataDir?: string): Promise<Database> {
     // PGlite's own: it keeps every other statement of the process out until the transaction ends.
     transaction: (work) => db.transaction((tx) => work(tx as unknown as Db)),
     ping: (timeoutMs = 2_000) => withTimeout(db.execute(sql`select 1`).then(() => undefined), timeoutMs),
-    migrate: () => migratePglite(db, { migrationsFolder }),
+    migrate: () => migrating(migratePglite(db, { migrationsFolder })),
     async close() {
       try {
         await client.close();

@@ -1,5 +1,5 @@
 import { spawn, spawnSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -10,7 +10,7 @@ import { describe, expect, it } from 'vitest';
 import { migrationsFolder, openPglite } from '../../src/db/database.js';
 import { DatabaseLockedError, lockPglite } from '../../src/db/pglite-lock.js';
 import { providerFileDeletions, users } from '../../src/db/schema.js';
-import { createTestDatabase } from '../support/database.js';
+import { adminQuery, createTestDatabase } from '../support/database.js';
 
 describe('embedded PGlite on disk', () => {
   it('keeps data across reopen and applies migrations once', async () => {
@@ -358,6 +358,30 @@ describe('a held connection', () => {
       next.release();
     } finally {
       await drop();
+    }
+  });
+});
+
+describe.runIf(process.env.TEST_DATABASE_URL)('npm run db:migrate', () => {
+  it('says in one line why the migrations could not be applied: a user that may not create in the database', { timeout: 60_000 }, async () => {
+    const admin = process.env.TEST_DATABASE_URL!;
+    const suffix = randomBytes(6).toString('hex');
+    const [role, name] = [`chatbot_nocreate_${suffix}`, `chatbot_test_${suffix}`];
+    await adminQuery(admin, `create role ${role} login password 'migrate-test-pw'`);
+    await adminQuery(admin, `create database ${name}`);
+    try {
+      const url = new URL(admin);
+      Object.assign(url, { username: role, password: 'migrate-test-pw', pathname: `/${name}` });
+      const migrate = spawnSync(process.execPath, ['--import', 'tsx', 'src/db/migrate-cli.ts'], {
+        env: { PATH: process.env.PATH, HOME: process.env.HOME, DATABASE_URL: url.toString(), DATA_DIR: mkdtempSync(join(tmpdir(), 'chatbot-migrate-')) },
+        encoding: 'utf8',
+      });
+      expect(migrate.status).toBe(1);
+      expect(migrate.stderr.trim()).toMatch(/^[^\n]*permission denied for database [^\n]+$/);
+      expect(migrate.stderr).not.toContain('migrate-test-pw');
+    } finally {
+      await adminQuery(admin, `drop database if exists ${name} with (force)`);
+      await adminQuery(admin, `drop role if exists ${role}`);
     }
   });
 });
