@@ -118,7 +118,7 @@ export function libpqConnection(url: string): { environment: Record<string, stri
   const config = parseConnectionString(url) as Record<string, unknown>;
   const text = (key: string) => (typeof config[key] === 'string' && config[key] !== '' ? (config[key] as string) : undefined);
   const environment: Record<string, string> = {};
-  const given = { PGHOST: text('host'), PGPORT: text('port'), PGUSER: text('user'), PGPASSWORD: text('password'), PGSSLMODE: sslMode(text('sslmode'), text('ssl')) };
+  const given = { PGHOST: text('host'), PGPORT: text('port'), PGUSER: text('user'), PGPASSWORD: text('password'), PGSSLMODE: sslMode(text('sslmode'), config.ssl) };
   for (const [variable, value] of Object.entries(given)) if (value) environment[variable] = value;
   for (const [key, variable] of Object.entries(LIBPQ_VARIABLES)) {
     const value = text(key);
@@ -129,11 +129,12 @@ export function libpqConnection(url: string): { environment: Record<string, stri
   return { environment, dbname: database ? `dbname='${database.replace(/[\\']/g, '\\$&')}'` : '' };
 }
 
-function sslMode(mode: string | undefined, ssl: string | undefined): string | undefined {
+/** libpq's mode for the driver's `sslmode`, or its `ssl` as parsed (`true` for `ssl=true` or `1`, `false` for `0`). */
+function sslMode(mode: string | undefined, ssl: unknown): string | undefined {
   if (mode === 'no-verify') return 'require';
   if (mode) return mode;
-  if (ssl === 'true' || ssl === '1') return 'require';
-  if (ssl === 'false' || ssl === '0') return 'disable';
+  if (ssl === true) return 'require';
+  if (ssl === false || ssl === 'false') return 'disable';
   return undefined;
 }
 

@@ -73,7 +73,7 @@ export async function registerHardening(app: FastifyInstance, config: Config): P
       credentials: false,
       methods: ['GET', 'HEAD', 'POST', 'PATCH', 'DELETE'],
       allowedHeaders: ['authorization', 'content-type', 'idempotency-key', 'x-request-id'],
-      exposedHeaders: ['x-request-id', 'retry-after', 'content-disposition'],
+      exposedHeaders: ['x-request-id', 'retry-after', 'content-disposition', 'location'],
       maxAge: 600,
       // A strict preflight without Origin would be answered 400 in plain text, outside problem+json.
       strictPreflight: false,

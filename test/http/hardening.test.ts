@@ -95,6 +95,13 @@ describe('CORS (CORS_ORIGINS)', () => {
     expect(response.headers).not.toHaveProperty('access-control-allow-credentials');
   });
 
+  it("lets a browser of an allowed origin read a 201's Location", async () => {
+    const response = await t.app.inject({ method: 'POST', url: '/api/v1/projects', headers: { ...user.auth, origin: ALLOWED_ORIGIN }, payload: { name: 'located' } });
+    expect(response.statusCode).toBe(201);
+    expect(response.headers.location).toMatch(/^\/api\/v1\/projects\//);
+    expect(response.headers['access-control-expose-headers']).toContain('location');
+  });
+
   it('does not allow any other origin', async () => {
     const response = await t.app.inject({ method: 'GET', url: '/api/v1/auth/me', headers: { ...user.auth, origin: 'https://evil.example.com' } });
     expect(response.headers).not.toHaveProperty('access-control-allow-origin');

@@ -46,11 +46,10 @@ describe('HistoryCache', () => {
 });
 
 describe('HistoryCache memory', () => {
-  it('keeps what it holds, the messages and the wire form a turn made of them, within its bytes, in any script', () => {
+  /** What the cache and the wire forms of its messages keep, 80 projects of 200 messages of `text(seed)`, under 32 MB. */
+  function kept(text: (seed: number) => string): number {
     const maxBytes = 32 * 1024 * 1024;
     const cache = new HistoryCache(maxBytes);
-    // Chinese text: each character one UTF-16 unit, two bytes in the string and three in UTF-8.
-    const text = (seed: number) => Array.from({ length: 1_000 }, (_, i) => String.fromCharCode(0x4e00 + ((seed * 7 + i * 37) % 20_000))).join('');
     const before = reachableHeapBytes() + reachableBufferBytes();
     for (let project = 0; project < 80; project++) {
       const history = Array.from({ length: 200 }, (_, i) => message(project * 1_000 + i, text(project * 1_000 + i)));
@@ -58,8 +57,19 @@ describe('HistoryCache memory', () => {
       // What a turn sends of it (providers/openai-compatible.ts joins these parts into its body).
       messagesWire(history);
     }
-    const kept = reachableHeapBytes() + reachableBufferBytes() - before;
     // A little over the bound for what the estimate cannot know (object headers, the map), not half again as much.
-    expect(kept).toBeLessThan(maxBytes * 1.15);
+    return (reachableHeapBytes() + reachableBufferBytes() - before) / maxBytes;
+  }
+  const characters = (codes: readonly number[]) => (seed: number) =>
+    Array.from({ length: 1_000 }, (_, i) => String.fromCharCode(codes[(seed * 7 + i * 37) % codes.length]!)).join('');
+
+  it('keeps what it holds, the messages and the wire form a turn made of them, within its bytes, in any script', () => {
+    // Chinese text: each character one UTF-16 unit, two bytes in the string and three in UTF-8.
+    expect(kept(characters(Array.from({ length: 20_000 }, (_, i) => 0x4e00 + i)))).toBeLessThan(1.15);
+  });
+
+  it('keeps within its bytes text that JSON escapes (control characters: six bytes each in the wire form)', () => {
+    // Not \b \t \n \f \r, which JSON writes in two.
+    expect(kept(characters([1, 2, 3, 4, 5, 6, 7, 11, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31]))).toBeLessThan(1.15);
   });
 });

@@ -14,7 +14,7 @@ import pg from 'pg';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, describe, expect, it } from 'vitest';
 import { copyUploads } from '../../src/db/backup-files.js';
-import { findPostgresTool } from '../../src/db/backup-postgres.js';
+import { findPostgresTool, libpqConnection } from '../../src/db/backup-postgres.js';
 import { stageFolder } from '../../src/db/backup-store.js';
 import { type Db, openPglite, pgliteFolder } from '../../src/db/database.js';
 import { files, idempotencyKeys, messages, projects, prompts, providerFileDeletions, schema, users } from '../../src/db/schema.js';
@@ -649,4 +649,19 @@ describe.runIf(process.env.TEST_DATABASE_URL)('a PostgreSQL backup through every
         await Promise.all([holder.end(), watcher.end()]);
       }
     }));
+});
+
+describe('libpqConnection', () => {
+  it('asks of pg_dump and pg_restore the SSL the driver asks for, and puts no secret in their dbname', () => {
+    const mode = (options: string) => libpqConnection(`postgres://app:secret@db.example.com/chat?${options}`).environment.PGSSLMODE;
+    expect(mode('ssl=true')).toBe('require');
+    expect(mode('ssl=1')).toBe('require');
+    expect(mode('ssl=0')).toBe('disable');
+    expect(mode('sslmode=no-verify')).toBe('require');
+    expect(mode('sslmode=verify-full')).toBe('verify-full');
+    expect(mode('application_name=x')).toBeUndefined();
+    const { environment, dbname } = libpqConnection("postgres://app:s%40cret@/it's%20chat?host=/cloudsql/p:r:i&password=other");
+    expect(environment).toMatchObject({ PGHOST: '/cloudsql/p:r:i', PGUSER: 'app', PGPASSWORD: 'other' });
+    expect(dbname).toBe("dbname='it\\'s chat'");
+  });
 });
