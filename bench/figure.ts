@@ -38,6 +38,9 @@ export function ratioOf(row: Row): number | undefined {
 export function passes(row: Row): boolean | undefined {
   const { target } = row;
   if (!target) return undefined;
+  // A ratio to a baseline of zero or less (an added latency within the noise, or below it) says nothing:
+  // a negative ratio was under every "at most", a pass whatever ours was.
+  if (target.on === 'ratio' && !(row.baseline && row.baseline.value > 0)) return false;
   const value = target.on === 'ratio' ? ratioOf(row) : row.ours;
   if (value === undefined || !Number.isFinite(value)) return false;
   return (target.atMost === undefined || value <= target.atMost) && (target.atLeast === undefined || value >= target.atLeast);
@@ -59,8 +62,8 @@ export interface AddedLatency {
   figure: number;
   measure: string;
   at: 'p50' | 'p99';
-  /** Through the service, and straight to the upstream: the baseline. */
-  through: Summary;
+  /** The time added at `at` (see `addedAt`), and the direct call's own: the baseline. */
+  added: number;
   direct: Summary;
   directName: string;
   atMostMs: number;
@@ -68,13 +71,13 @@ export interface AddedLatency {
   details?: unknown;
 }
 
-/** The time the service adds at one percentile: its own minus the direct call's. */
-export function addedLatencyRow({ figure, measure, at, through, direct, directName, atMostMs, notes, details }: AddedLatency): Row {
+/** The time the service adds at one percentile. */
+export function addedLatencyRow({ figure, measure, at, added, direct, directName, atMostMs, notes, details }: AddedLatency): Row {
   return {
     figure,
     measure: `${measure} ${at}`,
     unit: 'ms',
-    ours: through[at] - direct[at],
+    ours: added,
     baseline: { name: `${directName}, ${at}`, value: direct[at] },
     target: { on: 'value', atMost: atMostMs },
     notes,

@@ -108,14 +108,21 @@ export interface ThroughputRounds {
   meters?: Record<string, CpuMeter>;
 }
 
+/** What `compareThroughput` measured: each side's rounds, and its warm-up (whose errors are errors too). */
+export interface Throughput {
+  rounds: Record<string, LoadResult[]>;
+  warmup: Record<string, LoadResult>;
+}
+
 /** Each side under the same load in turn, `rounds` times, after a short warm-up of each. */
-export async function compareThroughput(sides: Record<string, LoadSide>, options: ThroughputRounds): Promise<Record<string, LoadResult[]>> {
+export async function compareThroughput(sides: Record<string, LoadSide>, options: ThroughputRounds): Promise<Throughput> {
   const metersOf = (side: LoadSide) => ({ server: processCpu(side.pid), ...options.meters, 'load generator': ownCpu });
-  for (const side of Object.values(sides)) await runLoad(metersOf(side), { ...side.load, durationSeconds: options.warmupSeconds });
+  const warmup: Record<string, LoadResult> = {};
+  for (const [name, side] of Object.entries(sides)) warmup[name] = await runLoad(metersOf(side), { ...side.load, durationSeconds: options.warmupSeconds });
   const runs = Object.fromEntries(
     Object.entries(sides).map(([name, side]) => [name, () => runLoad(metersOf(side), { ...side.load, durationSeconds: options.seconds })]),
   );
-  return alternate(options.rounds, runs);
+  return { rounds: await alternate(options.rounds, runs), warmup };
 }
 
 export const meanRps = (results: LoadResult[]) => mean(results.map((result) => result.rps));

@@ -74,7 +74,7 @@ function markdown(report: Report): string {
     `- Run: ${report.startedAt} – ${report.finishedAt}, revision ${report.revision}.`,
     `- Machine: ${machine.cpus} × ${machine.cpuModel}, ${machine.memoryGiB} GiB, Linux ${machine.kernel}, Node.js ${machine.node}` +
       (machine.postgres ? `, ${machine.postgres}` : '') +
-      `; database: ${report.database === 'postgres' ? 'PostgreSQL (DATABASE_URL), durable commits' : 'embedded PGlite'}.`,
+      `; database: ${report.database === 'postgres' ? 'PostgreSQL (DATABASE_URL)' : 'embedded PGlite'}.`,
     `- CPUs: ${report.pinning}.`,
     `- Cold code (\`bench/cold-probe.ts\`, where the measured server runs; before the figures, then after): ${report.coldCalls.map(describeColdCalls).join('; then ') || 'not measured'}.`,
     '',

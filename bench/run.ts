@@ -105,8 +105,11 @@ async function postgresVersion(): Promise<string | undefined> {
   const client = new pg.Client({ connectionString: process.env.DATABASE_URL });
   await client.connect();
   try {
-    const { rows } = await client.query<{ server_version: string }>('show server_version');
-    return `PostgreSQL ${rows[0]!.server_version}`;
+    const setting = async (name: string) => (await client.query<Record<string, string>>(`show ${name}`)).rows[0]![name]!;
+    // What makes a commit durable, as the service's connections find it: said, not assumed.
+    const [version, fsync, synchronousCommit] = [await setting('server_version'), await setting('fsync'), await setting('synchronous_commit')];
+    const durable = fsync === 'on' && synchronousCommit !== 'off' && synchronousCommit !== 'local';
+    return `PostgreSQL ${version}, fsync ${fsync}, synchronous_commit ${synchronousCommit}: ${durable ? 'durable commits' : 'commits NOT durable'}`;
   } finally {
     await client.end();
   }

@@ -12,7 +12,7 @@ export const authenticatedRead: Figure = {
   async run(bench) {
     const baseline = await bench.fastifyPg();
     const path = `/api/v1/projects/${bench.seed.readProjectId}`;
-    const results = await compareThroughput(
+    const { rounds: results } = await compareThroughput(
       {
         ours: {
           pid: bench.service.pid,

@@ -7,6 +7,7 @@ const UPSTREAM_DELAY_MS = 500;
 /** Each client has one chat in flight, each taking the upstream's 500 ms at least. */
 const IDEAL_RPS = CONNECTIONS * (1000 / UPSTREAM_DELAY_MS);
 const TARGET_SHARE = 0.9;
+const WARMUP_SECONDS = 3;
 
 export const chatThroughput: Figure = {
   number: 4,
@@ -15,7 +16,7 @@ export const chatThroughput: Figure = {
     await bench.fake.behave({ delayMs: UPSTREAM_DELAY_MS, chunks: 8, chunkGapMs: 0 });
     const upstreamBody = await upstreamBodyOf(bench, () => chatOnce(bench.service, bench.nextPoolProject()));
     const json = { 'content-type': 'application/json' };
-    const results = await compareThroughput(
+    const { rounds: results, warmup } = await compareThroughput(
       {
         ours: {
           pid: bench.service.pid,
@@ -35,7 +36,7 @@ export const chatThroughput: Figure = {
           load: { url: `${bench.fake.url}${UPSTREAM_PATH}`, connections: CONNECTIONS, method: 'POST', headers: json, body: upstreamBody },
         },
       },
-      { rounds: 2, seconds: 10, warmupSeconds: 3, meters: bench.databaseCpu },
+      { rounds: 2, seconds: 10, warmupSeconds: WARMUP_SECONDS, meters: bench.databaseCpu },
     );
     const ours = results.ours!;
     return [
@@ -56,8 +57,10 @@ export const chatThroughput: Figure = {
         figure: 4,
         measure: 'the same, errors (connection errors, timeouts, non-2xx)',
         unit: 'errors',
-        ours: totalErrors(ours),
+        // The warm-up's too: the same load, its first seconds.
+        ours: totalErrors(ours) + warmup.ours!.errors,
         target: { on: 'value', atMost: 0 },
+        notes: `of which ${warmup.ours!.errors} in the ${WARMUP_SECONDS} s warm-up`,
       },
     ];
   },

@@ -15,7 +15,7 @@ export const frameworkFloor: Figure = {
       pid: server.pid,
       load: { url: `${server.url}${path}`, connections: CONNECTIONS, generator: 'wrk' as const },
     });
-    const results = await compareThroughput(
+    const { rounds: results } = await compareThroughput(
       { ours: side(bench.service), 'bare node:http': side(bareHttp), 'bare Fastify': side(bareFastify) },
       { rounds: 3, seconds: 5, warmupSeconds: 2 },
     );

@@ -58,7 +58,11 @@ export const openStreams: Figure = {
     // Open from the first event to the end of the response; the peak is found at the RSS samples.
     const openAt = (at: number) =>
       timings.filter((timing) => timing.startedAt + timing.firstEventMs <= at && at < timing.startedAt + timing.endMs).length;
-    const peak = samples.map((sample) => ({ ...sample, open: openAt(sample.at) })).reduce((best, sample) => (sample.open > best.open ? sample : best));
+    // The most streams open, and of the samples with that many, the largest RSS: the first such sample
+    // came as the last stream opened, before the process had grown for all of them.
+    const peak = samples
+      .map((sample) => ({ ...sample, open: openAt(sample.at) }))
+      .reduce((best, sample) => (sample.open > best.open || (sample.open === best.open && sample.bytes > best.bytes) ? sample : best));
     const opening = summarize(timings.map((timing) => timing.firstEventMs).filter(Number.isFinite));
     const failed = timings.filter((timing) => timing.error || !timing.done);
     const lost = timings.reduce((sum, timing) => sum + DRIP.chunks - timing.deltaMs.length, 0);

@@ -4,7 +4,7 @@ import type { Bench } from '../environment.js';
 import { type Figure, fmt } from '../figure.js';
 import { firstDeltas } from '../http-client.js';
 import { compareThroughput, cpuNotes, meanRps } from '../load.js';
-import { percentileOf, summarize } from '../stats.js';
+import { addedAt, percentileOf, summarize } from '../stats.js';
 import { ANSWER_AT_ONCE } from '../workload.js';
 
 const JSON_ITERATIONS = 1000;
@@ -24,9 +24,6 @@ function gatewayHeaders(bench: Bench): Record<string, string> {
     authorization: 'Bearer sk-bench',
   };
 }
-
-/** Added latency at a percentile: a side's own minus the direct call's. */
-const added = (side: number[], direct: number[], p: number) => percentileOf(side, p) - percentileOf(direct, p);
 
 export const peer: Figure = {
   number: 9,
@@ -69,7 +66,7 @@ export const peer: Figure = {
     // Throughput, the upstream answering at once. Ours spreads its chats over many projects, so that
     // each history stays a few messages long; the gateway sends the same one-message body every time.
     const contentType = { 'content-type': 'application/json' };
-    const load = await compareThroughput(
+    const { rounds: load } = await compareThroughput(
       {
         ours: {
           pid: service.pid,
@@ -102,8 +99,8 @@ export const peer: Figure = {
         figure: 9,
         measure: 'peer: chat added latency p50 (JSON)',
         unit: 'ms',
-        ours: added(json.ours!, json.direct!, 50),
-        baseline: { name: PEER, value: added(json.gateway!, json.direct!, 50) },
+        ours: addedAt(json.ours!, json.direct!, 50),
+        baseline: { name: PEER, value: addedAt(json.gateway!, json.direct!, 50) },
         target: { on: 'ratio', atMost: TARGET_P50_RATIO },
         notes: `${JSON_ITERATIONS} sequential chats each way, rotating; the direct call p50 ${fmt(sequential.p50)} ms; we store both messages, it stores nothing`,
         details: { ours: summarize(json.ours!), gateway: summarize(json.gateway!), direct: sequential },
@@ -112,15 +109,15 @@ export const peer: Figure = {
         figure: 9,
         measure: 'peer: chat added latency p99 (JSON)',
         unit: 'ms',
-        ours: added(json.ours!, json.direct!, 99),
-        baseline: { name: PEER, value: added(json.gateway!, json.direct!, 99) },
+        ours: addedAt(json.ours!, json.direct!, 99),
+        baseline: { name: PEER, value: addedAt(json.gateway!, json.direct!, 99) },
       },
       {
         figure: 9,
         measure: 'peer: added time to first delta p50 (streaming)',
         unit: 'ms',
-        ours: added(first.ours, first.direct, 50),
-        baseline: { name: PEER, value: added(first.gateway, first.direct, 50) },
+        ours: addedAt(first.ours, first.direct, 50),
+        baseline: { name: PEER, value: addedAt(first.gateway, first.direct, 50) },
         target: { on: 'ratio', atMost: TARGET_FIRST_DELTA_RATIO },
         notes: `${STREAM_ITERATIONS} sequential streams each way, rotating; the direct stream's first delta p50 ${fmt(percentileOf(first.direct, 50))} ms`,
         details: { ours: summarize(first.ours), gateway: summarize(first.gateway), direct: summarize(first.direct) },

@@ -12,7 +12,7 @@ import { deltaGaps, firstDeltas, HttpClient, lateGaps, OPENAI_CHUNKS, OUR_EVENTS
 import { runLoad } from '../../bench/load.js';
 import { ownCpu } from '../../bench/proc.js';
 import { describeMachine, writeReport } from '../../bench/report.js';
-import { percentile, round, summarize } from '../../bench/stats.js';
+import { addedAt, percentile, round, summarize } from '../../bench/stats.js';
 import { parseWrkOutput } from '../../bench/wrk.js';
 
 // The benchmarks judge their own figures: what they count and how they judge is tested here, so that
@@ -76,16 +76,26 @@ describe('judging a row', () => {
     expect(failed.notes).toContain('service exited');
   });
 
-  it('reports added latency as ours less the direct call, at the same percentile', () => {
-    const through = summarize([3, 4, 5, 6, 20]);
-    const direct = summarize([1, 1, 2, 2, 9]);
-    const added = addedLatencyRow({ figure: 3, measure: 'added', at: 'p50', through, direct, directName: 'direct', atMostMs: 3 });
+  it('reports added latency as the percentile of what each round added over the direct call in it', () => {
+    // Round by round: 2, 3, 3, 4, 11 added. A tail of the direct call's (9) hides none of the service's.
+    const ours = [3, 4, 5, 6, 20];
+    const direct = [1, 1, 2, 2, 9];
+    const added = addedLatencyRow({ figure: 3, measure: 'added', at: 'p50', added: addedAt(ours, direct, 50), direct: summarize(direct), directName: 'direct', atMostMs: 3 });
     expect(added.ours).toBe(3);
     expect(added.baseline).toEqual({ name: 'direct, p50', value: 2 });
     expect(passes(added)).toBe(true);
-    const tail = addedLatencyRow({ figure: 3, measure: 'added', at: 'p99', through, direct, directName: 'direct', atMostMs: 10 });
+    const tail = addedLatencyRow({ figure: 3, measure: 'added', at: 'p99', added: addedAt(ours, direct, 99), direct: summarize(direct), directName: 'direct', atMostMs: 10 });
     expect(tail.ours).toBe(11);
     expect(passes(tail)).toBe(false);
+    // A tail of the service's in a round whose direct call was slow too is still a tail: 6 ms over it.
+    expect(addedAt([1, 1, 1, 1, 12], [0.5, 0.5, 0.5, 0.5, 6], 99)).toBe(6);
+    expect(() => addedAt([1, 2], [1], 50)).toThrow(/unpaired/);
+  });
+
+  it('judges no ratio to a baseline of zero or less: an added latency within the noise is no yardstick', () => {
+    expect(passes(row(5, -0.2, { on: 'ratio', atMost: 1.2 }))).toBe(false);
+    expect(passes(row(3, -0.05, { on: 'ratio', atMost: 1.5 }))).toBe(false);
+    expect(passes(row(2.4, 2, { on: 'ratio', atMost: 1.2 }))).toBe(true);
   });
 });
 
