@@ -60,9 +60,9 @@ export const openStreams: Figure = {
       timings.filter((timing) => timing.startedAt + timing.firstEventMs <= at && at < timing.startedAt + timing.endMs).length;
     // The most streams open, and of the samples with that many, the largest RSS: the first such sample
     // came as the last stream opened, before the process had grown for all of them.
-    const peak = samples
-      .map((sample) => ({ ...sample, open: openAt(sample.at) }))
-      .reduce((best, sample) => (sample.open > best.open || (sample.open === best.open && sample.bytes > best.bytes) ? sample : best));
+    const counted = samples.map((sample) => ({ ...sample, open: openAt(sample.at) }));
+    const peak = counted.reduce((best, sample) => (sample.open > best.open || (sample.open === best.open && sample.bytes > best.bytes) ? sample : best));
+    const firstAtPeak = counted.find((sample) => sample.open === peak.open)!;
     const opening = summarize(timings.map((timing) => timing.firstEventMs).filter(Number.isFinite));
     const failed = timings.filter((timing) => timing.error || !timing.done);
     const lost = timings.reduce((sum, timing) => sum + DRIP.chunks - timing.deltaMs.length, 0);
@@ -97,7 +97,9 @@ export const openStreams: Figure = {
         unit: 'KB',
         ours: perStreamKb,
         target: { on: 'value', atMost: TARGET_RSS_PER_STREAM_KB },
-        notes: `service RSS ${fmt(rssBefore / 2 ** 20)} MB before, ${fmt(peak.bytes / 2 ** 20)} MB with ${peak.open} open`,
+        notes:
+          `service RSS ${fmt(rssBefore / 2 ** 20)} MB before, at most ${fmt(peak.bytes / 2 ** 20)} MB with ${peak.open} open ` +
+          `(${fmt(firstAtPeak.bytes / 2 ** 20)} MB as the last of them opened: ${fmt((firstAtPeak.bytes - rssBefore) / peak.open / 1024)} KB a stream)`,
       },
     ];
   },
