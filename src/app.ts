@@ -156,7 +156,7 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   const files = new FilesService(database.db, storage, providers, providerCopies, config);
   sweepInBackground(app, {
     what: 'the file bytes no file row names',
-    sweep: (closing) => files.removeStrayBytes(storage.keysWrittenBefore(STRAY_BYTES_MS, STRAY_BYTES_BATCH), () => closing.aborted),
+    sweep: (closing) => files.removeStrayBytes(storage.keysWrittenBefore(STRAY_BYTES_MS, STRAY_BYTES_BATCH), STRAY_BYTES_MS, () => closing.aborted),
   });
   await app.register(authRoutes, { prefix: '/api/v1/auth', auth: new AuthService(database, tokens, new PasswordHasher(config), files) });
   await app.register(projectRoutes, { prefix: '/api/v1/projects', projects: new ProjectsService(database, files, config) });

@@ -104,6 +104,18 @@ export const files = pgTable(
 );
 
 /**
+ * Projects deleted lately, whatever deleted them (the project, its account): a trigger on `projects`
+ * (migration 0013) writes each in the delete's transaction. The start's sweep of stray bytes removes
+ * those under a project of this database's, held or deleted (bytes a crash left between a delete's
+ * commit and their removal), and never those of a project it knows nothing of: the folder may be
+ * another database's. The sweep prunes them once no byte of theirs can be waiting for it.
+ */
+export const deletedProjects = pgTable('deleted_projects', {
+  id: uuid('id').primaryKey(),
+  deletedAt: timestamp('deleted_at', { withTimezone: true, mode: 'date' }).notNull().defaultNow(),
+});
+
+/**
  * Provider copies (OpenAI's Files API) of deleted files, still to be deleted upstream, and copies just
  * made whose row is not written yet (due a day later: see `ProviderCopies.reserve`). A file row's
  * deletion queues its copy in the same transaction (a trigger on `files`: migration 0006), whatever
@@ -152,4 +164,4 @@ export const idempotencyKeys = pgTable(
   (t) => [primaryKey({ columns: [t.userId, t.key] }), index('idempotency_keys_created_at_idx').on(t.createdAt)],
 );
 
-export const schema = { users, projects, prompts, messages, files, providerFileDeletions, idempotencyKeys };
+export const schema = { users, projects, prompts, messages, files, providerFileDeletions, deletedProjects, idempotencyKeys };

@@ -5,12 +5,12 @@ import { type AddressInfo, connect, createServer } from 'node:net';
 import { basename, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
-import { eq, sql } from 'drizzle-orm';
+import { eq, inArray, sql } from 'drizzle-orm';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { buildApp } from '../../src/app.js';
 import { openPostgres } from '../../src/db/database.js';
-import { files, providerFileDeletions } from '../../src/db/schema.js';
+import { deletedProjects, files, projects, providerFileDeletions } from '../../src/db/schema.js';
 import { ContentInspector } from '../../src/modules/files/content-type.js';
 import { attachmentDisposition, displayFilename } from '../../src/modules/files/filename.js';
 import type { FileDto } from '../../src/modules/files/schemas.js';
@@ -652,6 +652,32 @@ describe('stray bytes', () => {
       expect(existsSync(emptied)).toBe(false);
       expect(readFileSync(othersUpload, 'utf8')).toBe('an upload of another database');
       expect((await get(filesUrl(projectId, `/${kept.id}/content`))).body).toBe('a day old, and its row is there');
+    } finally {
+      await app.close();
+    }
+  });
+});
+
+describe('stray bytes of a deleted project', () => {
+  it('are removed when the app starts, once a day old: the delete committed, then a crash before the bytes went', async () => {
+    const projectId = await newProject();
+    const left = await upload(projectId, 'its project deleted, its bytes left');
+    // The project's delete committed (its file rows with it), then the process died before removing the bytes.
+    await t.testDb.database.db.delete(projects).where(eq(projects.id, projectId));
+    const path = join(storageRoot, projectId, left.id);
+    const dayAgo = (Date.now() - 25 * 60 * 60 * 1000) / 1000;
+    utimesSync(path, dayAgo, dayAgo);
+    // A project deleted long ago, whose bytes any sweep since has seen: no longer remembered afterwards.
+    const long = uuidv7();
+    await t.testDb.database.db.insert(deletedProjects).values({ id: long, deletedAt: new Date(Date.now() - 3 * 24 * 60 * 60 * 1000) });
+
+    const logs = logCollector();
+    const app = await buildApp(testConfig({ LOG_LEVEL: 'info', DATA_DIR: t.config.DATA_DIR }), { database: t.testDb.database, logStream: logs.stream });
+    try {
+      await expect.poll(() => logs.lines.find((line) => line.msg === 'removed the file bytes no file row names')).toMatchObject({ removed: 1 });
+      expect(existsSync(path)).toBe(false);
+      const remembered = await t.testDb.database.db.select({ id: deletedProjects.id }).from(deletedProjects).where(inArray(deletedProjects.id, [projectId, long]));
+      expect(remembered.map(({ id }) => id)).toEqual([projectId]);
     } finally {
       await app.close();
     }

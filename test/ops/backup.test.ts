@@ -17,7 +17,7 @@ import { copyUploads } from '../../src/db/backup-files.js';
 import { findPostgresTool, libpqConnection } from '../../src/db/backup-postgres.js';
 import { stageFolder } from '../../src/db/backup-store.js';
 import { type Db, openPglite, pgliteFolder } from '../../src/db/database.js';
-import { files, idempotencyKeys, messages, projects, prompts, providerFileDeletions, schema, users } from '../../src/db/schema.js';
+import { deletedProjects, files, idempotencyKeys, messages, projects, prompts, providerFileDeletions, schema, users } from '../../src/db/schema.js';
 import type { FileDto } from '../../src/modules/files/schemas.js';
 import { createProject, registerUser, startTestApp } from '../support/app.js';
 import { createTestDatabase } from '../support/database.js';
@@ -103,6 +103,7 @@ async function seed(db: Db): Promise<void> {
     { id: second, userId: bob, name: 'Empty', description: null, provider: null, model: null },
   ]);
   await db.insert(prompts).values({ id: uuidv7(), projectId: first, title: 'Tone', content: 'Be brief.\tNo emoji. ünïcödé' });
+  await db.insert(deletedProjects).values({ id: uuidv7(), deletedAt: at(7) });
   await db.insert(messages).values([
     { id: uuidv7(), projectId: first, role: 'system', content: 'You help.', status: 'complete' },
     { id: uuidv7(), projectId: first, role: 'user', content: 'héllo 👋', status: 'complete', createdAt: at(10) },

@@ -1,11 +1,11 @@
 import type { Readable } from 'node:stream';
-import { and, eq, getTableColumns, inArray, type SQL, sql } from 'drizzle-orm';
+import { and, eq, getTableColumns, inArray, lt, type SQL, sql } from 'drizzle-orm';
 import type { PgColumn } from 'drizzle-orm/pg-core';
 import type { FastifyBaseLogger } from 'fastify';
 import { uuidv7 } from '../../db/ids.js';
 import type { Config } from '../../config.js';
 import type { Db } from '../../db/database.js';
-import { files, projects } from '../../db/schema.js';
+import { deletedProjects, files, projects } from '../../db/schema.js';
 import { ApiError, isDatabaseUnavailable, NotFound, ValidationFailed } from '../../http/errors.js';
 import { isUuid } from '../../http/ids.js';
 import type { Page, PageRequest, TimeSortKey } from '../../http/pagination.js';
@@ -58,6 +58,8 @@ export function chatFilesOf(projectId: PgColumn): SQL<ChatFileRow[]> {
 
 /** A chat turn considers this many files at most, newest first: far more names than a context holds usefully. */
 const CHAT_FILES_MAX = 200;
+
+const HOUR_MS = 60 * 60 * 1000;
 
 class PayloadTooLarge extends ApiError {
   constructor(maxBytes: number) {
@@ -223,15 +225,17 @@ export class FilesService {
 
   /**
    * Removes, of the bytes under `keys`, those that no file row names under a project this database
-   * holds: left by a crash between an upload's bytes being named and its row being written, or by a
-   * removal that failed once its row was gone. Not those of projects it does not hold: the folder may
-   * be another database's (`DATABASE_URL` left blank starts on the embedded one; a URL naming another
-   * database), whose uploads would all look stray, and were all removed. The bytes of a project whose
-   * deletion failed to remove them stay (their removal's failure is logged). The keys must be of bytes
-   * too old to be an upload whose row is still to come. Goes on while `stop` says no; resolves with how
-   * many it removed.
+   * holds or deleted lately (`deleted_projects`): left by a crash between an upload's bytes being named
+   * and its row being written, by a crash between a delete's commit and the bytes' removal, or by a
+   * removal that failed once its row was gone. Never those of a project it knows nothing of: the folder
+   * may be another database's (`DATABASE_URL` left blank starts on the embedded one; a URL naming
+   * another database), whose uploads would all look stray, and were all removed. The keys must be of
+   * bytes written more than `olderThanMs` ago, too old to be an upload whose row is still to come. Goes
+   * on while `stop` says no; resolves with how many it removed. Once through, it prunes the deleted projects no byte can still be waiting
+   * for: any of theirs is older than STRAY_BYTES_MS by now, so this sweep has seen it.
    */
-  async removeStrayBytes(keys: AsyncIterable<string[]>, stop: () => boolean): Promise<number> {
+  async removeStrayBytes(keys: AsyncIterable<string[]>, olderThanMs: number, stop: () => boolean): Promise<number> {
+    const started = Date.now();
     let removed = 0;
     for await (const batch of keys) {
       if (stop()) break;
@@ -247,20 +251,30 @@ export class FilesService {
           .select({ id: files.id, projectId: files.projectId })
           .from(files)
           .where(inArray(files.id, ours.map(({ fileId }) => fileId))),
-        this.db
-          .select({ id: projects.id })
-          .from(projects)
-          .where(inArray(projects.id, [...new Set(ours.map(({ projectId }) => projectId))])),
+        this.projectsKnown([...new Set(ours.map(({ projectId }) => projectId))]),
       ]);
       const named = new Set(rows.map(storageKey));
-      const projectsHeld = new Set(held.map(({ id }) => id));
+      const projectsHeld = new Set(held);
       for (const { key, projectId } of ours) {
         if (named.has(key) || !projectsHeld.has(projectId)) continue;
         await this.storage.remove(key);
         removed++;
       }
     }
+    // Deleted before the sweep began by more than `olderThanMs`, and an hour more for the service's clock
+    // (the bytes' times) and the database's to differ by.
+    const age = olderThanMs + (Date.now() - started) + HOUR_MS;
+    if (!stop()) await this.db.delete(deletedProjects).where(lt(deletedProjects.deletedAt, sql`now() - ${age} * interval '1 millisecond'`));
     return removed;
+  }
+
+  /** Of `ids`, the projects this database holds or deleted lately. */
+  private async projectsKnown(ids: string[]): Promise<string[]> {
+    const [held, deleted] = await Promise.all([
+      this.db.select({ id: projects.id }).from(projects).where(inArray(projects.id, ids)),
+      this.db.select({ id: deletedProjects.id }).from(deletedProjects).where(inArray(deletedProjects.id, ids)),
+    ]);
+    return [...held, ...deleted].map(({ id }) => id);
   }
 
   /**
