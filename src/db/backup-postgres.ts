@@ -95,8 +95,12 @@ async function runClientTool(name: string, url: string, args: string[]): Promise
   }
 }
 
-/** URL parameters that libpq reads from the environment variable named, as the Node driver reads them. */
+/** What the Node driver reads of a URL, and the environment variable libpq reads it from. */
 const LIBPQ_VARIABLES: Record<string, string> = {
+  host: 'PGHOST',
+  port: 'PGPORT',
+  user: 'PGUSER',
+  password: 'PGPASSWORD',
   sslrootcert: 'PGSSLROOTCERT',
   sslcert: 'PGSSLCERT',
   sslkey: 'PGSSLKEY',
@@ -118,12 +122,12 @@ export function libpqConnection(url: string): { environment: Record<string, stri
   const config = parseConnectionString(url) as Record<string, unknown>;
   const text = (key: string) => (typeof config[key] === 'string' && config[key] !== '' ? (config[key] as string) : undefined);
   const environment: Record<string, string> = {};
-  const given = { PGHOST: text('host'), PGPORT: text('port'), PGUSER: text('user'), PGPASSWORD: text('password'), PGSSLMODE: sslMode(text('sslmode'), config.ssl) };
-  for (const [variable, value] of Object.entries(given)) if (value) environment[variable] = value;
   for (const [key, variable] of Object.entries(LIBPQ_VARIABLES)) {
     const value = text(key);
     if (value) environment[variable] = value;
   }
+  const mode = sslMode(text('sslmode'), config.ssl);
+  if (mode) environment.PGSSLMODE = mode;
   // A conninfo string (it holds `=`), so that no name is taken for anything else; as the driver, the user's name by default.
   const database = text('database') ?? text('user');
   return { environment, dbname: database ? `dbname='${database.replace(/[\\']/g, '\\$&')}'` : '' };

@@ -231,8 +231,9 @@ export class FilesService {
    * may be another database's (`DATABASE_URL` left blank starts on the embedded one; a URL naming
    * another database), whose uploads would all look stray, and were all removed. The keys must be of
    * bytes written more than `olderThanMs` ago, too old to be an upload whose row is still to come. Goes
-   * on while `stop` says no; resolves with how many it removed. Once through, it prunes the deleted projects no byte can still be waiting
-   * for: any of theirs is older than STRAY_BYTES_MS by now, so this sweep has seen it.
+   * on while `stop` says no; resolves with how many it removed. Once through, it prunes the deleted
+   * projects no byte can still be waiting for: any of theirs is older than `olderThanMs` by now, so this
+   * sweep has seen it.
    */
   async removeStrayBytes(keys: AsyncIterable<string[]>, olderThanMs: number, stop: () => boolean): Promise<number> {
     const started = Date.now();
@@ -268,13 +269,14 @@ export class FilesService {
     return removed;
   }
 
-  /** Of `ids`, the projects this database holds or deleted lately. */
+  /** Of `ids`, the projects this database holds or deleted lately: one statement. */
   private async projectsKnown(ids: string[]): Promise<string[]> {
-    const [held, deleted] = await Promise.all([
-      this.db.select({ id: projects.id }).from(projects).where(inArray(projects.id, ids)),
-      this.db.select({ id: deletedProjects.id }).from(deletedProjects).where(inArray(deletedProjects.id, ids)),
-    ]);
-    return [...held, ...deleted].map(({ id }) => id);
+    const known = await this.db
+      .select({ id: projects.id })
+      .from(projects)
+      .where(inArray(projects.id, ids))
+      .unionAll(this.db.select({ id: deletedProjects.id }).from(deletedProjects).where(inArray(deletedProjects.id, ids)));
+    return known.map(({ id }) => id);
   }
 
   /**
