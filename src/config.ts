@@ -7,6 +7,7 @@ import proxyAddr from '@fastify/proxy-addr';
 import { parse as parseConnectionString } from 'pg-connection-string';
 import { z } from 'zod';
 import { MESSAGE_OVERHEAD_TOKENS, REPLY_PRIMING_TOKENS } from './providers/models.js';
+import { StartupError } from './startup-error.js';
 
 /** Parses a duration such as `7d`, `12h`, `30m`, `45s` or a bare number of seconds into seconds. */
 function parseDurationSeconds(value: string): number | undefined {
@@ -191,7 +192,7 @@ export type Config = Environment & {
 const MIN_SECRET_CHARACTERS = 10;
 
 /** Thrown when the environment cannot start the service; its message is the one line to show. */
-export class ConfigError extends Error {
+export class ConfigError extends StartupError {
   override name = 'ConfigError';
 }
 

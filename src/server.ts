@@ -23,11 +23,10 @@ async function main(): Promise<void> {
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);
   // Loaded once the signals are heard: loading the app's modules takes a moment of its own.
-  const [{ buildApp }, { ConfigError, loadConfig, requireWritableDataDir }, { DatabaseLockedError }, { DatabaseUnreachableError, MigrationError }] = await Promise.all([
+  const [{ buildApp }, { loadConfig, requireWritableDataDir }, { StartupError }] = await Promise.all([
     import('./app.js'),
     import('./config.js'),
-    import('./db/pglite-lock.js'),
-    import('./db/database.js'),
+    import('./startup-error.js'),
   ]);
 
   let config: Config;
@@ -37,8 +36,7 @@ async function main(): Promise<void> {
     requireWritableDataDir(config.DATA_DIR);
     app = await buildApp(config);
   } catch (error) {
-    if (error instanceof ConfigError || error instanceof DatabaseLockedError || error instanceof DatabaseUnreachableError || error instanceof MigrationError) {
-      // One clear line naming what is wrong, no stack trace.
+    if (error instanceof StartupError) {
       process.stderr.write(`${error.message}\n`);
       process.exit(1);
     }

@@ -11,6 +11,7 @@ import pg from 'pg';
 import { settleCutSwap } from './backup-store.js';
 import { lockPglite } from './pglite-lock.js';
 import { schema } from './schema.js';
+import { StartupError } from '../startup-error.js';
 
 /**
  * The database as queries see it. Without drizzle's `transaction`, whose BEGIN is outside its own error
@@ -105,7 +106,7 @@ class BoundedClient extends pg.Client {
  * wrong password): the environment is wrong, which the server says in one line, as a bad variable. pg's
  * messages name the host, database and user, never the password.
  */
-export class DatabaseUnreachableError extends Error {
+export class DatabaseUnreachableError extends StartupError {
   override name = 'DatabaseUnreachableError';
   constructor(cause: unknown) {
     super(`Cannot connect to the database of DATABASE_URL: ${cause instanceof Error ? cause.message : String(cause)}`, { cause });
@@ -116,7 +117,7 @@ export class DatabaseUnreachableError extends Error {
  * Migrations the database refused (a user that may not create in it, a lock that timed out), named by
  * what the database said: drizzle's own message is the failed statement, and the reason is its cause's.
  */
-export class MigrationError extends Error {
+export class MigrationError extends StartupError {
   override name = 'MigrationError';
   constructor(cause: unknown) {
     let reason = cause;

@@ -1,7 +1,8 @@
 // `npm run db:migrate`: applies the committed SQL migrations and exits, for deploy pipelines that
 // migrate before rolling out new instances. The service also applies them at start.
-import { ConfigError, loadEnvironment } from '../config.js';
-import { DatabaseUnreachableError, MigrationError, openDatabase } from './database.js';
+import { loadEnvironment } from '../config.js';
+import { StartupError } from '../startup-error.js';
+import { openDatabase } from './database.js';
 
 try {
   const config = loadEnvironment();
@@ -13,8 +14,6 @@ try {
     await database.close();
   }
 } catch (error) {
-  // What is wrong in one line: the configuration, the database out of reach, or what it said to the migrations.
-  const known = error instanceof ConfigError || error instanceof DatabaseUnreachableError || error instanceof MigrationError;
-  process.stderr.write(`${known ? error.message : String(error)}\n`);
+  process.stderr.write(`${error instanceof StartupError ? error.message : String(error)}\n`);
   process.exit(1);
 }

@@ -3,8 +3,9 @@ import { existsSync, linkSync, lstatSync, readFileSync, readlinkSync, rmSync, st
 import { hostname } from 'node:os';
 import { createConnection, createServer, type Server } from 'node:net';
 import { dirname, join } from 'node:path';
+import { StartupError } from '../startup-error.js';
 
-export class DatabaseLockedError extends Error {
+export class DatabaseLockedError extends StartupError {
   override name = 'DatabaseLockedError';
 }
 

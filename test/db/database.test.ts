@@ -362,6 +362,20 @@ describe('a held connection', () => {
   });
 });
 
+describe('npm run db:migrate', () => {
+  it('says in one line that the embedded database is in use by another process', { timeout: 60_000 }, async () => {
+    const dataDir = mkdtempSync(join(tmpdir(), 'chatbot-migrate-'));
+    // This test's own process certainly runs: the lock names it as the holder.
+    writeFileSync(join(dataDir, 'pglite.lock'), String(process.pid));
+    const migrate = spawnSync(process.execPath, ['--import', 'tsx', 'src/db/migrate-cli.ts'], {
+      env: { PATH: process.env.PATH, HOME: process.env.HOME, DATA_DIR: dataDir },
+      encoding: 'utf8',
+    });
+    expect(migrate.status).toBe(1);
+    expect(migrate.stderr.trim()).toMatch(/^The embedded database is in use by process \d+[^\n]*$/);
+  });
+});
+
 describe.runIf(process.env.TEST_DATABASE_URL)('npm run db:migrate', () => {
   it('says in one line why the migrations could not be applied: a user that may not create in the database', { timeout: 60_000 }, async () => {
     const admin = process.env.TEST_DATABASE_URL!;
