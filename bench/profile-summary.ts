@@ -56,18 +56,18 @@ export function summarizeProfile(profile: CpuProfile, top = 25): string {
   ].join('\n');
 }
 
-/** `node_modules/<package>`, `src/<folder>`, `node:<internal>`, or V8's own entries ((idle), (garbage collector)). */
+/** `node_modules/<package>`, `src/<folder>` (`dist/<folder>`, the build's), `node:<internal>`, or V8's own entries ((idle), (garbage collector)). */
 function packageOf(functionName: string, url: string): string {
   if (!url) return functionName.startsWith('(') ? functionName : '(native)';
   const dependency = /node_modules\/((?:@[^/]+\/)?[^/]+)/.exec(url);
   if (dependency) return dependency[1]!;
   if (url.startsWith('node:')) return `node:${url.slice(5).split('/')[0] === 'internal' ? url.slice(5).split('/')[1] : url.slice(5)}`;
-  const source = /\/(src|bench)\/(.+)$/.exec(url);
+  const source = /\/(src|dist|bench)\/(.+)$/.exec(url);
   return source ? `${source[1]}/${source[2]!.split('/')[0]}` : url;
 }
 
 function shortUrl(url: string): string {
-  return url.replace(/^file:\/\/.*?\/(node_modules|src|bench)\//, '$1/');
+  return url.replace(/^file:\/\/.*?\/(node_modules|src|dist|bench)\//, '$1/');
 }
 
 if (import.meta.url === `file://${process.argv[1]}`) {

@@ -41,10 +41,17 @@ export interface TestApp {
 
 /** The real application on a throwaway database, for `app.inject` tests. */
 export async function startTestApp(env: Record<string, string> = {}): Promise<TestApp> {
-  const testDb = await createTestDatabase();
   const config = testConfig(env);
-  const app = await buildApp(config, { database: testDb.database });
-  await app.ready();
+  const testDb = await createTestDatabase();
+  let app: FastifyInstance;
+  try {
+    app = await buildApp(config, { database: testDb.database });
+    await app.ready();
+  } catch (error) {
+    // An app that cannot start leaves no test to close it: its database would stay on the server for good.
+    await testDb.drop();
+    throw error;
+  }
   return {
     app,
     config,

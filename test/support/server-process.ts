@@ -72,16 +72,19 @@ export function spawnNodeServer(options: NodeServerOptions): NodeProcess {
   return { child, url: `http://127.0.0.1:${options.port}`, output: () => output, exited };
 }
 
-/** Starts `src/server.ts` as its own process (as `npm start` does), with a clean environment plus `env`. */
+/**
+ * Starts the server as its own process, with a clean environment plus `env`: `src/server.ts` as `npm start`
+ * does, or the build's `dist/server.js` as production does (`script`).
+ */
 export async function spawnServer(
   env: Record<string, string>,
-  launch: Pick<NodeServerOptions, 'nodeArgs' | 'cpus' | 'ownPidNamespace' | 'tmpfs'> = {},
+  launch: Partial<Pick<NodeServerOptions, 'script' | 'nodeArgs' | 'cpus' | 'ownPidNamespace' | 'tmpfs'>> = {},
 ): Promise<ServerProcess> {
   const port = env.PORT ?? String(await freePort());
   const dataDir = env.DATA_DIR ?? mkdtempSync(join(tmpdir(), 'chatbot-server-'));
   const server = spawnNodeServer({
-    ...launch,
     script: 'src/server.ts',
+    ...launch,
     port: Number(port),
     env: { LOG_LEVEL: 'warn', HOST: '127.0.0.1', ...env, PORT: port, DATA_DIR: dataDir },
   });
