@@ -54,7 +54,14 @@ export interface Bench {
   /** The CPU (taskset's list) of the server being measured; undefined when nothing is pinned. */
   readonly serverCpus: string | undefined;
   readonly seed: Seed;
+  /** The service: the instance started last (see `restartService`). */
   readonly service: RunningServer & SignedIn;
+  /**
+   * Stops the service and starts it again, for a figure that measures the process itself (figure 6's
+   * memory): what the figures before it left in its heap is not in its measure. The figures after it
+   * meet this instance.
+   */
+  restartService(): Promise<void>;
   readonly fake: FakeUpstreamControl;
   /** The CPU of the PostgreSQL backends serving the bench database; none on embedded PGlite, which runs inside the service. */
   readonly databaseCpu: Record<string, CpuMeter>;
@@ -181,9 +188,15 @@ async function start(options: BenchOptions, stack: Stack): Promise<Bench> {
   // CPU a request).
   execFileSync('npm', ['run', '--silent', 'build'], { stdio: 'inherit' });
   const launch = { script: 'dist/server.js', cpus: serverCpus };
-  const serviceProcess = await spawnServer({ ...serviceEnv, DATA_DIR: dataDir }, { ...launch, nodeArgs });
-  await watch(serviceProcess, 'service');
-  const service = { url: serviceProcess.url, pid: serviceProcess.child.pid!, ...(await signIn(serviceProcess.url, seeded, stack)) };
+  let instances = 0;
+  const startService = async () => {
+    const name = ++instances === 1 ? 'service' : `service-${instances}`;
+    const server = await spawnServer({ ...serviceEnv, DATA_DIR: dataDir }, { ...launch, nodeArgs });
+    await watch(server, name);
+    const signedIn = await signIn(server.url, seeded, stack);
+    return { url: server.url, pid: server.child.pid!, ...signedIn, stop: () => stop(server, name) };
+  };
+  let service = await startService();
 
   const lazily = <T>(startIt: () => Promise<T>) => {
     let started: Promise<T> | undefined;
@@ -220,7 +233,15 @@ async function start(options: BenchOptions, stack: Stack): Promise<Bench> {
       : 'not pinned (taskset or a second CPU missing)',
     serverCpus,
     seed: seeded,
-    service,
+    get service() {
+      return service;
+    },
+    async restartService() {
+      service.client.close();
+      // Its CPU so far still counts as the bench's own (`started`); it has exited, so it is not read again.
+      await service.stop();
+      service = await startService();
+    },
     fake: fakeControl,
     databaseCpu,
     benchCpu: () => ownCpu() + startedCpu() + (databaseCpu.database?.() ?? 0),
