@@ -126,9 +126,14 @@ async function start(options: BenchOptions, stack: Stack): Promise<Bench> {
     await watch(server, name, readyPath);
     return server;
   };
-  /** Stopped at the end, its CPU counted as the bench's own. */
+  /**
+   * Stopped at the end, its CPU counted as the bench's own: read from /proc while it runs; once it has
+   * exited and been waited for (a service restarted), in this process's own children's time (`ownCpu`).
+   */
   const watch = async (server: NodeProcess, name: string, readyPath?: string) => {
-    started.add(server.child.pid!);
+    const pid = server.child.pid!;
+    started.add(pid);
+    void server.exited.then(() => started.delete(pid));
     stack.push(() => stop(server, name));
     await waitUntilServing(server, 60_000, readyPath);
   };
@@ -211,16 +216,14 @@ async function start(options: BenchOptions, stack: Stack): Promise<Bench> {
     await watch(probe, 'round-trip-probe');
     return { recorder, ...(await signIn(probe.url, seeded, stack)) };
   });
-  // A process that has exited (a server that failed) keeps the CPU it was last seen to have used.
-  const lastSeenCpu = new Map<number, number>();
+  // The CPU of the processes started that have not been waited for yet.
   const startedCpu = () =>
     [...started].reduce((sum, pid) => {
       try {
-        lastSeenCpu.set(pid, cpuSeconds(pid));
+        return sum + cpuSeconds(pid);
       } catch {
-        // exited
+        return sum; // gone between the exit and its event
       }
-      return sum + (lastSeenCpu.get(pid) ?? 0);
     }, 0);
   let poolCursor = 0;
   const databaseCpu: Record<string, CpuMeter> = databaseUrl ? { database: postgresBackendsCpu(new URL(databaseUrl).pathname.slice(1)) } : {};
