@@ -241,7 +241,7 @@ async function start(options: BenchOptions, stack: Stack): Promise<Bench> {
     },
     async restartService() {
       service.client.close();
-      // Its CPU so far still counts as the bench's own (`started`); it has exited, so it is not read again.
+      // Once it has exited and been waited for, its CPU counts in this process's children's time (see `watch`).
       await service.stop();
       service = await startService();
     },
