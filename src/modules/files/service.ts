@@ -247,7 +247,7 @@ export class FilesService {
         return key === key.toLowerCase() && ids.length === 2 && ids.every(isUuid) ? [{ key, projectId: ids[0]!, fileId: ids[1]! }] : [];
       });
       if (!ours.length) continue;
-      const [rows, held] = await Promise.all([
+      const [rows, known] = await Promise.all([
         this.db
           .select({ id: files.id, projectId: files.projectId })
           .from(files)
@@ -255,9 +255,8 @@ export class FilesService {
         this.projectsKnown([...new Set(ours.map(({ projectId }) => projectId))]),
       ]);
       const named = new Set(rows.map(storageKey));
-      const projectsHeld = new Set(held);
       for (const { key, projectId } of ours) {
-        if (named.has(key) || !projectsHeld.has(projectId)) continue;
+        if (named.has(key) || !known.has(projectId)) continue;
         await this.storage.remove(key);
         removed++;
       }
@@ -270,13 +269,13 @@ export class FilesService {
   }
 
   /** Of `ids`, the projects this database holds or deleted lately: one statement. */
-  private async projectsKnown(ids: string[]): Promise<string[]> {
+  private async projectsKnown(ids: string[]): Promise<Set<string>> {
     const known = await this.db
       .select({ id: projects.id })
       .from(projects)
       .where(inArray(projects.id, ids))
       .unionAll(this.db.select({ id: deletedProjects.id }).from(deletedProjects).where(inArray(deletedProjects.id, ids)));
-    return known.map(({ id }) => id);
+    return new Set(known.map(({ id }) => id));
   }
 
   /**
