@@ -44,9 +44,17 @@ export interface ChatCompletion {
   usage: Usage | null;
 }
 
-export type StreamEvent =
-  | { type: 'delta'; content: string }
-  | { type: 'done'; model: string; usage: Usage | null };
+/**
+ * Where a streamed reply's text goes, a piece at a time, as the upstream sends it. A promise returned
+ * holds the rest of the reply back until it settles (a slow client); one that rejects ends the call.
+ */
+export type DeltaSink = (content: string) => void | Promise<void>;
+
+/** How a streamed reply ended: whole, by the model the upstream names, with its usage if it reported it. */
+export interface StreamEnd {
+  model: string;
+  usage: Usage | null;
+}
 
 export interface UploadedFile {
   providerFileId: string;
@@ -54,15 +62,15 @@ export interface UploadedFile {
 
 /**
  * One AI provider. `complete` and `stream` retry upstream 429/5xx/timeouts themselves within the
- * request's signal, and throw only the provider errors below. A stream may also throw mid-way (after
- * deltas), with the same error classes.
+ * request's signal, and throw only the provider errors below. A stream may also fail mid-way (after
+ * deltas were given to its sink), with the same error classes.
  */
 export interface ProviderAdapter {
   readonly name: ProviderName;
   /** Whether this provider has a Files API (OpenAI does; OpenRouter and most local servers do not). */
   readonly supportsFiles: boolean;
   complete(request: ChatRequest): Promise<ChatCompletion>;
-  stream(request: ChatRequest): AsyncIterable<StreamEvent>;
+  stream(request: ChatRequest, onDelta: DeltaSink): Promise<StreamEnd>;
   uploadFile?(file: { filename: string; mimeType: string; path: string }, signal: AbortSignal): Promise<UploadedFile>;
   deleteFile?(providerFileId: string, signal: AbortSignal): Promise<void>;
 }

@@ -75,6 +75,19 @@ describe('EventStream', () => {
     expect(flushes).toBe(4);
   });
 
+  it('answers an event the client can take at once without a promise, and one it has yet to take with a promise', async () => {
+    const answers: string[] = [];
+    await serve(async (events) => {
+      const answer = (sent: Promise<void> | undefined) => answers.push(sent ? 'promise' : 'none');
+      answer(events.send('delta', { content: 'a' }));
+      // Over the response's buffer: the client has yet to take it.
+      const waiting = events.send('delta', { content: 'x'.repeat(64 * 1024) });
+      answer(waiting);
+      await waiting;
+    });
+    expect(answers).toEqual(['none', 'promise']);
+  });
+
   it('leaves no listener on the response for each event it waited to write', async () => {
     const listeners = { before: 0, after: 0 };
     const { body } = await serve(async (events) => {

@@ -19,7 +19,7 @@ it('keeps nothing of a finished call, whatever signal the caller combined (a lis
     const signal = AbortSignal.any([new AbortController().signal, new AbortController().signal]);
     const request: ChatRequest = { model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'Hello' }], maxOutputTokens: 16, signal };
     if (i % 2) await adapter.complete(request);
-    else for await (const event of adapter.stream(request)) void event;
+    else await adapter.stream(request, () => undefined);
   };
   const calls = async (count: number) => {
     for (let i = 0; i < count; i++) await call(i);
@@ -51,16 +51,17 @@ it('lets go of a request body once it is sent: an open stream keeps none of its 
   for (let i = 0; i < streams; i++) fake.enqueue({ fault: 'stall', afterChunks: 1 });
   const before = reachableBufferBytes();
   // Each stream at its first delta, its answer still coming (the fake says no more and keeps it open).
-  const open = [];
+  const open: Promise<unknown>[] = [];
   for (let i = 0; i < streams; i++) {
-    const events = adapter.stream(request(i));
-    expect((await events.next()).value).toMatchObject({ type: 'delta' });
-    open.push(events);
+    let firstDelta!: () => void;
+    const given = new Promise<void>((resolve) => (firstDelta = resolve));
+    open.push(adapter.stream(request(i), () => firstDelta()));
+    await given;
   }
   fake.requests.length = 0; // the fake's own record of the bodies
   const keptPerStream = (reachableBufferBytes() - before) / streams;
   controller.abort();
-  await Promise.allSettled(open.map((events) => events.next()));
+  await Promise.allSettled(open);
   await adapter.close();
   // Before, undici held each body until its answer ended: a megabyte a stream.
   expect(keptPerStream, 'bytes of Buffers kept per open stream').toBeLessThan(100 * 1024);

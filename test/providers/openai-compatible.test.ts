@@ -8,11 +8,12 @@ import { ApiError } from '../../src/http/errors.js';
 import { type OpenAICompatibleOptions, OpenAICompatibleAdapter } from '../../src/providers/openai-compatible.js';
 import {
   type ChatRequest,
+  type ProviderAdapter,
   ProviderError,
   ProviderRateLimited,
   ProviderRefusedDeletion,
   ProviderTimeout,
-  type StreamEvent,
+  type StreamEnd,
 } from '../../src/providers/types.js';
 import { FakeUpstream, UPSTREAM_ERROR_TEXT, type UpstreamReply } from '../support/fake-upstream.js';
 
@@ -45,11 +46,17 @@ function chat(timeoutMs = 10_000, overrides: Partial<ChatRequest> = {}): ChatReq
   };
 }
 
-/** Every event of a stream, and what it threw at the end if it did. */
-async function drain(stream: AsyncIterable<StreamEvent>): Promise<{ events: StreamEvent[]; error?: unknown }> {
+/** A stream's deltas, then its end, as one list. */
+type StreamEvent = { type: 'delta'; content: string } | ({ type: 'done' } & StreamEnd);
+
+/** Every delta a stream gives, then its end, and what it failed with if it did. */
+async function drain(provider: ProviderAdapter, request: ChatRequest): Promise<{ events: StreamEvent[]; error?: unknown }> {
   const events: StreamEvent[] = [];
   try {
-    for await (const event of stream) events.push(event);
+    const end = await provider.stream(request, (content) => {
+      events.push({ type: 'delta', content });
+    });
+    events.push({ type: 'done', ...end });
     return { events };
   } catch (error) {
     return { events, error };
@@ -282,7 +289,7 @@ describe('complete', () => {
 describe('stream', () => {
   it('yields each upstream chunk as its own delta, in order, then done with model and usage', async () => {
     fake.enqueue({ content: 'one two three', model: 'gpt-4o-mini-2024-07-18' });
-    const { events, error } = await drain(adapter().stream(chat()));
+    const { events, error } = await drain(adapter(), chat());
     expect(error).toBeUndefined();
     expect(events).toEqual([
       { type: 'delta', content: 'one ' },
@@ -303,10 +310,10 @@ describe('stream', () => {
   it('passes a delta on before the upstream has sent the rest (no buffering)', async () => {
     fake.enqueue({ content: 'a b c d e', chunkDelayMs: 100 });
     const received: { content: string; chunksSent: number; answered: boolean }[] = [];
-    for await (const event of adapter().stream(chat())) {
+    await adapter().stream(chat(), (content) => {
       const { chunksSent, answered } = fake.requests[0]!;
-      if (event.type === 'delta') received.push({ content: event.content, chunksSent, answered });
-    }
+      received.push({ content, chunksSent, answered });
+    });
     expect(received.map((delta) => delta.content).join('')).toBe('a b c d e');
     expect(received[0]).toMatchObject({ content: 'a ', answered: false });
     expect(received[0]!.chunksSent).toBeLessThan(5);
@@ -315,13 +322,13 @@ describe('stream', () => {
 
   it('gives null usage when the server ignores stream_options', async () => {
     fake.enqueue({ usage: false });
-    const { events } = await drain(adapter().stream(chat()));
+    const { events } = await drain(adapter(), chat());
     expect(events.at(-1)).toEqual({ type: 'done', model: 'gpt-4o-mini', usage: null });
   });
 
   it('retries before the first delta, then streams', async () => {
     fake.enqueue({ status: 503 }, { status: 429, retryAfter: 0 }, { content: 'made it' });
-    const { events, error } = await drain(adapter().stream(chat()));
+    const { events, error } = await drain(adapter(), chat());
     expect(error).toBeUndefined();
     expect(deltas(events).join('')).toBe('made it');
     expect(fake.requests).toHaveLength(3);
@@ -329,7 +336,7 @@ describe('stream', () => {
 
   it('retries a stream whose connection is reset after the headers, before its first delta', async () => {
     fake.enqueue({ content: 'never seen', fault: 'reset', afterChunks: 0 }, { content: 'made it' });
-    const { events, error } = await drain(adapter().stream(chat()));
+    const { events, error } = await drain(adapter(), chat());
     expect(error).toBeUndefined();
     expect(deltas(events)).toEqual(['made ', 'it']);
     expect(fake.requests).toHaveLength(2);
@@ -343,7 +350,7 @@ describe('stream', () => {
     ['chunks without choices', { fault: 'no-choices' }, []],
   ])('yields the deltas before %s, then throws ProviderError without retrying', async (_, reply, before) => {
     fake.enqueue(reply, { content: 'never asked for' });
-    const { events, error } = await drain(adapter().stream(chat()));
+    const { events, error } = await drain(adapter(), chat());
     expect(deltas(events)).toEqual(before);
     expect(events.some((event) => event.type === 'done')).toBe(false);
     expect(error).toBeInstanceOf(ProviderError);
@@ -357,12 +364,10 @@ describe('stream', () => {
     const seen: string[] = [];
     const clientGone = new Error('client went away');
     const error = await rejection(
-      (async () => {
-        for await (const event of adapter().stream(chat(10_000, { signal: client.signal }))) {
-          if (event.type === 'delta') seen.push(event.content);
-          if (seen.length === 2) client.abort(clientGone);
-        }
-      })(),
+      adapter().stream(chat(10_000, { signal: client.signal }), (content) => {
+        seen.push(content);
+        if (seen.length === 2) client.abort(clientGone);
+      }),
     );
     expect(error).toBe(clientGone);
     expect(seen).toEqual(['one ', 'two ']);
@@ -371,7 +376,7 @@ describe('stream', () => {
 
   it('ends a stalled stream with ProviderTimeout at the deadline, after the deltas so far', async () => {
     fake.enqueue({ content: 'one two three', fault: 'stall', afterChunks: 1 });
-    const { events, error } = await drain(adapter().stream(chat(500)));
+    const { events, error } = await drain(adapter(), chat(500));
     expect(deltas(events)).toEqual(['one ']);
     expect(error).toBeInstanceOf(ProviderTimeout);
     await fake.waitForClientClose();
@@ -379,7 +384,7 @@ describe('stream', () => {
 
   it('ends with done at [DONE] when the upstream leaves the response open after it, and lets that connection go', async () => {
     fake.enqueue({ content: 'one two', fault: 'open-after-done' });
-    const { events, error } = await drain(adapter().stream(chat(3_000)));
+    const { events, error } = await drain(adapter(), chat(3_000));
     expect(error).toBeUndefined();
     expect(events.at(-1)).toEqual({ type: 'done', model: 'gpt-4o-mini', usage: { promptTokens: 4, completionTokens: 2, totalTokens: 6 } });
     await fake.waitForClientClose();
@@ -388,7 +393,7 @@ describe('stream', () => {
   it('ends with done soon after the finish_reason when the upstream then neither sends [DONE] nor ends the response', async () => {
     fake.enqueue({ content: 'one two', fault: 'open-after-finish' });
     const started = Date.now();
-    const { events, error } = await drain(adapter().stream(chat(5_000)));
+    const { events, error } = await drain(adapter(), chat(5_000));
     expect(error).toBeUndefined();
     expect(events.at(-1)).toEqual({ type: 'done', model: 'gpt-4o-mini', usage: { promptTokens: 4, completionTokens: 2, totalTokens: 6 } });
     expect(Date.now() - started).toBeLessThan(3_000);
@@ -398,9 +403,9 @@ describe('stream', () => {
   it('keeps the connection of a stream that ended for the next call', async () => {
     fake.enqueue({ content: 'first' }, { content: 'second' });
     const provider = adapter();
-    expect(deltas((await drain(provider.stream(chat()))).events)).toEqual(['first']);
+    expect(deltas((await drain(provider, chat())).events)).toEqual(['first']);
     await new Promise((resolve) => setTimeout(resolve, 300)); // the first body's end, read after its [DONE]
-    expect(deltas((await drain(provider.stream(chat()))).events)).toEqual(['second']);
+    expect(deltas((await drain(provider, chat())).events)).toEqual(['second']);
     expect(fake.requests[1]!.clientPort).toBe(fake.requests[0]!.clientPort);
   });
 
@@ -424,7 +429,7 @@ describe('stream', () => {
       }
       res.end();
     };
-    const { events, error } = await withScriptedStream(script, (baseURL) => drain(adapter({ baseURL }).stream(chat())));
+    const { events, error } = await withScriptedStream(script, (baseURL) => drain(adapter({ baseURL }), chat()));
     expect(error).toBeUndefined();
     expect(events).toEqual([
       { type: 'delta', content: 'héllo ' },
@@ -446,7 +451,7 @@ describe('stream', () => {
       }
       res.end('data: [DONE]\n\n');
     };
-    const { events, error } = await withScriptedStream(script, (baseURL) => drain(adapter({ baseURL }).stream(chat())));
+    const { events, error } = await withScriptedStream(script, (baseURL) => drain(adapter({ baseURL }), chat()));
     expect(error).toBeUndefined();
     expect(deltas(events)).toEqual(['one ', 'two ', 'three']);
     expect(events.at(-1)).toMatchObject({ type: 'done' });
@@ -460,7 +465,7 @@ describe('stream', () => {
       await new Promise((resolve) => setTimeout(resolve, 50));
       res.socket?.destroy();
     };
-    const { events, error } = await withScriptedStream(script, (baseURL) => drain(adapter({ baseURL }).stream(chat())));
+    const { events, error } = await withScriptedStream(script, (baseURL) => drain(adapter({ baseURL }), chat()));
     expect(error).toBeUndefined();
     expect(events).toEqual([
       { type: 'delta', content: 'whole' },
@@ -468,43 +473,62 @@ describe('stream', () => {
     ]);
   });
 
-  it('answers calls of next() made at once in order, as a generator would', async () => {
-    // Deltas apart, so that calls wait on the call opening and on the body.
-    fake.enqueue({ content: 'one two', chunkDelayMs: 50 });
-    const stream = adapter().stream(chat());
-    const results = await Promise.all(Array.from({ length: 5 }, () => stream.next()));
-    expect(results).toEqual([
-      { done: false, value: { type: 'delta', content: 'one ' } },
-      { done: false, value: { type: 'delta', content: 'two' } },
-      { done: false, value: { type: 'done', model: 'gpt-4o-mini', usage: { promptTokens: 4, completionTokens: 2, totalTokens: 6 } } },
-      { done: true, value: undefined },
-      { done: true, value: undefined },
-    ]);
+  it('holds the rest of the reply back while the sink takes a delta, then gives it in order', async () => {
+    // Every delta and the end in one write, so that what follows a held delta waits in the reader.
+    const script = async (res: ServerResponse) => {
+      res.end(
+        ['one ', 'two ', 'three'].map((word) => streamed({ index: 0, delta: { content: word } })).join('') +
+          streamed({ index: 0, delta: {}, finish_reason: 'stop' }) +
+          'data: [DONE]\n\n',
+      );
+    };
+    const given: string[] = [];
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => (release = resolve));
+    const ended = withScriptedStream(script, (baseURL) =>
+      adapter({ baseURL }).stream(chat(), (content) => {
+        given.push(content);
+        return content === 'one ' ? held : undefined;
+      }),
+    );
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    expect(given).toEqual(['one ']);
+    release();
+    expect(await ended).toEqual({ model: 'local-model', usage: null });
+    expect(given).toEqual(['one ', 'two ', 'three']);
   });
 
-  it('stops as a generator does: returned before its first next(), it calls no upstream; returned while a delta is awaited, it gives that delta first', async () => {
-    const unstarted = adapter().stream(chat());
-    expect(await unstarted.return!()).toEqual({ done: true, value: undefined });
-    expect(await unstarted.next()).toEqual({ done: true, value: undefined });
-    expect(fake.requests).toHaveLength(0);
-
-    fake.enqueue({ content: 'one two three', chunkDelayMs: 100 });
-    const stream = adapter().stream(chat());
-    expect((await stream.next()).value).toEqual({ type: 'delta', content: 'one ' });
-    const awaited = stream.next();
-    const returned = stream.return!();
-    expect(await awaited).toEqual({ done: false, value: { type: 'delta', content: 'two ' } });
-    expect(await returned).toEqual({ done: true, value: undefined });
-    expect(await stream.next()).toEqual({ done: true, value: undefined });
-    await fake.waitForClientClose();
-    expect(fake.requests[0]!.chunksSent).toBeLessThan(3);
+  it('holds the upstream back while the sink holds the reply, past what the reader keeps', async () => {
+    const chunks = 400;
+    fake.enqueue({ content: 'x'.repeat(chunks * 64 * 1024), chunks });
+    let given = 0;
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => (release = resolve));
+    const ended = adapter({ maxResponseBytes: 64 * 1024 * 1024 }).stream(chat(), () => {
+      given++;
+      return given === 1 ? held : undefined;
+    });
+    await new Promise((resolve) => setTimeout(resolve, 1_000));
+    // What the sockets hold on both sides, and 64 KB in the reader: 25 MB more if nothing held it back.
+    expect(fake.requests[0]!.chunksSent).toBeLessThan(chunks / 2);
+    release();
+    await ended;
+    expect(given).toBe(chunks);
   });
 
-  it('closes the upstream connection when the consumer stops reading', async () => {
+  it('ends the call with the failure of its sink, and closes the upstream connection', async () => {
     fake.enqueue({ content: 'one two three four', chunkDelayMs: 200 });
-    for await (const event of adapter().stream(chat())) {
-      if (event.type === 'delta') break;
-    }
+    const given: string[] = [];
+    const refused = new Error('the client is gone');
+    const error = await rejection(
+      adapter().stream(chat(), (content) => {
+        given.push(content);
+        return Promise.reject(refused);
+      }),
+    );
+    expect(given).toEqual(['one ']);
+    expect(error).toBeInstanceOf(ProviderError);
+    expect((error as Error).cause).toBe(refused);
     await fake.waitForClientClose();
     expect(fake.requests[0]!.chunksSent).toBeLessThan(4);
   });

@@ -180,9 +180,9 @@ async function streamTurn(
           events = openStream(request, reply);
           return events.send('user_message', { userMessage });
         },
-        delta: async (content) => {
-          await events!.send('delta', { content });
+        delta: (content) => {
           keyed?.progressed();
+          return events!.send('delta', { content });
         },
       },
       clientGone,

@@ -12,10 +12,12 @@ import type { ProviderRegistry } from '../../providers/registry.js';
 import {
   type ChatMessage,
   type ChatRequest,
+  type DeltaSink,
   type ProviderAdapter,
   type ProviderName,
   ProviderError,
   ProviderTimeout,
+  type StreamEnd,
   type Usage,
 } from '../../providers/types.js';
 import { chatFilesOf, type FilesService } from '../files/service.js';
@@ -189,8 +191,9 @@ export type KeepResult = (tx: Db, result: ChatResult) => Promise<void>;
 
 /** What the streaming path tells its caller as the turn goes on. */
 export interface TurnObserver {
-  userMessage(message: MessageDto): Promise<void>;
-  delta(content: string): Promise<void>;
+  userMessage(message: MessageDto): void | Promise<void>;
+  /** Each delta as it comes; a promise holds the rest of the reply back until it settles (see `DeltaSink`). */
+  delta: DeltaSink;
 }
 
 export type StreamOutcome =
@@ -442,42 +445,34 @@ export class ChatService {
       // Retries happen only before the first delta, so this bounds them all.
       deadline: Date.now() + this.config.AI_TIMEOUT_MS,
     };
-    const reply = turn.adapter.stream(request);
-    const events = reply[Symbol.asyncIterator]();
+    let text = '';
+    const onDelta = (content: string) => {
+      // The upstream has answered and no retry will send the context again: an open stream does not keep
+      // it (the whole history, up to the model's window) until its last delta.
+      if (!text) request.messages = turn.context = [];
+      call.refresh();
+      text += content;
+      return observer.delta(content);
+    };
     // The provider call starts while the question is made durable, which it must be before it is announced
-    // (by the flush sent behind the turn's read, when there is one).
-    const first = events.next();
-    first.catch(() => undefined); // a failure is met below, when it is awaited: it must not go unhandled meanwhile
+    // (by the flush sent behind the turn's read, when there is one): a delta that comes first waits for it.
+    const announced = (turn.durable ?? this.makeDurable(userMessage.id)).then(() => observer.userMessage(toMessageDto(userMessage)));
+    let announcing = true;
+    const reply = turn.adapter.stream(request, (content) => (announcing ? announced.then(() => onDelta(content)) : onDelta(content)));
+    reply.catch(() => undefined); // a failure is met below, when it is awaited: it must not go unhandled meanwhile
     try {
-      await (turn.durable ?? this.makeDurable(userMessage.id));
-      await observer.userMessage(toMessageDto(userMessage));
+      await announced;
+      announcing = false;
     } catch (error) {
       call.abort();
       call.end();
-      await first.catch(() => undefined);
-      await events.return?.(undefined);
+      await reply.catch(() => undefined);
       throw error;
     }
 
-    let text = '';
-    let done: { model: string; usage: Usage | null } | undefined;
+    let end: StreamEnd;
     try {
-      let next = await first;
-      // The upstream has answered and no retry will send the context again: an open stream does not keep
-      // it (the whole history, up to the model's window) until its last delta.
-      request.messages = [];
-      turn.context = [];
-      for (; !next.done; next = await events.next()) {
-        const event = next.value;
-        if (event.type === 'done') {
-          done = event;
-          continue;
-        }
-        call.refresh();
-        text += event.content;
-        await observer.delta(event.content);
-        if (clientGone.aborted) break;
-      }
+      end = await reply;
     } catch (error) {
       // The provider's failure (or the client's leaving): what came before it is kept.
       if (text) await this.storeReply(turn, text, 'incomplete', turn.model, null);
@@ -485,8 +480,6 @@ export class ChatService {
       return { kind: 'failed', error: naming(userMessage, providerFailure(error, call.timedOut)) };
     } finally {
       call.end();
-      // Ends the provider's stream when the loop left it early (the client gone, a failed write).
-      await events.return?.(undefined);
     }
     // The provider is done with. A store that fails from here on is the database's failure, answered as
     // such (the route names the question), not the provider's.
@@ -495,7 +488,7 @@ export class ChatService {
       return { kind: 'client-gone' };
     }
     if (!text) return { kind: 'failed', error: naming(userMessage, new ProviderError('The AI provider answered with no content')) };
-    const result = await this.storeAnswer(turn, userMessage, { content: text, model: done?.model ?? turn.model, usage: done?.usage ?? null }, keep);
+    const result = await this.storeAnswer(turn, userMessage, { content: text, ...end }, keep);
     if (!result) return { kind: 'failed', error: await this.questionGone(turn) };
     return { kind: 'complete', result };
   }

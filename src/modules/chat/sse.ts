@@ -38,9 +38,14 @@ export class EventStream {
     this.raw.once('close', () => clearInterval(this.heartbeat));
   }
 
-  async send(event: string, data: unknown): Promise<void> {
-    if (this.closed) return;
-    if (!this.write(`id: ${this.nextId++}\nevent: ${event}\ndata: ${JSON.stringify(data)}\n\n`)) await this.caughtUp();
+  /**
+   * Writes one event; a promise only when the client has yet to take what was written, settled once it
+   * has. A promise for every event would be one more for each delta of a stream (see `DeltaSink`).
+   */
+  send(event: string, data: unknown): Promise<void> | undefined {
+    if (this.closed) return undefined;
+    if (!this.write(`id: ${this.nextId++}\nevent: ${event}\ndata: ${JSON.stringify(data)}\n\n`)) return this.caughtUp();
+    return undefined;
   }
 
   end(): void {

@@ -1,4 +1,5 @@
-import { type ChatCompletion, type ChatRequest, type ProviderAdapter, ProviderError, type ProviderName, type StreamEvent } from '../../providers/types.js';
+import type { ChatCompletion, ChatRequest, DeltaSink, ProviderAdapter, ProviderName, StreamEnd } from '../../providers/types.js';
+import { ProviderError } from '../../providers/types.js';
 
 /**
  * A turn's adapter for a new message that names provider files (PDFs sent by reference). A file
@@ -30,17 +31,17 @@ export class ForgettingDeletedCopies implements ProviderAdapter {
     }
   }
 
-  async *stream(request: ChatRequest): AsyncGenerator<StreamEvent> {
+  async stream(request: ChatRequest, onDelta: DeltaSink): Promise<StreamEnd> {
     let answered = false;
     try {
-      for await (const event of this.inner.stream(request)) {
+      return await this.inner.stream(request, (content) => {
         answered = true;
-        yield event;
-      }
+        return onDelta(content);
+      });
     } catch (error) {
       const again = answered ? undefined : await this.withoutDeleted(request, error);
       if (!again) throw error;
-      yield* this.inner.stream(again);
+      return this.inner.stream(again, onDelta);
     }
   }
 
