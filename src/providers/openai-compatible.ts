@@ -140,7 +140,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
     return this.withRetries(request, async () => {
       const response = await this.send('POST', '/chat/completions', chatBody(request, true, this.outputLimitField), signal);
       return new Promise<StreamEnd>((resolve, reject) => {
-        new ReplyReader(response.body, request.model, onDelta, resolve, (error, given) => reject(given ? failure(error, signal) : error));
+        new ReplyReader(response.body, request.model, signal, onDelta, resolve, (error, given) => reject(given ? failure(error, signal) : error));
       }).catch(readFailure);
     });
   }
@@ -263,6 +263,8 @@ class ReplyReader {
   constructor(
     private readonly body: Readable,
     requestedModel: string,
+    /** The call's: once it fires, nothing more is given, whatever has arrived (the client left, the deadline passed). */
+    private readonly signal: AbortSignal,
     private readonly onDelta: DeltaSink,
     private readonly resolve: (end: StreamEnd) => void,
     private readonly reject: (error: unknown, given: boolean) => void,
@@ -281,9 +283,9 @@ class ReplyReader {
     this.events = this.nextEvent < this.events.length ? this.events.slice(this.nextEvent).concat(events) : events;
     this.nextEvent = 0;
     if (!this.held) return this.read();
-    // Kept here, not left in the body, up to a Readable's high-water mark: a body destroyed (its
-    // connection reset) drops what it buffered, and the deltas that came before the failure are the
-    // caller's. Past the mark the body is paused, which holds the upstream back.
+    // Kept here rather than left in the body, about as much as the body itself would buffer: a body
+    // destroyed (its connection reset) may drop what it buffered, and the deltas that came before the
+    // failure are the caller's. Past that the body is paused, which holds the upstream back.
     this.heldBytes += chunk.length;
     if (this.heldBytes >= HELD_BYTES_MAX) this.body.pause();
   };
@@ -292,6 +294,8 @@ class ReplyReader {
   private read(): void {
     try {
       while (!this.held && !this.settled) {
+        // The body is destroyed on an abort, but what already arrived would still be given until it is.
+        if (this.signal.aborted) throw this.signal.reason;
         if (this.nextEvent < this.events.length) this.readEvent(this.events[this.nextEvent++]!);
         else if (this.bodyEnd === undefined) return;
         // A whole reply stays whole when its connection is lost before [DONE], as when it is ended then.
@@ -447,7 +451,7 @@ class HandedOver implements IterableIterator<Buffer> {
   }
 }
 
-/** What a stream's body may bring while its sink holds the reply back before the body is paused: a Readable's default high-water mark. */
+/** What a stream's body may bring while its sink holds the reply back, and a chunk more, before it is paused: undici's high-water mark for a body. */
 const HELD_BYTES_MAX = 64 * 1024;
 
 /** How long the rest of a stream's body may take after its [DONE] (or its finish_reason) before its connection is closed. */

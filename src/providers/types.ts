@@ -46,7 +46,8 @@ export interface ChatCompletion {
 
 /**
  * Where a streamed reply's text goes, a piece at a time, as the upstream sends it. A promise returned
- * holds the rest of the reply back until it settles (a slow client); one that rejects ends the call.
+ * holds the rest of the reply back until it settles (a slow client), which it must: neither a failure
+ * nor the signal ends the call while it is pending. One that rejects ends the call with ProviderError.
  */
 export type DeltaSink = (content: string) => void | Promise<void>;
 

@@ -498,6 +498,29 @@ describe('stream', () => {
     expect(given).toEqual(['one ', 'two ', 'three']);
   });
 
+  it('gives nothing more once the call is aborted, though the rest of the reply has arrived with the delta', async () => {
+    const script = async (res: ServerResponse) => {
+      res.end(
+        ['one ', 'two ', 'three'].map((word) => streamed({ index: 0, delta: { content: word } })).join('') +
+          streamed({ index: 0, delta: {}, finish_reason: 'stop' }) +
+          'data: [DONE]\n\n',
+      );
+    };
+    const client = new AbortController();
+    const clientGone = new Error('client went away');
+    const given: string[] = [];
+    const error = await withScriptedStream(script, (baseURL) =>
+      rejection(
+        adapter({ baseURL }).stream(chat(10_000, { signal: client.signal }), (content) => {
+          given.push(content);
+          client.abort(clientGone);
+        }),
+      ),
+    );
+    expect(given).toEqual(['one ']);
+    expect(error).toBe(clientGone);
+  });
+
   it('holds the upstream back while the sink holds the reply, past what the reader keeps', async () => {
     const chunks = 400;
     fake.enqueue({ content: 'x'.repeat(chunks * 64 * 1024), chunks });

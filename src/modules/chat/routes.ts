@@ -181,8 +181,10 @@ async function streamTurn(
           return events.send('user_message', { userMessage });
         },
         delta: (content) => {
+          const written = events!.send('delta', { content });
+          // The key's request is alive once its client has the delta.
+          if (written) return keyed ? written.then(() => keyed.progressed()) : written;
           keyed?.progressed();
-          return events!.send('delta', { content });
         },
       },
       clientGone,
