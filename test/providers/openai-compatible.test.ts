@@ -85,6 +85,15 @@ async function withScriptedStream<T>(script: (res: ServerResponse) => Promise<vo
 /** One `data:` event of a stream: a chunk of `choice`. */
 const streamed = (choice: object, extra: object = {}) => `data: ${JSON.stringify({ model: 'local-model', choices: [choice], ...extra })}\n\n`;
 
+/** A whole reply of three deltas in one write: what follows the first delta is in the reader before it is given. */
+const wholeReplyAtOnce = async (res: ServerResponse) => {
+  res.end(
+    ['one ', 'two ', 'three'].map((word) => streamed({ index: 0, delta: { content: word } })).join('') +
+      streamed({ index: 0, delta: {}, finish_reason: 'stop' }) +
+      'data: [DONE]\n\n',
+  );
+};
+
 /** What of an error can reach a client: its problem detail, extensions and headers. */
 function clientVisible(error: unknown): string {
   const { message, extensions, headers } = error as ApiError;
@@ -474,18 +483,10 @@ describe('stream', () => {
   });
 
   it('holds the rest of the reply back while the sink takes a delta, then gives it in order', async () => {
-    // Every delta and the end in one write, so that what follows a held delta waits in the reader.
-    const script = async (res: ServerResponse) => {
-      res.end(
-        ['one ', 'two ', 'three'].map((word) => streamed({ index: 0, delta: { content: word } })).join('') +
-          streamed({ index: 0, delta: {}, finish_reason: 'stop' }) +
-          'data: [DONE]\n\n',
-      );
-    };
     const given: string[] = [];
     let release!: () => void;
     const held = new Promise<void>((resolve) => (release = resolve));
-    const ended = withScriptedStream(script, (baseURL) =>
+    const ended = withScriptedStream(wholeReplyAtOnce, (baseURL) =>
       adapter({ baseURL }).stream(chat(), (content) => {
         given.push(content);
         return content === 'one ' ? held : undefined;
@@ -499,17 +500,10 @@ describe('stream', () => {
   });
 
   it('gives nothing more once the call is aborted, though the rest of the reply has arrived with the delta', async () => {
-    const script = async (res: ServerResponse) => {
-      res.end(
-        ['one ', 'two ', 'three'].map((word) => streamed({ index: 0, delta: { content: word } })).join('') +
-          streamed({ index: 0, delta: {}, finish_reason: 'stop' }) +
-          'data: [DONE]\n\n',
-      );
-    };
     const client = new AbortController();
     const clientGone = new Error('client went away');
     const given: string[] = [];
-    const error = await withScriptedStream(script, (baseURL) =>
+    const error = await withScriptedStream(wholeReplyAtOnce, (baseURL) =>
       rejection(
         adapter({ baseURL }).stream(chat(10_000, { signal: client.signal }), (content) => {
           given.push(content);
