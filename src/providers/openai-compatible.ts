@@ -57,12 +57,29 @@ type ResponseHeaders = Record<string, string | string[] | undefined>;
 
 /** An answer that is not a 2xx, a redirect included. The start of its body is kept for logs, never for clients. */
 class UpstreamStatusError extends Error {
+  /**
+   * A 429 that says the account has no quota left (OpenAI's `insufficient_quota`: its billing, not its
+   * rate): no wait makes it pass, so it is neither retried nor answered as a rate limit to wait out.
+   */
+  readonly outOfQuota: boolean;
+
   constructor(
     readonly status: number,
     readonly headers: ResponseHeaders,
     body: string,
   ) {
     super(`upstream answered ${status}: ${body.slice(0, 1_000)}`);
+    this.outOfQuota = status === 429 && errorCode(body) === 'insufficient_quota';
+  }
+}
+
+/** The `code` (else the `type`) of an OpenAI-style error body, if it is one. */
+function errorCode(body: string): unknown {
+  try {
+    const { error } = JSON.parse(body) as { error?: { code?: unknown; type?: unknown } | null };
+    return error?.code ?? error?.type;
+  } catch {
+    return undefined;
   }
 }
 
@@ -477,7 +494,8 @@ function refusedForGood(status: number): boolean {
 /** How long to wait before retrying after `error`, or undefined when retrying cannot help. */
 function retryWait(error: unknown, retry: number): number | undefined {
   if (error instanceof UpstreamUnreachable) return backoffMs(retry);
-  const transient = error instanceof UpstreamStatusError && (error.status === 408 || error.status === 429 || error.status >= 500);
+  const transient =
+    error instanceof UpstreamStatusError && (error.status === 408 || (error.status === 429 && !error.outOfQuota) || error.status >= 500);
   if (!transient) return undefined;
   return retryAfterMs(error.headers) ?? backoffMs(retry);
 }
@@ -494,10 +512,10 @@ function failure(error: unknown, signal: AbortSignal): unknown {
     return (reason as { name?: unknown } | null | undefined)?.name === 'TimeoutError' ? new ProviderTimeout() : reason;
   }
   if (error instanceof ApiError) return error;
-  const mapped =
-    error instanceof UpstreamStatusError && error.status === 429
-      ? new ProviderRateLimited((retryAfterMs(error.headers) ?? 1000) / 1000)
-      : new ProviderError();
+  let mapped: ApiError;
+  if (error instanceof UpstreamStatusError && error.outOfQuota) mapped = new ProviderError('The AI provider refused the request: its account has no quota left');
+  else if (error instanceof UpstreamStatusError && error.status === 429) mapped = new ProviderRateLimited((retryAfterMs(error.headers) ?? 1000) / 1000);
+  else mapped = new ProviderError();
   mapped.cause = error;
   return mapped;
 }

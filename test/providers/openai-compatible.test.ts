@@ -149,6 +149,7 @@ describe('complete', () => {
     ['500 every time', { status: 500 }, ProviderError, 3],
     ['503 every time', { status: 503 }, ProviderError, 3],
     ['429 every time', { status: 429 }, ProviderRateLimited, 3],
+    ['a 429 for a quota used up (insufficient_quota)', { status: 429, errorCode: 'insufficient_quota', retryAfter: 1 }, ProviderError, 1],
     ['a reset connection every time', { fault: 'reset' }, ProviderError, 3],
     ['a connection reset after the headers every time', { fault: 'reset-mid-body' }, ProviderError, 3],
   ])('maps %s to its provider error, retried only if transient, without upstream text', async (_, reply, errorClass, requests) => {

@@ -59,6 +59,8 @@ export interface UpstreamReply {
   status?: number;
   /** The Retry-After header: seconds, or a string as given (an HTTP date). */
   retryAfter?: number | string;
+  /** With `status`: the error body's `code` and `type`, as OpenAI names its refusals (e.g. `insufficient_quota`). */
+  errorCode?: string;
   /** More response headers, on any answer (e.g. `retry-after-ms`). */
   headers?: Record<string, string>;
   /** The reply text; by default `Echo: ` and the last user message. */
@@ -251,7 +253,7 @@ export class FakeUpstream {
     if (reply.fault === 'reset' && !isStreaming(record)) return exchange.resetSocket();
     for (const [name, value] of Object.entries(reply.headers ?? {})) res.setHeader(name, value);
     if (reply.retryAfter !== undefined) res.setHeader('retry-after', String(reply.retryAfter));
-    if (reply.status && reply.status >= 400) return sendError(res, reply.status);
+    if (reply.status && reply.status >= 400) return sendError(res, reply.status, reply.errorCode);
     if (reply.status && reply.status >= 300) return sendRaw(res, reply.status, 'text/plain', '');
 
     const fileId = /^\/v1\/files\/([^/]+)$/.exec(record.path)?.[1];
@@ -497,9 +499,9 @@ function streamFault(fault: UpstreamFault | undefined, res: ServerResponse, rese
   }
 }
 
-function sendError(res: ServerResponse, status: number): void {
-  const type = status === 429 ? 'rate_limit_exceeded' : status >= 500 ? 'server_error' : 'invalid_request_error';
-  sendJson(res, status, { error: { message: UPSTREAM_ERROR_TEXT, type, code: null } });
+function sendError(res: ServerResponse, status: number, code?: string): void {
+  const type = code ?? (status === 429 ? 'rate_limit_exceeded' : status >= 500 ? 'server_error' : 'invalid_request_error');
+  sendJson(res, status, { error: { message: UPSTREAM_ERROR_TEXT, type, code: code ?? null } });
 }
 
 function sendJson(res: ServerResponse, status: number, body: unknown): void {
