@@ -251,7 +251,7 @@ class ReplyReader {
   // A character split between two chunks is joined before the events are read.
   private readonly text = new StringDecoder('utf8');
   private readonly decoder = new SseDecoder();
-  /** The events of the last chunk read, given from `nextEvent` on. */
+  /** The events read and not given yet, from `nextEvent` on: the last chunk's, and behind a held delta those of the chunks since. */
   private events: SseEvent[] = [];
   private nextEvent = 0;
   private model: string;
