@@ -1,3 +1,5 @@
+import type { CallBounds } from './types.js';
+
 /**
  * Aborts `target` when any of `sources` aborts, with that source's reason (one already aborted, the
  * first in order, at once); returns what stops following them. Unlike `AbortSignal.any`, nothing
@@ -56,4 +58,14 @@ export class CallDeadline {
     clearTimeout(this.timer);
     this.unfollow();
   }
+}
+
+/**
+ * A call's bounds `ms` from now, ended early by any of `sources`: the signal, and the deadline it fires
+ * at, so that a retry told to wait past it (a long Retry-After) gives up at once instead of sleeping
+ * until the signal fires.
+ */
+export function within(ms: number, ...sources: AbortSignal[]): CallBounds {
+  const timeout = AbortSignal.timeout(ms);
+  return { signal: sources.length ? AbortSignal.any([timeout, ...sources]) : timeout, deadline: Date.now() + ms };
 }

@@ -8,6 +8,7 @@ import { backoffMs, retryAfterMs } from './retry.js';
 import { type SseEvent, SseDecoder } from './sse-decoder.js';
 import { messagesWire } from './wire-messages.js';
 import {
+  type CallBounds,
   type ChatCompletion,
   type ChatRequest,
   type DeltaSink,
@@ -52,7 +53,6 @@ export function maxResponseBytesFor(maxOutputTokens: number): number {
   return 1024 * 1024 + 1024 * maxOutputTokens;
 }
 
-type CallBounds = Pick<ChatRequest, 'signal' | 'deadline'>;
 type ResponseHeaders = Record<string, string | string[] | undefined>;
 
 /** An answer that is not a 2xx, a redirect included. The start of its body is kept for logs, never for clients. */
@@ -162,11 +162,12 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
     });
   }
 
-  async uploadFile(file: { filename: string; mimeType: string; path: string }, signal: AbortSignal): Promise<UploadedFile> {
+  async uploadFile(file: { filename: string; mimeType: string; path: string }, bounds: CallBounds): Promise<UploadedFile> {
+    const { signal } = bounds;
     // A file that cannot be read is ours to report, not the provider's. Read from disk as it is sent,
     // afresh for each attempt: a file of any size never sits in memory whole.
     const blob = await openAsBlob(file.path, { type: file.mimeType });
-    const created = await this.withRetries({ signal }, async () => {
+    const created = await this.withRetries(bounds, async () => {
       const form = new FormData();
       form.set('purpose', 'user_data');
       form.set('file', blob, file.filename);
@@ -178,8 +179,9 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
     return { providerFileId: id };
   }
 
-  async deleteFile(providerFileId: string, signal: AbortSignal): Promise<void> {
-    await this.withRetries({ signal }, async () => {
+  async deleteFile(providerFileId: string, bounds: CallBounds): Promise<void> {
+    const { signal } = bounds;
+    await this.withRetries(bounds, async () => {
       try {
         const response = await this.send('DELETE', `/files/${encodeURIComponent(providerFileId)}`, undefined, signal);
         await response.body.dump();

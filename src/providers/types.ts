@@ -19,10 +19,8 @@ export interface Usage {
   totalTokens: number;
 }
 
-export interface ChatRequest {
-  model: string;
-  messages: ChatMessage[];
-  maxOutputTokens: number;
+/** What ends a provider call: a chat, or a file's upload or deletion. */
+export interface CallBounds {
   /**
    * Aborts the whole call, retries and waits included: the request's deadline or a client that left.
    * An abort whose reason is a `TimeoutError` (as `AbortSignal.timeout` gives) is the deadline and ends
@@ -35,6 +33,12 @@ export interface ChatRequest {
    * slept on until the signal fires (→ ProviderTimeout). Without it only the signal bounds the waits.
    */
   deadline?: number;
+}
+
+export interface ChatRequest extends CallBounds {
+  model: string;
+  messages: ChatMessage[];
+  maxOutputTokens: number;
 }
 
 export interface ChatCompletion {
@@ -72,8 +76,8 @@ export interface ProviderAdapter {
   readonly supportsFiles: boolean;
   complete(request: ChatRequest): Promise<ChatCompletion>;
   stream(request: ChatRequest, onDelta: DeltaSink): Promise<StreamEnd>;
-  uploadFile?(file: { filename: string; mimeType: string; path: string }, signal: AbortSignal): Promise<UploadedFile>;
-  deleteFile?(providerFileId: string, signal: AbortSignal): Promise<void>;
+  uploadFile?(file: { filename: string; mimeType: string; path: string }, bounds: CallBounds): Promise<UploadedFile>;
+  deleteFile?(providerFileId: string, bounds: CallBounds): Promise<void>;
 }
 
 /** Upstream 5xx, malformed bodies, refused connections: 502. */

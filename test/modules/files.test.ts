@@ -591,6 +591,38 @@ describe('a provider that does not answer deletes', () => {
   });
 });
 
+describe('a provider that asks to wait past AI_TIMEOUT_MS', () => {
+  // Waited out, its Retry-After would hold the upload or the deletion until AI_TIMEOUT_MS (past this
+  // test's own timeout), then fail with ProviderTimeout; given up at once, it fails with the 429's own error.
+  it('keeps an upload without a copy, and a deletion\'s copy queued, at once, each asked once', async () => {
+    const logs = logCollector();
+    const app = await buildApp(testConfig({ ...appEnv(), AI_TIMEOUT_MS: '60000', AI_MAX_RETRIES: '2', LOG_LEVEL: 'warn', DATA_DIR: t.config.DATA_DIR }), {
+      database: t.testDb.database,
+      logStream: logs.stream,
+    });
+    try {
+      const projectId = await newProject();
+      const copied = await upload(projectId, 'copied before the limit');
+      fake.setDefault({ status: 429, retryAfter: 3600 });
+      const { payload, headers } = multipart({ filename: 'late.txt', type: 'text/plain', content: 'limited' });
+      const uploaded = await app.inject({ method: 'POST', url: filesUrl(projectId), headers: { ...user.auth, ...headers }, payload });
+      expect(uploaded.statusCode).toBe(201);
+      expect(uploaded.json().providerFileId).toBeNull();
+      expect((await app.inject({ method: 'DELETE', url: filesUrl(projectId, `/${copied.id}`), headers: user.auth })).statusCode).toBe(204);
+
+      expect(fake.requests.slice(1).map((r) => `${r.method} ${r.path}`)).toEqual(['POST /v1/files', `DELETE /v1/files/${copied.providerFileId}`]);
+      const errors = logs.lines.filter((line) => line.level === 40).map((line) => [line.msg, (line.err as { type?: string } | undefined)?.type]);
+      expect(errors).toEqual([
+        ['provider file upload failed; the file is kept without a provider copy', 'ProviderRateLimited'],
+        ['provider file copy not deleted', 'ProviderRateLimited'],
+      ]);
+      expect((await queuedCopies()).map((copy) => copy.providerFileId)).toEqual([copied.providerFileId]);
+    } finally {
+      await app.close();
+    }
+  });
+});
+
 describe('bytes that cannot be removed', () => {
   /** Puts a folder where a file's bytes are: removing them then fails, as on a volume gone read-only. */
   function jam(projectId: string, file: FileDto): void {

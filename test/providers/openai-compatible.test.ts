@@ -5,6 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { ApiError } from '../../src/http/errors.js';
+import { within } from '../../src/providers/abort.js';
 import { type OpenAICompatibleOptions, OpenAICompatibleAdapter } from '../../src/providers/openai-compatible.js';
 import {
   type ChatRequest,
@@ -560,26 +561,26 @@ describe('files', () => {
 
   it('uploads a file from disk with purpose user_data, then deletes it', async () => {
     const files = adapter();
-    const { providerFileId } = await files.uploadFile(file, AbortSignal.timeout(10_000));
+    const { providerFileId } = await files.uploadFile(file, within(10_000));
     const stored = fake.files.get(providerFileId);
     expect(stored).toMatchObject({ filename: 'scores.csv', purpose: 'user_data' });
     expect(stored!.mimeType).toMatch(/^text\/csv/);
     expect(stored!.bytes.toString()).toBe('name,score\nada,10\n');
     expect(fake.requests[0]!.headers.authorization).toBe(`Bearer ${API_KEY}`);
 
-    await files.deleteFile(providerFileId, AbortSignal.timeout(10_000));
+    await files.deleteFile(providerFileId, within(10_000));
     expect(fake.files.size).toBe(0);
     expect(fake.requests[1]).toMatchObject({ method: 'DELETE', path: `/v1/files/${providerFileId}` });
   });
 
   it('takes a file already gone upstream as deleted', async () => {
-    await expect(adapter().deleteFile('file-unknown', AbortSignal.timeout(10_000))).resolves.toBeUndefined();
+    await expect(adapter().deleteFile('file-unknown', within(10_000))).resolves.toBeUndefined();
   });
 
   it('tells a deletion refused for good (400, 422) from one a later try may pass (401, 403, 408, 429, 5xx)', async () => {
     for (const [status, refusedForGood] of [[400, true], [422, true], [403, false], [401, false], [408, false], [429, false], [500, false]] as const) {
       fake.setDefault({ status });
-      const error = await rejection(adapter({ maxRetries: 0 }).deleteFile('file-kept', AbortSignal.timeout(10_000)));
+      const error = await rejection(adapter({ maxRetries: 0 }).deleteFile('file-kept', within(10_000)));
       expect(error instanceof ProviderRefusedDeletion, String(status)).toBe(refusedForGood);
       expect(clientVisible(error)).not.toContain('LEAK');
     }
@@ -587,7 +588,7 @@ describe('files', () => {
 
   it('retries a failing upload, then maps it to ProviderError without upstream text', async () => {
     fake.setDefault({ status: 500 });
-    const error = await rejection(adapter({ maxRetries: 1 }).uploadFile(file, AbortSignal.timeout(10_000)));
+    const error = await rejection(adapter({ maxRetries: 1 }).uploadFile(file, within(10_000)));
     expect(error).toBeInstanceOf(ProviderError);
     expect(clientVisible(error)).not.toContain('LEAK');
     expect(fake.requests).toHaveLength(2);

@@ -3,8 +3,9 @@ import type { FastifyBaseLogger } from 'fastify';
 import type { Config } from '../../config.js';
 import type { Db } from '../../db/database.js';
 import { files, providerFileDeletions } from '../../db/schema.js';
+import { within } from '../../providers/abort.js';
 import type { ProviderRegistry } from '../../providers/registry.js';
-import { type ProviderAdapter, type ProviderName, ProviderRefusedDeletion } from '../../providers/types.js';
+import { type CallBounds, type ProviderAdapter, type ProviderName, ProviderRefusedDeletion } from '../../providers/types.js';
 
 /**
  * Only OpenAI has a Files API among the providers, so every provider file id is OpenAI's; a second
@@ -64,7 +65,7 @@ export class ProviderCopies {
       await this.db.insert(providerFileDeletions).values({ providerFileId }).onConflictDoUpdate({ target: providerFileDeletions.providerFileId, set: { dueAt: sql`now()` } });
     } catch (error) {
       const deleted = await this.filesApi()
-        ?.deleteFile(providerFileId, AbortSignal.timeout(this.config.AI_TIMEOUT_MS))
+        ?.deleteFile(providerFileId, within(this.config.AI_TIMEOUT_MS))
         .then(() => true, () => false);
       if (!deleted) log.warn({ err: error, provider: FILES_PROVIDER, providerFileId }, 'provider file copy not deleted');
       return;
@@ -86,9 +87,9 @@ export class ProviderCopies {
       return;
     }
     try {
-      const signal = AbortSignal.timeout(this.config.AI_TIMEOUT_MS);
-      for (let start = 0; start < providerFileIds.length && !signal.aborted; start += CLAIM_BATCH) {
-        await this.deleteClaimed(adapter, await this.claim(providerFileIds.slice(start, start + CLAIM_BATCH)), signal, log);
+      const bounds = within(this.config.AI_TIMEOUT_MS);
+      for (let start = 0; start < providerFileIds.length && !bounds.signal.aborted; start += CLAIM_BATCH) {
+        await this.deleteClaimed(adapter, await this.claim(providerFileIds.slice(start, start + CLAIM_BATCH)), bounds, log);
       }
     } catch (error) {
       log.warn({ err: error, provider: FILES_PROVIDER, providerFileIds }, 'provider file copies left queued');
@@ -109,7 +110,7 @@ export class ProviderCopies {
     while (!closing.aborted) {
       const claimed = await this.claim();
       if (!claimed.length) break;
-      deleted += await this.deleteClaimed(adapter, claimed, AbortSignal.any([AbortSignal.timeout(this.config.AI_TIMEOUT_MS), closing]), log);
+      deleted += await this.deleteClaimed(adapter, claimed, within(this.config.AI_TIMEOUT_MS, closing), log);
     }
     return deleted;
   }
@@ -150,17 +151,18 @@ export class ProviderCopies {
 
   /**
    * Deletes claimed copies upstream, DELETES_AT_ONCE at a time, and from the queue those deleted or
-   * refused for good; resolves with how many were deleted. Those not tried before `signal` aborts are
+   * refused for good; resolves with how many were deleted. Those not tried before the bounds' signal aborts are
    * handed back, due at once, their try not counted.
    */
-  private async deleteClaimed(adapter: Required<Pick<ProviderAdapter, 'deleteFile'>>, providerFileIds: string[], signal: AbortSignal, log: FastifyBaseLogger): Promise<number> {
+  private async deleteClaimed(adapter: Required<Pick<ProviderAdapter, 'deleteFile'>>, providerFileIds: string[], bounds: CallBounds, log: FastifyBaseLogger): Promise<number> {
+    const { signal } = bounds;
     const left = [...providerFileIds];
     const done: string[] = [];
     const refused: string[] = [];
     const worker = async () => {
       for (let providerFileId = left.shift(); providerFileId; providerFileId = signal.aborted ? undefined : left.shift()) {
         try {
-          await adapter.deleteFile(providerFileId, signal);
+          await adapter.deleteFile(providerFileId, bounds);
           done.push(providerFileId);
         } catch (error) {
           if (error instanceof ProviderRefusedDeletion) {

@@ -9,6 +9,7 @@ import { deletedProjects, files, projects } from '../../db/schema.js';
 import { ApiError, isDatabaseUnavailable, NotFound, ValidationFailed } from '../../http/errors.js';
 import { isUuid } from '../../http/ids.js';
 import type { Page, PageRequest, TimeSortKey } from '../../http/pagination.js';
+import { within } from '../../providers/abort.js';
 import type { ProviderRegistry } from '../../providers/registry.js';
 import { type ChatMessage, type ProviderAdapter, ProviderNotConfigured } from '../../providers/types.js';
 import { CountLimitReached, filesPerProject, type LimitedInsert, limitedInsert, param } from '../projects/count-limit.js';
@@ -364,7 +365,7 @@ export class FilesService {
     if (!adapter?.uploadFile) return null;
     try {
       const upload = { filename: file.filename, mimeType: file.mimeType, path: file.path };
-      const { providerFileId } = await adapter.uploadFile(upload, AbortSignal.timeout(this.config.AI_TIMEOUT_MS));
+      const { providerFileId } = await adapter.uploadFile(upload, within(this.config.AI_TIMEOUT_MS));
       return providerFileId;
     } catch (error) {
       // The platform's copy is the file; the provider's only lets chat refer to it.
