@@ -8,7 +8,7 @@ import { settleCutSwap } from './db/backup-store.js';
 import { type Database, openDatabase } from './db/database.js';
 import { createTokens, registerAuthentication } from './http/auth.js';
 import { answerClientError, answerFrameworkError, MissingHost, registerErrorHandling, ShuttingDown } from './http/errors.js';
-import { registerHardening } from './http/hardening.js';
+import { corsOutsideHooks, registerHardening } from './http/hardening.js';
 import { requestLogger, serializeError } from './http/logging.js';
 import { registerMetrics } from './http/metrics.js';
 import { registerOpenApi } from './http/openapi.js';
@@ -54,6 +54,7 @@ const REQUEST_ID = /^[\w.:-]{1,128}$/;
 export const BODY_LIMIT_BYTES = 1.25 * 1024 * 1024;
 
 export async function buildApp(config: Config, deps: AppDependencies = {}): Promise<FastifyInstance> {
+  const cors = corsOutsideHooks(config);
   const app = Fastify({
     logger: {
       level: config.LOG_LEVEL,
@@ -89,7 +90,10 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
     // Fastify's own 503 for a request that arrives while the app closes is not problem+json: see below.
     return503OnClosing: false,
     // The router's own errors (a malformed or over-long path parameter) are problem+json too.
-    frameworkErrors: answerFrameworkError,
+    frameworkErrors: (error, request, reply) => {
+      cors?.(request, reply);
+      answerFrameworkError(error, request, reply);
+    },
     // So are requests Node's parser refuses before routing (headers over the limit, malformed HTTP).
     clientErrorHandler: answerClientError,
   });
@@ -119,7 +123,10 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   });
   app.addHook('onRequest', (request, reply, done) => {
     setResponseHeaders(request, reply);
-    if (closing) done(new ShuttingDown());
+    if (closing) {
+      cors?.(request, reply);
+      done(new ShuttingDown());
+    }
     else if (request.headers.host === undefined && request.raw.httpVersionMinor === 1) done(new MissingHost());
     else done();
   });

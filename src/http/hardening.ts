@@ -57,6 +57,29 @@ export function sendDocumentHeaders(_request: FastifyRequest, reply: FastifyRepl
   done();
 }
 
+/** What a browser's script may read of a response besides the safelisted headers. */
+const CORS_EXPOSED_HEADERS = ['x-request-id', 'retry-after', 'content-disposition', 'location'];
+
+const corsOrigin = (origins: string[]) => (origins.includes('*') ? '*' : origins);
+
+/**
+ * What @fastify/cors's hook sets on the response to an allowed origin, for the answers given where no
+ * hook of it runs: the router's own errors (a path that is not valid percent-encoding) and the 503 of a
+ * request that arrives while the app closes (refused by the first hook). Without them a browser reads
+ * neither the problem nor the 503's Retry-After, only a failed fetch. Undefined when CORS is off.
+ */
+export function corsOutsideHooks(config: Pick<Config, 'CORS_ORIGINS'>): ((request: FastifyRequest, reply: FastifyReply) => void) | undefined {
+  if (!config.CORS_ORIGINS) return undefined;
+  const origin = corsOrigin(config.CORS_ORIGINS);
+  const exposed = CORS_EXPOSED_HEADERS.join(', ');
+  return (request, reply) => {
+    if (origin !== '*') reply.header('vary', 'Origin');
+    const allowed = origin === '*' ? '*' : origin.find((one) => one === request.headers.origin);
+    if (allowed) reply.header('access-control-allow-origin', allowed);
+    reply.header('access-control-expose-headers', exposed);
+  };
+}
+
 /**
  * Load shedding, CORS, compression, and the refusal of compressed request bodies.
  * Registered before authentication, so that a saturated server refuses work before doing any and CORS
@@ -67,13 +90,13 @@ export async function registerHardening(app: FastifyInstance, config: Config): P
 
   if (config.CORS_ORIGINS) {
     await app.register(fastifyCors, {
-      origin: config.CORS_ORIGINS.includes('*') ? '*' : config.CORS_ORIGINS,
+      origin: corsOrigin(config.CORS_ORIGINS),
       // Clients authenticate with a bearer token, never a cookie: credentials are never allowed,
       // which is also what makes `*` safe.
       credentials: false,
       methods: ['GET', 'HEAD', 'POST', 'PATCH', 'DELETE'],
       allowedHeaders: ['authorization', 'content-type', 'idempotency-key', 'x-request-id'],
-      exposedHeaders: ['x-request-id', 'retry-after', 'content-disposition', 'location'],
+      exposedHeaders: CORS_EXPOSED_HEADERS,
       maxAge: 600,
       // A strict preflight without Origin would be answered 400 in plain text, outside problem+json.
       strictPreflight: false,

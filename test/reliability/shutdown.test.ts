@@ -132,7 +132,8 @@ it('on SIGTERM with 100 requests and 20 streams in flight, stores every acknowle
 });
 
 it('refuses a request that arrives on an open connection while the app closes with a 503 problem, and closes that connection', async () => {
-  const t = await startTestApp({ AI_BASE_URL: fake.url });
+  const origin = 'https://app.example.com';
+  const t = await startTestApp({ AI_BASE_URL: fake.url, CORS_ORIGINS: origin });
   const url = await t.app.listen({ port: 0, host: '127.0.0.1' });
   const user = await registerUser(t.app);
   const { id: projectId } = await createProject(t.app, user);
@@ -144,7 +145,7 @@ it('refuses a request that arrives on an open connection while the app closes wi
     const chat = send(agent, `${url}/api/v1/projects/${projectId}/chat`, 'POST', { ...user.auth, 'content-type': 'application/json' }, '{"message":"hi"}');
     await fake.waitForRequests(upstreamCalls + 1);
     const closed = t.close();
-    const late = send(agent, `${url}/api/v1/projects`, 'GET', user.auth);
+    const late = send(agent, `${url}/api/v1/projects`, 'GET', { ...user.auth, origin });
 
     expect((await chat).status).toBe(200);
     const refused = await late;
@@ -154,6 +155,9 @@ it('refuses a request that arrives on an open connection while the app closes wi
     // Refused by the first hook, and still with what every response carries.
     expect(refused.headers['x-request-id']).toBeTruthy();
     expect(refused.headers['x-content-type-options']).toBe('nosniff');
+    // And what CORS's hook, which did not run, sets: a browser's script reads the 503 and its Retry-After.
+    expect(refused.headers['access-control-allow-origin']).toBe(origin);
+    expect(refused.headers['access-control-expose-headers']).toContain('retry-after');
     expect(JSON.parse(refused.body)).toMatchObject({ status: 503, code: 'SERVICE_UNAVAILABLE', detail: expect.stringMatching(/shutting down/) });
     await closed;
   } finally {
