@@ -126,8 +126,7 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
     if (closing) {
       cors?.(request, reply);
       done(new ShuttingDown());
-    }
-    else if (request.headers.host === undefined && request.raw.httpVersionMinor === 1) done(new MissingHost());
+    } else if (request.headers.host === undefined && request.raw.httpVersionMinor === 1) done(new MissingHost());
     else done();
   });
   // An Expect other than 100-continue: Node's own 417 has no body and no request id. RFC 9110 (10.1.1)
