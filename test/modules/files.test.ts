@@ -621,6 +621,31 @@ describe('a provider that asks to wait past AI_TIMEOUT_MS', () => {
       await app.close();
     }
   });
+
+  // One call a copy, each refused at once, would go on asking a provider that said to wait an hour.
+  it('stops deleting copies once the provider asks to wait, and keeps the rest queued with their wait, their try not counted', async () => {
+    const app = await buildApp(testConfig({ ...appEnv(), AI_TIMEOUT_MS: '60000', AI_MAX_RETRIES: '2', LOG_LEVEL: 'silent', DATA_DIR: t.config.DATA_DIR }), {
+      database: t.testDb.database,
+    });
+    try {
+      const projectId = await newProject();
+      const uploaded: FileDto[] = [];
+      for (let i = 0; i < 12; i++) uploaded.push(await upload(projectId, `file ${i}`));
+      fake.setDefault({ status: 429, retryAfter: 3600 });
+      const calls = fake.requests.length;
+      expect((await app.inject({ method: 'DELETE', url: `/api/v1/projects/${projectId}`, headers: user.auth })).statusCode).toBe(204);
+
+      const asked = fake.requests.slice(calls).filter((r) => r.method === 'DELETE').length;
+      expect(asked).toBeGreaterThan(0);
+      expect(asked).toBeLessThanOrEqual(8); // the deletions in flight when the first was refused
+      const queued = await queuedCopies();
+      expect(queued.map((copy) => copy.providerFileId).sort()).toEqual(uploaded.map((file) => file.providerFileId).sort());
+      expect(queued.filter((copy) => copy.attempts === 1)).toHaveLength(asked);
+      for (const copy of queued) expect(copy.waitSeconds).toBeCloseTo(60, -1);
+    } finally {
+      await app.close();
+    }
+  });
 });
 
 describe('bytes that cannot be removed', () => {

@@ -5,7 +5,7 @@ import type { Db } from '../../db/database.js';
 import { files, providerFileDeletions } from '../../db/schema.js';
 import { within } from '../../providers/abort.js';
 import type { ProviderRegistry } from '../../providers/registry.js';
-import { type CallBounds, type ProviderAdapter, type ProviderName, ProviderRefusedDeletion } from '../../providers/types.js';
+import { type CallBounds, type ProviderAdapter, type ProviderName, ProviderRateLimited, ProviderRefusedDeletion } from '../../providers/types.js';
 
 /**
  * Only OpenAI has a Files API among the providers, so every provider file id is OpenAI's; a second
@@ -88,8 +88,9 @@ export class ProviderCopies {
     }
     try {
       const bounds = within(this.config.AI_TIMEOUT_MS);
-      for (let start = 0; start < providerFileIds.length && !bounds.signal.aborted; start += CLAIM_BATCH) {
-        await this.deleteClaimed(adapter, await this.claim(providerFileIds.slice(start, start + CLAIM_BATCH)), bounds, log);
+      let rateLimited = false;
+      for (let start = 0; start < providerFileIds.length && !bounds.signal.aborted && !rateLimited; start += CLAIM_BATCH) {
+        ({ rateLimited } = await this.deleteClaimed(adapter, await this.claim(providerFileIds.slice(start, start + CLAIM_BATCH)), bounds, log));
       }
     } catch (error) {
       log.warn({ err: error, provider: FILES_PROVIDER, providerFileIds }, 'provider file copies left queued');
@@ -98,8 +99,9 @@ export class ProviderCopies {
 
   /**
    * Deletes every queued copy whose time has come, a batch at a time, each batch within AI_TIMEOUT_MS,
-   * until `closing` aborts, which also cuts the provider calls in flight short: the retries of copies
-   * a provider failed to delete, and what a crash or a deadline left. Resolves with how many were deleted.
+   * until `closing` aborts, which also cuts the provider calls in flight short, or the provider asks to
+   * slow down: the retries of copies a provider failed to delete, and what a crash or a deadline left.
+   * Resolves with how many were deleted.
    */
   async deleteDue(closing: AbortSignal, log: FastifyBaseLogger): Promise<number> {
     const adapter = this.filesApi();
@@ -110,7 +112,9 @@ export class ProviderCopies {
     while (!closing.aborted) {
       const claimed = await this.claim();
       if (!claimed.length) break;
-      deleted += await this.deleteClaimed(adapter, claimed, within(this.config.AI_TIMEOUT_MS, closing), log);
+      const batch = await this.deleteClaimed(adapter, claimed, within(this.config.AI_TIMEOUT_MS, closing), log);
+      deleted += batch.deleted;
+      if (batch.rateLimited) break;
     }
     return deleted;
   }
@@ -151,16 +155,25 @@ export class ProviderCopies {
 
   /**
    * Deletes claimed copies upstream, DELETES_AT_ONCE at a time, and from the queue those deleted or
-   * refused for good; resolves with how many were deleted. Those not tried before the bounds' signal aborts are
-   * handed back, due at once, their try not counted.
+   * refused for good; resolves with how many were deleted, and whether the provider rate-limited a
+   * deletion past its retries or its deadline (`rateLimited`). Then no other copy is tried: one call a
+   * copy would go on asking a provider that said to wait, and those not tried keep the wait of their
+   * claim (their try not counted). Those not tried before the bounds' signal aborts are handed back, due
+   * at once, their try not counted.
    */
-  private async deleteClaimed(adapter: Required<Pick<ProviderAdapter, 'deleteFile'>>, providerFileIds: string[], bounds: CallBounds, log: FastifyBaseLogger): Promise<number> {
+  private async deleteClaimed(
+    adapter: Required<Pick<ProviderAdapter, 'deleteFile'>>,
+    providerFileIds: string[],
+    bounds: CallBounds,
+    log: FastifyBaseLogger,
+  ): Promise<{ deleted: number; rateLimited: boolean }> {
     const { signal } = bounds;
     const left = [...providerFileIds];
     const done: string[] = [];
     const refused: string[] = [];
+    let rateLimited = false;
     const worker = async () => {
-      for (let providerFileId = left.shift(); providerFileId; providerFileId = signal.aborted ? undefined : left.shift()) {
+      for (let providerFileId = left.shift(); providerFileId; providerFileId = signal.aborted || rateLimited ? undefined : left.shift()) {
         try {
           await adapter.deleteFile(providerFileId, bounds);
           done.push(providerFileId);
@@ -171,6 +184,7 @@ export class ProviderCopies {
             log.warn({ provider: FILES_PROVIDER, providerFileId, status: error.upstreamStatus }, 'provider file copy refused for good; no longer tried');
             refused.push(providerFileId);
           } else {
+            if (error instanceof ProviderRateLimited) rateLimited = true;
             log.warn({ err: error, provider: FILES_PROVIDER, providerFileId }, 'provider file copy not deleted');
           }
         }
@@ -180,7 +194,10 @@ export class ProviderCopies {
     const { providerFileId, attempts } = providerFileDeletions;
     const leaving = [...done, ...refused];
     if (leaving.length) await this.db.delete(providerFileDeletions).where(inArray(providerFileId, leaving));
-    if (left.length) await this.db.update(providerFileDeletions).set({ attempts: sql`${attempts} - 1`, dueAt: sql`now()` }).where(inArray(providerFileId, left));
-    return done.length;
+    if (left.length) {
+      const handedBack = rateLimited ? { attempts: sql`${attempts} - 1` } : { attempts: sql`${attempts} - 1`, dueAt: sql`now()` };
+      await this.db.update(providerFileDeletions).set(handedBack).where(inArray(providerFileId, left));
+    }
+    return { deleted: done.length, rateLimited };
   }
 }
