@@ -61,11 +61,10 @@ export class CallDeadline {
 }
 
 /**
- * A call's bounds `ms` from now, ended early by any of `sources`: the signal, and the deadline it fires
- * at, so that a retry told to wait past it (a long Retry-After) gives up at once instead of sleeping
- * until the signal fires.
+ * A call's bounds `ms` from now: the signal, and the deadline it fires at, so that a retry told to wait
+ * past it (a long Retry-After) gives up at once instead of sleeping until the signal fires. A call that
+ * another signal may also end takes a CallDeadline instead, which lets go of that signal when it ends.
  */
-export function within(ms: number, ...sources: AbortSignal[]): CallBounds {
-  const timeout = AbortSignal.timeout(ms);
-  return { signal: sources.length ? AbortSignal.any([timeout, ...sources]) : timeout, deadline: Date.now() + ms };
+export function within(ms: number): CallBounds {
+  return { signal: AbortSignal.timeout(ms), deadline: Date.now() + ms };
 }

@@ -3,7 +3,7 @@ import type { FastifyBaseLogger } from 'fastify';
 import type { Config } from '../../config.js';
 import type { Db } from '../../db/database.js';
 import { files, providerFileDeletions } from '../../db/schema.js';
-import { within } from '../../providers/abort.js';
+import { CallDeadline, within } from '../../providers/abort.js';
 import type { ProviderRegistry } from '../../providers/registry.js';
 import { type CallBounds, type ProviderAdapter, type ProviderName, ProviderRateLimited, ProviderRefusedDeletion } from '../../providers/types.js';
 
@@ -112,7 +112,10 @@ export class ProviderCopies {
     while (!closing.aborted) {
       const claimed = await this.claim();
       if (!claimed.length) break;
-      const batch = await this.deleteClaimed(adapter, claimed, within(this.config.AI_TIMEOUT_MS, closing), log);
+      // Not `AbortSignal.any` with `closing`: each batch's would stay listed on it as long as it lives.
+      const call = new CallDeadline(this.config.AI_TIMEOUT_MS, closing);
+      const bounds = { signal: call.signal, deadline: Date.now() + this.config.AI_TIMEOUT_MS };
+      const batch = await this.deleteClaimed(adapter, claimed, bounds, log).finally(() => call.end());
       deleted += batch.deleted;
       if (batch.rateLimited) break;
     }
