@@ -29,8 +29,14 @@ export class CallDeadline {
   private readonly unfollow: () => void;
   /** Whether the deadline, and not a source, ended the call. */
   timedOut = false;
+  /**
+   * When the deadline fires as first set (epoch ms), which the signal cannot tell: what a retry's wait is
+   * held against (`CallBounds.deadline`). `refresh` moves the timer, not this.
+   */
+  readonly deadline: number;
 
   constructor(ms: number, ...sources: AbortSignal[]) {
+    this.deadline = Date.now() + ms;
     this.timer = setTimeout(() => {
       if (this.signal.aborted) return; // a source came first: its reason stands
       this.timedOut = true;
@@ -63,7 +69,7 @@ export class CallDeadline {
 /**
  * A call's bounds `ms` from now: the signal, and the deadline it fires at, so that a retry told to wait
  * past it (a long Retry-After) gives up at once instead of sleeping until the signal fires. A call that
- * another signal may also end takes a CallDeadline instead, which lets go of that signal when it ends.
+ * another signal may also end takes a CallDeadline's instead, which lets go of that signal when it ends.
  */
 export function within(ms: number): CallBounds {
   return { signal: AbortSignal.timeout(ms), deadline: Date.now() + ms };

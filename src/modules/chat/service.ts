@@ -407,7 +407,7 @@ export class ChatService {
         messages: turn.context,
         maxOutputTokens: this.config.AI_MAX_OUTPUT_TOKENS,
         signal: call.signal,
-        deadline: Date.now() + this.config.AI_TIMEOUT_MS,
+        deadline: call.deadline,
       });
     } catch (error) {
       throw await this.failure(userMessage, providerFailure(error, call.timedOut));
@@ -443,7 +443,7 @@ export class ChatService {
       maxOutputTokens: this.config.AI_MAX_OUTPUT_TOKENS,
       signal: call.signal,
       // Retries happen only before the first delta, so this bounds them all.
-      deadline: Date.now() + this.config.AI_TIMEOUT_MS,
+      deadline: call.deadline,
     };
     let text = '';
     const onDelta = (content: string) => {

@@ -114,8 +114,7 @@ export class ProviderCopies {
       if (!claimed.length) break;
       // Not `AbortSignal.any` with `closing`: each batch's would stay listed on it as long as it lives.
       const call = new CallDeadline(this.config.AI_TIMEOUT_MS, closing);
-      const bounds = { signal: call.signal, deadline: Date.now() + this.config.AI_TIMEOUT_MS };
-      const batch = await this.deleteClaimed(adapter, claimed, bounds, log).finally(() => call.end());
+      const batch = await this.deleteClaimed(adapter, claimed, call, log).finally(() => call.end());
       deleted += batch.deleted;
       if (batch.rateLimited) break;
     }
@@ -198,8 +197,11 @@ export class ProviderCopies {
     const leaving = [...done, ...refused];
     if (leaving.length) await this.db.delete(providerFileDeletions).where(inArray(providerFileId, leaving));
     if (left.length) {
-      const handedBack = rateLimited ? { attempts: sql`${attempts} - 1` } : { attempts: sql`${attempts} - 1`, dueAt: sql`now()` };
-      await this.db.update(providerFileDeletions).set(handedBack).where(inArray(providerFileId, left));
+      // Due at once, unless the provider said to wait: then each keeps its claim's wait.
+      await this.db
+        .update(providerFileDeletions)
+        .set({ attempts: sql`${attempts} - 1`, ...(!rateLimited && { dueAt: sql`now()` }) })
+        .where(inArray(providerFileId, left));
     }
     return { deleted: done.length, rateLimited };
   }
