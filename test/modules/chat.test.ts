@@ -328,6 +328,19 @@ describe('stored token counts and long histories', () => {
     ]);
   });
 
+  it('counts a long question and a long reply in turns, to the same counts, streamed or not', async () => {
+    const projectId = await newProject();
+    const long = 'Lorem ipsum dolor sit amet, 中文 and 😀.\n'.repeat(1_000);
+    expect((await chat(projectId, { message: long })).statusCode).toBe(200);
+    const events = await readSse(await streamChat(projectId, { message: `${long}again` }));
+    expect(events.map((event) => event.event)).toContain('done');
+    const rows = await stored(projectId);
+    expect(rows.map((row) => [row.role, row.content.length >= long.length, row.tokens])).toEqual(
+      rows.map((row) => [row.role, true, countTokens(row.content, 'gpt-4o-mini')]),
+    );
+    expect(rows.map((row) => row.role)).toEqual(['user', 'assistant', 'user', 'assistant']);
+  });
+
   it('trusts a stored count only in the model’s own encoding, and counts a message stored without one', async () => {
     const budgeted = await startTestApp({ AI_BASE_URL: fake.url, AI_CONTEXT_TOKENS: '1000', AI_MAX_OUTPUT_TOKENS: '100' });
     try {

@@ -2,7 +2,7 @@ import { countTokens as cl100kCount } from 'gpt-tokenizer/encoding/cl100k_base';
 import { countTokens as o200kCount } from 'gpt-tokenizer/encoding/o200k_base';
 import { encodeChat } from 'gpt-tokenizer/model/gpt-4o';
 import { describe, expect, it } from 'vitest';
-import { contextWindow, countTokens, MESSAGE_OVERHEAD_TOKENS, REPLY_PRIMING_TOKENS } from '../../src/providers/models.js';
+import { contextWindow, countTokens, countTokensPaced, MESSAGE_OVERHEAD_TOKENS, PACED_TEXT, REPLY_PRIMING_TOKENS } from '../../src/providers/models.js';
 
 // Counts differently in the two encodings, so a test can tell which one was used.
 const MIXED = 'Привет, мир! Comment ça va? 你好，世界。 function add(a, b) { return a + b; }';
@@ -49,6 +49,49 @@ describe('countTokens', () => {
     for (const char of ['x', ' ', '😀']) {
       const run = char.repeat(10_000_000);
       expect(countTokens(run, 'gpt-4o')).toBeGreaterThanOrEqual(10_000_000 / 128);
+    }
+  });
+
+  it('counts a long text in pieces that add up to the count of the whole', () => {
+    // Words, numbers, punctuation, and every kind of whitespace around them, in runs shorter than a
+    // long run: the pieces are cut only where the text offers a place (see `cutsThere`).
+    const parts = ['word', 'Word', 'WORD', "it's", "DON'T", '12345', '3.14', '...', '!?', '/', '://', '(a)', '—', 'é',
+      '中文', 'Привет', '😀', '🇫🇷', '\u0301', '<|endoftext|>', ' ', '  ', '\t', '\n', '\r\n', '\r', ' \n', '\n\n', '\n ', ' \t\n',
+      '\u00a0', '\u3000', '\u2028', '.\n', '/\n', ',\r\n'];
+    const AS_TEXT = { disallowedSpecial: new Set<string>() };
+    let seed = 7;
+    const random = (n: number) => ((seed = (seed * 48271) % 2147483647) % n);
+    for (let sample = 0; sample < 20; sample++) {
+      let text = '';
+      while (text.length < 5 * PACED_TEXT) text += parts[random(parts.length)];
+      expect(countTokens(text, 'gpt-4o')).toBe(o200kCount(text, AS_TEXT));
+      expect(countTokens(text, 'gpt-4')).toBe(cl100kCount(text, AS_TEXT));
+    }
+    const prose = 'The quick brown fox, it said, jumps over the lazy dog.\n\n  - a list item\n\tindented\r\n'.repeat(500);
+    expect(countTokens(prose, 'gpt-4o')).toBe(o200kCount(prose));
+    expect(countTokens(prose, 'gpt-4')).toBe(cl100kCount(prose));
+  });
+
+  it('counts a long text a piece at a time, letting other work run in between, to the same count', async () => {
+    expect(countTokensPaced(MIXED, 'gpt-4o')).toBe(countTokens(MIXED, 'gpt-4o'));
+    const printable = Array.from({ length: 100_000 }, (_, i) => String.fromCharCode(33 + ((i * 7919) % 94))).join('');
+    const spaced = Array.from({ length: 800 }, (_, i) => `${'abcdefghij'.repeat(12).slice(i % 10)} `).join('');
+    for (const text of [printable, spaced, '中文'.repeat(50_000), `${MIXED}\n`.repeat(2_000)]) {
+      let turns = 0;
+      const tick = () => {
+        turns++;
+        timer = setImmediate(tick);
+      };
+      let timer = setImmediate(tick);
+      try {
+        const counted = countTokensPaced(text, 'gpt-4o');
+        expect(counted).toBeInstanceOf(Promise);
+        expect(await counted).toBe(countTokens(text, 'gpt-4o'));
+      } finally {
+        clearImmediate(timer);
+      }
+      // A turn of the event loop for every PACED_TEXT characters or so, not one at the end.
+      expect(turns).toBeGreaterThanOrEqual(Math.floor(text.length / (2 * PACED_TEXT)));
     }
   });
 

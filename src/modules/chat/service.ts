@@ -5,7 +5,7 @@ import type { Database, Db } from '../../db/database.js';
 import { messages, projects, prompts, users } from '../../db/schema.js';
 import { assertTokenCurrent, type AuthUser } from '../../http/auth.js';
 import { ApiError, Conflict, FailureNaming, NotFound } from '../../http/errors.js';
-import { contextWindow, countTokens, encodingName, MESSAGE_OVERHEAD_TOKENS, REPLY_PRIMING_TOKENS } from '../../providers/models.js';
+import { contextWindow, countTokens, countTokensPaced, encodingName, MESSAGE_OVERHEAD_TOKENS, PACED_TEXT, REPLY_PRIMING_TOKENS } from '../../providers/models.js';
 import { CallDeadline } from '../../providers/abort.js';
 import { TokenCounts } from '../../providers/token-counts.js';
 import type { ProviderRegistry } from '../../providers/registry.js';
@@ -158,6 +158,11 @@ interface TurnStatements {
   insertAnswer: ReturnType<typeof answerStatementOn>;
 }
 
+interface CountedReply {
+  content: string;
+  tokens: number;
+}
+
 /** A project's prompt as a turn reads it: its version (id and last change) names its token count. */
 interface TurnPrompt {
   id: string;
@@ -165,8 +170,6 @@ interface TurnPrompt {
   content: string;
 }
 
-/** A text this long (in UTF-16 units) takes milliseconds to count: the event loop runs other work after it. */
-const LONG_TEXT = 10_000;
 
 /** Everything a turn needs, settled before anything is stored: a rejected turn leaves no trace. */
 export interface PreparedTurn {
@@ -284,7 +287,9 @@ export class ChatService {
   ): Promise<PreparedTurn> {
     // The question as stored and read back: UTF-8 has no lone surrogates, which become U+FFFD on the way.
     const text = message.replace(LONE_SURROGATE, '\ufffd');
-    const fast = storeEarly ? this.defaultTurn : undefined;
+    // A question long enough to be counted in turns is counted once the read has found the project: a
+    // refused turn (another's project, a stale token) costs no counting.
+    const fast = storeEarly && text.length <= PACED_TEXT ? this.defaultTurn : undefined;
     const questionId = uuidv7();
     const defaultTokens = fast && countTokens(text, fast.model);
     const { row, durable } = await this.readTurn(Boolean(fast && stream), {
@@ -303,14 +308,14 @@ export class ChatService {
     const ownedId = row.projectId;
     const { adapter, model } = this.providers.resolve(row.provider as ProviderName | null, row.model);
     const encoding = encodingName(model);
-    const textTokens = fast && encoding === fast.encoding ? defaultTokens! : countTokens(text, model);
+    const textTokens = fast && encoding === fast.encoding ? defaultTokens! : await countTokensPaced(text, model);
     const budget = this.budgetFor(model);
     const context = await buildContext({
       prompts: row.prompts,
       filesSection: (room) =>
         this.files.chatSection(row.files, {
           budget: room,
-          countText: (content) => countTokens(content, model),
+          countText: (content) => countTokensPaced(content, model),
           encoding,
           providerReadsFiles: adapter.supportsFiles,
         }),
@@ -374,16 +379,18 @@ export class ChatService {
 
   /**
    * The tokens of a text that does not change under `key`, in `model`'s encoding: counted once and kept.
-   * One that took long to count (a prompt or a message is up to 100,000 characters: a fifth of a second of
-   * some texts) lets the requests waiting run before the next is counted, so that a project's many long
-   * prompts, or a long history under a model of another encoding, do not hold the event loop for seconds.
+   * A long one is counted in turns (`countTokensPaced`), so that a project's long prompts, or a long
+   * history under a model of another encoding, do not hold the event loop.
    */
   private textTokens(key: string, content: string, model: string, encoding: string): number | Promise<number> {
     const known = this.textCounts.get(key, encoding);
     if (known !== undefined) return known;
-    const tokens = countTokens(content, model);
-    this.textCounts.set(key, encoding, tokens);
-    return content.length < LONG_TEXT ? tokens : new Promise((resolve) => setImmediate(resolve, tokens));
+    const keep = (tokens: number) => {
+      this.textCounts.set(key, encoding, tokens);
+      return tokens;
+    };
+    const counted = countTokensPaced(content, model);
+    return typeof counted === 'number' ? keep(counted) : counted.then(keep);
   }
 
   /** The tokens a request for `model` may take: its context window less what is kept for the reply. */
@@ -475,7 +482,7 @@ export class ChatService {
       end = await reply;
     } catch (error) {
       // The provider's failure (or the client's leaving): what came before it is kept.
-      if (text) await this.storeReply(turn, text, 'incomplete', turn.model, null);
+      await this.storeIncomplete(turn, text);
       if (clientGone.aborted) return { kind: 'client-gone' };
       return { kind: 'failed', error: naming(userMessage, providerFailure(error, call.timedOut)) };
     } finally {
@@ -484,7 +491,7 @@ export class ChatService {
     // The provider is done with. A store that fails from here on is the database's failure, answered as
     // such (the route names the question), not the provider's.
     if (clientGone.aborted) {
-      if (text) await this.storeReply(turn, text, 'incomplete', turn.model, null);
+      await this.storeIncomplete(turn, text);
       return { kind: 'client-gone' };
     }
     if (!text) return { kind: 'failed', error: naming(userMessage, new ProviderError('The AI provider answered with no content')) };
@@ -580,8 +587,10 @@ export class ChatService {
     { content, model, usage }: { content: string; model: string; usage: Usage | null },
     keep?: KeepResult,
   ): Promise<ChatResult | undefined> {
+    // Counted before a transaction begins: it holds a connection until it ends.
+    const reply = await this.countedReply(turn, content);
     const store = async (db: Db) => {
-      const assistantMessage = await this.storeReply(turn, content, 'complete', model, usage, db);
+      const assistantMessage = await this.storeReply(turn, reply, 'complete', model, usage, db);
       return assistantMessage && { userMessage: toMessageDto(userMessage), assistantMessage: toMessageDto(assistantMessage), usage };
     };
     if (!keep) return store(this.database.db);
@@ -592,7 +601,17 @@ export class ChatService {
     });
   }
 
-  private storeReply(turn: PreparedTurn, content: string, status: 'complete' | 'incomplete', model: string, usage: Usage | null, db = this.database.db) {
+  /** What the provider sent before it failed or the client left, when it sent anything: kept as `incomplete`. */
+  private async storeIncomplete(turn: PreparedTurn, text: string): Promise<void> {
+    if (text) await this.storeReply(turn, await this.countedReply(turn, text), 'incomplete', turn.model, null);
+  }
+
+  /** The reply with its tokens, counted once here in the turn's model's encoding so that no later turn counts it again. */
+  private async countedReply(turn: PreparedTurn, content: string): Promise<CountedReply> {
+    return { content, tokens: await countTokensPaced(content, turn.model) };
+  }
+
+  private storeReply(turn: PreparedTurn, { content, tokens }: CountedReply, status: 'complete' | 'incomplete', model: string, usage: Usage | null, db = this.database.db) {
     return this.store(db, turn, {
       role: 'assistant',
       content,
@@ -601,8 +620,7 @@ export class ChatService {
       promptTokens: usage?.promptTokens ?? null,
       completionTokens: usage?.completionTokens ?? null,
       totalTokens: usage?.totalTokens ?? null,
-      // Counted once here, in the turn's model's encoding, so that no later turn counts it again.
-      tokens: countTokens(content, turn.model),
+      tokens,
     });
   }
 

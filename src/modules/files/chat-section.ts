@@ -39,7 +39,8 @@ export interface FilesSection {
 export interface FilesSectionOptions {
   /** Tokens the section may take, its message framing included. */
   budget: number;
-  countText(text: string): number;
+  /** A long text's count may be a promise: counted in turns (`countTokensPaced`). */
+  countText(text: string): number | Promise<number>;
   /** Whether the provider of this turn reads provider files (PDF content parts). */
   providerReadsFiles: boolean;
   /** The encoding `countText` counts in, and the counts of the files' entries in it from earlier turns. */
@@ -70,7 +71,7 @@ const MAX_REFERENCED_BYTES = 32_000_000;
 export async function buildFilesSection(files: ContextFile[], options: FilesSectionOptions): Promise<FilesSection | undefined> {
   const { budget, countText } = options;
   // Entries start on a new line, where the tokenizer splits anyway: their counts add up to the whole.
-  let tokens = MESSAGE_OVERHEAD_TOKENS + countText(HEADER);
+  let tokens = MESSAGE_OVERHEAD_TOKENS + (await countText(HEADER));
   let readable = budget * MAX_BYTES_PER_TOKEN;
   let referable = MAX_REFERENCED_BYTES;
   const entries: string[] = [];
@@ -95,7 +96,7 @@ export async function buildFilesSection(files: ContextFile[], options: FilesSect
       if (text === undefined) continue;
       if (text !== null) {
         const entry = heading + text;
-        const cost = known && 'tokens' in known ? known.tokens : tokensWithin(entry, room, countText);
+        const cost = known && 'tokens' in known ? known.tokens : await tokensWithin(entry, room, countText);
         options.counted?.counts.set(file.id, options.counted.encoding, cost === undefined ? { over: room } : { tokens: cost });
         if (cost !== undefined) {
           entries.push(entry);
@@ -107,7 +108,7 @@ export async function buildFilesSection(files: ContextFile[], options: FilesSect
     const attachable = options.providerReadsFiles && file.mimeType === PDF ? file.providerFileId : null;
     const reference = attachable && file.size <= referable ? attachable : null;
     const entry = heading + note(file, reference, attachable);
-    const cost = countText(entry);
+    const cost = await countText(entry);
     if (tokens + cost > budget) break;
     entries.push(entry);
     tokens += cost;
@@ -129,14 +130,14 @@ const COUNTED_AT_ONCE = 64 * 1024;
  * turn). Pieces end at a line's end where there is one, where the tokenizer splits anyway: their
  * counts add up to the whole's, give or take a token a piece.
  */
-function tokensWithin(text: string, room: number, countText: (text: string) => number): number | undefined {
+async function tokensWithin(text: string, room: number, countText: FilesSectionOptions['countText']): Promise<number | undefined> {
   let total = 0;
   for (let start = 0; start < text.length; ) {
     // Looked for in the next piece only: a text of one long line is not searched to its end each time.
     const lineEnd = text.slice(start + COUNTED_AT_ONCE, start + 2 * COUNTED_AT_ONCE).indexOf('\n') + 1;
     let end = Math.min(start + COUNTED_AT_ONCE + lineEnd, text.length);
     if (lineEnd === 0 && isHighSurrogate(text.charCodeAt(end - 1))) end++; // a code point stays whole
-    total += countText(text.slice(start, end));
+    total += await countText(text.slice(start, end));
     if (total > room) return undefined;
     start = end;
   }
