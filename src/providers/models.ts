@@ -85,12 +85,13 @@ async function countInTurns(text: string, encoding: GptEncoding): Promise<number
   let total = 0;
   let sinceTurn = 0;
   for (const piece of pieces(text)) {
-    total += encoding.countTokens(piece, AS_PLAIN_TEXT);
-    sinceTurn += piece.length;
+    // Before a piece rather than after one: nothing waits for a turn once the last is counted.
     if (sinceTurn >= PACED_TEXT) {
       sinceTurn = 0;
       await setImmediate();
     }
+    total += encoding.countTokens(piece, AS_PLAIN_TEXT);
+    sinceTurn += piece.length;
   }
   return total;
 }
@@ -111,7 +112,8 @@ function* pieces(text: string): Generator<string> {
     let end = start;
     let codePoints = 0;
     for (let code = text.charCodeAt(end); end < text.length && isWhitespace(code) === space; code = text.charCodeAt(++end)) {
-      if (!isLowSurrogate(code)) codePoints++;
+      // A pair is one code point; a low surrogate alone is one too, as the `u` flag of a pattern counts it.
+      if (!isLowSurrogate(code) || !isHighSurrogate(text.charCodeAt(end - 1))) codePoints++;
     }
     if (codePoints > MAX_RUN) {
       yield* cutBetweenRuns(text, counted, start);
@@ -132,9 +134,9 @@ function* cutBetweenRuns(text: string, start: number, end: number): Generator<st
   while (end - start > 2 * PACED_TEXT) {
     let cut = start + PACED_TEXT;
     const last = start + 2 * PACED_TEXT;
-    while (cut < last && !cutsThere(text, cut)) cut++;
-    // No such place (runs of up to MAX_RUN characters, each space between them led by a line break):
-    // cut anyway, off by a token at most, as a long run's slices are.
+    while (cut < last && !cutsThere(text, cut, end)) cut++;
+    // No such place (every space led by a line break and itself leading to one): cut anyway, off by a
+    // token or two, as a long run's slices are.
     if (cut === last && isHighSurrogate(text.charCodeAt(cut - 1))) cut++;
     yield text.slice(start, cut);
     start = cut;
@@ -143,22 +145,31 @@ function* cutBetweenRuns(text: string, start: number, end: number): Generator<st
 }
 
 /**
- * Whether both encodings' pre-tokenizers (cl100k_base's, o200k_base's) start a piece at `index`, and
- * would start the same pieces from there in the text cut there, in these two cases:
- *  - a space, tab or other non-breaking whitespace after a visible character: no pattern takes
- *    whitespace after a visible character, but line breaks after punctuation (`?[^\s\p{L}\p{N}]+[\r\n]*`);
- *  - a visible character after a line break, but a slash: o200k_base's pattern for punctuation takes
- *    line breaks and slashes after it (`?[^\s\p{L}\p{N}]+[\r\n/]*`), no other pattern a line break and
- *    what follows it.
+ * Whether both encodings' pre-tokenizers (cl100k_base's, o200k_base's) start a piece at `index` of the
+ * text counted up to `end`, and would start the same pieces from there in the text cut there:
+ *  - whitespace other than a line break after a visible character: no pattern takes whitespace after a
+ *    visible character, but line breaks after punctuation (`?[^\s\p{L}\p{N}]+[\r\n]*`);
+ *  - a visible character after a line break, other than a slash: o200k_base's pattern for punctuation
+ *    takes line breaks and slashes after it (`?[^\s\p{L}\p{N}]+[\r\n/]*`), no other pattern a line break
+ *    and what follows it;
+ *  - whitespace after a line break (an indentation), when no line break follows in it and a visible
+ *    character ends it before `end`: the patterns for whitespace that takes line breaks (`\s*[\r\n]`,
+ *    `\s*[\r\n]+`, `\s+$`) end at the last line break before a visible character.
  * No pattern looks behind, and those that look ahead (`\s+(?!\S)`, `\s+$`) look past whitespace only:
  * a first part that ends in whitespace ends in a line break, and cl100k_base's `\s+$` takes there the
  * whitespace that its `\s*[\r\n]` takes in the whole. `test/providers/models.test.ts` checks the sums.
  */
-function cutsThere(text: string, index: number): boolean {
+function cutsThere(text: string, index: number, end: number): boolean {
   const before = text.charCodeAt(index - 1);
   const at = text.charCodeAt(index);
-  if (isLineBreak(before)) return !isWhitespace(at) && at !== SLASH;
-  return !isWhitespace(before) && isWhitespace(at) && !isLineBreak(at);
+  if (!isLineBreak(before)) return !isWhitespace(before) && isWhitespace(at) && !isLineBreak(at);
+  if (!isWhitespace(at)) return at !== SLASH;
+  for (let next = index; next < end; next++) {
+    const code = text.charCodeAt(next);
+    if (isLineBreak(code)) return false;
+    if (!isWhitespace(code)) return true;
+  }
+  return false;
 }
 
 /** Whether the UTF-16 unit is one that `\s` matches (all of them are in the Basic Multilingual Plane). */

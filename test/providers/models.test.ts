@@ -68,8 +68,12 @@ describe('countTokens', () => {
       expect(countTokens(text, 'gpt-4')).toBe(cl100kCount(text, AS_TEXT));
     }
     const prose = 'The quick brown fox, it said, jumps over the lazy dog.\n\n  - a list item\n\tindented\r\n'.repeat(500);
-    expect(countTokens(prose, 'gpt-4o')).toBe(o200kCount(prose));
-    expect(countTokens(prose, 'gpt-4')).toBe(cl100kCount(prose));
+    // Its only places to cut are before an indentation.
+    const indented = '\tword\n  /\n'.repeat(2_000);
+    for (const text of [prose, indented]) {
+      expect(countTokens(text, 'gpt-4o')).toBe(o200kCount(text));
+      expect(countTokens(text, 'gpt-4')).toBe(cl100kCount(text));
+    }
   });
 
   it('counts a long text a piece at a time, letting other work run in between, to the same count', async () => {

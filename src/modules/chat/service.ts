@@ -78,8 +78,9 @@ function turnStatementOn(db: Db) {
   // The question, stored by the turn's read itself when nothing can refuse the turn then: the caller's
   // token is current, the project is theirs and chats with the server's default provider (configured)
   // and model, and its prompts and the question fit that model's budget even counted a token a byte
-  // (no token is shorter: `promptsRoom` is what the question's bytes leave). Any other turn is checked
-  // first and its question stored after (`storeQuestion`): a refused turn stores nothing.
+  // (no token is shorter: `promptsRoom` is what the question's bytes leave), and the question is short
+  // enough to be counted before the read (see `prepare`). Any other turn is checked first and its
+  // question stored after (`storeQuestion`): a refused turn stores nothing.
   const question = db.$with('question', { createdAt: sql`created_at` }).as(
     sql`insert into ${messages} (id, project_id, role, content, status, tokens, token_encoding, created_at)
       select ${sql.placeholder('questionId')}::uuid, ${projects.id}, 'user', ${sql.placeholder('text')}::text, 'complete',
@@ -170,7 +171,6 @@ interface TurnPrompt {
   content: string;
 }
 
-
 /** Everything a turn needs, settled before anything is stored: a rejected turn leaves no trace. */
 export interface PreparedTurn {
   projectId: string;
@@ -229,7 +229,7 @@ export class ChatService {
   private readonly insertQuestionStatement;
   private readonly historyCache: HistoryCache;
   /** Counts of prompts (by version) and of stored messages in an encoding they were not stored with (by id). */
-  private readonly textCounts = new TokenCounts<number>();
+  private readonly textCounts = new TokenCounts<number | Promise<number>>();
   /** The model and token budget of a project that names neither provider nor model, when its provider is configured. */
   private readonly defaultTurn: { model: string; encoding: string; budget: number } | undefined;
 
@@ -276,8 +276,9 @@ export class ChatService {
    * everything in one statement (more only for a history longer than its first page); throws 401, 404,
    * 503 PROVIDER_NOT_CONFIGURED or 400 CONTEXT_TOO_LONG before any write or provider call. The route
    * is `tokenCheckedByHandler`. With `storeEarly`, when nothing else may refuse the turn after this, the
-   * same statement stores the question where that cannot be one of these refusals (a round trip less);
-   * for a turn that will `stream`, the flush that makes it durable is sent behind it (see `readTurn`).
+   * same statement stores a question of up to `PACED_TEXT` characters where that cannot be one of these
+   * refusals (a round trip less); for a turn that will `stream`, the flush that makes it durable is sent
+   * behind it (see `readTurn`).
    */
   async prepare(
     user: AuthUser,
@@ -380,17 +381,20 @@ export class ChatService {
   /**
    * The tokens of a text that does not change under `key`, in `model`'s encoding: counted once and kept.
    * A long one is counted in turns (`countTokensPaced`), so that a project's long prompts, or a long
-   * history under a model of another encoding, do not hold the event loop.
+   * history under a model of another encoding, do not hold the event loop; while it is, the turns that
+   * need it meanwhile wait for that count instead of each counting it again.
    */
   private textTokens(key: string, content: string, model: string, encoding: string): number | Promise<number> {
     const known = this.textCounts.get(key, encoding);
     if (known !== undefined) return known;
-    const keep = (tokens: number) => {
-      this.textCounts.set(key, encoding, tokens);
-      return tokens;
-    };
     const counted = countTokensPaced(content, model);
-    return typeof counted === 'number' ? keep(counted) : counted.then(keep);
+    this.textCounts.set(key, encoding, counted);
+    if (typeof counted === 'number') return counted;
+    return counted.then((tokens) => {
+      // Unless dropped meanwhile: a count is kept only while it is among the latest.
+      if (this.textCounts.get(key, encoding) === counted) this.textCounts.set(key, encoding, tokens);
+      return tokens;
+    });
   }
 
   /** The tokens a request for `model` may take: its context window less what is kept for the reply. */
