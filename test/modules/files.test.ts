@@ -206,6 +206,77 @@ describe('upload and download', () => {
     expect(bytesRead() - before).toBeLessThan(1024 * 1024);
   });
 
+  it('answers a range of the bytes with 206, and a client that has them with 304, by their ETag', async () => {
+    const projectId = await newProject();
+    const bytes = randomBytes(10_000);
+    const file = await upload(projectId, bytes, { filename: 'blob.bin', type: 'application/octet-stream' });
+    const url = filesUrl(projectId, `/${file.id}/content`);
+    const tag = `"${file.sha256}"`;
+    const ask = (headers: Record<string, string>, method: 'GET' | 'HEAD' = 'GET') => t.app.inject({ method, url, headers: { ...user.auth, ...headers } });
+
+    const whole = await ask({});
+    expect(whole.headers).toMatchObject({ etag: tag, 'accept-ranges': 'bytes' });
+    for (const [range, start, end] of [
+      ['bytes=0-99', 0, 99],
+      ['bytes=9990-', 9990, 9999],
+      ['bytes=-10', 9990, 9999],
+      ['bytes=9000-20000', 9000, 9999],
+      ['bytes=-50000', 0, 9999],
+      ['BYTES= 5-5', 5, 5],
+    ] as const) {
+      const part = await ask({ range });
+      expect(part.statusCode, range).toBe(206);
+      expect(part.rawPayload.equals(bytes.subarray(start, end + 1)), range).toBe(true);
+      expect(part.headers, range).toMatchObject({
+        'content-range': `bytes ${start}-${end}/10000`,
+        'content-length': String(end - start + 1),
+        'content-type': 'application/octet-stream',
+        etag: tag,
+      });
+      // With an If-Range of these bytes, the same; of other bytes (or a date), the whole file.
+      expect((await ask({ range, 'if-range': tag })).statusCode).toBe(206);
+      for (const other of ['"0000"', `W/${tag}`, 'Sat, 05 Dec 2026 16:00:00 GMT']) {
+        const instead = await ask({ range, 'if-range': other });
+        expect([instead.statusCode, instead.rawPayload.equals(bytes)], other).toEqual([200, true]);
+      }
+    }
+    // What it does not read (several ranges, another unit, nonsense, a backwards range) gets the whole file.
+    for (const range of ['bytes=0-1,5-6', 'items=0-1', 'bytes=abc', 'bytes=-', 'bytes=5-1']) {
+      const answer = await ask({ range });
+      expect([answer.statusCode, answer.rawPayload.equals(bytes), answer.headers['content-range']], range).toEqual([200, true, undefined]);
+    }
+    // A range past the end: 416 problem+json, naming the size.
+    for (const range of ['bytes=10000-', 'bytes=20000-30000', 'bytes=-0']) {
+      const refused = expectProblem(await ask({ range }), 416, 'RANGE_NOT_SATISFIABLE');
+      expect(refused.detail, range).toContain('10000');
+      expect((await ask({ range })).headers['content-range'], range).toBe('bytes */10000');
+    }
+    // HEAD tells what the whole GET would, ranges aside.
+    const head = await ask({ range: 'bytes=0-99' }, 'HEAD');
+    expect([head.statusCode, head.headers['content-length'], head.headers.etag]).toEqual([200, '10000', tag]);
+
+    // The client that has the bytes: 304 and no body, for its tag among others, weak or not, or for *.
+    for (const ifNoneMatch of [tag, `"other", W/${tag}`, '*']) {
+      for (const method of ['GET', 'HEAD'] as const) {
+        const unchanged = await ask({ 'if-none-match': ifNoneMatch, range: 'bytes=0-1' }, method);
+        expect([unchanged.statusCode, unchanged.body, unchanged.headers.etag], `${method} ${ifNoneMatch}`).toEqual([304, '', tag]);
+      }
+    }
+    expect((await ask({ 'if-none-match': '"other"' })).rawPayload.equals(bytes)).toBe(true);
+  });
+
+  it('refuses any range of an empty file with 416', async () => {
+    const projectId = await newProject();
+    const file = await upload(projectId, '', { filename: 'empty.txt', type: 'text/plain' });
+    const url = filesUrl(projectId, `/${file.id}/content`);
+    for (const range of ['bytes=0-', 'bytes=-1']) {
+      const response = await t.app.inject({ method: 'GET', url, headers: { ...user.auth, range } });
+      expectProblem(response, 416, 'RANGE_NOT_SATISFIABLE');
+      expect(response.headers['content-range']).toBe('bytes */0');
+    }
+    expect((await get(url)).statusCode).toBe(200);
+  });
+
   it('gives back random binary bytes, NUL bytes included, byte for byte', async () => {
     const projectId = await newProject();
     const bytes = Buffer.concat([Buffer.alloc(64), randomBytes(100_000), Buffer.from([0, 0xff, 0, 0xfe])]);

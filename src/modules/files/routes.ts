@@ -1,13 +1,15 @@
+import type { IncomingHttpHeaders } from 'node:http';
 import multipart, { type Multipart } from '@fastify/multipart';
 import type { FastifyReply } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { ValidationFailed } from '../../http/errors.js';
+import { ApiError, ValidationFailed } from '../../http/errors.js';
 import { noContent } from '../../http/openapi.js';
 import { projectParams } from '../projects/schemas.js';
 import { isTextType } from './content-type.js';
 import { attachmentDisposition } from './filename.js';
-import { file, type FileDto, fileListQuery, filePage, fileParams } from './schemas.js';
+import { entityTag, matchesNone, requestedRange } from './ranges.js';
+import { file, fileListQuery, filePage, fileParams } from './schemas.js';
 import type { FilesService, FormPart } from './service.js';
 
 /** Mounted under /api/v1/projects/:projectId/files. */
@@ -64,24 +66,28 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
 
   const downloadSchema = {
     tags: ['files'],
-    description: 'The bytes as uploaded, as an attachment.',
+    description:
+      'The bytes as uploaded, as an attachment. Its ETag (the SHA-256, quoted) answers If-None-Match with 304; a Range of ' +
+      'one span of bytes (`bytes=first-last`, `bytes=first-`, `bytes=-suffix`) is answered with 206, honouring If-Range.',
     params: fileParams,
     // Documentation only: a stream is sent as it is, never serialized.
     response: {
-      200: { description: 'The bytes, with the stored media type', content: { '*/*': { schema: z.any().meta({ type: 'string', format: 'binary' }) } } },
+      200: { description: 'The bytes, with the stored media type', content: { '*/*': { schema: binary } } },
+      206: { description: 'The range asked for, named by Content-Range', content: { '*/*': { schema: binary } } },
+      304: noContent.describe('Not Modified: the bytes If-None-Match names'),
     },
+    problems: ['RANGE_NOT_SATISFIABLE'] as const,
   };
   // HEAD has a handler of its own: Fastify's runs the GET and reads the whole file to discard it. Neither
   // is compressed: the bytes go as uploaded, with their length, which a HEAD can then tell as the GET does.
   app.get('/:fileId/content', { schema: downloadSchema, exposeHeadRoute: false, compress: false }, async (request, reply) => {
-    const { file: stored, bytes } = await files.content(request.user.id, request.params.projectId, request.params.fileId);
-    return downloadHeaders(reply, stored).send(bytes);
+    const { user, params, headers } = request;
+    return download(reply, await files.content(user.id, params.projectId, params.fileId), headers, true);
   });
   // Undocumented, as every HEAD: the GET's headers, from bytes known to be there (opened), never read.
   app.head('/:fileId/content', { schema: { ...downloadSchema, hide: true }, compress: false }, async (request, reply) => {
-    const { file: stored, bytes } = await files.content(request.user.id, request.params.projectId, request.params.fileId);
-    bytes.destroy();
-    return downloadHeaders(reply, stored).send();
+    const { user, params, headers } = request;
+    return download(reply, await files.content(user.id, params.projectId, params.fileId), headers, false);
   });
 
   app.delete('/:fileId', { schema: { tags: ['files'], params: fileParams, response: { 204: noContent } } }, async (request, reply) => {
@@ -90,15 +96,38 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
   });
 };
 
-function downloadHeaders(reply: FastifyReply, stored: FileDto): FastifyReply {
-  return (
-    reply
-      // Text types were checked to be UTF-8 when uploaded.
-      .type(isTextType(stored.mimeType) ? `${stored.mimeType}; charset=utf-8` : stored.mimeType)
-      .header('content-length', stored.size)
-      .header('content-disposition', attachmentDisposition(stored.filename))
-      .header('x-content-type-options', 'nosniff')
-  );
+const binary = z.any().meta({ type: 'string', format: 'binary' });
+
+/** 416, with the file's size in Content-Range (RFC 9110 §15.5.17). */
+class RangeNotSatisfiable extends ApiError {
+  constructor(size: number) {
+    super(416, 'RANGE_NOT_SATISFIABLE', `The range asked for starts past the file's ${size} bytes`, {}, { 'content-range': `bytes */${size}` });
+  }
+}
+
+/**
+ * A download, or a HEAD's headers of it (`withBody` false: a HEAD tells what the whole GET would, as
+ * ranges are for GET alone, RFC 9110 §14.2).
+ */
+async function download(reply: FastifyReply, { file: stored, open }: Awaited<ReturnType<FilesService['content']>>, headers: IncomingHttpHeaders, withBody: boolean) {
+  const tag = entityTag(stored.sha256);
+  reply.header('etag', tag).header('accept-ranges', 'bytes');
+  // The client has these bytes already, and they never change.
+  if (matchesNone(headers['if-none-match'], tag)) return reply.code(304).send();
+  const ifRange = headers['if-range'];
+  const range = withBody ? requestedRange(headers.range, Array.isArray(ifRange) ? ifRange.join(', ') : ifRange, tag, stored.size) : undefined;
+  if (range === 'unsatisfiable') throw new RangeNotSatisfiable(stored.size);
+  const bytes = await open(range);
+  reply
+    // Text types were checked to be UTF-8 when uploaded.
+    .type(isTextType(stored.mimeType) ? `${stored.mimeType}; charset=utf-8` : stored.mimeType)
+    .header('content-length', range ? range.end - range.start + 1 : stored.size)
+    .header('content-disposition', attachmentDisposition(stored.filename))
+    .header('x-content-type-options', 'nosniff');
+  if (range) reply.code(206).header('content-range', `bytes ${range.start}-${range.end}/${stored.size}`);
+  if (withBody) return reply.send(bytes);
+  bytes.destroy();
+  return reply.send();
 }
 
 /**

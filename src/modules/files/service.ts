@@ -20,6 +20,7 @@ import { ForgettingDeletedCopies } from './deleted-copies.js';
 import { displayFilename } from './filename.js';
 import type { FileDto } from './schemas.js';
 import type { ProviderCopies } from './provider-copies.js';
+import type { ByteRange } from './ranges.js';
 import { bytesGone, type FileStorage, type StagedBytes } from './storage.js';
 
 /** One part of a multipart/form-data body, as @fastify/multipart hands it over. */
@@ -187,16 +188,22 @@ export class FilesService {
     return toDto(await this.ownedRow(userId, projectId, fileId));
   }
 
-  /** The file and its bytes, opened before anything is sent: missing bytes fail the request, not the stream. */
-  async content(userId: string, projectId: string, fileId: string): Promise<{ file: FileDto; bytes: Readable }> {
+  /**
+   * The file, and a way to its bytes (or `range` of them) that opens them before anything is sent:
+   * missing bytes fail the request, not the stream.
+   */
+  async content(userId: string, projectId: string, fileId: string): Promise<{ file: FileDto; open(range?: ByteRange): Promise<Readable> }> {
     const row = await this.ownedRow(userId, projectId, fileId);
-    try {
-      return { file: toDto(row), bytes: await this.storage.open(storageKey(row)) };
-    } catch (error) {
-      // Deleted between the row and the bytes.
-      if (bytesGone(error)) throw new NotFound('File');
-      throw error;
-    }
+    const open = async (range?: ByteRange) => {
+      try {
+        return await this.storage.open(storageKey(row), range);
+      } catch (error) {
+        // Deleted between the row and the bytes.
+        if (bytesGone(error)) throw new NotFound('File');
+        throw error;
+      }
+    };
+    return { file: toDto(row), open };
   }
 
   /** The row goes first (owner-checked, one statement), then the bytes, then the provider copy. */

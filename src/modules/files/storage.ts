@@ -4,6 +4,7 @@ import { dirname, join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { pathToFileURL } from 'node:url';
+import type { ByteRange } from './ranges.js';
 
 /** Bytes written in full to a temporary place, not yet under any key. */
 export interface StagedBytes {
@@ -27,8 +28,8 @@ export interface FileStorage {
   keep(staged: StagedBytes, key: string): Promise<string>;
   /** Removes staged bytes that are not to be kept. */
   drop(staged: StagedBytes): Promise<void>;
-  /** The bytes under `key`. Rejects (ENOENT, see `bytesGone`) before anything is read when there are none. */
-  open(key: string): Promise<Readable>;
+  /** The bytes under `key`, or `range` of them. Rejects (ENOENT, see `bytesGone`) before anything is read when there are none. */
+  open(key: string, range?: ByteRange): Promise<Readable>;
   /** Removes the bytes under `key`; bytes already gone are not an error. */
   remove(key: string): Promise<void>;
 }
@@ -159,9 +160,9 @@ export class LocalDiskStorage implements FileStorage {
     return names.length === 0;
   }
 
-  async open(key: string): Promise<Readable> {
+  async open(key: string, range?: ByteRange): Promise<Readable> {
     const handle = await open(this.localPath(key), 'r');
-    return handle.createReadStream();
+    return handle.createReadStream(range && { start: range.start, end: range.end });
   }
 
   async remove(key: string): Promise<void> {

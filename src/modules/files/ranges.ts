@@ -1,0 +1,53 @@
+/*
+ * A download's validator and range (RFC 9110 §8.8.3, §13, §14): a client that has a file's bytes asks
+ * whether they changed (they never do), and one whose download broke asks for the rest.
+ */
+
+/** Bytes `start` to `end` of a file, both included. */
+export interface ByteRange {
+  start: number;
+  end: number;
+}
+
+/** A stored file's entity tag: its bytes never change, and their SHA-256 names them. */
+export function entityTag(sha256: string): string {
+  return `"${sha256}"`;
+}
+
+/** Whether an If-None-Match header names `tag` (compared weakly, as §13.1.2 says) or is `*`. */
+export function matchesNone(ifNoneMatch: string | undefined, tag: string): boolean {
+  if (ifNoneMatch === undefined) return false;
+  return ifNoneMatch.split(',').some((candidate) => {
+    const trimmed = candidate.trim();
+    return trimmed === '*' || (trimmed.startsWith('W/') ? trimmed.slice(2) : trimmed) === tag;
+  });
+}
+
+/** One range of bytes, in any of its three forms: `first-last`, `first-` and `-suffix` (the last bytes). */
+const ONE_RANGE = /^bytes=[ \t]*(\d*)-(\d*)[ \t]*$/i;
+
+/**
+ * The range of a file of `size` bytes that a Range header asks for; 'unsatisfiable' when it starts past
+ * the end (or the file is empty); undefined for none, and for a request the whole file answers, as
+ * §14.2 lets a server do: a Range it does not read (several ranges, another unit, a malformed one) or
+ * an If-Range that names other bytes than these (`tag`, compared strongly; a date never matches, as
+ * no Last-Modified is sent).
+ */
+export function requestedRange(
+  range: string | undefined,
+  ifRange: string | undefined,
+  tag: string,
+  size: number,
+): ByteRange | 'unsatisfiable' | undefined {
+  if (range === undefined || (ifRange !== undefined && ifRange.trim() !== tag)) return undefined;
+  const [, first, last] = ONE_RANGE.exec(range) ?? [];
+  if (first === undefined || last === undefined || (first === '' && last === '')) return undefined;
+  if (first === '') {
+    const suffix = Number(last);
+    return suffix === 0 || size === 0 ? 'unsatisfiable' : { start: Math.max(size - suffix, 0), end: size - 1 };
+  }
+  const start = Number(first);
+  if (last !== '' && Number(last) < start) return undefined;
+  if (start >= size) return 'unsatisfiable';
+  return { start, end: last === '' ? size - 1 : Math.min(Number(last), size - 1) };
+}
