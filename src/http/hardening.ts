@@ -95,7 +95,8 @@ export async function registerHardening(app: FastifyInstance, config: Config): P
       // which is also what makes `*` safe.
       credentials: false,
       methods: ['GET', 'HEAD', 'POST', 'PATCH', 'DELETE'],
-      allowedHeaders: ['authorization', 'content-type', 'idempotency-key', 'x-request-id'],
+      // And a download's range and validators (see src/modules/files/ranges.ts).
+      allowedHeaders: ['authorization', 'content-type', 'idempotency-key', 'x-request-id', 'range', 'if-range', 'if-none-match'],
       exposedHeaders: CORS_EXPOSED_HEADERS,
       maxAge: 600,
       // A strict preflight without Origin would be answered 400 in plain text, outside problem+json.

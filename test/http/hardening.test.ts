@@ -1,3 +1,4 @@
+import { v7 as uuidv7 } from 'uuid';
 import { once } from 'node:events';
 import { connect } from 'node:net';
 import { gunzipSync, gzipSync } from 'node:zlib';
@@ -140,6 +141,16 @@ describe('CORS (CORS_ORIGINS)', () => {
     expect(response.headers['access-control-allow-origin']).toBe(ALLOWED_ORIGIN);
     expect(response.headers['access-control-allow-methods']).toContain('PATCH');
     expect(response.headers['access-control-allow-headers']).toContain('authorization');
+    // A script resuming a download sends these.
+    const download = await t.app.inject({
+      method: 'OPTIONS',
+      url: `/api/v1/projects/${uuidv7()}/files/${uuidv7()}/content`,
+      headers: { origin: ALLOWED_ORIGIN, 'access-control-request-method': 'GET', 'access-control-request-headers': 'authorization, range, if-range, if-none-match' },
+    });
+    expect(download.statusCode).toBe(204);
+    expect(String(download.headers['access-control-allow-headers']).split(', ')).toEqual(
+      expect.arrayContaining(['authorization', 'range', 'if-range', 'if-none-match']),
+    );
   });
 
   it('is off unless configured, and refuses an origin that is not one', async () => {

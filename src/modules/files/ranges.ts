@@ -1,3 +1,5 @@
+import type { IncomingHttpHeaders } from 'node:http';
+
 /*
  * A download's validator and range (RFC 9110 §8.8.3, §13, §14): a client that has a file's bytes asks
  * whether they changed (they never do), and one whose download broke asks for the rest.
@@ -14,8 +16,9 @@ export function entityTag(sha256: string): string {
   return `"${sha256}"`;
 }
 
-/** Whether an If-None-Match header names `tag` (compared weakly, as §13.1.2 says) or is `*`. */
-export function matchesNone(ifNoneMatch: string | undefined, tag: string): boolean {
+/** Whether the request's If-None-Match names `tag` (compared weakly, as §13.1.2 says) or is `*`: the client has these bytes. */
+export function clientHas(headers: IncomingHttpHeaders, tag: string): boolean {
+  const ifNoneMatch = headers['if-none-match'];
   if (ifNoneMatch === undefined) return false;
   return ifNoneMatch.split(',').some((candidate) => {
     const trimmed = candidate.trim();
@@ -27,24 +30,22 @@ export function matchesNone(ifNoneMatch: string | undefined, tag: string): boole
 const ONE_RANGE = /^bytes=[ \t]*(\d*)-(\d*)[ \t]*$/i;
 
 /**
- * The range of a file of `size` bytes that a Range header asks for; 'unsatisfiable' when it starts past
- * the end (or the file is empty); undefined for none, and for a request the whole file answers, as
- * §14.2 lets a server do: a Range it does not read (several ranges, another unit, a malformed one) or
- * an If-Range that names other bytes than these (`tag`, compared strongly; a date never matches, as
- * no Last-Modified is sent).
+ * The range of a file of `size` bytes that the request's Range asks for; 'unsatisfiable' when it starts
+ * past the end; undefined for none, and for a request the whole file answers, as §14.2 lets a server
+ * do: a Range it does not read (several ranges, another unit, a malformed one), an If-Range that names
+ * other bytes than these (`tag`, compared strongly; a date never matches, as no Last-Modified is sent),
+ * and the last bytes of an empty file (§14.1.2: satisfiable, and all of it is nothing).
  */
-export function requestedRange(
-  range: string | undefined,
-  ifRange: string | undefined,
-  tag: string,
-  size: number,
-): ByteRange | 'unsatisfiable' | undefined {
-  if (range === undefined || (ifRange !== undefined && ifRange.trim() !== tag)) return undefined;
+export function requestedRange(headers: IncomingHttpHeaders, tag: string, size: number): ByteRange | 'unsatisfiable' | undefined {
+  const { range, 'if-range': ifRange } = headers;
+  // Node joins a header sent twice, but types this one as possibly a list: such a one names no tag.
+  if (range === undefined || (ifRange !== undefined && String(ifRange).trim() !== tag)) return undefined;
   const [, first, last] = ONE_RANGE.exec(range) ?? [];
   if (first === undefined || last === undefined || (first === '' && last === '')) return undefined;
   if (first === '') {
     const suffix = Number(last);
-    return suffix === 0 || size === 0 ? 'unsatisfiable' : { start: Math.max(size - suffix, 0), end: size - 1 };
+    if (suffix === 0) return 'unsatisfiable';
+    return size === 0 ? undefined : { start: Math.max(size - suffix, 0), end: size - 1 };
   }
   const start = Number(first);
   if (last !== '' && Number(last) < start) return undefined;

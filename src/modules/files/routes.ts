@@ -1,6 +1,6 @@
 import type { IncomingHttpHeaders } from 'node:http';
 import multipart, { type Multipart } from '@fastify/multipart';
-import type { FastifyReply } from 'fastify';
+import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { ApiError, ValidationFailed } from '../../http/errors.js';
@@ -8,9 +8,9 @@ import { noContent } from '../../http/openapi.js';
 import { projectParams } from '../projects/schemas.js';
 import { isTextType } from './content-type.js';
 import { attachmentDisposition } from './filename.js';
-import { entityTag, matchesNone, requestedRange } from './ranges.js';
+import { clientHas, entityTag, requestedRange } from './ranges.js';
 import { file, fileListQuery, filePage, fileParams } from './schemas.js';
-import type { FilesService, FormPart } from './service.js';
+import type { FileContent, FilesService, FormPart } from './service.js';
 
 /** Mounted under /api/v1/projects/:projectId/files. */
 export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: number }> = async (app, { files, maxBytes }) => {
@@ -78,17 +78,15 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
     },
     problems: ['RANGE_NOT_SATISFIABLE'] as const,
   };
-  // HEAD has a handler of its own: Fastify's runs the GET and reads the whole file to discard it. Neither
+  // HEAD has a route of its own: Fastify's runs the GET and reads the whole file to discard it. Neither
   // is compressed: the bytes go as uploaded, with their length, which a HEAD can then tell as the GET does.
-  app.get('/:fileId/content', { schema: downloadSchema, exposeHeadRoute: false, compress: false }, async (request, reply) => {
-    const { user, params, headers } = request;
-    return download(reply, await files.content(user.id, params.projectId, params.fileId), headers, true);
-  });
-  // Undocumented, as every HEAD: the GET's headers, from bytes known to be there (opened), never read.
-  app.head('/:fileId/content', { schema: { ...downloadSchema, hide: true }, compress: false }, async (request, reply) => {
-    const { user, params, headers } = request;
-    return download(reply, await files.content(user.id, params.projectId, params.fileId), headers, false);
-  });
+  const download = async (request: FastifyRequest<{ Params: z.infer<typeof fileParams> }>, reply: FastifyReply) => {
+    const { user, params, headers, method } = request;
+    return answerDownload(reply, await files.content(user.id, params.projectId, params.fileId), headers, method === 'GET');
+  };
+  app.get('/:fileId/content', { schema: downloadSchema, exposeHeadRoute: false, compress: false }, download);
+  // Undocumented, as every HEAD.
+  app.head('/:fileId/content', { schema: { ...downloadSchema, hide: true }, compress: false }, download);
 
   app.delete('/:fileId', { schema: { tags: ['files'], params: fileParams, response: { 204: noContent } } }, async (request, reply) => {
     await files.delete(request.user.id, request.params.projectId, request.params.fileId, request.log);
@@ -101,21 +99,19 @@ const binary = z.any().meta({ type: 'string', format: 'binary' });
 /** 416, with the file's size in Content-Range (RFC 9110 §15.5.17). */
 class RangeNotSatisfiable extends ApiError {
   constructor(size: number) {
-    super(416, 'RANGE_NOT_SATISFIABLE', `The range asked for starts past the file's ${size} bytes`, {}, { 'content-range': `bytes */${size}` });
+    super(416, 'RANGE_NOT_SATISFIABLE', `The range asked for is not within the file's ${size} bytes`, {}, { 'content-range': `bytes */${size}` });
   }
 }
 
 /**
- * A download, or a HEAD's headers of it (`withBody` false: a HEAD tells what the whole GET would, as
- * ranges are for GET alone, RFC 9110 §14.2).
+ * A download, or with `isGet` false a HEAD's headers of it, from bytes opened (so known to be there)
+ * and never read: a HEAD tells what the whole GET would, as ranges are for GET alone (RFC 9110 §14.2).
  */
-async function download(reply: FastifyReply, { file: stored, open }: Awaited<ReturnType<FilesService['content']>>, headers: IncomingHttpHeaders, withBody: boolean) {
+async function answerDownload(reply: FastifyReply, { file: stored, open }: FileContent, headers: IncomingHttpHeaders, isGet: boolean) {
   const tag = entityTag(stored.sha256);
-  reply.header('etag', tag).header('accept-ranges', 'bytes');
   // The client has these bytes already, and they never change.
-  if (matchesNone(headers['if-none-match'], tag)) return reply.code(304).send();
-  const ifRange = headers['if-range'];
-  const range = withBody ? requestedRange(headers.range, Array.isArray(ifRange) ? ifRange.join(', ') : ifRange, tag, stored.size) : undefined;
+  if (clientHas(headers, tag)) return reply.code(304).header('etag', tag).send();
+  const range = isGet ? requestedRange(headers, tag, stored.size) : undefined;
   if (range === 'unsatisfiable') throw new RangeNotSatisfiable(stored.size);
   const bytes = await open(range);
   reply
@@ -123,9 +119,11 @@ async function download(reply: FastifyReply, { file: stored, open }: Awaited<Ret
     .type(isTextType(stored.mimeType) ? `${stored.mimeType}; charset=utf-8` : stored.mimeType)
     .header('content-length', range ? range.end - range.start + 1 : stored.size)
     .header('content-disposition', attachmentDisposition(stored.filename))
-    .header('x-content-type-options', 'nosniff');
+    .header('x-content-type-options', 'nosniff')
+    .header('etag', tag)
+    .header('accept-ranges', 'bytes');
   if (range) reply.code(206).header('content-range', `bytes ${range.start}-${range.end}/${stored.size}`);
-  if (withBody) return reply.send(bytes);
+  if (isGet) return reply.send(bytes);
   bytes.destroy();
   return reply.send();
 }

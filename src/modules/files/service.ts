@@ -91,6 +91,12 @@ function ownedFile(userId: string, projectId: string, fileId: string): SQL {
   return and(eq(files.id, fileId), inOwnedProject(files.projectId, userId, projectId))!;
 }
 
+/** A stored file, and a way to its bytes (see `FilesService.content`). */
+export interface FileContent {
+  file: FileDto;
+  open(range?: ByteRange): Promise<Readable>;
+}
+
 export class FilesService {
   /** The upload's row, under MAX_FILES_PER_PROJECT (see `upload`). */
   private readonly insert: LimitedInsert<FileRow>;
@@ -192,7 +198,7 @@ export class FilesService {
    * The file, and a way to its bytes (or `range` of them) that opens them before anything is sent:
    * missing bytes fail the request, not the stream.
    */
-  async content(userId: string, projectId: string, fileId: string): Promise<{ file: FileDto; open(range?: ByteRange): Promise<Readable> }> {
+  async content(userId: string, projectId: string, fileId: string): Promise<FileContent> {
     const row = await this.ownedRow(userId, projectId, fileId);
     const open = async (range?: ByteRange) => {
       try {
