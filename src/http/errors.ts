@@ -25,6 +25,7 @@ export const PROBLEM_STATUS = {
   PROVIDER_TIMEOUT: 504,
   // Beyond the contract's list, for statuses it names no code for.
   REQUEST_TIMEOUT: 408,
+  PRECONDITION_FAILED: 412,
   RANGE_NOT_SATISFIABLE: 416,
   HEADERS_TOO_LARGE: 431,
   INSUFFICIENT_STORAGE: 507,

@@ -96,7 +96,7 @@ export async function registerHardening(app: FastifyInstance, config: Config): P
       credentials: false,
       methods: ['GET', 'HEAD', 'POST', 'PATCH', 'DELETE'],
       // And a download's range and validators (see src/modules/files/ranges.ts).
-      allowedHeaders: ['authorization', 'content-type', 'idempotency-key', 'x-request-id', 'range', 'if-range', 'if-none-match'],
+      allowedHeaders: ['authorization', 'content-type', 'idempotency-key', 'x-request-id', 'range', 'if-range', 'if-none-match', 'if-match'],
       exposedHeaders: CORS_EXPOSED_HEADERS,
       maxAge: 600,
       // A strict preflight without Origin would be answered 400 in plain text, outside problem+json.

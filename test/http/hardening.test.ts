@@ -145,11 +145,11 @@ describe('CORS (CORS_ORIGINS)', () => {
     const download = await t.app.inject({
       method: 'OPTIONS',
       url: `/api/v1/projects/${uuidv7()}/files/${uuidv7()}/content`,
-      headers: { origin: ALLOWED_ORIGIN, 'access-control-request-method': 'GET', 'access-control-request-headers': 'authorization, range, if-range, if-none-match' },
+      headers: { origin: ALLOWED_ORIGIN, 'access-control-request-method': 'GET', 'access-control-request-headers': 'authorization, range, if-range, if-none-match, if-match' },
     });
     expect(download.statusCode).toBe(204);
     expect(String(download.headers['access-control-allow-headers']).split(', ')).toEqual(
-      expect.arrayContaining(['authorization', 'range', 'if-range', 'if-none-match']),
+      expect.arrayContaining(['authorization', 'range', 'if-range', 'if-none-match', 'if-match']),
     );
   });
 

@@ -263,6 +263,14 @@ describe('upload and download', () => {
       }
     }
     expect((await ask({ 'if-none-match': '"other"' })).rawPayload.equals(bytes)).toBe(true);
+
+    // If-Match, compared strongly and before anything else: these bytes or 412.
+    for (const ifMatch of [tag, `"other", ${tag}`, '*']) expect((await ask({ 'if-match': ifMatch })).statusCode, ifMatch).toBe(200);
+    for (const ifMatch of ['"other"', `W/${tag}`]) {
+      for (const more of [{}, { 'if-none-match': tag }, { range: 'bytes=0-1' }] as Record<string, string>[]) {
+        expectProblem(await ask({ 'if-match': ifMatch, ...more }), 412, 'PRECONDITION_FAILED');
+      }
+    }
   });
 
   it('answers a range of an empty file with 416, but for its last bytes, which are all of it: nothing', async () => {

@@ -16,14 +16,26 @@ export function entityTag(sha256: string): string {
   return `"${sha256}"`;
 }
 
-/** Whether the request's If-None-Match names `tag` (compared weakly, as §13.1.2 says) or is `*`: the client has these bytes. */
+/**
+ * Whether the request's If-None-Match names `tag` (compared weakly, as §13.1.2 says) or is `*`: the
+ * client has these bytes.
+ */
 export function clientHas(headers: IncomingHttpHeaders, tag: string): boolean {
-  const ifNoneMatch = headers['if-none-match'];
-  if (ifNoneMatch === undefined) return false;
-  return ifNoneMatch.split(',').some((candidate) => {
-    const trimmed = candidate.trim();
-    return trimmed === '*' || (trimmed.startsWith('W/') ? trimmed.slice(2) : trimmed) === tag;
-  });
+  return names(headers['if-none-match'], (candidate) => (candidate.startsWith('W/') ? candidate.slice(2) : candidate) === tag);
+}
+
+/**
+ * Whether the request's If-Match, when it has one, names `tag` (compared strongly, §13.1.1) or is `*`:
+ * the client asks for these bytes and no others.
+ */
+export function matchesIfMatch(headers: IncomingHttpHeaders, tag: string): boolean {
+  const ifMatch = headers['if-match'];
+  return ifMatch === undefined || names(ifMatch, (candidate) => candidate === tag);
+}
+
+/** Whether a list of entity tags is `*` or holds one that `is` accepts. */
+function names(list: string | undefined, is: (tag: string) => boolean): boolean {
+  return list !== undefined && list.split(',').some((candidate) => candidate.trim() === '*' || is(candidate.trim()));
 }
 
 /** One range of bytes, in any of its three forms: `first-last`, `first-` and `-suffix` (the last bytes). */

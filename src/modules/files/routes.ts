@@ -8,7 +8,7 @@ import { noContent } from '../../http/openapi.js';
 import { projectParams } from '../projects/schemas.js';
 import { isTextType } from './content-type.js';
 import { attachmentDisposition } from './filename.js';
-import { clientHas, entityTag, requestedRange } from './ranges.js';
+import { clientHas, entityTag, matchesIfMatch, requestedRange } from './ranges.js';
 import { file, fileListQuery, filePage, fileParams } from './schemas.js';
 import type { FileContent, FilesService, FormPart } from './service.js';
 
@@ -67,8 +67,9 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
   const downloadSchema = {
     tags: ['files'],
     description:
-      'The bytes as uploaded, as an attachment. Its ETag (the SHA-256, quoted) answers If-None-Match with 304; a Range of ' +
-      'one span of bytes (`bytes=first-last`, `bytes=first-`, `bytes=-suffix`) is answered with 206, honouring If-Range.',
+      'The bytes as uploaded, as an attachment. Its ETag (the SHA-256, quoted) answers If-None-Match with 304, and an ' +
+      'If-Match that names other bytes with 412; a Range of one span of bytes (`bytes=first-last`, `bytes=first-`, ' +
+      '`bytes=-suffix`) is answered with 206, honouring If-Range.',
     params: fileParams,
     // Documentation only: a stream is sent as it is, never serialized.
     response: {
@@ -76,7 +77,7 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
       206: { description: 'The range asked for, named by Content-Range', content: { '*/*': { schema: binary } } },
       304: noContent.describe('Not Modified: the bytes If-None-Match names'),
     },
-    problems: ['RANGE_NOT_SATISFIABLE'] as const,
+    problems: ['PRECONDITION_FAILED', 'RANGE_NOT_SATISFIABLE'] as const,
   };
   // HEAD has a route of its own: Fastify's runs the GET and reads the whole file to discard it. Neither
   // is compressed: the bytes go as uploaded, with their length, which a HEAD can then tell as the GET does.
@@ -109,6 +110,8 @@ class RangeNotSatisfiable extends ApiError {
  */
 async function answerDownload(reply: FastifyReply, { file: stored, open }: FileContent, headers: IncomingHttpHeaders, isGet: boolean) {
   const tag = entityTag(stored.sha256);
+  // In RFC 9110's order (§13.2.2): If-Match, If-None-Match, then Range with If-Range.
+  if (!matchesIfMatch(headers, tag)) throw new ApiError(412, 'PRECONDITION_FAILED', 'If-Match names none of these bytes');
   // The client has these bytes already, and they never change.
   if (clientHas(headers, tag)) return reply.code(304).header('etag', tag).send();
   const range = isGet ? requestedRange(headers, tag, stored.size) : undefined;
