@@ -97,13 +97,6 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
 
 const binary = z.any().meta({ type: 'string', format: 'binary' });
 
-/** 416, with the file's size in Content-Range (RFC 9110 §15.5.17). */
-class RangeNotSatisfiable extends ApiError {
-  constructor(size: number) {
-    super(416, 'RANGE_NOT_SATISFIABLE', `The range asked for is not within the file's ${size} bytes`, {}, { 'content-range': `bytes */${size}` });
-  }
-}
-
 /**
  * A download, or with `isGet` false a HEAD's headers of it, from bytes opened (so known to be there)
  * and never read: a HEAD tells what the whole GET would, as ranges are for GET alone (RFC 9110 §14.2).
@@ -115,7 +108,11 @@ async function answerDownload(reply: FastifyReply, { file: stored, open }: FileC
   // The client has these bytes already, and they never change.
   if (clientHas(headers, tag)) return reply.code(304).header('etag', tag).send();
   const range = isGet ? requestedRange(headers, tag, stored.size) : undefined;
-  if (range === 'unsatisfiable') throw new RangeNotSatisfiable(stored.size);
+  if (range === 'unsatisfiable') {
+    // With the file's size in Content-Range (RFC 9110 §15.5.17).
+    const detail = `The range asked for is not within the file's ${stored.size} bytes`;
+    throw new ApiError(416, 'RANGE_NOT_SATISFIABLE', detail, {}, { 'content-range': `bytes */${stored.size}` });
+  }
   const bytes = await open(range);
   reply
     // Text types were checked to be UTF-8 when uploaded.
