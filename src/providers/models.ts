@@ -74,14 +74,22 @@ export const PACED_TEXT = 2_048;
 
 /**
  * `countTokens`'s count; for a text longer than `PACED_TEXT`, a promise of it, counted a piece at a time
- * with the event loop free to run other requests between pieces.
+ * with the event loop free to run other requests between pieces. With a `limit`, undefined as soon as
+ * the count is past it: a text that cannot fit costs the counting of what fits and a piece more, not of
+ * all of it (a file of megabytes, at every turn of its project).
  */
-export function countTokensPaced(text: string, model: string): number | Promise<number> {
-  if (text.length <= PACED_TEXT) return countTokens(text, model);
-  return countInTurns(text, encodingFor(model));
+export function countTokensPaced(text: string, model: string): number | Promise<number>;
+export function countTokensPaced(text: string, model: string, limit: number): Counted;
+export function countTokensPaced(text: string, model: string, limit = Infinity): Counted {
+  if (text.length > PACED_TEXT) return countInTurns(text, encodingFor(model), limit);
+  const count = countTokens(text, model);
+  return count > limit ? undefined : count;
 }
 
-async function countInTurns(text: string, encoding: GptEncoding): Promise<number> {
+/** A count, or undefined for one past its limit; a promise of either for a long text. */
+export type Counted = number | undefined | Promise<number | undefined>;
+
+async function countInTurns(text: string, encoding: GptEncoding, limit: number): Promise<number | undefined> {
   let total = 0;
   let sinceTurn = 0;
   for (const piece of pieces(text)) {
@@ -91,6 +99,7 @@ async function countInTurns(text: string, encoding: GptEncoding): Promise<number
       await setImmediate();
     }
     total += encoding.countTokens(piece, AS_PLAIN_TEXT);
+    if (total > limit) return undefined;
     sinceTurn += piece.length;
   }
   return total;
@@ -195,7 +204,7 @@ function isLineBreak(code: number): boolean {
   return code === 0x0a || code === 0x0d;
 }
 
-export function isHighSurrogate(code: number): boolean {
+function isHighSurrogate(code: number): boolean {
   return code >= 0xd800 && code <= 0xdbff;
 }
 

@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
 import { buildFilesSection, type ContextFile, EntryCounts } from '../../src/modules/files/chat-section.js';
 import type { FileDto } from '../../src/modules/files/schemas.js';
-import { countTokens, MESSAGE_OVERHEAD_TOKENS } from '../../src/providers/models.js';
+import { countTokens, countTokensPaced, MESSAGE_OVERHEAD_TOKENS } from '../../src/providers/models.js';
 import { createProject, createPrompt, expectProblem, insertMessages, registerUser, type RegisteredUser, startTestApp, type TestApp } from '../support/app.js';
 import { FakeUpstream } from '../support/fake-upstream.js';
 import { type FormPart, multipart } from '../support/multipart.js';
@@ -13,7 +13,8 @@ const PDF = Buffer.concat([Buffer.from('%PDF-1.7\n'), Buffer.from([0xe2, 0xe3, 0
 const PNG = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0, 0, 0, 13]);
 
 describe('the files section', () => {
-  const countText = (text: string) => countTokens(text, 'gpt-4o-mini');
+  const countText = (text: string, limit: number) => countTokensPaced(text, 'gpt-4o-mini', limit);
+  const wholeCount = (text: string) => countTokens(text, 'gpt-4o-mini');
   const textFile = (filename: string, text: string): ContextFile => ({
     id: `id of ${filename}`,
     filename,
@@ -33,8 +34,8 @@ describe('the files section', () => {
     const result = await section([textFile('b.txt', 'Bee.'), textFile('a.csv', 'x,y\n1,2\n')]);
     const content = `${HEADER}\n\n--- b.txt (text/plain) ---\nBee.\n\n--- a.csv (text/plain) ---\nx,y\n1,2\n`;
     expect(result).toEqual({ message: { role: 'system', content }, tokens: expect.any(Number), fileIds: [] });
-    expect(result!.tokens).toBeGreaterThanOrEqual(countText(content) + MESSAGE_OVERHEAD_TOKENS);
-    expect(result!.tokens).toBeLessThanOrEqual(countText(content) + MESSAGE_OVERHEAD_TOKENS + 2);
+    expect(result!.tokens).toBeGreaterThanOrEqual(wholeCount(content) + MESSAGE_OVERHEAD_TOKENS);
+    expect(result!.tokens).toBeLessThanOrEqual(wholeCount(content) + MESSAGE_OVERHEAD_TOKENS + 2);
   });
 
   it('names a text file that does not fit as left out, and still takes older files that do', async () => {
@@ -59,26 +60,27 @@ describe('the files section', () => {
     expect(read.length * 3_000).toBeLessThanOrEqual(1_000 * 16);
   });
 
-  it('stops counting a text file once it is past what is left: one that cannot fit is not counted whole', async () => {
+  it('counts a text file only up to what is left: one that cannot fit is not counted whole', async () => {
     // Within the bytes a file may have (16 a token), far past the tokens: 1.5 MB of words, ~300,000 tokens.
     const lines = textFile('lines.txt', `${'word '.repeat(999)}word\n`.repeat(300));
     const oneLine = { ...textFile('one-line.json', JSON.stringify('word '.repeat(300_000))), mimeType: 'application/json' };
     for (const file of [lines, oneLine]) {
-      const counted: number[] = [];
+      const limits: number[] = [];
       const result = await buildFilesSection([file], {
         budget: 100_000,
-        countText: (text) => (counted.push(text.length), countText(text)),
+        countText: (text, limit) => (limits.push(limit), countText(text, limit)),
         providerReadsFiles: false,
       });
       expect(result!.message.content).toContain('[not included: too long for the context]');
-      // What fits (~500,000 characters) and a piece more, not the 1,500,000.
-      expect(counted.reduce((sum, length) => sum + length, 0)).toBeLessThan(700_000);
+      // The file's entry was counted against what the header left (`countTokensPaced` stops there).
+      expect(limits[1]).toBeLessThan(100_000);
+      expect(limits[1]).toBeGreaterThan(99_000);
     }
-    // One that fits is counted in pieces too, which add up to the whole's count.
+    // One that fits is counted whole, in pieces that add up to the whole's count.
     const fits = await section([lines], 400_000);
-    const whole = countText(fits!.message.content) + MESSAGE_OVERHEAD_TOKENS;
+    const whole = wholeCount(fits!.message.content) + MESSAGE_OVERHEAD_TOKENS;
     expect(fits!.tokens).toBeGreaterThanOrEqual(whole);
-    expect(fits!.tokens).toBeLessThanOrEqual(whole + 30);
+    expect(fits!.tokens).toBeLessThanOrEqual(whole + 1);
   });
 
   it('counts a file once: later turns take its count (read, not counted, when it fits; neither when it cannot)', async () => {
@@ -86,7 +88,7 @@ describe('the files section', () => {
     const counted: string[] = [];
     const options = (budget: number, encoding = 'o200k_base') => ({
       budget,
-      countText: (text: string) => (counted.push(text), countText(text)),
+      countText: (text: string, limit: number) => (counted.push(text), countText(text, limit)),
       providerReadsFiles: false,
       counted: { encoding, counts },
     });

@@ -81,22 +81,29 @@ describe('countTokens', () => {
     const printable = Array.from({ length: 100_000 }, (_, i) => String.fromCharCode(33 + ((i * 7919) % 94))).join('');
     const spaced = Array.from({ length: 800 }, (_, i) => `${'abcdefghij'.repeat(12).slice(i % 10)} `).join('');
     for (const text of [printable, spaced, '中文'.repeat(50_000), `${MIXED}\n`.repeat(2_000)]) {
-      let turns = 0;
-      const tick = () => {
-        turns++;
-        timer = setImmediate(tick);
-      };
-      let timer = setImmediate(tick);
-      try {
+      const turns = await turnsWhile(async () => {
         const counted = countTokensPaced(text, 'gpt-4o');
         expect(counted).toBeInstanceOf(Promise);
         expect(await counted).toBe(countTokens(text, 'gpt-4o'));
-      } finally {
-        clearImmediate(timer);
-      }
+      });
       // A turn of the event loop for every PACED_TEXT characters or so, not one at the end.
       expect(turns).toBeGreaterThanOrEqual(Math.floor(text.length / (2 * PACED_TEXT)));
     }
+  });
+
+  it('stops counting once past a limit, having counted what fits and a piece more', async () => {
+    const text = `${'word '.repeat(999)}word\n`.repeat(300); // 1.5 MB, 300,000 tokens
+    const whole = countTokens(text, 'gpt-4o');
+    expect(await countTokensPaced(text, 'gpt-4o', whole)).toBe(whole);
+    expect(await countTokensPaced(text, 'gpt-4o', whole - 1)).toBeUndefined();
+    expect(countTokensPaced('a few words', 'gpt-4o', 3)).toBe(3);
+    expect(countTokensPaced('a few words', 'gpt-4o', 2)).toBeUndefined();
+
+    // Pieces are counted between turns of the event loop: the turns taken tell how much was counted.
+    const turnsPast = (limit: number) => turnsWhile(async () => expect(await countTokensPaced(text, 'gpt-4o', limit)).toBeUndefined());
+    // 1,000 tokens are about 5,000 characters, two or three pieces; the whole is over 700 pieces.
+    expect(await turnsPast(1_000)).toBeLessThanOrEqual(4);
+    expect(await turnsPast(whole - 1)).toBeGreaterThan(300);
   });
 
   it('matches the chat format overheads gpt-tokenizer applies', () => {
@@ -109,6 +116,22 @@ describe('countTokens', () => {
     expect(counted).toBe(encodeChat(chat).length);
   });
 });
+
+/** The turns the event loop took while `work` ran. */
+async function turnsWhile(work: () => Promise<void>): Promise<number> {
+  let turns = 0;
+  const tick = () => {
+    turns++;
+    timer = setImmediate(tick);
+  };
+  let timer = setImmediate(tick);
+  try {
+    await work();
+  } finally {
+    clearImmediate(timer);
+  }
+  return turns;
+}
 
 describe('contextWindow', () => {
   it('gives the context window of known models, prefixed or not', () => {

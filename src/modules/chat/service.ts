@@ -316,7 +316,7 @@ export class ChatService {
       filesSection: (room) =>
         this.files.chatSection(row.files, {
           budget: room,
-          countText: (content) => countTokensPaced(content, model),
+          countText: (content, limit) => countTokensPaced(content, model, limit),
           encoding,
           providerReadsFiles: adapter.supportsFiles,
         }),

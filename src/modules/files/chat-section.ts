@@ -1,4 +1,4 @@
-import { isHighSurrogate, MESSAGE_OVERHEAD_TOKENS } from '../../providers/models.js';
+import { type Counted, MESSAGE_OVERHEAD_TOKENS } from '../../providers/models.js';
 import { TokenCounts } from '../../providers/token-counts.js';
 import type { ChatMessage } from '../../providers/types.js';
 import { isTextType } from './content-type.js';
@@ -39,8 +39,11 @@ export interface FilesSection {
 export interface FilesSectionOptions {
   /** Tokens the section may take, its message framing included. */
   budget: number;
-  /** A long text's count may be a promise: counted in turns (`countTokensPaced`). */
-  countText(text: string): number | Promise<number>;
+  /**
+   * The tokens of `text`, or undefined as soon as they are past `limit` (`countTokensPaced`): a file that
+   * cannot fit costs the counting of what fits, not of all of it.
+   */
+  countText(text: string, limit: number): Counted;
   /** Whether the provider of this turn reads provider files (PDF content parts). */
   providerReadsFiles: boolean;
   /** The encoding `countText` counts in, and the counts of the files' entries in it from earlier turns. */
@@ -70,8 +73,11 @@ const MAX_REFERENCED_BYTES = 32_000_000;
 
 export async function buildFilesSection(files: ContextFile[], options: FilesSectionOptions): Promise<FilesSection | undefined> {
   const { budget, countText } = options;
-  // Entries start on a new line, where the tokenizer splits anyway: their counts add up to the whole.
-  let tokens = MESSAGE_OVERHEAD_TOKENS + (await countText(HEADER));
+  // Entries start on a new line: their counts add up to the whole's, or to a token more where the text
+  // before one ends in punctuation or whitespace, which the tokenizer takes with the line breaks.
+  const header = await countText(HEADER, budget - MESSAGE_OVERHEAD_TOKENS);
+  if (header === undefined) return undefined;
+  let tokens = MESSAGE_OVERHEAD_TOKENS + header;
   let readable = budget * MAX_BYTES_PER_TOKEN;
   let referable = MAX_REFERENCED_BYTES;
   const entries: string[] = [];
@@ -96,7 +102,7 @@ export async function buildFilesSection(files: ContextFile[], options: FilesSect
       if (text === undefined) continue;
       if (text !== null) {
         const entry = heading + text;
-        const cost = known && 'tokens' in known ? known.tokens : await tokensWithin(entry, room, countText);
+        const cost = known && 'tokens' in known ? known.tokens : await countText(entry, room);
         options.counted?.counts.set(file.id, options.counted.encoding, cost === undefined ? { over: room } : { tokens: cost });
         if (cost !== undefined) {
           entries.push(entry);
@@ -108,8 +114,8 @@ export async function buildFilesSection(files: ContextFile[], options: FilesSect
     const attachable = options.providerReadsFiles && file.mimeType === PDF ? file.providerFileId : null;
     const reference = attachable && file.size <= referable ? attachable : null;
     const entry = heading + note(file, reference, attachable);
-    const cost = await countText(entry);
-    if (tokens + cost > budget) break;
+    const cost = await countText(entry, budget - tokens);
+    if (cost === undefined) break;
     entries.push(entry);
     tokens += cost;
     if (reference) {
@@ -119,29 +125,6 @@ export async function buildFilesSection(files: ContextFile[], options: FilesSect
   }
   if (entries.length === 0) return undefined;
   return { message: { role: 'system', content: HEADER + entries.join('') }, tokens, fileIds };
-}
-
-/** A text is counted this many characters at a time, or up to twice that to end a piece at a line's end. */
-const COUNTED_AT_ONCE = 64 * 1024;
-
-/**
- * The tokens of `text`, or undefined as soon as they are past `room`: a file that cannot fit costs the
- * counting of what fits, not of all of it (megabytes, holding the event loop for seconds at every
- * turn). Pieces end at a line's end where there is one, where the tokenizer splits anyway: their
- * counts add up to the whole's, give or take a token a piece.
- */
-async function tokensWithin(text: string, room: number, countText: FilesSectionOptions['countText']): Promise<number | undefined> {
-  let total = 0;
-  for (let start = 0; start < text.length; ) {
-    // Looked for in the next piece only: a text of one long line is not searched to its end each time.
-    const lineEnd = text.slice(start + COUNTED_AT_ONCE, start + 2 * COUNTED_AT_ONCE).indexOf('\n') + 1;
-    let end = Math.min(start + COUNTED_AT_ONCE + lineEnd, text.length);
-    if (lineEnd === 0 && isHighSurrogate(text.charCodeAt(end - 1))) end++; // a code point stays whole
-    total += await countText(text.slice(start, end));
-    if (total > room) return undefined;
-    start = end;
-  }
-  return total;
 }
 
 function note(file: ContextFile, reference: string | null, attachable: string | null): string {
