@@ -86,6 +86,9 @@ describe('register', () => {
     // Hashed as U+FFFD, which any other lone surrogate would have matched.
     ['a lone high surrogate', 'password\ud800', 400],
     ['a lone low surrogate', '\udfffpassword', 400],
+    // bcrypt reads up to a NUL: the first would be `abcd`, the second no password at all.
+    ['a NUL inside', 'abcd\u0000abcd', 400],
+    ['eight NULs', '\u0000'.repeat(8), 400],
   ])('password of %s → %i', async (_, password, status) => {
     const response = await register({ email: uniqueEmail(), password, name: 'P' });
     if (status === 400) {
@@ -114,6 +117,25 @@ describe('register', () => {
     const deleted = await t.app.inject({ method: 'DELETE', url: '/api/v1/auth/me', headers: user.auth, payload: { password: longer } });
     expectProblem(deleted, 401, 'UNAUTHORIZED');
     expect((await login({ email: user.email, password })).statusCode).toBe(200);
+  });
+
+  it('matches no password that bcrypt reads short: a NUL in it, or under 8 bytes (for a hash made before NUL was refused)', async () => {
+    const [legacy] = await t.testDb.database.db
+      .insert(users)
+      .values({ id: uuidv7(), email: uniqueEmail('nul'), passwordHash: bcrypt.hashSync('abcd\u0000abcd', 4), name: 'N' })
+      .returning();
+    expect(await bcrypt.compare('abcd', legacy!.passwordHash)).toBe(true); // what the rule guards against
+    for (const password of ['abcd', 'abcd\u0000abcd', 'abcd\u0000anything', '']) {
+      expectProblem(await login({ email: legacy!.email, password }), 401, 'UNAUTHORIZED');
+    }
+    const user = await registerUser(t.app);
+    const changed = await t.app.inject({
+      method: 'POST',
+      url: '/api/v1/auth/password',
+      headers: user.auth,
+      payload: { currentPassword: user.password, newPassword: 'new\u0000password' },
+    });
+    expect(expectProblem(changed, 400, 'VALIDATION_ERROR').errors).toEqual([{ path: 'body.newPassword', message: 'must not contain NUL (U+0000)' }]);
   });
 
   it('takes a password in either Unicode form: an accent typed as one character or as a letter and a combining mark is the same', async () => {

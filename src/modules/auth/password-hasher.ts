@@ -1,7 +1,7 @@
 import { Worker } from 'node:worker_threads';
 import type { Config } from '../../config.js';
 import { ApiError, ClientGone, retryAfterSeconds, ShuttingDown } from '../../http/errors.js';
-import { MAX_PASSWORD_BYTES, normalizePassword } from './schemas.js';
+import { MAX_PASSWORD_BYTES, MIN_PASSWORD_BYTES, normalizePassword } from './schemas.js';
 
 /** The bcrypt cost of new hashes, how many threads hash at once, how many jobs may wait for one. */
 export type PasswordHasherConfig = Pick<Config, 'BCRYPT_ROUNDS' | 'PASSWORD_HASH_THREADS' | 'PASSWORD_HASH_QUEUE'>;
@@ -93,12 +93,16 @@ export class PasswordHasher {
   }
 
   /**
-   * One longer than bcrypt reads matches nothing (no password over it is ever hashed), though bcrypt
-   * would match its first 72 bytes; it takes a comparison's time all the same, as a wrong password does.
+   * Only a password that could have been set matches, though bcrypt would match others: one longer than
+   * it reads (it would match on the first 72 bytes), and one with a NUL or under 8 bytes (it reads up to
+   * the first NUL, so that `abcd\0abcd`, accepted before NUL was refused, hashed as `abcd`, and `abcd` or
+   * an empty password would have matched it). Each takes a comparison's time all the same, as a wrong
+   * password does.
    */
   private async matches(password: string, hash: string, clientGone?: AbortSignal): Promise<boolean> {
     const matches = (await this.run({ op: 'compare', password, hash }, clientGone)) as boolean;
-    return matches && Buffer.byteLength(password, 'utf8') <= MAX_PASSWORD_BYTES;
+    const bytes = Buffer.byteLength(password, 'utf8');
+    return matches && bytes >= MIN_PASSWORD_BYTES && bytes <= MAX_PASSWORD_BYTES && !password.includes('\0');
   }
 
   /**

@@ -1,7 +1,7 @@
 import { z } from 'zod';
 
 export const MAX_PASSWORD_BYTES = 72; // bcrypt reads only the first 72 bytes: longer is refused, never truncated.
-const MIN_PASSWORD_BYTES = 8;
+export const MIN_PASSWORD_BYTES = 8;
 
 /**
  * A password as it is hashed and compared: in Unicode's composed form (NFC, as RFC 8265 has it), so that
@@ -22,6 +22,8 @@ export const password = z
   .max(MAX_PASSWORD_LENGTH, { abort: true, message: `must be at most ${MAX_PASSWORD_BYTES} bytes in UTF-8` })
   // A lone surrogate would be hashed as U+FFFD (bcrypt hashes UTF-8), so that any other would match it.
   .refine((value) => !/\p{Surrogate}/u.test(value), { message: 'must be valid Unicode: a UTF-16 surrogate without its other half', abort: true })
+  // bcrypt reads a password up to its first NUL: `abcd\0abcd` would be `abcd`, and eight NULs no password at all.
+  .refine((value) => !value.includes('\0'), { message: 'must not contain NUL (U+0000)', abort: true })
   .overwrite(normalizePassword)
   .refine((value) => Buffer.byteLength(value, 'utf8') >= MIN_PASSWORD_BYTES, {
     message: `must be at least ${MIN_PASSWORD_BYTES} bytes`,
