@@ -88,8 +88,22 @@ const trustProxy = optionalText.transform((value, ctx): boolean | ((address: str
   }
 });
 
-/** A provider's address. `z.url()` alone takes any scheme: `ftp:`, `file:///etc/passwd`, `mailto:`. */
-const httpUrl = z.url({ protocol: /^https?$/, message: 'must be an http(s) URL' }).optional();
+/**
+ * A provider's address. `z.url()` alone takes any scheme: `ftp:`, `file:///etc/passwd`, `mailto:`. Calls
+ * go to paths under its own, on its origin: a user and password, a query (`?api-version=`) or a fragment
+ * would be dropped without a word (a proxy's basic auth missing from every call: each one a 502), so
+ * they are refused.
+ */
+const httpUrl = z
+  .url({ protocol: /^https?$/, message: 'must be an http(s) URL', abort: true })
+  .refine(
+    (value) => {
+      const url = new URL(value);
+      return !url.username && !url.password && !url.search && !url.hash;
+    },
+    { message: 'must be an http(s) URL without a user, password, query or fragment: calls go to paths under its own; the key goes in the API key variable' },
+  )
+  .optional();
 
 /** Dot-separated labels of letters, digits and inner hyphens (RFC 1123), at most 253 characters. */
 const HOST_NAME = /^(?=.{1,253}\.?$)[a-z\d]([a-z\d-]{0,61}[a-z\d])?(\.[a-z\d]([a-z\d-]{0,61}[a-z\d])?)*\.?$/i;

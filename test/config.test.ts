@@ -116,6 +116,10 @@ describe('loadConfig', () => {
     ['AI_BASE_URL', 'ftp://models.example.com/v1'],
     ['AI_BASE_URL', 'file:///etc/passwd'],
     ['OPENAI_BASE_URL', 'mailto:ops@example.com'],
+    // Each of these passed, and then what follows the origin and path never reached the provider.
+    ['AI_BASE_URL', 'http://alice:s3cret@proxy.internal/v1'],
+    ['AI_BASE_URL', 'http://llm.internal/v1?api-version=2024-06-01'],
+    ['OPENAI_BASE_URL', 'https://gateway.example.com/v1#main'],
     ['JWT_EXPIRES_IN', '9'.repeat(400)],
     ['JWT_EXPIRES_IN', '366d'],
   ])('refuses %s=%s with one line naming the variable', (variable, value) => {
@@ -131,7 +135,7 @@ describe('loadConfig', () => {
     expect(message).not.toContain('\n');
   });
 
-  it('accepts the forms of DATABASE_URL that the driver takes, and names no password when it refuses one', () => {
+  it('accepts the forms of DATABASE_URL that the driver takes, and names no password when it refuses one (nor a provider\'s)', () => {
     for (const url of [
       'postgresql://app:p%23ss@db.internal:6432/chat?sslmode=verify-full',
       'postgres://app@/chat?host=/var/run/postgresql',
@@ -140,6 +144,9 @@ describe('loadConfig', () => {
       expect(loadConfig({ DATA_DIR: dataDir(), DATABASE_URL: url }).DATABASE_URL).toBe(url);
     }
     expect(() => loadConfig({ DATA_DIR: dataDir(), DATABASE_URL: 'postgres://app:hunter2#x@db:5432/chat' })).toThrow(
+      expect.objectContaining({ message: expect.not.stringContaining('hunter2') }),
+    );
+    expect(() => loadConfig({ DATA_DIR: dataDir(), AI_BASE_URL: 'http://app:hunter2@proxy.internal/v1' })).toThrow(
       expect.objectContaining({ message: expect.not.stringContaining('hunter2') }),
     );
   });
