@@ -4,6 +4,7 @@ import pg from 'pg';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
 import { buildApp } from '../../src/app.js';
+import { openPostgres } from '../../src/db/database.js';
 import { idempotencyKeys, messages, users } from '../../src/db/schema.js';
 import { IdempotencyStore, requestHash } from '../../src/modules/chat/idempotency.js';
 import { flushStatementOn } from '../../src/modules/chat/service.js';
@@ -1278,6 +1279,37 @@ describe.skipIf(!process.env.TEST_DATABASE_URL)('a question stored late (Postgre
       expect(seen).toEqual(['first', 'Echo: first', 'plain', 'Echo: plain', 'keyed', 'Echo: keyed']);
     } finally {
       await blocker.end();
+    }
+  });
+
+  // A JSON turn's question is committed without a flush; the answer's durable commit would flush it. When
+  // that store failed, its failure named the question all the same, which a crash could still take away.
+  it("names the question in a JSON turn's failure to store its answer only once it is durable", async () => {
+    const projectId = await newProject();
+    const database = openPostgres(t.testDb.url!, { queryTimeoutMs: 300 });
+    const app = await buildApp(testConfig({ AI_BASE_URL: fake.url, AI_MODEL: 'gpt-4o-mini' }), { database });
+    const blocker = new pg.Client({ connectionString: t.testDb.url });
+    await blocker.connect();
+    try {
+      // The answer's store, then the flush, each meet a lock on the messages and go unanswered.
+      fake.enqueue({ delayMs: 500 });
+      const turn = chat(projectId, { message: 'never flushed' }, {}, app);
+      await fake.waitForRequests(1);
+      await blocker.query('begin');
+      await blocker.query('lock table messages in access exclusive mode');
+      const body = expectProblem(await turn, 503, 'SERVICE_UNAVAILABLE');
+      expect(body).not.toHaveProperty('userMessageId');
+      await blocker.query('rollback');
+
+      // With only the answer refused, the flush makes the question durable and the failure names it.
+      await refusingAnswers(projectId, '', async () => {
+        const named = expectProblem(await chat(projectId, { message: 'flushed' }, {}, app), 500, 'INTERNAL');
+        expect((await stored(projectId)).map((row) => [row.id, row.content])).toContainEqual([named.userMessageId, 'flushed']);
+      });
+    } finally {
+      await blocker.end();
+      await app.close();
+      await database.close();
     }
   });
 

@@ -427,9 +427,10 @@ export class ChatService {
     }
     if (!completion.content) throw await this.failure(userMessage, new ProviderError('The AI provider answered with no content'));
     // Its durable commit makes the question durable too: nothing is acknowledged before both are. A store
-    // that fails is the database's failure, answered as such, naming the question as a stream's does.
-    const result = await this.storeAnswer(turn, userMessage, completion, keep).catch((error: unknown) => {
-      throw new FailureNaming(error, { userMessageId: userMessage.id });
+    // that fails is the database's failure, answered as such, naming the question as a stream's does
+    // once it is durable (its own commit flushed nothing).
+    const result = await this.storeAnswer(turn, userMessage, completion, keep).catch(async (error: unknown) => {
+      throw await this.failedAfterStoring(userMessage.id, undefined, error);
     });
     if (!result) throw await this.questionGone(turn);
     return result;
@@ -568,9 +569,10 @@ export class ChatService {
   }
 
   /**
-   * A failure of the turn's preparation after its read stored the question: the failure naming it, once
-   * it is durable (by the flush behind the read, or by one of its own), as any later failure names it;
-   * the failure alone when it cannot be made durable, as nothing then acknowledges it.
+   * A failure of the database's after the question was stored (preparing the turn, after the read that
+   * stored it; storing the answer): the failure naming the question, once it is durable (by the flush
+   * behind the read, or by one of its own), as any other failure names it; the failure alone when it
+   * cannot be made durable, as nothing then acknowledges it.
    */
   private async failedAfterStoring(questionId: string, durable: Promise<unknown> | undefined, error: unknown): Promise<unknown> {
     try {
