@@ -768,10 +768,11 @@ describe('idempotency', () => {
   // A (a 400 is not retried) stops saying it is alive, as a stream whose client stopped reading does: its
   // row is aged to say so, and B takes the key over. However A then ends, the key stays B's: a third
   // request is refused while B runs (A's failure freed it, A's answer completed it, before the claim id),
-  // and afterwards the key replays B's answer. One key, one provider call per holder.
+  // and afterwards the key replays B's answer. A's answer is not stored (409), B's is: one answer to the
+  // key's question. One key, one provider call per holder.
   it.each([
     ['fails', { status: 400 }, 502],
-    ['answers', { content: 'answer of A' }, 200],
+    ['answers', { content: 'answer of A' }, 409],
   ])('leaves a key taken over to its new holder when the request it was taken from %s', async (_, firstReply, firstStatus) => {
     const projectId = await newProject();
     const key = `key-${uuidv7()}`;
@@ -792,6 +793,7 @@ describe('idempotency', () => {
     expect(answered.json().assistantMessage.content).toBe('answer of B');
     expect((await keyed()).json()).toEqual(answered.json());
     expect(fake.requests).toHaveLength(2);
+    expect((await stored(projectId)).filter((row) => row.role === 'assistant').map((row) => row.content)).toEqual(['answer of B']);
   });
 
   it('lets no beat of the request a key was taken from keep it alive', async () => {

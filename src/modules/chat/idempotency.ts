@@ -124,11 +124,17 @@ export class IdempotencyStore<T> {
   }
 
   /**
-   * Keeps the result for replay, unless the key was taken over meanwhile: then it is the new holder's. On
-   * `db`, the transaction that stores what the result says was stored.
+   * Keeps the result for replay. On `db`, the transaction that stores what the result says was stored:
+   * a key taken over meanwhile (see `claim`) is the retry's, which will store its own answer, so this
+   * one throws IDEMPOTENCY_CONFLICT and its transaction stores nothing (two answers to one question).
    */
   async complete(userId: string, key: string, claimId: string, response: T, db: Db = this.db): Promise<void> {
-    await db.update(idempotencyKeys).set({ state: 'done', response }).where(this.held(userId, key, claimId));
+    const kept = await db
+      .update(idempotencyKeys)
+      .set({ state: 'done', response })
+      .where(this.held(userId, key, claimId))
+      .returning({ key: idempotencyKeys.key });
+    if (!kept.length) throw new ApiError(409, 'IDEMPOTENCY_CONFLICT', 'A retry with this Idempotency-Key took it over while this request ran: its answer is the one kept');
   }
 
   /**
