@@ -89,9 +89,16 @@ export class LocalDiskStorage implements FileStorage {
 
   async keep(staged: StagedBytes, key: string): Promise<string> {
     const target = this.localPath(key);
+    const folder = dirname(target);
     for (let attempt = 1; ; attempt++) {
       try {
-        await mkdir(dirname(target), { recursive: true });
+        const made = await mkdir(folder, { recursive: true });
+        // A folder just made is durable only once the one holding it is flushed: else a crash could take
+        // it away, and the bytes renamed into it, from under the row written next.
+        for (let dir = folder; made !== undefined; dir = dirname(dir)) {
+          await flush(dirname(dir));
+          if (dir === made) break;
+        }
         await rename(staged.path, target);
         break;
       } catch (error) {
@@ -102,7 +109,7 @@ export class LocalDiskStorage implements FileStorage {
       }
     }
     // The rename itself is durable only once the folder is flushed too.
-    await flush(dirname(target));
+    await flush(folder);
     return pathToFileURL(target).href;
   }
 
