@@ -870,6 +870,19 @@ describe('idempotency', () => {
     expect((await chat(projectId, { message: 'after' }, { 'idempotency-key': `key-${uuidv7()}` })).statusCode).toBe('provider' in change ? 503 : 400);
   });
 
+  it('answers 409 to a retry while the first request runs, though the project was changed so that a new turn is refused', async () => {
+    const projectId = await newProject();
+    const key = { 'idempotency-key': `key-${uuidv7()}` };
+    fake.enqueue({ delayMs: 500 });
+    const first = chat(projectId, { message: 'running' }, key);
+    await fake.waitForRequests(1);
+    await t.app.inject({ method: 'PATCH', url: `/api/v1/projects/${projectId}`, headers: user.auth, payload: { provider: 'openrouter' } });
+    expectProblem(await chat(projectId, { message: 'running' }, key), 409, 'IDEMPOTENCY_CONFLICT');
+    expect((await first).statusCode).toBe(200);
+    expect((await chat(projectId, { message: 'running' }, key)).json()).toEqual((await first).json());
+    expect(fake.requests).toHaveLength(1);
+  });
+
   it('answers 422 for the same key with a different body', async () => {
     const projectId = await newProject();
     const key = { 'idempotency-key': `key-${uuidv7()}` };

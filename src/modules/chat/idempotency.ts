@@ -14,6 +14,8 @@ const SWEEP_BATCH = 1_000;
  */
 export type IdempotencyClaim<T> = { kind: 'claimed'; claimId: string } | { kind: 'replay'; response: T };
 
+const inProgress = () => new ApiError(409, 'IDEMPOTENCY_CONFLICT', 'A request with this Idempotency-Key is still in progress');
+
 /** Identifies a request by what it asks: the same key with another hash is a different request. */
 export function requestHash(parts: unknown): string {
   return createHash('sha256').update(JSON.stringify(parts)).digest('base64url');
@@ -77,30 +79,29 @@ export class IdempotencyStore<T> {
     if (existing.requestHash !== hash) {
       throw new ApiError(422, 'IDEMPOTENCY_MISMATCH', 'This Idempotency-Key was used with a different request');
     }
-    if (existing.state === 'running') {
-      throw new ApiError(409, 'IDEMPOTENCY_CONFLICT', 'A request with this Idempotency-Key is still in progress');
-    }
+    if (existing.state === 'running') throw inProgress();
     return { kind: 'replay', response: existing.response as T };
   }
 
   /**
-   * The result kept for the key's request `hash` when that request completed within the replay window;
-   * undefined otherwise. Only reads: it claims nothing.
+   * What a retry of the key's request `hash` is owed when it may not claim the key (a new turn would be
+   * refused): the result kept when that request completed within the replay window; IDEMPOTENCY_CONFLICT
+   * while it still runs and is heard from, as `claim` answers; undefined otherwise. Claims nothing.
    */
   async replay(userId: string, key: string, hash: string): Promise<T | undefined> {
-    const [done] = await this.db
-      .select({ response: idempotencyKeys.response })
+    const [found] = await this.db
+      .select({ response: idempotencyKeys.response, running: sql<boolean>`${idempotencyKeys.state} = 'running' and not (${this.stale})` })
       .from(idempotencyKeys)
       .where(
         and(
           eq(idempotencyKeys.userId, userId),
           eq(idempotencyKeys.key, key),
           eq(idempotencyKeys.requestHash, hash),
-          eq(idempotencyKeys.state, 'done'),
-          not(this.expired),
+          or(and(eq(idempotencyKeys.state, 'done'), not(this.expired)), eq(idempotencyKeys.state, 'running')),
         ),
       );
-    return (done?.response ?? undefined) as T | undefined;
+    if (found?.running) throw inProgress();
+    return (found?.response ?? undefined) as T | undefined;
   }
 
   /**

@@ -95,7 +95,7 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         } catch (error) {
           // Refused for what the project is now (its provider, its model's budget, its prompts), after the
           // token and the project were checked: a key whose request was answered before that changed
-          // still has its first result, which a retry is owed.
+          // still has its first result, which a retry is owed; one whose request still runs is 409.
           const first = key && error instanceof ApiError && REFUSED_AS_SET_NOW.has(error.code) ? await idempotency.replay(userId, key, hash()) : undefined;
           if (!first) throw error;
           return stream ? replayAsStream(openStream, first, request, reply) : first;
