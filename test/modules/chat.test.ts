@@ -870,19 +870,6 @@ describe('idempotency', () => {
     expect((await chat(projectId, { message: 'after' }, { 'idempotency-key': `key-${uuidv7()}` })).statusCode).toBe('provider' in change ? 503 : 400);
   });
 
-  it('answers 409 to a retry while the first request runs, though the project was changed so that a new turn is refused', async () => {
-    const projectId = await newProject();
-    const key = { 'idempotency-key': `key-${uuidv7()}` };
-    fake.enqueue({ delayMs: 500 });
-    const first = chat(projectId, { message: 'running' }, key);
-    await fake.waitForRequests(1);
-    await t.app.inject({ method: 'PATCH', url: `/api/v1/projects/${projectId}`, headers: user.auth, payload: { provider: 'openrouter' } });
-    expectProblem(await chat(projectId, { message: 'running' }, key), 409, 'IDEMPOTENCY_CONFLICT');
-    expect((await first).statusCode).toBe(200);
-    expect((await chat(projectId, { message: 'running' }, key)).json()).toEqual((await first).json());
-    expect(fake.requests).toHaveLength(1);
-  });
-
   it('answers 422 for the same key with a different body', async () => {
     const projectId = await newProject();
     const key = { 'idempotency-key': `key-${uuidv7()}` };
@@ -892,15 +879,18 @@ describe('idempotency', () => {
     expect(fake.requests).toHaveLength(1);
   });
 
-  it('answers 409 while the first request is still running', async () => {
+  it('answers 409 while the first request is still running, though the project was changed since so that a new turn is refused', async () => {
     const projectId = await newProject();
     const key = { 'idempotency-key': `key-${uuidv7()}` };
     fake.enqueue({ delayMs: 500 });
     const first = chat(projectId, { message: 'slow' }, key);
     await fake.waitForRequests(1);
     expectProblem(await chat(projectId, { message: 'slow' }, key), 409, 'IDEMPOTENCY_CONFLICT');
+    await t.app.inject({ method: 'PATCH', url: `/api/v1/projects/${projectId}`, headers: user.auth, payload: { provider: 'openrouter' } });
+    expectProblem(await chat(projectId, { message: 'slow' }, key), 409, 'IDEMPOTENCY_CONFLICT');
     expect((await first).statusCode).toBe(200);
     expect((await chat(projectId, { message: 'slow' }, key)).json()).toEqual((await first).json());
+    expect(fake.requests).toHaveLength(1);
   });
 
   // The answer and the key's result are stored together. When the result could not be kept, the key was
