@@ -1,3 +1,4 @@
+import { Socket } from 'node:net';
 import fastifyCompress from '@fastify/compress';
 import fastifyCors from '@fastify/cors';
 import type { FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, RequestPayload, RouteOptions } from 'fastify';
@@ -5,6 +6,26 @@ import type { Config } from '../config.js';
 import { ApiError } from './errors.js';
 import { registerLoadShedding } from './load-shedding.js';
 import { DOCUMENT_HEADERS } from './security-headers.js';
+
+/** More bytes of an answer than a socket's buffers take at once, so that a client that reads none holds them. */
+const HELD_BY_A_STALLED_CLIENT = 64 * 1024;
+
+/**
+ * A client that takes nothing of a large answer for `stallMs` is disconnected, as a stream's client is
+ * (src/modules/chat/sse.ts): one that never reads would otherwise keep the answer in memory (a page of
+ * long prompts or messages: up to 60 MB of JSON), or a download its file open, for as long as it kept
+ * its connection. The socket's timer restarts whenever bytes move, so a slow client that reads is not
+ * cut; once the answer is written, Node puts its keep-alive bound in its place.
+ */
+function disconnectStalledClients(stallMs: number) {
+  return (request: FastifyRequest, _reply: FastifyReply, payload: unknown, done: (error: null, payload: unknown) => void): void => {
+    const size = payload == null ? 0 : typeof payload === 'string' || Buffer.isBuffer(payload) ? payload.length : Infinity;
+    // A request made by `inject` has a socket of its own kind, with nothing to time.
+    const { socket } = request.raw;
+    if (size > HELD_BY_A_STALLED_CLIENT && socket instanceof Socket) socket.setTimeout(stallMs);
+    done(null, payload);
+  };
+}
 
 /**
  * A body sent with a content coding (`Content-Encoding: gzip`): request bodies are never decompressed
@@ -110,6 +131,9 @@ export async function registerHardening(app: FastifyInstance, config: Config): P
     const hook = takesBody(route) ? refuseEncodedBody : [route.method].flat().includes('DELETE') ? ignoreEmptyBodyType : undefined;
     if (hook) route.preParsing = [...[route.preParsing ?? []].flat(), hook];
   });
+
+  // As long as a stream's client may take nothing: the provider's own bound (`AI_TIMEOUT_MS`).
+  app.addHook('onSend', disconnectStalledClients(config.AI_TIMEOUT_MS));
 
   await app.register(fastifyCompress, {
     global: true,

@@ -1,6 +1,6 @@
 import { v7 as uuidv7 } from 'uuid';
 import { once } from 'node:events';
-import { connect } from 'node:net';
+import { connect, type Socket } from 'node:net';
 import { gunzipSync, gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BODY_LIMIT_BYTES } from '../../src/app.js';
@@ -300,6 +300,36 @@ describe('a request that trickles in (REQUEST_TIMEOUT_MS)', () => {
       await slow.close();
     }
   });
+});
+
+describe('a client that takes nothing of a large answer (AI_TIMEOUT_MS)', () => {
+  it('is disconnected once the bound has passed, a download and a page of JSON alike', async () => {
+    const stalling = await startTestApp({ AI_TIMEOUT_MS: '500', FILE_MAX_BYTES: String(64 * 1024 * 1024) });
+    const sockets: Socket[] = [];
+    try {
+      const owner = await registerUser(stalling.app);
+      const project = await createProject(stalling.app, owner);
+      // Each more than the socket buffers at both ends take (on Linux, up to 4 MB sent and 32 MB received).
+      const upload = multipart({ filename: 'big.bin', type: 'application/octet-stream', content: Buffer.alloc(48 * 1024 * 1024) });
+      const file = await stalling.app.inject({ method: 'POST', url: `/api/v1/projects/${project.id}/files`, headers: { ...owner.auth, ...upload.headers }, payload: upload.payload });
+      expect(file.statusCode).toBe(201);
+      // Prompts of 100,000 control characters, each written as a 6-byte escape: a page of 70 is 42 MB.
+      for (let i = 0; i < 70; i++) await createPrompt(stalling.app, owner, project.id, { content: '\u0001'.repeat(100_000) });
+      const address = new URL(await stalling.app.listen({ port: 0, host: '127.0.0.1' }));
+      const connections = () => new Promise<number>((resolve, reject) => stalling.app.server.getConnections((error, count) => (error ? reject(error) : resolve(count))));
+      for (const path of [`/api/v1/projects/${project.id}/files/${file.json().id}/content`, `/api/v1/projects/${project.id}/prompts?limit=100`]) {
+        const socket = connect(Number(address.port), address.hostname).pause(); // reads nothing
+        sockets.push(socket);
+        socket.write(`GET ${path} HTTP/1.1\r\nhost: localhost\r\nauthorization: ${owner.auth.authorization}\r\n\r\n`);
+      }
+      await expect.poll(connections).toBe(2);
+      // Without the bound, the server keeps both for as long as the clients do.
+      await expect.poll(connections, { timeout: 20_000 }).toBe(0);
+    } finally {
+      for (const socket of sockets) socket.destroy();
+      await stalling.close();
+    }
+  }, 60_000);
 });
 
 describe('what Node would answer by itself, before Fastify sees a request', () => {
