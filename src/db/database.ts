@@ -65,7 +65,11 @@ export interface PostgresOptions {
   /** Pool size; PostgreSQL's default of 100 connections is shared by every instance. */
   max?: number;
   connectionTimeoutMs?: number;
-  /** How long a statement may go unanswered (see `BoundedClient`); migrations are not bound by it. */
+  /**
+   * How long a statement may run, waits for locks included: PostgreSQL cancels it then (`statement_timeout`),
+   * and a connection that has not answered a moment later is closed (see `BoundedClient`). Migrations are
+   * not bound by it.
+   */
   queryTimeoutMs?: number;
 }
 
@@ -137,14 +141,26 @@ async function migrating(run: Promise<unknown>): Promise<void> {
 /** pg's error for a statement unanswered for `query_timeout`. */
 const QUERY_TIMEOUT_MESSAGE = 'Query read timeout';
 
+/**
+ * How much longer than the database's own bound on a statement the driver waits for its answer: the
+ * database gives up first (and rolls the statement back), the driver only when the database itself
+ * no longer answers.
+ */
+const UNANSWERED_AFTER_BOUND_MS = 1_000;
+
 export function openPostgres(url: string, options: PostgresOptions = {}): Database {
+  const queryTimeoutMs = options.queryTimeoutMs ?? 60_000;
   const pool = new pg.Pool({
     connectionString: url,
     max: options.max ?? 20,
     // A request waiting on a dead database fails fast with 503 instead of hanging.
     connectionTimeoutMillis: options.connectionTimeoutMs ?? 5_000,
     Client: BoundedClient,
-    query_timeout: options.queryTimeoutMs ?? 60_000,
+    // The database's bound: a statement the driver stopped waiting for would otherwise still run there
+    // once what held it let go (an upload's insert behind a backup's lock), and commit what its request
+    // was told (503) was not stored.
+    statement_timeout: queryTimeoutMs,
+    query_timeout: queryTimeoutMs + UNANSWERED_AFTER_BOUND_MS,
     idleTimeoutMillis: 30_000,
   });
   // An idle client losing its connection (database restarted) must not crash the process;

@@ -214,6 +214,7 @@ const DATABASE_DOWN_CODES = new Set([
   '57P02', // crash_shutdown
   '57P03', // cannot_connect_now
   '53300', // too_many_connections
+  '57014', // query_canceled: a statement past DATABASE_QUERY_TIMEOUT_MS (statement_timeout), rolled back
   '08000',
   '08003',
   '08006',

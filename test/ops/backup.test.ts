@@ -13,13 +13,14 @@ import type { PgTable } from 'drizzle-orm/pg-core';
 import pg from 'pg';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, describe, expect, it } from 'vitest';
+import { buildApp } from '../../src/app.js';
 import { copyUploads } from '../../src/db/backup-files.js';
 import { findPostgresTool, libpqConnection } from '../../src/db/backup-postgres.js';
 import { stageFolder } from '../../src/db/backup-store.js';
-import { type Db, openPglite, pgliteFolder } from '../../src/db/database.js';
+import { type Db, openPglite, openPostgres, pgliteFolder } from '../../src/db/database.js';
 import { deletedProjects, files, idempotencyKeys, messages, projects, prompts, providerFileDeletions, schema, users } from '../../src/db/schema.js';
 import type { FileDto } from '../../src/modules/files/schemas.js';
-import { createProject, registerUser, startTestApp } from '../support/app.js';
+import { createProject, expectProblem, registerUser, startTestApp } from '../support/app.js';
 import { createTestDatabase } from '../support/database.js';
 import { canUsePidNamespaces, freePort, spawnServer, waitUntilServing } from '../support/server-process.js';
 import { multipart } from '../support/multipart.js';
@@ -339,6 +340,40 @@ describe.runIf(process.env.TEST_DATABASE_URL)('a PostgreSQL backup while the ser
       expect((await deleting).statusCode).toBe(204);
     } finally {
       await Promise.all([holder.end(), watcher.end()]);
+      await t.close();
+    }
+  });
+
+  // The driver gave up on the statement at the bound, but PostgreSQL went on waiting, and stored the file
+  // (deleted it) once the backup let go: a 503 for an upload that was kept, a delete's bytes left behind.
+  it('stores nothing of an upload or delete that waited past DATABASE_QUERY_TIMEOUT_MS and was answered 503', { timeout: 60_000 }, async () => {
+    const t = await startTestApp();
+    const database = openPostgres(t.testDb.url!, { queryTimeoutMs: 500 });
+    const app = await buildApp(t.config, { database });
+    const holder = new pg.Client({ connectionString: t.testDb.url! });
+    try {
+      const user = await registerUser(app);
+      const project = await createProject(app, user);
+      const filesUrl = `/api/v1/projects/${project.id}/files`;
+      const upload = () => {
+        const form = multipart({ filename: 'a.txt', type: 'text/plain', content: 'held' });
+        return app.inject({ method: 'POST', url: filesUrl, headers: { ...user.auth, ...form.headers }, payload: form.payload });
+      };
+      const kept = (await upload()).json() as FileDto;
+      await holder.connect();
+      // What a backup holds from its snapshot until its files are copied.
+      await holder.query('begin; lock table files in share mode');
+      expectProblem(await upload(), 503, 'SERVICE_UNAVAILABLE');
+      expectProblem(await app.inject({ method: 'DELETE', url: `${filesUrl}/${kept.id}`, headers: user.auth }), 503, 'SERVICE_UNAVAILABLE');
+      await holder.query('commit');
+      // Nothing was waiting any more to store anything: a statement still waiting would have run at the commit.
+      const listed = (await app.inject({ method: 'GET', url: filesUrl, headers: user.auth })).json() as { data: FileDto[] };
+      expect(listed.data.map((file) => file.id)).toEqual([kept.id]);
+      expect((await app.inject({ method: 'GET', url: `${filesUrl}/${kept.id}/content`, headers: user.auth })).body).toBe('held');
+    } finally {
+      await holder.end();
+      await app.close();
+      await database.close();
       await t.close();
     }
   });
