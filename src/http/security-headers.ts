@@ -26,7 +26,8 @@ export const DOCUMENT_HEADERS = helmetHeaders();
 
 /**
  * The headers of every other response (JSON, problem+json, downloads): the ones the OWASP REST Security
- * Cheat Sheet lists for an API. The rest of helmet's (a CSP for scripts and styles, referrer, opener and
+ * Cheat Sheet lists for an API, `Cache-Control: no-store` first (tokens, accounts, conversations: no
+ * cache on the way, nor the browser's, keeps a copy; a download says what it allows itself). The rest of helmet's (a CSP for scripts and styles, referrer, opener and
  * embedder policies, DNS prefetch, IE's download options) tell a browser how to treat a page it renders,
  * and an API response is not one; they were most of the bytes of a small response, and Node checks every
  * header of every response again. What stays: HSTS; nosniff, so that a body is only ever its declared
@@ -34,6 +35,7 @@ export const DOCUMENT_HEADERS = helmetHeaders();
  * and is framed by no one (X-Frame-Options for browsers older than frame-ancestors).
  */
 export const API_HEADERS: Record<string, string> = {
+  'cache-control': 'no-store',
   'content-security-policy': "default-src 'none'; frame-ancestors 'none'",
   'strict-transport-security': DOCUMENT_HEADERS['strict-transport-security']!,
   'x-content-type-options': 'nosniff',

@@ -53,6 +53,7 @@ describe('security headers', () => {
       // A JSON response that a browser renders after all loads nothing and is framed by no one.
       expect(response.headers['content-security-policy']).toBe("default-src 'none'; frame-ancestors 'none'");
       expect(response.headers['x-frame-options']).toBe('DENY');
+      expect(response.headers['cache-control']).toBe('no-store');
       // What only an HTML page needs stays off JSON: see src/http/hardening.ts.
       for (const header of PAGE_ONLY_HEADERS) expect(response.headers).not.toHaveProperty(header);
       expect(response.headers).not.toHaveProperty('x-powered-by');

@@ -215,7 +215,7 @@ describe('upload and download', () => {
     const ask = (headers: Record<string, string>, method: 'GET' | 'HEAD' = 'GET') => t.app.inject({ method, url, headers: { ...user.auth, ...headers } });
 
     const whole = await ask({});
-    expect(whole.headers).toMatchObject({ etag: tag, 'accept-ranges': 'bytes' });
+    expect(whole.headers).toMatchObject({ etag: tag, 'accept-ranges': 'bytes', 'cache-control': 'private, no-cache' });
     for (const [range, start, end] of [
       ['bytes=0-99', 0, 99],
       ['bytes=9990-', 9990, 9999],
@@ -259,7 +259,12 @@ describe('upload and download', () => {
     for (const ifNoneMatch of [tag, `"other", W/${tag}`, '*']) {
       for (const method of ['GET', 'HEAD'] as const) {
         const unchanged = await ask({ 'if-none-match': ifNoneMatch, range: 'bytes=0-1' }, method);
-        expect([unchanged.statusCode, unchanged.body, unchanged.headers.etag], `${method} ${ifNoneMatch}`).toEqual([304, '', tag]);
+        expect([unchanged.statusCode, unchanged.body, unchanged.headers.etag, unchanged.headers['cache-control']], `${method} ${ifNoneMatch}`).toEqual([
+          304,
+          '',
+          tag,
+          'private, no-cache',
+        ]);
       }
     }
     expect((await ask({ 'if-none-match': '"other"' })).rawPayload.equals(bytes)).toBe(true);

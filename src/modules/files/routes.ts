@@ -105,6 +105,9 @@ async function answerDownload(reply: FastifyReply, { file: stored, open }: FileC
   const tag = entityTag(stored.sha256);
   // In RFC 9110's order (§13.2.2): If-Match, If-None-Match, then Range with If-Range.
   if (!matchesIfMatch(headers, tag)) throw new ApiError(412, 'PRECONDITION_FAILED', 'If-Match names none of these bytes');
+  // Kept by the client's own cache (never a shared one) and checked again by its ETag before each use:
+  // a 304 says what its 200 would (RFC 9110 §15.4.5).
+  reply.header('cache-control', 'private, no-cache');
   // The client has these bytes already, and they never change.
   if (clientHas(headers, tag)) return reply.code(304).header('etag', tag).send();
   const range = isGet ? requestedRange(headers, tag, stored.size) : undefined;
