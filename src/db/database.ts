@@ -118,6 +118,18 @@ export class DatabaseUnreachableError extends StartupError {
 }
 
 /**
+ * The embedded database's folder could not be opened (damaged, of another PGlite version, owned by
+ * another user, a file where the folder should be): said in one line, as a bad variable is.
+ */
+export class EmbeddedDatabaseError extends StartupError {
+  override name = 'EmbeddedDatabaseError';
+  constructor(dataDir: string, cause: unknown) {
+    const said = cause instanceof Error ? cause.message : String(cause);
+    super(`Cannot open the embedded database in ${dataDir}: ${said.replace(/\s+/g, ' ').trim()}`, { cause });
+  }
+}
+
+/**
  * Migrations the database refused (a user that may not create in it, a lock that timed out), named by
  * what the database said: drizzle's own message is the failed statement, and the reason is its cause's.
  */
@@ -263,7 +275,7 @@ export async function openPglite(dataDir?: string): Promise<Database> {
     await client.waitReady;
   } catch (error) {
     releaseLock();
-    throw error;
+    throw dataDir && !(error instanceof StartupError) ? new EmbeddedDatabaseError(dataDir, error) : error;
   }
   const db = drizzlePglite(client, { schema });
   return {

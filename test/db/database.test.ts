@@ -374,6 +374,21 @@ describe('npm run db:migrate', () => {
     expect(migrate.status).toBe(1);
     expect(migrate.stderr.trim()).toMatch(/^The embedded database is in use by process \d+[^\n]*$/);
   });
+
+  // Each stopped the start with PGlite's own error and a stack trace, 15 lines of it.
+  it.each([
+    ['cut short (a damaged folder, or one of another PGlite version)', (dir: string) => (mkdirSync(dir), writeFileSync(join(dir, 'PG_VERSION'), '17\n'))],
+    ['a file where its folder should be', (dir: string) => writeFileSync(dir, '')],
+  ])('says in one line that the embedded database cannot be opened: %s', { timeout: 60_000 }, (_, spoil) => {
+    const dataDir = mkdtempSync(join(tmpdir(), 'chatbot-migrate-'));
+    spoil(join(dataDir, 'pglite'));
+    const migrate = spawnSync(process.execPath, ['--import', 'tsx', 'src/db/migrate-cli.ts'], {
+      env: { PATH: process.env.PATH, HOME: process.env.HOME, DATA_DIR: dataDir },
+      encoding: 'utf8',
+    });
+    expect(migrate.status).toBe(1);
+    expect(migrate.stderr.trim()).toMatch(new RegExp(`^Cannot open the embedded database in ${join(dataDir, 'pglite')}: [^\n]+$`));
+  });
 });
 
 describe.runIf(process.env.TEST_DATABASE_URL)('npm run db:migrate', () => {
