@@ -35,6 +35,10 @@ export const PROBLEM_STATUS = {
 
 export type ProblemCode = keyof typeof PROBLEM_STATUS;
 
+/** The first code listed for each status: the general one where a status has several (400, 409, 503). */
+const CODE_OF_STATUS = new Map<number, ProblemCode>();
+for (const [code, status] of Object.entries(PROBLEM_STATUS) as [ProblemCode, number][]) if (!CODE_OF_STATUS.has(status)) CODE_OF_STATUS.set(status, code);
+
 export interface FieldError {
   path: string;
   message: string;
@@ -342,9 +346,11 @@ export function toProblem(error: FastifyError | ApiError | Error, request: Fasti
   }
   const status = fastifyError.statusCode;
   if (status && status >= 400 && status < 500) {
-    // Another client error raised by Fastify or a plugin: keep its status, never its internals.
-    const code: ProblemCode = status === 401 ? 'UNAUTHORIZED' : status === 404 ? 'NOT_FOUND' : 'VALIDATION_ERROR';
-    return problemBody(request, status, code, fastifyError.message);
+    // Another client error raised by Fastify or a plugin (the docs' static files: 403 for a NUL in the
+    // path, 416 for a range past a file): its status with the code that status always comes with, or,
+    // for one no code comes with, 400. Never its internals.
+    const code = CODE_OF_STATUS.get(status);
+    return code ? problemBody(request, status, code, fastifyError.message) : problemBody(request, 400, 'VALIDATION_ERROR', fastifyError.message);
   }
   return problemBody(request, 500, 'INTERNAL', 'An unexpected error occurred');
 }
