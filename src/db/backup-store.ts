@@ -60,6 +60,7 @@ export async function stageFolder(folder: string, fill: (staging: string) => Pro
   // Either may be left by a restore that was interrupted; neither holds anything the live folder lacks.
   await rm(staging, { recursive: true, force: true });
   await rm(previous, { recursive: true, force: true });
+  await requireSwappable(folder, previous);
   const discard = () => rm(staging, { recursive: true, force: true });
   try {
     await fill(staging);
@@ -80,6 +81,25 @@ export async function stageFolder(folder: string, fill: (staging: string) => Pro
       await rm(previous, { recursive: true, force: true });
     },
   };
+}
+
+/**
+ * Sets `folder` aside and back, as a commit will, before anything is written or changed: a mount point
+ * (a volume of its own, as a container may mount at `DATA_DIR/files`) cannot be renamed (EBUSY), and a
+ * restore found so only after the database was replaced, which then held the backup's rows beside the
+ * live files. A cut between the two renames is settled as any other (`settleCutSwap`).
+ */
+async function requireSwappable(folder: string, aside: string): Promise<void> {
+  try {
+    await rename(folder, aside);
+  } catch (error) {
+    const { code, message } = error as NodeJS.ErrnoException;
+    if (code === 'ENOENT') return;
+    throw new BackupError(
+      `Nothing was restored: ${folder} cannot be replaced as a whole (${message})${code === 'EBUSY' ? ': it is a mount point; mount the volume at the folder above it instead' : ''}`,
+    );
+  }
+  await rename(aside, folder);
 }
 
 /** Replaces `folder` with what `fill` writes, once that is complete: a fill that fails changes nothing. */

@@ -91,8 +91,14 @@ export async function restoreBackup(config: BackupConfig, source: string): Promi
  * are the copied files swapped in for the live ones.
  */
 async function restoreInOrder(config: BackupConfig, folder: string, store: DatabaseStore): Promise<void> {
-  const staged = await stageFolder(uploadsFolder(config), (staging) => copyUploads(join(folder, 'files'), staging)).catch((error: Error) => {
-    throw new BackupError(`Nothing was restored: the backup's files could not be copied: ${error.message}`);
+  const notCopied = (error: Error) => new BackupError(`Nothing was restored: the backup's files could not be copied: ${error.message}`);
+  // A folder that cannot be replaced is refused before the copy, in words of its own.
+  const staged = await stageFolder(uploadsFolder(config), (staging) =>
+    copyUploads(join(folder, 'files'), staging).catch((error: Error) => {
+      throw notCopied(error);
+    }),
+  ).catch((error: Error) => {
+    throw error instanceof BackupError ? error : notCopied(error);
   });
   try {
     await store.restore(join(folder, store.fileName));

@@ -22,7 +22,7 @@ import { deletedProjects, files, idempotencyKeys, messages, projects, prompts, p
 import type { FileDto } from '../../src/modules/files/schemas.js';
 import { createProject, expectProblem, registerUser, startTestApp } from '../support/app.js';
 import { createTestDatabase } from '../support/database.js';
-import { canUsePidNamespaces, freePort, spawnServer, waitUntilServing } from '../support/server-process.js';
+import { canMountTmpfs, canUsePidNamespaces, freePort, mountingTmpfs, spawnServer, waitUntilServing } from '../support/server-process.js';
 import { multipart } from '../support/multipart.js';
 
 const scratch: string[] = [];
@@ -37,10 +37,12 @@ afterAll(() => scratch.forEach((folder) => rmSync(folder, { recursive: true, for
 async function runBackupCli(
   args: string[],
   env: Record<string, string>,
-  { ownPidNamespace = false } = {},
+  { ownPidNamespace = false, filesOnAVolume = false } = {},
 ): Promise<{ code: number | null; output: string }> {
   const command = [process.execPath, '--import', 'tsx', 'src/db/backup-cli.ts', ...args];
-  const [file, ...rest] = ownPidNamespace ? ['unshare', '--pid', '--fork', ...command] : command;
+  // A volume of its own mounted at DATA_DIR/files (a tmpfs, in a mount namespace of the command's own).
+  const onVolume = filesOnAVolume ? mountingTmpfs({ path: join(env.DATA_DIR!, 'files'), bytes: 16 * 1024 * 1024 }) : [];
+  const [file, ...rest] = [...(ownPidNamespace ? ['unshare', '--pid', '--fork'] : []), ...onVolume, ...command];
   const child = spawn(file!, rest, {
     // No JWT_SECRET: the commands need none, and make none in DATA_DIR.
     env: { PATH: process.env.PATH, HOME: process.env.HOME, ...env },
@@ -246,6 +248,28 @@ describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : '
       const emails = await target.withDb(async (db) => (await db.select().from(users)).map((user) => user.email));
       expect(emails).toEqual(['later@example.com']);
       expect(readUploads(filesDir)).toEqual({ ...uploads, 'later.bin': Buffer.from('uploaded after the backup') });
+      expect(readdirSync(dataDir).filter((name) => name.startsWith('files'))).toEqual(['files']);
+    } finally {
+      await target.drop();
+    }
+  });
+  // It replaced the database, then could not rename the mount point (EBUSY): the backup's rows beside the live files.
+  it.runIf(canMountTmpfs)('refuses, changing nothing, to restore files that are a volume of their own', { timeout: 60_000 }, async () => {
+    const dataDir = scratchFolder();
+    const target = await createTarget(dataDir);
+    try {
+      writeUploads(join(dataDir, 'files'));
+      const env = { DATA_DIR: dataDir, ...target.env };
+      const backup = join(scratchFolder(), 'backup');
+      const made = await runBackupCli(['backup', backup], env);
+      expect(made.code, made.output).toBe(0);
+      await target.withDb((db) => db.insert(users).values({ id: uuidv7(), email: 'later@example.com', passwordHash: 'x', name: 'Later' }));
+
+      const refused = await runBackupCli(['restore', backup], env, { filesOnAVolume: true });
+      expect(refused.code).toBe(1);
+      expect(refused.output.trim()).toMatch(/^Nothing was restored: \S+\/files cannot be replaced as a whole \([^\n]*\): it is a mount point; mount the volume at the folder above it instead$/);
+      const emails = await target.withDb(async (db) => (await db.select().from(users)).map((user) => user.email));
+      expect(emails).toEqual(['later@example.com']);
       expect(readdirSync(dataDir).filter((name) => name.startsWith('files'))).toEqual(['files']);
     } finally {
       await target.drop();

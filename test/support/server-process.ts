@@ -108,7 +108,7 @@ export async function waitUntilServing(server: NodeProcess, timeoutMs = 90_000, 
 }
 
 /** A command prefix that runs the rest in a mount namespace of its own with the tmpfs mounted: sh execs it, keeping the pid. */
-function mountingTmpfs({ path, bytes }: { path: string; bytes: number }): string[] {
+export function mountingTmpfs({ path, bytes }: { path: string; bytes: number }): string[] {
   return ['unshare', '--mount', 'sh', '-c', 'mount -t tmpfs -o "size=$0" tmpfs "$1" && shift && exec "$@"', String(bytes), path];
 }
 
