@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import Fastify, { type FastifyInstance } from 'fastify';
 import { validatorCompiler } from 'fastify-type-provider-zod';
 import type { Config } from './config.js';
-import { settleCutSwap } from './db/backup-store.js';
+import { settleRestore } from './db/backup-store.js';
 import { type Database, openDatabase } from './db/database.js';
 import { createTokens, registerAuthentication } from './http/auth.js';
 import { answerClientError, answerFrameworkError, MissingHost, registerErrorHandling, ShuttingDown } from './http/errors.js';
@@ -146,9 +146,10 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   // After the chat routes' own close, which waits for the turns in flight.
   app.addHook('onClose', () => providers.close());
   const uploads = join(config.DATA_DIR, 'files');
-  // A restore swaps the uploads in after the database: one cut between the renames of that swap (killed)
-  // had restored the database already, so the files it had copied go in.
-  await settleCutSwap(uploads, 'forward');
+  // A restore swaps the uploads in after the database: one cut short after the database's point of no
+  // return (the database is open: its own folder is settled) had restored it, so the files it had copied
+  // go in.
+  await settleRestore(config.DATA_DIR, [[uploads, 'forward']]);
   const storage = new LocalDiskStorage(uploads);
   sweepInBackground(app, {
     what: 'the temporary files of interrupted uploads',

@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { gunzip } from 'node:zlib';
 import { PGlite, type PGliteOptions } from '@electric-sql/pglite';
-import { BackupError, type DatabaseStore, replaceFolder } from './backup-store.js';
+import { BackupError, type DatabaseStore, stageFolder } from './backup-store.js';
 
 /**
  * The embedded database as PGlite's own tarball of its data folder (`dumpDataDir`, restored with
@@ -26,7 +26,7 @@ export function pgliteStore(folder: string): DatabaseStore {
       });
       await alongside();
     },
-    async restore(file) {
+    async restore(file, committing) {
       // Unpacked here: PGlite would unpack it too, but a damaged file then crashes the process from
       // inside its decompression stream instead of failing this call.
       const tar = await promisify(gunzip)(await readFile(file)).catch((error: Error) => {
@@ -35,7 +35,12 @@ export function pgliteStore(folder: string): DatabaseStore {
       // PGlite reads anything else as a gzip it must unpack, which fails inside a stream it never
       // awaits: an unhandled rejection that ends the process and leaves the staging folder behind.
       if (!startsWithTarHeader(tar)) throw new BackupError(`${file} is damaged: not a PGlite data tarball`);
-      await replaceFolder(folder, (staging) => withPglite(staging, { loadDataDir: new Blob([tar]) }, (db) => db.query('select 1')));
+      const staged = await stageFolder(folder, (staging) => withPglite(staging, { loadDataDir: new Blob([tar]) }, (db) => db.query('select 1')));
+      await committing().catch(async (error: unknown) => {
+        await staged.discard();
+        throw error;
+      });
+      await staged.commit();
     },
   };
 }

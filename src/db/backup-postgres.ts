@@ -28,8 +28,10 @@ export function postgresStore(url: string): DatabaseStore {
     // --clean drops every object of the backup before re-creating it, and one transaction means a restore
     // that fails leaves the database as it was. Objects end up owned by the restoring user (the
     // application's own) and without the source's grants, whose roles need not exist on this server.
-    restore: (file) =>
-      runClientTool('pg_restore', url, ['--clean', '--if-exists', '--single-transaction', '--no-owner', '--no-privileges', file]),
+    async restore(file, committing) {
+      await runClientTool('pg_restore', url, ['--clean', '--if-exists', '--single-transaction', '--no-owner', '--no-privileges', file]);
+      await committing();
+    },
   };
 }
 

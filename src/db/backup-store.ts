@@ -1,5 +1,7 @@
 import { existsSync } from 'node:fs';
-import { chmod, rename, rm } from 'node:fs/promises';
+import { chmod, rename, rm, writeFile } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
+import { flush } from '../flush.js';
 
 /** A backup or restore that cannot go on; its message is the one line the command prints. */
 export class BackupError extends Error {
@@ -16,8 +18,13 @@ export interface DatabaseStore {
    * file rows cannot change, so the copy matches the dump: no row without its bytes.
    */
   dump(file: string, alongside: () => Promise<void>): Promise<void>;
-  /** Replaces the whole database with the file's, or leaves it as it was when that fails. */
-  restore(file: string): Promise<void>;
+  /**
+   * Replaces the whole database with the file's, or leaves it as it was when that fails. Runs
+   * `committing` once nothing but putting the replacement in place is left (the embedded database's
+   * folder complete beside the live one), or once it is in place (PostgreSQL, whose restore commits in
+   * one transaction): from there on the restore is finished whatever cuts it short.
+   */
+  restore(file: string, committing: () => Promise<void>): Promise<void>;
 }
 
 /** A folder's replacement, complete beside it and not yet in its place. */
@@ -32,6 +39,35 @@ export interface StagedFolder {
 const besides = (folder: string) => ({ staging: `${folder}.restoring`, previous: `${folder}.replaced` });
 
 /**
+ * The mark, under DATA_DIR, of a restore past its point of no return (see `DatabaseStore.restore`), until
+ * both the database and the uploaded files are in place: a start, or a restore run again, that finds it
+ * puts in place what that restore had staged. Without it, the database was replaced and the files were
+ * not when a restore was killed while it removed the database it had set aside (which takes a while):
+ * the next start served the backup's rows with the files of before.
+ */
+const restoreMark = (dataDir: string) => join(dataDir, 'restore.committing');
+
+/** Marks the restore of the folders under `dataDir` as past its point of no return. */
+export async function markRestoreCommitting(dataDir: string): Promise<void> {
+  await writeFile(restoreMark(dataDir), '');
+  await flush(dataDir);
+}
+
+/** Removes the mark of a restore whose folders are all in place. */
+export async function restoreDone(dataDir: string): Promise<void> {
+  await rm(restoreMark(dataDir), { force: true });
+}
+
+/**
+ * Settles the folders under `dataDir` that a restore cut short left (`settleCutSwap`, each the given way
+ * should the restore have been cut before its point of no return), then removes its mark.
+ */
+export async function settleRestore(dataDir: string, folders: [folder: string, way: 'back' | 'forward'][]): Promise<void> {
+  for (const [folder, way] of folders) await settleCutSwap(folder, way);
+  await restoreDone(dataDir);
+}
+
+/**
  * Settles a swap of `folder` that was cut (the process killed, the power lost) between its two renames:
  * the live folder missing, set aside beside its complete replacement. `back` puts the folder that was set
  * aside in its place again, `forward` puts the replacement in. Without this, the embedded database
@@ -40,6 +76,18 @@ const besides = (folder: string) => ({ staging: `${folder}.restoring`, previous:
  */
 export async function settleCutSwap(folder: string, way: 'back' | 'forward'): Promise<void> {
   const { staging, previous } = besides(folder);
+  // Past its point of no return: what it staged goes in, whichever of its renames it had made.
+  if (existsSync(restoreMark(dirname(folder)))) {
+    if (existsSync(staging)) {
+      if (existsSync(folder)) {
+        await rm(previous, { recursive: true, force: true });
+        await rename(folder, previous);
+      }
+      await rename(staging, folder);
+    }
+    if (existsSync(folder)) await rm(previous, { recursive: true, force: true });
+    return;
+  }
   if (existsSync(folder) || !existsSync(previous)) return;
   if (way === 'forward' && existsSync(staging)) {
     await rename(staging, folder);
@@ -100,9 +148,4 @@ async function requireSwappable(folder: string, aside: string): Promise<void> {
     );
   }
   await rename(aside, folder);
-}
-
-/** Replaces `folder` with what `fill` writes, once that is complete: a fill that fails changes nothing. */
-export async function replaceFolder(folder: string, fill: (staging: string) => Promise<unknown>): Promise<void> {
-  await (await stageFolder(folder, fill)).commit();
 }

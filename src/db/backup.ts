@@ -8,7 +8,7 @@ import { DatabaseLockedError, lockPglite } from './pglite-lock.js';
 import { copyUploads } from './backup-files.js';
 import { pgliteStore, requirePgliteDatabase } from './backup-pglite.js';
 import { postgresStore } from './backup-postgres.js';
-import { BackupError, type DatabaseStore, stageFolder } from './backup-store.js';
+import { BackupError, type DatabaseStore, markRestoreCommitting, restoreDone, settleRestore, stageFolder } from './backup-store.js';
 
 export { BackupError };
 
@@ -88,27 +88,38 @@ export async function restoreBackup(config: BackupConfig, source: string): Promi
 /**
  * The files are copied first, beside the live ones, so a full disk or an unreadable file in the backup
  * fails before anything has changed. Then the database (all or nothing), and only once it is restored
- * are the copied files swapped in for the live ones.
+ * are the copied files swapped in for the live ones. From the database's point of no return to the
+ * files in place, a mark under DATA_DIR says the restore is to be finished: a start (or this command
+ * run again) that finds it puts the staged folders in. A restore cut short before had changed nothing.
  */
 async function restoreInOrder(config: BackupConfig, folder: string, store: DatabaseStore): Promise<void> {
+  const uploads = uploadsFolder(config);
+  // From the folders as they were before a restore cut short, or as it left them past its point of no return.
+  const folders = [uploads, ...(store.kind === 'pglite' ? [pgliteFolder(config.DATA_DIR)] : [])];
+  await settleRestore(config.DATA_DIR, folders.map((live) => [live, 'back']));
   const notCopied = (error: Error) => new BackupError(`Nothing was restored: the backup's files could not be copied: ${error.message}`);
   // A folder that cannot be replaced is refused before the copy, in words of its own.
-  const staged = await stageFolder(uploadsFolder(config), (staging) =>
+  const staged = await stageFolder(uploads, (staging) =>
     copyUploads(join(folder, 'files'), staging).catch((error: Error) => {
       throw notCopied(error);
     }),
   ).catch((error: Error) => {
     throw error instanceof BackupError ? error : notCopied(error);
   });
+  let committing = false;
   try {
-    await store.restore(join(folder, store.fileName));
+    await store.restore(join(folder, store.fileName), async () => {
+      await markRestoreCommitting(config.DATA_DIR);
+      committing = true;
+    });
   } catch (error) {
-    await staged.discard();
+    if (!committing) await staged.discard();
     throw error;
   }
   await staged.commit().catch((error: Error) => {
-    throw new BackupError(`The database was restored but the files were not: ${error.message}`);
+    throw new BackupError(`The database was restored but the files were not (the next start puts them in): ${error.message}`);
   });
+  await restoreDone(config.DATA_DIR);
 }
 
 async function readManifest(folder: string): Promise<BackupManifest> {

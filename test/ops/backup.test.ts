@@ -20,7 +20,7 @@ import { stageFolder } from '../../src/db/backup-store.js';
 import { type Db, openPglite, openPostgres, pgliteFolder } from '../../src/db/database.js';
 import { deletedProjects, files, idempotencyKeys, messages, projects, prompts, providerFileDeletions, schema, users } from '../../src/db/schema.js';
 import type { FileDto } from '../../src/modules/files/schemas.js';
-import { createProject, expectProblem, registerUser, startTestApp } from '../support/app.js';
+import { createProject, expectProblem, registerUser, startTestApp, testConfig } from '../support/app.js';
 import { createTestDatabase } from '../support/database.js';
 import { canMountTmpfs, canUsePidNamespaces, freePort, mountingTmpfs, spawnServer, waitUntilServing } from '../support/server-process.js';
 import { multipart } from '../support/multipart.js';
@@ -37,15 +37,17 @@ afterAll(() => scratch.forEach((folder) => rmSync(folder, { recursive: true, for
 async function runBackupCli(
   args: string[],
   env: Record<string, string>,
-  { ownPidNamespace = false, filesOnAVolume = false } = {},
+  { ownPidNamespace = false, filesOnAVolume = false, killOn = '' } = {},
 ): Promise<{ code: number | null; output: string }> {
-  const command = [process.execPath, '--import', 'tsx', 'src/db/backup-cli.ts', ...args];
+  // Killed where a crash could cut it short: see test/support/kill-on.mjs.
+  const preload = killOn ? ['--import', './test/support/kill-on.mjs'] : [];
+  const command = [process.execPath, ...preload, '--import', 'tsx', 'src/db/backup-cli.ts', ...args];
   // A volume of its own mounted at DATA_DIR/files (a tmpfs, in a mount namespace of the command's own).
   const onVolume = filesOnAVolume ? mountingTmpfs({ path: join(env.DATA_DIR!, 'files'), bytes: 16 * 1024 * 1024 }) : [];
   const [file, ...rest] = [...(ownPidNamespace ? ['unshare', '--pid', '--fork'] : []), ...onVolume, ...command];
   const child = spawn(file!, rest, {
     // No JWT_SECRET: the commands need none, and make none in DATA_DIR.
-    env: { PATH: process.env.PATH, HOME: process.env.HOME, ...env },
+    env: { PATH: process.env.PATH, HOME: process.env.HOME, ...env, ...(killOn ? { KILL_ON: killOn } : {}) },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let output = '';
@@ -90,6 +92,22 @@ async function createTarget(dataDir: string): Promise<Target> {
   await database.migrate();
   await database.close();
   return { env: {}, withDb, wipe: async () => rmSync(folder, { recursive: true, force: true }), drop: async () => {} };
+}
+
+/**
+ * Uploads in DATA_DIR and a backup of them and of the database, then a user and a file added after it:
+ * what a restore takes away.
+ */
+async function backUpThenChange(dataDir: string, target: Target): Promise<{ env: Record<string, string>; backup: string; filesDir: string }> {
+  const filesDir = join(dataDir, 'files');
+  writeUploads(filesDir);
+  const env = { DATA_DIR: dataDir, ...target.env };
+  const backup = join(scratchFolder(), 'backup');
+  const made = await runBackupCli(['backup', backup], env);
+  expect(made.code, made.output).toBe(0);
+  await target.withDb((db) => db.insert(users).values({ id: uuidv7(), email: 'later@example.com', passwordHash: 'x', name: 'Later' }));
+  writeFileSync(join(filesDir, 'later.bin'), 'uploaded after the backup');
+  return { env, backup, filesDir };
 }
 
 /** Rows in every table, with the values that tend to break a round trip: nulls, JSON, Unicode, exact times. */
@@ -230,16 +248,9 @@ describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : '
   });
   it('copies the files before it touches the database: a file it cannot copy changes nothing', { timeout: 60_000 }, async () => {
     const dataDir = scratchFolder();
-    const filesDir = join(dataDir, 'files');
     const target = await createTarget(dataDir);
     try {
-      writeUploads(filesDir);
-      const env = { DATA_DIR: dataDir, ...target.env };
-      const backup = join(scratchFolder(), 'backup');
-      const made = await runBackupCli(['backup', backup], env);
-      expect(made.code, made.output).toBe(0);
-      await target.withDb((db) => db.insert(users).values({ id: uuidv7(), email: 'later@example.com', passwordHash: 'x', name: 'Later' }));
-      writeFileSync(join(filesDir, 'later.bin'), 'uploaded after the backup');
+      const { env, backup, filesDir } = await backUpThenChange(dataDir, target);
       execFileSync('mkfifo', [join(backup, 'files', 'pipe')]); // no copy of a FIFO can be made
 
       const refused = await runBackupCli(['restore', backup], env);
@@ -258,19 +269,34 @@ describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : '
     const dataDir = scratchFolder();
     const target = await createTarget(dataDir);
     try {
-      writeUploads(join(dataDir, 'files'));
-      const env = { DATA_DIR: dataDir, ...target.env };
-      const backup = join(scratchFolder(), 'backup');
-      const made = await runBackupCli(['backup', backup], env);
-      expect(made.code, made.output).toBe(0);
-      await target.withDb((db) => db.insert(users).values({ id: uuidv7(), email: 'later@example.com', passwordHash: 'x', name: 'Later' }));
-
+      const { env, backup } = await backUpThenChange(dataDir, target);
       const refused = await runBackupCli(['restore', backup], env, { filesOnAVolume: true });
       expect(refused.code).toBe(1);
       expect(refused.output.trim()).toMatch(/^Nothing was restored: \S+\/files cannot be replaced as a whole \([^\n]*\): it is a mount point; mount the volume at the folder above it instead$/);
       const emails = await target.withDb(async (db) => (await db.select().from(users)).map((user) => user.email));
       expect(emails).toEqual(['later@example.com']);
       expect(readdirSync(dataDir).filter((name) => name.startsWith('files'))).toEqual(['files']);
+    } finally {
+      await target.drop();
+    }
+  });
+  // The embedded database's restore was cut while it removed the database it had set aside (long, for a
+  // large one), once in place, and the files not yet: the next start served the backup's rows with the
+  // files of before. On PostgreSQL, cut as the files were set aside (the first rename of them is a probe),
+  // its restore committed.
+  it('is finished by the next start when cut short past its point of no return', { timeout: 60_000 }, async () => {
+    const dataDir = scratchFolder();
+    const target = await createTarget(dataDir);
+    try {
+      await target.withDb((db) => db.insert(users).values({ id: uuidv7(), email: 'in-backup@example.com', passwordHash: 'x', name: 'Kept' }));
+      const { env, backup, filesDir } = await backUpThenChange(dataDir, target);
+      const cut = await runBackupCli(['restore', backup], env, { killOn: target.env.DATABASE_URL ? `rename:${filesDir}:2` : 'rm:pglite.replaced' });
+      expect(cut.code, cut.output).toBeNull(); // killed
+      const app = await buildApp(testConfig(env));
+      await app.close();
+      expect(await target.withDb(async (db) => (await db.select().from(users)).map((user) => user.email))).toEqual(['in-backup@example.com']);
+      expect(readUploads(filesDir)).toEqual(uploads);
+      expect(readdirSync(dataDir).filter((name) => !['files', 'pglite', 'pglite.lock'].includes(name))).toEqual([]);
     } finally {
       await target.drop();
     }

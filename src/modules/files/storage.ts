@@ -5,6 +5,7 @@ import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { pathToFileURL } from 'node:url';
 import type { ByteRange } from './ranges.js';
+import { flush } from '../../flush.js';
 
 /** Bytes written in full to a temporary place, not yet under any key. */
 export interface StagedBytes {
@@ -205,14 +206,4 @@ async function exists(path: string): Promise<boolean> {
 async function writtenBefore(path: string, before: number): Promise<boolean> {
   const stats = await stat(path).catch(() => undefined); // gone meanwhile: renamed into place or removed
   return Boolean(stats?.isFile() && stats.mtimeMs < before);
-}
-
-/** fsync: the data (or a folder's entries) reach the disk before anything relies on them. */
-async function flush(path: string): Promise<void> {
-  const handle = await open(path, 'r');
-  try {
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
 }
