@@ -1,11 +1,11 @@
 import { randomUUID } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { join } from 'node:path';
-import Fastify, { type FastifyInstance } from 'fastify';
+import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import { validatorCompiler } from 'fastify-type-provider-zod';
 import type { Config } from './config.js';
 import { settleRestore } from './db/backup-store.js';
-import { type Database, openDatabase } from './db/database.js';
+import { type Database, MIGRATIONS_WAIT, openDatabase } from './db/database.js';
 import { createTokens, registerAuthentication } from './http/auth.js';
 import { answerClientError, answerFrameworkError, MissingHost, registerErrorHandling, ShuttingDown } from './http/errors.js';
 import { corsOutsideHooks, registerHardening } from './http/hardening.js';
@@ -110,7 +110,7 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
     else parseJson(request, body, done);
   });
 
-  const database = deps.database ?? (await openMigratedDatabase(config));
+  const database = deps.database ?? (await openMigratedDatabase(config, app.log));
   if (!deps.database) app.addHook('onClose', () => database.close());
 
   // Every response carries its request id and security headers, set first so that an answer given by any
@@ -192,10 +192,10 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   return app;
 }
 
-async function openMigratedDatabase(config: Config): Promise<Database> {
+async function openMigratedDatabase(config: Config, log: FastifyBaseLogger): Promise<Database> {
   const database = await openDatabase(config);
   try {
-    await database.migrate();
+    await database.migrate(() => log.warn(MIGRATIONS_WAIT));
   } catch (error) {
     await database.close();
     throw error;

@@ -1,5 +1,6 @@
 import { chmodSync, mkdirSync } from 'node:fs';
 import { dirname, join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { PGlite } from '@electric-sql/pglite';
 import { sql } from 'drizzle-orm';
 import { drizzle as drizzlePg } from 'drizzle-orm/node-postgres';
@@ -9,6 +10,7 @@ import { drizzle as drizzlePglite } from 'drizzle-orm/pglite';
 import { migrate as migratePglite } from 'drizzle-orm/pglite/migrator';
 import pg from 'pg';
 import { settleCutSwap } from './backup-store.js';
+import { hasCode } from './error-code.js';
 import { lockPglite } from './pglite-lock.js';
 import { schema } from './schema.js';
 import { StartupError } from '../startup-error.js';
@@ -25,7 +27,11 @@ export interface Database {
   readonly db: Db;
   /** Resolves when the database answers a trivial query within `timeoutMs`; rejects otherwise. */
   ping(timeoutMs?: number): Promise<void>;
-  migrate(): Promise<void>;
+  /**
+   * Applies the migrations not yet applied. On PostgreSQL, one that waits for a table another session
+   * holds (a backup's pg_dump) gives up after a second, calls `onLockWait` and tries again a second later.
+   */
+  migrate(onLockWait?: () => void): Promise<void>;
   close(): Promise<void>;
   /** Connections of the PostgreSQL pool, for metrics; embedded PGlite has no pool. */
   readonly poolStats?: () => PoolStats;
@@ -57,6 +63,14 @@ export interface PoolStats {
 }
 
 export const migrationsFolder = join(import.meta.dirname, 'migrations');
+
+/** What the start and `npm run db:migrate` say each time the migrations wait for a table's lock. */
+export const MIGRATIONS_WAIT = 'Migrations wait for a table that another session holds (a backup running?); trying again in a second';
+
+/** How long a migration's statement waits for a table's lock per try, and after how long it gives up. */
+const MIGRATION_LOCK_WAIT_MS = 1_000;
+const MIGRATION_LOCK_GIVE_UP_MS = 10 * 60_000;
+const LOCK_NOT_AVAILABLE = '55P03';
 
 /** Chosen at random once; every instance migrating the same database takes this advisory lock first. */
 const MIGRATION_LOCK_ID = 7_202_611_240;
@@ -212,7 +226,7 @@ export function openPostgres(url: string, options: PostgresOptions = {}): Databa
       }
     },
     ping: (timeoutMs = 2_000) => withTimeout(pool.query('select 1').then(() => undefined), timeoutMs),
-    async migrate() {
+    async migrate(onLockWait) {
       // A connection of its own, outside the pool's bound on statements: a migration may wait for as
       // long as another instance's takes (the advisory lock), or for the tables it alters.
       const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: pool.options.connectionTimeoutMillis });
@@ -223,7 +237,20 @@ export function openPostgres(url: string, options: PostgresOptions = {}): Databa
       try {
         await client.query('select pg_advisory_lock($1)', [MIGRATION_LOCK_ID]);
         try {
-          await migrating(migratePg(drizzlePg(client), { migrationsFolder }));
+          // A statement that waits for a table's lock queues every later statement on that table behind
+          // it: an ALTER TABLE waiting out a backup (pg_dump holds each table it reads until it ends)
+          // stalled the instances still serving. Each try waits a second at most, all of it rolled back.
+          await client.query(`set lock_timeout = ${MIGRATION_LOCK_WAIT_MS}`);
+          for (let tried = 1; ; tried++) {
+            try {
+              await migrating(migratePg(drizzlePg(client), { migrationsFolder }));
+              break;
+            } catch (error) {
+              if (!hasCode(error, LOCK_NOT_AVAILABLE) || tried * 2 * MIGRATION_LOCK_WAIT_MS >= MIGRATION_LOCK_GIVE_UP_MS) throw error;
+              onLockWait?.();
+              await sleep(MIGRATION_LOCK_WAIT_MS);
+            }
+          }
         } finally {
           await client.query('select pg_advisory_unlock($1)', [MIGRATION_LOCK_ID]);
         }

@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { STATUS_CODES } from 'node:http';
 import type { Socket } from 'node:net';
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { hasCode } from '../db/error-code.js';
 import { API_HEADERS, setResponseHeaders } from './security-headers.js';
 
 /** The contract's stable problem codes, each with the status it is always sent with. */
@@ -246,13 +247,6 @@ const NO_ROOM = ['ENOSPC', 'EDQUOT', '53100'];
 // cannot be stored, refused by the statement that would have stored it.
 const UNSTORABLE_TEXT = ['22021', '22P05'];
 
-/** Whether the error, or one of its causes (drizzle wraps driver errors), carries the PostgreSQL `code`. */
-export function hasCode(error: unknown, code: string): boolean {
-  for (let e = error, depth = 0; e && depth < 5; e = (e as { cause?: unknown }).cause, depth++) {
-    if ((e as { code?: unknown }).code === code) return true;
-  }
-  return false;
-}
 
 /**
  * Walks an error and its causes (drizzle wraps driver errors) looking for a lost database connection: what

@@ -6,6 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { sql } from 'drizzle-orm';
+import pg from 'pg';
 import { describe, expect, it } from 'vitest';
 import { migrationsFolder, openPglite } from '../../src/db/database.js';
 import { DatabaseLockedError, lockPglite } from '../../src/db/pglite-lock.js';
@@ -298,6 +299,34 @@ describe('migrations', () => {
       const applied = (await db.execute(sql`select count(*)::int as n from drizzle.__drizzle_migrations`)) as unknown as { rows: { n: number }[] };
       expect(applied.rows[0]!.n).toBe(readdirSync(migrationsFolder).filter((name) => name.endsWith('.sql')).length);
     } finally {
+      await drop();
+    }
+  });
+});
+
+describe.runIf(process.env.TEST_DATABASE_URL)('migrations during a PostgreSQL backup', () => {
+  // 0011's ALTER TABLE waited for pg_dump's lock for as long as the backup ran, and every statement on
+  // the projects of the instances still serving queued behind it.
+  it('wait for a table a second at a time, so that the instances serving meanwhile are not held behind them', { timeout: 60_000 }, async () => {
+    const { database, url, drop } = await createTestDatabase();
+    const dump = new pg.Client({ connectionString: url });
+    const reader = new pg.Client({ connectionString: url, statement_timeout: 3_000 });
+    try {
+      // 0011 and the migrations after it to apply again (they are written to run again).
+      await database.db.execute(sql`delete from drizzle.__drizzle_migrations where id not in (select id from drizzle.__drizzle_migrations order by created_at limit 11)`);
+      await Promise.all([dump.connect(), reader.connect()]);
+      // What pg_dump holds on every table it reads, until it ends.
+      await dump.query('begin isolation level repeatable read; lock table users, projects, files in access share mode');
+      let waits = 0;
+      const migrating = database.migrate(() => waits++);
+      await expect.poll(() => waits, { timeout: 20_000 }).toBeGreaterThan(0);
+      await reader.query('select count(*) from projects'); // within its 3 s, where it waited for the backup
+      await dump.query('commit');
+      await migrating;
+      const applied = (await database.db.execute(sql`select count(*)::int as n from drizzle.__drizzle_migrations`)) as unknown as { rows: { n: number }[] };
+      expect(applied.rows[0]!.n).toBe(readdirSync(migrationsFolder).filter((name) => name.endsWith('.sql')).length);
+    } finally {
+      await Promise.all([dump.end(), reader.end()]);
       await drop();
     }
   });
