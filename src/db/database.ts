@@ -182,15 +182,13 @@ export function openPostgres(url: string, options: PostgresOptions = {}): Databa
     // A request waiting on a dead database fails fast with 503 instead of hanging.
     connectionTimeoutMillis: options.connectionTimeoutMs ?? 5_000,
     Client: BoundedClient,
+    // The database's bound, set before a new connection is lent: a statement the driver stopped waiting
+    // for would otherwise still run there once what held it let go (an upload's insert behind a backup's
+    // lock), and commit what its request was told (503) was not stored. Not pg's `statement_timeout`
+    // option: that is a startup parameter, which PgBouncer refuses by default.
+    onConnect: (client) => client.query(`set statement_timeout = ${queryTimeoutMs}`),
     query_timeout: queryTimeoutMs + UNANSWERED_AFTER_BOUND_MS,
     idleTimeoutMillis: 30_000,
-  });
-  // The database's bound: a statement the driver stopped waiting for would otherwise still run there once
-  // what held it let go (an upload's insert behind a backup's lock), and commit what its request was told
-  // (503) was not stored. Set once a connection is made, ahead of its first statement, rather than as
-  // pg's `statement_timeout` option: that is a startup parameter, which PgBouncer refuses by default.
-  pool.on('connect', (client) => {
-    client.query(`set statement_timeout = ${queryTimeoutMs}`).catch(() => {}); // a lost connection fails what follows
   });
   // An idle client losing its connection (database restarted) must not crash the process;
   // the pool drops it and the next query opens a new one.
