@@ -247,7 +247,6 @@ const NO_ROOM = ['ENOSPC', 'EDQUOT', '53100'];
 // cannot be stored, refused by the statement that would have stored it.
 const UNSTORABLE_TEXT = ['22021', '22P05'];
 
-
 /**
  * Walks an error and its causes (drizzle wraps driver errors) looking for a lost database connection: what
  * said so (the driver's code, or its words), undefined when nothing did. Never a message whole, which may
