@@ -94,6 +94,17 @@ async function createTarget(dataDir: string): Promise<Target> {
   return { env: {}, withDb, wipe: async () => rmSync(folder, { recursive: true, force: true }), drop: async () => {} };
 }
 
+/** The emails of the target's users. */
+const emailsIn = (target: Target) => target.withDb(async (db) => (await db.select().from(users)).map((user) => user.email));
+
+/** A restore refused with `message` that changed nothing: the user added after the backup is there, and no folder beside the files. */
+async function expectNothingRestored(refused: { code: number | null; output: string }, message: RegExp, target: Target, dataDir: string): Promise<void> {
+  expect(refused.code).toBe(1);
+  expect(refused.output.trim()).toMatch(message);
+  expect(await emailsIn(target)).toEqual(['later@example.com']);
+  expect(readdirSync(dataDir).filter((name) => name.startsWith('files'))).toEqual(['files']);
+}
+
 /**
  * Uploads in DATA_DIR and a backup of them and of the database, then a user and a file added after it:
  * what a restore takes away.
@@ -254,12 +265,8 @@ describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : '
       execFileSync('mkfifo', [join(backup, 'files', 'pipe')]); // no copy of a FIFO can be made
 
       const refused = await runBackupCli(['restore', backup], env);
-      expect(refused.code).toBe(1);
-      expect(refused.output.trim()).toMatch(/^Nothing was restored: the backup's files could not be copied: [^\n]+$/);
-      const emails = await target.withDb(async (db) => (await db.select().from(users)).map((user) => user.email));
-      expect(emails).toEqual(['later@example.com']);
+      await expectNothingRestored(refused, /^Nothing was restored: the backup's files could not be copied: [^\n]+$/, target, dataDir);
       expect(readUploads(filesDir)).toEqual({ ...uploads, 'later.bin': Buffer.from('uploaded after the backup') });
-      expect(readdirSync(dataDir).filter((name) => name.startsWith('files'))).toEqual(['files']);
     } finally {
       await target.drop();
     }
@@ -271,11 +278,8 @@ describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : '
     try {
       const { env, backup } = await backUpThenChange(dataDir, target);
       const refused = await runBackupCli(['restore', backup], env, { filesOnAVolume: true });
-      expect(refused.code).toBe(1);
-      expect(refused.output.trim()).toMatch(/^Nothing was restored: \S+\/files cannot be replaced as a whole \([^\n]*\): it is a mount point; mount the volume at the folder above it instead$/);
-      const emails = await target.withDb(async (db) => (await db.select().from(users)).map((user) => user.email));
-      expect(emails).toEqual(['later@example.com']);
-      expect(readdirSync(dataDir).filter((name) => name.startsWith('files'))).toEqual(['files']);
+      const message = /^Nothing was restored: \S+\/files cannot be replaced as a whole \([^\n]*\): it is a mount point; mount the volume at the folder above it instead$/;
+      await expectNothingRestored(refused, message, target, dataDir);
     } finally {
       await target.drop();
     }
@@ -294,7 +298,7 @@ describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : '
       expect(cut.code, cut.output).toBeNull(); // killed
       const app = await buildApp(testConfig(env));
       await app.close();
-      expect(await target.withDb(async (db) => (await db.select().from(users)).map((user) => user.email))).toEqual(['in-backup@example.com']);
+      expect(await emailsIn(target)).toEqual(['in-backup@example.com']);
       expect(readUploads(filesDir)).toEqual(uploads);
       expect(readdirSync(dataDir).filter((name) => !['files', 'pglite', 'pglite.lock'].includes(name))).toEqual([]);
     } finally {
