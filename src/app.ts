@@ -92,6 +92,7 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
     // The router's own errors (a malformed or over-long path parameter) are problem+json too.
     frameworkErrors: (error, request, reply) => {
       cors?.(request, reply);
+      request.server.metrics.countRefused(request, reply);
       answerFrameworkError(error, request, reply);
     },
     // So are requests Node's parser refuses before routing (headers over the limit, malformed HTTP).

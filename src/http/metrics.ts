@@ -22,6 +22,8 @@ export interface Metrics {
   /** Counts an open server-sent events stream until `response` closes. */
   trackStream(response: ServerResponse): void;
   recordProviderCall(call: ProviderCall): void;
+  /** Counts a request the router refused (a malformed path, an over-long parameter) once it is answered: no hook runs for it. */
+  countRefused(request: FastifyRequest, reply: FastifyReply): void;
 }
 
 declare module 'fastify' {
@@ -140,6 +142,9 @@ export function registerMetrics(app: FastifyInstance, database: Database, knownN
       openStreams.inc();
       // Called back once however the response ends (finished, client gone), even if it already has.
       finished(response, () => openStreams.dec());
+    },
+    countRefused(request, reply) {
+      reply.raw.once('finish', () => observe(request, reply, reply.statusCode));
     },
     recordProviderCall({ provider, model, operation, seconds, outcome, usage }) {
       const labels = { provider, model: modelLabel(model) };

@@ -74,12 +74,14 @@ function problemCodesOf(route: RouteOptions, schema: FastifySchema): Set<Problem
   if (schema.body || schema.querystring || schema.params || schema.headers) codes.add('VALIDATION_ERROR');
   if (!config.public) codes.add('UNAUTHORIZED');
   if (route.url.includes(':')) codes.add('NOT_FOUND');
-  if (takesBody({ method: route.method, schema })) {
+  const readsBody = takesBody({ method: route.method, schema });
+  // A DELETE is parsed like any request with a body: one it was sent anyway may be too large, or of a type it does not read.
+  if (readsBody || [route.method].flat().includes('DELETE')) {
     codes.add('PAYLOAD_TOO_LARGE');
     codes.add('UNSUPPORTED_MEDIA_TYPE');
-    // What it stores may find no room (a full disk).
-    codes.add('INSUFFICIENT_STORAGE');
   }
+  // What it stores may find no room (a full disk).
+  if (readsBody) codes.add('INSUFFICIENT_STORAGE');
   if (rateLimitGroupOf(config)) codes.add('RATE_LIMITED');
   codes.add('INTERNAL');
   // Shed under pressure unless served under it; and during a drain (SIGTERM), every route.

@@ -69,6 +69,16 @@ describe('GET /metrics', () => {
     expect(after).not.toContain(strangePath);
   });
 
+  it('counts the requests the router refuses, under no route: a malformed path, an over-long parameter', async () => {
+    const refused = (text: string, status: string) => seriesValue(text, 'http_request_duration_seconds_count', { route: 'unmatched', status });
+    const before = await scrape();
+    expect((await t.app.inject({ method: 'GET', url: '/api/v1/projects/%zz', headers: user.auth })).statusCode).toBe(400);
+    expect((await t.app.inject({ method: 'GET', url: `/api/v1/projects/${'a'.repeat(200)}`, headers: user.auth })).statusCode).toBe(404);
+    const after = await scrape();
+    expect(refused(after, '400') - refused(before, '400')).toBe(1);
+    expect(refused(after, '404') - refused(before, '404')).toBe(1);
+  });
+
   it('leaves liveness probes out (config `metrics: false`), and only them', async () => {
     const count = (text: string, route: string, method = 'GET') =>
       seriesValue(text, 'http_request_duration_seconds_count', { method, route, status: '200' });
