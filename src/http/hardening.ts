@@ -50,11 +50,17 @@ export function takesBody(route: Pick<RouteOptions, 'method' | 'schema'>): boole
 /**
  * A preParsing hook of the routes that take no body but may be sent one (a DELETE): an empty body is no
  * body, whatever Content-Type names. fetch names an empty string body `text/plain`, curl's `-d ''` a
- * form, and Fastify, finding no parser for either, answered a valid delete 415.
+ * form, and Fastify, finding no parser for either, answered a valid delete 415. A body that is there is
+ * parsed, so it is refused as any other if it is encoded.
  */
-function ignoreEmptyBodyType(request: FastifyRequest, _reply: FastifyReply, payload: RequestPayload, done: (error: Error | null, payload?: RequestPayload) => void): void {
+function ignoreEmptyBodyType(request: FastifyRequest, reply: FastifyReply, payload: RequestPayload, done: (error: Error | null, payload?: RequestPayload) => void): void {
   const { headers } = request;
-  if (headers['content-length'] === '0' && headers['transfer-encoding'] === undefined) delete headers['content-type'];
+  const length = headers['content-length'];
+  if (headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0')) {
+    refuseEncodedBody(request, reply, payload, done);
+    return;
+  }
+  delete headers['content-type'];
   done(null, payload);
 }
 
