@@ -50,8 +50,17 @@ interface TokenClaims {
 
 export interface Tokens {
   issue(user: { id: string; email: string; tokenVersion: number }): string;
-  /** Verifies signature, algorithm and claims; throws Unauthorized on anything else. */
+  /** Verifies signature, algorithm and claims; throws Unauthorized on anything else, or once `revoke`d. */
   verify(token: string): TokenClaims;
+  /** Remembers a token found no longer current (`StaleToken`): it stays so, as a user's version only goes up. */
+  revoke(token: string): void;
+}
+
+/** A token whose user is gone or whose version is no longer the user's (a password change revoked it). */
+class StaleToken extends Unauthorized {
+  constructor() {
+    super('Invalid or expired token');
+  }
 }
 
 /** Tokens verified lately, each kept until it expires or this many newer ones push it out. */
@@ -71,9 +80,25 @@ export function createTokens(secret: string, expiresInSeconds: number): Tokens {
   // costs about what verifying it again does; this saves the HMAC, the decoding and the claims' checks.
   // Only verified tokens are kept, and one that has expired is verified again (and refused).
   const verified = new Map<string, TokenClaims>();
+  // Tokens found stale, refused from then on before anything is counted for their user: a route that checks
+  // the token in its own statement counts the request against the user first (see `registerAuthentication`),
+  // so that without this a revoked token, stolen, could keep its owner at 429 until it expired. Counted
+  // against its user once per instance; a token pushed out by newer ones is found stale again.
+  const revoked = new Set<string>();
+  // The oldest entry goes first: a Map and a Set iterate in the order of insertion.
+  const makeRoom = (kept: Map<string, unknown> | Set<string>) => {
+    if (kept.size >= VERIFIED_TOKENS) kept.delete(kept.keys().next().value!);
+  };
   return {
     issue: (user) => sign({ sub: user.id, email: user.email, ver: user.tokenVersion }),
+    revoke(token) {
+      verified.delete(token);
+      if (revoked.has(token)) return;
+      makeRoom(revoked);
+      revoked.add(token);
+    },
     verify(token) {
+      if (revoked.has(token)) throw new Unauthorized('Invalid or expired token');
       const known = verified.get(token);
       if (known && Date.now() < known.exp * 1000) return known;
       let claims: Partial<TokenClaims>;
@@ -85,8 +110,7 @@ export function createTokens(secret: string, expiresInSeconds: number): Tokens {
       if (typeof claims.sub !== 'string' || !isUuid(claims.sub) || typeof claims.ver !== 'number') {
         throw new Unauthorized('Invalid or expired token');
       }
-      // The oldest entry goes first: a Map iterates in the order of insertion.
-      if (verified.size >= VERIFIED_TOKENS) verified.delete(verified.keys().next().value!);
+      makeRoom(verified);
       verified.set(token, claims as TokenClaims);
       return claims as TokenClaims;
     },
@@ -114,15 +138,21 @@ export function registerAuthentication(app: FastifyInstance, db: Db, tokens: Tok
     .from(users)
     .where(eq(users.id, sql.placeholder('id')))
     .prepare('auth_user_row');
+  /** Throws StaleToken, and remembers it (`Tokens.revoke`), unless the request's token is current by `row`. */
+  const assertCurrent = (request: FastifyRequest, user: AuthUser, row: { tokenVersion: number | null } | undefined) => {
+    try {
+      assertTokenCurrent(user, row);
+    } catch (error) {
+      tokens.revoke(bearerToken(request));
+      throw error;
+    }
+  };
   const authenticate = async (request: FastifyRequest) => {
     const { config } = request.routeOptions;
     try {
       const claims = tokens.verify(bearerToken(request));
       const user = { id: claims.sub, tokenVersion: claims.ver };
-      if (!config.tokenCheckedByHandler) {
-        const [row] = await userRow.execute({ id: user.id });
-        assertTokenCurrent(user, row);
-      }
+      if (!config.tokenCheckedByHandler) assertCurrent(request, user, (await userRow.execute({ id: user.id }))[0]);
       request.user = user;
     } catch (error) {
       if (error instanceof Unauthorized) await limits.countAnonymous(request);
@@ -135,11 +165,11 @@ export function registerAuthentication(app: FastifyInstance, db: Db, tokens: Tok
   // is gets 401, not a hint about its request. One lookup more, on refusals only. What this handler
   // throws, the app's answers: the refusal itself, 401, or the database's failure (503).
   app.decorateRequest('refusal', async function (this: FastifyRequest, error: Error): Promise<Error> {
+    if (error instanceof StaleToken) tokens.revoke(bearerToken(this));
     const { status } = toProblem(error, this);
     if (!this.user || status < 400 || status >= 500 || status === 401) return error;
     try {
-      const [row] = await userRow.execute({ id: this.user.id });
-      assertTokenCurrent(this.user, row);
+      assertCurrent(this, this.user, (await userRow.execute({ id: this.user.id }))[0]);
       return error;
     } catch (refused) {
       return refused as Error;
@@ -160,5 +190,5 @@ export function registerAuthentication(app: FastifyInstance, db: Db, tokens: Tok
 
 /** Throws 401 unless `row`, the token's user as stored, exists and still has the token's version. */
 export function assertTokenCurrent(user: AuthUser, row: { tokenVersion: number | null } | undefined): void {
-  if (row?.tokenVersion !== user.tokenVersion) throw new Unauthorized('Invalid or expired token');
+  if (row?.tokenVersion !== user.tokenVersion) throw new StaleToken();
 }

@@ -30,4 +30,14 @@ describe('verified tokens, kept for the next request of the session', () => {
     // Nor a token of another secret's that happens to be kept by this one's verifier.
     expect(() => createTokens('t'.repeat(64), 60).verify(token)).toThrow('Invalid or expired token');
   });
+
+  it('refuse a token once it is found stale, and only that one', () => {
+    const tokens = createTokens('s'.repeat(64), 60);
+    const stale = tokens.issue(user);
+    const current = tokens.issue({ ...user, tokenVersion: 4 });
+    tokens.verify(stale);
+    tokens.revoke(stale);
+    expect(() => tokens.verify(stale)).toThrow('Invalid or expired token');
+    expect(tokens.verify(current).ver).toBe(4);
+  });
 });

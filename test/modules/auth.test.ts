@@ -13,6 +13,7 @@ import {
   registerUser,
   revokeTokens,
   startTestApp,
+  startTestAppWithUpstream,
   TEST_SECRET,
   type TestApp,
   uniqueEmail,
@@ -517,6 +518,30 @@ describe('a revoked token on every route', () => {
       expectProblem(await send(requests[2]), 429, 'RATE_LIMITED');
       await revokeTokens(limited.app, user);
       for (const request of requests) expectProblem(await send(request), 401, 'UNAUTHORIZED');
+    } finally {
+      await limited.close();
+    }
+  });
+
+  it("does not spend its owner's limits where the route checks it in its own statement (a chat, a project): its owner is not locked out", async () => {
+    const limited = await startTestAppWithUpstream({ RATE_LIMIT_CHAT: '2', RATE_LIMIT_API: '5' });
+    try {
+      const user = await registerUser(limited.app);
+      const project = await createProject(limited.app, user);
+      const stolen = user.auth;
+      await revokeTokens(limited.app, user);
+      const signedIn = await limited.app.inject({ method: 'POST', url: '/api/v1/auth/login', payload: { email: user.email, password: 'another-password-1' } });
+      const owner = { authorization: `Bearer ${signedIn.json().token}` };
+      const chat = (headers: Record<string, string>) =>
+        limited.app.inject({ method: 'POST', url: `/api/v1/projects/${project.id}/chat`, headers, payload: { message: 'Hello' } });
+      const read = (headers: Record<string, string>) => limited.app.inject({ method: 'GET', url: `/api/v1/projects/${project.id}`, headers });
+      // Found stale by the first, each after it is refused before its user is known, counted against its address.
+      for (let attempt = 0; attempt < 3; attempt++) {
+        expectProblem(await chat(stolen), 401, 'UNAUTHORIZED');
+        expectProblem(await read(stolen), 401, 'UNAUTHORIZED');
+      }
+      expect((await chat(owner)).statusCode).toBe(200);
+      expect((await read(owner)).statusCode).toBe(200);
     } finally {
       await limited.close();
     }
