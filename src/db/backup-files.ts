@@ -1,4 +1,4 @@
-import type { Dirent } from 'node:fs';
+import { type Dirent, existsSync } from 'node:fs';
 import { copyFile, mkdir, readdir, stat, utimes } from 'node:fs/promises';
 import { join } from 'node:path';
 import { BackupError } from './backup-store.js';
@@ -8,13 +8,16 @@ const STAGING = 'tmp';
 
 /**
  * Copies the uploaded files under `from` into `to`, a new folder (made with its parents: a restore may
- * be the first to write under DATA_DIR), keeping their modification times. `from` missing is no files.
+ * be the first to write under DATA_DIR), keeping their modification times. `from` missing is no files,
+ * unless they are `required` (the database names some: `from` is then the wrong folder, and a backup
+ * without them would delete every upload when it is restored).
  * Left out: the staging folder `tmp/`, whose temporaries are uploads still being written (or strays of a
  * process that died), renamed away as uploads finish.
  * The service may run meanwhile, so an entry that vanishes between the listing and its copy is skipped:
  * it was not there to copy.
  */
-export async function copyUploads(from: string, to: string): Promise<void> {
+export async function copyUploads(from: string, to: string, { required = false } = {}): Promise<void> {
+  if (required && !existsSync(from)) throw new BackupError(`${from} does not exist, though the database names uploaded files: check DATA_DIR`);
   await mkdir(to, { recursive: true });
   await copyEntries(from, to, (entry) => entry.name !== STAGING);
 }

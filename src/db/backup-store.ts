@@ -1,7 +1,9 @@
 import { existsSync } from 'node:fs';
 import { chmod, rename, rm, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
+import { getTableName } from 'drizzle-orm';
 import { flush } from '../flush.js';
+import { files } from './schema.js';
 
 /** A backup or restore that cannot go on; its message is the one line the command prints. */
 export class BackupError extends Error {
@@ -15,9 +17,10 @@ export interface DatabaseStore {
   readonly fileName: string;
   /**
    * Writes the database to `file`, then runs `alongside` (the copy of the uploaded files) while the
-   * file rows cannot change, so the copy matches the dump: no row without its bytes.
+   * file rows cannot change, so the copy matches the dump: no row without its bytes. `namesFiles`: the
+   * dump holds a file row (`ANY_FILE_ROW`), so the files' folder must be there.
    */
-  dump(file: string, alongside: () => Promise<void>): Promise<void>;
+  dump(file: string, alongside: (namesFiles: boolean) => Promise<void>): Promise<void>;
   /**
    * Replaces the whole database with the file's, or leaves it as it was when that fails. Runs
    * `committing` once nothing but putting the replacement in place is left (the embedded database's
@@ -35,8 +38,11 @@ export interface StagedFolder {
   discard(): Promise<void>;
 }
 
+/** Whether the database names any uploaded file; one boolean column, `any`. */
+export const ANY_FILE_ROW = `select exists (select 1 from "${getTableName(files)}") as "any"`;
+
 /** Where `folder`'s replacement is written, and where `folder` is set aside while the two are swapped. */
-const besides = (folder: string) => ({ staging: `${folder}.restoring`, previous: `${folder}.replaced` });
+export const besides = (folder: string) => ({ staging: `${folder}.restoring`, previous: `${folder}.replaced` });
 
 /**
  * The mark, under DATA_DIR, of a restore past its point of no return (see `DatabaseStore.restore`), until

@@ -1,6 +1,6 @@
-import { existsSync, mkdirSync } from 'node:fs';
+import { existsSync, mkdirSync, realpathSync } from 'node:fs';
 import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
-import { dirname, join, resolve } from 'node:path';
+import { basename, dirname, join, resolve, sep } from 'node:path';
 import { z } from 'zod';
 import type { Config } from '../config.js';
 import { pgliteFolder } from './database.js';
@@ -8,7 +8,7 @@ import { DatabaseLockedError, lockPglite } from './pglite-lock.js';
 import { copyUploads } from './backup-files.js';
 import { pgliteStore, requirePgliteDatabase } from './backup-pglite.js';
 import { postgresStore } from './backup-postgres.js';
-import { BackupError, type DatabaseStore, markRestoreCommitting, restoreDone, settleRestore, stageFolder } from './backup-store.js';
+import { BackupError, besides, type DatabaseStore, markRestoreCommitting, restoreDone, settleCutSwap, settleRestore, stageFolder } from './backup-store.js';
 
 export { BackupError };
 
@@ -41,16 +41,23 @@ const uploadsFolder = (config: BackupConfig) => join(config.DATA_DIR, 'files');
 export async function createBackup(config: BackupConfig, target: string): Promise<BackupManifest> {
   const folder = resolve(target);
   if (existsSync(folder)) throw new BackupError(`${folder} already exists: name a new folder for the backup`);
+  refuseInsideReplacedFolders(config, folder);
   const partial = `${folder}.partial`;
   // Before the embedded database's lock, whose taking creates DATA_DIR: a wrong DATA_DIR is left as it was.
-  if (!config.DATABASE_URL) requirePgliteDatabase(pgliteFolder(config.DATA_DIR));
+  if (!config.DATABASE_URL && !existsSync(config.DATA_DIR)) requirePgliteDatabase(pgliteFolder(config.DATA_DIR));
   await rm(partial, { recursive: true, force: true });
   await mkdir(dirname(partial), { recursive: true });
   // It holds every password hash, conversation and upload: for its owner only, as the live data is.
   await mkdir(partial, { mode: 0o700 });
   try {
     return await withStore(config, 'Backup', async (store) => {
-      await store.dump(join(partial, store.fileName), () => copyUploads(uploadsFolder(config), join(partial, 'files')));
+      // What a restore cut short left is settled as a start settles it: the backup holds what a server would serve.
+      if (store.kind === 'pglite') await settleCutSwap(pgliteFolder(config.DATA_DIR), 'back');
+      await settleRestore(config.DATA_DIR, [[uploadsFolder(config), 'forward']]);
+      if (store.kind === 'pglite') requirePgliteDatabase(pgliteFolder(config.DATA_DIR));
+      await store.dump(join(partial, store.fileName), (namesFiles) =>
+        copyUploads(uploadsFolder(config), join(partial, 'files'), { required: namesFiles }),
+      );
       const manifest: BackupManifest = { format: FORMAT, version: 1, kind: store.kind, createdAt: new Date().toISOString() };
       await writeFile(join(partial, 'manifest.json'), `${JSON.stringify(manifest, null, 2)}\n`);
       await rename(partial, folder);
@@ -68,6 +75,7 @@ export async function createBackup(config: BackupConfig, target: string): Promis
  */
 export async function restoreBackup(config: BackupConfig, source: string): Promise<BackupManifest> {
   const folder = resolve(source);
+  refuseInsideReplacedFolders(config, folder);
   const manifest = await readManifest(folder);
   return withStore(config, 'Restore', async (store) => {
     if (manifest.kind !== store.kind) {
@@ -120,6 +128,33 @@ async function restoreInOrder(config: BackupConfig, folder: string, store: Datab
     throw new BackupError(`The database was restored but the files were not (the next start puts them in): ${error.message}`);
   });
   await restoreDone(config.DATA_DIR);
+}
+
+/**
+ * Refuses a backup folder inside one that a restore replaces as a whole (the uploaded files, the embedded
+ * database, or one of their copies of a swap): a backup written into the files would copy itself into
+ * itself until its path was too long, one in the database's folder would be in the next backup, and
+ * either would be deleted by its own restore. Paths are compared as the file system resolves them.
+ */
+function refuseInsideReplacedFolders(config: BackupConfig, folder: string): void {
+  const dataDir = realLocation(config.DATA_DIR);
+  const at = realLocation(folder);
+  for (const live of [join(dataDir, 'files'), pgliteFolder(dataDir)]) {
+    const { staging, previous } = besides(live);
+    const inside = [live, staging, previous].find((replaced) => at === replaced || at.startsWith(`${replaced}${sep}`));
+    if (inside) throw new BackupError(`${folder} is inside ${inside}, which a restore replaces: keep backups outside it (in DATA_DIR/backups, or on another volume)`);
+  }
+}
+
+/** `path` with its existing part resolved through the file system (symbolic links, `..`); the rest as written. */
+function realLocation(path: string): string {
+  const rest: string[] = [];
+  let at = resolve(path);
+  while (!existsSync(at) && dirname(at) !== at) {
+    rest.unshift(basename(at));
+    at = dirname(at);
+  }
+  return join(realpathSync(at), ...rest);
 }
 
 async function readManifest(folder: string): Promise<BackupManifest> {

@@ -305,6 +305,76 @@ describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : '
       await target.drop();
     }
   });
+  it('backs up, after a restore cut short past its point of no return, what the next start would serve', { timeout: 120_000 }, async () => {
+    // Cut between the database and the files (and, embedded, between the two renames of the database's swap).
+    const cuts = process.env.TEST_DATABASE_URL ? [(filesDir: string) => `rename:${filesDir}:2`] : [() => 'rm:pglite.replaced', () => 'rename:pglite.restoring:1'];
+    for (const killOn of cuts) {
+      const dataDir = scratchFolder();
+      const target = await createTarget(dataDir);
+      try {
+        await target.withDb((db) => db.insert(users).values({ id: uuidv7(), email: 'in-backup@example.com', passwordHash: 'x', name: 'Kept' }));
+        const { env, backup, filesDir } = await backUpThenChange(dataDir, target);
+        const cut = await runBackupCli(['restore', backup], env, { killOn: killOn(filesDir) });
+        expect(cut.code, cut.output).toBeNull(); // killed
+        const again = join(scratchFolder(), 'again');
+        const made = await runBackupCli(['backup', again], env);
+        expect(made.code, made.output).toBe(0);
+        expect(readUploads(join(again, 'files'))).toEqual(uploads);
+        expect(await emailsIn(target)).toEqual(['in-backup@example.com']);
+        expect(readUploads(filesDir)).toEqual(uploads);
+      } finally {
+        await target.drop();
+      }
+    }
+  });
+
+  it('refuses a backup that would hold no file of the rows it holds: DATA_DIR is not where the files are', { timeout: 60_000 }, async () => {
+    const dataDir = scratchFolder();
+    const target = await createTarget(dataDir);
+    try {
+      await target.withDb(seed);
+      const backup = join(scratchFolder(), 'backup');
+      const refused = await runBackupCli(['backup', backup], { DATA_DIR: dataDir, ...target.env });
+      expect(refused.code).toBe(1);
+      expect(refused.output.trim()).toBe(`${join(dataDir, 'files')} does not exist, though the database names uploaded files: check DATA_DIR`);
+      expect(existsSync(backup)).toBe(false);
+      expect(existsSync(`${backup}.partial`)).toBe(false);
+      // Without file rows there is nothing to miss.
+      await target.withDb((db) => db.delete(files));
+      const made = await runBackupCli(['backup', backup], { DATA_DIR: dataDir, ...target.env });
+      expect(made.code, made.output).toBe(0);
+    } finally {
+      await target.drop();
+    }
+  });
+
+  it('refuses a backup folder inside the folders a restore replaces, however it is named, and restores from none', { timeout: 60_000 }, async () => {
+    const dataDir = scratchFolder();
+    const target = await createTarget(dataDir);
+    try {
+      const { env, backup, filesDir } = await backUpThenChange(dataDir, target);
+      const link = join(scratchFolder(), 'link');
+      execFileSync('ln', ['-s', dataDir, link]);
+      for (const inside of [join(filesDir, 'backup'), join(link, 'files', 'nested', 'backup'), join(pgliteFolder(dataDir), 'backup'), join(`${filesDir}.restoring`, 'x')]) {
+        const refused = await runBackupCli(['backup', inside], env);
+        expect(refused.code, inside).toBe(1);
+        expect(refused.output.trim()).toMatch(/ is inside \S+, which a restore replaces: keep backups outside it \(in DATA_DIR\/backups, or on another volume\)$/);
+      }
+      expect(readUploads(filesDir)).toEqual({ ...uploads, 'later.bin': Buffer.from('uploaded after the backup') });
+      // A backup copied into the files would be deleted by its own restore.
+      const copied = join(filesDir, 'kept-backup');
+      execFileSync('cp', ['-r', backup, copied]);
+      const refused = await runBackupCli(['restore', copied], env);
+      await expectNothingRestored(refused, /^\S+ is inside \S+, which a restore replaces/, target, dataDir);
+      expect(existsSync(copied)).toBe(true);
+      // Beside them, under DATA_DIR, is where a container keeps its backups.
+      const made = await runBackupCli(['backup', join(dataDir, 'backups', 'nightly')], env);
+      expect(made.code, made.output).toBe(0);
+    } finally {
+      await target.drop();
+    }
+  });
+
   it('leaves out uploads in progress, which come and go in files/tmp while it copies', { timeout: 60_000 }, async () => {
     const dataDir = scratchFolder();
     const target = await createTarget(dataDir);
