@@ -94,6 +94,17 @@ async function createTarget(dataDir: string): Promise<Target> {
   return { env: {}, withDb, wipe: async () => rmSync(folder, { recursive: true, force: true }), drop: async () => {} };
 }
 
+/** Runs `use` with a target in a DATA_DIR of its own, dropped after it. */
+async function withTarget(use: (target: Target, dataDir: string) => Promise<void>): Promise<void> {
+  const dataDir = scratchFolder();
+  const target = await createTarget(dataDir);
+  try {
+    await use(target, dataDir);
+  } finally {
+    await target.drop();
+  }
+}
+
 /** The emails of the target's users. */
 const emailsIn = (target: Target) => target.withDb(async (db) => (await db.select().from(users)).map((user) => user.email));
 
@@ -204,10 +215,8 @@ function readUploads(folder: string): Record<string, Buffer> {
 
 describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : 'embedded PGlite'})`, () => {
   it('backs up, restores over later changes and onto nothing, and finds every row and file again', { timeout: 120_000 }, async () => {
-    const dataDir = scratchFolder();
-    const filesDir = join(dataDir, 'files');
-    const target = await createTarget(dataDir);
-    try {
+    await withTarget(async (target, dataDir) => {
+      const filesDir = join(dataDir, 'files');
       const rows = await target.withDb(async (db) => {
         await seed(db);
         return snapshot(db);
@@ -253,45 +262,33 @@ describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : '
       const again = await runBackupCli(['backup', backup], env);
       expect(again.code).toBe(1);
       expect(again.output.trim()).toMatch(/^\S+ already exists: name a new folder for the backup$/);
-    } finally {
-      await target.drop();
-    }
+    });
   });
   it('copies the files before it touches the database: a file it cannot copy changes nothing', { timeout: 60_000 }, async () => {
-    const dataDir = scratchFolder();
-    const target = await createTarget(dataDir);
-    try {
+    await withTarget(async (target, dataDir) => {
       const { env, backup, filesDir } = await backUpThenChange(dataDir, target);
       execFileSync('mkfifo', [join(backup, 'files', 'pipe')]); // no copy of a FIFO can be made
 
       const refused = await runBackupCli(['restore', backup], env);
       await expectNothingRestored(refused, /^Nothing was restored: the backup's files could not be copied: [^\n]+$/, target, dataDir);
       expect(readUploads(filesDir)).toEqual({ ...uploads, 'later.bin': Buffer.from('uploaded after the backup') });
-    } finally {
-      await target.drop();
-    }
+    });
   });
   // It replaced the database, then could not rename the mount point (EBUSY): the backup's rows beside the live files.
   it.runIf(canMountTmpfs)('refuses, changing nothing, to restore files that are a volume of their own', { timeout: 60_000 }, async () => {
-    const dataDir = scratchFolder();
-    const target = await createTarget(dataDir);
-    try {
+    await withTarget(async (target, dataDir) => {
       const { env, backup } = await backUpThenChange(dataDir, target);
       const refused = await runBackupCli(['restore', backup], env, { filesOnAVolume: true });
       const message = /^Nothing was restored: \S+\/files cannot be replaced as a whole \([^\n]*\): it is a mount point; mount the volume at the folder above it instead$/;
       await expectNothingRestored(refused, message, target, dataDir);
-    } finally {
-      await target.drop();
-    }
+    });
   });
   // The embedded database's restore was cut while it removed the database it had set aside (long, for a
   // large one), once in place, and the files not yet: the next start served the backup's rows with the
   // files of before. On PostgreSQL, cut as the files were set aside (the first rename of them is a probe),
   // its restore committed.
   it('is finished by the next start when cut short past its point of no return', { timeout: 60_000 }, async () => {
-    const dataDir = scratchFolder();
-    const target = await createTarget(dataDir);
-    try {
+    await withTarget(async (target, dataDir) => {
       await target.withDb((db) => db.insert(users).values({ id: uuidv7(), email: 'in-backup@example.com', passwordHash: 'x', name: 'Kept' }));
       const { env, backup, filesDir } = await backUpThenChange(dataDir, target);
       const cut = await runBackupCli(['restore', backup], env, { killOn: target.env.DATABASE_URL ? `rename:${filesDir}:2` : 'rm:pglite.replaced' });
@@ -301,17 +298,13 @@ describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : '
       expect(await emailsIn(target)).toEqual(['in-backup@example.com']);
       expect(readUploads(filesDir)).toEqual(uploads);
       expect(readdirSync(dataDir).filter((name) => !['files', 'pglite', 'pglite.lock'].includes(name))).toEqual([]);
-    } finally {
-      await target.drop();
-    }
+    });
   });
   it('backs up, after a restore cut short past its point of no return, what the next start would serve', { timeout: 120_000 }, async () => {
     // Cut between the database and the files (and, embedded, between the two renames of the database's swap).
     const cuts = process.env.TEST_DATABASE_URL ? [(filesDir: string) => `rename:${filesDir}:2`] : [() => 'rm:pglite.replaced', () => 'rename:pglite.restoring:1'];
     for (const killOn of cuts) {
-      const dataDir = scratchFolder();
-      const target = await createTarget(dataDir);
-      try {
+      await withTarget(async (target, dataDir) => {
         await target.withDb((db) => db.insert(users).values({ id: uuidv7(), email: 'in-backup@example.com', passwordHash: 'x', name: 'Kept' }));
         const { env, backup, filesDir } = await backUpThenChange(dataDir, target);
         const cut = await runBackupCli(['restore', backup], env, { killOn: killOn(filesDir) });
@@ -322,16 +315,12 @@ describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : '
         expect(readUploads(join(again, 'files'))).toEqual(uploads);
         expect(await emailsIn(target)).toEqual(['in-backup@example.com']);
         expect(readUploads(filesDir)).toEqual(uploads);
-      } finally {
-        await target.drop();
-      }
+      });
     }
   });
 
   it('refuses a backup that would hold no file of the rows it holds: DATA_DIR is not where the files are', { timeout: 60_000 }, async () => {
-    const dataDir = scratchFolder();
-    const target = await createTarget(dataDir);
-    try {
+    await withTarget(async (target, dataDir) => {
       await target.withDb(seed);
       const backup = join(scratchFolder(), 'backup');
       const refused = await runBackupCli(['backup', backup], { DATA_DIR: dataDir, ...target.env });
@@ -343,15 +332,11 @@ describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : '
       await target.withDb((db) => db.delete(files));
       const made = await runBackupCli(['backup', backup], { DATA_DIR: dataDir, ...target.env });
       expect(made.code, made.output).toBe(0);
-    } finally {
-      await target.drop();
-    }
+    });
   });
 
   it('refuses a backup folder inside the folders a restore replaces, however it is named, and restores from none', { timeout: 60_000 }, async () => {
-    const dataDir = scratchFolder();
-    const target = await createTarget(dataDir);
-    try {
+    await withTarget(async (target, dataDir) => {
       const { env, backup, filesDir } = await backUpThenChange(dataDir, target);
       const link = join(scratchFolder(), 'link');
       execFileSync('ln', ['-s', dataDir, link]);
@@ -370,15 +355,11 @@ describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : '
       // Beside them, under DATA_DIR, is where a container keeps its backups.
       const made = await runBackupCli(['backup', join(dataDir, 'backups', 'nightly')], env);
       expect(made.code, made.output).toBe(0);
-    } finally {
-      await target.drop();
-    }
+    });
   });
 
   it('leaves out uploads in progress, which come and go in files/tmp while it copies', { timeout: 60_000 }, async () => {
-    const dataDir = scratchFolder();
-    const target = await createTarget(dataDir);
-    try {
+    await withTarget(async (target, dataDir) => {
       writeUploads(join(dataDir, 'files'));
       const staging = join(dataDir, 'files', 'tmp');
       const backup = join(scratchFolder(), 'backup');
@@ -386,9 +367,7 @@ describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : '
       expect(made.code, made.output).toBe(0);
       expect(readUploads(join(backup, 'files'))).toEqual(uploads);
       expect(existsSync(join(backup, 'files', 'tmp'))).toBe(false);
-    } finally {
-      await target.drop();
-    }
+    });
   });
 });
 
@@ -741,13 +720,9 @@ describe('a PostgreSQL backup that cannot start', () => {
 describe.runIf(process.env.TEST_DATABASE_URL)('a PostgreSQL backup through every DATABASE_URL the service accepts', () => {
   /** Runs `run` on a new target database, its DATA_DIR and URL, and drops it afterwards. */
   async function onTarget(run: (target: Target, dataDir: string, url: URL) => Promise<void>) {
-    const dataDir = scratchFolder();
-    const target = await createTarget(dataDir);
-    try {
+    await withTarget(async (target, dataDir) => {
       await run(target, dataDir, new URL(target.env.DATABASE_URL!));
-    } finally {
-      await target.drop();
-    }
+    });
   }
   /** Backs up into a new folder with `env`, which must succeed; the folder. */
   async function backedUp(env: Record<string, string>) {
