@@ -5,7 +5,7 @@ import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import { validatorCompiler } from 'fastify-type-provider-zod';
 import type { Config } from './config.js';
 import { settleRestore } from './db/backup-store.js';
-import { type Database, MIGRATIONS_WAIT, openDatabase } from './db/database.js';
+import { type Database, openDatabase } from './db/database.js';
 import { createTokens, registerAuthentication } from './http/auth.js';
 import { answerClientError, answerFrameworkError, MissingHost, registerErrorHandling, ShuttingDown } from './http/errors.js';
 import { corsOutsideHooks, registerHardening } from './http/hardening.js';
@@ -196,7 +196,7 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
 async function openMigratedDatabase(config: Config, log: FastifyBaseLogger): Promise<Database> {
   const database = await openDatabase(config);
   try {
-    await database.migrate(() => log.warn(MIGRATIONS_WAIT));
+    await database.migrate((waiting) => log.warn(waiting));
   } catch (error) {
     await database.close();
     throw error;

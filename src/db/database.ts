@@ -28,10 +28,12 @@ export interface Database {
   /** Resolves when the database answers a trivial query within `timeoutMs`; rejects otherwise. */
   ping(timeoutMs?: number): Promise<void>;
   /**
-   * Applies the migrations not yet applied. On PostgreSQL, one that waits for a table another session
-   * holds (a backup's pg_dump) gives up after a second, calls `onLockWait` and tries again a second later.
+   * Applies the migrations not yet applied. On PostgreSQL, waiting for another session is done a second
+   * at a time, each wait told to `onWait` (`MIGRATIONS_WAIT`, `MIGRATIONS_WAIT_FOR_ANOTHER`), for up to
+   * 10 minutes: for another instance applying them (their advisory lock), and for a table another session
+   * holds (a backup's pg_dump).
    */
-  migrate(onLockWait?: () => void): Promise<void>;
+  migrate(onWait?: (message: string) => void): Promise<void>;
   close(): Promise<void>;
   /** Connections of the PostgreSQL pool, for metrics; embedded PGlite has no pool. */
   readonly poolStats?: () => PoolStats;
@@ -66,6 +68,8 @@ export const migrationsFolder = join(import.meta.dirname, 'migrations');
 
 /** What the start and `npm run db:migrate` say each time the migrations wait for a table's lock. */
 export const MIGRATIONS_WAIT = 'Migrations wait for a table that another session holds (a backup running?); trying again in a second';
+/** And each time they wait for another session applying them (another instance starting, `db:migrate`). */
+export const MIGRATIONS_WAIT_FOR_ANOTHER = 'Migrations wait for another instance (or db:migrate) that is applying them; trying again in a second';
 
 /** How long a migration's statement waits for a table's lock per try, and after how long it gives up. */
 const MIGRATION_LOCK_WAIT_MS = 1_000;
@@ -73,7 +77,7 @@ const MIGRATION_LOCK_GIVE_UP_MS = 10 * 60_000;
 const LOCK_NOT_AVAILABLE = '55P03';
 
 /** Chosen at random once; every instance migrating the same database takes this advisory lock first. */
-const MIGRATION_LOCK_ID = 7_202_611_240;
+export const MIGRATION_LOCK_ID = 7_202_611_240;
 
 export interface PostgresOptions {
   /** Pool size; PostgreSQL's default of 100 connections is shared by every instance. */
@@ -158,9 +162,9 @@ export class MigrationError extends StartupError {
 }
 
 /** Runs migrations; what fails them is a MigrationError. */
-async function migrating(run: Promise<unknown>): Promise<void> {
-  await run.catch((error: unknown) => {
-    throw new MigrationError(error);
+async function migrating<T>(run: Promise<T>): Promise<T> {
+  return run.catch((error: unknown) => {
+    throw error instanceof MigrationError ? error : new MigrationError(error);
   });
 }
 
@@ -224,7 +228,7 @@ export function openPostgres(url: string, options: PostgresOptions = {}): Databa
       }
     },
     ping: (timeoutMs = 2_000) => withTimeout(pool.query('select 1').then(() => undefined), timeoutMs),
-    async migrate(onLockWait) {
+    async migrate(onWait) {
       // A connection of its own, outside the pool's bound on statements: a migration may wait for as
       // long as another instance's takes (the advisory lock), or for the tables it alters.
       const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: pool.options.connectionTimeoutMillis });
@@ -232,25 +236,43 @@ export function openPostgres(url: string, options: PostgresOptions = {}): Databa
       await client.connect().catch((error: unknown) => {
         throw new DatabaseUnreachableError(error);
       });
+      const giveUpAt = Date.now() + MIGRATION_LOCK_GIVE_UP_MS;
+      const minutes = `${MIGRATION_LOCK_GIVE_UP_MS / 60_000} minutes`;
+      /** Runs `attempt` until it is done, again a second after each time it met another session's lock. */
+      const waitingForOthers = async (attempt: () => Promise<boolean>, message: string, givenUp: string) => {
+        while (!(await migrating(attempt()))) {
+          if (Date.now() + MIGRATION_LOCK_WAIT_MS >= giveUpAt) throw new MigrationError(givenUp);
+          onWait?.(message);
+          await sleep(MIGRATION_LOCK_WAIT_MS);
+        }
+      };
       try {
-        await client.query('select pg_advisory_lock($1)', [MIGRATION_LOCK_ID]);
+        // Tried rather than waited for: a wait in pg_advisory_lock has no bound and says nothing, and a
+        // holder that never ends (a suspended db:migrate) held every start with it.
+        await waitingForOthers(async () => {
+          const { rows } = await client.query<{ locked: boolean }>('select pg_try_advisory_lock($1) as locked', [MIGRATION_LOCK_ID]);
+          return rows[0]!.locked;
+        }, MIGRATIONS_WAIT_FOR_ANOTHER, `another session (an instance starting, db:migrate) has been applying them for ${minutes}`);
         try {
           // A statement that waits for a table's lock queues every later statement on that table behind
           // it: an ALTER TABLE waiting out a backup (pg_dump holds each table it reads until it ends)
           // stalled the instances still serving. Each try waits a second at most, all of it rolled back.
-          await client.query(`set lock_timeout = ${MIGRATION_LOCK_WAIT_MS}`);
-          for (let tried = 1; ; tried++) {
-            try {
-              await migrating(migratePg(drizzlePg(client), { migrationsFolder }));
-              break;
-            } catch (error) {
-              if (!hasCode(error, LOCK_NOT_AVAILABLE) || tried * 2 * MIGRATION_LOCK_WAIT_MS >= MIGRATION_LOCK_GIVE_UP_MS) throw error;
-              onLockWait?.();
-              await sleep(MIGRATION_LOCK_WAIT_MS);
-            }
-          }
+          await migrating(client.query(`set lock_timeout = ${MIGRATION_LOCK_WAIT_MS}`));
+          await waitingForOthers(
+            () =>
+              migratePg(drizzlePg(client), { migrationsFolder }).then(
+                () => true,
+                (error: unknown) => {
+                  if (hasCode(error, LOCK_NOT_AVAILABLE)) return false;
+                  throw error;
+                },
+              ),
+            MIGRATIONS_WAIT,
+            `a table they change has been held by another session (a backup?) for ${minutes}`,
+          );
         } finally {
-          await client.query('select pg_advisory_unlock($1)', [MIGRATION_LOCK_ID]);
+          // Ending the session releases it too: a connection lost meanwhile must not hide why it failed.
+          await client.query('select pg_advisory_unlock($1)', [MIGRATION_LOCK_ID]).catch(() => {});
         }
       } finally {
         await client.end();

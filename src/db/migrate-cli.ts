@@ -2,13 +2,13 @@
 // migrate before rolling out new instances. The service also applies them at start.
 import { loadEnvironment } from '../config.js';
 import { StartupError } from '../startup-error.js';
-import { MIGRATIONS_WAIT, openDatabase } from './database.js';
+import { openDatabase } from './database.js';
 
 try {
   const config = loadEnvironment();
   const database = await openDatabase(config);
   try {
-    await database.migrate(() => process.stderr.write(`${MIGRATIONS_WAIT}\n`));
+    await database.migrate((waiting) => process.stderr.write(`${waiting}\n`));
     process.stdout.write(`migrations applied (${database.kind})\n`);
   } finally {
     await database.close();

@@ -8,7 +8,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { sql } from 'drizzle-orm';
 import pg from 'pg';
 import { describe, expect, it } from 'vitest';
-import { migrationsFolder, openPglite } from '../../src/db/database.js';
+import { type Database, MIGRATION_LOCK_ID, MigrationError, MIGRATIONS_WAIT, MIGRATIONS_WAIT_FOR_ANOTHER, migrationsFolder, openPglite } from '../../src/db/database.js';
 import { DatabaseLockedError, lockPglite } from '../../src/db/pglite-lock.js';
 import { providerFileDeletions, users } from '../../src/db/schema.js';
 import { adminQuery, createTestDatabase } from '../support/database.js';
@@ -317,9 +317,10 @@ describe.runIf(process.env.TEST_DATABASE_URL)('migrations during a PostgreSQL ba
       await Promise.all([dump.connect(), reader.connect()]);
       // What pg_dump holds on every table it reads, until it ends.
       await dump.query('begin isolation level repeatable read; lock table users, projects, files in access share mode');
-      let waits = 0;
-      const migrating = database.migrate(() => waits++);
-      await expect.poll(() => waits, { timeout: 20_000 }).toBeGreaterThan(0);
+      const waits: string[] = [];
+      const migrating = database.migrate((waiting) => waits.push(waiting));
+      await expect.poll(() => waits.length, { timeout: 20_000 }).toBeGreaterThan(0);
+      expect(new Set(waits)).toEqual(new Set([MIGRATIONS_WAIT]));
       await reader.query('select count(*) from projects'); // within its 3 s, where it waited for the backup
       await dump.query('commit');
       await migrating;
@@ -330,6 +331,43 @@ describe.runIf(process.env.TEST_DATABASE_URL)('migrations during a PostgreSQL ba
       await drop();
     }
   });
+});
+
+describe.runIf(process.env.TEST_DATABASE_URL)('migrations while another session applies them', () => {
+  /** Runs `use` while another session holds the migrations' lock, as an instance applying them does. */
+  async function whileAnotherApplies(use: (database: Database, other: pg.Client) => Promise<void>): Promise<void> {
+    const { database, url, drop } = await createTestDatabase();
+    const other = new pg.Client({ connectionString: url });
+    try {
+      await other.connect();
+      await other.query('select pg_advisory_lock($1)', [MIGRATION_LOCK_ID]);
+      await use(database, other);
+    } finally {
+      await other.end();
+      await drop();
+    }
+  }
+
+  it('wait for it a second at a time, saying so each time, then apply theirs', { timeout: 30_000 }, () =>
+    whileAnotherApplies(async (database, other) => {
+      const waits: string[] = [];
+      const migrating = database.migrate((waiting) => waits.push(waiting));
+      await expect.poll(() => waits.length, { timeout: 10_000 }).toBeGreaterThan(1);
+      expect(new Set(waits)).toEqual(new Set([MIGRATIONS_WAIT_FOR_ANOTHER]));
+      await other.query('select pg_advisory_unlock($1)', [MIGRATION_LOCK_ID]);
+      await migrating;
+    }));
+
+  it('fail with one line, not a stack, when their connection is lost meanwhile', { timeout: 30_000 }, () =>
+    whileAnotherApplies(async (database, other) => {
+      let waits = 0;
+      const migrating = database.migrate(() => waits++);
+      const failed = expect(migrating).rejects.toThrow(MigrationError);
+      await expect.poll(() => waits, { timeout: 10_000 }).toBeGreaterThan(0);
+      await other.query(`select pg_terminate_backend(pid) from pg_stat_activity where datname = current_database() and query like '%pg_try_advisory_lock%' and pid <> pg_backend_pid()`);
+      await failed;
+      await expect(migrating).rejects.toThrow(/^Migrations could not be applied: \S/);
+    }));
 });
 
 describe('a held connection', () => {
