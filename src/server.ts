@@ -1,8 +1,7 @@
+import type { IncomingMessage, Server, ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
 import type { FastifyInstance } from 'fastify';
 import type { Config } from './config.js';
-
-/** While shutting down, how often connections that have become idle are closed. */
-const IDLE_CONNECTION_REAP_MS = 100;
 /** Past the shutdown bound, how long the rest of closing (the database's connections) may take before the process exits anyway. */
 const CLOSE_GRACE_MS = 5_000;
 
@@ -43,8 +42,10 @@ async function main(): Promise<void> {
     throw error;
   }
 
+  const closeWhenAnswered = connectionsClosingWhenAnswered(app.server);
   stop = async (signal: NodeJS.Signals) => {
     app.log.info({ signal }, 'shutting down: no new connections, finishing requests in flight');
+    closeWhenAnswered();
     // Requests still running after the bound are cut so that the process always exits.
     const force = setTimeout(() => {
       app.log.warn('shutdown bound reached: closing remaining connections');
@@ -56,9 +57,6 @@ async function main(): Promise<void> {
       }, CLOSE_GRACE_MS).unref();
     }, config.SHUTDOWN_TIMEOUT_MS);
     force.unref();
-    // Node closes idle keep-alive connections once, when the server stops listening. One whose response
-    // ends later would idle until its keep-alive timeout and hold every shutdown to the bound.
-    setInterval(() => app.server.closeIdleConnections(), IDLE_CONNECTION_REAP_MS).unref();
     try {
       await app.close(); // stops listening, waits for in-flight requests, runs onClose (closes the database)
       process.exit(0);
@@ -81,6 +79,39 @@ async function main(): Promise<void> {
     await app.close().catch(() => undefined); // already failing: the line above is the one to show
     process.exit(1);
   }
+}
+
+/**
+ * Makes the server close its connections at shutdown only once each has nothing left to send, and returns
+ * what starts that: a connection with no response in flight is closed at once, one with a response once
+ * that response has been handed to the kernel whole ('finish'). Node's own `closeIdleConnections()`, which
+ * `server.close()` runs, counts a connection idle as soon as its response has *ended*, its bytes still in
+ * Node's buffers, and destroys it with them: a slow client lost the end of its answer (a large page, a
+ * stream's last event) to the shutdown. And one whose response ends after the server stops listening
+ * would idle until its keep-alive timeout and hold the shutdown to its bound.
+ */
+function connectionsClosingWhenAnswered(server: Server): () => void {
+  const answering = new Map<Socket, ServerResponse | undefined>();
+  server.on('connection', (socket: Socket) => {
+    answering.set(socket, undefined);
+    socket.once('close', () => answering.delete(socket));
+  });
+  server.on('request', (request: IncomingMessage, response: ServerResponse) => {
+    const { socket } = request;
+    answering.set(socket, response);
+    response.once('close', () => {
+      // Not a later response's on the same connection (pipelined).
+      if (answering.get(socket) === response) answering.set(socket, undefined);
+    });
+  });
+  const closeIdle = () => {
+    for (const [socket, response] of answering) if (!response) socket.destroy();
+  };
+  server.closeIdleConnections = closeIdle;
+  return () => {
+    closeIdle();
+    for (const [socket, response] of answering) response?.once('finish', () => socket.destroySoon());
+  };
 }
 
 await main();

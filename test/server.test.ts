@@ -138,6 +138,42 @@ describe('graceful shutdown', () => {
     }
   });
 
+  it('lets a slow client read the whole of an answer that had ended when the shutdown began', async () => {
+    const server = await spawnServer({ BCRYPT_ROUNDS: '4', SHUTDOWN_TIMEOUT_MS: '30000', ...(testDb?.url ? { DATABASE_URL: testDb.url } : {}) });
+    await waitUntilServing(server);
+    const api = async (path: string, body: unknown, token?: string) => {
+      const response = await fetch(`${server.url}/api/v1${path}`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', ...(token ? { authorization: `Bearer ${token}` } : {}) },
+        body: JSON.stringify(body),
+      });
+      expect(response.status, path).toBe(201);
+      return (await response.json()) as { token: string; id: string };
+    };
+    const { token } = await api('/auth/register', { email: 'slow-reader@example.com', password: 'password-1', name: 'Slow' });
+    const project = await api('/projects', { name: 'Long prompts' }, token);
+    // 10 MB of JSON: far more than the socket's buffers take while the client reads nothing.
+    for (let prompt = 0; prompt < 100; prompt++) await api(`/projects/${project.id}/prompts`, { title: `Prompt ${prompt}`, content: 'x'.repeat(100_000) }, token);
+
+    const socket = connect(Number(new URL(server.url).port), '127.0.0.1');
+    const received: Buffer[] = [];
+    const ended = new Promise<void>((resolve) => socket.once('close', () => resolve()));
+    socket.on('data', (chunk: Buffer) => received.push(chunk));
+    socket.write(`GET /api/v1/projects/${project.id}/prompts?limit=100 HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer ${token}\r\naccept-encoding: identity\r\n\r\n`);
+    socket.pause();
+    await new Promise((resolve) => setTimeout(resolve, 1_000)); // the answer written to its end, most of it in the server's buffers
+    server.child.kill('SIGTERM');
+    await new Promise((resolve) => setTimeout(resolve, 1_000));
+    socket.resume();
+    await ended;
+    const raw = Buffer.concat(received).toString('latin1');
+    const headEnd = raw.indexOf('\r\n\r\n');
+    const length = Number(/\r\ncontent-length: (\d+)/i.exec(raw.slice(0, headEnd))?.[1]);
+    expect(length).toBeGreaterThan(10_000_000);
+    expect(raw.length - headEnd - 4).toBe(length);
+    expect(await server.exited).toBe(0);
+  });
+
   it.skipIf(!process.env.TEST_DATABASE_URL)('exits 1 shortly after the bound when the database stops answering while it closes', async () => {
     const database = new URL(testDb!.url!);
     const proxy = await HangingProxy.start(database.hostname, Number(database.port || 5432));
