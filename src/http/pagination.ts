@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { ValidationFailed } from './errors.js';
 
 const DEFAULT_PAGE_SIZE = 20;
 const MAX_PAGE_SIZE = 100;
@@ -19,9 +20,18 @@ export const idSortKeyOf = (row: { id: string }): IdSortKey => [row.id];
 export const timeSortKey = z.tuple([z.string().regex(/^-?\d{1,16}$/), z.uuid()]);
 export type TimeSortKey = z.infer<typeof timeSortKey>;
 
-/** Opaque to clients: base64url JSON of the sort key, checked against its shape on the way back in. */
-export function encodeCursor(key: SortKey): string {
-  return Buffer.from(JSON.stringify(key)).toString('base64url');
+/**
+ * The list a cursor was handed out for: what it lists and whose (`projects:<userId>`,
+ * `prompts:<projectId>`). A cursor of another list, given back to this one, walked it from wherever its
+ * key fell among this list's rows, skipping the rows before it without a word.
+ */
+export type ListName = string;
+
+const NOT_A_CURSOR = 'is not a cursor of this list';
+
+/** Opaque to clients: base64url JSON of the list's name and the sort key, checked on the way back in. */
+export function encodeCursor(list: ListName, key: SortKey): string {
+  return Buffer.from(JSON.stringify([list, ...key])).toString('base64url');
 }
 
 function decodeCursor(cursor: string): unknown {
@@ -41,17 +51,20 @@ const limit = z
   .default(DEFAULT_PAGE_SIZE);
 
 /**
- * `?limit&cursor` of a list whose sort key has the shape `sortKey`. A cursor that does not decode to
- * that shape fails validation (400 on `querystring.cursor`) before any query sees it.
+ * `?limit&cursor` of a list whose sort key has the shape `sortKey`. A cursor that does not decode to a
+ * list's name and that shape fails validation (400 on `querystring.cursor`) before any query sees it;
+ * one of another list, once `paginate` knows which list this is.
  */
 export function pageQuery<Key extends SortKey>(sortKey: z.ZodType<Key>) {
   const cursor = z
     .string()
     .max(512)
     .transform((value, ctx) => {
-      const key = sortKey.safeParse(decodeCursor(value));
-      if (key.success) return key.data;
-      ctx.addIssue({ code: 'custom', message: 'is not a cursor of this list' });
+      const decoded = decodeCursor(value);
+      const [list, ...key] = Array.isArray(decoded) ? (decoded as unknown[]) : [];
+      const parsed = sortKey.safeParse(key);
+      if (typeof list === 'string' && parsed.success) return { list, key: parsed.data };
+      ctx.addIssue({ code: 'custom', message: NOT_A_CURSOR });
       return z.NEVER;
     });
   return z.strictObject({ limit, cursor: cursor.optional() });
@@ -59,7 +72,7 @@ export function pageQuery<Key extends SortKey>(sortKey: z.ZodType<Key>) {
 
 export interface PageRequest<Key extends SortKey> {
   limit: number;
-  cursor?: Key | undefined;
+  cursor?: { list: ListName; key: Key } | undefined;
 }
 
 export interface Page<T> {
@@ -73,17 +86,21 @@ export function pageOf<Item extends z.ZodType>(item: Item) {
 }
 
 /**
- * One page of a keyset-paginated list. `fetchRows(after, take)` reads up to `take` rows whose sort key
- * comes after `after`, in order; one row more than the limit is read only to learn whether a next page
- * exists. Keyset (not offset) paging returns every row exactly once while rows are being added.
+ * One page of the keyset-paginated list `list`. `fetchRows(after, take)` reads up to `take` rows whose
+ * sort key comes after `after`, in order; one row more than the limit is read only to learn whether a next
+ * page exists. Keyset (not offset) paging returns every row exactly once while rows are being added.
+ * A cursor of another list is 400.
  */
 export async function paginate<Row, Key extends SortKey>(
   request: PageRequest<Key>,
+  list: ListName,
   fetchRows: (after: Key | undefined, take: number) => Promise<Row[]>,
   sortKeyOf: (row: Row) => Key,
 ): Promise<Page<Row>> {
-  const rows = await fetchRows(request.cursor, request.limit + 1);
+  const { cursor } = request;
+  if (cursor && cursor.list !== list) throw new ValidationFailed('Invalid request querystring', [{ path: 'querystring.cursor', message: NOT_A_CURSOR }]);
+  const rows = await fetchRows(cursor?.key, request.limit + 1);
   if (rows.length <= request.limit) return { data: rows, nextCursor: null };
   const data = rows.slice(0, request.limit);
-  return { data, nextCursor: encodeCursor(sortKeyOf(data.at(-1)!)) };
+  return { data, nextCursor: encodeCursor(list, sortKeyOf(data.at(-1)!)) };
 }

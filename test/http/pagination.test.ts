@@ -144,11 +144,34 @@ describe('cursor', () => {
     expect(body.errors).toEqual([expect.objectContaining({ path: 'querystring.cursor' })]);
   });
 
-  it('accepts any well-formed sort key, even one no page handed out', async () => {
-    const far = encodeCursor(['ffffffff-ffff-7fff-bfff-ffffffffffff']);
+  it('accepts any well-formed sort key of the list, even one no page handed out', async () => {
+    const far = encodeCursor(`projects:${user.id}`, ['ffffffff-ffff-7fff-bfff-ffffffffffff']);
     expect((await get(`/api/v1/projects?cursor=${far}`)).json()).toEqual({ data: [], nextCursor: null });
-    const early = encodeCursor(['-9999999999999999', '00000000-0000-7000-8000-000000000000']);
+    const early = encodeCursor(`messages:${project.id}`, ['-9999999999999999', '00000000-0000-7000-8000-000000000000']);
     expect((await get(`/api/v1/projects/${project.id}/messages?cursor=${early}`)).json().data).toHaveLength(2);
+  });
+
+  it("refuses a cursor of another list, which would skip this list's rows without a word: another project's, user's or kind", async () => {
+    const other = await createProject(t.app, user);
+    for (let i = 0; i < 2; i++) await createPrompt(t.app, user, other.id);
+    await createPrompt(t.app, user, project.id);
+    const cursorOf = async (url: string) => (await get(`${url}?limit=1`)).json().nextCursor as string;
+    const otherPrompts = await cursorOf(`/api/v1/projects/${other.id}/prompts`);
+    const secondUser = await registerUser(t.app);
+    for (let i = 0; i < 2; i++) await createProject(t.app, secondUser);
+    const refusals = [
+      [`/api/v1/projects/${project.id}/prompts`, otherPrompts],
+      ['/api/v1/projects', otherPrompts],
+      ['/api/v1/projects', (await get('/api/v1/projects?limit=1', secondUser)).json().nextCursor as string],
+      [`/api/v1/projects/${project.id}/files`, await cursorOf(`/api/v1/projects/${project.id}/messages`)],
+    ];
+    for (const [url, cursor] of refusals) {
+      const body = expectProblem(await get(`${url}?cursor=${cursor}`), 400, 'VALIDATION_ERROR');
+      expect(body.errors, url).toEqual([{ path: 'querystring.cursor', message: 'is not a cursor of this list' }]);
+    }
+    // Its own list takes it, its project named in capitals or not.
+    const own = await get(`/api/v1/projects/${other.id.toUpperCase()}/prompts?cursor=${otherPrompts}`);
+    expect(own.json().data).toHaveLength(1);
   });
 
   it('refuses an unknown query parameter on every list', async () => {

@@ -60,7 +60,7 @@ describe('user B against user A’s ids', () => {
   });
 
   it('never lists A’s projects to B, whatever the cursor', async () => {
-    for (const url of ['/api/v1/projects', `/api/v1/projects?cursor=${encodeCursor(['00000000-0000-7000-8000-000000000000'])}`]) {
+    for (const url of ['/api/v1/projects', `/api/v1/projects?cursor=${encodeCursor(`projects:${b.id}`, ['00000000-0000-7000-8000-000000000000'])}`]) {
       const listed = (await call(b, 'GET', url)).json();
       expect(listed.data.map((p: { id: string }) => p.id)).toEqual([ids.ownProject]);
     }

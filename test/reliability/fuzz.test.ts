@@ -235,8 +235,8 @@ const hints = (): Hints => ({
   ),
   password: fc.oneof(fc.string({ unit: 'grapheme', minLength: 8, maxLength: 30 }), fc.string({ maxLength: 12 }), fc.constant(loginUser.password)),
   cursor: fc.oneof(
-    fc.uuid({ version: 7 }).map((id) => encodeCursor([id])),
-    fc.tuple(fc.bigInt({ min: 0n, max: 10n ** 16n - 1n }), fc.uuid({ version: 7 })).map(([micros, id]) => encodeCursor([String(micros), id])),
+    fc.uuid({ version: 7 }).map((id) => encodeCursor(`projects:${user.id}`, [id])),
+    fc.tuple(fc.bigInt({ min: 0n, max: 10n ** 16n - 1n }), fc.uuid({ version: 7 })).map(([micros, id]) => encodeCursor('messages', [String(micros), id])),
     fc.string({ maxLength: 30 }),
   ),
   'idempotency-key': fc.oneof(fc.constantFrom('fuzz-key-1', 'fuzz-key-2', 'fuzz-key-3'), fc.stringMatching(/^[\w.:-]{1,60}$/)),

@@ -158,10 +158,10 @@ describe('API1:2023 Broken Object Level Authorization', () => {
 
   it('never shows B A’s items through B’s own lists, whatever the cursor', async () => {
     for (const url of [
-      `/api/v1/projects?cursor=${encodeCursor(['00000000-0000-7000-8000-000000000000'])}`,
-      `/api/v1/projects/${ids.ownProject}/prompts?cursor=${encodeCursor(['00000000-0000-7000-8000-000000000000'])}`,
-      `/api/v1/projects/${ids.ownProject}/files?cursor=${encodeCursor(['-9999999999999999', '00000000-0000-7000-8000-000000000000'])}`,
-      `/api/v1/projects/${ids.ownProject}/messages?cursor=${encodeCursor(['-9999999999999999', '00000000-0000-7000-8000-000000000000'])}`,
+      `/api/v1/projects?cursor=${encodeCursor(`projects:${b.id}`, ['00000000-0000-7000-8000-000000000000'])}`,
+      `/api/v1/projects/${ids.ownProject}/prompts?cursor=${encodeCursor(`prompts:${ids.ownProject}`, ['00000000-0000-7000-8000-000000000000'])}`,
+      `/api/v1/projects/${ids.ownProject}/files?cursor=${encodeCursor(`files:${ids.ownProject}`, ['-9999999999999999', '00000000-0000-7000-8000-000000000000'])}`,
+      `/api/v1/projects/${ids.ownProject}/messages?cursor=${encodeCursor(`messages:${ids.ownProject}`, ['-9999999999999999', '00000000-0000-7000-8000-000000000000'])}`,
     ]) {
       const listed = await send(b, 'GET', url);
       expect(listed.statusCode, url).toBe(200);

@@ -1,4 +1,4 @@
-import { and, asc, eq, getTableColumns, gt, type SQL, sql } from 'drizzle-orm';
+import { and, asc, eq, getTableColumns, getTableName, gt, type SQL, sql } from 'drizzle-orm';
 import type { PgColumn } from 'drizzle-orm/pg-core';
 import type { FastifyBaseLogger } from 'fastify';
 import type { Config } from '../../config.js';
@@ -46,13 +46,14 @@ export async function pageOfProjectRowsByTime<Table extends typeof messages | ty
   projectId: string,
   page: PageRequest<TimeSortKey>,
 ): Promise<Page<Table['$inferSelect']>> {
-  await requireOwnedProject(db, userId, projectId);
+  const project = await requireOwnedProject(db, userId, projectId);
   const child = table as typeof files; // both tables have the `id`, `projectId` and `createdAt` columns used here
   const createdAtMicros = sql<string>`(extract(epoch from ${child.createdAt}) * 1000000)::bigint::text`;
   const after = ([micros, id]: TimeSortKey) =>
     sql`(${child.createdAt}, ${child.id}) > (timestamptz 'epoch' + ${micros}::bigint * interval '1 microsecond', ${id}::uuid)`;
   return paginate(
     page,
+    `${getTableName(table)}:${project.id}`,
     (cursor, take) =>
       db
         .select({ ...getTableColumns(child), createdAtMicros })
@@ -156,6 +157,7 @@ export class ProjectsService {
   async list(userId: string, page: PageRequest<IdSortKey>): Promise<Page<ProjectDto>> {
     const { data, nextCursor } = await paginate(
       page,
+      `projects:${userId}`,
       (after, take) =>
         this.db
           .select(withCounts(this.db))

@@ -57,9 +57,10 @@ export class PromptsService {
 
   /** Oldest first (by id), the order they reach the model. */
   async list(userId: string, projectId: string, page: PageRequest<IdSortKey>): Promise<Page<PromptDto>> {
-    await requireOwnedProject(this.db, userId, projectId);
+    const project = await requireOwnedProject(this.db, userId, projectId);
     const { data, nextCursor } = await paginate(
       page,
+      `prompts:${project.id}`,
       (after, take) =>
         this.db
           .select()
