@@ -244,6 +244,15 @@ describe('when the database is down', () => {
     expect(live.json()).toEqual({ status: 'ok' });
   });
 
+  it('/health checks made at once share one ping, and say the database is down once', async () => {
+    const down = () => logs.lines.filter((line) => line.msg === 'health check: database down').length;
+    const before = down();
+    const checks = await Promise.all(Array.from({ length: 50 }, () => app.inject({ method: 'GET', url: '/health' })));
+    for (const check of checks) expectProblem(check, 503, 'SERVICE_UNAVAILABLE');
+    // One ping, or a few should one fail before every check has begun: never one a check.
+    expect(down() - before).toBeLessThanOrEqual(5);
+  });
+
   it('routes that need the database answer 503 SERVICE_UNAVAILABLE, never 500', async () => {
     expectProblem(
       await app.inject({ method: 'POST', url: '/api/v1/auth/login', payload: { email: 'a@example.com', password: 'password-1' } }),

@@ -9,15 +9,27 @@ const healthy = z.object({ status: z.literal('ok'), checks: z.object({ database:
 const LIVE = { status: 'ok' } as const;
 
 export const healthRoutes: FastifyPluginAsyncZod<{ database: Database }> = async (app, { database }) => {
+  // Checks at the same time share one ping, whose failure is logged once: a flood of /health (a probe
+  // misconfigured, any client: the route takes no token) queued a query each in the pool, ahead of the
+  // requests it serves, until the pings themselves timed out and reported the database down.
+  let pinging: Promise<void> | undefined;
+  const ping = () =>
+    (pinging ??= database
+      .ping()
+      .catch((error: unknown) => {
+        app.log.warn({ err: error }, 'health check: database down');
+        throw error;
+      })
+      .finally(() => (pinging = undefined)));
+
   app.get(
     '/health',
     { config: { public: true }, schema: { tags: ['health'], response: { 200: healthy } } },
     async (request, reply) => {
       try {
-        await database.ping();
+        await ping();
         return { status: 'ok' as const, checks: { database: 'ok' as const } };
-      } catch (error) {
-        request.log.warn({ err: error }, 'health check: database down');
+      } catch {
         // Every 5xx is problem+json; `checks` is an extension member telling which dependency failed.
         const problem = problemBody(request, 503, 'SERVICE_UNAVAILABLE', 'The database is unavailable', {
           checks: { database: 'down' },
