@@ -133,15 +133,25 @@ describe('problem+json for every error class', () => {
     expectProblem(response, 415, 'UNSUPPORTED_MEDIA_TYPE');
   });
 
-  it('400, never 500, for text the database cannot store (NUL), and nothing stored', async () => {
+  it('400 naming the field, never 500, for text the database cannot store (NUL), and nothing stored', async () => {
     const user = await registerUser(t.app);
     const project = await createProject(t.app, user);
     const prompts = `/api/v1/projects/${project.id}/prompts`;
-    for (const payload of [{ title: 'a\u0000b', content: 'c' }, { title: 't', content: '\u0000' }]) {
-      expectProblem(await t.app.inject({ method: 'POST', url: prompts, headers: user.auth, payload }), 400, 'VALIDATION_ERROR');
+    const refusals: [method: 'POST' | 'PATCH', url: string, payload: Record<string, unknown>, field: string][] = [
+      ['POST', prompts, { title: 'a\u0000b', content: 'c' }, 'title'],
+      ['POST', prompts, { title: 't', content: '\u0000' }, 'content'],
+      ['PATCH', '/api/v1/auth/me', { name: 'n\u0000' }, 'name'],
+      ['POST', '/api/v1/projects', { name: 'n\u0000' }, 'name'],
+      ['PATCH', `/api/v1/projects/${project.id}`, { description: '\u0000' }, 'description'],
+      ['PATCH', `/api/v1/projects/${project.id}`, { model: 'gpt\u0000' }, 'model'],
+      ['POST', `/api/v1/projects/${project.id}/chat`, { message: 'hi\u0000' }, 'message'],
+    ];
+    for (const [method, url, payload, field] of refusals) {
+      const refused = expectProblem(await t.app.inject({ method, url, headers: user.auth, payload }), 400, 'VALIDATION_ERROR');
+      expect(refused.errors, `${method} ${url}`).toEqual([{ path: `body.${field}`, message: 'must not contain NUL (U+0000)' }]);
     }
-    expectProblem(await t.app.inject({ method: 'PATCH', url: '/api/v1/auth/me', headers: user.auth, payload: { name: 'n\u0000' } }), 400, 'VALIDATION_ERROR');
     expect((await t.app.inject({ method: 'GET', url: prompts, headers: user.auth })).json()).toMatchObject({ data: [] });
+    expect((await t.app.inject({ method: 'GET', url: `/api/v1/projects/${project.id}/messages`, headers: user.auth })).json()).toMatchObject({ data: [] });
     expect((await t.app.inject({ method: 'GET', url: '/api/v1/auth/me', headers: user.auth })).json()).toMatchObject({ user: { name: 'Test User' } });
   });
 

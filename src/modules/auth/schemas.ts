@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { storableText } from '../../http/text.js';
 
 export const MAX_PASSWORD_BYTES = 72; // bcrypt reads only the first 72 bytes: longer is refused, never truncated.
 export const MIN_PASSWORD_BYTES = 8;
@@ -40,7 +41,7 @@ export const email = z
   .toLowerCase()
   .pipe(z.email({ message: 'must be a valid email address' }));
 
-export const displayName = z.string().trim().min(1).max(200);
+export const displayName = storableText().trim().min(1).max(200);
 
 export const user = z
   .object({

@@ -1,12 +1,13 @@
 import { z } from 'zod';
+import { storableText } from '../../http/text.js';
 import { idSortKey, pageOf, pageQuery } from '../../http/pagination.js';
 import { patchBody } from '../../http/patch.js';
 
-const name = z.string().trim().min(1).max(200);
-const description = z.string().max(2000).nullable();
+const name = storableText().trim().min(1).max(200);
+const description = storableText().max(2000).nullable();
 // A null provider or model means the server's default (AI_PROVIDER, AI_MODEL).
 const provider = z.enum(['openai', 'openrouter']).nullable();
-const model = z.string().trim().min(1).max(200).nullable();
+const model = storableText().trim().min(1).max(200).nullable();
 
 export const createProjectBody = z.strictObject({
   name,
