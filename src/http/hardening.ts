@@ -1,3 +1,4 @@
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import { Socket } from 'node:net';
 import fastifyCompress from '@fastify/compress';
 import fastifyCors from '@fastify/cors';
@@ -78,6 +79,30 @@ function refuseEncodedBody(request: FastifyRequest, reply: FastifyReply, payload
   done(new EncodedBody());
 }
 
+const CONTINUED = Symbol('100 Continue sent');
+
+/**
+ * Tells a client that waits for it (`Expect: 100-continue`, as curl sends with a large body) to send its
+ * body, once the request is known to be worth it: Node would tell it at once, before the token, the
+ * project or its room were checked, and a refused upload was sent whole all the same (up to
+ * FILE_MAX_BYTES) for nothing. Sent once; nothing for a client that did not ask.
+ */
+export function sendContinue(request: FastifyRequest, reply: FastifyReply): void {
+  const raw = request.raw as FastifyRequest['raw'] & { [CONTINUED]?: true };
+  if (raw[CONTINUED] || request.headers.expect?.toLowerCase() !== '100-continue') return;
+  raw[CONTINUED] = true;
+  reply.raw.writeContinue();
+}
+
+/** A preParsing hook of the routes Fastify reads the body of: their checks before it (a token, a rate limit) are done. */
+function continueToBody(request: FastifyRequest, reply: FastifyReply, payload: RequestPayload, done: (error: Error | null, payload?: RequestPayload) => void): void {
+  sendContinue(request, reply);
+  done(null, payload);
+}
+
+/** A route that reads its own body (an upload: multipart), after checks of its own, and sends `sendContinue` itself. */
+const readsOwnBody = (route: RouteOptions) => Boolean(route.schema?.consumes?.includes('multipart/form-data'));
+
 /** An onRequest hook for the routes that answer HTML: registered in the scope of the docs UI. */
 export function sendDocumentHeaders(_request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction): void {
   reply.headers(DOCUMENT_HEADERS);
@@ -135,8 +160,12 @@ export async function registerHardening(app: FastifyInstance, config: Config): P
   // them, do not pay for it.
   app.addHook('onRoute', (route) => {
     const hook = takesBody(route) ? refuseEncodedBody : [route.method].flat().includes('DELETE') ? ignoreEmptyBodyType : undefined;
-    if (hook) route.preParsing = [...[route.preParsing ?? []].flat(), hook];
+    const continued = hook && !readsOwnBody(route) ? [continueToBody] : [];
+    if (hook) route.preParsing = [...[route.preParsing ?? []].flat(), hook, ...continued];
   });
+  // Node answers `Expect: 100-continue` itself unless the server listens for it: the request is then
+  // served as any other, and told to go on when its body is to be read (`sendContinue`).
+  app.server.on('checkContinue', (request: IncomingMessage, response: ServerResponse) => app.server.emit('request', request, response));
 
   // As long as a stream's client may take nothing: the provider's own bound (`AI_TIMEOUT_MS`).
   app.addHook('onSend', disconnectStalledClients(config.AI_TIMEOUT_MS));

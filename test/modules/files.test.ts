@@ -340,6 +340,45 @@ describe('upload and download', () => {
   });
 });
 
+describe('a client that waits for 100 Continue before its body (Expect: 100-continue, as curl sends)', () => {
+  /** Sends the head of a request with `Expect: 100-continue`; the first line the server answers before any body, and the socket. */
+  async function headAwaitingContinue(path: string, headers: Record<string, string>, body: Buffer) {
+    const socket = connect(Number(new URL(baseUrl).port), '127.0.0.1');
+    const lines = Object.entries({ host: 'localhost', ...headers, expect: '100-continue', 'content-length': String(body.length) }).map(([name, value]) => `${name}: ${value}\r\n`);
+    socket.write(`POST ${path} HTTP/1.1\r\n${lines.join('')}\r\n`);
+    let received = '';
+    socket.on('data', (chunk: Buffer) => (received += chunk.toString('latin1')));
+    await expect.poll(() => received.includes('\r\n'), { timeout: 5_000 }).toBe(true);
+    return { first: received.split('\r\n')[0], socket, received: () => received };
+  }
+
+  it('is refused before it sends the bytes of an upload that cannot be kept: no token, not its project (checked with its room)', async () => {
+    const form = multipart({ filename: 'big.bin', type: 'application/octet-stream', content: Buffer.alloc(LIMIT - 1024) });
+    const stranger = await registerUser(t.app);
+    for (const [projectId, auth, refusal] of [
+      [await newProject(user), {}, 'HTTP/1.1 401'],
+      [await newProject(stranger), user.auth, 'HTTP/1.1 404'],
+    ] as const) {
+      const { first, socket } = await headAwaitingContinue(filesUrl(projectId), { ...auth, ...form.headers }, form.payload);
+      socket.destroy();
+      expect(first).toMatch(new RegExp(`^${refusal} `));
+    }
+  });
+
+  it('is told to go on once the upload can be kept, and a JSON body once its token is checked', async () => {
+    const form = multipart({ filename: 'notes.txt', type: 'text/plain', content: 'Some notes' });
+    const uploading = await headAwaitingContinue(filesUrl(await newProject(user)), { ...user.auth, ...form.headers }, form.payload);
+    const json = Buffer.from(JSON.stringify({ name: 'Continued' }));
+    const creating = await headAwaitingContinue('/api/v1/projects', { ...user.auth, 'content-type': 'application/json' }, json);
+    for (const [request, body, status] of [[uploading, form.payload, '201'], [creating, json, '201']] as const) {
+      expect(request.first).toBe('HTTP/1.1 100 Continue');
+      request.socket.write(body);
+      await expect.poll(() => request.received().includes(`HTTP/1.1 ${status} `), { timeout: 5_000 }).toBe(true);
+      request.socket.destroy();
+    }
+  });
+});
+
 describe('the provider copy', () => {
   it('keeps the file with providerFileId null when the provider upload fails', async () => {
     fake.setDefault({ status: 500 });

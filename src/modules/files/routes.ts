@@ -4,6 +4,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { ApiError, ValidationFailed } from '../../http/errors.js';
+import { sendContinue } from '../../http/hardening.js';
 import { noContent } from '../../http/openapi.js';
 import { projectParams } from '../projects/schemas.js';
 import { isTextType } from './content-type.js';
@@ -40,7 +41,8 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
     },
     async (request, reply) => {
       try {
-        const parts = formParts(request.parts(parsing));
+        // The body is asked for when the service first reads it, once the project and its room are checked.
+        const parts = formParts(request.parts(parsing), () => sendContinue(request, reply));
         const created = await files.upload(request.user.id, request.params.projectId, parts, request.log);
         return reply.code(201).header('location', `/api/v1/projects/${created.projectId}/files/${created.id}`).send(created);
       } catch (error) {
@@ -132,11 +134,12 @@ async function answerDownload(reply: FastifyReply, { file: stored, open }: FileC
 }
 
 /**
- * The form's parts. A body that the parser cannot read (no boundary, cut off, malformed) fails with a
+ * The form's parts, `onFirstRead` called when the first is asked for. A body that the parser cannot read (no boundary, cut off, malformed) fails with a
  * plain error, which is the client's mistake (400), not the server's; the plugin's own errors carry
  * their status (413, 415…) and pass as they are.
  */
-async function* formParts(parts: AsyncIterable<Multipart>): AsyncGenerator<FormPart> {
+async function* formParts(parts: AsyncIterable<Multipart>, onFirstRead: () => void): AsyncGenerator<FormPart> {
+  onFirstRead();
   try {
     for await (const part of parts) {
       yield part.type === 'file' ? { ...part, file: clientBytes(part.file) } : part;
