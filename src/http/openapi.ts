@@ -60,6 +60,10 @@ const location = {
   Location: { type: 'string', description: 'The path of what was created' },
 };
 
+const requestId = {
+  'X-Request-Id': { type: 'string', description: 'The request’s id: the one it sent (1–128 of `A-Za-z0-9_.:-`), or one made for it' },
+};
+
 const challenge = {
   'WWW-Authenticate': { type: 'string', description: `The scheme the API takes: \`${BEARER_CHALLENGE}\`` },
 };
@@ -70,8 +74,9 @@ const challenge = {
  */
 function problemCodesOf(route: RouteOptions, schema: FastifySchema): Set<ProblemCode> {
   const config = route.config ?? {};
-  const codes = new Set<ProblemCode>(schema.problems);
-  if (schema.body || schema.querystring || schema.params || schema.headers) codes.add('VALIDATION_ERROR');
+  // Any request, before it reaches a route: malformed HTTP or no Host (400), headers over the limit (431),
+  // a request too slow to arrive (408).
+  const codes = new Set<ProblemCode>(['VALIDATION_ERROR', 'HEADERS_TOO_LARGE', 'REQUEST_TIMEOUT', ...(schema.problems ?? [])]);
   if (!config.public) codes.add('UNAUTHORIZED');
   if (route.url.includes(':')) codes.add('NOT_FOUND');
   const readsBody = takesBody({ method: route.method, schema });
@@ -123,11 +128,8 @@ const documentRoute: SwaggerTransform = (input) => {
   const transformed = jsonSchemaTransform({ ...input, schema: withProblems });
   if (transformed.schema.hide) return transformed;
   const responses = transformed.schema.response as Record<string, { headers?: object }>;
-  for (const status of ['429', '503']) {
-    if (responses[status]) responses[status].headers = retryAfter;
-  }
-  if (responses['401']) responses['401'].headers = challenge;
-  if (responses['201']) responses['201'].headers = location;
+  const headersOf: Record<string, object> = { '429': retryAfter, '503': retryAfter, '401': challenge, '201': location };
+  for (const [status, response] of Object.entries(responses)) response.headers = { ...requestId, ...headersOf[status], ...response.headers };
   const security = input.route.config?.public ? { security: [] } : {};
   // A prefix's root route answers with and without the slash; the contract names it without.
   const url = transformed.url.length > 1 ? transformed.url.replace(/\/$/, '') : transformed.url;

@@ -46,6 +46,7 @@ function decodeCursor(cursor: string): unknown {
 const limit = z
   .string()
   .regex(/^\d{1,3}$/, { message: `must be an integer from 1 to ${MAX_PAGE_SIZE}` })
+  .meta({ description: `Items a page: an integer from 1 to ${MAX_PAGE_SIZE} (${DEFAULT_PAGE_SIZE} without it)` })
   .transform(Number)
   .pipe(z.number().min(1).max(MAX_PAGE_SIZE))
   .default(DEFAULT_PAGE_SIZE);

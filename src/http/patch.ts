@@ -5,5 +5,7 @@ export function patchBody<Fields extends z.ZodRawShape>(fields: Fields) {
   return z
     .strictObject(fields)
     .partial()
-    .refine((patch) => Object.keys(patch).length > 0, { message: 'must set at least one field' });
+    .refine((patch) => Object.keys(patch).length > 0, { message: 'must set at least one field' })
+    // What the refinement says, in the document: no refinement reaches the JSON Schema.
+    .meta({ minProperties: 1 });
 }

@@ -71,6 +71,11 @@ describe('OpenAPI document', () => {
         });
       }
       expect(op.responses['500'], route).toBeDefined();
+      // Refused before any route is: malformed HTTP or no Host, headers over the limit, too slow to arrive.
+      for (const status of ['400', '408', '431']) expect(op.responses[status], `${route} ${status}`).toBeDefined();
+      for (const [status, response] of Object.entries(op.responses)) {
+        expect((response as { headers?: object }).headers, `${route} ${status}`).toHaveProperty('X-Request-Id');
+      }
       if (!PUBLIC.includes(route)) {
         expect(op.responses['401'], route).toBeDefined();
         expect(op.responses['429']?.headers, route).toHaveProperty('Retry-After');
@@ -111,6 +116,15 @@ describe('OpenAPI document', () => {
       required: ['file'],
       additionalProperties: false,
     });
+  });
+
+  it('says what the validation says beyond the schemas: a PATCH sets a field at least, a limit is 1 to 100', () => {
+    for (const path of ['/api/v1/projects/{projectId}', '/api/v1/projects/{projectId}/prompts/{promptId}']) {
+      const body = operation('patch', path).requestBody as { content: Record<string, { schema: { minProperties?: number } }> };
+      expect(body.content['application/json']!.schema.minProperties, path).toBe(1);
+    }
+    const parameters = operation('get', '/api/v1/projects').parameters as { name: string; description?: string }[];
+    expect(parameters.find((parameter) => parameter.name === 'limit')?.description).toMatch(/from 1 to 100 \(20 without it\)/);
   });
 
   it('takes request and response schemas from the Zod schemas that validate', () => {
