@@ -290,11 +290,24 @@ class ReplyReader {
   ) {
     this.model = requestedModel;
     body.on('data', this.chunk);
-    this.unwatch = finished(body, { writable: false }, (error) => {
+    const unwatchBody = finished(body, { writable: false }, (error) => {
       this.bodyEnd = error ?? null;
       this.read();
     });
+    signal.addEventListener('abort', this.aborted);
+    this.unwatch = () => {
+      unwatchBody();
+      signal.removeEventListener('abort', this.aborted);
+    };
   }
+
+  /**
+   * An abort while the sink holds the reply back fails it at once: waiting for the sink (a client that
+   * takes nothing) would hold the turn, and what it stores, past the shutdown that interrupted it.
+   */
+  private readonly aborted = (): void => {
+    if (this.held) this.fail(this.signal.reason);
+  };
 
   private readonly chunk = (chunk: Buffer): void => {
     const events = this.decoder.push(this.text.write(chunk));

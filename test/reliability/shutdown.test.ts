@@ -1,5 +1,6 @@
 import { Agent, request as httpRequest } from 'node:http';
-import { eq, inArray } from 'drizzle-orm';
+import { connect } from 'node:net';
+import { and, eq, inArray } from 'drizzle-orm';
 import { afterAll, beforeAll, expect, it, vi } from 'vitest';
 import { openPglite, pgliteFolder } from '../../src/db/database.js';
 import { messages } from '../../src/db/schema.js';
@@ -181,6 +182,39 @@ it('answers a JSON chat still waiting for the provider shortly before the bound:
     const stored = await t.testDb.database.db.select().from(messages).where(eq(messages.projectId, projectId));
     expect(stored.map((m) => [m.id, m.role, m.content])).toEqual([[body.userMessageId, 'user', 'still there?']]);
   } finally {
+    await closed;
+    await t.testDb.drop();
+  }
+});
+
+it("stores a stream's answer as incomplete once interrupted, though its client takes nothing, and queues its error event", async () => {
+  // Interrupted half a second after the app starts closing; a client that takes nothing is cut after 15 s.
+  const t = await startTestApp({ AI_BASE_URL: fake.url, SHUTDOWN_TIMEOUT_MS: '2500', AI_TIMEOUT_MS: '15000', AI_MAX_OUTPUT_TOKENS: '8000' });
+  const { port } = new URL(await t.app.listen({ port: 0, host: '127.0.0.1' }));
+  const user = await registerUser(t.app);
+  const { id: projectId } = await createProject(t.app, user);
+  // 6 MB of deltas: far more than the socket's buffers take.
+  fake.enqueue({ content: 'x'.repeat(6 * 1024 * 1024), chunks: 96, chunkDelayMs: 20 });
+  const calls = fake.requests.length;
+  const socket = connect(Number(port), '127.0.0.1');
+  socket.on('error', () => {});
+  let received = '';
+  socket.on('data', (chunk: Buffer) => (received += chunk.toString('latin1')));
+  const body = JSON.stringify({ message: 'A long answer, please', stream: true });
+  socket.write(`POST /api/v1/projects/${projectId}/chat HTTP/1.1\r\nhost: localhost\r\n${Object.entries(user.auth).map(([name, value]) => `${name}: ${value}\r\n`).join('')}content-type: application/json\r\ncontent-length: ${body.length}\r\n\r\n${body}`);
+  socket.pause();
+  await fake.waitForRequests(calls + 1);
+  await new Promise((resolve) => setTimeout(resolve, 1_000)); // the buffers full: the turn waits for its client
+  const closed = t.app.close();
+  try {
+    const answers = () => t.testDb.database.db.select().from(messages).where(and(eq(messages.projectId, projectId), eq(messages.role, 'assistant')));
+    // Stored once interrupted, not once the stalled client is cut off (15 s) or the bound has passed.
+    await expect.poll(async () => (await answers()).map((m) => m.status), { timeout: 5_000 }).toEqual(['incomplete']);
+    socket.resume();
+    await expect.poll(() => received.includes('event: error'), { timeout: 10_000 }).toBe(true);
+    expect(received.slice(received.lastIndexOf('event: error'))).toContain('"code":"SERVICE_UNAVAILABLE"');
+  } finally {
+    socket.destroy();
     await closed;
     await t.testDb.drop();
   }

@@ -140,13 +140,13 @@ interface KeyedTurn {
   progressed(): void;
 }
 
-/** Takes a reply over for server-sent events. */
-type StreamOpener = (request: FastifyRequest, reply: FastifyReply) => EventStream;
+/** Takes a reply over for server-sent events; `interrupt`, the turn's, when there is one. */
+type StreamOpener = (request: FastifyRequest, reply: FastifyReply, interrupt?: AbortSignal) => EventStream;
 
 function streamOpener(stallMs: number): StreamOpener {
-  return (request, reply) => {
+  return (request, reply, interrupt) => {
     reply.hijack();
-    const events = new EventStream(reply.raw, HEARTBEAT_MS, stallMs);
+    const events = new EventStream(reply.raw, HEARTBEAT_MS, stallMs, interrupt);
     // What the hooks set (x-request-id, the security headers, CORS): a hijacked reply does not send it by itself.
     events.open(reply.getHeaders());
     request.server.metrics.trackStream(reply.raw);
@@ -177,7 +177,7 @@ async function streamTurn(
       {
         userMessage: (userMessage) => {
           userMessageId = userMessage.id;
-          events = openStream(request, reply);
+          events = openStream(request, reply, interrupt);
           return events.send('user_message', { userMessage });
         },
         delta: (content) => {

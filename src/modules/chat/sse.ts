@@ -14,6 +14,8 @@ export class EventStream {
     private readonly raw: ServerResponse,
     private readonly heartbeatMs: number,
     private readonly stallMs: number,
+    /** The turn's interrupt (the app closes): from then on no event waits for the client (see `caughtUp`). */
+    private readonly interrupt?: AbortSignal,
   ) {}
 
   /** True once the client has gone or the stream was ended. */
@@ -56,7 +58,9 @@ export class EventStream {
   /**
    * Resolves once the client has taken what was written (or is gone); cuts it off after `stallMs`. Its
    * listeners go with it: a slow client of a long answer waits here once an event, and listeners left
-   * on the response each time would pile up until it closed.
+   * on the response each time would pile up until it closed. Once the turn is interrupted it resolves at
+   * once, so that the turn stores what it has and queues its last event before the shutdown's bound; a
+   * client that still takes nothing is cut off `stallMs` later all the same (the bound may come first).
    */
   private caughtUp(): Promise<void> {
     return new Promise((resolve) => {
@@ -64,9 +68,16 @@ export class EventStream {
       const done = () => {
         clearTimeout(stalled);
         this.raw.off('drain', done).off('close', done);
+        this.interrupt?.removeEventListener('abort', interrupted);
+        resolve();
+      };
+      const interrupted = () => {
+        this.interrupt?.removeEventListener('abort', interrupted);
         resolve();
       };
       this.raw.on('drain', done).on('close', done);
+      if (this.interrupt?.aborted) interrupted();
+      else this.interrupt?.addEventListener('abort', interrupted);
     });
   }
 
