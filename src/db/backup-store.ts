@@ -39,7 +39,7 @@ export interface StagedFolder {
 }
 
 /** Whether the database names any uploaded file; one boolean column, `any`. */
-export const ANY_FILE_ROW = `select exists (select 1 from "${getTableName(files)}") as "any"`;
+export const ANY_FILE_ROW = `select exists (select 1 from ${getTableName(files)}) as "any"`;
 
 /** Where `folder`'s replacement is written, and where `folder` is set aside while the two are swapped. */
 export const besides = (folder: string) => ({ staging: `${folder}.restoring`, previous: `${folder}.replaced` });
