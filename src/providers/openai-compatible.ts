@@ -63,13 +63,20 @@ class UpstreamStatusError extends Error {
    */
   readonly outOfQuota: boolean;
 
+  /** The upstream says the request is longer than the model's context (OpenAI's `context_length_exceeded`). */
+  readonly contextTooLong: boolean;
+
   constructor(
     readonly status: number,
     readonly headers: ResponseHeaders,
     body: string,
+    /** The key the call was made with: a proxy may quote it back ("Invalid key Bearer sk-…"), and the message is logged. */
+    key: string | undefined,
   ) {
-    super(`upstream answered ${status}: ${body.slice(0, 1_000)}`);
-    this.outOfQuota = status === 429 && errorCode(body) === 'insufficient_quota';
+    super(`upstream answered ${status}: ${(key ? body.replaceAll(key, '[redacted]') : body).slice(0, 1_000)}`);
+    const code = errorCode(body);
+    this.outOfQuota = status === 429 && code === 'insufficient_quota';
+    this.contextTooLong = status === 400 && code === 'context_length_exceeded';
   }
 }
 
@@ -106,6 +113,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
   private readonly pool: Pool;
   /** The base URL's path, without a trailing slash: each API's path goes after it. */
   private readonly basePath: string;
+  private readonly apiKey: string | undefined;
   private readonly headers: Record<string, string>;
   private readonly jsonHeaders: Record<string, string>;
   private readonly outputLimitField: OutputLimitField;
@@ -125,6 +133,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
       bodyTimeout: 0,
       maxResponseSize: options.maxResponseBytes ?? maxResponseBytesFor(1024),
     });
+    this.apiKey = options.apiKey;
     this.headers = { ...options.defaultHeaders, ...(options.apiKey && { authorization: `Bearer ${options.apiKey}` }) };
     this.jsonHeaders = { ...this.headers, 'content-type': 'application/json' };
   }
@@ -214,7 +223,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
     }
     if (response.statusCode >= 200 && response.statusCode < 300) return response;
     const text = await response.body.text().catch(() => '');
-    throw new UpstreamStatusError(response.statusCode, response.headers, text);
+    throw new UpstreamStatusError(response.statusCode, response.headers, text, this.apiKey);
   }
 
   /**
@@ -353,15 +362,18 @@ class ReplyReader {
     const content = choice?.delta?.content;
     const finishes = Boolean(choice?.finish_reason);
     if (typeof content !== 'string' || content === '') {
-      if (finishes) this.finish();
+      // A chunk without text after a finish_reason (its own, or the last delta's: the usage chunk) ends
+      // the text; not before any text (Open WebUI's reasoning chunks carry one).
+      if (finishes || this.finished) this.finish(this.given);
       return;
     }
     this.unfinish();
     this.given = true;
     const taken = this.onDelta(storable(content));
-    // A finish_reason that came with the delta: its wait starts once the sink has taken the delta.
+    // A finish_reason that came with a delta says the reply is whole should the body end here, not that
+    // it ends: some servers put one on every delta, however far apart (see `finish`).
     if (!taken) {
-      if (finishes) this.finish();
+      if (finishes) this.finish(false);
       return;
     }
     this.held = true;
@@ -369,7 +381,7 @@ class ReplyReader {
     taken.then(
       () => {
         this.held = false;
-        if (finishes) this.finish();
+        if (finishes) this.finish(false);
         this.read();
         if (!this.held && !this.settled && this.body.isPaused()) this.body.resume();
       },
@@ -377,10 +389,15 @@ class ReplyReader {
     );
   }
 
-  private finish(): void {
-    if (this.finished) return;
+  /**
+   * The reply is whole; with `drain`, once the text is over too (a finish_reason on a chunk of no text),
+   * what may follow comes right behind it, and a body silent for DRAIN_AFTER_DONE_MS is closed. A
+   * finish_reason on a delta drains nothing: a server that puts one on every delta, its deltas seconds
+   * apart, had its reply cut after the first and stored as complete.
+   */
+  private finish(drain: boolean): void {
     this.finished = true;
-    this.afterFinish = setTimeout(() => this.body.destroy(), DRAIN_AFTER_DONE_MS).unref();
+    if (drain && !this.afterFinish) this.afterFinish = setTimeout(() => this.body.destroy(), DRAIN_AFTER_DONE_MS).unref();
   }
 
   private unfinish(): void {
@@ -391,8 +408,9 @@ class ReplyReader {
 
   /** The end of the reply, once the body ended or said [DONE]. */
   private end(): void {
-    // An upstream may close the stream cleanly half-way: only a finish_reason says the reply is whole.
-    if (!this.finished) throw new Error('stream ended without a finish_reason');
+    // An upstream may close the stream cleanly half-way: only [DONE], the protocol's own end, or a
+    // finish_reason says the reply is whole (some servers send [DONE] and no finish_reason).
+    if (!this.finished && !this.ended) throw new Error('stream ended without a finish_reason');
     this.settle();
     this.resolve({ model: this.model, usage: this.usage });
   }
@@ -530,6 +548,9 @@ function failure(error: unknown, signal: AbortSignal): unknown {
   let mapped: ApiError;
   if (error instanceof UpstreamStatusError && error.outOfQuota) mapped = new ProviderError('The AI provider refused the request: its account has no quota left');
   else if (error instanceof UpstreamStatusError && error.status === 429) mapped = new ProviderRateLimited((retryAfterMs(error.headers) ?? 1000) / 1000);
+  // The model's window is smaller than the budget the turn was fitted to (an unknown model, AI_CONTEXT_TOKENS
+  // set too high): the client's to shorten, not an outage to wait out.
+  else if (error instanceof UpstreamStatusError && error.contextTooLong) mapped = new ApiError(400, 'CONTEXT_TOO_LONG', 'The AI provider says the prompts and the history are longer than its model takes');
   else mapped = new ProviderError();
   mapped.cause = error;
   return mapped;

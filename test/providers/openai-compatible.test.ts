@@ -162,6 +162,30 @@ describe('complete', () => {
     expect(clientVisible(error)).not.toContain(UPSTREAM_ERROR_TEXT);
   });
 
+  it("maps the upstream's context_length_exceeded to 400 CONTEXT_TOO_LONG, once: the client's to shorten", async () => {
+    fake.setDefault({ status: 400, errorCode: 'context_length_exceeded' });
+    const error = await rejection(adapter().complete(chat()));
+    expect(error).toBeInstanceOf(ApiError);
+    expect(error).toMatchObject({ status: 400, code: 'CONTEXT_TOO_LONG' });
+    expect(fake.requests).toHaveLength(1);
+    expect(clientVisible(error)).not.toContain(UPSTREAM_ERROR_TEXT);
+  });
+
+  it('keeps no key an upstream quotes back in what it logs of its refusal', async () => {
+    const upstream = createServer((req, res) => {
+      res.writeHead(401, { 'content-type': 'application/json' }).end(JSON.stringify({ error: { message: `Invalid key ${req.headers.authorization}` } }));
+    });
+    await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve));
+    try {
+      const error = await rejection(adapter({ baseURL: `http://127.0.0.1:${(upstream.address() as AddressInfo).port}/v1` }).complete(chat()));
+      const logged = String((error as Error).cause);
+      expect(logged).toContain('Invalid key Bearer [redacted]');
+      expect(logged).not.toContain(API_KEY);
+    } finally {
+      await new Promise((resolve) => upstream.close(resolve));
+    }
+  });
+
   it('retries 5xx and 429 at most maxRetries times, then answers', async () => {
     fake.enqueue({ status: 500 }, { status: 429, retryAfter: 0 }, { content: 'third time lucky' }, { content: 'never asked for' });
     expect((await adapter({ maxRetries: 2 }).complete(chat())).content).toBe('third time lucky');
@@ -358,7 +382,6 @@ describe('stream', () => {
     ['a malformed chunk', { content: 'one two three', fault: 'malformed-json', afterChunks: 1 }, ['one ']],
     ['an error event', { content: 'one two three', fault: 'error-body', afterChunks: 2 }, ['one ', 'two ']],
     ['an end without finish_reason', { content: 'one two three', fault: 'end-early', afterChunks: 2 }, ['one ', 'two ']],
-    ['chunks without choices', { fault: 'no-choices' }, []],
   ])('yields the deltas before %s, then throws ProviderError without retrying', async (_, reply, before) => {
     fake.enqueue(reply, { content: 'never asked for' });
     const { events, error } = await drain(adapter(), chat());
@@ -450,14 +473,33 @@ describe('stream', () => {
     ]);
   });
 
+  it('ends at [DONE] with nothing given when no chunk has choices: no text is not a reply (the chat refuses it)', async () => {
+    fake.enqueue({ fault: 'no-choices' });
+    const { events, error } = await drain(adapter(), chat());
+    expect(error).toBeUndefined();
+    expect(deltas(events)).toEqual([]);
+  });
+
+  // [DONE] is the protocol's own end: servers that send no finish_reason (Gemini's OpenAI proxies, older
+  // local servers) had every streamed answer stored as incomplete, and answered 502.
+  it('takes a reply whole at [DONE] though no chunk had a finish_reason', async () => {
+    const script = async (res: ServerResponse) => {
+      res.end(['Hello ', 'world.'].map((word) => streamed({ index: 0, delta: { content: word } })).join('') + 'data: [DONE]\n\n');
+    };
+    const { events, error } = await withScriptedStream(script, (baseURL) => drain(adapter({ baseURL }), chat()));
+    expect(error).toBeUndefined();
+    expect(deltas(events)).toEqual(['Hello ', 'world.']);
+    expect(events.at(-1)).toMatchObject({ type: 'done' });
+  });
+
   // Open WebUI puts a finish_reason on its reasoning chunks, some proxies on every chunk: the text that
-  // follows it is the answer's, however long after it comes. It was cut 1 s after the first, and stored
-  // as complete.
-  it('reads on past a finish_reason that more text follows', async () => {
+  // follows it is the answer's, however long after it comes. It was cut 1 s after one (more than 1 s
+  // apart, as a local model's may be), and stored as complete.
+  it('reads on past a finish_reason that more text follows, however long after', async () => {
     const script = async (res: ServerResponse) => {
       res.write(streamed({ index: 0, delta: { reasoning_content: 'Thinking.' }, finish_reason: 'stop' }));
       for (const word of ['one ', 'two ', 'three']) {
-        await new Promise((resolve) => setTimeout(resolve, 600));
+        await new Promise((resolve) => setTimeout(resolve, 1_300));
         res.write(streamed({ index: 0, delta: { content: word }, finish_reason: 'stop' }));
       }
       res.end('data: [DONE]\n\n');
