@@ -1180,6 +1180,30 @@ describe('the history cleared or the project deleted during a turn', () => {
     }
   });
 
+  // A project with a model of its own: its question is stored after the history is read, not by the read.
+  it.runIf(process.env.TEST_DATABASE_URL)('sends nothing of a history cleared between the read and the question, stores nothing: 409', async () => {
+    fake.reset();
+    const projectId = await newProject(user, { model: 'gpt-4o-mini' });
+    await insertMessages(t.testDb.database.db, projectId, 2, { content: 'SECRET, cleared before the turn is asked' });
+    const clearing = new pg.Client({ connectionString: t.testDb.url });
+    await clearing.connect();
+    try {
+      // The history's lock, as a clear takes it: the turn reads its history, then waits for it to store its question.
+      await clearing.query('begin');
+      await clearing.query('select lock_project_messages($1)', [projectId]);
+      const turn = chat(projectId, { message: 'asked after' });
+      const waiting = async () => (await clearing.query<{ n: number }>(`select count(*)::int as n from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'`)).rows[0]!.n;
+      await expect.poll(waiting, { timeout: 10_000 }).toBe(1);
+      await clearing.query('delete from messages where project_id = $1', [projectId]);
+      await clearing.query('commit');
+      expectProblem(await turn, 409, 'CONFLICT');
+      expect(fake.requests).toEqual([]);
+      expect(await stored(projectId)).toEqual([]);
+    } finally {
+      await clearing.end();
+    }
+  });
+
   it('refuses a turn whose account was deleted during it as any request of a deleted account: 401, JSON and streamed', async () => {
     for (const stream of [false, true]) {
       fake.reset();

@@ -181,6 +181,8 @@ export interface PreparedTurn {
   question: UnstampedMessage;
   /** When the turn's read stored `question` already (see `ChatService.prepare`): the time it was stored at. */
   questionStoredAt?: Date;
+  /** Otherwise, the newest message of the history the context was read with, if any: the question is stored only while it is. */
+  historyFrom?: string;
   /** A streamed turn whose read stored the question: its flush, sent right behind the read. */
   durable?: Promise<unknown>;
 }
@@ -254,20 +256,22 @@ export class ChatService {
       .from(oneRow)
       .prepare('chat_history_page');
     const projectId = param('projectId', 'uuid');
+    const historyFrom = param('historyFrom', 'uuid');
+    // Stored only while the newest message of the history it was read with is (`message_kept`, under the
+    // lock a clear takes): a history cleared between the read and this would otherwise have had its
+    // deleted messages sent upstream, and the turn stored as the first of the history that followed.
     // `set_config(…, true)` lasts until the end of the statement's own transaction: its commit.
+    const question = db.$with('question', { createdAt: sql<Date>`created_at`.mapWith(messages.createdAt).as('created_at') }).as(
+      sql`insert into ${messages} (id, project_id, role, content, status, tokens, token_encoding, created_at)
+        select ${param('id', 'uuid')}, ${projectId}, ${param('role', 'text')}, ${param('content', 'text')}, ${param('status', 'text')},
+          ${param('tokens', 'integer')}, ${param('tokenEncoding', 'text')}, ${storedNow(projectId)}
+        where ${historyFrom} is null or message_kept(${projectId}, ${historyFrom})
+        returning created_at, set_config('synchronous_commit', 'off', true)`,
+    );
     this.insertQuestionStatement = db
-      .insert(messages)
-      .values({
-        id: sql.placeholder('id'),
-        projectId: sql.placeholder('projectId'),
-        role: sql.placeholder('role'),
-        content: sql.placeholder('content'),
-        status: sql.placeholder('status'),
-        tokens: sql.placeholder('tokens'),
-        tokenEncoding: sql.placeholder('tokenEncoding'),
-        createdAt: storedNow(projectId),
-      })
-      .returning({ createdAt: messages.createdAt, asyncCommit: sql`set_config('synchronous_commit', 'off', true)` })
+      .with(question)
+      .select({ createdAt: question.createdAt })
+      .from(question)
       .prepare('chat_insert_question');
   }
 
@@ -339,7 +343,8 @@ export class ChatService {
     const question = messageRow(ownedId, model, { role: 'user', content: text, status: 'complete', tokens: textTokens }, questionId);
     const { questionStoredAt } = row;
     const turnAdapter = this.files.turnAdapter(ownedId, adapter, context.messages.at(-1)!);
-    return { projectId: ownedId, adapter: turnAdapter, model, context: context.messages, question, ...(questionStoredAt && { questionStoredAt, durable }) };
+    const stored = questionStoredAt ? { questionStoredAt, durable } : { historyFrom: row.history[0]?.id };
+    return { projectId: ownedId, adapter: turnAdapter, model, context: context.messages, question, ...stored };
   }
 
   /**
@@ -553,8 +558,9 @@ export class ChatService {
    */
   private async storeQuestion(turn: PreparedTurn): Promise<MessageRow> {
     if (turn.questionStoredAt) return { ...turn.question, createdAt: turn.questionStoredAt };
-    const [stored] = await this.insertQuestionStatement.execute(turn.question);
-    return { ...turn.question, createdAt: stored!.createdAt };
+    const [stored] = await this.insertQuestionStatement.execute({ ...turn.question, historyFrom: turn.historyFrom ?? null });
+    if (!stored) throw await this.questionGone(turn, 'before its question was stored: nothing of it was');
+    return { ...turn.question, createdAt: stored.createdAt };
   }
 
   /** Flushes the log past the stored question's commit with a durable commit of its own. */
@@ -636,11 +642,11 @@ export class ChatService {
     return row;
   }
 
-  /** Why an answer was not stored: its project was deleted during the turn (404), or only its history cleared. */
-  private async questionGone(turn: PreparedTurn): Promise<ApiError> {
+  /** Why a turn's message was not stored: its project was deleted during the turn (404), or only its history cleared. */
+  private async questionGone(turn: PreparedTurn, when = 'its answer was not stored'): Promise<ApiError> {
     const [project] = await this.database.db.select({ id: projects.id }).from(projects).where(eq(projects.id, turn.projectId));
     if (!project) return new NotFound('Project');
-    return new Conflict('The history was cleared during the turn: its answer was not stored');
+    return new Conflict(`The history was cleared during the turn: ${when}`);
   }
 }
 
