@@ -19,7 +19,7 @@ import { authRoutes } from './modules/auth/routes.js';
 import { IdempotencyStore } from './modules/chat/idempotency.js';
 import { chatRoutes } from './modules/chat/routes.js';
 import type { ChatResult } from './modules/chat/schemas.js';
-import { ChatService } from './modules/chat/service.js';
+import { ChatService, requireRoomForAMessage } from './modules/chat/service.js';
 import { PasswordHasher } from './modules/auth/password-hasher.js';
 import { AuthService } from './modules/auth/service.js';
 import { fileRoutes } from './modules/files/routes.js';
@@ -35,7 +35,8 @@ import { promptRoutes } from './modules/prompts/routes.js';
 import { PromptsService } from './modules/prompts/service.js';
 import { meterProviders } from './providers/metered.js';
 import { catalogName } from './providers/models.js';
-import { createProviders } from './providers/registry.js';
+import { createProviders, defaultModelOf } from './providers/registry.js';
+import { PROVIDER_SETTINGS } from './providers/types.js';
 
 export interface AppDependencies {
   /** An open, migrated database. Without one, buildApp opens the configured one and closes it with the app. */
@@ -54,6 +55,7 @@ const REQUEST_ID = /^[\w.:-]{1,128}$/;
 export const BODY_LIMIT_BYTES = 1.25 * 1024 * 1024;
 
 export async function buildApp(config: Config, deps: AppDependencies = {}): Promise<FastifyInstance> {
+  requireRoomForAMessage(config, defaultModelOf(config));
   const cors = corsOutsideHooks(config);
   const app = Fastify({
     logger: {
@@ -144,6 +146,9 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
 
   await app.register(healthRoutes, { database });
   const providers = meterProviders(createProviders(config), metrics.recordProviderCall);
+  if (providers.defaultModel === undefined) {
+    app.log.warn(`No AI provider is configured (AI_PROVIDER=${config.AI_PROVIDER}): chats with it (in every project that names no other) are 503 PROVIDER_NOT_CONFIGURED until ${PROVIDER_SETTINGS[config.AI_PROVIDER]} is set`);
+  }
   // After the chat routes' own close, which waits for the turns in flight.
   app.addHook('onClose', () => providers.close());
   const uploads = join(config.DATA_DIR, 'files');

@@ -75,8 +75,7 @@ export function createProviders(config: ProvidersConfig): ProviderRegistry {
     if (adapter) adapters.set(name, adapter);
   }
   // AI_MODEL names a model of the default provider; another provider would not know it.
-  const modelOf = (name: ProviderName, projectModel: string | null) =>
-    projectModel ?? (name === config.AI_PROVIDER ? config.AI_MODEL : undefined) ?? PROVIDER_DEFAULTS[name].model;
+  const modelOf = (name: ProviderName, projectModel: string | null) => projectModel ?? (name === config.AI_PROVIDER ? defaultModelOf(config) : PROVIDER_DEFAULTS[name].model);
   return {
     resolve(projectProvider, projectModel) {
       const name = projectProvider ?? config.AI_PROVIDER;
@@ -110,4 +109,9 @@ function createAdapter(name: ProviderName, config: ProvidersConfig): OpenAICompa
     maxRetries: config.AI_MAX_RETRIES,
     maxResponseBytes: maxResponseBytesFor(config.AI_MAX_OUTPUT_TOKENS),
   });
+}
+
+/** The model of a project that names neither provider nor model: AI_MODEL, else its provider's default. */
+export function defaultModelOf(config: Pick<ProvidersConfig, 'AI_PROVIDER' | 'AI_MODEL'>): string {
+  return config.AI_MODEL ?? PROVIDER_DEFAULTS[config.AI_PROVIDER].model;
 }

@@ -125,9 +125,15 @@ export class ProviderTimeout extends ApiError {
   }
 }
 
+/** What configures each provider, as the error and the start's warning name it. */
+export const PROVIDER_SETTINGS: Record<ProviderName, string> = {
+  openai: 'OPENAI_API_KEY, or AI_BASE_URL for another OpenAI-compatible server',
+  openrouter: 'OPENROUTER_API_KEY, or AI_BASE_URL for another OpenAI-compatible server',
+};
+
 /** No key and no base URL for the provider a chat needs: 503, before anything is stored. */
 export class ProviderNotConfigured extends ApiError {
   constructor(provider: ProviderName) {
-    super(503, 'PROVIDER_NOT_CONFIGURED', `The AI provider "${provider}" is not configured on this server`);
+    super(503, 'PROVIDER_NOT_CONFIGURED', `The AI provider "${provider}" is not configured on this server (its operator sets ${PROVIDER_SETTINGS[provider]})`);
   }
 }

@@ -104,11 +104,32 @@ describe('JSON chat', () => {
     expect(fake.requests.map((r) => r.body.model)).toEqual(['my-local-model', 'other-model']);
   });
 
-  it('answers 503 PROVIDER_NOT_CONFIGURED for a provider with no key, storing nothing', async () => {
+  it('answers 503 PROVIDER_NOT_CONFIGURED for a provider with no key, naming what configures it, storing nothing', async () => {
     const projectId = await newProject(user, { provider: 'openrouter' });
-    expectProblem(await chat(projectId, { message: 'hi' }), 503, 'PROVIDER_NOT_CONFIGURED');
+    const refused = expectProblem(await chat(projectId, { message: 'hi' }), 503, 'PROVIDER_NOT_CONFIGURED');
+    expect(refused.detail).toContain('OPENROUTER_API_KEY');
     expect(await stored(projectId)).toHaveLength(0);
     expect(fake.requests).toHaveLength(0);
+  });
+
+  it("refuses to start with a reply's budget that leaves the default model no room for a message", async () => {
+    const config = testConfig({ AI_BASE_URL: fake.url, AI_MODEL: 'llama3.2', AI_MAX_OUTPUT_TOKENS: '16384' });
+    await expect(buildApp(config, { database: t.testDb.database })).rejects.toThrow(
+      "Invalid configuration: AI_MAX_OUTPUT_TOKENS (16384) leaves no room for a message in the 16000 tokens of llama3.2's context (AI_CONTEXT_TOKENS, else the model's known window, else 16000)",
+    );
+    // One that leaves room starts.
+    const app = await buildApp(testConfig({ AI_BASE_URL: fake.url, AI_MODEL: 'llama3.2', AI_MAX_OUTPUT_TOKENS: '15000' }), { database: t.testDb.database });
+    await app.close();
+  });
+
+  it('says at the start, once, when the default provider is not configured', async () => {
+    for (const [env, warned] of [[{}, true], [{ AI_BASE_URL: fake.url }, false]] as const) {
+      const logs = logCollector();
+      const app = await buildApp(testConfig({ ...env, LOG_LEVEL: 'warn' }), { database: t.testDb.database, logStream: logs.stream });
+      await app.close();
+      const lines = logs.lines.filter((line) => String(line.msg).startsWith('No AI provider is configured (AI_PROVIDER=openai)'));
+      expect(lines.map((line) => line.msg), JSON.stringify(env)).toEqual(warned ? [expect.stringContaining('until OPENAI_API_KEY, or AI_BASE_URL')] : []);
+    }
   });
 
   it.each([

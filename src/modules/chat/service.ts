@@ -1,6 +1,6 @@
 import { and, eq, getTableColumns, type SQL, sql, type SQLWrapper } from 'drizzle-orm';
 import { uuidv7 } from '../../db/ids.js';
-import type { Config } from '../../config.js';
+import { type Config, ConfigError } from '../../config.js';
 import type { Database, Db } from '../../db/database.js';
 import { messages, projects, prompts, users } from '../../db/schema.js';
 import { assertTokenCurrent, type AuthUser } from '../../http/auth.js';
@@ -246,6 +246,7 @@ export class ChatService {
     const { defaultModel } = providers;
     this.defaultTurn =
       defaultModel === undefined ? undefined : { model: defaultModel, encoding: encodingName(defaultModel), budget: this.budgetFor(defaultModel) };
+
     this.historyPageStatement = db
       .select({
         page: historyPage(sql.placeholder('projectId'), sql.placeholder('before'), sql.placeholder('limit'), {
@@ -402,10 +403,8 @@ export class ChatService {
     });
   }
 
-  /** The tokens a request for `model` may take: its context window less what is kept for the reply. */
   private budgetFor(model: string): number {
-    const window = this.config.AI_CONTEXT_TOKENS ?? contextWindow(model) ?? DEFAULT_CONTEXT_TOKENS;
-    return window - this.config.AI_MAX_OUTPUT_TOKENS - REPLY_PRIMING_TOKENS;
+    return budgetOf(model, this.config);
   }
 
   /**
@@ -648,6 +647,28 @@ export class ChatService {
     if (!project) return new NotFound('Project');
     return new Conflict(`The history was cleared during the turn: ${when}`);
   }
+}
+
+type BudgetConfig = Pick<Config, 'AI_CONTEXT_TOKENS' | 'AI_MAX_OUTPUT_TOKENS'>;
+
+/** The tokens a request for `model` may take: its context window less what is kept for the reply. */
+function budgetOf(model: string, config: BudgetConfig): number {
+  const window = config.AI_CONTEXT_TOKENS ?? contextWindow(model) ?? DEFAULT_CONTEXT_TOKENS;
+  return window - config.AI_MAX_OUTPUT_TOKENS - REPLY_PRIMING_TOKENS;
+}
+
+/**
+ * Refuses, as the configuration refuses an AI_CONTEXT_TOKENS too small, an AI_MAX_OUTPUT_TOKENS that
+ * leaves the default model's own window no room for a message: the service started, and every chat was
+ * 400 CONTEXT_TOO_LONG, blaming its message.
+ */
+export function requireRoomForAMessage(config: BudgetConfig, defaultModel: string): void {
+  const budget = budgetOf(defaultModel, config);
+  if (budget >= MESSAGE_OVERHEAD_TOKENS + 1) return;
+  const window = budget + config.AI_MAX_OUTPUT_TOKENS + REPLY_PRIMING_TOKENS;
+  throw new ConfigError(
+    `Invalid configuration: AI_MAX_OUTPUT_TOKENS (${config.AI_MAX_OUTPUT_TOKENS}) leaves no room for a message in the ${window} tokens of ${defaultModel}'s context (AI_CONTEXT_TOKENS, else the model's known window, else ${DEFAULT_CONTEXT_TOKENS})`,
+  );
 }
 
 /** A message of the project as it is stored: the fields given, null for the others, its tokens in the model's encoding. */
