@@ -319,7 +319,7 @@ describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : '
     }
   });
 
-  it('refuses a backup that would hold no file of the rows it holds: DATA_DIR is not where the files are', { timeout: 60_000 }, async () => {
+  it('refuses a backup that would hold no file of the rows it holds: DATA_DIR is not where the files are', { timeout: 120_000 }, async () => {
     await withTarget(async (target, dataDir) => {
       await target.withDb(seed);
       const backup = join(scratchFolder(), 'backup');
@@ -335,7 +335,7 @@ describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : '
     });
   });
 
-  it('refuses a backup folder inside the folders a restore replaces, however it is named, and restores from none', { timeout: 60_000 }, async () => {
+  it('refuses a backup folder inside the folders a restore replaces, however it is named, and restores from none', { timeout: 180_000 }, async () => {
     await withTarget(async (target, dataDir) => {
       const { env, backup, filesDir } = await backUpThenChange(dataDir, target);
       const link = join(scratchFolder(), 'link');
