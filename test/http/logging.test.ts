@@ -15,7 +15,8 @@ afterAll(() => t.close());
 /** An app logging at `level` into a collector, with a route that logs through `request.log`. */
 async function loggingApp(level: string) {
   const logs = logCollector();
-  const app = await buildApp(testConfig({ LOG_LEVEL: level }), { database: t.testDb.database, logStream: logs.stream });
+  // A provider configured, so that the start logs nothing of its own (no provider is a warning).
+  const app = await buildApp(testConfig({ LOG_LEVEL: level, OPENAI_API_KEY: 'sk-logging-test' }), { database: t.testDb.database, logStream: logs.stream });
   app.get('/log', { config: { public: true } }, async (request) => {
     request.log.debug('a detail');
     request.log.warn({ body: { password: 'hunter2' }, step: 1 }, 'a warning');
