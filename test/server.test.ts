@@ -50,7 +50,8 @@ describe('the server process', () => {
     const taken = createServer();
     await new Promise<void>((resolve) => taken.listen(0, '127.0.0.1', resolve));
     try {
-      const server = await spawnServer({ PORT: String((taken.address() as AddressInfo).port) });
+      // A provider configured: the start then logs nothing of its own before the line this is about.
+      const server = await spawnServer({ PORT: String((taken.address() as AddressInfo).port), OPENAI_API_KEY: 'sk-server-test' });
       expect(await server.exited).toBe(1);
       expect(server.output().trim()).toMatch(/^Cannot listen on 127\.0\.0\.1 port \d+: listen EADDRINUSE[^\n]+$/);
       // The embedded database was closed: its lock file is gone.
