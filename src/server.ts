@@ -92,6 +92,7 @@ async function main(): Promise<void> {
  */
 function connectionsClosingWhenAnswered(server: Server): () => void {
   const answering = new Map<Socket, ServerResponse | undefined>();
+  let closing = false;
   server.on('connection', (socket: Socket) => {
     answering.set(socket, undefined);
     socket.once('close', () => answering.delete(socket));
@@ -99,18 +100,19 @@ function connectionsClosingWhenAnswered(server: Server): () => void {
   server.on('request', (request: IncomingMessage, response: ServerResponse) => {
     const { socket } = request;
     answering.set(socket, response);
+    // 'close' comes after 'finish', once the last byte is handed to the kernel (or the client is gone).
     response.once('close', () => {
-      // Not a later response's on the same connection (pipelined).
-      if (answering.get(socket) === response) answering.set(socket, undefined);
+      if (answering.get(socket) !== response) return; // a later response's on the same connection (pipelined)
+      answering.set(socket, undefined);
+      if (closing) socket.destroySoon();
     });
   });
-  const closeIdle = () => {
+  server.closeIdleConnections = () => {
     for (const [socket, response] of answering) if (!response) socket.destroy();
   };
-  server.closeIdleConnections = closeIdle;
   return () => {
-    closeIdle();
-    for (const [socket, response] of answering) response?.once('finish', () => socket.destroySoon());
+    closing = true;
+    server.closeIdleConnections();
   };
 }
 
