@@ -558,7 +558,7 @@ export class ChatService {
   private async storeQuestion(turn: PreparedTurn): Promise<MessageRow> {
     if (turn.questionStoredAt) return { ...turn.question, createdAt: turn.questionStoredAt };
     const [stored] = await this.insertQuestionStatement.execute({ ...turn.question, historyFrom: turn.historyFrom ?? null });
-    if (!stored) throw await this.questionGone(turn, 'before its question was stored: nothing of it was');
+    if (!stored) throw await this.questionGone(turn, 'nothing of it was stored');
     return { ...turn.question, createdAt: stored.createdAt };
   }
 
