@@ -1,7 +1,10 @@
 import { z } from 'zod';
 
 /**
- * Text as PostgreSQL can store it: a text column refuses NUL (U+0000). Refused when the request is
- * validated, so that the 400 names the field; the database's own refusal, later, could not say which.
+ * A string refinement (`.refine(...withoutNul)`): no NUL (U+0000). A text column refuses it, and bcrypt
+ * reads a password only up to it; refused when the request is validated, so that the 400 names the field.
  */
-export const storableText = () => z.string().refine((value) => !value.includes('\0'), { message: 'must not contain NUL (U+0000)', abort: true });
+export const withoutNul = [(value: string) => !value.includes('\0'), { message: 'must not contain NUL (U+0000)', abort: true }] as const;
+
+/** Text as PostgreSQL can store it; the database's own refusal, later, could not say which field. */
+export const storableText = () => z.string().refine(...withoutNul);

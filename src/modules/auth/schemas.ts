@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { storableText } from '../../http/text.js';
+import { storableText, withoutNul } from '../../http/text.js';
 
 export const MAX_PASSWORD_BYTES = 72; // bcrypt reads only the first 72 bytes: longer is refused, never truncated.
 export const MIN_PASSWORD_BYTES = 8;
@@ -24,7 +24,7 @@ export const password = z
   // A lone surrogate would be hashed as U+FFFD (bcrypt hashes UTF-8), so that any other would match it.
   .refine((value) => !/\p{Surrogate}/u.test(value), { message: 'must be valid Unicode: a UTF-16 surrogate without its other half', abort: true })
   // bcrypt reads a password up to its first NUL: `abcd\0abcd` would be `abcd`, and eight NULs no password at all.
-  .refine((value) => !value.includes('\0'), { message: 'must not contain NUL (U+0000)', abort: true })
+  .refine(...withoutNul)
   .overwrite(normalizePassword)
   .refine((value) => Buffer.byteLength(value, 'utf8') >= MIN_PASSWORD_BYTES, {
     message: `must be at least ${MIN_PASSWORD_BYTES} bytes`,
