@@ -478,10 +478,36 @@ describe('provider faults', () => {
     expect(response.body).not.toContain(UPSTREAM_ERROR_TEXT.slice(0, 20));
     expect(response.body).not.toContain('sk-upstream');
     const rows = await stored(projectId);
-    expect(rows.map((r) => [r.role, r.content])).toEqual([['user', 'Will it work?']]);
+    // The question is kept, marked failed: its turn stored no answer.
+    expect(rows.map((r) => [r.role, r.content, r.status])).toEqual([['user', 'Will it work?', 'failed']]);
     expect(body.userMessageId).toBe(rows[0]!.id);
-    return { response, body };
+    return { response, body, projectId };
   }
+
+  it('lists a failed question as failed and leaves it out of the context of the turns after it', async () => {
+    fake.enqueue({ status: 500 }, { status: 500 }, { status: 500 });
+    const { projectId } = await failedChat(502, 'PROVIDER_ERROR');
+    const asked = await chat(projectId, { message: 'Will it work?' });
+    expect(asked.statusCode, asked.body).toBe(200);
+    // Asked again after the failure, the question goes upstream once.
+    expect(fake.requests.at(-1)!.body.messages).toEqual([{ role: 'user', content: 'Will it work?' }]);
+    const listed = await t.app.inject({ method: 'GET', url: `/api/v1/projects/${projectId}/messages`, headers: user.auth });
+    expect(listed.json().data.map((m: { role: string; status: string }) => [m.role, m.status])).toEqual([
+      ['user', 'failed'],
+      ['user', 'complete'],
+      ['assistant', 'complete'],
+    ]);
+    // A failed question is history, not context, in a history read page by page too: failed past the first page.
+    fake.setDefault({ status: 500 });
+    await chat(projectId, { message: 'lost' });
+    fake.setDefault({});
+    await insertMessages(t.testDb.database.db, projectId, 70);
+    expect((await chat(projectId, { message: 'last' })).statusCode).toBe(200);
+    const sent = fake.requests.at(-1)!.body.messages as { content: string }[];
+    expect(sent.map((m) => m.content)).toContain('Will it work?');
+    expect(sent.map((m) => m.content)).not.toContain('lost');
+    expect(sent.at(-1)).toEqual({ role: 'user', content: 'last' });
+  });
 
   it('retries 5xx at most AI_MAX_RETRIES times, then 502 PROVIDER_ERROR', async () => {
     fake.setDefault({ status: 500 });
@@ -659,7 +685,8 @@ describe('streaming chat', () => {
     expect(fake.requests).toHaveLength(0);
     // Nor is a call counted that was never made.
     expect(await abortedCalls()).toBe(abortedBefore);
-    expect((await stored(projectId)).map((r) => [r.role, r.content])).toEqual([['user', 'gone early']]);
+    // Kept, and failed: its turn has no answer.
+    await expect.poll(async () => (await stored(projectId)).map((r) => [r.role, r.content, r.status]), { timeout: 5000 }).toEqual([['user', 'gone early', 'failed']]);
   });
 
   it('ends with an error event and keeps the text so far when the upstream breaks mid-stream', async () => {
@@ -707,7 +734,17 @@ describe('streaming chat', () => {
     expect(events.map((e) => e.event)).toEqual(['user_message', 'error']);
     expect(events[1]!.data).toMatchObject({ code: 'PROVIDER_ERROR', status: 502 });
     expect(JSON.stringify(events)).not.toContain('sk-upstream');
-    expect((await stored(projectId)).map((r) => r.role)).toEqual(['user']);
+    // Announced complete, then marked failed once its turn had no answer.
+    expect(events[0]!.data).toMatchObject({ userMessage: { status: 'complete' } });
+    expect((await stored(projectId)).map((r) => [r.role, r.status])).toEqual([['user', 'failed']]);
+    // So is a question whose stream had no text.
+    fake.setDefault({ content: '' });
+    const empty = await readSse(await streamChat(projectId, { message: 'nothing' }));
+    expect(empty.map((e) => e.event)).toEqual(['user_message', 'error']);
+    expect((await stored(projectId)).map((r) => [r.content, r.status])).toEqual([
+      ['fail', 'failed'],
+      ['nothing', 'failed'],
+    ]);
   });
 
   it("logs what failed a stream (the upstream's answer), as a JSON turn's failure is logged, and tells its client only the problem", async () => {

@@ -915,7 +915,8 @@ describe('API10:2023 Unsafe Consumption of APIs', () => {
     expect(Object.keys(problem).sort()).toEqual([...PROBLEM_MEMBERS, 'userMessageId'].sort());
     expectNothingOfTheUpstream(response.body);
     const rows = await storedMessages(project.id);
-    expect(rows.map((row) => [row.role, row.content, row.status])).toEqual([['user', QUESTION, 'complete']]);
+    // Kept, marked failed: its turn stored no answer.
+    expect(rows.map((row) => [row.role, row.content, row.status])).toEqual([['user', QUESTION, 'failed']]);
     expect(problem.userMessageId).toBe(rows[0]!.id);
     await expectUpstreamLeftAlone(hostile.name);
     await expectStillServing(on);
@@ -935,7 +936,9 @@ describe('API10:2023 Unsafe Consumption of APIs', () => {
     const last = events.at(-1)!;
     expect(events.map((event) => event.event)).toEqual(['user_message', ...deltas.map(() => 'delta'), last.event]);
     const rows = await storedMessages(project.id);
-    expect(rows[0]).toMatchObject({ id: (events[0]!.data.userMessage as { id: string }).id, role: 'user', content: QUESTION, status: 'complete' });
+    // Failed when its turn stored no answer.
+    const answered = hostile.stream === 'done' || text !== '';
+    expect(rows[0]).toMatchObject({ id: (events[0]!.data.userMessage as { id: string }).id, role: 'user', content: QUESTION, status: answered ? 'complete' : 'failed' });
     const replies = rows.slice(1).map((row) => [row.role, row.content, row.status]);
     if (hostile.stream === 'done') {
       expect(last.event).toBe('done');

@@ -43,8 +43,9 @@ const messageBytes = (message: Counted) => (message[BYTES] ??= MESSAGE_BYTES + t
 /**
  * The history that turns read past their first page, per project, in this process, so that the next
  * turn of a long conversation reads its newest page and not the thousands of messages behind it again.
- * Messages are never changed once stored; they are only added (newer than all others, as a rule) and
- * removed all at once (history cleared, project deleted). So a project's cached history still holds
+ * Messages are never changed once stored but for a question marked failed, which its turn forgets
+ * here; they are only added (newer than all others, as a rule) and removed all at once (history
+ * cleared, project deleted). So a project's cached history still holds
  * when the newest page read now contains the cached newest message and, from there on, the same
  * messages as the cache: what is newer comes from the page, the rest from the cache. A cleared
  * history, a message stored out of order within that page (by hand: the service stamps each message
@@ -87,7 +88,7 @@ export class HistoryCache {
     }
   }
 
-  private forget(projectId: string): void {
+  forget(projectId: string): void {
     const entry = this.entries.get(projectId);
     if (!entry) return;
     this.entries.delete(projectId);

@@ -43,7 +43,9 @@ const HISTORY_PAGES = [64, 256, 1024, 4096];
 /**
  * Up to `limit` messages of the project, newest first, older than the stored message `before` when
  * given, as one JSON array: a single value to parse instead of a row to map per message. The keyset
- * is the index order, compared against the stored row itself (its timestamp has microseconds).
+ * is the index order, compared against the stored row itself (its timestamp has microseconds). A
+ * `failed` question (its turn stored no answer, see `ChatService.markFailed`) is history to read, not
+ * context: a question asked again after a failure is sent once, and no two questions go in a row.
  *
  * With `room`, the page stops at the first message that the budget left (`room` tokens) cannot hold
  * even counting only what is known for sure: stored counts in `encoding` (a message counted in another
@@ -56,7 +58,7 @@ function historyPage(
   limit: SQLWrapper | number,
   budget?: { room: SQLWrapper; encoding: SQLWrapper },
 ): SQL<StoredHistoryMessage[]> {
-  const newest = sql`select * from ${messages} where ${messages.projectId} = ${projectId}
+  const newest = sql`select * from ${messages} where ${messages.projectId} = ${projectId} and ${messages.status} <> 'failed'
       ${before ? sql`and (${messages.createdAt}, ${messages.id}) < (select b.created_at, b.id from ${messages} b where b.id = ${before})` : sql``}
       order by ${messages.createdAt} desc, ${messages.id} desc limit ${limit}`;
   const rows = budget
@@ -133,6 +135,14 @@ export function flushStatementOn(db: Db) {
     .from(messages)
     .where(eq(messages.id, sql.placeholder('questionId')))
     .prepare('chat_make_durable');
+}
+
+/**
+ * Marks the stored question `questionId` failed: its turn ended with no answer stored. A durable commit,
+ * so it makes the question durable too, as `chat_make_durable` would (see `flushStatementOn`).
+ */
+function failedStatementOn(db: Db) {
+  return db.update(messages).set({ status: 'failed' }).where(eq(messages.id, sql.placeholder('questionId'))).prepare('chat_mark_failed');
 }
 
 /**
@@ -229,6 +239,7 @@ export class ChatService {
   /** A further page of history, older than the stored message `before`. */
   private readonly historyPageStatement;
   private readonly insertQuestionStatement;
+  private readonly markFailedStatement;
   private readonly historyCache: HistoryCache;
   /** Counts of prompts (by version) and of stored messages in an encoding they were not stored with (by id). */
   private readonly textCounts = new TokenCounts<number | Promise<number>>();
@@ -274,6 +285,7 @@ export class ChatService {
       .select({ createdAt: question.createdAt })
       .from(question)
       .prepare('chat_insert_question');
+    this.markFailedStatement = failedStatementOn(db);
   }
 
   /**
@@ -425,11 +437,11 @@ export class ChatService {
         deadline: call.deadline,
       });
     } catch (error) {
-      throw await this.failure(userMessage, providerFailure(error, call.timedOut));
+      throw await this.failure(turn, userMessage, providerFailure(error, call.timedOut));
     } finally {
       call.end();
     }
-    if (!completion.content) throw await this.failure(userMessage, new ProviderError('The AI provider answered with no content'));
+    if (!completion.content) throw await this.failure(turn, userMessage, new ProviderError('The AI provider answered with no content'));
     // Its durable commit makes the question durable too: nothing is acknowledged before both are. A store
     // that fails is the database's failure, answered as such, naming the question as a stream's does
     // once it is durable (its own commit flushed nothing).
@@ -450,7 +462,10 @@ export class ChatService {
   async stream(turn: PreparedTurn, observer: TurnObserver, clientGone: AbortSignal, interrupt: AbortSignal, keep?: KeepResult): Promise<StreamOutcome> {
     const userMessage = await this.storeQuestion(turn);
     // A client that left while the turn was prepared: nobody to answer, so no provider to call.
-    if (clientGone.aborted) return { kind: 'client-gone' };
+    if (clientGone.aborted) {
+      await this.markFailed(turn);
+      return { kind: 'client-gone' };
+    }
     // Aborted by whichever comes first of the deadline, the client leaving and the interrupt.
     const call = new CallDeadline(this.config.AI_TIMEOUT_MS, clientGone, interrupt);
     const request: ChatRequest = {
@@ -503,7 +518,10 @@ export class ChatService {
       await this.storeIncomplete(turn, text);
       return { kind: 'client-gone' };
     }
-    if (!text) return { kind: 'failed', error: naming(userMessage, new ProviderError('The AI provider answered with no content')) };
+    if (!text) {
+      await this.markFailed(turn);
+      return { kind: 'failed', error: naming(userMessage, new ProviderError('The AI provider answered with no content')) };
+    }
     const result = await this.storeAnswer(turn, userMessage, { content: text, ...end }, keep);
     if (!result) return { kind: 'failed', error: await this.questionGone(turn) };
     return { kind: 'complete', result };
@@ -567,10 +585,22 @@ export class ChatService {
     await this.statementsOn(this.database.db).flush.execute({ questionId });
   }
 
-  /** A failure names the stored question, made durable first: naming it acknowledges it. */
-  private async failure(question: MessageRow, error: ApiError): Promise<ApiError> {
-    await this.makeDurable(question.id);
+  /** A failure names the stored question, marked failed first, which makes it durable: naming it acknowledges it. */
+  private async failure(turn: PreparedTurn, question: MessageRow, error: ApiError): Promise<ApiError> {
+    await this.markFailed(turn);
     return naming(question, error);
+  }
+
+  /**
+   * The turn's question marked `failed`, as its turn ends with no answer stored (the provider failed or
+   * answered nothing, the client left first), so that later turns leave it out of their context (see
+   * `historyPage`). The project's cached history is dropped: a question marked after it was cached,
+   * past the newest page, would otherwise stay in it. (Another instance's cache may keep such a
+   * question: that needs more than a page of messages stored during the failed turn.)
+   */
+  private async markFailed(turn: PreparedTurn): Promise<void> {
+    await this.markFailedStatement.execute({ questionId: turn.question.id });
+    this.historyCache.forget(turn.projectId);
   }
 
   /**
@@ -612,9 +642,10 @@ export class ChatService {
     });
   }
 
-  /** What the provider sent before it failed or the client left, when it sent anything: kept as `incomplete`. */
+  /** What the provider sent before it failed or the client left, kept as `incomplete`; when it sent nothing, the question is failed. */
   private async storeIncomplete(turn: PreparedTurn, text: string): Promise<void> {
     if (text) await this.storeReply(turn, await this.countedReply(turn, text), 'incomplete', turn.model, null);
+    else await this.markFailed(turn);
   }
 
   /** The reply with its tokens, counted once here in the turn's model's encoding so that no later turn counts it again. */
