@@ -19,6 +19,8 @@ declare module 'fastify' {
      * Documentation only: Fastify never validates it, as it would a `body`.
      */
     documentedBody?: z.ZodType;
+    /** Headers a route's own responses carry, by status, besides the ones every response does. Documentation only. */
+    responseHeaders?: Record<string, Record<string, { type: 'string' | 'integer'; description: string }>>;
   }
 }
 
@@ -118,7 +120,7 @@ function problemResponses(codes: Set<ProblemCode>) {
  * every route as the document is built, so a new route is documented with no step of its own.
  */
 const documentRoute: SwaggerTransform = (input) => {
-  const { problems: _listed, documentedBody, ...schema } = input.schema ?? {};
+  const { problems: _listed, documentedBody, responseHeaders = {}, ...schema } = input.schema ?? {};
   const codes = problemCodesOf(input.route, input.schema ?? {});
   const withProblems = {
     ...schema,
@@ -129,7 +131,7 @@ const documentRoute: SwaggerTransform = (input) => {
   if (transformed.schema.hide) return transformed;
   const responses = transformed.schema.response as Record<string, { headers?: object }>;
   const headersOf: Record<string, object> = { '429': retryAfter, '503': retryAfter, '401': challenge, '201': location };
-  for (const [status, response] of Object.entries(responses)) response.headers = { ...requestId, ...headersOf[status], ...response.headers };
+  for (const [status, response] of Object.entries(responses)) response.headers = { ...requestId, ...headersOf[status], ...responseHeaders[status] };
   const security = input.route.config?.public ? { security: [] } : {};
   // A prefix's root route answers with and without the slash; the contract names it without.
   const url = transformed.url.length > 1 ? transformed.url.replace(/\/$/, '') : transformed.url;

@@ -1,7 +1,8 @@
 import { validate } from '@readme/openapi-parser';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MAX_CHAT_MESSAGE_CHARS } from '../../src/modules/chat/schemas.js';
-import { startTestApp, type TestApp } from '../support/app.js';
+import { createProject, registerUser, startTestApp, type TestApp } from '../support/app.js';
+import { multipart } from '../support/multipart.js';
 import { asDocumented, registeredRoutes } from '../support/routes.js';
 
 interface Operation {
@@ -93,6 +94,32 @@ describe('OpenAPI document', () => {
     expect(operation('post', '/api/v1/auth/register').responses['409']).toBeDefined();
     expect(operation('post', '/api/v1/auth/login').responses['429']).toBeDefined();
     expect(operation('get', '/health/live').responses['429']).toBeUndefined();
+  });
+
+  it("documents the headers of a download's answers, each as the route sends them", async () => {
+    const user = await registerUser(t.app);
+    const project = await createProject(t.app, user);
+    const form = multipart({ filename: 'notes.txt', type: 'text/plain', content: 'ten bytes.' });
+    const upload = await t.app.inject({ method: 'POST', url: `/api/v1/projects/${project.id}/files`, headers: { ...user.auth, ...form.headers }, payload: form.payload });
+    expect(upload.statusCode, upload.body).toBe(201);
+    const url = `${upload.headers.location}/content`;
+    const etag = (await t.app.inject({ method: 'GET', url, headers: user.auth })).headers.etag as string;
+    const answers: [string, Record<string, string>][] = [
+      ['200', {}],
+      ['206', { range: 'bytes=0-3' }],
+      ['304', { 'if-none-match': etag }],
+      ['416', { range: 'bytes=50-60' }],
+    ];
+    // What every response carries, or what says what a body is (the media type the document gives per response).
+    const general = new Set(['content-type', 'date', 'connection', 'keep-alive', 'x-request-id', 'vary', 'cache-control', 'x-content-type-options', 'strict-transport-security', 'x-frame-options', 'content-security-policy', 'referrer-policy', 'cross-origin-resource-policy']);
+    const download = operation('get', '/api/v1/projects/{projectId}/files/{fileId}/content');
+    for (const [status, headers] of answers) {
+      const response = await t.app.inject({ method: 'GET', url, headers: { ...user.auth, ...headers } });
+      expect(String(response.statusCode)).toBe(status);
+      const documented = Object.keys(download.responses[status]!.headers!).map((name) => name.toLowerCase());
+      const own = Object.keys(response.headers).filter((name) => !general.has(name) && !(status !== '200' && status !== '206' && name === 'content-length'));
+      expect(own.filter((name) => !documented.includes(name)), status).toEqual([]);
+    }
   });
 
   it('documents every answer a route gives: the file routes without a JSON body, and 413/415 for DELETE with a body', () => {

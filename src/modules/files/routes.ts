@@ -80,6 +80,7 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
       304: noContent.describe('Not Modified: the bytes If-None-Match names'),
     },
     problems: ['PRECONDITION_FAILED', 'RANGE_NOT_SATISFIABLE'] as const,
+    responseHeaders: { 200: bytesHeaders, 206: { ...bytesHeaders, 'Content-Range': contentRange }, 304: validator, 416: { 'Content-Range': contentRange } },
   };
   // HEAD has a route of its own: Fastify's runs the GET and reads the whole file to discard it. Neither
   // is compressed: the bytes go as uploaded, with their length, which a HEAD can then tell as the GET does.
@@ -98,6 +99,20 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
 };
 
 const binary = z.any().meta({ type: 'string', format: 'binary' });
+
+/** What a download's answers say of the bytes (see `answerDownload`), as the document shows it. */
+const validator = {
+  ETag: { type: 'string', description: 'The SHA-256 of the bytes, quoted' },
+  'Cache-Control': { type: 'string', description: '`private, no-cache`: a client may keep the bytes, and checks them by their ETag before each use' },
+} as const;
+const bytesHeaders = {
+  ...validator,
+  'Content-Disposition': { type: 'string', description: '`attachment`, with the filename as uploaded (`filename*`, UTF-8, and an ASCII `filename`)' },
+  'Content-Length': { type: 'integer', description: 'The bytes sent' },
+  'X-Content-Type-Options': { type: 'string', description: '`nosniff`' },
+  'Accept-Ranges': { type: 'string', description: '`bytes`' },
+} as const;
+const contentRange = { type: 'string', description: 'The span sent, `bytes first-last/size`; on 416, `bytes */size`' } as const;
 
 /**
  * A download, or with `isGet` false a HEAD's headers of it, from bytes opened (so known to be there)
