@@ -8,7 +8,7 @@ import { settleRestore } from './db/backup-store.js';
 import { type Database, openDatabase } from './db/database.js';
 import { createTokens, registerAuthentication } from './http/auth.js';
 import { answerClientError, answerFrameworkError, MissingHost, registerErrorHandling, ShuttingDown } from './http/errors.js';
-import { corsOutsideHooks, registerHardening } from './http/hardening.js';
+import { corsOutsideHooks, notUtf8Body, registerHardening } from './http/hardening.js';
 import { requestLogger, serializeError } from './http/logging.js';
 import { registerMetrics } from './http/metrics.js';
 import { registerOpenApi } from './http/openapi.js';
@@ -110,7 +110,11 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   const parseJson = app.getDefaultJsonParser(app.initialConfig.onProtoPoisoning ?? 'error', app.initialConfig.onConstructorPoisoning ?? 'error');
   app.addContentTypeParser('application/json', { parseAs: 'string' }, (request, body: string, done) => {
     if (body === '') done(null, undefined);
-    else parseJson(request, body, done);
+    else {
+      const refusal = notUtf8Body(request.headers['content-type']);
+      if (refusal) done(refusal, undefined);
+      else parseJson(request, body, done);
+    }
   });
 
   const database = deps.database ?? (await openMigratedDatabase(config, app.log));

@@ -282,7 +282,6 @@ const FASTIFY_ERRORS: Record<string, [number, ProblemCode]> = {
   FST_ERR_CTP_INVALID_JSON_BODY: [400, 'VALIDATION_ERROR'],
   FST_ERR_CTP_INVALID_TYPE: [400, 'VALIDATION_ERROR'],
   FST_ERR_CTP_EMPTY_TYPE: [415, 'UNSUPPORTED_MEDIA_TYPE'],
-  FST_ERR_CTP_INVALID_CHARSET: [415, 'UNSUPPORTED_MEDIA_TYPE'],
   // Raised by the router, before any route (see frameworkErrors): a path that is not valid
   // percent-encoding, and a path parameter too long to be any id (a malformed id is 404).
   FST_ERR_BAD_URL: [400, 'VALIDATION_ERROR'],

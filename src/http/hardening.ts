@@ -41,6 +41,23 @@ class EncodedBody extends ApiError {
   }
 }
 
+/** A `charset` parameter of a Content-Type, quoted or not (RFC 9110 5.6.6). */
+const CHARSET = /;\s*charset\s*=\s*(?:"([^"]*)"|([^;\s]*))/i;
+/** UTF-8 under its names, and ASCII, which is UTF-8 too. */
+const UTF8_LABELS = new Set(['utf-8', 'utf8', 'us-ascii']);
+
+/**
+ * A JSON body is read as UTF-8, the only encoding of JSON between systems (RFC 8259 8.1). One that names
+ * another charset (`utf-16`, `latin1`) is 415 (RFC 9110 15.5.16), not read as UTF-8: its text would
+ * be another text, stored as if sent, or a misleading 400.
+ */
+export function notUtf8Body(contentType: string | undefined): ApiError | undefined {
+  const match = contentType === undefined ? null : CHARSET.exec(contentType);
+  const charset = match && (match[1] ?? match[2])!.toLowerCase();
+  if (!charset || UTF8_LABELS.has(charset)) return undefined;
+  return new ApiError(415, 'UNSUPPORTED_MEDIA_TYPE', 'JSON is read as UTF-8: send it with charset=utf-8, or no charset');
+}
+
 const BODY_METHODS = new Set(['POST', 'PUT', 'PATCH']);
 
 /** Whether a route reads a body: one of a method that has one, or a body of its own (DELETE /auth/me). */

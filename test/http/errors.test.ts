@@ -133,6 +133,28 @@ describe('problem+json for every error class', () => {
     expectProblem(response, 415, 'UNSUPPORTED_MEDIA_TYPE');
   });
 
+  it('415 for JSON that names a charset other than UTF-8, which it would be misread as; UTF-8 by any of its names is read', async () => {
+    const user = await registerUser(t.app);
+    const create = (contentType: string, payload: string | Buffer) =>
+      t.app.inject({ method: 'POST', url: '/api/v1/projects', headers: { ...user.auth, 'content-type': contentType }, payload });
+    const text = JSON.stringify({ name: 'Café' });
+    for (const [contentType, payload] of [
+      ['application/json; charset=utf-16le', Buffer.from(text, 'utf16le')],
+      ['application/json; charset="UTF-16"', Buffer.from(text, 'utf16le')],
+      ['application/json;charset=iso-8859-1', Buffer.from(text, 'latin1')],
+    ] as const) {
+      const refused = expectProblem(await create(contentType, payload), 415, 'UNSUPPORTED_MEDIA_TYPE');
+      expect(refused.detail).toContain('UTF-8');
+    }
+    for (const contentType of ['application/json', 'application/json; charset=utf-8', 'application/json; charset="UTF-8"', 'application/json; Charset=utf8']) {
+      const created = await create(contentType, Buffer.from(text));
+      expect(created.statusCode, contentType).toBe(201);
+      expect(created.json().name).toBe('Café');
+    }
+    const listed = await t.app.inject({ method: 'GET', url: '/api/v1/projects', headers: user.auth });
+    expect(listed.json().data).toHaveLength(4);
+  });
+
   it('400 naming the field, never 500, for text the database cannot store (NUL), and nothing stored', async () => {
     const user = await registerUser(t.app);
     const project = await createProject(t.app, user);
