@@ -1,3 +1,4 @@
+import { setMaxListeners } from 'node:events';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { OpenAICompatibleAdapter } from '../../src/providers/openai-compatible.js';
 import type { ChatRequest } from '../../src/providers/types.js';
@@ -48,6 +49,8 @@ it('lets go of a request body once it is sent: an open stream keeps none of its 
     signal: controller.signal,
   });
   const streams = 10;
+  // One signal for all of them, which one abort ends: each stream listens to it, as undici does for each.
+  setMaxListeners(2 * streams, controller.signal);
   for (let i = 0; i < streams; i++) fake.enqueue({ fault: 'stall', afterChunks: 1 });
   const before = reachableBufferBytes();
   // Each stream at its first delta, its answer still coming (the fake says no more and keeps it open).
