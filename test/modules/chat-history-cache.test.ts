@@ -11,7 +11,7 @@ const ids = (messages: StoredHistoryMessage[] | undefined) => messages?.map((m) 
 describe('HistoryCache', () => {
   it('puts the newer messages of the page before the cached history that it lines up with', () => {
     const cache = new HistoryCache(1024 * 1024);
-    cache.remember('p', { messages: newestFirst(100, 1), complete: true });
+    cache.remember('p', { messages: newestFirst(100, 1), complete: true }, cache.version);
     const known = cache.extend('p', newestFirst(102, 39));
     expect(ids(known?.messages)).toEqual(ids(newestFirst(102, 1)));
     expect(known?.complete).toBe(true);
@@ -19,7 +19,7 @@ describe('HistoryCache', () => {
 
   it('misses a project it holds nothing of, a page without the cached newest message, and one that differs past it', () => {
     const cache = new HistoryCache(1024 * 1024);
-    cache.remember('p', { messages: newestFirst(100, 1), complete: false });
+    cache.remember('p', { messages: newestFirst(100, 1), complete: false }, cache.version);
     expect(cache.extend('q', newestFirst(100, 37))).toBeUndefined();
     // Cleared, then written again: the cached newest message is gone.
     expect(cache.extend('p', newestFirst(300, 237))).toBeUndefined();
@@ -29,17 +29,30 @@ describe('HistoryCache', () => {
     expect(ids(cache.extend('p', newestFirst(101, 38))?.messages)).toEqual(ids(newestFirst(101, 1)));
   });
 
+  it('keeps nothing read before a history was forgotten: it may hold the message forgotten for', () => {
+    const cache = new HistoryCache(1024 * 1024);
+    cache.remember('p', { messages: newestFirst(100, 1), complete: true }, cache.version);
+    const readBefore = cache.version;
+    cache.forget('p');
+    expect(cache.extend('p', newestFirst(100, 37))).toBeUndefined();
+    // A turn that read before the forget, and remembers after it, keeps nothing; one that read after it does.
+    cache.remember('p', { messages: newestFirst(100, 1), complete: true }, readBefore);
+    expect(cache.extend('p', newestFirst(100, 37))).toBeUndefined();
+    cache.remember('p', { messages: newestFirst(99, 1), complete: true }, cache.version);
+    expect(ids(cache.extend('p', newestFirst(100, 37))?.messages)).toEqual(ids(newestFirst(100, 1)));
+  });
+
   it('keeps at most its bytes, the least recently used projects going first', () => {
     // 100 messages of about 230 bytes: 23 KB a project, room for two.
     const cache = new HistoryCache(50_000);
-    for (const project of ['a', 'b']) cache.remember(project, { messages: newestFirst(100, 1), complete: true });
+    for (const project of ['a', 'b']) cache.remember(project, { messages: newestFirst(100, 1), complete: true }, cache.version);
     expect(cache.extend('a', newestFirst(100, 37))).toBeDefined(); // a is now the most recently used
-    cache.remember('c', { messages: newestFirst(100, 1), complete: true });
+    cache.remember('c', { messages: newestFirst(100, 1), complete: true }, cache.version);
     expect(cache.extend('b', newestFirst(100, 37))).toBeUndefined();
     expect(cache.extend('a', newestFirst(100, 37))).toBeDefined();
     expect(cache.extend('c', newestFirst(100, 37))).toBeDefined();
     // A history larger than the whole cache is not kept, and what it replaces is dropped.
-    cache.remember('a', { messages: newestFirst(100, 1).map((m) => message(Number(m.id), 'x'.repeat(1_000))), complete: true });
+    cache.remember('a', { messages: newestFirst(100, 1).map((m) => message(Number(m.id), 'x'.repeat(1_000))), complete: true }, cache.version);
     expect(cache.extend('a', newestFirst(100, 37))).toBeUndefined();
     expect(cache.extend('c', newestFirst(100, 37))).toBeDefined();
   });
@@ -53,7 +66,7 @@ describe('HistoryCache memory', () => {
     const before = reachableHeapBytes() + reachableBufferBytes();
     for (let project = 0; project < 80; project++) {
       const history = Array.from({ length: 200 }, (_, i) => message(project * 1_000 + i, text(project * 1_000 + i)));
-      cache.remember(`p${project}`, { messages: history, complete: true });
+      cache.remember(`p${project}`, { messages: history, complete: true }, cache.version);
       // What a turn sends of it (providers/openai-compatible.ts joins these parts into its body).
       messagesWire(history);
     }

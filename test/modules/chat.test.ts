@@ -851,7 +851,18 @@ describe('idempotency', () => {
     expect(answered.json().assistantMessage.content).toBe('answer of B');
     expect((await keyed()).json()).toEqual(answered.json());
     expect(fake.requests).toHaveLength(2);
-    expect((await stored(projectId)).filter((row) => row.role === 'assistant').map((row) => row.content)).toEqual(['answer of B']);
+    // A's question, whatever A met, has no answer of its own: failed, and left out of the turns after.
+    expect((await stored(projectId)).map((row) => [row.role, row.content, row.status])).toEqual([
+      ['user', 'one key', 'failed'],
+      ['user', 'one key', 'complete'],
+      ['assistant', 'answer of B', 'complete'],
+    ]);
+    expect((await chat(projectId, { message: 'next' })).statusCode).toBe(200);
+    expect(fake.requests.at(-1)!.body.messages).toEqual([
+      { role: 'user', content: 'one key' },
+      { role: 'assistant', content: 'answer of B' },
+      { role: 'user', content: 'next' },
+    ]);
   });
 
   it('lets no beat of the request a key was taken from keep it alive', async () => {

@@ -44,7 +44,7 @@ const messageBytes = (message: Counted) => (message[BYTES] ??= MESSAGE_BYTES + t
  * The history that turns read past their first page, per project, in this process, so that the next
  * turn of a long conversation reads its newest page and not the thousands of messages behind it again.
  * Messages are never changed once stored but for a question marked failed, which its turn forgets
- * here; they are only added (newer than all others, as a rule) and removed all at once (history
+ * here (with what turns reading meanwhile would keep); they are only added (newer than all others, as a rule) and removed all at once (history
  * cleared, project deleted). So a project's cached history still holds
  * when the newest page read now contains the cached newest message and, from there on, the same
  * messages as the cache: what is newer comes from the page, the rest from the cache. A cleared
@@ -56,6 +56,8 @@ const messageBytes = (message: Counted) => (message[BYTES] ??= MESSAGE_BYTES + t
 export class HistoryCache {
   private readonly entries = new Map<string, { history: KnownHistory; bytes: number }>();
   private bytes = 0;
+  /** How many times a history was forgotten: what a turn reads before its history, for `remember`. */
+  private forgotten = 0;
 
   constructor(private readonly maxBytes: number) {}
 
@@ -74,8 +76,19 @@ export class HistoryCache {
     return { messages: start === 0 ? cached : newestPage.slice(0, start).concat(cached), complete: entry.history.complete };
   }
 
-  remember(projectId: string, history: KnownHistory): void {
-    this.forget(projectId);
+  /** The cache's version, to be read before a turn reads its history, and given to `remember`. */
+  get version(): number {
+    return this.forgotten;
+  }
+
+  /**
+   * Keeps `history`, which a turn began to read at `version` `readAt`, unless a history was forgotten
+   * since: the turn may have read the message that was forgotten for (in any project: forgetting is
+   * rare, and the next turn reads its history from the database).
+   */
+  remember(projectId: string, history: KnownHistory, readAt: number): void {
+    if (readAt !== this.forgotten) return;
+    this.drop(projectId);
     let bytes = 0;
     for (const message of history.messages) bytes += messageBytes(message);
     if (bytes > this.maxBytes) return;
@@ -88,7 +101,13 @@ export class HistoryCache {
     }
   }
 
+  /** Drops the project's history, and what turns reading it now would keep: one of its messages changed. */
   forget(projectId: string): void {
+    this.forgotten++;
+    this.drop(projectId);
+  }
+
+  private drop(projectId: string): void {
     const entry = this.entries.get(projectId);
     if (!entry) return;
     this.entries.delete(projectId);

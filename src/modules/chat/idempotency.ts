@@ -16,6 +16,13 @@ export type IdempotencyClaim<T> = { kind: 'claimed'; claimId: string } | { kind:
 
 const inProgress = () => new ApiError(409, 'IDEMPOTENCY_CONFLICT', 'A request with this Idempotency-Key is still in progress');
 
+/** A turn whose key a retry took over while it ran (see `IdempotencyStore.complete`): its answer is not kept, the retry's is. */
+export class KeyTakenOver extends ApiError {
+  constructor() {
+    super(409, 'IDEMPOTENCY_CONFLICT', 'A retry with this Idempotency-Key took it over while this request ran: its answer is the one kept');
+  }
+}
+
 /** Identifies a request by what it asks: the same key with another hash is a different request. */
 export function requestHash(parts: unknown): string {
   return createHash('sha256').update(JSON.stringify(parts)).digest('base64url');
@@ -127,7 +134,7 @@ export class IdempotencyStore<T> {
   /**
    * Keeps the result for replay. On `db`, the transaction that stores what the result says was stored:
    * a key taken over meanwhile (see `claim`) is the retry's, which will store its own answer, so this
-   * one throws IDEMPOTENCY_CONFLICT and its transaction stores nothing (two answers to one question).
+   * one throws KeyTakenOver (IDEMPOTENCY_CONFLICT) and its transaction stores nothing (two answers to one question).
    */
   async complete(userId: string, key: string, claimId: string, response: T, db: Db = this.db): Promise<void> {
     const kept = await db
@@ -135,7 +142,7 @@ export class IdempotencyStore<T> {
       .set({ state: 'done', response })
       .where(this.held(userId, key, claimId))
       .returning({ key: idempotencyKeys.key });
-    if (!kept.length) throw new ApiError(409, 'IDEMPOTENCY_CONFLICT', 'A retry with this Idempotency-Key took it over while this request ran: its answer is the one kept');
+    if (!kept.length) throw new KeyTakenOver();
   }
 
   /**

@@ -26,6 +26,7 @@ import { oneRow, param } from '../projects/count-limit.js';
 import { projectIdParam } from '../projects/service.js';
 import { buildContext, type HistoryMessage } from './context.js';
 import { HistoryCache, type StoredHistoryMessage } from './history-cache.js';
+import { KeyTakenOver } from './idempotency.js';
 import type { ChatResult } from './schemas.js';
 
 /** A UTF-16 surrogate without its other half (what `String.prototype.toWellFormed`, ES2024, replaces). */
@@ -310,6 +311,8 @@ export class ChatService {
     const fast = storeEarly && text.length <= PACED_TEXT ? this.defaultTurn : undefined;
     const questionId = uuidv7();
     const defaultTokens = fast && countTokens(text, fast.model);
+    // Before the read: a question marked failed after it is not to be cached with what it read.
+    const cacheVersion = this.historyCache.version;
     const { row, durable } = await this.readTurn(Boolean(fast && stream), {
       userId: user.id,
       projectId: projectIdParam(projectId),
@@ -337,7 +340,7 @@ export class ChatService {
           encoding,
           providerReadsFiles: adapter.supportsFiles,
         }),
-      history: (room) => this.newestHistory(ownedId, row.history, model, room),
+      history: (room) => this.newestHistory(ownedId, row.history, model, room, cacheVersion),
       newMessage: { content: text, tokens: textTokens },
       budget,
       promptTokens: (prompt) => this.promptTokens(prompt, model, encoding),
@@ -534,7 +537,13 @@ export class ChatService {
    * counted here. Each page ends where the room does, and what fitted is cached for the project's next
    * turn when it is more than the first page.
    */
-  private async *newestHistory(projectId: string, firstPage: StoredHistoryMessage[], model: string, room: number): AsyncGenerator<HistoryMessage[]> {
+  private async *newestHistory(
+    projectId: string,
+    firstPage: StoredHistoryMessage[],
+    model: string,
+    room: number,
+    cacheVersion: number,
+  ): AsyncGenerator<HistoryMessage[]> {
     const encoding = encodingName(model);
     const full = (page: StoredHistoryMessage[], size: number) => page.length === HISTORY_PAGES[size];
     const known = full(firstPage, 0) ? this.historyCache.extend(projectId, firstPage) : undefined;
@@ -564,7 +573,7 @@ export class ChatService {
       }
     } finally {
       // Runs when the reader stops early, too: what fitted is where the next turn may start from.
-      if (fitted.length > HISTORY_PAGES[0]!) this.historyCache.remember(projectId, { messages: fitted, complete: room >= 0 && !more });
+      if (fitted.length > HISTORY_PAGES[0]!) this.historyCache.remember(projectId, { messages: fitted, complete: room >= 0 && !more }, cacheVersion);
     }
   }
 
@@ -593,10 +602,11 @@ export class ChatService {
 
   /**
    * The turn's question marked `failed`, as its turn ends with no answer stored (the provider failed or
-   * answered nothing, the client left first), so that later turns leave it out of their context (see
-   * `historyPage`). The project's cached history is dropped: a question marked after it was cached,
-   * past the newest page, would otherwise stay in it. (Another instance's cache may keep such a
-   * question: that needs more than a page of messages stored during the failed turn.)
+   * answered nothing, the client left first, a retry took its key over), so that later turns leave it out of their context (see
+   * `historyPage`). The project's cached history is dropped, and so is what turns reading it now would
+   * cache: a question marked after it was read, past the newest page, would otherwise stay in it.
+   * (Another instance's cache may keep such a question: that needs more than a page of messages stored
+   * during the failed turn.)
    */
   private async markFailed(turn: PreparedTurn): Promise<void> {
     await this.markFailedStatement.execute({ questionId: turn.question.id });
@@ -635,11 +645,18 @@ export class ChatService {
       return assistantMessage && { userMessage: toMessageDto(userMessage), assistantMessage: toMessageDto(assistantMessage), usage };
     };
     if (!keep) return store(this.database.db);
-    return this.database.transaction(async (tx) => {
-      const result = await store(tx);
-      if (result) await keep(tx, result);
-      return result;
-    });
+    return this.database
+      .transaction(async (tx) => {
+        const result = await store(tx);
+        if (result) await keep(tx, result);
+        return result;
+      })
+      .catch(async (error: unknown) => {
+        // The retry that took the key over asks the question again and keeps its own answer: this
+        // question is left without one.
+        if (error instanceof KeyTakenOver) await this.markFailed(turn);
+        throw error;
+      });
   }
 
   /** What the provider sent before it failed or the client left, kept as `incomplete`; when it sent nothing, the question is failed. */
