@@ -31,6 +31,23 @@ function readableByDriver(url: string): boolean {
   }
 }
 
+/**
+ * A URL ioredis connects by as it reads it: its path, when there is one, the database's number, and so
+ * its `db` parameter. What passed a check of the scheme alone stopped the service with a stack trace
+ * (`redis://host:port6379`), or took it down when Redis answered its `SELECT NaN` (`redis://host/abc`),
+ * at the start or later, once an unreachable Redis came back.
+ */
+function redisConnectable(url: string): boolean {
+  let parsed: URL;
+  try {
+    parsed = new URL(url);
+  } catch {
+    return false;
+  }
+  const db = parsed.searchParams.get('db');
+  return /^\/?(\d{1,5})?$/.test(parsed.pathname) && (db === null || /^\d{1,5}$/.test(db)) && parsed.hostname !== '';
+}
+
 const int = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
 const optionalText = z
   .string()
@@ -168,7 +185,13 @@ const envSchema = z.object({
   MAX_PROMPTS_PER_PROJECT: int(1, 100_000).default(100),
   MAX_FILES_PER_PROJECT: int(1, 1_000_000).default(1000),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
-  REDIS_URL: optionalText.pipe(z.string().regex(/^rediss?:\/\//, 'must be a redis:// URL').optional()),
+  REDIS_URL: optionalText.pipe(
+    z
+      .string()
+      .regex(/^rediss?:\/\//, 'must be a redis:// or rediss:// URL')
+      .refine(redisConnectable, 'is not a Redis URL: redis://[[user]:password@]host[:port][/database], the port and the database numbers, reserved characters in the password percent-encoded')
+      .optional(),
+  ),
   REDIS_KEY_PREFIX: z.string().min(1).default('chatbot:'),
   RATE_LIMIT_LOGIN: int(1, 1_000_000).default(10),
   RATE_LIMIT_REGISTER: int(1, 1_000_000).default(20),

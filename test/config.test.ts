@@ -104,6 +104,13 @@ describe('loadConfig', () => {
     ['MAX_FILES_PER_PROJECT', '2.5'],
     ['LOG_LEVEL', 'loud'],
     ['REDIS_URL', 'http://x'],
+    // Each of these passed, then stopped the start with a stack trace, or ended the process when Redis
+    // answered its SELECT NaN (at the start, or once an unreachable Redis came back).
+    ['REDIS_URL', 'redis://127.0.0.1:notaport'],
+    ['REDIS_URL', 'rediss://[::1'],
+    ['REDIS_URL', 'redis://127.0.0.1:6379/abc'],
+    ['REDIS_URL', 'redis://127.0.0.1:6379/1.5'],
+    ['REDIS_URL', 'redis://127.0.0.1:6379?db=two'],
     ['NODE_ENV', 'staging'],
     // Each of these started, then failed later with a stack trace (Fastify's first request, or listen).
     ['TRUST_PROXY', 'yes'],
@@ -133,6 +140,12 @@ describe('loadConfig', () => {
     const message = (error as Error).message;
     expect(message).toMatch(new RegExp(`^Invalid configuration: ${variable} `));
     expect(message).not.toContain('\n');
+  });
+
+  it('accepts the forms of REDIS_URL that ioredis takes', () => {
+    for (const url of ['redis://127.0.0.1', 'redis://:p%40ss@redis.internal:6380/2', 'rediss://user:pass@[::1]:6379/', 'redis://redis?db=3&family=6']) {
+      expect(loadConfig({ DATA_DIR: dataDir(), REDIS_URL: url }).REDIS_URL, url).toBe(url);
+    }
   });
 
   it('accepts the forms of DATABASE_URL that the driver takes, and names no password when it refuses one (nor a provider\'s)', () => {
