@@ -47,6 +47,12 @@ const LOGIN_ACCOUNTS_PER_ADDRESS = 10;
 const COUNTERS_IN_MEMORY = 20_000;
 /** The longest email the login schema accepts: a longer one must not make a longer key. */
 const MAX_EMAIL_LENGTH = 254;
+/** How long the limits go unchecked, Redis not asked, after it failed to count (see `RedisHealth`). */
+const REDIS_RETRY_MS = 5_000;
+
+type Counter = ReturnType<FastifyInstance['createRateLimit']>;
+/** What a count that could not be made answers: allowed (fail open). */
+const UNCOUNTED = { isAllowed: true, key: '' } as const;
 
 /**
  * The contract's rate limits on @fastify/rate-limit: login per address and email, register per
@@ -55,22 +61,35 @@ const MAX_EMAIL_LENGTH = 254;
  * is set so that every instance shares them. Every attempt counts, whatever its answer.
  */
 export async function registerRateLimits(app: FastifyInstance, config: Config): Promise<RateLimits> {
-  const redis = config.REDIS_URL ? await connectRedis(config.REDIS_URL, app.log) : undefined;
+  const health = config.REDIS_URL ? new RedisHealth(app.log) : undefined;
+  const redis = config.REDIS_URL ? await connectRedis(config.REDIS_URL, health!) : undefined;
   if (redis) app.addHook('onClose', () => redis.disconnect());
   await app.register(fastifyRateLimit, {
     global: false,
     redis,
     nameSpace: `${config.REDIS_KEY_PREFIX}rate-limit:`,
-    // Fail open: while Redis is unreachable requests are served unlimited (connectRedis logs it),
-    // rather than the whole API failing with it.
-    skipOnError: true,
+    // A failure to count is met by `counter` (fail open, and said), not skipped unseen by the plugin.
+    skipOnError: false,
   });
 
-  const counter = (group: RateLimitGroup | 'failed-logins' | 'anonymous', max: number, timeWindow: number, key: (request: FastifyRequest) => string) => {
+  const counter = (group: RateLimitGroup | 'failed-logins' | 'anonymous', max: number, timeWindow: number, key: (request: FastifyRequest) => string): Counter => {
     // `cache` is a route limit's option (RateLimitOptions) that createRateLimit passes on as well; the
     // plugin's own reaches only its root store, not the one each limit makes.
     const options: RateLimitOptions = { max, timeWindow, cache: COUNTERS_IN_MEMORY, keyGenerator: (request) => `${group}:${key(request)}` };
-    return app.createRateLimit(options);
+    const count = app.createRateLimit(options);
+    if (!health) return count;
+    // Fail open: while Redis fails, requests are served unlimited rather than the whole API failing with it.
+    return async (request, callOptions) => {
+      if (health.resting) return UNCOUNTED;
+      try {
+        const result = await count(request, callOptions);
+        health.answered();
+        return result;
+      } catch (error) {
+        health.failed(error as Error);
+        return UNCOUNTED;
+      }
+    };
   };
   /** Counts a request; throws RateLimited once it is over the limit. */
   const limiter = (...args: Parameters<typeof counter>) => {
@@ -168,32 +187,55 @@ function emailOf(body: unknown): string {
 }
 
 /**
- * A Redis client for the counters that never holds a request back for long: while Redis is unreachable
- * commands fail at once instead of queueing (the limit is skipped), one that gets no answer fails after
- * a second, and a warning is logged once per outage. Waits for the first connection, or its first
- * failure, so that counting starts with the first request.
+ * Redis as the counters meet it: its connection lost, or a count it refused (out of memory, a replica's
+ * READONLY) or left unanswered for a second, while connected. A failure is logged once, until Redis
+ * counts again, and for REDIS_RETRY_MS after it the limits go unchecked without asking Redis: one that
+ * takes a second to fail each command would otherwise hold every request for that second.
  */
-async function connectRedis(url: string, log: FastifyBaseLogger): Promise<Redis> {
+class RedisHealth {
+  private failing = false;
+  private restUntil = 0;
+
+  constructor(private readonly log: FastifyBaseLogger) {}
+
+  /** Whether Redis is not to be asked now: it failed less than REDIS_RETRY_MS ago. */
+  get resting(): boolean {
+    return this.restUntil !== 0 && Date.now() < this.restUntil;
+  }
+
+  failed(error: Error & { command?: unknown }): void {
+    this.restUntil = Date.now() + REDIS_RETRY_MS;
+    if (this.failing) return;
+    this.failing = true;
+    // ioredis attaches the command that failed to its error, arguments and all: a refused HELLO or AUTH
+    // carries the password of REDIS_URL, which the log must not.
+    delete error.command;
+    this.log.warn({ err: error }, 'Redis is unreachable or failing: rate limits are not enforced until it answers again');
+  }
+
+  answered(): void {
+    this.restUntil = 0;
+    if (!this.failing) return;
+    this.failing = false;
+    this.log.info('Redis is reachable again: rate limits are enforced');
+  }
+}
+
+/**
+ * A Redis client for the counters that never holds a request back for long: while Redis is unreachable
+ * commands fail at once instead of queueing, and one that gets no answer fails after a second (see
+ * `RedisHealth`). Waits for the first connection, or its first failure, so that counting starts with the
+ * first request.
+ */
+async function connectRedis(url: string, health: RedisHealth): Promise<Redis> {
   const redis = new Redis(url, {
     enableOfflineQueue: false,
     maxRetriesPerRequest: 0,
     commandTimeout: 1_000,
     connectTimeout: 2_000,
   });
-  let down = false;
-  redis.on('error', (error: Error & { command?: unknown }) => {
-    if (down) return;
-    down = true;
-    // ioredis attaches the command that failed to its error, arguments and all: a refused HELLO or AUTH
-    // carries the password of REDIS_URL, which the log must not.
-    delete error.command;
-    log.warn({ err: error }, 'Redis is unreachable: rate limits are not enforced until it is back');
-  });
-  redis.on('ready', () => {
-    if (!down) return;
-    down = false;
-    log.info('Redis is reachable again: rate limits are enforced');
-  });
+  redis.on('error', (error: Error) => health.failed(error));
+  redis.on('ready', () => health.answered());
   await new Promise((resolve) => {
     redis.once('ready', resolve);
     redis.once('error', resolve);

@@ -390,6 +390,52 @@ describe('counters in Redis (REDIS_URL)', () => {
     expect(answers).toContain(429);
   });
 
+  it.skipIf(skipRedis)('serves every request while a connected Redis refuses to count, says so once, and counts again once it does', async () => {
+    // A Redis that refuses the counters' scripts (out of memory, a replica's READONLY, here its ACL): the
+    // connection stays up, so no connection error says anything.
+    const admin = new Redis(REDIS_URL);
+    const name = `rate-limit-test-${randomUUID()}`;
+    await admin.call('ACL', 'SETUSER', name, 'on', '>secret-pass', '~*', '&*', '+@all', '-eval', '-evalsha');
+    try {
+      const logs = logCollector();
+      const url = new URL(REDIS_URL);
+      url.username = name;
+      url.password = 'secret-pass';
+      const app = await startInstance({ REDIS_URL: url.href, LOG_LEVEL: 'info' }, logs.stream);
+      const user = await newUser();
+      const me = () => app.inject({ method: 'GET', url: '/api/v1/auth/me', headers: user.auth });
+      for (let request = 0; request < 8; request++) expect((await me()).statusCode).toBe(200);
+      const warnings = logs.lines.filter((line) => line.level === 40 && String(line.msg).includes('Redis is unreachable or failing'));
+      expect(warnings).toHaveLength(1);
+      expect(JSON.stringify(warnings)).toContain('NOPERM');
+      expect(JSON.stringify(logs.lines)).not.toContain('secret-pass');
+
+      await admin.call('ACL', 'SETUSER', name, '+eval', '+evalsha');
+      // Asked again a few seconds after it failed: then counted, and limited.
+      const answers: number[] = [];
+      await waitFor(() => answers.includes(429), 15_000, async () => answers.push((await me()).statusCode));
+      expect(logs.lines.some((line) => String(line.msg).includes('Redis is reachable again'))).toBe(true);
+    } finally {
+      await admin.call('ACL', 'DELUSER', name);
+      admin.disconnect();
+    }
+  });
+
+  it.skipIf(skipRedis)('does not hold every request for a Redis that stops answering: it rests from asking it after a failure', async () => {
+    const proxy = await TcpProxy.start(new URL(REDIS_URL));
+    const logs = logCollector();
+    const app = await startInstance({ REDIS_URL: `redis://127.0.0.1:${proxy.port}`, LOG_LEVEL: 'warn' }, logs.stream);
+    const user = await newUser();
+    const me = () => app.inject({ method: 'GET', url: '/api/v1/auth/me', headers: user.auth });
+    expect((await me()).statusCode).toBe(200);
+    proxy.freeze();
+    for (let request = 0; request < 6; request++) expect((await me()).statusCode).toBe(200);
+    // The first count timed out; the five after it did not ask.
+    expect(proxy.heldWrites).toBe(1);
+    expect(logs.lines.filter((line) => String(line.msg).includes('Redis is unreachable or failing'))).toHaveLength(1);
+    await proxy.stop();
+  });
+
   it('starts and serves without limits when Redis cannot be reached at all', async () => {
     const logs = logCollector();
     const app = await startInstance({ REDIS_URL: `redis://127.0.0.1:${await freePort()}`, LOG_LEVEL: 'warn' }, logs.stream);
@@ -423,18 +469,25 @@ describe('counters in Redis (REDIS_URL)', () => {
   });
 });
 
-async function waitFor(condition: () => boolean, timeoutMs = 10_000): Promise<void> {
+/** Until `condition`, running `step` (a wait of 20 ms unless given) between its checks. */
+async function waitFor(condition: () => boolean, timeoutMs = 10_000, step: () => Promise<unknown> = () => sleep(20)): Promise<void> {
   const giveUpAt = Date.now() + timeoutMs;
   while (!condition()) {
     if (Date.now() > giveUpAt) throw new Error(`not true within ${timeoutMs} ms`);
-    await sleep(20);
+    await step();
   }
 }
 
-/** A TCP relay to a server, which a test can take down (every connection cut) and bring back on the same port. */
+/**
+ * A TCP relay to a server, which a test can take down (every connection cut) and bring back on the same
+ * port, or freeze (connections kept, nothing passed on, as from a server that stopped answering).
+ */
 class TcpProxy {
   private server: Server | undefined;
   private readonly sockets = new Set<Socket>();
+  private frozen = false;
+  /** What the clients wrote while the relay was frozen: writes held, never passed on. */
+  heldWrites = 0;
 
   private constructor(
     private readonly target: URL,
@@ -455,10 +508,18 @@ class TcpProxy {
         socket.on('error', () => {});
         socket.on('close', () => this.sockets.delete(socket));
       }
-      client.pipe(upstream).pipe(client);
+      client.on('data', (data) => {
+        if (this.frozen) this.heldWrites++;
+        else upstream.write(data);
+      });
+      upstream.pipe(client);
     });
     this.server.listen(this.port, '127.0.0.1');
     await once(this.server, 'listening');
+  }
+
+  freeze(): void {
+    this.frozen = true;
   }
 
   async stop(): Promise<void> {
