@@ -47,6 +47,8 @@ const LOGIN_ACCOUNTS_PER_ADDRESS = 10;
 const COUNTERS_IN_MEMORY = 20_000;
 /** The longest email the login schema accepts: a longer one must not make a longer key. */
 const MAX_EMAIL_LENGTH = 254;
+/** The longest IPv6 address, with a zone and a port, is 60 characters or so: no address is longer. */
+const MAX_OTHER_ADDRESS = 64;
 /** How long the limits go unchecked, Redis not asked, after it failed to count (see `RedisHealth`). */
 const REDIS_RETRY_MS = 5_000;
 
@@ -147,13 +149,15 @@ export async function registerRateLimits(app: FastifyInstance, config: Config): 
  * home line, an office or a server is given (its owner may use any address in it, 2^64 of them, each of
  * which was a fresh counter); an IPv4 address written as IPv6 (`::ffff:192.0.2.1`, as a dual-stack
  * socket reports an IPv4 client) as the IPv4 address; either without the port a balancer may have added.
- * Anything that is no IP address is left as it is.
+ * Anything that is no IP address is cut to its first MAX_OTHER_ADDRESS characters: with `TRUST_PROXY=true`
+ * it is whatever a client wrote first in X-Forwarded-For, up to the headers' 16 KB, and every limit kept a
+ * counter keyed by all of it (20,000 of them each: gigabytes).
  */
 function addressKey(forwarded: string): string {
   // A balancer may forward the client's address with its port (Azure Application Gateway:
   // `192.0.2.1:51234`, `[2001:db8::1]:51234`): a port of its own each connection, so a counter of its own.
   const ip = /^\[([^\]]+)\]:\d+$/.exec(forwarded)?.[1] ?? /^(\d+\.\d+\.\d+\.\d+):\d+$/.exec(forwarded)?.[1] ?? forwarded;
-  if (!isIPv6(ip)) return ip;
+  if (!isIPv6(ip)) return ip.slice(0, MAX_OTHER_ADDRESS);
   const groups = ipv6Groups(ip.split('%')[0]!);
   if (groups.slice(0, 5).every((group) => group === 0) && groups[5] === 0xffff) {
     return [groups[6]! >> 8, groups[6]! & 0xff, groups[7]! >> 8, groups[7]! & 0xff].join('.');

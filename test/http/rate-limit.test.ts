@@ -212,6 +212,21 @@ describe('behind a load balancer (TRUST_PROXY)', () => {
     }
   });
 
+  it('keeps no more of a forwarded address that is none (TRUST_PROXY=true: whatever a client writes) than an address takes', async () => {
+    const app = await buildApp(testConfig({ ...LIMITS, TRUST_PROXY: 'true' }), { database: t.testDb.database });
+    try {
+      // 10 KB each, as the headers allow 16: the same first 64 characters, then each its own.
+      const garbage = `${randomUUID()}-${'x'.repeat(10_000)}`;
+      const anonymous = (end: number) =>
+        app.inject({ method: 'GET', url: '/api/v1/projects', remoteAddress: newAddress(), headers: { 'x-forwarded-for': `${garbage}${end}` } });
+      for (let attempt = 0; attempt < 5; attempt++) expectProblem(await anonymous(attempt), 401, 'UNAUTHORIZED');
+      // One counter for all of them: its key is the first 64 characters, not each one's 10 KB.
+      expectRateLimited(await anonymous(5), 60);
+    } finally {
+      await app.close();
+    }
+  });
+
   it('counts a client the balancer forwards with its port (as Azure Application Gateway does) by its address, whichever port', async () => {
     const app = await buildApp(testConfig({ ...LIMITS, TRUST_PROXY: '1' }), { database: t.testDb.database });
     try {
