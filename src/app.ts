@@ -142,7 +142,7 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   registerErrorHandling(app);
   await registerHardening(app, config);
   await registerOpenApi(app);
-  const metrics = registerMetrics(app, database, (model) => (model === config.AI_MODEL ? model : catalogName(model)));
+  const metrics = registerMetrics(app, database, (model) => (model === config.AI_MODEL ? model : catalogName(model)), config.METRICS_TOKEN);
   const rateLimits = await registerRateLimits(app, config);
 
   const tokens = createTokens(config.JWT_SECRET, config.JWT_EXPIRES_IN);

@@ -185,6 +185,13 @@ const envSchema = z.object({
   MAX_PROMPTS_PER_PROJECT: int(1, 100_000).default(100),
   MAX_FILES_PER_PROJECT: int(1, 1_000_000).default(1000),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+  // What GET /metrics takes as `Authorization: Bearer …` when set: a token a scraper holds, not a user's.
+  METRICS_TOKEN: optionalText.pipe(
+    z
+      .string()
+      .regex(/^[\x21-\x7e]{16,1024}$/, 'must be 16 to 1,024 visible ASCII characters, no spaces (e.g. openssl rand -hex 32)')
+      .optional(),
+  ),
   REDIS_URL: optionalText.pipe(
     z
       .string()

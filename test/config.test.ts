@@ -103,6 +103,8 @@ describe('loadConfig', () => {
     ['MAX_FILES_PER_PROJECT', '0'],
     ['MAX_FILES_PER_PROJECT', '2.5'],
     ['LOG_LEVEL', 'loud'],
+    ['METRICS_TOKEN', 'short'],
+    ['METRICS_TOKEN', 'a token with spaces in it'],
     ['REDIS_URL', 'http://x'],
     // Each of these passed, then stopped the start with a stack trace, or ended the process when Redis
     // answered its SELECT NaN (at the start, or once an unreachable Redis came back).

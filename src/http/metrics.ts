@@ -1,3 +1,4 @@
+import { createHash, timingSafeEqual } from 'node:crypto';
 import type { ServerResponse } from 'node:http';
 import { finished } from 'node:stream';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
@@ -5,7 +6,7 @@ import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom
 import { z } from 'zod';
 import type { Database, PoolStats } from '../db/database.js';
 import type { Usage } from '../providers/types.js';
-import { PROBLEM_STATUS, type ProblemCode } from './errors.js';
+import { PROBLEM_STATUS, type ProblemCode, Unauthorized } from './errors.js';
 
 /** One finished call to an AI provider, as the metered adapter reports it. */
 export interface ProviderCall {
@@ -60,10 +61,11 @@ function processMetrics(): Registry {
  * Prometheus metrics at `GET /metrics`: requests by route template and status, AI provider calls,
  * open SSE streams, the database pool, and the process. Labels take route templates and models by the
  * names the server knows them by (`knownName`), never URLs or other client-chosen text: a project's
- * model is free text its owner chose, shown to nobody else (and `/metrics` takes no token), so any
- * other model is `other`. The number of series stays bounded too.
+ * model is free text its owner chose, shown to nobody else (and `/metrics` takes no user's token), so
+ * any other model is `other`. The number of series stays bounded too. With `token` (METRICS_TOKEN), a
+ * scrape must send it as a bearer token.
  */
-export function registerMetrics(app: FastifyInstance, database: Database, knownName: (model: string) => string | undefined): Metrics {
+export function registerMetrics(app: FastifyInstance, database: Database, knownName: (model: string) => string | undefined, token?: string): Metrics {
   const registry = new Registry();
   const registers = [registry];
 
@@ -131,8 +133,11 @@ export function registerMetrics(app: FastifyInstance, database: Database, knownN
       schema: {
         tags: ['operations'],
         summary: 'Prometheus metrics (text exposition format)',
+        description: 'No user’s token. With METRICS_TOKEN set, `Authorization: Bearer <METRICS_TOKEN>`; without it, 401.',
         response: { 200: { content: { 'text/plain': { schema: z.string() } } } },
+        problems: ['UNAUTHORIZED'],
       },
+      onRequest: token === undefined ? [] : [requireBearer(token)],
     },
     async (_request, reply) => reply.type(scraped.contentType).send(await scraped.metrics()),
   );
@@ -159,6 +164,15 @@ export function registerMetrics(app: FastifyInstance, database: Database, knownN
   };
   app.decorate('metrics', metrics);
   return metrics;
+}
+
+/** The onRequest check of `token`, compared in constant time (digests of equal length, whatever was sent). */
+function requireBearer(token: string) {
+  const digest = (text: string) => createHash('sha256').update(text).digest();
+  const expected = digest(`Bearer ${token}`);
+  return async (request: FastifyRequest) => {
+    if (!timingSafeEqual(digest(request.headers.authorization ?? ''), expected)) throw new Unauthorized('The metrics take METRICS_TOKEN as a bearer token');
+  };
 }
 
 function registerPoolMetrics(registry: Registry, poolStats: () => PoolStats): void {

@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { createProject, registerUser, type RegisteredUser, startTestAppWithUpstream, type TestAppWithUpstream, testConfig } from '../support/app.js';
+import { buildApp } from '../../src/app.js';
+import { createProject, expectProblem, registerUser, type RegisteredUser, startTestAppWithUpstream, type TestAppWithUpstream, testConfig } from '../support/app.js';
 import { ShuttingDown } from '../../src/http/errors.js';
 import type { ProviderCall } from '../../src/http/metrics.js';
 import { meterProviders } from '../../src/providers/metered.js';
@@ -46,6 +47,24 @@ describe('GET /metrics', () => {
       'sse_streams_open',
     ]) {
       expect(response.body, name).toContain(`# TYPE ${name} `);
+    }
+  });
+
+  it('takes METRICS_TOKEN as a bearer token when it is set, and nothing else: 401 problem otherwise', async () => {
+    const token = `metrics-${randomUUID()}`;
+    const app = await buildApp(testConfig({ METRICS_TOKEN: token }), { database: t.testDb.database });
+    try {
+      const scrapeWith = (authorization?: string) => app.inject({ method: 'GET', url: '/metrics', headers: authorization ? { authorization } : {} });
+      for (const authorization of [undefined, `Bearer ${token.slice(0, -1)}`, `Bearer ${token}x`, token, `Basic ${token}`, `Bearer ${user.token}`]) {
+        const refused = expectProblem(await scrapeWith(authorization), 401, 'UNAUTHORIZED');
+        expect(refused.detail).toContain('METRICS_TOKEN');
+        expect(JSON.stringify(refused)).not.toContain(token);
+      }
+      const scraped = await scrapeWith(`Bearer ${token}`);
+      expect(scraped.statusCode).toBe(200);
+      expect(scraped.body).toContain('# TYPE http_request_duration_seconds ');
+    } finally {
+      await app.close();
     }
   });
 
