@@ -103,10 +103,23 @@ export async function registerRateLimits(app: FastifyInstance, config: Config): 
   };
   const failedLogins = counter('failed-logins', LOGIN_ACCOUNTS_PER_ADDRESS * config.RATE_LIMIT_LOGIN, 15 * MINUTE, (request) => addressKey(request.ip));
   const loginToAccount = limiter('login', config.RATE_LIMIT_LOGIN, 15 * MINUTE, (request) => `${addressKey(request.ip)}:${emailOf(request.body)}`);
-  const login = async (request: FastifyRequest) => {
-    // Checked before, counted once the answer is known to be a failure (below).
+  // Logins of an address being checked now, in this process: each may yet fail and be counted.
+  const loginsInFlight = new Map<string, number>();
+  const login = async (request: FastifyRequest, reply: FastifyReply) => {
+    // Checked before, counted once the answer is known to be a failure (below). Those still being checked
+    // take their room meanwhile: a burst sent at once all passed the check before any was counted, 60
+    // failures where the cap was 10.
+    const address = addressKey(request.ip);
     const spent = await failedLogins(request, { increment: false });
-    if (!spent.isAllowed && spent.remaining === 0) throw new RateLimited(spent.ttlInSeconds);
+    const inFlight = loginsInFlight.get(address) ?? 0;
+    if (!spent.isAllowed && spent.remaining - inFlight <= 0) throw new RateLimited(Math.max(spent.ttlInSeconds, 1));
+    loginsInFlight.set(address, inFlight + 1);
+    // Once answered (a failure is counted before), or its client gone.
+    reply.raw.once('close', () => {
+      const left = loginsInFlight.get(address)! - 1;
+      if (left === 0) loginsInFlight.delete(address);
+      else loginsInFlight.set(address, left);
+    });
     await loginToAccount(request);
   };
   // Counted when the attempt fails, before its answer is written. Counted once the answer had been sent

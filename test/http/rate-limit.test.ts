@@ -114,6 +114,23 @@ describe('login, against a flood of other emails', () => {
     expectRateLimited(await login(t.app, address, user.email, PASSWORD), 15 * 60);
   });
 
+  it('lets no more failures through from an address than its cap, though they all come at once', async () => {
+    const address = newAddress();
+    // 60 at once: before any is counted a failure, all of them would pass a check of the count alone.
+    const burst = await Promise.all(Array.from({ length: 60 }, () => login(t.app, address, `${randomUUID()}@example.com`)));
+    const statuses = Object.fromEntries([401, 429].map((status) => [status, burst.filter((r) => r.statusCode === status).length]));
+    expect(statuses).toEqual({ 401: 30, 429: 30 });
+    expectRateLimited(await login(t.app, address, `${randomUUID()}@example.com`), 15 * 60);
+
+    // Logins that succeed hold no room once answered: 30 failures still get through after them.
+    const users = await Promise.all(Array.from({ length: 10 }, () => newUser()));
+    const other = newAddress();
+    const signedIn = await Promise.all(users.map((user) => login(t.app, other, user.email, PASSWORD)));
+    expect(signedIn.map((r) => r.statusCode)).toEqual(Array(10).fill(200));
+    for (let attempt = 0; attempt < 30; attempt++) expectProblem(await login(t.app, other, `${randomUUID()}@example.com`), 401, 'UNAUTHORIZED');
+    expectRateLimited(await login(t.app, other, `${randomUUID()}@example.com`), 15 * 60);
+  });
+
   it('counts a failed login whose client hangs up before its answer', async () => {
     await t.app.listen({ port: 0, host: '127.0.0.1' });
     const { port } = t.app.server.address() as AddressInfo;
