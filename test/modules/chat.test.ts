@@ -1249,10 +1249,14 @@ describe('the history cleared or the project deleted during a turn', () => {
     }
   });
 
-  // A project with a model of its own: its question is stored after the history is read, not by the read.
-  it.runIf(process.env.TEST_DATABASE_URL)('sends nothing of a history cleared between the read and the question, stores nothing: 409', async () => {
+  // A project on the default model, whose turn's read stores its question (and waits for the history's
+  // lock to do so), and one with a model of its own, whose question is stored after the read.
+  it.runIf(process.env.TEST_DATABASE_URL).each([
+    ['the default model', {}],
+    ['a model of its own', { model: 'gpt-4o-mini' }],
+  ])('sends nothing of a history cleared between the read and the question, stores nothing: 409 (a project on %s)', async (_, project) => {
     fake.reset();
-    const projectId = await newProject(user, { model: 'gpt-4o-mini' });
+    const projectId = await newProject(user, project);
     await insertMessages(t.testDb.database.db, projectId, 2, { content: 'SECRET, cleared before the turn is asked' });
     const clearing = new pg.Client({ connectionString: t.testDb.url });
     await clearing.connect();

@@ -94,6 +94,14 @@ function turnStatementOn(db: Db) {
         and current_setting('server_encoding') in ('UTF8', 'SQL_ASCII')
         and (select coalesce(sum(octet_length(${prompts.content}) + ${sql.raw(String(MESSAGE_OVERHEAD_TOKENS))}), 0)
           from ${prompts} where ${prompts.projectId} = ${projects.id}) <= ${sql.placeholder('promptsRoom')}::integer
+        -- And while the newest message of the history this statement reads is kept: the statement reads
+        -- with the snapshot it began with, and a clear that committed while it waited for the history's
+        -- lock (message_stamp) would have its deleted messages sent upstream. Not stored, the question
+        -- is then stored after the read, under the same check (chat_insert_question), and refused: 409.
+        and not exists (select 1 from (select ${messages.id} as id from ${messages}
+            where ${messages.projectId} = ${projects.id} and ${messages.status} <> 'failed'
+            order by ${messages.createdAt} desc, ${messages.id} desc limit 1) newest
+          where not message_kept(${projects.id}, newest.id))
       returning created_at`,
   );
   return db
