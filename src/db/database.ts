@@ -216,7 +216,10 @@ export function openPostgres(url: string, options: PostgresOptions = {}): Databa
       try {
         await tx.execute(sql`begin`);
         const result = await work(tx);
-        await tx.execute(sql`commit`);
+        // PostgreSQL answers the COMMIT of a transaction a statement failed in (its error caught by
+        // `work`) with ROLLBACK, and no error: committed when it resolves, as PGlite's says too.
+        const { command } = (await tx.execute(sql`commit`)) as unknown as pg.QueryResult;
+        if (command === 'ROLLBACK') throw new Error('Transaction was rolled back instead of committed');
         release();
         return result;
       } catch (error) {

@@ -9,6 +9,7 @@ import { sql } from 'drizzle-orm';
 import pg from 'pg';
 import { describe, expect, it } from 'vitest';
 import { type Database, MIGRATION_LOCK_ID, MigrationError, MIGRATIONS_WAIT, MIGRATIONS_WAIT_FOR_ANOTHER, migrationsFolder, openPglite } from '../../src/db/database.js';
+import { uuidv7 } from '../../src/db/ids.js';
 import { DatabaseLockedError, lockPglite } from '../../src/db/pglite-lock.js';
 import { providerFileDeletions, users } from '../../src/db/schema.js';
 import { adminQuery, createTestDatabase } from '../support/database.js';
@@ -423,6 +424,30 @@ describe('a held connection', () => {
       const next = await database.hold();
       expect(((await next.db.execute(sql`select 1 as one`)) as unknown as { rows: { one: number }[] }).rows[0]!.one).toBe(1);
       next.release();
+    } finally {
+      await drop();
+    }
+  });
+});
+
+describe('a transaction', () => {
+  it('rejects, on either database, when a statement failed in it though its work went on: nothing is committed', async () => {
+    const { database, drop } = await createTestDatabase();
+    try {
+      const email = `${randomBytes(8).toString('hex')}@example.com`;
+      const outcome = await database
+        .transaction(async (tx) => {
+          await tx.insert(users).values({ id: uuidv7(), email, passwordHash: 'x', name: 'kept?' });
+          // A statement that fails, its error caught: the transaction is aborted all the same.
+          await tx.execute(sql`select 1 / 0`).catch(() => undefined);
+          return 'work done';
+        })
+        .then(
+          (value) => `resolved: ${value}`,
+          (error: Error) => `rejected: ${error.message}`,
+        );
+      expect(outcome).toMatch(/^rejected: .*rolled back/);
+      expect(await database.db.select().from(users).where(sql`${users.email} = ${email}`)).toEqual([]);
     } finally {
       await drop();
     }
