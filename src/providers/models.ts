@@ -17,9 +17,18 @@ export const REPLY_PRIMING_TOKENS = 3;
  * BPE merging is quadratic in the length of one pre-tokenized piece, and a piece can be as long as a
  * run without whitespace (or a run of whitespace): 100,000 CJK characters took 37 s, 100,000 letters
  * without a space 4 s, all on the event loop. Runs up to this length are counted exactly; longer ones
- * in slices of this length, which adds at most a token or so per slice.
+ * in slices of this length, each counted a token more than it counts alone (see `Piece`).
  */
 const MAX_RUN = 128;
+
+/**
+ * A piece of a text as it is counted, and the tokens added to its count: 1 for a piece cut where the
+ * encodings do not cut (a long run's slice; a stretch that offered no place to cut), as the tokens of
+ * the two sides of such a cut may be one fewer than the whole's. So the count is never under the exact
+ * one, which a context's budget needs: under it, a context was sent over the model's window (a run of
+ * 211 spaces before `:/` counted 3 tokens, where it is 5).
+ */
+type Piece = readonly [text: string, extra: 0 | 1];
 
 // Text is counted as the user wrote it: `<|endoftext|>` in a message is text, not a special token
 // (by default gpt-tokenizer throws on it).
@@ -60,7 +69,7 @@ function encodingFor(model: string): GptEncoding {
 export function countTokens(text: string, model: string): number {
   const encoding = encodingFor(model);
   let total = 0;
-  for (const piece of pieces(text)) total += encoding.countTokens(piece, AS_PLAIN_TEXT);
+  for (const [piece, extra] of pieces(text)) total += encoding.countTokens(piece, AS_PLAIN_TEXT) + extra;
   return total;
 }
 
@@ -92,13 +101,13 @@ export type Counted = number | undefined | Promise<number | undefined>;
 async function countInTurns(text: string, encoding: GptEncoding, limit: number): Promise<number | undefined> {
   let total = 0;
   let sinceTurn = 0;
-  for (const piece of pieces(text)) {
+  for (const [piece, extra] of pieces(text)) {
     // Before a piece rather than after one: nothing waits for a turn once the last is counted.
     if (sinceTurn >= PACED_TEXT) {
       sinceTurn = 0;
       await setImmediate();
     }
-    total += encoding.countTokens(piece, AS_PLAIN_TEXT);
+    total += encoding.countTokens(piece, AS_PLAIN_TEXT) + extra;
     if (total > limit) return undefined;
     sinceTurn += piece.length;
   }
@@ -107,14 +116,14 @@ async function countInTurns(text: string, encoding: GptEncoding, limit: number):
 
 /**
  * The text as counted: each run (of whitespace, or of anything else) longer than MAX_RUN code points in
- * slices of MAX_RUN, and what lies between such runs in pieces of `PACED_TEXT` to twice that, cut where
+ * slices of MAX_RUN (a whitespace run but for its last character, before the text after it), and what lies between such runs in pieces of `PACED_TEXT` to twice that, cut where
  * the encodings' patterns cut anyway (`cutsThere`), so that their counts add up to the count of the
  * whole. Runs are found in one pass over the text: a pattern such as `\S{129,}` tried at every
  * position reads up to 128 characters at each (20 ms for 100,000 letters with a space every 128), and
  * overflowed the pattern engine's stack on a run of millions (a reply an upstream made that long,
  * stored, broke every later turn of its project).
  */
-function* pieces(text: string): Generator<string> {
+function* pieces(text: string): Generator<Piece> {
   let counted = 0;
   for (let start = 0; start < text.length; ) {
     const space = isWhitespace(text.charCodeAt(start));
@@ -125,32 +134,36 @@ function* pieces(text: string): Generator<string> {
       if (!isLowSurrogate(code) || !isHighSurrogate(text.charCodeAt(end - 1))) codePoints++;
     }
     if (codePoints > MAX_RUN) {
+      // The encodings leave a whitespace run's last character to what follows it (` word`, ` :/`): so
+      // does the count. (Whitespace is one UTF-16 unit.)
+      const runEnd = space && end < text.length ? end - 1 : end;
       yield* cutBetweenRuns(text, counted, start);
-      for (let slice = start; slice < end; ) {
-        let sliceEnd = Math.min(slice + MAX_RUN, end);
-        if (isHighSurrogate(text.charCodeAt(sliceEnd - 1)) && sliceEnd < end) sliceEnd++; // keep a code point whole
-        yield text.slice(slice, sliceEnd);
+      for (let slice = start; slice < runEnd; ) {
+        let sliceEnd = Math.min(slice + MAX_RUN, runEnd);
+        if (isHighSurrogate(text.charCodeAt(sliceEnd - 1)) && sliceEnd < runEnd) sliceEnd++; // keep a code point whole
+        yield [text.slice(slice, sliceEnd), 1];
         slice = sliceEnd;
       }
-      counted = end;
+      counted = runEnd;
     }
     start = end;
   }
   yield* cutBetweenRuns(text, counted, text.length);
 }
 
-function* cutBetweenRuns(text: string, start: number, end: number): Generator<string> {
+function* cutBetweenRuns(text: string, start: number, end: number): Generator<Piece> {
   while (end - start > 2 * PACED_TEXT) {
     let cut = start + PACED_TEXT;
     const last = start + 2 * PACED_TEXT;
     while (cut < last && !cutsThere(text, cut, end)) cut++;
-    // No such place (every space led by a line break and itself leading to one): cut anyway, off by a
-    // token or two, as a long run's slices are.
-    if (cut === last && isHighSurrogate(text.charCodeAt(cut - 1))) cut++;
-    yield text.slice(start, cut);
+    // No such place (every space led by a line break and itself leading to one): cut anyway, counted a
+    // token more, as a long run's slices are.
+    const forced = cut === last;
+    if (forced && isHighSurrogate(text.charCodeAt(cut - 1))) cut++;
+    yield [text.slice(start, cut), forced ? 1 : 0];
     start = cut;
   }
-  if (end > start) yield text.slice(start, end);
+  if (end > start) yield [text.slice(start, end), 0];
 }
 
 /**
