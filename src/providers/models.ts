@@ -40,9 +40,12 @@ const MERGE_CACHE_ENTRIES = 10_000;
 
 const encodings = new Map<EncodingName, GptEncoding>();
 
-/** `openai/gpt-4o-mini:free` → `gpt-4o-mini`: a router's vendor prefix and variant suffix name the same model. */
+/**
+ * `openai/gpt-4o-mini:free` → `gpt-4o-mini`: a router's vendor prefix and variant suffix name the same
+ * model; and so does an OpenAI fine-tune its base model's (`ft:gpt-4-0613:org::id` → `gpt-4-0613`).
+ */
 function baseModelName(model: string): string {
-  const name = model.slice(model.lastIndexOf('/') + 1);
+  const name = model.slice(model.lastIndexOf('/') + 1).replace(/^ft:/i, '');
   const variant = name.indexOf(':');
   return (variant === -1 ? name : name.slice(0, variant)).toLowerCase();
 }

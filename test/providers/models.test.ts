@@ -21,6 +21,15 @@ describe('countTokens', () => {
     expect(countTokens(MIXED, 'GPT-4')).toBe(cl100kCount(MIXED));
   });
 
+  it("knows an OpenAI fine-tune by its base model: its encoding and its window", () => {
+    for (const model of ['ft:gpt-4-0613:my-org::abc123', 'ft:gpt-3.5-turbo-0125:my-org:custom-suffix:id', 'openai/ft:gpt-4-0613:org::x']) {
+      expect(countTokens(MIXED, model), model).toBe(cl100kCount(MIXED));
+    }
+    expect(contextWindow('ft:gpt-4-0613:my-org::abc123')).toBe(contextWindow('gpt-4-0613'));
+    expect(contextWindow('ft:gpt-4o-mini-2024-07-18:org::id')).toBe(contextWindow('gpt-4o-mini-2024-07-18'));
+    expect(contextWindow('gpt-4-0613')).toBeDefined();
+  });
+
   it('counts unknown models with o200k_base', () => {
     for (const model of ['llama3.2:3b', 'anthropic/claude-sonnet-4', 'constructor', '__proto__', '']) {
       expect(countTokens(MIXED, model)).toBe(o200kCount(MIXED));
