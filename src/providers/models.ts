@@ -2,7 +2,7 @@ import { GptEncoding } from 'gpt-tokenizer/GptEncoding';
 import { DEFAULT_ENCODING, type EncodingName, modelToEncodingMap } from 'gpt-tokenizer/mapping';
 import * as catalog from 'gpt-tokenizer/models';
 import { resolveEncoding } from 'gpt-tokenizer/resolveEncoding';
-import { setImmediate } from 'node:timers/promises';
+import { setImmediate as turn } from 'node:timers/promises';
 
 /**
  * Tokens a chat message costs beyond its content: the framing tokens around it plus its role name
@@ -85,16 +85,31 @@ export function countTokens(text: string, model: string): number {
 export const PACED_TEXT = 2_048;
 
 /**
+ * Characters counted since the event loop last had a turn, by every caller together: a turn's many
+ * short texts (a project's prompts, its history in another encoding, its small files), each counted at
+ * once, held the loop for a quarter of a second on a project's first turn. Reset by a callback queued
+ * behind the counting, which runs only once the loop has its turn.
+ */
+let countedSinceTurn = 0;
+
+function counted(characters: number): void {
+  if (countedSinceTurn === 0) setImmediate(() => (countedSinceTurn = 0));
+  countedSinceTurn += characters;
+}
+
+/**
  * `countTokens`'s count; for a text longer than `PACED_TEXT`, a promise of it, counted a piece at a time
- * with the event loop free to run other requests between pieces. With a `limit`, undefined as soon as
- * the count is past it: a text that cannot fit costs the counting of what fits and a piece more, not of
- * all of it (a file of megabytes, at every turn of its project).
+ * with the event loop free to run other requests between pieces; and for a short one too once
+ * `PACED_TEXT` characters were counted since the loop's last turn (`countedSinceTurn`). With a `limit`,
+ * undefined as soon as the count is past it: a text that cannot fit costs the counting of what fits and
+ * a piece more, not of all of it (a file of megabytes, at every turn of its project).
  */
 export function countTokensPaced(text: string, model: string): number | Promise<number>;
 export function countTokensPaced(text: string, model: string, limit: number): Counted;
 export function countTokensPaced(text: string, model: string, limit = Infinity): Counted {
-  if (text.length > PACED_TEXT) return countInTurns(text, encodingFor(model), limit);
+  if (text.length > PACED_TEXT || countedSinceTurn + text.length > PACED_TEXT) return countInTurns(text, encodingFor(model), limit);
   const count = countTokens(text, model);
+  counted(text.length);
   return count > limit ? undefined : count;
 }
 
@@ -103,16 +118,12 @@ export type Counted = number | undefined | Promise<number | undefined>;
 
 async function countInTurns(text: string, encoding: GptEncoding, limit: number): Promise<number | undefined> {
   let total = 0;
-  let sinceTurn = 0;
   for (const [piece, extra] of pieces(text)) {
     // Before a piece rather than after one: nothing waits for a turn once the last is counted.
-    if (sinceTurn >= PACED_TEXT) {
-      sinceTurn = 0;
-      await setImmediate();
-    }
+    if (countedSinceTurn > 0 && countedSinceTurn + piece.length > PACED_TEXT) await turn();
     total += encoding.countTokens(piece, AS_PLAIN_TEXT) + extra;
+    counted(piece.length);
     if (total > limit) return undefined;
-    sinceTurn += piece.length;
   }
   return total;
 }

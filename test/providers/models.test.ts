@@ -118,13 +118,28 @@ describe('countTokens', () => {
     }
   });
 
+  it("lets other work run between short texts counted one after another, once a piece's worth is counted", async () => {
+    const short = Array.from({ length: 100 }, (_, i) => `${i} ${'letters and a space every so often '.repeat(58)}`.slice(0, PACED_TEXT));
+    const expected = short.map((text) => countTokens(text, 'gpt-4o'));
+    await turnsWhile(async () => undefined); // a turn: nothing counted since
+    const turns = await turnsWhile(async () => {
+      const counts = [];
+      // As a turn's prompts are counted: each awaited, one after another.
+      for (const text of short) counts.push(await countTokensPaced(text, 'gpt-4o'));
+      expect(counts).toEqual(expected);
+    });
+    // A turn of the event loop about every text (each is PACED_TEXT long), not one at the end.
+    expect(turns).toBeGreaterThanOrEqual(short.length / 2);
+  });
+
   it('stops counting once past a limit, having counted what fits and a piece more', async () => {
     const text = `${'word '.repeat(999)}word\n`.repeat(300); // 1.5 MB, 300,000 tokens
     const whole = countTokens(text, 'gpt-4o');
     expect(await countTokensPaced(text, 'gpt-4o', whole)).toBe(whole);
     expect(await countTokensPaced(text, 'gpt-4o', whole - 1)).toBeUndefined();
-    expect(countTokensPaced('a few words', 'gpt-4o', 3)).toBe(3);
-    expect(countTokensPaced('a few words', 'gpt-4o', 2)).toBeUndefined();
+    // Short: counted at once, or after a turn of the event loop when much was counted since the last one.
+    expect(await countTokensPaced('a few words', 'gpt-4o', 3)).toBe(3);
+    expect(await countTokensPaced('a few words', 'gpt-4o', 2)).toBeUndefined();
 
     // Pieces are counted between turns of the event loop: the turns taken tell how much was counted.
     const turnsPast = (limit: number) => turnsWhile(async () => expect(await countTokensPaced(text, 'gpt-4o', limit)).toBeUndefined());
