@@ -1,7 +1,7 @@
 import { mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
-import { buildFilesSection, type ContextFile, EntryCounts } from '../../src/modules/files/chat-section.js';
+import { buildFilesSection, type ContextFile, EntryCounts, MAX_BYTES_PER_TOKEN } from '../../src/modules/files/chat-section.js';
 import type { FileDto } from '../../src/modules/files/schemas.js';
 import { countTokens, countTokensPaced, MESSAGE_OVERHEAD_TOKENS } from '../../src/providers/models.js';
 import { createProject, createPrompt, expectProblem, insertMessages, registerUser, type RegisteredUser, startTestApp, type TestApp } from '../support/app.js';
@@ -48,6 +48,18 @@ describe('the files section', () => {
     expect(result!.tokens).toBeLessThanOrEqual(500);
   });
 
+  it('takes a text file of many bytes a token that fits: a table of dashes, an indented listing', async () => {
+    const table = textFile('table.txt', `| a | b |\n${`${'-'.repeat(80)}\n`.repeat(30)}`);
+    const listing = textFile('listing.txt', `${' '.repeat(120)}x\n`.repeat(20));
+    for (const file of [table, listing]) {
+      const text = await file.readText();
+      // Past 16 bytes a token, which took it for too long; its tokens fit the section.
+      expect(file.size / wholeCount(text)).toBeGreaterThan(16);
+      const result = await section([file], wholeCount(text) + 100);
+      expect(result!.message.content).toContain(text);
+    }
+  });
+
   it('does not read a text file that cannot fit, nor more bytes in all than the budget allows', async () => {
     const huge = textFile('huge.txt', 'x'.repeat(200_000));
     expect((await section([huge], 1_000))!.message.content).toContain('[not included: too long for the context]');
@@ -57,7 +69,7 @@ describe('the files section', () => {
     const files = Array.from({ length: 10 }, (_, i) => textFile(`${i}.txt`, 'y'.repeat(3_000)));
     await section(files, 1_000);
     const read = files.filter((file) => vi.mocked(file.readText).mock.calls.length > 0);
-    expect(read.length * 3_000).toBeLessThanOrEqual(1_000 * 16);
+    expect(read.length * 3_000).toBeLessThanOrEqual(1_000 * MAX_BYTES_PER_TOKEN);
   });
 
   it('counts a text file only up to what is left: one that cannot fit is not counted whole', async () => {

@@ -64,9 +64,11 @@ const PDF = 'application/pdf';
 
 /**
  * No real text takes more bytes per token than this, so a longer file cannot fit what is left and is
- * not read; and a turn reads at most its budget times this many bytes of files in all.
+ * not read; and a turn reads at most its budget times this many bytes of files in all. Prose takes 4
+ * or so; separators and indentation take more: lines of 80 dashes 40, of 64 `=` 33, indentation of 120
+ * spaces 31 (16, before, left out such files where they fitted).
  */
-const MAX_BYTES_PER_TOKEN = 16;
+export const MAX_BYTES_PER_TOKEN = 64;
 
 /** OpenAI reads at most 32 MB of file inputs in one request (its guide to PDF inputs); MB or MiB, this is within. */
 const MAX_REFERENCED_BYTES = 32_000_000;
