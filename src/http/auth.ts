@@ -117,7 +117,8 @@ export function createTokens(secret: string, expiresInSeconds: number): Tokens {
   };
 }
 
-function bearerToken(request: FastifyRequest): string {
+/** The token of a request's `Authorization: Bearer …` (the scheme in any case); 401 without one. */
+export function bearerToken(request: FastifyRequest): string {
   const header = request.headers.authorization;
   const match = header ? /^Bearer\s+(\S+)\s*$/i.exec(header) : null;
   if (!match) throw new Unauthorized('A bearer token is required');

@@ -41,10 +41,21 @@ class EncodedBody extends ApiError {
   }
 }
 
-/** A `charset` parameter of a Content-Type, quoted or not (RFC 9110 5.6.6). */
-const CHARSET = /;\s*charset\s*=\s*(?:"([^"]*)"|([^;\s]*))/i;
+/**
+ * The parameters of a Content-Type, one after another (RFC 9110 5.6.6): a name, and a value quoted or
+ * not, so that `charset=` within another's quoted value is no parameter. A value ends at a comma too,
+ * as in the `a; charset=utf-8, a` of a client that names the type twice.
+ */
+const PARAMETER = /;\s*([^=;\s]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;,\s]*))/g;
 /** UTF-8 under its names, and ASCII, which is UTF-8 too. */
-const UTF8_LABELS = new Set(['utf-8', 'utf8', 'us-ascii']);
+const UTF8_LABELS = new Set(['utf-8', 'utf8', 'us-ascii', 'ascii']);
+
+function charsetOf(contentType: string): string | undefined {
+  for (const [, name, quoted, token] of contentType.matchAll(PARAMETER)) {
+    if (name!.toLowerCase() === 'charset') return (quoted ?? token)!.toLowerCase();
+  }
+  return undefined;
+}
 
 /**
  * A JSON body is read as UTF-8, the only encoding of JSON between systems (RFC 8259 8.1). One that names
@@ -52,8 +63,7 @@ const UTF8_LABELS = new Set(['utf-8', 'utf8', 'us-ascii']);
  * be another text, stored as if sent, or a misleading 400.
  */
 export function notUtf8Body(contentType: string | undefined): ApiError | undefined {
-  const match = contentType === undefined ? null : CHARSET.exec(contentType);
-  const charset = match && (match[1] ?? match[2])!.toLowerCase();
+  const charset = contentType === undefined ? undefined : charsetOf(contentType);
   if (!charset || UTF8_LABELS.has(charset)) return undefined;
   return new ApiError(415, 'UNSUPPORTED_MEDIA_TYPE', 'JSON is read as UTF-8: send it with charset=utf-8, or no charset');
 }

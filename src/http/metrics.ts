@@ -6,6 +6,7 @@ import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom
 import { z } from 'zod';
 import type { Database, PoolStats } from '../db/database.js';
 import type { Usage } from '../providers/types.js';
+import { bearerToken } from './auth.js';
 import { PROBLEM_STATUS, type ProblemCode, Unauthorized } from './errors.js';
 
 /** One finished call to an AI provider, as the metered adapter reports it. */
@@ -169,9 +170,16 @@ export function registerMetrics(app: FastifyInstance, database: Database, knownN
 /** The onRequest check of `token`, compared in constant time (digests of equal length, whatever was sent). */
 function requireBearer(token: string) {
   const digest = (text: string) => createHash('sha256').update(text).digest();
-  const expected = digest(`Bearer ${token}`);
+  const expected = digest(token);
+  const refused = () => new Unauthorized('The metrics take METRICS_TOKEN as a bearer token');
   return async (request: FastifyRequest) => {
-    if (!timingSafeEqual(digest(request.headers.authorization ?? ''), expected)) throw new Unauthorized('The metrics take METRICS_TOKEN as a bearer token');
+    let sent: string;
+    try {
+      sent = bearerToken(request);
+    } catch {
+      throw refused();
+    }
+    if (!timingSafeEqual(digest(sent), expected)) throw refused();
   };
 }
 

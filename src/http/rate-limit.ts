@@ -108,18 +108,21 @@ export async function registerRateLimits(app: FastifyInstance, config: Config): 
   const login = async (request: FastifyRequest, reply: FastifyReply) => {
     // Checked before, counted once the answer is known to be a failure (below). Those still being checked
     // take their room meanwhile: a burst sent at once all passed the check before any was counted, 60
-    // failures where the cap was 10.
+    // failures where the cap was 10. Taken before anything is awaited and given back once the response
+    // closes (answered, a failure counted first; or its client gone), or at once if it has closed: a
+    // client gone while the count was read (from Redis) held its room for good.
     const address = addressKey(request.ip);
-    const spent = await failedLogins(request, { increment: false });
-    const inFlight = loginsInFlight.get(address) ?? 0;
-    if (!spent.isAllowed && spent.remaining - inFlight <= 0) throw new RateLimited(Math.max(spent.ttlInSeconds, 1));
-    loginsInFlight.set(address, inFlight + 1);
-    // Once answered (a failure is counted before), or its client gone.
-    reply.raw.once('close', () => {
+    const others = loginsInFlight.get(address) ?? 0;
+    loginsInFlight.set(address, others + 1);
+    const giveBack = () => {
       const left = loginsInFlight.get(address)! - 1;
       if (left === 0) loginsInFlight.delete(address);
       else loginsInFlight.set(address, left);
-    });
+    };
+    if (reply.raw.closed) giveBack();
+    else reply.raw.once('close', giveBack);
+    const spent = await failedLogins(request, { increment: false });
+    if (!spent.isAllowed && spent.remaining - others <= 0) throw new RateLimited(Math.max(spent.ttlInSeconds, 1));
     await loginToAccount(request);
   };
   // Counted when the attempt fails, before its answer is written. Counted once the answer had been sent

@@ -146,13 +146,22 @@ describe('problem+json for every error class', () => {
       const refused = expectProblem(await create(contentType, payload), 415, 'UNSUPPORTED_MEDIA_TYPE');
       expect(refused.detail).toContain('UTF-8');
     }
-    for (const contentType of ['application/json', 'application/json; charset=utf-8', 'application/json; charset="UTF-8"', 'application/json; Charset=utf8']) {
+    for (const contentType of [
+      'application/json',
+      'application/json; charset=utf-8',
+      'application/json; charset="UTF-8"',
+      'application/json; Charset=utf8',
+      'application/json; charset=ascii',
+      // A type named twice, and `charset=` within another parameter's quoted value: no charset but UTF-8.
+      'application/json; charset=utf-8, application/json',
+      'application/json; profile="a;charset=x"',
+    ]) {
       const created = await create(contentType, Buffer.from(text));
       expect(created.statusCode, contentType).toBe(201);
       expect(created.json().name).toBe('Café');
     }
     const listed = await t.app.inject({ method: 'GET', url: '/api/v1/projects', headers: user.auth });
-    expect(listed.json().data).toHaveLength(4);
+    expect(listed.json().data).toHaveLength(7);
   });
 
   it('400 naming the field, never 500, for text the database cannot store (NUL), and nothing stored', async () => {

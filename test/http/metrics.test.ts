@@ -60,9 +60,11 @@ describe('GET /metrics', () => {
         expect(refused.detail).toContain('METRICS_TOKEN');
         expect(JSON.stringify(refused)).not.toContain(token);
       }
-      const scraped = await scrapeWith(`Bearer ${token}`);
-      expect(scraped.statusCode).toBe(200);
-      expect(scraped.body).toContain('# TYPE http_request_duration_seconds ');
+      for (const authorization of [`Bearer ${token}`, `bearer ${token}`, `Bearer  ${token} `]) {
+        const scraped = await scrapeWith(authorization);
+        expect(scraped.statusCode, authorization).toBe(200);
+        expect(scraped.body).toContain('# TYPE http_request_duration_seconds ');
+      }
     } finally {
       await app.close();
     }

@@ -469,6 +469,31 @@ describe('counters in Redis (REDIS_URL)', () => {
     await proxy.stop();
   });
 
+  it.skipIf(skipRedis)("gives back a login's room of its address's failed-login cap when its client leaves while Redis is asked", async () => {
+    const { proxy } = await behindRelay();
+    proxy.answerDelayMs = 150;
+    const app = await startInstance({ REDIS_URL: `redis://127.0.0.1:${proxy.port}`, RATE_LIMIT_LOGIN: '1' });
+    await app.listen({ port: 0, host: '127.0.0.1' });
+    const { port } = app.server.address() as AddressInfo;
+    const users = [await newUser(), await newUser(), await newUser()];
+    const signIn = async (user: RegisteredUser) => (await fetch(`http://127.0.0.1:${port}/api/v1/auth/login`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ email: user.email, password: PASSWORD }) })).status;
+    // 10 logins (the address's cap of failed logins is 10 × RATE_LIMIT_LOGIN), each of a client gone while
+    // the count of its address's failed logins is read from Redis.
+    for (let login = 0; login < 10; login++) {
+      const body = JSON.stringify({ email: users[0]!.email, password: PASSWORD });
+      const socket = connect(port, '127.0.0.1');
+      socket.on('error', () => {});
+      await once(socket, 'connect');
+      socket.write(`POST /api/v1/auth/login HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\n\r\n${body}`);
+      await sleep(30);
+      socket.destroy();
+    }
+    await sleep(1_000); // each of them done with
+    // Not one of them failed: the address still has all its room.
+    expect([await signIn(users[1]!), await signIn(users[2]!)]).toEqual([200, 200]);
+    await proxy.stop();
+  });
+
   it('starts and serves without limits when Redis cannot be reached at all', async () => {
     const logs = logCollector();
     const app = await startInstance({ REDIS_URL: `redis://127.0.0.1:${await freePort()}`, LOG_LEVEL: 'warn' }, logs.stream);
@@ -521,6 +546,8 @@ class TcpProxy {
   private frozen = false;
   /** What the clients wrote while the relay was frozen: writes held, never passed on. */
   heldWrites = 0;
+  /** How long each answer of the server is held before it is passed on (a slow network). */
+  answerDelayMs = 0;
 
   private constructor(
     private readonly target: URL,
@@ -545,7 +572,11 @@ class TcpProxy {
         if (this.frozen) this.heldWrites++;
         else upstream.write(data);
       });
-      upstream.pipe(client);
+      upstream.on('data', (data) => {
+        if (this.answerDelayMs === 0) client.write(data);
+        else setTimeout(() => client.write(data), this.answerDelayMs);
+      });
+      upstream.on('end', () => client.end());
     });
     this.server.listen(this.port, '127.0.0.1');
     await once(this.server, 'listening');
