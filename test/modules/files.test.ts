@@ -3,6 +3,7 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, uti
 import { request as httpRequest } from 'node:http';
 import { type AddressInfo, connect, createServer } from 'node:net';
 import { basename, join } from 'node:path';
+import { PassThrough } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { eq, inArray, sql } from 'drizzle-orm';
@@ -14,7 +15,7 @@ import { deletedProjects, files, projects, providerFileDeletions } from '../../s
 import { ContentInspector } from '../../src/modules/files/content-type.js';
 import { attachmentDisposition, displayFilename } from '../../src/modules/files/filename.js';
 import type { FileDto } from '../../src/modules/files/schemas.js';
-import { createProject, expectProblem, registerUser, type RegisteredUser, startTestApp, type TestApp, testConfig } from '../support/app.js';
+import { createProject, expectProblem, registerUser, type RegisteredUser, revokeTokens, startTestApp, type TestApp, testConfig } from '../support/app.js';
 import { expectDeleteFreesOneSlot, expectFull, expectOneOfManyIntoTheLastSlot, type Holder } from '../support/limits.js';
 import { refusingWrites } from '../support/database.js';
 import { FakeUpstream } from '../support/fake-upstream.js';
@@ -606,6 +607,30 @@ describe('deleting what holds files', () => {
       expect(fake.files.has(file.providerFileId!)).toBe(false);
       expect(await rowsOf(projectId)).toHaveLength(0);
     }
+  });
+});
+
+describe('a token revoked while its upload arrives', () => {
+  it('stores nothing of the upload: 401, no row, no bytes, no provider copy', async () => {
+    const owner = await registerUser(t.app);
+    const projectId = await newProject(owner);
+    const copiesBefore = fake.files.size;
+    const body = new PassThrough();
+    body.write(partHead({ filename: 'stolen.txt', type: 'text/plain' }));
+    body.write(Buffer.alloc(1000, 'a'));
+    const upload = t.app.inject({
+      method: 'POST',
+      url: `/api/v1/projects/${projectId}/files`,
+      headers: { ...owner.auth, 'content-type': `multipart/form-data; boundary=${BOUNDARY}` },
+      payload: body,
+    });
+    await sleep(200); // its token checked, its body still coming
+    await revokeTokens(t.app, owner);
+    body.end(Buffer.concat([Buffer.alloc(1000, 'b'), Buffer.from('\r\n'), CLOSING]));
+    expectProblem(await upload, 401, 'UNAUTHORIZED');
+    expect(await rowsOf(projectId)).toHaveLength(0);
+    expect(existsSync(join(storageRoot, projectId)) ? readdirSync(join(storageRoot, projectId)) : []).toEqual([]);
+    expect(fake.files.size).toBe(copiesBefore);
   });
 });
 
