@@ -226,6 +226,30 @@ describe('login', () => {
     expect(await storedHash()).toBe(newHash);
   });
 
+  // A timing side channel, so timed: compared at cost 4 a wrong password took about 1 ms where an unknown
+  // email's took 100 times as long (cost 11), telling which emails have accounts of a cost from before.
+  it('takes as long to refuse a wrong password of a hash from a lower cost as an unknown email', async () => {
+    const one = await startTestApp({ BCRYPT_ROUNDS: '11' });
+    try {
+      const user = await registerUser(one.app);
+      await one.testDb.database.db.update(users).set({ passwordHash: bcrypt.hashSync(user.password, 4) }).where(eq(users.id, user.id));
+      const refusedIn = async (email: string) => {
+        const times: number[] = [];
+        for (let attempt = 0; attempt < 3; attempt++) {
+          const started = performance.now();
+          expectProblem(await one.app.inject({ method: 'POST', url: '/api/v1/auth/login', payload: { email, password: 'wrong-password' } }), 401, 'UNAUTHORIZED');
+          times.push(performance.now() - started);
+        }
+        return times.sort((a, b) => a - b)[1]!;
+      };
+      const unknown = await refusedIn(uniqueEmail('nobody'));
+      const known = await refusedIn(user.email);
+      expect(known, `${known.toFixed(1)} ms against ${unknown.toFixed(1)} for an unknown email`).toBeGreaterThan(unknown / 2);
+    } finally {
+      await one.close();
+    }
+  });
+
   it('keeps a password changed while a login hashes the old one again', async () => {
     // One hashing thread, jobs in turn: the change's comparison, the login's, the new password's hash, then
     // the login's hash of the old password, written last.

@@ -114,6 +114,11 @@ export class PasswordHasher {
     return Number(COST.exec(hash)?.[1]) !== this.config.BCRYPT_ROUNDS;
   }
 
+  /** Whether a hash was made at a lower cost than the configured one: compared against in less time. */
+  cheaperThanConfigured(hash: string): boolean {
+    return Number(COST.exec(hash)?.[1]) < this.config.BCRYPT_ROUNDS;
+  }
+
   /** The running threads as they reported themselves (for tests and diagnostics). */
   runningThreads(): HashThreadInfo[] {
     return this.threads.flatMap((thread) => (thread.info ? [thread.info] : []));

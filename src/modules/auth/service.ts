@@ -55,6 +55,13 @@ export class AuthService {
     const [row] = await this.db.select().from(users).where(sql`lower(${users.email}) = ${input.email}`);
     const hash = row?.passwordHash ?? (await this.unknownUserHash());
     const matches = await this.passwords.compare(input.password, hash, clientGone);
+    // A hash made at a lower cost (BCRYPT_ROUNDS raised since) is compared in less time than an unknown
+    // email's, until its owner logs in and it is hashed again: a wrong password for it is compared against
+    // that one too, so that it takes at least as long, and tells nothing of which emails exist. (A hash of
+    // a higher cost takes longer, which no comparison more can hide.)
+    if (row && !matches && this.passwords.cheaperThanConfigured(row.passwordHash)) {
+      await this.passwords.compare(input.password, await this.unknownUserHash(), clientGone);
+    }
     if (!row || !matches) throw new Unauthorized('Invalid email or password');
     const rehashed = this.passwords.needsRehash(row.passwordHash) ? await this.rehash(row, input.password, log) : undefined;
     // Read again once the password matched: a password change or the account's deletion may have committed
