@@ -16,6 +16,7 @@ import { registerRateLimits } from './http/rate-limit.js';
 import { setResponseHeaders } from './http/security-headers.js';
 import { serializerCompiler } from './http/serialization.js';
 import { authRoutes } from './modules/auth/routes.js';
+import { HistoryCache } from './modules/chat/history-cache.js';
 import { IdempotencyStore } from './modules/chat/idempotency.js';
 import { chatRoutes } from './modules/chat/routes.js';
 import type { ChatResult } from './modules/chat/schemas.js';
@@ -176,10 +177,12 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
     what: 'the file bytes no file row names',
     sweep: (closing) => files.removeStrayBytes(storage.keysWrittenBefore(STRAY_BYTES_MS, STRAY_BYTES_BATCH), STRAY_BYTES_MS, () => closing.aborted),
   });
-  await app.register(authRoutes, { prefix: '/api/v1/auth', auth: new AuthService(database, tokens, new PasswordHasher(config), files) });
-  await app.register(projectRoutes, { prefix: '/api/v1/projects', projects: new ProjectsService(database, files, config) });
+  // The histories chat turns read past their first page, kept in the process; what deletes messages forgets them.
+  const historyCache = new HistoryCache(config.HISTORY_CACHE_MB * 1024 * 1024);
+  await app.register(authRoutes, { prefix: '/api/v1/auth', auth: new AuthService(database, tokens, new PasswordHasher(config), files, historyCache) });
+  await app.register(projectRoutes, { prefix: '/api/v1/projects', projects: new ProjectsService(database, files, config, historyCache) });
   await app.register(promptRoutes, { prefix: '/api/v1/projects/:projectId/prompts', prompts: new PromptsService(database.db, config) });
-  await app.register(messageRoutes, { prefix: '/api/v1/projects/:projectId/messages', messages: new MessagesService(database) });
+  await app.register(messageRoutes, { prefix: '/api/v1/projects/:projectId/messages', messages: new MessagesService(database, historyCache) });
   await app.register(fileRoutes, { prefix: '/api/v1/projects/:projectId/files', files, maxBytes: config.FILE_MAX_BYTES });
   // A key whose request has said nothing for the longest a chat may go without (its deadline, twice)
   // belongs to an instance that died.
@@ -191,7 +194,7 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   });
   await app.register(chatRoutes, {
     prefix: '/api/v1/projects/:projectId',
-    chat: new ChatService(database, providers, files, config),
+    chat: new ChatService(database, providers, files, config, historyCache),
     idempotency,
     shutdownTimeoutMs: config.SHUTDOWN_TIMEOUT_MS,
     // As long as the upstream may stay silent: a client may be as slow as the provider, no slower.

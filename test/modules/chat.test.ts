@@ -14,6 +14,7 @@ import { refusingWrites } from '../support/database.js';
 import { FakeUpstream, UPSTREAM_ERROR_TEXT, type UpstreamReply } from '../support/fake-upstream.js';
 import { logCollector } from '../support/logs.js';
 import { seriesValue } from '../support/metrics.js';
+import { reachableHeapBytes } from '../support/heap.js';
 import { readSse, type SseEvent } from '../support/sse.js';
 
 let fake: FakeUpstream;
@@ -467,6 +468,32 @@ describe('the history cache', () => {
     await insertMessages(db, projectId, 300);
     await turn(projectId, 'third');
     expect(sentHistory()).toEqual(Array.from({ length: 300 }, (_, i) => `message ${i}`));
+  });
+
+  // What is deleted is not kept in the process either: a heap dump of it held a deleted account's conversations.
+  it.each(['the history is cleared', 'the project is deleted', 'the account is deleted'])('keeps nothing of a history in memory once %s', async (what) => {
+    // A window that takes all of it: 100 messages of 20 KB (4,000 tokens each), cached once a turn has read them.
+    const app = await buildApp(testConfig({ AI_BASE_URL: fake.url, AI_MODEL: 'gpt-4o-mini', AI_CONTEXT_TOKENS: '2000000' }), { database: t.testDb.database });
+    try {
+      const owner = await registerUser(app);
+      const projectId = (await createProject(app, owner)).id;
+      await insertMessages(t.testDb.database.db, projectId, 100, { content: `${'word '.repeat(4_000)} ${projectId}` });
+      const turned = await app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: owner.auth, payload: { message: 'read it all' } });
+      expect(turned.statusCode).toBe(200);
+      expect(fake.requests.at(-1)!.body.messages).toHaveLength(101);
+      fake.reset(); // the fake's own record of what was sent
+      const whileCached = reachableHeapBytes();
+      const deleting = {
+        'the history is cleared': { method: 'DELETE', url: `/api/v1/projects/${projectId}/messages` },
+        'the project is deleted': { method: 'DELETE', url: `/api/v1/projects/${projectId}` },
+        'the account is deleted': { method: 'DELETE', url: '/api/v1/auth/me', payload: { password: owner.password } },
+      }[what] as { method: 'DELETE'; url: string; payload?: object };
+      expect((await app.inject({ ...deleting, headers: owner.auth })).statusCode).toBe(204);
+      // The 2 MB of its messages' text let go.
+      expect(whileCached - reachableHeapBytes()).toBeGreaterThan(1_500_000);
+    } finally {
+      await app.close();
+    }
   });
 });
 

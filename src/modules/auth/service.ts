@@ -8,6 +8,7 @@ import { hasCode } from '../../db/error-code.js';
 import { Conflict, NotFound, Unauthorized } from '../../http/errors.js';
 import { waitForFileWrites } from '../files/deleting.js';
 import type { StoredFileDiscarder } from '../files/service.js';
+import type { ForgetsHistory } from '../chat/history-cache.js';
 import type { PasswordHasher } from './password-hasher.js';
 import type { UserDto } from './schemas.js';
 
@@ -31,6 +32,7 @@ export class AuthService {
     private readonly tokens: Tokens,
     private readonly passwords: PasswordHasher,
     private readonly storedFiles: StoredFileDiscarder,
+    private readonly history: ForgetsHistory,
   ) {
     this.db = database.db;
   }
@@ -137,18 +139,20 @@ export class AuthService {
     // File rows first, in the same transaction: the cascade would forget which bytes and provider copies to
     // remove. The account and its projects are locked before, so that no upload (nor a project to upload
     // into) adds a row between the two deletes for the cascade to take.
-    const removedFiles = await this.database.transaction(async (tx) => {
+    const { fileRows: removedFiles, projectRows } = await this.database.transaction(async (tx) => {
       await waitForFileWrites(tx);
       const [row] = await tx.select({ tokenVersion: users.tokenVersion }).from(users).where(eq(users.id, userId)).for('update');
       assertTokenCurrent(user, row);
-      await tx.select({ id: projects.id }).from(projects).where(eq(projects.userId, userId)).for('update');
+      const projectRows = await tx.select({ id: projects.id }).from(projects).where(eq(projects.userId, userId)).for('update');
       const fileRows = await tx
         .delete(files)
         .where(inArray(files.projectId, tx.select({ id: projects.id }).from(projects).where(eq(projects.userId, userId))))
         .returning({ id: files.id, projectId: files.projectId, providerFileId: files.providerFileId });
       await tx.delete(users).where(eq(users.id, userId));
-      return fileRows;
+      return { fileRows, projectRows };
     });
+    // Nothing of its conversations is kept in this process either.
+    for (const { id } of projectRows) this.history.forget(id);
     await this.storedFiles.discard(removedFiles, log);
   }
 

@@ -53,6 +53,9 @@ const messageBytes = (message: Counted) => (message[BYTES] ??= MESSAGE_BYTES + t
  * and the turn reads from the database as if there were no cache. Least recently used projects go
  * first past `maxBytes`.
  */
+/** What a service that deletes messages (a clear, a project's or an account's deletion) needs of the cache. */
+export type ForgetsHistory = Pick<HistoryCache, 'forget'>;
+
 export class HistoryCache {
   private readonly entries = new Map<string, { history: KnownHistory; bytes: number }>();
   private bytes = 0;

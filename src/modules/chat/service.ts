@@ -249,7 +249,6 @@ export class ChatService {
   private readonly historyPageStatement;
   private readonly insertQuestionStatement;
   private readonly markFailedStatement;
-  private readonly historyCache: HistoryCache;
   /** Counts of prompts (by version) and of stored messages in an encoding they were not stored with (by id). */
   private readonly textCounts = new TokenCounts<number | Promise<number>>();
   /** The model and token budget of a project that names neither provider nor model, when its provider is configured. */
@@ -259,10 +258,11 @@ export class ChatService {
     private readonly database: Pick<Database, 'db' | 'hold' | 'transaction'>,
     private readonly providers: ProviderRegistry,
     private readonly files: FilesService,
-    private readonly config: Pick<Config, 'AI_CONTEXT_TOKENS' | 'AI_MAX_OUTPUT_TOKENS' | 'AI_TIMEOUT_MS' | 'HISTORY_CACHE_MB'>,
+    private readonly config: Pick<Config, 'AI_CONTEXT_TOKENS' | 'AI_MAX_OUTPUT_TOKENS' | 'AI_TIMEOUT_MS'>,
+    /** Shared with what deletes messages, which forgets them here too (see `ForgetsHistory`). */
+    private readonly historyCache: HistoryCache,
   ) {
     const { db } = database;
-    this.historyCache = new HistoryCache(config.HISTORY_CACHE_MB * 1024 * 1024);
     const { defaultModel } = providers;
     this.defaultTurn =
       defaultModel === undefined ? undefined : { model: defaultModel, encoding: encodingName(defaultModel), budget: this.budgetFor(defaultModel) };

@@ -3,6 +3,7 @@ import type { Database } from '../../db/database.js';
 import { messages } from '../../db/schema.js';
 import type { Page, PageRequest, TimeSortKey } from '../../http/pagination.js';
 import { NotFound } from '../../http/errors.js';
+import type { ForgetsHistory } from '../chat/history-cache.js';
 import { oneRow, param } from '../projects/count-limit.js';
 import { pageOfProjectRowsByTime, projectIdParam } from '../projects/service.js';
 import { type MessageDto, toMessageDto } from './schemas.js';
@@ -11,7 +12,10 @@ export class MessagesService {
   /** `clear_project_messages` (migration 0010): the whole clear, one round trip. */
   private readonly clearStatement;
 
-  constructor(private readonly database: Pick<Database, 'db'>) {
+  constructor(
+    private readonly database: Pick<Database, 'db'>,
+    private readonly history: ForgetsHistory,
+  ) {
     this.clearStatement = database.db
       .select({ owned: sql<boolean>`clear_project_messages(${param('projectId', 'uuid')}, ${param('userId', 'uuid')})` })
       .from(oneRow)
@@ -32,5 +36,7 @@ export class MessagesService {
   async clear(userId: string, projectId: string): Promise<void> {
     const [row] = await this.clearStatement.execute({ projectId: projectIdParam(projectId), userId });
     if (!row?.owned) throw new NotFound('Project');
+    // Not kept in this process either (a uuid as the database prints it: in small letters).
+    this.history.forget(projectId.toLowerCase());
   }
 }

@@ -11,6 +11,7 @@ import { type IdSortKey, idSortKeyOf, type Page, type PageRequest, paginate, typ
 import type { ProviderName } from '../../providers/types.js';
 import { waitForFileWrites } from '../files/deleting.js';
 import type { StoredFileDiscarder } from '../files/service.js';
+import type { ForgetsHistory } from '../chat/history-cache.js';
 import { changedAt, type LimitedInsert, limitedInsert, param, type Parent, projectsPerUser } from './count-limit.js';
 import type { CreateProjectInput, ProjectDto, UpdateProjectInput } from './schemas.js';
 
@@ -117,6 +118,7 @@ export class ProjectsService {
     private readonly database: Pick<Database, 'db' | 'transaction'>,
     private readonly storedFiles: StoredFileDiscarder,
     config: Pick<Config, 'MAX_PROJECTS_PER_USER'>,
+    private readonly history: ForgetsHistory,
   ) {
     const db = (this.db = database.db);
     this.insert = limitedInsert(db, {
@@ -206,6 +208,7 @@ export class ProjectsService {
       if (deleted.length === 0) throw new NotFound('Project');
       return fileRows;
     });
+    this.history.forget(projectId.toLowerCase());
     await this.storedFiles.discard(removedFiles, log);
   }
 }
