@@ -610,9 +610,10 @@ export class ChatService {
 
   /**
    * The turn's question marked `failed`, as its turn ends with no answer stored (the provider failed or
-   * answered nothing, the client left first, a retry took its key over), so that later turns leave it out of their context (see
-   * `historyPage`). The project's cached history is dropped, and so is what turns reading it now would
-   * cache: a question marked after it was read, past the newest page, would otherwise stay in it.
+   * answered nothing, the client left first, a retry took its key over), so that later turns leave it
+   * out of their context (see `historyPage`). The project's cached history is dropped, and so is what
+   * turns reading it now would cache: a question marked after it was read, past the newest page, would
+   * otherwise stay in it.
    * (Another instance's cache may keep such a question: that needs more than a page of messages stored
    * during the failed turn.)
    */
