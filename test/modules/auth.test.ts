@@ -120,6 +120,15 @@ describe('register', () => {
     expect((await login({ email: user.email, password })).statusCode).toBe(200);
   });
 
+  it('matches no password with a lone surrogate, which bcrypt would read as U+FFFD', async () => {
+    // U+FFFD is a character a password may hold; a lone surrogate is not, and was hashed as it.
+    const user = await registerUser(t.app, { password: 'abcdefg\ufffd' });
+    for (const password of ['abcdefg\ud800', 'abcdefg\udfff']) {
+      expectProblem(await login({ email: user.email, password }), 401, 'UNAUTHORIZED');
+    }
+    expect((await login({ email: user.email, password: 'abcdefg\ufffd' })).statusCode).toBe(200);
+  });
+
   it('matches no password that bcrypt reads short: a NUL in it, or under 8 bytes (for a hash made before NUL was refused)', async () => {
     const [legacy] = await t.testDb.database.db
       .insert(users)

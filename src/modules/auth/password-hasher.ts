@@ -96,13 +96,14 @@ export class PasswordHasher {
    * Only a password that could have been set matches, though bcrypt would match others: one longer than
    * it reads (it would match on the first 72 bytes), and one with a NUL or under 8 bytes (it reads up to
    * the first NUL, so that `abcd\0abcd`, accepted before NUL was refused, hashed as `abcd`, and `abcd` or
-   * an empty password would have matched it). Each takes a comparison's time all the same, as a wrong
-   * password does.
+   * an empty password would have matched it), and one with a lone surrogate (hashed as U+FFFD, it would
+   * match a password set with U+FFFD there, which one of them never is). Each takes a comparison's time
+   * all the same, as a wrong password does.
    */
   private async matches(password: string, hash: string, clientGone?: AbortSignal): Promise<boolean> {
     const matches = (await this.run({ op: 'compare', password, hash }, clientGone)) as boolean;
     const bytes = Buffer.byteLength(password, 'utf8');
-    return matches && bytes >= MIN_PASSWORD_BYTES && bytes <= MAX_PASSWORD_BYTES && !password.includes('\0');
+    return matches && bytes >= MIN_PASSWORD_BYTES && bytes <= MAX_PASSWORD_BYTES && !password.includes('\0') && !/\p{Surrogate}/u.test(password);
   }
 
   /**
