@@ -143,9 +143,12 @@ export function clientGoneSignal(reply: FastifyReply): AbortSignal {
 }
 
 /** A request refused, or a chat turn interrupted, because the server is shutting down. */
-export class ShuttingDown extends ServiceUnavailable {
+/** Retry-After of a request refused while the server shuts down: time for a balancer to send it elsewhere. */
+const SHUTTING_DOWN_RETRY_SECONDS = 1;
+
+export class ShuttingDown extends ApiError {
   constructor() {
-    super('The server is shutting down; try again shortly');
+    super(503, 'SERVICE_UNAVAILABLE', 'The server is shutting down; try again shortly', {}, { 'retry-after': String(SHUTTING_DOWN_RETRY_SECONDS) });
   }
 }
 
@@ -332,6 +335,13 @@ export function toProblem(error: FastifyError | ApiError | Error, request: Fasti
   if (NO_ROOM.some((code) => hasCode(error, code))) {
     // RFC 4918 (11.5): the server cannot store what the request needs stored. Nothing of it was kept.
     return problemBody(request, 507, 'INSUFFICIENT_STORAGE', 'The server has no room left to store this; try again later');
+  }
+  if (request.raw.readableAborted && hasCode(error, 'ECONNRESET')) {
+    // The request's own body cut off (its client gone, or too slow for the request timeout): the
+    // client's doing, not the database's, whose lost connections carry the same code. Said as a database
+    // outage, any client could raise that warning at will.
+    const gone = new ClientGone();
+    return problemBody(request, gone.status, gone.code, gone.message);
   }
   if (isDatabaseUnavailable(error)) {
     return problemBody(request, 503, 'SERVICE_UNAVAILABLE', 'The database is unavailable; try again shortly');

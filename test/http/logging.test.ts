@@ -1,8 +1,12 @@
+import { once } from 'node:events';
+import { type AddressInfo, connect } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { DrizzleQueryError, sql } from 'drizzle-orm';
 import { afterAll, beforeAll, describe, expect, it, onTestFinished } from 'vitest';
 import { buildApp } from '../../src/app.js';
 import { serializeError } from '../../src/http/logging.js';
-import { startTestApp, testConfig, type TestApp, uniqueEmail } from '../support/app.js';
+import { createProject, registerUser, startTestApp, testConfig, type TestApp, uniqueEmail } from '../support/app.js';
+import { multipart } from '../support/multipart.js';
 import { createTestDatabase } from '../support/database.js';
 import { logCollector } from '../support/logs.js';
 
@@ -59,6 +63,43 @@ describe('request logs', () => {
     const requestId = verbose.headers['x-request-id'] as string;
     expect(requestId).toMatch(/^[0-9a-f-]{36}$/);
     expect(linesOf(logs, requestId).map((line) => line.msg)).toEqual(['incoming request', 'a detail', 'request completed']);
+  });
+});
+
+describe('secrets in the logs', () => {
+  it("leave out a token and cookies wherever headers are logged: at trace, the uploads' parser logs its options", async () => {
+    const { app, logs } = await loggingApp('trace');
+    onTestFinished(() => app.close());
+    const user = await registerUser(app);
+    const project = await createProject(app, user);
+    const form = multipart({ filename: 'a.txt', type: 'text/plain', content: 'some text' });
+    const uploaded = await app.inject({
+      method: 'POST',
+      url: `/api/v1/projects/${project.id}/files`,
+      headers: { ...user.auth, cookie: 'session=cookie-secret', ...form.headers },
+      payload: form.payload,
+    });
+    expect(uploaded.statusCode).toBe(201);
+    expect(logs.lines.some((line) => JSON.stringify(line).includes('busboyOptions'))).toBe(true);
+    const logged = JSON.stringify(logs.lines);
+    expect(logged).not.toContain(user.token);
+    expect(logged).not.toContain('cookie-secret');
+  });
+
+  it('say a client gone mid-body is gone (499), not that the database is unavailable', async () => {
+    const { app, logs } = await loggingApp('info');
+    onTestFinished(() => app.close());
+    await app.listen({ port: 0, host: '127.0.0.1' });
+    const { port } = app.server.address() as AddressInfo;
+    const socket = connect(port, '127.0.0.1');
+    socket.on('error', () => {});
+    await once(socket, 'connect');
+    socket.write('POST /api/v1/auth/login HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"email":');
+    await sleep(100);
+    socket.destroy();
+    await expect.poll(() => logs.lines.some((line) => String(line.msg).includes('request abandoned'))).toBe(true);
+    await sleep(100);
+    expect(JSON.stringify(logs.lines)).not.toContain('database is unavailable');
   });
 });
 

@@ -159,6 +159,7 @@ it('refuses a request that arrives on an open connection while the app closes wi
     // And what CORS's hook, which did not run, sets: a browser's script reads the 503 and its Retry-After.
     expect(refused.headers['access-control-allow-origin']).toBe(origin);
     expect(refused.headers['access-control-expose-headers']).toContain('retry-after');
+    expect(refused.headers['retry-after']).toBe('1');
     expect(JSON.parse(refused.body)).toMatchObject({ status: 503, code: 'SERVICE_UNAVAILABLE', detail: expect.stringMatching(/shutting down/) });
     await closed;
   } finally {
