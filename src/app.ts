@@ -62,7 +62,8 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
     logger: {
       level: config.LOG_LEVEL,
       redact: {
-        // Any headers logged, not only a request's: a plugin's trace line may hold them (the uploads' parser logs its options, headers and all).
+        // Any headers logged, not only a request's: a plugin's trace line may hold them (the uploads'
+        // parser logs its options, headers and all).
         paths: ['*.headers.authorization', '*.headers.cookie', '*.password', '*.currentPassword', '*.newPassword'],
         censor: '[redacted]',
       },

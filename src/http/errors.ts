@@ -142,10 +142,10 @@ export function clientGoneSignal(reply: FastifyReply): AbortSignal {
   return gone.signal;
 }
 
-/** A request refused, or a chat turn interrupted, because the server is shutting down. */
 /** Retry-After of a request refused while the server shuts down: time for a balancer to send it elsewhere. */
 const SHUTTING_DOWN_RETRY_SECONDS = 1;
 
+/** A request refused, or a chat turn interrupted, because the server is shutting down. */
 export class ShuttingDown extends ApiError {
   constructor() {
     super(503, 'SERVICE_UNAVAILABLE', 'The server is shutting down; try again shortly', {}, { 'retry-after': String(SHUTTING_DOWN_RETRY_SECONDS) });
