@@ -113,12 +113,6 @@ export class Conflict extends ApiError {
   }
 }
 
-export class ServiceUnavailable extends ApiError {
-  constructor(detail = 'The database is unavailable; try again shortly') {
-    super(503, 'SERVICE_UNAVAILABLE', detail);
-  }
-}
-
 /** Work given up because its client went away before its answer: nobody would hear it. */
 export class ClientGone extends ApiError {
   constructor() {
