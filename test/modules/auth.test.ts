@@ -243,17 +243,20 @@ describe('login', () => {
       const user = await registerUser(one.app);
       await one.testDb.database.db.update(users).set({ passwordHash: bcrypt.hashSync(user.password, 4) }).where(eq(users.id, user.id));
       const refusedIn = async (email: string) => {
-        const times: number[] = [];
-        for (let attempt = 0; attempt < 3; attempt++) {
-          const started = performance.now();
-          expectProblem(await one.app.inject({ method: 'POST', url: '/api/v1/auth/login', payload: { email, password: 'wrong-password' } }), 401, 'UNAUTHORIZED');
-          times.push(performance.now() - started);
-        }
-        return times.sort((a, b) => a - b)[1]!;
+        const started = performance.now();
+        expectProblem(await one.app.inject({ method: 'POST', url: '/api/v1/auth/login', payload: { email, password: 'wrong-password' } }), 401, 'UNAUTHORIZED');
+        return performance.now() - started;
       };
-      const unknown = await refusedIn(uniqueEmail('nobody'));
-      const known = await refusedIn(user.email);
-      expect(known, `${known.toFixed(1)} ms against ${unknown.toFixed(1)} for an unknown email`).toBeGreaterThan(unknown / 2);
+      await refusedIn(uniqueEmail('nobody')); // the unknown emails' hash, made once
+      // Alternating, so that both meet the same load; the quickest of each, what the work takes at least.
+      const times = { unknown: [] as number[], known: [] as number[] };
+      for (let round = 0; round < 5; round++) {
+        times.unknown.push(await refusedIn(uniqueEmail('nobody')));
+        times.known.push(await refusedIn(user.email));
+      }
+      const [unknown, known] = [Math.min(...times.unknown), Math.min(...times.known)];
+      // Compared at cost 4 alone, it took a thirtieth of the time.
+      expect(known, `${known.toFixed(1)} ms against ${unknown.toFixed(1)} for an unknown email`).toBeGreaterThan(unknown / 4);
     } finally {
       await one.close();
     }
