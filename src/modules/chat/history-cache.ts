@@ -40,12 +40,15 @@ const BYTES = Symbol('bytes');
 type Counted = StoredHistoryMessage & { [BYTES]?: number };
 const messageBytes = (message: Counted) => (message[BYTES] ??= MESSAGE_BYTES + textBytes(message.content));
 
+/** What a service that deletes messages (a clear, a project's or an account's deletion) needs of the cache. */
+export type ForgetsHistory = Pick<HistoryCache, 'forget'>;
+
 /**
  * The history that turns read past their first page, per project, in this process, so that the next
  * turn of a long conversation reads its newest page and not the thousands of messages behind it again.
  * Messages are never changed once stored but for a question marked failed, which its turn forgets
- * here (with what turns reading meanwhile would keep); they are only added (newer than all others, as a rule) and removed all at once (history
- * cleared, project deleted). So a project's cached history still holds
+ * here (with what turns reading meanwhile would keep); they are only added (newer than all others, as
+ * a rule) and removed all at once (history cleared, project deleted). So a project's cached history still holds
  * when the newest page read now contains the cached newest message and, from there on, the same
  * messages as the cache: what is newer comes from the page, the rest from the cache. A cleared
  * history, a message stored out of order within that page (by hand: the service stamps each message
@@ -53,9 +56,6 @@ const messageBytes = (message: Counted) => (message[BYTES] ??= MESSAGE_BYTES + t
  * and the turn reads from the database as if there were no cache. Least recently used projects go
  * first past `maxBytes`.
  */
-/** What a service that deletes messages (a clear, a project's or an account's deletion) needs of the cache. */
-export type ForgetsHistory = Pick<HistoryCache, 'forget'>;
-
 export class HistoryCache {
   private readonly entries = new Map<string, { history: KnownHistory; bytes: number }>();
   private bytes = 0;
