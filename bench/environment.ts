@@ -172,7 +172,8 @@ async function start(options: BenchOptions, stack: Stack): Promise<Bench> {
   const serviceEnv: Record<string, string> = {
     NODE_ENV: 'production',
     JWT_SECRET: randomBytes(48).toString('base64url'),
-    LOG_LEVEL: 'warn',
+    // The default level, at which each request is logged: what a service runs with unless told otherwise.
+    LOG_LEVEL: 'info',
     BCRYPT_ROUNDS: '12',
     AI_BASE_URL: `${fake.url}/v1`,
     OPENAI_API_KEY: 'sk-bench',
@@ -192,7 +193,8 @@ async function start(options: BenchOptions, stack: Stack): Promise<Bench> {
   // closure made per request or stream a property of its own (2 KB of heap a stream; 3% of figure 2's
   // CPU a request).
   execFileSync('npm', ['run', '--silent', 'build'], { stdio: 'inherit' });
-  const launch = { script: 'dist/server.js', cpus: serverCpus };
+  // Its log to a file, as a service's goes to a file or a collector's pipe: not through the harness.
+  const launch = { script: 'dist/server.js', cpus: serverCpus, stdoutFile: join(dataDir, 'service-stdout.log') };
   let instances = 0;
   const startService = async () => {
     const name = ++instances === 1 ? 'service' : `service-${instances}`;

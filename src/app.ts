@@ -9,7 +9,7 @@ import { type Database, openDatabase } from './db/database.js';
 import { createTokens, registerAuthentication } from './http/auth.js';
 import { answerClientError, answerFrameworkError, MissingHost, registerErrorHandling, ShuttingDown } from './http/errors.js';
 import { corsOutsideHooks, notUtf8Body, registerHardening } from './http/hardening.js';
-import { requestLogger, serializeError } from './http/logging.js';
+import { requestLogger, RequestLines, serializeError, standardOutput, withoutSecrets } from './http/logging.js';
 import { registerMetrics } from './http/metrics.js';
 import { registerOpenApi } from './http/openapi.js';
 import { registerRateLimits } from './http/rate-limit.js';
@@ -61,15 +61,12 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   const app = Fastify({
     logger: {
       level: config.LOG_LEVEL,
-      redact: {
-        // Any headers logged, not only a request's: a plugin's trace line may hold them (the uploads'
-        // parser logs its options, headers and all).
-        paths: ['*.headers.authorization', '*.headers.cookie', '*.password', '*.currentPassword', '*.newPassword'],
-        censor: '[redacted]',
-      },
+      // Secrets are left out of every line (src/http/logging.ts); pino's own `redact` cost a quarter of a request.
+      formatters: { log: withoutSecrets },
       serializers: { err: serializeError },
-      ...(deps.logStream ? { stream: deps.logStream } : {}),
+      stream: deps.logStream ?? standardOutput(),
     },
+    logController: new RequestLines(),
     // Each request's logger binds its id (reqId), made when the request first logs (src/http/logging.ts).
     childLoggerFactory: requestLogger,
     // Echo a well-formed incoming request id (so a trace spans services); otherwise make one.

@@ -53,13 +53,17 @@ describe('request logs', () => {
     expect(logs.lines.filter((line) => line.level !== 40 || !line.reqId)).toEqual([]);
   });
 
-  it("carry it on Fastify's own lines at info, and on a route's own level", async () => {
+  it("carry it on Fastify's own line at info, one a request with what was asked and how it went; and on a route's own level", async () => {
     const { app, logs } = await loggingApp('info');
     onTestFinished(() => app.close());
-    const logged = await app.inject({ method: 'GET', url: '/log', headers: { 'x-request-id': 'trace-info-1' } });
+    const logged = await app.inject({ method: 'GET', url: '/log?page=2', headers: { 'x-request-id': 'trace-info-1' } });
     const verbose = await app.inject({ method: 'GET', url: '/verbose' });
-    expect(linesOf(logs, 'trace-info-1').map((line) => line.msg)).toEqual(['incoming request', 'a warning', 'from a child', 'request completed']);
+    const lines = linesOf(logs, 'trace-info-1');
+    expect(lines.map((line) => line.msg)).toEqual(['a warning', 'from a child', 'request completed']);
+    expect(lines[2]).toMatchObject({ level: 30, req: { method: 'GET', url: '/log?page=2', remoteAddress: '127.0.0.1' }, res: { statusCode: 200 } });
+    expect(lines[2]!.responseTime).toEqual(expect.any(Number));
     expect(logged.json()).toEqual({ level: 'info' });
+    // At debug (the route's level), its arrival too.
     const requestId = verbose.headers['x-request-id'] as string;
     expect(requestId).toMatch(/^[0-9a-f-]{36}$/);
     expect(linesOf(logs, requestId).map((line) => line.msg)).toEqual(['incoming request', 'a detail', 'request completed']);
@@ -84,6 +88,30 @@ describe('secrets in the logs', () => {
     const logged = JSON.stringify(logs.lines);
     expect(logged).not.toContain(user.token);
     expect(logged).not.toContain('cookie-secret');
+  });
+
+  it("leave out passwords wherever an object logged holds them, a child's bindings and an error's properties too, and change nothing they log", async () => {
+    const { app, logs } = await loggingApp('info');
+    onTestFinished(() => app.close());
+    const body = { email: 'someone@example.com', password: 'hunter2', newPassword: 'hunter3' };
+    const options = { headers: { authorization: 'Bearer secret-token', accept: 'text/plain' } };
+    app.get('/secrets', { config: { public: true } }, async (request) => {
+      request.log.child({ body }).info({ options }, 'a line');
+      request.log.warn(Object.assign(new Error('failed'), { password: 'hunter4' }), 'an error');
+      return {};
+    });
+    expect((await app.inject({ method: 'GET', url: '/secrets' })).statusCode).toBe(200);
+    const logged = JSON.stringify(logs.lines);
+    for (const secret of ['hunter2', 'hunter3', 'hunter4', 'secret-token']) expect(logged).not.toContain(secret);
+    const line = logs.lines.find((entry) => entry.msg === 'a line');
+    expect(line).toMatchObject({
+      body: { email: 'someone@example.com', password: '[redacted]', newPassword: '[redacted]' },
+      options: { headers: { authorization: '[redacted]', accept: 'text/plain' } },
+    });
+    expect(logs.lines.find((entry) => entry.msg === 'an error')).toMatchObject({ err: { message: 'failed', password: '[redacted]' } });
+    // The objects are the caller's: logged without their secrets, kept with them.
+    expect(body.password).toBe('hunter2');
+    expect(options.headers.authorization).toBe('Bearer secret-token');
   });
 
   it('say a client gone mid-body is gone (499), not that the database is unavailable', async () => {

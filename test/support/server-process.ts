@@ -1,6 +1,6 @@
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdtempSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -50,6 +50,11 @@ export interface NodeServerOptions {
    * the mount is seen from outside under `/proc/<pid>/root`.
    */
   tmpfs?: { path: string; bytes: number };
+  /**
+   * A file its standard output is appended to, rather than kept for `output()`: a service logging each
+   * request writes more than a harness should hold, or spend its own CPU reading. Standard error is kept.
+   */
+  stdoutFile?: string;
 }
 
 /** Starts a Node.js HTTP server as its own process. */
@@ -61,12 +66,14 @@ export function spawnNodeServer(options: NodeServerOptions): NodeProcess {
   const mounted = options.tmpfs ? [...mountingTmpfs(options.tmpfs), ...pinned] : pinned;
   // --kill-child: the namespace, and the server with it, ends with unshare when the test kills it.
   const [file, ...args] = options.ownPidNamespace ? ['unshare', '--pid', '--kill-child', ...mounted] : mounted;
+  const stdout = options.stdoutFile ? openSync(options.stdoutFile, 'a') : 'pipe';
   const child = spawn(file!, args, {
     env: { PATH: process.env.PATH, HOME: process.env.HOME, ...options.env },
-    stdio: ['ignore', 'pipe', 'pipe'],
+    stdio: ['ignore', stdout, 'pipe'],
   });
+  if (typeof stdout === 'number') closeSync(stdout); // the child holds its own
   let output = '';
-  child.stdout!.on('data', (chunk) => (output += chunk));
+  child.stdout?.on('data', (chunk) => (output += chunk));
   child.stderr!.on('data', (chunk) => (output += chunk));
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
   return { child, url: `http://127.0.0.1:${options.port}`, output: () => output, exited };
@@ -78,7 +85,7 @@ export function spawnNodeServer(options: NodeServerOptions): NodeProcess {
  */
 export async function spawnServer(
   env: Record<string, string>,
-  launch: Partial<Pick<NodeServerOptions, 'script' | 'nodeArgs' | 'cpus' | 'ownPidNamespace' | 'tmpfs'>> = {},
+  launch: Partial<Pick<NodeServerOptions, 'script' | 'nodeArgs' | 'cpus' | 'ownPidNamespace' | 'tmpfs' | 'stdoutFile'>> = {},
 ): Promise<ServerProcess> {
   const port = env.PORT ?? String(await freePort());
   const dataDir = env.DATA_DIR ?? mkdtempSync(join(tmpdir(), 'chatbot-server-'));
