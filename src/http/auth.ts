@@ -23,6 +23,11 @@ declare module 'fastify' {
      * to tell). For its error handler, and for the error event of a stream already answering 200.
      */
     refusal(error: Error): Promise<Error>;
+    /**
+     * Throws 401 (the token remembered as revoked) unless the request's token is still current: for a
+     * handler that stores something long after authentication (an upload's body may take minutes).
+     */
+    assertTokenStillCurrent(): Promise<void>;
   }
   interface FastifyContextConfig {
     /** Marks a route that needs no bearer token. Every other route does. */
@@ -175,6 +180,9 @@ export function registerAuthentication(app: FastifyInstance, db: Db, tokens: Tok
     } catch (refused) {
       return refused as Error;
     }
+  });
+  app.decorateRequest('assertTokenStillCurrent', async function (this: FastifyRequest): Promise<void> {
+    assertCurrent(this, this.user, (await userRow.execute({ id: this.user.id }))[0]);
   });
   const checkTokenBeforeRefusing = async (error: FastifyError, request: FastifyRequest): Promise<never> => {
     throw await request.refusal(error);

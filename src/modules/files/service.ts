@@ -5,8 +5,8 @@ import type { FastifyBaseLogger } from 'fastify';
 import { uuidv7 } from '../../db/ids.js';
 import type { Config } from '../../config.js';
 import type { Db } from '../../db/database.js';
-import { deletedProjects, files, projects, users } from '../../db/schema.js';
-import { assertTokenCurrent, type AuthUser } from '../../http/auth.js';
+import { deletedProjects, files, projects } from '../../db/schema.js';
+import type { AuthUser } from '../../http/auth.js';
 import { ApiError, isDatabaseUnavailable, NotFound, ValidationFailed } from '../../http/errors.js';
 import { isUuid } from '../../http/ids.js';
 import type { Page, PageRequest, TimeSortKey } from '../../http/pagination.js';
@@ -141,10 +141,17 @@ export class FilesService {
    * A project already holding MAX_FILES_PER_PROJECT files is refused before anything is received or
    * copied; the insert enforces the limit again, race-free, against uploads finishing meanwhile, and a
    * refusal there (or a project deleted meanwhile) is cleaned up as any other failure. The caller's
-   * token is checked again once the bytes are in place: a body may take minutes to arrive, and a token
-   * revoked meanwhile (a password changed, the account deleted) stored its file all the same.
+   * token is checked again (`tokenStillCurrent`, which throws if it is not) once the bytes are in place:
+   * a body may take minutes to arrive, and a token revoked meanwhile (a password changed, the account
+   * deleted) stored its file all the same.
    */
-  async upload(user: AuthUser, projectId: string, parts: AsyncIterable<FormPart>, log: FastifyBaseLogger): Promise<FileDto> {
+  async upload(
+    user: AuthUser,
+    projectId: string,
+    parts: AsyncIterable<FormPart>,
+    log: FastifyBaseLogger,
+    tokenStillCurrent: () => Promise<void>,
+  ): Promise<FileDto> {
     const userId = user.id;
     const project = await this.projectWithRoom(userId, projectId);
     const received = await this.receive(parts);
@@ -159,7 +166,7 @@ export class FilesService {
       // and delete finds the bytes by the row's.
       key = storageKey({ projectId: project.id, id });
       const storageUrl = await this.storage.keep(received, key);
-      assertTokenCurrent(user, (await this.db.select({ tokenVersion: users.tokenVersion }).from(users).where(eq(users.id, userId)))[0]);
+      await tokenStillCurrent();
       inserting = true;
       const params = {
         userId,
