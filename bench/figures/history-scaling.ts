@@ -59,20 +59,20 @@ export const historyScaling: Figure = {
         chatOnce(probe, seed.largeHistoryProjectId),
       ),
     };
-    return [
-      {
-        figure: 8,
-        measure: `chat added latency p50, ${LARGE_HISTORY.toLocaleString('en')} stored messages`,
-        unit: 'ms',
-        ours: added(large, 50),
-        baseline: { name: `the same, ${SMALL_HISTORY} stored messages`, value: added(smallSide, 50) },
-        target: { on: 'ratio', atMost: TARGET_RATIO },
-        notes:
-          `${ROUNDS} chats each, alternating, each beside a direct call with the same upstream body; p99 ${fmt(added(large, 99))} vs ${fmt(added(smallSide, 99))} ms; ` +
-          `the large history fills the default model's context: ${sent.messages} messages (${fmt(sent.bytes / 1024)} KB) sent upstream per chat` +
-          (trips.large === undefined ? '' : `; ${trips.large} database round trips per chat vs ${trips.small}`),
-        details: samples,
-      },
-    ];
+    const notes =
+      `${ROUNDS} chats each, alternating, each beside a direct call with the same upstream body; ` +
+      `the large history fills the default model's context: ${sent.messages} messages (${fmt(sent.bytes / 1024)} KB) sent upstream per chat` +
+      (trips.large === undefined ? '' : `; ${trips.large} database round trips per chat vs ${trips.small}`);
+    // Both percentiles judged: "latency" is both in figure 3, and the tail is where a large history costs.
+    return [50, 99].map((p) => ({
+      figure: 8,
+      measure: `chat added latency p${p}, ${LARGE_HISTORY.toLocaleString('en')} stored messages`,
+      unit: 'ms',
+      ours: added(large, p),
+      baseline: { name: `the same, ${SMALL_HISTORY} stored messages`, value: added(smallSide, p) },
+      target: { on: 'ratio', atMost: TARGET_RATIO },
+      notes,
+      ...(p === 50 ? { details: samples } : {}),
+    }));
   },
 };
