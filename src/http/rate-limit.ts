@@ -103,24 +103,21 @@ export async function registerRateLimits(app: FastifyInstance, config: Config): 
   };
   const failedLogins = counter('failed-logins', LOGIN_ACCOUNTS_PER_ADDRESS * config.RATE_LIMIT_LOGIN, 15 * MINUTE, (request) => addressKey(request.ip));
   const loginToAccount = limiter('login', config.RATE_LIMIT_LOGIN, 15 * MINUTE, (request) => `${addressKey(request.ip)}:${emailOf(request.body)}`);
-  // Logins of an address being checked now, in this process: each may yet fail and be counted.
+  // Logins of an address being checked now, in this process: each may yet fail and be counted. Each
+  // login's address, while it holds its room there (`holding`).
   const loginsInFlight = new Map<string, number>();
-  const login = async (request: FastifyRequest, reply: FastifyReply) => {
+  const holding = new WeakMap<FastifyRequest, string>();
+  const login = async (request: FastifyRequest) => {
     // Checked before, counted once the answer is known to be a failure (below). Those still being checked
     // take their room meanwhile: a burst sent at once all passed the check before any was counted, 60
-    // failures where the cap was 10. Taken before anything is awaited and given back once the response
-    // closes (answered, a failure counted first; or its client gone), or at once if it has closed: a
-    // client gone while the count was read (from Redis) held its room for good.
+    // failures where the cap was 10. Taken before anything is awaited, and given back once the answer is
+    // settled (`settled`), a failure counted by then: given back when the response closed, a login whose
+    // client hung up while its password was compared held no room, and more failures than the cap were
+    // compared and counted.
     const address = addressKey(request.ip);
     const others = loginsInFlight.get(address) ?? 0;
     loginsInFlight.set(address, others + 1);
-    const giveBack = () => {
-      const left = loginsInFlight.get(address)! - 1;
-      if (left === 0) loginsInFlight.delete(address);
-      else loginsInFlight.set(address, left);
-    };
-    if (reply.raw.closed) giveBack();
-    else reply.raw.once('close', giveBack);
+    holding.set(request, address);
     const spent = await failedLogins(request, { increment: false });
     if (!spent.isAllowed && spent.remaining - others <= 0) throw new RateLimited(Math.max(spent.ttlInSeconds, 1));
     await loginToAccount(request);
@@ -133,6 +130,18 @@ export async function registerRateLimits(app: FastifyInstance, config: Config): 
   const countFailedLogin = async (request: FastifyRequest, _reply: FastifyReply, error: Error) => {
     const { status } = toProblem(error, request);
     if (status < 500 && status !== 429) await failedLogins(request);
+  };
+  // An `onSend` hook: every answer passes it, a refusal after its `onError` (the count above), whether
+  // or not its client is still there to take it.
+  const settled = async (request: FastifyRequest, _reply: FastifyReply, payload: unknown) => {
+    const address = holding.get(request);
+    if (address !== undefined) {
+      holding.delete(request);
+      const left = loginsInFlight.get(address)! - 1;
+      if (left === 0) loginsInFlight.delete(address);
+      else loginsInFlight.set(address, left);
+    }
+    return payload;
   };
   const register = limiter('register', config.RATE_LIMIT_REGISTER, 60 * MINUTE, (request) => addressKey(request.ip));
   const chat = limiter('chat', config.RATE_LIMIT_CHAT, MINUTE, (request) => request.user.id);
@@ -151,7 +160,10 @@ export async function registerRateLimits(app: FastifyInstance, config: Config): 
     const group = route.config?.rateLimitGroup;
     const limit = group && routeLimits[group];
     if (limit) route.preValidation = [...[route.preValidation ?? []].flat(), limit];
-    if (group === 'login') route.onError = [...[route.onError ?? []].flat(), countFailedLogin];
+    if (group === 'login') {
+      route.onError = [...[route.onError ?? []].flat(), countFailedLogin];
+      route.onSend = [...[route.onSend ?? []].flat(), settled];
+    }
   });
 
   return {
