@@ -55,8 +55,11 @@ export interface Background {
 export function currentRevision(): string {
   try {
     const commit = execFileSync('git', ['rev-parse', '--short', 'HEAD'], { encoding: 'utf8' }).trim();
-    const dirty = execFileSync('git', ['status', '--porcelain', '--', 'src'], { encoding: 'utf8' }).trim() !== '';
-    return dirty ? `${commit} with uncommitted changes in src/` : commit;
+    // The harness's own files count as the service's do (a figure changed is a different measure); the
+    // results it writes do not.
+    const changed = ['status', '--porcelain', '--untracked-files=no', '--', 'src', 'bench', ':!bench/results.md'];
+    const dirty = execFileSync('git', changed, { encoding: 'utf8' }).trim() !== '';
+    return dirty ? `${commit} with uncommitted changes in src/ or bench/` : commit;
   } catch {
     return 'unknown';
   }

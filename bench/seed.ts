@@ -25,7 +25,7 @@ export interface Seed {
 export const LARGE_HISTORY = 100_000;
 export const SMALL_HISTORY = 10;
 const POOL_PROJECTS = 10_000;
-const SMALL_HISTORY_PROJECTS = 400;
+const SMALL_HISTORY_PROJECTS = 520;
 const READ_PROJECT_PROMPTS = 3;
 const READ_PROJECT_MESSAGES = 20;
 
