@@ -193,12 +193,15 @@ async function start(options: BenchOptions, stack: Stack): Promise<Bench> {
   // closure made per request or stream a property of its own (2 KB of heap a stream; 3% of figure 2's
   // CPU a request).
   execFileSync('npm', ['run', '--silent', 'build'], { stdio: 'inherit' });
-  // Its log to a file, as a service's goes to a file or a collector's pipe: not through the harness.
-  const launch = { script: 'dist/server.js', cpus: serverCpus, stdoutFile: join(dataDir, 'service-stdout.log') };
+  const launch = { script: 'dist/server.js', cpus: serverCpus };
+  // Its log to a file, as a service's goes to a file or a collector's pipe: not through the harness. Kept
+  // with what it printed to standard error (`stop`).
+  mkdirSync(LOG_DIR, { recursive: true });
+  const logTo = (name: string) => join(LOG_DIR, `${name}.stdout.log`);
   let instances = 0;
   const startService = async () => {
     const name = ++instances === 1 ? 'service' : `service-${instances}`;
-    const server = await spawnServer({ ...serviceEnv, DATA_DIR: dataDir }, { ...launch, nodeArgs });
+    const server = await spawnServer({ ...serviceEnv, DATA_DIR: dataDir }, { ...launch, nodeArgs, stdoutFile: logTo(name) });
     await watch(server, name);
     const signedIn = await signIn(server.url, seeded, stack);
     return { url: server.url, pid: server.child.pid!, ...signedIn, stop: () => stop(server, name) };
@@ -214,7 +217,7 @@ async function start(options: BenchOptions, stack: Stack): Promise<Bench> {
   const roundTripProbe = lazily(async () => {
     const recorder = await RoundTripRecorder.start(databaseUrl!);
     stack.push(() => recorder.close());
-    const probe = await spawnServer({ ...serviceEnv, DATABASE_URL: recorder.url, DATA_DIR: dataDir }, launch);
+    const probe = await spawnServer({ ...serviceEnv, DATABASE_URL: recorder.url, DATA_DIR: dataDir }, { ...launch, stdoutFile: logTo('round-trip-probe') });
     await watch(probe, 'round-trip-probe');
     return { recorder, ...(await signIn(probe.url, seeded, stack)) };
   });
@@ -306,7 +309,8 @@ async function createBenchDatabase(adminUrl: string, stack: Stack): Promise<stri
 
 /**
  * SIGTERM (graceful: a profiled service writes its profile), SIGKILL if it takes too long. What the
- * process printed is kept in bench/logs/<name>.log.
+ * process printed is kept in bench/logs/<name>.log (the service's log, its standard output, is in
+ * bench/logs/<name>.stdout.log already).
  */
 async function stop(server: NodeProcess, name: string): Promise<void> {
   if (server.child.exitCode === null) {

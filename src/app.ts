@@ -9,7 +9,7 @@ import { type Database, openDatabase } from './db/database.js';
 import { createTokens, registerAuthentication } from './http/auth.js';
 import { answerClientError, answerFrameworkError, MissingHost, registerErrorHandling, ShuttingDown } from './http/errors.js';
 import { corsOutsideHooks, notUtf8Body, registerHardening } from './http/hardening.js';
-import { requestLogger, RequestLines, serializeError, standardOutput, withoutSecrets } from './http/logging.js';
+import { censorChildBindings, requestLogger, RequestLines, serializeError, standardOutput, withoutSecrets } from './http/logging.js';
 import { registerMetrics } from './http/metrics.js';
 import { registerOpenApi } from './http/openapi.js';
 import { registerRateLimits } from './http/rate-limit.js';
@@ -100,6 +100,7 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
     // So are requests Node's parser refuses before routing (headers over the limit, malformed HTTP).
     clientErrorHandler: answerClientError,
   });
+  censorChildBindings(app.log);
   app.setValidatorCompiler(validatorCompiler);
   app.setSerializerCompiler(serializerCompiler);
   // The API speaks JSON (and multipart for uploads); any other body is 415, not a string handed to a route.

@@ -99,6 +99,17 @@ describe('graceful shutdown', () => {
     await expect(fetch(`${server.url}/health/live`)).rejects.toThrow();
   });
 
+  // pino re-raised a failed write of its log as an error that ended the process, and then retried the
+  // write for ever as the process exited: a full disk under the log held the service, never exiting.
+  it('keeps serving, and exits on SIGTERM, when its log cannot be written (standard output on a full disk)', async () => {
+    const server = await spawnServer({ LOG_LEVEL: 'info', ...(testDb?.url ? { DATABASE_URL: testDb.url } : {}) }, { stdoutFile: '/dev/full' });
+    await waitUntilServing(server);
+    for (let i = 0; i < 3; i++) expect((await fetch(`${server.url}/health/live`)).status).toBe(200);
+    server.child.kill('SIGTERM');
+    expect(await server.exited).toBe(0);
+    expect(server.output().match(/the log stopped: standard output failed \(ENOSPC/g)).toHaveLength(1);
+  });
+
   it('finishes a request in flight on SIGTERM, refuses new connections, closes the database and exits 0', async () => {
     // Cost 13 makes registration take a few hundred milliseconds: long enough to be in flight. Hashed at
     // nice 19, it can take longer than the default 10 s bound on a machine busy with the rest of the suite:

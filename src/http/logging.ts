@@ -38,8 +38,7 @@ class RequestLogger implements FastifyBaseLogger {
   }
 
   child(bindings: Bindings, options?: ChildOptions): FastifyBaseLogger {
-    // pino's formatters are not applied to a child's bindings: they are here.
-    return this.logger.child(withoutSecrets(bindings), options);
+    return this.logger.child(bindings, options);
   }
 
   declare fatal: LogMethod;
@@ -77,7 +76,8 @@ export const requestLogger: NonNullable<FastifyServerOptions['childLoggerFactory
  * Fastify's lines of each request: one at `info`, once it is answered, with what was asked (method, URL,
  * address) and how it went (status, time), as an access log has it; the line of its arrival only at
  * `debug`. Fastify's own wrote both at `info`: two lines a request, which took more of a simple request's
- * time than answering it.
+ * time than answering it. A request that ends otherwise says what was asked too: an error here, a client
+ * gone first in the metrics' `request abandoned`.
  */
 export class RequestLines extends LogController {
   override incomingRequest(request: FastifyRequest): void {
@@ -85,8 +85,9 @@ export class RequestLines extends LogController {
   }
 
   override requestCompleted(error: Error | null | undefined, request: FastifyRequest, reply: FastifyReply): void {
-    if (error) super.requestCompleted(error, request, reply);
-    else reply.log.info({ req: request, res: reply, responseTime: reply.elapsedTime }, 'request completed');
+    const line = { req: request, res: reply, responseTime: reply.elapsedTime };
+    if (error) reply.log.error({ ...line, err: error }, 'request errored');
+    else reply.log.info(line, 'request completed');
   }
 }
 
@@ -94,14 +95,23 @@ export class RequestLines extends LogController {
 const MAX_UNWRITTEN_LOG_BYTES = 16 * 1024 * 1024;
 
 /**
- * Standard output for the log, written asynchronously: a line is handed to the kernel after the request
- * that wrote it moves on, with the lines written meanwhile (pino's default waits for each write, a
- * system call a line). pino writes what is left before the process exits, an exit on an error included;
- * only a kill (SIGKILL) loses the lines not yet written. A reader of the log slower than the service
- * (a stalled pipe) holds up to MAX_UNWRITTEN_LOG_BYTES, not the service: lines past it are dropped.
+ * Standard output for the log, as pino's default writes it (asynchronously: several lines to a write, the
+ * rest written as the process exits) but bounded: a reader of the log slower than the service (a stalled
+ * pipe) holds up to MAX_UNWRITTEN_LOG_BYTES, not the whole log. And once a write fails (a full disk),
+ * the log stops, said once on standard error: pino stops only on a closed pipe, re-raised any other
+ * failure as an error that ended the process, and its last flush as it exited retried the write for ever.
  */
 export function standardOutput(): DestinationStream {
-  return destination({ dest: 1, sync: false, maxLength: MAX_UNWRITTEN_LOG_BYTES });
+  const stream = destination({ dest: 1, sync: false, maxLength: MAX_UNWRITTEN_LOG_BYTES });
+  let failed = false;
+  stream.on('error', (error: Error) => {
+    if (failed) return;
+    failed = true;
+    const stopped = () => undefined;
+    Object.assign(stream, { write: stopped, flushSync: stopped, flush: stopped, end: stopped });
+    process.stderr.write(`the log stopped: standard output failed (${error.message})\n`);
+  });
+  return stream;
 }
 
 const REDACTED = '[redacted]';
@@ -109,41 +119,57 @@ const REDACTED = '[redacted]';
 const SECRET_KEYS = ['password', 'currentPassword', 'newPassword'];
 const SECRET_HEADERS = ['authorization', 'cookie'];
 
+/** The keys whose values their serializers pick from (Fastify's `req` and `res`, `serializeError`): none holds a secret once serialized. */
+const SERIALIZED = new Set(['req', 'res', 'err']);
+
 type Fields = Record<string, unknown>;
-const isPlainObject = (value: unknown): value is Fields => {
-  if (typeof value !== 'object' || value === null) return false;
-  const prototype: unknown = Object.getPrototypeOf(value);
-  return prototype === Object.prototype || prototype === null;
-};
+/** An object that JSON writes as its own properties: not an array, nor one with a form of its own (`toJSON`: a date, a buffer). */
+const isRecord = (value: unknown): value is Fields =>
+  typeof value === 'object' && value !== null && !Array.isArray(value) && typeof (value as { toJSON?: unknown }).toJSON !== 'function';
 
 /**
- * pino's `formatters.log`, and what a request's child logger is bound to: the fields of a line, each
- * object among them without its secrets: `{ body: { password } }`, `{ busboyOptions: { headers } }` (the
- * uploads' parser logs its options at `trace`, the request's headers among them). In place of pino's
- * `redact` with paths of any first key (`*.password`), which walked and copied every value of every
- * line: a quarter of a simple request's time at `info`. A request, a reply or an error (no plain object)
- * is left to its serializer, which picks what is logged of it (`serializeError` leaves secrets out too).
+ * pino's `formatters.log`, and what every child logger is bound to (`censorChildBindings`): the fields of
+ * a line, each object among them without its secrets: `{ body: { password } }`, `{ busboyOptions: {
+ * headers } }` (the uploads' parser logs its options at `trace`, the request's headers among them), an
+ * error or an instance of a class under any key. In place of pino's `redact` with paths of any first key
+ * (`*.password`), which walked and copied every value of every line: a quarter of a simple request's
+ * time at `info`. What a serializer picks from (SERIALIZED) is left to it: a request's headers are not
+ * among what Fastify's picks, and `serializeError` leaves an error's secrets out itself.
  */
 export function withoutSecrets<T extends Fields>(fields: T): T {
   let copy: Fields | undefined;
   for (const key in fields) {
     const value = fields[key];
-    if (!isPlainObject(value)) continue;
+    if (!isRecord(value) || SERIALIZED.has(key)) continue;
     const censored = withoutOwnSecrets(value);
     if (censored !== value) (copy ??= { ...fields })[key] = censored;
   }
   return (copy ?? fields) as T;
 }
 
+/**
+ * Makes every logger that descends from `root` bind its fields without secrets: a request's, one that
+ * Fastify makes for a route or a plugin with a log level of its own, a child's child. pino's formatters
+ * never see a child's bindings (its `redact` did). pino makes a child as an object whose prototype is its
+ * parent, so each inherits this `child` from the root.
+ */
+export function censorChildBindings(root: FastifyBaseLogger): void {
+  const pinoChild = root.child;
+  root.child = function (this: FastifyBaseLogger, bindings: Bindings, options?: ChildOptions) {
+    return pinoChild.call(this, withoutSecrets(bindings), options);
+  };
+}
+
 /** `object` with its SECRET_KEYS, and those of its `headers`, written as REDACTED: a copy where there are any (the object is its caller's). */
 function withoutOwnSecrets(object: Fields): Fields {
   const copy = censored(object, SECRET_KEYS);
   const { headers } = object;
-  if (!isPlainObject(headers)) return copy;
+  if (!isRecord(headers)) return copy;
   const censoredHeaders = censored(headers, SECRET_HEADERS);
   return censoredHeaders === headers ? copy : { ...copy, headers: censoredHeaders };
 }
 
+/** `object`, or a copy of what JSON writes of it (its own properties) with `keys` written as REDACTED. */
 function censored(object: Fields, keys: string[]): Fields {
   let copy: Fields | undefined;
   for (const key of keys) if (key in object) (copy ??= { ...object })[key] = REDACTED;

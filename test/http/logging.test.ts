@@ -90,25 +90,53 @@ describe('secrets in the logs', () => {
     expect(logged).not.toContain('cookie-secret');
   });
 
-  it("leave out passwords wherever an object logged holds them, a child's bindings and an error's properties too, and change nothing they log", async () => {
+  it("leave out passwords wherever an object logged holds them, in any logger's bindings, errors and instances too, and change nothing they log", async () => {
     const { app, logs } = await loggingApp('info');
     onTestFinished(() => app.close());
     const body = { email: 'someone@example.com', password: 'hunter2', newPassword: 'hunter3' };
     const options = { headers: { authorization: 'Bearer secret-token', accept: 'text/plain' } };
+    class Account {
+      constructor(
+        readonly email: string,
+        readonly password: string,
+      ) {}
+    }
+    const withHeaders = (authorization: string) => Object.assign(new Error('failed'), { headers: Object.assign(Object.create({ kind: 'headers' }), { authorization }) });
     app.get('/secrets', { config: { public: true } }, async (request) => {
       request.log.child({ body }).info({ options }, 'a line');
+      request.log.child({ step: 1 }).child({ form: { currentPassword: 'secret-1' } }).info('a child of a child');
+      app.log.child({ form: { password: 'secret-2' } }).info("the app's child");
       request.log.warn(Object.assign(new Error('failed'), { password: 'hunter4' }), 'an error');
+      request.log.warn({ err: withHeaders('secret-3'), cause: withHeaders('secret-4') }, 'errors with headers');
+      request.log.info({ account: new Account('someone@example.com', 'secret-5') }, 'an instance');
       return {};
     });
+    // Loggers that Fastify makes itself: a route's and a plugin's with a level of their own.
+    app.get('/leveled', { config: { public: true }, logLevel: 'info' }, async (request) => {
+      request.log.child({ form: { password: 'secret-6' } }).info("a leveled route's child");
+      return {};
+    });
+    await app.register(
+      async (plugin) => {
+        plugin.log.child({ form: { newPassword: 'secret-7' } }).info("a leveled plugin's child");
+      },
+      { logLevel: 'info' },
+    );
     expect((await app.inject({ method: 'GET', url: '/secrets' })).statusCode).toBe(200);
+    expect((await app.inject({ method: 'GET', url: '/leveled' })).statusCode).toBe(200);
     const logged = JSON.stringify(logs.lines);
-    for (const secret of ['hunter2', 'hunter3', 'hunter4', 'secret-token']) expect(logged).not.toContain(secret);
+    const secrets = ['hunter2', 'hunter3', 'hunter4', 'secret-token', ...[1, 2, 3, 4, 5, 6, 7].map((n) => `secret-${n}`)];
+    for (const secret of secrets) expect(logged).not.toContain(secret);
     const line = logs.lines.find((entry) => entry.msg === 'a line');
     expect(line).toMatchObject({
       body: { email: 'someone@example.com', password: '[redacted]', newPassword: '[redacted]' },
       options: { headers: { authorization: '[redacted]', accept: 'text/plain' } },
     });
     expect(logs.lines.find((entry) => entry.msg === 'an error')).toMatchObject({ err: { message: 'failed', password: '[redacted]' } });
+    expect(logs.lines.find((entry) => entry.msg === 'an instance')).toMatchObject({ account: { email: 'someone@example.com', password: '[redacted]' } });
+    for (const msg of ['a child of a child', "the app's child", "a leveled route's child", "a leveled plugin's child"]) {
+      expect(logs.lines.find((entry) => entry.msg === msg)).toBeDefined();
+    }
     // The objects are the caller's: logged without their secrets, kept with them.
     expect(body.password).toBe('hunter2');
     expect(options.headers.authorization).toBe('Bearer secret-token');
@@ -126,6 +154,10 @@ describe('secrets in the logs', () => {
     await sleep(100);
     socket.destroy();
     await expect.poll(() => logs.lines.some((line) => String(line.msg).includes('request abandoned'))).toBe(true);
+    // What was asked, though it was never answered: the line of its arrival is at debug.
+    expect(logs.lines.find((line) => String(line.msg).includes('request abandoned'))).toMatchObject({
+      req: { method: 'POST', url: '/api/v1/auth/login' },
+    });
     await sleep(100);
     expect(JSON.stringify(logs.lines)).not.toContain('database is unavailable');
   });

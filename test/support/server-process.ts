@@ -51,8 +51,9 @@ export interface NodeServerOptions {
    */
   tmpfs?: { path: string; bytes: number };
   /**
-   * A file its standard output is appended to, rather than kept for `output()`: a service logging each
-   * request writes more than a harness should hold, or spend its own CPU reading. Standard error is kept.
+   * A file its standard output is written to (made afresh), rather than kept for `output()`: a service
+   * logging each request writes more than a harness should hold, or spend its own CPU reading. Standard
+   * error is kept.
    */
   stdoutFile?: string;
 }
@@ -66,7 +67,7 @@ export function spawnNodeServer(options: NodeServerOptions): NodeProcess {
   const mounted = options.tmpfs ? [...mountingTmpfs(options.tmpfs), ...pinned] : pinned;
   // --kill-child: the namespace, and the server with it, ends with unshare when the test kills it.
   const [file, ...args] = options.ownPidNamespace ? ['unshare', '--pid', '--kill-child', ...mounted] : mounted;
-  const stdout = options.stdoutFile ? openSync(options.stdoutFile, 'a') : 'pipe';
+  const stdout = options.stdoutFile ? openSync(options.stdoutFile, 'w') : 'pipe';
   const child = spawn(file!, args, {
     env: { PATH: process.env.PATH, HOME: process.env.HOME, ...options.env },
     stdio: ['ignore', stdout, 'pipe'],
