@@ -107,7 +107,8 @@ export class HistoryCache {
   /** Drops the project's history, and what turns reading it now would keep: one of its messages changed. */
   forget(projectId: string): void {
     this.forgotten++;
-    this.drop(projectId);
+    // Its id as the database prints it (small letters), which the cache is keyed by, however a path spelled it.
+    this.drop(projectId.toLowerCase());
   }
 
   private drop(projectId: string): void {

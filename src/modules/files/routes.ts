@@ -43,7 +43,7 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
       try {
         // The body is asked for when the service first reads it, once the project and its room are checked.
         const parts = formParts(request.parts(parsing), () => sendContinue(request, reply));
-        const created = await files.upload(request.user, request.params.projectId, parts, request.log, () => request.assertTokenStillCurrent());
+        const created = await files.upload(request.user.id, request.params.projectId, parts, request.log, () => request.assertTokenStillCurrent());
         return reply.code(201).header('location', `/api/v1/projects/${created.projectId}/files/${created.id}`).send(created);
       } catch (error) {
         // A refusal can come before the body's end (a file too large, a field too many); the rest is

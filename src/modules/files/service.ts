@@ -6,7 +6,6 @@ import { uuidv7 } from '../../db/ids.js';
 import type { Config } from '../../config.js';
 import type { Db } from '../../db/database.js';
 import { deletedProjects, files, projects } from '../../db/schema.js';
-import type { AuthUser } from '../../http/auth.js';
 import { ApiError, isDatabaseUnavailable, NotFound, ValidationFailed } from '../../http/errors.js';
 import { isUuid } from '../../http/ids.js';
 import type { Page, PageRequest, TimeSortKey } from '../../http/pagination.js';
@@ -146,13 +145,12 @@ export class FilesService {
    * deleted) stored its file all the same.
    */
   async upload(
-    user: AuthUser,
+    userId: string,
     projectId: string,
     parts: AsyncIterable<FormPart>,
     log: FastifyBaseLogger,
     tokenStillCurrent: () => Promise<void>,
   ): Promise<FileDto> {
-    const userId = user.id;
     const project = await this.projectWithRoom(userId, projectId);
     const received = await this.receive(parts);
     let key: string | undefined;

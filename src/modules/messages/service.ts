@@ -36,7 +36,7 @@ export class MessagesService {
   async clear(userId: string, projectId: string): Promise<void> {
     const [row] = await this.clearStatement.execute({ projectId: projectIdParam(projectId), userId });
     if (!row?.owned) throw new NotFound('Project');
-    // Not kept in this process either (a uuid as the database prints it: in small letters).
-    this.history.forget(projectId.toLowerCase());
+    // Not kept in this process either.
+    this.history.forget(projectId);
   }
 }

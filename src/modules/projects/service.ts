@@ -208,7 +208,7 @@ export class ProjectsService {
       if (deleted.length === 0) throw new NotFound('Project');
       return fileRows;
     });
-    this.history.forget(projectId.toLowerCase());
+    this.history.forget(projectId);
     await this.storedFiles.discard(removedFiles, log);
   }
 }
