@@ -1,4 +1,5 @@
 import { once } from 'node:events';
+import { type IncomingMessage, request as httpRequest } from 'node:http';
 import { type AddressInfo, connect } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { DrizzleQueryError, sql } from 'drizzle-orm';
@@ -27,6 +28,8 @@ async function loggingApp(level: string) {
     request.log.child({ step: 2 }).warn('from a child');
     return { level: request.log.level };
   });
+  // A route that logs nothing itself: its request's last line is written as text (RequestLogger.completed).
+  app.get('/quiet', { config: { public: true } }, async () => ({}));
   // A route with a level of its own: Fastify's own child logger, at once.
   app.get('/verbose', { config: { public: true }, logLevel: 'debug' }, async (request) => {
     request.log.debug('a detail');
@@ -67,6 +70,54 @@ describe('request logs', () => {
     const requestId = verbose.headers['x-request-id'] as string;
     expect(requestId).toMatch(/^[0-9a-f-]{36}$/);
     expect(linesOf(logs, requestId).map((line) => line.msg)).toEqual(['incoming request', 'a detail', 'request completed']);
+  });
+});
+
+/** A line's keys in their order, and the type of each value, all the way down: what a reader of the log parses. */
+const shapeOf = (value: unknown): unknown =>
+  typeof value === 'object' && value !== null ? Object.entries(value).map(([key, inner]) => [key, shapeOf(inner)]) : typeof value;
+
+describe('the line of a request answered', () => {
+  it("is written for a request that logged nothing as pino writes it for one that did: the same fields, in the same order", async () => {
+    const { app, logs } = await loggingApp('info');
+    onTestFinished(() => app.close());
+    // Over a socket (an injected request has no port), with a host and a path given as they are.
+    await app.listen({ host: '127.0.0.1', port: 0 });
+    const get = async (path: string, requestId: string) => {
+      const headers = { 'accept-version': '2', host: 'chat.example:8080', 'x-request-id': requestId };
+      const request = httpRequest({ port: (app.server.address() as AddressInfo).port, path, headers }).end();
+      const [response] = (await once(request, 'response')) as [IncomingMessage];
+      await once(response.resume(), 'end');
+    };
+    await get('/quiet?q="a\\b"', 'trace-quiet-1');
+    await get('/log', 'trace-logged-1');
+    const [quiet] = linesOf(logs, 'trace-quiet-1');
+    const logged = linesOf(logs, 'trace-logged-1').find((line) => line.msg === 'request completed');
+    expect(quiet).toEqual({
+      level: 30,
+      time: expect.any(Number),
+      pid: process.pid,
+      hostname: expect.any(String),
+      reqId: 'trace-quiet-1',
+      req: { method: 'GET', url: '/quiet?q="a\\b"', version: '2', host: 'chat.example:8080', remoteAddress: '127.0.0.1', remotePort: expect.any(Number) },
+      res: { statusCode: 200 },
+      responseTime: expect.any(Number),
+      msg: 'request completed',
+    });
+    expect(shapeOf(quiet)).toEqual(shapeOf(logged));
+    expect(logged!.req).toMatchObject({ url: '/log', version: '2', host: 'chat.example:8080' });
+  });
+
+  it('is not written below its level, and leaves out what the request does not have (an injected one has no port)', async () => {
+    const warn = await loggingApp('warn');
+    onTestFinished(() => warn.app.close());
+    await warn.app.inject({ method: 'GET', url: '/quiet' });
+    expect(warn.logs.lines).toEqual([]);
+
+    const { app, logs } = await loggingApp('info');
+    onTestFinished(() => app.close());
+    await app.inject({ method: 'GET', url: '/quiet', headers: { 'x-request-id': 'trace-bare-1' } });
+    expect(Object.keys(linesOf(logs, 'trace-bare-1')[0]!.req as object)).toEqual(['method', 'url', 'host', 'remoteAddress']);
   });
 });
 
