@@ -98,3 +98,15 @@ export function failedRow(figure: Figure, error: unknown): Row {
 }
 
 export const fmt = (value: number): string => (Number.isFinite(value) ? String(round(value)) : '—');
+
+/**
+ * A judged value (a ratio, or a value held to a bound) as the report shows it: rounded as `fmt` does,
+ * unless rounding would put it on a bound it is not on (0.1025 against "at most 0.1" read 0.1, a miss),
+ * then with as many more digits as tell the two apart.
+ */
+export function fmtJudged(value: number, target: Target | undefined): string {
+  const bounds = [target?.atMost, target?.atLeast].filter((bound) => bound !== undefined && bound !== value);
+  let shown = fmt(value);
+  for (let digits = 3; digits <= 8 && bounds.includes(Number(shown)); digits++) shown = String(Number(value.toPrecision(digits)));
+  return shown;
+}

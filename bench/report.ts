@@ -3,7 +3,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { cpus, release, totalmem } from 'node:os';
 import type { ColdCalls } from './cold-probe.js';
 import type { Bench } from './environment.js';
-import { describeTarget, fmt, passes, ratioOf, type Row } from './figure.js';
+import { describeTarget, fmt, fmtJudged, passes, ratioOf, type Row } from './figure.js';
 import { percent } from './stats.js';
 
 export interface Machine {
@@ -119,9 +119,9 @@ function tableRow(row: Row): string {
   const cells = [
     String(row.figure),
     `${row.measure} (${row.unit})`,
-    fmt(row.ours),
+    row.target?.on === 'value' ? fmtJudged(row.ours, row.target) : fmt(row.ours),
     row.baseline ? `${fmt(row.baseline.value)} (${row.baseline.name})` : '—',
-    ratio === undefined || row.target?.on === 'value' ? '—' : fmt(ratio),
+    ratio === undefined || row.target?.on === 'value' ? '—' : fmtJudged(ratio, row.target),
     describeTarget(row),
     pass === undefined ? 'reported' : pass ? '**pass**' : '**MISS**',
     row.notes ?? '',

@@ -106,7 +106,14 @@ describe('the report', () => {
   it('writes a miss as a miss, in the table and in the JSON', () => {
     const dir = mkdtempSync(join(tmpdir(), 'bench-report-'));
     dirs.push(dir);
-    const rows = [row(52_286, 78_232, { on: 'ratio', atLeast: 0.9 }), row(6_340, 4_906, { on: 'ratio', atLeast: 0.8 })];
+    const rows = [
+      row(52_286, 78_232, { on: 'ratio', atLeast: 0.9 }),
+      row(6_340, 4_906, { on: 'ratio', atLeast: 0.8 }),
+      // Rounded, these would read as on their bounds: 0.1 against at most 0.1, 3 ms against at most 3.
+      row(2.92, 28.5, { on: 'ratio', atMost: 0.1 }),
+      row(3.0004, 0.4, { on: 'value', atMost: 3 }),
+      row(2.5, 25, { on: 'ratio', atMost: 0.1 }),
+    ];
     const report = {
       startedAt: 'start',
       finishedAt: 'end',
@@ -126,11 +133,14 @@ describe('the report', () => {
     const table = readFileSync(join(dir, 'results.md'), 'utf8').split('\n');
     expect(table.find((line) => line.startsWith('| 1 | m (req/s) | 52286 |'))).toContain('| 0.67 | ratio ≥ 0.9 | **MISS** |');
     expect(table.find((line) => line.startsWith('| 1 | m (req/s) | 6340 |'))).toContain('| 1.29 | ratio ≥ 0.8 | **pass** |');
+    expect(table.find((line) => line.startsWith('| 1 | m (req/s) | 2.92 |'))).toContain('| 0.102 | ratio ≤ 0.1 | **MISS** |');
+    expect(table.find((line) => line.startsWith('| 1 | m (req/s) | 3.0004 |'))).toContain('| — | ≤ 3 req/s | **MISS** |');
+    expect(table.find((line) => line.startsWith('| 1 | m (req/s) | 2.5 |'))).toContain('| 0.1 | ratio ≤ 0.1 | **pass** |');
     expect(table.find((line) => line.startsWith('- Cold code (`bench/cold-probe.ts`, where the measured server runs;'))).toContain(
       '10 µs hot, 40 µs (4×) after 100 ms asleep, 55 µs (5.5×) after 100 ms of other work; then 20 µs hot, 30 µs (1.5×) after 100 ms asleep, 20 µs (1×) after 100 ms of other work.',
     );
     const json = JSON.parse(readFileSync(join(dir, 'results.json'), 'utf8')) as { rows: { pass: boolean }[] };
-    expect(json.rows.map((judged) => judged.pass)).toEqual([false, true]);
+    expect(json.rows.map((judged) => judged.pass)).toEqual([false, true, false, false, true]);
   });
 });
 
