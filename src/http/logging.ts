@@ -1,6 +1,6 @@
 import { DrizzleQueryError } from 'drizzle-orm';
 import { type FastifyBaseLogger, type FastifyReply, type FastifyRequest, type FastifyServerOptions, LogController } from 'fastify';
-import { type DestinationStream, destination, stdSerializers, symbols } from 'pino';
+import { type DestinationStream, stdSerializers, symbols } from 'pino';
 
 type Bindings = Parameters<FastifyBaseLogger['child']>[0];
 type ChildOptions = Parameters<FastifyBaseLogger['child']>[1];
@@ -124,57 +124,6 @@ export class RequestLines extends LogController {
     else if (reply.log instanceof RequestLogger) reply.log.completed(request, reply);
     else reply.log.info(answered(request, reply), COMPLETED);
   }
-}
-
-/** The most log text held in memory while standard output takes it slower than it is written; past it, lines are dropped. */
-const MAX_UNWRITTEN_LOG_BYTES = 16 * 1024 * 1024;
-
-/**
- * Standard output for the log, as pino's default writes it (asynchronously: several lines to a write, the
- * rest written as the process exits) but bounded: a reader of the log slower than the service (a stalled
- * pipe) holds up to MAX_UNWRITTEN_LOG_BYTES, not the whole log. And once a write fails (a full disk),
- * the log stops, said once on standard error: pino stops only on a closed pipe, re-raised any other
- * failure as an error that ended the process, and its last flush as it exited retried the write for ever.
- */
-export function standardOutput(): DestinationStream {
-  const stream = destination({ dest: 1, sync: false, maxLength: MAX_UNWRITTEN_LOG_BYTES });
-  let failed = false;
-  stream.on('error', (error: Error) => {
-    if (failed) return;
-    failed = true;
-    const stopped = () => undefined;
-    Object.assign(stream, { write: stopped, flushSync: stopped, flush: stopped, end: stopped });
-    process.stderr.write(`the log stopped: standard output failed (${error.message})\n`);
-  });
-  return new LinesOfATurn(stream);
-}
-
-/**
- * The lines logged in one turn of the event loop, handed to `stream` as one text once the turn is done.
- * sonic-boom makes a system call, a copy and two events of every text it is given: line by line, on a
- * loaded server, that cost as much as making the line (a request's answer at `info`).
- */
-class LinesOfATurn implements DestinationStream {
-  private lines: string[] = [];
-
-  constructor(private readonly stream: ReturnType<typeof destination>) {
-    // What the last turn logged (a failure, then `process.exit`), then what sonic-boom still holds.
-    process.on('exit', () => {
-      this.hand();
-      stream.flushSync();
-    });
-  }
-
-  write(line: string): void {
-    if (this.lines.push(line) === 1) setImmediate(this.hand);
-  }
-
-  private readonly hand = (): void => {
-    if (this.lines.length === 0) return;
-    const text = this.lines.join('');
-    this.lines = [];
-    this.stream.write(text);
-  };
 }
 
 const REDACTED = '[redacted]';
