@@ -1,105 +1,116 @@
-import { writeSync } from 'node:fs';
-import { type DestinationStream, destination } from 'pino';
+import { write, writeSync } from 'node:fs';
+import type { DestinationStream } from 'pino';
 
 /** The most log text held in memory while standard output takes it slower than it is written; past it, lines are dropped. */
 const MAX_UNWRITTEN_LOG_BYTES = 16 * 1024 * 1024;
-/** The most text handed to sonic-boom at once: its own largest write. Past its bound it drops what it is handed whole. */
-const MAX_PIECE = 16 * 1024;
+/** How soon a write that a full pipe refused (EAGAIN) is tried again. */
+const RETRY_MS = 10;
 /** How long the lines left at exit may wait for a reader that takes them slower (a full pipe): a while, not for ever. */
 const EXIT_WAIT_MS = 1_000;
-const EXIT_RETRY_MS = 10;
 
-let output: LinesOfATurn | undefined;
+let output: StandardOutput | undefined;
 
-/**
- * Standard output for the log: one per process, however many apps log to it (the tests build many).
- * Asynchronous, as pino's default writes it, the lines of a turn of the event loop in one write, the
- * rest written as the process exits; bounded: a reader of the log slower than the service (a stalled
- * pipe) holds up to MAX_UNWRITTEN_LOG_BYTES, not the whole log. And once a write fails (a full disk),
- * the log stops, said once on standard error: pino stops only on a closed pipe, re-raised any other
- * failure as an error that ended the process, and its last flush as it exited retried the write for ever.
- */
+/** Standard output for the log: one per process, however many apps log to it (the tests build many). */
 export function standardOutput(): DestinationStream {
-  return (output ??= new LinesOfATurn());
+  return (output ??= new StandardOutput(1));
 }
 
 /**
- * The lines logged in one turn of the event loop, handed to sonic-boom together once the turn is done.
- * sonic-boom makes a system call, a copy and two events of every text it is given: line by line, on a
- * loaded server, that cost as much as making the line (a request's answer at `info`).
+ * The log's writer: the lines logged in one turn of the event loop go out in one write, made once the
+ * turn is done, asynchronously (a pipe's reader may be slow) and bounded: a reader slower than the
+ * service (a stalled pipe) holds up to MAX_UNWRITTEN_LOG_BYTES, not the whole log; past it, lines are
+ * dropped. As the process exits, what is left is written at once, waiting up to EXIT_WAIT_MS for a full
+ * pipe. Once a write fails (a full disk, a closed pipe), the log stops, said once on standard error.
+ *
+ * In place of pino's own (sonic-boom): a system call, a copy and two events for every line it was
+ * given, which on a loaded server cost as much as making the line; at exit, a piece that a full pipe had
+ * refused and that waited to be tried again was lost, and its final flush waited for ever on a stalled
+ * reader, or on a full disk until its error had been reported.
  */
-class LinesOfATurn implements DestinationStream {
-  private readonly stream = destination({ dest: 1, sync: false, maxLength: MAX_UNWRITTEN_LOG_BYTES });
+class StandardOutput implements DestinationStream {
+  /** Lines not yet handed to a write. */
   private lines: string[] = [];
-  private length = 0;
+  /** The bytes of `lines` and of `unwritten`, held to MAX_UNWRITTEN_LOG_BYTES. */
+  private held = 0;
+  /** The bytes of the write under way not written yet: handed to the system, or waiting to be tried again. */
+  private unwritten: Buffer | undefined;
+  /** The system has `unwritten` (a write on libuv's thread pool): only its callback says how much went out. */
+  private inFlight = false;
+  private scheduled = false;
   private stopped = false;
 
-  constructor() {
-    this.stream.on('error', (error: Error) => {
-      if (this.stopped) return;
-      this.stopped = true;
-      this.take();
-      const stopped = () => undefined;
-      Object.assign(this.stream, { write: stopped, flushSync: stopped, flush: stopped, end: stopped });
-      process.stderr.write(`the log stopped: standard output failed (${error.message})\n`);
-    });
-    // Ended by pino as the event loop emptied: a line logged after (from a `beforeExit` handler) has nowhere to go.
-    this.stream.on('close', () => {
-      this.stopped = true;
-    });
-    // pino's own hook has flushed what sonic-boom holds by then (it was registered first): the last
-    // turn's lines follow, written at once. Handed to sonic-boom, they would be one asynchronous write,
-    // of which a pipe takes 64 KB before the process is gone.
-    process.on('exit', () => {
-      if (!this.stopped && this.lines.length) writeBeforeExit(this.take().join(''));
-    });
+  constructor(private readonly fd: number) {
+    process.on('exit', () => this.writeAtExit());
   }
 
   write(line: string): void {
-    if (this.stopped || this.length + line.length > MAX_UNWRITTEN_LOG_BYTES) return;
-    this.length += line.length;
-    if (this.lines.push(line) === 1) setImmediate(this.hand);
-  }
-
-  /** pino's `logger.flush`: what this holds, then what sonic-boom does. */
-  flush(done?: (error?: Error) => void): void {
-    this.hand();
-    this.stream.flush(done);
-  }
-
-  /** In pieces no larger than sonic-boom's own writes: past its bound it drops a piece, not a whole turn. */
-  private readonly hand = (): void => {
     if (this.stopped) return;
-    let piece = '';
-    for (const line of this.take()) {
-      if (piece.length + line.length > MAX_PIECE && piece) {
-        this.stream.write(piece);
-        piece = '';
-      }
-      piece += line;
+    const bytes = Buffer.byteLength(line);
+    if (this.held + bytes > MAX_UNWRITTEN_LOG_BYTES) return;
+    this.held += bytes;
+    this.lines.push(line);
+    // A write under way takes what came meanwhile once it is done.
+    if (!this.scheduled && !this.unwritten) {
+      this.scheduled = true;
+      setImmediate(this.writeLines);
     }
-    if (piece) this.stream.write(piece);
+  }
+
+  private readonly writeLines = (): void => {
+    this.scheduled = false;
+    if (this.stopped || this.unwritten || this.lines.length === 0) return;
+    this.unwritten = this.takeLines();
+    this.send();
   };
 
-  private take(): string[] {
-    const { lines } = this;
-    this.lines = [];
-    this.length = 0;
-    return lines;
+  private send(): void {
+    const bytes = this.unwritten!;
+    this.inFlight = true;
+    write(this.fd, bytes, 0, bytes.length, null, (error, written) => {
+      this.inFlight = false;
+      if (this.stopped) return;
+      if (error?.code === 'EAGAIN') {
+        setTimeout(() => this.send(), RETRY_MS).unref();
+        return;
+      }
+      if (error) return this.stop(error);
+      this.held -= written;
+      this.unwritten = written < bytes.length ? bytes.subarray(written) : undefined;
+      if (this.unwritten) this.send();
+      else this.writeLines();
+    });
   }
-}
 
-/** Writes `text` to standard output before the process ends, waiting up to EXIT_WAIT_MS for a non-blocking pipe that is full. */
-function writeBeforeExit(text: string): void {
-  let bytes = Buffer.from(text);
-  const pause = new Int32Array(new SharedArrayBuffer(4));
-  for (let waited = 0; bytes.length > 0; ) {
-    try {
-      bytes = bytes.subarray(writeSync(1, bytes));
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== 'EAGAIN' || waited >= EXIT_WAIT_MS) return;
-      Atomics.wait(pause, 0, 0, EXIT_RETRY_MS);
-      waited += EXIT_RETRY_MS;
+  private takeLines(): Buffer {
+    const text = this.lines.join('');
+    this.lines = [];
+    return Buffer.from(text);
+  }
+
+  private stop(error: NodeJS.ErrnoException): void {
+    this.stopped = true;
+    this.lines = [];
+    this.unwritten = undefined;
+    process.stderr.write(`the log stopped: standard output failed (${error.message})\n`);
+  }
+
+  /**
+   * What is left, written at once. A write that the system still has (on the thread pool) may finish
+   * after these lines, or be cut short as the process ends: only its callback would tell, and none runs
+   * now. One waiting to be tried again is written first.
+   */
+  private writeAtExit(): void {
+    if (this.stopped) return;
+    let bytes = Buffer.concat([this.inFlight || !this.unwritten ? Buffer.alloc(0) : this.unwritten, this.takeLines()]);
+    const pause = new Int32Array(new SharedArrayBuffer(4));
+    for (let waited = 0; bytes.length > 0; ) {
+      try {
+        bytes = bytes.subarray(writeSync(this.fd, bytes));
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code !== 'EAGAIN' || waited >= EXIT_WAIT_MS) return;
+        Atomics.wait(pause, 0, 0, RETRY_MS);
+        waited += RETRY_MS;
+      }
     }
   }
 }

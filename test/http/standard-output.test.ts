@@ -4,6 +4,7 @@ import { createRequire } from 'node:module';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { describe, expect, it } from 'vitest';
 import { standardOutput } from '../../src/http/standard-output.js';
 
@@ -12,9 +13,11 @@ const PINO = createRequire(import.meta.url).resolve('pino');
 
 /**
  * Runs `body` in a process of its own whose log goes to standard output through `standardOutput()`
- * (`log`, a pino logger), standard output a pipe read here: what the process printed, line by line.
+ * (`log`, a pino logger), standard output a pipe read here, from `readFrom`: at once, after some
+ * milliseconds (a slow reader), or once the process has exited (a stalled one). What it printed, line by
+ * line.
  */
-async function printed(body: string): Promise<string[]> {
+async function printed(body: string, readFrom: number | 'exit' = 0): Promise<string[]> {
   const script = join(mkdtempSync(join(tmpdir(), 'standard-output-')), 'script.ts');
   writeFileSync(
     script,
@@ -28,11 +31,24 @@ ${body}
 `,
   );
   const child = spawn(process.execPath, ['--import', 'tsx', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const closed = once(child, 'close');
+  // Read through 'readable', not 'data': Node discards what a child printed into a stream nobody listens
+  // to once the child exits.
   let text = '';
-  child.stdout.setEncoding('utf8').on('data', (chunk: string) => (text += chunk));
-  await once(child, 'close');
+  let reading = false;
+  const read = () => {
+    for (let chunk: string | null; reading && (chunk = child.stdout.read() as string | null) !== null; ) text += chunk;
+  };
+  child.stdout.setEncoding('utf8').on('readable', read);
+  if (readFrom === 'exit') await once(child, 'exit');
+  else await sleep(readFrom);
+  reading = true;
+  read();
+  await closed;
   return text.split('\n').filter(Boolean);
 }
+
+const numbers = (lines: string[]) => lines.map((line) => (JSON.parse(line) as { i: number }).i);
 
 const PAD = 'x'.repeat(200);
 
@@ -43,15 +59,38 @@ describe("the log's standard output", () => {
   for (let i = 0; i < 2000; i++) log.info({ i, pad: ${JSON.stringify(PAD)} }, 'line');
   process.exit(1);
 }, 20);`);
-    expect(lines).toHaveLength(2000);
-    expect(lines.map((line) => (JSON.parse(line) as { i: number }).i)).toEqual([...Array(2000).keys()]);
+    expect(numbers(lines)).toEqual([...Array(2000).keys()]);
+  });
+
+  it('writes at exit the lines a full pipe refused and that waited to be tried again, in order', async () => {
+    // Logged, refused by the pipe nobody reads yet, then the process exits; its reader starts 300 ms in.
+    const lines = await printed(
+      `setTimeout(() => {
+  for (let i = 0; i < 2000; i++) log.info({ i, pad: ${JSON.stringify(PAD)} }, 'line');
+  setTimeout(() => process.exit(0), 50);
+}, 20);`,
+      300,
+    );
+    expect(numbers(lines)).toEqual([...Array(2000).keys()]);
+  });
+
+  it('exits, what the pipe took written, when nobody reads it', async () => {
+    // Its exit does not wait for a reader: the test would never end.
+    const lines = await printed(
+      `for (let i = 0; i < 2000; i++) log.info({ i, pad: ${JSON.stringify(PAD)} }, 'line');
+setTimeout(() => process.exit(0), 50);`,
+      'exit',
+    );
+    // From the first, as much as the pipe held (64 KB: over 250 lines). Its end may be cut where the pipe
+    // was full, or follow a write that the thread pool still had as the process ended.
+    expect(numbers(lines.slice(0, 200))).toEqual([...Array(200).keys()]);
   });
 
   it('keeps the lines of a turn that logs past its bound up to the bound, and goes on logging', async () => {
     // 20 MiB in one turn: the first 16 MiB kept, not the turn dropped whole.
     const lines = await printed(`for (let i = 0; i < 80000; i++) log.info({ i, pad: ${JSON.stringify(PAD)} }, 'line');
 setTimeout(() => log.info('after'), 200);`);
-    const kept = lines.slice(0, -1).map((line) => (JSON.parse(line) as { i: number }).i);
+    const kept = numbers(lines.slice(0, -1));
     expect(kept.length).toBeGreaterThan(60_000);
     expect(kept.length).toBeLessThan(80_000);
     expect(kept).toEqual([...Array(kept.length).keys()]);
