@@ -1,66 +1,115 @@
 import type { ChatMessage } from './types.js';
 
-/** How many consecutive messages share one block of bytes. */
-const BLOCK_MESSAGES = 64;
+/**
+ * The wire form of consecutive history messages, one after another in one buffer, each message's JSON
+ * after a comma: a turn's history is then one view of it, not a copy, and the next turn, whose history
+ * has the question and answer of the turn before after the same messages, adds them at its end. Bytes
+ * are only ever written past the last message: a view handed to a request still being sent never changes.
+ */
+class Run {
+  /** The messages, in order: matched by identity, which needs no look inside each of thousands of them. */
+  readonly messages: ChatMessage[] = [];
+  /** Where each message's bytes begin, and past the last, where the next one goes. */
+  readonly starts: number[] = [0];
 
-/** The wire form of `messages`, consecutive, as one run of bytes. */
-interface Block {
-  messages: ChatMessage[];
-  bytes: Uint8Array;
+  constructor(readonly bytes: Buffer) {}
+
+  get end(): number {
+    return this.starts[this.starts.length - 1]!;
+  }
+
+  /** The bytes of its messages `from` to `to`. */
+  view(from: number, to: number): Uint8Array {
+    return this.bytes.subarray(this.starts[from], this.starts[to]);
+  }
 }
+
+/**
+ * A run's spare room when it is moved to a larger buffer, beyond what it holds then: for the turns after,
+ * each adding a few hundred bytes. A run made whole (a history read anew) has none: most are not added to.
+ */
+const SPARE = (bytes: number) => (bytes >> 3) + 4096;
+
+// The run a message was last placed in and its place there, on the message (a symbol: nothing that
+// serializes it sees it): looked at for the first message of a stretch, and for those added.
+const RUN = Symbol('wire run');
+const PLACE = Symbol('wire place');
+type Placed = ChatMessage & { [RUN]?: Run; [PLACE]?: number };
 
 const encoder = new TextEncoder();
 
 /**
- * Blocks by their first message, for as long as that message object lives. A long history's messages
- * are the same objects turn after turn (the chat's history cache), so most of a turn's body is blocks
- * made by the turns before it: a turn sending 6,000 messages joins about a hundred runs of bytes
- * instead of serializing 600 KB, or copying 6,000 small ones (each copy costs more than its bytes).
- */
-const blocks = new WeakMap<ChatMessage, Block>();
-
-/**
- * The JSON of `messages` as the chat completions API takes them, comma-separated, as parts to join in
- * order. Messages must not change once given here: their bytes are kept with them.
+ * The JSON of `messages` as the chat completions API takes them, comma-separated, as parts to send in
+ * order. The messages between the system messages and the last one (the turn's question, made for it)
+ * are taken for stored history, the same objects turn after turn (the chat's history cache): their
+ * bytes are kept, in runs, and the next turn's are mostly a view of the same run. Other messages are
+ * made for their turn, and written afresh. Messages must not change once given here.
  */
 export function messagesWire(messages: readonly ChatMessage[]): Uint8Array[] {
   const parts: Uint8Array[] = [];
-  // Messages not in a block yet, as JSON: encoded together, and kept as a block once there are enough.
-  let loose: string[] = [];
-  let looseStart = 0;
-  const endLoose = () => {
-    if (loose.length) parts.push(encoder.encode(loose.join('')));
-    loose = [];
-  };
-  for (let i = 0; i < messages.length; ) {
-    const block = blocks.get(messages[i]!);
-    if (block && holds(messages, i, block.messages)) {
-      endLoose();
-      parts.push(block.bytes);
-      i += block.messages.length;
+  let loose = '';
+  const last = messages.length - 1;
+  const history = (i: number) => i < last && messages[i]!.role !== 'system';
+  for (let i = 0; i <= last; ) {
+    if (!history(i)) {
+      loose += `,${wireJson(messages[i]!)}`;
+      i++;
       continue;
     }
-    if (!loose.length) looseStart = i;
-    loose.push(`,${wireJson(messages[i]!)}`);
-    i++;
-    if (loose.length === BLOCK_MESSAGES) {
-      const made = { messages: messages.slice(looseStart, i), bytes: encoder.encode(loose.join('')) };
-      blocks.set(made.messages[0]!, made);
-      parts.push(made.bytes);
-      loose = [];
+    if (loose) parts.push(encoder.encode(loose));
+    loose = '';
+    const start = i;
+    const first = messages[i] as Placed;
+    const run = first[RUN];
+    const from = run ? first[PLACE]! : 0;
+    // The run's messages for as long as they are these, in its order (a placed message is history).
+    for (let place = from; run && i < last && run.messages[place] === messages[i]; place++) i++;
+    // Past the run's end, or with no run, the messages that are in none are added to it.
+    const matched = i;
+    if (!run || from + (matched - start) === run.messages.length) while (history(i) && (messages[i] as Placed)[RUN] === undefined) i++;
+    if (i === matched) {
+      parts.push(run!.view(from, from + (i - start)));
+      continue;
     }
+    const holding = grown(run, from, messages as Placed[], start, matched, i);
+    parts.push(holding.view(holding.messages.length - (i - start), holding.messages.length));
   }
-  endLoose();
+  if (loose) parts.push(encoder.encode(loose));
   // Each message's JSON follows the comma that separates it from the one before: the first has none.
   if (parts.length) parts[0] = parts[0]!.subarray(1);
   return parts;
 }
 
-/** Whether `messages` holds the block's messages, the same objects in the same order, from `start`. */
-function holds(messages: readonly ChatMessage[], start: number, run: ChatMessage[]): boolean {
-  if (start + run.length > messages.length) return false;
-  for (let i = 0; i < run.length; i++) if (messages[start + i] !== run[i]) return false;
-  return true;
+/**
+ * The run that holds `messages` `start` to `end` as its last: those up to `matched` are `run`'s, from
+ * `from` to its end, and the rest are added after them, in `run` itself when it has the room, else in
+ * a run of a larger buffer that holds the stretch alone (the messages before it are left behind: the
+ * window has moved on past them).
+ */
+function grown(run: Run | undefined, from: number, messages: Placed[], start: number, matched: number, end: number): Run {
+  const added = messages.slice(matched, end).map((message) => `,${wireJson(message)}`);
+  const bytes = added.reduce((sum, json) => sum + Buffer.byteLength(json), 0);
+  let holding = run;
+  if (!run || run.end + bytes > run.bytes.length) {
+    const kept = run ? run.view(from, run.messages.length) : undefined;
+    const size = (kept?.length ?? 0) + bytes;
+    holding = new Run(Buffer.allocUnsafeSlow(run ? size + SPARE(size) : size));
+    if (kept) {
+      holding.bytes.set(kept);
+      for (let i = start; i < matched; i++) place(holding, messages[i]!, run!.starts[from + i - start + 1]! - run!.starts[from]!);
+    }
+  }
+  const target = holding!;
+  for (let i = matched; i < end; i++) place(target, messages[i]!, target.end + target.bytes.write(added[i - matched]!, target.end));
+  return target;
+}
+
+/** Adds `message` to the end of `run`'s, its bytes already written there up to `end`. */
+function place(run: Run, message: Placed, end: number): void {
+  message[RUN] = run;
+  message[PLACE] = run.messages.length;
+  run.messages.push(message);
+  run.starts.push(end);
 }
 
 /**

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { HistoryCache, type StoredHistoryMessage } from '../../src/modules/chat/history-cache.js';
+import { type ExtendedHistory, HistoryCache, type StoredHistoryMessage } from '../../src/modules/chat/history-cache.js';
 import { messagesWire } from '../../src/providers/wire-messages.js';
 import { reachableBufferBytes, reachableHeapBytes } from '../support/heap.js';
 
@@ -7,14 +7,16 @@ const message = (id: number, content = `message ${id}`): StoredHistoryMessage =>
 /** Messages `from` down to `to`, newest first, as pages are read. */
 const newestFirst = (from: number, to: number) => Array.from({ length: from - to + 1 }, (_, i) => message(from - i));
 const ids = (messages: StoredHistoryMessage[] | undefined) => messages?.map((m) => Number(m.id));
+/** The whole history a turn's page and the cache make together. */
+const whole = (known: ExtendedHistory | undefined) => known && [...known.newer, ...known.cached.messages];
 
 describe('HistoryCache', () => {
   it('puts the newer messages of the page before the cached history that it lines up with', () => {
     const cache = new HistoryCache(1024 * 1024);
     cache.remember('p', { messages: newestFirst(100, 1), complete: true }, cache.version);
     const known = cache.extend('p', newestFirst(102, 39));
-    expect(ids(known?.messages)).toEqual(ids(newestFirst(102, 1)));
-    expect(known?.complete).toBe(true);
+    expect(ids(whole(known))).toEqual(ids(newestFirst(102, 1)));
+    expect(known?.cached.complete).toBe(true);
   });
 
   it('misses a project it holds nothing of, a page without the cached newest message, and one that differs past it', () => {
@@ -26,7 +28,7 @@ describe('HistoryCache', () => {
     // A message stored among the cached ones (another instance's clock behind): 99.5 between 100 and 99.
     const page = [message(101), message(100), { ...message(995), id: '99.5' }, ...newestFirst(99, 39)];
     expect(cache.extend('p', page)).toBeUndefined();
-    expect(ids(cache.extend('p', newestFirst(101, 38))?.messages)).toEqual(ids(newestFirst(101, 1)));
+    expect(ids(whole(cache.extend('p', newestFirst(101, 38))))).toEqual(ids(newestFirst(101, 1)));
   });
 
   it('keeps nothing read before a history was forgotten: it may hold the message forgotten for', () => {
@@ -39,7 +41,7 @@ describe('HistoryCache', () => {
     cache.remember('p', { messages: newestFirst(100, 1), complete: true }, readBefore);
     expect(cache.extend('p', newestFirst(100, 37))).toBeUndefined();
     cache.remember('p', { messages: newestFirst(99, 1), complete: true }, cache.version);
-    expect(ids(cache.extend('p', newestFirst(100, 37))?.messages)).toEqual(ids(newestFirst(100, 1)));
+    expect(ids(whole(cache.extend('p', newestFirst(100, 37))))).toEqual(ids(newestFirst(100, 1)));
   });
 
   it('keeps at most its bytes, the least recently used projects going first', () => {
@@ -54,6 +56,33 @@ describe('HistoryCache', () => {
     // A history larger than the whole cache is not kept, and what it replaces is dropped.
     cache.remember('a', { messages: newestFirst(100, 1).map((m) => message(Number(m.id), 'x'.repeat(1_000))), complete: true }, cache.version);
     expect(cache.extend('a', newestFirst(100, 37))).toBeUndefined();
+    expect(cache.extend('c', newestFirst(100, 37))).toBeDefined();
+  });
+});
+
+describe('HistoryCache bytes of a continued history', () => {
+  // The bytes of a history that continues a cached one are counted by what changed: were they counted
+  // wrong, in either direction, a project that must stay would go, or one that must go would stay.
+  it('counts a history continued turn after turn as the same history counted whole', () => {
+    // 100 messages of about 230 bytes: 23 KB a project, room for two.
+    const cache = new HistoryCache(50_000);
+    cache.remember('a', { messages: newestFirst(100, 1), complete: false }, cache.version);
+    cache.remember('b', { messages: newestFirst(100, 1), complete: false }, cache.version);
+    // Each turn two newer messages and the two oldest dropped; every other turn, one more dropped and an
+    // older one read after the cached ones (as a page read from the database): 'a' stays as large.
+    for (let newest = 102; newest <= 1_000; newest += 2) {
+      const known = cache.extend('a', newestFirst(newest, newest - 63))!;
+      expect(ids(known.newer)).toEqual([newest, newest - 1]);
+      const older = newest % 4 ? [] : [message(-newest)];
+      const kept = known.cached.messages.length - 2 - older.length;
+      const messages = [...known.newer, ...known.cached.messages.slice(0, kept), ...older];
+      cache.remember('a', { messages, complete: false }, cache.version, { cached: known.cached, from: 2, kept });
+    }
+    expect(cache.extend('b', newestFirst(100, 37))).toBeDefined();
+    // A third project takes the room of the least recently used, 'a': 'b' stays, as it would were 'a' counted whole.
+    cache.remember('c', { messages: newestFirst(100, 1), complete: false }, cache.version);
+    expect(cache.extend('a', newestFirst(1_000, 937))).toBeUndefined();
+    expect(cache.extend('b', newestFirst(100, 37))).toBeDefined();
     expect(cache.extend('c', newestFirst(100, 37))).toBeDefined();
   });
 });

@@ -8,7 +8,7 @@ import { openPostgres } from '../../src/db/database.js';
 import { idempotencyKeys, messages, users } from '../../src/db/schema.js';
 import { IdempotencyStore, requestHash } from '../../src/modules/chat/idempotency.js';
 import { flushStatementOn } from '../../src/modules/chat/service.js';
-import { countTokens } from '../../src/providers/models.js';
+import { countTokens, encodingName, MESSAGE_OVERHEAD_TOKENS, REPLY_PRIMING_TOKENS } from '../../src/providers/models.js';
 import { createProject, createPrompt, expectProblem, insertMessages, registerUser, type RegisteredUser, revokeTokens, startTestApp, type TestApp, testConfig } from '../support/app.js';
 import { refusingWrites } from '../support/database.js';
 import { FakeUpstream, UPSTREAM_ERROR_TEXT, type UpstreamReply } from '../support/fake-upstream.js';
@@ -468,6 +468,62 @@ describe('the history cache', () => {
     await insertMessages(db, projectId, 300);
     await turn(projectId, 'third');
     expect(sentHistory()).toEqual(Array.from({ length: 300 }, (_, i) => `message ${i}`));
+  });
+
+  it("drops a cached history's oldest messages as turns fill the window, in any encoding, as a read from the database would", async () => {
+    const budgeted = await startTestApp({ AI_BASE_URL: fake.url, AI_MODEL: 'gpt-4o-mini', AI_CONTEXT_TOKENS: '4000', AI_MAX_OUTPUT_TOKENS: '100' });
+    try {
+      const owner = await registerUser(budgeted.app);
+      const projectId = (await createProject(budgeted.app, owner)).id;
+      const { db } = budgeted.testDb.database;
+      const start = Date.now() - 3_600_000;
+      // More than the window holds, each counted in the default model's encoding, as the service stores them.
+      const rows = Array.from({ length: 1_000 }, (_, i) => {
+        const content = `message ${i}${' word'.repeat(i % 7)}`;
+        const role = i % 2 ? ('assistant' as const) : ('user' as const);
+        return { id: uuidv7(), projectId, role, content, status: 'complete' as const, createdAt: new Date(start + i), tokens: countTokens(content, 'gpt-4o-mini'), tokenEncoding: 'o200k_base' };
+      });
+      await db.insert(messages).values(rows);
+      const CHANGED = 'changed in the database';
+      let changedFrom = '';
+      /** The newest messages stored before the last turn that fit beside its `question` in `model`'s window, oldest first, as they were first stored. */
+      const window = async (question: string, model: string) => {
+        const history = (await stored(projectId, budgeted)).slice(0, -2).reverse();
+        let room = 4000 - 100 - REPLY_PRIMING_TOKENS - (MESSAGE_OVERHEAD_TOKENS + countTokens(question, model));
+        const fits: string[] = [];
+        for (const row of history) {
+          const content = row.content === CHANGED ? changedFrom : row.content;
+          const tokens = MESSAGE_OVERHEAD_TOKENS + (row.tokenEncoding === encodingName(model) ? row.tokens! : countTokens(content, model));
+          if (tokens > room) break;
+          room -= tokens;
+          fits.push(content);
+        }
+        return fits.reverse();
+      };
+      const turn = async (message: string, model = 'gpt-4o-mini') => {
+        const response = await budgeted.app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: owner.auth, payload: { message } });
+        expect(response.statusCode).toBe(200);
+        expect(sentHistory()).toEqual(await window(message, model));
+      };
+
+      await turn('first'); // read from the database, and cached
+      expect(sentHistory().length).toBeGreaterThan(64);
+      expect(sentHistory().length).toBeLessThan(1_000);
+      for (const message of ['second, a little longer than the first', 'third', `fourth${' word'.repeat(60)}`]) await turn(message);
+      // Sent from memory: a message changed behind the service's back is sent as it was first stored.
+      changedFrom = sentHistory().at(-20)!;
+      await db.update(messages).set({ content: CHANGED }).where(and(eq(messages.projectId, projectId), eq(messages.content, changedFrom)));
+      await turn('fifth');
+      expect(sentHistory()).toContain(changedFrom);
+
+      // A model of another encoding counts the cached messages anew, once and on the next turns.
+      const patched = await budgeted.app.inject({ method: 'PATCH', url: `/api/v1/projects/${projectId}`, headers: owner.auth, payload: { model: 'gpt-4' } });
+      expect(patched.statusCode).toBe(200);
+      for (const message of ['sixth', `seventh${' word'.repeat(30)}`]) await turn(message, 'gpt-4');
+      expect(sentHistory()).toContain(changedFrom);
+    } finally {
+      await budgeted.close();
+    }
   });
 
   // What is deleted is not kept in the process either: a heap dump of it held a deleted account's conversations.

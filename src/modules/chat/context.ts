@@ -9,6 +9,12 @@ export interface HistoryMessage {
   tokens: number;
 }
 
+/** Messages newest first, and the tokens they take in a request, each one's framing included. */
+export interface HistoryPage {
+  messages: readonly HistoryMessage[];
+  tokens: number;
+}
+
 export interface ContextInput<P extends { content: string } = { content: string }> {
   /** The project's system prompts, oldest first. */
   prompts: P[];
@@ -16,9 +22,9 @@ export interface ContextInput<P extends { content: string } = { content: string 
   filesSection(budget: number): Promise<FilesSection | undefined>;
   /**
    * Stored history, newest first, a page at a time, read lazily so that only what fits is ever fetched;
-   * `room` is the budget the history may take. Pages may hold more than fits.
+   * `room` is the budget the history may take, and the pages hold only what fits in it, together.
    */
-  history(room: number): AsyncIterable<HistoryMessage[]>;
+  history(room: number): AsyncIterable<HistoryPage>;
   /** The new message and the tokens of its content. */
   newMessage: { content: string; tokens: number };
   /** Tokens available for the request: the model's context minus what is kept for the reply. */
@@ -57,17 +63,14 @@ export async function buildContext<P extends { content: string }>(input: Context
     if (files.fileIds.length) question.fileIds = files.fileIds;
   }
 
-  // The messages themselves, not copies: a long history's are kept between turns, and so is what an
-  // adapter derives from each (its wire form).
-  const history: ChatMessage[] = [];
-  pages: for await (const page of input.history(input.budget - used)) {
-    for (const message of page) {
-      const tokens = MESSAGE_OVERHEAD_TOKENS + message.tokens;
-      if (used + tokens > input.budget) break pages;
-      used += tokens;
-      history.push(message);
-    }
+  const pages: (readonly HistoryMessage[])[] = [];
+  for await (const page of input.history(input.budget - used)) {
+    used += page.tokens;
+    pages.push(page.messages);
   }
-  history.reverse();
-  return { fits: true, messages: [...system, ...history, question], promptTokens: used, historyIncluded: history.length };
+  // The messages themselves, not copies, oldest first: a long history's are kept between turns, and so
+  // is what an adapter derives from each (its wire form). Copied by `concat`, a copy of the arrays
+  // whole: a loop of pushes over thousands of messages took a twentieth of a millisecond, `flat` more.
+  const history = ([] as HistoryMessage[]).concat(...pages).reverse();
+  return { fits: true, messages: system.concat(history, question), promptTokens: used, historyIncluded: history.length };
 }

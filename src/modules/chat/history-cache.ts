@@ -14,6 +14,25 @@ export interface KnownHistory {
   messages: StoredHistoryMessage[];
   /** The oldest stored message is the last of `messages`: there is nothing older to read. */
   complete: boolean;
+  /**
+   * What `messages` take of a request in `encoding`, each message's framing included, when every one
+   * carries its stored count in it: the next turn then finds where its window ends by the oldest
+   * messages it drops, instead of counting the thousands it keeps.
+   */
+  tokens?: { encoding: string; total: number };
+}
+
+/** A history that holds, from `from` on, the first `kept` messages of `cached`, the same objects; the rest is new. */
+export interface Continuation {
+  cached: KnownHistory;
+  from: number;
+  kept: number;
+}
+
+/** A turn's newest page lined up with the cached history: what of the page is newer, then the cached history. */
+export interface ExtendedHistory {
+  newer: StoredHistoryMessage[];
+  cached: KnownHistory;
 }
 
 // What a cached message costs besides its text: the object and its id.
@@ -40,6 +59,12 @@ const BYTES = Symbol('bytes');
 type Counted = StoredHistoryMessage & { [BYTES]?: number };
 const messageBytes = (message: Counted) => (message[BYTES] ??= MESSAGE_BYTES + textBytes(message.content));
 
+function sumBytes(messages: StoredHistoryMessage[], from: number, to: number): number {
+  let bytes = 0;
+  for (let i = from; i < to; i++) bytes += messageBytes(messages[i]!);
+  return bytes;
+}
+
 /** What a service that deletes messages (a clear, a project's or an account's deletion) needs of the cache. */
 export type ForgetsHistory = Pick<HistoryCache, 'forget'>;
 
@@ -58,14 +83,16 @@ export type ForgetsHistory = Pick<HistoryCache, 'forget'>;
  */
 export class HistoryCache {
   private readonly entries = new Map<string, { history: KnownHistory; bytes: number }>();
+  /** The bytes of each history kept, for as long as anything holds it: what a history continuing it counts from. */
+  private readonly sizes = new WeakMap<KnownHistory, number>();
   private bytes = 0;
   /** How many times a history was forgotten: what a turn reads before its history, for `remember`. */
   private forgotten = 0;
 
   constructor(private readonly maxBytes: number) {}
 
-  /** The project's history: `newestPage` (read now, newest first) with what the cache holds past it, when the two line up. */
-  extend(projectId: string, newestPage: StoredHistoryMessage[]): KnownHistory | undefined {
+  /** The project's history: what of `newestPage` (read now, newest first) is newer than what the cache holds, when the two line up. */
+  extend(projectId: string, newestPage: StoredHistoryMessage[]): ExtendedHistory | undefined {
     const entry = this.entries.get(projectId);
     if (!entry) return undefined;
     const cached = entry.history.messages;
@@ -76,7 +103,7 @@ export class HistoryCache {
     // Used now: the newest in the map's order, the last to go.
     this.entries.delete(projectId);
     this.entries.set(projectId, entry);
-    return { messages: start === 0 ? cached : newestPage.slice(0, start).concat(cached), complete: entry.history.complete };
+    return { newer: newestPage.slice(0, start), cached: entry.history };
   }
 
   /** The cache's version, to be read before a turn reads its history, and given to `remember`. */
@@ -87,15 +114,17 @@ export class HistoryCache {
   /**
    * Keeps `history`, which a turn began to read at `version` `readAt`, unless a history was forgotten
    * since: the turn may have read the message that was forgotten for (in any project: forgetting is
-   * rare, and the next turn reads its history from the database).
+   * rare, and the next turn reads its history from the database). A history that `continues` one this
+   * cache gave (`extend`) is counted by what changed: counting each of the thousands of messages of a
+   * long conversation again took a fifth of a millisecond a turn.
    */
-  remember(projectId: string, history: KnownHistory, readAt: number): void {
+  remember(projectId: string, history: KnownHistory, readAt: number, continues?: Continuation): void {
     if (readAt !== this.forgotten) return;
     this.drop(projectId);
-    let bytes = 0;
-    for (const message of history.messages) bytes += messageBytes(message);
+    const bytes = this.bytesOf(history.messages, continues);
     if (bytes > this.maxBytes) return;
     this.entries.set(projectId, { history, bytes });
+    this.sizes.set(history, bytes);
     this.bytes += bytes;
     for (const [oldest, entry] of this.entries) {
       if (this.bytes <= this.maxBytes) break;
@@ -109,6 +138,14 @@ export class HistoryCache {
     this.forgotten++;
     // Its id as the database prints it (small letters), which the cache is keyed by, however a path spelled it.
     this.drop(projectId.toLowerCase());
+  }
+
+  private bytesOf(messages: StoredHistoryMessage[], continues?: Continuation): number {
+    const known = continues && this.sizes.get(continues.cached);
+    if (known === undefined) return sumBytes(messages, 0, messages.length);
+    const { cached, from, kept } = continues!;
+    const added = sumBytes(messages, 0, from) + sumBytes(messages, from + kept, messages.length);
+    return known + added - sumBytes(cached.messages, kept, cached.messages.length);
   }
 
   private drop(projectId: string): void {

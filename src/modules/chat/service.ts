@@ -24,8 +24,8 @@ import { chatFilesOf, type FilesService } from '../files/service.js';
 import { type MessageDto, type MessageRow, toMessageDto } from '../messages/schemas.js';
 import { oneRow, param } from '../projects/count-limit.js';
 import { projectIdParam } from '../projects/service.js';
-import { buildContext, type HistoryMessage } from './context.js';
-import { HistoryCache, type StoredHistoryMessage } from './history-cache.js';
+import { buildContext, type HistoryMessage, type HistoryPage } from './context.js';
+import { type Continuation, HistoryCache, type StoredHistoryMessage } from './history-cache.js';
 import { KeyTakenOver } from './idempotency.js';
 import type { ChatResult } from './schemas.js';
 
@@ -540,10 +540,12 @@ export class ChatService {
 
   /**
    * The project's history from the newest message backwards, a page at a time, as far as `room` tokens
-   * reach: first the page the turn's statement read with what the cache holds past it, then pages read
+   * reach: first the page the turn's statement read and what the cache holds past it, then pages read
    * as needed. Stored token counts are used when they are in the model's encoding; any other message is
    * counted here. Each page ends where the room does, and what fitted is cached for the project's next
-   * turn when it is more than the first page.
+   * turn when it is more than the first page, with what it takes when every message carried its count.
+   * A cached history with that total is not walked: only the oldest messages it drops are counted, so a
+   * turn in a long conversation costs what is new in it, not the thousands of messages its window holds.
    */
   private async *newestHistory(
     projectId: string,
@@ -551,37 +553,72 @@ export class ChatService {
     model: string,
     room: number,
     cacheVersion: number,
-  ): AsyncGenerator<HistoryMessage[]> {
+  ): AsyncGenerator<HistoryPage> {
     const encoding = encodingName(model);
     const full = (page: StoredHistoryMessage[], size: number) => page.length === HISTORY_PAGES[size];
     const known = full(firstPage, 0) ? this.historyCache.extend(projectId, firstPage) : undefined;
-    let page = known?.messages ?? firstPage;
-    // Whether messages older than the page may exist: a short page that the budget did not cut was the oldest.
-    let more = known ? !known.complete : full(firstPage, 0);
-    const fitted: StoredHistoryMessage[] = [];
-    try {
-      for (let size = 0; ; ) {
-        const fits: HistoryMessage[] = [];
-        for (const message of page) {
-          const counted = message.encoding === encoding && message.tokens !== null;
-          const tokens = counted ? message.tokens! : await this.textTokens(message.id, message.content, model, encoding);
-          room -= MESSAGE_OVERHEAD_TOKENS + tokens;
-          if (room < 0) break; // the room is spent: no older message goes in
-          fitted.push(message);
-          // The stored message itself when it carries its count: one object for as long as it is cached.
-          fits.push(counted ? (message as HistoryMessage) : { role: message.role, content: message.content, tokens });
+    // Whether messages older than those read may exist: a short page that the budget did not cut was the oldest.
+    let more = known ? !known.cached.complete : full(firstPage, 0);
+    // What fitted, newest first, and what it takes while every message of it carried its count in `encoding`.
+    let fitted: StoredHistoryMessage[] = [];
+    let fittedTokens: number | undefined = 0;
+    // Once a message does not fit, no older one goes in.
+    let spent = false;
+    // What of the cached history `fitted` ends with, when it was not walked.
+    let continues: Continuation | undefined;
+    const walk = async (page: StoredHistoryMessage[]): Promise<HistoryPage> => {
+      const fits: HistoryMessage[] = [];
+      const before = room;
+      for (const message of page) {
+        const counted = message.encoding === encoding && message.tokens !== null;
+        const tokens = MESSAGE_OVERHEAD_TOKENS + (counted ? message.tokens! : await this.textTokens(message.id, message.content, model, encoding));
+        if (tokens > room) {
+          spent = true;
+          break;
         }
-        yield fits;
-        if (!more || room < 0) return;
-        size = Math.min(size + 1, HISTORY_PAGES.length - 1);
+        room -= tokens;
+        fitted.push(message);
+        if (fittedTokens !== undefined) fittedTokens = counted ? fittedTokens + tokens : undefined;
+        // The stored message itself when it carries its count: one object for as long as it is cached.
+        fits.push(counted ? (message as HistoryMessage) : { role: message.role, content: message.content, tokens: tokens - MESSAGE_OVERHEAD_TOKENS });
+      }
+      return { messages: fits, tokens: before - room };
+    };
+    try {
+      let page = known?.newer ?? firstPage;
+      yield await walk(page);
+      const cached = known?.cached;
+      if (cached && !spent) {
+        page = cached.messages;
+        if (cached.tokens?.encoding === encoding) {
+          // Every cached message carries its count: the oldest are dropped until the rest fit.
+          let kept = page.length;
+          let tokens = cached.tokens.total;
+          while (tokens > room) tokens -= MESSAGE_OVERHEAD_TOKENS + page[--kept]!.tokens!;
+          const fits = kept === page.length ? page : page.slice(0, kept);
+          spent = kept < page.length;
+          room -= tokens;
+          continues = { cached, from: fitted.length, kept };
+          fitted = fitted.concat(fits);
+          if (fittedTokens !== undefined) fittedTokens += tokens;
+          yield { messages: fits as HistoryMessage[], tokens };
+        } else {
+          yield await walk(page);
+        }
+      }
+      for (let size = 1; more && !spent; size = Math.min(size + 1, HISTORY_PAGES.length - 1)) {
         const before = page[page.length - 1]!.id;
         const [row] = await this.historyPageStatement.execute({ projectId, before, limit: HISTORY_PAGES[size], room, encoding });
         page = row!.page;
         more = full(page, size);
+        yield await walk(page);
       }
     } finally {
       // Runs when the reader stops early, too: what fitted is where the next turn may start from.
-      if (fitted.length > HISTORY_PAGES[0]!) this.historyCache.remember(projectId, { messages: fitted, complete: room >= 0 && !more }, cacheVersion);
+      if (fitted.length > HISTORY_PAGES[0]!) {
+        const tokens = fittedTokens === undefined ? undefined : { encoding, total: fittedTokens };
+        this.historyCache.remember(projectId, { messages: fitted, complete: !spent && !more, tokens }, cacheVersion, continues);
+      }
     }
   }
 
