@@ -25,10 +25,13 @@ class Run {
 }
 
 /**
- * A run's spare room when it is moved to a larger buffer, beyond what it holds then: for the turns after,
- * each adding a few hundred bytes. A run made whole (a history read anew) has none: most are not added to.
+ * A run's room to spare when it is moved, beyond what it holds then, for the turns after it, each adding
+ * a few hundred bytes; and how much of it the messages left behind may take before it is moved again:
+ * a thirty-second each, so that a run keeps no more than a sixteenth beyond its messages' own bytes
+ * (what the history cache counts). A run made whole (a history read anew) has none to spare: most are
+ * not added to. A run of 6,000 messages is then moved about once in a hundred turns.
  */
-const SPARE = (bytes: number) => (bytes >> 3) + 4096;
+const SLACK = (bytes: number) => bytes >> 5;
 
 // The run a message was last placed in and its place there, on the message (a symbol: nothing that
 // serializes it sees it): looked at for the first message of a stretch, and for those added.
@@ -59,15 +62,15 @@ export function messagesWire(messages: readonly ChatMessage[]): Uint8Array[] {
     if (loose) parts.push(encoder.encode(loose));
     loose = '';
     const start = i;
-    const first = messages[i] as Placed;
-    const run = first[RUN];
-    const from = run ? first[PLACE]! : 0;
+    const run = runOf(messages[i]!);
+    const from = run ? (messages[i] as Placed)[PLACE]! : 0;
     // The run's messages for as long as they are these, in its order (a placed message is history).
     for (let place = from; run && i < last && run.messages[place] === messages[i]; place++) i++;
     // Past the run's end, or with no run, the messages that are in none are added to it.
     const matched = i;
-    if (!run || from + (matched - start) === run.messages.length) while (history(i) && (messages[i] as Placed)[RUN] === undefined) i++;
-    if (i === matched) {
+    if (!run || from + (matched - start) === run.messages.length) while (history(i) && (i === start || !runOf(messages[i]!))) i++;
+    // Moved, with what follows, once the messages it holds before these take more than its slack.
+    if (i === matched && run!.starts[from]! <= SLACK(run!.end - run!.starts[from]!)) {
       parts.push(run!.view(from, from + (i - start)));
       continue;
     }
@@ -82,18 +85,18 @@ export function messagesWire(messages: readonly ChatMessage[]): Uint8Array[] {
 
 /**
  * The run that holds `messages` `start` to `end` as its last: those up to `matched` are `run`'s, from
- * `from` to its end, and the rest are added after them, in `run` itself when it has the room, else in
- * a run of a larger buffer that holds the stretch alone (the messages before it are left behind: the
- * window has moved on past them).
+ * `from` to its end, and the rest are added after them: in `run` itself when it has the room and holds
+ * little before them, else in a run of a new buffer that holds the stretch alone (what is left behind
+ * is where the window has moved on from).
  */
 function grown(run: Run | undefined, from: number, messages: Placed[], start: number, matched: number, end: number): Run {
   const added = messages.slice(matched, end).map((message) => `,${wireJson(message)}`);
   const bytes = added.reduce((sum, json) => sum + Buffer.byteLength(json), 0);
   let holding = run;
-  if (!run || run.end + bytes > run.bytes.length) {
-    const kept = run ? run.view(from, run.messages.length) : undefined;
+  if (!run || run.starts[from]! > SLACK(run.end - run.starts[from]!) || run.end + bytes > run.bytes.length) {
+    const kept = run ? run.view(from, from + (matched - start)) : undefined;
     const size = (kept?.length ?? 0) + bytes;
-    holding = new Run(Buffer.allocUnsafeSlow(run ? size + SPARE(size) : size));
+    holding = new Run(Buffer.allocUnsafeSlow(run ? size + SLACK(size) : size));
     if (kept) {
       holding.bytes.set(kept);
       for (let i = start; i < matched; i++) place(holding, messages[i]!, run!.starts[from + i - start + 1]! - run!.starts[from]!);
@@ -102,6 +105,12 @@ function grown(run: Run | undefined, from: number, messages: Placed[], start: nu
   const target = holding!;
   for (let i = matched; i < end; i++) place(target, messages[i]!, target.end + target.bytes.write(added[i - matched]!, target.end));
   return target;
+}
+
+/** The run that holds `message`: a copy of a placed message carries its symbols, and is in none. */
+function runOf(message: ChatMessage): Run | undefined {
+  const run = (message as Placed)[RUN];
+  return run && run.messages[(message as Placed)[PLACE]!] === message ? run : undefined;
 }
 
 /** Adds `message` to the end of `run`'s, its bytes already written there up to `end`. */

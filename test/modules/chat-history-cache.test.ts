@@ -88,17 +88,29 @@ describe('HistoryCache bytes of a continued history', () => {
 });
 
 describe('HistoryCache memory', () => {
-  /** What the cache and the wire forms of its messages keep, 80 projects of 200 messages of `text(seed)`, under 32 MB. */
+  /**
+   * What the cache and the wire forms of its messages keep, under 32 MB: 80 projects of messages of
+   * `text(seed)`, each sending a window of 200 of them, then the same window moved on over 20 turns,
+   * then, shrunk to its newest 100 (a file taking the room), 3 turns more.
+   */
   function kept(text: (seed: number) => string): number {
     const maxBytes = 32 * 1024 * 1024;
     const cache = new HistoryCache(maxBytes);
+    // In a function of its own: what a project's turns leave behind (the messages the window left, which
+    // keep what they were sent from) is not held by this frame when what is kept is measured.
+    const turns = (project: number) => {
+      const stored = Array.from({ length: 246 }, (_, i) => message(project * 1_000 + i, text(project * 1_000 + i)));
+      const turn = (end: number, length: number) => {
+        const window = stored.slice(end - length, end);
+        // What a turn sends of it (providers/openai-compatible.ts sends these parts), between its prompt and question.
+        messagesWire([{ role: 'system', content: 'be brief' }, ...window, { role: 'user', content: text(project) }]);
+        cache.remember(`p${project}`, { messages: window.reverse(), complete: false }, cache.version);
+      };
+      for (let end = 200; end <= 240; end += 2) turn(end, 200);
+      for (let end = 242; end <= 246; end += 2) turn(end, 100);
+    };
     const before = reachableHeapBytes() + reachableBufferBytes();
-    for (let project = 0; project < 80; project++) {
-      const history = Array.from({ length: 200 }, (_, i) => message(project * 1_000 + i, text(project * 1_000 + i)));
-      cache.remember(`p${project}`, { messages: history, complete: true }, cache.version);
-      // What a turn sends of it (providers/openai-compatible.ts joins these parts into its body).
-      messagesWire(history);
-    }
+    for (let project = 0; project < 80; project++) turns(project);
     // A little over the bound for what the estimate cannot know (object headers, the map), not half again as much.
     return (reachableHeapBytes() + reachableBufferBytes() - before) / maxBytes;
   }

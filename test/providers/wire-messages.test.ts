@@ -65,6 +65,15 @@ describe('messagesWire', () => {
     );
   });
 
+  it('sends a copy of a message sent before as what it is, with the same messages around it', () => {
+    const [a, b, c] = [message(1), message(2), message(3)];
+    expect(sent([a, b, c, message(4)])).toEqual(expected([a, b, c, message(4)]));
+    // A copy carries what was kept with the message it copies, but is not that message.
+    const copies = [{ ...a }, { ...b, content: 'changed' }, c, message(5)];
+    expect(sent(copies)).toEqual(expected(copies));
+    expect(sent([a, b, c, message(6)])).toEqual(expected([a, b, c, message(6)]));
+  });
+
   it("sends a long history's next turn as a view of the bytes of the turns before, its two new messages added to them", () => {
     const history = Array.from({ length: 6_006 }, (_, i) => message(i));
     // Each turn: its prompt and question made for it, the two oldest messages left out for the budget,

@@ -22,7 +22,8 @@ export interface ContextInput<P extends { content: string } = { content: string 
   filesSection(budget: number): Promise<FilesSection | undefined>;
   /**
    * Stored history, newest first, a page at a time, read lazily so that only what fits is ever fetched;
-   * `room` is the budget the history may take, and the pages hold only what fits in it, together.
+   * `room` is the budget the history may take, and the pages hold only what fits in it, together. Read
+   * to their end.
    */
   history(room: number): AsyncIterable<HistoryPage>;
   /** The new message and the tokens of its content. */

@@ -584,41 +584,39 @@ export class ChatService {
       }
       return { messages: fits, tokens: before - room };
     };
-    try {
-      let page = known?.newer ?? firstPage;
-      yield await walk(page);
-      const cached = known?.cached;
-      if (cached && !spent) {
-        page = cached.messages;
-        if (cached.tokens?.encoding === encoding) {
-          // Every cached message carries its count: the oldest are dropped until the rest fit.
-          let kept = page.length;
-          let tokens = cached.tokens.total;
-          while (tokens > room) tokens -= MESSAGE_OVERHEAD_TOKENS + page[--kept]!.tokens!;
-          const fits = kept === page.length ? page : page.slice(0, kept);
-          spent = kept < page.length;
-          room -= tokens;
-          continues = { cached, from: fitted.length, kept };
-          fitted = fitted.concat(fits);
-          if (fittedTokens !== undefined) fittedTokens += tokens;
-          yield { messages: fits as HistoryMessage[], tokens };
-        } else {
-          yield await walk(page);
-        }
-      }
-      for (let size = 1; more && !spent; size = Math.min(size + 1, HISTORY_PAGES.length - 1)) {
-        const before = page[page.length - 1]!.id;
-        const [row] = await this.historyPageStatement.execute({ projectId, before, limit: HISTORY_PAGES[size], room, encoding });
-        page = row!.page;
-        more = full(page, size);
+    let page = known?.newer ?? firstPage;
+    yield await walk(page);
+    const cached = known?.cached;
+    if (cached && !spent) {
+      page = cached.messages;
+      if (cached.tokens?.encoding === encoding) {
+        // Every cached message carries its count: the oldest are dropped until the rest fit.
+        let kept = page.length;
+        let tokens = cached.tokens.total;
+        while (tokens > room) tokens -= MESSAGE_OVERHEAD_TOKENS + page[--kept]!.tokens!;
+        const fits = kept === page.length ? page : page.slice(0, kept);
+        spent = kept < page.length;
+        room -= tokens;
+        continues = { cached, from: fitted.length, kept };
+        fitted = fitted.concat(fits);
+        if (fittedTokens !== undefined) fittedTokens += tokens;
+        yield { messages: fits as HistoryMessage[], tokens };
+      } else {
         yield await walk(page);
       }
-    } finally {
-      // Runs when the reader stops early, too: what fitted is where the next turn may start from.
-      if (fitted.length > HISTORY_PAGES[0]!) {
-        const tokens = fittedTokens === undefined ? undefined : { encoding, total: fittedTokens };
-        this.historyCache.remember(projectId, { messages: fitted, complete: !spent && !more, tokens }, cacheVersion, continues);
-      }
+    }
+    for (let size = 1; more && !spent; size = Math.min(size + 1, HISTORY_PAGES.length - 1)) {
+      const before = page[page.length - 1]!.id;
+      const [row] = await this.historyPageStatement.execute({ projectId, before, limit: HISTORY_PAGES[size], room, encoding });
+      page = row!.page;
+      more = full(page, size);
+      yield await walk(page);
+    }
+    // Only once the pages are read and walked to their end (the reader takes them all): what a failure
+    // cut short would be cached as all there is.
+    if (fitted.length > HISTORY_PAGES[0]!) {
+      const tokens = fittedTokens === undefined ? undefined : { encoding, total: fittedTokens };
+      this.historyCache.remember(projectId, { messages: fitted, complete: !spent && !more, tokens }, cacheVersion, continues);
     }
   }
 
