@@ -7,12 +7,15 @@ import type { ChatMessage } from './types.js';
  * are only ever written past the last message: a view handed to a request still being sent never changes.
  */
 class Run {
-  /** The messages, in order: matched by identity, which needs no look inside each of thousands of them. */
-  readonly messages: ChatMessage[] = [];
-  /** Where each message's bytes begin, and past the last, where the next one goes. */
-  readonly starts: number[] = [0];
-
-  constructor(readonly bytes: Buffer) {}
+  constructor(
+    readonly bytes: Buffer,
+    /** The number in its chain of its first message. */
+    readonly first: number,
+    /** The messages, in order: matched by identity, which needs no look inside each of thousands of them. */
+    readonly messages: ChatMessage[] = [],
+    /** Where each message's bytes begin, and past the last, where the next one goes. */
+    readonly starts: number[] = [0],
+  ) {}
 
   get end(): number {
     return this.starts[this.starts.length - 1]!;
@@ -25,19 +28,29 @@ class Run {
 }
 
 /**
+ * A history's messages, numbered in their order, and the run that holds them now. A message keeps its
+ * chain and its number, which stay when the run is moved to a new buffer: a move changes this one
+ * object, not thousands of messages, and the run it leaves is kept only by the requests still sending
+ * a view of it.
+ */
+class Chain {
+  constructor(public run: Run) {}
+}
+
+/**
  * A run's room to spare when it is moved, beyond what it holds then, for the turns after it, each adding
  * a few hundred bytes; and how much of it the messages left behind may take before it is moved again:
- * a thirty-second each, so that a run keeps no more than a sixteenth beyond its messages' own bytes
- * (what the history cache counts). A run made whole (a history read anew) has none to spare: most are
- * not added to. A run of 6,000 messages is then moved about once in a hundred turns.
+ * a sixteenth each, so that a run keeps no more than an eighth beyond its messages' own bytes (what
+ * the history cache counts). A run made whole (a history read anew) has none to spare: most are not
+ * added to. A run of 6,000 messages is then moved about once in two hundred turns.
  */
-const SLACK = (bytes: number) => bytes >> 5;
+const SLACK = (bytes: number) => bytes >> 4;
 
-// The run a message was last placed in and its place there, on the message (a symbol: nothing that
-// serializes it sees it): looked at for the first message of a stretch, and for those added.
-const RUN = Symbol('wire run');
-const PLACE = Symbol('wire place');
-type Placed = ChatMessage & { [RUN]?: Run; [PLACE]?: number };
+// A message's chain and its number there, on the message (symbols: nothing that serializes it sees
+// them): looked at for the first message of a stretch, and for those added.
+const CHAIN = Symbol('wire chain');
+const NUMBER = Symbol('wire number');
+type Placed = ChatMessage & { [CHAIN]?: Chain; [NUMBER]?: number };
 
 const encoder = new TextEncoder();
 
@@ -62,19 +75,20 @@ export function messagesWire(messages: readonly ChatMessage[]): Uint8Array[] {
     if (loose) parts.push(encoder.encode(loose));
     loose = '';
     const start = i;
-    const run = runOf(messages[i]!);
-    const from = run ? (messages[i] as Placed)[PLACE]! : 0;
+    const first = messages[i] as Placed;
+    const from = placeOf(first);
+    const run = from === -1 ? undefined : first[CHAIN]!.run;
     // The run's messages for as long as they are these, in its order (a placed message is history).
     for (let place = from; run && i < last && run.messages[place] === messages[i]; place++) i++;
     // Past the run's end, or with no run, the messages that are in none are added to it.
     const matched = i;
-    if (!run || from + (matched - start) === run.messages.length) while (history(i) && (i === start || !runOf(messages[i]!))) i++;
+    if (!run || from + (matched - start) === run.messages.length) while (history(i) && (i === start || placeOf(messages[i]!) === -1)) i++;
     // Moved, with what follows, once the messages it holds before these take more than its slack.
     if (i === matched && run!.starts[from]! <= SLACK(run!.end - run!.starts[from]!)) {
       parts.push(run!.view(from, from + (i - start)));
       continue;
     }
-    const holding = grown(run, from, messages as Placed[], start, matched, i);
+    const holding = grown(run && first[CHAIN]!, from, messages as Placed[], start, matched, i);
     parts.push(holding.view(holding.messages.length - (i - start), holding.messages.length));
   }
   if (loose) parts.push(encoder.encode(loose));
@@ -84,41 +98,47 @@ export function messagesWire(messages: readonly ChatMessage[]): Uint8Array[] {
 }
 
 /**
- * The run that holds `messages` `start` to `end` as its last: those up to `matched` are `run`'s, from
- * `from` to its end, and the rest are added after them: in `run` itself when it has the room and holds
- * little before them, else in a run of a new buffer that holds the stretch alone (what is left behind
- * is where the window has moved on from).
+ * The run that holds `messages` `start` to `end` as its last: those up to `matched` are `chain`'s
+ * run's, from `from` to its end, and the rest are added after them: in that run when it has the room
+ * and holds little before them, else in a run of a new buffer that holds the stretch alone (what is left
+ * behind is where the window has moved on from). A stretch of no chain starts one.
  */
-function grown(run: Run | undefined, from: number, messages: Placed[], start: number, matched: number, end: number): Run {
+function grown(chain: Chain | undefined, from: number, messages: Placed[], start: number, matched: number, end: number): Run {
   const added = messages.slice(matched, end).map((message) => `,${wireJson(message)}`);
   const bytes = added.reduce((sum, json) => sum + Buffer.byteLength(json), 0);
+  const run = chain?.run;
   let holding = run;
   if (!run || run.starts[from]! > SLACK(run.end - run.starts[from]!) || run.end + bytes > run.bytes.length) {
-    const kept = run ? run.view(from, from + (matched - start)) : undefined;
+    const to = from + (matched - start);
+    const kept = run ? run.view(from, to) : undefined;
     const size = (kept?.length ?? 0) + bytes;
-    holding = new Run(Buffer.allocUnsafeSlow(run ? size + SLACK(size) : size));
-    if (kept) {
+    if (run && kept) {
+      const offset = run.starts[from]!;
+      holding = new Run(Buffer.allocUnsafeSlow(size + SLACK(size)), run.first + from, run.messages.slice(from, to), run.starts.slice(from, to + 1).map((at) => at - offset));
       holding.bytes.set(kept);
-      for (let i = start; i < matched; i++) place(holding, messages[i]!, run!.starts[from + i - start + 1]! - run!.starts[from]!);
+      chain!.run = holding;
+    } else {
+      holding = new Run(Buffer.allocUnsafeSlow(size), 0);
+      chain = new Chain(holding);
     }
   }
   const target = holding!;
-  for (let i = matched; i < end; i++) place(target, messages[i]!, target.end + target.bytes.write(added[i - matched]!, target.end));
+  for (let i = matched; i < end; i++) {
+    const message = messages[i]!;
+    message[CHAIN] = chain;
+    message[NUMBER] = target.first + target.messages.length;
+    target.messages.push(message);
+    target.starts.push(target.end + target.bytes.write(added[i - matched]!, target.end));
+  }
   return target;
 }
 
-/** The run that holds `message`: a copy of a placed message carries its symbols, and is in none. */
-function runOf(message: ChatMessage): Run | undefined {
-  const run = (message as Placed)[RUN];
-  return run && run.messages[(message as Placed)[PLACE]!] === message ? run : undefined;
-}
-
-/** Adds `message` to the end of `run`'s, its bytes already written there up to `end`. */
-function place(run: Run, message: Placed, end: number): void {
-  message[RUN] = run;
-  message[PLACE] = run.messages.length;
-  run.messages.push(message);
-  run.starts.push(end);
+/** Where `message` is in its chain's run, or -1: a copy of a placed message carries its symbols, and is in none. */
+function placeOf(message: ChatMessage): number {
+  const chain = (message as Placed)[CHAIN];
+  if (!chain) return -1;
+  const place = (message as Placed)[NUMBER]! - chain.run.first;
+  return chain.run.messages[place] === message ? place : -1;
 }
 
 /**
