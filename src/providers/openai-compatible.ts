@@ -474,7 +474,8 @@ const OWN_CHUNK_BYTES = 16 * 1024;
  * The request body, as chunks to write in order: its fields, then the messages last, as `messagesWire`
  * keeps them. Not one JSON.stringify: a long history's messages are the same objects turn after turn,
  * and their bytes a view of those made for the turns before, written as they are. Joining them into one
- * buffer cost a long history's turn a fifth of a millisecond, and a buffer of its size to collect.
+ * buffer cost a long history's turn (629 KB) about a tenth of a millisecond, and a buffer of its size to
+ * collect.
  */
 function chatBody(request: ChatRequest, stream: boolean, outputLimitField: OutputLimitField): Uint8Array[] {
   const fields = {

@@ -39,12 +39,12 @@ class Chain {
 
 /**
  * A run's room to spare when it is moved, beyond what it holds then, for the turns after it, each adding
- * a few hundred bytes; and how much of it the messages left behind may take before it is moved again:
- * a sixteenth each, so that a run keeps no more than an eighth beyond its messages' own bytes (what
- * the history cache counts). A run made whole (a history read anew) has none to spare: most are not
- * added to. A run of 6,000 messages is then moved about once in two hundred turns.
+ * a few hundred bytes; and how much of it the messages a window leaves out may take before it is moved
+ * again: a thirty-second each, so that a run keeps no more than a sixteenth beyond its messages' own
+ * bytes (what the history cache counts). A run made whole (a history read anew) has none to spare: most
+ * are not added to. A run of 6,000 messages is then moved about once in a hundred turns.
  */
-const SLACK = (bytes: number) => bytes >> 4;
+const SLACK = (bytes: number) => bytes >> 5;
 
 // A message's chain and its number there, on the message (symbols: nothing that serializes it sees
 // them): looked at for the first message of a stretch, and for those added.
@@ -65,7 +65,8 @@ export function messagesWire(messages: readonly ChatMessage[]): Uint8Array[] {
   const parts: Uint8Array[] = [];
   let loose = '';
   const last = messages.length - 1;
-  const history = (i: number) => i < last && messages[i]!.role !== 'system';
+  // A message that cannot be marked (frozen) is written afresh, as one made for its turn.
+  const history = (i: number) => i < last && messages[i]!.role !== 'system' && Object.isExtensible(messages[i]);
   for (let i = 0; i <= last; ) {
     if (!history(i)) {
       loose += `,${wireJson(messages[i]!)}`;
@@ -83,8 +84,8 @@ export function messagesWire(messages: readonly ChatMessage[]): Uint8Array[] {
     // Past the run's end, or with no run, the messages that are in none are added to it.
     const matched = i;
     if (!run || from + (matched - start) === run.messages.length) while (history(i) && (i === start || placeOf(messages[i]!) === -1)) i++;
-    // Moved, with what follows, once the messages it holds before these take more than its slack.
-    if (i === matched && run!.starts[from]! <= SLACK(run!.end - run!.starts[from]!)) {
+    // Moved, with what follows, once the messages it holds besides these take more than its slack.
+    if (i === matched && !crowded(run!, from, from + (i - start))) {
       parts.push(run!.view(from, from + (i - start)));
       continue;
     }
@@ -108,8 +109,8 @@ function grown(chain: Chain | undefined, from: number, messages: Placed[], start
   const bytes = added.reduce((sum, json) => sum + Buffer.byteLength(json), 0);
   const run = chain?.run;
   let holding = run;
-  if (!run || run.starts[from]! > SLACK(run.end - run.starts[from]!) || run.end + bytes > run.bytes.length) {
-    const to = from + (matched - start);
+  const to = from + (matched - start);
+  if (!run || crowded(run, from, to) || run.end + bytes > run.bytes.length) {
     const kept = run ? run.view(from, to) : undefined;
     const size = (kept?.length ?? 0) + bytes;
     if (run && kept) {
@@ -131,6 +132,12 @@ function grown(chain: Chain | undefined, from: number, messages: Placed[], start
     target.starts.push(target.end + target.bytes.write(added[i - matched]!, target.end));
   }
   return target;
+}
+
+/** Whether the bytes `run` holds besides its messages `from` to `to` (before them, and after) pass its slack. */
+function crowded(run: Run, from: number, to: number): boolean {
+  const own = run.starts[to]! - run.starts[from]!;
+  return run.end - own > SLACK(own);
 }
 
 /** Where `message` is in its chain's run, or -1: a copy of a placed message carries its symbols, and is in none. */

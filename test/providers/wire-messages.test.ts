@@ -74,6 +74,23 @@ describe('messagesWire', () => {
     expect(sent([a, b, c, message(6)])).toEqual(expected([a, b, c, message(6)]));
   });
 
+  it('keeps no more than a little of a long run for a window of a few of its messages', () => {
+    const history = Array.from({ length: 6_000 }, (_, i) => message(i));
+    messagesWire([...history, message(6_000)]);
+    // A window of its oldest hundred, then of a hundred from its middle: each sent from a buffer of its own size.
+    for (const window of [history.slice(0, 100), history.slice(3_000, 3_100)]) {
+      const parts = messagesWire([...window, message(7_000)]);
+      expect(sent([...window, message(7_000)])).toEqual(expected([...window, message(7_000)]));
+      expect(parts[0]!.buffer.byteLength).toBeLessThan(1.1 * parts[0]!.length);
+    }
+  });
+
+  it('sends frozen messages, which nothing can be kept with, as they are', () => {
+    const frozen = [Object.freeze(message(1)), Object.freeze(message(2)), message(3)];
+    expect(sent(frozen)).toEqual(expected(frozen));
+    expect(sent([...frozen, message(4)])).toEqual(expected([...frozen, message(4)]));
+  });
+
   it("sends a long history's next turn as a view of the bytes of the turns before, its two new messages added to them", () => {
     const history = Array.from({ length: 6_006 }, (_, i) => message(i));
     // Each turn: its prompt and question made for it, the two oldest messages left out for the budget,
