@@ -101,8 +101,8 @@ export function messagesWire(messages: readonly ChatMessage[]): Uint8Array[] {
 /**
  * The run that holds `messages` `start` to `end` as its last: those up to `matched` are `chain`'s
  * run's, from `from` to its end, and the rest are added after them: in that run when it has the room
- * and holds little before them, else in a run of a new buffer that holds the stretch alone (what is left
- * behind is where the window has moved on from). A stretch of no chain starts one.
+ * and holds little besides them, else in a run of a new buffer that holds the stretch alone (what is
+ * left behind is where the window has moved on from). A stretch of no chain starts one.
  */
 function grown(chain: Chain | undefined, from: number, messages: Placed[], start: number, matched: number, end: number): Run {
   const added = messages.slice(matched, end).map((message) => `,${wireJson(message)}`);
