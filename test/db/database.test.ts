@@ -110,6 +110,11 @@ describe('embedded PGlite on disk', () => {
     try {
       const [pid] = (await once(parent.stdout, 'data')) as [Buffer];
       const holder = Number(String(pid).trim());
+      // Killed only once sh is the sleep: sh itself collects a child that ends while it still runs, and
+      // then no zombie is left (it failed so, now and then, where sh was slow to exec).
+      const parentIs = () => readFileSync(`/proc/${parent.pid}/comm`, 'utf8').trim();
+      for (let wait = 0; wait < 100 && parentIs() !== 'sleep'; wait++) await sleep(10);
+      expect(parentIs()).toBe('sleep');
       process.kill(holder, 'SIGKILL');
       const state = () => readFileSync(`/proc/${holder}/stat`, 'utf8').split(') ')[1]![0];
       for (let wait = 0; wait < 100 && state() !== 'Z'; wait++) await sleep(10);
