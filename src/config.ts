@@ -235,6 +235,13 @@ export type Config = Environment & {
  */
 const MIN_SECRET_CHARACTERS = 10;
 
+/**
+ * Words of the placeholders that guides and templates ship (`your-super-secret-jwt-key-change-this-in-production`),
+ * which have all the different characters a random secret has, and are in the word lists that guess
+ * JWT secrets offline. A random secret holds one of them about once in a million.
+ */
+const PLACEHOLDER_WORDS = /change|secret|example|placeholder|replace|default|password|insecure|sample/i;
+
 /** Thrown when the environment cannot start the service; its message is the one line to show. */
 export class ConfigError extends StartupError {
   override name = 'ConfigError';
@@ -252,10 +259,13 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
       throw new ConfigError('Invalid configuration: JWT_SECRET is required when NODE_ENV=production (at least 32 characters)');
     }
     secret = loadOrCreateSecret(values.DATA_DIR);
-  } else if (values.NODE_ENV === 'production' && new Set(secret).size < MIN_SECRET_CHARACTERS) {
-    throw new ConfigError(
-      `Invalid configuration: JWT_SECRET must be random: at least ${MIN_SECRET_CHARACTERS} different characters (e.g. openssl rand -base64 48)`,
-    );
+  } else if (values.NODE_ENV === 'production') {
+    const placeholderWord = PLACEHOLDER_WORDS.exec(secret)?.[0];
+    const why =
+      new Set(secret).size < MIN_SECRET_CHARACTERS
+        ? `at least ${MIN_SECRET_CHARACTERS} different characters`
+        : placeholderWord && `not a placeholder (it contains "${placeholderWord}")`;
+    if (why) throw new ConfigError(`Invalid configuration: JWT_SECRET must be random: ${why} (e.g. openssl rand -base64 48)`);
   }
   return { ...values, JWT_SECRET: secret };
 }

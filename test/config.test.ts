@@ -196,10 +196,20 @@ describe('loadConfig', () => {
         /^Invalid configuration: JWT_SECRET must be random: at least 10 different characters/,
       );
     }
+    // Different characters enough, but a template's placeholder: in the word lists that guess JWT secrets.
+    for (const placeholder of ['your-super-secret-jwt-key-change-this-in-production', 'MyCompanyJwtKey-2024-PLEASE-CHANGE-ME']) {
+      expect(() => loadConfig({ NODE_ENV: 'production', DATA_DIR: dataDir(), JWT_SECRET: placeholder })).toThrow(
+        /^Invalid configuration: JWT_SECRET must be random: not a placeholder \(it contains "(secret|CHANGE)"\)/,
+      );
+    }
     const hex = '0123456789abcdef'.repeat(4);
     expect(loadConfig({ NODE_ENV: 'production', DATA_DIR: dataDir(), JWT_SECRET: hex }).JWT_SECRET).toBe(hex);
+    const generated = 'MUdCsXOE6AzCWL4nLcUJ/+zjG+U0gnoNhkThCRXNJtBZItHaT0i1OxeD5kTicIPJ'; // openssl rand -base64 48
+    expect(loadConfig({ NODE_ENV: 'production', DATA_DIR: dataDir(), JWT_SECRET: generated }).JWT_SECRET).toBe(generated);
     // Outside production a developer's placeholder still starts the service.
     expect(loadConfig({ NODE_ENV: 'development', DATA_DIR: dataDir(), JWT_SECRET: 'x'.repeat(32) }).JWT_SECRET).toBe('x'.repeat(32));
+    const template = 'your-super-secret-jwt-key-change-this-in-production';
+    expect(loadConfig({ NODE_ENV: 'development', DATA_DIR: dataDir(), JWT_SECRET: template }).JWT_SECRET).toBe(template);
   });
 
   it('generates a secret once outside production and keeps it under DATA_DIR, readable only by its owner', () => {

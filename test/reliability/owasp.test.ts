@@ -802,7 +802,7 @@ describe('API8:2023 Security Misconfiguration', () => {
 
   it('refuses to start in production without a random JWT secret of 32 characters, and makes up none there', () => {
     const dataDir = mkdtempSync(join(tmpdir(), 'owasp-config-'));
-    for (const JWT_SECRET of [undefined, '', '   ', 'x'.repeat(31), 'x'.repeat(64), 'secret'.repeat(6)]) {
+    for (const JWT_SECRET of [undefined, '', '   ', 'x'.repeat(31), 'x'.repeat(64), 'secret'.repeat(6), 'your-super-secret-jwt-key-change-this-in-production']) {
       const env = { NODE_ENV: 'production', DATA_DIR: dataDir, ...(JWT_SECRET === undefined ? {} : { JWT_SECRET }) };
       expect(() => loadConfig(env)).toThrow(ConfigError);
       expect(() => loadConfig(env)).toThrow(/^Invalid configuration: JWT_SECRET [^\n]+$/);
