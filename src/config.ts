@@ -238,7 +238,7 @@ const MIN_SECRET_CHARACTERS = 10;
 /**
  * Words of the placeholders that guides and templates ship (`your-super-secret-jwt-key-change-this-in-production`),
  * which have all the different characters a random secret has, and are in the word lists that guess
- * JWT secrets offline. A random secret holds one of them about once in a million.
+ * JWT secrets offline. A random secret holds one of them about once in ten million.
  */
 const PLACEHOLDER_WORDS = /change|secret|example|placeholder|replace|default|password|insecure|sample/i;
 
