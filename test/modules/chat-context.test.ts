@@ -33,3 +33,31 @@ describe('buildContext', () => {
     expect(result).toMatchObject({ fits: true, promptTokens: MESSAGE_OVERHEAD_TOKENS + 1 + 3 * (MESSAGE_OVERHEAD_TOKENS + 100) });
   });
 });
+
+describe('buildContext with history', () => {
+  it('puts the pages oldest first between the prompts and the question, each page only as far as its count', async () => {
+    const message = (content: string) => ({ role: 'user' as const, content, tokens: 1 });
+    const [m6, m5, m4, m3, m2, m1] = ['6', '5', '4', '3', '2', '1'].map(message);
+    async function* history() {
+      yield { messages: [m6!, m5!], count: 2, tokens: 2 * (MESSAGE_OVERHEAD_TOKENS + 1) };
+      // A cached window whose oldest two did not fit: they stay in the array, out of the page.
+      yield { messages: [m4!, m3!, m2!, m1!], count: 2, tokens: 2 * (MESSAGE_OVERHEAD_TOKENS + 1) };
+    }
+    const result = await buildContext({
+      prompts: [{ content: 'be brief' }],
+      filesSection: async () => undefined,
+      history,
+      newMessage: { content: 'hello', tokens: 1 },
+      budget: 1_000,
+      promptTokens: () => 2,
+    });
+    expect(result).toEqual({
+      fits: true,
+      messages: [{ role: 'system', content: 'be brief' }, m3, m4, m5, m6, { role: 'user', content: 'hello' }],
+      promptTokens: 6 * MESSAGE_OVERHEAD_TOKENS + 1 + 2 + 4,
+      historyIncluded: 4,
+    });
+    // The messages themselves, not copies: an adapter keeps what it derives from each.
+    if (result.fits) expect(result.messages[1]).toBe(m3);
+  });
+});

@@ -11,7 +11,9 @@ export interface HistoryMessage {
 
 /** Messages newest first, and the tokens they take in a request, each one's framing included. */
 export interface HistoryPage {
+  /** Newest first: the page is the first `count` of them, so that a cached window cut short is not copied to be cut. */
   messages: readonly HistoryMessage[];
+  count: number;
   tokens: number;
 }
 
@@ -64,14 +66,24 @@ export async function buildContext<P extends { content: string }>(input: Context
     if (files.fileIds.length) question.fileIds = files.fileIds;
   }
 
-  const pages: (readonly HistoryMessage[])[] = [];
+  const pages: HistoryPage[] = [];
+  let historyIncluded = 0;
   for await (const page of input.history(input.budget - used)) {
     used += page.tokens;
-    pages.push(page.messages);
+    historyIncluded += page.count;
+    pages.push(page);
   }
   // The messages themselves, not copies, oldest first: a long history's are kept between turns, and so
-  // is what an adapter derives from each (its wire form). Copied by `concat`, a copy of the arrays
-  // whole: a loop of pushes over thousands of messages took a twentieth of a millisecond, `flat` more.
-  const history = ([] as HistoryMessage[]).concat(...pages).reverse();
-  return { fits: true, messages: system.concat(history, question), promptTokens: used, historyIncluded: history.length };
+  // is what an adapter derives from each (its wire form). Written into one array of the request's
+  // length: the pages joined, reversed, then put between the prompts and the question made three of a
+  // window's length, the most a long conversation's turn allocated, and took four times as long.
+  const messages = new Array<ChatMessage>(system.length + historyIncluded + 1);
+  let at = 0;
+  for (const message of system) messages[at++] = message;
+  for (let p = pages.length - 1; p >= 0; p--) {
+    const page = pages[p]!;
+    for (let i = page.count - 1; i >= 0; i--) messages[at++] = page.messages[i]!;
+  }
+  messages[at] = question;
+  return { fits: true, messages, promptTokens: used, historyIncluded };
 }

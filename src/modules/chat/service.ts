@@ -582,7 +582,7 @@ export class ChatService {
         // The stored message itself when it carries its count: one object for as long as it is cached.
         fits.push(counted ? (message as HistoryMessage) : { role: message.role, content: message.content, tokens: tokens - MESSAGE_OVERHEAD_TOKENS });
       }
-      return { messages: fits, tokens: before - room };
+      return { messages: fits, count: fits.length, tokens: before - room };
     };
     let page = known?.newer ?? firstPage;
     yield await walk(page);
@@ -594,13 +594,12 @@ export class ChatService {
         let kept = page.length;
         let tokens = cached.tokens.total;
         while (tokens > room) tokens -= MESSAGE_OVERHEAD_TOKENS + page[--kept]!.tokens!;
-        const fits = kept === page.length ? page : page.slice(0, kept);
         spent = kept < page.length;
         room -= tokens;
         continues = { cached, from: fitted.length, kept };
-        fitted = fitted.concat(fits);
+        fitted = joined(fitted, page, kept);
         if (fittedTokens !== undefined) fittedTokens += tokens;
-        yield { messages: fits as HistoryMessage[], tokens };
+        yield { messages: page as HistoryMessage[], count: kept, tokens };
       } else {
         yield await walk(page);
       }
@@ -744,6 +743,17 @@ export class ChatService {
 type BudgetConfig = Pick<Config, 'AI_CONTEXT_TOKENS' | 'AI_MAX_OUTPUT_TOKENS'>;
 
 /** The tokens a request for `model` may take: its context window less what is kept for the reply. */
+/**
+ * `first` and then the first `count` of `rest`, in one array: a long conversation's window, which a
+ * `slice` and a `concat` made twice over.
+ */
+function joined<T>(first: readonly T[], rest: readonly T[], count: number): T[] {
+  const all = new Array<T>(first.length + count);
+  for (let i = 0; i < first.length; i++) all[i] = first[i]!;
+  for (let i = 0; i < count; i++) all[first.length + i] = rest[i]!;
+  return all;
+}
+
 function budgetOf(model: string, config: BudgetConfig): number {
   const window = config.AI_CONTEXT_TOKENS ?? contextWindow(model) ?? DEFAULT_CONTEXT_TOKENS;
   return window - config.AI_MAX_OUTPUT_TOKENS - REPLY_PRIMING_TOKENS;
