@@ -597,7 +597,10 @@ export class ChatService {
         spent = kept < page.length;
         room -= tokens;
         continues = { cached, from: fitted.length, kept };
-        fitted = joined(fitted, page, kept);
+        // The window copied once, what no longer fits cut off its end in place (a `slice` first was a
+        // second copy of the window's length; a loop of stores took five times a `concat`).
+        fitted = fitted.concat(page);
+        fitted.length -= page.length - kept;
         if (fittedTokens !== undefined) fittedTokens += tokens;
         yield { messages: page as HistoryMessage[], count: kept, tokens };
       } else {
@@ -743,17 +746,6 @@ export class ChatService {
 type BudgetConfig = Pick<Config, 'AI_CONTEXT_TOKENS' | 'AI_MAX_OUTPUT_TOKENS'>;
 
 /** The tokens a request for `model` may take: its context window less what is kept for the reply. */
-/**
- * `first` and then the first `count` of `rest`, in one array: a long conversation's window, which a
- * `slice` and a `concat` made twice over.
- */
-function joined<T>(first: readonly T[], rest: readonly T[], count: number): T[] {
-  const all = new Array<T>(first.length + count);
-  for (let i = 0; i < first.length; i++) all[i] = first[i]!;
-  for (let i = 0; i < count; i++) all[first.length + i] = rest[i]!;
-  return all;
-}
-
 function budgetOf(model: string, config: BudgetConfig): number {
   const window = config.AI_CONTEXT_TOKENS ?? contextWindow(model) ?? DEFAULT_CONTEXT_TOKENS;
   return window - config.AI_MAX_OUTPUT_TOKENS - REPLY_PRIMING_TOKENS;
