@@ -2,7 +2,8 @@ import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { cpSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { openDatabase, pgliteFolder } from '../src/db/database.js';
 import { adminQuery } from '../test/support/database.js';
 import {
@@ -33,6 +34,8 @@ const LOG_DIR = 'bench/logs';
 export interface BenchOptions {
   /** Runs the service with --cpu-prof, its profile written to this folder when it stops. */
   cpuProfileDir?: string;
+  /** Samples what the service allocates once it answers (bench/heap-sampler.mjs), written to this folder when it stops. */
+  heapProfileDir?: string;
 }
 
 export interface RunningServer {
@@ -186,8 +189,16 @@ async function start(options: BenchOptions, stack: Stack): Promise<Bench> {
     CHAT_CONCURRENCY_PER_USER: '1000000',
     ...(databaseUrl ? { DATABASE_URL: databaseUrl } : {}),
   };
-  if (options.cpuProfileDir) mkdirSync(options.cpuProfileDir, { recursive: true });
-  const nodeArgs = options.cpuProfileDir ? ['--cpu-prof', `--cpu-prof-dir=${options.cpuProfileDir}`] : [];
+  const nodeArgs: string[] = [];
+  if (options.cpuProfileDir) {
+    mkdirSync(options.cpuProfileDir, { recursive: true });
+    nodeArgs.push('--cpu-prof', `--cpu-prof-dir=${options.cpuProfileDir}`);
+  }
+  if (options.heapProfileDir) {
+    mkdirSync(options.heapProfileDir, { recursive: true });
+    nodeArgs.push('--import', pathToFileURL(resolve('bench/heap-sampler.mjs')).href);
+    serviceEnv.BENCH_HEAP_PROFILE_DIR = resolve(options.heapProfileDir);
+  }
   // The build, run as production runs it (`node dist/server.js`), not the sources through tsx as `npm
   // start` does: tsx's compiler names every function it emits (esbuild's keepNames), which costs each
   // closure made per request or stream a property of its own (2 KB of heap a stream; 3% of figure 2's
@@ -204,6 +215,8 @@ async function start(options: BenchOptions, stack: Stack): Promise<Bench> {
     const server = await spawnServer({ ...serviceEnv, DATA_DIR: dataDir }, { ...launch, nodeArgs, stdoutFile: logTo(name) });
     await watch(server, name);
     const signedIn = await signIn(server.url, seeded, stack);
+    // Its start-up left out of what is sampled.
+    if (options.heapProfileDir) server.child.kill('SIGUSR2');
     return { url: server.url, pid: server.child.pid!, ...signedIn, stop: () => stop(server, name) };
   };
   let service = await startService();

@@ -1,9 +1,10 @@
 import { readFileSync } from 'node:fs';
 
 /**
- * Where a V8 CPU profile (node --cpu-prof) spent its busy time (idle left out): self time by package
- * and by function.
+ * Where a V8 CPU profile (node --cpu-prof) spent its busy time (idle left out), or where a sampling heap
+ * profile's bytes were allocated: by package and by function.
  *   node --import tsx bench/profile-summary.ts bench/profiles/<file>.cpuprofile
+ *   node --import tsx bench/profile-summary.ts bench/profiles/<file>.heapprofile
  */
 
 interface ProfileNode {
@@ -27,33 +28,67 @@ export function summarizeProfile(profile: CpuProfile, top = 25): string {
     selfMs.set(id, (selfMs.get(id) ?? 0) + delta / 1000);
   });
   const total = [...selfMs.values()].reduce((sum, ms) => sum + ms, 0);
-  let idle = 0;
-  const functions = new Map<string, number>();
-  const packages = new Map<string, number>();
+  const busy = new Self();
   for (const [id, ms] of selfMs) {
-    const { functionName, url, lineNumber } = byId.get(id)!.callFrame;
-    if (functionName === '(idle)') {
-      idle += ms;
-      continue;
-    }
-    const name = `${functionName || '(anonymous)'} ${shortUrl(url)}${url ? `:${lineNumber + 1}` : ''}`;
-    functions.set(name, (functions.get(name) ?? 0) + ms);
-    packages.set(packageOf(functionName, url), (packages.get(packageOf(functionName, url)) ?? 0) + ms);
+    const { callFrame } = byId.get(id)!;
+    if (callFrame.functionName !== '(idle)') busy.add(callFrame, ms);
   }
-  const table = (entries: Map<string, number>, limit: number) =>
-    [...entries]
-      .sort((a, b) => b[1] - a[1])
-      .slice(0, limit)
-      .map(([name, ms]) => `${((100 * ms) / (total - idle)).toFixed(1).padStart(5)}%  ${ms.toFixed(0).padStart(7)} ms  ${name}`);
   return [
-    `${(total / 1000).toFixed(1)} s sampled, ${((total - idle) / 1000).toFixed(1)} s of it busy; shares below are of the busy time`,
-    '',
-    'self time by package:',
-    ...table(packages, 15),
-    '',
-    'self time by function:',
-    ...table(functions, top),
+    `${(total / 1000).toFixed(1)} s sampled, ${(busy.total / 1000).toFixed(1)} s of it busy; shares below are of the busy time`,
+    ...busy.tables(top, 'time', (ms) => `${ms.toFixed(0).padStart(7)} ms`),
   ].join('\n');
+}
+
+/** A sampling heap profile (`npm run bench -- --heap-prof`, see bench/heap-sampler.mjs). */
+export interface HeapProfile {
+  head: HeapNode;
+}
+
+interface HeapNode {
+  callFrame: CallFrame;
+  /** Bytes sampled as allocated here (collected since or not). */
+  selfSize: number;
+  children: HeapNode[];
+}
+
+/** Where a sampling heap profile's bytes were allocated: by package and by function. */
+export function summarizeHeapProfile(profile: HeapProfile, top = 25): string {
+  const allocated = new Self();
+  const visit = (node: HeapNode) => {
+    if (node.selfSize) allocated.add(node.callFrame, node.selfSize);
+    node.children.forEach(visit);
+  };
+  visit(profile.head);
+  return [
+    `${(allocated.total / 1e6).toFixed(1)} MB allocated (sampled); shares below are of it`,
+    ...allocated.tables(top, 'bytes', (bytes) => `${(bytes / 1e3).toFixed(0).padStart(7)} KB`),
+  ].join('\n');
+}
+
+type CallFrame = ProfileNode['callFrame'];
+
+/** What was spent where (time, bytes), by package and by function. */
+class Self {
+  readonly functions = new Map<string, number>();
+  readonly packages = new Map<string, number>();
+  total = 0;
+
+  add({ functionName, url, lineNumber }: CallFrame, amount: number): void {
+    const name = `${functionName || '(anonymous)'} ${shortUrl(url)}${url ? `:${lineNumber + 1}` : ''}`;
+    const dependency = packageOf(functionName, url);
+    this.functions.set(name, (this.functions.get(name) ?? 0) + amount);
+    this.packages.set(dependency, (this.packages.get(dependency) ?? 0) + amount);
+    this.total += amount;
+  }
+
+  tables(top: number, measure: string, format: (amount: number) => string): string[] {
+    const table = (entries: Map<string, number>, limit: number) =>
+      [...entries]
+        .sort((a, b) => b[1] - a[1])
+        .slice(0, limit)
+        .map(([name, amount]) => `${((100 * amount) / this.total).toFixed(1).padStart(5)}%  ${format(amount)}  ${name}`);
+    return ['', `self ${measure} by package:`, ...table(this.packages, 15), '', `self ${measure} by function:`, ...table(this.functions, top)];
+  }
 }
 
 /** `node_modules/<package>`, `src/<folder>` (`dist/<folder>`, the build's), `node:<internal>`, or V8's own entries ((idle), (garbage collector)). */
@@ -67,11 +102,18 @@ function packageOf(functionName: string, url: string): string {
 }
 
 function shortUrl(url: string): string {
-  return url.replace(/^file:\/\/.*?\/(node_modules|src|dist|bench)\//, '$1/');
+  // A CPU profile names a file by its URL; a heap profile names a CommonJS one by its path.
+  return url.replace(/^(?:file:\/\/)?.*?\/(node_modules|src|dist|bench)\//, '$1/');
 }
 
 if (import.meta.url === `file://${process.argv[1]}`) {
   const file = process.argv[2];
-  if (!file) throw new Error('usage: profile-summary.ts <file.cpuprofile>');
-  process.stdout.write(`${summarizeProfile(JSON.parse(readFileSync(file, 'utf8')) as CpuProfile)}\n`);
+  if (!file) throw new Error('usage: profile-summary.ts <file.cpuprofile | file.heapprofile>');
+  process.stdout.write(`${summarizeFile(file)}\n`);
+}
+
+/** A CPU profile's summary, or a heap profile's (by the file's name). */
+export function summarizeFile(file: string): string {
+  const profile: unknown = JSON.parse(readFileSync(file, 'utf8'));
+  return file.endsWith('.heapprofile') ? summarizeHeapProfile(profile as HeapProfile) : summarizeProfile(profile as CpuProfile);
 }

@@ -1,4 +1,4 @@
-import { readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { readdirSync, statSync, writeFileSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import pg from 'pg';
@@ -14,7 +14,7 @@ import { openStreams } from './figures/open-streams.js';
 import { peer } from './figures/peer.js';
 import { streaming } from './figures/streaming.js';
 import { type ColdCalls, measureColdCalls } from './cold-probe.js';
-import { type CpuProfile, summarizeProfile } from './profile-summary.js';
+import { summarizeFile } from './profile-summary.js';
 import { cpuShares, machineCpu } from './proc.js';
 import { type Background, currentRevision, describeMachine, writeReport } from './report.js';
 
@@ -22,6 +22,7 @@ import { type Background, currentRevision, describeMachine, writeReport } from '
  * `npm run bench`: every figure of the performance issue against its baseline, in one run.
  *   npm run bench -- --only=1,3        some figures
  *   npm run bench -- --cpu-prof        the service profiled (bench/profiles/*.cpuprofile)
+ *   npm run bench -- --heap-prof       what the service allocates, sampled (bench/profiles/*.heapprofile)
  * DATABASE_URL names a PostgreSQL server where a throwaway database is made; without it, embedded PGlite.
  */
 const FIGURES: Figure[] = [
@@ -42,9 +43,10 @@ const unknown = only?.filter((number) => !FIGURES.some((figure) => figure.number
 if (unknown?.length) throw new Error(`--only: no figure ${unknown.join(', ')}; there are ${FIGURES.map((figure) => figure.number).join(', ')}`);
 const selected = FIGURES.filter((figure) => !only || only.includes(figure.number));
 const cpuProfileDir = args.includes('--cpu-prof') ? 'bench/profiles' : undefined;
+const heapProfileDir = args.includes('--heap-prof') ? 'bench/profiles' : undefined;
 
 const startedAt = new Date().toISOString();
-const bench = await startBench({ cpuProfileDir });
+const bench = await startBench({ cpuProfileDir, heapProfileDir });
 // Interrupted: still stop every process started and drop the bench database.
 process.once('SIGINT', () => void bench.close().finally(() => process.exit(130)));
 const rows: Row[] = [];
@@ -89,7 +91,7 @@ writeReport(
   'bench/results.md',
 );
 log('wrote bench/results.json and bench/results.md');
-if (cpuProfileDir) summarizeProfiles(cpuProfileDir, Date.parse(startedAt));
+for (const dir of new Set([cpuProfileDir, heapProfileDir])) if (dir) summarizeProfiles(dir, Date.parse(startedAt));
 
 async function runFigure(figure: Figure, bench: Bench): Promise<Row[]> {
   try {
@@ -117,10 +119,10 @@ async function postgresVersion(): Promise<string | undefined> {
 
 /** Each profile the service wrote in this run, summarized beside it (<file>.txt). */
 function summarizeProfiles(dir: string, since: number): void {
-  for (const file of readdirSync(dir).filter((name) => name.endsWith('.cpuprofile'))) {
+  for (const file of readdirSync(dir).filter((name) => name.endsWith('.cpuprofile') || name.endsWith('.heapprofile'))) {
     const path = join(dir, file);
     if (statSync(path).mtimeMs < since) continue;
-    const summary = summarizeProfile(JSON.parse(readFileSync(path, 'utf8')) as CpuProfile);
+    const summary = summarizeFile(path);
     writeFileSync(`${path}.txt`, `${summary}\n`);
     log(`service profile: ${path} (summary: ${path}.txt)\n${summary.split('\n').slice(0, 20).join('\n')}`);
   }
