@@ -13,13 +13,13 @@ interface ProfileNode {
   children?: number[];
 }
 
-export interface CpuProfile {
+interface CpuProfile {
   nodes: ProfileNode[];
   samples: number[];
   timeDeltas: number[];
 }
 
-export function summarizeProfile(profile: CpuProfile, top = 25): string {
+function summarizeProfile(profile: CpuProfile, top = 25): string {
   const byId = new Map(profile.nodes.map((node) => [node.id, node]));
   const selfMs = new Map<number, number>();
   // timeDeltas[i] is the time before sample i: it belongs to the sample before it.
@@ -40,7 +40,7 @@ export function summarizeProfile(profile: CpuProfile, top = 25): string {
 }
 
 /** A sampling heap profile (`npm run bench -- --heap-prof`, see bench/heap-sampler.mjs). */
-export interface HeapProfile {
+interface HeapProfile {
   head: HeapNode;
 }
 
@@ -52,7 +52,7 @@ interface HeapNode {
 }
 
 /** Where a sampling heap profile's bytes were allocated: by package and by function. */
-export function summarizeHeapProfile(profile: HeapProfile, top = 25): string {
+function summarizeHeapProfile(profile: HeapProfile, top = 25): string {
   const allocated = new Self();
   const visit = (node: HeapNode) => {
     if (node.selfSize) allocated.add(node.callFrame, node.selfSize);

@@ -42,8 +42,9 @@ const only = args.find((arg) => arg.startsWith('--only='))?.slice('--only='.leng
 const unknown = only?.filter((number) => !FIGURES.some((figure) => figure.number === number));
 if (unknown?.length) throw new Error(`--only: no figure ${unknown.join(', ')}; there are ${FIGURES.map((figure) => figure.number).join(', ')}`);
 const selected = FIGURES.filter((figure) => !only || only.includes(figure.number));
-const cpuProfileDir = args.includes('--cpu-prof') ? 'bench/profiles' : undefined;
-const heapProfileDir = args.includes('--heap-prof') ? 'bench/profiles' : undefined;
+const PROFILE_DIR = 'bench/profiles';
+const cpuProfileDir = args.includes('--cpu-prof') ? PROFILE_DIR : undefined;
+const heapProfileDir = args.includes('--heap-prof') ? PROFILE_DIR : undefined;
 
 const startedAt = new Date().toISOString();
 const bench = await startBench({ cpuProfileDir, heapProfileDir });
@@ -91,7 +92,7 @@ writeReport(
   'bench/results.md',
 );
 log('wrote bench/results.json and bench/results.md');
-for (const dir of new Set([cpuProfileDir, heapProfileDir])) if (dir) summarizeProfiles(dir, Date.parse(startedAt));
+if (cpuProfileDir || heapProfileDir) summarizeProfiles(PROFILE_DIR, Date.parse(startedAt));
 
 async function runFigure(figure: Figure, bench: Bench): Promise<Row[]> {
   try {
