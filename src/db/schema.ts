@@ -145,6 +145,12 @@ export const idempotencyKeys = pgTable(
       .notNull()
       .references(() => users.id, { onDelete: 'cascade' }),
     key: text('key').notNull(),
+    /**
+     * The project the key's turn chatted with, set when the key is claimed (the project checked first), so
+     * that the result kept for replay (the question and the answer, whole) goes with the project and with
+     * its cleared history (`clear_project_messages`). Null for keys of the code before it (0014).
+     */
+    projectId: uuid('project_id').references(() => projects.id, { onDelete: 'cascade' }),
     requestHash: text('request_hash').notNull(),
     state: text('state', { enum: ['running', 'done'] }).notNull(),
     response: jsonb('response'),
@@ -161,7 +167,11 @@ export const idempotencyKeys = pgTable(
      */
     claimId: uuid('claim_id'),
   },
-  (t) => [primaryKey({ columns: [t.userId, t.key] }), index('idempotency_keys_created_at_idx').on(t.createdAt)],
+  (t) => [
+    primaryKey({ columns: [t.userId, t.key] }),
+    index('idempotency_keys_created_at_idx').on(t.createdAt),
+    index('idempotency_keys_project_id_idx').on(t.projectId),
+  ],
 );
 
 export const schema = { users, projects, prompts, messages, files, providerFileDeletions, deletedProjects, idempotencyKeys };

@@ -5,13 +5,14 @@ import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSyn
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { sql } from 'drizzle-orm';
+import { eq, sql } from 'drizzle-orm';
 import pg from 'pg';
 import { describe, expect, it } from 'vitest';
 import { type Database, MIGRATION_LOCK_ID, MigrationError, MIGRATIONS_WAIT, MIGRATIONS_WAIT_FOR_ANOTHER, migrationsFolder, openPglite } from '../../src/db/database.js';
 import { uuidv7 } from '../../src/db/ids.js';
 import { DatabaseLockedError, lockPglite } from '../../src/db/pglite-lock.js';
-import { providerFileDeletions, users } from '../../src/db/schema.js';
+import { idempotencyKeys, projects, providerFileDeletions, users } from '../../src/db/schema.js';
+import { insertMessages } from '../support/app.js';
 import { adminQuery, createTestDatabase } from '../support/database.js';
 
 describe('embedded PGlite on disk', () => {
@@ -304,6 +305,38 @@ describe('migrations', () => {
       expect(await db.select().from(providerFileDeletions)).toEqual([]);
       const applied = (await db.execute(sql`select count(*)::int as n from drizzle.__drizzle_migrations`)) as unknown as { rows: { n: number }[] };
       expect(applied.rows[0]!.n).toBe(readdirSync(migrationsFolder).filter((name) => name.endsWith('.sql')).length);
+    } finally {
+      await drop();
+    }
+  });
+});
+
+describe('0014: the idempotency keys of a project', () => {
+  it('deletes the kept result of a question already gone and gives the others the project of theirs', async () => {
+    const { database, drop } = await createTestDatabase();
+    try {
+      const { db } = database;
+      const userId = uuidv7();
+      await db.insert(users).values({ id: userId, email: `${userId}@example.com`, passwordHash: 'x', name: 'A' });
+      const [project] = await db.insert(projects).values({ id: uuidv7(), userId, name: 'P' }).returning();
+      const [question] = await insertMessages(db, project!.id, 1);
+      // As the code before 0014 kept them: no project; a result names its question.
+      const result = (questionId: string) => ({ userMessage: { id: questionId, content: 'private' } });
+      await db.insert(idempotencyKeys).values([
+        { userId, key: 'kept', requestHash: 'h', state: 'done', response: result(question!.id) },
+        { userId, key: 'cleared', requestHash: 'h', state: 'done', response: result(uuidv7()) },
+        { userId, key: 'running', requestHash: 'h', state: 'running' },
+      ]);
+      await db.execute(sql`delete from drizzle.__drizzle_migrations where id = (select max(id) from drizzle.__drizzle_migrations)`);
+      await database.migrate();
+      const left = await db.select({ key: idempotencyKeys.key, projectId: idempotencyKeys.projectId }).from(idempotencyKeys).orderBy(idempotencyKeys.key);
+      expect(left).toEqual([
+        { key: 'kept', projectId: project!.id },
+        { key: 'running', projectId: null },
+      ]);
+      // And from then on deleted with the project.
+      await db.delete(projects).where(eq(projects.id, project!.id));
+      expect(await db.select({ key: idempotencyKeys.key }).from(idempotencyKeys)).toEqual([{ key: 'running' }]);
     } finally {
       await drop();
     }

@@ -954,9 +954,10 @@ describe('idempotency', () => {
     const key = `key-${uuidv7()}`;
     const keyRow = and(eq(idempotencyKeys.userId, user.id), eq(idempotencyKeys.key, key));
     const aliveAt = async () => (await t.testDb.database.db.select().from(idempotencyKeys).where(keyRow))[0]!.aliveAt.getTime();
-    const first = await store.claim(user.id, key, 'hash');
+    const projectId = await newProject();
+    const first = await store.claim(user.id, projectId, key, 'hash');
     await sleep(500);
-    const second = await store.claim(user.id, key, 'hash');
+    const second = await store.claim(user.id, projectId, key, 'hash');
     expect(second.kind).toBe('claimed');
     const takenOverAt = await aliveAt();
     if (first.kind !== 'claimed') throw new Error('the first claim replayed');
@@ -1120,6 +1121,35 @@ describe('idempotency', () => {
     expect(theirs.json().assistantMessage.content).toBe('Echo: theirs');
     expectProblem(await chat(projectId, { message: 'x' }, { 'idempotency-key': 'k'.repeat(256) }), 400, 'VALIDATION_ERROR');
   });
+
+  // A key's kept result holds the question and the answer whole: what a clear or a deletion removes.
+  it('keeps no result of a key past its history cleared or its project deleted: a retry after a clear is a new turn', async () => {
+    const keyed = (key: string) => t.testDb.database.db.select().from(idempotencyKeys).where(and(eq(idempotencyKeys.userId, user.id), eq(idempotencyKeys.key, key)));
+    const projectId = await newProject();
+    const other = await newProject();
+    const key = `key-${uuidv7()}`;
+    const otherKey = `key-${uuidv7()}`;
+    const first = await chat(projectId, { message: 'private, then cleared' }, { 'idempotency-key': key });
+    expect(first.statusCode).toBe(200);
+    expect((await chat(other, { message: 'another project' }, { 'idempotency-key': otherKey })).statusCode).toBe(200);
+    expect(await keyed(key)).toEqual([expect.objectContaining({ projectId, state: 'done' })]);
+
+    const clear = await t.app.inject({ method: 'DELETE', url: `/api/v1/projects/${projectId}/messages`, headers: user.auth });
+    expect(clear.statusCode).toBe(204);
+    expect(await keyed(key)).toEqual([]);
+    // Another project's key is its own.
+    expect(await keyed(otherKey)).toEqual([expect.objectContaining({ projectId: other, state: 'done' })]);
+
+    const retry = await chat(projectId, { message: 'private, then cleared' }, { 'idempotency-key': key });
+    expect(retry.statusCode).toBe(200);
+    expect(retry.json().userMessage.id).not.toBe(first.json().userMessage.id);
+    expect(fake.requests).toHaveLength(3);
+    expect((await stored(projectId)).map((row) => row.id)).toEqual([retry.json().userMessage.id, retry.json().assistantMessage.id]);
+
+    expect((await t.app.inject({ method: 'DELETE', url: `/api/v1/projects/${projectId}`, headers: user.auth })).statusCode).toBe(204);
+    expect(await keyed(key)).toEqual([]);
+    expect(await keyed(otherKey)).toHaveLength(1);
+  });
 });
 
 describe('idempotency keys past their replay window', () => {
@@ -1151,8 +1181,9 @@ describe('idempotency keys past their replay window', () => {
       'running-alive': { state: 'running', created: '25 hours', alive: '1 second' },
     });
     const store = new IdempotencyStore(t.testDb.database.db, 2 * t.config.AI_TIMEOUT_MS);
-    expect((await store.claim(user.id, `done-old-${tag}`, 'hash')).kind).toBe('claimed');
-    await expect(store.claim(user.id, `running-alive-${tag}`, 'hash')).rejects.toMatchObject({ status: 409, code: 'IDEMPOTENCY_CONFLICT' });
+    const projectId = await newProject();
+    expect((await store.claim(user.id, projectId, `done-old-${tag}`, 'hash')).kind).toBe('claimed');
+    await expect(store.claim(user.id, projectId, `running-alive-${tag}`, 'hash')).rejects.toMatchObject({ status: 409, code: 'IDEMPOTENCY_CONFLICT' });
   });
 
   it('are deleted in batches, but for a key whose request still runs', async () => {

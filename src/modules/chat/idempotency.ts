@@ -62,14 +62,19 @@ export class IdempotencyStore<T> {
     return sql`${idempotencyKeys.state} = 'running' and greatest(${idempotencyKeys.createdAt}, ${idempotencyKeys.aliveAt}) < ${silentSince}`;
   }
 
-  async claim(userId: string, key: string, hash: string): Promise<IdempotencyClaim<T>> {
+  /**
+   * Claims the key for a turn of the project `projectId`, checked as the user's first: the result kept
+   * for replay goes with the project (deleted with it, and with its cleared history). A project deleted
+   * since is a foreign key's violation, answered 404 as every write under a deleted parent is.
+   */
+  async claim(userId: string, projectId: string, key: string, hash: string): Promise<IdempotencyClaim<T>> {
     const claimId = randomUUID();
     const claimed = await this.db
       .insert(idempotencyKeys)
-      .values({ userId, key, requestHash: hash, state: 'running', claimId })
+      .values({ userId, projectId, key, requestHash: hash, state: 'running', claimId })
       .onConflictDoUpdate({
         target: [idempotencyKeys.userId, idempotencyKeys.key],
-        set: { requestHash: hash, state: 'running', response: null, createdAt: sql`now()`, aliveAt: sql`now()`, claimId },
+        set: { projectId, requestHash: hash, state: 'running', response: null, createdAt: sql`now()`, aliveAt: sql`now()`, claimId },
         // A key past its replay window once its request is done; a running one only once it is stale,
         // however old: a stream may run past the window as long as its deltas reach its client.
         setWhere: or(and(this.expired, eq(idempotencyKeys.state, 'done')), this.stale),
@@ -82,7 +87,7 @@ export class IdempotencyStore<T> {
       .from(idempotencyKeys)
       .where(and(eq(idempotencyKeys.userId, userId), eq(idempotencyKeys.key, key)));
     // Released between the two statements: the caller may simply try again.
-    if (!existing) return this.claim(userId, key, hash);
+    if (!existing) return this.claim(userId, projectId, key, hash);
     if (existing.requestHash !== hash) {
       throw new ApiError(422, 'IDEMPOTENCY_MISMATCH', 'This Idempotency-Key was used with a different request');
     }

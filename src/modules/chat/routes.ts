@@ -105,7 +105,7 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
           stream ? streamTurn(chat, openStream, turn, request, reply, interrupt, keyed) : chat.complete(turn, interrupt, keyed?.keep);
         if (!key) return answer();
 
-        const claim = await idempotency.claim(userId, key, hash());
+        const claim = await idempotency.claim(userId, turn.projectId, key, hash());
         if (claim.kind === 'replay') return stream ? replayAsStream(openStream, claim.response, request, reply) : claim.response;
         // A stream may run past any fixed bound, each delta pushing its deadline back: as long as its deltas
         // reach its client, its key is not taken over. A JSON turn ends within its deadline, half the time
