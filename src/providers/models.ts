@@ -22,6 +22,17 @@ export const REPLY_PRIMING_TOKENS = 3;
 const MAX_RUN = 128;
 
 /**
+ * A text's count is at most its UTF-8 bytes and a token for each this many of its code points, what a
+ * turn's read checks a question's prompts by before it stores the question (`turnStatementOn`): a token
+ * is at least a byte, and a piece is counted a token more (see `Piece`) only as a slice of a run longer
+ * than MAX_RUN code points, slices of MAX_RUN UTF-16 units (64 code points of four bytes: under 3
+ * slices for every 128 code points of such a run), or as a stretch of PACED_TEXT units or more cut
+ * where the encodings do not cut. Counted a token a byte alone, a run of such characters passed the
+ * check and was then refused by its count, its question stored.
+ */
+export const CODE_POINTS_PER_ADDED_TOKEN = 32;
+
+/**
  * A piece of a text as it is counted, and the tokens added to its count: 1 for a piece cut where the
  * encodings do not cut (a long run's slice; a stretch that offered no place to cut), as the tokens of
  * the two sides of such a cut may be one fewer than the whole's. So the count is never under the exact

@@ -9,6 +9,7 @@ import { idempotencyKeys, messages, users } from '../../src/db/schema.js';
 import { IdempotencyStore, requestHash } from '../../src/modules/chat/idempotency.js';
 import { flushStatementOn } from '../../src/modules/chat/service.js';
 import { countTokens, encodingName, MESSAGE_OVERHEAD_TOKENS, REPLY_PRIMING_TOKENS } from '../../src/providers/models.js';
+import { defaultModelOf } from '../../src/providers/registry.js';
 import { createProject, createPrompt, expectProblem, insertMessages, registerUser, type RegisteredUser, revokeTokens, startTestApp, type TestApp, testConfig } from '../support/app.js';
 import { refusingWrites } from '../support/database.js';
 import { FakeUpstream, UPSTREAM_ERROR_TEXT, type UpstreamReply } from '../support/fake-upstream.js';
@@ -335,6 +336,37 @@ describe('context budget', () => {
     // Past the budget by its tokens too: refused, and nothing more stored.
     expectProblem(await send(projectId, 'word '.repeat(190)), 400, 'CONTEXT_TOO_LONG');
     expect(await storedThere(projectId)).toHaveLength(4);
+  });
+});
+
+describe('a question the read stores is never refused after', () => {
+  // A budget of 526 tokens (629, less 100 for the reply and 3 that prime it). U+2A6D6 is four bytes and
+  // four tokens, and a run of more than 128 of them is counted in slices, a token more each: 129 of them
+  // are 516 bytes and 519 tokens. Counted a token a byte, such a question (or prompt) passed the read's
+  // check, was stored, and was then refused with 400 by its count: stored as complete, named by nothing,
+  // and sent upstream with the next turn's history.
+  let budgeted: TestApp;
+  let owner: RegisteredUser;
+  beforeAll(async () => {
+    budgeted = await startTestApp({ AI_BASE_URL: fake.url, AI_CONTEXT_TOKENS: '629', AI_MAX_OUTPUT_TOKENS: '100' });
+    owner = await registerUser(budgeted.app);
+  });
+  afterAll(() => budgeted.close());
+  const run = String.fromCodePoint(0x2a6d6).repeat(129);
+
+  it.each([
+    ['the question', 'x', run],
+    ['a prompt', run, 'x'],
+  ])('stores nothing when %s is a run of characters of a token a byte, counted in slices past the budget', async (_, prompt, question) => {
+    expect([Buffer.byteLength(run), countTokens(run, defaultModelOf(budgeted.config))]).toEqual([516, 519]);
+    const projectId = (await createProject(budgeted.app, owner)).id;
+    await createPrompt(budgeted.app, owner, projectId, { title: 'p', content: prompt });
+    const send = () => budgeted.app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: owner.auth, payload: { message: question } });
+    const refused = await send();
+    expectProblem(refused, 400, 'CONTEXT_TOO_LONG');
+    expect(refused.json().userMessageId).toBeUndefined();
+    expect(await budgeted.testDb.database.db.select().from(messages).where(eq(messages.projectId, projectId))).toEqual([]);
+    expect(fake.requests).toHaveLength(0);
   });
 });
 

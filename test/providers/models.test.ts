@@ -2,7 +2,7 @@ import { countTokens as cl100kCount } from 'gpt-tokenizer/encoding/cl100k_base';
 import { countTokens as o200kCount } from 'gpt-tokenizer/encoding/o200k_base';
 import { encodeChat } from 'gpt-tokenizer/model/gpt-4o';
 import { describe, expect, it } from 'vitest';
-import { contextWindow, countTokens, countTokensPaced, MESSAGE_OVERHEAD_TOKENS, PACED_TEXT, REPLY_PRIMING_TOKENS } from '../../src/providers/models.js';
+import { CODE_POINTS_PER_ADDED_TOKEN, contextWindow, countTokens, countTokensPaced, MESSAGE_OVERHEAD_TOKENS, PACED_TEXT, REPLY_PRIMING_TOKENS } from '../../src/providers/models.js';
 
 // Counts differently in the two encodings, so a test can tell which one was used.
 const MIXED = 'Привет, мир! Comment ça va? 你好，世界。 function add(a, b) { return a + b; }';
@@ -70,6 +70,24 @@ describe('countTokens', () => {
         expect(counted - exact, `${model}: ${JSON.stringify(text.slice(0, 12))}… (${text.length}): ${counted} for ${exact}`).toBeLessThanOrEqual(4 * Math.ceil(text.length / 128));
       }
     }
+  });
+
+  it('counts a text at most its UTF-8 bytes and a token for each CODE_POINTS_PER_ADDED_TOKEN code points', () => {
+    // Characters each byte of which is a token (no merge takes them), in runs counted in slices, the
+    // slices of four-byte ones 64 code points long: a run of them was counted more than its bytes.
+    const byteTokens = [String.fromCodePoint(0x2a6d6), String.fromCodePoint(0x30000), String.fromCodePoint(0xf0000)];
+    const texts: string[] = [];
+    for (const char of [...byteTokens, '😀', '中', 'é', 'x', ' ', '\n']) {
+      for (const length of [1, 64, 65, 127, 128, 129, 130, 192, 193, 1_024, 3_000]) texts.push(char.repeat(length), `${char.repeat(length)} a`);
+    }
+    // Stretches with nowhere to cut (each forced cut a token more) between runs of them.
+    texts.push(`${'a\n'.repeat(3_000)}${byteTokens[0]!.repeat(200)}`, `${byteTokens[1]!.repeat(129)} ${byteTokens[2]!.repeat(129)}`);
+    for (const text of texts) {
+      const bound = Buffer.byteLength(text) + Math.floor([...text].length / CODE_POINTS_PER_ADDED_TOKEN);
+      for (const model of ['gpt-4o', 'gpt-4']) expect(countTokens(text, model), `${model}: ${JSON.stringify(text.slice(0, 6))}… (${text.length})`).toBeLessThanOrEqual(bound);
+    }
+    // What a token a byte alone would have let through.
+    expect(countTokens(byteTokens[0]!.repeat(129), 'gpt-4o')).toBeGreaterThan(Buffer.byteLength(byteTokens[0]!.repeat(129)));
   });
 
   it('counts a run of ten million characters, which an unbounded pattern overflowed the stack on', () => {

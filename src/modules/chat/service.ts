@@ -5,7 +5,7 @@ import type { Database, Db } from '../../db/database.js';
 import { messages, projects, prompts, users } from '../../db/schema.js';
 import { assertTokenCurrent, type AuthUser } from '../../http/auth.js';
 import { ApiError, Conflict, FailureNaming, NotFound } from '../../http/errors.js';
-import { contextWindow, countTokens, countTokensPaced, encodingName, MESSAGE_OVERHEAD_TOKENS, PACED_TEXT, REPLY_PRIMING_TOKENS } from '../../providers/models.js';
+import { CODE_POINTS_PER_ADDED_TOKEN, contextWindow, countTokens, countTokensPaced, encodingName, MESSAGE_OVERHEAD_TOKENS, PACED_TEXT, REPLY_PRIMING_TOKENS } from '../../providers/models.js';
 import { CallDeadline } from '../../providers/abort.js';
 import { TokenCounts } from '../../providers/token-counts.js';
 import type { ProviderRegistry } from '../../providers/registry.js';
@@ -80,10 +80,10 @@ function historyPage(
 function turnStatementOn(db: Db) {
   // The question, stored by the turn's read itself when nothing can refuse the turn then: the caller's
   // token is current, the project is theirs and chats with the server's default provider (configured)
-  // and model, and its prompts and the question fit that model's budget even counted a token a byte
-  // (no token is shorter: `promptsRoom` is what the question's bytes leave), and the question is short
-  // enough to be counted before the read (see `prepare`). Any other turn is checked first and its
-  // question stored after (`storeQuestion`): a refused turn stores nothing.
+  // and model, and the question is short enough to be counted before the read (see `prepare`), and its
+  // prompts fit what the question's count leaves of that model's budget (`promptsRoom`) counted at most
+  // (CODE_POINTS_PER_ADDED_TOKEN). Any other turn is checked first and its question stored after
+  // (`storeQuestion`): a refused turn stores nothing.
   const question = db.$with('question', { createdAt: sql`created_at` }).as(
     sql`insert into ${messages} (id, project_id, role, content, status, tokens, token_encoding, created_at)
       select ${sql.placeholder('questionId')}::uuid, ${projects.id}, 'user', ${sql.placeholder('text')}::text, 'complete',
@@ -92,7 +92,8 @@ function turnStatementOn(db: Db) {
       where ${users.id} = ${sql.placeholder('userId')} and ${users.tokenVersion} = ${sql.placeholder('tokenVersion')}::integer
         and ${projects.id} = ${sql.placeholder('projectId')} and ${projects.provider} is null and ${projects.model} is null
         and current_setting('server_encoding') in ('UTF8', 'SQL_ASCII')
-        and (select coalesce(sum(octet_length(${prompts.content}) + ${sql.raw(String(MESSAGE_OVERHEAD_TOKENS))}), 0)
+        and (select coalesce(sum(octet_length(${prompts.content}) + char_length(${prompts.content}) / ${sql.raw(String(CODE_POINTS_PER_ADDED_TOKEN))}
+            + ${sql.raw(String(MESSAGE_OVERHEAD_TOKENS))}), 0)
           from ${prompts} where ${prompts.projectId} = ${projects.id}) <= ${sql.placeholder('promptsRoom')}::integer
         -- And while the newest message of the history this statement reads is kept: the statement reads
         -- with the snapshot it began with, and a clear that committed while it waited for the history's
@@ -329,7 +330,7 @@ export class ChatService {
       text,
       tokens: defaultTokens ?? null,
       encoding: fast?.encoding ?? null,
-      promptsRoom: fast ? fast.budget - MESSAGE_OVERHEAD_TOKENS - Buffer.byteLength(text) : -1,
+      promptsRoom: fast ? fast.budget - MESSAGE_OVERHEAD_TOKENS - defaultTokens! : -1,
     });
     assertTokenCurrent(user, row);
     if (!row?.projectId) throw new NotFound('Project');
@@ -356,7 +357,7 @@ export class ChatService {
       // A file's bytes unreadable, a page of history the database failed to give: the question is stored.
       throw row.questionStoredAt ? await this.failedAfterStoring(questionId, durable, error) : error;
     });
-    // Never for a question stored by the read: what let it be stored is a stricter count of the same.
+    // Never for a question stored by the read: what let it be stored counted the same at least as high.
     if (!context.fits) {
       throw new ApiError(
         400,
