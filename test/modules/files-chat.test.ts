@@ -1,4 +1,4 @@
-import { mkdirSync, rmSync } from 'node:fs';
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
 import { buildFilesSection, type ContextFile, EntryCounts, MAX_BYTES_PER_TOKEN } from '../../src/modules/files/chat-section.js';
@@ -225,7 +225,7 @@ describe('chat with files', () => {
     ]);
   });
 
-  it('names the question it stored when a file cannot be read for the context, JSON and streamed alike', async () => {
+  it('names the question it stored when a file cannot be read for the context, marked failed, JSON and streamed alike', async () => {
     const projectId = (await createProject(t.app, user)).id;
     const file = await upload(projectId, { filename: 'notes.txt', type: 'text/plain', content: 'Some notes.' });
     // Its bytes unreadable (a folder where they were: EISDIR), as a failing disk would make them.
@@ -237,9 +237,14 @@ describe('chat with files', () => {
       const response = await t.app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: user.auth, payload: { message, stream } });
       const problem = expectProblem(response, 500, 'INTERNAL');
       const history = (await t.app.inject({ method: 'GET', url: `/api/v1/projects/${projectId}/messages`, headers: user.auth })).json().data;
-      expect(history.find((stored: { id: string }) => stored.id === problem.userMessageId)).toMatchObject({ role: 'user', content: message });
+      expect(history.find((stored: { id: string }) => stored.id === problem.userMessageId)).toMatchObject({ role: 'user', content: message, status: 'failed' });
     }
     expect(fake.requests.filter((request) => request.path === '/v1/chat/completions')).toHaveLength(0);
+    // The disk mended: the next turn sends neither unanswered question, no two questions in a row.
+    rmSync(bytes, { recursive: true });
+    writeFileSync(bytes, 'Some notes.');
+    expect((await chat(projectId, 'And now?')).statusCode).toBe(200);
+    expect(lastChatRequest().body.messages.filter((sent: { role: string }) => sent.role === 'user')).toEqual([{ role: 'user', content: 'And now?' }]);
   });
 
   it('sends a PDF by its provider file id as a file part of the new message, and names an image only', async () => {

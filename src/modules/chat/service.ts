@@ -191,6 +191,9 @@ interface TurnPrompt {
   content: string;
 }
 
+/** What names a turn's question, stored or to be. */
+type TurnOfQuestion = Pick<PreparedTurn, 'projectId'> & { question: { id: string } };
+
 /** Everything a turn needs, settled before anything is stored: a rejected turn leaves no trace. */
 export interface PreparedTurn {
   projectId: string;
@@ -354,8 +357,8 @@ export class ChatService {
       budget,
       promptTokens: (prompt) => this.promptTokens(prompt, model, encoding),
     }).catch(async (error: unknown) => {
-      // A file's bytes unreadable, a page of history the database failed to give: the question is stored.
-      throw row.questionStoredAt ? await this.failedAfterStoring(questionId, durable, error) : error;
+      // A file's bytes unreadable, a page of history the database failed to give, the question stored.
+      throw row.questionStoredAt ? await this.failedBeforeTheCall({ projectId: ownedId, question: { id: questionId } }, durable, error) : error;
     });
     // Never for a question stored by the read: what let it be stored counted the same at least as high.
     if (!context.fits) {
@@ -640,6 +643,21 @@ export class ChatService {
     await this.statementsOn(this.database.db).flush.execute({ questionId });
   }
 
+  /**
+   * A turn that failed before its provider call, its question stored by the read: it ends with no answer,
+   * so its question is marked failed, as a provider's failure marks it (a question asked again then goes
+   * upstream once). When the database cannot record that either, the question is kept as it is, named
+   * once it is durable (`failedAfterStoring`).
+   */
+  private async failedBeforeTheCall(turn: TurnOfQuestion, durable: Promise<unknown> | undefined, error: unknown): Promise<unknown> {
+    try {
+      await this.markFailed(turn);
+    } catch {
+      return this.failedAfterStoring(turn.question.id, durable, error);
+    }
+    return new FailureNaming(error, { userMessageId: turn.question.id });
+  }
+
   /** A failure names the stored question, marked failed first, which makes it durable: naming it acknowledges it. */
   private async failure(turn: PreparedTurn, question: MessageRow, error: ApiError): Promise<ApiError> {
     await this.markFailed(turn);
@@ -655,7 +673,7 @@ export class ChatService {
    * (Another instance's cache may keep such a question: that needs more than a page of messages stored
    * during the failed turn.)
    */
-  private async markFailed(turn: PreparedTurn): Promise<void> {
+  private async markFailed(turn: TurnOfQuestion): Promise<void> {
     await this.markFailedStatement.execute({ questionId: turn.question.id });
     this.historyCache.forget(turn.projectId);
   }
