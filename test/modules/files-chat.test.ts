@@ -244,7 +244,7 @@ describe('chat with files', () => {
     rmSync(bytes, { recursive: true });
     writeFileSync(bytes, 'Some notes.');
     expect((await chat(projectId, 'And now?')).statusCode).toBe(200);
-    expect(lastChatRequest().body.messages.filter((sent: { role: string }) => sent.role === 'user')).toEqual([{ role: 'user', content: 'And now?' }]);
+    expect((lastChatRequest().body.messages as { role: string }[]).filter((sent) => sent.role === 'user')).toEqual([{ role: 'user', content: 'And now?' }]);
   });
 
   it('sends a PDF by its provider file id as a file part of the new message, and names an image only', async () => {
