@@ -115,40 +115,56 @@ class BoundedClient extends pg.Client {
     this.unansweredMs = config.unansweredMs ?? Infinity;
   }
 
-  // pg's overloads: text or a config, then values, then a callback, or none and a promise of the result.
+  // pg's overloads: text or a config, then values, then a callback (or the config's), or none and a
+  // promise of the result.
   // eslint-disable-next-line @typescript-eslint/no-explicit-any
   override query(config: any, values?: any, callback?: any): any {
     if (typeof values === 'function') return this.query(config, undefined, values);
     // A query object of its own (a cursor's) answers as it was made to: none here is.
     if (typeof config?.submit === 'function') return super.query(config, values, callback);
-    if (typeof callback === 'function') return super.query(config, values, bounded(this, this.unansweredMs, callback));
-    return new Promise((resolve, reject) => super.query(config, values, bounded(this, this.unansweredMs, settle(resolve, reject))));
+    if (callback === undefined && typeof config?.callback === 'function') callback = config.callback;
+    if (typeof callback === 'function') return this.send(config, values, callback);
+    // As pg's own promise: a failure's stack leads back to the caller, not to the socket's read.
+    return new Promise((resolve, reject) => this.send(config, values, settle(resolve, reject))).catch(restack);
+  }
+
+  /** Sends the statement with its callback made apart from it, and bounds the wait for its answer once sent. */
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  private send(config: any, values: any, callback: QueryCallback): undefined {
+    const statement = bounded(this, callback);
+    // A statement pg refuses at once throws here, its timer never set.
+    super.query(config, values, statement.answer);
+    statement.bound(this.unansweredMs);
+    return undefined;
   }
 }
 
 type QueryCallback = (error: Error | undefined, result?: unknown) => void;
 
 /**
- * The statement's callback: `callback` once, with the statement's answer, or with QUERY_TIMEOUT_MESSAGE
- * after `ms` without one, `client` then closed (which fails what is queued on it). Made here, apart from
- * the statement: see `BoundedClient`.
+ * A statement's callback (`answer`): `callback` once, with the statement's answer, or with
+ * QUERY_TIMEOUT_MESSAGE once `bound`'s `ms` pass without one, `client` then closed (which fails what is
+ * queued on it). Made here, apart from the statement: see `BoundedClient`.
  */
-function bounded(client: pg.Client, ms: number, callback: QueryCallback): QueryCallback {
+function bounded(client: pg.Client, callback: QueryCallback): { answer: QueryCallback; bound(ms: number): void } {
   let answered = false;
-  const timer =
-    ms === Infinity
-      ? undefined
-      : setTimeout(() => {
-          answered = true;
-          callback(new Error(QUERY_TIMEOUT_MESSAGE));
-          // end() destroys the socket of a connection whose statement is still unanswered.
-          client.end().catch(() => {});
-        }, ms);
-  return (error, result) => {
-    clearTimeout(timer);
-    if (answered) return;
-    answered = true;
-    callback(error, result);
+  let timer: NodeJS.Timeout | undefined;
+  return {
+    answer(error, result) {
+      clearTimeout(timer);
+      if (answered) return;
+      answered = true;
+      callback(error, result);
+    },
+    bound(ms) {
+      if (answered || ms === Infinity) return;
+      timer = setTimeout(() => {
+        answered = true;
+        callback(new Error(QUERY_TIMEOUT_MESSAGE));
+        // end() destroys the socket of a connection whose statement is still unanswered.
+        client.end().catch(() => {});
+      }, ms);
+    },
   };
 }
 
@@ -156,6 +172,11 @@ const settle =
   (resolve: (result: unknown) => void, reject: (error: Error) => void): QueryCallback =>
   (error, result) =>
     error ? reject(error) : resolve(result);
+
+function restack(error: Error): never {
+  Error.captureStackTrace(error);
+  throw error;
+}
 
 /**
  * The start's first connection to PostgreSQL failed (refused, unanswered, an unknown database or user, a

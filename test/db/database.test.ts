@@ -8,7 +8,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { eq, sql } from 'drizzle-orm';
 import pg from 'pg';
 import { describe, expect, it } from 'vitest';
-import { type Database, MIGRATION_LOCK_ID, MigrationError, MIGRATIONS_WAIT, MIGRATIONS_WAIT_FOR_ANOTHER, migrationsFolder, openPglite } from '../../src/db/database.js';
+import { type Database, MIGRATION_LOCK_ID, MigrationError, MIGRATIONS_WAIT, MIGRATIONS_WAIT_FOR_ANOTHER, migrationsFolder, openPglite, openPostgres } from '../../src/db/database.js';
 import { uuidv7 } from '../../src/db/ids.js';
 import { DatabaseLockedError, lockPglite } from '../../src/db/pglite-lock.js';
 import { idempotencyKeys, projects, providerFileDeletions, users } from '../../src/db/schema.js';
@@ -321,7 +321,7 @@ describe('0014: the idempotency keys of a project', () => {
       const [project] = await db.insert(projects).values({ id: uuidv7(), userId, name: 'P' }).returning();
       const [question] = await insertMessages(db, project!.id, 1);
       // As the code before 0014 kept them: no project; a result names its question.
-      const result = (questionId: string) => ({ userMessage: { id: questionId, content: 'private' } });
+      const result = (questionId: string) => ({ userMessage: { id: questionId, projectId: project!.id, content: 'private' } });
       await db.insert(idempotencyKeys).values([
         { userId, key: 'kept', requestHash: 'h', state: 'done', response: result(question!.id) },
         { userId, key: 'cleared', requestHash: 'h', state: 'done', response: result(uuidv7()) },
@@ -334,6 +334,13 @@ describe('0014: the idempotency keys of a project', () => {
         { key: 'kept', projectId: project!.id },
         { key: 'running', projectId: null },
       ]);
+      // One that an instance of the code before 0014 finishes after it (a rolling deploy) has no project: the
+      // clear, and the project's deletion, find it by the project its result names.
+      const finishedByOldCode = (key: string) => db.insert(idempotencyKeys).values({ userId, key, requestHash: 'h', state: 'done', response: result(question!.id) });
+      await finishedByOldCode('cleared later');
+      await db.execute(sql`select clear_project_messages(${project!.id}, ${userId})`);
+      expect(await db.select({ key: idempotencyKeys.key }).from(idempotencyKeys)).toEqual([{ key: 'running' }]);
+      await finishedByOldCode('deleted later');
       // And from then on deleted with the project.
       await db.delete(projects).where(eq(projects.id, project!.id));
       expect(await db.select({ key: idempotencyKeys.key }).from(idempotencyKeys)).toEqual([{ key: 'running' }]);
@@ -463,6 +470,36 @@ describe('a held connection', () => {
       expect(((await next.db.execute(sql`select 1 as one`)) as unknown as { rows: { one: number }[] }).rows[0]!.one).toBe(1);
       next.release();
     } finally {
+      await drop();
+    }
+  });
+});
+
+describe.runIf(process.env.TEST_DATABASE_URL)("a PostgreSQL connection's statements (BoundedClient)", () => {
+  it("answers a callback given in the statement's config once, and sets no bound on a statement pg refuses at once", async () => {
+    const { url, drop } = await createTestDatabase();
+    // Bound at 100 ms + 1 s unanswered.
+    const database = openPostgres(url!, { max: 1, queryTimeoutMs: 100 });
+    const held = await database.hold();
+    const client = (held.db as unknown as { $client: pg.ClientBase }).$client;
+    try {
+      const answers: unknown[] = [];
+      const returned = client.query({ text: 'select 1 as one', callback: (error: Error | undefined, result: pg.QueryResult) => answers.push(error ?? result.rows) } as pg.QueryConfig);
+      expect(returned).toBeUndefined();
+      await expect.poll(() => answers).toEqual([[{ one: 1 }]]);
+      const refused: unknown[] = [];
+      expect(() => client.query(null as unknown as string, (error: Error | undefined) => refused.push(error))).toThrow(/null or undefined query/);
+      // Past the bound: no answer comes to the refused statement, and its connection was not closed.
+      await sleep(1_300);
+      expect(refused).toEqual([]);
+      expect((await client.query('select 2 as two')).rows).toEqual([{ two: 2 }]);
+      // A promise's failure leads back to its caller, as pg's own did.
+      const failed = await client.query('select 1 / 0').catch((error: Error) => error);
+      expect(failed).toMatchObject({ message: 'division by zero' });
+      expect((failed as Error).stack).toContain('database.test.ts');
+    } finally {
+      held.release();
+      await database.close();
       await drop();
     }
   });

@@ -4,7 +4,9 @@
 -- deleted project left that text stored, and a retry of the key was answered with it.
 -- The keys kept before this: a finished one whose question is gone (its history cleared, its project
 -- deleted) is deleted; the others take the project of their question. A running one holds no text
--- yet and is left as it is (its project unknown).
+-- yet and is left as it is, as is a key that an instance of the code before this claims during a
+-- rolling deploy: finished without a project, such a key goes by the project its result names (the
+-- clear below, and the trigger on a project's deletion).
 -- IF NOT EXISTS, OR REPLACE and the guarded constraint: runs again after a restore of a backup taken before it.
 ALTER TABLE "idempotency_keys" ADD COLUMN IF NOT EXISTS "project_id" uuid;--> statement-breakpoint
 DELETE FROM "idempotency_keys" AS k WHERE k."state" = 'done' AND k."project_id" IS NULL
@@ -26,6 +28,16 @@ BEGIN
   PERFORM "lock_project_messages"("project");
   DELETE FROM "messages" WHERE "project_id" = "project"
     AND EXISTS (SELECT 1 FROM "projects" WHERE "id" = "project" AND "user_id" = "owner");
-  DELETE FROM "idempotency_keys" WHERE "project_id" = "project" AND "user_id" = "owner" AND "state" = 'done';
+  DELETE FROM "idempotency_keys" WHERE "user_id" = "owner" AND "state" = 'done' AND ("project_id" = "project"
+    OR ("project_id" IS NULL AND "response"->'userMessage'->>'projectId' = "project"::text));
   RETURN true;
-END $$;
+END $$;--> statement-breakpoint
+CREATE OR REPLACE FUNCTION "forget_idempotency_keys_of_deleted_projects"() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  DELETE FROM "idempotency_keys" AS k USING "deleted_project_rows" AS p
+    WHERE k."user_id" = p."user_id" AND k."project_id" IS NULL AND k."state" = 'done'
+      AND k."response"->'userMessage'->>'projectId' = p."id"::text;
+  RETURN NULL;
+END $$;--> statement-breakpoint
+CREATE OR REPLACE TRIGGER "projects_forget_idempotency_keys" AFTER DELETE ON "projects"
+  REFERENCING OLD TABLE AS "deleted_project_rows" FOR EACH STATEMENT EXECUTE FUNCTION "forget_idempotency_keys_of_deleted_projects"();
