@@ -51,6 +51,9 @@ const chat = (projectId: string, payload: object, headers: Record<string, string
 const stored = (projectId: string, on: TestApp = t) =>
   on.testDb.database.db.select().from(messages).where(eq(messages.projectId, projectId)).orderBy(messages.createdAt, messages.id);
 
+const clearHistory = (projectId: string) => t.app.inject({ method: 'DELETE', url: `/api/v1/projects/${projectId}/messages`, headers: user.auth });
+const deleteProject = (projectId: string) => t.app.inject({ method: 'DELETE', url: `/api/v1/projects/${projectId}`, headers: user.auth });
+
 function streamChat(projectId: string, payload: object, signal?: AbortSignal, headers: Record<string, string> = {}, base = baseUrl) {
   return fetch(`${base}/api/v1/projects/${projectId}/chat`, {
     method: 'POST',
@@ -495,7 +498,7 @@ describe('the history cache', () => {
     await insertMessages(db, projectId, 300, { content: 'before clearing' });
     await turn(projectId, 'first');
     await turn(projectId, 'second');
-    const cleared = await t.app.inject({ method: 'DELETE', url: `/api/v1/projects/${projectId}/messages`, headers: user.auth });
+    const cleared = await clearHistory(projectId);
     expect(cleared.statusCode).toBe(204);
     await insertMessages(db, projectId, 300);
     await turn(projectId, 'third');
@@ -1166,7 +1169,7 @@ describe('idempotency', () => {
     expect((await chat(other, { message: 'another project' }, { 'idempotency-key': otherKey })).statusCode).toBe(200);
     expect(await keyed(key)).toEqual([expect.objectContaining({ projectId, state: 'done' })]);
 
-    const clear = await t.app.inject({ method: 'DELETE', url: `/api/v1/projects/${projectId}/messages`, headers: user.auth });
+    const clear = await clearHistory(projectId);
     expect(clear.statusCode).toBe(204);
     expect(await keyed(key)).toEqual([]);
     // Another project's key is its own.
@@ -1178,7 +1181,7 @@ describe('idempotency', () => {
     expect(fake.requests).toHaveLength(3);
     expect((await stored(projectId)).map((row) => row.id)).toEqual([retry.json().userMessage.id, retry.json().assistantMessage.id]);
 
-    expect((await t.app.inject({ method: 'DELETE', url: `/api/v1/projects/${projectId}`, headers: user.auth })).statusCode).toBe(204);
+    expect((await deleteProject(projectId)).statusCode).toBe(204);
     expect(await keyed(key)).toEqual([]);
     expect(await keyed(otherKey)).toHaveLength(1);
   });
@@ -1375,8 +1378,6 @@ describe('concurrency', () => {
 });
 
 describe('the history cleared or the project deleted during a turn', () => {
-  const clearHistory = (projectId: string) => t.app.inject({ method: 'DELETE', url: `/api/v1/projects/${projectId}/messages`, headers: user.auth });
-  const deleteProject = (projectId: string) => t.app.inject({ method: 'DELETE', url: `/api/v1/projects/${projectId}`, headers: user.auth });
   /** Until the fake upstream has the turn's request: the question is stored by then. */
   const called = async () => {
     while (fake.requests.length === 0) await sleep(5);
@@ -1624,7 +1625,7 @@ describe.skipIf(!process.env.TEST_DATABASE_URL)('a question stored late (Postgre
       // (deleting what it saw) answers first.
       const held = chat(projectId, { message: 'held' });
       await gate.held(held);
-      const cleared = t.app.inject({ method: 'DELETE', url: `/api/v1/projects/${projectId}/messages`, headers: user.auth });
+      const cleared = clearHistory(projectId);
       await gate.held(cleared);
       await gate.open();
       expect((await held).statusCode).toBe(200);
