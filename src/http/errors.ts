@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { STATUS_CODES } from 'node:http';
 import type { Socket } from 'node:net';
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { Aborter } from '../aborter.js';
 import { hasCode } from '../db/error-code.js';
 import { API_HEADERS, setResponseHeaders } from './security-headers.js';
 
@@ -125,7 +126,7 @@ export class ClientGone extends ApiError {
  * need not be done.
  */
 export function clientGoneSignal(reply: FastifyReply): AbortSignal {
-  const gone = new AbortController();
+  const gone = new Aborter();
   const { raw } = reply;
   // With an AbortError, as any caller giving up on a call: what the call then fails with is no error of its own.
   const leave = () => {

@@ -153,13 +153,13 @@ export function registerMetrics(app: FastifyInstance, database: Database, knownN
       reply.raw.once('finish', () => observe(request, reply, reply.statusCode));
     },
     recordProviderCall({ provider, model, operation, seconds, outcome, usage }) {
-      const labels = { provider, model: modelLabel(model) };
+      const label = modelLabel(model);
       const failed = outcome !== 'ok' && outcome !== 'aborted';
-      providerCalls.observe({ ...labels, operation, outcome: failed ? 'error' : outcome }, seconds);
-      if (failed) providerErrors.inc({ ...labels, code: outcome });
+      providerCalls.observe({ provider, model: label, operation, outcome: failed ? 'error' : outcome }, seconds);
+      if (failed) providerErrors.inc({ provider, model: label, code: outcome });
       if (usage) {
-        providerTokens.inc({ ...labels, type: 'prompt' }, usage.promptTokens);
-        providerTokens.inc({ ...labels, type: 'completion' }, usage.completionTokens);
+        providerTokens.inc({ provider, model: label, type: 'prompt' }, usage.promptTokens);
+        providerTokens.inc({ provider, model: label, type: 'completion' }, usage.completionTokens);
       }
     },
   };

@@ -1,3 +1,4 @@
+import { Aborter } from '../aborter.js';
 import type { CallBounds } from './types.js';
 
 /**
@@ -24,7 +25,7 @@ export function followAbort(target: AbortController, ...sources: AbortSignal[]):
  * signal of its own for each call (an open stream would hold both until its end).
  */
 export class CallDeadline {
-  private readonly controller = new AbortController();
+  private readonly controller = new Aborter();
   private readonly timer: NodeJS.Timeout;
   private readonly unfollow: () => void;
   /** Whether the deadline, and not a source, ended the call. */

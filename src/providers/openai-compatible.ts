@@ -4,6 +4,7 @@ import { StringDecoder } from 'node:string_decoder';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { type Dispatcher, FormData, Pool } from 'undici';
 import { ApiError } from '../http/errors.js';
+import { withFields } from '../with-fields.js';
 import { backoffMs, retryAfterMs } from './retry.js';
 import { type SseEvent, SseDecoder } from './sse-decoder.js';
 import { messagesWire } from './wire-messages.js';
@@ -214,7 +215,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
     let response: Dispatcher.ResponseData;
     try {
       const sent = Array.isArray(body)
-        ? { headers: { ...this.jsonHeaders, 'content-length': String(body.reduce((sum, chunk) => sum + chunk.length, 0)) }, body: new HandedOver(body) as unknown as Readable }
+        ? { headers: withFields(this.jsonHeaders, { 'content-length': String(body.reduce((sum, chunk) => sum + chunk.length, 0)) }), body: new HandedOver(body) as unknown as Readable }
         : { headers: this.headers, body };
       response = await this.pool.request({ method, path: this.basePath + path, ...sent, signal });
     } catch (error) {

@@ -1,3 +1,4 @@
+import { Aborter } from '../../aborter.js';
 import { RateLimited, ShuttingDown } from '../../http/errors.js';
 
 /**
@@ -20,7 +21,7 @@ const CHAT_SLOT_RETRY_AFTER_SECONDS = 5;
  * own memory and upstream connections, which another instance's turns do not take.
  */
 export class InFlightTurns {
-  private readonly running = new Map<Promise<unknown>, AbortController>();
+  private readonly running = new Map<Promise<unknown>, Aborter>();
   /** Turns running per user id; a user with none has no entry. */
   private readonly byUser = new Map<string, number>();
   private interrupted = false;
@@ -37,7 +38,7 @@ export class InFlightTurns {
     const held = this.byUser.get(userId) ?? 0;
     if (held >= this.perUser) return Promise.reject(new RateLimited(CHAT_SLOT_RETRY_AFTER_SECONDS, 'Too many chats at once'));
     this.byUser.set(userId, held + 1);
-    const controller = new AbortController();
+    const controller = new Aborter();
     if (this.interrupted) controller.abort(new ShuttingDown());
     const running = turn(controller.signal).finally(() => {
       this.running.delete(running);

@@ -2,6 +2,7 @@ import { and, eq, getTableColumns, type SQL, sql, type SQLWrapper } from 'drizzl
 import { uuidv7 } from '../../db/ids.js';
 import { type Config, ConfigError } from '../../config.js';
 import type { Database, Db } from '../../db/database.js';
+import { withFields } from '../../with-fields.js';
 import { messages, projects, prompts, users } from '../../db/schema.js';
 import { assertTokenCurrent, type AuthUser } from '../../http/auth.js';
 import { ApiError, Conflict, FailureNaming, NotFound } from '../../http/errors.js';
@@ -632,10 +633,10 @@ export class ChatService {
    * to and past it, which saves a turn one disk flush of the two.
    */
   private async storeQuestion(turn: PreparedTurn): Promise<MessageRow> {
-    if (turn.questionStoredAt) return { ...turn.question, createdAt: turn.questionStoredAt };
-    const [stored] = await this.insertQuestionStatement.execute({ ...turn.question, historyFrom: turn.historyFrom ?? null });
+    if (turn.questionStoredAt) return withFields(turn.question, { createdAt: turn.questionStoredAt });
+    const [stored] = await this.insertQuestionStatement.execute(withFields(turn.question, { historyFrom: turn.historyFrom ?? null }));
     if (!stored) throw await this.questionGone(turn, 'nothing of it was stored');
-    return { ...turn.question, createdAt: stored.createdAt };
+    return withFields(turn.question, { createdAt: stored.createdAt });
   }
 
   /** Flushes the log past the stored question's commit with a durable commit of its own. */
@@ -750,7 +751,7 @@ export class ChatService {
 
   /** The answer, unless its question is gone (see `answerStatementOn`): then nothing is stored. */
   private async store(db: Db, turn: PreparedTurn, message: NewMessage): Promise<MessageRow | undefined> {
-    const [row] = await this.statementsOn(db).insertAnswer.execute({ ...messageRow(turn.projectId, turn.model, message), questionId: turn.question.id });
+    const [row] = await this.statementsOn(db).insertAnswer.execute(withFields(messageRow(turn.projectId, turn.model, message), { questionId: turn.question.id }));
     return row;
   }
 

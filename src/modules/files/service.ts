@@ -5,6 +5,7 @@ import type { FastifyBaseLogger } from 'fastify';
 import { uuidv7 } from '../../db/ids.js';
 import type { Config } from '../../config.js';
 import type { Db } from '../../db/database.js';
+import { withFields } from '../../with-fields.js';
 import { deletedProjects, files, projects } from '../../db/schema.js';
 import { ApiError, isDatabaseUnavailable, NotFound, ValidationFailed } from '../../http/errors.js';
 import { isUuid } from '../../http/ids.js';
@@ -308,8 +309,8 @@ export class FilesService {
    */
   chatSection(rows: ChatFileRow[], { encoding, ...options }: Omit<FilesSectionOptions, 'counted'> & { encoding: string }): Promise<FilesSection | undefined> {
     return buildFilesSection(
-      rows.map((row) => ({ ...row, readText: () => this.readText(row) })),
-      { ...options, counted: { encoding, counts: this.entryCounts } },
+      rows.map((row) => withFields(row, { readText: () => this.readText(row) })),
+      withFields(options, { counted: { encoding, counts: this.entryCounts } }),
     );
   }
 
