@@ -5,7 +5,9 @@
  * signal's own: 6 µs and about a kilobyte of old generation for every signal (its maps, their
  * descriptors, the inline-cache handlers that meet them), which only a full collection takes back. This
  * signal is an EventTarget of an ordinary class (0.4 µs, nothing kept), and an AbortSignal to whatever
- * takes one: undici, `timers/promises` and Node's streams look at a signal's shape, not its class.
+ * takes one by its shape: undici, `timers/promises`, Node's streams and `events`. Not to
+ * `AbortSignal.any`, which passes an abort on only from Node's own signals: one combined from this
+ * signal would never abort.
  */
 export class Aborter implements AbortController {
   readonly signal = new PlainAbortSignal();
@@ -17,10 +19,23 @@ export class Aborter implements AbortController {
 
 const abort = Symbol('abort');
 
+type AbortHandler = ((this: AbortSignal, event: Event) => unknown) | null;
+
 class PlainAbortSignal extends EventTarget implements AbortSignal {
   #aborted = false;
   #reason: unknown = undefined;
-  onabort: ((this: AbortSignal, event: Event) => unknown) | null = null;
+  #onabort: AbortHandler = null;
+
+  /** An event handler, as the DOM's: called among the listeners in the order it was first set; null removes it. */
+  get onabort(): AbortHandler {
+    return this.#onabort;
+  }
+
+  set onabort(handler: AbortHandler) {
+    if (handler && !this.#onabort) this.addEventListener('abort', callOnabort);
+    else if (!handler && this.#onabort) this.removeEventListener('abort', callOnabort);
+    this.#onabort = handler;
+  }
 
   get aborted(): boolean {
     return this.#aborted;
@@ -34,13 +49,16 @@ class PlainAbortSignal extends EventTarget implements AbortSignal {
     if (this.#aborted) throw this.#reason;
   }
 
-  /** As an AbortSignal's: once only, with an AbortError when no reason is given, `onabort` called first. */
+  /** As an AbortSignal's: once only, with an AbortError when no reason is given. */
   [abort](reason: unknown = new DOMException('This operation was aborted', 'AbortError')): void {
     if (this.#aborted) return;
     this.#aborted = true;
     this.#reason = reason;
-    const event = new Event('abort');
-    this.onabort?.call(this, event);
-    this.dispatchEvent(event);
+    this.dispatchEvent(new Event('abort'));
   }
+}
+
+/** The listener of a signal's `onabort`: one for all signals, called with the signal as `this`, as EventTarget calls its listeners. */
+function callOnabort(this: PlainAbortSignal, event: Event): void {
+  this.onabort?.call(this, event);
 }

@@ -1,4 +1,5 @@
 import type { ServerResponse } from 'node:http';
+import { withFields } from '../../with-fields.js';
 
 /**
  * A server-sent events stream on a raw response: numbered events, comment heartbeats while idle, and
@@ -24,14 +25,16 @@ export class EventStream {
   }
 
   open(headers: Record<string, number | string | string[] | undefined>): void {
-    this.raw.writeHead(200, {
-      ...headers,
-      'content-type': 'text/event-stream; charset=utf-8',
-      'cache-control': 'no-cache, no-transform',
-      connection: 'keep-alive',
-      // Reverse proxies (nginx) must pass events through as they come.
-      'x-accel-buffering': 'no',
-    });
+    this.raw.writeHead(
+      200,
+      withFields(headers, {
+        'content-type': 'text/event-stream; charset=utf-8',
+        'cache-control': 'no-cache, no-transform',
+        connection: 'keep-alive',
+        // Reverse proxies (nginx) must pass events through as they come.
+        'x-accel-buffering': 'no',
+      }),
+    );
     // Not flushed on their own: they leave with the first event. Node's http holds what is written
     // until the next tick and sends it in one write, so the headers, `user_message` and a first delta
     // already there (the writes of one run of promise continuations) are one system call, not three.
