@@ -2,6 +2,7 @@ import { eq, sql } from 'drizzle-orm';
 import { createSigner, createVerifier } from 'fast-jwt';
 import type { FastifyError, FastifyInstance, FastifyRequest } from 'fastify';
 import type { Db } from '../db/database.js';
+import { direct } from '../db/direct.js';
 import { users } from '../db/schema.js';
 import { toProblem, Unauthorized } from './errors.js';
 import { isUuid } from './ids.js';
@@ -139,11 +140,7 @@ export function bearerToken(request: FastifyRequest): string {
  */
 export function registerAuthentication(app: FastifyInstance, db: Db, tokens: Tokens, limits: RateLimits): void {
   app.decorateRequest('user', null as unknown as AuthUser);
-  const userRow = db
-    .select({ tokenVersion: users.tokenVersion })
-    .from(users)
-    .where(eq(users.id, sql.placeholder('id')))
-    .prepare('auth_user_row');
+  const userRow = direct(db.select({ tokenVersion: users.tokenVersion }).from(users).where(eq(users.id, sql.placeholder('id'))).prepare('auth_user_row'));
   /** Throws StaleToken, and remembers it (`Tokens.revoke`), unless the request's token is current by `row`. */
   const assertCurrent = (request: FastifyRequest, user: AuthUser, row: { tokenVersion: number | null } | undefined) => {
     try {

@@ -2,6 +2,7 @@ import { and, eq, getTableColumns, type SQL, sql, type SQLWrapper } from 'drizzl
 import { uuidv7 } from '../../db/ids.js';
 import { type Config, ConfigError } from '../../config.js';
 import type { Database, Db } from '../../db/database.js';
+import { direct } from '../../db/direct.js';
 import { withFields } from '../../with-fields.js';
 import { messages, projects, prompts, users } from '../../db/schema.js';
 import { assertTokenCurrent, type AuthUser } from '../../http/auth.js';
@@ -106,27 +107,29 @@ function turnStatementOn(db: Db) {
           where not message_kept(${projects.id}, newest.id))
       returning created_at`,
   );
-  return db
-    .with(question)
-    .select({
-      tokenVersion: users.tokenVersion,
-      projectId: projects.id,
-      provider: projects.provider,
-      model: projects.model,
-      prompts: sql<TurnPrompt[]>`(select coalesce(json_agg(json_build_object('id', ${prompts.id}, 'updatedAt', ${prompts.updatedAt},
-          'content', ${prompts.content}) order by ${prompts.id}), '[]')
-        from ${prompts} where ${prompts.projectId} = ${projects.id})`,
-      files: chatFilesOf(projects.id),
-      history: historyPage(projects.id, undefined, HISTORY_PAGES[0]!),
-      // When the read stored the question: its time, as stored.
-      questionStoredAt: sql<Date | null>`(select created_at from ${question})`.mapWith(messages.createdAt),
-      // Stored or not, the commit flushes nothing: see `storeQuestion`.
-      asyncCommit: sql`set_config('synchronous_commit', 'off', true)`,
-    })
-    .from(users)
-    .leftJoin(projects, and(eq(projects.id, sql.placeholder('projectId')), eq(projects.userId, users.id)))
-    .where(eq(users.id, sql.placeholder('userId')))
-    .prepare('chat_turn');
+  return direct(
+    db
+      .with(question)
+      .select({
+        tokenVersion: users.tokenVersion,
+        projectId: projects.id,
+        provider: projects.provider,
+        model: projects.model,
+        prompts: sql<TurnPrompt[]>`(select coalesce(json_agg(json_build_object('id', ${prompts.id}, 'updatedAt', ${prompts.updatedAt},
+            'content', ${prompts.content}) order by ${prompts.id}), '[]')
+          from ${prompts} where ${prompts.projectId} = ${projects.id})`,
+        files: chatFilesOf(projects.id),
+        history: historyPage(projects.id, undefined, HISTORY_PAGES[0]!),
+        // When the read stored the question: its time, as stored.
+        questionStoredAt: sql<Date | null>`(select created_at from ${question})`.mapWith(messages.createdAt),
+        // Stored or not, the commit flushes nothing: see `storeQuestion`.
+        asyncCommit: sql`set_config('synchronous_commit', 'off', true)`,
+      })
+      .from(users)
+      .leftJoin(projects, and(eq(projects.id, sql.placeholder('projectId')), eq(projects.userId, users.id)))
+      .where(eq(users.id, sql.placeholder('userId')))
+      .prepare('chat_turn'),
+  );
 }
 
 type TurnRead = ReturnType<typeof turnStatementOn>;
@@ -141,11 +144,13 @@ type TurnRow = Awaited<ReturnType<TurnRead['execute']>>[number];
  * without a flush, so a flush sent ahead of knowing (see `readTurn`) costs a refused turn no disk write.
  */
 export function flushStatementOn(db: Db) {
-  return db
-    .select({ flushed: sql`pg_logical_emit_message(true, 'chatbot-platform.durable', '')` })
-    .from(messages)
-    .where(eq(messages.id, sql.placeholder('questionId')))
-    .prepare('chat_make_durable');
+  return direct(
+    db
+      .select({ flushed: sql`pg_logical_emit_message(true, 'chatbot-platform.durable', '')` })
+      .from(messages)
+      .where(eq(messages.id, sql.placeholder('questionId')))
+      .prepare('chat_make_durable'),
+  );
 }
 
 /**
@@ -171,7 +176,7 @@ function answerStatementOn(db: Db) {
       where message_kept(${projectId}, ${param('questionId', 'uuid')})
       returning *`,
   );
-  return db.with(answer).select().from(answer).prepare('chat_insert_message');
+  return direct(db.with(answer).select().from(answer).prepare('chat_insert_message'));
 }
 
 interface TurnStatements {
@@ -272,15 +277,17 @@ export class ChatService {
     this.defaultTurn =
       defaultModel === undefined ? undefined : { model: defaultModel, encoding: encodingName(defaultModel), budget: this.budgetFor(defaultModel) };
 
-    this.historyPageStatement = db
-      .select({
-        page: historyPage(sql.placeholder('projectId'), sql.placeholder('before'), sql.placeholder('limit'), {
-          room: sql.placeholder('room'),
-          encoding: sql.placeholder('encoding'),
-        }),
-      })
-      .from(oneRow)
-      .prepare('chat_history_page');
+    this.historyPageStatement = direct(
+      db
+        .select({
+          page: historyPage(sql.placeholder('projectId'), sql.placeholder('before'), sql.placeholder('limit'), {
+            room: sql.placeholder('room'),
+            encoding: sql.placeholder('encoding'),
+          }),
+        })
+        .from(oneRow)
+        .prepare('chat_history_page'),
+    );
     const projectId = param('projectId', 'uuid');
     const historyFrom = param('historyFrom', 'uuid');
     // Stored only while the newest message of the history it was read with is (`message_kept`, under the
@@ -294,11 +301,7 @@ export class ChatService {
         where ${historyFrom} is null or message_kept(${projectId}, ${historyFrom})
         returning created_at, set_config('synchronous_commit', 'off', true)`,
     );
-    this.insertQuestionStatement = db
-      .with(question)
-      .select({ createdAt: question.createdAt })
-      .from(question)
-      .prepare('chat_insert_question');
+    this.insertQuestionStatement = direct(db.with(question).select({ createdAt: question.createdAt }).from(question).prepare('chat_insert_question'));
     this.markFailedStatement = failedStatementOn(db);
   }
 

@@ -1,5 +1,6 @@
 import { sql } from 'drizzle-orm';
 import type { Database } from '../../db/database.js';
+import { direct } from '../../db/direct.js';
 import { messages } from '../../db/schema.js';
 import type { Page, PageRequest, TimeSortKey } from '../../http/pagination.js';
 import { NotFound } from '../../http/errors.js';
@@ -16,10 +17,12 @@ export class MessagesService {
     private readonly database: Pick<Database, 'db'>,
     private readonly history: ForgetsHistory,
   ) {
-    this.clearStatement = database.db
-      .select({ owned: sql<boolean>`clear_project_messages(${param('projectId', 'uuid')}, ${param('userId', 'uuid')})` })
-      .from(oneRow)
-      .prepare('messages_clear');
+    this.clearStatement = direct(
+      database.db
+        .select({ owned: sql<boolean>`clear_project_messages(${param('projectId', 'uuid')}, ${param('userId', 'uuid')})` })
+        .from(oneRow)
+        .prepare('messages_clear'),
+    );
   }
 
   /** The project's history, oldest first. */

@@ -3,6 +3,7 @@ import type { PgColumn } from 'drizzle-orm/pg-core';
 import type { FastifyBaseLogger } from 'fastify';
 import type { Config } from '../../config.js';
 import type { Database, Db } from '../../db/database.js';
+import { direct } from '../../db/direct.js';
 import { files, messages, projects, prompts, users } from '../../db/schema.js';
 import { assertTokenCurrent, type AuthUser } from '../../http/auth.js';
 import { NotFound, Unauthorized } from '../../http/errors.js';
@@ -135,12 +136,14 @@ export class ProjectsService {
         model: param('model', 'text'),
       },
     });
-    this.projectOfUser = db
-      .select({ tokenVersion: users.tokenVersion, ...withCounts(db) })
-      .from(users)
-      .leftJoin(projects, and(eq(projects.id, sql.placeholder('projectId')), eq(projects.userId, users.id)))
-      .where(eq(users.id, sql.placeholder('userId')))
-      .prepare('project_of_user');
+    this.projectOfUser = direct(
+      db
+        .select({ tokenVersion: users.tokenVersion, ...withCounts(db) })
+        .from(users)
+        .leftJoin(projects, and(eq(projects.id, sql.placeholder('projectId')), eq(projects.userId, users.id)))
+        .where(eq(users.id, sql.placeholder('userId')))
+        .prepare('project_of_user'),
+    );
   }
 
   async create(userId: string, input: CreateProjectInput): Promise<ProjectDto> {

@@ -1,0 +1,94 @@
+import { Column, DrizzleQueryError, fillPlaceholders, is, SQL, Subquery } from 'drizzle-orm';
+import type { PgPreparedQuery, PreparedQueryConfig } from 'drizzle-orm/pg-core';
+import { PglitePreparedQuery } from 'drizzle-orm/pglite';
+
+/** What the statement reads of drizzle's prepared query: its own fields, internal to drizzle's types. */
+interface PreparedInternals {
+  client: { query(...args: unknown[]): Promise<{ rows: unknown[][] }> };
+  queryString: string;
+  params: unknown[];
+  fields?: { path: string[]; field: unknown }[];
+  customResultMapper?: unknown;
+  /** Rows as arrays, and the driver told to leave dates and times as text (drizzle's columns map them). */
+  queryConfig: Record<string, unknown> & { types?: TypeParsers };
+}
+
+type Parser = (text: string) => unknown;
+interface TypeParsers {
+  getTypeParser(typeId: number, format?: string): Parser;
+}
+
+interface Decoder {
+  mapFromDriverValue(value: unknown): unknown;
+}
+
+/** What drizzle keeps as an SQL expression's decoder (internal to its types). */
+interface Decoded {
+  decoder: Decoder;
+}
+
+/** How drizzle's `mapResultRow` decodes a selected field: a column, or the SQL it was selected as. */
+function decoderOf(field: unknown): Decoder {
+  if (is(field, Column)) return field;
+  if (is(field, SQL)) return (field as unknown as Decoded).decoder;
+  if (is(field, Subquery)) return (field as unknown as { _: { sql: Decoded } })._.sql.decoder;
+  return (field as { sql: Decoded }).sql.decoder;
+}
+
+/**
+ * `statement` (drizzle's prepared query) executed straight through the driver, with its rows mapped as
+ * drizzle maps them: the same rows, the same DrizzleQueryError around a failure, the driver called before
+ * `execute` returns (what `Database.hold` counts on to queue statements one behind another). What it
+ * leaves out of drizzle's `execute`: three tracing spans and their async functions, the logger and
+ * cache hooks (none is configured), a row mapper that tells each field's kind again for every row, and
+ * (on `pg`) a type parser made anew for every column of every result. About 6% of the CPU of a request
+ * to `GET /api/v1/projects/:id` (instructions counted under callgrind, docs/benchmarks.md).
+ *
+ * Only for a selection whose fields are all at the top of the row (no table nested under its name):
+ * any other is returned as it is, for drizzle to run.
+ */
+export function direct<T extends PgPreparedQuery<PreparedQueryConfig>>(statement: T): T {
+  const prepared = statement as unknown as PreparedInternals;
+  const { client, queryString, queryConfig, fields } = prepared;
+  if (!fields || prepared.customResultMapper || fields.some(({ path }) => path.length !== 1)) return statement;
+  const keys = fields.map(({ path }) => path[0]!);
+  const decoders = fields.map(({ field }) => decoderOf(field));
+  const mapRow = (values: unknown[]) => {
+    const row: Record<string, unknown> = {};
+    for (let i = 0; i < keys.length; i++) {
+      const value = values[i];
+      row[keys[i]!] = value === null ? null : decoders[i]!.mapFromDriverValue(value);
+    }
+    return row;
+  };
+  let query: (params: unknown[]) => Promise<{ rows: unknown[][] }>;
+  if (is(statement, PglitePreparedQuery)) {
+    query = (params) => client.query(queryString, params, queryConfig);
+  } else {
+    // pg asks for the parser of each column of each result: drizzle's own answers with a new function
+    // each time; these are its answers, kept.
+    const drizzleTypes = queryConfig.types!;
+    const kept = new Map<string, Parser>();
+    const types: TypeParsers = {
+      getTypeParser(typeId, format = 'text') {
+        const key = `${typeId}/${format}`;
+        let parser = kept.get(key);
+        if (!parser) kept.set(key, (parser = drizzleTypes.getTypeParser(typeId, format)));
+        return parser;
+      },
+    };
+    const config = { ...queryConfig, types };
+    query = (params) => client.query(config, params);
+  }
+  (statement as { execute: unknown }).execute = async (placeholders: Record<string, unknown> = {}) => {
+    const params = fillPlaceholders(prepared.params, placeholders);
+    let rows: unknown[][];
+    try {
+      ({ rows } = await query(params));
+    } catch (error) {
+      throw new DrizzleQueryError(queryString, params, error as Error);
+    }
+    return rows.map(mapRow);
+  };
+  return statement;
+}

@@ -1,0 +1,101 @@
+import { DrizzleQueryError, and, eq, sql } from 'drizzle-orm';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { direct } from '../../src/db/direct.js';
+import { uuidv7 } from '../../src/db/ids.js';
+import { messages, projects, users } from '../../src/db/schema.js';
+import { hasCode } from '../../src/db/error-code.js';
+import { createTestDatabase, type TestDatabase } from '../support/database.js';
+
+// Statements run by `direct` and by drizzle side by side, on the test's database (PostgreSQL with
+// TEST_DATABASE_URL, embedded PGlite without it): the same rows, of the same types, the same errors.
+describe('a prepared statement executed directly', () => {
+  let testDb: TestDatabase;
+  const userId = uuidv7();
+  const projectId = uuidv7();
+  const createdAt = new Date('2026-12-06T10:11:12.345Z');
+
+  beforeAll(async () => {
+    testDb = await createTestDatabase();
+    const { db } = testDb.database;
+    await db.insert(users).values({ id: userId, email: 'direct@example.com', passwordHash: 'x', name: 'D', tokenVersion: 3 });
+    await db.insert(projects).values({ id: projectId, userId, name: 'P', description: null, createdAt, updatedAt: createdAt });
+    await db.insert(messages).values([
+      { id: uuidv7(), projectId, role: 'user', content: 'a', status: 'complete', createdAt },
+      { id: uuidv7(), projectId, role: 'assistant', content: 'b', status: 'complete', promptTokens: 7, createdAt },
+    ]);
+  });
+  afterAll(() => testDb.drop());
+
+  /** Columns of each kind, counts mapped with `Number`, JSON, and a left join that may find nothing. */
+  const statement = (name: string) =>
+    testDb.database.db
+      .select({
+        tokenVersion: users.tokenVersion,
+        id: projects.id,
+        description: projects.description,
+        createdAt: projects.createdAt,
+        messageCount: testDb.database.db.$count(messages, eq(messages.projectId, projects.id)),
+        roles: sql<string[]>`(select coalesce(json_agg(${messages.role} order by ${messages.role}), '[]') from ${messages} where ${messages.projectId} = ${projects.id})`,
+        newest: sql<Date | null>`(select max(${messages.createdAt}) from ${messages} where ${messages.projectId} = ${projects.id})`.mapWith(messages.createdAt),
+      })
+      .from(users)
+      .leftJoin(projects, and(eq(projects.id, sql.placeholder('projectId')), eq(projects.userId, users.id)))
+      .where(eq(users.id, sql.placeholder('userId')))
+      .prepare(name);
+
+  it('returns the rows drizzle returns, each field decoded as drizzle decodes it', async () => {
+    const fast = direct(statement('direct_test_fast'));
+    const drizzle = statement('direct_test_drizzle');
+    expect(Object.hasOwn(fast, 'execute')).toBe(true); // drizzle's own is its prototype's
+    for (const params of [{ userId, projectId }, { userId, projectId: uuidv7() }, { userId: uuidv7(), projectId }]) {
+      const [got, expected] = await Promise.all([fast.execute(params), drizzle.execute(params)]);
+      expect(got).toEqual(expected);
+    }
+    const [row] = await fast.execute({ userId, projectId });
+    expect(row).toEqual({ tokenVersion: 3, id: projectId, description: null, createdAt, messageCount: 2, roles: ['assistant', 'user'], newest: createdAt });
+    expect(row!.createdAt).toBeInstanceOf(Date);
+    // The key order of drizzle's rows: what JSON and the logs show of them.
+    expect(Object.keys(row!)).toEqual(Object.keys((await drizzle.execute({ userId, projectId }))[0]!));
+    const [outside] = await fast.execute({ userId, projectId: uuidv7() });
+    expect(outside).toEqual({ tokenVersion: 3, id: null, description: null, createdAt: null, messageCount: 0, roles: [], newest: null });
+  });
+
+  it('fails as drizzle does: a DrizzleQueryError around the database error, its code reachable', async () => {
+    const failing = direct(
+      testDb.database.db
+        .select({ n: sql<number>`(${sql.placeholder('n')}::integer / 0)` })
+        .from(users)
+        .prepare('direct_test_failing'),
+    );
+    const error = await failing.execute({ n: 1 }).catch((caught: unknown) => caught);
+    expect(error).toBeInstanceOf(DrizzleQueryError);
+    expect(hasCode(error, '22012')).toBe(true); // division_by_zero
+    // The statement and its connection are fine after it.
+    const working = direct(testDb.database.db.select({ tokenVersion: users.tokenVersion }).from(users).where(eq(users.id, sql.placeholder('id'))).prepare('direct_test_after'));
+    expect(await working.execute({ id: userId })).toEqual([{ tokenVersion: 3 }]);
+  });
+
+  it('leaves a selection of nested tables to drizzle, which nests them', async () => {
+    const nested = testDb.database.db.select().from(users).leftJoin(projects, eq(projects.userId, users.id)).where(eq(users.id, sql.placeholder('id'))).prepare('direct_test_nested');
+    const original = nested.execute;
+    expect(direct(nested).execute).toBe(original);
+    const [row] = await nested.execute({ id: userId });
+    expect(row!.projects?.id).toBe(projectId);
+    expect(row!.users.id).toBe(userId);
+  });
+
+  it('runs on a held connection, in the order sent', async () => {
+    const held = await testDb.database.hold();
+    try {
+      const read = direct(held.db.select({ tokenVersion: users.tokenVersion }).from(users).where(eq(users.id, sql.placeholder('id'))).prepare('direct_test_held'));
+      const bump = direct(held.db.update(users).set({ tokenVersion: sql`${users.tokenVersion} + 1` }).where(eq(users.id, sql.placeholder('id'))).returning({ tokenVersion: users.tokenVersion }).prepare('direct_test_bump'));
+      // Both sent at once, on one connection: the read answers with the row before the update.
+      const [before, after] = await Promise.all([read.execute({ id: userId }), bump.execute({ id: userId })]);
+      expect(before).toEqual([{ tokenVersion: 3 }]);
+      expect(after).toEqual([{ tokenVersion: 4 }]);
+      await held.db.update(users).set({ tokenVersion: 3 }).where(eq(users.id, userId));
+    } finally {
+      held.release();
+    }
+  });
+});
