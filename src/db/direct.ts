@@ -1,4 +1,5 @@
-import { Column, DrizzleQueryError, fillPlaceholders, is, SQL, Subquery } from 'drizzle-orm';
+import { Column, DrizzleQueryError, fillPlaceholders, is, NoopLogger, SQL, Subquery } from 'drizzle-orm';
+import { NoopCache } from 'drizzle-orm/cache/core/cache';
 import type { PgPreparedQuery, PreparedQueryConfig } from 'drizzle-orm/pg-core';
 import { PglitePreparedQuery } from 'drizzle-orm/pglite';
 
@@ -9,6 +10,8 @@ interface PreparedInternals {
   params: unknown[];
   fields?: { path: string[]; field: unknown }[];
   customResultMapper?: unknown;
+  logger: unknown;
+  cache?: unknown;
   /** Rows as arrays, and the driver told to leave dates and times as text (drizzle's columns map them). */
   queryConfig: Record<string, unknown> & { types?: TypeParsers };
 }
@@ -16,6 +19,24 @@ interface PreparedInternals {
 type Parser = (text: string) => unknown;
 interface TypeParsers {
   getTypeParser(typeId: number, format?: string): Parser;
+}
+
+/**
+ * The parsers drizzle's `pg` statements answer with, by type: the same for every statement (dates and
+ * times left as text, for its columns to map; pg's own for the rest), but made anew at each call for
+ * dates and times, and pg asks for one per column of every result.
+ */
+const textParsers = new Map<number, Parser>();
+
+function keptParsers(drizzleTypes: TypeParsers): TypeParsers {
+  return {
+    getTypeParser(typeId, format = 'text') {
+      if (format !== 'text') return drizzleTypes.getTypeParser(typeId, format);
+      let parser = textParsers.get(typeId);
+      if (!parser) textParsers.set(typeId, (parser = drizzleTypes.getTypeParser(typeId, format)));
+      return parser;
+    },
+  };
 }
 
 interface Decoder {
@@ -40,17 +61,21 @@ function decoderOf(field: unknown): Decoder {
  * drizzle maps them: the same rows, the same DrizzleQueryError around a failure, the driver called before
  * `execute` returns (what `Database.hold` counts on to queue statements one behind another). What it
  * leaves out of drizzle's `execute`: three tracing spans and their async functions, the logger and
- * cache hooks (none is configured), a row mapper that tells each field's kind again for every row, and
- * (on `pg`) a type parser made anew for every column of every result. About 6% of the CPU of a request
- * to `GET /api/v1/projects/:id` (instructions counted under callgrind, docs/benchmarks.md).
+ * cache hooks, a row mapper that tells each field's kind again for every row, and (on `pg`) a type
+ * parser made anew for each date or time column of every result. About 5% of the instructions of a
+ * request to `GET /api/v1/projects/:id` (counted under callgrind, docs/benchmarks.md).
  *
- * Only for a selection whose fields are all at the top of the row (no table nested under its name):
- * any other is returned as it is, for drizzle to run.
+ * Only for a selection whose fields are all at the top of the row (no table nested under its name), and
+ * while drizzle has no logger or cache to call: any other statement is returned as it is, for drizzle to
+ * run, as is one whose internals are not what this version of drizzle has (its `pg` query config's types).
  */
 export function direct<T extends PgPreparedQuery<PreparedQueryConfig>>(statement: T): T {
   const prepared = statement as unknown as PreparedInternals;
   const { client, queryString, queryConfig, fields } = prepared;
   if (!fields || prepared.customResultMapper || fields.some(({ path }) => path.length !== 1)) return statement;
+  if (!is(prepared.logger, NoopLogger) || (prepared.cache !== undefined && !is(prepared.cache, NoopCache))) return statement;
+  const onPglite = is(statement, PglitePreparedQuery);
+  if (!onPglite && typeof queryConfig.types?.getTypeParser !== 'function') return statement;
   const keys = fields.map(({ path }) => path[0]!);
   const decoders = fields.map(({ field }) => decoderOf(field));
   const mapRow = (values: unknown[]) => {
@@ -62,22 +87,10 @@ export function direct<T extends PgPreparedQuery<PreparedQueryConfig>>(statement
     return row;
   };
   let query: (params: unknown[]) => Promise<{ rows: unknown[][] }>;
-  if (is(statement, PglitePreparedQuery)) {
+  if (onPglite) {
     query = (params) => client.query(queryString, params, queryConfig);
   } else {
-    // pg asks for the parser of each column of each result: drizzle's own answers with a new function
-    // each time; these are its answers, kept.
-    const drizzleTypes = queryConfig.types!;
-    const kept = new Map<string, Parser>();
-    const types: TypeParsers = {
-      getTypeParser(typeId, format = 'text') {
-        const key = `${typeId}/${format}`;
-        let parser = kept.get(key);
-        if (!parser) kept.set(key, (parser = drizzleTypes.getTypeParser(typeId, format)));
-        return parser;
-      },
-    };
-    const config = { ...queryConfig, types };
+    const config = { ...queryConfig, types: keptParsers(queryConfig.types!) };
     query = (params) => client.query(config, params);
   }
   (statement as { execute: unknown }).execute = async (placeholders: Record<string, unknown> = {}) => {

@@ -1,5 +1,5 @@
-import { DrizzleQueryError, and, eq, sql } from 'drizzle-orm';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { DefaultLogger, DrizzleQueryError, and, eq, getTableColumns, sql } from 'drizzle-orm';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { direct } from '../../src/db/direct.js';
 import { uuidv7 } from '../../src/db/ids.js';
 import { messages, projects, users } from '../../src/db/schema.js';
@@ -49,30 +49,77 @@ describe('a prepared statement executed directly', () => {
     expect(Object.hasOwn(fast, 'execute')).toBe(true); // drizzle's own is its prototype's
     for (const params of [{ userId, projectId }, { userId, projectId: uuidv7() }, { userId: uuidv7(), projectId }]) {
       const [got, expected] = await Promise.all([fast.execute(params), drizzle.execute(params)]);
-      expect(got).toEqual(expected);
+      expect(got).toStrictEqual(expected);
     }
     const [row] = await fast.execute({ userId, projectId });
-    expect(row).toEqual({ tokenVersion: 3, id: projectId, description: null, createdAt, messageCount: 2, roles: ['assistant', 'user'], newest: createdAt });
+    expect(row).toStrictEqual({ tokenVersion: 3, id: projectId, description: null, createdAt, messageCount: 2, roles: ['assistant', 'user'], newest: createdAt });
     expect(row!.createdAt).toBeInstanceOf(Date);
     // The key order of drizzle's rows: what JSON and the logs show of them.
     expect(Object.keys(row!)).toEqual(Object.keys((await drizzle.execute({ userId, projectId }))[0]!));
     const [outside] = await fast.execute({ userId, projectId: uuidv7() });
-    expect(outside).toEqual({ tokenVersion: 3, id: null, description: null, createdAt: null, messageCount: 0, roles: [], newest: null });
+    expect(outside).toStrictEqual({ tokenVersion: 3, id: null, description: null, createdAt: null, messageCount: 0, roles: [], newest: null });
   });
 
-  it('fails as drizzle does: a DrizzleQueryError around the database error, its code reachable', async () => {
-    const failing = direct(
+  it('returns every column of a common table expression as drizzle does, and a field named with `as`', async () => {
+    const { db } = testDb.database;
+    const statement = (name: string) => {
+      const found = db.$with('found', getTableColumns(messages)).as(sql`select * from ${messages} where ${messages.projectId} = ${sql.placeholder('projectId')} order by role`);
+      const stamped = db.$with('stamped', { at: sql<Date>`at`.mapWith(messages.createdAt).as('at') }).as(sql`select max(created_at) as at from ${found}`);
+      return {
+        rows: db.with(found).select().from(found).prepare(`${name}_rows`),
+        named: db.with(found, stamped).select({ at: stamped.at }).from(stamped).prepare(`${name}_named`),
+      };
+    };
+    const fast = statement('direct_test_cte_fast');
+    const drizzle = statement('direct_test_cte_drizzle');
+    direct(fast.rows);
+    direct(fast.named);
+    const rows = await fast.rows.execute({ projectId });
+    expect(rows).toStrictEqual(await drizzle.rows.execute({ projectId }));
+    expect(rows.map((message) => [message.role, message.promptTokens, message.createdAt])).toStrictEqual([
+      ['assistant', 7, createdAt],
+      ['user', null, createdAt],
+    ]);
+    expect(await fast.named.execute({ projectId })).toStrictEqual([{ at: createdAt }]);
+    expect(await drizzle.named.execute({ projectId })).toStrictEqual([{ at: createdAt }]);
+  });
+
+  it('calls the driver before `execute` returns, as drizzle does (what a held connection queues on)', async () => {
+    const fast = direct(statement('direct_test_sync'));
+    const { client } = fast as unknown as { client: { query: (...args: unknown[]) => unknown } };
+    const sent = vi.spyOn(client, 'query');
+    try {
+      const pending = fast.execute({ userId, projectId });
+      expect(sent).toHaveBeenCalledTimes(1);
+      expect(await pending).toHaveLength(1);
+    } finally {
+      sent.mockRestore();
+    }
+  });
+
+  it('fails as drizzle does: the same DrizzleQueryError around the database error, its code reachable', async () => {
+    const failing = (name: string) =>
       testDb.database.db
         .select({ n: sql<number>`(${sql.placeholder('n')}::integer / 0)` })
         .from(users)
-        .prepare('direct_test_failing'),
-    );
-    const error = await failing.execute({ n: 1 }).catch((caught: unknown) => caught);
+        .prepare(name);
+    const error = await direct(failing('direct_test_failing')).execute({ n: 1 }).catch((caught: unknown) => caught);
+    const drizzles = await failing('direct_test_failing_drizzle').execute({ n: 1 }).catch((caught: unknown) => caught);
     expect(error).toBeInstanceOf(DrizzleQueryError);
+    expect(drizzles).toBeInstanceOf(DrizzleQueryError);
+    const { message, query, params } = drizzles as DrizzleQueryError;
+    expect(error).toMatchObject({ message, query, params });
     expect(hasCode(error, '22012')).toBe(true); // division_by_zero
-    // The statement and its connection are fine after it.
+    // A statement run right after on the same database is answered.
     const working = direct(testDb.database.db.select({ tokenVersion: users.tokenVersion }).from(users).where(eq(users.id, sql.placeholder('id'))).prepare('direct_test_after'));
-    expect(await working.execute({ id: userId })).toEqual([{ tokenVersion: 3 }]);
+    expect(await working.execute({ id: userId })).toStrictEqual([{ tokenVersion: 3 }]);
+  });
+
+  it('leaves a statement to drizzle while drizzle has a logger to call', () => {
+    const logged = statement('direct_test_logged');
+    (logged as unknown as { logger: unknown }).logger = new DefaultLogger();
+    const original = logged.execute;
+    expect(direct(logged).execute).toBe(original);
   });
 
   it('leaves a selection of nested tables to drizzle, which nests them', async () => {
