@@ -62,7 +62,7 @@ describe('a prepared statement executed directly', () => {
 
   it('returns every column of a common table expression as drizzle does, and a field named with `as`', async () => {
     const { db } = testDb.database;
-    const statement = (name: string) => {
+    const statements = (name: string) => {
       const found = db.$with('found', getTableColumns(messages)).as(sql`select * from ${messages} where ${messages.projectId} = ${sql.placeholder('projectId')} order by role`);
       const stamped = db.$with('stamped', { at: sql<Date>`at`.mapWith(messages.createdAt).as('at') }).as(sql`select max(created_at) as at from ${found}`);
       return {
@@ -70,8 +70,8 @@ describe('a prepared statement executed directly', () => {
         named: db.with(found, stamped).select({ at: stamped.at }).from(stamped).prepare(`${name}_named`),
       };
     };
-    const fast = statement('direct_test_cte_fast');
-    const drizzle = statement('direct_test_cte_drizzle');
+    const fast = statements('direct_test_cte_fast');
+    const drizzle = statements('direct_test_cte_drizzle');
     direct(fast.rows);
     direct(fast.named);
     const rows = await fast.rows.execute({ projectId });
