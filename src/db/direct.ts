@@ -2,6 +2,7 @@ import { Column, DrizzleQueryError, fillPlaceholders, is, NoopLogger, SQL, Subqu
 import { NoopCache } from 'drizzle-orm/cache/core/cache';
 import type { PgPreparedQuery, PreparedQueryConfig } from 'drizzle-orm/pg-core';
 import { PglitePreparedQuery } from 'drizzle-orm/pglite';
+import { NamedStatement, type TypeParsers } from './named-statement.js';
 
 /** What the statement reads of drizzle's prepared query: its own fields, internal to drizzle's types. */
 interface PreparedInternals {
@@ -12,31 +13,8 @@ interface PreparedInternals {
   customResultMapper?: unknown;
   logger: unknown;
   cache?: unknown;
-  /** Rows as arrays, and the driver told to leave dates and times as text (drizzle's columns map them). */
-  queryConfig: Record<string, unknown> & { types?: TypeParsers };
-}
-
-type Parser = (text: string) => unknown;
-interface TypeParsers {
-  getTypeParser(typeId: number, format?: string): Parser;
-}
-
-/**
- * The parsers drizzle's `pg` statements answer with, by type: the same for every statement (dates and
- * times left as text, for its columns to map; pg's own for the rest), but made anew at each call for
- * dates and times, and pg asks for one per column of every result.
- */
-const textParsers = new Map<number, Parser>();
-
-function keptParsers(drizzleTypes: TypeParsers): TypeParsers {
-  return {
-    getTypeParser(typeId, format = 'text') {
-      if (format !== 'text') return drizzleTypes.getTypeParser(typeId, format);
-      let parser = textParsers.get(typeId);
-      if (!parser) textParsers.set(typeId, (parser = drizzleTypes.getTypeParser(typeId, format)));
-      return parser;
-    },
-  };
+  /** Its name, and the driver told to leave dates and times as text (drizzle's columns map them). */
+  queryConfig: Record<string, unknown> & { name?: string; types?: TypeParsers };
 }
 
 interface Decoder {
@@ -63,11 +41,13 @@ function decoderOf(field: unknown): Decoder {
  * leaves out of drizzle's `execute`: three tracing spans and their async functions, the logger and
  * cache hooks, a row mapper that tells each field's kind again for every row, and (on `pg`) a type
  * parser made anew for each date or time column of every result. About 5% of the instructions of a
- * request to `GET /api/v1/projects/:id` (counted under callgrind, docs/benchmarks.md).
+ * request to `GET /api/v1/projects/:id` (counted under callgrind, docs/benchmarks.md). On `pg`, it runs
+ * as a NamedStatement, whose result is described once per connection.
  *
  * Only for a selection whose fields are all at the top of the row (no table nested under its name), and
  * while drizzle has no logger or cache to call: any other statement is returned as it is, for drizzle to
- * run, as is one whose internals are not what this version of drizzle has (its `pg` query config's types).
+ * run, as is one whose internals are not what this version of drizzle has (its `pg` query config's name
+ * and types).
  */
 export function direct<T extends PgPreparedQuery<PreparedQueryConfig>>(statement: T): T {
   const prepared = statement as unknown as PreparedInternals;
@@ -75,7 +55,7 @@ export function direct<T extends PgPreparedQuery<PreparedQueryConfig>>(statement
   if (!fields || prepared.customResultMapper || fields.some(({ path }) => path.length !== 1)) return statement;
   if (!is(prepared.logger, NoopLogger) || (prepared.cache !== undefined && !is(prepared.cache, NoopCache))) return statement;
   const onPglite = is(statement, PglitePreparedQuery);
-  if (!onPglite && typeof queryConfig.types?.getTypeParser !== 'function') return statement;
+  if (!onPglite && (!queryConfig.name || typeof queryConfig.types?.getTypeParser !== 'function')) return statement;
   const keys = fields.map(({ path }) => path[0]!);
   const decoders = fields.map(({ field }) => decoderOf(field));
   const mapRow = (values: unknown[]) => {
@@ -90,8 +70,8 @@ export function direct<T extends PgPreparedQuery<PreparedQueryConfig>>(statement
   if (onPglite) {
     query = (params) => client.query(queryString, params, queryConfig);
   } else {
-    const config = { ...queryConfig, types: keptParsers(queryConfig.types!) };
-    query = (params) => client.query(config, params);
+    const named = new NamedStatement(queryConfig.name!, queryString, queryConfig.types!);
+    query = (params) => client.query(named.execution(params));
   }
   (statement as { execute: unknown }).execute = async (placeholders: Record<string, unknown> = {}) => {
     const params = fillPlaceholders(prepared.params, placeholders);
