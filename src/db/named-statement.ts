@@ -25,8 +25,8 @@ type Answer = (error: Error | null, result?: { rows: unknown[][] }) => void;
  * A named statement executed on `pg` with its result described once per connection, rather than at each
  * execution as pg's own query does. pg asks PostgreSQL to describe the result every time, parses that
  * description, finds a parser for each column again, builds an empty row object that rows as arrays never
- * use, and first copies the query's config property by property: together 8% of the busy time of
- * `GET /api/v1/projects/:id` (`npm run bench -- --only=2 --cpu-prof`, docs/benchmarks.md). On one
+ * use, and first copies the query's config property by property. Without that, a request of
+ * `GET /api/v1/projects/:id` (one statement) took 29% fewer instructions (docs/benchmarks.md). On one
  * connection a named statement's result keeps its columns and types: PostgreSQL fails an execution whose
  * plan would change them ("cached plan must not change result type"). A connection that parses the
  * statement anew (a new connection) describes it anew.
