@@ -11,6 +11,7 @@ import { migrate as migratePglite } from 'drizzle-orm/pglite/migrator';
 import pg from 'pg';
 import { settleCutSwap } from './backup-store.js';
 import { hasCode } from './error-code.js';
+import { Execution } from './named-statement.js';
 import { lockPglite } from './pglite-lock.js';
 import { schema } from './schema.js';
 import { StartupError } from '../startup-error.js';
@@ -100,9 +101,8 @@ export interface PostgresOptions {
  * request's statements would wait behind it, or run inside that transaction and never commit. Closed, it
  * fails at once whatever is queued on it, the pool drops it, and the server rolls back what it left open.
  *
- * Every statement goes to pg with a callback made by `bounded` (a query object of its own, such as a
- * NamedStatement's execution, made without one: pg sets it there), and the bound is this class's, not
- * pg's `query_timeout`. pg's bound, and pg's promise when no callback is given, set a statement's callback to
+ * Every statement goes to pg with a callback made by `bounded` (a NamedStatement's execution too: pg
+ * sets it there), and the bound is this class's, not pg's `query_timeout`. pg's bound, and pg's promise when no callback is given, set a statement's callback to
  * a closure whose scope holds the statement itself, and each such statement then outlived the young
  * generation's collections: with `pg` alone, 4,000 statements one after another, 0.4–6.5 MB went to
  * the old generation at each scavenge, which paused 6–20 ms, against nothing and 0.3 ms with callbacks
@@ -121,6 +121,8 @@ class BoundedClient extends pg.Client {
   // eslint-disable-next-line @typescript-eslint/no-explicit-any
   override query(config: any, values?: any, callback?: any): any {
     if (typeof values === 'function') return this.query(config, undefined, values);
+    // Any other query object (a cursor's) answers as it was made to, unbounded: none here is.
+    if (typeof config?.submit === 'function' && !(config instanceof Execution)) return super.query(config, values, callback);
     if (callback === undefined && typeof config?.callback === 'function') callback = config.callback;
     if (typeof callback === 'function') return this.send(config, values, callback);
     // As pg's own promise: a failure's stack leads back to the caller, not to the socket's read.

@@ -6,6 +6,7 @@ import { NamedStatement, type TypeParsers } from './named-statement.js';
 
 /** What the statement reads of drizzle's prepared query: its own fields, internal to drizzle's types. */
 interface PreparedInternals {
+  /** A pg client or pool, or PGlite. */
   client: { query(...args: unknown[]): Promise<{ rows: unknown[][] }> };
   queryString: string;
   params: unknown[];
@@ -66,18 +67,18 @@ export function direct<T extends PgPreparedQuery<PreparedQueryConfig>>(statement
     }
     return row;
   };
-  let query: (params: unknown[]) => Promise<{ rows: unknown[][] }>;
+  let rowsOf: (params: unknown[]) => Promise<unknown[][]>;
   if (onPglite) {
-    query = (params) => client.query(queryString, params, queryConfig);
+    rowsOf = async (params) => (await client.query(queryString, params, queryConfig)).rows;
   } else {
     const named = new NamedStatement(queryConfig.name!, queryString, queryConfig.types!);
-    query = (params) => client.query(named.execution(params));
+    rowsOf = (params) => named.run(client, params);
   }
   (statement as { execute: unknown }).execute = async (placeholders: Record<string, unknown> = {}) => {
     const params = fillPlaceholders(prepared.params, placeholders);
     let rows: unknown[][];
     try {
-      ({ rows } = await query(params));
+      rows = await rowsOf(params);
     } catch (error) {
       throw new DrizzleQueryError(queryString, params, error as Error);
     }

@@ -21,6 +21,11 @@ interface Connection {
 
 type Answer = (error: Error | null, result?: { rows: unknown[][] }) => void;
 
+/** A pg client or pool: what takes a query object, with a callback for its answer. */
+interface Queryable {
+  query(execution: Execution, values: undefined, callback: Answer): unknown;
+}
+
 /**
  * A named statement executed on `pg` with its result described once per connection, rather than at each
  * execution as pg's own query does. pg asks PostgreSQL to describe the result every time, parses that
@@ -29,7 +34,8 @@ type Answer = (error: Error | null, result?: { rows: unknown[][] }) => void;
  * `GET /api/v1/projects/:id` (one statement) took 29% fewer instructions (docs/benchmarks.md). On one
  * connection a named statement's result keeps its columns and types: PostgreSQL fails an execution whose
  * plan would change them ("cached plan must not change result type"). A connection that parses the
- * statement anew (a new connection) describes it anew.
+ * statement anew (a new connection) describes it anew. One deallocated and prepared again under its name
+ * by SQL sent on the connection (which pg would not know of either) is not.
  *
  * Rows come as arrays, each column through `types`' parser, as pg's `rowMode: 'array'` gives them.
  */
@@ -43,9 +49,15 @@ export class NamedStatement {
     readonly types: TypeParsers,
   ) {}
 
-  /** What pg's `query` takes to execute the statement once with `values`: it answers `{ rows }`. */
-  execution(values: unknown[]): Execution {
-    return new Execution(this, values);
+  /**
+   * The statement executed once with `values` on `client` (a pg client or pool): its rows. The callback
+   * is given here: pg's client returns a query object itself, not a promise, and gives it no callback
+   * of its own.
+   */
+  run(client: Queryable, values: unknown[]): Promise<unknown[][]> {
+    return new Promise((resolve, reject) => {
+      client.query(new Execution(this, values), undefined, (error, result) => (error ? reject(error) : resolve(result!.rows)));
+    });
   }
 }
 
@@ -53,7 +65,7 @@ export class NamedStatement {
  * One execution: the query object pg takes in place of a config (it calls `submit`, then a `handle…`
  * for each message PostgreSQL answers with), answered once through `callback`, which pg sets.
  */
-class Execution {
+export class Execution {
   readonly name: string;
   readonly text: string;
   callback: Answer | undefined;
@@ -127,12 +139,23 @@ class Execution {
   }
 
   handleReadyForQuery(): void {
-    if (this.failure) this.callback?.(this.failure);
-    else this.callback?.(null, { rows: this.rows });
+    if (this.failure) this.answer(this.failure);
+    else this.answer(null, { rows: this.rows });
   }
 
   handleError(error: Error): void {
-    this.callback?.(this.failure ?? error);
+    this.answer(this.failure ?? error);
+  }
+
+  /** As pg's own query: a callback that throws must not stop the connection reading what comes next. */
+  private answer(...answer: Parameters<Answer>): void {
+    try {
+      this.callback!(...answer);
+    } catch (error) {
+      process.nextTick(() => {
+        throw error;
+      });
+    }
   }
 
   handleCopyInResponse(connection: Connection): void {

@@ -476,7 +476,7 @@ describe('a held connection', () => {
 });
 
 describe.runIf(process.env.TEST_DATABASE_URL)("a PostgreSQL connection's statements (BoundedClient)", () => {
-  it("answers a callback given in the statement's config once, and sets no bound on a statement pg refuses at once", async () => {
+  it("answers a callback given in the statement's config once, leaves pg's own query objects unbounded, and sets no bound on a statement pg refuses at once", async () => {
     const { url, drop } = await createTestDatabase();
     // Bound at 100 ms + 1 s unanswered.
     const database = openPostgres(url!, { max: 1, queryTimeoutMs: 100 });
@@ -489,9 +489,15 @@ describe.runIf(process.env.TEST_DATABASE_URL)("a PostgreSQL connection's stateme
       await expect.poll(() => answers).toEqual([[{ one: 1 }]]);
       const refused: unknown[] = [];
       expect(() => client.query(null as unknown as string, (error: Error | undefined) => refused.push(error))).toThrow(/null or undefined query/);
-      // Past the bound: no answer comes to the refused statement, and its connection was not closed.
+      // A query object of pg's own, with its callback: answered as it was made to, and left unbounded.
+      const made: unknown[] = [];
+      client.query(new pg.Query('select 4 as four', [], (error: Error | undefined, result: pg.QueryResult) => made.push(error ?? result.rows)));
+      await expect.poll(() => made).toEqual([[{ four: 4 }]]);
+      // Past the bound: no answer comes to the refused statement, nor a second to the query object, and
+      // the connection was not closed.
       await sleep(1_300);
       expect(refused).toEqual([]);
+      expect(made).toEqual([[{ four: 4 }]]);
       expect((await client.query('select 2 as two')).rows).toEqual([{ two: 2 }]);
       // A promise's failure leads back to its caller, as pg's own did.
       const failed = await client.query('select 1 / 0').catch((error: Error) => error);

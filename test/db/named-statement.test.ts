@@ -34,8 +34,7 @@ describe.runIf(process.env.TEST_DATABASE_URL)('a named statement on pg', () => {
     return { client, connection: (client as unknown as { connection: Connection }).connection };
   }
 
-  const run = (client: pg.ClientBase | pg.Pool, statement: NamedStatement, values: unknown[]) =>
-    (client.query(statement.execution(values) as never) as unknown as Promise<{ rows: unknown[][] }>).then(({ rows }) => rows);
+  const run = (client: pg.ClientBase | pg.Pool, statement: NamedStatement, values: unknown[]) => statement.run(client as never, values);
 
   const text = 'select $1::integer + 1 as n, $2::timestamptz as at, null::text as nothing from generate_series(1, 2)';
 
@@ -71,17 +70,38 @@ describe.runIf(process.env.TEST_DATABASE_URL)('a named statement on pg', () => {
     ]);
   });
 
+  it("answers on pg's own client too, which returns a query object itself rather than a promise", async () => {
+    const client = new pg.Client({ connectionString: testDb.url });
+    await client.connect();
+    try {
+      expect(await run(client, new NamedStatement('named_test_plain', 'select $1::integer * 2 as n', pg.types), [21])).toStrictEqual([[42]]);
+      const error = await run(client, new NamedStatement('named_test_plain_error', 'select 1 / $1::integer as n', pg.types), [0]).catch((caught: unknown) => caught);
+      expect(hasCode(error, '22012')).toBe(true); // division_by_zero
+    } finally {
+      await client.end();
+    }
+  });
+
   it("fails an execution with the database's error, and the next on its connection is answered", async () => {
     const statement = new NamedStatement('named_test_error', 'select 10 / $1::integer as n', pg.types);
-    const { client } = await hold();
+    const { client, connection } = await hold();
+    const described = vi.spyOn(connection, 'describe');
     expect(await run(client, statement, [2])).toStrictEqual([[5]]);
     const error = await run(client, statement, [0]).catch((caught: unknown) => caught);
     expect(hasCode(error, '22012')).toBe(true); // division_by_zero
     expect(await run(client, statement, [5])).toStrictEqual([[2]]);
-    // Its first execution failing, before its result was described: described at the next.
+    expect(described).toHaveBeenCalledTimes(1);
+    // Its first execution failing before its result was described (10 / 0 fails at Bind, folded as a
+    // constant): described at the next.
     const fresh = new NamedStatement('named_test_error_first', 'select 10 / $1::integer as n', pg.types);
     expect(hasCode(await run(client, fresh, [0]).catch((caught: unknown) => caught), '22012')).toBe(true);
     expect(await run(client, fresh, [1])).toStrictEqual([[10]]);
+    expect(described).toHaveBeenCalledTimes(3);
+    // Its first execution failing after its result was described (at a row): not described again.
+    const rows = new NamedStatement('named_test_error_rows', 'select 10 / g as n from generate_series($1::integer, 2) as g', pg.types);
+    expect(hasCode(await run(client, rows, [0]).catch((caught: unknown) => caught), '22012')).toBe(true);
+    expect(await run(client, rows, [1])).toStrictEqual([[10], [5]]);
+    expect(described).toHaveBeenCalledTimes(4);
   });
 
   it('fails an execution whose value pg cannot send, or whose row a parser refuses, and keeps its connection working', async () => {
