@@ -104,9 +104,10 @@ export interface PostgresOptions {
  * Every statement goes to pg with a callback made by `bounded` (a NamedStatement's execution too: pg
  * sets it there), and the bound is this class's, not pg's `query_timeout`. pg's bound, and pg's promise
  * when no callback is given, set a statement's callback to a closure whose scope holds the statement
- * itself, and each such statement then outlived the young generation's collections: with `pg` alone, 4,000 statements one after another, 0.4–6.5 MB went to
- * the old generation at each scavenge, which paused 6–20 ms, against nothing and 0.3 ms with callbacks
- * made apart from the statement (`--trace-gc-nvp`; docs/benchmarks.md, figure 8's tail).
+ * itself, and each such statement then outlived the young generation's collections: with `pg` alone,
+ * 4,000 statements one after another, 0.4–6.5 MB went to the old generation at each scavenge, which
+ * paused 6–20 ms, against nothing and 0.3 ms with callbacks made apart from the statement
+ * (`--trace-gc-nvp`; docs/benchmarks.md, figure 8's tail).
  */
 class BoundedClient extends pg.Client {
   private readonly unansweredMs: number;
