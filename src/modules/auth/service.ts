@@ -11,13 +11,14 @@ import type { StoredFileDiscarder } from '../files/service.js';
 import type { ForgetsHistory } from '../chat/history-cache.js';
 import type { PasswordHasher } from './password-hasher.js';
 import type { UserDto } from './schemas.js';
+import { isoString } from '../../iso-string.js';
 
 type UserRow = typeof users.$inferSelect;
 
 const UNIQUE_VIOLATION = '23505';
 
 function toDto(row: UserRow): UserDto {
-  return { id: row.id, email: row.email, name: row.name, createdAt: row.createdAt.toISOString() };
+  return { id: row.id, email: row.email, name: row.name, createdAt: isoString(row.createdAt) };
 }
 
 export class AuthService {

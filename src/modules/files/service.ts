@@ -23,6 +23,7 @@ import type { FileDto } from './schemas.js';
 import type { ProviderCopies } from './provider-copies.js';
 import type { ByteRange } from './ranges.js';
 import { bytesGone, type FileStorage, type StagedBytes } from './storage.js';
+import { isoString } from '../../iso-string.js';
 
 /** One part of a multipart/form-data body, as @fastify/multipart hands it over. */
 export type FormPart =
@@ -79,7 +80,7 @@ function toDto(row: FileRow): FileDto {
     size: row.size,
     sha256: row.sha256,
     providerFileId: row.providerFileId,
-    createdAt: row.createdAt.toISOString(),
+    createdAt: isoString(row.createdAt),
   };
 }
 

@@ -1,6 +1,7 @@
 import { z } from 'zod';
 import type { messages } from '../../db/schema.js';
 import { pageOf, pageQuery, timeSortKey } from '../../http/pagination.js';
+import { isoString } from '../../iso-string.js';
 
 export const usage = z
   .object({ promptTokens: z.number().int(), completionTokens: z.number().int(), totalTokens: z.number().int() })
@@ -37,7 +38,7 @@ export function toMessageDto(row: MessageRow): MessageDto {
       promptTokens !== null && completionTokens !== null && totalTokens !== null
         ? { promptTokens, completionTokens, totalTokens }
         : null,
-    createdAt: row.createdAt.toISOString(),
+    createdAt: isoString(row.createdAt),
   };
 }
 

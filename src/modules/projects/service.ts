@@ -15,6 +15,7 @@ import type { StoredFileDiscarder } from '../files/service.js';
 import type { ForgetsHistory } from '../chat/history-cache.js';
 import { changedAt, type LimitedInsert, limitedInsert, param, type Parent, projectsPerUser } from './count-limit.js';
 import type { CreateProjectInput, ProjectDto, UpdateProjectInput } from './schemas.js';
+import { isoString } from '../../iso-string.js';
 
 export type ProjectRow = typeof projects.$inferSelect;
 
@@ -82,8 +83,8 @@ function toDto(row: ProjectRow & { promptCount: number; messageCount: number; fi
     // Only the validated request bodies write this column.
     provider: row.provider as ProviderName | null,
     model: row.model,
-    createdAt: row.createdAt.toISOString(),
-    updatedAt: row.updatedAt.toISOString(),
+    createdAt: isoString(row.createdAt),
+    updatedAt: isoString(row.updatedAt),
     counts: { prompts: row.promptCount, messages: row.messageCount, files: row.fileCount },
   };
 }

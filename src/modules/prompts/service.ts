@@ -8,6 +8,7 @@ import { type IdSortKey, idSortKeyOf, type Page, type PageRequest, paginate } fr
 import { changedAt, type LimitedInsert, limitedInsert, param, promptsPerProject } from '../projects/count-limit.js';
 import { callersProject, inOwnedProject, projectIdParam, requireOwnedProject } from '../projects/service.js';
 import type { CreatePromptInput, PromptDto, UpdatePromptInput } from './schemas.js';
+import { isoString } from '../../iso-string.js';
 
 type PromptRow = typeof prompts.$inferSelect;
 
@@ -17,8 +18,8 @@ function toDto(row: PromptRow): PromptDto {
     projectId: row.projectId,
     title: row.title,
     content: row.content,
-    createdAt: row.createdAt.toISOString(),
-    updatedAt: row.updatedAt.toISOString(),
+    createdAt: isoString(row.createdAt),
+    updatedAt: isoString(row.updatedAt),
   };
 }
 
