@@ -50,6 +50,11 @@ export interface Background {
   othersCpu: number;
   /** The 1-minute load average at the figure's end. */
   loadAverage: number;
+  /**
+   * The buffers PostgreSQL's checkpoints wrote while it ran (none on the embedded database): a timed
+   * checkpoint spreads its writes over minutes, and the commits of every side meanwhile wait longer.
+   */
+  checkpointBuffers?: number;
 }
 
 export function currentRevision(): string {
@@ -85,8 +90,9 @@ function markdown(report: Report): string {
     '|---|---|---|---|---|---|---|---|',
     ...report.rows.map(tableRow),
     '',
-    'Other processes on the machine (not the bench) while each figure ran, CPU as a share of one core, and the load average: ' +
-      report.background.map(({ figure, othersCpu, loadAverage }) => `${figure}: ${percent(othersCpu)}, ${loadAverage.toFixed(1)}`).join('; ') +
+    'Other processes on the machine (not the bench) while each figure ran, CPU as a share of one core, and the load average' +
+      (report.database === 'postgres' ? "; then the buffers PostgreSQL's checkpoints wrote meanwhile: " : ': ') +
+      report.background.map(describeBackground).join('; ') +
       '.',
     '',
   ];
@@ -106,6 +112,10 @@ function markdown(report: Report): string {
     lines.push('');
   }
   return lines.join('\n');
+}
+
+function describeBackground({ figure, othersCpu, loadAverage, checkpointBuffers }: Background): string {
+  return `${figure}: ${percent(othersCpu)}, ${loadAverage.toFixed(1)}${checkpointBuffers === undefined ? '' : `, ${checkpointBuffers}`}`;
 }
 
 function describeColdCalls({ hotUs, afterSleepUs, afterSpinUs }: ColdCalls): string {

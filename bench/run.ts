@@ -66,8 +66,15 @@ try {
   for (const figure of selected) {
     log(`figure ${figure.number}: ${figure.title}`);
     // What the rest of the machine did meanwhile tells how far the figure can be trusted.
+    const checkpointsBefore = await checkpointBuffers();
     const { result: figureRows, shares } = await cpuShares({ machine: machineCpu, bench: bench.benchCpu }, () => runFigure(figure, bench));
-    background.push({ figure: figure.number, othersCpu: shares.machine! - shares.bench!, loadAverage: loadavg()[0]! });
+    const checkpointsAfter = await checkpointBuffers();
+    background.push({
+      figure: figure.number,
+      othersCpu: shares.machine! - shares.bench!,
+      loadAverage: loadavg()[0]!,
+      ...(checkpointsBefore !== undefined && checkpointsAfter !== undefined ? { checkpointBuffers: checkpointsAfter - checkpointsBefore } : {}),
+    });
     rows.push(...figureRows);
     for (const row of figureRows) log(`  ${row.measure}: ${row.ours} ${row.unit}${row.baseline ? ` (baseline ${row.baseline.value})` : ''}`);
   }
@@ -103,19 +110,38 @@ async function runFigure(figure: Figure, bench: Bench): Promise<Row[]> {
   }
 }
 
-async function postgresVersion(): Promise<string | undefined> {
+/** What `ask` makes of a connection to the bench's PostgreSQL server; undefined on the embedded database. */
+async function askPostgres<T>(ask: (client: pg.Client) => Promise<T>): Promise<T | undefined> {
   if (!process.env.DATABASE_URL) return undefined;
   const client = new pg.Client({ connectionString: process.env.DATABASE_URL });
   await client.connect();
   try {
+    return await ask(client);
+  } finally {
+    await client.end();
+  }
+}
+
+/**
+ * The buffers the server's checkpoints have written since its statistics were reset. The checkpointer
+ * reports them as it goes, a spread checkpoint's too. PostgreSQL 17 moved them to pg_stat_checkpointer.
+ */
+function checkpointBuffers(): Promise<number | undefined> {
+  return askPostgres(async (client) => {
+    const { moved } = (await client.query<{ moved: boolean }>(`select to_regclass('pg_catalog.pg_stat_checkpointer') is not null as moved`)).rows[0]!;
+    const statement = moved ? 'select buffers_written as written from pg_stat_checkpointer' : 'select buffers_checkpoint as written from pg_stat_bgwriter';
+    return Number((await client.query<{ written: string }>(statement)).rows[0]!.written);
+  });
+}
+
+function postgresVersion(): Promise<string | undefined> {
+  return askPostgres(async (client) => {
     const setting = async (name: string) => (await client.query<Record<string, string>>(`show ${name}`)).rows[0]![name]!;
     // What makes a commit durable, as the service's connections find it: said, not assumed.
     const [version, fsync, synchronousCommit] = [await setting('server_version'), await setting('fsync'), await setting('synchronous_commit')];
     const durable = fsync === 'on' && synchronousCommit !== 'off' && synchronousCommit !== 'local';
     return `PostgreSQL ${version}, fsync ${fsync}, synchronous_commit ${synchronousCommit}: ${durable ? 'durable commits' : 'commits NOT durable'}`;
-  } finally {
-    await client.end();
-  }
+  });
 }
 
 /** Each profile the service wrote in this run, summarized beside it (<file>.txt). */

@@ -126,7 +126,10 @@ describe('the report', () => {
         { hotUs: 20, afterSleepUs: 30, afterSpinUs: 20 },
       ],
       rows,
-      background: [{ figure: 1, othersCpu: 0.02, loadAverage: 1.5 }],
+      background: [
+        { figure: 1, othersCpu: 0.02, loadAverage: 1.5, checkpointBuffers: 0 },
+        { figure: 8, othersCpu: 0.03, loadAverage: 1.1, checkpointBuffers: 3872 },
+      ],
       roundTrips: [],
     };
     writeReport(report, join(dir, 'results.json'), join(dir, 'results.md'));
@@ -138,6 +141,9 @@ describe('the report', () => {
     expect(table.find((line) => line.startsWith('| 1 | m (req/s) | 2.5 |'))).toContain('| 0.1 | ratio ≤ 0.1 | **pass** |');
     expect(table.find((line) => line.startsWith('- Cold code (`bench/cold-probe.ts`, where the measured server runs;'))).toContain(
       '10 µs hot, 40 µs (4×) after 100 ms asleep, 55 µs (5.5×) after 100 ms of other work; then 20 µs hot, 30 µs (1.5×) after 100 ms asleep, 20 µs (1×) after 100 ms of other work.',
+    );
+    expect(table.find((line) => line.startsWith('Other processes'))).toBe(
+      "Other processes on the machine (not the bench) while each figure ran, CPU as a share of one core, and the load average; then the buffers PostgreSQL's checkpoints wrote meanwhile: 1: 2%, 1.5, 0; 8: 3%, 1.1, 3872.",
     );
     const json = JSON.parse(readFileSync(join(dir, 'results.json'), 'utf8')) as { rows: { pass: boolean }[] };
     expect(json.rows.map((judged) => judged.pass)).toEqual([false, true, false, false, true]);
