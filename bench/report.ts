@@ -43,7 +43,7 @@ export interface Report {
   roundTrips: Bench['roundTrips'];
 }
 
-/** Other work on the machine while a figure ran: tests of other people, say. */
+/** Other work on the machine while a figure ran (tests of other people, say), and PostgreSQL's checkpoints. */
 export interface Background {
   figure: number;
   /** CPU that processes other than the bench's used, as a share of one core (the machine has `cpus`). */
@@ -51,8 +51,8 @@ export interface Background {
   /** The 1-minute load average at the figure's end. */
   loadAverage: number;
   /**
-   * The buffers PostgreSQL's checkpoints wrote while it ran (none on the embedded database): a timed
-   * checkpoint spreads its writes over minutes, and the commits of every side meanwhile wait longer.
+   * The buffers (8 KB pages) PostgreSQL's checkpoints wrote while it ran; absent on the embedded
+   * database, or when they could not be read.
    */
   checkpointBuffers?: number;
 }
@@ -91,7 +91,7 @@ function markdown(report: Report): string {
     ...report.rows.map(tableRow),
     '',
     'Other processes on the machine (not the bench) while each figure ran, CPU as a share of one core, and the load average' +
-      (report.database === 'postgres' ? "; then the buffers PostgreSQL's checkpoints wrote meanwhile: " : ': ') +
+      (report.background.some((figure) => figure.checkpointBuffers !== undefined) ? "; and what PostgreSQL's checkpoints wrote meanwhile: " : ': ') +
       report.background.map(describeBackground).join('; ') +
       '.',
     '',
@@ -115,7 +115,8 @@ function markdown(report: Report): string {
 }
 
 function describeBackground({ figure, othersCpu, loadAverage, checkpointBuffers }: Background): string {
-  return `${figure}: ${percent(othersCpu)}, ${loadAverage.toFixed(1)}${checkpointBuffers === undefined ? '' : `, ${checkpointBuffers}`}`;
+  const checkpoints = checkpointBuffers === undefined ? '' : `, ${checkpointBuffers} buffers (${fmt((checkpointBuffers * 8) / 1024)} MB)`;
+  return `${figure}: ${percent(othersCpu)}, ${loadAverage.toFixed(1)}${checkpoints}`;
 }
 
 function describeColdCalls({ hotUs, afterSleepUs, afterSpinUs }: ColdCalls): string {

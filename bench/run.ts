@@ -123,15 +123,22 @@ async function askPostgres<T>(ask: (client: pg.Client) => Promise<T>): Promise<T
 }
 
 /**
- * The buffers the server's checkpoints have written since its statistics were reset. The checkpointer
- * reports them as it goes, a spread checkpoint's too. PostgreSQL 17 moved them to pg_stat_checkpointer.
+ * The buffers the server's checkpoints have written since its statistics were reset (the checkpointer
+ * reports them as it goes, a spread checkpoint's too); undefined on the embedded database, or when they
+ * cannot be read: the figures go on without them.
  */
-function checkpointBuffers(): Promise<number | undefined> {
-  return askPostgres(async (client) => {
-    const { moved } = (await client.query<{ moved: boolean }>(`select to_regclass('pg_catalog.pg_stat_checkpointer') is not null as moved`)).rows[0]!;
-    const statement = moved ? 'select buffers_written as written from pg_stat_checkpointer' : 'select buffers_checkpoint as written from pg_stat_bgwriter';
-    return Number((await client.query<{ written: string }>(statement)).rows[0]!.written);
-  });
+async function checkpointBuffers(): Promise<number | undefined> {
+  try {
+    return await askPostgres(async (client) => {
+      // PostgreSQL 17 moved them to pg_stat_checkpointer.
+      const { moved } = (await client.query<{ moved: boolean }>(`select current_setting('server_version_num')::int >= 170000 as moved`)).rows[0]!;
+      const statement = moved ? 'select buffers_written as written from pg_stat_checkpointer' : 'select buffers_checkpoint as written from pg_stat_bgwriter';
+      return Number((await client.query<{ written: string }>(statement)).rows[0]!.written);
+    });
+  } catch (error) {
+    log(`checkpoint statistics not read: ${(error as Error).message}`);
+    return undefined;
+  }
 }
 
 function postgresVersion(): Promise<string | undefined> {

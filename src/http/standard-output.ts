@@ -3,11 +3,12 @@ import type { DestinationStream } from 'pino';
 
 /**
  * The most log text held in memory while standard output takes it slower than it is written; past it,
- * lines are dropped. A line is counted by its length until it is encoded for a write (a byte a character
- * for the ASCII that nearly all of a log is): its byte length, taken as it came, walked the pieces the
- * line was made of, about 1% of the instructions of a simple request (benchmark figure 2).
+ * lines are dropped. Counted in characters (UTF-16 units) while the lines wait, in bytes once a write
+ * has encoded them: a byte a character for the ASCII that nearly all of a log is, up to three for other
+ * text (CJK), so up to 48 MiB then. A line's own byte length is not taken: it walked every piece the line
+ * was made of.
  */
-const MAX_UNWRITTEN_LOG_BYTES = 16 * 1024 * 1024;
+const MAX_UNWRITTEN_LOG = 16 * 1024 * 1024;
 /** How soon a write that a full pipe refused (EAGAIN) is tried again. */
 const RETRY_MS = 10;
 /** How long the lines left at exit may wait for a reader that takes them slower (a full pipe): a while, not for ever. */
@@ -23,7 +24,7 @@ export function standardOutput(): DestinationStream {
 /**
  * The log's writer: the lines logged in one turn of the event loop go out in one write, made once the
  * turn is done, asynchronously (a pipe's reader may be slow) and bounded: a reader slower than the
- * service (a stalled pipe) holds up to MAX_UNWRITTEN_LOG_BYTES, not the whole log; past it, lines are
+ * service (a stalled pipe) holds up to MAX_UNWRITTEN_LOG, not the whole log; past it, lines are
  * dropped. As the process exits, what is left is written at once, waiting up to EXIT_WAIT_MS for a full
  * pipe. Once a write fails (a full disk, a closed pipe), the log stops, said once on standard error.
  *
@@ -35,7 +36,7 @@ export function standardOutput(): DestinationStream {
 class StandardOutput implements DestinationStream {
   /** Lines not yet handed to a write. */
   private lines: string[] = [];
-  /** The length of `lines` and the bytes of `unwritten`, held to MAX_UNWRITTEN_LOG_BYTES. */
+  /** The characters of the text in `lines` plus the bytes of `unwritten`: a line that would take it past MAX_UNWRITTEN_LOG is dropped. */
   private held = 0;
   /** The bytes of the write under way not written yet: handed to the system, or waiting to be tried again. */
   private unwritten: Buffer | undefined;
@@ -50,7 +51,7 @@ class StandardOutput implements DestinationStream {
 
   write(line: string): void {
     if (this.stopped) return;
-    if (this.held + line.length > MAX_UNWRITTEN_LOG_BYTES) return;
+    if (this.held + line.length > MAX_UNWRITTEN_LOG) return;
     this.held += line.length;
     this.lines.push(line);
     // A write under way takes what came meanwhile once it is done.
