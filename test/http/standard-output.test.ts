@@ -87,7 +87,7 @@ setTimeout(() => process.exit(0), 50);`,
   });
 
   it('keeps the lines of a turn that logs past its bound up to the bound, and goes on logging', async () => {
-    // 20 MiB in one turn: the first 16 MiB kept, not the turn dropped whole.
+    // 20 Mi characters (ASCII: bytes) in one turn: the first 16 Mi kept, not the turn dropped whole.
     const lines = await printed(`for (let i = 0; i < 80000; i++) log.info({ i, pad: ${JSON.stringify(PAD)} }, 'line');
 setTimeout(() => log.info('after'), 200);`);
     const kept = numbers(lines.slice(0, -1));
