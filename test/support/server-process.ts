@@ -1,18 +1,45 @@
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
-import { once } from 'node:events';
-import { closeSync, mkdtempSync, openSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
+/** Where ports for servers to listen on are looked for: above the well-known services'. */
+const LOWEST_PORT = 10_000;
+/** How many ports, taken at random, are tried before giving up. */
+const PORT_TRIES = 100;
+
+/**
+ * A port on 127.0.0.1 that nothing listens on, for a server about to be started there. Taken below the
+ * range the system hands out to outgoing connections: a port from that range (what listening on port 0
+ * gives) can be taken by any client's connection, to PostgreSQL, to a fake, in the moment before the
+ * server binds it, which failed a test's PostgreSQL start once. At random, so that tests started at
+ * the same time look in different places.
+ */
 export async function freePort(): Promise<number> {
-  const server = createServer();
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const { port } = server.address() as { port: number };
-  server.close();
-  await once(server, 'close');
-  return port;
+  const end = ephemeralPortsStart();
+  for (let tried = 0; tried < PORT_TRIES; tried++) {
+    const port = LOWEST_PORT + Math.floor(Math.random() * Math.max(end - LOWEST_PORT, 1));
+    if (await listenable(port)) return port;
+  }
+  throw new Error(`no port found free to listen on between ${LOWEST_PORT} and ${end} in ${PORT_TRIES} tries`);
+}
+
+/** The first port of Linux's ephemeral range; elsewhere the lowest that systems use by default (Linux's). */
+function ephemeralPortsStart(): number {
+  try {
+    return Number(readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]) || 32_768;
+  } catch {
+    return 32_768;
+  }
+}
+
+function listenable(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const server = createServer();
+    server.once('error', () => resolve(false));
+    server.listen(port, '127.0.0.1', () => server.close(() => resolve(true)));
+  });
 }
 
 export interface NodeProcess {
