@@ -8,7 +8,7 @@ import { settleRestore } from './db/backup-store.js';
 import { type Database, openDatabase } from './db/database.js';
 import { createTokens, registerAuthentication } from './http/auth.js';
 import { answerClientError, answerFrameworkError, MissingHost, registerErrorHandling, ShuttingDown } from './http/errors.js';
-import { corsOutsideHooks, notUtf8Body, registerHardening } from './http/hardening.js';
+import { corsOutsideHooks, jsonBodyRefusal, registerHardening } from './http/hardening.js';
 import { censorChildBindings, requestLogger, RequestLines, serializeError, withoutSecrets } from './http/logging.js';
 import { standardOutput } from './http/standard-output.js';
 import { registerMetrics } from './http/metrics.js';
@@ -110,12 +110,12 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   // request (a fetch wrapper, a requests Session) send it on a DELETE too, which Fastify's own parser
   // refused (400). A route that needs a body refuses its absence itself (400 on `body`).
   const parseJson = app.getDefaultJsonParser(app.initialConfig.onProtoPoisoning ?? 'error', app.initialConfig.onConstructorPoisoning ?? 'error');
-  app.addContentTypeParser('application/json', { parseAs: 'string' }, (request, body: string, done) => {
-    if (body === '') done(null, undefined);
+  app.addContentTypeParser('application/json', { parseAs: 'buffer' }, (request, body: Buffer, done) => {
+    if (body.length === 0) done(null, undefined);
     else {
-      const refusal = notUtf8Body(request.headers['content-type']);
+      const refusal = jsonBodyRefusal(request.headers['content-type'], body);
       if (refusal) done(refusal, undefined);
-      else parseJson(request, body, done);
+      else parseJson(request, body.toString(), done);
     }
   });
 

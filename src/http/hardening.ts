@@ -1,3 +1,4 @@
+import { isUtf8 } from 'node:buffer';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { Socket } from 'node:net';
 import fastifyCompress from '@fastify/compress';
@@ -58,14 +59,17 @@ function charsetOf(contentType: string): string | undefined {
 }
 
 /**
- * A JSON body is read as UTF-8, the only encoding of JSON between systems (RFC 8259 8.1). One that names
- * another charset (`utf-16`, `latin1`) is 415 (RFC 9110 15.5.16), not read as UTF-8: its text would
- * be another text, stored as if sent, or a misleading 400.
+ * Why a JSON body is not read, if it is not. It is read as UTF-8, the only encoding of JSON between
+ * systems (RFC 8259 8.1). One that names another charset (`utf-16`, `latin1`) is 415 (RFC 9110
+ * 15.5.16), not read as UTF-8: its text would be another text, stored as if sent, or a misleading 400.
+ * Bytes that are not UTF-8 are 400: decoded, each bad sequence would become U+FFFD, so that passwords of
+ * different bytes were one password, and a text stored was not the text sent.
  */
-export function notUtf8Body(contentType: string | undefined): ApiError | undefined {
+export function jsonBodyRefusal(contentType: string | undefined, body: Buffer): ApiError | undefined {
   const charset = contentType === undefined ? undefined : charsetOf(contentType);
-  if (!charset || UTF8_LABELS.has(charset)) return undefined;
-  return new ApiError(415, 'UNSUPPORTED_MEDIA_TYPE', 'JSON is read as UTF-8: send it with charset=utf-8, or no charset');
+  if (charset && !UTF8_LABELS.has(charset)) return new ApiError(415, 'UNSUPPORTED_MEDIA_TYPE', 'JSON is read as UTF-8: send it with charset=utf-8, or no charset');
+  if (!isUtf8(body)) return new ApiError(400, 'VALIDATION_ERROR', 'The body is not valid UTF-8, the encoding of JSON (RFC 8259)');
+  return undefined;
 }
 
 const BODY_METHODS = new Set(['POST', 'PUT', 'PATCH']);

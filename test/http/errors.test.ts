@@ -6,6 +6,7 @@ import { openPostgres } from '../../src/db/database.js';
 import { prompts } from '../../src/db/schema.js';
 import { createProject, createPrompt, expectProblem, registerUser, startTestApp, TEST_SECRET, testConfig, type TestApp, uniqueEmail } from '../support/app.js';
 import { logCollector } from '../support/logs.js';
+import { INVALID_UTF8 } from '../support/openapi-arbitraries.js';
 
 let t: TestApp;
 beforeAll(async () => {
@@ -162,6 +163,30 @@ describe('problem+json for every error class', () => {
     }
     const listed = await t.app.inject({ method: 'GET', url: '/api/v1/projects', headers: user.auth });
     expect(listed.json().data).toHaveLength(7);
+  });
+
+  it('400 for JSON whose bytes are not UTF-8, which decoding would turn into U+FFFD: no such text is stored, no such password matches', async () => {
+    const user = await registerUser(t.app);
+    const json = (prefix: string, bytes: readonly number[], suffix: string) => Buffer.concat([Buffer.from(prefix), Buffer.from(bytes), Buffer.from(suffix)]);
+    const post = (url: string, payload: Buffer, headers: Record<string, string> = {}) =>
+      t.app.inject({ method: 'POST', url, headers: { ...headers, 'content-type': 'application/json' }, payload });
+    for (const bytes of INVALID_UTF8) {
+      const refused = expectProblem(await post('/api/v1/projects', json('{"name":"bad', bytes, '"}'), user.auth), 400, 'VALIDATION_ERROR');
+      expect(refused.detail).toContain('UTF-8');
+      // Outside a string too: the same answer as any other byte JSON has no place for.
+      expectProblem(await post('/api/v1/projects', json('{"name":"ok"', bytes, '}'), user.auth), 400, 'VALIDATION_ERROR');
+    }
+    expect((await t.app.inject({ method: 'GET', url: '/api/v1/projects', headers: user.auth })).json().data).toEqual([]);
+
+    // Eight 0xFF bytes and eight 0xFE bytes were both "\uFFFD" eight times: one password.
+    const email = uniqueEmail();
+    const credentials = (byte: number) => json(`{"email":"${email}","password":"`, Array(8).fill(byte), '","name":"Eve"}');
+    expectProblem(await post('/api/v1/auth/register', credentials(0xff)), 400, 'VALIDATION_ERROR');
+    const stored = await post('/api/v1/auth/register', Buffer.from(JSON.stringify({ email, password: '\ufffd'.repeat(8), name: 'Eve' })));
+    expect(stored.statusCode).toBe(201);
+    expectProblem(await post('/api/v1/auth/login', credentials(0xfe)), 400, 'VALIDATION_ERROR');
+    // The same text sent as UTF-8 is read, and is that password.
+    expect((await post('/api/v1/auth/login', Buffer.from(JSON.stringify({ email, password: '\ufffd'.repeat(8) })))).statusCode).toBe(200);
   });
 
   it('400 naming the field, never 500, for text the database cannot store (NUL), and nothing stored', async () => {

@@ -276,7 +276,7 @@ function validPlan(e: Endpoint, h: Hints): fc.Arbitrary<Plan> {
   );
 }
 
-/** Valid requests whose text is hostile: injection strings, NUL, lone surrogates, invalid UTF-8 bytes. They may succeed too. */
+/** Valid requests whose text is hostile: injection strings, NUL, lone surrogates, invalid UTF-8 bytes. They may succeed too, but for the bytes. */
 function hostilePlan(e: Endpoint, valid: fc.Arbitrary<Plan>): fc.Arbitrary<Plan> | undefined {
   const stringKeys = Object.entries(e.body?.properties ?? {})
     .filter(([, schema]) => resolve(doc, schema).type === 'string' && !resolve(doc, schema).enum)
@@ -291,7 +291,8 @@ function hostilePlan(e: Endpoint, valid: fc.Arbitrary<Plan>): fc.Arbitrary<Plan>
       fc.tuple(valid, fc.constantFrom(...stringKeys), fc.constantFrom(...INVALID_UTF8)).map(([plan, key, bytes]) => {
         const text = JSON.stringify({ ...bodyObject(plan), [key]: `bad${BYTES_MARKER}bytes` });
         const about = `${clip(text.replace(BYTES_MARKER, `<${bytes.map((b) => b.toString(16)).join(' ')}>`))}`;
-        return { ...plan, body: { raw: () => spliceBytes(text, bytes), contentType: 'application/json', about } };
+        // Refused: decoded, the bytes would be U+FFFD, another text than the one sent.
+        return { ...plan, mustReject: true, body: { raw: () => spliceBytes(text, bytes), contentType: 'application/json', about } };
       }),
     );
   }
