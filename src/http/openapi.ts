@@ -138,6 +138,29 @@ const documentRoute: SwaggerTransform = (input) => {
   return { url, schema: { ...transformed.schema, ...security } };
 };
 
+type SchemaObject = { type?: unknown; nullable?: boolean; allOf?: { $ref?: string }[] };
+
+/**
+ * The document, each nullable reference given its type. Zod's `.nullable()` of a schema with an id is
+ * written `{ nullable: true, allOf: [{ $ref }] }`, and OpenAPI 3.0.3 takes `nullable` only beside a
+ * `type`: without one, client generators read the member as never null (a message's `usage`, null
+ * for a user's message) and fail on the null the service sends. The type is the referenced schema's.
+ */
+const typedNullableReferences: typeof jsonSchemaTransformObject = (input) => {
+  const document = jsonSchemaTransformObject(input) as { components?: { schemas?: Record<string, SchemaObject> } };
+  const schemas = document.components?.schemas ?? {};
+  const visit = (value: unknown): void => {
+    if (typeof value !== 'object' || value === null) return;
+    for (const child of Object.values(value)) visit(child);
+    const schema = value as SchemaObject;
+    const [only, ...others] = schema.allOf ?? [];
+    const referenced = schema.nullable && schema.type === undefined && others.length === 0 ? only?.$ref?.match(/^#\/components\/schemas\/(.+)$/)?.[1] : undefined;
+    if (referenced) schema.type = schemas[referenced]?.type;
+  };
+  visit(document);
+  return document as ReturnType<typeof jsonSchemaTransformObject>;
+};
+
 /**
  * OpenAPI 3 at `GET /openapi.json`, generated from the Zod schemas that validate the requests, and
  * Swagger UI at `GET /docs`. Register before any route: the document lists the routes registered after it.
@@ -157,7 +180,7 @@ export async function registerOpenApi(app: FastifyInstance): Promise<void> {
       security: [{ bearerAuth: [] }],
     },
     transform: documentRoute,
-    transformObject: jsonSchemaTransformObject,
+    transformObject: typedNullableReferences,
   });
 
   // The UI's own routes (page, assets, a copy of the document) are public and left out of the document.

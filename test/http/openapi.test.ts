@@ -167,6 +167,18 @@ describe('OpenAPI document', () => {
     expect(operation('delete', '/api/v1/projects/{projectId}').responses['204']).toBeDefined();
   });
 
+  it('types every nullable schema, so that OpenAPI 3.0 reads its null: a reference to a schema too', () => {
+    const untyped: string[] = [];
+    const visit = (value: unknown, path: string): void => {
+      if (typeof value !== 'object' || value === null) return;
+      if ((value as { nullable?: boolean }).nullable && (value as { type?: unknown }).type === undefined) untyped.push(path);
+      for (const [key, child] of Object.entries(value)) visit(child, `${path}/${key}`);
+    };
+    visit(doc, '');
+    expect(untyped).toEqual([]);
+    expect(doc.components.schemas.Message!.properties!.usage).toEqual({ type: 'object', nullable: true, allOf: [{ $ref: '#/components/schemas/Usage' }] });
+  });
+
   it('documents the chat reply as JSON and as a server-sent event stream', () => {
     const chat = operation('post', '/api/v1/projects/{projectId}/chat');
     expect(chat.requestBody!.content['application/json']!.schema).toMatchObject({
