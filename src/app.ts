@@ -70,6 +70,9 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
     logController: new RequestLines(),
     // Each request's logger binds its id (reqId), made when the request first logs (src/http/logging.ts).
     childLoggerFactory: requestLogger,
+    // A path with a slash at its end is the path without it, on every route, as Express has it by
+    // default: Fastify alone answered one for a prefix's root only (`/api/v1/projects/`, not `…/:id/`).
+    routerOptions: { ignoreTrailingSlash: true },
     // Echo a well-formed incoming request id (so a trace spans services); otherwise make one.
     genReqId: (req) => {
       const incoming = req.headers['x-request-id'];

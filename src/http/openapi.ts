@@ -133,9 +133,7 @@ const documentRoute: SwaggerTransform = (input) => {
   const headersOf: Record<string, object> = { '429': retryAfter, '503': retryAfter, '401': challenge, '201': location };
   for (const [status, response] of Object.entries(responses)) response.headers = { ...requestId, ...headersOf[status], ...responseHeaders[status] };
   const security = input.route.config?.public ? { security: [] } : {};
-  // A prefix's root route answers with and without the slash; the contract names it without.
-  const url = transformed.url.length > 1 ? transformed.url.replace(/\/$/, '') : transformed.url;
-  return { url, schema: { ...transformed.schema, ...security } };
+  return { url: transformed.url, schema: { ...transformed.schema, ...security } };
 };
 
 type SchemaObject = { type?: unknown; nullable?: boolean; allOf?: { $ref?: string }[] };

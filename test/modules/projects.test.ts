@@ -165,6 +165,21 @@ describe('get and list', () => {
     expect(second).toEqual({ data: created.slice(20), nextCursor: null });
   });
 
+  it('answers a path with a slash at its end as the path without it, on every route', async () => {
+    const owner = await registerUser(t.app);
+    const project = await createProject(t.app, owner);
+    const prompt = await createPrompt(t.app, owner, project.id);
+    const get = (url: string) => t.app.inject({ method: 'GET', url, headers: owner.auth });
+    for (const path of ['/api/v1/projects', `/api/v1/projects/${project.id}`, `/api/v1/projects/${project.id}/prompts/${prompt.id}`, '/api/v1/auth/me', '/health/live']) {
+      const [without, withSlash] = [await get(path), await get(`${path}/`)];
+      expect(withSlash.statusCode, path).toBe(200);
+      expect(withSlash.json(), path).toEqual(without.json());
+    }
+    expect((await t.app.inject({ method: 'PATCH', url: `/api/v1/projects/${project.id}/`, headers: owner.auth, payload: { name: 'renamed' } })).json().name).toBe('renamed');
+    // Not another path: one slash, at the end, and only there.
+    expectProblem(await get(`/api/v1/projects/${project.id}//`), 404, 'NOT_FOUND');
+  });
+
   it('lists nothing for a new user', async () => {
     const fresh = await registerUser(t.app);
     expect((await request('GET', '', undefined, fresh)).json()).toEqual({ data: [], nextCursor: null });

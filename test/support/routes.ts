@@ -23,8 +23,8 @@ export function registeredRoutes(app: FastifyInstance): string[] {
   return routes;
 }
 
-/** `GET /api/v1/projects/:projectId/` as the document names it: `GET /api/v1/projects/{projectId}`. */
-export const asDocumented = (route: string) => route.replace(/:(\w+)/g, '{$1}').replace(/(.)\/$/, '$1');
+/** `GET /api/v1/projects/:projectId` as the document names it: `GET /api/v1/projects/{projectId}`. */
+export const asDocumented = (route: string) => route.replace(/:(\w+)/g, '{$1}');
 
 /** Ids a route is called with: user A's project, prompt and file, and user B's own project. */
 export interface OwnedIds {
