@@ -9,7 +9,7 @@ import { type Database, openDatabase } from './db/database.js';
 import { createTokens, registerAuthentication } from './http/auth.js';
 import { answerClientError, answerFrameworkError, MissingHost, registerErrorHandling, ShuttingDown } from './http/errors.js';
 import { corsOutsideHooks, jsonBodyRefusal, registerHardening } from './http/hardening.js';
-import { censorChildBindings, requestLogger, RequestLines, serializeError, withoutSecrets } from './http/logging.js';
+import { censorChildBindings, requestLogger, RequestLines, serializeError, serializeRequest, withoutSecrets } from './http/logging.js';
 import { standardOutput } from './http/standard-output.js';
 import { registerMetrics } from './http/metrics.js';
 import { registerOpenApi } from './http/openapi.js';
@@ -64,7 +64,7 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
       level: config.LOG_LEVEL,
       // Secrets are left out of every line (src/http/logging.ts); pino's own `redact` cost a quarter of a request.
       formatters: { log: withoutSecrets },
-      serializers: { err: serializeError },
+      serializers: { err: serializeError, req: serializeRequest },
       stream: deps.logStream ?? standardOutput(),
     },
     logController: new RequestLines(),

@@ -82,7 +82,7 @@ class RequestLogger implements FastifyBaseLogger {
     for (const [key, value] of Object.entries(withoutSecrets(this.bindings))) bindings += jsonField(`,${JSON.stringify(key)}:`, value);
     // A method is one of the tokens Node's parser knows: nothing in it to escape.
     const req =
-      `"method":"${request.method}","url":${JSON.stringify(request.url)}` +
+      `"method":"${request.method}","url":${JSON.stringify(loggedUrl(request.url))}` +
       jsonField(',"version":', request.headers['accept-version']) +
       jsonField(',"host":', request.host) +
       jsonField(',"remoteAddress":', request.ip) +
@@ -100,6 +100,44 @@ const answered = (request: FastifyRequest, reply: FastifyReply) => ({ req: reque
 
 /** A property as JSON writes it (`,"key":` given), nothing for a value it leaves out (undefined). */
 const jsonField = (key: string, value: unknown): string => (value === undefined ? '' : key + JSON.stringify(value));
+
+/**
+ * The query parameters whose values a log line keeps: those the routes take (the lists' `limit` and
+ * `cursor`, src/http/pagination.ts; `test/http/logging.test.ts` holds the document's to this).
+ */
+export const LOGGED_QUERY_PARAMETERS = new Set(['limit', 'cursor']);
+/** A query parameter's name that a log line keeps beside a redacted value: a short name, not a token. */
+const PARAMETER_NAME = /^[A-Za-z_][\w.-]{0,39}$/;
+
+/**
+ * A request's URL as its lines log it: the path, and of the query the values of LOGGED_QUERY_PARAMETERS;
+ * any other value is REDACTED (the whole pair, where its name could itself be a secret). No route reads
+ * a token or a password from the query, but a client may send one there all the same
+ * (`?access_token=…`), and it was written to the log whole, for anyone who reads the log.
+ */
+export function loggedUrl(url: string): string {
+  const start = url.indexOf('?');
+  if (start === -1) return url;
+  const pairs = url.slice(start + 1).split('&').map((pair) => {
+    const equals = pair.indexOf('=');
+    const name = equals === -1 ? pair : pair.slice(0, equals);
+    if (LOGGED_QUERY_PARAMETERS.has(name) || pair === '') return pair;
+    return equals !== -1 && PARAMETER_NAME.test(name) ? `${name}=${REDACTED}` : REDACTED;
+  });
+  return `${url.slice(0, start + 1)}${pairs.join('&')}`;
+}
+
+/** Fastify's serializer of a logged request (`req`), its URL as `loggedUrl` gives it. */
+export function serializeRequest(request: FastifyRequest) {
+  return {
+    method: request.method,
+    url: loggedUrl(request.url),
+    version: request.headers?.['accept-version'] as string | undefined,
+    host: request.host,
+    remoteAddress: request.ip,
+    remotePort: request.socket?.remotePort,
+  };
+}
 
 /**
  * Fastify's `childLoggerFactory`. A route with a log level or serializers of its own gets pino's child at

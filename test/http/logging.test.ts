@@ -5,7 +5,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { DrizzleQueryError, sql } from 'drizzle-orm';
 import { afterAll, beforeAll, describe, expect, it, onTestFinished } from 'vitest';
 import { buildApp } from '../../src/app.js';
-import { serializeError } from '../../src/http/logging.js';
+import { LOGGED_QUERY_PARAMETERS, serializeError } from '../../src/http/logging.js';
 import { createProject, registerUser, startTestApp, testConfig, type TestApp, uniqueEmail } from '../support/app.js';
 import { multipart } from '../support/multipart.js';
 import { createTestDatabase } from '../support/database.js';
@@ -59,11 +59,11 @@ describe('request logs', () => {
   it("carry it on Fastify's own line at info, one a request with what was asked and how it went; and on a route's own level", async () => {
     const { app, logs } = await loggingApp('info');
     onTestFinished(() => app.close());
-    const logged = await app.inject({ method: 'GET', url: '/log?page=2', headers: { 'x-request-id': 'trace-info-1' } });
+    const logged = await app.inject({ method: 'GET', url: '/log?limit=2', headers: { 'x-request-id': 'trace-info-1' } });
     const verbose = await app.inject({ method: 'GET', url: '/verbose' });
     const lines = linesOf(logs, 'trace-info-1');
     expect(lines.map((line) => line.msg)).toEqual(['a warning', 'from a child', 'request completed']);
-    expect(lines[2]).toMatchObject({ level: 30, req: { method: 'GET', url: '/log?page=2', remoteAddress: '127.0.0.1' }, res: { statusCode: 200 } });
+    expect(lines[2]).toMatchObject({ level: 30, req: { method: 'GET', url: '/log?limit=2', remoteAddress: '127.0.0.1' }, res: { statusCode: 200 } });
     expect(lines[2]!.responseTime).toEqual(expect.any(Number));
     expect(logged.json()).toEqual({ level: 'info' });
     // At debug (the route's level), its arrival too.
@@ -89,7 +89,7 @@ describe('the line of a request answered', () => {
       const [response] = (await once(request, 'response')) as [IncomingMessage];
       await once(response.resume(), 'end');
     };
-    await get('/quiet?q="a\\b"', 'trace-quiet-1');
+    await get('/quiet?cursor="a\\b"', 'trace-quiet-1');
     await get('/log', 'trace-logged-1');
     const [quiet] = linesOf(logs, 'trace-quiet-1');
     const logged = linesOf(logs, 'trace-logged-1').find((line) => line.msg === 'request completed');
@@ -99,7 +99,7 @@ describe('the line of a request answered', () => {
       pid: process.pid,
       hostname: expect.any(String),
       reqId: 'trace-quiet-1',
-      req: { method: 'GET', url: '/quiet?q="a\\b"', version: '2', host: 'chat.example:8080', remoteAddress: '127.0.0.1', remotePort: expect.any(Number) },
+      req: { method: 'GET', url: '/quiet?cursor="a\\b"', version: '2', host: 'chat.example:8080', remoteAddress: '127.0.0.1', remotePort: expect.any(Number) },
       res: { statusCode: 200 },
       responseTime: expect.any(Number),
       msg: 'request completed',
@@ -191,6 +191,36 @@ describe('secrets in the logs', () => {
     // The objects are the caller's: logged without their secrets, kept with them.
     expect(body.password).toBe('hunter2');
     expect(options.headers.authorization).toBe('Bearer secret-token');
+  });
+
+  it('leave out the values of a query that no route takes, a token or a password sent there, on every line that logs a URL', async () => {
+    const secret = 'eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXRva2Vu.c2lnbmF0dXJl';
+    const user = await registerUser(t.app);
+    for (const level of ['info', 'debug']) {
+      const { app, logs } = await loggingApp(level);
+      onTestFinished(() => app.close());
+      const get = async (url: string, headers: Record<string, string> = {}) =>
+        (await app.inject({ method: 'GET', url, headers })).headers['x-request-id'] as string;
+      const urlOf = (requestId: string) => (linesOf(logs, requestId).find((line) => line.msg === 'request completed')!.req as { url: string }).url;
+      expect(urlOf(await get(`/quiet?access_token=${secret}&limit=5&cursor=abc&`))).toBe('/quiet?access_token=[redacted]&limit=5&cursor=abc&');
+      expect(urlOf(await get(`/quiet?${secret}&password=${secret}`))).toBe('/quiet?[redacted]&password=[redacted]');
+      expect(urlOf(await get(`/quiet?${secret}=1&limit`))).toBe('/quiet?[redacted]&limit');
+      // A route that refuses the query (400), one that does not exist (404), a token refused (401), a route that logs.
+      await get(`/api/v1/projects?limit=2&password=${secret}`, user.auth);
+      await get(`/nowhere?token=${secret}`);
+      await get(`/api/v1/projects?token=${secret}`, { authorization: `Bearer ${secret}` });
+      await get(`/log?key=${secret}`);
+      expect(logs.lines.length).toBeGreaterThan(7);
+      expect(logs.lines.filter((line) => JSON.stringify(line).includes(secret))).toEqual([]);
+    }
+  });
+
+  it('keep the values of every query parameter the routes take, each one the document lists', async () => {
+    const document = (await t.app.inject({ method: 'GET', url: '/openapi.json' })).json() as { paths: Record<string, Record<string, { parameters?: { in: string; name: string }[] }>> };
+    const names = new Set(
+      Object.values(document.paths).flatMap((item) => Object.values(item).flatMap((operation) => (operation.parameters ?? []).filter((p) => p.in === 'query').map((p) => p.name))),
+    );
+    expect([...names].sort()).toEqual([...LOGGED_QUERY_PARAMETERS].sort());
   });
 
   it('say a client gone mid-body is gone (499), not that the database is unavailable', async () => {
