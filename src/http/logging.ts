@@ -102,27 +102,31 @@ const answered = (request: FastifyRequest, reply: FastifyReply) => ({ req: reque
 const jsonField = (key: string, value: unknown): string => (value === undefined ? '' : key + JSON.stringify(value));
 
 /**
- * The query parameters whose values a log line keeps: those the routes take (the lists' `limit` and
- * `cursor`, src/http/pagination.ts; `test/http/logging.test.ts` holds the document's to this).
+ * The query parameters whose values a log line keeps, each with the shape of the values the routes take
+ * (the lists' `limit` and `cursor`, src/http/pagination.ts: digits, and base64url). A value of another
+ * shape (a token sent as a cursor, the rest of `?limit=5?access_token=…`) is redacted as any other is.
  */
-export const LOGGED_QUERY_PARAMETERS = new Set(['limit', 'cursor']);
+export const LOGGED_QUERY_VALUES: Readonly<Record<string, RegExp>> = { limit: /^\d{1,3}$/, cursor: /^[\w-]{1,512}$/ };
 /** A query parameter's name that a log line keeps beside a redacted value: a short name, not a token. */
 const PARAMETER_NAME = /^[A-Za-z_][\w.-]{0,39}$/;
 
 /**
- * A request's URL as its lines log it: the path, and of the query the values of LOGGED_QUERY_PARAMETERS;
- * any other value is REDACTED (the whole pair, where its name could itself be a secret). No route reads
- * a token or a password from the query, but a client may send one there all the same
- * (`?access_token=…`), and it was written to the log whole, for anyone who reads the log.
+ * A request's URL as its lines log it: the path, and of the query the values that LOGGED_QUERY_VALUES
+ * keeps; any other value is REDACTED (the whole pair, where its name could itself be a secret). No
+ * route reads a token or a password from the query, but a client may send one there all the same
+ * (`?access_token=…`), and it was written to the log whole, for anyone who reads the log. The query
+ * starts where the router's does: at the first `?` or `#`.
  */
 export function loggedUrl(url: string): string {
-  const start = url.indexOf('?');
+  const [question, hash] = [url.indexOf('?'), url.indexOf('#')];
+  const start = question === -1 || (hash !== -1 && hash < question) ? hash : question;
   if (start === -1) return url;
   const pairs = url.slice(start + 1).split('&').map((pair) => {
     const equals = pair.indexOf('=');
-    const name = equals === -1 ? pair : pair.slice(0, equals);
-    if (LOGGED_QUERY_PARAMETERS.has(name) || pair === '') return pair;
-    return equals !== -1 && PARAMETER_NAME.test(name) ? `${name}=${REDACTED}` : REDACTED;
+    if (equals === -1) return pair === '' || Object.hasOwn(LOGGED_QUERY_VALUES, pair) ? pair : REDACTED;
+    const name = pair.slice(0, equals);
+    if (Object.hasOwn(LOGGED_QUERY_VALUES, name) && LOGGED_QUERY_VALUES[name]!.test(pair.slice(equals + 1))) return pair;
+    return PARAMETER_NAME.test(name) ? `${name}=${REDACTED}` : REDACTED;
   });
   return `${url.slice(0, start + 1)}${pairs.join('&')}`;
 }

@@ -10,28 +10,32 @@ const LOWEST_PORT = 10_000;
 const PORT_TRIES = 100;
 
 /**
- * A port on 127.0.0.1 that nothing listens on, for a server about to be started there. Taken below the
+ * A port on 127.0.0.1 that nothing listens on, for a server about to be started there. Taken outside the
  * range the system hands out to outgoing connections: a port from that range (what listening on port 0
  * gives) can be taken by any client's connection, to PostgreSQL, to a fake, in the moment before the
  * server binds it, which failed a test's PostgreSQL start once. At random, so that tests started at
  * the same time look in different places.
  */
 export async function freePort(): Promise<number> {
-  const end = ephemeralPortsStart();
-  for (let tried = 0; tried < PORT_TRIES; tried++) {
-    const port = LOWEST_PORT + Math.floor(Math.random() * Math.max(end - LOWEST_PORT, 1));
+  const [first, last] = ephemeralPorts();
+  // Below the range, or above it where a system's range leaves little room below (`1024 65535` leaves none).
+  const [from, to] = first - LOWEST_PORT >= 65_536 - last ? [LOWEST_PORT, first] : [last + 1, 65_536];
+  for (let tried = 0; tried < PORT_TRIES && to > from; tried++) {
+    const port = from + Math.floor(Math.random() * (to - from));
     if (await listenable(port)) return port;
   }
-  throw new Error(`no port found free to listen on between ${LOWEST_PORT} and ${end} in ${PORT_TRIES} tries`);
+  throw new Error(`no port found free to listen on outside the ephemeral range (${first}–${last}) in ${PORT_TRIES} tries`);
 }
 
-/** The first port of Linux's ephemeral range; elsewhere the lowest that systems use by default (Linux's). */
-function ephemeralPortsStart(): number {
+/** Linux's ephemeral range; elsewhere, Linux's default, which lies below the others' (49152–65535). */
+function ephemeralPorts(): [first: number, last: number] {
   try {
-    return Number(readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]) || 32_768;
+    const [first, last] = readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/).map(Number);
+    if (first! > 0 && last! >= first!) return [first!, last!];
   } catch {
-    return 32_768;
+    // not Linux
   }
+  return [32_768, 60_999];
 }
 
 function listenable(port: number): Promise<boolean> {
