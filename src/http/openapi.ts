@@ -136,15 +136,16 @@ const documentRoute: SwaggerTransform = (input) => {
   return { url: transformed.url, schema: { ...transformed.schema, ...security } };
 };
 
-type SchemaObject = { type?: unknown; nullable?: boolean; allOf?: { $ref?: string }[] };
+type SchemaObject = { type?: unknown; nullable?: boolean; allOf?: { $ref?: string }[]; anyOf?: object[] };
 
 /**
- * The document, each nullable reference given its type. Zod's `.nullable()` of a schema with an id is
- * written `{ nullable: true, allOf: [{ $ref }] }`, and OpenAPI 3.0.3 takes `nullable` only beside a
- * `type`: without one, client generators read the member as never null (a message's `usage`, null
- * for a user's message) and fail on the null the service sends. The type is the referenced schema's.
+ * The document, each nullable reference written so that null is valid under OpenAPI 3.0.3. Zod's
+ * `.nullable()` of a schema with an id is written `{ nullable: true, allOf: [{ $ref }] }`: 3.0.3 takes
+ * `nullable` only beside a `type`, and the reference's own type holds under `allOf` whatever `nullable`
+ * says, so that a validator of the answers (ajv, Schemathesis) refused the null the service sends (a
+ * message's `usage`, null for a user's message). Written instead as either the reference or null alone.
  */
-const typedNullableReferences: typeof jsonSchemaTransformObject = (input) => {
+const nullableReferences: typeof jsonSchemaTransformObject = (input) => {
   const document = jsonSchemaTransformObject(input) as { components?: { schemas?: Record<string, SchemaObject> } };
   const schemas = document.components?.schemas ?? {};
   const visit = (value: unknown): void => {
@@ -153,7 +154,11 @@ const typedNullableReferences: typeof jsonSchemaTransformObject = (input) => {
     const schema = value as SchemaObject;
     const [only, ...others] = schema.allOf ?? [];
     const referenced = schema.nullable && schema.type === undefined && others.length === 0 ? only?.$ref?.match(/^#\/components\/schemas\/(.+)$/)?.[1] : undefined;
-    if (referenced) schema.type = schemas[referenced]?.type;
+    const type = referenced && schemas[referenced]?.type;
+    if (!type) return;
+    delete schema.nullable;
+    delete schema.allOf;
+    schema.anyOf = [only!, { type, nullable: true, enum: [null] }];
   };
   visit(document);
   return document as ReturnType<typeof jsonSchemaTransformObject>;
@@ -178,7 +183,7 @@ export async function registerOpenApi(app: FastifyInstance): Promise<void> {
       security: [{ bearerAuth: [] }],
     },
     transform: documentRoute,
-    transformObject: typedNullableReferences,
+    transformObject: nullableReferences,
   });
 
   // The UI's own routes (page, assets, a copy of the document) are public and left out of the document.

@@ -1,4 +1,6 @@
 import { validate } from '@readme/openapi-parser';
+import { Ajv } from 'ajv';
+import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MAX_CHAT_MESSAGE_CHARS } from '../../src/modules/chat/schemas.js';
 import { createProject, registerUser, startTestApp, type TestApp } from '../support/app.js';
@@ -167,7 +169,7 @@ describe('OpenAPI document', () => {
     expect(operation('delete', '/api/v1/projects/{projectId}').responses['204']).toBeDefined();
   });
 
-  it('types every nullable schema, so that OpenAPI 3.0 reads its null: a reference to a schema too', () => {
+  it('writes every nullable schema so that a validator of OpenAPI 3.0 takes its null: a reference to a schema too', () => {
     const untyped: string[] = [];
     const visit = (value: unknown, path: string): void => {
       if (typeof value !== 'object' || value === null) return;
@@ -176,7 +178,15 @@ describe('OpenAPI document', () => {
     };
     visit(doc, '');
     expect(untyped).toEqual([]);
-    expect(doc.components.schemas.Message!.properties!.usage).toEqual({ type: 'object', nullable: true, allOf: [{ $ref: '#/components/schemas/Usage' }] });
+    // The answers as a client's validator reads them: OpenAPI 3.0's `nullable`, which ajv knows.
+    const ajv = new Ajv({ strict: false });
+    for (const [name, schema] of Object.entries(doc.components.schemas)) ajv.addSchema(schema, `#/components/schemas/${name}`);
+    const message = ajv.getSchema('#/components/schemas/Message')!;
+    const userMessage = { id: uuidv7(), projectId: uuidv7(), role: 'user', content: 'hi', status: 'complete', model: null, usage: null, createdAt: new Date().toISOString() };
+    expect(message(userMessage), JSON.stringify(message.errors)).toBe(true);
+    expect(message({ ...userMessage, usage: { promptTokens: 1, completionTokens: 2, totalTokens: 3 } })).toBe(true);
+    expect(message({ ...userMessage, usage: 'none' })).toBe(false);
+    expect(message({ ...userMessage, usage: {} })).toBe(false);
   });
 
   it('documents the chat reply as JSON and as a server-sent event stream', () => {
