@@ -164,6 +164,9 @@ const nullableReferences: typeof jsonSchemaTransformObject = (input) => {
   return document as ReturnType<typeof jsonSchemaTransformObject>;
 };
 
+/** The UI's page, with the slash its relative links need. */
+const DOCS_ROOT = '/docs/';
+
 /**
  * OpenAPI 3 at `GET /openapi.json`, generated from the Zod schemas that validate the requests, and
  * Swagger UI at `GET /docs`. Register before any route: the document lists the routes registered after it.
@@ -193,6 +196,15 @@ export async function registerOpenApi(app: FastifyInstance): Promise<void> {
       route.config = { ...route.config, public: true };
     });
     docs.addHook('onRequest', sendDocumentHeaders);
+    // The router takes a path with a slash at its end as the path without it, but the UI's redirect from
+    // `static/index.html` reads the path as sent, and sent `static/index.html/` back to itself for ever:
+    // under /docs such a path is sent to the path without the slash first.
+    docs.addHook('onRequest', (request, reply, done) => {
+      const query = request.url.search(/[?#]/);
+      const path = query === -1 ? request.url : request.url.slice(0, query);
+      if (path.length > DOCS_ROOT.length && path.endsWith('/')) reply.redirect(path.slice(0, -1) + (query === -1 ? '' : request.url.slice(query)), 308);
+      else done();
+    });
     await docs.register(fastifySwaggerUi, { routePrefix: '/docs' });
   });
 

@@ -213,4 +213,14 @@ describe('Swagger UI', () => {
     const copy = await t.app.inject({ method: 'GET', url: '/docs/json' });
     expect(copy.json()).toEqual(doc);
   });
+
+  it('sends a path under /docs with a slash at its end to the path without it: its index page is not a loop', async () => {
+    const get = (url: string) => t.app.inject({ method: 'GET', url });
+    const slashed = await get('/docs/static/index.html/?a=1');
+    expect([slashed.statusCode, slashed.headers.location]).toEqual([308, '/docs/static/index.html?a=1']);
+    const index = await get('/docs/static/index.html');
+    expect([index.statusCode, index.headers.location]).toEqual([302, '/docs/']);
+    expect((await get('/docs/')).statusCode).toBe(200);
+    expect((await get('/docs/json/')).headers.location).toBe('/docs/json');
+  });
 });
