@@ -1,6 +1,7 @@
 import { DrizzleQueryError } from 'drizzle-orm';
 import { type FastifyBaseLogger, type FastifyReply, type FastifyRequest, type FastifyServerOptions, LogController } from 'fastify';
 import { type DestinationStream, stdSerializers, symbols } from 'pino';
+import { queryStart } from './query-start.js';
 
 type Bindings = Parameters<FastifyBaseLogger['child']>[0];
 type ChildOptions = Parameters<FastifyBaseLogger['child']>[1];
@@ -114,12 +115,10 @@ const PARAMETER_NAME = /^[A-Za-z_][\w.-]{0,39}$/;
  * A request's URL as its lines log it: the path, and of the query the values that LOGGED_QUERY_VALUES
  * keeps; any other value is REDACTED (the whole pair, where its name could itself be a secret). No
  * route reads a token or a password from the query, but a client may send one there all the same
- * (`?access_token=…`), and it was written to the log whole, for anyone who reads the log. The query
- * starts where the router's does: at the first `?` or `#`.
+ * (`?access_token=…`), and it was written to the log whole, for anyone who reads the log.
  */
 export function loggedUrl(url: string): string {
-  const [question, hash] = [url.indexOf('?'), url.indexOf('#')];
-  const start = question === -1 || (hash !== -1 && hash < question) ? hash : question;
+  const start = queryStart(url);
   if (start === -1) return url;
   const pairs = url.slice(start + 1).split('&').map((pair) => {
     const equals = pair.indexOf('=');
