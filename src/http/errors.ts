@@ -102,6 +102,17 @@ export class Unauthorized extends ApiError {
   }
 }
 
+/**
+ * The caller is who its token says, but may not do this: the password an account route checks again
+ * (changing it, deleting the account) is wrong. Not a 401: that says the token is no good, and a client
+ * that signs its user out on a 401 did so for a typo.
+ */
+export class Forbidden extends ApiError {
+  constructor(detail: string) {
+    super(403, 'FORBIDDEN', detail);
+  }
+}
+
 export class NotFound extends ApiError {
   constructor(what = 'Resource') {
     super(404, 'NOT_FOUND', `${what} not found`);

@@ -133,10 +133,11 @@ export function registerMetrics(app: FastifyInstance, database: Database, knownN
       config: { public: true, servedUnderPressure: true },
       schema: {
         tags: ['operations'],
+        operationId: 'getMetrics',
         summary: 'Prometheus metrics (text exposition format)',
         description: 'No user’s token. With METRICS_TOKEN set, `Authorization: Bearer <METRICS_TOKEN>`; without it, 401.',
         response: { 200: { content: { 'text/plain': { schema: z.string() } } } },
-        problems: ['UNAUTHORIZED'],
+        ...(token !== undefined && { security: [{ metricsToken: [] }], problems: ['UNAUTHORIZED'] }),
       },
       onRequest: token === undefined ? [] : [requireBearer(token)],
     },

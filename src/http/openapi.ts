@@ -45,7 +45,7 @@ const problem = z
       .array(z.object({ path: z.string(), message: z.string() }))
       .optional()
       .describe('Only on VALIDATION_ERROR: each invalid field, e.g. `body.name`'),
-    userMessageId: z.string().optional().describe('A failed chat: the stored question, kept whatever happened'),
+    userMessageId: z.uuid().optional().describe('A failed chat: the stored question, kept whatever happened'),
     retryAfter: z
       .number()
       .int()
@@ -133,28 +133,61 @@ const documentRoute: SwaggerTransform = (input) => {
   const responses = transformed.schema.response as Record<string, { headers?: object }>;
   const headersOf: Record<string, object> = { '429': retryAfter, '503': retryAfter, '401': challenge, '201': location };
   for (const [status, response] of Object.entries(responses)) response.headers = { ...requestId, ...headersOf[status], ...responseHeaders[status] };
-  const security = input.route.config?.public ? { security: [] } : {};
-  return { url: transformed.url, schema: { ...transformed.schema, ...security } };
+  // A public route needs no user's token; one may name a credential of its own (`/metrics`).
+  const security = input.route.config?.public && transformed.schema.security === undefined ? { security: [] } : {};
+  const document = { ...transformed.schema, ...security };
+  return { url: transformed.url, schema: input.route.method === 'HEAD' ? asHead(document) : document };
 };
 
+/**
+ * The HEAD of a GET, which Fastify answers on every GET route (RFC 9110 §9.3.2): the GET's document
+ * without bodies, named after it (`getProjectHead`; @fastify/swagger's own suffix, `-head`, is no
+ * identifier a generated client can use).
+ */
+function asHead(schema: FastifySchema & { operationId?: string }): FastifySchema {
+  const responses = Object.entries(schema.response as Record<string, { description?: string; headers?: object }>);
+  // A response of type null is one without content, to @fastify/swagger.
+  const withoutBody = (status: string, { description, headers }: { description?: string; headers?: object }) => ({
+    type: 'null',
+    description: status.startsWith('2') ? 'The GET’s headers, without its body' : description,
+    headers,
+  });
+  return {
+    ...schema,
+    operationId: `${schema.operationId?.replace(/-head$/, '')}Head`,
+    response: Object.fromEntries(responses.map(([status, response]) => [status, withoutBody(status, response)])),
+  };
+}
+
 type SchemaObject = { type?: unknown; nullable?: boolean; allOf?: { $ref?: string }[]; anyOf?: object[] };
+type Document = { components?: { schemas?: Record<string, SchemaObject> } };
+
+/** The document as fastify-type-provider-zod writes it, then finished by the two steps below. */
+const finishedDocument: typeof jsonSchemaTransformObject = (input) => {
+  const document = jsonSchemaTransformObject(input) as Document;
+  writeNullableReferences(document);
+  dropUnusedSchemas(document);
+  return document as ReturnType<typeof jsonSchemaTransformObject>;
+};
+
+/** The id of the component schema that a `$ref` names, if it names one. */
+const referencedId = (ref: unknown) => (typeof ref === 'string' ? /^#\/components\/schemas\/(.+)$/.exec(ref)?.[1] : undefined);
 
 /**
- * The document, each nullable reference written so that null is valid under OpenAPI 3.0.3. Zod's
- * `.nullable()` of a schema with an id is written `{ nullable: true, allOf: [{ $ref }] }`: 3.0.3 takes
- * `nullable` only beside a `type`, and the reference's own type holds under `allOf` whatever `nullable`
- * says, so that a validator of the answers (ajv, Schemathesis) refused the null the service sends (a
- * message's `usage`, null for a user's message). Written instead as either the reference or null alone.
+ * Writes each nullable reference so that null is valid under OpenAPI 3.0.3. Zod's `.nullable()` of a
+ * schema with an id is written `{ nullable: true, allOf: [{ $ref }] }`: 3.0.3 takes `nullable` only
+ * beside a `type`, and the reference's own type holds under `allOf` whatever `nullable` says, so that a
+ * validator of the answers (ajv, Schemathesis) refused the null the service sends (a message's `usage`,
+ * null for a user's message). Written instead as either the reference or null alone.
  */
-const nullableReferences: typeof jsonSchemaTransformObject = (input) => {
-  const document = jsonSchemaTransformObject(input) as { components?: { schemas?: Record<string, SchemaObject> } };
+function writeNullableReferences(document: Document): void {
   const schemas = document.components?.schemas ?? {};
   const visit = (value: unknown): void => {
     if (typeof value !== 'object' || value === null) return;
     for (const child of Object.values(value)) visit(child);
     const schema = value as SchemaObject;
     const [only, ...others] = schema.allOf ?? [];
-    const referenced = schema.nullable && schema.type === undefined && others.length === 0 ? only?.$ref?.match(/^#\/components\/schemas\/(.+)$/)?.[1] : undefined;
+    const referenced = schema.nullable && schema.type === undefined && others.length === 0 ? referencedId(only?.$ref) : undefined;
     const type = referenced && schemas[referenced]?.type;
     if (!type) return;
     delete schema.nullable;
@@ -162,8 +195,28 @@ const nullableReferences: typeof jsonSchemaTransformObject = (input) => {
     schema.anyOf = [only!, { type, nullable: true, enum: [null] }];
   };
   visit(document);
-  return document as ReturnType<typeof jsonSchemaTransformObject>;
-};
+}
+
+/**
+ * Drops the schemas no operation uses. fastify-type-provider-zod writes each schema with an id twice, as
+ * read (`ProjectInput`) and as written (`Project`), whichever the routes use: a generated client got two
+ * near-twin types of each, the unused one looser.
+ */
+function dropUnusedSchemas(document: Document): void {
+  const schemas = document.components?.schemas ?? {};
+  const used = new Set<string>();
+  const visit = (value: unknown): void => {
+    if (typeof value !== 'object' || value === null) return;
+    const id = referencedId((value as { $ref?: unknown }).$ref);
+    if (id !== undefined && !used.has(id)) {
+      used.add(id);
+      visit(schemas[id]);
+    }
+    for (const child of Object.values(value)) visit(child);
+  };
+  visit({ ...document, components: { ...document.components, schemas: undefined } });
+  for (const id of Object.keys(schemas)) if (!used.has(id)) delete schemas[id];
+}
 
 /** The UI's page, with the slash its relative links need. */
 const DOCS_ROOT = '/docs/';
@@ -183,11 +236,27 @@ export async function registerOpenApi(app: FastifyInstance): Promise<void> {
           'Projects (chatbots) with system prompts, chat through OpenAI-compatible providers (JSON or server-sent events) and files. ' +
           'Every error is application/problem+json (RFC 9457) with a stable `code`.',
       },
-      components: { securitySchemes: { bearerAuth: { type: 'http', scheme: 'bearer', bearerFormat: 'JWT' } } },
+      tags: [
+        { name: 'auth', description: 'Accounts, and the tokens that act for them' },
+        { name: 'projects', description: 'Projects, each one a chatbot or agent' },
+        { name: 'prompts', description: 'A project’s system prompts' },
+        { name: 'chat', description: 'A turn with a project’s model, answered as JSON or as server-sent events' },
+        { name: 'messages', description: 'A project’s conversation' },
+        { name: 'files', description: 'Files attached to a project' },
+        { name: 'health', description: 'Readiness and liveness' },
+        { name: 'operations', description: 'Metrics, and this document' },
+      ],
+      components: {
+        securitySchemes: {
+          bearerAuth: { type: 'http', scheme: 'bearer', bearerFormat: 'JWT' },
+          metricsToken: { type: 'http', scheme: 'bearer', description: 'The METRICS_TOKEN of the server’s configuration' },
+        },
+      },
       security: [{ bearerAuth: [] }],
     },
+    exposeHeadRoutes: true,
     transform: documentRoute,
-    transformObject: nullableReferences,
+    transformObject: finishedDocument,
   });
 
   // The UI's own routes (page, assets, a copy of the document) are public and left out of the document.
@@ -215,6 +284,7 @@ export async function registerOpenApi(app: FastifyInstance): Promise<void> {
       config: { public: true },
       schema: {
         tags: ['operations'],
+        operationId: 'getOpenApiDocument',
         summary: 'This OpenAPI document',
         response: { 200: z.looseObject({ openapi: z.string() }).describe('OpenAPI 3 document') },
       },

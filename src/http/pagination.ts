@@ -43,10 +43,18 @@ function decodeCursor(cursor: string): unknown {
 }
 
 // Query values arrive as strings; only plain digits are a limit ('1.5', '1e1', ' 5' and '0x10' are not).
+// The document says what a client sends, an integer, not the pattern its text is read with.
 const limit = z
   .string()
   .regex(/^\d{1,3}$/, { message: `must be an integer from 1 to ${MAX_PAGE_SIZE}` })
-  .meta({ description: `Items a page: an integer from 1 to ${MAX_PAGE_SIZE} (${DEFAULT_PAGE_SIZE} without it)` })
+  .meta({
+    description: `Items a page: an integer from 1 to ${MAX_PAGE_SIZE} (${DEFAULT_PAGE_SIZE} without it)`,
+    type: 'integer',
+    minimum: 1,
+    maximum: MAX_PAGE_SIZE,
+    default: DEFAULT_PAGE_SIZE,
+    pattern: undefined,
+  })
   .transform(Number)
   .pipe(z.number().min(1).max(MAX_PAGE_SIZE))
   .default(DEFAULT_PAGE_SIZE);

@@ -65,6 +65,12 @@ describe('GET /metrics', () => {
         expect(scraped.statusCode, authorization).toBe(200);
         expect(scraped.body).toContain('# TYPE http_request_duration_seconds ');
       }
+      // The document says so: the metrics' own token, and its 401 (the app without one documents neither).
+      const documented = (await app.inject({ method: 'GET', url: '/openapi.json' })).json().paths['/metrics'].get;
+      expect(documented.security).toEqual([{ metricsToken: [] }]);
+      expect(documented.responses['401']).toBeDefined();
+      const open = (await t.app.inject({ method: 'GET', url: '/openapi.json' })).json().paths['/metrics'].get;
+      expect([open.security, open.responses['401']]).toEqual([[], undefined]);
     } finally {
       await app.close();
     }

@@ -8,6 +8,7 @@ import { multipart } from '../support/multipart.js';
 import { asDocumented, registeredRoutes } from '../support/routes.js';
 
 interface Operation {
+  operationId?: string;
   security?: unknown[];
   parameters?: { in: string; name: string }[];
   requestBody?: { content: Record<string, { schema: Record<string, unknown> }> };
@@ -36,6 +37,8 @@ const operations = () =>
   );
 const operation = (method: string, path: string) => doc.paths[path]![method]!;
 const PUBLIC = ['GET /health', 'GET /health/live', 'GET /metrics', 'GET /openapi.json', 'POST /api/v1/auth/register', 'POST /api/v1/auth/login'];
+/** The GET that a HEAD is answered as (Fastify answers one beside each GET), any other route itself. */
+const asGet = (route: string) => route.replace(/^HEAD /, 'GET ');
 
 describe('OpenAPI document', () => {
   it('is a valid OpenAPI 3 document', async () => {
@@ -54,32 +57,29 @@ describe('OpenAPI document', () => {
     expect(undocumented).toContain('GET /docs');
     // And nothing is documented that does not exist.
     const answered = new Set(registered.map(asDocumented));
-    expect([...documented].filter((route) => !answered.has(route))).toEqual([]);
+    expect([...documented].filter((route) => !answered.has(asGet(route)))).toEqual([]);
   });
 
   it('documents bearer auth, and marks exactly the public routes as needing none', () => {
     expect(doc.components.securitySchemes.bearerAuth).toEqual({ type: 'http', scheme: 'bearer', bearerFormat: 'JWT' });
     expect(doc.security).toEqual([{ bearerAuth: [] }]);
     const open = operations().filter((entry) => Array.isArray(entry.operation.security) && entry.operation.security.length === 0);
-    expect(open.map((entry) => entry.route).sort()).toEqual([...PUBLIC].sort());
+    expect(open.map((entry) => asGet(entry.route)).sort()).toEqual([...PUBLIC, ...PUBLIC.filter((route) => route.startsWith('GET '))].sort());
   });
 
   it('gives every operation its problem+json errors: 401 and 429 with Retry-After when authenticated, 500 always', () => {
     for (const { route, operation: op } of operations()) {
       const errors = Object.entries(op.responses).filter(([status]) => Number(status) >= 400);
       expect(errors.length, route).toBeGreaterThan(0);
-      for (const [status, response] of errors) {
-        expect(response.content, `${route} ${status}`).toEqual({
-          'application/problem+json': { schema: { $ref: '#/components/schemas/Problem' } },
-        });
-      }
+      const body = route.startsWith('HEAD ') ? undefined : { 'application/problem+json': { schema: { $ref: '#/components/schemas/Problem' } } };
+      for (const [status, response] of errors) expect(response.content, `${route} ${status}`).toEqual(body);
       expect(op.responses['500'], route).toBeDefined();
       // Refused before any route is: malformed HTTP or no Host, headers over the limit, too slow to arrive.
       for (const status of ['400', '408', '431']) expect(op.responses[status], `${route} ${status}`).toBeDefined();
       for (const [status, response] of Object.entries(op.responses)) {
         expect((response as { headers?: object }).headers, `${route} ${status}`).toHaveProperty('X-Request-Id');
       }
-      if (!PUBLIC.includes(route)) {
+      if (!PUBLIC.includes(asGet(route))) {
         expect(op.responses['401'], route).toBeDefined();
         expect(op.responses['429']?.headers, route).toHaveProperty('Retry-After');
         expect(op.responses['401']?.headers, route).toHaveProperty('WWW-Authenticate');
@@ -87,6 +87,35 @@ describe('OpenAPI document', () => {
     }
     expect(doc.components.schemas.Problem!.properties).toHaveProperty('code');
     expect(doc.components.schemas.Problem!.properties).toHaveProperty('requestId');
+  });
+
+  it('names every operation, once, as a generated client can name a function', () => {
+    const ids = operations().map((entry) => entry.operation.operationId);
+    for (const id of ids) expect(id).toMatch(/^[a-z][A-Za-z]*$/);
+    expect(new Set(ids).size).toBe(ids.length);
+    expect(operation('get', '/api/v1/projects/{projectId}').operationId).toBe('getProject');
+  });
+
+  it('documents the HEAD of every GET as its GET without bodies, and answers it so', async () => {
+    const gets = operations().filter((entry) => entry.route.startsWith('GET '));
+    for (const { route, operation: get } of gets) {
+      const [, path] = route.split(' ') as [string, string];
+      const head = operation('head', path);
+      expect(head.operationId, route).toBe(`${get.operationId}Head`);
+      expect(Object.keys(head.responses), route).toEqual(Object.keys(get.responses));
+      for (const [status, response] of Object.entries(head.responses)) {
+        expect(response.content, `HEAD ${path} ${status}`).toBeUndefined();
+        expect(response.headers, `HEAD ${path} ${status}`).toEqual(get.responses[status]!.headers);
+      }
+    }
+    const user = await registerUser(t.app);
+    await createProject(t.app, user);
+    const [get, head] = await Promise.all(
+      (['GET', 'HEAD'] as const).map((method) => t.app.inject({ method, url: '/api/v1/projects', headers: user.auth })),
+    );
+    expect([get!.statusCode, head!.statusCode]).toEqual([200, 200]);
+    expect(head!.body).toBe('');
+    expect(head!.headers['content-type']).toBe(get!.headers['content-type']);
   });
 
   it('names the route-specific problems, and the limits of login and register', () => {

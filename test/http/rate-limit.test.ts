@@ -344,9 +344,9 @@ describe('authenticated routes', () => {
         headers: who.auth,
         payload: method === 'POST' ? { currentPassword: password, newPassword: 'a new password' } : { password },
       });
-    expectProblem(await check(user, 'POST', 'guess one'), 401, 'UNAUTHORIZED');
-    expectProblem(await check(user, 'POST', 'guess two'), 401, 'UNAUTHORIZED');
-    expectProblem(await check(user, 'DELETE', 'guess three'), 401, 'UNAUTHORIZED');
+    expectProblem(await check(user, 'POST', 'guess one'), 403, 'FORBIDDEN');
+    expectProblem(await check(user, 'POST', 'guess two'), 403, 'FORBIDDEN');
+    expectProblem(await check(user, 'DELETE', 'guess three'), 403, 'FORBIDDEN');
     // Even the right password: the account is not deleted, and its token still works.
     expectRateLimited(await check(user, 'DELETE', PASSWORD), 15 * 60);
     expect((await t.app.inject({ method: 'GET', url: '/api/v1/auth/me', headers: user.auth })).statusCode).toBe(200);

@@ -657,13 +657,23 @@ async function send(plan: Plan, pool: Pool): Promise<Outcome> {
   return { plan, status: response.statusCode, failures: check(plan, response) };
 }
 
+/** The methods that change nothing stored. */
+const READS = ['GET', 'HEAD'];
+
+/** What is wrong with a HEAD's error: the headers of its GET's problem+json, and no body. */
+function headViolations(response: { headers: Record<string, unknown>; body: string }): string[] {
+  const type = String(response.headers['content-type'] ?? '');
+  return [...(type.startsWith('application/problem+json') ? [] : [`content-type ${type}`]), ...(response.body === '' ? [] : ['a HEAD answered with a body'])];
+}
+
 /** What is wrong with one answer: any 5xx, an error that is not the contract's problem+json, an undocumented status, an accepted mutation. */
 function check(plan: Plan, response: { statusCode: number; headers: Record<string, unknown>; body: string }): string[] {
   const status = response.statusCode;
   const failures: string[] = [];
   if (status >= 500) failures.push(`a ${status} (logged: ${loggedErrorOf(response.headers['x-request-id'])})`);
   if (!response.headers['x-request-id']) failures.push('no x-request-id');
-  if (status >= 400) failures.push(...problemViolations(response));
+  if (status >= 400 && plan.method === 'HEAD') failures.push(...headViolations(response));
+  else if (status >= 400) failures.push(...problemViolations(response));
   if (plan.mustReject && (status < 400 || status >= 500)) failures.push(`mutated request answered ${status}, not a 4xx`);
   // A request with a method the path does not have reaches no operation (404 route not found).
   const routed = plan.method === plan.endpoint.method;
@@ -757,7 +767,7 @@ it('answers every generated and mutated request of every operation: no 5xx, prob
 
       const failures = outcomes.flatMap((outcome) => outcome.failures);
       // A batch in which nothing succeeded (all of a mutated one must not) leaves everything as it was.
-      const succeeded = outcomes.filter((outcome) => outcome.status < 300 && outcome.plan.method !== 'GET');
+      const succeeded = outcomes.filter((outcome) => outcome.status < 300 && !READS.includes(outcome.plan.method));
       if (succeeded.length === 0) {
         unchangedBatches++;
         verifiedUnchanged += plans.length;

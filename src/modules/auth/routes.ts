@@ -20,7 +20,7 @@ export const authRoutes: FastifyPluginAsyncZod<{ auth: AuthService }> = async (a
     '/register',
     {
       config: { public: true, rateLimitGroup: 'register' },
-      schema: { tags: ['auth'], body: registerBody, response: { 201: session }, problems: ['CONFLICT'] },
+      schema: { tags: ['auth'], operationId: 'register', body: registerBody, response: { 201: session }, problems: ['CONFLICT'] },
     },
     // What it made is the caller's account, which a token reads at /me.
     async (request, reply) => reply.code(201).header('location', '/api/v1/auth/me').send(await auth.register(request.body, clientGoneSignal(reply))),
@@ -30,25 +30,25 @@ export const authRoutes: FastifyPluginAsyncZod<{ auth: AuthService }> = async (a
     '/login',
     {
       config: { public: true, rateLimitGroup: 'login' },
-      schema: { tags: ['auth'], body: loginBody, response: { 200: session }, problems: ['UNAUTHORIZED'] },
+      schema: { tags: ['auth'], operationId: 'login', body: loginBody, response: { 200: session }, problems: ['UNAUTHORIZED'] },
     },
     async (request, reply) => auth.login(request.body, request.log, clientGoneSignal(reply)),
   );
 
-  app.get('/me', { schema: { tags: ['auth'], response: { 200: userEnvelope } } }, async (request) => ({
+  app.get('/me', { schema: { tags: ['auth'], operationId: 'getMe', response: { 200: userEnvelope } } }, async (request) => ({
     user: await auth.me(request.user.id),
   }));
 
   app.patch(
     '/me',
-    { schema: { tags: ['auth'], body: updateMeBody, response: { 200: userEnvelope } } },
+    { schema: { tags: ['auth'], operationId: 'updateMe', body: updateMeBody, response: { 200: userEnvelope } } },
     async (request) => ({ user: await auth.updateMe(request.user.id, request.body) }),
   );
 
   // Both check the caller's password: limited like logins (src/http/rate-limit.ts).
   app.post(
     '/password',
-    { config: { rateLimitGroup: 'password' }, schema: { tags: ['auth'], body: changePasswordBody, response: { 204: noContent } } },
+    { config: { rateLimitGroup: 'password' }, schema: { tags: ['auth'], operationId: 'changePassword', body: changePasswordBody, response: { 204: noContent }, problems: ['FORBIDDEN'] } },
     async (request, reply) => {
       await auth.changePassword(request.user, request.body, clientGoneSignal(reply));
       return reply.code(204).send();
@@ -57,7 +57,7 @@ export const authRoutes: FastifyPluginAsyncZod<{ auth: AuthService }> = async (a
 
   app.delete(
     '/me',
-    { config: { rateLimitGroup: 'password' }, schema: { tags: ['auth'], body: deleteMeBody, response: { 204: noContent } } },
+    { config: { rateLimitGroup: 'password' }, schema: { tags: ['auth'], operationId: 'deleteMe', body: deleteMeBody, response: { 204: noContent }, problems: ['FORBIDDEN'] } },
     async (request, reply) => {
       await auth.deleteMe(request.user, request.body, request.log, clientGoneSignal(reply));
       return reply.code(204).send();

@@ -5,7 +5,7 @@ import type { Database, Db } from '../../db/database.js';
 import { files, projects, users } from '../../db/schema.js';
 import { assertTokenCurrent, type AuthUser, type Tokens } from '../../http/auth.js';
 import { hasCode } from '../../db/error-code.js';
-import { Conflict, NotFound, Unauthorized } from '../../http/errors.js';
+import { Conflict, Forbidden, NotFound, Unauthorized } from '../../http/errors.js';
 import { waitForFileWrites } from '../files/deleting.js';
 import type { StoredFileDiscarder } from '../files/service.js';
 import type { ForgetsHistory } from '../chat/history-cache.js';
@@ -160,7 +160,7 @@ export class AuthService {
   private async checkPassword(userId: string, password: string, clientGone?: AbortSignal): Promise<void> {
     const [row] = await this.db.select({ passwordHash: users.passwordHash }).from(users).where(eq(users.id, userId));
     if (!row) throw new Unauthorized('Invalid or expired token');
-    if (!(await this.passwords.compare(password, row.passwordHash, clientGone))) throw new Unauthorized('The password is wrong');
+    if (!(await this.passwords.compare(password, row.passwordHash, clientGone))) throw new Forbidden('The password is wrong');
   }
 
   private session(row: UserRow) {

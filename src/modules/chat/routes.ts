@@ -55,6 +55,7 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
       config: { rateLimitGroup: 'chat', tokenCheckedByHandler: true },
       schema: {
         tags: ['chat'],
+        operationId: 'chat',
         params: projectParams,
         headers: chatHeaders,
         body: chatBody,

@@ -30,6 +30,7 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
     {
       schema: {
         tags: ['files'],
+        operationId: 'uploadFile',
         description:
           'multipart/form-data with one part, `file`. Streamed to storage; over FILE_MAX_BYTES is 413 and nothing is kept. A project already holding MAX_FILES_PER_PROJECT files is 409.',
         consumes: ['multipart/form-data'],
@@ -56,18 +57,19 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
 
   app.get(
     '/',
-    { schema: { tags: ['files'], params: projectParams, querystring: fileListQuery, response: { 200: filePage } } },
+    { schema: { tags: ['files'], operationId: 'listFiles', params: projectParams, querystring: fileListQuery, response: { 200: filePage } } },
     async (request) => files.list(request.user.id, request.params.projectId, request.query),
   );
 
   app.get(
     '/:fileId',
-    { schema: { tags: ['files'], params: fileParams, response: { 200: file } } },
+    { schema: { tags: ['files'], operationId: 'getFile', params: fileParams, response: { 200: file } } },
     async (request) => files.get(request.user.id, request.params.projectId, request.params.fileId),
   );
 
   const downloadSchema = {
     tags: ['files'],
+    operationId: 'downloadFile',
     description:
       'The bytes as uploaded, as an attachment. Its ETag (the SHA-256, quoted) answers If-None-Match with 304, and an ' +
       'If-Match that names other bytes with 412; a Range of one span of bytes (`bytes=first-last`, `bytes=first-`, ' +
@@ -89,10 +91,9 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
     return answerDownload(reply, await files.content(user.id, params.projectId, params.fileId), headers, method === 'GET');
   };
   app.get('/:fileId/content', { schema: downloadSchema, exposeHeadRoute: false, compress: false }, download);
-  // Undocumented, as every HEAD.
-  app.head('/:fileId/content', { schema: { ...downloadSchema, hide: true }, compress: false }, download);
+  app.head('/:fileId/content', { schema: downloadSchema, compress: false }, download);
 
-  app.delete('/:fileId', { schema: { tags: ['files'], params: fileParams, response: { 204: noContent } } }, async (request, reply) => {
+  app.delete('/:fileId', { schema: { tags: ['files'], operationId: 'deleteFile', params: fileParams, response: { 204: noContent } } }, async (request, reply) => {
     await files.delete(request.user.id, request.params.projectId, request.params.fileId, request.log);
     return reply.code(204).send();
   });

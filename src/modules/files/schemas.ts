@@ -10,7 +10,7 @@ export const file = z
     projectId: z.uuid(),
     filename: z.string(),
     mimeType: z.string(),
-    size: z.number().int(),
+    size: z.number().int().nonnegative(),
     sha256: z.string(),
     providerFileId: z.string().nullable(),
     createdAt: z.iso.datetime(),

@@ -24,7 +24,7 @@ export const healthRoutes: FastifyPluginAsyncZod<{ database: Database }> = async
 
   app.get(
     '/health',
-    { config: { public: true }, schema: { tags: ['health'], response: { 200: healthy } } },
+    { config: { public: true }, schema: { tags: ['health'], operationId: 'getHealth', response: { 200: healthy } } },
     async (request, reply) => {
       try {
         await ping();
@@ -45,7 +45,7 @@ export const healthRoutes: FastifyPluginAsyncZod<{ database: Database }> = async
       // Liveness: answered while the process serves, even while it sheds load (a restart would not help).
       // An orchestrator's probes are not traffic: they stay out of the request metrics.
       config: { public: true, servedUnderPressure: true, metrics: false },
-      schema: { tags: ['health'], response: { 200: z.object({ status: z.literal('ok') }) } },
+      schema: { tags: ['health'], operationId: 'getLiveness', response: { 200: z.object({ status: z.literal('ok') }) } },
       // 15 bytes, far under the threshold: compression would only look at it.
       compress: false,
     },

@@ -8,11 +8,11 @@ import type { MessagesService } from './service.js';
 export const messageRoutes: FastifyPluginAsyncZod<{ messages: MessagesService }> = async (app, { messages }) => {
   app.get(
     '/',
-    { schema: { tags: ['messages'], params: projectParams, querystring: messageListQuery, response: { 200: messagePage } } },
+    { schema: { tags: ['messages'], operationId: 'listMessages', params: projectParams, querystring: messageListQuery, response: { 200: messagePage } } },
     async (request) => messages.list(request.user.id, request.params.projectId, request.query),
   );
 
-  app.delete('/', { schema: { tags: ['messages'], params: projectParams, response: { 204: noContent } } }, async (request, reply) => {
+  app.delete('/', { schema: { tags: ['messages'], operationId: 'clearMessages', params: projectParams, response: { 204: noContent } } }, async (request, reply) => {
     await messages.clear(request.user.id, request.params.projectId);
     return reply.code(204).send();
   });

@@ -3,8 +3,9 @@ import type { messages } from '../../db/schema.js';
 import { pageOf, pageQuery, timeSortKey } from '../../http/pagination.js';
 import { isoString } from '../../iso-string.js';
 
+const tokens = z.number().int().nonnegative();
 export const usage = z
-  .object({ promptTokens: z.number().int(), completionTokens: z.number().int(), totalTokens: z.number().int() })
+  .object({ promptTokens: tokens, completionTokens: tokens, totalTokens: tokens })
   .meta({ id: 'Usage' });
 
 export const message = z

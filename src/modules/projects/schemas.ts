@@ -20,6 +20,7 @@ export const updateProjectBody = patchBody({ name, description, provider, model 
 
 /** The `:projectId` of every route under a project; prompts, messages, chat and files extend it. */
 export const projectParams = z.object({ projectId: z.string() });
+const count = z.number().int().nonnegative();
 
 export const project = z
   .object({
@@ -30,7 +31,7 @@ export const project = z
     model: z.string().nullable(),
     createdAt: z.iso.datetime(),
     updatedAt: z.iso.datetime(),
-    counts: z.object({ prompts: z.number().int(), messages: z.number().int(), files: z.number().int() }),
+    counts: z.object({ prompts: count, messages: count, files: count }),
   })
   .meta({ id: 'Project' });
 
