@@ -64,7 +64,7 @@ class UpstreamStatusError extends Error {
    */
   readonly outOfQuota: boolean;
 
-  /** The upstream says the request is longer than the model's context (OpenAI's `context_length_exceeded`). */
+  /** The upstream says the request is longer than the model's context (see `saysContextTooLong`). */
   readonly contextTooLong: boolean;
 
   constructor(
@@ -75,20 +75,40 @@ class UpstreamStatusError extends Error {
     key: string | undefined,
   ) {
     super(`upstream answered ${status}: ${(key ? body.replaceAll(key, '[redacted]') : body).slice(0, 1_000)}`);
-    const code = errorCode(body);
-    this.outOfQuota = status === 429 && code === 'insufficient_quota';
-    this.contextTooLong = status === 400 && code === 'context_length_exceeded';
+    const error = errorOf(body);
+    this.outOfQuota = status === 429 && (error.code ?? error.type) === 'insufficient_quota';
+    this.contextTooLong = status === 400 && saysContextTooLong(error);
   }
 }
 
-/** The `code` (else the `type`) of an OpenAI-style error body, if it is one. */
-function errorCode(body: string): unknown {
+interface ErrorBody {
+  code?: unknown;
+  type?: unknown;
+  message?: unknown;
+}
+
+/** The error an OpenAI-style body describes: under `error` (OpenAI, OpenRouter, llama.cpp), or the body itself (vLLM's `{object: "error"}`). */
+function errorOf(body: string): ErrorBody {
   try {
-    const { error } = JSON.parse(body) as { error?: { code?: unknown; type?: unknown } | null };
-    return error?.code ?? error?.type;
+    const parsed = JSON.parse(body) as { error?: unknown; object?: unknown } | null;
+    const error = parsed?.error ?? (parsed?.object === 'error' ? parsed : undefined);
+    return typeof error === 'object' && error !== null ? (error as ErrorBody) : {};
   } catch {
-    return undefined;
+    return {};
   }
+}
+
+/** The words of a context overflow where no code names it: OpenRouter's code is the HTTP status, vLLM's too. */
+const CONTEXT_OVERFLOW = /maximum context length|context (length|window|size)|prompt is too long|too many tokens/i;
+
+/**
+ * Whether a 400's error says the request is longer than the model's context: OpenAI's code
+ * `context_length_exceeded`, llama.cpp's type `exceed_context_size_error`, or in its message ("This
+ * model's maximum context length is 4096 tokens", from vLLM, and OpenRouter's for the model behind it).
+ */
+function saysContextTooLong({ code, type, message }: ErrorBody): boolean {
+  if (code === 'context_length_exceeded' || type === 'exceed_context_size_error') return true;
+  return typeof message === 'string' && CONTEXT_OVERFLOW.test(message);
 }
 
 /**

@@ -171,6 +171,21 @@ describe('complete', () => {
     expect(clientVisible(error)).not.toContain(UPSTREAM_ERROR_TEXT);
   });
 
+  it.each([
+    ['vLLM', { object: 'error', message: "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens.", type: 'BadRequestError', code: 400 }],
+    ['OpenRouter', { error: { code: 400, message: "This endpoint's maximum context length is 8192 tokens. However, you requested about 9000 tokens." } }],
+    ['llama.cpp', { error: { code: 400, type: 'exceed_context_size_error', message: 'the request exceeds the available context size', n_ctx: 4096 } }],
+  ])("maps %s's words for a context overflow to 400 CONTEXT_TOO_LONG too: no code of OpenAI's names it", async (_, errorBody) => {
+    fake.setDefault({ status: 400, errorBody });
+    expect(await rejection(adapter().complete(chat()))).toMatchObject({ status: 400, code: 'CONTEXT_TOO_LONG' });
+    expect(fake.requests).toHaveLength(1);
+  });
+
+  it('answers a 400 of another kind as the provider failing (502), not as a context overflow', async () => {
+    fake.setDefault({ status: 400, errorBody: { error: { code: 400, message: 'model "llama9" not found, try pulling it first' } } });
+    expect(await rejection(adapter().complete(chat()))).toBeInstanceOf(ProviderError);
+  });
+
   it('keeps no key an upstream quotes back in what it logs of its refusal', async () => {
     const upstream = createServer((req, res) => {
       res.writeHead(401, { 'content-type': 'application/json' }).end(JSON.stringify({ error: { message: `Invalid key ${req.headers.authorization}` } }));

@@ -61,6 +61,8 @@ export interface UpstreamReply {
   retryAfter?: number | string;
   /** With `status`: the error body's `code` and `type`, as OpenAI names its refusals (e.g. `insufficient_quota`). */
   errorCode?: string;
+  /** With `status`: the error body as sent, in place of OpenAI's shape (another server's: vLLM's, llama.cpp's, OpenRouter's). */
+  errorBody?: unknown;
   /** More response headers, on any answer (e.g. `retry-after-ms`). */
   headers?: Record<string, string>;
   /** The reply text; by default `Echo: ` and the last user message. */
@@ -253,7 +255,7 @@ export class FakeUpstream {
     if (reply.fault === 'reset' && !isStreaming(record)) return exchange.resetSocket();
     for (const [name, value] of Object.entries(reply.headers ?? {})) res.setHeader(name, value);
     if (reply.retryAfter !== undefined) res.setHeader('retry-after', String(reply.retryAfter));
-    if (reply.status && reply.status >= 400) return sendError(res, reply.status, reply.errorCode);
+    if (reply.status && reply.status >= 400) return reply.errorBody === undefined ? sendError(res, reply.status, reply.errorCode) : sendJson(res, reply.status, reply.errorBody);
     if (reply.status && reply.status >= 300) return sendRaw(res, reply.status, 'text/plain', '');
 
     const fileId = /^\/v1\/files\/([^/]+)$/.exec(record.path)?.[1];
