@@ -50,7 +50,7 @@ export class CallDeadline {
     return this.controller.signal;
   }
 
-  /** The deadline starts again from now (a stream's: each silence between deltas). */
+  /** The deadline starts again from now (a stream's: each silence between its chunks). */
   refresh(): void {
     this.timer.refresh();
   }

@@ -187,7 +187,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
     return this.withRetries(request, async () => {
       const response = await this.send('POST', '/chat/completions', chatBody(request, true, this.outputLimitField), signal);
       return new Promise<StreamEnd>((resolve, reject) => {
-        new ReplyReader(response.body, request.model, signal, onDelta, resolve, (error, given) => reject(given ? failure(error, signal) : error));
+        new ReplyReader(response.body, request, onDelta, resolve, (error, given) => reject(given ? failure(error, signal) : error));
       }).catch(readFailure);
     });
   }
@@ -308,16 +308,21 @@ class ReplyReader {
   private settled = false;
   private readonly unwatch: () => void;
 
+  /** The call's: once it fires, nothing more is given, whatever has arrived (the client left, the deadline passed). */
+  private readonly signal: AbortSignal;
+  private readonly onProgress: (() => void) | undefined;
+
   constructor(
     private readonly body: Readable,
-    requestedModel: string,
-    /** The call's: once it fires, nothing more is given, whatever has arrived (the client left, the deadline passed). */
-    private readonly signal: AbortSignal,
+    request: ChatRequest,
     private readonly onDelta: DeltaSink,
     private readonly resolve: (end: StreamEnd) => void,
     private readonly reject: (error: unknown, given: boolean) => void,
   ) {
-    this.model = requestedModel;
+    const { signal } = request;
+    this.signal = signal;
+    this.onProgress = request.onProgress;
+    this.model = request.model;
     body.on('data', this.chunk);
     const unwatchBody = finished(body, { writable: false }, (error) => {
       this.bodyEnd = error ?? null;
@@ -374,6 +379,7 @@ class ReplyReader {
       return this.end();
     }
     const data = streamChunk(event);
+    this.onProgress?.();
     this.afterFinish?.refresh();
     this.model = upstreamModel(data.model, this.model);
     // Servers that ignore stream_options send no usage chunk: usage stays null.

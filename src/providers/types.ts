@@ -39,6 +39,11 @@ export interface ChatRequest extends CallBounds {
   model: string;
   messages: ChatMessage[];
   maxOutputTokens: number;
+  /**
+   * A stream's: called on each chunk its upstream sends, text or not. A reasoning model streams its
+   * thinking (`reasoning_content`) for a long while before its first text, and is not silent meanwhile.
+   */
+  onProgress?: () => void;
 }
 
 export interface ChatCompletion {

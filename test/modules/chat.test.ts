@@ -822,6 +822,18 @@ describe('streaming chat', () => {
     expect(rows[1]!.content).toBe(events.filter((e) => e.event === 'delta').map((e) => e.data.content).join(''));
   });
 
+  it('waits for a reasoning model that streams its thinking for longer than AI_TIMEOUT_MS: it is not silent', async () => {
+    const projectId = await newProject();
+    // 6 chunks of thinking, 500 ms apart: 3 s before the first text, where the deadline is 2 s.
+    fake.enqueue({ content: 'Considered answer', thinking: 6, chunkDelayMs: 500 });
+    const events = await readSse(await streamChat(projectId, { message: 'think hard' }));
+    expect(events.map((e) => e.event)).toEqual(['user_message', 'delta', 'delta', 'done']);
+    expect((await stored(projectId)).map((r) => [r.role, r.content, r.status])).toEqual([
+      ['user', 'think hard', 'complete'],
+      ['assistant', 'Considered answer', 'complete'],
+    ]);
+  });
+
   it('completes an answer whose upstream sent its finish_reason, then neither [DONE] nor the end of the response', async () => {
     const projectId = await newProject();
     fake.enqueue({ content: 'all of it', fault: 'open-after-finish' });

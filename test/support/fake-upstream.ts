@@ -77,6 +77,8 @@ export interface UpstreamReply {
   chunks?: number;
   /** Streaming: a pause before every content chunk but the first; with `fault: 'drip'`, before every byte. */
   chunkDelayMs?: number;
+  /** Streaming: this many chunks of thinking (`reasoning_content`, as vLLM sends DeepSeek-R1's) before the content, each after `chunkDelayMs`. */
+  thinking?: number;
   fault?: UpstreamFault;
   /** Streaming faults strike after this many content chunks (default 1). */
   afterChunks?: number;
@@ -314,6 +316,11 @@ export class FakeUpstream {
 
     res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' });
     await send(chunk({ delta: { role: 'assistant', content: '' } }));
+    for (let i = 0; i < (reply.thinking ?? 0); i++) {
+      if (reply.chunkDelayMs) await sleep(reply.chunkDelayMs, undefined, { signal: gone });
+      if (gone.aborted) return;
+      await send(chunk({ delta: { reasoning_content: 'Thinking it over. ' } }));
+    }
     const pieces = splitContent(content, reply.chunks);
     const faultAt = reply.afterChunks ?? 1;
     for (let i = 0; i <= pieces.length; i++) {

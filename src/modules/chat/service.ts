@@ -472,9 +472,9 @@ export class ChatService {
   }
 
   /**
-   * A streamed turn. Deltas are passed on as they arrive. The deadline covers everything up to the first
-   * delta (retries included) and then each silence between deltas, so a long answer that keeps coming
-   * is never cut. A client that leaves aborts the upstream call; text received so far is kept as
+   * A streamed turn. Deltas are passed on as they arrive. The deadline covers everything up to the
+   * upstream's first chunk (retries included) and then each silence between its chunks, so a long answer
+   * that keeps coming, or a long thought before it, is never cut. A client that leaves aborts the upstream call; text received so far is kept as
    * `incomplete`, as it is when the upstream breaks or `interrupt` fires (server shutdown), whose
    * reason, an ApiError, is then the failure. `keep` keeps a complete result with the answer.
    */
@@ -494,13 +494,14 @@ export class ChatService {
       signal: call.signal,
       // Retries happen only before the first delta, so this bounds them all.
       deadline: call.deadline,
+      // The deadline is for silences: each chunk starts it again, a reasoning model's thinking as a delta does.
+      onProgress: () => call.refresh(),
     };
     let text = '';
     const onDelta = (content: string) => {
       // The upstream has answered and no retry will send the context again: an open stream does not keep
       // it (the whole history, up to the model's window) until its last delta.
       if (!text) request.messages = turn.context = [];
-      call.refresh();
       text += content;
       return observer.delta(content);
     };
