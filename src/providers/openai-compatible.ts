@@ -74,7 +74,7 @@ class UpstreamStatusError extends Error {
     /** The key the call was made with: a proxy may quote it back ("Invalid key Bearer sk-…"), and the message is logged. */
     key: string | undefined,
   ) {
-    super(`upstream answered ${status}: ${(key ? body.replaceAll(key, '[redacted]') : body).slice(0, 1_000)}`);
+    super(`upstream answered ${status}: ${quoted(body, key)}`);
     const error = errorOf(body);
     this.outOfQuota = status === 429 && (error.code ?? error.type) === 'insufficient_quota';
     this.contextTooLong = status === 400 && saysContextTooLong(error);
@@ -87,15 +87,40 @@ interface ErrorBody {
   message?: unknown;
 }
 
+/** An upstream's text as a log may hold it: without the key it may quote back ("Invalid key Bearer sk-…"), and not all of it. */
+const quoted = (text: string, key: string | undefined) => (key ? text.replaceAll(key, '[redacted]') : text).slice(0, 1_000);
+
 /** The error an OpenAI-style body describes: under `error` (OpenAI, OpenRouter, llama.cpp), or the body itself (vLLM's `{object: "error"}`). */
 function errorOf(body: string): ErrorBody {
   try {
-    const parsed = JSON.parse(body) as { error?: unknown; object?: unknown } | null;
-    const error = parsed?.error ?? (parsed?.object === 'error' ? parsed : undefined);
-    return typeof error === 'object' && error !== null ? (error as ErrorBody) : {};
+    return errorIn(JSON.parse(body));
   } catch {
     return {};
   }
+}
+
+function errorIn(parsed: unknown): ErrorBody {
+  const { error, object } = (parsed ?? {}) as { error?: unknown; object?: unknown };
+  const found = error ?? (object === 'error' ? parsed : undefined);
+  return typeof found === 'object' && found !== null ? (found as ErrorBody) : {};
+}
+
+/** Whether a 200's body, or a chunk of its stream, is an error rather than an answer. */
+function namesError(parsed: unknown): boolean {
+  const { error, object } = (parsed ?? {}) as { error?: unknown; object?: unknown };
+  return Boolean(error) || object === 'error';
+}
+
+/**
+ * An error an upstream sends in a 200, as its body or as a chunk of its stream: OpenRouter's, whose
+ * `code` is the status it stands for (a 429 of the model's provider, a 502), is failed as that status
+ * would be (a 429 retried, then PROVIDER_RATE_LIMITED); one without a status as a malformed answer. Its
+ * text goes to the log either way.
+ */
+function inBandError(body: string, key: string | undefined): Error {
+  const { code } = errorOf(body);
+  if (typeof code === 'number' && code >= 400 && code <= 599) return new UpstreamStatusError(code, {}, body, key);
+  return new Error(`the upstream sent an error: ${quoted(body, key)}`);
 }
 
 /** The words of a context overflow where no code names it: OpenRouter's code is the HTTP status, vLLM's too. */
@@ -155,7 +180,13 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
       maxResponseSize: options.maxResponseBytes ?? maxResponseBytesFor(1024),
     });
     this.apiKey = options.apiKey;
-    this.headers = { ...options.defaultHeaders, ...(options.apiKey && { authorization: `Bearer ${options.apiKey}` }) };
+    // Answers are read as sent, never decompressed: a request that names no coding takes any (RFC 9110
+    // §12.5.3), and a proxy that then gzipped one had it fail as malformed JSON.
+    this.headers = {
+      ...options.defaultHeaders,
+      'accept-encoding': 'identity',
+      ...(options.apiKey && { authorization: `Bearer ${options.apiKey}` }),
+    };
     this.jsonHeaders = { ...this.headers, 'content-type': 'application/json' };
   }
 
@@ -168,7 +199,9 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
     const { signal } = request;
     const completion = (await this.withRetries(request, async () => {
       const response = await this.send('POST', '/chat/completions', chatBody(request, false, this.outputLimitField), signal);
-      return response.body.json().catch(readFailure);
+      const body: unknown = await response.body.json().catch(readFailure);
+      if (namesError(body)) throw inBandError(JSON.stringify(body), this.apiKey);
+      return body;
     })) as { choices?: { message?: { content?: unknown } }[]; model?: unknown; usage?: unknown } | null;
     // An upstream may send anything with a 200.
     const content = completion?.choices?.[0]?.message?.content;
@@ -187,7 +220,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
     return this.withRetries(request, async () => {
       const response = await this.send('POST', '/chat/completions', chatBody(request, true, this.outputLimitField), signal);
       return new Promise<StreamEnd>((resolve, reject) => {
-        new ReplyReader(response.body, request, onDelta, resolve, (error, given) => reject(given ? failure(error, signal) : error));
+        new ReplyReader(response.body, request, this.apiKey, onDelta, resolve, (error, given) => reject(given ? failure(error, signal) : error));
       }).catch(readFailure);
     });
   }
@@ -315,6 +348,8 @@ class ReplyReader {
   constructor(
     private readonly body: Readable,
     request: ChatRequest,
+    /** The key the call was made with, kept out of what is logged of an error the upstream sends. */
+    private readonly key: string | undefined,
     private readonly onDelta: DeltaSink,
     private readonly resolve: (end: StreamEnd) => void,
     private readonly reject: (error: unknown, given: boolean) => void,
@@ -378,7 +413,7 @@ class ReplyReader {
       this.ended = true;
       return this.end();
     }
-    const data = streamChunk(event);
+    const data = streamChunk(event, this.key);
     this.onProgress?.();
     this.afterFinish?.refresh();
     this.model = upstreamModel(data.model, this.model);
@@ -482,12 +517,12 @@ interface StreamChoice {
   finish_reason?: unknown;
 }
 
-/** The chunk an event carries; an error event, or a chunk naming an error, fails the stream. */
-function streamChunk(event: SseEvent): { model?: unknown; usage?: unknown; choices?: unknown } {
-  if (event.event === 'error') throw new Error('the upstream sent an error event', { cause: event.data.slice(0, 1_000) });
+/** The chunk an event carries; an error event, or a chunk naming an error, fails the stream (see `inBandError`). */
+function streamChunk(event: SseEvent, key: string | undefined): { model?: unknown; usage?: unknown; choices?: unknown } {
+  if (event.event === 'error') throw inBandError(event.data, key);
   const chunk: unknown = JSON.parse(event.data);
   if (typeof chunk !== 'object' || chunk === null) throw new Error('stream chunk is not an object');
-  if ('error' in chunk && chunk.error) throw new Error('the upstream sent an error chunk', { cause: event.data.slice(0, 1_000) });
+  if (namesError(chunk)) throw inBandError(event.data, key);
   return chunk;
 }
 

@@ -3,6 +3,7 @@ import { createServer, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { ApiError } from '../../src/http/errors.js';
 import { within } from '../../src/providers/abort.js';
@@ -184,6 +185,47 @@ describe('complete', () => {
   it('answers a 400 of another kind as the provider failing (502), not as a context overflow', async () => {
     fake.setDefault({ status: 400, errorBody: { error: { code: 400, message: 'model "llama9" not found, try pulling it first' } } });
     expect(await rejection(adapter().complete(chat()))).toBeInstanceOf(ProviderError);
+  });
+
+  describe('an error sent with a 200, as OpenRouter sends those of the model’s provider', () => {
+    const rateLimited = { error: { code: 429, message: 'Rate limited upstream' } };
+
+    it('is failed as the status its code names: a 429 retried, then PROVIDER_RATE_LIMITED, its text for the log', async () => {
+      fake.enqueue({ fault: 'error-body', errorBody: rateLimited }, { content: 'after the wait' });
+      expect((await adapter().complete(chat())).content).toBe('after the wait');
+      fake.setDefault({ fault: 'error-body', errorBody: rateLimited });
+      const error = await rejection(adapter({ maxRetries: 1 }).complete(chat()));
+      expect(error).toBeInstanceOf(ProviderRateLimited);
+      expect(String((error as Error).cause)).toContain('Rate limited upstream');
+      expect(clientVisible(error)).not.toContain('Rate limited upstream');
+      expect(fake.requests).toHaveLength(4);
+    });
+
+    it('is retried as a chunk before the first delta, and its text logged as one after it', async () => {
+      fake.enqueue({ fault: 'error-body', afterChunks: 0, errorBody: { error: { code: 502, message: 'Provider disconnected' } } }, { content: 'made it' });
+      const { events, error } = await drain(adapter(), chat());
+      expect([deltas(events), error]).toEqual([['made ', 'it'], undefined]);
+      fake.enqueue({ content: 'one two three', fault: 'error-body', afterChunks: 1 });
+      const broken = await drain(adapter(), chat());
+      expect(broken.error).toBeInstanceOf(ProviderError);
+      expect(String((broken.error as Error).cause)).toContain(UPSTREAM_ERROR_TEXT);
+      expect(fake.requests).toHaveLength(3);
+    });
+  });
+
+  it('asks for answers uncompressed, which a proxy that compresses what names no coding then sends', async () => {
+    const upstream = createServer((req, res) => {
+      const body = JSON.stringify({ id: 'c', object: 'chat.completion', model: 'm', choices: [{ index: 0, message: { role: 'assistant', content: 'plain' }, finish_reason: 'stop' }] });
+      const gzipped = req.headers['accept-encoding'] !== 'identity';
+      res.writeHead(200, { 'content-type': 'application/json', ...(gzipped && { 'content-encoding': 'gzip' }) }).end(gzipped ? gzipSync(body) : body);
+    });
+    await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve));
+    try {
+      const reply = await adapter({ baseURL: `http://127.0.0.1:${(upstream.address() as AddressInfo).port}/v1` }).complete(chat());
+      expect(reply.content).toBe('plain');
+    } finally {
+      await new Promise((resolve) => upstream.close(resolve));
+    }
   });
 
   it('keeps no key an upstream quotes back in what it logs of its refusal', async () => {

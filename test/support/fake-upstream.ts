@@ -61,7 +61,10 @@ export interface UpstreamReply {
   retryAfter?: number | string;
   /** With `status`: the error body's `code` and `type`, as OpenAI names its refusals (e.g. `insufficient_quota`). */
   errorCode?: string;
-  /** With `status`: the error body as sent, in place of OpenAI's shape (another server's: vLLM's, llama.cpp's, OpenRouter's). */
+  /**
+   * The error as sent, in place of OpenAI's shape (another server's: vLLM's, llama.cpp's, OpenRouter's):
+   * with `status`, the answer's body; with `fault: 'error-body'`, the 200's body or the stream's chunk.
+   */
   errorBody?: unknown;
   /** More response headers, on any answer (e.g. `retry-after-ms`). */
   headers?: Record<string, string>;
@@ -281,7 +284,7 @@ export class FakeUpstream {
       await new Promise<void>((resolve) => res.write('{"id":"chatcmpl-cut","choices":[{"mess', () => resolve()));
       return resetSocket();
     }
-    if (reply.fault === 'error-body') return sendJson(res, 200, { error: { message: UPSTREAM_ERROR_TEXT, type: 'server_error' } });
+    if (reply.fault === 'error-body') return sendJson(res, 200, inBandError(reply));
     const completion = { id: this.newId('chatcmpl'), object: 'chat.completion', created: nowSeconds(), model };
     if (reply.fault === 'no-choices') return sendJson(res, 200, completion);
     const content = replyContent(record, reply);
@@ -325,7 +328,7 @@ export class FakeUpstream {
     const faultAt = reply.afterChunks ?? 1;
     for (let i = 0; i <= pieces.length; i++) {
       if (i === faultAt) {
-        if (streamFault(reply.fault, res, resetSocket)) return;
+        if (streamFault(reply, res, resetSocket)) return;
         dripping = reply.fault === 'drip';
       }
       if (i === pieces.length) break;
@@ -484,8 +487,8 @@ async function drip(res: ServerResponse, bytes: Buffer, reply: UpstreamReply, go
 }
 
 /** Carries out a streaming fault at its chunk; true when the stream is over (or left hanging). */
-function streamFault(fault: UpstreamFault | undefined, res: ServerResponse, resetSocket: () => void): boolean {
-  switch (fault) {
+function streamFault(reply: UpstreamReply, res: ServerResponse, resetSocket: () => void): boolean {
+  switch (reply.fault) {
     case 'reset':
       resetSocket();
       return true;
@@ -493,7 +496,7 @@ function streamFault(fault: UpstreamFault | undefined, res: ServerResponse, rese
       res.end('data: {"id":"chatcmpl-broken","choices":[{"delta":\n\n');
       return true;
     case 'error-body':
-      res.end(`data: ${JSON.stringify({ error: { message: UPSTREAM_ERROR_TEXT, type: 'server_error' } })}\n\n`);
+      res.end(`data: ${JSON.stringify(inBandError(reply))}\n\n`);
       return true;
     case 'end-early':
       res.end();
@@ -507,6 +510,9 @@ function streamFault(fault: UpstreamFault | undefined, res: ServerResponse, rese
       return false;
   }
 }
+
+/** The error of `fault: 'error-body'`, sent with a 200. */
+const inBandError = (reply: UpstreamReply) => reply.errorBody ?? { error: { message: UPSTREAM_ERROR_TEXT, type: 'server_error' } };
 
 function sendError(res: ServerResponse, status: number, code?: string): void {
   const type = code ?? (status === 429 ? 'rate_limit_exceeded' : status >= 500 ? 'server_error' : 'invalid_request_error');
