@@ -148,6 +148,11 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   await registerHardening(app, config);
   await registerOpenApi(app);
   const metrics = registerMetrics(app, database, (model) => (model === config.AI_MODEL ? model : catalogName(model)), config.METRICS_TOKEN);
+  // Not refused: a private network may be all that reaches it. But a public one reads every route's
+  // traffic there, failed logins among it, and nothing said so.
+  if (config.NODE_ENV === 'production' && config.METRICS_TOKEN === undefined) {
+    app.log.warn('GET /metrics takes no token (METRICS_TOKEN is unset): anyone who reaches it reads the traffic of every route');
+  }
   const rateLimits = await registerRateLimits(app, config);
 
   const tokens = createTokens(config.JWT_SECRET, config.JWT_EXPIRES_IN);

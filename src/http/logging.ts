@@ -171,7 +171,11 @@ export class RequestLines extends LogController {
 const REDACTED = '[redacted]';
 /** The keys of a logged object whose values are never written: passwords, and a request's credentials in its headers. */
 const SECRET_KEYS = ['password', 'currentPassword', 'newPassword'];
-const SECRET_HEADERS = ['authorization', 'cookie'];
+/**
+ * The headers that may carry a credential: `authorization` and `cookie`, and those a client or a proxy
+ * in front sends one in (`proxy-authorization`, `x-api-key`, `x-auth-token`, a session's), whatever the service reads.
+ */
+const SECRET_HEADER = /auth|cookie|token|secret|password|session|api-?key/i;
 
 /** The keys whose values their serializers pick from (Fastify's `req` and `res`, `serializeError`): none holds a secret once serialized. */
 const SERIALIZED = new Set(['req', 'res', 'err']);
@@ -219,7 +223,7 @@ function withoutOwnSecrets(object: Fields): Fields {
   const copy = censored(object, SECRET_KEYS);
   const { headers } = object;
   if (!isRecord(headers)) return copy;
-  const censoredHeaders = censored(headers, SECRET_HEADERS);
+  const censoredHeaders = censored(headers, Object.keys(headers).filter((name) => SECRET_HEADER.test(name)));
   return censoredHeaders === headers ? copy : { ...copy, headers: censoredHeaders };
 }
 

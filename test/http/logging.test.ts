@@ -123,7 +123,7 @@ describe('the line of a request answered', () => {
 });
 
 describe('secrets in the logs', () => {
-  it("leave out a token and cookies wherever headers are logged: at trace, the uploads' parser logs its options", async () => {
+  it("leave out a token, cookies and a proxy's or a client's credentials wherever headers are logged: at trace, the uploads' parser logs its options", async () => {
     const { app, logs } = await loggingApp('trace');
     onTestFinished(() => app.close());
     const user = await registerUser(app);
@@ -132,14 +132,23 @@ describe('secrets in the logs', () => {
     const uploaded = await app.inject({
       method: 'POST',
       url: `/api/v1/projects/${project.id}/files`,
-      headers: { ...user.auth, cookie: 'session=cookie-secret', ...form.headers },
+      headers: {
+        ...user.auth,
+        cookie: 'session=cookie-secret',
+        'proxy-authorization': 'Basic proxy-secret',
+        'x-api-key': 'api-key-secret',
+        'x-auth-token': 'auth-token-secret',
+        'x-kept': 'kept-value',
+        ...form.headers,
+      },
       payload: form.payload,
     });
     expect(uploaded.statusCode).toBe(201);
     expect(logs.lines.some((line) => JSON.stringify(line).includes('busboyOptions'))).toBe(true);
     const logged = JSON.stringify(logs.lines);
-    expect(logged).not.toContain(user.token);
-    expect(logged).not.toContain('cookie-secret');
+    for (const secret of [user.token, 'cookie-secret', 'proxy-secret', 'api-key-secret', 'auth-token-secret']) expect(logged).not.toContain(secret);
+    // What is no credential is logged as it came.
+    expect(logged).toContain('kept-value');
   });
 
   it("leave out passwords wherever an object logged holds them, in any logger's bindings, errors and instances too, and change nothing they log", async () => {

@@ -6,6 +6,7 @@ import { ShuttingDown } from '../../src/http/errors.js';
 import type { ProviderCall } from '../../src/http/metrics.js';
 import { meterProviders } from '../../src/providers/metered.js';
 import { createProviders } from '../../src/providers/registry.js';
+import { logCollector } from '../support/logs.js';
 import { seriesValue } from '../support/metrics.js';
 import { readSse } from '../support/sse.js';
 
@@ -47,6 +48,17 @@ describe('GET /metrics', () => {
       'sse_streams_open',
     ]) {
       expect(response.body, name).toContain(`# TYPE ${name} `);
+    }
+  });
+
+  it('says at the start in production when /metrics takes no token', async () => {
+    const secret = { JWT_SECRET: randomUUID() + randomUUID() };
+    for (const [env, warned] of [[{ NODE_ENV: 'production', ...secret }, true], [{ NODE_ENV: 'production', METRICS_TOKEN: `metrics-${randomUUID()}`, ...secret }, false], [{}, false]] as const) {
+      const logs = logCollector();
+      const app = await buildApp(testConfig({ ...env, LOG_LEVEL: 'warn' }), { database: t.testDb.database, logStream: logs.stream });
+      await app.close();
+      const lines = logs.lines.filter((line) => String(line.msg).startsWith('GET /metrics takes no token'));
+      expect(lines, JSON.stringify(env)).toHaveLength(warned ? 1 : 0);
     }
   });
 
