@@ -202,9 +202,9 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
       const body: unknown = await response.body.json().catch(readFailure);
       if (namesError(body)) throw inBandError(JSON.stringify(body), this.apiKey);
       return body;
-    })) as { choices?: { message?: { content?: unknown } }[]; model?: unknown; usage?: unknown } | null;
+    })) as { choices?: { message?: { content?: unknown; refusal?: unknown } }[]; model?: unknown; usage?: unknown } | null;
     // An upstream may send anything with a 200.
-    const content = completion?.choices?.[0]?.message?.content;
+    const content = answerText(completion?.choices?.[0]?.message);
     if (typeof content !== 'string') throw failure(new Error('reply without choices[0].message.content'), signal);
     return { content: storable(content), model: upstreamModel(completion?.model, request.model), usage: readUsage(completion?.usage) };
   }
@@ -420,7 +420,7 @@ class ReplyReader {
     // Servers that ignore stream_options send no usage chunk: usage stays null.
     this.usage = readUsage(data.usage) ?? this.usage;
     const choice = Array.isArray(data.choices) ? (data.choices[0] as StreamChoice | null | undefined) : undefined;
-    const content = choice?.delta?.content;
+    const content = answerText(choice?.delta);
     const finishes = Boolean(choice?.finish_reason);
     if (typeof content !== 'string' || content === '') {
       // A chunk without text after a finish_reason (its own, or the last delta's: the usage chunk) ends
@@ -513,8 +513,18 @@ function readFailure(error: unknown): never {
 }
 
 interface StreamChoice {
-  delta?: { content?: unknown } | null;
+  delta?: { content?: unknown; refusal?: unknown } | null;
   finish_reason?: unknown;
+}
+
+/**
+ * The text of an answer, or of a delta of one: its `content`, else OpenAI's `refusal`, which its models
+ * send in place of content when they decline (content null): the model's answer all the same, and not a
+ * provider failing.
+ */
+function answerText(message: { content?: unknown; refusal?: unknown } | null | undefined): unknown {
+  const content = message?.content;
+  return (typeof content !== 'string' || content === '') && typeof message?.refusal === 'string' ? message.refusal : content;
 }
 
 /** The chunk an event carries; an error event, or a chunk naming an error, fails the stream (see `inBandError`). */

@@ -822,6 +822,22 @@ describe('streaming chat', () => {
     expect(rows[1]!.content).toBe(events.filter((e) => e.event === 'delta').map((e) => e.data.content).join(''));
   });
 
+  it("answers with the model's refusal, which OpenAI's models send in place of content, JSON and streamed", async () => {
+    const projectId = await newProject();
+    fake.enqueue({ refusal: 'I cannot help with that.' }, { refusal: 'Nor with that.' });
+    const answered = await chat(projectId, { message: 'something declined' });
+    expect(answered.statusCode).toBe(200);
+    expect(answered.json().assistantMessage.content).toBe('I cannot help with that.');
+    const events = await readSse(await streamChat(projectId, { message: 'declined again' }));
+    expect(events.filter((e) => e.event === 'delta').map((e) => e.data.content).join('')).toBe('Nor with that.');
+    expect((await stored(projectId)).map((r) => [r.role, r.content, r.status])).toEqual([
+      ['user', 'something declined', 'complete'],
+      ['assistant', 'I cannot help with that.', 'complete'],
+      ['user', 'declined again', 'complete'],
+      ['assistant', 'Nor with that.', 'complete'],
+    ]);
+  });
+
   it('waits for a reasoning model that streams its thinking for longer than AI_TIMEOUT_MS: it is not silent', async () => {
     const projectId = await newProject();
     // 6 chunks of thinking, 500 ms apart: 3 s before the first text, where the deadline is 2 s.

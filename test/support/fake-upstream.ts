@@ -70,6 +70,8 @@ export interface UpstreamReply {
   headers?: Record<string, string>;
   /** The reply text; by default `Echo: ` and the last user message. */
   content?: string;
+  /** The model declines, as OpenAI's do: this text as `refusal` in place of content (JSON: content null; streaming: `delta.refusal` chunks). */
+  refusal?: string;
   /** The model the reply names; by default the requested one. */
   model?: string;
   /** The usage reported; false sends none, even when the client asked for it. By default words counted. */
@@ -288,9 +290,10 @@ export class FakeUpstream {
     const completion = { id: this.newId('chatcmpl'), object: 'chat.completion', created: nowSeconds(), model };
     if (reply.fault === 'no-choices') return sendJson(res, 200, completion);
     const content = replyContent(record, reply);
+    const message = reply.refusal === undefined ? { role: 'assistant', content } : { role: 'assistant', content: null, refusal: reply.refusal };
     const body = {
       ...completion,
-      choices: [{ index: 0, message: { role: 'assistant', content }, finish_reason: 'stop' }],
+      choices: [{ index: 0, message, finish_reason: 'stop' }],
       ...(reply.usage === false ? {} : { usage: replyUsage(record, reply, content) }),
     };
     if (reply.fault !== 'drip') return sendJson(res, 200, body);
@@ -334,7 +337,7 @@ export class FakeUpstream {
       if (i === pieces.length) break;
       if (i > 0 && reply.chunkDelayMs && !dripping) await sleep(reply.chunkDelayMs, undefined, { signal: gone });
       if (gone.aborted) return;
-      await send(chunk({ delta: { content: pieces[i] } }));
+      await send(chunk({ delta: reply.refusal === undefined ? { content: pieces[i] } : { refusal: pieces[i] } }));
       record.chunksSent++;
     }
     await send(chunk({ delta: {}, finish_reason: 'stop' }));
@@ -425,7 +428,8 @@ function isStreaming(record: UpstreamRequest): boolean {
 }
 
 function replyContent(record: UpstreamRequest, reply: UpstreamReply): string {
-  if (reply.content !== undefined) return reply.content;
+  const given = reply.refusal ?? reply.content;
+  if (given !== undefined) return given;
   const messages = (record.body.messages ?? []) as WireMessage[];
   const lastUser = messages.filter((message) => message.role === 'user').at(-1);
   return `Echo: ${lastUser ? textOf(lastUser) : ''}`;
