@@ -119,7 +119,7 @@ export function registerMetrics(app: FastifyInstance, database: Database, knownN
     reply.raw.once('close', () => {
       if (answered.has(request)) return;
       observe(request, reply, CLIENT_CLOSED_REQUEST);
-      request.log.info({ req: request, responseTime: reply.elapsedTime }, 'request abandoned: its client closed the connection before the answer');
+      request.log.info({ req: request, responseTime: reply.elapsedTime }, 'request abandoned: its connection closed before the answer');
     });
     done();
   };

@@ -101,13 +101,14 @@ describe('EventStream', () => {
     expect(listeners.after).toBe(listeners.before);
   });
 
-  it('cuts off a client that reads nothing for stallMs while an event waits, and does not wait on it any longer', async () => {
+  it('cuts off a client that reads nothing for stallMs while an event waits, says so, and does not wait on it any longer', async () => {
     const stallMs = 300;
     let sent = 0;
+    let toldStalled = 0;
     let cutOffAfterMs = -1;
     const done = new Promise<void>((resolve) => {
       const server = http.createServer((_request, response) => {
-        const events = new EventStream(response, 60_000, stallMs);
+        const events = new EventStream(response, 60_000, stallMs, undefined, () => toldStalled++);
         events.open({});
         void (async () => {
           let waitedSince = 0;
@@ -134,5 +135,6 @@ describe('EventStream', () => {
     client.destroy();
     expect(sent).toBeGreaterThan(0);
     expect(cutOffAfterMs).toBeGreaterThanOrEqual(stallMs - 20);
+    expect(toldStalled).toBe(1);
   });
 });

@@ -147,7 +147,8 @@ type StreamOpener = (request: FastifyRequest, reply: FastifyReply, interrupt?: A
 function streamOpener(stallMs: number): StreamOpener {
   return (request, reply, interrupt) => {
     reply.hijack();
-    const events = new EventStream(reply.raw, HEARTBEAT_MS, stallMs, interrupt);
+    const stalled = () => request.log.info({ stallMs }, 'stream cut off: its client took nothing of it for AI_TIMEOUT_MS');
+    const events = new EventStream(reply.raw, HEARTBEAT_MS, stallMs, interrupt, stalled);
     // What the hooks set (x-request-id, the security headers, CORS): a hijacked reply does not send it by itself.
     events.open(reply.getHeaders());
     request.server.metrics.trackStream(reply.raw);

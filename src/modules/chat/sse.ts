@@ -17,6 +17,8 @@ export class EventStream {
     private readonly stallMs: number,
     /** The turn's interrupt (the app closes): from then on no event waits for the client (see `caughtUp`). */
     private readonly interrupt?: AbortSignal,
+    /** Told when the client is cut off for taking nothing: the log's, as the close that follows looks like the client's own. */
+    private readonly onStalled?: () => void,
   ) {}
 
   /** True once the client has gone or the stream was ended. */
@@ -59,7 +61,10 @@ export class EventStream {
   }
 
   /**
-   * Resolves once the client has taken what was written (or is gone); cuts it off after `stallMs`. Its
+   * Resolves once the client has taken what was written (or is gone); cuts it off after `stallMs`. What
+   * counts as taken is the kernel's to say: a socket is writable again once about half of what it holds
+   * for the client (its send buffer grows to `net.ipv4.tcp_wmem`'s maximum, 4 MiB on Debian) has been
+   * read, so a client that has fallen that far behind is cut unless it reads that half in `stallMs`. Its
    * listeners go with it: a slow client of a long answer waits here once an event, and listeners left
    * on the response each time would pile up until it closed. Once the turn is interrupted it resolves at
    * once, so that the turn stores what it has and queues its last event before the shutdown's bound; a
@@ -67,7 +72,10 @@ export class EventStream {
    */
   private caughtUp(): Promise<void> {
     return new Promise((resolve) => {
-      const stalled = setTimeout(() => this.raw.destroy(), this.stallMs);
+      const stalled = setTimeout(() => {
+        this.onStalled?.();
+        this.raw.destroy();
+      }, this.stallMs);
       const done = () => {
         clearTimeout(stalled);
         this.raw.off('drain', done).off('close', done);
