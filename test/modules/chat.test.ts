@@ -1500,6 +1500,24 @@ describe('the history cleared or the project deleted during a turn', () => {
     expect((await chat(projectId, { message: 'after' })).statusCode).toBe(200);
     expect((await stored(projectId)).map((m) => m.content)).toEqual(['after', 'Echo: after']);
   });
+
+  it('answers a turn whose provider failed after its history was cleared 409, naming no question: there is none', async () => {
+    const projectId = await newProject();
+    for (const stream of [false, true]) {
+      // The upstream says nothing until the deadline (2 s here): the turn fails, its question long gone.
+      fake.enqueue({ fault: 'hang' });
+      const answered = stream
+        ? streamChat(projectId, { message: 'asked before' }).then(async (response) => (await readSse(response)).at(-1)!.data)
+        : chat(projectId, { message: 'asked before' }).then((response) => expectProblem(response, 409, 'CONFLICT'));
+      await called();
+      expect((await clearHistory(projectId)).statusCode).toBe(204);
+      const problem = await answered;
+      expect(problem, String(stream)).toMatchObject({ status: 409, code: 'CONFLICT', detail: 'The history was cleared during the turn: nothing of it is kept' });
+      expect(problem).not.toHaveProperty('userMessageId');
+      expect(await stored(projectId)).toEqual([]);
+      fake.requests.length = 0;
+    }
+  });
 });
 
 describe('the time a message is stored at', () => {

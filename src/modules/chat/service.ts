@@ -158,7 +158,12 @@ export function flushStatementOn(db: Db) {
  * so it makes the question durable too, as `chat_make_durable` would (see `flushStatementOn`).
  */
 function failedStatementOn(db: Db) {
-  return db.update(messages).set({ status: 'failed' }).where(eq(messages.id, sql.placeholder('questionId'))).prepare('chat_mark_failed');
+  return db
+    .update(messages)
+    .set({ status: 'failed' })
+    .where(eq(messages.id, sql.placeholder('questionId')))
+    .returning({ id: messages.id })
+    .prepare('chat_mark_failed');
 }
 
 /**
@@ -526,8 +531,9 @@ export class ChatService {
       end = await reply;
     } catch (error) {
       // The provider's failure (or the client's leaving): what came before it is kept.
-      await this.storeIncomplete(turn, text);
+      const kept = await this.storeIncomplete(turn, text);
       if (clientGone.aborted) return { kind: 'client-gone' };
+      if (!kept) return { kind: 'failed', error: await this.questionGone(turn, TURN_FAILED_MEANWHILE) };
       return { kind: 'failed', error: naming(userMessage, providerFailure(error, call.timedOut)) };
     } finally {
       call.end();
@@ -538,10 +544,7 @@ export class ChatService {
       await this.storeIncomplete(turn, text);
       return { kind: 'client-gone' };
     }
-    if (!text) {
-      await this.markFailed(turn);
-      return { kind: 'failed', error: naming(userMessage, new ProviderError('The AI provider answered with no content')) };
-    }
+    if (!text) return { kind: 'failed', error: await this.failure(turn, userMessage, new ProviderError('The AI provider answered with no content')) };
     const result = await this.storeAnswer(turn, userMessage, { content: text, ...end }, keep);
     if (!result) return { kind: 'failed', error: await this.questionGone(turn) };
     return { kind: 'complete', result };
@@ -663,9 +666,13 @@ export class ChatService {
     return new FailureNaming(error, { userMessageId: turn.question.id });
   }
 
-  /** A failure names the stored question, marked failed first, which makes it durable: naming it acknowledges it. */
+  /**
+   * A failure names the stored question, marked failed first, which makes it durable: naming it
+   * acknowledges it. A question gone meanwhile (its history cleared, its project deleted) is not named:
+   * the turn is answered as one whose answer found it gone.
+   */
   private async failure(turn: PreparedTurn, question: MessageRow, error: ApiError): Promise<ApiError> {
-    await this.markFailed(turn);
+    if (!(await this.markFailed(turn))) return this.questionGone(turn, TURN_FAILED_MEANWHILE);
     return naming(question, error);
   }
 
@@ -678,9 +685,11 @@ export class ChatService {
    * (Another instance's cache may keep such a question: that needs more than a page of messages stored
    * during the failed turn.)
    */
-  private async markFailed(turn: TurnOfQuestion): Promise<void> {
-    await this.markFailedStatement.execute({ questionId: turn.question.id });
+  /** Whether the question was still stored to be marked. */
+  private async markFailed(turn: TurnOfQuestion): Promise<boolean> {
+    const marked = await this.markFailedStatement.execute({ questionId: turn.question.id });
     this.historyCache.forget(turn.projectId);
+    return marked.length > 0;
   }
 
   /**
@@ -730,9 +739,10 @@ export class ChatService {
   }
 
   /** What the provider sent before it failed or the client left, kept as `incomplete`; when it sent nothing, the question is failed. */
-  private async storeIncomplete(turn: PreparedTurn, text: string): Promise<void> {
-    if (text) await this.storeReply(turn, await this.countedReply(turn, text), 'incomplete', turn.model, null);
-    else await this.markFailed(turn);
+  /** Whether the question was still stored: what came of the turn is kept with it, or it is marked failed. */
+  private async storeIncomplete(turn: PreparedTurn, text: string): Promise<boolean> {
+    if (text) return (await this.storeReply(turn, await this.countedReply(turn, text), 'incomplete', turn.model, null)) !== undefined;
+    return this.markFailed(turn);
   }
 
   /** The reply with its tokens, counted once here in the turn's model's encoding so that no later turn counts it again. */
@@ -766,6 +776,9 @@ export class ChatService {
     return new Conflict(`The history was cleared during the turn: ${when}`);
   }
 }
+
+/** What `questionGone` says of a turn that failed (the provider, the client) after its question was taken. */
+const TURN_FAILED_MEANWHILE = 'nothing of it is kept';
 
 type BudgetConfig = Pick<Config, 'AI_CONTEXT_TOKENS' | 'AI_MAX_OUTPUT_TOKENS'>;
 
