@@ -90,25 +90,24 @@ interface ErrorBody {
 /** An upstream's text as a log may hold it: without the key it may quote back ("Invalid key Bearer sk-…"), and not all of it. */
 const quoted = (text: string, key: string | undefined) => (key ? text.replaceAll(key, '[redacted]') : text).slice(0, 1_000);
 
-/** The error an OpenAI-style body describes: under `error` (OpenAI, OpenRouter, llama.cpp), or the body itself (vLLM's `{object: "error"}`). */
+/** The error of an OpenAI-style error body (see `errorIn`); an empty one for a body that is not JSON. */
 function errorOf(body: string): ErrorBody {
   try {
-    return errorIn(JSON.parse(body));
+    return errorIn(JSON.parse(body)) ?? {};
   } catch {
     return {};
   }
 }
 
-function errorIn(parsed: unknown): ErrorBody {
+/**
+ * The error a parsed body (or a chunk of a stream) describes, if it is one: under `error` (OpenAI,
+ * OpenRouter, llama.cpp; a bare string there is its message), or the body itself (vLLM's `{object: "error"}`).
+ */
+function errorIn(parsed: unknown): ErrorBody | undefined {
   const { error, object } = (parsed ?? {}) as { error?: unknown; object?: unknown };
-  const found = error ?? (object === 'error' ? parsed : undefined);
-  return typeof found === 'object' && found !== null ? (found as ErrorBody) : {};
-}
-
-/** Whether a 200's body, or a chunk of its stream, is an error rather than an answer. */
-function namesError(parsed: unknown): boolean {
-  const { error, object } = (parsed ?? {}) as { error?: unknown; object?: unknown };
-  return Boolean(error) || object === 'error';
+  if (typeof error === 'object' && error !== null) return error as ErrorBody;
+  if (error) return { message: error };
+  return object === 'error' ? (parsed as ErrorBody) : undefined;
 }
 
 /**
@@ -200,7 +199,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
     const completion = (await this.withRetries(request, async () => {
       const response = await this.send('POST', '/chat/completions', chatBody(request, false, this.outputLimitField), signal);
       const body: unknown = await response.body.json().catch(readFailure);
-      if (namesError(body)) throw inBandError(JSON.stringify(body), this.apiKey);
+      if (errorIn(body)) throw inBandError(JSON.stringify(body), this.apiKey);
       return body;
     })) as { choices?: { message?: { content?: unknown; refusal?: unknown } }[]; model?: unknown; usage?: unknown } | null;
     // An upstream may send anything with a 200.
@@ -354,8 +353,7 @@ class ReplyReader {
     private readonly resolve: (end: StreamEnd) => void,
     private readonly reject: (error: unknown, given: boolean) => void,
   ) {
-    const { signal } = request;
-    this.signal = signal;
+    this.signal = request.signal;
     this.onProgress = request.onProgress;
     this.model = request.model;
     body.on('data', this.chunk);
@@ -363,10 +361,10 @@ class ReplyReader {
       this.bodyEnd = error ?? null;
       this.read();
     });
-    signal.addEventListener('abort', this.aborted);
+    this.signal.addEventListener('abort', this.aborted);
     this.unwatch = () => {
       unwatchBody();
-      signal.removeEventListener('abort', this.aborted);
+      this.signal.removeEventListener('abort', this.aborted);
     };
   }
 
@@ -532,7 +530,7 @@ function streamChunk(event: SseEvent, key: string | undefined): { model?: unknow
   if (event.event === 'error') throw inBandError(event.data, key);
   const chunk: unknown = JSON.parse(event.data);
   if (typeof chunk !== 'object' || chunk === null) throw new Error('stream chunk is not an object');
-  if (namesError(chunk)) throw inBandError(event.data, key);
+  if (errorIn(chunk)) throw inBandError(event.data, key);
   return chunk;
 }
 
