@@ -32,7 +32,7 @@ export const noContent = z.undefined().describe('No content');
 const problemCodes = Object.keys(PROBLEM_STATUS).filter((code) => code !== 'CLIENT_CLOSED_REQUEST') as [ProblemCode, ...ProblemCode[]];
 
 /** RFC 9457 problem details, the body of every 4xx and 5xx (see src/http/errors.ts). */
-const problem = z
+export const problem = z
   .looseObject({
     type: z.string(),
     title: z.string(),
@@ -53,6 +53,9 @@ const problem = z
       .describe('PROVIDER_RATE_LIMITED: the seconds of its Retry-After, also in a stream’s error event, which no header can carry'),
   })
   .meta({ id: 'Problem', description: 'RFC 9457 problem details (application/problem+json)' });
+
+/** Where the document keeps a schema with an id (`.meta({ id })`): for a place no route's schema puts it. */
+export const schemaReference = (schema: z.ZodType) => ({ $ref: `#/components/schemas/${String(schema.meta()?.id)}` });
 
 const retryAfter = {
   'Retry-After': { type: 'integer', description: 'Seconds to wait before trying again (429, and 503 when known)' },

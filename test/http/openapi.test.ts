@@ -1,11 +1,12 @@
 import { validate } from '@readme/openapi-parser';
 import { Ajv } from 'ajv';
 import { v7 as uuidv7 } from 'uuid';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, onTestFinished } from 'vitest';
 import { MAX_CHAT_MESSAGE_CHARS } from '../../src/modules/chat/schemas.js';
-import { createProject, registerUser, startTestApp, type TestApp } from '../support/app.js';
+import { createProject, registerUser, startTestApp, startTestAppWithUpstream, type TestApp } from '../support/app.js';
 import { multipart } from '../support/multipart.js';
 import { asDocumented, registeredRoutes } from '../support/routes.js';
+import { parseSse } from '../support/sse.js';
 
 interface Operation {
   operationId?: string;
@@ -227,6 +228,36 @@ describe('OpenAPI document', () => {
     expect(content['application/json']!.schema).toEqual({ $ref: '#/components/schemas/ChatResult' });
     expect(content['text/event-stream']!.schema).toMatchObject({ type: 'string', description: expect.stringContaining('delta') });
     expect(chat.parameters).toContainEqual(expect.objectContaining({ in: 'header', name: 'idempotency-key' }));
+  });
+
+  it('names the data of each event of a stream, which the events a stream sends match', async () => {
+    const stream = operation('post', '/api/v1/projects/{projectId}/chat').responses['200']!.content!['text/event-stream']!.schema;
+    const events = stream['x-events'] as Record<string, { $ref: string }>;
+    expect(Object.keys(events).sort()).toEqual(['delta', 'done', 'error', 'user_message']);
+    const ajv = new Ajv({ strict: false });
+    for (const [name, schema] of Object.entries(doc.components.schemas)) ajv.addSchema(schema, `#/components/schemas/${name}`);
+    const withUpstream = await startTestAppWithUpstream({ AI_MAX_RETRIES: '0' });
+    onTestFinished(() => withUpstream.close());
+    const user = await registerUser(withUpstream.app);
+    const project = await createProject(withUpstream.app, user);
+    withUpstream.fake.enqueue({ content: 'one two' }, { content: 'broken here', fault: 'reset', afterChunks: 1 });
+    const sent: { event: string; data: unknown }[] = [];
+    for (let turn = 0; turn < 2; turn++) {
+      const response = await withUpstream.app.inject({
+        method: 'POST',
+        url: `/api/v1/projects/${project.id}/chat`,
+        headers: user.auth,
+        payload: { message: `turn ${turn}`, stream: true },
+      });
+      sent.push(...parseSse(response.body).events);
+    }
+    expect(sent.map((event) => event.event)).toEqual(['user_message', 'delta', 'delta', 'done', 'user_message', 'delta', 'error']);
+    for (const { event, data } of sent) {
+      const validate = ajv.getSchema(events[event]!.$ref)!;
+      expect(validate(data), `${event}: ${JSON.stringify(validate.errors)}`).toBe(true);
+    }
+    // And they are no wider than the events: a delta's data is not a done's.
+    expect(ajv.getSchema(events.done!.$ref)!({ content: 'x' })).toBe(false);
   });
 });
 

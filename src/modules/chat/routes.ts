@@ -2,9 +2,10 @@ import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { ApiError, clientGoneSignal, logFailure, toProblem } from '../../http/errors.js';
+import { problem, schemaReference } from '../../http/openapi.js';
 import { projectParams } from '../projects/schemas.js';
 import { type IdempotencyStore, requestHash } from './idempotency.js';
-import { chatBody, chatHeaders, type ChatResult, chatResult } from './schemas.js';
+import { chatBody, chatHeaders, type ChatResult, chatResult, streamEvents } from './schemas.js';
 import { InFlightTurns } from './in-flight-turns.js';
 import type { ChatService, KeepResult, PreparedTurn } from './service.js';
 import { EventStream } from './sse.js';
@@ -14,12 +15,16 @@ const HEARTBEAT_MS = 15_000;
 /** On shutdown, turns in flight are interrupted this long before the bound: time to store and say so. */
 const INTERRUPT_BEFORE_BOUND_MS = 2_000;
 
-const sseResponse = z
-  .string()
-  .describe(
+const sseResponse = z.string().meta({
+  description:
     'text/event-stream: `user_message` {userMessage}, then `delta` {content} events, then `done` ' +
-      '{assistantMessage, usage}; or `error` with problem details. Each event has an id; `: ping` comments keep it open.',
-  );
+    '{assistantMessage, usage}; or `error` with problem details. Each event has an id; `: ping` comments keep it open. ' +
+    'The data of each event, by its name: `x-events` (OpenAPI 3.0 has no way of its own to say it).',
+  'x-events': {
+    ...Object.fromEntries(Object.entries(streamEvents).map(([event, schema]) => [event, schemaReference(schema)])),
+    error: schemaReference(problem),
+  },
+});
 
 /** A turn's refusals that depend on the project's settings at the time, not on the request or its caller. */
 const REFUSED_AS_SET_NOW = new Set(['CONTEXT_TOO_LONG', 'PROVIDER_NOT_CONFIGURED']);

@@ -18,3 +18,14 @@ export const chatResult = z
   .meta({ id: 'ChatResult' });
 
 export type ChatResult = z.infer<typeof chatResult>;
+
+/**
+ * The data of a streamed turn's events, by event name, as the document names them (`error`'s is the
+ * Problem). Documentation: the route writes each event itself (src/modules/chat/routes.ts), and
+ * `test/http/openapi.test.ts` holds the events a stream sends to these.
+ */
+export const streamEvents = {
+  user_message: z.object({ userMessage: message }).meta({ id: 'ChatUserMessageEvent', description: 'The question, stored' }),
+  delta: z.object({ content: z.string() }).meta({ id: 'ChatDeltaEvent', description: 'A piece of the answer, as the provider sent it' }),
+  done: z.object({ assistantMessage: message, usage: usage.nullable() }).meta({ id: 'ChatDoneEvent', description: 'The answer, stored whole' }),
+};
