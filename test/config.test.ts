@@ -202,7 +202,13 @@ describe('loadConfig', () => {
         /^Invalid configuration: JWT_SECRET must be random: not a placeholder \(it contains "(secret|CHANGE)"\)/,
       );
     }
-    const hex = '0123456789abcdef'.repeat(4);
+    // Different characters enough, no placeholder, but half of it in sequence or repeated: typed, not random.
+    for (const typed of ['abcdefghijklmnopqrstuvwxyz0123456789', '0123456789'.repeat(3) + '0123', 'abcdefghij'.repeat(4), `${'x'.repeat(24)}1234567890`]) {
+      expect(() => loadConfig({ NODE_ENV: 'production', DATA_DIR: dataDir(), JWT_SECRET: typed }), typed).toThrow(
+        /^Invalid configuration: JWT_SECRET must be random: not characters in sequence or repeated/,
+      );
+    }
+    const hex = '9252f780a99ef3d3978d0a8e884c9c2b5bf0bc0d0a5bfad0c8861ba8948142b9'; // openssl rand -hex 32
     expect(loadConfig({ NODE_ENV: 'production', DATA_DIR: dataDir(), JWT_SECRET: hex }).JWT_SECRET).toBe(hex);
     const generated = 'MUdCsXOE6AzCWL4nLcUJ/+zjG+U0gnoNhkThCRXNJtBZItHaT0i1OxeD5kTicIPJ'; // openssl rand -base64 48
     expect(loadConfig({ NODE_ENV: 'production', DATA_DIR: dataDir(), JWT_SECRET: generated }).JWT_SECRET).toBe(generated);
