@@ -173,9 +173,11 @@ const REDACTED = '[redacted]';
 const SECRET_KEYS = ['password', 'currentPassword', 'newPassword'];
 /**
  * The headers that may carry a credential: `authorization` and `cookie`, and those a client or a proxy
- * in front sends one in (`proxy-authorization`, `x-api-key`, `x-auth-token`, a session's), whatever the service reads.
+ * in front sends one in, whatever the service reads: `proxy-authorization`, `x-api-key`, a session's, an
+ * identity-aware proxy's assertion (Cloudflare Access's `cf-access-jwt-assertion`, Google IAP's, AWS's
+ * `x-amzn-oidc-data`), a gateway's subscription key. Not `idempotency-key`, a client's name for a request.
  */
-const SECRET_HEADER = /auth|cookie|token|secret|password|session|api-?key/i;
+const SECRET_HEADER = /auth|cookie|token|secret|password|session|jwt|assertion|credential|oidc|api[-_]?key|subscription-key|functions-key/i;
 
 /** The keys whose values their serializers pick from (Fastify's `req` and `res`, `serializeError`): none holds a secret once serialized. */
 const SERIALIZED = new Set(['req', 'res', 'err']);

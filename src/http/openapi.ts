@@ -157,7 +157,7 @@ function asHead(schema: FastifySchema & { operationId?: string }): FastifySchema
   });
   return {
     ...schema,
-    operationId: `${schema.operationId?.replace(/-head$/, '')}Head`,
+    operationId: schema.operationId && `${schema.operationId.replace(/-head$/, '')}Head`,
     response: Object.fromEntries(responses.map(([status, response]) => [status, withoutBody(status, response)])),
   };
 }

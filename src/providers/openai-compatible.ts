@@ -111,15 +111,15 @@ function errorIn(parsed: unknown): ErrorBody | undefined {
 }
 
 /**
- * An error an upstream sends in a 200, as its body or as a chunk of its stream: OpenRouter's, whose
- * `code` is the status it stands for (a 429 of the model's provider, a 502), is failed as that status
- * would be (a 429 retried, then PROVIDER_RATE_LIMITED); one without a status as a malformed answer. Its
- * text goes to the log either way.
+ * An error an upstream sends in a 200 (`error`, of `text`), as its body or as a chunk of its stream:
+ * OpenRouter's, whose `code` is the status it stands for (a 429 of the model's provider, a 502), is
+ * failed as that status would be (a 429 retried, then PROVIDER_RATE_LIMITED); one without a status, or
+ * one after text was given (`midStream`: a stream under way breaks, whatever it names), as a malformed
+ * answer. Its text goes to the log either way.
  */
-function inBandError(body: string, key: string | undefined): Error {
-  const { code } = errorOf(body);
-  if (typeof code === 'number' && code >= 400 && code <= 599) return new UpstreamStatusError(code, {}, body, key);
-  return new Error(`the upstream sent an error: ${quoted(body, key)}`);
+function inBandError({ code }: ErrorBody, text: string, key: string | undefined, midStream = false): Error {
+  if (!midStream && typeof code === 'number' && code >= 400 && code <= 599) return new UpstreamStatusError(code, {}, text, key);
+  return new Error(`the upstream sent an error: ${quoted(text, key)}`);
 }
 
 /** The words of a context overflow where no code names it: OpenRouter's code is the HTTP status, vLLM's too. */
@@ -199,7 +199,8 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
     const completion = (await this.withRetries(request, async () => {
       const response = await this.send('POST', '/chat/completions', chatBody(request, false, this.outputLimitField), signal);
       const body: unknown = await response.body.json().catch(readFailure);
-      if (errorIn(body)) throw inBandError(JSON.stringify(body), this.apiKey);
+      const error = errorIn(body);
+      if (error) throw inBandError(error, JSON.stringify(body), this.apiKey);
       return body;
     })) as { choices?: { message?: { content?: unknown; refusal?: unknown } }[]; model?: unknown; usage?: unknown } | null;
     // An upstream may send anything with a 200.
@@ -411,14 +412,16 @@ class ReplyReader {
       this.ended = true;
       return this.end();
     }
-    const data = streamChunk(event, this.key);
-    this.onProgress?.();
+    const data = streamChunk(event, this.key, this.given);
     this.afterFinish?.refresh();
     this.model = upstreamModel(data.model, this.model);
     // Servers that ignore stream_options send no usage chunk: usage stays null.
     this.usage = readUsage(data.usage) ?? this.usage;
     const choice = Array.isArray(data.choices) ? (data.choices[0] as StreamChoice | null | undefined) : undefined;
     const content = answerText(choice?.delta);
+    // Not a chunk of nothing (no choice, an empty delta): a gateway that sent those as keep-alives would
+    // hold the turn open for ever.
+    if (carriesSomething(choice?.delta)) this.onProgress?.();
     const finishes = Boolean(choice?.finish_reason);
     if (typeof content !== 'string' || content === '') {
       // A chunk without text after a finish_reason (its own, or the last delta's: the usage chunk) ends
@@ -511,7 +514,7 @@ function readFailure(error: unknown): never {
 }
 
 interface StreamChoice {
-  delta?: { content?: unknown; refusal?: unknown } | null;
+  delta?: { content?: unknown; refusal?: unknown; [field: string]: unknown } | null;
   finish_reason?: unknown;
 }
 
@@ -526,12 +529,23 @@ function answerText(message: { content?: unknown; refusal?: unknown } | null | u
 }
 
 /** The chunk an event carries; an error event, or a chunk naming an error, fails the stream (see `inBandError`). */
-function streamChunk(event: SseEvent, key: string | undefined): { model?: unknown; usage?: unknown; choices?: unknown } {
-  if (event.event === 'error') throw inBandError(event.data, key);
+function streamChunk(event: SseEvent, key: string | undefined, midStream: boolean): { model?: unknown; usage?: unknown; choices?: unknown } {
+  if (event.event === 'error') throw inBandError(errorOf(event.data), event.data, key, midStream);
   const chunk: unknown = JSON.parse(event.data);
   if (typeof chunk !== 'object' || chunk === null) throw new Error('stream chunk is not an object');
-  if (errorIn(chunk)) throw inBandError(event.data, key);
+  const error = errorIn(chunk);
+  if (error) throw inBandError(error, event.data, key, midStream);
   return chunk;
+}
+
+/**
+ * Whether a delta holds anything of the answer or of the way to it: text, a refusal, a reasoning model's
+ * thinking (`reasoning_content`, vLLM's and DeepSeek's; `reasoning`, OpenRouter's and Ollama's), a tool call.
+ */
+function carriesSomething(delta: Record<string, unknown> | null | undefined): boolean {
+  if (!delta) return false;
+  const { content, refusal, reasoning_content: thinking, reasoning, tool_calls: toolCalls } = delta;
+  return [content, refusal, thinking, reasoning].some((text) => typeof text === 'string' && text !== '') || (Array.isArray(toolCalls) && toolCalls.length > 0);
 }
 
 const encoder = new TextEncoder();

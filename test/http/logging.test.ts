@@ -138,6 +138,8 @@ describe('secrets in the logs', () => {
         'proxy-authorization': 'Basic proxy-secret',
         'x-api-key': 'api-key-secret',
         'x-auth-token': 'auth-token-secret',
+        'cf-access-jwt-assertion': 'assertion-secret',
+        'idempotency-key': 'kept-key',
         'x-kept': 'kept-value',
         ...form.headers,
       },
@@ -146,9 +148,9 @@ describe('secrets in the logs', () => {
     expect(uploaded.statusCode).toBe(201);
     expect(logs.lines.some((line) => JSON.stringify(line).includes('busboyOptions'))).toBe(true);
     const logged = JSON.stringify(logs.lines);
-    for (const secret of [user.token, 'cookie-secret', 'proxy-secret', 'api-key-secret', 'auth-token-secret']) expect(logged).not.toContain(secret);
+    for (const secret of [user.token, 'cookie-secret', 'proxy-secret', 'api-key-secret', 'auth-token-secret', 'assertion-secret']) expect(logged).not.toContain(secret);
     // What is no credential is logged as it came.
-    expect(logged).toContain('kept-value');
+    for (const kept of ['kept-value', 'kept-key']) expect(logged).toContain(kept);
   });
 
   it("leave out passwords wherever an object logged holds them, in any logger's bindings, errors and instances too, and change nothing they log", async () => {

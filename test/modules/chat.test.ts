@@ -840,7 +840,8 @@ describe('streaming chat', () => {
 
   it('waits for a reasoning model that streams its thinking for longer than AI_TIMEOUT_MS: it is not silent', async () => {
     const projectId = await newProject();
-    // 6 chunks of thinking, 500 ms apart: 3 s before the first text, where the deadline is 2 s.
+    // 6 chunks of thinking, 500 ms apart: 3 s before the first text, past the deadline.
+    expect(6 * 500).toBeGreaterThan(t.config.AI_TIMEOUT_MS);
     fake.enqueue({ content: 'Considered answer', thinking: 6, chunkDelayMs: 500 });
     const events = await readSse(await streamChat(projectId, { message: 'think hard' }));
     expect(events.map((e) => e.event)).toEqual(['user_message', 'delta', 'delta', 'done']);
@@ -935,12 +936,15 @@ describe('idempotency', () => {
     expect(await stored(projectId)).toHaveLength(2);
   });
 
-  it('keeps a key from being taken over while its stream goes on past the bound for a silent one', async () => {
-    // AI_TIMEOUT_MS is 2 s here: a running key that says nothing for 4 s is taken over. This stream
-    // takes about 5.6 s, a delta every 400 ms (each one pushes its deadline back).
+  // AI_TIMEOUT_MS is 2 s here: a running key that says nothing for 4 s is taken over. Each stream takes
+  // about 5.6 s, a chunk every 400 ms (each one pushes its deadline back): deltas, or a model's thinking.
+  it.each<[string, UpstreamReply]>([
+    ['deltas', { content: 'a b c d e f g h i j k l m n o', chunks: 15, chunkDelayMs: 400 }],
+    ['a model thinking before its first delta', { content: 'thought through', thinking: 14, chunkDelayMs: 400 }],
+  ])('keeps a key from being taken over while its stream goes on past the bound for a silent one: %s', async (_, upstreamReply) => {
     const projectId = await newProject();
     const key = { 'idempotency-key': `key-${uuidv7()}` };
-    fake.enqueue({ content: 'a b c d e f g h i j k l m n o', chunks: 15, chunkDelayMs: 400 });
+    fake.enqueue(upstreamReply);
     const first = streamChat(projectId, { message: 'long' }, undefined, key).then((response) => readSse(response));
     await sleep(4_600);
     expectProblem(await chat(projectId, { message: 'long', stream: true }, key), 409, 'IDEMPOTENCY_CONFLICT');
@@ -1503,16 +1507,17 @@ describe('the history cleared or the project deleted during a turn', () => {
 
   it('answers a turn whose provider failed after its history was cleared 409, naming no question: there is none', async () => {
     const projectId = await newProject();
-    for (const stream of [false, true]) {
-      // The upstream says nothing until the deadline (2 s here): the turn fails, its question long gone.
-      fake.enqueue({ fault: 'hang' });
+    // The upstream says nothing (more) until the deadline (2 s here): the turn fails, its question long gone.
+    const cases: [boolean, UpstreamReply][] = [[false, { fault: 'hang' }], [true, { fault: 'hang' }], [true, { content: 'one two three', fault: 'stall', afterChunks: 1 }]];
+    for (const [stream, upstreamReply] of cases) {
+      fake.enqueue(upstreamReply);
       const answered = stream
         ? streamChat(projectId, { message: 'asked before' }).then(async (response) => (await readSse(response)).at(-1)!.data)
         : chat(projectId, { message: 'asked before' }).then((response) => expectProblem(response, 409, 'CONFLICT'));
       await called();
       expect((await clearHistory(projectId)).statusCode).toBe(204);
       const problem = await answered;
-      expect(problem, String(stream)).toMatchObject({ status: 409, code: 'CONFLICT', detail: 'The history was cleared during the turn: nothing of it is kept' });
+      expect(problem, JSON.stringify(upstreamReply)).toMatchObject({ status: 409, code: 'CONFLICT', detail: 'The history was cleared during the turn: nothing of it is kept' });
       expect(problem).not.toHaveProperty('userMessageId');
       expect(await stored(projectId)).toEqual([]);
       fake.requests.length = 0;

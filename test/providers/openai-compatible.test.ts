@@ -201,14 +201,15 @@ describe('complete', () => {
       expect(fake.requests).toHaveLength(4);
     });
 
-    it('is retried as a chunk before the first delta, and its text logged as one after it', async () => {
+    it('is retried as a chunk before the first delta; after it, whatever status it names, the stream broke', async () => {
       fake.enqueue({ fault: 'error-body', afterChunks: 0, errorBody: { error: { code: 502, message: 'Provider disconnected' } } }, { content: 'made it' });
       const { events, error } = await drain(adapter(), chat());
       expect([deltas(events), error]).toEqual([['made ', 'it'], undefined]);
-      fake.enqueue({ content: 'one two three', fault: 'error-body', afterChunks: 1 });
+      fake.enqueue({ content: 'one two three', fault: 'error-body', afterChunks: 1, errorBody: rateLimited });
       const broken = await drain(adapter(), chat());
       expect(broken.error).toBeInstanceOf(ProviderError);
-      expect(String((broken.error as Error).cause)).toContain(UPSTREAM_ERROR_TEXT);
+      expect(broken.error).not.toBeInstanceOf(ProviderRateLimited);
+      expect(String((broken.error as Error).cause)).toContain('Rate limited upstream');
       expect(fake.requests).toHaveLength(3);
     });
   });
@@ -424,6 +425,26 @@ describe('stream', () => {
     expect(error).toBeUndefined();
     expect(deltas(events).join('')).toBe('made it');
     expect(fake.requests).toHaveLength(3);
+  });
+
+  it("counts as progress (its deadline's) a chunk with text or thinking in it, not a chunk of nothing", async () => {
+    let progress = 0;
+    const chunks = [
+      streamed({ index: 0, delta: {} }),
+      `data: ${JSON.stringify({ model: 'local-model', choices: [] })}\n\n`,
+      streamed({ index: 0, delta: { reasoning_content: 'Thinking.' } }),
+      streamed({ index: 0, delta: { reasoning: 'Still thinking.' } }),
+      streamed({ index: 0, delta: { content: '' } }),
+      streamed({ index: 0, delta: { content: 'Answer.' } }),
+      streamed({ index: 0, delta: {}, finish_reason: 'stop' }),
+      'data: [DONE]\n\n',
+    ];
+    const { events, error } = await withScriptedStream(
+      async (res) => void res.end(chunks.join('')),
+      (baseURL) => drain(adapter({ baseURL }), chat(10_000, { onProgress: () => progress++ })),
+    );
+    expect([deltas(events), error]).toEqual([['Answer.'], undefined]);
+    expect(progress).toBe(3);
   });
 
   it('retries a stream whose connection is reset after the headers, before its first delta', async () => {

@@ -233,6 +233,8 @@ export interface TurnObserver {
   userMessage(message: MessageDto): void | Promise<void>;
   /** Each delta as it comes; a promise holds the rest of the reply back until it settles (see `DeltaSink`). */
   delta: DeltaSink;
+  /** The upstream sent a chunk with something in it, text or thinking: the turn is alive. */
+  progress?(): void;
 }
 
 export type StreamOutcome =
@@ -497,10 +499,14 @@ export class ChatService {
       messages: turn.context,
       maxOutputTokens: this.config.AI_MAX_OUTPUT_TOKENS,
       signal: call.signal,
-      // Retries happen only before the first delta, so this bounds them all.
+      // What a retry's wait is held against: the deadline as first set (the timer moves, this does not).
       deadline: call.deadline,
-      // The deadline is for silences: each chunk starts it again, a reasoning model's thinking as a delta does.
-      onProgress: () => call.refresh(),
+      // The deadline is for silences: each chunk with something in it starts it again, a reasoning
+      // model's thinking as a delta does, and says the turn is alive.
+      onProgress: () => {
+        call.refresh();
+        observer.progress?.();
+      },
     };
     let text = '';
     const onDelta = (content: string) => {
@@ -683,9 +689,8 @@ export class ChatService {
    * turns reading it now would cache: a question marked after it was read, past the newest page, would
    * otherwise stay in it.
    * (Another instance's cache may keep such a question: that needs more than a page of messages stored
-   * during the failed turn.)
+   * during the failed turn.) Whether the question was still stored to be marked.
    */
-  /** Whether the question was still stored to be marked. */
   private async markFailed(turn: TurnOfQuestion): Promise<boolean> {
     const marked = await this.markFailedStatement.execute({ questionId: turn.question.id });
     this.historyCache.forget(turn.projectId);
@@ -738,8 +743,10 @@ export class ChatService {
       });
   }
 
-  /** What the provider sent before it failed or the client left, kept as `incomplete`; when it sent nothing, the question is failed. */
-  /** Whether the question was still stored: what came of the turn is kept with it, or it is marked failed. */
+  /**
+   * What the provider sent before it failed or the client left, kept as `incomplete`; when it sent
+   * nothing, the question is failed. Whether the question was still stored to keep it with.
+   */
   private async storeIncomplete(turn: PreparedTurn, text: string): Promise<boolean> {
     if (text) return (await this.storeReply(turn, await this.countedReply(turn, text), 'incomplete', turn.model, null)) !== undefined;
     return this.markFailed(turn);

@@ -62,9 +62,10 @@ export class EventStream {
 
   /**
    * Resolves once the client has taken what was written (or is gone); cuts it off after `stallMs`. What
-   * counts as taken is the kernel's to say: a socket is writable again once about half of what it holds
-   * for the client (its send buffer grows to `net.ipv4.tcp_wmem`'s maximum, 4 MiB on Debian) has been
-   * read, so a client that has fallen that far behind is cut unless it reads that half in `stallMs`. Its
+   * counts as taken is the kernel's to say: Linux makes a socket writable again once about a third of
+   * what it holds for the client (its send buffer grows to `net.ipv4.tcp_wmem`'s maximum, 4 MiB on
+   * Debian) has been read, so a client that has fallen that far behind is cut unless it reads that much
+   * in `stallMs`. Its
    * listeners go with it: a slow client of a long answer waits here once an event, and listeners left
    * on the response each time would pile up until it closed. Once the turn is interrupted it resolves at
    * once, so that the turn stores what it has and queues its last event before the shutdown's bound; a

@@ -91,7 +91,17 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
     return answerDownload(reply, await files.content(user.id, params.projectId, params.fileId), headers, method === 'GET');
   };
   app.get('/:fileId/content', { schema: downloadSchema, exposeHeadRoute: false, compress: false }, download);
-  app.head('/:fileId/content', { schema: downloadSchema, compress: false }, download);
+  // A HEAD takes no Range (RFC 9110 §14.2: only a GET does): its answer is the whole file's headers.
+  const { 206: _range, ...headResponses } = downloadSchema.response;
+  const { 206: _rangeHeaders, 416: _unsatisfiable, ...headHeaders } = downloadSchema.responseHeaders;
+  const headSchema = {
+    ...downloadSchema,
+    description: 'The headers of the bytes’ GET without a Range, no bytes: its ETag answers If-None-Match with 304, and an If-Match that names other bytes with 412.',
+    response: headResponses,
+    problems: ['PRECONDITION_FAILED'] as const,
+    responseHeaders: headHeaders,
+  };
+  app.head('/:fileId/content', { schema: headSchema, compress: false }, download);
 
   app.delete('/:fileId', { schema: { tags: ['files'], operationId: 'deleteFile', params: fileParams, response: { 204: noContent } } }, async (request, reply) => {
     await files.delete(request.user.id, request.params.projectId, request.params.fileId, request.log);
