@@ -174,6 +174,7 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   sweepInBackground(app, {
     what: 'the temporary files of interrupted uploads',
     sweep: () => storage.sweepStaging(INTERRUPTED_UPLOAD_MS),
+    everyMs: FILE_SWEEP_EVERY_MS,
   });
   const providerCopies = new ProviderCopies(database.db, providers, config);
   sweepInBackground(app, {
@@ -185,6 +186,7 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   sweepInBackground(app, {
     what: 'the file bytes no file row names',
     sweep: (closing) => files.removeStrayBytes(storage.keysWrittenBefore(STRAY_BYTES_MS, STRAY_BYTES_BATCH), STRAY_BYTES_MS, () => closing.aborted),
+    everyMs: FILE_SWEEP_EVERY_MS,
   });
   // The histories chat turns read past their first page, kept in the process; what deletes messages forgets them.
   const historyCache = new HistoryCache(config.HISTORY_CACHE_MB * 1024 * 1024);
@@ -236,6 +238,13 @@ const INTERRUPTED_UPLOAD_MS = 24 * 60 * 60 * 1000;
 const STRAY_BYTES_MS = 24 * 60 * 60 * 1000;
 /** Keys one look-up of their rows takes at most. */
 const STRAY_BYTES_BATCH = 1000;
+
+/**
+ * How often, after the start, the uploads' leftovers are looked for again: the bytes of a deleted file
+ * that could not be removed then are someone's data, gone within two days, not at a next start that a
+ * server up for months never has.
+ */
+const FILE_SWEEP_EVERY_MS = 24 * 60 * 60 * 1000;
 
 /** How often the provider copies of deleted files whose deletion failed are tried again, once their wait is over. */
 const PROVIDER_COPIES_SWEEP_MS = 60 * 1000;
