@@ -8,3 +8,9 @@ export const withoutNul = [(value: string) => !value.includes('\0'), { message: 
 
 /** Text as PostgreSQL can store it; the database's own refusal, later, could not say which field. */
 export const storableText = () => z.string().refine(...withoutNul);
+
+/**
+ * Text that says something: one character at least that is not white space. A prompt or a question of
+ * spaces and newlines alone went upstream as one, which some models refuse and none can answer.
+ */
+export const spokenText = () => storableText().regex(/\S/, { message: 'must not be blank' });

@@ -1,11 +1,11 @@
 import { z } from 'zod';
-import { storableText } from '../../http/text.js';
+import { spokenText } from '../../http/text.js';
 import { message, usage } from '../messages/schemas.js';
 
 export const MAX_CHAT_MESSAGE_CHARS = 100_000;
 
 export const chatBody = z.strictObject({
-  message: storableText().min(1).max(MAX_CHAT_MESSAGE_CHARS),
+  message: spokenText().max(MAX_CHAT_MESSAGE_CHARS),
   stream: z.boolean().optional(),
 });
 

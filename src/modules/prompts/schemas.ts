@@ -1,11 +1,11 @@
 import { z } from 'zod';
-import { storableText } from '../../http/text.js';
+import { spokenText, storableText } from '../../http/text.js';
 import { idSortKey, pageOf, pageQuery } from '../../http/pagination.js';
 import { patchBody } from '../../http/patch.js';
 import { projectParams } from '../projects/schemas.js';
 
 const title = storableText().trim().min(1).max(200);
-const content = storableText().min(1).max(100_000);
+const content = spokenText().max(100_000);
 
 export const createPromptBody = z.strictObject({ title, content });
 export const updatePromptBody = patchBody({ title, content });
