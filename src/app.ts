@@ -1,4 +1,3 @@
-import { randomUUID } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { join } from 'node:path';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
@@ -14,6 +13,7 @@ import { standardOutput } from './http/standard-output.js';
 import { registerMetrics } from './http/metrics.js';
 import { registerOpenApi } from './http/openapi.js';
 import { registerRateLimits } from './http/rate-limit.js';
+import { requestIdOf } from './http/request-id.js';
 import { setResponseHeaders } from './http/security-headers.js';
 import { serializerCompiler } from './http/serialization.js';
 import { authRoutes } from './modules/auth/routes.js';
@@ -47,8 +47,6 @@ export interface AppDependencies {
   logStream?: NodeJS.WritableStream;
 }
 
-const REQUEST_ID = /^[\w.:-]{1,128}$/;
-
 /**
  * The largest JSON body that a valid request can need: a prompt's 200 + 100,000 characters, each a JSON
  * escape of up to 12 bytes (an emoji written `\ud83d\ude00`, as Python's json.dumps writes it by
@@ -73,11 +71,7 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
     // A path with a slash at its end is the path without it, on every route, as Express has it by
     // default: Fastify alone answered one for a prefix's root only (`/api/v1/projects/`, not `…/:id/`).
     routerOptions: { ignoreTrailingSlash: true },
-    // Echo a well-formed incoming request id (so a trace spans services); otherwise make one.
-    genReqId: (req) => {
-      const incoming = req.headers['x-request-id'];
-      return typeof incoming === 'string' && REQUEST_ID.test(incoming) ? incoming : randomUUID();
-    },
+    genReqId: requestIdOf,
     bodyLimit: BODY_LIMIT_BYTES,
     // A request that trickles in would hold its connection (an upload, its temporary file) for as long as
     // its client liked: Fastify turns Node's own bound off unless it is given one. Node applies it only

@@ -1,9 +1,11 @@
 import { randomUUID } from 'node:crypto';
-import { STATUS_CODES } from 'node:http';
+import { type IncomingMessage, STATUS_CODES } from 'node:http';
 import type { Socket } from 'node:net';
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { Aborter } from '../aborter.js';
 import { hasCode } from '../db/error-code.js';
+import { pathOf } from './query-start.js';
+import { requestIdOf } from './request-id.js';
 import { API_HEADERS, setResponseHeaders } from './security-headers.js';
 
 /** The contract's stable problem codes, each with the status it is always sent with. */
@@ -205,7 +207,7 @@ export function problemBody(
     status,
     code,
     detail,
-    instance: request.url.split('?')[0] ?? request.url,
+    instance: pathOf(request.url),
     requestId: request.id,
     ...extra,
   };
@@ -422,17 +424,21 @@ const CLIENT_ERRORS: Record<string, [number, ProblemCode, string]> = {
 };
 
 /**
- * Fastify's `clientErrorHandler`: a request that Node's parser refuses before there is a request to route
- * (headers over the limit, a malformed request line, one too slow to arrive). Fastify would answer with a
- * JSON body of its own; this is problem+json like every other 4xx (there is no path to name), and the
- * connection closes, as Node's own answer does.
+ * Fastify's `clientErrorHandler`: a request that Node's parser refuses (headers over the limit, a
+ * malformed request line), or one too slow to arrive. Fastify would answer with a JSON body of its own;
+ * this is problem+json like every other 4xx, and the connection closes, as Node's own answer does. A
+ * request whose headers had arrived (a body too slow) is named as its route's answers name it: its
+ * `x-request-id` echoed, its path the `instance`; one refused before has neither.
  */
 export function answerClientError(this: FastifyInstance, error: Error & { code?: string }, socket: Socket): void {
   if (error.code === 'ECONNRESET' || socket.destroyed) return;
   const [status, code, detail] = CLIENT_ERRORS[error.code ?? ''] ?? [400, 'VALIDATION_ERROR', 'The request is not valid HTTP'];
-  const requestId = randomUUID();
+  // The request the socket is answering, once its headers are parsed: Node's own link from a socket to its response.
+  const request = (socket as { _httpMessage?: { req?: IncomingMessage } })._httpMessage?.req;
+  const requestId = request ? requestIdOf(request) : randomUUID();
+  const instance = request?.url === undefined ? '' : pathOf(request.url);
   const title = STATUS_CODES[status] ?? 'Error';
-  const body = JSON.stringify({ type: 'about:blank', title, status, code, detail, instance: '', requestId });
+  const body = JSON.stringify({ type: 'about:blank', title, status, code, detail, instance, requestId });
   // Not the error itself: its rawPacket holds the request's bytes, Authorization header included.
   this.log.info({ code, detail, parserError: error.code, requestId }, 'request rejected');
   if (socket.writable) {

@@ -5,7 +5,7 @@ import { jsonSchemaTransform, jsonSchemaTransformObject } from 'fastify-type-pro
 import { z } from 'zod';
 import { BEARER_CHALLENGE, PROBLEM_STATUS, type ProblemCode } from './errors.js';
 import { sendDocumentHeaders, takesBody } from './hardening.js';
-import { queryStart } from './query-start.js';
+import { pathOf } from './query-start.js';
 import { rateLimitGroupOf } from './rate-limit.js';
 
 declare module 'fastify' {
@@ -273,9 +273,8 @@ export async function registerOpenApi(app: FastifyInstance): Promise<void> {
     // `static/index.html` reads the path as sent, and sent `static/index.html/` back to itself for ever:
     // under /docs such a path is sent to the path without the slash first.
     docs.addHook('onRequest', (request, reply, done) => {
-      const query = queryStart(request.url);
-      const path = query === -1 ? request.url : request.url.slice(0, query);
-      if (path.length > DOCS_ROOT.length && path.endsWith('/')) reply.redirect(path.slice(0, -1) + (query === -1 ? '' : request.url.slice(query)), 308);
+      const path = pathOf(request.url);
+      if (path.length > DOCS_ROOT.length && path.endsWith('/')) reply.redirect(path.slice(0, -1) + request.url.slice(path.length), 308);
       else done();
     });
     await docs.register(fastifySwaggerUi, { routePrefix: '/docs' });

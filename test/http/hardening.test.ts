@@ -290,7 +290,7 @@ describe('load shedding', () => {
 });
 
 describe('a request that trickles in (REQUEST_TIMEOUT_MS)', () => {
-  it('is answered 408 problem+json and its connection closed once the bound has passed', async () => {
+  it('is answered 408 problem+json, naming it by its x-request-id and path, and its connection closed once the bound has passed', async () => {
     const slow = await startTestApp({ REQUEST_TIMEOUT_MS: '400' });
     try {
       const address = new URL(await slow.app.listen({ port: 0, host: '127.0.0.1' }));
@@ -300,14 +300,18 @@ describe('a request that trickles in (REQUEST_TIMEOUT_MS)', () => {
       const closed = once(socket, 'close');
       const started = Date.now();
       // Headers, then a first byte of a body of 1,000, then nothing.
-      socket.write('POST /api/v1/auth/login HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{');
+      socket.write(
+        'POST /api/v1/auth/login?from=app HTTP/1.1\r\nhost: localhost\r\nx-request-id: mobile-req-42\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{',
+      );
       await closed;
 
       expect(Date.now() - started).toBeGreaterThanOrEqual(400);
       const [head, body] = received.split('\r\n\r\n');
       expect(head).toMatch(/^HTTP\/1\.1 408 /);
       expect(head).toMatch(/content-type: application\/problem\+json/i);
-      expect(JSON.parse(body!)).toMatchObject({ status: 408, code: 'REQUEST_TIMEOUT' });
+      // Its headers had arrived: the client's support finds it by the id it sent, as any answer's.
+      expect(head).toMatch(/x-request-id: mobile-req-42/i);
+      expect(JSON.parse(body!)).toMatchObject({ status: 408, code: 'REQUEST_TIMEOUT', instance: '/api/v1/auth/login', requestId: 'mobile-req-42' });
     } finally {
       await slow.close();
     }
