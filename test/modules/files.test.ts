@@ -224,6 +224,9 @@ describe('upload and download', () => {
       ['bytes=9000-20000', 9000, 9999],
       ['bytes=-50000', 0, 9999],
       ['BYTES= 5-5', 5, 5],
+      // Empty list elements, which a recipient must take (RFC 9110 §5.6.1), as some clients send them.
+      ['bytes=0-1,', 0, 1],
+      ['bytes=, 7-8 ,', 7, 8],
     ] as const) {
       const part = await ask({ range });
       expect(part.statusCode, range).toBe(206);

@@ -38,8 +38,11 @@ function names(list: string | undefined, is: (tag: string) => boolean): boolean 
   return list !== undefined && list.split(',').some((candidate) => candidate.trim() === '*' || is(candidate.trim()));
 }
 
-/** One range of bytes, in any of its three forms: `first-last`, `first-` and `-suffix` (the last bytes). */
-const ONE_RANGE = /^bytes=[ \t]*(\d*)-(\d*)[ \t]*$/i;
+/**
+ * One range of bytes, in any of its three forms: `first-last`, `first-` and `-suffix` (the last bytes),
+ * beside empty list elements (`bytes=0-1,`), which a recipient must take (RFC 9110 §5.6.1).
+ */
+const ONE_RANGE = /^bytes=[ \t,]*(\d*)-(\d*)[ \t,]*$/i;
 
 /**
  * The range of a file of `size` bytes that the request's Range asks for; 'unsatisfiable' when it starts
