@@ -90,6 +90,13 @@ describe('OpenAPI document', () => {
     expect(doc.components.schemas.Problem!.properties).toHaveProperty('requestId');
   });
 
+  it('declares every tag its operations use, each with a description', () => {
+    const declared = (doc as unknown as { tags: { name: string; description?: string }[] }).tags;
+    const used = new Set(operations().flatMap((entry) => (entry.operation as { tags?: string[] }).tags ?? []));
+    expect([...used].sort()).toEqual(declared.map((tag) => tag.name).sort());
+    for (const tag of declared) expect(tag.description, tag.name).toBeTruthy();
+  });
+
   it('names every operation, once, as a generated client can name a function', () => {
     const ids = operations().map((entry) => entry.operation.operationId);
     for (const id of ids) expect(id).toMatch(/^[a-z][A-Za-z]*$/);

@@ -114,8 +114,8 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         const claim = await idempotency.claim(userId, turn.projectId, key, hash());
         if (claim.kind === 'replay') return stream ? replayAsStream(openStream, claim.response, request, reply) : claim.response;
         // A stream may run past any fixed bound, each chunk pushing its deadline back: as long as its deltas
-        // reach its client (or its model's thinking arrives), its key is not taken over. A JSON turn ends within its deadline, half the time
-        // after which a silent key is stale, so it needs no beat.
+        // reach its client (or its model's thinking arrives), its key is not taken over. A JSON turn ends
+        // within its deadline, half the time after which a silent key is stale, so it needs no beat.
         const { claimId } = claim;
         const hold = stream ? idempotency.keepAlive(userId, key, claimId) : undefined;
         // Only a complete answer is kept for replay; after a failure the same key may be retried. A key

@@ -481,9 +481,10 @@ export class ChatService {
   /**
    * A streamed turn. Deltas are passed on as they arrive. The deadline covers everything up to the
    * upstream's first chunk (retries included) and then each silence between its chunks, so a long answer
-   * that keeps coming, or a long thought before it, is never cut. A client that leaves aborts the upstream call; text received so far is kept as
-   * `incomplete`, as it is when the upstream breaks or `interrupt` fires (server shutdown), whose
-   * reason, an ApiError, is then the failure. `keep` keeps a complete result with the answer.
+   * that keeps coming, or a long thought before it, is never cut. A client that leaves aborts the upstream
+   * call; text received so far is kept as `incomplete`, as it is when the upstream breaks or `interrupt`
+   * fires (server shutdown), whose reason, an ApiError, is then the failure. `keep` keeps a complete
+   * result with the answer.
    */
   async stream(turn: PreparedTurn, observer: TurnObserver, clientGone: AbortSignal, interrupt: AbortSignal, keep?: KeepResult): Promise<StreamOutcome> {
     const userMessage = await this.storeQuestion(turn);
