@@ -6,7 +6,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vites
 import { buildApp } from '../../src/app.js';
 import { openPostgres } from '../../src/db/database.js';
 import { idempotencyKeys, messages, users } from '../../src/db/schema.js';
-import { IdempotencyStore, requestHash } from '../../src/modules/chat/idempotency.js';
+import { IdempotencyStore, IN_PROGRESS_RETRY_AFTER_SECONDS, requestHash } from '../../src/modules/chat/idempotency.js';
 import { flushStatementOn } from '../../src/modules/chat/service.js';
 import { countTokens, encodingName, MESSAGE_OVERHEAD_TOKENS, REPLY_PRIMING_TOKENS } from '../../src/providers/models.js';
 import { defaultModelOf } from '../../src/providers/registry.js';
@@ -1105,7 +1105,10 @@ describe('idempotency', () => {
     fake.enqueue({ delayMs: 500 });
     const first = chat(projectId, { message: 'slow' }, key);
     await fake.waitForRequests(1);
-    expectProblem(await chat(projectId, { message: 'slow' }, key), 409, 'IDEMPOTENCY_CONFLICT');
+    const running = await chat(projectId, { message: 'slow' }, key);
+    expectProblem(running, 409, 'IDEMPOTENCY_CONFLICT');
+    // When to ask again: by then most turns are answered, and the retry is their replay.
+    expect(running.headers['retry-after']).toBe(String(IN_PROGRESS_RETRY_AFTER_SECONDS));
     await t.app.inject({ method: 'PATCH', url: `/api/v1/projects/${projectId}`, headers: user.auth, payload: { provider: 'openrouter' } });
     expectProblem(await chat(projectId, { message: 'slow' }, key), 409, 'IDEMPOTENCY_CONFLICT');
     expect((await first).statusCode).toBe(200);

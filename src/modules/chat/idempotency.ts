@@ -14,7 +14,15 @@ const SWEEP_BATCH = 1_000;
  */
 export type IdempotencyClaim<T> = { kind: 'claimed'; claimId: string } | { kind: 'replay'; response: T };
 
-const inProgress = () => new ApiError(409, 'IDEMPOTENCY_CONFLICT', 'A request with this Idempotency-Key is still in progress');
+/**
+ * When a retry of a request still running may ask again (Retry-After, seconds): most turns end within
+ * seconds (a reply streams for a few), and the answer is then replayed; a client on a flaky network had
+ * no hint, and retried at once or gave up.
+ */
+export const IN_PROGRESS_RETRY_AFTER_SECONDS = 2;
+
+const inProgress = () =>
+  new ApiError(409, 'IDEMPOTENCY_CONFLICT', 'A request with this Idempotency-Key is still in progress', {}, { 'retry-after': String(IN_PROGRESS_RETRY_AFTER_SECONDS) });
 
 /** A turn whose key a retry took over while it ran (see `IdempotencyStore.complete`): its answer is not kept, the retry's is. */
 export class KeyTakenOver extends ApiError {

@@ -80,6 +80,9 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
           'PROVIDER_RATE_LIMITED',
           'PROVIDER_TIMEOUT',
         ],
+        responseHeaders: {
+          409: { 'Retry-After': { type: 'integer', description: 'IDEMPOTENCY_CONFLICT: seconds after which the request may be sent again, to be replayed once answered' } },
+        },
       },
     },
     // A turn holds one of its user's slots from before its first read until its last bookkeeping. A replay
