@@ -60,4 +60,30 @@ describe('buildContext with history', () => {
     // The messages themselves, not copies: an adapter keeps what it derives from each.
     if (result.fits) expect(result.messages[1]).toBe(m3);
   });
+
+  it("leaves out an answer that the window would start with, its question left out by the budget", async () => {
+    const user = (content: string) => ({ role: 'user' as const, content, tokens: 1 });
+    const answer = (content: string) => ({ role: 'assistant' as const, content, tokens: 3 });
+    const [a2, q2, a1] = [answer('a2'), user('q2'), answer('a1')];
+    async function* history() {
+      // Newest first; an empty page last (the budget ran out), then the page that reached a1, whose q1 did not fit.
+      yield { messages: [a2!, q2!], count: 2, tokens: 2 * MESSAGE_OVERHEAD_TOKENS + 4 };
+      yield { messages: [a1!], count: 1, tokens: MESSAGE_OVERHEAD_TOKENS + 3 };
+      yield { messages: [], count: 0, tokens: 0 };
+    }
+    const result = await buildContext({
+      prompts: [],
+      filesSection: async () => undefined,
+      history,
+      newMessage: { content: 'q3', tokens: 1 },
+      budget: 1_000,
+      promptTokens: () => 0,
+    });
+    expect(result).toEqual({
+      fits: true,
+      messages: [q2, a2, { role: 'user', content: 'q3' }],
+      promptTokens: 3 * MESSAGE_OVERHEAD_TOKENS + 1 + 4,
+      historyIncluded: 2,
+    });
+  });
 });

@@ -521,19 +521,23 @@ describe('the history cache', () => {
       await db.insert(messages).values(rows);
       const CHANGED = 'changed in the database';
       let changedFrom = '';
-      /** The newest messages stored before the last turn that fit beside its `question` in `model`'s window, oldest first, as they were first stored. */
+      /**
+       * The newest messages stored before the last turn that fit beside its `question` in `model`'s window,
+       * oldest first, as they were first stored; but an answer at its start, whose question did not fit.
+       */
       const window = async (question: string, model: string) => {
         const history = (await stored(projectId, budgeted)).slice(0, -2).reverse();
         let room = 4000 - 100 - REPLY_PRIMING_TOKENS - (MESSAGE_OVERHEAD_TOKENS + countTokens(question, model));
-        const fits: string[] = [];
+        const fits: { role: string; content: string }[] = [];
         for (const row of history) {
           const content = row.content === CHANGED ? changedFrom : row.content;
           const tokens = MESSAGE_OVERHEAD_TOKENS + (row.tokenEncoding === encodingName(model) ? row.tokens! : countTokens(content, model));
           if (tokens > room) break;
           room -= tokens;
-          fits.push(content);
+          fits.push({ role: row.role, content });
         }
-        return fits.reverse();
+        const oldestFirst = fits.reverse();
+        return (oldestFirst[0]?.role === 'assistant' ? oldestFirst.slice(1) : oldestFirst).map((message) => message.content);
       };
       const turn = async (message: string, model = 'gpt-4o-mini') => {
         const response = await budgeted.app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: owner.auth, payload: { message } });

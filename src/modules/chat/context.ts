@@ -73,6 +73,16 @@ export async function buildContext<P extends { content: string }>(input: Context
     historyIncluded += page.count;
     pages.push(page);
   }
+  // A window whose oldest message is an answer, its question left out by the budget, is one that some
+  // chat templates refuse (Mistral's and Gemma's, behind vLLM or llama.cpp: a conversation's first turn
+  // must be a user's), and one that shows the model an answer to nothing: the answer is left out too.
+  let oldest: HistoryMessage | undefined;
+  for (const page of pages) if (page.count > 0) oldest = page.messages[page.count - 1];
+  let leftOut = oldest?.role === 'assistant' ? 1 : 0;
+  if (leftOut) {
+    used -= MESSAGE_OVERHEAD_TOKENS + oldest!.tokens;
+    historyIncluded--;
+  }
   // The messages themselves, not copies, oldest first: a long history's are kept between turns, and so
   // is what an adapter derives from each (its wire form). Written into one array of the request's
   // length: joining the pages, then the prompts, the history and the question, made two arrays of a
@@ -82,7 +92,8 @@ export async function buildContext<P extends { content: string }>(input: Context
   for (const message of system) messages[at++] = message;
   for (let p = pages.length - 1; p >= 0; p--) {
     const page = pages[p]!;
-    for (let i = page.count - 1; i >= 0; i--) messages[at++] = page.messages[i]!;
+    for (let i = page.count - 1 - leftOut; i >= 0; i--) messages[at++] = page.messages[i]!;
+    if (page.count > 0) leftOut = 0;
   }
   messages[at] = question;
   return { fits: true, messages, promptTokens: used, historyIncluded };
