@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { buildContext } from '../../src/modules/chat/context.js';
+import { buildContext, type HistoryPage } from '../../src/modules/chat/context.js';
 import { MESSAGE_OVERHEAD_TOKENS } from '../../src/providers/models.js';
 
 async function* noHistory() {}
@@ -35,6 +35,17 @@ describe('buildContext', () => {
 });
 
 describe('buildContext with history', () => {
+  /** A turn of `prompts` (2 tokens each) and a one-token `message`, no files, `history` within 1,000 tokens. */
+  const contextWith = (history: () => AsyncIterable<HistoryPage>, prompts: string[], message: string) =>
+    buildContext({
+      prompts: prompts.map((content) => ({ content })),
+      filesSection: async () => undefined,
+      history,
+      newMessage: { content: message, tokens: 1 },
+      budget: 1_000,
+      promptTokens: () => 2,
+    });
+
   it('puts the pages oldest first between the prompts and the question, each page only as far as its count', async () => {
     const message = (content: string) => ({ role: 'user' as const, content, tokens: 1 });
     const [m6, m5, m4, m3, m2, m1] = ['6', '5', '4', '3', '2', '1'].map(message);
@@ -43,14 +54,7 @@ describe('buildContext with history', () => {
       // A cached window whose oldest two did not fit: they stay in the array, out of the page.
       yield { messages: [m4!, m3!, m2!, m1!], count: 2, tokens: 2 * (MESSAGE_OVERHEAD_TOKENS + 1) };
     }
-    const result = await buildContext({
-      prompts: [{ content: 'be brief' }],
-      filesSection: async () => undefined,
-      history,
-      newMessage: { content: 'hello', tokens: 1 },
-      budget: 1_000,
-      promptTokens: () => 2,
-    });
+    const result = await contextWith(history, ['be brief'], 'hello');
     expect(result).toEqual({
       fits: true,
       messages: [{ role: 'system', content: 'be brief' }, m3, m4, m5, m6, { role: 'user', content: 'hello' }],
@@ -71,14 +75,7 @@ describe('buildContext with history', () => {
       yield { messages: [a1!], count: 1, tokens: MESSAGE_OVERHEAD_TOKENS + 3 };
       yield { messages: [], count: 0, tokens: 0 };
     }
-    const result = await buildContext({
-      prompts: [],
-      filesSection: async () => undefined,
-      history,
-      newMessage: { content: 'q3', tokens: 1 },
-      budget: 1_000,
-      promptTokens: () => 0,
-    });
+    const result = await contextWith(history, [], 'q3');
     expect(result).toEqual({
       fits: true,
       messages: [q2, a2, { role: 'user', content: 'q3' }],
