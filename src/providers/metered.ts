@@ -2,7 +2,7 @@ import { performance } from 'node:perf_hooks';
 import { ApiError, ShuttingDown } from '../http/errors.js';
 import type { ProviderCall } from '../http/metrics.js';
 import type { ProviderRegistry } from './registry.js';
-import type { ChatCompletion, ChatRequest, DeltaSink, ProviderAdapter, ProviderName, StreamEnd, Usage } from './types.js';
+import type { ChatCompletion, ChatRequest, DeltaSink, ProviderAdapter, ProviderName, ReplyEnd, Usage } from './types.js';
 
 type RecordCall = (call: ProviderCall) => void;
 
@@ -53,7 +53,7 @@ class MeteredAdapter implements ProviderAdapter {
   }
 
   /** A stream whose client left counts as aborted: its signal ended the call. */
-  stream(request: ChatRequest, onDelta: DeltaSink): Promise<StreamEnd> {
+  stream(request: ChatRequest, onDelta: DeltaSink): Promise<ReplyEnd> {
     return this.metered(request, 'stream', () => this.inner.stream(request, onDelta));
   }
 

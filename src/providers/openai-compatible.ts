@@ -19,7 +19,7 @@ import {
   ProviderRateLimited,
   ProviderRefusedDeletion,
   ProviderTimeout,
-  type StreamEnd,
+  type ReplyEnd,
   type UploadedFile,
   type Usage,
 } from './types.js';
@@ -202,11 +202,17 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
       const error = errorIn(body);
       if (error) throw inBandError(error, JSON.stringify(body), this.apiKey);
       return body;
-    })) as { choices?: { message?: { content?: unknown; refusal?: unknown } }[]; model?: unknown; usage?: unknown } | null;
+    })) as { choices?: { message?: { content?: unknown; refusal?: unknown }; finish_reason?: unknown }[]; model?: unknown; usage?: unknown } | null;
     // An upstream may send anything with a 200.
-    const content = answerText(completion?.choices?.[0]?.message);
+    const choice = completion?.choices?.[0];
+    const content = answerText(choice?.message);
     if (typeof content !== 'string') throw failure(new Error('reply without choices[0].message.content'), signal);
-    return { content: storable(content), model: upstreamModel(completion?.model, request.model), usage: readUsage(completion?.usage) };
+    return {
+      content: storable(content),
+      model: upstreamModel(completion?.model, request.model),
+      usage: readUsage(completion?.usage),
+      cutShort: cutShort(choice?.finish_reason),
+    };
   }
 
   /**
@@ -215,11 +221,11 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
    * was passed on yet); once a delta has been given, a broken stream fails with ProviderError and the
    * caller keeps the text so far. Pushed to the caller, not pulled by it: see `ReplyReader`.
    */
-  stream(request: ChatRequest, onDelta: DeltaSink): Promise<StreamEnd> {
+  stream(request: ChatRequest, onDelta: DeltaSink): Promise<ReplyEnd> {
     const { signal } = request;
     return this.withRetries(request, async () => {
       const response = await this.send('POST', '/chat/completions', chatBody(request, true, this.outputLimitField), signal);
-      return new Promise<StreamEnd>((resolve, reject) => {
+      return new Promise<ReplyEnd>((resolve, reject) => {
         new ReplyReader(response.body, request, this.apiKey, onDelta, resolve, (error, given) => reject(given ? failure(error, signal) : error));
       }).catch(readFailure);
     });
@@ -320,6 +326,8 @@ class ReplyReader {
   private nextEvent = 0;
   private model: string;
   private usage: Usage | null = null;
+  /** The last finish_reason read: the one the reply ended with (some servers put one on every chunk). */
+  private finishReason: unknown;
   /**
    * A finish_reason was read and no text after it: the reply is whole. Text after one says it was not the
    * end (Open WebUI puts one on its reasoning chunks, some proxies on every chunk).
@@ -351,7 +359,7 @@ class ReplyReader {
     /** The key the call was made with, kept out of what is logged of an error the upstream sends. */
     private readonly key: string | undefined,
     private readonly onDelta: DeltaSink,
-    private readonly resolve: (end: StreamEnd) => void,
+    private readonly resolve: (end: ReplyEnd) => void,
     private readonly reject: (error: unknown, given: boolean) => void,
   ) {
     this.signal = request.signal;
@@ -423,13 +431,16 @@ class ReplyReader {
     // hold the turn open for ever.
     if (carriesSomething(choice?.delta)) this.onProgress?.();
     const finishes = Boolean(choice?.finish_reason);
-    if (typeof content !== 'string' || content === '') {
+    const text = typeof content === 'string' && content !== '';
+    // Text after a finish_reason says it was not the end: the reason the reply ends with is a later one.
+    if (text) this.unfinish();
+    if (finishes) this.finishReason = choice!.finish_reason;
+    if (!text) {
       // A chunk without text after a finish_reason (its own, or the last delta's: the usage chunk) ends
       // the text; not before any text (Open WebUI's reasoning chunks carry one).
       if (finishes || this.finished) this.finish(this.given);
       return;
     }
-    this.unfinish();
     this.given = true;
     const taken = this.onDelta(storable(content));
     // A finish_reason that came with a delta says the reply is whole should the body end here, not that
@@ -466,6 +477,7 @@ class ReplyReader {
     clearTimeout(this.afterFinish);
     this.afterFinish = undefined;
     this.finished = false;
+    this.finishReason = undefined;
   }
 
   /** The end of the reply, once the body ended or said [DONE]. */
@@ -474,7 +486,7 @@ class ReplyReader {
     // finish_reason says the reply is whole (some servers send [DONE] and no finish_reason).
     if (!this.finished && !this.ended) throw new Error('stream ended without a finish_reason');
     this.settle();
-    this.resolve({ model: this.model, usage: this.usage });
+    this.resolve({ model: this.model, usage: this.usage, cutShort: cutShort(this.finishReason) });
   }
 
   private fail(error: unknown): void {
@@ -527,6 +539,14 @@ function answerText(message: { content?: unknown; refusal?: unknown } | null | u
   const content = message?.content;
   return (typeof content !== 'string' || content === '') && typeof message?.refusal === 'string' ? message.refusal : content;
 }
+
+/**
+ * Whether a finish_reason says the upstream stopped before the answer's end: at its output limit
+ * (`length`: AI_MAX_OUTPUT_TOKENS, or the model's window) or by its content filter (`content_filter`),
+ * as OpenAI's Responses API calls such an answer `incomplete`. Any other reason (`stop`, `tool_calls`, a
+ * server's own) ends it whole.
+ */
+const cutShort = (finishReason: unknown): boolean => finishReason === 'length' || finishReason === 'content_filter';
 
 /** The chunk an event carries; an error event, or a chunk naming an error, fails the stream (see `inBandError`). */
 function streamChunk(event: SseEvent, key: string | undefined, midStream: boolean): { model?: unknown; usage?: unknown; choices?: unknown } {

@@ -46,11 +46,19 @@ export interface ChatRequest extends CallBounds {
   onProgress?: () => void;
 }
 
-export interface ChatCompletion {
-  content: string;
+/**
+ * How a reply ended, said by its `finish_reason`: whole, or cut short by the upstream, at its output
+ * limit (`length`) or by its content filter (`content_filter`), its text stored then as `incomplete`.
+ */
+export interface ReplyEnd {
   /** The model that answered, as the upstream names it. */
   model: string;
   usage: Usage | null;
+  cutShort: boolean;
+}
+
+export interface ChatCompletion extends ReplyEnd {
+  content: string;
 }
 
 /**
@@ -59,12 +67,6 @@ export interface ChatCompletion {
  * nor the signal ends the call while it is pending. One that rejects ends the call with ProviderError.
  */
 export type DeltaSink = (content: string) => void | Promise<void>;
-
-/** How a streamed reply ended: whole, by the model the upstream names, with its usage if it reported it. */
-export interface StreamEnd {
-  model: string;
-  usage: Usage | null;
-}
 
 export interface UploadedFile {
   providerFileId: string;
@@ -80,7 +82,7 @@ export interface ProviderAdapter {
   /** Whether this provider has a Files API (OpenAI does; OpenRouter and most local servers do not). */
   readonly supportsFiles: boolean;
   complete(request: ChatRequest): Promise<ChatCompletion>;
-  stream(request: ChatRequest, onDelta: DeltaSink): Promise<StreamEnd>;
+  stream(request: ChatRequest, onDelta: DeltaSink): Promise<ReplyEnd>;
   uploadFile?(file: { filename: string; mimeType: string; path: string }, bounds: CallBounds): Promise<UploadedFile>;
   deleteFile?(providerFileId: string, bounds: CallBounds): Promise<void>;
 }

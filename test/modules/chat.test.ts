@@ -842,6 +842,29 @@ describe('streaming chat', () => {
     ]);
   });
 
+  // An answer the upstream stopped at its output limit (AI_MAX_OUTPUT_TOKENS) or its content filter is
+  // the turn's answer, but not a whole one: stored, answered and listed as `incomplete`, so that a
+  // client can say so (and offer to go on), as OpenAI's Responses API does.
+  it('answers and stores a reply cut short at the output limit or by a content filter as incomplete, JSON and streamed', async () => {
+    const projectId = await newProject();
+    fake.enqueue({ content: 'A long answer that stops', finishReason: 'length' }, { content: 'Filtered', finishReason: 'content_filter' }, { content: 'Whole.' });
+    const answered = await chat(projectId, { message: 'tell me everything' });
+    expect(answered.statusCode).toBe(200);
+    expect(answered.json().assistantMessage).toMatchObject({ content: 'A long answer that stops', status: 'incomplete' });
+    const events = await readSse(await streamChat(projectId, { message: 'something filtered' }));
+    expect(events.map((e) => e.event)).toEqual(['user_message', 'delta', 'done']);
+    expect(events.at(-1)!.data.assistantMessage).toMatchObject({ content: 'Filtered', status: 'incomplete' });
+    expect((await chat(projectId, { message: 'short' })).json().assistantMessage.status).toBe('complete');
+    expect((await stored(projectId)).map((r) => [r.role, r.content, r.status])).toEqual([
+      ['user', 'tell me everything', 'complete'],
+      ['assistant', 'A long answer that stops', 'incomplete'],
+      ['user', 'something filtered', 'complete'],
+      ['assistant', 'Filtered', 'incomplete'],
+      ['user', 'short', 'complete'],
+      ['assistant', 'Whole.', 'complete'],
+    ]);
+  });
+
   it('waits for a reasoning model that streams its thinking for longer than AI_TIMEOUT_MS: it is not silent', async () => {
     const projectId = await newProject();
     // 6 chunks of thinking, 500 ms apart: 3 s before the first text, past the deadline.

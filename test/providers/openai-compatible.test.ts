@@ -15,7 +15,7 @@ import {
   ProviderRateLimited,
   ProviderRefusedDeletion,
   ProviderTimeout,
-  type StreamEnd,
+  type ReplyEnd,
 } from '../../src/providers/types.js';
 import { FakeUpstream, UPSTREAM_ERROR_TEXT, type UpstreamReply } from '../support/fake-upstream.js';
 
@@ -49,7 +49,7 @@ function chat(timeoutMs = 10_000, overrides: Partial<ChatRequest> = {}): ChatReq
 }
 
 /** A stream's deltas, then its end, as one list. */
-type StreamEvent = { type: 'delta'; content: string } | ({ type: 'done' } & StreamEnd);
+type StreamEvent = { type: 'delta'; content: string } | ({ type: 'done' } & ReplyEnd);
 
 /** Every delta a stream gives, then its end, and what it failed with if it did. */
 async function drain(provider: ProviderAdapter, request: ChatRequest): Promise<{ events: StreamEvent[]; error?: unknown }> {
@@ -117,6 +117,7 @@ describe('complete', () => {
       content: 'Echo: Hello there',
       model: 'gpt-4o-mini-2024-07-18',
       usage: { promptTokens: 4, completionTokens: 3, totalTokens: 7 },
+      cutShort: false,
     });
     expect(fake.requests).toHaveLength(1);
     const [request] = fake.requests;
@@ -138,7 +139,7 @@ describe('complete', () => {
 
   it('gives null usage when the upstream reports none, and the requested model when it names none', async () => {
     fake.enqueue({ usage: false, model: '' });
-    expect(await adapter().complete(chat())).toEqual({ content: 'Echo: Hello there', model: 'gpt-4o-mini', usage: null });
+    expect(await adapter().complete(chat())).toEqual({ content: 'Echo: Hello there', model: 'gpt-4o-mini', usage: null, cutShort: false });
   });
 
   it.each<[string, UpstreamReply, typeof ProviderError | typeof ProviderRateLimited, number]>([
@@ -388,7 +389,7 @@ describe('stream', () => {
       { type: 'delta', content: 'one ' },
       { type: 'delta', content: 'two ' },
       { type: 'delta', content: 'three' },
-      { type: 'done', model: 'gpt-4o-mini-2024-07-18', usage: { promptTokens: 4, completionTokens: 3, totalTokens: 7 } },
+      { type: 'done', model: 'gpt-4o-mini-2024-07-18', usage: { promptTokens: 4, completionTokens: 3, totalTokens: 7 }, cutShort: false },
     ]);
     expect(fake.requests[0]!.body).toEqual({
       model: 'gpt-4o-mini',
@@ -416,7 +417,7 @@ describe('stream', () => {
   it('gives null usage when the server ignores stream_options', async () => {
     fake.enqueue({ usage: false });
     const { events } = await drain(adapter(), chat());
-    expect(events.at(-1)).toEqual({ type: 'done', model: 'gpt-4o-mini', usage: null });
+    expect(events.at(-1)).toEqual({ type: 'done', model: 'gpt-4o-mini', usage: null, cutShort: false });
   });
 
   it('retries before the first delta, then streams', async () => {
@@ -498,7 +499,7 @@ describe('stream', () => {
     fake.enqueue({ content: 'one two', fault: 'open-after-done' });
     const { events, error } = await drain(adapter(), chat(3_000));
     expect(error).toBeUndefined();
-    expect(events.at(-1)).toEqual({ type: 'done', model: 'gpt-4o-mini', usage: { promptTokens: 4, completionTokens: 2, totalTokens: 6 } });
+    expect(events.at(-1)).toEqual({ type: 'done', model: 'gpt-4o-mini', usage: { promptTokens: 4, completionTokens: 2, totalTokens: 6 }, cutShort: false });
     await fake.waitForClientClose();
   });
 
@@ -507,7 +508,7 @@ describe('stream', () => {
     const started = Date.now();
     const { events, error } = await drain(adapter(), chat(5_000));
     expect(error).toBeUndefined();
-    expect(events.at(-1)).toEqual({ type: 'done', model: 'gpt-4o-mini', usage: { promptTokens: 4, completionTokens: 2, totalTokens: 6 } });
+    expect(events.at(-1)).toEqual({ type: 'done', model: 'gpt-4o-mini', usage: { promptTokens: 4, completionTokens: 2, totalTokens: 6 }, cutShort: false });
     expect(Date.now() - started).toBeLessThan(3_000);
     await fake.waitForClientClose();
   });
@@ -547,7 +548,7 @@ describe('stream', () => {
       { type: 'delta', content: 'héllo ' },
       { type: 'delta', content: '🙂 wörld' },
       { type: 'delta', content: '!' },
-      { type: 'done', model: 'local-model', usage: { promptTokens: 5, completionTokens: 3, totalTokens: 8 } },
+      { type: 'done', model: 'local-model', usage: { promptTokens: 5, completionTokens: 3, totalTokens: 8 }, cutShort: false },
     ]);
   });
 
@@ -568,6 +569,39 @@ describe('stream', () => {
     expect(error).toBeUndefined();
     expect(deltas(events)).toEqual(['Hello ', 'world.']);
     expect(events.at(-1)).toMatchObject({ type: 'done' });
+  });
+
+  // `length` (the output limit) and `content_filter` end a reply before its end: OpenAI's Responses API
+  // calls such an answer incomplete. Only the reason it ends with counts: text after one goes on.
+  it.each([
+    ['length', true],
+    ['content_filter', true],
+    ['stop', false],
+    ['tool_calls', false],
+  ])('says a reply that ends with finish_reason %s is cut short: %s (JSON and streamed)', async (finishReason, cutShort) => {
+    fake.enqueue({ finishReason });
+    expect(await adapter().complete(chat())).toMatchObject({ content: 'Echo: Hello there', cutShort });
+    fake.enqueue({ finishReason });
+    const { events, error } = await drain(adapter(), chat());
+    expect(error).toBeUndefined();
+    expect(events.at(-1)).toMatchObject({ type: 'done', cutShort });
+  });
+
+  it('takes the finish_reason a stream ends with, not one that more text followed', async () => {
+    const script = async (res: ServerResponse) => {
+      res.write(streamed({ index: 0, delta: { content: 'one ' }, finish_reason: 'length' }));
+      res.write(streamed({ index: 0, delta: { content: 'two' } }));
+      res.end(streamed({ index: 0, delta: {}, finish_reason: 'stop' }) + 'data: [DONE]\n\n');
+    };
+    const whole = await withScriptedStream(script, (baseURL) => drain(adapter({ baseURL }), chat()));
+    expect(whole.events.at(-1)).toMatchObject({ type: 'done', cutShort: false });
+    const cut = async (res: ServerResponse) => {
+      res.write(streamed({ index: 0, delta: { content: 'one ' }, finish_reason: 'stop' }));
+      res.end(streamed({ index: 0, delta: { content: 'two' }, finish_reason: 'length' }) + 'data: [DONE]\n\n');
+    };
+    const { events } = await withScriptedStream(cut, (baseURL) => drain(adapter({ baseURL }), chat()));
+    expect(deltas(events)).toEqual(['one ', 'two']);
+    expect(events.at(-1)).toMatchObject({ type: 'done', cutShort: true });
   });
 
   // Open WebUI puts a finish_reason on its reasoning chunks, some proxies on every chunk: the text that
@@ -600,7 +634,7 @@ describe('stream', () => {
     expect(error).toBeUndefined();
     expect(events).toEqual([
       { type: 'delta', content: 'whole' },
-      { type: 'done', model: 'local-model', usage: null },
+      { type: 'done', model: 'local-model', usage: null, cutShort: false },
     ]);
   });
 
@@ -617,7 +651,7 @@ describe('stream', () => {
     await new Promise((resolve) => setTimeout(resolve, 200));
     expect(given).toEqual(['one ']);
     release();
-    expect(await ended).toEqual({ model: 'local-model', usage: null });
+    expect(await ended).toEqual({ model: 'local-model', usage: null, cutShort: false });
     expect(given).toEqual(['one ', 'two ', 'three']);
   });
 

@@ -74,6 +74,8 @@ export interface UpstreamReply {
   refusal?: string;
   /** The model the reply names; by default the requested one. */
   model?: string;
+  /** Why the reply ends (`length`: at the output limit); by default `stop`. Streaming: on the chunk after the content. */
+  finishReason?: string;
   /** The usage reported; false sends none, even when the client asked for it. By default words counted. */
   usage?: false | { prompt_tokens: number; completion_tokens: number; total_tokens: number };
   /** A wait before anything is answered. */
@@ -293,7 +295,7 @@ export class FakeUpstream {
     const message = reply.refusal === undefined ? { role: 'assistant', content } : { role: 'assistant', content: null, refusal: reply.refusal };
     const body = {
       ...completion,
-      choices: [{ index: 0, message, finish_reason: 'stop' }],
+      choices: [{ index: 0, message, finish_reason: reply.finishReason ?? 'stop' }],
       ...(reply.usage === false ? {} : { usage: replyUsage(record, reply, content) }),
     };
     if (reply.fault !== 'drip') return sendJson(res, 200, body);
@@ -340,7 +342,7 @@ export class FakeUpstream {
       await send(chunk({ delta: reply.refusal === undefined ? { content: pieces[i] } : { refusal: pieces[i] } }));
       record.chunksSent++;
     }
-    await send(chunk({ delta: {}, finish_reason: 'stop' }));
+    await send(chunk({ delta: {}, finish_reason: reply.finishReason ?? 'stop' }));
     if (withUsage && reply.usage !== false) await send({ ...base, choices: [], usage: replyUsage(record, reply, content) });
     if (reply.fault === 'open-after-done') res.write('data: [DONE]\n\n');
     else if (reply.fault !== 'open-after-finish') res.end('data: [DONE]\n\n');

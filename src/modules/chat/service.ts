@@ -19,7 +19,7 @@ import {
   type ProviderName,
   ProviderError,
   ProviderTimeout,
-  type StreamEnd,
+  type ReplyEnd,
   type Usage,
 } from '../../providers/types.js';
 import { chatFilesOf, type FilesService } from '../files/service.js';
@@ -533,7 +533,7 @@ export class ChatService {
       throw error;
     }
 
-    let end: StreamEnd;
+    let end: ReplyEnd;
     try {
       end = await reply;
     } catch (error) {
@@ -714,19 +714,21 @@ export class ChatService {
   }
 
   /**
-   * A complete answer and the turn's result, with `keep` in one transaction, so that an answer is stored
-   * exactly when its key would replay it; undefined when its question is gone (see `answerStatementOn`).
+   * The answer the provider ended, and the turn's result, with `keep` in one transaction, so that an
+   * answer is stored exactly when its key would replay it; undefined when its question is gone (see
+   * `answerStatementOn`). An answer the upstream cut short (its output limit, its content filter) is
+   * the turn's result all the same, stored as `incomplete`.
    */
   private async storeAnswer(
     turn: PreparedTurn,
     userMessage: MessageRow,
-    { content, model, usage }: { content: string; model: string; usage: Usage | null },
+    { content, model, usage, cutShort }: ReplyEnd & { content: string },
     keep?: KeepResult,
   ): Promise<ChatResult | undefined> {
     // Counted before a transaction begins: it holds a connection until it ends.
     const reply = await this.countedReply(turn, content);
     const store = async (db: Db) => {
-      const assistantMessage = await this.storeReply(turn, reply, 'complete', model, usage, db);
+      const assistantMessage = await this.storeReply(turn, reply, cutShort ? 'incomplete' : 'complete', model, usage, db);
       return assistantMessage && { userMessage: toMessageDto(userMessage), assistantMessage: toMessageDto(assistantMessage), usage };
     };
     if (!keep) return store(this.database.db);

@@ -1,4 +1,4 @@
-import type { ChatCompletion, ChatRequest, DeltaSink, ProviderAdapter, ProviderName, StreamEnd } from '../../providers/types.js';
+import type { ChatCompletion, ChatRequest, DeltaSink, ProviderAdapter, ProviderName, ReplyEnd } from '../../providers/types.js';
 import { ProviderError } from '../../providers/types.js';
 
 /**
@@ -31,7 +31,7 @@ export class ForgettingDeletedCopies implements ProviderAdapter {
     }
   }
 
-  async stream(request: ChatRequest, onDelta: DeltaSink): Promise<StreamEnd> {
+  async stream(request: ChatRequest, onDelta: DeltaSink): Promise<ReplyEnd> {
     let answered = false;
     try {
       return await this.inner.stream(request, (content) => {
