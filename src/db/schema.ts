@@ -72,6 +72,11 @@ export const messages = pgTable(
     // never re-counts history; null for rows stored without (they are counted when read).
     tokens: integer('tokens'),
     tokenEncoding: text('token_encoding'),
+    // An answer's question: turns that ran at once store their questions, then their answers, in the
+    // order each came (Q1, Q2, A1, A2), and a context pairs each answer with its own question from this.
+    // Null for questions, and for answers stored before it (migration 0015), each taken for an answer to
+    // the message before it.
+    replyTo: uuid('reply_to'),
     createdAt: timestamps.createdAt,
   },
   (t) => [

@@ -67,6 +67,9 @@ class UpstreamStatusError extends Error {
   /** The upstream says the request is longer than the model's context (see `saysContextTooLong`). */
   readonly contextTooLong: boolean;
 
+  /** The upstream says it has no such model (see `saysNoSuchModel`). */
+  readonly noSuchModel: boolean;
+
   constructor(
     readonly status: number,
     readonly headers: ResponseHeaders,
@@ -78,6 +81,7 @@ class UpstreamStatusError extends Error {
     const error = errorOf(body);
     this.outOfQuota = status === 429 && (error.code ?? error.type) === 'insufficient_quota';
     this.contextTooLong = status === 400 && saysContextTooLong(error);
+    this.noSuchModel = (status === 400 || status === 404) && saysNoSuchModel(error);
   }
 }
 
@@ -133,6 +137,17 @@ const CONTEXT_OVERFLOW = /maximum context length|context (length|window|size)|pr
 function saysContextTooLong({ code, type, message }: ErrorBody): boolean {
   if (code === 'context_length_exceeded' || type === 'exceed_context_size_error') return true;
   return typeof message === 'string' && CONTEXT_OVERFLOW.test(message);
+}
+
+const NO_SUCH_MODEL = /\bmodel\b.*\b(?:not found|does not exist)|not a valid model/i;
+
+/**
+ * Whether a 400's or a 404's error says the model named is not one the upstream has: OpenAI's code
+ * `model_not_found`, or in its message (Ollama's `model "x" not found, try pulling it first`, vLLM's
+ * "The model `x` does not exist.", OpenRouter's "x is not a valid model ID").
+ */
+function saysNoSuchModel({ code, message }: ErrorBody): boolean {
+  return code === 'model_not_found' || (typeof message === 'string' && NO_SUCH_MODEL.test(message));
 }
 
 /**
@@ -676,6 +691,9 @@ function failure(error: unknown, signal: AbortSignal): unknown {
   // The model's window is smaller than the budget the turn was fitted to (an unknown model, AI_CONTEXT_TOKENS
   // set too high): the client's to shorten, not an outage to wait out.
   else if (error instanceof UpstreamStatusError && error.contextTooLong) mapped = new ApiError(400, 'CONTEXT_TOO_LONG', 'The AI provider says the prompts and the history are longer than its model takes');
+  // A project's model misspelt, or one a local server has not pulled: not an outage, and the client's to
+  // tell from one (the project's model, or the server's AI_MODEL).
+  else if (error instanceof UpstreamStatusError && error.noSuchModel) mapped = new ProviderError('The AI provider has no model of the name this chat asked for');
   else mapped = new ProviderError();
   mapped.cause = error;
   return mapped;

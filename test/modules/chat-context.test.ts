@@ -46,41 +46,75 @@ describe('buildContext with history', () => {
       promptTokens: () => 2,
     });
 
-  it('puts the pages oldest first between the prompts and the question, each page only as far as its count', async () => {
-    const message = (content: string) => ({ role: 'user' as const, content, tokens: 1 });
-    const [m6, m5, m4, m3, m2, m1] = ['6', '5', '4', '3', '2', '1'].map(message);
+  /** A stored question, and an answer naming its question (null: stored before answers named theirs). */
+  const user = (id: string, tokens = 1) => ({ id, role: 'user' as const, content: id, replyTo: null, tokens });
+  const answer = (id: string, replyTo: string | null, tokens = 3) => ({ id, role: 'assistant' as const, content: id, replyTo, tokens });
+  /** The history `stored` (oldest first) as pages of one message each, newest first, all of them within the budget. */
+  const pagesOf = (stored: HistoryPage['messages'][number][]) =>
     async function* history() {
-      yield { messages: [m6!, m5!], count: 2, tokens: 2 * (MESSAGE_OVERHEAD_TOKENS + 1) };
+      for (const message of [...stored].reverse()) yield { messages: [message], count: 1, tokens: MESSAGE_OVERHEAD_TOKENS + message.tokens };
+    };
+  const text = (result: Awaited<ReturnType<typeof contextWith>>) => (result.fits ? result.messages.map((m) => m.content) : []);
+
+  it('puts the pages oldest first between the prompts and the question, each page only as far as its count', async () => {
+    const [a3, q3, a2, q2, a1, q1] = [answer('a3', 'q3', 1), user('q3'), answer('a2', null, 1), user('q2'), answer('a1', 'q1', 1), user('q1')];
+    async function* history() {
+      yield { messages: [a3, q3], count: 2, tokens: 2 * (MESSAGE_OVERHEAD_TOKENS + 1) };
       // A cached window whose oldest two did not fit: they stay in the array, out of the page.
-      yield { messages: [m4!, m3!, m2!, m1!], count: 2, tokens: 2 * (MESSAGE_OVERHEAD_TOKENS + 1) };
+      yield { messages: [a2, q2, a1, q1], count: 2, tokens: 2 * (MESSAGE_OVERHEAD_TOKENS + 1) };
     }
     const result = await contextWith(history, ['be brief'], 'hello');
     expect(result).toEqual({
       fits: true,
-      messages: [{ role: 'system', content: 'be brief' }, m3, m4, m5, m6, { role: 'user', content: 'hello' }],
+      messages: [{ role: 'system', content: 'be brief' }, q2, a2, q3, a3, { role: 'user', content: 'hello' }],
       promptTokens: 6 * MESSAGE_OVERHEAD_TOKENS + 1 + 2 + 4,
       historyIncluded: 4,
     });
     // The messages themselves, not copies: an adapter keeps what it derives from each.
-    if (result.fits) expect(result.messages[1]).toBe(m3);
+    if (result.fits) expect(result.messages[1]).toBe(q2);
   });
 
-  it("leaves out an answer that the window would start with, its question left out by the budget", async () => {
-    const user = (content: string) => ({ role: 'user' as const, content, tokens: 1 });
-    const answer = (content: string) => ({ role: 'assistant' as const, content, tokens: 3 });
-    const [a2, q2, a1] = [answer('a2'), user('q2'), answer('a1')];
-    async function* history() {
-      // Newest first; an empty page last (the budget ran out), then the page that reached a1, whose q1 did not fit.
-      yield { messages: [a2!, q2!], count: 2, tokens: 2 * MESSAGE_OVERHEAD_TOKENS + 4 };
-      yield { messages: [a1!], count: 1, tokens: MESSAGE_OVERHEAD_TOKENS + 3 };
-      yield { messages: [], count: 0, tokens: 0 };
+  it('leaves out an answer that the window would start with, its question left out by the budget', async () => {
+    for (const replyTo of ['q1', null]) {
+      const [a2, q2, a1] = [answer('a2', replyTo && 'q2'), user('q2'), answer('a1', replyTo)];
+      async function* history() {
+        // Newest first; an empty page last (the budget ran out), then the page that reached a1, whose q1 did not fit.
+        yield { messages: [a2, q2], count: 2, tokens: 2 * MESSAGE_OVERHEAD_TOKENS + 4 };
+        yield { messages: [a1], count: 1, tokens: MESSAGE_OVERHEAD_TOKENS + 3 };
+        yield { messages: [], count: 0, tokens: 0 };
+      }
+      const result = await contextWith(history, [], 'q3');
+      expect(result).toEqual({
+        fits: true,
+        messages: [q2, a2, { role: 'user', content: 'q3' }],
+        promptTokens: 3 * MESSAGE_OVERHEAD_TOKENS + 1 + 4,
+        historyIncluded: 2,
+      });
     }
-    const result = await contextWith(history, [], 'q3');
-    expect(result).toEqual({
-      fits: true,
-      messages: [q2, a2, { role: 'user', content: 'q3' }],
-      promptTokens: 3 * MESSAGE_OVERHEAD_TOKENS + 1 + 4,
-      historyIncluded: 2,
-    });
+  });
+
+  // Two turns at once are stored Q1, Q2, A1, A2: each answer goes back to the model after its own question.
+  it('pairs each answer with its own question when turns ran at once, whatever order they were stored in', async () => {
+    const stored = [user('q1'), user('q2'), answer('a2', 'q2'), user('q3'), answer('a1', 'q1'), answer('a3', 'q3'), user('q4'), answer('a4', 'q4')];
+    const result = await contextWith(pagesOf(stored), [], 'q5');
+    expect(text(result)).toEqual(['q1', 'a1', 'q2', 'a2', 'q3', 'a3', 'q4', 'a4', 'q5']);
+    expect(result).toMatchObject({ promptTokens: 9 * MESSAGE_OVERHEAD_TOKENS + 4 * 1 + 4 * 3 + 1, historyIncluded: 8 });
+  });
+
+  // A turn still running (another request's, at once) or one a crash ended before it stored an answer or
+  // marked its question failed: sent, its question would stand unanswered before the next one.
+  it('leaves out a question that has no answer, and the tokens it took', async () => {
+    const stored = [user('q1'), answer('a1', 'q1'), user('orphan'), user('q2'), answer('a2', 'q2'), user('running')];
+    const result = await contextWith(pagesOf(stored), [], 'q3');
+    expect(text(result)).toEqual(['q1', 'a1', 'q2', 'a2', 'q3']);
+    expect(result).toMatchObject({ promptTokens: 5 * MESSAGE_OVERHEAD_TOKENS + 2 * 1 + 2 * 3 + 1, historyIncluded: 4 });
+  });
+
+  it('pairs answers stored before answers named their questions with the question right before each', async () => {
+    const stored = [user('q1'), answer('a1', null), user('q2'), answer('a2', null), user('q3'), answer('a3', 'q3')];
+    expect(text(await contextWith(pagesOf(stored), [], 'q4'))).toEqual(['q1', 'a1', 'q2', 'a2', 'q3', 'a3', 'q4']);
+    // An answer of before, after another answer: it answered nothing that is shown.
+    const odd = [user('q1'), answer('a1', null), answer('a1b', null), user('q2'), answer('a2', null)];
+    expect(text(await contextWith(pagesOf(odd), [], 'q3'))).toEqual(['q1', 'a1', 'q2', 'a2', 'q3']);
   });
 });

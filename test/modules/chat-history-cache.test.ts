@@ -3,7 +3,7 @@ import { type ExtendedHistory, HistoryCache, type StoredHistoryMessage } from '.
 import { messagesWire } from '../../src/providers/wire-messages.js';
 import { reachableBufferBytes, reachableHeapBytes } from '../support/heap.js';
 
-const message = (id: number, content = `message ${id}`): StoredHistoryMessage => ({ id: String(id), role: 'user', content, tokens: 3, encoding: 'o200k_base' });
+const message = (id: number, content = `message ${id}`): StoredHistoryMessage => ({ id: String(id), role: 'user', content, replyTo: null, tokens: 3, encoding: 'o200k_base' });
 /** Messages `from` down to `to`, newest first, as pages are read. */
 const newestFirst = (from: number, to: number) => Array.from({ length: from - to + 1 }, (_, i) => message(from - i));
 const ids = (messages: StoredHistoryMessage[] | undefined) => messages?.map((m) => Number(m.id));

@@ -405,18 +405,24 @@ describe('stored token counts and long histories', () => {
       const owner = await registerUser(budgeted.app);
       const projectId = (await createProject(budgeted.app, owner, { model: 'gpt-4o-mini' })).id;
       const { db } = budgeted.testDb.database;
-      // Far over the budget if believed: the first is left out with all older history; the others are counted anew.
-      await insertMessages(db, projectId, 1, { content: 'oldest, counted anew', tokens: null, tokenEncoding: null });
-      await insertMessages(db, projectId, 1, { content: 'counted in another encoding', tokens: 5000, tokenEncoding: 'cl100k_base' });
-      await insertMessages(db, projectId, 1, { content: 'believed to be huge', tokens: 5000, tokenEncoding: 'o200k_base' });
-      await insertMessages(db, projectId, 1, { content: 'newest, counted anew', tokens: null, tokenEncoding: null });
+      // Far over the budget if believed: the first is left out with all older history (and the answer
+      // after it, whose question it is); the others are counted anew.
+      const stored = [
+        { role: 'user', content: 'oldest, counted anew', tokens: null, tokenEncoding: null },
+        { role: 'assistant', content: 'counted in another encoding', tokens: 5000, tokenEncoding: 'cl100k_base' },
+        { role: 'user', content: 'believed to be huge', tokens: 5000, tokenEncoding: 'o200k_base' },
+        { role: 'assistant', content: 'its answer', tokens: null, tokenEncoding: null },
+        { role: 'user', content: 'newer, counted anew', tokens: null, tokenEncoding: null },
+        { role: 'assistant', content: 'newest, counted anew', tokens: null, tokenEncoding: null },
+      ] as const;
+      for (const message of stored) await insertMessages(db, projectId, 1, message);
       const response = await budgeted.app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: owner.auth, payload: { message: 'Hi' } });
       expect(response.statusCode).toBe(200);
-      expect(sentHistory()).toEqual(['newest, counted anew']);
+      expect(sentHistory()).toEqual(['newer, counted anew', 'newest, counted anew']);
 
       await db.update(messages).set({ tokens: 3 }).where(eq(messages.content, 'believed to be huge'));
       await budgeted.app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: owner.auth, payload: { message: 'Hi' } });
-      expect(sentHistory().slice(0, 4)).toEqual(['oldest, counted anew', 'counted in another encoding', 'believed to be huge', 'newest, counted anew']);
+      expect(sentHistory().slice(0, 6)).toEqual(stored.map((message) => message.content));
     } finally {
       await budgeted.close();
     }
@@ -481,10 +487,10 @@ describe('the history cache', () => {
     expect(sentHistory()).toContain('message 5');
     expect(sentHistory()).not.toContain('changed in the database');
 
-    // A message written by hand, older than the newest one the cache holds: the answer of the turn before
-    // last (the last turn's question and answer come after it).
-    const [cachedNewest] = (await stored(projectId)).slice(-3);
-    await insertMessages(db, projectId, 1, { content: 'stored out of order', createdAt: new Date(cachedNewest!.createdAt.getTime() - 1) });
+    // A question and its answer written by hand, older than the newest message the cache holds: the
+    // question of the turn before last (its answer, and the last turn's question and answer come after them).
+    const [cachedQuestion] = (await stored(projectId)).slice(-4);
+    await insertMessages(db, projectId, 2, { content: 'stored out of order', createdAt: new Date(cachedQuestion!.createdAt.getTime() - 1) });
     await turn(projectId, 'fourth');
     const sent = sentHistory();
     expect(sent).toEqual(await historyBeforeLastTurn(projectId));
@@ -1436,6 +1442,27 @@ describe('concurrency', () => {
     const rows = await stored(projectId);
     expect(rows).toHaveLength(40);
     expect(new Set(rows.map((r) => r.content)).size).toBe(40);
+    // Stored in the order each came, questions before answers; the next turn sends each answer after its own question.
+    expect(rows.slice(0, 2).map((r) => r.role)).toEqual(['user', 'user']);
+    fake.reset();
+    await chat(projectId, { message: 'and now?' });
+    const sent = fake.requests[0]!.body.messages as { role: string; content: string }[];
+    expect(sent).toHaveLength(41);
+    for (let i = 0; i < 40; i += 2) {
+      expect(sent[i]!.role).toBe('user');
+      expect(sent[i + 1]).toEqual({ role: 'assistant', content: `Echo: ${sent[i]!.content}` });
+    }
+    expect(new Set(sent.map((m) => m.content)).size).toBe(41);
+  });
+
+  it('leaves a question whose turn is still running out of the context of a turn beside it', async () => {
+    const projectId = await newProject();
+    fake.enqueue({ delayMs: 500 }, {});
+    const slow = chat(projectId, { message: 'slow question' });
+    while (fake.requests.length === 0) await sleep(5);
+    expect((await chat(projectId, { message: 'quick question' })).statusCode).toBe(200);
+    expect(fake.requests[1]!.body.messages).toEqual([{ role: 'user', content: 'quick question' }]);
+    expect((await slow).statusCode).toBe(200);
   });
 });
 

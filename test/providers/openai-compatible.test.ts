@@ -184,8 +184,26 @@ describe('complete', () => {
   });
 
   it('answers a 400 of another kind as the provider failing (502), not as a context overflow', async () => {
-    fake.setDefault({ status: 400, errorBody: { error: { code: 400, message: 'model "llama9" not found, try pulling it first' } } });
-    expect(await rejection(adapter().complete(chat()))).toBeInstanceOf(ProviderError);
+    fake.setDefault({ status: 400, errorBody: { error: { code: 400, message: 'Invalid value for temperature' } } });
+    const error = await rejection(adapter().complete(chat()));
+    expect(error).toBeInstanceOf(ProviderError);
+    expect(error).toMatchObject({ status: 502, code: 'PROVIDER_ERROR', message: 'The AI provider failed to answer' });
+  });
+
+  // A misspelt model answered as an outage left a client nothing to tell the two apart by.
+  it.each<[string, number, unknown]>([
+    ['OpenAI', 404, { error: { message: 'The model `gpt-9` does not exist or you do not have access to it.', type: 'invalid_request_error', code: 'model_not_found' } }],
+    ['Ollama', 404, { error: { message: 'model "llama9" not found, try pulling it first', type: 'api_error' } }],
+    ['vLLM', 404, { object: 'error', message: 'The model `llama9` does not exist.', type: 'NotFoundError', code: 404 }],
+    ['OpenRouter', 400, { error: { code: 400, message: 'llama9 is not a valid model ID' } }],
+  ])("says when %s has no model of the name asked for (502, once), JSON and streamed", async (_, status, errorBody) => {
+    fake.setDefault({ status, errorBody });
+    for (const call of [adapter().complete(chat()), drain(adapter(), chat()).then(({ error }) => Promise.reject(error))]) {
+      const error = await rejection(call);
+      expect(error).toMatchObject({ status: 502, code: 'PROVIDER_ERROR', message: 'The AI provider has no model of the name this chat asked for' });
+      expect(clientVisible(error)).not.toContain('llama9');
+    }
+    expect(fake.requests).toHaveLength(2);
   });
 
   describe('an error sent with a 200, as OpenRouter sends those of the model’s provider', () => {

@@ -3,8 +3,11 @@ import type { ChatMessage } from '../../providers/types.js';
 import type { FilesSection } from '../files/chat-section.js';
 
 export interface HistoryMessage {
+  id: string;
   role: 'user' | 'assistant' | 'system';
   content: string;
+  /** An answer's question; null for an answer stored before answers named theirs (the message before it is). */
+  replyTo: string | null;
   /** The tokens of `content`, framing not included. */
   tokens: number;
 }
@@ -73,16 +76,6 @@ export async function buildContext<P extends { content: string }>(input: Context
     historyIncluded += page.count;
     pages.push(page);
   }
-  // A window whose oldest message is an answer, its question left out by the budget, is one that some
-  // chat templates refuse (Mistral's and Gemma's, behind vLLM or llama.cpp: a conversation's first turn
-  // must be a user's), and one that shows the model an answer to nothing: the answer is left out too.
-  let oldest: HistoryMessage | undefined;
-  for (const page of pages) if (page.count > 0) oldest = page.messages[page.count - 1];
-  let leftOut = oldest?.role === 'assistant' ? 1 : 0;
-  if (leftOut) {
-    used -= MESSAGE_OVERHEAD_TOKENS + oldest!.tokens;
-    historyIncluded--;
-  }
   // The messages themselves, not copies, oldest first: a long history's are kept between turns, and so
   // is what an adapter derives from each (its wire form). Written into one array of the request's
   // length: joining the pages, then the prompts, the history and the question, made two arrays of a
@@ -92,9 +85,62 @@ export async function buildContext<P extends { content: string }>(input: Context
   for (const message of system) messages[at++] = message;
   for (let p = pages.length - 1; p >= 0; p--) {
     const page = pages[p]!;
-    for (let i = page.count - 1 - leftOut; i >= 0; i--) messages[at++] = page.messages[i]!;
-    if (page.count > 0) leftOut = 0;
+    for (let i = page.count - 1; i >= 0; i--) messages[at++] = page.messages[i]!;
   }
-  messages[at] = question;
+  const paired = pairAnswers(messages as HistoryMessage[], system.length, at);
+  used -= paired.leftOutTokens;
+  historyIncluded -= at - paired.end;
+  messages.length = paired.end + 1;
+  messages[paired.end] = question;
   return { fits: true, messages, promptTokens: used, historyIncluded };
+}
+
+/**
+ * Puts each answer of the history `messages[from..to)` (oldest first) right after its own question, in
+ * place, and leaves out what has no partner in it: the answer its window would start with, its question
+ * left out by the budget, and a question with no answer (its turn still running, or ended by a crash
+ * before it could store one or mark it failed). Turns of one project that ran at once are stored in the
+ * order each message came (Q1, Q2, A1, A2): sent so, a model reads each answer after the wrong question,
+ * and some chat templates refuse the conversation outright (Mistral's and Gemma's, behind vLLM or
+ * llama.cpp: roles must alternate, and a first turn be a user's). Where the new end is, and the tokens of
+ * what was left out, framing included.
+ */
+function pairAnswers(messages: HistoryMessage[], from: number, to: number): { end: number; leftOutTokens: number } {
+  if (paired(messages, from, to)) return { end: to, leftOutTokens: 0 };
+  const window = messages.slice(from, to);
+  // Each question's answer: the one that names it, or an answer of before they named theirs, the one right after it.
+  const answers = new Map<string, HistoryMessage>();
+  window.forEach((message, i) => {
+    const question = message.role === 'assistant' ? (message.replyTo ?? (window[i - 1]?.role === 'user' ? window[i - 1]!.id : undefined)) : undefined;
+    if (question !== undefined && !answers.has(question)) answers.set(question, message);
+  });
+  const written = new Set<HistoryMessage>();
+  let end = from;
+  let leftOutTokens = 0;
+  for (const message of window) {
+    const answer = message.role === 'user' ? answers.get(message.id) : undefined;
+    if (message.role === 'system' || answer) messages[end++] = message;
+    if (answer) {
+      messages[end++] = answer;
+      written.add(answer);
+    } else if (message.role !== 'system' && !written.has(message)) {
+      leftOutTokens += MESSAGE_OVERHEAD_TOKENS + message.tokens;
+    }
+  }
+  return { end, leftOutTokens };
+}
+
+/** Whether every question of `messages[from..to)` is followed by its answer, and every answer follows its question: nearly always. */
+function paired(messages: HistoryMessage[], from: number, to: number): boolean {
+  for (let i = from; i < to; i++) {
+    const message = messages[i]!;
+    if (message.role === 'user') {
+      const next = i + 1 < to ? messages[i + 1]! : undefined;
+      if (next?.role !== 'assistant' || (next.replyTo ?? message.id) !== message.id) return false;
+    } else if (message.role === 'assistant') {
+      const previous = i > from ? messages[i - 1]! : undefined;
+      if (previous?.role !== 'user' || (message.replyTo ?? previous.id) !== previous.id) return false;
+    }
+  }
+  return true;
 }

@@ -5,6 +5,7 @@ export interface StoredHistoryMessage {
   id: string;
   role: HistoryMessage['role'];
   content: string;
+  replyTo: string | null;
   tokens: number | null;
   encoding: string | null;
 }

@@ -70,7 +70,7 @@ function historyPage(
           over (order by p.created_at desc, p.id desc rows between unbounded preceding and 1 preceding), 0) as tokens_before
         from (${newest}) p) q where q.tokens_before <= ${budget.room})`
     : sql`(${newest})`;
-  return sql`(select coalesce(json_agg(json_build_object('id', m.id, 'role', m.role, 'content', m.content,
+  return sql`(select coalesce(json_agg(json_build_object('id', m.id, 'role', m.role, 'content', m.content, 'replyTo', m.reply_to,
       'tokens', m.tokens, 'encoding', m.token_encoding) order by m.created_at desc, m.id desc), '[]')
     from ${rows} m)`;
 }
@@ -172,13 +172,14 @@ function failedStatementOn(db: Db) {
  */
 function answerStatementOn(db: Db) {
   const projectId = param('projectId', 'uuid');
+  const questionId = param('questionId', 'uuid');
   const answer = db.$with('answer', getTableColumns(messages)).as(
     sql`insert into ${messages} (id, project_id, role, content, status, model, prompt_tokens, completion_tokens, total_tokens,
-        tokens, token_encoding, created_at)
+        tokens, token_encoding, reply_to, created_at)
       select ${param('id', 'uuid')}, ${projectId}, ${param('role', 'text')}, ${param('content', 'text')}, ${param('status', 'text')},
         ${param('model', 'text')}, ${param('promptTokens', 'integer')}, ${param('completionTokens', 'integer')}, ${param('totalTokens', 'integer')},
-        ${param('tokens', 'integer')}, ${param('tokenEncoding', 'text')}, ${storedNow(projectId)}
-      where message_kept(${projectId}, ${param('questionId', 'uuid')})
+        ${param('tokens', 'integer')}, ${param('tokenEncoding', 'text')}, ${questionId}, ${storedNow(projectId)}
+      where message_kept(${projectId}, ${questionId})
       returning *`,
   );
   return direct(db.with(answer).select().from(answer).prepare('chat_insert_message'));
@@ -599,7 +600,7 @@ export class ChatService {
         fitted.push(message);
         if (fittedTokens !== undefined) fittedTokens = counted ? fittedTokens + tokens : undefined;
         // The stored message itself when it carries its count: one object for as long as it is cached.
-        fits.push(counted ? (message as HistoryMessage) : { role: message.role, content: message.content, tokens: tokens - MESSAGE_OVERHEAD_TOKENS });
+        fits.push(counted ? (message as HistoryMessage) : { ...message, tokens: tokens - MESSAGE_OVERHEAD_TOKENS });
       }
       return { messages: fits, count: fits.length, tokens: before - room };
     };
@@ -819,6 +820,7 @@ function messageRow(projectId: string, model: string, message: NewMessage, id = 
     promptTokens: null,
     completionTokens: null,
     totalTokens: null,
+    replyTo: null,
     ...message,
     id,
     projectId,
