@@ -45,6 +45,8 @@ export interface AppDependencies {
   database?: Database;
   /** Where log lines go (standard output by default); tests read them from here. */
   logStream?: NodeJS.WritableStream;
+  /** Aborted when the process is asked to stop while the app is built: the migrations stop waiting for another instance's. */
+  stopping?: AbortSignal;
 }
 
 /**
@@ -116,7 +118,7 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
     }
   });
 
-  const database = deps.database ?? (await openMigratedDatabase(config, app.log));
+  const database = deps.database ?? (await openMigratedDatabase(config, app.log, deps.stopping));
   if (!deps.database) app.addHook('onClose', () => database.close());
 
   // Every response carries its request id and security headers, set first so that an answer given by any
@@ -210,10 +212,10 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   return app;
 }
 
-async function openMigratedDatabase(config: Config, log: FastifyBaseLogger): Promise<Database> {
+async function openMigratedDatabase(config: Config, log: FastifyBaseLogger, stopping?: AbortSignal): Promise<Database> {
   const database = await openDatabase(config);
   try {
-    await database.migrate((waiting) => log.warn(waiting));
+    await database.migrate((waiting) => log.warn(waiting), stopping);
   } catch (error) {
     await database.close();
     throw error;

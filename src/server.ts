@@ -8,11 +8,15 @@ const CLOSE_GRACE_MS = 5_000;
 async function main(): Promise<void> {
   // Heard from the first moment: a signal's default is to end the process at once (and a process that is
   // pid 1, in a container, ignores SIGTERM without a handler, so `docker stop` waited for its timeout).
-  // One that comes while the app is built stops it once built, before it listens; a second signal of
-  // either kind has its default effect, so that a second Ctrl-C ends a shutdown that takes too long.
+  // One that comes while the app is built stops it once built, before it listens, and at once while
+  // the migrations wait for another session (an instance applying them in a rolling deploy, for up to
+  // minutes); a second signal of either kind has its default effect, so that a second Ctrl-C ends a
+  // shutdown that takes too long.
   let stopRequested: NodeJS.Signals | undefined;
+  const stopping = new AbortController();
   let stop = async (signal: NodeJS.Signals) => {
     stopRequested = signal;
+    stopping.abort();
   };
   const onSignal = (signal: NodeJS.Signals) => {
     process.off('SIGTERM', onSignal);
@@ -33,8 +37,12 @@ async function main(): Promise<void> {
   try {
     config = loadConfig();
     requireWritableDataDir(config.DATA_DIR);
-    app = await buildApp(config);
+    app = await buildApp(config, { stopping: stopping.signal });
   } catch (error) {
+    if (error === stopping.signal.reason) {
+      process.stderr.write(`Stopped (${stopRequested}) while the migrations waited for another session\n`);
+      process.exit(0);
+    }
     if (error instanceof StartupError) {
       process.stderr.write(`${error.message}\n`);
       process.exit(1);

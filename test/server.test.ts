@@ -2,7 +2,9 @@ import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { type AddressInfo, createServer, type Server, type Socket, connect } from 'node:net';
 import { join } from 'node:path';
+import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { MIGRATION_LOCK_ID, MIGRATIONS_WAIT_FOR_ANOTHER } from '../src/db/database.js';
 import { createTestDatabase, type TestDatabase } from './support/database.js';
 import { spawnServer, waitUntilServing } from './support/server-process.js';
 
@@ -97,6 +99,24 @@ describe('graceful shutdown', () => {
     expect(server.child.signalCode).toBeNull();
     expect(existsSync(lock)).toBe(false);
     await expect(fetch(`${server.url}/health/live`)).rejects.toThrow();
+  });
+
+  // A rolling deploy's new instance waiting for another's migrations held its stop until they were done,
+  // for up to 10 minutes: an orchestrator had to kill it.
+  it.runIf(process.env.TEST_DATABASE_URL)('stops at once, exit 0, on a SIGTERM while its migrations wait for another instance', async () => {
+    const other = new pg.Client({ connectionString: testDb!.url });
+    await other.connect();
+    try {
+      // Held until the process has exited: a stop that waited for it would never come.
+      await other.query('select pg_advisory_lock($1)', [MIGRATION_LOCK_ID]);
+      const server = await spawnServer({ DATABASE_URL: testDb!.url!, LOG_LEVEL: 'info' });
+      await vi.waitFor(() => expect(server.output()).toContain(MIGRATIONS_WAIT_FOR_ANOTHER), { timeout: 60_000, interval: 20 });
+      server.child.kill('SIGTERM');
+      expect(await server.exited).toBe(0);
+      expect(server.output()).toContain('Stopped (SIGTERM) while the migrations waited for another session');
+    } finally {
+      await other.end();
+    }
   });
 
   // pino re-raised a failed write of its log as an error that ended the process, and then retried the
