@@ -39,6 +39,7 @@ import { meterProviders } from './providers/metered.js';
 import { catalogName } from './providers/models.js';
 import { createProviders, defaultModelOf } from './providers/registry.js';
 import { PROVIDER_SETTINGS } from './providers/types.js';
+import { SMALL_BODY_LIMIT_BYTES } from './http/body-limits.js';
 
 export interface AppDependencies {
   /** An open, migrated database. Without one, buildApp opens the configured one and closes it with the app. */
@@ -48,13 +49,6 @@ export interface AppDependencies {
   /** Aborted when the process is asked to stop while the app is built: the migrations stop waiting for another instance's. */
   stopping?: AbortSignal;
 }
-
-/**
- * The largest JSON body that a valid request can need: a prompt's 200 + 100,000 characters, each a JSON
- * escape of up to 12 bytes (an emoji written `\ud83d\ude00`, as Python's json.dumps writes it by
- * default), with room for the rest. At 1 MiB, such valid prompts and chat messages were refused (413).
- */
-export const BODY_LIMIT_BYTES = 1.25 * 1024 * 1024;
 
 export async function buildApp(config: Config, deps: AppDependencies = {}): Promise<FastifyInstance> {
   requireRoomForAMessage(config, defaultModelOf(config));
@@ -74,7 +68,7 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
     // default: Fastify alone answered one for a prefix's root only (`/api/v1/projects/`, not `…/:id/`).
     routerOptions: { ignoreTrailingSlash: true },
     genReqId: requestIdOf,
-    bodyLimit: BODY_LIMIT_BYTES,
+    bodyLimit: SMALL_BODY_LIMIT_BYTES,
     // A request that trickles in would hold its connection (an upload, its temporary file) for as long as
     // its client liked: Fastify turns Node's own bound off unless it is given one. Node applies it only
     // while the bound on headers is no longer (60 s by default), and checks both on an interval (30 s by

@@ -3,7 +3,7 @@ import { once } from 'node:events';
 import { connect, type Socket } from 'node:net';
 import { gunzipSync, gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { BODY_LIMIT_BYTES } from '../../src/app.js';
+import { BODY_LIMIT_BYTES, SMALL_BODY_LIMIT_BYTES } from '../../src/http/body-limits.js';
 import { ConfigError } from '../../src/config.js';
 import {
   createProject,
@@ -83,6 +83,30 @@ describe('security headers', () => {
       payload: JSON.stringify({ name: 'x', description: 'y'.repeat(BODY_LIMIT_BYTES) }),
     });
     expectProblem(response, 413, 'PAYLOAD_TOO_LARGE');
+  });
+
+  // A client that trickles a body in is held until its last byte: with 1.25 MiB everywhere, 1,200
+  // connections to the login route, which takes no account, held a gigabyte for REQUEST_TIMEOUT_MS.
+  it('takes the long bodies of prompts and chat on their routes only: any other is refused past 32 KiB, before its bytes', async () => {
+    const projectId = (await t.app.inject({ method: 'POST', url: '/api/v1/projects', headers: user.auth, payload: { name: 'limits' } })).json().id;
+    const longest = { title: 't', content: '😀'.repeat(50_000) };
+    const escaped = JSON.stringify(longest).replace(/\p{Extended_Pictographic}/gu, '\\ud83d\\ude00');
+    expect(escaped.length).toBeGreaterThan(SMALL_BODY_LIMIT_BYTES * 10);
+    const created = await t.app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/prompts`, headers: { ...user.auth, 'content-type': 'application/json' }, payload: escaped });
+    expect(created.statusCode).toBe(201);
+    const description = JSON.stringify({ description: 'é'.repeat(2000) }).replace(/é/g, '\\u00e9');
+    expect((await t.app.inject({ method: 'PATCH', url: `/api/v1/projects/${projectId}`, headers: { ...user.auth, 'content-type': 'application/json' }, payload: description })).statusCode).toBe(200);
+    const over = JSON.stringify({ name: 'x', description: 'y'.repeat(SMALL_BODY_LIMIT_BYTES) });
+    expectProblem(await t.app.inject({ method: 'PATCH', url: `/api/v1/projects/${projectId}`, headers: { ...user.auth, 'content-type': 'application/json' }, payload: over }), 413, 'PAYLOAD_TOO_LARGE');
+
+    // Over HTTP, the headers alone: the refusal comes before any byte of the body.
+    const address = new URL(await t.app.listen({ port: 0, host: '127.0.0.1' }));
+    const socket = connect(Number(address.port), address.hostname);
+    let received = '';
+    socket.setEncoding('utf8').on('data', (chunk: string) => (received += chunk));
+    socket.write(`POST /api/v1/auth/register HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: ${BODY_LIMIT_BYTES}\r\n\r\n`);
+    await expect.poll(() => received, { timeout: 5_000 }).toMatch(/^HTTP\/1\.1 413 [^]*"code":"PAYLOAD_TOO_LARGE"/);
+    socket.destroy();
   });
 });
 

@@ -5,7 +5,8 @@ import { eq, sql } from 'drizzle-orm';
 import type { FastifyInstance, InjectOptions, LightMyRequestResponse } from 'fastify';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { BODY_LIMIT_BYTES, buildApp } from '../../src/app.js';
+import { buildApp } from '../../src/app.js';
+import { BODY_LIMIT_BYTES } from '../../src/http/body-limits.js';
 import { type Config, ConfigError, loadConfig } from '../../src/config.js';
 import { messages, users } from '../../src/db/schema.js';
 import { encodeCursor } from '../../src/http/pagination.js';
@@ -535,11 +536,13 @@ describe('API4:2023 Unrestricted Resource Consumption', () => {
     expect((await fetch(`${base}/health/live`)).status).toBe(200);
   });
 
-  it('refuses deeply nested JSON and a flood of properties with 400, never a 5xx', async () => {
-    const nested = `{"name":${'['.repeat(200_000)}${']'.repeat(200_000)}}`;
-    const flood = JSON.stringify(Object.fromEntries([['name', 'P'], ...Array.from({ length: 50_000 }, (_, i) => [`k${i}`, i])]));
+  it('refuses deeply nested JSON and a flood of properties with 400, never a 5xx; past 32 KiB, outside prompts and chat, with 413 unread', async () => {
+    const projectId = (await send(user, 'POST', '/api/v1/projects', { name: 'nested' })).json().id;
+    const nested = `{"title":${'['.repeat(200_000)}${']'.repeat(200_000)}}`;
+    const flood = JSON.stringify(Object.fromEntries([['title', 'P'], ...Array.from({ length: 50_000 }, (_, i) => [`k${i}`, i])]));
     for (const payload of [nested, flood]) {
-      expectProblem(await send(user, 'POST', '/api/v1/projects', payload, app, { 'content-type': 'application/json' }), 400, 'VALIDATION_ERROR');
+      expectProblem(await send(user, 'POST', `/api/v1/projects/${projectId}/prompts`, payload, app, { 'content-type': 'application/json' }), 400, 'VALIDATION_ERROR');
+      expectProblem(await send(user, 'POST', '/api/v1/projects', payload, app, { 'content-type': 'application/json' }), 413, 'PAYLOAD_TOO_LARGE');
     }
   });
 });

@@ -1,6 +1,7 @@
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
+import { BODY_LIMIT_BYTES } from '../../http/body-limits.js';
 import { ApiError, clientGoneSignal, logFailure, toProblem } from '../../http/errors.js';
 import { problem, schemaReference } from '../../http/openapi.js';
 import { projectParams } from '../projects/schemas.js';
@@ -57,6 +58,7 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
   app.post(
     '/chat',
     {
+      bodyLimit: BODY_LIMIT_BYTES,
       config: { rateLimitGroup: 'chat', tokenCheckedByHandler: true },
       schema: {
         tags: ['chat'],

@@ -1,4 +1,5 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+import { BODY_LIMIT_BYTES } from '../../http/body-limits.js';
 import { noContent } from '../../http/openapi.js';
 import { projectParams } from '../projects/schemas.js';
 import { createPromptBody, prompt, promptListQuery, promptPage, promptParams, updatePromptBody } from './schemas.js';
@@ -8,7 +9,7 @@ import type { PromptsService } from './service.js';
 export const promptRoutes: FastifyPluginAsyncZod<{ prompts: PromptsService }> = async (app, { prompts }) => {
   app.post(
     '/',
-    { schema: { tags: ['prompts'], operationId: 'createPrompt', params: projectParams, body: createPromptBody, response: { 201: prompt }, problems: ['CONFLICT'] } },
+    { bodyLimit: BODY_LIMIT_BYTES, schema: { tags: ['prompts'], operationId: 'createPrompt', params: projectParams, body: createPromptBody, response: { 201: prompt }, problems: ['CONFLICT'] } },
     async (request, reply) => {
       const created = await prompts.create(request.user.id, request.params.projectId, request.body);
       return reply.code(201).header('location', `/api/v1/projects/${created.projectId}/prompts/${created.id}`).send(created);
@@ -29,7 +30,7 @@ export const promptRoutes: FastifyPluginAsyncZod<{ prompts: PromptsService }> = 
 
   app.patch(
     '/:promptId',
-    { schema: { tags: ['prompts'], operationId: 'updatePrompt', params: promptParams, body: updatePromptBody, response: { 200: prompt } } },
+    { bodyLimit: BODY_LIMIT_BYTES, schema: { tags: ['prompts'], operationId: 'updatePrompt', params: promptParams, body: updatePromptBody, response: { 200: prompt } } },
     async (request) =>
       prompts.update(request.user.id, request.params.projectId, request.params.promptId, request.body),
   );
