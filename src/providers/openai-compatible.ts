@@ -139,7 +139,9 @@ function saysContextTooLong({ code, type, message }: ErrorBody): boolean {
   return typeof message === 'string' && CONTEXT_OVERFLOW.test(message);
 }
 
-const NO_SUCH_MODEL = /\bmodel\b.*\b(?:not found|does not exist)|not a valid model/i;
+// The gap bounded: with `.*`, each "model" of a long error (one listing the models there are) scanned to
+// its end, quadratic in a body of up to megabytes.
+const NO_SUCH_MODEL = /\bmodel\b.{0,200}?\b(?:not found|does not exist)|not a valid model/i;
 
 /**
  * Whether a 400's or a 404's error says the model named is not one the upstream has: OpenAI's code
@@ -147,7 +149,7 @@ const NO_SUCH_MODEL = /\bmodel\b.*\b(?:not found|does not exist)|not a valid mod
  * "The model `x` does not exist.", OpenRouter's "x is not a valid model ID").
  */
 function saysNoSuchModel({ code, message }: ErrorBody): boolean {
-  return code === 'model_not_found' || (typeof message === 'string' && NO_SUCH_MODEL.test(message));
+  return code === 'model_not_found' || (typeof message === 'string' && NO_SUCH_MODEL.test(message.slice(0, 2_000)));
 }
 
 /**

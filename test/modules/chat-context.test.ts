@@ -116,5 +116,8 @@ describe('buildContext with history', () => {
     // An answer of before, after another answer: it answered nothing that is shown.
     const odd = [user('q1'), answer('a1', null), answer('a1b', null), user('q2'), answer('a2', null)];
     expect(text(await contextWith(pagesOf(odd), [], 'q3'))).toEqual(['q1', 'a1', 'q2', 'a2', 'q3']);
+    // One of before, in a rolling deploy, beside answers that name their questions: those are theirs.
+    const mixed = [user('q0'), user('q1'), answer('old', null), answer('a1', 'q1'), answer('a0', 'q0'), user('q2'), answer('a2', 'q2')];
+    expect(text(await contextWith(pagesOf(mixed), [], 'q3'))).toEqual(['q0', 'a0', 'q1', 'a1', 'q2', 'a2', 'q3']);
   });
 });

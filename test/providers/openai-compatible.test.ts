@@ -206,6 +206,11 @@ describe('complete', () => {
     expect(fake.requests).toHaveLength(2);
   });
 
+  it('reads a long error that names models, but none missing, as the provider failing, without scanning it over and over', async () => {
+    fake.setDefault({ status: 404, errorBody: { error: { message: `Unknown route. Models: ${'model-a model-b '.repeat(60_000)}` } } });
+    expect(await rejection(adapter().complete(chat()))).toMatchObject({ status: 502, message: 'The AI provider failed to answer' });
+  });
+
   describe('an error sent with a 200, as OpenRouter sends those of the model’s provider', () => {
     const rateLimited = { error: { code: 429, message: 'Rate limited upstream' } };
 

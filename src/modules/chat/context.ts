@@ -6,7 +6,7 @@ export interface HistoryMessage {
   id: string;
   role: 'user' | 'assistant' | 'system';
   content: string;
-  /** An answer's question; null for an answer stored before answers named theirs (the message before it is). */
+  /** An answer's question; null for a question, and for an answer stored before answers named theirs (the message before it is). */
   replyTo: string | null;
   /** The tokens of `content`, framing not included. */
   tokens: number;
@@ -106,18 +106,26 @@ export async function buildContext<P extends { content: string }>(input: Context
  * what was left out, framing included.
  */
 function pairAnswers(messages: HistoryMessage[], from: number, to: number): { end: number; leftOutTokens: number } {
-  if (paired(messages, from, to)) return { end: to, leftOutTokens: 0 };
-  const window = messages.slice(from, to);
-  // Each question's answer: the one that names it, or an answer of before they named theirs, the one right after it.
+  let first = from;
+  while (first < to && inPlace(messages, from, to, first)) first++;
+  if (first === to) return { end: to, leftOutTokens: 0 };
+  // Only the stretch from the first message out of place to the last is rearranged: around it every
+  // question is followed by its answer already.
+  let last = to - 1;
+  while (inPlace(messages, from, to, last)) last--;
+  const stretch = messages.slice(first, last + 1);
+  // Each question's answer: the one that names it; else, for an answer of before answers named theirs
+  // (an instance of before them, in a rolling deploy), the question right before it, unless another names it.
   const answers = new Map<string, HistoryMessage>();
-  window.forEach((message, i) => {
-    const question = message.role === 'assistant' ? (message.replyTo ?? (window[i - 1]?.role === 'user' ? window[i - 1]!.id : undefined)) : undefined;
-    if (question !== undefined && !answers.has(question)) answers.set(question, message);
+  for (const message of stretch) if (message.role === 'assistant' && message.replyTo !== null && !answers.has(message.replyTo)) answers.set(message.replyTo, message);
+  stretch.forEach((message, i) => {
+    const before = stretch[i - 1];
+    if (message.role === 'assistant' && message.replyTo === null && before?.role === 'user' && !answers.has(before.id)) answers.set(before.id, message);
   });
   const written = new Set<HistoryMessage>();
-  let end = from;
+  let end = first;
   let leftOutTokens = 0;
-  for (const message of window) {
+  for (const message of stretch) {
     const answer = message.role === 'user' ? answers.get(message.id) : undefined;
     if (message.role === 'system' || answer) messages[end++] = message;
     if (answer) {
@@ -127,20 +135,20 @@ function pairAnswers(messages: HistoryMessage[], from: number, to: number): { en
       leftOutTokens += MESSAGE_OVERHEAD_TOKENS + message.tokens;
     }
   }
-  return { end, leftOutTokens };
+  messages.copyWithin(end, last + 1, to);
+  return { end: end + to - (last + 1), leftOutTokens };
 }
 
-/** Whether every question of `messages[from..to)` is followed by its answer, and every answer follows its question: nearly always. */
-function paired(messages: HistoryMessage[], from: number, to: number): boolean {
-  for (let i = from; i < to; i++) {
-    const message = messages[i]!;
-    if (message.role === 'user') {
-      const next = i + 1 < to ? messages[i + 1]! : undefined;
-      if (next?.role !== 'assistant' || (next.replyTo ?? message.id) !== message.id) return false;
-    } else if (message.role === 'assistant') {
-      const previous = i > from ? messages[i - 1]! : undefined;
-      if (previous?.role !== 'user' || (message.replyTo ?? previous.id) !== previous.id) return false;
-    }
+/** Whether `messages[i]` is where it belongs in `messages[from..to)`: a question right before its answer, an answer right after its question. */
+function inPlace(messages: HistoryMessage[], from: number, to: number, i: number): boolean {
+  const message = messages[i]!;
+  if (message.role === 'user') {
+    const next = i + 1 < to ? messages[i + 1]! : undefined;
+    return next?.role === 'assistant' && (next.replyTo ?? message.id) === message.id;
+  }
+  if (message.role === 'assistant') {
+    const previous = i > from ? messages[i - 1]! : undefined;
+    return previous?.role === 'user' && (message.replyTo ?? previous.id) === previous.id;
   }
   return true;
 }

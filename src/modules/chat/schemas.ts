@@ -27,5 +27,5 @@ export type ChatResult = z.infer<typeof chatResult>;
 export const streamEvents = {
   user_message: z.object({ userMessage: message }).meta({ id: 'ChatUserMessageEvent', description: 'The question, stored' }),
   delta: z.object({ content: z.string() }).meta({ id: 'ChatDeltaEvent', description: 'A piece of the answer, as the provider sent it' }),
-  done: z.object({ assistantMessage: message, usage: usage.nullable() }).meta({ id: 'ChatDoneEvent', description: 'The answer, stored whole' }),
+  done: z.object({ assistantMessage: message, usage: usage.nullable() }).meta({ id: 'ChatDoneEvent', description: 'The answer as it ended, stored: `complete`, or `incomplete` when the provider cut it short (its output limit, its content filter)' }),
 };
