@@ -4,6 +4,8 @@ import type { FastifyInstance } from 'fastify';
 import type { Config } from './config.js';
 /** Past the shutdown bound, how long the rest of closing (the database's connections) may take before the process exits anyway. */
 const CLOSE_GRACE_MS = 5_000;
+/** How soon after a first signal another is taken for the same one passed on (npm's relay), not a second Ctrl-C. */
+const RELAYED_SIGNAL_MS = 500;
 
 async function main(): Promise<void> {
   // Heard from the first moment: a signal's default is to end the process at once (and a process that is
@@ -11,17 +13,25 @@ async function main(): Promise<void> {
   // One that comes while the app is built stops it once built, before it listens, and at once while
   // the migrations wait for another session (an instance applying them in a rolling deploy, for up to
   // minutes); a second signal of either kind has its default effect, so that a second Ctrl-C ends a
-  // shutdown that takes too long.
+  // shutdown that takes too long. But not one within RELAYED_SIGNAL_MS of the first: a Ctrl-C reaches
+  // the server from the terminal and again from npm (and tsx), which pass it on to their child, and
+  // that relay ended the process mid-shutdown, its database left open, one `npm start` in two.
   let stopRequested: NodeJS.Signals | undefined;
   const stopping = new AbortController();
   let stop = async (signal: NodeJS.Signals) => {
     stopRequested = signal;
     stopping.abort();
   };
+  let firstSignalAt: number | undefined;
   const onSignal = (signal: NodeJS.Signals) => {
-    process.off('SIGTERM', onSignal);
-    process.off('SIGINT', onSignal);
-    void stop(signal);
+    if (firstSignalAt === undefined) {
+      firstSignalAt = Date.now();
+      void stop(signal);
+    } else if (Date.now() - firstSignalAt >= RELAYED_SIGNAL_MS) {
+      process.off('SIGTERM', onSignal);
+      process.off('SIGINT', onSignal);
+      process.kill(process.pid, signal);
+    }
   };
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);

@@ -6,7 +6,7 @@ import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { MIGRATION_LOCK_ID, MIGRATIONS_WAIT_FOR_ANOTHER } from '../src/db/database.js';
 import { createTestDatabase, type TestDatabase } from './support/database.js';
-import { spawnServer, waitUntilServing } from './support/server-process.js';
+import { type ServerProcess, spawnServer, waitUntilServing } from './support/server-process.js';
 
 // Each test starts real server processes (tsx compiles, PGlite boots): slow on a loaded machine.
 vi.setConfig({ testTimeout: 120_000 });
@@ -168,6 +168,41 @@ describe('graceful shutdown', () => {
       again.child.kill('SIGTERM');
       expect(await again.exited).toBe(0);
     }
+  });
+
+  // A Ctrl-C under `npm start` reaches the server twice at once: from the terminal, and passed on by npm.
+  // The second had its default effect, and ended the shutdown it had begun, the database left open.
+  it('takes a signal passed on right after the first as the same one, and a later one as a second Ctrl-C that ends it at once', async () => {
+    const env = { SHUTDOWN_TIMEOUT_MS: '60000', ...(testDb?.url ? { DATABASE_URL: testDb.url } : {}) };
+    // Registration hashes at the cost given: in flight for a while when a signal comes.
+    const register = (server: ServerProcess, email: string) =>
+      fetch(`${server.url}/api/v1/auth/register`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ email, password: 'password-1', name: 'Signalled' }),
+      });
+    const relayed = await spawnServer({ ...env, BCRYPT_ROUNDS: '13' });
+    await waitUntilServing(relayed);
+    const answered = register(relayed, 'relayed@example.com');
+    await new Promise((resolve) => setTimeout(resolve, 80));
+    relayed.child.kill('SIGINT');
+    // As tsx passes it on, 30 ms later when its child has not said it got it: the first one handled by then.
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    relayed.child.kill('SIGINT');
+    expect((await answered).status).toBe(201);
+    expect(await relayed.exited).toBe(0);
+    expect(relayed.child.signalCode).toBeNull();
+
+    const forced = await spawnServer({ ...env, BCRYPT_ROUNDS: '15' });
+    await waitUntilServing(forced);
+    const cut = register(forced, 'forced@example.com').catch((error: unknown) => error);
+    await new Promise((resolve) => setTimeout(resolve, 80));
+    forced.child.kill('SIGINT');
+    await new Promise((resolve) => setTimeout(resolve, 1_000));
+    forced.child.kill('SIGINT');
+    await forced.exited;
+    expect(forced.child.signalCode).toBe('SIGINT');
+    expect(await cut).toBeInstanceOf(Error);
   });
 
   it('lets a slow client read the whole of an answer that had ended when the shutdown began', async () => {
