@@ -277,8 +277,11 @@ export function databaseDownReason(error: unknown): string | undefined {
 
 export const isDatabaseUnavailable = (error: unknown): boolean => databaseDownReason(error) !== undefined;
 
-/** Maps Fastify's own error codes (body parsing, content types) to the contract's problem codes. */
-const FASTIFY_ERRORS: Record<string, [number, ProblemCode]> = {
+/**
+ * Maps Fastify's own error codes (body parsing, content types) to the contract's problem codes, and a
+ * detail of its own where Fastify's message would say more than the problem should.
+ */
+const FASTIFY_ERRORS: Record<string, [number, ProblemCode, string?]> = {
   FST_ERR_CTP_BODY_TOO_LARGE: [413, 'PAYLOAD_TOO_LARGE'],
   FST_REQ_FILE_TOO_LARGE: [413, 'PAYLOAD_TOO_LARGE'],
   FST_FILES_LIMIT: [413, 'PAYLOAD_TOO_LARGE'],
@@ -296,7 +299,9 @@ const FASTIFY_ERRORS: Record<string, [number, ProblemCode]> = {
   // Raised by the router, before any route (see frameworkErrors): a path that is not valid
   // percent-encoding, and a path parameter too long to be any id (a malformed id is 404).
   FST_ERR_BAD_URL: [400, 'VALIDATION_ERROR'],
-  FST_ERR_MAX_PARAM_LENGTH: [404, 'NOT_FOUND'],
+  // Fastify's message quotes the whole path, and tells the router's bound: a foreign id is to be
+  // answered as one that does not exist, whatever its length.
+  FST_ERR_MAX_PARAM_LENGTH: [404, 'NOT_FOUND', 'Resource not found'],
 };
 
 /** How many field errors a 400 lists, and how long each text may be: enough to fix a request by. */
@@ -329,9 +334,9 @@ export function toProblem(error: FastifyError | ApiError | Error, request: Fasti
   }
   const known = fastifyError.code ? FASTIFY_ERRORS[fastifyError.code] : undefined;
   if (known) {
-    const [status, code] = known;
-    // Fastify's own messages for these are safe and useful ("Body is not valid JSON…").
-    return problemBody(request, status, code, fastifyError.message);
+    const [status, code, detail] = known;
+    // Fastify's own messages for the others are safe and useful ("Body is not valid JSON…").
+    return problemBody(request, status, code, detail ?? fastifyError.message);
   }
   if (hasCode(error, FOREIGN_KEY_VIOLATION)) {
     // Every foreign key here points at a parent: a write under a project deleted meanwhile.

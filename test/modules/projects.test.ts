@@ -107,12 +107,13 @@ describe('validation', () => {
     expectProblem(await request('PATCH', `/${project.id}`), 400, 'VALIDATION_ERROR');
   });
 
-  it.each(['not-a-uuid', '123', "1' or '1'='1", '0190a0a0-0000-7000-8000-00000000000', `${uuidv7()}x`, '%00'])(
-    'answers a malformed id (%s) with 404 on every method',
+  it.each(['not-a-uuid', '123', "1' or '1'='1", '0190a0a0-0000-7000-8000-00000000000', `${uuidv7()}x`, '%00', 'x'.repeat(300)])(
+    'answers a malformed id (%s) with 404 on every method, its detail naming nothing of it',
     async (id) => {
       const path = `/${encodeURIComponent(id)}`;
       for (const [method, payload] of [['GET'], ['PATCH', { name: 'x' }], ['DELETE']] as const) {
-        expectProblem(await request(method, path, payload), 404, 'NOT_FOUND');
+        const { detail } = expectProblem(await request(method, path, payload), 404, 'NOT_FOUND');
+        expect(['Project not found', 'Resource not found']).toContain(detail);
       }
     },
   );
