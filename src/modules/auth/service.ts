@@ -120,7 +120,7 @@ export class AuthService {
    * password was checked (two changes sent at once) is 401, as the token now is, and changes nothing.
    */
   async changePassword(user: AuthUser, input: { currentPassword: string; newPassword: string }, clientGone?: AbortSignal): Promise<void> {
-    await this.checkPassword(user.id, input.currentPassword, clientGone);
+    await this.checkPassword(user, input.currentPassword, clientGone);
     const passwordHash = await this.passwords.hash(input.newPassword, clientGone);
     const changed = await this.db
       .update(users)
@@ -136,7 +136,7 @@ export class AuthService {
    */
   async deleteMe(user: AuthUser, input: { password: string }, log: FastifyBaseLogger, clientGone?: AbortSignal): Promise<void> {
     const userId = user.id;
-    await this.checkPassword(userId, input.password, clientGone);
+    await this.checkPassword(user, input.password, clientGone);
     // File rows first, in the same transaction: the cascade would forget which bytes and provider copies to
     // remove. The account and its projects are locked before, so that no upload (nor a project to upload
     // into) adds a row between the two deletes for the cascade to take.
@@ -157,10 +157,15 @@ export class AuthService {
     await this.storedFiles.discard(removedFiles, log);
   }
 
-  private async checkPassword(userId: string, password: string, clientGone?: AbortSignal): Promise<void> {
-    const [row] = await this.db.select({ passwordHash: users.passwordHash }).from(users).where(eq(users.id, userId));
-    if (!row) throw new Unauthorized('Invalid or expired token');
-    if (!(await this.passwords.compare(password, row.passwordHash, clientGone))) throw new Forbidden('The password is wrong');
+  /**
+   * The caller's password, compared only while the caller's token is current: a password change that
+   * committed first (another request with the same token) revoked it, and the password it compared
+   * against was the new one, so the loser was told its right password was wrong (403), not its token gone (401).
+   */
+  private async checkPassword(user: AuthUser, password: string, clientGone?: AbortSignal): Promise<void> {
+    const [row] = await this.db.select({ passwordHash: users.passwordHash, tokenVersion: users.tokenVersion }).from(users).where(eq(users.id, user.id));
+    assertTokenCurrent(user, row);
+    if (!(await this.passwords.compare(password, row!.passwordHash, clientGone))) throw new Forbidden('The password is wrong');
   }
 
   private session(row: UserRow) {
