@@ -418,7 +418,7 @@ export function registerErrorHandling(app: FastifyInstance): void {
   app.setErrorHandler(answerError);
 
   app.setNotFoundHandler((request, reply) =>
-    sendProblem(reply, problemBody(request, 404, 'NOT_FOUND', `Route ${request.method} ${request.url.split('?')[0]} not found`)),
+    sendProblem(reply, problemBody(request, 404, 'NOT_FOUND', `Route ${request.method} ${pathOf(request.url)} not found`)),
   );
 }
 
