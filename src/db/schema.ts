@@ -49,6 +49,10 @@ export const prompts = pgTable(
       .references(() => projects.id, { onDelete: 'cascade' }),
     title: text('title').notNull(),
     content: text('content').notNull(),
+    // The content's tokens in `token_encoding`, stored by the first turn that counts them, so that a
+    // later turn refuses prompts past its budget without reading them; null until then (a new content).
+    tokens: integer('tokens'),
+    tokenEncoding: text('token_encoding'),
     ...timestamps,
   },
   (t) => [index('prompts_project_id_id_idx').on(t.projectId, t.id)],

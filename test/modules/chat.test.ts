@@ -5,9 +5,9 @@ import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
 import { buildApp } from '../../src/app.js';
 import { openPostgres } from '../../src/db/database.js';
-import { idempotencyKeys, messages, users } from '../../src/db/schema.js';
+import { idempotencyKeys, messages, prompts, users } from '../../src/db/schema.js';
 import { IdempotencyStore, IN_PROGRESS_RETRY_AFTER_SECONDS, requestHash } from '../../src/modules/chat/idempotency.js';
-import { flushStatementOn } from '../../src/modules/chat/service.js';
+import { flushStatementOn, turnStatementOn } from '../../src/modules/chat/service.js';
 import { countTokens, encodingName, MESSAGE_OVERHEAD_TOKENS, REPLY_PRIMING_TOKENS } from '../../src/providers/models.js';
 import { defaultModelOf } from '../../src/providers/registry.js';
 import { createProject, createPrompt, expectProblem, insertMessages, registerUser, type RegisteredUser, revokeTokens, startTestApp, type TestApp, testConfig } from '../support/app.js';
@@ -321,6 +321,73 @@ describe('context budget', () => {
     const calls = fake.requests.length;
     expectProblem(await send(projectId, 'hi'), 400, 'CONTEXT_TOO_LONG');
     expect(fake.requests).toHaveLength(calls);
+  });
+
+  // A project's prompts may hold megabytes (MAX_PROMPTS_PER_PROJECT of 100,000 characters), all of them
+  // read and parsed by every turn, refused ones included, until their counts were stored.
+  it('stores a prompt’s count with the turn that counts it, and refuses later turns by the stored count without reading the prompts', async () => {
+    const projectId = (await createProject(budgeted.app, owner)).id;
+    const long = 'word '.repeat(250);
+    const prompt = await createPrompt(budgeted.app, owner, projectId, { title: 'p', content: long });
+    const row = () => budgeted.testDb.database.db.select({ tokens: prompts.tokens, encoding: prompts.tokenEncoding }).from(prompts).where(eq(prompts.id, prompt.id));
+    expect(await row()).toEqual([{ tokens: null, encoding: null }]);
+    const tokens = countTokens(long, 'gpt-4o-mini');
+    const refusal = `The prompts and the message need at least ${MESSAGE_OVERHEAD_TOKENS * 2 + tokens + 1} tokens; the budget for gpt-4o-mini is 197`;
+    const refused = await send(projectId, 'hi');
+    expectProblem(refused, 400, 'CONTEXT_TOO_LONG');
+    expect(refused.json().detail).toBe(refusal);
+    expect(await row()).toEqual([{ tokens, encoding: 'o200k_base' }]);
+
+    // The content made short behind the service's back, its count kept: a turn that read the content
+    // would count it and answer.
+    await budgeted.testDb.database.db.update(prompts).set({ content: 'Be brief.' }).where(eq(prompts.id, prompt.id));
+    const again = await send(projectId, 'hi');
+    expectProblem(again, 400, 'CONTEXT_TOO_LONG');
+    expect(again.json().detail).toBe(refusal);
+    expect(fake.requests).toHaveLength(0);
+
+    // A change through the API forgets the count, and the next turn counts the prompt as it now is.
+    const edit = await budgeted.app.inject({ method: 'PATCH', url: `/api/v1/projects/${projectId}/prompts/${prompt.id}`, headers: owner.auth, payload: { content: 'Be brief.' } });
+    expect(edit.statusCode).toBe(200);
+    expect(await row()).toEqual([{ tokens: null, encoding: null }]);
+    expect((await send(projectId, 'hi')).statusCode).toBe(200);
+    expect(await row()).toEqual([{ tokens: countTokens('Be brief.', 'gpt-4o-mini'), encoding: 'o200k_base' }]);
+    // A change of title alone keeps it.
+    await budgeted.app.inject({ method: 'PATCH', url: `/api/v1/projects/${projectId}/prompts/${prompt.id}`, headers: owner.auth, payload: { title: 'q' } });
+    expect(await row()).toEqual([{ tokens: countTokens('Be brief.', 'gpt-4o-mini'), encoding: 'o200k_base' }]);
+  });
+
+  it('reads no prompt of a project of the default model whose stored counts alone pass what the question leaves of its budget', async () => {
+    const read = turnStatementOn(budgeted.testDb.database.db);
+    const readWith = async (projectId: string, promptsCap: number | null) => {
+      const params = { userId: owner.id, projectId, tokenVersion: 0, questionId: uuidv7(), text: 'x', tokens: null, encoding: null, promptsRoom: -1 };
+      const [row] = await read.execute({ ...params, defaultEncoding: 'o200k_base', promptsCap });
+      return { prompts: row!.prompts?.map((prompt) => prompt.content) ?? null, storedPromptTokens: row!.storedPromptTokens };
+    };
+    const counted = async (project: Record<string, unknown>) => {
+      const projectId = (await createProject(budgeted.app, owner, project)).id;
+      await createPrompt(budgeted.app, owner, projectId, { title: 'p', content: 'Be brief.' });
+      expect((await send(projectId, 'hi')).statusCode).toBe(200);
+      return projectId;
+    };
+    const stored = MESSAGE_OVERHEAD_TOKENS + countTokens('Be brief.', 'gpt-4o-mini');
+    const ofDefault = await counted({});
+    expect(await readWith(ofDefault, stored)).toEqual({ prompts: ['Be brief.'], storedPromptTokens: stored });
+    expect(await readWith(ofDefault, stored - 1)).toEqual({ prompts: null, storedPromptTokens: stored });
+    expect(await readWith(ofDefault, null)).toEqual({ prompts: ['Be brief.'], storedPromptTokens: stored });
+    // A project of its own model, whose budget the statement does not know, is read whatever its counts.
+    const ofItsOwn = await counted({ model: 'gpt-4o' });
+    expect(await readWith(ofItsOwn, stored - 1)).toEqual({ prompts: ['Be brief.'], storedPromptTokens: stored });
+  });
+
+  it('reads and counts the prompts of a project of its own model, in that model’s encoding', async () => {
+    const projectId = (await createProject(budgeted.app, owner, { model: 'gpt-4' })).id;
+    const content = 'Be brief, and answer in German.';
+    const prompt = await createPrompt(budgeted.app, owner, projectId, { title: 'p', content });
+    expect((await send(projectId, 'hi')).statusCode).toBe(200);
+    expect((fake.requests[0]!.body.messages as unknown[])[0]).toEqual({ role: 'system', content });
+    const [row] = await budgeted.testDb.database.db.select().from(prompts).where(eq(prompts.id, prompt.id));
+    expect([row!.tokens, row!.tokenEncoding]).toEqual([countTokens(content, 'gpt-4'), 'cl100k_base']);
   });
 
   it('stores a question that fits only by its tokens (not a token a byte) once the turn is checked, counted for the model', async () => {

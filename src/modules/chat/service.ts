@@ -79,7 +79,12 @@ function historyPage(
  * A turn's one read: the caller's row (the token check), their project, its prompts, its files and the
  * newest page of its history; and, when nothing in it can refuse the turn, the question stored.
  */
-function turnStatementOn(db: Db) {
+export function turnStatementOn(db: Db) {
+  // The prompts' tokens as stored in the default model's encoding, their framing included: at least
+  // what they take in a turn of that model.
+  const defaultEncoding = sql`${sql.placeholder('defaultEncoding')}::text`;
+  const storedPromptTokens = sql`(select coalesce(sum(${prompts.tokens} + ${sql.raw(String(MESSAGE_OVERHEAD_TOKENS))}), 0)
+    from ${prompts} where ${prompts.projectId} = ${projects.id} and ${prompts.tokenEncoding} = ${defaultEncoding})`;
   // The question, stored by the turn's read itself when nothing can refuse the turn then: the caller's
   // token is current, the project is theirs and chats with the server's default provider (configured)
   // and model, and the question is short enough to be counted before the read (see `prepare`), and its
@@ -94,7 +99,10 @@ function turnStatementOn(db: Db) {
       where ${users.id} = ${sql.placeholder('userId')} and ${users.tokenVersion} = ${sql.placeholder('tokenVersion')}::integer
         and ${projects.id} = ${sql.placeholder('projectId')} and ${projects.provider} is null and ${projects.model} is null
         and current_setting('server_encoding') in ('UTF8', 'SQL_ASCII')
-        and (select coalesce(sum(octet_length(${prompts.content}) + char_length(${prompts.content}) / ${sql.raw(String(CODE_POINTS_PER_ADDED_TOKEN))}
+        -- The counts alone first: the check below reads every prompt not counted yet.
+        and ${storedPromptTokens} <= ${sql.placeholder('promptsRoom')}::integer
+        and (select coalesce(sum(case when ${prompts.tokenEncoding} = ${defaultEncoding} then ${prompts.tokens}
+              else octet_length(${prompts.content}) + char_length(${prompts.content}) / ${sql.raw(String(CODE_POINTS_PER_ADDED_TOKEN))} end
             + ${sql.raw(String(MESSAGE_OVERHEAD_TOKENS))}), 0)
           from ${prompts} where ${prompts.projectId} = ${projects.id}) <= ${sql.placeholder('promptsRoom')}::integer
         -- And while the newest message of the history this statement reads is kept: the statement reads
@@ -115,9 +123,15 @@ function turnStatementOn(db: Db) {
         projectId: projects.id,
         provider: projects.provider,
         model: projects.model,
-        prompts: sql<TurnPrompt[]>`(select coalesce(json_agg(json_build_object('id', ${prompts.id}, 'updatedAt', ${prompts.updatedAt},
-            'content', ${prompts.content}) order by ${prompts.id}), '[]')
-          from ${prompts} where ${prompts.projectId} = ${projects.id})`,
+        // Not read when the prompts' stored counts alone pass what the question leaves of the default
+        // model's budget (`promptsCap`): such a turn is refused whatever their content, which may be
+        // megabytes (MAX_PROMPTS_PER_PROJECT of 100,000 characters).
+        prompts: sql<TurnPrompt[] | null>`case when ${sql.placeholder('promptsCap')}::integer is null
+            or ${projects.provider} is not null or ${projects.model} is not null or ${storedPromptTokens} <= ${sql.placeholder('promptsCap')}::integer
+          then (select coalesce(json_agg(json_build_object('id', ${prompts.id}, 'updatedAt', ${prompts.updatedAt},
+            'content', ${prompts.content}, 'tokens', ${prompts.tokens}, 'encoding', ${prompts.tokenEncoding}) order by ${prompts.id}), '[]')
+          from ${prompts} where ${prompts.projectId} = ${projects.id}) end`,
+        storedPromptTokens: sql<number>`${storedPromptTokens}`.mapWith(Number),
         files: chatFilesOf(projects.id),
         history: historyPage(projects.id, undefined, HISTORY_PAGES[0]!),
         // When the read stored the question: its time, as stored.
@@ -201,7 +215,13 @@ interface TurnPrompt {
   id: string;
   updatedAt: string;
   content: string;
+  /** As stored (see `prompts.tokens`). */
+  tokens: number | null;
+  encoding: string | null;
 }
+
+/** A prompt's tokens that a turn counted, and the version of the prompt it counted. */
+type PromptCount = Pick<TurnPrompt, 'id' | 'updatedAt'> & { tokens: number };
 
 /** What names a turn's question, stored or to be. */
 type TurnOfQuestion = Pick<PreparedTurn, 'projectId'> & { question: { id: string } };
@@ -267,6 +287,7 @@ export class ChatService {
   private readonly historyPageStatement;
   private readonly insertQuestionStatement;
   private readonly markFailedStatement;
+  private readonly storePromptCountsStatement;
   /** Counts of prompts (by version) and of stored messages in an encoding they were not stored with (by id). */
   private readonly textCounts = new TokenCounts<number | Promise<number>>();
   /** The model and token budget of a project that names neither provider nor model, when its provider is configured. */
@@ -311,6 +332,13 @@ export class ChatService {
     );
     this.insertQuestionStatement = direct(db.with(question).select({ createdAt: question.createdAt }).from(question).prepare('chat_insert_question'));
     this.markFailedStatement = failedStatementOn(db);
+    // A prompt changed since it was counted has another `updatedAt`, and its count is back to null.
+    this.storePromptCountsStatement = db
+      .update(prompts)
+      .set({ tokens: sql`counted.tokens`, tokenEncoding: sql`${sql.placeholder('encoding')}::text` })
+      .from(sql`json_to_recordset(${sql.placeholder('counted')}::json) as counted(id uuid, "updatedAt" timestamptz, tokens integer)`)
+      .where(and(eq(prompts.id, sql`counted.id`), eq(prompts.updatedAt, sql`counted."updatedAt"`)))
+      .prepare('chat_store_prompt_counts');
   }
 
   /**
@@ -346,6 +374,8 @@ export class ChatService {
       tokens: defaultTokens ?? null,
       encoding: fast?.encoding ?? null,
       promptsRoom: fast ? fast.budget - MESSAGE_OVERHEAD_TOKENS - defaultTokens! : -1,
+      defaultEncoding: this.defaultTurn?.encoding ?? null,
+      promptsCap: this.defaultTurn ? this.defaultTurn.budget - MESSAGE_OVERHEAD_TOKENS - (defaultTokens ?? 0) : null,
     });
     assertTokenCurrent(user, row);
     if (!row?.projectId) throw new NotFound('Project');
@@ -355,6 +385,8 @@ export class ChatService {
     const encoding = encodingName(model);
     const textTokens = fast && encoding === fast.encoding ? defaultTokens! : await countTokensPaced(text, model);
     const budget = this.budgetFor(model);
+    if (!row.prompts) throw contextTooLong(row.storedPromptTokens + MESSAGE_OVERHEAD_TOKENS + textTokens, model, budget);
+    const counted: PromptCount[] = [];
     const context = await buildContext({
       prompts: row.prompts,
       filesSection: (room) =>
@@ -367,19 +399,15 @@ export class ChatService {
       history: (room) => this.newestHistory(ownedId, row.history, model, room, cacheVersion),
       newMessage: { content: text, tokens: textTokens },
       budget,
-      promptTokens: (prompt) => this.promptTokens(prompt, model, encoding),
+      promptTokens: (prompt) => this.promptTokens(prompt, model, encoding, counted),
     }).catch(async (error: unknown) => {
       // A file's bytes unreadable, a page of history the database failed to give, the question stored.
       throw row.questionStoredAt ? await this.failedBeforeTheCall({ projectId: ownedId, question: { id: questionId } }, durable, error) : error;
     });
+    // Refused or not: the next turn that these prompts refuse is refused without reading them.
+    await this.storePromptCounts(counted, encoding);
     // Never for a question stored by the read: what let it be stored counted the same at least as high.
-    if (!context.fits) {
-      throw new ApiError(
-        400,
-        'CONTEXT_TOO_LONG',
-        `The prompts and the message need at least ${context.requiredTokens} tokens; the budget for ${model} is ${Math.max(budget, 0)}`,
-      );
-    }
+    if (!context.fits) throw contextTooLong(context.requiredTokens, model, budget);
     const question = messageRow(ownedId, model, { role: 'user', content: text, status: 'complete', tokens: textTokens }, questionId);
     const { questionStoredAt } = row;
     const turnAdapter = this.files.turnAdapter(ownedId, adapter, context.messages.at(-1)!);
@@ -418,9 +446,23 @@ export class ChatService {
     return statements;
   }
 
-  /** A prompt's tokens in `model`'s encoding, counted once per version of the prompt (see `textTokens`). */
-  private promptTokens(prompt: TurnPrompt, model: string, encoding: string): number | Promise<number> {
-    return this.textTokens(`${prompt.id} ${prompt.updatedAt} ${prompt.content.length}`, prompt.content, model, encoding);
+  /**
+   * A prompt's tokens in `model`'s encoding: as stored, or counted once per version of the prompt (see
+   * `textTokens`) and added to `counted`, for the turn to store.
+   */
+  private async promptTokens(prompt: TurnPrompt, model: string, encoding: string, counted: PromptCount[]): Promise<number> {
+    if (prompt.tokens !== null && prompt.encoding === encoding) return prompt.tokens;
+    const tokens = await this.textTokens(`${prompt.id} ${prompt.updatedAt} ${prompt.content.length}`, prompt.content, model, encoding);
+    counted.push({ id: prompt.id, updatedAt: prompt.updatedAt, tokens });
+    return tokens;
+  }
+
+  /** Stores the counts a turn made, each with the version of its prompt that was counted (see `prompts.tokens`). */
+  private async storePromptCounts(counted: PromptCount[], encoding: string): Promise<void> {
+    if (counted.length === 0) return;
+    await this.storePromptCountsStatement.execute({ counted: JSON.stringify(counted), encoding }).catch(() => {
+      // The database failing now: a later turn counts them again, as this one did.
+    });
   }
 
   /**
@@ -794,6 +836,10 @@ const TURN_FAILED_MEANWHILE = 'nothing of it is kept';
 type BudgetConfig = Pick<Config, 'AI_CONTEXT_TOKENS' | 'AI_MAX_OUTPUT_TOKENS'>;
 
 /** The tokens a request for `model` may take: its context window less what is kept for the reply. */
+function contextTooLong(requiredTokens: number, model: string, budget: number): ApiError {
+  return new ApiError(400, 'CONTEXT_TOO_LONG', `The prompts and the message need at least ${requiredTokens} tokens; the budget for ${model} is ${Math.max(budget, 0)}`);
+}
+
 function budgetOf(model: string, config: BudgetConfig): number {
   const window = config.AI_CONTEXT_TOKENS ?? contextWindow(model) ?? DEFAULT_CONTEXT_TOKENS;
   return window - config.AI_MAX_OUTPUT_TOKENS - REPLY_PRIMING_TOKENS;
