@@ -6,6 +6,8 @@ import type { Config } from './config.js';
 const CLOSE_GRACE_MS = 5_000;
 /** How soon after a first signal another is taken for the same one passed on (npm's relay), not a second Ctrl-C. */
 const RELAYED_SIGNAL_MS = 500;
+/** How often a server run by an npm script looks whether its parent is still there (see `main`). */
+const PARENT_WATCH_MS = 500;
 
 async function main(): Promise<void> {
   // Heard from the first moment: a signal's default is to end the process at once (and a process that is
@@ -35,6 +37,19 @@ async function main(): Promise<void> {
   };
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);
+  // Under an npm script (`npm start`) a shell stands between npm and this process, and passes on no
+  // signal: a SIGTERM sent to npm (a process manager stopping it, `kill`) ended npm and the shell, and
+  // the server served on, unsupervised, its port and the embedded database held. Its parent's end is
+  // taken for that SIGTERM. (`start:prod` execs node, and npm passes a signal on to it itself.)
+  if (process.env.npm_lifecycle_event !== undefined) {
+    const parent = process.ppid;
+    const watch = setInterval(() => {
+      if (process.ppid === parent) return;
+      clearInterval(watch);
+      if (firstSignalAt === undefined) onSignal('SIGTERM');
+    }, PARENT_WATCH_MS);
+    watch.unref();
+  }
   // Loaded once the signals are heard: loading the app's modules takes a moment of its own.
   const [{ buildApp }, { loadConfig, requireWritableDataDir }, { StartupError }] = await Promise.all([
     import('./app.js'),

@@ -1,3 +1,5 @@
+import { spawn } from 'node:child_process';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { type AddressInfo, createServer, type Server, type Socket, connect } from 'node:net';
@@ -6,7 +8,7 @@ import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { MIGRATION_LOCK_ID, MIGRATIONS_WAIT_FOR_ANOTHER } from '../src/db/database.js';
 import { createTestDatabase, type TestDatabase } from './support/database.js';
-import { type ServerProcess, spawnServer, waitUntilServing } from './support/server-process.js';
+import { freePort, type ServerProcess, spawnServer, waitUntilServing } from './support/server-process.js';
 
 // Each test starts real server processes (tsx compiles, PGlite boots): slow on a loaded machine.
 vi.setConfig({ testTimeout: 120_000 });
@@ -203,6 +205,33 @@ describe('graceful shutdown', () => {
     await forced.exited;
     expect(forced.child.signalCode).toBe('SIGINT');
     expect(await cut).toBeInstanceOf(Error);
+  });
+
+  // `npm start` runs `sh -c 'node …'`, and the shell passes on no signal: a SIGTERM to npm (a process
+  // manager stopping it) ended npm and the shell, and the server served on.
+  it('stops as on SIGTERM when the npm that runs it is sent SIGTERM', async () => {
+    const port = await freePort();
+    const env = { ...process.env, PORT: String(port), HOST: '127.0.0.1', DATA_DIR: mkdtempSync(join(tmpdir(), 'chatbot-npm-')), LOG_LEVEL: 'info' };
+    // A group of its own: whatever is left of it is ended after, whatever happened.
+    const npm = spawn('npm', ['start'], { env: testDb?.url ? { ...env, DATABASE_URL: testDb.url } : env, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+    let output = '';
+    npm.stdout.on('data', (chunk: Buffer) => (output += chunk.toString()));
+    npm.stderr.on('data', (chunk: Buffer) => (output += chunk.toString()));
+    // The server's standard output is npm's pipe too, which stays open until the server has exited.
+    const serverGone = new Promise((resolve) => npm.stdout.once('close', resolve));
+    try {
+      await waitUntilServing({ url: `http://127.0.0.1:${port}`, child: { exitCode: null }, output: () => output } as unknown as ServerProcess);
+      npm.kill('SIGTERM');
+      expect(await Promise.race([serverGone.then(() => 'exited'), sleep(20_000).then(() => 'still serving')])).toBe('exited');
+      expect(output).toContain('shutting down');
+      await expect(fetch(`http://127.0.0.1:${port}/health/live`)).rejects.toThrow();
+    } finally {
+      try {
+        process.kill(-npm.pid!, 'SIGKILL');
+      } catch {
+        // none left
+      }
+    }
   });
 
   it('lets a slow client read the whole of an answer that had ended when the shutdown began', async () => {

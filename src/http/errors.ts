@@ -231,6 +231,11 @@ const DATABASE_DOWN_CODES = new Set([
   '57P03', // cannot_connect_now
   '53300', // too_many_connections
   '57014', // query_canceled: a statement past DATABASE_QUERY_TIMEOUT_MS (statement_timeout), rolled back
+  // The database the service ran on dropped, or its login refused (a password rotated, a role revoked):
+  // no statement could succeed, whatever the request.
+  '3D000', // invalid_catalog_name
+  '28P01', // invalid_password
+  '28000', // invalid_authorization_specification
   '08000',
   '08003',
   '08006',

@@ -343,6 +343,25 @@ describe('when the database is down', () => {
   });
 });
 
+// A database dropped under a running service (or its login refused): every new connection is refused by
+// PostgreSQL itself, with a code of its own, not by the network. Each was a 500 INTERNAL.
+it.runIf(process.env.TEST_DATABASE_URL)('answers 503 SERVICE_UNAVAILABLE, never 500, once its database no longer exists', async () => {
+  const gone = new URL(process.env.TEST_DATABASE_URL!);
+  gone.pathname = `/no_such_database_${uuidv7().replaceAll('-', '')}`;
+  const database = openPostgres(gone.href, { connectionTimeoutMs: 2_000 });
+  const logs = logCollector();
+  const app = await buildApp(testConfig({ LOG_LEVEL: 'warn' }), { database, logStream: logs.stream });
+  try {
+    const login = { method: 'POST', url: '/api/v1/auth/login', payload: { email: 'a@example.com', password: 'password-1' } } as const;
+    const body = expectProblem(await app.inject(login), 503, 'SERVICE_UNAVAILABLE');
+    expect(logs.lines.find((line) => line.reqId === body.requestId)).toEqual(expect.objectContaining({ level: 40, reason: '3D000' }));
+    expectProblem(await app.inject({ method: 'GET', url: '/health' }), 503, 'SERVICE_UNAVAILABLE');
+  } finally {
+    await app.close();
+    await database.close();
+  }
+});
+
 describe('request ids', () => {
   it('generates one when absent and puts it on every response', async () => {
     const ok = await t.app.inject({ method: 'GET', url: '/health/live' });
