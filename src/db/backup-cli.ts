@@ -13,6 +13,10 @@ try {
   if (command === 'backup') {
     const manifest = await createBackup(config, folder);
     process.stdout.write(`backup of the ${manifest.kind} database and the uploaded files written to ${folder}\n`);
+    const { missingFiles: missing = [] } = manifest;
+    if (missing.length > 0) {
+      process.stderr.write(`warning: ${missing.length} of the uploaded files the database names were not under DATA_DIR/files, and are not in the backup (${missing[0]}…)\n`);
+    }
   } else {
     const manifest = await restoreBackup(config, folder);
     process.stdout.write(`restored the ${manifest.kind} database and the uploaded files of ${manifest.createdAt} from ${folder}\n`);

@@ -1,7 +1,7 @@
 import { type Dirent, existsSync } from 'node:fs';
 import { copyFile, mkdir, readdir, stat, utimes } from 'node:fs/promises';
 import { join } from 'node:path';
-import { BackupError } from './backup-store.js';
+import { BackupError, type NamedFile } from './backup-store.js';
 
 /** The file storage's staging folder (see LocalDiskStorage): uploads in progress, which no row names yet. */
 const STAGING = 'tmp';
@@ -20,6 +20,21 @@ export async function copyUploads(from: string, to: string, { required = false }
   if (required && !existsSync(from)) throw new BackupError(`${from} does not exist, though the database names uploaded files: check DATA_DIR`);
   await mkdir(to, { recursive: true });
   await copyEntries(from, to, (entry) => entry.name !== STAGING);
+}
+
+/**
+ * Which of the `named` files `folder` holds whole (their bytes there, as many as their rows say), and
+ * the keys of those it does not.
+ */
+export async function namedFilesIn(folder: string, named: readonly NamedFile[]): Promise<{ held: NamedFile[]; missing: string[] }> {
+  const held: NamedFile[] = [];
+  const missing: string[] = [];
+  for (const file of named) {
+    const stats = await vanishedAs(stat(join(folder, file.key)), undefined);
+    if (stats?.isFile() && stats.size === file.size) held.push(file);
+    else missing.push(file.key);
+  }
+  return { held, missing };
 }
 
 async function copyEntries(from: string, to: string, keep: (entry: Dirent) => boolean = () => true): Promise<void> {

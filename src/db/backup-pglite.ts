@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { gunzip } from 'node:zlib';
 import { PGlite, type PGliteOptions } from '@electric-sql/pglite';
-import { ANY_FILE_ROW, BackupError, type DatabaseStore, stageFolder } from './backup-store.js';
+import { BackupError, type DatabaseStore, NAMED_FILES, type NamedFile, stageFolder } from './backup-store.js';
 
 /**
  * The embedded database as PGlite's own tarball of its data folder (`dumpDataDir`, restored with
@@ -20,13 +20,13 @@ export function pgliteStore(folder: string): DatabaseStore {
     // Nothing else can write meanwhile: the caller holds the folder's lock, and has checked that the
     // folder holds a database (`requirePgliteDatabase`) before taking it.
     async dump(file, alongside) {
-      const namesFiles = await withPglite(folder, {}, async (db) => {
-        const { rows } = await db.query<{ any: boolean }>(ANY_FILE_ROW);
+      const named = await withPglite(folder, {}, async (db) => {
+        const { rows } = await db.query<NamedFile>(NAMED_FILES);
         const tarball = await db.dumpDataDir('gzip');
         await writeFile(file, new Uint8Array(await tarball.arrayBuffer()));
-        return rows[0]!.any;
+        return rows;
       });
-      await alongside(namesFiles);
+      await alongside(named);
     },
     async restore(file, committing) {
       // Unpacked here: PGlite would unpack it too, but a damaged file then crashes the process from

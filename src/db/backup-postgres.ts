@@ -6,7 +6,7 @@ import { getTableName } from 'drizzle-orm';
 import pg from 'pg';
 import { parse as parseConnectionString } from 'pg-connection-string';
 import { files } from './schema.js';
-import { ANY_FILE_ROW, BackupError, type DatabaseStore } from './backup-store.js';
+import { BackupError, type DatabaseStore, NAMED_FILES, type NamedFile } from './backup-store.js';
 
 /**
  * PostgreSQL through its own client tools: pg_dump's custom format, restored by pg_restore. The tools
@@ -17,13 +17,13 @@ export function postgresStore(url: string): DatabaseStore {
     kind: 'postgres',
     fileName: 'database.dump',
     dump: (file, alongside) =>
-      withFileRowsFrozen(url, async (snapshot, namesFiles) => {
+      withFileRowsFrozen(url, async (snapshot, named) => {
         // Its locks wait for nothing longer than ours did: a statement queued for a table (a migration's
         // ALTER) behind our lock would otherwise wait for us while pg_dump waits for it, a deadlock
         // through this process that PostgreSQL cannot see.
         const lockWait = `--lock-wait-timeout=${LOCK_WAIT_MS}`;
         await runClientTool('pg_dump', url, ['--format=custom', `--snapshot=${snapshot}`, lockWait, `--file=${file}`]);
-        await alongside(namesFiles);
+        await alongside(named);
       }),
     // --clean drops every object of the backup before re-creating it, and one transaction means a restore
     // that fails leaves the database as it was. Objects end up owned by the restoring user (the
@@ -44,9 +44,9 @@ const LOCK_WAIT_MS = 60_000;
  * on), and a delete removes its row before the bytes, so every file row of a dump taken with that
  * snapshot still has its bytes on disk while `use` copies them. An upload writes its bytes before its
  * row: the copy may hold bytes whose row waits, which no row of the backup names. `use` is told too
- * whether the snapshot names any file.
+ * which files the snapshot names.
  */
-async function withFileRowsFrozen(url: string, use: (snapshot: string, namesFiles: boolean) => Promise<void>): Promise<void> {
+async function withFileRowsFrozen(url: string, use: (snapshot: string, named: NamedFile[]) => Promise<void>): Promise<void> {
   const client = new pg.Client({ connectionString: url, application_name: 'chatbot-platform backup' });
   // A connection lost while idle is an 'error' event, which would end the process; the next query fails instead.
   client.on('error', () => {});
@@ -66,14 +66,14 @@ async function withFileRowsFrozen(url: string, use: (snapshot: string, namesFile
     // granted could miss a file row committed while the lock waited.
     await client.query(`lock table ${client.escapeIdentifier(getTableName(files))} in share mode`);
     const { rows } = await client.query<{ snapshot: string }>('select pg_export_snapshot() as snapshot');
-    const named = await client.query<{ any: boolean }>(ANY_FILE_ROW);
-    return { id: rows[0]!.snapshot, namesFiles: named.rows[0]!.any };
+    const named = await client.query<NamedFile>(NAMED_FILES);
+    return { id: rows[0]!.snapshot, named: named.rows };
   };
   try {
     const exported = await snapshot().catch((error: Error) => {
       throw new BackupError(`Could not take the database's snapshot with the files table held: ${error.message}`);
     });
-    await use(exported.id, exported.namesFiles);
+    await use(exported.id, exported.named);
     await client.query('commit');
   } catch (error) {
     // The connection may be what failed; ending it rolls back anyway.

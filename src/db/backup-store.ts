@@ -17,10 +17,10 @@ export interface DatabaseStore {
   readonly fileName: string;
   /**
    * Writes the database to `file`, then runs `alongside` (the copy of the uploaded files) while the
-   * file rows cannot change, so the copy matches the dump: no row without its bytes. `namesFiles`: the
-   * dump holds a file row (`ANY_FILE_ROW`), so the files' folder must be there.
+   * file rows cannot change, so the copy matches the dump: no row without its bytes. `named`: the files
+   * the dump's rows name (`NAMED_FILES`).
    */
-  dump(file: string, alongside: (namesFiles: boolean) => Promise<void>): Promise<void>;
+  dump(file: string, alongside: (named: NamedFile[]) => Promise<void>): Promise<void>;
   /**
    * Replaces the whole database with the file's, or leaves it as it was when that fails. Runs
    * `committing` once nothing but putting the replacement in place is left (the embedded database's
@@ -39,7 +39,14 @@ export interface StagedFolder {
 }
 
 /** Whether the database names any uploaded file; one boolean column, `any`. */
-export const ANY_FILE_ROW = `select exists (select 1 from ${getTableName(files)}) as "any"`;
+/** An uploaded file a database's row names: where its bytes are under the files' folder, and how many. */
+export interface NamedFile {
+  key: string;
+  size: number;
+}
+
+/** The files a database's rows name, as `NamedFile`s (the files module keeps each under `<project>/<file>`). */
+export const NAMED_FILES = `select project_id || '/' || id as key, size::float8 as size from ${getTableName(files)}`;
 
 /** Where `folder`'s replacement is written, and where `folder` is set aside while the two are swapped. */
 export const besides = (folder: string) => ({ staging: `${folder}.restoring`, previous: `${folder}.replaced` });

@@ -5,16 +5,18 @@ import { z } from 'zod';
 import type { Config } from '../config.js';
 import { pgliteFolder } from './database.js';
 import { DatabaseLockedError, lockPglite } from './pglite-lock.js';
-import { copyUploads } from './backup-files.js';
+import { copyUploads, namedFilesIn } from './backup-files.js';
 import { pgliteStore, requirePgliteDatabase } from './backup-pglite.js';
 import { postgresStore } from './backup-postgres.js';
-import { BackupError, besides, type DatabaseStore, markRestoreCommitting, restoreDone, settleCutSwap, settleRestore, stageFolder } from './backup-store.js';
+import { BackupError, besides, type DatabaseStore, markRestoreCommitting, type NamedFile, restoreDone, settleCutSwap, settleRestore, stageFolder } from './backup-store.js';
 
 export { BackupError };
 
 /*
  * A backup is one folder the operator can move:
- *   manifest.json                          format, version, kind of database, date
+ *   manifest.json                          format, version, kind of database, date; the uploaded
+ *                                          files the database names (key and size), and any it named
+ *                                          that were not there to copy
  *   database.dump | pglite.tar.gz          the database (pg_dump custom format, or PGlite's data tarball)
  *   files/                                 a copy of DATA_DIR/files, the uploaded files
  */
@@ -24,6 +26,9 @@ const manifestSchema = z.object({
   version: z.literal(1),
   kind: z.enum(['postgres', 'pglite']),
   createdAt: z.iso.datetime(),
+  // Absent from backups made before they were written: such a backup's files are not checked.
+  files: z.array(z.object({ key: z.string(), size: z.number() })).optional(),
+  missingFiles: z.array(z.string()).optional(),
 });
 export type BackupManifest = z.infer<typeof manifestSchema>;
 
@@ -45,20 +50,41 @@ export async function createBackup(config: BackupConfig, target: string): Promis
   const partial = `${folder}.partial`;
   // Before the embedded database's lock, whose taking creates DATA_DIR: a wrong DATA_DIR is left as it was.
   if (!config.DATABASE_URL && !existsSync(config.DATA_DIR)) requirePgliteDatabase(pgliteFolder(config.DATA_DIR));
-  await rm(partial, { recursive: true, force: true });
   await mkdir(dirname(partial), { recursive: true });
   // It holds every password hash, conversation and upload: for its owner only, as the live data is.
-  await mkdir(partial, { mode: 0o700 });
+  // Made here or refused: two backups into one folder at once (a cron job and a hand) wrote into one
+  // partial folder, and one of them named the result complete without its database.
+  await mkdir(partial, { mode: 0o700 }).catch((error: NodeJS.ErrnoException) => {
+    if (error.code !== 'EEXIST') throw error;
+    throw new BackupError(`${partial} exists: another backup is writing ${folder}, or one was cut short (then remove ${partial})`);
+  });
   try {
     return await withStore(config, 'Backup', async (store) => {
       // What a restore cut short left is settled as a start settles it: the backup holds what a server would serve.
       if (store.kind === 'pglite') await settleCutSwap(pgliteFolder(config.DATA_DIR), 'back');
       await settleRestore(config.DATA_DIR, [[uploadsFolder(config), 'forward']]);
       if (store.kind === 'pglite') requirePgliteDatabase(pgliteFolder(config.DATA_DIR));
-      await store.dump(join(partial, store.fileName), (namesFiles) =>
-        copyUploads(uploadsFolder(config), join(partial, 'files'), { required: namesFiles }),
-      );
-      const manifest: BackupManifest = { format: FORMAT, version: 1, kind: store.kind, createdAt: new Date().toISOString() };
+      let copied: { held: NamedFile[]; missing: string[] } = { held: [], missing: [] };
+      await store.dump(join(partial, store.fileName), async (named) => {
+        const copy = join(partial, 'files');
+        await copyUploads(uploadsFolder(config), copy, { required: named.length > 0 });
+        copied = await namedFilesIn(copy, named);
+        // A folder of none of them is another one (a DATA_DIR of another install, an empty one made by
+        // hand): restored, such a backup would delete every upload. Some missing is bytes lost before,
+        // which the backup says, but cannot bring back.
+        if (named.length > 0 && copied.held.length === 0) {
+          throw new BackupError(`${uploadsFolder(config)} holds none of the ${named.length} uploaded files the database names: check DATA_DIR`);
+        }
+      });
+      const { held, missing } = copied;
+      const manifest: BackupManifest = {
+        format: FORMAT,
+        version: 1,
+        kind: store.kind,
+        createdAt: new Date().toISOString(),
+        files: held,
+        ...(missing.length > 0 && { missingFiles: missing }),
+      };
       await writeFile(join(partial, 'manifest.json'), `${JSON.stringify(manifest, null, 2)}\n`);
       await rename(partial, folder);
       return manifest;
@@ -87,6 +113,10 @@ export async function restoreBackup(config: BackupConfig, source: string): Promi
     }
     for (const part of [store.fileName, 'files']) {
       if (!existsSync(join(folder, part))) throw new BackupError(`${folder} is incomplete: ${part} is missing`);
+    }
+    const { missing } = await namedFilesIn(join(folder, 'files'), manifest.files ?? []);
+    if (missing.length > 0) {
+      throw new BackupError(`Nothing was restored: ${folder} is damaged: ${missing.length} of its uploaded files are missing or cut short (${missing[0]}…)`);
     }
     await restoreInOrder(config, folder, store);
     return manifest;

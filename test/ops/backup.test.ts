@@ -132,6 +132,10 @@ async function backUpThenChange(dataDir: string, target: Target): Promise<{ env:
   return { env, backup, filesDir };
 }
 
+/** The file row `seed` writes: its bytes are among `uploads`, where the files module keeps them. */
+const SEEDED_FILE = { projectId: uuidv7(), id: uuidv7(), size: 70_000 };
+const seededFilePath = `${SEEDED_FILE.projectId}/${SEEDED_FILE.id}`;
+
 /** Rows in every table, with the values that tend to break a round trip: nulls, JSON, Unicode, exact times. */
 async function seed(db: Db): Promise<void> {
   const at = (ms: number) => new Date(Date.UTC(2025, 0, 2, 3, 4, 5, ms));
@@ -140,7 +144,7 @@ async function seed(db: Db): Promise<void> {
     { id: ann, email: 'Ann@Example.com', passwordHash: '$2b$04$abcdefghijklmnopqrstuu', name: 'Ann', tokenVersion: 3, createdAt: at(1), updatedAt: at(2) },
     { id: bob, email: 'bob@example.com', passwordHash: '$2b$04$zyxwvutsrqponmlkjihgfe', name: 'Bøb 🤖', createdAt: at(3), updatedAt: at(3) },
   ]);
-  const [first, second] = [uuidv7(), uuidv7()];
+  const [first, second] = [SEEDED_FILE.projectId, uuidv7()];
   await db.insert(projects).values([
     { id: first, userId: ann, name: 'Support bot', description: 'answers "quoted"\nquestions', provider: 'openrouter', model: 'gpt-4o-mini' },
     { id: second, userId: bob, name: 'Empty', description: null, provider: null, model: null },
@@ -164,11 +168,9 @@ async function seed(db: Db): Promise<void> {
     },
   ]);
   await db.insert(files).values({
-    id: uuidv7(),
-    projectId: first,
+    ...SEEDED_FILE,
     filename: 'report (final).pdf',
     mimeType: 'application/pdf',
-    size: 70_000,
     sha256: 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855',
     storageUrl: 'file:///nested/deeper/b.bin',
     providerFileId: null,
@@ -193,6 +195,7 @@ async function snapshot(db: Db): Promise<Record<string, unknown[]>> {
 
 const uploads: Record<string, Buffer> = {
   'a.bin': randomBytes(70_000),
+  [seededFilePath]: randomBytes(SEEDED_FILE.size),
   'nested/deeper/b.bin': randomBytes(1_234),
   'empty.bin': Buffer.alloc(0),
   'ünïcode name (1).txt': Buffer.from('bytes\u0000with a NUL\n'),
@@ -332,6 +335,71 @@ describe(`backup and restore (${process.env.TEST_DATABASE_URL ? 'PostgreSQL' : '
       await target.withDb((db) => db.delete(files));
       const made = await runBackupCli(['backup', backup], { DATA_DIR: dataDir, ...target.env });
       expect(made.code, made.output).toBe(0);
+    });
+  });
+
+  // A cron job run without DATA_DIR, where another install's (or an empty) files folder stood: the
+  // backup held no upload, said it succeeded, and its restore deleted every one.
+  it('refuses a backup from a files folder that holds none of the files the database names, and names those it lacks', { timeout: 120_000 }, async () => {
+    await withTarget(async (target, dataDir) => {
+      await target.withDb(seed);
+      const filesDir = join(dataDir, 'files');
+      mkdirSync(filesDir, { recursive: true });
+      const env = { DATA_DIR: dataDir, ...target.env };
+      const backup = join(scratchFolder(), 'backup');
+      const refused = await runBackupCli(['backup', backup], env);
+      expect(refused.code).toBe(1);
+      expect(refused.output.trim()).toBe(`${filesDir} holds none of the 1 uploaded files the database names: check DATA_DIR`);
+      expect(existsSync(backup)).toBe(false);
+      expect(existsSync(`${backup}.partial`)).toBe(false);
+
+      // Bytes lost before the backup: it is made, says so, and its manifest names them.
+      writeUploads(filesDir);
+      const lost = { ...SEEDED_FILE, id: uuidv7() };
+      await target.withDb((db) =>
+        db.insert(files).values({ ...lost, filename: 'lost.txt', mimeType: 'text/plain', sha256: '0'.repeat(64), storageUrl: 'file:///lost' }),
+      );
+      const made = await runBackupCli(['backup', backup], env);
+      expect(made.code, made.output).toBe(0);
+      const lostPath = `${lost.projectId}/${lost.id}`;
+      expect(made.output).toContain(`warning: 1 of the uploaded files the database names were not under DATA_DIR/files, and are not in the backup (${lostPath}…)`);
+      expect(JSON.parse(readFileSync(join(backup, 'manifest.json'), 'utf8'))).toMatchObject({
+        files: [{ key: seededFilePath, size: SEEDED_FILE.size }],
+        missingFiles: [lostPath],
+      });
+    });
+  });
+
+  it('restores nothing from a backup whose uploaded files are missing or cut short', { timeout: 120_000 }, async () => {
+    await withTarget(async (target, dataDir) => {
+      await target.withDb(seed);
+      const { env, backup, filesDir } = await backUpThenChange(dataDir, target);
+      const copy = join(backup, 'files', seededFilePath);
+      const whole = readFileSync(copy);
+      const damaged = /^Nothing was restored: \S+ is damaged: 1 of its uploaded files are missing or cut short \(\S+…\)$/;
+      for (const damage of [() => writeFileSync(copy, whole.subarray(0, 100)), () => rmSync(copy)]) {
+        damage();
+        const refused = await runBackupCli(['restore', backup], env);
+        expect(refused.code).toBe(1);
+        expect(refused.output.trim()).toMatch(damaged);
+        expect(await emailsIn(target)).toContain('later@example.com');
+        expect(readUploads(filesDir)['later.bin']).toEqual(Buffer.from('uploaded after the backup'));
+      }
+    });
+  });
+
+  // A cron job's backup and one by hand into the same dated folder: one of them named the folder
+  // complete without its database.
+  it('refuses a backup into a folder another backup is writing, and leaves that one be', { timeout: 60_000 }, async () => {
+    await withTarget(async (target, dataDir) => {
+      const backup = join(scratchFolder(), 'backup');
+      mkdirSync(`${backup}.partial`);
+      writeFileSync(join(`${backup}.partial`, 'database.dump'), 'being written');
+      const refused = await runBackupCli(['backup', backup], { DATA_DIR: dataDir, ...target.env });
+      expect(refused.code).toBe(1);
+      expect(refused.output.trim()).toBe(`${backup}.partial exists: another backup is writing ${backup}, or one was cut short (then remove ${backup}.partial)`);
+      expect(readFileSync(join(`${backup}.partial`, 'database.dump'), 'utf8')).toBe('being written');
+      expect(existsSync(backup)).toBe(false);
     });
   });
 
