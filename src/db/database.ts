@@ -219,6 +219,20 @@ export class MigrationError extends StartupError {
   }
 }
 
+/**
+ * A PostgreSQL database whose encoding cannot hold most languages' text (LATIN1, WIN1252…): every name,
+ * prompt or message in Japanese, Arabic or emoji would be refused, with no fault of the client's.
+ */
+export class DatabaseEncodingError extends StartupError {
+  override name = 'DatabaseEncodingError';
+  constructor(encoding: string) {
+    super(`The database of DATABASE_URL is encoded in ${encoding}, which cannot hold most languages' text: use one created with UTF8 (createdb --encoding=UTF8 --template=template0 <name>)`);
+  }
+}
+
+/** The encodings that store any text the service is sent: UTF8, and SQL_ASCII, which stores bytes as they come. */
+const ENCODINGS_FOR_ANY_TEXT = new Set(['UTF8', 'SQL_ASCII']);
+
 /** Runs migrations; what fails them is a MigrationError. */
 async function migrating<T>(run: Promise<T>): Promise<T> {
   return run.catch((error: unknown) => {
@@ -299,6 +313,12 @@ export function openPostgres(url: string, options: PostgresOptions = {}): Databa
       await client.connect().catch((error: unknown) => {
         throw new DatabaseUnreachableError(error);
       });
+      const { rows } = await migrating(client.query<{ server_encoding: string }>('show server_encoding'));
+      const encoding = rows[0]!.server_encoding;
+      if (!ENCODINGS_FOR_ANY_TEXT.has(encoding)) {
+        await client.end();
+        throw new DatabaseEncodingError(encoding);
+      }
       const giveUpAt = Date.now() + MIGRATION_LOCK_GIVE_UP_MS;
       const minutes = `${MIGRATION_LOCK_GIVE_UP_MS / 60_000} minutes`;
       /** Runs `attempt` until it is done, again a second after each time it met another session's lock. */

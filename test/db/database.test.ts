@@ -566,6 +566,33 @@ describe('npm run db:migrate', () => {
 });
 
 describe.runIf(process.env.TEST_DATABASE_URL)('npm run db:migrate', () => {
+  // A database of LATIN1 took the service's start, and then refused every name, prompt or message in
+  // Japanese, Arabic or emoji, told the text held a NUL.
+  it.runIf(process.env.TEST_DATABASE_URL)('says in one line that a database of an encoding that cannot hold any text will not do', { timeout: 60_000 }, async () => {
+    const admin = process.env.TEST_DATABASE_URL!;
+    const name = `chatbot_latin1_${randomBytes(6).toString('hex')}`;
+    await adminQuery(admin, `create database ${name} encoding 'LATIN1' template template0 lc_collate 'C' lc_ctype 'C'`);
+    try {
+      const url = new URL(admin);
+      url.pathname = `/${name}`;
+      const migrate = spawnSync(process.execPath, ['--import', 'tsx', 'src/db/migrate-cli.ts'], {
+        env: { PATH: process.env.PATH, HOME: process.env.HOME, DATABASE_URL: url.toString(), DATA_DIR: mkdtempSync(join(tmpdir(), 'chatbot-migrate-')) },
+        encoding: 'utf8',
+      });
+      expect(migrate.status).toBe(1);
+      expect(migrate.stderr.trim()).toBe(
+        "The database of DATABASE_URL is encoded in LATIN1, which cannot hold most languages' text: use one created with UTF8 (createdb --encoding=UTF8 --template=template0 <name>)",
+      );
+      // Refused before any migration: nothing made in it.
+      const client = new pg.Client({ connectionString: url.toString() });
+      await client.connect();
+      const { rows } = await client.query(`select count(*)::int as tables from pg_tables where schemaname in ('public', 'drizzle')`).finally(() => client.end());
+      expect(rows).toEqual([{ tables: 0 }]);
+    } finally {
+      await adminQuery(admin, `drop database if exists ${name} with (force)`);
+    }
+  });
+
   it('says in one line why the migrations could not be applied: a user that may not create in the database', { timeout: 60_000 }, async () => {
     const admin = process.env.TEST_DATABASE_URL!;
     const suffix = randomBytes(6).toString('hex');
