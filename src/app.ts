@@ -38,6 +38,7 @@ import { PromptsService } from './modules/prompts/service.js';
 import { meterProviders } from './providers/metered.js';
 import { catalogName } from './providers/models.js';
 import { createProviders, defaultModelOf } from './providers/registry.js';
+import type { ProviderRetry } from './providers/openai-compatible.js';
 import { PROVIDER_SETTINGS } from './providers/types.js';
 import { SMALL_BODY_LIMIT_BYTES } from './http/body-limits.js';
 
@@ -149,7 +150,12 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   registerAuthentication(app, database.db, tokens, rateLimits);
 
   await app.register(healthRoutes, { database });
-  const providers = meterProviders(createProviders(config), metrics.recordProviderCall);
+  // A retry is otherwise seen nowhere: a call that succeeds at its second try is one `ok`.
+  const onRetry = (retry: ProviderRetry) => {
+    app.log.warn(retry, 'AI provider call failed; trying it again');
+    metrics.countProviderRetry(retry);
+  };
+  const providers = meterProviders(createProviders(config, onRetry), metrics.recordProviderCall);
   if (providers.defaultModel === undefined) {
     app.log.warn(`No AI provider is configured (AI_PROVIDER=${config.AI_PROVIDER}): chats with it (in every project that names no other) are 503 PROVIDER_NOT_CONFIGURED until ${PROVIDER_SETTINGS[config.AI_PROVIDER]} is set`);
   }

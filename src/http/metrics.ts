@@ -5,6 +5,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 import { z } from 'zod';
 import type { Database, PoolStats } from '../db/database.js';
+import type { ProviderRetry } from '../providers/openai-compatible.js';
 import type { Usage } from '../providers/types.js';
 import { bearerToken } from './auth.js';
 import { PROBLEM_STATUS, type ProblemCode, Unauthorized } from './errors.js';
@@ -24,6 +25,8 @@ export interface Metrics {
   /** Counts an open server-sent events stream until `response` closes. */
   trackStream(response: ServerResponse): void;
   recordProviderCall(call: ProviderCall): void;
+  /** Counts a failed try of a provider call that is tried again (a call is recorded once, retries included). */
+  countProviderRetry(retry: ProviderRetry): void;
   /** Counts a request the router refused (a malformed path, an over-long parameter) once it is answered: no hook runs for it. */
   countRefused(request: FastifyRequest, reply: FastifyReply): void;
 }
@@ -97,6 +100,12 @@ export function registerMetrics(app: FastifyInstance, database: Database, knownN
     labelNames: ['provider', 'model', 'code'] as const,
     registers,
   });
+  const providerRetries = new Counter({
+    name: 'ai_provider_retries_total',
+    help: 'Failed tries of AI provider calls that were tried again, by provider and reason (the upstream status, or connection)',
+    labelNames: ['provider', 'reason'] as const,
+    registers,
+  });
   if (database.poolStats) registerPoolMetrics(registry, database.poolStats);
   const scraped = Registry.merge([processMetrics(), registry]);
   const modelLabel = (model: string) => knownName(model) ?? OTHER_MODEL;
@@ -163,6 +172,7 @@ export function registerMetrics(app: FastifyInstance, database: Database, knownN
         providerTokens.inc({ provider, model: label, type: 'completion' }, usage.completionTokens);
       }
     },
+    countProviderRetry: ({ provider, reason }) => providerRetries.inc({ provider, reason }),
   };
   app.decorate('metrics', metrics);
   return metrics;

@@ -34,6 +34,8 @@ export interface OpenAICompatibleOptions {
   supportsFiles: boolean;
   /** Retries after the first attempt on upstream 408/429/5xx and connection failures (AI_MAX_RETRIES). */
   maxRetries: number;
+  /** Told of each retry before its wait: a call that succeeds at its second try says nothing else of the first. */
+  onRetry?: (retry: ProviderRetry) => void;
   /** The most bytes of one upstream response body (a reply, a stream, an error); by default room for 1,024 tokens. */
   maxResponseBytes?: number;
   /**
@@ -45,6 +47,16 @@ export interface OpenAICompatibleOptions {
 }
 
 export type OutputLimitField = 'max_tokens' | 'max_completion_tokens';
+
+/** A failed try of a call about to be tried again. */
+export interface ProviderRetry {
+  provider: ProviderName;
+  /** What failed it: the upstream's status (`429`, `503`…), or `connection` (refused, reset, cut off). */
+  reason: string;
+  /** Its number: 1 for the first retry. */
+  retry: number;
+  waitMs: number;
+}
 
 /**
  * Room for a reply of `maxOutputTokens` tokens in any form an upstream sends it (a stream spends a few
@@ -172,6 +184,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
   readonly supportsFiles: boolean;
   readonly baseURL: string;
   private readonly maxRetries: number;
+  private readonly onRetry: ((retry: ProviderRetry) => void) | undefined;
   private readonly pool: Pool;
   /** The base URL's path, without a trailing slash: each API's path goes after it. */
   private readonly basePath: string;
@@ -184,6 +197,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
     this.name = options.name;
     this.supportsFiles = options.supportsFiles;
     this.maxRetries = options.maxRetries;
+    this.onRetry = options.onRetry;
     this.outputLimitField = options.outputLimitField ?? 'max_tokens';
     this.baseURL = options.baseURL;
     const base = new URL(options.baseURL);
@@ -315,6 +329,8 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
       } catch (error) {
         const wait = retry < this.maxRetries && !signal.aborted ? retryWait(error, retry) : undefined;
         if (wait === undefined || Date.now() + wait >= deadline) throw failure(error, signal);
+        const reason = error instanceof UpstreamStatusError ? String(error.status) : 'connection';
+        this.onRetry?.({ provider: this.name, reason, retry: retry + 1, waitMs: wait });
         await sleep(wait, undefined, { signal }).catch((abort: unknown) => {
           throw failure(abort, signal);
         });

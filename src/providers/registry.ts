@@ -1,5 +1,5 @@
 import type { Config } from '../config.js';
-import { maxResponseBytesFor, OpenAICompatibleAdapter, type OutputLimitField } from './openai-compatible.js';
+import { maxResponseBytesFor, OpenAICompatibleAdapter, type OutputLimitField, type ProviderRetry } from './openai-compatible.js';
 import { type ProviderAdapter, type ProviderName, ProviderNotConfigured } from './types.js';
 
 export type ProvidersConfig = Pick<
@@ -68,10 +68,10 @@ export interface ProviderRegistry {
 }
 
 /** One adapter (one connection pool) per configured provider, for the process's life. */
-export function createProviders(config: ProvidersConfig): ProviderRegistry {
+export function createProviders(config: ProvidersConfig, onRetry?: (retry: ProviderRetry) => void): ProviderRegistry {
   const adapters = new Map<ProviderName, OpenAICompatibleAdapter>();
   for (const name of Object.keys(PROVIDER_DEFAULTS) as ProviderName[]) {
-    const adapter = createAdapter(name, config);
+    const adapter = createAdapter(name, config, onRetry);
     if (adapter) adapters.set(name, adapter);
   }
   // AI_MODEL names a model of the default provider; another provider would not know it.
@@ -92,7 +92,7 @@ export function createProviders(config: ProvidersConfig): ProviderRegistry {
 }
 
 /** The provider's adapter, or undefined when it is not configured: no key, and no AI_BASE_URL for it. */
-function createAdapter(name: ProviderName, config: ProvidersConfig): OpenAICompatibleAdapter | undefined {
+function createAdapter(name: ProviderName, config: ProvidersConfig, onRetry?: (retry: ProviderRetry) => void): OpenAICompatibleAdapter | undefined {
   const defaults = PROVIDER_DEFAULTS[name];
   const apiKey = defaults.apiKey(config);
   // AI_BASE_URL moves the default provider to another server speaking its protocol (Ollama, vLLM, llama.cpp).
@@ -107,6 +107,7 @@ function createAdapter(name: ProviderName, config: ProvidersConfig): OpenAICompa
     supportsFiles: defaults.hasFilesApi && !baseURL,
     ...(!baseURL && defaults.outputLimitField && { outputLimitField: defaults.outputLimitField }),
     maxRetries: config.AI_MAX_RETRIES,
+    onRetry,
     maxResponseBytes: maxResponseBytesFor(config.AI_MAX_OUTPUT_TOKENS),
   });
 }

@@ -156,6 +156,34 @@ describe('GET /metrics', () => {
     expect(delta('ai_provider_errors_total', { code: 'PROVIDER_ERROR' })).toBe(1);
   });
 
+  // A call that succeeds at its second try was one `ok`, and nothing else: an upstream's early 429s,
+  // which come before its outage, could be seen nowhere.
+  it('counts and logs each retry of a provider call by its reason: the status, or the connection', async () => {
+    const logs = logCollector();
+    const app = await buildApp(testConfig({ AI_BASE_URL: t.fake.url, AI_MODEL: 'gpt-4o-mini', AI_MAX_RETRIES: '2', LOG_LEVEL: 'warn' }), {
+      database: t.testDb.database,
+      logStream: logs.stream,
+    });
+    try {
+      const owner = await registerUser(app);
+      const projectId = (await createProject(app, owner)).id;
+      const scrapeOf = async () => (await app.inject({ method: 'GET', url: '/metrics' })).body;
+      const before = await scrapeOf();
+      t.fake.enqueue({ status: 429, retryAfter: 0 }, { fault: 'reset' }, { content: 'at last' });
+      const answered = await app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: owner.auth, payload: { message: 'hi' } });
+      expect(answered.statusCode).toBe(200);
+      const after = await scrapeOf();
+      const delta = (reason: string) => seriesValue(after, 'ai_provider_retries_total', { provider: 'openai', reason }) - seriesValue(before, 'ai_provider_retries_total', { provider: 'openai', reason });
+      expect([delta('429'), delta('connection')]).toEqual([1, 1]);
+      expect(logs.lines.filter((line) => line.msg === 'AI provider call failed; trying it again')).toEqual([
+        expect.objectContaining({ level: 40, provider: 'openai', reason: '429', retry: 1 }),
+        expect.objectContaining({ level: 40, provider: 'openai', reason: 'connection', retry: 2 }),
+      ]);
+    } finally {
+      await app.close();
+    }
+  });
+
   it("names a model only when the server knows it: a project's own model name is nobody else's to read", async () => {
     const secret = `acme-confidential-finetune-${randomUUID()}`;
     const known = (await createProject(t.app, user, { model: `${secret}/GPT-4o` })).id;
