@@ -392,7 +392,12 @@ export function logFailure(request: FastifyRequest, error: unknown, problem: Pro
     request.log.info({ code, detail }, message);
   } else if (status === 503) {
     const reason = databaseDownReason(error);
-    request.log.warn({ code, detail, ...(reason && { reason }) }, message);
+    const failed = error instanceof FailureNaming ? error.cause : error;
+    // What the upstream answered, for a rate limit that outlasted the retries (its text as quoted, the
+    // key redacted), and the question the failure names: what a support ticket starts from.
+    const upstream = failed instanceof ApiError && failed.cause instanceof Error ? failed.cause.message : undefined;
+    const { userMessageId } = problem;
+    request.log.warn({ code, detail, ...(reason && { reason }), ...(upstream && { upstream }), ...(userMessageId !== undefined && { userMessageId }) }, message);
   } else if ((error instanceof FailureNaming ? error.cause : error) instanceof ApiError) {
     request.log.warn({ err: error, code }, message);
   } else {

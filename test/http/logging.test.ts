@@ -9,6 +9,7 @@ import { LOGGED_QUERY_VALUES, serializeError } from '../../src/http/logging.js';
 import { createProject, registerUser, startTestApp, testConfig, type TestApp, uniqueEmail } from '../support/app.js';
 import { multipart } from '../support/multipart.js';
 import { createTestDatabase } from '../support/database.js';
+import { FakeUpstream, UPSTREAM_ERROR_TEXT } from '../support/fake-upstream.js';
 import { logCollector } from '../support/logs.js';
 
 let t: TestApp;
@@ -265,6 +266,28 @@ describe('secrets in the logs', () => {
     await sleep(100);
     expect(JSON.stringify(logs.lines)).not.toContain('database is unavailable');
   });
+});
+
+// A 503 was logged with its code and detail alone: not what the upstream said, nor the question it named.
+it('logs a rate limit that outlasted the retries with what the upstream answered and the question the failure names', async () => {
+  const fake = await FakeUpstream.start();
+  onTestFinished(() => fake.close());
+  const logs = logCollector();
+  const app = await buildApp(testConfig({ AI_BASE_URL: fake.url, AI_MODEL: 'gpt-4o-mini', AI_MAX_RETRIES: '0', LOG_LEVEL: 'warn' }), { logStream: logs.stream });
+  onTestFinished(() => app.close());
+  const owner = await registerUser(app);
+  const projectId = (await createProject(app, owner)).id;
+  fake.enqueue({ status: 429, retryAfter: 30 });
+  const refused = await app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: owner.auth, payload: { message: 'hi' } });
+  expect(refused.statusCode).toBe(503);
+  expect(logs.lines.find((line) => line.reqId === refused.json().requestId && line.msg === 'request failed')).toEqual(
+    expect.objectContaining({
+      level: 40,
+      code: 'PROVIDER_RATE_LIMITED',
+      upstream: expect.stringContaining(`upstream answered 429: {"error":{"message":"${UPSTREAM_ERROR_TEXT}"`),
+      userMessageId: refused.json().userMessageId,
+    }),
+  );
 });
 
 describe('a failed statement in the logs', () => {
