@@ -217,6 +217,9 @@ export function sendProblem(reply: FastifyReply, problem: Problem): FastifyReply
   return reply.code(problem.status).type('application/problem+json').send(problem);
 }
 
+/** PostgreSQL's query_canceled: a statement past DATABASE_QUERY_TIMEOUT_MS (statement_timeout), rolled back. */
+export const QUERY_CANCELED = '57014';
+
 // Error codes of node-postgres / PostgreSQL / sockets that mean "the database is not reachable right now",
 // as opposed to a bug in a query.
 const DATABASE_DOWN_CODES = new Set([
@@ -230,7 +233,7 @@ const DATABASE_DOWN_CODES = new Set([
   '57P02', // crash_shutdown
   '57P03', // cannot_connect_now
   '53300', // too_many_connections
-  '57014', // query_canceled: a statement past DATABASE_QUERY_TIMEOUT_MS (statement_timeout), rolled back
+  QUERY_CANCELED,
   // The database the service ran on dropped, or its login refused (a password rotated, a role revoked):
   // no statement could succeed, whatever the request.
   '3D000', // invalid_catalog_name

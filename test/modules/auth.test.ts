@@ -210,6 +210,18 @@ describe('login', () => {
     expect((await me(`Bearer ${response.json().token}`)).statusCode).toBe(200);
   });
 
+  // The Kelvin sign lower-cases to `k`: `\u212Aate@…`, lower-cased before it was checked, was `kate@…`,
+  // whose account it signed in to, and a sign-up with it was told the address was taken.
+  it('refuses, as no address, an email whose non-ASCII letters would lower-case to another one', async () => {
+    const user = await registerUser(t.app, { email: uniqueEmail('kate') });
+    const lookalike = `\u212A${user.email.slice(1)}`;
+    expect(lookalike.toLowerCase()).toBe(user.email);
+    for (const response of [await login({ email: lookalike, password: user.password }), await register({ email: lookalike, password: user.password, name: 'K' })]) {
+      expect(response.statusCode).toBe(400);
+      expect(response.json().errors).toEqual([expect.objectContaining({ path: 'body.email', message: 'must be a valid email address' })]);
+    }
+  });
+
   it('answers an unknown email and a wrong password with the same 401', async () => {
     const user = await registerUser(t.app);
     const wrong = expectProblem(await login({ email: user.email, password: 'wrong-password' }), 401, 'UNAUTHORIZED');

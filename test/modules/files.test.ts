@@ -1170,7 +1170,11 @@ describe('filenames', () => {
     ['dir/', 'file'],
     ['résumé 📄.txt', 'résumé 📄.txt'],
     ['\uD800lone.txt', '\uFFFDlone.txt'],
-    [`${'ü'.repeat(300)}.txt`, 'ü'.repeat(255)],
+    // Cut to 255 code points, the extension kept, between two characters as a reader sees them.
+    [`${'ü'.repeat(300)}.txt`, `${'ü'.repeat(251)}.txt`],
+    [`${'あ'.repeat(260)}.pdf`, `${'あ'.repeat(251)}.pdf`],
+    [`${'👨‍👩‍👧‍👦'.repeat(40)}.txt`, `${'👨‍👩‍👧‍👦'.repeat(35)}.txt`],
+    [`${'x'.repeat(300)}.not-an-extension-at-all`, 'x'.repeat(255)],
   ])('shows %j as %j', (uploaded, shown) => {
     expect(displayFilename(uploaded)).toBe(shown);
   });

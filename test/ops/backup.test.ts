@@ -541,6 +541,8 @@ describe.runIf(process.env.TEST_DATABASE_URL)('a PostgreSQL backup while the ser
       const listed = (await app.inject({ method: 'GET', url: filesUrl, headers: user.auth })).json() as { data: FileDto[] };
       expect(listed.data.map((file) => file.id)).toEqual([kept.id]);
       expect((await app.inject({ method: 'GET', url: `${filesUrl}/${kept.id}/content`, headers: user.auth })).body).toBe('held');
+      // The refused upload's bytes too: its insert, cancelled, was rolled back, and nothing names them.
+      expect(readdirSync(join(t.config.DATA_DIR, 'files', project.id))).toEqual([kept.id]);
     } finally {
       await holder.end();
       await app.close();

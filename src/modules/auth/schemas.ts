@@ -34,12 +34,13 @@ export const password = z
   });
 
 // Trimmed before its length is checked: the address is what is left (the body limit bounds the rest).
+// Checked before it is lower-cased: some characters that no address may hold lower-case to ASCII (the
+// Kelvin sign to `k`), and `\u212Aate@…` signed in to `kate@…`'s account.
 export const email = z
   .string()
   .trim()
   .max(254)
-  .toLowerCase()
-  .pipe(z.email({ message: 'must be a valid email address' }));
+  .pipe(z.email({ message: 'must be a valid email address' }).toLowerCase());
 
 export const displayName = storableText().trim().min(1).max(200);
 

@@ -7,7 +7,8 @@ import type { Config } from '../../config.js';
 import type { Db } from '../../db/database.js';
 import { withFields } from '../../with-fields.js';
 import { deletedProjects, files, projects } from '../../db/schema.js';
-import { ApiError, isDatabaseUnavailable, NotFound, ValidationFailed } from '../../http/errors.js';
+import { hasCode } from '../../db/error-code.js';
+import { ApiError, isDatabaseUnavailable, NotFound, QUERY_CANCELED, ValidationFailed } from '../../http/errors.js';
 import { isUuid } from '../../http/ids.js';
 import type { Page, PageRequest, TimeSortKey } from '../../http/pagination.js';
 import { within } from '../../providers/abort.js';
@@ -181,7 +182,9 @@ export class FilesService {
       };
       return toDto(await this.insert.run(params, () => new NotFound('Project')));
     } catch (error) {
-      if (inserting && isDatabaseUnavailable(error)) {
+      // But an insert that PostgreSQL cancelled (past DATABASE_QUERY_TIMEOUT_MS: waiting out a backup's
+      // hold on the files) was rolled back, its one statement's transaction with it: nothing names them.
+      if (inserting && isDatabaseUnavailable(error) && !hasCode(error, QUERY_CANCELED)) {
         // The connection was lost with the insert sent, perhaps after its commit: a row may name these
         // bytes and this provider copy. They are left; bytes no row names go with the sweep at a start,
         // a copy no row names with the queue a day later (`reserve`).
