@@ -38,9 +38,9 @@ import { PromptsService } from './modules/prompts/service.js';
 import { meterProviders } from './providers/metered.js';
 import { catalogName } from './providers/models.js';
 import { createProviders, defaultModelOf } from './providers/registry.js';
-import type { ProviderRetry } from './providers/openai-compatible.js';
-import { PROVIDER_SETTINGS } from './providers/types.js';
+import { PROVIDER_SETTINGS, type ProviderRetry } from './providers/types.js';
 import { SMALL_BODY_LIMIT_BYTES } from './http/body-limits.js';
+import './validation-messages.js';
 
 export interface AppDependencies {
   /** An open, migrated database. Without one, buildApp opens the configured one and closes it with the app. */

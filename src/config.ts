@@ -8,6 +8,8 @@ import { parse as parseConnectionString } from 'pg-connection-string';
 import { z } from 'zod';
 import { MESSAGE_OVERHEAD_TOKENS, REPLY_PRIMING_TOKENS } from './providers/models.js';
 import { StartupError } from './startup-error.js';
+// The words every refusal of a value is said in (the configuration's and the requests').
+import './validation-messages.js';
 
 /** Parses a duration such as `7d`, `12h`, `30m`, `45s` or a bare number of seconds into seconds. */
 function parseDurationSeconds(value: string): number | undefined {

@@ -37,16 +37,19 @@ async function main(): Promise<void> {
   };
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);
-  // Under an npm script (`npm start`) a shell stands between npm and this process, and passes on no
-  // signal: a SIGTERM sent to npm (a process manager stopping it, `kill`) ended npm and the shell, and
-  // the server served on, unsupervised, its port and the embedded database held. Its parent's end is
-  // taken for that SIGTERM. (`start:prod` execs node, and npm passes a signal on to it itself.)
-  if (process.env.npm_lifecycle_event !== undefined) {
-    const parent = process.ppid;
+  // Under `npm start` a shell stands between npm and this process, and passes on no signal: a SIGTERM
+  // sent to npm (a process manager stopping it, `kill`) ended npm and the shell, and the server served
+  // on, unsupervised, its port and the embedded database held. Its parent's end is taken for that
+  // SIGTERM. (Not `exec node …` in the script, which cmd.exe, npm's shell on Windows, does not know;
+  // `start:prod` execs node, for the container.)
+  const parent = process.ppid;
+  if (process.env.npm_lifecycle_event === 'start' && parent !== 1) {
     const watch = setInterval(() => {
       if (process.ppid === parent) return;
       clearInterval(watch);
-      if (firstSignalAt === undefined) onSignal('SIGTERM');
+      if (firstSignalAt !== undefined) return;
+      process.stderr.write('The npm that started this server has exited: stopping as on SIGTERM\n');
+      onSignal('SIGTERM');
     }, PARENT_WATCH_MS);
     watch.unref();
   }

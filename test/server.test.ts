@@ -220,9 +220,11 @@ describe('graceful shutdown', () => {
     // The server's standard output is npm's pipe too, which stays open until the server has exited.
     const serverGone = new Promise((resolve) => npm.stdout.once('close', resolve));
     try {
-      await waitUntilServing({ url: `http://127.0.0.1:${port}`, child: { exitCode: null }, output: () => output } as unknown as ServerProcess);
+      // An npm that exits early (no server) is said at once, with what it printed.
+      await waitUntilServing({ url: `http://127.0.0.1:${port}`, child: npm, output: () => output } as unknown as ServerProcess);
       npm.kill('SIGTERM');
       expect(await Promise.race([serverGone.then(() => 'exited'), sleep(20_000).then(() => 'still serving')])).toBe('exited');
+      expect(output).toContain('The npm that started this server has exited: stopping as on SIGTERM');
       expect(output).toContain('shutting down');
       await expect(fetch(`http://127.0.0.1:${port}/health/live`)).rejects.toThrow();
     } finally {

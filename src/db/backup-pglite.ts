@@ -37,7 +37,14 @@ export function pgliteStore(folder: string): DatabaseStore {
       // PGlite reads anything else as a gzip it must unpack, which fails inside a stream it never
       // awaits: an unhandled rejection that ends the process and leaves the staging folder behind.
       if (!startsWithTarHeader(tar)) throw new BackupError(`${file} is damaged: not a PGlite data tarball`);
-      const staged = await stageFolder(folder, (staging) => withPglite(staging, { loadDataDir: new Blob([tar]) }, (db) => db.query('select 1')));
+      const staged = await stageFolder(folder, (staging) =>
+        withPglite(staging, { loadDataDir: new Blob([tar]) }, (db) => db.query('select 1')).catch((error: Error & { code?: unknown }) => {
+          // A tarball cut short, or of another PGlite version, fails PGlite's start with words of its own
+          // ("PGlite failed to initialize properly"); a failure of the system's (a full disk) has a code.
+          if (error.code !== undefined) throw error;
+          throw new BackupError(`${file} is damaged: PGlite cannot open the database it holds (${error.message}); nothing was restored`);
+        }),
+      );
       await committing().catch(async (error: unknown) => {
         await staged.discard();
         throw error;

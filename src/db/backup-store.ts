@@ -38,14 +38,16 @@ export interface StagedFolder {
   discard(): Promise<void>;
 }
 
-/** Whether the database names any uploaded file; one boolean column, `any`. */
 /** An uploaded file a database's row names: where its bytes are under the files' folder, and how many. */
 export interface NamedFile {
   key: string;
   size: number;
 }
 
-/** The files a database's rows name, as `NamedFile`s (the files module keeps each under `<project>/<file>`). */
+/**
+ * The files a database's rows name, as `NamedFile`s: the files module keeps each under `<project>/<file>`
+ * (its `storageKey`), which `test/ops/backup.test.ts` holds it to.
+ */
 export const NAMED_FILES = `select project_id || '/' || id as key, size::float8 as size from ${getTableName(files)}`;
 
 /** Where `folder`'s replacement is written, and where `folder` is set aside while the two are swapped. */

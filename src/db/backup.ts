@@ -64,19 +64,20 @@ export async function createBackup(config: BackupConfig, target: string): Promis
       if (store.kind === 'pglite') await settleCutSwap(pgliteFolder(config.DATA_DIR), 'back');
       await settleRestore(config.DATA_DIR, [[uploadsFolder(config), 'forward']]);
       if (store.kind === 'pglite') requirePgliteDatabase(pgliteFolder(config.DATA_DIR));
-      let copied: { held: NamedFile[]; missing: string[] } = { held: [], missing: [] };
-      await store.dump(join(partial, store.fileName), async (named) => {
-        const copy = join(partial, 'files');
-        await copyUploads(uploadsFolder(config), copy, { required: named.length > 0 });
-        copied = await namedFilesIn(copy, named);
-        // A folder of none of them is another one (a DATA_DIR of another install, an empty one made by
-        // hand): restored, such a backup would delete every upload. Some missing is bytes lost before,
-        // which the backup says, but cannot bring back.
-        if (named.length > 0 && copied.held.length === 0) {
-          throw new BackupError(`${uploadsFolder(config)} holds none of the ${named.length} uploaded files the database names: check DATA_DIR`);
-        }
+      const copy = join(partial, 'files');
+      let named: NamedFile[] = [];
+      await store.dump(join(partial, store.fileName), async (rows) => {
+        named = rows;
+        await copyUploads(uploadsFolder(config), copy, { required: rows.length > 0 });
       });
-      const { held, missing } = copied;
+      // Checked in the copy, once the files table is no longer held against writes.
+      const { held, missing } = await namedFilesIn(copy, named);
+      // A folder of none of them is another one (a DATA_DIR of another install, an empty one made by
+      // hand): restored, such a backup would delete every upload. Some missing is bytes lost before,
+      // which the backup says, but cannot bring back.
+      if (named.length > 0 && held.length === 0) {
+        throw new BackupError(`${uploadsFolder(config)} holds none of the ${named.length} uploaded files the database names: check DATA_DIR`);
+      }
       const manifest: BackupManifest = {
         format: FORMAT,
         version: 1,

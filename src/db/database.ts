@@ -313,12 +313,6 @@ export function openPostgres(url: string, options: PostgresOptions = {}): Databa
       await client.connect().catch((error: unknown) => {
         throw new DatabaseUnreachableError(error);
       });
-      const { rows } = await migrating(client.query<{ server_encoding: string }>('show server_encoding'));
-      const encoding = rows[0]!.server_encoding;
-      if (!ENCODINGS_FOR_ANY_TEXT.has(encoding)) {
-        await client.end();
-        throw new DatabaseEncodingError(encoding);
-      }
       const giveUpAt = Date.now() + MIGRATION_LOCK_GIVE_UP_MS;
       const minutes = `${MIGRATION_LOCK_GIVE_UP_MS / 60_000} minutes`;
       /** Runs `attempt` until it is done, again a second after each time it met another session's lock. */
@@ -332,6 +326,9 @@ export function openPostgres(url: string, options: PostgresOptions = {}): Databa
         }
       };
       try {
+        const { rows } = await migrating(client.query<{ server_encoding: string }>('show server_encoding'));
+        const encoding = rows[0]!.server_encoding;
+        if (!ENCODINGS_FOR_ANY_TEXT.has(encoding)) throw new DatabaseEncodingError(encoding);
         // Tried rather than waited for: a wait in pg_advisory_lock has no bound and says nothing, and a
         // holder that never ends (a suspended db:migrate) held every start with it.
         await waitingForOthers(async () => {

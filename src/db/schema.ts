@@ -50,7 +50,8 @@ export const prompts = pgTable(
     title: text('title').notNull(),
     content: text('content').notNull(),
     // The content's tokens in `token_encoding`, stored by the first turn that counts them, so that a
-    // later turn refuses prompts past its budget without reading them; null until then (a new content).
+    // later turn refuses prompts past its budget without reading them; null until then, and again
+    // whenever the content changes (a trigger, migration 0016).
     tokens: integer('tokens'),
     tokenEncoding: text('token_encoding'),
     ...timestamps,

@@ -217,6 +217,17 @@ export function sendProblem(reply: FastifyReply, problem: Problem): FastifyReply
   return reply.code(problem.status).type('application/problem+json').send(problem);
 }
 
+/**
+ * The database the service ran on dropped, or its login refused (a password rotated, a role revoked):
+ * no statement can succeed, whatever the request, and no wait mends it: an operator must. Answered as
+ * the database's outage (503), logged as an error.
+ */
+const MISCONFIGURED_DATABASE_CODES = [
+  '3D000', // invalid_catalog_name
+  '28P01', // invalid_password
+  '28000', // invalid_authorization_specification
+];
+
 /** PostgreSQL's query_canceled: a statement past DATABASE_QUERY_TIMEOUT_MS (statement_timeout), rolled back. */
 export const QUERY_CANCELED = '57014';
 
@@ -234,11 +245,7 @@ const DATABASE_DOWN_CODES = new Set([
   '57P03', // cannot_connect_now
   '53300', // too_many_connections
   QUERY_CANCELED,
-  // The database the service ran on dropped, or its login refused (a password rotated, a role revoked):
-  // no statement could succeed, whatever the request.
-  '3D000', // invalid_catalog_name
-  '28P01', // invalid_password
-  '28000', // invalid_authorization_specification
+  ...MISCONFIGURED_DATABASE_CODES,
   '08000',
   '08003',
   '08006',
@@ -259,6 +266,14 @@ const DATABASE_DOWN_MESSAGES = [
 ];
 
 const FOREIGN_KEY_VIOLATION = '23503';
+
+/** How a 400's detail names the part of the request whose fields its `errors` list. */
+const REQUEST_PARTS: Record<string, string> = { body: 'body', querystring: 'query string', params: 'path', headers: 'headers' };
+
+/** The detail of a 400 whose `errors` name fields of the request's `part` (Fastify's `validationContext`). */
+export function invalidPart(part: string): string {
+  return `The request's ${REQUEST_PARTS[part] ?? part} is not valid: see errors for each field`;
+}
 // No room left on the disk (or in the quota): where an upload's bytes go, or the database's (53100,
 // disk_full: PostgreSQL, or PGlite under DATA_DIR, could not extend a table's file).
 const NO_ROOM = ['ENOSPC', 'EDQUOT', '53100'];
@@ -338,7 +353,7 @@ export function toProblem(error: FastifyError | ApiError | Error, request: Fasti
       path: [location, ...issue.instancePath.split('/').filter(Boolean)].join('.').slice(0, MAX_ERROR_TEXT),
       message: truncate(issue.message ?? 'is invalid'),
     }));
-    return problemBody(request, 400, 'VALIDATION_ERROR', `Invalid request ${location}`, { errors });
+    return problemBody(request, 400, 'VALIDATION_ERROR', invalidPart(location), { errors });
   }
   const known = fastifyError.code ? FASTIFY_ERRORS[fastifyError.code] : undefined;
   if (known) {
@@ -398,9 +413,10 @@ export function logFailure(request: FastifyRequest, error: unknown, problem: Pro
     const failed = error instanceof FailureNaming ? error.cause : error;
     // What the upstream answered, for a rate limit that outlasted the retries (its text as quoted, the
     // key redacted), and the question the failure names: what a support ticket starts from.
-    const upstream = failed instanceof ApiError && failed.cause instanceof Error ? failed.cause.message : undefined;
+    const upstream = code === 'PROVIDER_RATE_LIMITED' && (failed as Error).cause instanceof Error ? ((failed as Error).cause as Error).message : undefined;
     const { userMessageId } = problem;
-    request.log.warn({ code, detail, ...(reason && { reason }), ...(upstream && { upstream }), ...(userMessageId !== undefined && { userMessageId }) }, message);
+    const level = reason && MISCONFIGURED_DATABASE_CODES.includes(reason) ? 'error' : 'warn';
+    request.log[level]({ code, detail, ...(reason && { reason }), ...(upstream && { upstream }), ...(userMessageId !== undefined && { userMessageId }) }, message);
   } else if ((error instanceof FailureNaming ? error.cause : error) instanceof ApiError) {
     request.log.warn({ err: error, code }, message);
   } else {

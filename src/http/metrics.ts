@@ -5,8 +5,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 import { z } from 'zod';
 import type { Database, PoolStats } from '../db/database.js';
-import type { ProviderRetry } from '../providers/openai-compatible.js';
-import type { Usage } from '../providers/types.js';
+import type { ProviderRetry, Usage } from '../providers/types.js';
 import { bearerToken } from './auth.js';
 import { PROBLEM_STATUS, type ProblemCode, Unauthorized } from './errors.js';
 

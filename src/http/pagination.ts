@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { ValidationFailed } from './errors.js';
+import { invalidPart, ValidationFailed } from './errors.js';
 
 const DEFAULT_PAGE_SIZE = 20;
 const MAX_PAGE_SIZE = 100;
@@ -107,7 +107,7 @@ export async function paginate<Row, Key extends SortKey>(
   sortKeyOf: (row: Row) => Key,
 ): Promise<Page<Row>> {
   const { cursor } = request;
-  if (cursor && cursor.list !== list) throw new ValidationFailed('Invalid request querystring', [{ path: 'querystring.cursor', message: NOT_A_CURSOR }]);
+  if (cursor && cursor.list !== list) throw new ValidationFailed(invalidPart('querystring'), [{ path: 'querystring.cursor', message: NOT_A_CURSOR }]);
   const rows = await fetchRows(cursor?.key, request.limit + 1);
   if (rows.length <= request.limit) return { data: rows, nextCursor: null };
   const data = rows.slice(0, request.limit);

@@ -18,6 +18,7 @@ import {
   type ProviderName,
   ProviderRateLimited,
   ProviderRefusedDeletion,
+  type ProviderRetry,
   ProviderTimeout,
   type ReplyEnd,
   type UploadedFile,
@@ -48,15 +49,6 @@ export interface OpenAICompatibleOptions {
 
 export type OutputLimitField = 'max_tokens' | 'max_completion_tokens';
 
-/** A failed try of a call about to be tried again. */
-export interface ProviderRetry {
-  provider: ProviderName;
-  /** What failed it: the upstream's status (`429`, `503`…), or `connection` (refused, reset, cut off). */
-  reason: string;
-  /** Its number: 1 for the first retry. */
-  retry: number;
-  waitMs: number;
-}
 
 /**
  * Room for a reply of `maxOutputTokens` tokens in any form an upstream sends it (a stream spends a few

@@ -1,6 +1,6 @@
 import type { Config } from '../config.js';
-import { maxResponseBytesFor, OpenAICompatibleAdapter, type OutputLimitField, type ProviderRetry } from './openai-compatible.js';
-import { type ProviderAdapter, type ProviderName, ProviderNotConfigured } from './types.js';
+import { maxResponseBytesFor, OpenAICompatibleAdapter, type OutputLimitField } from './openai-compatible.js';
+import { type ProviderAdapter, type ProviderName, ProviderNotConfigured, type ProviderRetry } from './types.js';
 
 export type ProvidersConfig = Pick<
   Config,

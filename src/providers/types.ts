@@ -144,3 +144,13 @@ export class ProviderNotConfigured extends ApiError {
     super(503, 'PROVIDER_NOT_CONFIGURED', `The AI provider "${provider}" is not configured on this server (its operator sets ${PROVIDER_SETTINGS[provider]})`);
   }
 }
+
+/** A failed try of a call about to be tried again. */
+export interface ProviderRetry {
+  provider: ProviderName;
+  /** What failed it: the upstream's status (`429`, `503`…), or `connection` (refused, reset, cut off). */
+  reason: string;
+  /** Its number: 1 for the first retry. */
+  retry: number;
+  waitMs: number;
+}

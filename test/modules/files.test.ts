@@ -1174,7 +1174,9 @@ describe('filenames', () => {
     [`${'ü'.repeat(300)}.txt`, `${'ü'.repeat(251)}.txt`],
     [`${'あ'.repeat(260)}.pdf`, `${'あ'.repeat(251)}.pdf`],
     [`${'👨‍👩‍👧‍👦'.repeat(40)}.txt`, `${'👨‍👩‍👧‍👦'.repeat(35)}.txt`],
-    [`${'x'.repeat(300)}.not-an-extension-at-all`, 'x'.repeat(255)],
+    [`${'x'.repeat(300)}.${'e'.repeat(16)}`, `${'x'.repeat(238)}.${'e'.repeat(16)}`],
+    [`${'x'.repeat(300)}.${'e'.repeat(17)}`, 'x'.repeat(255)],
+    [`a${'\u0301'.repeat(300)}.txt`, 'file.txt'],
   ])('shows %j as %j', (uploaded, shown) => {
     expect(displayFilename(uploaded)).toBe(shown);
   });

@@ -748,6 +748,15 @@ describe('what restore refuses before touching anything', () => {
     expect(notTar.output.trim()).toBe(`${join(notBackup, 'pglite.tar.gz')} is damaged: not a PGlite data tarball`);
     expect(readdirSync(env.DATA_DIR).sort()).toEqual([]);
 
+    // A tar that begins as a data folder's and is not one whole (a copy cut short): PGlite's start fails.
+    const partOfOne = scratchFolder();
+    writeFileSync(join(partOfOne, 'PG_VERSION'), '17\n');
+    writeFileSync(join(notBackup, 'pglite.tar.gz'), gzipSync(execFileSync('tar', ['-cf', '-', '--format=ustar', '-C', partOfOne, 'PG_VERSION'])));
+    const cut = await runBackupCli(['restore', notBackup], env);
+    expect(cut.code).toBe(1);
+    expect(cut.output.trim()).toMatch(/^\S+pglite\.tar\.gz is damaged: PGlite cannot open the database it holds \([^\n]+\); nothing was restored$/);
+    expect(readdirSync(env.DATA_DIR).sort()).toEqual([]);
+
     const nowhere = join(scratchFolder(), 'no-data-dir');
     const nothing = await runBackupCli(['backup', join(scratchFolder(), 'backup')], { DATA_DIR: nowhere });
     expect(nothing.code).toBe(1);

@@ -88,9 +88,10 @@ export function turnStatementOn(db: Db) {
   // The question, stored by the turn's read itself when nothing can refuse the turn then: the caller's
   // token is current, the project is theirs and chats with the server's default provider (configured)
   // and model, and the question is short enough to be counted before the read (see `prepare`), and its
-  // prompts fit what the question's count leaves of that model's budget (`promptsRoom`) counted at most
-  // (CODE_POINTS_PER_ADDED_TOKEN). Any other turn is checked first and its question stored after
-  // (`storeQuestion`): a refused turn stores nothing.
+  // prompts fit what the question's count leaves of that model's budget (`promptsRoom`), each by its
+  // stored count, or else counted at most (its UTF-8 bytes and CODE_POINTS_PER_ADDED_TOKEN: the
+  // database is UTF8, or SQL_ASCII, which keeps the bytes sent, see `DatabaseEncodingError`). Any other
+  // turn is checked first and its question stored after (`storeQuestion`): a refused turn stores nothing.
   const question = db.$with('question', { createdAt: sql`created_at` }).as(
     sql`insert into ${messages} (id, project_id, role, content, status, tokens, token_encoding, created_at)
       select ${sql.placeholder('questionId')}::uuid, ${projects.id}, 'user', ${sql.placeholder('text')}::text, 'complete',
@@ -98,10 +99,9 @@ export function turnStatementOn(db: Db) {
       from ${users} join ${projects} on ${projects.userId} = ${users.id}
       where ${users.id} = ${sql.placeholder('userId')} and ${users.tokenVersion} = ${sql.placeholder('tokenVersion')}::integer
         and ${projects.id} = ${sql.placeholder('projectId')} and ${projects.provider} is null and ${projects.model} is null
-        and current_setting('server_encoding') in ('UTF8', 'SQL_ASCII')
         -- The counts alone first: the check below reads every prompt not counted yet.
         and ${storedPromptTokens} <= ${sql.placeholder('promptsRoom')}::integer
-        and (select coalesce(sum(case when ${prompts.tokenEncoding} = ${defaultEncoding} then ${prompts.tokens}
+        and (select coalesce(sum(case when ${prompts.tokenEncoding} = ${defaultEncoding} and ${prompts.tokens} is not null then ${prompts.tokens}
               else octet_length(${prompts.content}) + char_length(${prompts.content}) / ${sql.raw(String(CODE_POINTS_PER_ADDED_TOKEN))} end
             + ${sql.raw(String(MESSAGE_OVERHEAD_TOKENS))}), 0)
           from ${prompts} where ${prompts.projectId} = ${projects.id}) <= ${sql.placeholder('promptsRoom')}::integer
@@ -332,12 +332,22 @@ export class ChatService {
     );
     this.insertQuestionStatement = direct(db.with(question).select({ createdAt: question.createdAt }).from(question).prepare('chat_insert_question'));
     this.markFailedStatement = failedStatementOn(db);
-    // A prompt changed since it was counted has another `updatedAt`, and its count is back to null.
+    // A prompt changed since it was counted has another `updatedAt` (and its count is back to null); one
+    // that another turn stored meanwhile is not written again. A count is worth no flush to disk: lost in
+    // a crash, it is counted again (`set_config(…, true)`: for its own transaction).
+    const encoding = sql`${sql.placeholder('encoding')}::text`;
     this.storePromptCountsStatement = db
       .update(prompts)
-      .set({ tokens: sql`counted.tokens`, tokenEncoding: sql`${sql.placeholder('encoding')}::text` })
+      .set({ tokens: sql`counted.tokens`, tokenEncoding: encoding })
       .from(sql`json_to_recordset(${sql.placeholder('counted')}::json) as counted(id uuid, "updatedAt" timestamptz, tokens integer)`)
-      .where(and(eq(prompts.id, sql`counted.id`), eq(prompts.updatedAt, sql`counted."updatedAt"`)))
+      .where(
+        and(
+          eq(prompts.id, sql`counted.id`),
+          eq(prompts.updatedAt, sql`counted."updatedAt"`),
+          sql`(${prompts.tokens} is distinct from counted.tokens or ${prompts.tokenEncoding} is distinct from ${encoding})`,
+        ),
+      )
+      .returning({ asyncCommit: sql`set_config('synchronous_commit', 'off', true)` })
       .prepare('chat_store_prompt_counts');
   }
 
@@ -835,11 +845,12 @@ const TURN_FAILED_MEANWHILE = 'nothing of it is kept';
 
 type BudgetConfig = Pick<Config, 'AI_CONTEXT_TOKENS' | 'AI_MAX_OUTPUT_TOKENS'>;
 
-/** The tokens a request for `model` may take: its context window less what is kept for the reply. */
+/** A turn refused because its prompts and question alone need `requiredTokens` or more, past `budget`. */
 function contextTooLong(requiredTokens: number, model: string, budget: number): ApiError {
   return new ApiError(400, 'CONTEXT_TOO_LONG', `The prompts and the message need at least ${requiredTokens} tokens; the budget for ${model} is ${Math.max(budget, 0)}`);
 }
 
+/** The tokens a request for `model` may take: its context window less what is kept for the reply. */
 function budgetOf(model: string, config: BudgetConfig): number {
   const window = config.AI_CONTEXT_TOKENS ?? contextWindow(model) ?? DEFAULT_CONTEXT_TOKENS;
   return window - config.AI_MAX_OUTPUT_TOKENS - REPLY_PRIMING_TOKENS;

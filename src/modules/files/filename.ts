@@ -28,7 +28,7 @@ export function displayFilename(uploaded: string | undefined): string {
 function withinLimit(name: string): string {
   if (codePoints(name) <= MAX_FILENAME_CHARS) return name;
   const dot = name.lastIndexOf('.');
-  const extension = dot > 0 && codePoints(name.slice(dot)) <= MAX_EXTENSION_CHARS ? name.slice(dot) : '';
+  const extension = dot > 0 && codePoints(name.slice(dot + 1)) <= MAX_EXTENSION_CHARS ? name.slice(dot) : '';
   let stem = '';
   let room = MAX_FILENAME_CHARS - codePoints(extension);
   for (const { segment } of graphemes.segment(extension ? name.slice(0, dot) : name)) {
@@ -36,7 +36,8 @@ function withinLimit(name: string): string {
     if (room < 0) break;
     stem += segment;
   }
-  return stem.trimEnd() + extension;
+  // A first character longer than the room (a letter under hundreds of combining marks) leaves no stem.
+  return (stem.trimEnd() || FALLBACK_FILENAME) + extension;
 }
 
 const codePoints = (text: string): number => {

@@ -29,8 +29,6 @@ function ownedPrompt(userId: string, projectId: string, promptId: string): SQL {
   return and(eq(prompts.id, promptId), inOwnedProject(prompts.projectId, userId, projectId))!;
 }
 
-const UNCOUNTED = { tokens: null, tokenEncoding: null };
-
 export class PromptsService {
   /** The owner check, the limit and the insert: one round trip. */
   private readonly insert: LimitedInsert<PromptRow>;
@@ -85,8 +83,7 @@ export class PromptsService {
   async update(userId: string, projectId: string, promptId: string, patch: UpdatePromptInput): Promise<PromptDto> {
     const [row] = await this.db
       .update(prompts)
-      // A new content's count is unknown until a turn counts it (see `prompts.tokens`).
-      .set({ ...patch, ...(patch.content === undefined ? {} : UNCOUNTED), updatedAt: changedAt(prompts.updatedAt) })
+      .set({ ...patch, updatedAt: changedAt(prompts.updatedAt) })
       .where(ownedPrompt(userId, projectId, promptId))
       .returning();
     if (!row) throw new NotFound('Prompt');
