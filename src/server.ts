@@ -6,7 +6,7 @@ import type { Config } from './config.js';
 const CLOSE_GRACE_MS = 5_000;
 /** How soon after a first signal another is taken for the same one passed on (npm's relay), not a second Ctrl-C. */
 const RELAYED_SIGNAL_MS = 500;
-/** How often a server run by an npm script looks whether its parent is still there (see `main`). */
+/** How often a server run by `npm start` looks whether its parent is still there (see `main`). */
 const PARENT_WATCH_MS = 500;
 
 async function main(): Promise<void> {

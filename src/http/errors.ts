@@ -413,7 +413,8 @@ export function logFailure(request: FastifyRequest, error: unknown, problem: Pro
     const failed = error instanceof FailureNaming ? error.cause : error;
     // What the upstream answered, for a rate limit that outlasted the retries (its text as quoted, the
     // key redacted), and the question the failure names: what a support ticket starts from.
-    const upstream = code === 'PROVIDER_RATE_LIMITED' && (failed as Error).cause instanceof Error ? ((failed as Error).cause as Error).message : undefined;
+    const cause = code === 'PROVIDER_RATE_LIMITED' ? (failed as Error).cause : undefined;
+    const upstream = cause instanceof Error ? cause.message : undefined;
     const { userMessageId } = problem;
     const level = reason && MISCONFIGURED_DATABASE_CODES.includes(reason) ? 'error' : 'warn';
     request.log[level]({ code, detail, ...(reason && { reason }), ...(upstream && { upstream }), ...(userMessageId !== undefined && { userMessageId }) }, message);
