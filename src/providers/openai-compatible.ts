@@ -18,7 +18,7 @@ import {
   type ProviderName,
   ProviderRateLimited,
   ProviderRefusedDeletion,
-  type ProviderRetry,
+  type RetryListener,
   ProviderTimeout,
   type ReplyEnd,
   type UploadedFile,
@@ -36,7 +36,7 @@ export interface OpenAICompatibleOptions {
   /** Retries after the first attempt on upstream 408/429/5xx and connection failures (AI_MAX_RETRIES). */
   maxRetries: number;
   /** Told of each retry before its wait: a call that succeeds at its second try says nothing else of the first. */
-  onRetry?: (retry: ProviderRetry) => void;
+  onRetry?: RetryListener;
   /** The most bytes of one upstream response body (a reply, a stream, an error); by default room for 1,024 tokens. */
   maxResponseBytes?: number;
   /**
@@ -48,7 +48,6 @@ export interface OpenAICompatibleOptions {
 }
 
 export type OutputLimitField = 'max_tokens' | 'max_completion_tokens';
-
 
 /**
  * Room for a reply of `maxOutputTokens` tokens in any form an upstream sends it (a stream spends a few
@@ -176,7 +175,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
   readonly supportsFiles: boolean;
   readonly baseURL: string;
   private readonly maxRetries: number;
-  private readonly onRetry: ((retry: ProviderRetry) => void) | undefined;
+  private readonly onRetry: RetryListener | undefined;
   private readonly pool: Pool;
   /** The base URL's path, without a trailing slash: each API's path goes after it. */
   private readonly basePath: string;

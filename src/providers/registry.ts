@@ -1,6 +1,6 @@
 import type { Config } from '../config.js';
 import { maxResponseBytesFor, OpenAICompatibleAdapter, type OutputLimitField } from './openai-compatible.js';
-import { type ProviderAdapter, type ProviderName, ProviderNotConfigured, type ProviderRetry } from './types.js';
+import { type ProviderAdapter, type ProviderName, ProviderNotConfigured, type RetryListener } from './types.js';
 
 export type ProvidersConfig = Pick<
   Config,
@@ -68,7 +68,7 @@ export interface ProviderRegistry {
 }
 
 /** One adapter (one connection pool) per configured provider, for the process's life. */
-export function createProviders(config: ProvidersConfig, onRetry?: (retry: ProviderRetry) => void): ProviderRegistry {
+export function createProviders(config: ProvidersConfig, onRetry?: RetryListener): ProviderRegistry {
   const adapters = new Map<ProviderName, OpenAICompatibleAdapter>();
   for (const name of Object.keys(PROVIDER_DEFAULTS) as ProviderName[]) {
     const adapter = createAdapter(name, config, onRetry);
@@ -92,7 +92,7 @@ export function createProviders(config: ProvidersConfig, onRetry?: (retry: Provi
 }
 
 /** The provider's adapter, or undefined when it is not configured: no key, and no AI_BASE_URL for it. */
-function createAdapter(name: ProviderName, config: ProvidersConfig, onRetry?: (retry: ProviderRetry) => void): OpenAICompatibleAdapter | undefined {
+function createAdapter(name: ProviderName, config: ProvidersConfig, onRetry?: RetryListener): OpenAICompatibleAdapter | undefined {
   const defaults = PROVIDER_DEFAULTS[name];
   const apiKey = defaults.apiKey(config);
   // AI_BASE_URL moves the default provider to another server speaking its protocol (Ollama, vLLM, llama.cpp).

@@ -154,3 +154,6 @@ export interface ProviderRetry {
   retry: number;
   waitMs: number;
 }
+
+/** Told of each retry of a provider call, before its wait (see `OpenAICompatibleOptions.onRetry`). */
+export type RetryListener = (retry: ProviderRetry) => void;
