@@ -2,6 +2,7 @@ import { DrizzleQueryError } from 'drizzle-orm';
 import { type FastifyBaseLogger, type FastifyReply, type FastifyRequest, type FastifyServerOptions, LogController } from 'fastify';
 import { type DestinationStream, stdSerializers, symbols } from 'pino';
 import { queryStart } from './query-start.js';
+import { streamFailure } from './stream-failures.js';
 
 type Bindings = Parameters<FastifyBaseLogger['child']>[0];
 type ChildOptions = Parameters<FastifyBaseLogger['child']>[1];
@@ -96,8 +97,17 @@ class RequestLogger implements FastifyBaseLogger {
 }
 
 const COMPLETED = 'request completed';
-/** What a request's last line says: what was asked, how it went, and in how long (ms). */
-const answered = (request: FastifyRequest, reply: FastifyReply) => ({ req: request, res: reply, responseTime: reply.elapsedTime });
+/**
+ * What a request's last line says: what was asked, how it went (and for a stream that ended with an
+ * `error` event, what that said), and in how long (ms). Only here, not in `completed`'s text: a stream
+ * that failed has logged its failure first, so its request has pino's child.
+ */
+const answered = (request: FastifyRequest, reply: FastifyReply) => ({
+  req: request,
+  res: reply,
+  streamError: streamFailure(reply),
+  responseTime: reply.elapsedTime,
+});
 
 /** A property as JSON writes it (`,"key":` given), nothing for a value it leaves out (undefined). */
 const jsonField = (key: string, value: unknown): string => (value === undefined ? '' : key + JSON.stringify(value));

@@ -8,6 +8,7 @@ import type { Database, PoolStats } from '../db/database.js';
 import type { ProviderRetry, Usage } from '../providers/types.js';
 import { bearerToken } from './auth.js';
 import { PROBLEM_STATUS, type ProblemCode, Unauthorized } from './errors.js';
+import { streamFailure } from './stream-failures.js';
 
 /** One finished call to an AI provider, as the metered adapter reports it. */
 export interface ProviderCall {
@@ -115,7 +116,7 @@ export function registerMetrics(app: FastifyInstance, database: Database, knownN
   // The one per-request cost: a single histogram observation once the response is sent.
   app.addHook('onResponse', (request, reply, done) => {
     if (request.routeOptions.config.metrics !== false) {
-      observe(request, reply, reply.statusCode);
+      observe(request, reply, streamFailure(reply)?.status ?? reply.statusCode);
       answered.add(request);
     }
     done();

@@ -289,6 +289,45 @@ describe('GET /metrics', () => {
     expect(await count('aborted')).toBe(before.aborted);
   });
 
+  // Its headers said 200 before the upstream failed: counted and logged as that 200, a failed stream was
+  // in no error rate, and its access line read as a success.
+  it("counts and logs a stream that ended with an error event by that event's status, a complete one as 200", async () => {
+    const logs = logCollector();
+    const app = await buildApp(testConfig({ AI_BASE_URL: t.fake.url, AI_MODEL: 'gpt-4o-mini', AI_MAX_RETRIES: '0', LOG_LEVEL: 'info' }), {
+      database: t.testDb.database,
+      logStream: logs.stream,
+    });
+    try {
+      const url = await app.listen({ port: 0, host: '127.0.0.1' });
+      const projectId = (await createProject(app, user)).id;
+      const route = { method: 'POST', route: '/api/v1/projects/:projectId/chat' };
+      const count = async (status: number) =>
+        seriesValue((await app.inject({ method: 'GET', url: '/metrics' })).body, 'http_request_duration_seconds_count', { ...route, status: String(status) });
+      t.fake.enqueue({ content: 'first second third', chunks: 3, fault: 'reset', afterChunks: 2 }, { content: 'all of it' });
+      const streamed = async () => {
+        const response = await fetch(`${url}/api/v1/projects/${projectId}/chat`, {
+          method: 'POST',
+          headers: { ...user.auth, 'content-type': 'application/json', 'x-request-id': `stream-${randomUUID()}` },
+          body: JSON.stringify({ message: 'Go on', stream: true }),
+        });
+        expect(response.status).toBe(200);
+        return { requestId: response.headers.get('x-request-id')!, last: (await readSse(response)).at(-1)! };
+      };
+      const failed = await streamed();
+      expect(failed.last).toMatchObject({ event: 'error', data: { status: 502, code: 'PROVIDER_ERROR' } });
+      const complete = await streamed();
+      expect(complete.last.event).toBe('done');
+      expect(await count(502)).toBe(1);
+      expect(await count(200)).toBe(1);
+      const accessLine = (requestId: string) => logs.lines.find((line) => line.reqId === requestId && line.msg === 'request completed');
+      await expect.poll(() => accessLine(complete.requestId)).toBeDefined();
+      expect(accessLine(failed.requestId)).toMatchObject({ res: { statusCode: 200 }, streamError: { status: 502, code: 'PROVIDER_ERROR' } });
+      expect(accessLine(complete.requestId)).not.toHaveProperty('streamError');
+    } finally {
+      await app.close();
+    }
+  });
+
   // Every deploy that interrupted streams counted a provider error for each (ai_provider_errors_total).
   it('counts a call that the shutdown interrupts as aborted, not as a failure of the provider', async () => {
     const calls: ProviderCall[] = [];

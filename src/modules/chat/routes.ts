@@ -4,6 +4,7 @@ import { z } from 'zod';
 import { BODY_LIMIT_BYTES } from '../../http/body-limits.js';
 import { ApiError, clientGoneSignal, logFailure, toProblem } from '../../http/errors.js';
 import { problem, schemaReference } from '../../http/openapi.js';
+import { markStreamFailed } from '../../http/stream-failures.js';
 import { projectParams } from '../projects/schemas.js';
 import { type IdempotencyStore, requestHash } from './idempotency.js';
 import { chatBody, chatHeaders, type ChatResult, chatResult, streamEvents } from './schemas.js';
@@ -216,6 +217,7 @@ async function streamTurn(
       const error = await request.refusal(outcome.error);
       const problem = toProblem(error, request);
       logFailure(request, error, problem, 'chat stream failed');
+      markStreamFailed(reply, problem);
       await events!.send('error', problem);
     }
     return undefined;
@@ -226,6 +228,7 @@ async function streamTurn(
     const refusal = await request.refusal(error as Error);
     const problem = toProblem(refusal, request);
     logFailure(request, error, problem, 'chat stream failed');
+    markStreamFailed(reply, problem);
     await events.send('error', refusal === error ? { ...problem, userMessageId } : problem);
     return undefined;
   } finally {
