@@ -19,6 +19,8 @@ export interface ProviderCall {
   /** `ok`, `aborted` (the client left and the call was cut), or the problem code it failed with. */
   outcome: 'ok' | 'aborted' | ProblemCode;
   usage: Usage | null;
+  /** A failed call's: what failed it (the upstream's status, `quota`, `connection`, `answer`, `timeout`). */
+  reason?: string;
 }
 
 export interface Metrics {
@@ -96,8 +98,8 @@ export function registerMetrics(app: FastifyInstance, database: Database, knownN
   });
   const providerErrors = new Counter({
     name: 'ai_provider_errors_total',
-    help: 'Failed AI provider calls by provider, model and problem code',
-    labelNames: ['provider', 'model', 'code'] as const,
+    help: 'Failed AI provider calls by provider, model, problem code and reason (the upstream status, quota, connection, answer, timeout)',
+    labelNames: ['provider', 'model', 'code', 'reason'] as const,
     registers,
   });
   const providerRetries = new Counter({
@@ -162,11 +164,11 @@ export function registerMetrics(app: FastifyInstance, database: Database, knownN
     countRefused(request, reply) {
       reply.raw.once('finish', () => observe(request, reply, reply.statusCode));
     },
-    recordProviderCall({ provider, model, operation, seconds, outcome, usage }) {
+    recordProviderCall({ provider, model, operation, seconds, outcome, usage, reason = 'answer' }) {
       const label = modelLabel(model);
       const failed = outcome !== 'ok' && outcome !== 'aborted';
       providerCalls.observe({ provider, model: label, operation, outcome: failed ? 'error' : outcome }, seconds);
-      if (failed) providerErrors.inc({ provider, model: label, code: outcome });
+      if (failed) providerErrors.inc({ provider, model: label, code: outcome, reason });
       if (usage) {
         providerTokens.inc({ provider, model: label, type: 'prompt' }, usage.promptTokens);
         providerTokens.inc({ provider, model: label, type: 'completion' }, usage.completionTokens);

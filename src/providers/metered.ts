@@ -1,6 +1,7 @@
 import { performance } from 'node:perf_hooks';
 import { ApiError, ShuttingDown } from '../http/errors.js';
 import type { ProviderCall } from '../http/metrics.js';
+import { providerFailureReason } from './openai-compatible.js';
 import type { ProviderRegistry } from './registry.js';
 import type { ChatCompletion, ChatRequest, DeltaSink, ProviderAdapter, ProviderName, ReplyEnd, Usage } from './types.js';
 
@@ -64,21 +65,16 @@ class MeteredAdapter implements ProviderAdapter {
       this.report(request, operation, started, 'ok', answer.usage);
       return answer;
     } catch (error) {
-      this.report(request, operation, started, outcomeOf(error), null);
+      // Adapters throw provider errors (ApiError), or the abort reason when the call was given up: the
+      // client gone, or the server shutting down (its interrupt, an ApiError too, is no failure of the provider's).
+      const failed = error instanceof ApiError && !(error instanceof ShuttingDown);
+      this.report(request, operation, started, failed ? error.code : 'aborted', null, failed ? providerFailureReason(error) : undefined);
       throw error;
     }
   }
 
-  private report(request: ChatRequest, operation: ProviderCall['operation'], started: number, outcome: ProviderCall['outcome'], usage: Usage | null): void {
+  private report(request: ChatRequest, operation: ProviderCall['operation'], started: number, outcome: ProviderCall['outcome'], usage: Usage | null, reason?: string): void {
     const seconds = (performance.now() - started) / 1000;
-    this.record({ provider: this.name, model: request.model, operation, seconds, outcome, usage });
+    this.record({ provider: this.name, model: request.model, operation, seconds, outcome, usage, reason });
   }
-}
-
-/**
- * Adapters throw provider errors (ApiError), or the abort reason when the call was given up: the client
- * gone, or the server shutting down (its interrupt, an ApiError too, is no failure of the provider's).
- */
-function outcomeOf(error: unknown): ProviderCall['outcome'] {
-  return error instanceof ApiError && !(error instanceof ShuttingDown) ? error.code : 'aborted';
 }

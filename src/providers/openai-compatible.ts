@@ -320,8 +320,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
       } catch (error) {
         const wait = retry < this.maxRetries && !signal.aborted ? retryWait(error, retry) : undefined;
         if (wait === undefined || Date.now() + wait >= deadline) throw failure(error, signal);
-        const reason = error instanceof UpstreamStatusError ? String(error.status) : 'connection';
-        this.onRetry?.({ provider: this.name, reason, retry: retry + 1, waitMs: wait });
+        this.onRetry?.({ provider: this.name, reason: upstreamFailure(error), retry: retry + 1, waitMs: wait });
         await sleep(wait, undefined, { signal }).catch((abort: unknown) => {
           throw failure(abort, signal);
         });
@@ -544,9 +543,14 @@ class ReplyReader {
  * whole); anything else (a body that is no JSON, one too large) is the answer's own fault.
  */
 function readFailure(error: unknown): never {
-  const { code } = (error ?? {}) as { code?: unknown };
-  if (code === 'UND_ERR_SOCKET' || code === 'ECONNRESET') throw new UpstreamUnreachable('the upstream connection broke during its answer', { cause: error });
+  if (brokeOff(error)) throw new UpstreamUnreachable('the upstream connection broke during its answer', { cause: error });
   throw error;
+}
+
+/** What reading an answer's body fails with when its connection is reset or closed half-way. */
+function brokeOff(error: unknown): boolean {
+  const { code } = (error ?? {}) as { code?: unknown };
+  return code === 'UND_ERR_SOCKET' || code === 'ECONNRESET';
 }
 
 interface StreamChoice {
@@ -680,6 +684,23 @@ function retryWait(error: unknown, retry: number): number | undefined {
     error instanceof UpstreamStatusError && (error.status === 408 || (error.status === 429 && !error.outOfQuota) || error.status >= 500);
   if (!transient) return undefined;
   return retryAfterMs(error.headers) ?? backoffMs(retry);
+}
+
+/**
+ * What failed a try of a call, as the metrics tell apart failures of one problem code (an upstream's 401,
+ * its 500 and an exhausted quota are all PROVIDER_ERROR): the upstream's status (`401`, `503`…), `quota`
+ * (a 429 that says the account has none left), `connection` (refused, reset, cut off) or `answer` (what
+ * came is no answer: a malformed body or chunk, an error inside a stream).
+ */
+function upstreamFailure(error: unknown): string {
+  if (error instanceof UpstreamStatusError) return error.outOfQuota ? 'quota' : String(error.status);
+  // A stream that broke off after its first delta fails as it broke, not as UpstreamUnreachable: it is not retried.
+  return error instanceof UpstreamUnreachable || brokeOff(error) ? 'connection' : 'answer';
+}
+
+/** What failed a call that threw `thrown` (see `upstreamFailure`); `timeout` when its deadline passed. */
+export function providerFailureReason(thrown: ApiError): string {
+  return thrown instanceof ProviderTimeout ? 'timeout' : upstreamFailure(thrown.cause);
 }
 
 /**

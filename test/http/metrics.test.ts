@@ -143,8 +143,9 @@ describe('GET /metrics', () => {
     const before = await scrape();
     t.fake.enqueue({ usage: { prompt_tokens: 11, completion_tokens: 7, total_tokens: 18 } });
     expect((await chat(projectId)).statusCode).toBe(200);
-    t.fake.enqueue({ status: 500 });
-    expect((await chat(projectId)).statusCode).toBe(502);
+    // Three PROVIDER_ERRORs an operator puts right three ways: wait, fix the key, pay.
+    t.fake.enqueue({ status: 500 }, { status: 401 }, { status: 429, errorCode: 'insufficient_quota' });
+    for (let failed = 0; failed < 3; failed++) expect((await chat(projectId)).statusCode).toBe(502);
 
     const after = await scrape();
     const delta = (name: string, extra: Record<string, string> = {}) =>
@@ -152,8 +153,8 @@ describe('GET /metrics', () => {
     expect(delta('ai_provider_tokens_total', { type: 'prompt' })).toBe(11);
     expect(delta('ai_provider_tokens_total', { type: 'completion' })).toBe(7);
     expect(delta('ai_provider_request_duration_seconds_count', { operation: 'complete', outcome: 'ok' })).toBe(1);
-    expect(delta('ai_provider_request_duration_seconds_count', { operation: 'complete', outcome: 'error' })).toBe(1);
-    expect(delta('ai_provider_errors_total', { code: 'PROVIDER_ERROR' })).toBe(1);
+    expect(delta('ai_provider_request_duration_seconds_count', { operation: 'complete', outcome: 'error' })).toBe(3);
+    for (const reason of ['500', '401', 'quota']) expect(delta('ai_provider_errors_total', { code: 'PROVIDER_ERROR', reason }), reason).toBe(1);
   });
 
   // A call that succeeds at its second try was one `ok`, and nothing else: an upstream's early 429s,
@@ -273,7 +274,8 @@ describe('GET /metrics', () => {
     const projectId = (await createProject(t.app, user)).id;
     const count = async (outcome: string) =>
       seriesValue(await scrape(), 'ai_provider_request_duration_seconds_count', { provider: 'openai', model: 'gpt-4o-mini', operation: 'stream', outcome });
-    const before = { error: await count('error'), ok: await count('ok'), aborted: await count('aborted') };
+    const failures = async (reason: string) => seriesValue(await scrape(), 'ai_provider_errors_total', { model: 'gpt-4o-mini', reason });
+    const before = { error: await count('error'), ok: await count('ok'), aborted: await count('aborted'), 500: await failures('500'), connection: await failures('connection') };
     t.fake.enqueue({ status: 500 });
     t.fake.enqueue({ content: 'first second third', chunks: 3, fault: 'reset', afterChunks: 2 });
     for (const deltas of [[], ['delta', 'delta']]) {
@@ -287,6 +289,7 @@ describe('GET /metrics', () => {
     expect(await count('error')).toBe(before.error + 2);
     expect(await count('ok')).toBe(before.ok);
     expect(await count('aborted')).toBe(before.aborted);
+    expect([await failures('500'), await failures('connection')]).toEqual([before[500] + 1, before.connection + 1]);
   });
 
   // Its headers said 200 before the upstream failed: counted and logged as that 200, a failed stream was
