@@ -1,6 +1,7 @@
 import { DrizzleQueryError } from 'drizzle-orm';
 import { type FastifyBaseLogger, type FastifyReply, type FastifyRequest, type FastifyServerOptions, LogController } from 'fastify';
 import { type DestinationStream, stdSerializers, symbols } from 'pino';
+import type { AuthUser } from './auth.js';
 import { queryStart } from './query-start.js';
 import { streamFailure } from './stream-failures.js';
 
@@ -90,7 +91,7 @@ class RequestLogger implements FastifyBaseLogger {
       jsonField(',"remoteAddress":', request.ip) +
       jsonField(',"remotePort":', request.socket?.remotePort);
     (pino[symbols.streamSym] as DestinationStream).write(
-      `{"level":30,"time":${Date.now()}${pino[symbols.chindingsSym] as string}${bindings},"req":{${req}},` +
+      `{"level":30,"time":${Date.now()}${pino[symbols.chindingsSym] as string}${bindings},"req":{${req}}${jsonField(',"userId":', userIdOf(request))},` +
         `"res":{"statusCode":${reply.statusCode}},"responseTime":${reply.elapsedTime},"msg":"${COMPLETED}"}\n`,
     );
   }
@@ -98,16 +99,25 @@ class RequestLogger implements FastifyBaseLogger {
 
 const COMPLETED = 'request completed';
 /**
- * What a request's last line says: what was asked, how it went (and for a stream that ended with an
- * `error` event, what that said), and in how long (ms). Only here, not in `completed`'s text: a stream
- * that failed has logged its failure first, so its request has pino's child.
+ * What a request's last line says: what was asked and by which account, how it went (and for a stream
+ * that ended with an `error` event, what that said), and in how long (ms). `streamError` only here,
+ * not in `completed`'s text: a stream that failed has logged its failure first, so its request has
+ * pino's child.
  */
 const answered = (request: FastifyRequest, reply: FastifyReply) => ({
   req: request,
+  userId: userIdOf(request),
   res: reply,
   streamError: streamFailure(reply),
   responseTime: reply.elapsedTime,
 });
+
+/**
+ * The account that a request's token names, once its signature is verified (`registerAuthentication`):
+ * what a support ticket's "my chat failed at 14:02" is looked up by. None for a public route, or a
+ * token refused at once.
+ */
+const userIdOf = (request: FastifyRequest): string | undefined => (request.user as AuthUser | null)?.id;
 
 /** A property as JSON writes it (`,"key":` given), nothing for a value it leaves out (undefined). */
 const jsonField = (key: string, value: unknown): string => (value === undefined ? '' : key + JSON.stringify(value));

@@ -31,6 +31,12 @@ async function loggingApp(level: string) {
   });
   // A route that logs nothing itself: its request's last line is written as text (RequestLogger.completed).
   app.get('/quiet', { config: { public: true } }, async () => ({}));
+  // The same two, behind a token.
+  app.get('/quiet-account', async () => ({}));
+  app.get('/log-account', async (request) => {
+    request.log.warn('a warning');
+    return {};
+  });
   // A route with a level of its own: Fastify's own child logger, at once.
   app.get('/verbose', { config: { public: true }, logLevel: 'debug' }, async (request) => {
     request.log.debug('a detail');
@@ -108,6 +114,26 @@ describe('the line of a request answered', () => {
     });
     expect(shapeOf(quiet)).toEqual(shapeOf(logged));
     expect(logged!.req).toMatchObject({ url: '/log', version: '2"\\', host: 'chat.example:8080' });
+  });
+
+  // A support ticket ("my chat failed at 14:02") names an account: its requests were not to be found.
+  it('names the account whose token the request carried, written as text or by pino alike, and none for a public route or a refused token', async () => {
+    const { app, logs } = await loggingApp('info');
+    onTestFinished(() => app.close());
+    const user = await registerUser(app);
+    const get = (url: string, requestId: string, headers: Record<string, string> = user.auth) =>
+      app.inject({ method: 'GET', url, headers: { ...headers, 'x-request-id': requestId } });
+    expect((await get('/quiet-account', 'account-quiet')).statusCode).toBe(200);
+    expect((await get('/log-account', 'account-logged')).statusCode).toBe(200);
+    expect((await get('/quiet', 'account-public')).statusCode).toBe(200);
+    expect((await get('/quiet-account', 'account-refused', { authorization: `Bearer ${user.token}x` })).statusCode).toBe(401);
+    const completed = (requestId: string) => linesOf(logs, requestId).find((line) => line.msg === 'request completed')!;
+    const quiet = completed('account-quiet');
+    expect(quiet.userId).toBe(user.id);
+    expect(completed('account-logged').userId).toBe(user.id);
+    expect(shapeOf(quiet)).toEqual(shapeOf(completed('account-logged')));
+    expect(completed('account-public')).not.toHaveProperty('userId');
+    expect(completed('account-refused')).not.toHaveProperty('userId');
   });
 
   it('is not written below its level, and leaves out what the request does not have (an injected one has no port)', async () => {
