@@ -80,12 +80,18 @@ class UpstreamStatusError extends Error {
     /** The key the call was made with: a proxy may quote it back ("Invalid key Bearer sk-…"), and the message is logged. */
     key: string | undefined,
   ) {
-    super(`upstream answered ${status}: ${quoted(body, key)}`);
+    super(`upstream answered ${status}${upstreamRequestId(headers)}: ${quoted(body, key)}`);
     const error = errorOf(body);
     this.outOfQuota = status === 429 && (error.code ?? error.type) === 'insufficient_quota';
     this.contextTooLong = status === 400 && saysContextTooLong(error);
     this.noSuchModel = (status === 400 || status === 404) && saysNoSuchModel(error);
   }
+}
+
+/** The upstream's own name of a request that failed (OpenAI's `x-request-id`): what its support asks for. */
+function upstreamRequestId(headers: ResponseHeaders): string {
+  const id = headers['x-request-id'];
+  return typeof id === 'string' && /^[\x21-\x7e]{1,200}$/.test(id) ? ` (x-request-id ${id})` : '';
 }
 
 interface ErrorBody {

@@ -303,14 +303,15 @@ it('logs a rate limit that outlasted the retries with what the upstream answered
   onTestFinished(() => app.close());
   const owner = await registerUser(app);
   const projectId = (await createProject(app, owner)).id;
-  fake.enqueue({ status: 429, retryAfter: 30 });
+  fake.enqueue({ status: 429, retryAfter: 30, headers: { 'x-request-id': 'req_8f2c41' } });
   const refused = await app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: owner.auth, payload: { message: 'hi' } });
   expect(refused.statusCode).toBe(503);
   expect(logs.lines.find((line) => line.reqId === refused.json().requestId && line.msg === 'request failed')).toEqual(
     expect.objectContaining({
       level: 40,
       code: 'PROVIDER_RATE_LIMITED',
-      upstream: expect.stringContaining(`upstream answered 429: {"error":{"message":"${UPSTREAM_ERROR_TEXT}"`),
+      // With the upstream's own id of the request, which its support asks for.
+      upstream: expect.stringContaining(`upstream answered 429 (x-request-id req_8f2c41): {"error":{"message":"${UPSTREAM_ERROR_TEXT}"`),
       userMessageId: refused.json().userMessageId,
     }),
   );
