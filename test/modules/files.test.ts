@@ -1,4 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
+import { execFile } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { request as httpRequest } from 'node:http';
 import { type AddressInfo, connect, createServer } from 'node:net';
@@ -6,6 +7,7 @@ import { basename, join } from 'node:path';
 import { PassThrough } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
 import { eq, inArray, sql } from 'drizzle-orm';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
@@ -26,6 +28,7 @@ import { seriesValue } from '../support/metrics.js';
 import { BOUNDARY, CLOSING, type FormPart, multipart, partHead } from '../support/multipart.js';
 
 const LIMIT = 256 * 1024;
+const execFileAsync = promisify(execFile);
 
 let fake: FakeUpstream;
 let t: TestApp;
@@ -990,6 +993,33 @@ describe('MAX_FILES_PER_PROJECT', () => {
     expect(providerUploads()).toBe(2);
     expect(fake.files.size).toBe(1);
     await onlyStoredFilesKept(projectId);
+  });
+
+  // A refusal before the body is read closed the connection under a client still sending it: fetch with
+  // FormData, what generated clients send, failed with EPIPE, never seeing its 409 or 404. The client is
+  // a process of its own: in this one, it has written all it sends before the server reads any of it.
+  it('answers a fetch client sending FormData, as generated clients do, with its 409 and its 404, not a broken connection', async () => {
+    const large = await startTestApp({ ...appEnv(), FILE_MAX_BYTES: String(8 * 1024 * 1024), MAX_FILES_PER_PROJECT: '1' });
+    try {
+      const url = await large.app.listen({ port: 0, host: '127.0.0.1' });
+      const [holder, stranger] = [await registerUser(large.app), await registerUser(large.app)];
+      const { id } = await createProject(large.app, holder);
+      const { payload, headers } = multipart({ filename: 'kept.txt', type: 'text/plain', content: 'kept' });
+      expect((await large.app.inject({ method: 'POST', url: filesUrl(id), headers: { ...holder.auth, ...headers }, payload })).statusCode).toBe(201);
+      const client = `
+        const statuses = [];
+        for (const [token, size] of ${JSON.stringify([[holder.token, 3], [stranger.token, 3], [holder.token, 4 * 1024 * 1024], [stranger.token, 4 * 1024 * 1024]])}) {
+          const form = new FormData();
+          form.append('file', new Blob(['x'.repeat(size)], { type: 'text/plain' }), 'more.txt');
+          statuses.push(await fetch(${JSON.stringify(url + filesUrl(id))}, { method: 'POST', headers: { authorization: 'Bearer ' + token }, body: form })
+            .then((response) => response.status, (error) => String(error.cause?.code ?? error)));
+        }
+        console.log(JSON.stringify(statuses));`;
+      const { stdout } = await execFileAsync(process.execPath, ['--input-type=module', '-e', client]);
+      expect(JSON.parse(stdout)).toEqual([409, 404, 409, 404]);
+    } finally {
+      await large.close();
+    }
   });
 
   it('takes a file again once one is deleted', async () => {

@@ -4,7 +4,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { ApiError, ValidationFailed } from '../../http/errors.js';
-import { sendContinue } from '../../http/hardening.js';
+import { awaitsContinue, sendContinue } from '../../http/hardening.js';
 import { noContent } from '../../http/openapi.js';
 import { projectParams } from '../projects/schemas.js';
 import { isTextType } from './content-type.js';
@@ -47,9 +47,7 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
         const created = await files.upload(request.user.id, request.params.projectId, parts, request.log, () => request.assertTokenStillCurrent());
         return reply.code(201).header('location', `/api/v1/projects/${created.projectId}/files/${created.id}`).send(created);
       } catch (error) {
-        // A refusal can come before the body's end (a file too large, a field too many); the rest is
-        // not worth reading, and the parser no longer does. Closing after the answer frees the connection.
-        if (!request.raw.complete) reply.header('connection', 'close');
+        if (!request.raw.complete) dropRestOfBody(request, reply, maxBytes + FORM_FRAMING_BYTES);
         throw error;
       }
     },
@@ -168,6 +166,35 @@ async function answerDownload(reply: FastifyReply, { file: stored, open }: FileC
  * plain error, which is the client's mistake (400), not the server's; the plugin's own errors carry
  * their status (413, 415…) and pass as they are.
  */
+/** What a form may hold around its file: the boundaries and a part's headers (a name of 255 characters, in UTF-8). */
+const FORM_FRAMING_BYTES = 64 * 1024;
+
+/**
+ * The rest of a refused upload's body (the project full or not the caller's, before any of it was read;
+ * a file too large, a part too many, part-way through it), read and dropped after the answer on a
+ * connection kept open, up to `limit` bytes more, what an upload that is kept may take; past that the
+ * connection is closed. Closed at once under a client still sending, with bytes unread, the connection
+ * was reset, and a client still writing (fetch sending FormData, as every generated client does) got
+ * EPIPE in place of its 409 or 404, or its 413. A client that waits for 100 Continue sends no body: its
+ * connection is closed after the answer (RFC 9110 §10.1.1).
+ */
+function dropRestOfBody(request: FastifyRequest, reply: FastifyReply, limit: number): void {
+  if (awaitsContinue(request)) {
+    reply.header('connection', 'close');
+    return;
+  }
+  const { raw } = request;
+  // The form's parser, when it had begun, no longer takes it.
+  raw.unpipe();
+  let dropped = 0;
+  raw.on('data', (chunk: Buffer) => {
+    dropped += chunk.length;
+    if (dropped > limit) raw.socket.destroy();
+  });
+  // Paused by the parser's backpressure, a stream stays paused whoever listens.
+  raw.resume();
+}
+
 async function* formParts(parts: AsyncIterable<Multipart>, onFirstRead: () => void): AsyncGenerator<FormPart> {
   onFirstRead();
   try {
