@@ -263,6 +263,9 @@ const DATABASE_DOWN_MESSAGES = [
   'Query read timeout',
   'Client was closed and is not queryable',
   'PGlite is closed',
+  // A database closed to connections (`ALTER DATABASE … ALLOW_CONNECTIONS false`, for maintenance): 55000,
+  // a code that other states share.
+  'is not currently accepting connections',
 ];
 
 const FOREIGN_KEY_VIOLATION = '23503';

@@ -1,4 +1,5 @@
 import { createSigner } from 'fast-jwt';
+import pg from 'pg';
 import { v7 as uuidv7 } from 'uuid';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildApp } from '../../src/app.js';
@@ -368,6 +369,28 @@ describe('when the database is down', () => {
     );
     expect(JSON.stringify(logs.lines.filter((line) => line.msg === 'request failed'))).not.toContain('    at ');
   });
+});
+
+// Closed for maintenance, a database refuses every connection with 55000, a code other states share: each was a 500 INTERNAL.
+it.runIf(process.env.TEST_DATABASE_URL)('answers 503 SERVICE_UNAVAILABLE, never 500, while its database takes no connections', async () => {
+  const admin = new pg.Client({ connectionString: process.env.TEST_DATABASE_URL });
+  await admin.connect();
+  const name = `closed_${uuidv7().replaceAll('-', '')}`;
+  await admin.query(`create database ${name}`);
+  await admin.query(`alter database ${name} allow_connections false`);
+  const closed = new URL(process.env.TEST_DATABASE_URL!);
+  closed.pathname = `/${name}`;
+  const database = openPostgres(closed.href, { connectionTimeoutMs: 2_000 });
+  const app = await buildApp(testConfig(), { database });
+  try {
+    const login = { method: 'POST', url: '/api/v1/auth/login', payload: { email: 'a@example.com', password: 'password-1' } } as const;
+    expectProblem(await app.inject(login), 503, 'SERVICE_UNAVAILABLE');
+  } finally {
+    await app.close();
+    await database.close();
+    await admin.query(`drop database ${name}`);
+    await admin.end();
+  }
 });
 
 // A database dropped under a running service (or its login refused): every new connection is refused by

@@ -66,11 +66,13 @@ describe('register', () => {
     expectProblem(await register({ email: `a${address}`, password: 'password-1', name: 'Longer' }), 400, 'VALIDATION_ERROR');
   });
 
-  it('refuses a duplicate email in any letter case with 409', async () => {
+  it('refuses a duplicate email in any letter case with 409, naming no account made (no Location)', async () => {
     const email = uniqueEmail('dup');
     expect((await register({ email, password: 'password-1', name: 'A' })).statusCode).toBe(201);
     for (const variant of [email, email.toUpperCase(), ` ${email.replace(/^d/, 'D')} `]) {
-      expectProblem(await register({ email: variant, password: 'password-2', name: 'B' }), 409, 'CONFLICT');
+      const refused = await register({ email: variant, password: 'password-2', name: 'B' });
+      expectProblem(refused, 409, 'CONFLICT');
+      expect(refused.headers).not.toHaveProperty('location');
     }
     const rows = await t.testDb.database.db.select().from(users).where(eq(users.email, email));
     expect(rows).toHaveLength(1);

@@ -22,8 +22,12 @@ export const authRoutes: FastifyPluginAsyncZod<{ auth: AuthService }> = async (a
       config: { public: true, rateLimitGroup: 'register' },
       schema: { tags: ['auth'], operationId: 'register', body: registerBody, response: { 201: session }, problems: ['CONFLICT'] },
     },
-    // What it made is the caller's account, which a token reads at /me.
-    async (request, reply) => reply.code(201).header('location', '/api/v1/auth/me').send(await auth.register(request.body, clientGoneSignal(reply))),
+    // What it made is the caller's account, which a token reads at /me. Named once it is made: a header
+    // set first stayed on a refusal (409, 503).
+    async (request, reply) => {
+      const session = await auth.register(request.body, clientGoneSignal(reply));
+      return reply.code(201).header('location', '/api/v1/auth/me').send(session);
+    },
   );
 
   app.post(
