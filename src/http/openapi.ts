@@ -162,13 +162,13 @@ function asHead(schema: FastifySchema & { operationId?: string }): FastifySchema
   };
 }
 
-type SchemaObject = { type?: unknown; nullable?: boolean; allOf?: { $ref?: string }[]; anyOf?: object[] };
+type SchemaObject = { type?: unknown; nullable?: boolean; enum?: unknown[]; allOf?: { $ref?: string }[]; anyOf?: object[] };
 type Document = { components?: { schemas?: Record<string, SchemaObject> } };
 
 /** The document as fastify-type-provider-zod writes it, then finished by the two steps below. */
 const finishedDocument: typeof jsonSchemaTransformObject = (input) => {
   const document = jsonSchemaTransformObject(input) as Document;
-  writeNullableReferences(document);
+  writeNullables(document);
   dropUnusedSchemas(document);
   return document as ReturnType<typeof jsonSchemaTransformObject>;
 };
@@ -177,18 +177,24 @@ const finishedDocument: typeof jsonSchemaTransformObject = (input) => {
 const referencedId = (ref: unknown) => (typeof ref === 'string' ? /^#\/components\/schemas\/(.+)$/.exec(ref)?.[1] : undefined);
 
 /**
- * Writes each nullable reference so that null is valid under OpenAPI 3.0.3. Zod's `.nullable()` of a
- * schema with an id is written `{ nullable: true, allOf: [{ $ref }] }`: 3.0.3 takes `nullable` only
- * beside a `type`, and the reference's own type holds under `allOf` whatever `nullable` says, so that a
- * validator of the answers (ajv, Schemathesis) refused the null the service sends (a message's `usage`,
- * null for a user's message). Written instead as either the reference or null alone.
+ * Writes each nullable reference and each nullable enum so that null is valid under OpenAPI 3.0.3, which
+ * takes `nullable` as allowing null only where the rest of the schema does too:
+ * - Zod's `.nullable()` of a schema with an id is written `{ nullable: true, allOf: [{ $ref }] }`: 3.0.3
+ *   takes `nullable` only beside a `type`, and the reference's own type holds under `allOf` whatever
+ *   `nullable` says, so that a validator of the answers (ajv, Schemathesis) refused the null the service
+ *   sends (a message's `usage`, null for a user's message). Written instead as either the reference or
+ *   null alone.
+ * - A nullable enum lists null among its values: without it, validators refused a project's `provider`
+ *   null (the server's default), and generators typed it as never null, so that no typed client could
+ *   send the null that resets it.
  */
-function writeNullableReferences(document: Document): void {
+function writeNullables(document: Document): void {
   const schemas = document.components?.schemas ?? {};
   const visit = (value: unknown): void => {
     if (typeof value !== 'object' || value === null) return;
     for (const child of Object.values(value)) visit(child);
     const schema = value as SchemaObject;
+    if (schema.nullable && schema.enum && !schema.enum.includes(null)) schema.enum.push(null);
     const [only, ...others] = schema.allOf ?? [];
     const referenced = schema.nullable && schema.type === undefined && others.length === 0 ? referencedId(only?.$ref) : undefined;
     const type = referenced && schemas[referenced]?.type;

@@ -226,6 +226,13 @@ describe('OpenAPI document', () => {
     expect(message({ ...userMessage, usage: { promptTokens: 1, completionTokens: 2, totalTokens: 3 } })).toBe(true);
     expect(message({ ...userMessage, usage: 'none' })).toBe(false);
     expect(message({ ...userMessage, usage: {} })).toBe(false);
+    // A nullable enum: a project's provider, null for the server's default.
+    const project = ajv.getSchema('#/components/schemas/Project')!;
+    const at = new Date().toISOString();
+    const stored = { id: uuidv7(), name: 'Bot', description: null, provider: null, model: null, createdAt: at, updatedAt: at, counts: { prompts: 0, messages: 0, files: 0 } };
+    expect(project(stored), JSON.stringify(project.errors)).toBe(true);
+    expect(project({ ...stored, provider: 'openrouter' })).toBe(true);
+    expect(project({ ...stored, provider: 'nobody' })).toBe(false);
   });
 
   it('documents the chat reply as JSON and as a server-sent event stream', () => {
