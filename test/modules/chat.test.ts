@@ -120,11 +120,31 @@ describe('JSON chat', () => {
   it("refuses to start with a reply's budget that leaves the default model no room for a message", async () => {
     const config = testConfig({ AI_BASE_URL: fake.url, AI_MODEL: 'llama3.2', AI_MAX_OUTPUT_TOKENS: '16384' });
     await expect(buildApp(config, { database: t.testDb.database })).rejects.toThrow(
-      "Invalid configuration: AI_MAX_OUTPUT_TOKENS (16384) leaves no room for a message in the 16000 tokens of llama3.2's context (AI_CONTEXT_TOKENS, else the model's known window, else 16000)",
+      "Invalid configuration: AI_MAX_OUTPUT_TOKENS (16384) leaves no room for a message in the 16000 tokens of llama3.2's context (the model's known window, at most AI_CONTEXT_TOKENS; else AI_CONTEXT_TOKENS, else 16000)",
     );
     // One that leaves room starts.
     const app = await buildApp(testConfig({ AI_BASE_URL: fake.url, AI_MODEL: 'llama3.2', AI_MAX_OUTPUT_TOKENS: '15000' }), { database: t.testDb.database });
     await app.close();
+  });
+
+  // Set for the default model, AI_CONTEXT_TOKENS was the window of every model: a project's gpt-4 was sent
+  // past its 8,192 tokens, and each such turn refused upstream.
+  it("fits a project's model of a known window into that window, whatever a larger AI_CONTEXT_TOKENS says", async () => {
+    const app = await buildApp(testConfig({ AI_BASE_URL: fake.url, AI_MODEL: 'llama3.2', AI_CONTEXT_TOKENS: '20000' }), { database: t.testDb.database });
+    try {
+      const owner = await registerUser(app);
+      const chatIn = async (projectId: string) => app.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: owner.auth, payload: { message: 'hi' } });
+      const content = 'word '.repeat(9_000);
+      const [gpt4, local] = [(await createProject(app, owner, { model: 'gpt-4' })).id, (await createProject(app, owner)).id];
+      for (const projectId of [gpt4, local]) await createPrompt(app, owner, projectId, { title: 'long', content });
+      const refused = expectProblem(await chatIn(gpt4), 400, 'CONTEXT_TOO_LONG');
+      expect(refused.detail).toContain(`the budget for gpt-4 is ${8_192 - 1_024 - REPLY_PRIMING_TOKENS}`);
+      expect(fake.requests).toHaveLength(0);
+      // The default model, of no known window: AI_CONTEXT_TOKENS is its window.
+      expect((await chatIn(local)).statusCode).toBe(200);
+    } finally {
+      await app.close();
+    }
   });
 
   it('says at the start, once, when the default provider is not configured', async () => {
@@ -641,8 +661,9 @@ describe('the history cache', () => {
 
   // What is deleted is not kept in the process either: a heap dump of it held a deleted account's conversations.
   it.each(['the history is cleared', 'the project is deleted', 'the account is deleted'])('keeps nothing of a history in memory once %s', async (what) => {
-    // A window that takes all of it: 100 messages of 20 KB (4,000 tokens each), cached once a turn has read them.
-    const app = await buildApp(testConfig({ AI_BASE_URL: fake.url, AI_MODEL: 'gpt-4o-mini', AI_CONTEXT_TOKENS: '2000000' }), { database: t.testDb.database });
+    // A window that takes all of it: 100 messages of 20 KB (4,000 tokens each), cached once a turn has read
+    // them. A model of no known window: AI_CONTEXT_TOKENS is then its window.
+    const app = await buildApp(testConfig({ AI_BASE_URL: fake.url, AI_MODEL: 'llama3.2', AI_CONTEXT_TOKENS: '2000000' }), { database: t.testDb.database });
     try {
       const owner = await registerUser(app);
       const projectId = (await createProject(app, owner)).id;

@@ -850,9 +850,15 @@ function contextTooLong(requiredTokens: number, model: string, budget: number): 
   return new ApiError(400, 'CONTEXT_TOO_LONG', `The prompts and the message need at least ${requiredTokens} tokens; the budget for ${model} is ${Math.max(budget, 0)}`);
 }
 
-/** The tokens a request for `model` may take: its context window less what is kept for the reply. */
+/**
+ * The tokens a request for `model` may take: its context window less what is kept for the reply. The
+ * window is AI_CONTEXT_TOKENS where the model's own is not known, and never more than its own where it is:
+ * set for the default model (a local server's), AI_CONTEXT_TOKENS sent a project's `gpt-4` (8,192) more
+ * than it takes, and each such turn was refused upstream.
+ */
 function budgetOf(model: string, config: BudgetConfig): number {
-  const window = config.AI_CONTEXT_TOKENS ?? contextWindow(model) ?? DEFAULT_CONTEXT_TOKENS;
+  const known = contextWindow(model);
+  const window = Math.min(config.AI_CONTEXT_TOKENS ?? known ?? DEFAULT_CONTEXT_TOKENS, known ?? Number.POSITIVE_INFINITY);
   return window - config.AI_MAX_OUTPUT_TOKENS - REPLY_PRIMING_TOKENS;
 }
 
@@ -866,7 +872,7 @@ export function requireRoomForAMessage(config: BudgetConfig, defaultModel: strin
   if (budget >= MESSAGE_OVERHEAD_TOKENS + 1) return;
   const window = budget + config.AI_MAX_OUTPUT_TOKENS + REPLY_PRIMING_TOKENS;
   throw new ConfigError(
-    `Invalid configuration: AI_MAX_OUTPUT_TOKENS (${config.AI_MAX_OUTPUT_TOKENS}) leaves no room for a message in the ${window} tokens of ${defaultModel}'s context (AI_CONTEXT_TOKENS, else the model's known window, else ${DEFAULT_CONTEXT_TOKENS})`,
+    `Invalid configuration: AI_MAX_OUTPUT_TOKENS (${config.AI_MAX_OUTPUT_TOKENS}) leaves no room for a message in the ${window} tokens of ${defaultModel}'s context (the model's known window, at most AI_CONTEXT_TOKENS; else AI_CONTEXT_TOKENS, else ${DEFAULT_CONTEXT_TOKENS})`,
   );
 }
 
