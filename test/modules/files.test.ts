@@ -1143,6 +1143,11 @@ describe('what an upload must be', () => {
     expect(problem.errors).toEqual([{ path: 'body.file', message: 'is required' }]);
   });
 
+  it('refuses `file` sent as text, not as a file (curl -F file=a.txt, without its @), saying it must be a file', async () => {
+    const problem = await refused(400, 'VALIDATION_ERROR', multipart({ name: 'file', content: 'a.txt' }));
+    expect(problem.errors).toEqual([{ path: 'body.file', message: 'must be a file: a part with a filename' }]);
+  });
+
   it.each([
     ['a plain field', [{ name: 'purpose', content: 'assistants' }, { filename: 'a.txt', content: 'a' }], 'body.purpose'],
     ['a field after the file', [{ filename: 'a.txt', content: 'a' }, { name: 'purpose', content: 'assistants' }], 'body.purpose'],
