@@ -14,3 +14,10 @@ export const storableText = () => z.string().refine(...withoutNul);
  * spaces and newlines alone went upstream as one, which some models refuse and none can answer.
  */
 export const spokenText = () => storableText().regex(/\S/, { message: 'must not be blank' });
+
+/**
+ * A name (a project's, a prompt's title, a user's, a model's): stored trimmed, of 1 to 200 characters
+ * then. The document says that one of them must not be white space, as the trim does: its `minLength`
+ * alone let a validating client send a name of spaces, which the service then refused.
+ */
+export const nameText = () => storableText().trim().min(1).max(200).meta({ pattern: '\\S' });

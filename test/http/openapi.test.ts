@@ -235,6 +235,22 @@ describe('OpenAPI document', () => {
     expect(project({ ...stored, provider: 'nobody' })).toBe(false);
   });
 
+  // Their minLength alone let a validating client send a name of spaces, which the service refuses.
+  it('says of every name the service trims that it needs a character that is not white space', async () => {
+    const named: Record<string, unknown> = {};
+    for (const { route, operation: { requestBody } } of operations()) {
+      const properties = (requestBody?.content['application/json']?.schema.properties ?? {}) as Record<string, { minLength?: number; pattern?: string }>;
+      for (const [field, schema] of Object.entries(properties)) if (schema.minLength === 1) named[`${route} ${field}`] = schema.pattern;
+    }
+    expect(Object.keys(named).sort()).toEqual(
+      ['PATCH /api/v1/auth/me name', 'POST /api/v1/auth/register name', 'POST /api/v1/projects name', 'POST /api/v1/projects model', 'PATCH /api/v1/projects/{projectId} name',
+        'PATCH /api/v1/projects/{projectId} model', 'POST /api/v1/projects/{projectId}/prompts title', 'PATCH /api/v1/projects/{projectId}/prompts/{promptId} title'].sort(),
+    );
+    expect(new Set(Object.values(named))).toEqual(new Set(['\\S']));
+    const refused = await t.app.inject({ method: 'POST', url: '/api/v1/auth/register', payload: { email: `blank-${uuidv7()}@example.com`, password: 'password-1', name: '   ' } });
+    expect(refused.statusCode).toBe(400);
+  });
+
   it('documents the chat reply as JSON and as a server-sent event stream', () => {
     const chat = operation('post', '/api/v1/projects/{projectId}/chat');
     expect(chat.requestBody!.content['application/json']!.schema).toMatchObject({

@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { storableText, withoutNul } from '../../http/text.js';
+import { nameText, withoutNul } from '../../http/text.js';
 
 export const MAX_PASSWORD_BYTES = 72; // bcrypt reads only the first 72 bytes: longer is refused, never truncated.
 export const MIN_PASSWORD_BYTES = 8;
@@ -42,7 +42,7 @@ export const email = z
   .max(254)
   .pipe(z.email({ message: 'must be a valid email address' }).toLowerCase());
 
-export const displayName = storableText().trim().min(1).max(200);
+export const displayName = nameText();
 
 export const user = z
   .object({

@@ -1,13 +1,13 @@
 import { z } from 'zod';
-import { storableText } from '../../http/text.js';
+import { nameText, storableText } from '../../http/text.js';
 import { idSortKey, pageOf, pageQuery } from '../../http/pagination.js';
 import { patchBody } from '../../http/patch.js';
 
-const name = storableText().trim().min(1).max(200);
+const name = nameText();
 const description = storableText().max(2000).nullable();
 // A null provider or model means the server's default (AI_PROVIDER, AI_MODEL).
 const provider = z.enum(['openai', 'openrouter']).nullable();
-const model = storableText().trim().min(1).max(200).nullable();
+const model = nameText().nullable();
 
 export const createProjectBody = z.strictObject({
   name,

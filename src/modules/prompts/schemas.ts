@@ -1,10 +1,10 @@
 import { z } from 'zod';
-import { spokenText, storableText } from '../../http/text.js';
+import { nameText, spokenText } from '../../http/text.js';
 import { idSortKey, pageOf, pageQuery } from '../../http/pagination.js';
 import { patchBody } from '../../http/patch.js';
 import { projectParams } from '../projects/schemas.js';
 
-const title = storableText().trim().min(1).max(200);
+const title = nameText();
 const content = spokenText().max(100_000);
 
 export const createPromptBody = z.strictObject({ title, content });
