@@ -251,6 +251,13 @@ describe('OpenAPI document', () => {
     expect(refused.statusCode).toBe(400);
   });
 
+  it("documents the request headers a download reads, a HEAD's without a range", () => {
+    const headers = (method: string) =>
+      operation(method, '/api/v1/projects/{projectId}/files/{fileId}/content').parameters!.filter((parameter) => parameter.in === 'header').map((parameter) => parameter.name);
+    expect(headers('get')).toEqual(['range', 'if-range', 'if-none-match', 'if-match']);
+    expect(headers('head')).toEqual(['if-none-match', 'if-match']);
+  });
+
   it('documents the chat reply as JSON and as a server-sent event stream', () => {
     const chat = operation('post', '/api/v1/projects/{projectId}/chat');
     expect(chat.requestBody!.content['application/json']!.schema).toMatchObject({

@@ -73,6 +73,7 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
       'If-Match that names other bytes with 412; a Range of one span of bytes (`bytes=first-last`, `bytes=first-`, ' +
       '`bytes=-suffix`) is answered with 206, honouring If-Range.',
     params: fileParams,
+    headers: downloadHeaders,
     // Documentation only: a stream is sent as it is, never serialized.
     response: {
       200: { description: 'The bytes, with the stored media type', content: { '*/*': { schema: binary } } },
@@ -94,6 +95,7 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
   const { 206: _rangeHeaders, 416: _unsatisfiable, ...headHeaders } = downloadSchema.responseHeaders;
   const headSchema = {
     ...downloadSchema,
+    headers: downloadHeaders.omit({ range: true, 'if-range': true }),
     description: 'The headers of the bytes’ GET without a Range, no bytes: its ETag answers If-None-Match with 304, and an If-Match that names other bytes with 412.',
     response: headResponses,
     problems: ['PRECONDITION_FAILED'] as const,
@@ -108,6 +110,14 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
 };
 
 const binary = z.any().meta({ type: 'string', format: 'binary' });
+
+/** What a download reads of its request's headers, as the document shows it (a generated client's types had none). */
+const downloadHeaders = z.object({
+  range: z.string().optional().meta({ description: 'One span of bytes: `bytes=first-last`, `bytes=first-` or `bytes=-suffix`; answered with 206' }),
+  'if-range': z.string().optional().meta({ description: 'The ETag the Range is for: other bytes are sent whole (200)' }),
+  'if-none-match': z.string().optional().meta({ description: 'ETags the client has: 304 when the bytes are among them' }),
+  'if-match': z.string().optional().meta({ description: 'ETags the request is for: 412 when the bytes are other' }),
+});
 
 /** What a download's answers say of the bytes (see `answerDownload`), as the document shows it. */
 const validator = {
