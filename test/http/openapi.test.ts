@@ -249,6 +249,9 @@ describe('OpenAPI document', () => {
     expect(new Set(Object.values(named))).toEqual(new Set(['\\S']));
     const refused = await t.app.inject({ method: 'POST', url: '/api/v1/auth/register', payload: { email: `blank-${uuidv7()}@example.com`, password: 'password-1', name: '   ' } });
     expect(refused.statusCode).toBe(400);
+    // And a password's rule, in bytes, which no keyword says.
+    const register = operation('post', '/api/v1/auth/register').requestBody!.content['application/json']!.schema.properties as Record<string, { description?: string }>;
+    expect(register.password!.description).toBe('8 to 72 bytes in UTF-8, once composed (NFC); no NUL');
   });
 
   it("documents the request headers a download reads, a HEAD's without a range", () => {

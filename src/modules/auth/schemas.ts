@@ -31,7 +31,10 @@ export const password = z
   })
   .refine((value) => Buffer.byteLength(value, 'utf8') <= MAX_PASSWORD_BYTES, {
     message: `must be at most ${MAX_PASSWORD_BYTES} bytes in UTF-8`,
-  });
+  })
+  // The document's maxLength is the check before the rest: the rule itself is in bytes, which no
+  // keyword of its own says (and not in characters: three may compose to one of two bytes).
+  .meta({ description: `${MIN_PASSWORD_BYTES} to ${MAX_PASSWORD_BYTES} bytes in UTF-8, once composed (NFC); no NUL` });
 
 // Trimmed before its length is checked: the address is what is left (the body limit bounds the rest).
 // Checked before it is lower-cased: some characters that no address may hold lower-case to ASCII (the
