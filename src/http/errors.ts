@@ -455,6 +455,16 @@ export function registerErrorHandling(app: FastifyInstance): void {
   );
 }
 
+/** The connections of requests answered before their bodies had all come, until the rest of each has. */
+const answeredEarly = new WeakSet<Socket>();
+
+/** Says that `request` is answered while the rest of its body is read and dropped (an upload's, refused). */
+export function answeredBeforeItsBody(request: IncomingMessage): void {
+  const { socket } = request;
+  answeredEarly.add(socket);
+  request.once('end', () => answeredEarly.delete(socket));
+}
+
 /** Requests Node's HTTP parser refuses, by its error code; anything else it refuses is malformed HTTP. */
 const CLIENT_ERRORS: Record<string, [number, ProblemCode, string]> = {
   HPE_HEADER_OVERFLOW: [431, 'HEADERS_TOO_LARGE', 'The request line and headers are over the size limit'],
@@ -470,6 +480,12 @@ const CLIENT_ERRORS: Record<string, [number, ProblemCode, string]> = {
  */
 export function answerClientError(this: FastifyInstance, error: Error & { code?: string }, socket: Socket): void {
   if (error.code === 'ECONNRESET' || socket.destroyed) return;
+  // The rest of a body whose request was answered (see `answeredBeforeItsBody`), too slow to come: that
+  // request has its answer, and a second one, with a request id of its own, would follow it on the wire.
+  if (answeredEarly.has(socket)) {
+    socket.destroy();
+    return;
+  }
   const [status, code, detail] = CLIENT_ERRORS[error.code ?? ''] ?? [400, 'VALIDATION_ERROR', 'The request is not valid HTTP'];
   // The request the socket is answering, once its headers are parsed: Node's own link from a socket to its response.
   const request = (socket as { _httpMessage?: { req?: IncomingMessage } })._httpMessage?.req;

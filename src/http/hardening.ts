@@ -119,16 +119,10 @@ const CONTINUED = Symbol('100 Continue sent');
  * FILE_MAX_BYTES) for nothing. Sent once; nothing for a client that did not ask.
  */
 export function sendContinue(request: FastifyRequest, reply: FastifyReply): void {
-  if (!awaitsContinue(request)) return;
-  (request.raw as ContinuedRequest)[CONTINUED] = true;
+  const raw = request.raw as FastifyRequest['raw'] & { [CONTINUED]?: true };
+  if (raw[CONTINUED] || request.headers.expect?.toLowerCase() !== '100-continue') return;
+  raw[CONTINUED] = true;
   reply.raw.writeContinue();
-}
-
-type ContinuedRequest = FastifyRequest['raw'] & { [CONTINUED]?: true };
-
-/** Whether the client waits for 100 Continue before its body and has not been told to go on: it sends no body. */
-export function awaitsContinue(request: FastifyRequest): boolean {
-  return request.headers.expect?.toLowerCase() === '100-continue' && !(request.raw as ContinuedRequest)[CONTINUED];
 }
 
 /** A preParsing hook of the routes Fastify reads the body of: their checks before it (a token, a rate limit) are done. */

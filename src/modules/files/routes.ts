@@ -3,8 +3,8 @@ import multipart, { type Multipart } from '@fastify/multipart';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { ApiError, ValidationFailed } from '../../http/errors.js';
-import { awaitsContinue, sendContinue } from '../../http/hardening.js';
+import { answeredBeforeItsBody, ApiError, ValidationFailed } from '../../http/errors.js';
+import { sendContinue } from '../../http/hardening.js';
 import { noContent } from '../../http/openapi.js';
 import { projectParams } from '../projects/schemas.js';
 import { isTextType } from './content-type.js';
@@ -39,17 +39,17 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
         response: { 201: file },
         problems: ['CONFLICT'],
       },
+      // Every answer of the route, a refusal before its handler too (a token refused, a rate limit).
+      onSend: (request, reply, payload, done) => {
+        if (!request.raw.complete) endBodyAfterAnswer(request, reply, maxBytes + FORM_FRAMING_BYTES);
+        done(null, payload);
+      },
     },
     async (request, reply) => {
-      try {
-        // The body is asked for when the service first reads it, once the project and its room are checked.
-        const parts = formParts(request.parts(parsing), () => sendContinue(request, reply));
-        const created = await files.upload(request.user.id, request.params.projectId, parts, request.log, () => request.assertTokenStillCurrent());
-        return reply.code(201).header('location', `/api/v1/projects/${created.projectId}/files/${created.id}`).send(created);
-      } catch (error) {
-        if (!request.raw.complete) dropRestOfBody(request, reply, maxBytes + FORM_FRAMING_BYTES);
-        throw error;
-      }
+      // The body is asked for when the service first reads it, once the project and its room are checked.
+      const parts = formParts(request.parts(parsing), () => sendContinue(request, reply));
+      const created = await files.upload(request.user.id, request.params.projectId, parts, request.log, () => request.assertTokenStillCurrent());
+      return reply.code(201).header('location', `/api/v1/projects/${created.projectId}/files/${created.id}`).send(created);
     },
   );
 
@@ -171,40 +171,36 @@ async function answerDownload(reply: FastifyReply, { file: stored, open }: FileC
   return reply.send();
 }
 
+/** What a form may hold around its file: the boundaries and a part's headers (a name of 255 characters, in UTF-8). */
+const FORM_FRAMING_BYTES = 64 * 1024;
+
+/**
+ * After the answer to an upload refused before its body had all come (a token refused, the project full
+ * or not the caller's, before the form was read; a file too large, a part too many, part-way through): a
+ * body declared at most `limit` bytes long, what an upload that is kept may take, is read to its end and
+ * dropped, its connection kept open. Closed under a client still sending, with bytes unread, a
+ * connection is reset, and a client still writing (fetch sending FormData, as generated clients do)
+ * got EPIPE in place of its answer. A longer body, or one of no declared length, is not worth reading:
+ * the connection is closed after the answer. (So is one whose client waits for 100 Continue and was not
+ * told to go on: Node closes it.)
+ */
+function endBodyAfterAnswer(request: FastifyRequest, reply: FastifyReply, limit: number): void {
+  if (!(Number(request.headers['content-length']) <= limit)) {
+    reply.header('connection', 'close');
+    return;
+  }
+  answeredBeforeItsBody(request.raw);
+  // The form's parser, when it had begun, no longer takes it; and a stream its backpressure paused stays
+  // paused until told otherwise.
+  request.raw.unpipe();
+  request.raw.resume();
+}
+
 /**
  * The form's parts, `onFirstRead` called when the first is asked for. A body that the parser cannot read (no boundary, cut off, malformed) fails with a
  * plain error, which is the client's mistake (400), not the server's; the plugin's own errors carry
  * their status (413, 415…) and pass as they are.
  */
-/** What a form may hold around its file: the boundaries and a part's headers (a name of 255 characters, in UTF-8). */
-const FORM_FRAMING_BYTES = 64 * 1024;
-
-/**
- * The rest of a refused upload's body (the project full or not the caller's, before any of it was read;
- * a file too large, a part too many, part-way through it), read and dropped after the answer on a
- * connection kept open, up to `limit` bytes more, what an upload that is kept may take; past that the
- * connection is closed. Closed at once under a client still sending, with bytes unread, the connection
- * was reset, and a client still writing (fetch sending FormData, as every generated client does) got
- * EPIPE in place of its 409 or 404, or its 413. A client that waits for 100 Continue sends no body: its
- * connection is closed after the answer (RFC 9110 §10.1.1).
- */
-function dropRestOfBody(request: FastifyRequest, reply: FastifyReply, limit: number): void {
-  if (awaitsContinue(request)) {
-    reply.header('connection', 'close');
-    return;
-  }
-  const { raw } = request;
-  // The form's parser, when it had begun, no longer takes it.
-  raw.unpipe();
-  let dropped = 0;
-  raw.on('data', (chunk: Buffer) => {
-    dropped += chunk.length;
-    if (dropped > limit) raw.socket.destroy();
-  });
-  // Paused by the parser's backpressure, a stream stays paused whoever listens.
-  raw.resume();
-}
-
 async function* formParts(parts: AsyncIterable<Multipart>, onFirstRead: () => void): AsyncGenerator<FormPart> {
   onFirstRead();
   try {

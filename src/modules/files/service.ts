@@ -362,7 +362,7 @@ export class FilesService {
       for await (const part of parts) {
         // `file` sent as text (`curl -F file=notes.txt`, without its `@`; a form's file with no filename)
         // is told so: "send only `file`" told it to send what it had sent.
-        if (part.type !== 'file' && part.fieldname === 'file') {
+        if (part.type !== 'file' && part.fieldname === 'file' && !received) {
           throw new ValidationFailed('The upload has no file', [{ path: 'body.file', message: 'must be a file: a part with a filename' }]);
         }
         if (part.type !== 'file' || part.fieldname !== 'file') {
