@@ -263,10 +263,14 @@ const DATABASE_DOWN_MESSAGES = [
   'Query read timeout',
   'Client was closed and is not queryable',
   'PGlite is closed',
-  // A database closed to connections (`ALTER DATABASE … ALLOW_CONNECTIONS false`, for maintenance): 55000,
-  // a code that other states share.
-  'is not currently accepting connections',
 ];
+
+/**
+ * A database closed to connections (`ALTER DATABASE … ALLOW_CONNECTIONS false`, for maintenance): 55000,
+ * a code that other states share, told apart by the server's function that raised it (its message is in
+ * the server's language).
+ */
+const closedToConnections = (code: unknown, routine: unknown) => code === '55000' && routine === 'CheckMyDatabase';
 
 const FOREIGN_KEY_VIOLATION = '23503';
 
@@ -291,8 +295,8 @@ const UNSTORABLE_TEXT = ['22021', '22P05'];
  */
 export function databaseDownReason(error: unknown): string | undefined {
   for (let e = error, depth = 0; e && depth < 5; e = (e as { cause?: unknown }).cause, depth++) {
-    const { code, message } = e as { code?: unknown; message?: unknown };
-    if (typeof code === 'string' && DATABASE_DOWN_CODES.has(code)) return code;
+    const { code, message, routine } = e as { code?: unknown; message?: unknown; routine?: unknown };
+    if (typeof code === 'string' && (DATABASE_DOWN_CODES.has(code) || closedToConnections(code, routine))) return code;
     const reason =
       (typeof message === 'string' ? DATABASE_DOWN_MESSAGES.find((m) => message.includes(m)) : undefined) ??
       (e instanceof AggregateError ? (e.errors as unknown[]).map(databaseDownReason).find(Boolean) : undefined);

@@ -92,7 +92,7 @@ class RequestLogger implements FastifyBaseLogger {
       jsonField(',"remotePort":', request.socket?.remotePort);
     (pino[symbols.streamSym] as DestinationStream).write(
       `{"level":30,"time":${Date.now()}${pino[symbols.chindingsSym] as string}${bindings},"req":{${req}}${jsonField(',"userId":', userIdOf(request))},` +
-        `"res":{"statusCode":${reply.statusCode}},"responseTime":${reply.elapsedTime},"msg":"${COMPLETED}"}\n`,
+        `"res":{"statusCode":${reply.statusCode}}${jsonField(',"streamError":', streamFailure(reply))},"responseTime":${reply.elapsedTime},"msg":"${COMPLETED}"}\n`,
     );
   }
 }
@@ -100,9 +100,7 @@ class RequestLogger implements FastifyBaseLogger {
 const COMPLETED = 'request completed';
 /**
  * What a request's last line says: what was asked and by which account, how it went (and for a stream
- * that ended with an `error` event, what that said), and in how long (ms). `streamError` only here,
- * not in `completed`'s text: a stream that failed has logged its failure first, so its request has
- * pino's child.
+ * that ended with an `error` event, what that said), and in how long (ms).
  */
 const answered = (request: FastifyRequest, reply: FastifyReply) => ({
   req: request,
@@ -117,7 +115,7 @@ const answered = (request: FastifyRequest, reply: FastifyReply) => ({
  * what a support ticket's "my chat failed at 14:02" is looked up by. None for a public route, or a
  * token refused at once.
  */
-const userIdOf = (request: FastifyRequest): string | undefined => (request.user as AuthUser | null)?.id;
+export const userIdOf = (request: FastifyRequest): string | undefined => (request.user as AuthUser | null)?.id;
 
 /** A property as JSON writes it (`,"key":` given), nothing for a value it leaves out (undefined). */
 const jsonField = (key: string, value: unknown): string => (value === undefined ? '' : key + JSON.stringify(value));

@@ -8,6 +8,7 @@ import type { Database, PoolStats } from '../db/database.js';
 import type { ProviderRetry, Usage } from '../providers/types.js';
 import { bearerToken } from './auth.js';
 import { PROBLEM_STATUS, type ProblemCode, Unauthorized } from './errors.js';
+import { userIdOf } from './logging.js';
 import { streamFailure } from './stream-failures.js';
 
 /** One finished call to an AI provider, as the metered adapter reports it. */
@@ -16,11 +17,12 @@ export interface ProviderCall {
   model: string;
   operation: 'complete' | 'stream';
   seconds: number;
-  /** `ok`, `aborted` (the client left and the call was cut), or the problem code it failed with. */
-  outcome: 'ok' | 'aborted' | ProblemCode;
+  /**
+   * `ok`, `aborted` (the client left and the call was cut), or the problem code it failed with and what
+   * failed it (the upstream's status, `quota`, `connection`, `answer`, `timeout`).
+   */
+  outcome: 'ok' | 'aborted' | { code: ProblemCode; reason: string };
   usage: Usage | null;
-  /** A failed call's: what failed it (the upstream's status, `quota`, `connection`, `answer`, `timeout`). */
-  reason?: string;
 }
 
 export interface Metrics {
@@ -130,7 +132,7 @@ export function registerMetrics(app: FastifyInstance, database: Database, knownN
     reply.raw.once('close', () => {
       if (answered.has(request)) return;
       observe(request, reply, CLIENT_CLOSED_REQUEST);
-      request.log.info({ req: request, responseTime: reply.elapsedTime }, 'request abandoned: its connection closed before the answer');
+      request.log.info({ req: request, userId: userIdOf(request), responseTime: reply.elapsedTime }, 'request abandoned: its connection closed before the answer');
     });
     done();
   };
@@ -164,11 +166,10 @@ export function registerMetrics(app: FastifyInstance, database: Database, knownN
     countRefused(request, reply) {
       reply.raw.once('finish', () => observe(request, reply, reply.statusCode));
     },
-    recordProviderCall({ provider, model, operation, seconds, outcome, usage, reason = 'answer' }) {
+    recordProviderCall({ provider, model, operation, seconds, outcome, usage }) {
       const label = modelLabel(model);
-      const failed = outcome !== 'ok' && outcome !== 'aborted';
-      providerCalls.observe({ provider, model: label, operation, outcome: failed ? 'error' : outcome }, seconds);
-      if (failed) providerErrors.inc({ provider, model: label, code: outcome, reason });
+      providerCalls.observe({ provider, model: label, operation, outcome: typeof outcome === 'string' ? outcome : 'error' }, seconds);
+      if (typeof outcome === 'object') providerErrors.inc({ provider, model: label, code: outcome.code, reason: outcome.reason });
       if (usage) {
         providerTokens.inc({ provider, model: label, type: 'prompt' }, usage.promptTokens);
         providerTokens.inc({ provider, model: label, type: 'completion' }, usage.completionTokens);

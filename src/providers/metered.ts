@@ -68,13 +68,13 @@ class MeteredAdapter implements ProviderAdapter {
       // Adapters throw provider errors (ApiError), or the abort reason when the call was given up: the
       // client gone, or the server shutting down (its interrupt, an ApiError too, is no failure of the provider's).
       const failed = error instanceof ApiError && !(error instanceof ShuttingDown);
-      this.report(request, operation, started, failed ? error.code : 'aborted', null, failed ? providerFailureReason(error) : undefined);
+      this.report(request, operation, started, failed ? { code: error.code, reason: providerFailureReason(error) } : 'aborted', null);
       throw error;
     }
   }
 
-  private report(request: ChatRequest, operation: ProviderCall['operation'], started: number, outcome: ProviderCall['outcome'], usage: Usage | null, reason?: string): void {
+  private report(request: ChatRequest, operation: ProviderCall['operation'], started: number, outcome: ProviderCall['outcome'], usage: Usage | null): void {
     const seconds = (performance.now() - started) / 1000;
-    this.record({ provider: this.name, model: request.model, operation, seconds, outcome, usage, reason });
+    this.record({ provider: this.name, model: request.model, operation, seconds, outcome, usage });
   }
 }

@@ -91,7 +91,7 @@ class UpstreamStatusError extends Error {
 /** The upstream's own name of a request that failed (OpenAI's `x-request-id`): what its support asks for. */
 function upstreamRequestId(headers: ResponseHeaders): string {
   const id = headers['x-request-id'];
-  return typeof id === 'string' && /^[\x21-\x7e]{1,200}$/.test(id) ? ` (x-request-id ${id})` : '';
+  return typeof id === 'string' && /^[\x21-\x7e]{1,200}$/.test(id) ? ` (upstream request id ${id})` : '';
 }
 
 interface ErrorBody {

@@ -381,10 +381,13 @@ it.runIf(process.env.TEST_DATABASE_URL)('answers 503 SERVICE_UNAVAILABLE, never 
   const closed = new URL(process.env.TEST_DATABASE_URL!);
   closed.pathname = `/${name}`;
   const database = openPostgres(closed.href, { connectionTimeoutMs: 2_000 });
-  const app = await buildApp(testConfig(), { database });
+  const logs = logCollector();
+  const app = await buildApp(testConfig({ LOG_LEVEL: 'warn' }), { database, logStream: logs.stream });
   try {
     const login = { method: 'POST', url: '/api/v1/auth/login', payload: { email: 'a@example.com', password: 'password-1' } } as const;
-    expectProblem(await app.inject(login), 503, 'SERVICE_UNAVAILABLE');
+    const body = expectProblem(await app.inject(login), 503, 'SERVICE_UNAVAILABLE');
+    // Named by its code, as every other reason is: the message is in the server's language.
+    expect(logs.lines.find((line) => line.reqId === body.requestId)).toEqual(expect.objectContaining({ level: 40, reason: '55000' }));
   } finally {
     await app.close();
     await database.close();

@@ -311,7 +311,7 @@ it('logs a rate limit that outlasted the retries with what the upstream answered
       level: 40,
       code: 'PROVIDER_RATE_LIMITED',
       // With the upstream's own id of the request, which its support asks for.
-      upstream: expect.stringContaining(`upstream answered 429 (x-request-id req_8f2c41): {"error":{"message":"${UPSTREAM_ERROR_TEXT}"`),
+      upstream: expect.stringContaining(`upstream answered 429 (upstream request id req_8f2c41): {"error":{"message":"${UPSTREAM_ERROR_TEXT}"`),
       userMessageId: refused.json().userMessageId,
     }),
   );

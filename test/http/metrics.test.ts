@@ -143,9 +143,9 @@ describe('GET /metrics', () => {
     const before = await scrape();
     t.fake.enqueue({ usage: { prompt_tokens: 11, completion_tokens: 7, total_tokens: 18 } });
     expect((await chat(projectId)).statusCode).toBe(200);
-    // Three PROVIDER_ERRORs an operator puts right three ways: wait, fix the key, pay.
-    t.fake.enqueue({ status: 500 }, { status: 401 }, { status: 429, errorCode: 'insufficient_quota' });
-    for (let failed = 0; failed < 3; failed++) expect((await chat(projectId)).statusCode).toBe(502);
+    // PROVIDER_ERRORs an operator puts right different ways: wait, fix the key, pay, look at the upstream.
+    t.fake.enqueue({ status: 500 }, { status: 401 }, { status: 429, errorCode: 'insufficient_quota' }, { fault: 'malformed-json' });
+    for (let failed = 0; failed < 4; failed++) expect((await chat(projectId)).statusCode).toBe(502);
 
     const after = await scrape();
     const delta = (name: string, extra: Record<string, string> = {}) =>
@@ -153,8 +153,8 @@ describe('GET /metrics', () => {
     expect(delta('ai_provider_tokens_total', { type: 'prompt' })).toBe(11);
     expect(delta('ai_provider_tokens_total', { type: 'completion' })).toBe(7);
     expect(delta('ai_provider_request_duration_seconds_count', { operation: 'complete', outcome: 'ok' })).toBe(1);
-    expect(delta('ai_provider_request_duration_seconds_count', { operation: 'complete', outcome: 'error' })).toBe(3);
-    for (const reason of ['500', '401', 'quota']) expect(delta('ai_provider_errors_total', { code: 'PROVIDER_ERROR', reason }), reason).toBe(1);
+    expect(delta('ai_provider_request_duration_seconds_count', { operation: 'complete', outcome: 'error' })).toBe(4);
+    for (const reason of ['500', '401', 'quota', 'answer']) expect(delta('ai_provider_errors_total', { code: 'PROVIDER_ERROR', reason }), reason).toBe(1);
   });
 
   // A call that succeeds at its second try was one `ok`, and nothing else: an upstream's early 429s,

@@ -858,7 +858,7 @@ function contextTooLong(requiredTokens: number, model: string, budget: number): 
  */
 function budgetOf(model: string, config: BudgetConfig): number {
   const known = contextWindow(model);
-  const window = Math.min(config.AI_CONTEXT_TOKENS ?? known ?? DEFAULT_CONTEXT_TOKENS, known ?? Number.POSITIVE_INFINITY);
+  const window = known === undefined ? (config.AI_CONTEXT_TOKENS ?? DEFAULT_CONTEXT_TOKENS) : Math.min(known, config.AI_CONTEXT_TOKENS ?? known);
   return window - config.AI_MAX_OUTPUT_TOKENS - REPLY_PRIMING_TOKENS;
 }
 
