@@ -450,12 +450,10 @@ describe('the provider copy', () => {
       { error: "'connection lost' using errcode = '57P01'" },
     );
     const lost = [...fake.files.keys()].find((id) => id !== kept.providerFileId)!;
-    expect((await queuedCopies()).map(({ providerFileId, waitSeconds }) => [providerFileId, Math.round(waitSeconds / 3600)])).toEqual(
-      [
-        [kept.providerFileId, 24],
-        [lost, 24],
-      ].sort(),
-    );
+    // The confirmed copy left the queue with its row's insert (migration 0017). Left in it until this
+    // code's sweep saw the row, it was deleted a day later by the sweep of an instance of before the
+    // reservations (a rolling deploy, a rollback), which deletes whatever is due, looking for no row.
+    expect((await queuedCopies()).map(({ providerFileId, waitSeconds }) => [providerFileId, Math.round(waitSeconds / 3600)])).toEqual([[lost, 24]]);
     await endWaits();
     await sweepOnce();
     expect([...fake.files.keys()]).toEqual([kept.providerFileId]);

@@ -44,8 +44,8 @@ export class ProviderCopies {
 
   /**
    * Queues a copy just made, due a day later, before the row that names it is written: should the row
-   * never be (a crash, the database lost with the insert in flight), the copy is deleted then. Once a row
-   * names it, the queue drops it instead (`deleteDue`).
+   * never be (a crash, the database lost with the insert in flight), the copy is deleted then. The insert
+   * that writes the row takes it out of the queue (a trigger, migration 0017).
    */
   async reserve(providerFileId: string): Promise<void> {
     await this.db
@@ -106,8 +106,6 @@ export class ProviderCopies {
   async deleteDue(closing: AbortSignal, log: FastifyBaseLogger): Promise<number> {
     const adapter = this.filesApi();
     if (!adapter) return 0;
-    // Copies queued when they were made (`reserve`) whose rows were written: theirs to keep.
-    await this.db.delete(providerFileDeletions).where(and(lte(providerFileDeletions.dueAt, sql`now()`), namedByARow));
     let deleted = 0;
     while (!closing.aborted) {
       const claimed = await this.claim();
