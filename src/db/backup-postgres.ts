@@ -29,6 +29,7 @@ export function postgresStore(url: string): DatabaseStore {
     // that fails leaves the database as it was. Objects end up owned by the restoring user (the
     // application's own) and without the source's grants, whose roles need not exist on this server.
     async restore(file, committing) {
+      await refuseBackupOlderThanSchema(url, file);
       await runClientTool('pg_restore', url, ['--clean', '--if-exists', '--single-transaction', '--no-owner', '--no-privileges', file]);
       await committing();
     },
@@ -86,17 +87,59 @@ async function withFileRowsFrozen(url: string, use: (snapshot: string, named: Na
 
 async function runClientTool(name: string, url: string, args: string[]): Promise<void> {
   const { environment, dbname } = libpqConnection(url);
-  const child = spawn(findClientTool(name), [...args, `--dbname=${dbname}`], {
-    env: { ...process.env, ...environment },
-    stdio: ['ignore', 'ignore', 'pipe'],
-  });
+  await clientToolOutput(name, [...args, `--dbname=${dbname}`], environment);
+}
+
+/** What a PostgreSQL client tool run with `args` writes to its standard output; a BackupError saying why when it fails. */
+async function clientToolOutput(name: string, args: string[], environment: Record<string, string> = {}): Promise<string> {
+  const child = spawn(findClientTool(name), args, { env: { ...process.env, ...environment }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
   let stderr = '';
+  child.stdout.setEncoding('utf8').on('data', (chunk: string) => (stdout += chunk));
   child.stderr.setEncoding('utf8').on('data', (chunk: string) => (stderr += chunk));
   const [code] = (await once(child, 'close')) as [number | null];
   if (code !== 0) {
     const reason = stderr.replace(/\s+/g, ' ').trim() || `exit code ${code}`;
     throw new BackupError(`${name} failed: ${reason}`);
   }
+  return stdout;
+}
+
+/**
+ * Refuses, before anything changes, a backup older than the database's schema: a foreign key that a later
+ * migration added to one of the backup's tables (0014's, from `idempotency_keys` to `projects`) is none
+ * of the backup's objects, and `pg_restore --clean`, dropping the backup's tables, failed on it ("cannot
+ * drop constraint projects_pkey … because other objects depend on it"), which said neither why nor what
+ * to do. Read from the archive's table of contents (`pg_restore --list`) and the database's catalog.
+ */
+async function refuseBackupOlderThanSchema(url: string, file: string): Promise<void> {
+  const contents = await clientToolOutput('pg_restore', ['--list', file]);
+  // `215; 1259 16385 TABLE public users owner`, `3255; 2606 16475 FK CONSTRAINT public files files_project_id_fkey owner`.
+  const listed = (entry: RegExp) => new Set([...contents.matchAll(entry)].map((found) => found.slice(1).join('.')));
+  const tables = listed(/^\d+; \d+ \d+ TABLE (?!DATA )(\S+) (\S+) /gm);
+  const keys = listed(/^\d+; \d+ \d+ FK CONSTRAINT (\S+) (\S+) (\S+) /gm);
+  const client = new pg.Client({ connectionString: url, application_name: 'chatbot-platform restore' });
+  client.on('error', () => {});
+  let foreignKeys: { key: string; references: string }[];
+  try {
+    await client.connect();
+    ({ rows: foreignKeys } = await client.query<{ key: string; references: string }>(
+      `select n.nspname || '.' || c.relname || '.' || k.conname as key, rn.nspname || '.' || r.relname as references
+         from pg_constraint k join pg_class c on c.oid = k.conrelid join pg_namespace n on n.oid = c.relnamespace
+         join pg_class r on r.oid = k.confrelid join pg_namespace rn on rn.oid = r.relnamespace
+        where k.contype = 'f'`,
+    ));
+  } catch (error) {
+    throw new BackupError(`Could not read the database's schema: ${(error as Error).message}`);
+  } finally {
+    await client.end().catch(() => {});
+  }
+  const later = foreignKeys.filter((row) => tables.has(row.references) && !keys.has(row.key)).map((row) => row.key);
+  if (later.length === 0) return;
+  throw new BackupError(
+    `Nothing was restored: the backup is older than this database's schema (${later.join(', ')} came with a later migration). ` +
+      'Restore it into an empty database (createdb, with DATABASE_URL naming it): the service applies the later migrations when it starts.',
+  );
 }
 
 /** What the Node driver reads of a URL, and the environment variable libpq reads it from. */

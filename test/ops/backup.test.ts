@@ -811,6 +811,21 @@ describe.runIf(process.env.TEST_DATABASE_URL)('a PostgreSQL backup through every
     return backup;
   }
 
+  // Taken before a migration that added a foreign key to one of its tables (0014's), a backup could not be
+  // restored over the migrated database: pg_restore failed, dropping the table the key depends on, in words
+  // that said neither why nor what to do.
+  it('refuses, changing nothing, a backup older than the schema, and says to restore it into an empty database', { timeout: 120_000 }, () =>
+    onTarget(async (target, dataDir) => {
+      const { env, backup } = await backUpThenChange(dataDir, target);
+      await target.withDb((db) => db.execute(sql`create table later_notes (project_id uuid constraint later_notes_project_fk references projects (id))`));
+      await expectNothingRestored(
+        await runBackupCli(['restore', backup], env),
+        /^Nothing was restored: the backup is older than this database's schema \(public\.later_notes\.later_notes_project_fk came with a later migration\)\. Restore it into an empty database/,
+        target,
+        dataDir,
+      );
+    }));
+
   it('backs up and restores through options only the Node driver reads (uselibpqcompat, ssl)', { timeout: 120_000 }, () =>
     onTarget(async (target, dataDir) => {
       // The first is what pg's own warning about sslmode=require tells operators to write.
