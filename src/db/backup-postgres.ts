@@ -28,13 +28,16 @@ export function postgresStore(url: string): DatabaseStore {
     // --clean drops every object of the backup before re-creating it, and one transaction means a restore
     // that fails leaves the database as it was. Objects end up owned by the restoring user (the
     // application's own) and without the source's grants, whose roles need not exist on this server.
+    check: (file) => refuseBackupOlderThanSchema(url, file),
     async restore(file, committing) {
-      await refuseBackupOlderThanSchema(url, file);
       await runClientTool('pg_restore', url, ['--clean', '--if-exists', '--single-transaction', '--no-owner', '--no-privileges', file]);
       await committing();
     },
   };
 }
+
+/** How long the check before a restore waits for the database to take its connection. */
+const CONNECT_TIMEOUT_MS = 10_000;
 
 /** How long a backup waits for a lock (writes to `files` in progress, a table pg_dump reads) before it fails. */
 const LOCK_WAIT_MS = 60_000;
@@ -118,7 +121,7 @@ async function refuseBackupOlderThanSchema(url: string, file: string): Promise<v
   const listed = (entry: RegExp) => new Set([...contents.matchAll(entry)].map((found) => found.slice(1).join('.')));
   const tables = listed(/^\d+; \d+ \d+ TABLE (?!DATA )(\S+) (\S+) /gm);
   const keys = listed(/^\d+; \d+ \d+ FK CONSTRAINT (\S+) (\S+) (\S+) /gm);
-  const client = new pg.Client({ connectionString: url, application_name: 'chatbot-platform restore' });
+  const client = new pg.Client({ connectionString: url, application_name: 'chatbot-platform restore', connectionTimeoutMillis: CONNECT_TIMEOUT_MS });
   client.on('error', () => {});
   let foreignKeys: { key: string; references: string }[];
   try {
@@ -127,7 +130,7 @@ async function refuseBackupOlderThanSchema(url: string, file: string): Promise<v
       `select n.nspname || '.' || c.relname || '.' || k.conname as key, rn.nspname || '.' || r.relname as references
          from pg_constraint k join pg_class c on c.oid = k.conrelid join pg_namespace n on n.oid = c.relnamespace
          join pg_class r on r.oid = k.confrelid join pg_namespace rn on rn.oid = r.relnamespace
-        where k.contype = 'f'`,
+        where k.contype = 'f' and k.conparentid = 0`,
     ));
   } catch (error) {
     throw new BackupError(`Could not read the database's schema: ${(error as Error).message}`);

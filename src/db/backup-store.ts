@@ -28,6 +28,8 @@ export interface DatabaseStore {
    * one transaction): from there on the restore is finished whatever cuts it short.
    */
   restore(file: string, committing: () => Promise<void>): Promise<void>;
+  /** Refuses, before anything is copied or changed, a file that cannot be restored over this database. */
+  check?(file: string): Promise<void>;
 }
 
 /** A folder's replacement, complete beside it and not yet in its place. */

@@ -119,6 +119,7 @@ export async function restoreBackup(config: BackupConfig, source: string): Promi
     if (missing.length > 0) {
       throw new BackupError(`Nothing was restored: ${folder} is damaged: ${missing.length} of its uploaded files are missing or cut short (${missing[0]}…)`);
     }
+    await store.check?.(join(folder, store.fileName));
     await restoreInOrder(config, folder, store);
     return manifest;
   });

@@ -69,7 +69,7 @@ export interface PoolStats {
 export const migrationsFolder = join(import.meta.dirname, 'migrations');
 
 /** What the start and `npm run db:migrate` say each time the migrations wait for a table's lock. */
-export const MIGRATIONS_WAIT = 'Migrations wait for a table that another session holds (a backup running?); trying again in a second';
+export const MIGRATIONS_WAIT = 'Migrations wait for a table that another session holds (a backup running, or the requests of instances still serving); trying again in a second';
 /** And each time they wait for another session applying them (another instance starting, `db:migrate`). */
 export const MIGRATIONS_WAIT_FOR_ANOTHER = 'Migrations wait for another instance (or db:migrate) that is applying them; trying again in a second';
 
@@ -77,6 +77,7 @@ export const MIGRATIONS_WAIT_FOR_ANOTHER = 'Migrations wait for another instance
 const MIGRATION_LOCK_WAIT_MS = 1_000;
 const MIGRATION_LOCK_GIVE_UP_MS = 10 * 60_000;
 const LOCK_NOT_AVAILABLE = '55P03';
+const DEADLOCK_DETECTED = '40P01';
 
 /** Chosen at random once; every instance migrating the same database takes this advisory lock first. */
 export const MIGRATION_LOCK_ID = 7_202_611_240;
@@ -345,12 +346,14 @@ export function openPostgres(url: string, options: PostgresOptions = {}): Databa
               migratePg(drizzlePg(client), { migrationsFolder }).then(
                 () => true,
                 (error: unknown) => {
-                  if (hasCode(error, LOCK_NOT_AVAILABLE)) return false;
+                  // Or a deadlock with the statements of instances still serving, which PostgreSQL may
+                  // end on either side: the whole attempt is rolled back, and tried again as a wait is.
+                  if (hasCode(error, LOCK_NOT_AVAILABLE) || hasCode(error, DEADLOCK_DETECTED)) return false;
                   throw error;
                 },
               ),
             MIGRATIONS_WAIT,
-            `a table they change has been held by another session (a backup?) for ${minutes}`,
+            `a table they change has been held by another session (a backup, or the requests of instances still serving) for ${minutes}`,
           );
         } finally {
           // Ending the session releases it too: a connection lost meanwhile must not hide why it failed.

@@ -14,3 +14,6 @@ export const BODY_LIMIT_BYTES = 1.25 * 1024 * 1024;
  * 1,200 connections for five minutes.
  */
 export const SMALL_BODY_LIMIT_BYTES = 32 * 1024;
+
+/** What an upload's form may hold around its file: the boundaries and a part's headers (a name of 255 characters, in UTF-8). */
+export const FORM_FRAMING_BYTES = 64 * 1024;

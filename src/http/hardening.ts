@@ -5,7 +5,8 @@ import fastifyCompress from '@fastify/compress';
 import fastifyCors from '@fastify/cors';
 import type { FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, RequestPayload, RouteOptions } from 'fastify';
 import type { Config } from '../config.js';
-import { ApiError } from './errors.js';
+import { FORM_FRAMING_BYTES, SMALL_BODY_LIMIT_BYTES } from './body-limits.js';
+import { answeredBeforeItsBody, ApiError } from './errors.js';
 import { registerLoadShedding } from './load-shedding.js';
 import { DOCUMENT_HEADERS } from './security-headers.js';
 
@@ -105,9 +106,34 @@ function refuseEncodedBody(request: FastifyRequest, reply: FastifyReply, payload
     done(null, payload);
     return;
   }
-  // The body is left unread: closing after the answer frees the connection rather than reading it to its end.
-  if (!request.raw.complete) reply.header('connection', 'close');
   done(new EncodedBody());
+}
+
+/**
+ * An onSend hook of the routes that may be sent a body: after the answer to a request refused before its
+ * body had all come (a token refused, a rate limit, an encoded body, an upload to a full project, a file
+ * too large), a body declared no longer than `limit` bytes, what the route takes, is read to its end and
+ * dropped, its connection kept. Closed under a client still sending, with bytes unread, a connection is
+ * reset, and a client still writing (fetch sending FormData or a stream, as generated clients do) got
+ * EPIPE in place of its answer. A longer body, or one of no declared length, is not worth reading: the
+ * connection is closed after the answer. (So is one whose client waits for 100 Continue and was not told
+ * to go on: Node closes it.)
+ */
+function endBodyAfterAnswer(limit: number) {
+  return (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (error: null, payload: unknown) => void): void => {
+    if (!request.raw.complete) {
+      if (Number(request.headers['content-length']) <= limit) {
+        answeredBeforeItsBody(request.raw);
+        // A form's parser that had begun no longer takes it; and a stream its backpressure paused stays
+        // paused until told otherwise.
+        request.raw.unpipe();
+        request.raw.resume();
+      } else {
+        reply.header('connection', 'close');
+      }
+    }
+    done(null, payload);
+  };
 }
 
 const CONTINUED = Symbol('100 Continue sent');
@@ -191,8 +217,11 @@ export async function registerHardening(app: FastifyInstance, config: Config): P
   // them, do not pay for it.
   app.addHook('onRoute', (route) => {
     const hook = takesBody(route) ? refuseEncodedBody : [route.method].flat().includes('DELETE') ? ignoreEmptyBodyType : undefined;
-    const continued = hook && !readsOwnBody(route) ? [continueToBody] : [];
-    if (hook) route.preParsing = [...[route.preParsing ?? []].flat(), hook, ...continued];
+    if (!hook) return;
+    const continued = readsOwnBody(route) ? [] : [continueToBody];
+    route.preParsing = [...[route.preParsing ?? []].flat(), hook, ...continued];
+    const limit = readsOwnBody(route) ? config.FILE_MAX_BYTES + FORM_FRAMING_BYTES : (route.bodyLimit ?? SMALL_BODY_LIMIT_BYTES);
+    route.onSend = [...[route.onSend ?? []].flat(), endBodyAfterAnswer(limit)];
   });
   // Node answers `Expect: 100-continue` itself unless the server listens for it: the request is then
   // served as any other, and told to go on when its body is to be read (`sendContinue`).

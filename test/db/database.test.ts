@@ -11,7 +11,7 @@ import { describe, expect, it } from 'vitest';
 import { type Database, MIGRATION_LOCK_ID, MigrationError, MIGRATIONS_WAIT, MIGRATIONS_WAIT_FOR_ANOTHER, migrationsFolder, openPglite, openPostgres } from '../../src/db/database.js';
 import { uuidv7 } from '../../src/db/ids.js';
 import { DatabaseLockedError, lockPglite } from '../../src/db/pglite-lock.js';
-import { idempotencyKeys, projects, providerFileDeletions, users } from '../../src/db/schema.js';
+import { files, idempotencyKeys, projects, providerFileDeletions, users } from '../../src/db/schema.js';
 import { insertMessages } from '../support/app.js';
 import { adminQuery, createTestDatabase } from '../support/database.js';
 
@@ -305,6 +305,39 @@ describe('migrations', () => {
       expect(await db.select().from(providerFileDeletions)).toEqual([]);
       const applied = (await db.execute(sql`select count(*)::int as n from drizzle.__drizzle_migrations`)) as unknown as { rows: { n: number }[] };
       expect(applied.rows[0]!.n).toBe(readdirSync(migrationsFolder).filter((name) => name.endsWith('.sql')).length);
+    } finally {
+      await drop();
+    }
+  });
+});
+
+describe('0017: the provider copies that file rows name', () => {
+  // A copy is queued when it is made, due a day later; left there once its row was written, the sweep of an
+  // instance of before the queue looked for no row and deleted a live file's copy.
+  it('leaves the deletion queue: queued ones when it runs, and each later one in the insert of its row', async () => {
+    const { database, drop } = await createTestDatabase();
+    try {
+      const { db } = database;
+      const userId = uuidv7();
+      const projectId = uuidv7();
+      await db.insert(users).values({ id: userId, email: `${userId}@example.com`, passwordHash: 'x', name: 'A' });
+      await db.insert(projects).values({ id: projectId, userId, name: 'p' });
+      const file = (providerFileId: string) => ({ id: uuidv7(), projectId, filename: 'a.txt', mimeType: 'text/plain', size: 1, sha256: 'x', storageUrl: 'x', providerFileId });
+      const reserve = (providerFileId: string) => db.insert(providerFileDeletions).values({ providerFileId, dueAt: sql`now() + interval '1 day'` });
+      const queued = async () => (await db.select({ id: providerFileDeletions.providerFileId }).from(providerFileDeletions)).map((row) => row.id).sort();
+      // Named before the trigger (this code, before 0017), as the migration finds them; and one of no row.
+      await db.execute(sql`drop trigger files_provider_copy_named on files`);
+      await reserve('file-named-before');
+      await db.insert(files).values(file('file-named-before'));
+      await reserve('file-of-no-row');
+      await db.execute(sql`delete from drizzle.__drizzle_migrations where id = (select max(id) from drizzle.__drizzle_migrations)`);
+      await database.migrate();
+      expect(await queued()).toEqual(['file-of-no-row']);
+      // From then on in the insert; but not a deleted file's copy queued under the same id (a provider reusing ids).
+      await reserve('file-named-after');
+      await db.insert(providerFileDeletions).values({ providerFileId: 'file-deleted-and-reused' });
+      await db.insert(files).values([file('file-named-after'), file('file-deleted-and-reused')]);
+      expect(await queued()).toEqual(['file-deleted-and-reused', 'file-of-no-row']);
     } finally {
       await drop();
     }

@@ -17,6 +17,7 @@ import {
   type TestAppWithUpstream,
 } from '../support/app.js';
 import { multipart } from '../support/multipart.js';
+import { rawRequest, statusLines } from '../support/raw-http.js';
 
 const ALLOWED_ORIGIN = 'https://app.example.com';
 
@@ -338,6 +339,44 @@ describe('a request that trickles in (REQUEST_TIMEOUT_MS)', () => {
       expect(JSON.parse(body!)).toMatchObject({ status: 408, code: 'REQUEST_TIMEOUT', instance: '/api/v1/auth/login', requestId: 'mobile-req-42' });
     } finally {
       await slow.close();
+    }
+  });
+});
+
+// Answered before its body had all come, a request's rest is read and dropped (a client still writing got
+// EPIPE from a connection closed under it); too slow to come, it was answered a second time, a 408 under
+// a request id of its own, on the connection that carried its 401.
+describe('a request refused before its body has all come', () => {
+  it('is answered once: its rest, read and dropped, too slow to come closes the connection, with no second answer', async () => {
+    const slow = await startTestApp({ REQUEST_TIMEOUT_MS: '1000' });
+    let trickle: NodeJS.Timeout | undefined;
+    try {
+      const url = await slow.app.listen({ port: 0, host: '127.0.0.1' });
+      const request = rawRequest(url, 'POST', '/api/v1/projects', { authorization: 'Bearer not-a-token', 'content-type': 'application/json', 'content-length': '1000' });
+      request.socket.write('{"name":');
+      await expect.poll(() => request.received().includes('HTTP/1.1 401 '), { timeout: 5_000 }).toBe(true);
+      expect(request.received().toLowerCase()).not.toContain('connection: close');
+      trickle = setInterval(() => request.socket.writable && request.socket.write(' '), 100);
+      await request.closed;
+      expect(statusLines(request.received())).toEqual(['HTTP/1.1 401 ']);
+    } finally {
+      clearInterval(trickle);
+      await slow.close();
+    }
+  });
+
+  it('closes the connection after the answer when the body is declared longer than the route takes, reading none of it', async () => {
+    const served = await startTestApp();
+    try {
+      const url = await served.app.listen({ port: 0, host: '127.0.0.1' });
+      const headers = { authorization: 'Bearer not-a-token', 'content-type': 'application/json', 'content-length': String(SMALL_BODY_LIMIT_BYTES + 1) };
+      const request = rawRequest(url, 'POST', '/api/v1/projects', headers);
+      request.socket.write('{"name":');
+      await request.closed;
+      expect(statusLines(request.received())).toEqual(['HTTP/1.1 401 ']);
+      expect(request.received().toLowerCase()).toContain('\r\nconnection: close\r\n');
+    } finally {
+      await served.close();
     }
   });
 });

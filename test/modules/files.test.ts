@@ -1,6 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { execFile } from 'node:child_process';
-import { once } from 'node:events';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { request as httpRequest } from 'node:http';
 import { type AddressInfo, connect, createServer } from 'node:net';
@@ -11,7 +10,7 @@ import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { eq, inArray, sql } from 'drizzle-orm';
 import { v7 as uuidv7 } from 'uuid';
-import { afterAll, beforeAll, beforeEach, describe, expect, it, onTestFinished } from 'vitest';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { buildApp } from '../../src/app.js';
 import { openPostgres } from '../../src/db/database.js';
 import { deletedProjects, files, projects, providerFileDeletions } from '../../src/db/schema.js';
@@ -27,6 +26,7 @@ import { expectWaitingCreateListedLast } from '../support/waiting-create.js';
 import { logCollector } from '../support/logs.js';
 import { seriesValue } from '../support/metrics.js';
 import { BOUNDARY, CLOSING, type FormPart, multipart, partHead } from '../support/multipart.js';
+import { rawRequest, statusLines } from '../support/raw-http.js';
 
 const LIMIT = 256 * 1024;
 const execFileAsync = promisify(execFile);
@@ -1025,22 +1025,15 @@ describe('MAX_FILES_PER_PROJECT', () => {
   });
 
   // A refusal before the handler (the token) too: Node read such a body to its end, however long.
-  it('closes the connection after refusing an upload whose body is declared longer than an upload may be, reading none of it', async () => {
+  it('closes the connection after refusing an upload whose body is declared longer than an upload may be', async () => {
     const projectId = await projectWith(MAX);
     const { headers } = multipart();
     for (const [authorization, status] of [[owner.auth.authorization, 409], ['Bearer not-a-token', 401]] as const) {
-      const socket = connect(Number(new URL(limitedUrl).port), '127.0.0.1');
-      onTestFinished(() => {
-        socket.destroy();
-      });
-      let received = '';
-      socket.on('data', (chunk: Buffer) => (received += chunk.toString('latin1')));
-      const head = { host: 'localhost', authorization, ...headers, 'content-length': String(LIMIT * 8) };
-      socket.write(`POST ${filesUrl(projectId)} HTTP/1.1\r\n${Object.entries(head).map(([name, value]) => `${name}: ${value}\r\n`).join('')}\r\n`);
-      socket.write(partHead({ filename: 'big.bin' }));
-      await once(socket, 'close');
-      expect(received).toMatch(new RegExp(`^HTTP/1\\.1 ${status} `));
-      expect(received.toLowerCase()).toContain('\r\nconnection: close\r\n');
+      const request = rawRequest(limitedUrl, 'POST', filesUrl(projectId), { authorization, ...headers, 'content-length': String(LIMIT * 8) });
+      request.socket.write(partHead({ filename: 'big.bin' }));
+      await request.closed;
+      expect(statusLines(request.received())).toEqual([`HTTP/1.1 ${status} `]);
+      expect(request.received().toLowerCase()).toContain('\r\nconnection: close\r\n');
     }
   });
 
@@ -1048,25 +1041,21 @@ describe('MAX_FILES_PER_PROJECT', () => {
   // on the same connection (408, under a request id of its own), after the 409.
   it('closes the connection of a refused upload whose rest comes too slowly, with no second answer', async () => {
     const slow = await startTestApp({ ...appEnv(), MAX_FILES_PER_PROJECT: '1', REQUEST_TIMEOUT_MS: '1000' });
+    let trickle: NodeJS.Timeout | undefined;
     try {
       const url = await slow.app.listen({ port: 0, host: '127.0.0.1' });
       const holder = await registerUser(slow.app);
       const { id } = await createProject(slow.app, holder);
       const kept = multipart({ filename: 'kept.txt', content: 'kept' });
       expect((await slow.app.inject({ method: 'POST', url: filesUrl(id), headers: { ...holder.auth, ...kept.headers }, payload: kept.payload })).statusCode).toBe(201);
-      const socket = connect(Number(new URL(url).port), '127.0.0.1');
-      let received = '';
-      socket.on('data', (chunk: Buffer) => (received += chunk.toString('latin1')));
-      const head = { host: 'localhost', authorization: holder.auth.authorization, ...kept.headers, 'content-length': '5000' };
-      socket.write(`POST ${filesUrl(id)} HTTP/1.1\r\n${Object.entries(head).map(([name, value]) => `${name}: ${value}\r\n`).join('')}\r\n`);
-      socket.write(partHead({ filename: 'more.txt' }));
-      await expect.poll(() => received.includes('HTTP/1.1 409 '), { timeout: 5_000 }).toBe(true);
-      const closed = once(socket, 'close');
-      const trickle = setInterval(() => socket.writable && socket.write('x'), 100);
-      await closed;
-      clearInterval(trickle);
-      expect(received.match(/HTTP\/1\.1 \d{3} /g)).toEqual(['HTTP/1.1 409 ']);
+      const request = rawRequest(url, 'POST', filesUrl(id), { authorization: holder.auth.authorization, ...kept.headers, 'content-length': '5000' });
+      request.socket.write(partHead({ filename: 'more.txt' }));
+      await expect.poll(() => request.received().includes('HTTP/1.1 409 '), { timeout: 5_000 }).toBe(true);
+      trickle = setInterval(() => request.socket.writable && request.socket.write('x'), 100);
+      await request.closed;
+      expect(statusLines(request.received())).toEqual(['HTTP/1.1 409 ']);
     } finally {
+      clearInterval(trickle);
       await slow.close();
     }
   });
@@ -1195,6 +1184,9 @@ describe('what an upload must be', () => {
   it('refuses `file` sent as text, not as a file (curl -F file=a.txt, without its @), saying it must be a file', async () => {
     const problem = await refused(400, 'VALIDATION_ERROR', multipart({ name: 'file', content: 'a.txt' }));
     expect(problem.errors).toEqual([{ path: 'body.file', message: 'must be a file: a part with a filename' }]);
+    // After a file, it is a second one.
+    const second = await refused(400, 'VALIDATION_ERROR', multipart({ filename: 'a.txt', content: 'a' }, { name: 'file', content: 'b.txt' }));
+    expect(second.errors).toEqual([{ path: 'body.file', message: 'must be sent once' }]);
   });
 
   it.each([

@@ -4,9 +4,12 @@
 -- sweep of an instance of before the reservations (a rolling deploy, a rollback), which does not look for
 -- a row: a live file lost its copy, and every chat of its project failed upstream.
 -- OR REPLACE: runs again after a restore of a backup taken before it.
+-- A reservation only: not yet tried, and due later. A deleted file's copy is queued due at once, and
+-- pushed later only by a try, which counts.
 CREATE OR REPLACE FUNCTION "provider_copy_named"() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-  DELETE FROM "provider_file_deletions" WHERE "provider_file_id" = NEW."provider_file_id";
+  DELETE FROM "provider_file_deletions"
+    WHERE "provider_file_id" = NEW."provider_file_id" AND "attempts" = 0 AND "due_at" > now();
   RETURN NULL;
 END $$;--> statement-breakpoint
 CREATE OR REPLACE TRIGGER "files_provider_copy_named" AFTER INSERT ON "files"

@@ -3,7 +3,7 @@ import multipart, { type Multipart } from '@fastify/multipart';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { answeredBeforeItsBody, ApiError, ValidationFailed } from '../../http/errors.js';
+import { ApiError, ValidationFailed } from '../../http/errors.js';
 import { sendContinue } from '../../http/hardening.js';
 import { noContent } from '../../http/openapi.js';
 import { projectParams } from '../projects/schemas.js';
@@ -38,11 +38,6 @@ export const fileRoutes: FastifyPluginAsyncZod<{ files: FilesService; maxBytes: 
         params: projectParams,
         response: { 201: file },
         problems: ['CONFLICT'],
-      },
-      // Every answer of the route, a refusal before its handler too (a token refused, a rate limit).
-      onSend: (request, reply, payload, done) => {
-        if (!request.raw.complete) endBodyAfterAnswer(request, reply, maxBytes + FORM_FRAMING_BYTES);
-        done(null, payload);
       },
     },
     async (request, reply) => {
@@ -169,31 +164,6 @@ async function answerDownload(reply: FastifyReply, { file: stored, open }: FileC
   if (isGet) return reply.send(bytes);
   bytes.destroy();
   return reply.send();
-}
-
-/** What a form may hold around its file: the boundaries and a part's headers (a name of 255 characters, in UTF-8). */
-const FORM_FRAMING_BYTES = 64 * 1024;
-
-/**
- * After the answer to an upload refused before its body had all come (a token refused, the project full
- * or not the caller's, before the form was read; a file too large, a part too many, part-way through): a
- * body declared at most `limit` bytes long, what an upload that is kept may take, is read to its end and
- * dropped, its connection kept open. Closed under a client still sending, with bytes unread, a
- * connection is reset, and a client still writing (fetch sending FormData, as generated clients do)
- * got EPIPE in place of its answer. A longer body, or one of no declared length, is not worth reading:
- * the connection is closed after the answer. (So is one whose client waits for 100 Continue and was not
- * told to go on: Node closes it.)
- */
-function endBodyAfterAnswer(request: FastifyRequest, reply: FastifyReply, limit: number): void {
-  if (!(Number(request.headers['content-length']) <= limit)) {
-    reply.header('connection', 'close');
-    return;
-  }
-  answeredBeforeItsBody(request.raw);
-  // The form's parser, when it had begun, no longer takes it; and a stream its backpressure paused stays
-  // paused until told otherwise.
-  request.raw.unpipe();
-  request.raw.resume();
 }
 
 /**

@@ -360,15 +360,15 @@ export class FilesService {
     let received: ReceivedFile | undefined;
     try {
       for await (const part of parts) {
+        if (part.fieldname === 'file' && received) throw new ValidationFailed('One file per upload', [{ path: 'body.file', message: 'must be sent once' }]);
         // `file` sent as text (`curl -F file=notes.txt`, without its `@`; a form's file with no filename)
         // is told so: "send only `file`" told it to send what it had sent.
-        if (part.type !== 'file' && part.fieldname === 'file' && !received) {
+        if (part.type !== 'file' && part.fieldname === 'file') {
           throw new ValidationFailed('The upload has no file', [{ path: 'body.file', message: 'must be a file: a part with a filename' }]);
         }
         if (part.type !== 'file' || part.fieldname !== 'file') {
           throw new ValidationFailed('Unexpected form field', [{ path: `body.${part.fieldname}`, message: 'is not a field of an upload; send only `file`' }]);
         }
-        if (received) throw new ValidationFailed('One file per upload', [{ path: 'body.file', message: 'must be sent once' }]);
         const inspector = new ContentInspector();
         const staged = await this.storage.stage(this.inspected(part.file, inspector));
         received = { ...staged, filename: displayFilename(part.filename), mimeType: inspector.mimeType(essence(part.mimetype)) };
