@@ -462,7 +462,7 @@ export function registerErrorHandling(app: FastifyInstance): void {
 /** The connections of requests answered before their bodies had all come, until the rest of each has. */
 const answeredEarly = new WeakSet<Socket>();
 
-/** Says that `request` is answered while the rest of its body is read and dropped (an upload's, refused). */
+/** Says that `request` is answered while the rest of its body is read and dropped (see `endBodyAfterAnswer`, hardening.ts). */
 export function answeredBeforeItsBody(request: IncomingMessage): void {
   const { socket } = request;
   answeredEarly.add(socket);
