@@ -1,3 +1,4 @@
+import type { FastifyInstance } from 'fastify';
 import { createSigner } from 'fast-jwt';
 import pg from 'pg';
 import { v7 as uuidv7 } from 'uuid';
@@ -371,6 +372,26 @@ describe('when the database is down', () => {
   });
 });
 
+/**
+ * The service on the PostgreSQL database named `name` on TEST_DATABASE_URL's server, which refuses its
+ * connections: a login answered 503 SERVICE_UNAVAILABLE, and that request's log line.
+ */
+async function loginRefusedOn(name: string, use: (app: FastifyInstance, logged: Record<string, unknown> | undefined) => Promise<void>): Promise<void> {
+  const url = new URL(process.env.TEST_DATABASE_URL!);
+  url.pathname = `/${name}`;
+  const database = openPostgres(url.href, { connectionTimeoutMs: 2_000 });
+  const logs = logCollector();
+  const app = await buildApp(testConfig({ LOG_LEVEL: 'warn' }), { database, logStream: logs.stream });
+  try {
+    const login = { method: 'POST', url: '/api/v1/auth/login', payload: { email: 'a@example.com', password: 'password-1' } } as const;
+    const body = expectProblem(await app.inject(login), 503, 'SERVICE_UNAVAILABLE');
+    await use(app, logs.lines.find((line) => line.reqId === body.requestId));
+  } finally {
+    await app.close();
+    await database.close();
+  }
+}
+
 // Closed for maintenance, a database refuses every connection with 55000, a code other states share: each was a 500 INTERNAL.
 it.runIf(process.env.TEST_DATABASE_URL)('answers 503 SERVICE_UNAVAILABLE, never 500, while its database takes no connections', async () => {
   const admin = new pg.Client({ connectionString: process.env.TEST_DATABASE_URL });
@@ -378,19 +399,12 @@ it.runIf(process.env.TEST_DATABASE_URL)('answers 503 SERVICE_UNAVAILABLE, never 
   const name = `closed_${uuidv7().replaceAll('-', '')}`;
   await admin.query(`create database ${name}`);
   await admin.query(`alter database ${name} allow_connections false`);
-  const closed = new URL(process.env.TEST_DATABASE_URL!);
-  closed.pathname = `/${name}`;
-  const database = openPostgres(closed.href, { connectionTimeoutMs: 2_000 });
-  const logs = logCollector();
-  const app = await buildApp(testConfig({ LOG_LEVEL: 'warn' }), { database, logStream: logs.stream });
   try {
-    const login = { method: 'POST', url: '/api/v1/auth/login', payload: { email: 'a@example.com', password: 'password-1' } } as const;
-    const body = expectProblem(await app.inject(login), 503, 'SERVICE_UNAVAILABLE');
-    // Named by its code, as every other reason is: the message is in the server's language.
-    expect(logs.lines.find((line) => line.reqId === body.requestId)).toEqual(expect.objectContaining({ level: 40, reason: '55000' }));
+    await loginRefusedOn(name, async (_app, logged) => {
+      // Named by its code, as every other reason is: the message is in the server's language.
+      expect(logged).toEqual(expect.objectContaining({ level: 40, reason: '55000' }));
+    });
   } finally {
-    await app.close();
-    await database.close();
     await admin.query(`drop database ${name}`);
     await admin.end();
   }
@@ -399,21 +413,11 @@ it.runIf(process.env.TEST_DATABASE_URL)('answers 503 SERVICE_UNAVAILABLE, never 
 // A database dropped under a running service (or its login refused): every new connection is refused by
 // PostgreSQL itself, with a code of its own, not by the network. Each was a 500 INTERNAL.
 it.runIf(process.env.TEST_DATABASE_URL)('answers 503 SERVICE_UNAVAILABLE, never 500, once its database no longer exists', async () => {
-  const gone = new URL(process.env.TEST_DATABASE_URL!);
-  gone.pathname = `/no_such_database_${uuidv7().replaceAll('-', '')}`;
-  const database = openPostgres(gone.href, { connectionTimeoutMs: 2_000 });
-  const logs = logCollector();
-  const app = await buildApp(testConfig({ LOG_LEVEL: 'warn' }), { database, logStream: logs.stream });
-  try {
-    const login = { method: 'POST', url: '/api/v1/auth/login', payload: { email: 'a@example.com', password: 'password-1' } } as const;
-    const body = expectProblem(await app.inject(login), 503, 'SERVICE_UNAVAILABLE');
+  await loginRefusedOn(`no_such_database_${uuidv7().replaceAll('-', '')}`, async (app, logged) => {
     // No wait mends it, as it mends an outage: an operator must, told at error.
-    expect(logs.lines.find((line) => line.reqId === body.requestId)).toEqual(expect.objectContaining({ level: 50, reason: '3D000' }));
+    expect(logged).toEqual(expect.objectContaining({ level: 50, reason: '3D000' }));
     expectProblem(await app.inject({ method: 'GET', url: '/health' }), 503, 'SERVICE_UNAVAILABLE');
-  } finally {
-    await app.close();
-    await database.close();
-  }
+  });
 });
 
 describe('request ids', () => {
