@@ -82,10 +82,15 @@ export const messages = pgTable(
     // Null for questions, and for answers stored before it (migration 0015), each taken for an answer to
     // the message before it.
     replyTo: uuid('reply_to'),
+    // A question's Idempotency-Key, when its turn had one: a retry with the key after a failed attempt
+    // marks the attempt's question failed, so that the model is not sent the question twice (with the
+    // first attempt's cut-off answer). Null for answers, unkeyed questions and those stored before it.
+    idempotencyKey: text('idempotency_key'),
     createdAt: timestamps.createdAt,
   },
   (t) => [
     index('messages_project_id_created_at_id_idx').on(t.projectId, t.createdAt, t.id),
+    index('messages_project_id_idempotency_key_idx').on(t.projectId, t.idempotencyKey).where(sql`${t.idempotencyKey} is not null`),
     check('messages_role_check', sql`${t.role} in ('user', 'assistant', 'system')`),
     check('messages_status_check', sql`${t.status} in ('complete', 'incomplete', 'failed')`),
   ],

@@ -1298,6 +1298,56 @@ describe('idempotency', () => {
     expect((await chat(projectId, { message: 'retry me' }, key)).statusCode).toBe(200);
   });
 
+  // A mobile client whose stream broke sends its question again with the same key: the model is to read it once.
+  it("marks an attempt's question failed when a retry with its key asks it again, so that the model is sent it once", async () => {
+    const projectId = await newProject();
+    const key = { 'idempotency-key': `key-${uuidv7()}` };
+    expect((await chat(projectId, { message: 'before' })).statusCode).toBe(200);
+    fake.enqueue({ content: 'first second third', chunks: 3, fault: 'reset', afterChunks: 2 });
+    const broken = await readSse(await streamChat(projectId, { message: 'asked twice' }, undefined, key));
+    expect(broken.at(-1)!.event).toBe('error');
+
+    const retry = await readSse(await streamChat(projectId, { message: 'asked twice' }, undefined, key));
+    expect(retry.at(-1)!.event).toBe('done');
+    const sent = () => fake.requests.at(-1)!.body.messages;
+    expect(sent()).toEqual([
+      { role: 'user', content: 'before' },
+      { role: 'assistant', content: 'Echo: before' },
+      { role: 'user', content: 'asked twice' },
+    ]);
+    expect((await chat(projectId, { message: 'after' })).statusCode).toBe(200);
+    expect(sent()).toEqual([
+      { role: 'user', content: 'before' },
+      { role: 'assistant', content: 'Echo: before' },
+      { role: 'user', content: 'asked twice' },
+      { role: 'assistant', content: 'Echo: asked twice' },
+      { role: 'user', content: 'after' },
+    ]);
+    // Nothing stored is lost: the broken attempt stays listed, its question marked failed.
+    expect((await stored(projectId)).map((r) => [r.role, r.content, r.status])).toEqual([
+      ['user', 'before', 'complete'],
+      ['assistant', 'Echo: before', 'complete'],
+      ['user', 'asked twice', 'failed'],
+      ['assistant', 'first second', 'incomplete'],
+      ['user', 'asked twice', 'complete'],
+      ['assistant', 'Echo: asked twice', 'complete'],
+      ['user', 'after', 'complete'],
+      ['assistant', 'Echo: after', 'complete'],
+    ]);
+    // A replay now marks nothing.
+    expect((await readSse(await streamChat(projectId, { message: 'asked twice' }, undefined, key))).at(-1)!.event).toBe('done');
+    expect((await stored(projectId)).filter((r) => r.status === 'failed')).toHaveLength(1);
+  });
+
+  it('leaves a question asked with a key before the replay window as it is when the key is used again', async () => {
+    const projectId = await newProject();
+    const key = `key-${uuidv7()}`;
+    const [old] = await insertMessages(t.testDb.database.db, projectId, 1, { idempotencyKey: key, createdAt: new Date(Date.now() - 25 * 3600_000) });
+    const answered = await chat(projectId, { message: 'a new question' }, { 'idempotency-key': key });
+    expect(answered.statusCode).toBe(200);
+    expect((await stored(projectId)).map((r) => [r.id, r.status])).toContainEqual([old!.id, 'complete']);
+  });
+
   it('keeps keys per user and refuses a key over 255 characters', async () => {
     const projectId = await newProject();
     const key = `shared-${uuidv7()}`;

@@ -4,7 +4,8 @@ import type { Db } from '../../db/database.js';
 import { idempotencyKeys } from '../../db/schema.js';
 import { ApiError } from '../../http/errors.js';
 
-const REPLAY_WINDOW = '24 hours';
+/** How long a completed request's result is replayed; within it, a key claimed again belongs to an attempt that did not complete. */
+export const REPLAY_WINDOW = '24 hours';
 /** Keys one statement of `sweep` deletes at most: each batch is quick and locks few rows. */
 const SWEEP_BATCH = 1_000;
 

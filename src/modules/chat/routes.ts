@@ -103,7 +103,7 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         // A keyed turn may still be refused (or replayed) after its checks: its question waits for the claim.
         let turn: PreparedTurn;
         try {
-          turn = await chat.prepare(request.user, projectId, message, { storeEarly: !key, stream });
+          turn = await chat.prepare(request.user, projectId, message, { idempotencyKey: key, stream });
         } catch (error) {
           // Refused for what the project is now (its provider, its model's budget, its prompts), after the
           // token and the project were checked: a key whose request was answered before that changed
@@ -131,6 +131,9 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
           idempotency.release(userId, key, claimId).catch((error: unknown) => request.log.warn({ err: error }, 'idempotency key not released'));
         let result: ChatResult | undefined;
         try {
+          // A retry after an attempt that failed asks its question again: the attempt's question is marked
+          // failed, and the context, read with it before the claim, is read again.
+          if (await chat.retireEarlierAttempts(turn.projectId, key)) turn = await chat.prepare(request.user, projectId, message, { idempotencyKey: key, stream });
           result = await answer({ keep: (tx, done) => idempotency.complete(userId, key, claimId, done, tx), progressed: () => hold?.progressed() });
         } catch (error) {
           await release();

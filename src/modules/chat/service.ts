@@ -1,4 +1,4 @@
-import { and, eq, getTableColumns, type SQL, sql, type SQLWrapper } from 'drizzle-orm';
+import { and, eq, getTableColumns, gt, ne, type SQL, sql, type SQLWrapper } from 'drizzle-orm';
 import { uuidv7 } from '../../db/ids.js';
 import { type Config, ConfigError } from '../../config.js';
 import type { Database, Db } from '../../db/database.js';
@@ -28,7 +28,7 @@ import { oneRow, param } from '../projects/count-limit.js';
 import { projectIdParam } from '../projects/service.js';
 import { buildContext, type HistoryMessage, type HistoryPage } from './context.js';
 import { type Continuation, HistoryCache, type StoredHistoryMessage } from './history-cache.js';
-import { KeyTakenOver } from './idempotency.js';
+import { KeyTakenOver, REPLAY_WINDOW } from './idempotency.js';
 import type { ChatResult } from './schemas.js';
 
 /** A UTF-16 surrogate without its other half (what `String.prototype.toWellFormed`, ES2024, replaces). */
@@ -278,7 +278,7 @@ const storedNow = (projectId: SQLWrapper) => sql`message_stamp(${projectId})`;
 type UnstampedMessage = Omit<MessageRow, 'createdAt'>;
 
 type NewMessage = Pick<MessageRow, 'role' | 'content' | 'status' | 'tokens'> &
-  Partial<Pick<MessageRow, 'model' | 'promptTokens' | 'completionTokens' | 'totalTokens'>>;
+  Partial<Pick<MessageRow, 'model' | 'promptTokens' | 'completionTokens' | 'totalTokens' | 'idempotencyKey'>>;
 
 export class ChatService {
   /** The turn's statements, prepared on the pool and on each connection held for a streamed turn or a transaction. */
@@ -287,6 +287,7 @@ export class ChatService {
   private readonly historyPageStatement;
   private readonly insertQuestionStatement;
   private readonly markFailedStatement;
+  private readonly retireAttemptsStatement;
   private readonly storePromptCountsStatement;
   /** Counts of prompts (by version) and of stored messages in an encoding they were not stored with (by id). */
   private readonly textCounts = new TokenCounts<number | Promise<number>>();
@@ -324,14 +325,31 @@ export class ChatService {
     // deleted messages sent upstream, and the turn stored as the first of the history that followed.
     // `set_config(…, true)` lasts until the end of the statement's own transaction: its commit.
     const question = db.$with('question', { createdAt: sql<Date>`created_at`.mapWith(messages.createdAt).as('created_at') }).as(
-      sql`insert into ${messages} (id, project_id, role, content, status, tokens, token_encoding, created_at)
+      sql`insert into ${messages} (id, project_id, role, content, status, tokens, token_encoding, idempotency_key, created_at)
         select ${param('id', 'uuid')}, ${projectId}, ${param('role', 'text')}, ${param('content', 'text')}, ${param('status', 'text')},
-          ${param('tokens', 'integer')}, ${param('tokenEncoding', 'text')}, ${storedNow(projectId)}
+          ${param('tokens', 'integer')}, ${param('tokenEncoding', 'text')}, ${param('idempotencyKey', 'text')}, ${storedNow(projectId)}
         where ${historyFrom} is null or message_kept(${projectId}, ${historyFrom})
         returning created_at, set_config('synchronous_commit', 'off', true)`,
     );
     this.insertQuestionStatement = direct(db.with(question).select({ createdAt: question.createdAt }).from(question).prepare('chat_insert_question'));
     this.markFailedStatement = failedStatementOn(db);
+    // Within the replay window a key is claimed again only when its earlier attempts did not complete (a
+    // completed one is replayed): their questions are the ones asked again. Past it, a key may be reused
+    // for a new question, and what was asked with it before stays as it is.
+    this.retireAttemptsStatement = db
+      .update(messages)
+      .set({ status: 'failed' })
+      .where(
+        and(
+          eq(messages.projectId, sql.placeholder('projectId')),
+          eq(messages.idempotencyKey, sql.placeholder('key')),
+          eq(messages.role, 'user'),
+          ne(messages.status, 'failed'),
+          gt(messages.createdAt, sql`now() - interval '${sql.raw(REPLAY_WINDOW)}'`),
+        ),
+      )
+      .returning({ id: messages.id })
+      .prepare('chat_retire_attempts');
     // A prompt changed since it was counted has another `updatedAt` (and its count is back to null); one
     // that another turn stored meanwhile is not written again. A count is worth no flush to disk: lost in
     // a crash, it is counted again (`set_config(…, true)`: for its own transaction).
@@ -355,22 +373,23 @@ export class ChatService {
    * Checks the token, ownership, the provider and the token budget, and builds the context, reading
    * everything in one statement (more only for a history longer than its first page); throws 401, 404,
    * 503 PROVIDER_NOT_CONFIGURED or 400 CONTEXT_TOO_LONG before any write or provider call. The route
-   * is `tokenCheckedByHandler`. With `storeEarly`, when nothing else may refuse the turn after this, the
-   * same statement stores a question of up to `PACED_TEXT` characters where that cannot be one of these
+   * is `tokenCheckedByHandler`. A turn with no `idempotencyKey` (which its caller claims after this, and
+   * which may then replay the turn instead), when nothing else may refuse it after this, has the same
+   * statement store a question of up to `PACED_TEXT` characters where that cannot be one of these
    * refusals (a round trip less); for a turn that will `stream`, the flush that makes it durable is sent
-   * behind it (see `readTurn`).
+   * behind it (see `readTurn`). A keyed turn's question keeps its key (see `retireEarlierAttempts`).
    */
   async prepare(
     user: AuthUser,
     projectId: string,
     message: string,
-    { storeEarly, stream }: { storeEarly: boolean; stream: boolean },
+    { idempotencyKey, stream }: { idempotencyKey?: string; stream: boolean },
   ): Promise<PreparedTurn> {
     // The question as stored and read back: UTF-8 has no lone surrogates, which become U+FFFD on the way.
     const text = message.replace(LONE_SURROGATE, '\ufffd');
     // A question long enough to be counted in turns is counted once the read has found the project: a
     // refused turn (another's project, a stale token) costs no counting.
-    const fast = storeEarly && text.length <= PACED_TEXT ? this.defaultTurn : undefined;
+    const fast = idempotencyKey === undefined && text.length <= PACED_TEXT ? this.defaultTurn : undefined;
     const questionId = uuidv7();
     const defaultTokens = fast && countTokens(text, fast.model);
     // Before the read: a question marked failed after it is not to be cached with what it read.
@@ -418,7 +437,7 @@ export class ChatService {
     await this.storePromptCounts(counted, encoding);
     // Never for a question stored by the read: what let it be stored counted the same at least as high.
     if (!context.fits) throw contextTooLong(context.requiredTokens, model, budget);
-    const question = messageRow(ownedId, model, { role: 'user', content: text, status: 'complete', tokens: textTokens }, questionId);
+    const question = messageRow(ownedId, model, { role: 'user', content: text, status: 'complete', tokens: textTokens, idempotencyKey: idempotencyKey ?? null }, questionId);
     const { questionStoredAt } = row;
     const turnAdapter = this.files.turnAdapter(ownedId, adapter, context.messages.at(-1)!);
     const stored = questionStoredAt ? { questionStoredAt, durable } : { historyFrom: row.history[0]?.id };
@@ -752,6 +771,21 @@ export class ChatService {
   }
 
   /**
+   * Marks failed the questions that earlier attempts with the Idempotency-Key `key` stored in the project
+   * and that got no complete answer (see `retireAttemptsStatement`): a turn that has just claimed the key
+   * asks the same question again. A dropped or broken stream left its question `complete`, with the text
+   * so far as an `incomplete` answer; sent on with the retry's, the model read the question twice. Their
+   * answers stay stored and listed, and are left out of contexts with their questions (see
+   * `pairAnswers`). Whether any was marked: the context read before the claim held it.
+   */
+  async retireEarlierAttempts(projectId: string, key: string): Promise<boolean> {
+    const marked = await this.retireAttemptsStatement.execute({ projectId, key });
+    if (marked.length === 0) return false;
+    this.historyCache.forget(projectId);
+    return true;
+  }
+
+  /**
    * A failure of the database's after the question was stored (preparing the turn, after the read that
    * stored it; storing the answer): the failure naming the question, once it is durable (by the flush
    * behind the read, or by one of its own), as any other failure names it; the failure alone when it
@@ -884,6 +918,7 @@ function messageRow(projectId: string, model: string, message: NewMessage, id = 
     completionTokens: null,
     totalTokens: null,
     replyTo: null,
+    idempotencyKey: null,
     ...message,
     id,
     projectId,
