@@ -3,7 +3,7 @@ import { ApiError, ShuttingDown } from '../http/errors.js';
 import type { ProviderCall } from '../http/metrics.js';
 import { providerFailureReason } from './openai-compatible.js';
 import type { ProviderRegistry } from './registry.js';
-import type { ChatCompletion, ChatRequest, DeltaSink, ProviderAdapter, ProviderName, ReplyEnd, Usage } from './types.js';
+import { type ChatCompletion, type ChatRequest, type DeltaSink, EmptyAnswer, type ProviderAdapter, type ProviderName, type ReplyEnd, type Usage } from './types.js';
 
 type RecordCall = (call: ProviderCall) => void;
 
@@ -68,7 +68,8 @@ class MeteredAdapter implements ProviderAdapter {
       // Adapters throw provider errors (ApiError), or the abort reason when the call was given up: the
       // client gone, or the server shutting down (its interrupt, an ApiError too, is no failure of the provider's).
       const failed = error instanceof ApiError && !(error instanceof ShuttingDown);
-      this.report(request, operation, started, failed ? { code: error.code, reason: providerFailureReason(error) } : 'aborted', null);
+      const outcome = failed ? { code: error.code, reason: providerFailureReason(error) } : 'aborted';
+      this.report(request, operation, started, outcome, error instanceof EmptyAnswer ? error.usage : null);
       throw error;
     }
   }

@@ -13,6 +13,7 @@ import {
   type ChatCompletion,
   type ChatRequest,
   type DeltaSink,
+  EmptyAnswer,
   type ProviderAdapter,
   ProviderError,
   type ProviderName,
@@ -235,6 +236,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
     const choice = completion?.choices?.[0];
     const content = answerText(choice?.message);
     if (typeof content !== 'string') throw failure(new Error('reply without choices[0].message.content'), signal);
+    if (content === '') throw new EmptyAnswer(readUsage(completion?.usage));
     return {
       content: storable(content),
       model: upstreamModel(completion?.model, request.model),
@@ -431,8 +433,13 @@ class ReplyReader {
   private read(): void {
     try {
       while (!this.held && !this.settled) {
-        // The body is destroyed on an abort, but what already arrived would still be given until it is.
-        if (this.signal.aborted) throw this.signal.reason;
+        // The body is destroyed on an abort, but what already arrived would still be given until it is. A
+        // reply whose text is over (a finish_reason on a chunk of no text, waiting for what may follow it)
+        // is whole however the call ends now, its usage read: a client that left before its `done`, say.
+        if (this.signal.aborted) {
+          if (this.afterFinish) return this.end();
+          throw this.signal.reason;
+        }
         if (this.nextEvent < this.events.length) this.readEvent(this.events[this.nextEvent++]!);
         else if (this.bodyEnd === undefined) return;
         // A whole reply stays whole when its connection is lost before [DONE], as when it is ended then.
@@ -514,6 +521,7 @@ class ReplyReader {
     // An upstream may close the stream cleanly half-way: only [DONE], the protocol's own end, or a
     // finish_reason says the reply is whole (some servers send [DONE] and no finish_reason).
     if (!this.finished && !this.ended) throw new Error('stream ended without a finish_reason');
+    if (!this.given) throw new EmptyAnswer(this.usage);
     this.settle();
     this.resolve({ model: this.model, usage: this.usage, cutShort: cutShort(this.finishReason) });
   }

@@ -74,7 +74,8 @@ export interface UploadedFile {
 
 /**
  * One AI provider. `complete` and `stream` retry upstream 429/5xx/timeouts themselves within the
- * request's signal, and throw only the provider errors below. A stream may also fail mid-way (after
+ * request's signal, and throw only the provider errors below; an answer they resolve with has text
+ * (see `EmptyAnswer`). A stream may also fail mid-way (after
  * deltas were given to its sink), with the same error classes.
  */
 export interface ProviderAdapter {
@@ -98,6 +99,16 @@ export class ProviderError extends ApiError {
  * A file's deletion refused with a 4xx that asking again cannot change (400, 422…), not one that may
  * pass: 401 and 403 (the key or its permissions, which an operator puts right), 404 (already gone: deleted), 408 and 429.
  */
+/**
+ * An answer with no text (a stream too: nothing but empty deltas and its end), which nothing can store:
+ * a failed call, whose tokens were still reported, and billed: `usage` is what the upstream said of them.
+ */
+export class EmptyAnswer extends ProviderError {
+  constructor(readonly usage: Usage | null) {
+    super('The AI provider answered with no content');
+  }
+}
+
 export class ProviderRefusedDeletion extends ProviderError {
   constructor(readonly upstreamStatus: number) {
     super(`The AI provider refused to delete the file (${upstreamStatus})`);

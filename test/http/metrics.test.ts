@@ -144,17 +144,19 @@ describe('GET /metrics', () => {
     t.fake.enqueue({ usage: { prompt_tokens: 11, completion_tokens: 7, total_tokens: 18 } });
     expect((await chat(projectId)).statusCode).toBe(200);
     // PROVIDER_ERRORs an operator puts right different ways: wait, fix the key, pay, look at the upstream.
-    t.fake.enqueue({ status: 500 }, { status: 401 }, { status: 429, errorCode: 'insufficient_quota' }, { fault: 'malformed-json' });
-    for (let failed = 0; failed < 4; failed++) expect((await chat(projectId)).statusCode).toBe(502);
+    // And an answer of no text: a failure, whose tokens the upstream reported (and bills).
+    t.fake.enqueue({ status: 500 }, { status: 401 }, { status: 429, errorCode: 'insufficient_quota' }, { fault: 'malformed-json' }, { content: '', usage: { prompt_tokens: 4, completion_tokens: 0, total_tokens: 4 } });
+    for (let failed = 0; failed < 5; failed++) expect((await chat(projectId)).statusCode).toBe(502);
 
     const after = await scrape();
     const delta = (name: string, extra: Record<string, string> = {}) =>
       seriesValue(after, name, { ...labels, ...extra }) - seriesValue(before, name, { ...labels, ...extra });
-    expect(delta('ai_provider_tokens_total', { type: 'prompt' })).toBe(11);
+    expect(delta('ai_provider_tokens_total', { type: 'prompt' })).toBe(15);
     expect(delta('ai_provider_tokens_total', { type: 'completion' })).toBe(7);
     expect(delta('ai_provider_request_duration_seconds_count', { operation: 'complete', outcome: 'ok' })).toBe(1);
-    expect(delta('ai_provider_request_duration_seconds_count', { operation: 'complete', outcome: 'error' })).toBe(4);
-    for (const reason of ['500', '401', 'quota', 'answer']) expect(delta('ai_provider_errors_total', { code: 'PROVIDER_ERROR', reason }), reason).toBe(1);
+    expect(delta('ai_provider_request_duration_seconds_count', { operation: 'complete', outcome: 'error' })).toBe(5);
+    for (const reason of ['500', '401', 'quota']) expect(delta('ai_provider_errors_total', { code: 'PROVIDER_ERROR', reason }), reason).toBe(1);
+    expect(delta('ai_provider_errors_total', { code: 'PROVIDER_ERROR', reason: 'answer' })).toBe(2);
   });
 
   // A call that succeeds at its second try was one `ok`, and nothing else: an upstream's early 429s,

@@ -873,6 +873,23 @@ describe('streaming chat', () => {
     expect(answer!.content.length).toBeGreaterThan(0);
   });
 
+  // The upstream sent its whole answer and its usage, and then nothing for a while (no [DONE]): the
+  // client that left then had the whole text, and the provider billed the tokens.
+  it('stores a reply whose text was over complete, with its usage, when its client leaves before its done', async () => {
+    const projectId = await newProject();
+    const usage = { prompt_tokens: 9, completion_tokens: 2, total_tokens: 11 };
+    fake.enqueue({ content: 'all said', chunks: 2, fault: 'open-after-finish', usage });
+    const controller = new AbortController();
+    const response = await streamChat(projectId, { message: 'leave at the end' }, controller.signal);
+    let deltas = 0;
+    await readSse(response, (event) => (event.event === 'delta' && ++deltas === 2 ? 'stop' : undefined), controller);
+    await expect.poll(async () => (await stored(projectId)).length, { timeout: 5000 }).toBe(2);
+    expect((await stored(projectId)).map((r) => [r.role, r.content, r.status, r.promptTokens, r.completionTokens])).toEqual([
+      ['user', 'leave at the end', 'complete', null, null],
+      ['assistant', 'all said', 'complete', 9, 2],
+    ]);
+  });
+
   it('calls no provider for a client that left while its turn was prepared', async () => {
     const projectId = await newProject();
     const abortedCalls = async () =>

@@ -10,6 +10,7 @@ import { within } from '../../src/providers/abort.js';
 import { type OpenAICompatibleOptions, OpenAICompatibleAdapter } from '../../src/providers/openai-compatible.js';
 import {
   type ChatRequest,
+  EmptyAnswer,
   type ProviderAdapter,
   ProviderError,
   ProviderRateLimited,
@@ -575,10 +576,11 @@ describe('stream', () => {
     ]);
   });
 
-  it('ends at [DONE] with nothing given when no chunk has choices: no text is not a reply (the chat refuses it)', async () => {
-    fake.enqueue({ fault: 'no-choices' });
+  it('fails at [DONE] with nothing given when no chunk has choices: no text is not a reply, and its usage is told', async () => {
+    fake.enqueue({ fault: 'no-choices', usage: { prompt_tokens: 3, completion_tokens: 0, total_tokens: 3 } });
     const { events, error } = await drain(adapter(), chat());
-    expect(error).toBeUndefined();
+    expect(error).toBeInstanceOf(EmptyAnswer);
+    expect((error as EmptyAnswer).usage).toEqual({ promptTokens: 3, completionTokens: 0, totalTokens: 3 });
     expect(deltas(events)).toEqual([]);
   });
 

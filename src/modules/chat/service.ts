@@ -539,7 +539,6 @@ export class ChatService {
     } finally {
       call.end();
     }
-    if (!completion.content) throw await this.failure(turn, userMessage, new ProviderError('The AI provider answered with no content'));
     // Its durable commit makes the question durable too: nothing is acknowledged before both are. A store
     // that fails is the database's failure, answered as such, naming the question as a stream's does
     // once it is durable (its own commit flushed nothing).
@@ -617,16 +616,12 @@ export class ChatService {
     } finally {
       call.end();
     }
-    // The provider is done with. A store that fails from here on is the database's failure, answered as
-    // such (the route names the question), not the provider's.
-    if (clientGone.aborted) {
-      await this.storeIncomplete(turn, text);
-      return { kind: 'client-gone' };
-    }
-    if (!text) return { kind: 'failed', error: await this.failure(turn, userMessage, new ProviderError('The AI provider answered with no content')) };
+    // The provider is done with, and the reply whole: stored complete, with the usage the upstream
+    // reported, even when its client left before its `done`, as a JSON turn's is. A store that fails
+    // from here on is the database's failure, answered as such (the route names the question), not the provider's.
     const result = await this.storeAnswer(turn, userMessage, { content: text, ...end }, keep);
     if (!result) return { kind: 'failed', error: await this.questionGone(turn) };
-    return { kind: 'complete', result };
+    return clientGone.aborted ? { kind: 'client-gone' } : { kind: 'complete', result };
   }
 
   /**
