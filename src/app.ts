@@ -38,7 +38,7 @@ import { PromptsService } from './modules/prompts/service.js';
 import { meterProviders } from './providers/metered.js';
 import { catalogName } from './providers/models.js';
 import { createProviders, defaultModelOf } from './providers/registry.js';
-import { PROVIDER_SETTINGS, type ProviderRetry } from './providers/types.js';
+import { type CallLog, PROVIDER_SETTINGS, type ProviderRetry } from './providers/types.js';
 import { SMALL_BODY_LIMIT_BYTES } from './http/body-limits.js';
 import './validation-messages.js';
 
@@ -151,8 +151,8 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
 
   await app.register(healthRoutes, { database });
   // A retry is otherwise seen nowhere: a call that succeeds at its second try is one `ok`.
-  const onRetry = (retry: ProviderRetry) => {
-    app.log.warn(retry, 'AI provider call failed; trying it again');
+  const onRetry = (retry: ProviderRetry, log: CallLog = app.log) => {
+    log.warn(retry, 'AI provider call failed; trying it again');
     metrics.countProviderRetry(retry);
   };
   const providers = meterProviders(createProviders(config, onRetry), metrics.recordProviderCall);

@@ -328,7 +328,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
       } catch (error) {
         const wait = retry < this.maxRetries && !signal.aborted ? retryWait(error, retry) : undefined;
         if (wait === undefined || Date.now() + wait >= deadline) throw failure(error, signal);
-        this.onRetry?.({ provider: this.name, reason: upstreamFailure(error), retry: retry + 1, waitMs: wait });
+        this.onRetry?.({ provider: this.name, reason: upstreamFailure(error), retry: retry + 1, waitMs: wait }, bounds.log);
         await sleep(wait, undefined, { signal }).catch((abort: unknown) => {
           throw failure(abort, signal);
         });

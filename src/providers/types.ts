@@ -33,6 +33,8 @@ export interface CallBounds {
    * slept on until the signal fires (→ ProviderTimeout). Without it only the signal bounds the waits.
    */
   deadline?: number;
+  /** The log of the request the call is made for, where its retries are logged: without it, the server's, which names no request. */
+  log?: CallLog;
 }
 
 export interface ChatRequest extends CallBounds {
@@ -166,5 +168,13 @@ export interface ProviderRetry {
   waitMs: number;
 }
 
-/** Told of each retry of a provider call, before its wait (see `OpenAICompatibleOptions.onRetry`). */
-export type RetryListener = (retry: ProviderRetry) => void;
+/**
+ * Told of each retry of a provider call, before its wait (see `OpenAICompatibleOptions.onRetry`), with
+ * the log of the request the call is made for, when it has one (`CallBounds.log`).
+ */
+export type RetryListener = (retry: ProviderRetry, log: CallLog | undefined) => void;
+
+/** A request's log (Fastify's, pino's): what it writes carries the request's id. */
+export interface CallLog {
+  warn(fields: object, message: string): void;
+}

@@ -178,9 +178,11 @@ describe('GET /metrics', () => {
       const after = await scrapeOf();
       const delta = (reason: string) => seriesValue(after, 'ai_provider_retries_total', { provider: 'openai', reason }) - seriesValue(before, 'ai_provider_retries_total', { provider: 'openai', reason });
       expect([delta('429'), delta('connection')]).toEqual([1, 1]);
+      // On the request's log: the retries of a call the provider bills each try of, told apart by request.
+      const reqId = answered.headers['x-request-id'];
       expect(logs.lines.filter((line) => line.msg === 'AI provider call failed; trying it again')).toEqual([
-        expect.objectContaining({ level: 40, provider: 'openai', reason: '429', retry: 1 }),
-        expect.objectContaining({ level: 40, provider: 'openai', reason: 'connection', retry: 2 }),
+        expect.objectContaining({ level: 40, reqId, provider: 'openai', reason: '429', retry: 1 }),
+        expect.objectContaining({ level: 40, reqId, provider: 'openai', reason: 'connection', retry: 2 }),
       ]);
     } finally {
       await app.close();

@@ -101,9 +101,10 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         // Only a keyed turn needs it: hashing a message of up to 100,000 characters is no work to do for nothing.
         const hash = () => requestHash({ projectId: projectId.toLowerCase(), message, stream });
         // A keyed turn may still be refused (or replayed) after its checks: its question waits for the claim.
+        const prepare = () => chat.prepare(request.user, projectId, message, { idempotencyKey: key, stream, log: request.log });
         let turn: PreparedTurn;
         try {
-          turn = await chat.prepare(request.user, projectId, message, { idempotencyKey: key, stream });
+          turn = await prepare();
         } catch (error) {
           // Refused for what the project is now (its provider, its model's budget, its prompts), after the
           // token and the project were checked: a key whose request was answered before that changed
@@ -133,7 +134,7 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         try {
           // A retry after an attempt that failed asks its question again: the attempt's question is marked
           // failed, and the context, read with it before the claim, is read again.
-          if (await chat.retireEarlierAttempts(turn.projectId, key)) turn = await chat.prepare(request.user, projectId, message, { idempotencyKey: key, stream });
+          if (await chat.retireEarlierAttempts(turn.projectId, key)) turn = await prepare();
           result = await answer({ keep: (tx, done) => idempotency.complete(userId, key, claimId, done, tx), progressed: () => hold?.progressed() });
         } catch (error) {
           await release();

@@ -13,6 +13,7 @@ import { TokenCounts } from '../../providers/token-counts.js';
 import type { ProviderRegistry } from '../../providers/registry.js';
 import {
   type ChatMessage,
+  type CallLog,
   type ChatRequest,
   type DeltaSink,
   type ProviderAdapter,
@@ -240,6 +241,8 @@ export interface PreparedTurn {
   historyFrom?: string;
   /** A streamed turn whose read stored the question: its flush, sent right behind the read. */
   durable?: Promise<unknown>;
+  /** The log of the request the turn answers: its provider call's retries are logged there. */
+  log: CallLog;
 }
 
 /**
@@ -383,7 +386,7 @@ export class ChatService {
     user: AuthUser,
     projectId: string,
     message: string,
-    { idempotencyKey, stream }: { idempotencyKey?: string; stream: boolean },
+    { idempotencyKey, stream, log }: { idempotencyKey?: string; stream: boolean; log: CallLog },
   ): Promise<PreparedTurn> {
     // The question as stored and read back: UTF-8 has no lone surrogates, which become U+FFFD on the way.
     const text = message.replace(LONE_SURROGATE, '\ufffd');
@@ -441,7 +444,7 @@ export class ChatService {
     const { questionStoredAt } = row;
     const turnAdapter = this.files.turnAdapter(ownedId, adapter, context.messages.at(-1)!);
     const stored = questionStoredAt ? { questionStoredAt, durable } : { historyFrom: row.history[0]?.id };
-    return { projectId: ownedId, adapter: turnAdapter, model, context: context.messages, question, ...stored };
+    return { projectId: ownedId, adapter: turnAdapter, model, context: context.messages, question, log, ...stored };
   }
 
   /**
@@ -533,6 +536,7 @@ export class ChatService {
         maxOutputTokens: this.config.AI_MAX_OUTPUT_TOKENS,
         signal: call.signal,
         deadline: call.deadline,
+        log: turn.log,
       });
     } catch (error) {
       throw await this.failure(turn, userMessage, providerFailure(error, call.timedOut));
@@ -573,6 +577,7 @@ export class ChatService {
       signal: call.signal,
       // What a retry's wait is held against: the deadline as first set (the timer moves, this does not).
       deadline: call.deadline,
+      log: turn.log,
       // The deadline is for silences: each chunk with something in it starts it again, a reasoning
       // model's thinking as a delta does, and says the turn is alive.
       onProgress: () => {

@@ -398,7 +398,7 @@ export class FilesService {
     if (!adapter?.uploadFile) return null;
     try {
       const upload = { filename: file.filename, mimeType: file.mimeType, path: file.path };
-      const { providerFileId } = await adapter.uploadFile(upload, within(this.config.AI_TIMEOUT_MS));
+      const { providerFileId } = await adapter.uploadFile(upload, { ...within(this.config.AI_TIMEOUT_MS), log });
       return providerFileId;
     } catch (error) {
       // The platform's copy is the file; the provider's only lets chat refer to it.
