@@ -167,7 +167,7 @@ export function sendDocumentHeaders(_request: FastifyRequest, reply: FastifyRepl
 }
 
 /** What a browser's script may read of a response besides the safelisted headers. */
-const CORS_EXPOSED_HEADERS = ['x-request-id', 'retry-after', 'content-disposition', 'location', 'etag', 'content-range'];
+const CORS_EXPOSED_HEADERS = ['x-request-id', 'retry-after', 'content-disposition', 'location', 'etag', 'content-range', 'idempotent-replayed'];
 
 const corsOrigin = (origins: string[]) => (origins.includes('*') ? '*' : origins);
 

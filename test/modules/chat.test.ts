@@ -1183,6 +1183,8 @@ describe('idempotency', () => {
     expect(first.statusCode).toBe(200);
     expect(again.statusCode).toBe(200);
     expect(again.json()).toEqual(first.json());
+    // Said of the replay alone: a client that bills by the answers' usage counts this one once.
+    expect([first.headers['idempotent-replayed'], again.headers['idempotent-replayed']]).toEqual([undefined, 'true']);
     expect(fake.requests).toHaveLength(1);
     expect(await stored(projectId)).toHaveLength(2);
   });
@@ -1197,6 +1199,7 @@ describe('idempotency', () => {
     });
     const retried = await retry!;
     expect(retried.status).toBe(200);
+    expect(retried.headers.get('idempotent-replayed')).toBe('true');
     const again = await readSse(retried);
     expect(fake.requests).toHaveLength(1);
     const done = (events: SseEvent[]) => events.find((e) => e.event === 'done')!.data;
@@ -1222,7 +1225,7 @@ describe('idempotency', () => {
     await t.app.inject({ method: 'PATCH', url: `/api/v1/projects/${projectId}`, headers: user.auth, payload: change });
 
     const again = await chat(projectId, { message: 'before' }, json);
-    expect([again.statusCode, again.json()]).toEqual([200, first.json()]);
+    expect([again.statusCode, again.json(), again.headers['idempotent-replayed']]).toEqual([200, first.json(), 'true']);
     expect(await done(await streamChat(projectId, { message: 'before' }, undefined, streamed))).toEqual(firstStreamed);
     expect(fake.requests).toHaveLength(2);
     // A new request is refused as the project is now.

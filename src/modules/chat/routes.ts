@@ -84,6 +84,7 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
           'PROVIDER_TIMEOUT',
         ],
         responseHeaders: {
+          200: { 'Idempotent-Replayed': { type: 'string', description: '`true` on a replay of an Idempotency-Key\'s first result: no provider was called, and no message stored' } },
           409: { 'Retry-After': { type: 'integer', description: 'IDEMPOTENCY_CONFLICT: seconds after which the request may be sent again, to be replayed once answered' } },
         },
       },
@@ -97,6 +98,11 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         const userId = request.user.id;
         const key = request.headers['idempotency-key'];
 
+        // A replay says so, as Stripe's API does: a client that counts answers (their usage, to bill it) counts one once.
+        const replay = (first: ChatResult) => {
+          reply.header('idempotent-replayed', 'true');
+          return stream ? replayAsStream(openStream, first, request, reply) : first;
+        };
         // The project as stored: a UUID in capitals names the same one, and a retry may spell it either way.
         // Only a keyed turn needs it: hashing a message of up to 100,000 characters is no work to do for nothing.
         const hash = () => requestHash({ projectId: projectId.toLowerCase(), message, stream });
@@ -111,7 +117,7 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
           // still has its first result, which a retry is owed; one whose request still runs is 409.
           const first = key && error instanceof ApiError && REFUSED_AS_SET_NOW.has(error.code) ? await idempotency.replay(userId, key, hash()) : undefined;
           if (!first) throw error;
-          return stream ? replayAsStream(openStream, first, request, reply) : first;
+          return replay(first);
         }
         // `keep` runs before the client hears the turn is done, so that a retry it sends then is a replay.
         const answer = (keyed?: KeyedTurn) =>
@@ -119,7 +125,7 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         if (!key) return answer();
 
         const claim = await idempotency.claim(userId, turn.projectId, key, hash());
-        if (claim.kind === 'replay') return stream ? replayAsStream(openStream, claim.response, request, reply) : claim.response;
+        if (claim.kind === 'replay') return replay(claim.response);
         // A stream may run past any fixed bound, each chunk pushing its deadline back: as long as its deltas
         // reach its client (or its model's thinking arrives), its key is not taken over. A JSON turn ends
         // within its deadline, half the time after which a silent key is stale, so it needs no beat.
