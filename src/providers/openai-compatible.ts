@@ -131,9 +131,9 @@ function errorIn(parsed: unknown): ErrorBody | undefined {
  * one after text was given (`midStream`: a stream under way breaks, whatever it names), as a malformed
  * answer. Its text goes to the log either way.
  */
-function inBandError({ code }: ErrorBody, text: string, key: string | undefined, midStream = false): Error {
-  if (!midStream && typeof code === 'number' && code >= 400 && code <= 599) return new UpstreamStatusError(code, {}, text, key);
-  return new Error(`the upstream sent an error: ${quoted(text, key)}`);
+function inBandError({ code }: ErrorBody, text: string, key: string | undefined, headers: ResponseHeaders, midStream = false): Error {
+  if (!midStream && typeof code === 'number' && code >= 400 && code <= 599) return new UpstreamStatusError(code, headers, text, key);
+  return new Error(`the upstream sent an error${upstreamRequestId(headers)}: ${quoted(text, key)}`);
 }
 
 /** The words of a context overflow where no code names it: OpenRouter's code is the HTTP status, vLLM's too. */
@@ -229,7 +229,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
       const response = await this.send('POST', '/chat/completions', chatBody(request, false, this.outputLimitField), signal);
       const body: unknown = await response.body.json().catch(readFailure);
       const error = errorIn(body);
-      if (error) throw inBandError(error, JSON.stringify(body), this.apiKey);
+      if (error) throw inBandError(error, JSON.stringify(body), this.apiKey, response.headers);
       return body;
     })) as { choices?: { message?: { content?: unknown; refusal?: unknown }; finish_reason?: unknown }[]; model?: unknown; usage?: unknown } | null;
     // An upstream may send anything with a 200.
@@ -256,7 +256,7 @@ export class OpenAICompatibleAdapter implements ProviderAdapter {
     return this.withRetries(request, async () => {
       const response = await this.send('POST', '/chat/completions', chatBody(request, true, this.outputLimitField), signal);
       return new Promise<ReplyEnd>((resolve, reject) => {
-        new ReplyReader(response.body, request, this.apiKey, onDelta, resolve, (error, given) => reject(given ? failure(error, signal) : error));
+        new ReplyReader(response, request, this.apiKey, onDelta, resolve, (error, given) => reject(given ? failure(error, signal) : error));
       }).catch(readFailure);
     });
   }
@@ -383,9 +383,12 @@ class ReplyReader {
   /** The call's: once it fires, nothing more is given, whatever has arrived (the client left, the deadline passed). */
   private readonly signal: AbortSignal;
   private readonly onProgress: (() => void) | undefined;
+  private readonly body: Readable;
+  /** The response's: an error sent in the stream is logged with the upstream's id of the request. */
+  private readonly headers: ResponseHeaders;
 
   constructor(
-    private readonly body: Readable,
+    response: Dispatcher.ResponseData,
     request: ChatRequest,
     /** The key the call was made with, kept out of what is logged of an error the upstream sends. */
     private readonly key: string | undefined,
@@ -393,6 +396,9 @@ class ReplyReader {
     private readonly resolve: (end: ReplyEnd) => void,
     private readonly reject: (error: unknown, given: boolean) => void,
   ) {
+    const { body } = response;
+    this.body = body;
+    this.headers = response.headers;
     this.signal = request.signal;
     this.onProgress = request.onProgress;
     this.model = request.model;
@@ -456,7 +462,7 @@ class ReplyReader {
       this.ended = true;
       return this.end();
     }
-    const data = streamChunk(event, this.key, this.given);
+    const data = streamChunk(event, this.key, this.headers, this.given);
     this.afterFinish?.refresh();
     this.model = upstreamModel(data.model, this.model);
     // Servers that ignore stream_options send no usage chunk: usage stays null.
@@ -591,12 +597,12 @@ function answerText(message: { content?: unknown; refusal?: unknown } | null | u
 const cutShort = (finishReason: unknown): boolean => finishReason === 'length' || finishReason === 'content_filter';
 
 /** The chunk an event carries; an error event, or a chunk naming an error, fails the stream (see `inBandError`). */
-function streamChunk(event: SseEvent, key: string | undefined, midStream: boolean): { model?: unknown; usage?: unknown; choices?: unknown } {
-  if (event.event === 'error') throw inBandError(errorOf(event.data), event.data, key, midStream);
+function streamChunk(event: SseEvent, key: string | undefined, headers: ResponseHeaders, midStream: boolean): { model?: unknown; usage?: unknown; choices?: unknown } {
+  if (event.event === 'error') throw inBandError(errorOf(event.data), event.data, key, headers, midStream);
   const chunk: unknown = JSON.parse(event.data);
   if (typeof chunk !== 'object' || chunk === null) throw new Error('stream chunk is not an object');
   const error = errorIn(chunk);
-  if (error) throw inBandError(error, event.data, key, midStream);
+  if (error) throw inBandError(error, event.data, key, headers, midStream);
   return chunk;
 }
 

@@ -495,6 +495,21 @@ describe('stream', () => {
     expect(fake.requests).toHaveLength(1);
   });
 
+  // As a refusal's status is logged with it: what the upstream's support asks for.
+  it("logs an error sent with a 200 (its body, an OpenRouter-style status in it, a stream's chunk) with the upstream's id of the request", async () => {
+    const headers = { 'x-request-id': 'req_inband7' };
+    fake.enqueue(
+      { fault: 'error-body', headers },
+      { fault: 'error-body', headers, errorBody: { error: { code: 400, message: 'Bad request' } } },
+      { content: 'one two three', fault: 'error-body', afterChunks: 2, headers },
+    );
+    const body = await rejection(adapter().complete(chat()));
+    const status = await rejection(adapter().complete(chat()));
+    const { error: streamed } = await drain(adapter(), chat());
+    for (const error of [body, status, streamed]) expect(String((error as Error).cause)).toContain('(upstream request id req_inband7)');
+    expect(fake.requests).toHaveLength(3);
+  });
+
   it('rethrows a client abort mid-stream after the deltas so far, and closes the upstream connection', async () => {
     fake.enqueue({ content: 'one two three', fault: 'stall', afterChunks: 2 });
     const client = new AbortController();
