@@ -484,7 +484,7 @@ class ReplyReader {
       return;
     }
     this.given = true;
-    const taken = this.onDelta(storable(content));
+    const taken = this.onDelta(storable(content), this.model);
     // A finish_reason that came with a delta says the reply is whole should the body end here, not that
     // it ends: some servers put one on every delta, however far apart (see `finish`).
     if (!taken) {

@@ -64,11 +64,12 @@ export interface ChatCompletion extends ReplyEnd {
 }
 
 /**
- * Where a streamed reply's text goes, a piece at a time, as the upstream sends it. A promise returned
+ * Where a streamed reply's text goes, a piece at a time, as the upstream sends it, with the model that
+ * answers as the upstream has named it so far (the one asked for until it names one). A promise returned
  * holds the rest of the reply back until it settles (a slow client), which it must: neither a failure
  * nor the signal ends the call while it is pending. One that rejects ends the call with ProviderError.
  */
-export type DeltaSink = (content: string) => void | Promise<void>;
+export type DeltaSink = (content: string, model: string) => void | Promise<void>;
 
 export interface UploadedFile {
   providerFileId: string;

@@ -925,7 +925,8 @@ describe('streaming chat', () => {
 
   it('ends with an error event and keeps the text so far when the upstream breaks mid-stream', async () => {
     const projectId = await newProject();
-    fake.enqueue({ content: 'first second third', chunks: 3, fault: 'reset', afterChunks: 2 });
+    // Named by the upstream as it answered: the model stored with what came of the answer, as with a whole one.
+    fake.enqueue({ content: 'first second third', chunks: 3, fault: 'reset', afterChunks: 2, model: 'gpt-4o-mini-2024-07-18' });
     const events = await readSse(await streamChat(projectId, { message: 'break' }));
     expect(events.map((e) => e.event)).toEqual(['user_message', 'delta', 'delta', 'error']);
     const error = events.at(-1)!.data;
@@ -936,6 +937,7 @@ describe('streaming chat', () => {
       ['assistant', 'incomplete'],
     ]);
     expect(rows[1]!.content).toBe(events.filter((e) => e.event === 'delta').map((e) => e.data.content).join(''));
+    expect(rows[1]!.model).toBe('gpt-4o-mini-2024-07-18');
   });
 
   it("answers with the model's refusal, which OpenAI's models send in place of content, JSON and streamed", async () => {

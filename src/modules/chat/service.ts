@@ -256,7 +256,7 @@ export type KeepResult = (tx: Db, result: ChatResult) => Promise<void>;
 export interface TurnObserver {
   userMessage(message: MessageDto): void | Promise<void>;
   /** Each delta as it comes; a promise holds the rest of the reply back until it settles (see `DeltaSink`). */
-  delta: DeltaSink;
+  delta(content: string): ReturnType<DeltaSink>;
   /** The upstream sent a chunk with something in it, text or thinking: the turn is alive. */
   progress?(): void;
 }
@@ -586,18 +586,22 @@ export class ChatService {
       },
     };
     let text = '';
-    const onDelta = (content: string) => {
+    // As the upstream names it (a dated version, the model a router chose): an answer cut short is stored
+    // with it, as a whole one is, and not with the name asked for.
+    let answeredBy = turn.model;
+    const onDelta = (content: string, model: string) => {
       // The upstream has answered and no retry will send the context again: an open stream does not keep
       // it (the whole history, up to the model's window) until its last delta.
       if (!text) request.messages = turn.context = [];
       text += content;
+      answeredBy = model;
       return observer.delta(content);
     };
     // The provider call starts while the question is made durable, which it must be before it is announced
     // (by the flush sent behind the turn's read, when there is one): a delta that comes first waits for it.
     const announced = (turn.durable ?? this.makeDurable(userMessage.id)).then(() => observer.userMessage(toMessageDto(userMessage)));
     let announcing = true;
-    const reply = turn.adapter.stream(request, (content) => (announcing ? announced.then(() => onDelta(content)) : onDelta(content)));
+    const reply = turn.adapter.stream(request, (content, model) => (announcing ? announced.then(() => onDelta(content, model)) : onDelta(content, model)));
     reply.catch(() => undefined); // a failure is met below, when it is awaited: it must not go unhandled meanwhile
     try {
       await announced;
@@ -614,7 +618,7 @@ export class ChatService {
       end = await reply;
     } catch (error) {
       // The provider's failure (or the client's leaving): what came before it is kept.
-      const kept = await this.storeIncomplete(turn, text);
+      const kept = await this.storeIncomplete(turn, text, answeredBy);
       if (clientGone.aborted) return { kind: 'client-gone' };
       if (!kept) return { kind: 'failed', error: await this.questionGone(turn, TURN_FAILED_MEANWHILE) };
       return { kind: 'failed', error: naming(userMessage, providerFailure(error, call.timedOut)) };
@@ -837,8 +841,8 @@ export class ChatService {
    * What the provider sent before it failed or the client left, kept as `incomplete`; when it sent
    * nothing, the question is failed. Whether the question was still stored to keep it with.
    */
-  private async storeIncomplete(turn: PreparedTurn, text: string): Promise<boolean> {
-    if (text) return (await this.storeReply(turn, await this.countedReply(turn, text), 'incomplete', turn.model, null)) !== undefined;
+  private async storeIncomplete(turn: PreparedTurn, text: string, model: string): Promise<boolean> {
+    if (text) return (await this.storeReply(turn, await this.countedReply(turn, text), 'incomplete', model, null)) !== undefined;
     return this.markFailed(turn);
   }
 

@@ -34,9 +34,9 @@ export class ForgettingDeletedCopies implements ProviderAdapter {
   async stream(request: ChatRequest, onDelta: DeltaSink): Promise<ReplyEnd> {
     let answered = false;
     try {
-      return await this.inner.stream(request, (content) => {
+      return await this.inner.stream(request, (content, model) => {
         answered = true;
-        return onDelta(content);
+        return onDelta(content, model);
       });
     } catch (error) {
       const again = answered ? undefined : await this.withoutDeleted(request, error);
