@@ -53,7 +53,7 @@ class MeteredAdapter implements ProviderAdapter {
     return this.metered(request, 'complete', () => this.inner.complete(request));
   }
 
-  /** A stream whose client left counts as aborted: its signal ended the call. */
+  /** A stream whose client left counts as aborted (its signal ended the call), unless its text was over by then: a whole reply, `ok`. */
   stream(request: ChatRequest, onDelta: DeltaSink): Promise<ReplyEnd> {
     return this.metered(request, 'stream', () => this.inner.stream(request, onDelta));
   }

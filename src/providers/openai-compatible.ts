@@ -364,6 +364,14 @@ class ReplyReader {
    * end (Open WebUI puts one on its reasoning chunks, some proxies on every chunk).
    */
   private finished = false;
+  /** The last delta of text came with a finish_reason (as it does from servers that put one on every chunk). */
+  private textFinishes = false;
+  /**
+   * The text is over, for sure: after text that came without one, a chunk of no text with a finish_reason
+   * of its own, as OpenAI's last chunk is. (After text that came with one, such a chunk says nothing: a
+   * server that puts one on every chunk may send a keep-alive of no text between deltas.)
+   */
+  private textOver = false;
   /** [DONE] was read. */
   private ended = false;
   /** How the body ended, once it has: null at its end, else what it failed with. */
@@ -440,10 +448,10 @@ class ReplyReader {
     try {
       while (!this.held && !this.settled) {
         // The body is destroyed on an abort, but what already arrived would still be given until it is. A
-        // reply whose text is over (a finish_reason on a chunk of no text, waiting for what may follow it)
-        // is whole however the call ends now, its usage read: a client that left before its `done`, say.
+        // reply whose text is over, waiting for what may follow it (its usage, [DONE]), is whole however the
+        // call ends now, with the usage read by then: a client that left before its `done`, say.
         if (this.signal.aborted) {
-          if (this.afterFinish) return this.end();
+          if (this.textOver) return this.end();
           throw this.signal.reason;
         }
         if (this.nextEvent < this.events.length) this.readEvent(this.events[this.nextEvent++]!);
@@ -481,9 +489,11 @@ class ReplyReader {
       // A chunk without text after a finish_reason (its own, or the last delta's: the usage chunk) ends
       // the text; not before any text (Open WebUI's reasoning chunks carry one).
       if (finishes || this.finished) this.finish(this.given);
+      if (finishes && this.given && !this.textFinishes) this.textOver = true;
       return;
     }
     this.given = true;
+    this.textFinishes = finishes;
     const taken = this.onDelta(storable(content), this.model);
     // A finish_reason that came with a delta says the reply is whole should the body end here, not that
     // it ends: some servers put one on every delta, however far apart (see `finish`).
@@ -519,6 +529,7 @@ class ReplyReader {
     clearTimeout(this.afterFinish);
     this.afterFinish = undefined;
     this.finished = false;
+    this.textOver = false;
     this.finishReason = undefined;
   }
 

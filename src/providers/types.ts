@@ -99,10 +99,6 @@ export class ProviderError extends ApiError {
 }
 
 /**
- * A file's deletion refused with a 4xx that asking again cannot change (400, 422…), not one that may
- * pass: 401 and 403 (the key or its permissions, which an operator puts right), 404 (already gone: deleted), 408 and 429.
- */
-/**
  * An answer with no text (a stream too: nothing but empty deltas and its end), which nothing can store:
  * a failed call, whose tokens were still reported, and billed: `usage` is what the upstream said of them.
  */
@@ -112,6 +108,10 @@ export class EmptyAnswer extends ProviderError {
   }
 }
 
+/**
+ * A file's deletion refused with a 4xx that asking again cannot change (400, 422…), not one that may
+ * pass: 401 and 403 (the key or its permissions, which an operator puts right), 404 (already gone: deleted), 408 and 429.
+ */
 export class ProviderRefusedDeletion extends ProviderError {
   constructor(readonly upstreamStatus: number) {
     super(`The AI provider refused to delete the file (${upstreamStatus})`);

@@ -878,9 +878,10 @@ describe('streaming chat', () => {
   it('stores a reply whose text was over complete, with its usage, when its client leaves before its done', async () => {
     const projectId = await newProject();
     const usage = { prompt_tokens: 9, completion_tokens: 2, total_tokens: 11 };
+    const key = { 'idempotency-key': `key-${uuidv7()}` };
     fake.enqueue({ content: 'all said', chunks: 2, fault: 'open-after-finish', usage });
     const controller = new AbortController();
-    const response = await streamChat(projectId, { message: 'leave at the end' }, controller.signal);
+    const response = await streamChat(projectId, { message: 'leave at the end' }, controller.signal, key);
     let deltas = 0;
     await readSse(response, (event) => (event.event === 'delta' && ++deltas === 2 ? 'stop' : undefined), controller);
     await expect.poll(async () => (await stored(projectId)).length, { timeout: 5000 }).toBe(2);
@@ -888,6 +889,11 @@ describe('streaming chat', () => {
       ['user', 'leave at the end', 'complete', null, null],
       ['assistant', 'all said', 'complete', 9, 2],
     ]);
+    // Its key kept the result: the client's retry is its replay.
+    const retried = await streamChat(projectId, { message: 'leave at the end' }, undefined, key);
+    expect(retried.headers.get('idempotent-replayed')).toBe('true');
+    expect((await readSse(retried)).find((e) => e.event === 'done')!.data.assistantMessage).toMatchObject({ content: 'all said', status: 'complete' });
+    expect(fake.requests).toHaveLength(1);
   });
 
   it('calls no provider for a client that left while its turn was prepared', async () => {
@@ -1359,6 +1365,21 @@ describe('idempotency', () => {
     // A replay now marks nothing.
     expect((await readSse(await streamChat(projectId, { message: 'asked twice' }, undefined, key))).at(-1)!.event).toBe('done');
     expect((await stored(projectId)).filter((r) => r.status === 'failed')).toHaveLength(1);
+  });
+
+  // A key freed by a failure may be sent again with another message: a new turn, which takes nothing back.
+  it('leaves the failed attempt\'s question as it is when its key comes back with another message', async () => {
+    const projectId = await newProject();
+    const key = { 'idempotency-key': `key-${uuidv7()}` };
+    fake.enqueue({ content: 'first second third', chunks: 3, fault: 'reset', afterChunks: 2 });
+    expect((await readSse(await streamChat(projectId, { message: 'question A' }, undefined, key))).at(-1)!.event).toBe('error');
+    expect((await chat(projectId, { message: 'question B' }, key)).statusCode).toBe(200);
+    expect(fake.requests.at(-1)!.body.messages).toEqual([
+      { role: 'user', content: 'question A' },
+      { role: 'assistant', content: 'first second' },
+      { role: 'user', content: 'question B' },
+    ]);
+    expect((await stored(projectId)).map((r) => r.status)).toEqual(['complete', 'incomplete', 'complete', 'complete']);
   });
 
   it('leaves a question asked with a key before the replay window as it is when the key is used again', async () => {

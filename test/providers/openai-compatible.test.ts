@@ -526,6 +526,25 @@ describe('stream', () => {
     await fake.waitForClientClose();
   });
 
+  // The client left while the upstream, its text over, held the response open: the reply was whole. But
+  // not from a server that puts a finish_reason on every chunk: its chunk of no text may be a keep-alive.
+  it.each<[string, string[], boolean]>([
+    ['text, then a last chunk of no text with a finish_reason, and the usage', [streamed({ index: 0, delta: { content: 'All ' } }), streamed({ index: 0, delta: { content: 'said.' } }), streamed({ index: 0, delta: {}, finish_reason: 'stop' }), `data: ${JSON.stringify({ choices: [], usage: { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7 } })}\n\n`], true],
+    ['text with a finish_reason on every chunk, and one of no text', [streamed({ index: 0, delta: { content: 'All ' }, finish_reason: 'stop' }), streamed({ index: 0, delta: { content: 'said.' }, finish_reason: 'stop' }), streamed({ index: 0, delta: {}, finish_reason: 'stop' })], false],
+  ])('takes a reply as whole when the call is aborted after %s: only when its text is over for sure', async (_, chunks, whole) => {
+    const clientGone = new Error('client went away');
+    const client = new AbortController();
+    const script = async (res: ServerResponse) => {
+      res.write(chunks.join(''));
+      // The client leaves while the response stays open (no [DONE]), well before the drain's second of silence.
+      setTimeout(() => client.abort(clientGone), 100);
+    };
+    const { events, error } = await withScriptedStream(script, (baseURL) => drain(adapter({ baseURL }), chat(10_000, { signal: client.signal })));
+    expect(deltas(events)).toEqual(['All ', 'said.']);
+    if (whole) expect([events.at(-1), error]).toEqual([expect.objectContaining({ type: 'done', usage: { promptTokens: 5, completionTokens: 2, totalTokens: 7 } }), undefined]);
+    else expect(error).toBe(clientGone);
+  });
+
   it('ends a stalled stream with ProviderTimeout at the deadline, after the deltas so far', async () => {
     fake.enqueue({ content: 'one two three', fault: 'stall', afterChunks: 1 });
     const { events, error } = await drain(adapter(), chat(500));

@@ -140,7 +140,7 @@ export const chatRoutes: FastifyPluginAsyncZod<ChatRoutesOptions> = async (app, 
         try {
           // A retry after an attempt that failed asks its question again: the attempt's question is marked
           // failed, and the context, read with it before the claim, is read again.
-          if (await chat.retireEarlierAttempts(turn.projectId, key)) turn = await prepare();
+          if (await chat.retireEarlierAttempts(turn, key)) turn = await prepare();
           result = await answer({ keep: (tx, done) => idempotency.complete(userId, key, claimId, done, tx), progressed: () => hold?.progressed() });
         } catch (error) {
           await release();

@@ -337,8 +337,11 @@ export class ChatService {
     this.insertQuestionStatement = direct(db.with(question).select({ createdAt: question.createdAt }).from(question).prepare('chat_insert_question'));
     this.markFailedStatement = failedStatementOn(db);
     // Within the replay window a key is claimed again only when its earlier attempts did not complete (a
-    // completed one is replayed): their questions are the ones asked again. Past it, a key may be reused
-    // for a new question, and what was asked with it before stays as it is.
+    // completed one is replayed): those that asked the same question are the ones asked again. (A key
+    // freed by a failure may be sent with another message: a new turn, which takes nothing back.) Past
+    // the window, a key may be reused for the same question, answered then: what was asked stays as it is.
+    // The window runs from the question, stamped a moment after its key's claim: a completed turn's key
+    // reused in the moment past its window with the same message would have its question marked.
     this.retireAttemptsStatement = db
       .update(messages)
       .set({ status: 'failed' })
@@ -346,6 +349,7 @@ export class ChatService {
         and(
           eq(messages.projectId, sql.placeholder('projectId')),
           eq(messages.idempotencyKey, sql.placeholder('key')),
+          eq(messages.content, sql.placeholder('content')),
           eq(messages.role, 'user'),
           ne(messages.status, 'failed'),
           gt(messages.createdAt, sql`now() - interval '${sql.raw(REPLAY_WINDOW)}'`),
@@ -558,8 +562,8 @@ export class ChatService {
    * upstream's first chunk (retries included) and then each silence between its chunks, so a long answer
    * that keeps coming, or a long thought before it, is never cut. A client that leaves aborts the upstream
    * call; text received so far is kept as `incomplete`, as it is when the upstream breaks or `interrupt`
-   * fires (server shutdown), whose reason, an ApiError, is then the failure. `keep` keeps a complete
-   * result with the answer.
+   * fires (server shutdown), whose reason, an ApiError, is then the failure; a reply whose text was over
+   * by then (see `ReplyReader`) is whole, and stored so. `keep` keeps a complete result with the answer.
    */
   async stream(turn: PreparedTurn, observer: TurnObserver, clientGone: AbortSignal, interrupt: AbortSignal, keep?: KeepResult): Promise<StreamOutcome> {
     const userMessage = await this.storeQuestion(turn);
@@ -628,9 +632,18 @@ export class ChatService {
     // The provider is done with, and the reply whole: stored complete, with the usage the upstream
     // reported, even when its client left before its `done`, as a JSON turn's is. A store that fails
     // from here on is the database's failure, answered as such (the route names the question), not the provider's.
-    const result = await this.storeAnswer(turn, userMessage, { content: text, ...end }, keep);
+    const stored = this.storeAnswer(turn, userMessage, { content: text, ...end }, keep);
+    if (clientGone.aborted) {
+      // Nobody to tell that a retry took the key over, or that the history was cleared: the store left
+      // the answer out as it does then.
+      await stored.catch((error: unknown) => {
+        if (!(error instanceof KeyTakenOver)) throw error;
+      });
+      return { kind: 'client-gone' };
+    }
+    const result = await stored;
     if (!result) return { kind: 'failed', error: await this.questionGone(turn) };
-    return clientGone.aborted ? { kind: 'client-gone' } : { kind: 'complete', result };
+    return { kind: 'complete', result };
   }
 
   /**
@@ -775,15 +788,16 @@ export class ChatService {
   }
 
   /**
-   * Marks failed the questions that earlier attempts with the Idempotency-Key `key` stored in the project
-   * and that got no complete answer (see `retireAttemptsStatement`): a turn that has just claimed the key
-   * asks the same question again. A dropped or broken stream left its question `complete`, with the text
+   * Marks failed the question `content` that earlier attempts with the Idempotency-Key `key` stored in the
+   * project, within the replay window (see `retireAttemptsStatement`): a turn that has just claimed the
+   * key asks it again. A dropped or broken stream left its question `complete`, with the text
    * so far as an `incomplete` answer; sent on with the retry's, the model read the question twice. Their
    * answers stay stored and listed, and are left out of contexts with their questions (see
    * `pairAnswers`). Whether any was marked: the context read before the claim held it.
    */
-  async retireEarlierAttempts(projectId: string, key: string): Promise<boolean> {
-    const marked = await this.retireAttemptsStatement.execute({ projectId, key });
+  async retireEarlierAttempts(turn: PreparedTurn, key: string): Promise<boolean> {
+    const { projectId } = turn;
+    const marked = await this.retireAttemptsStatement.execute({ projectId, key, content: turn.question.content });
     if (marked.length === 0) return false;
     this.historyCache.forget(projectId);
     return true;

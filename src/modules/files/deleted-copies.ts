@@ -1,5 +1,5 @@
 import type { ChatCompletion, ChatRequest, DeltaSink, ProviderAdapter, ProviderName, ReplyEnd } from '../../providers/types.js';
-import { ProviderError } from '../../providers/types.js';
+import { EmptyAnswer, ProviderError } from '../../providers/types.js';
 
 /**
  * A turn's adapter for a new message that names provider files (PDFs sent by reference). A file
@@ -48,7 +48,8 @@ export class ForgettingDeletedCopies implements ProviderAdapter {
   /** The request without its files deleted since, when `error` may be the provider refusing them; else undefined. */
   private async withoutDeleted(request: ChatRequest, error: unknown): Promise<ChatRequest | undefined> {
     const question = request.messages.at(-1);
-    if (!(error instanceof ProviderError) || !question?.fileIds?.length || request.signal.aborted) return undefined;
+    // An answer of no text was an answer: the files were not refused.
+    if (!(error instanceof ProviderError) || error instanceof EmptyAnswer || !question?.fileIds?.length || request.signal.aborted) return undefined;
     const named = question.fileIds;
     // A check that fails leaves the provider's own error to answer with.
     const kept = new Set(await this.stillNamed(named).catch(() => named));
