@@ -35,6 +35,10 @@ export const projects = pgTable(
     model: text('model'),
     newestPromptId: uuid('newest_prompt_id'),
     newestFileCreatedAt: timestamp('newest_file_created_at', { withTimezone: true, mode: 'date' }),
+    // Counts the changes to the project's stored messages other than new ones (a question marked failed,
+    // however deep in the history): a history an instance keeps in memory (see `HistoryCache`) was read
+    // at a revision, and a turn that reads another reads its history again.
+    historyRevision: integer('history_revision').notNull().default(0),
     ...timestamps,
   },
   (t) => [index('projects_user_id_id_idx').on(t.userId, t.id)],

@@ -13,50 +13,52 @@ const whole = (known: ExtendedHistory | undefined) => known && [...known.newer, 
 describe('HistoryCache', () => {
   it('puts the newer messages of the page before the cached history that it lines up with', () => {
     const cache = new HistoryCache(1024 * 1024);
-    cache.remember('p', { messages: newestFirst(100, 1), complete: true }, cache.version);
-    const known = cache.extend('p', newestFirst(102, 39));
+    cache.remember('p', { messages: newestFirst(100, 1), complete: true, revision: 0 }, cache.version);
+    const known = cache.extend('p', newestFirst(102, 39), 0);
     expect(ids(whole(known))).toEqual(ids(newestFirst(102, 1)));
     expect(known?.cached.complete).toBe(true);
   });
 
   it('misses a project it holds nothing of, a page without the cached newest message, and one that differs past it', () => {
     const cache = new HistoryCache(1024 * 1024);
-    cache.remember('p', { messages: newestFirst(100, 1), complete: false }, cache.version);
-    expect(cache.extend('q', newestFirst(100, 37))).toBeUndefined();
+    cache.remember('p', { messages: newestFirst(100, 1), complete: false, revision: 0 }, cache.version);
+    expect(cache.extend('q', newestFirst(100, 37), 0)).toBeUndefined();
     // Cleared, then written again: the cached newest message is gone.
-    expect(cache.extend('p', newestFirst(300, 237))).toBeUndefined();
+    expect(cache.extend('p', newestFirst(300, 237), 0)).toBeUndefined();
     // A message stored among the cached ones (another instance's clock behind): 99.5 between 100 and 99.
     const page = [message(101), message(100), { ...message(995), id: '99.5' }, ...newestFirst(99, 39)];
-    expect(cache.extend('p', page)).toBeUndefined();
-    expect(ids(whole(cache.extend('p', newestFirst(101, 38))))).toEqual(ids(newestFirst(101, 1)));
+    expect(cache.extend('p', page, 0)).toBeUndefined();
+    // A stored message changed since it was read (a question marked failed, by another instance too).
+    expect(cache.extend('p', newestFirst(101, 38), 1)).toBeUndefined();
+    expect(ids(whole(cache.extend('p', newestFirst(101, 38), 0)))).toEqual(ids(newestFirst(101, 1)));
   });
 
   it('keeps nothing read before a history was forgotten: it may hold the message forgotten for', () => {
     const cache = new HistoryCache(1024 * 1024);
-    cache.remember('p', { messages: newestFirst(100, 1), complete: true }, cache.version);
+    cache.remember('p', { messages: newestFirst(100, 1), complete: true, revision: 0 }, cache.version);
     const readBefore = cache.version;
     cache.forget('p');
-    expect(cache.extend('p', newestFirst(100, 37))).toBeUndefined();
+    expect(cache.extend('p', newestFirst(100, 37), 0)).toBeUndefined();
     // A turn that read before the forget, and remembers after it, keeps nothing; one that read after it does.
-    cache.remember('p', { messages: newestFirst(100, 1), complete: true }, readBefore);
-    expect(cache.extend('p', newestFirst(100, 37))).toBeUndefined();
-    cache.remember('p', { messages: newestFirst(99, 1), complete: true }, cache.version);
-    expect(ids(whole(cache.extend('p', newestFirst(100, 37))))).toEqual(ids(newestFirst(100, 1)));
+    cache.remember('p', { messages: newestFirst(100, 1), complete: true, revision: 0 }, readBefore);
+    expect(cache.extend('p', newestFirst(100, 37), 0)).toBeUndefined();
+    cache.remember('p', { messages: newestFirst(99, 1), complete: true, revision: 0 }, cache.version);
+    expect(ids(whole(cache.extend('p', newestFirst(100, 37), 0)))).toEqual(ids(newestFirst(100, 1)));
   });
 
   it('keeps at most its bytes, the least recently used projects going first', () => {
     // 100 messages of about 230 bytes: 23 KB a project, room for two.
     const cache = new HistoryCache(50_000);
-    for (const project of ['a', 'b']) cache.remember(project, { messages: newestFirst(100, 1), complete: true }, cache.version);
-    expect(cache.extend('a', newestFirst(100, 37))).toBeDefined(); // a is now the most recently used
-    cache.remember('c', { messages: newestFirst(100, 1), complete: true }, cache.version);
-    expect(cache.extend('b', newestFirst(100, 37))).toBeUndefined();
-    expect(cache.extend('a', newestFirst(100, 37))).toBeDefined();
-    expect(cache.extend('c', newestFirst(100, 37))).toBeDefined();
+    for (const project of ['a', 'b']) cache.remember(project, { messages: newestFirst(100, 1), complete: true, revision: 0 }, cache.version);
+    expect(cache.extend('a', newestFirst(100, 37), 0)).toBeDefined(); // a is now the most recently used
+    cache.remember('c', { messages: newestFirst(100, 1), complete: true, revision: 0 }, cache.version);
+    expect(cache.extend('b', newestFirst(100, 37), 0)).toBeUndefined();
+    expect(cache.extend('a', newestFirst(100, 37), 0)).toBeDefined();
+    expect(cache.extend('c', newestFirst(100, 37), 0)).toBeDefined();
     // A history larger than the whole cache is not kept, and what it replaces is dropped.
-    cache.remember('a', { messages: newestFirst(100, 1).map((m) => message(Number(m.id), 'x'.repeat(1_000))), complete: true }, cache.version);
-    expect(cache.extend('a', newestFirst(100, 37))).toBeUndefined();
-    expect(cache.extend('c', newestFirst(100, 37))).toBeDefined();
+    cache.remember('a', { messages: newestFirst(100, 1).map((m) => message(Number(m.id), 'x'.repeat(1_000))), complete: true, revision: 0 }, cache.version);
+    expect(cache.extend('a', newestFirst(100, 37), 0)).toBeUndefined();
+    expect(cache.extend('c', newestFirst(100, 37), 0)).toBeDefined();
   });
 });
 
@@ -66,24 +68,24 @@ describe('HistoryCache bytes of a continued history', () => {
   it('counts a history continued turn after turn as the same history counted whole', () => {
     // 100 messages of about 230 bytes: 23 KB a project, room for two.
     const cache = new HistoryCache(50_000);
-    cache.remember('a', { messages: newestFirst(100, 1), complete: false }, cache.version);
-    cache.remember('b', { messages: newestFirst(100, 1), complete: false }, cache.version);
+    cache.remember('a', { messages: newestFirst(100, 1), complete: false, revision: 0 }, cache.version);
+    cache.remember('b', { messages: newestFirst(100, 1), complete: false, revision: 0 }, cache.version);
     // Each turn two newer messages and the two oldest dropped; every other turn, one more dropped and an
     // older one read after the cached ones (as a page read from the database): 'a' stays as large.
     for (let newest = 102; newest <= 1_000; newest += 2) {
-      const known = cache.extend('a', newestFirst(newest, newest - 63))!;
+      const known = cache.extend('a', newestFirst(newest, newest - 63), 0)!;
       expect(ids(known.newer)).toEqual([newest, newest - 1]);
       const older = newest % 4 ? [] : [message(-newest)];
       const kept = known.cached.messages.length - 2 - older.length;
       const messages = [...known.newer, ...known.cached.messages.slice(0, kept), ...older];
-      cache.remember('a', { messages, complete: false }, cache.version, { cached: known.cached, from: 2, kept });
+      cache.remember('a', { messages, complete: false, revision: 0 }, cache.version, { cached: known.cached, from: 2, kept });
     }
-    expect(cache.extend('b', newestFirst(100, 37))).toBeDefined();
+    expect(cache.extend('b', newestFirst(100, 37), 0)).toBeDefined();
     // A third project takes the room of the least recently used, 'a': 'b' stays, as it would were 'a' counted whole.
-    cache.remember('c', { messages: newestFirst(100, 1), complete: false }, cache.version);
-    expect(cache.extend('a', newestFirst(1_000, 937))).toBeUndefined();
-    expect(cache.extend('b', newestFirst(100, 37))).toBeDefined();
-    expect(cache.extend('c', newestFirst(100, 37))).toBeDefined();
+    cache.remember('c', { messages: newestFirst(100, 1), complete: false, revision: 0 }, cache.version);
+    expect(cache.extend('a', newestFirst(1_000, 937), 0)).toBeUndefined();
+    expect(cache.extend('b', newestFirst(100, 37), 0)).toBeDefined();
+    expect(cache.extend('c', newestFirst(100, 37), 0)).toBeDefined();
   });
 });
 
@@ -104,7 +106,7 @@ describe('HistoryCache memory', () => {
         const window = stored.slice(end - length, end);
         // What a turn sends of it (providers/openai-compatible.ts sends these parts), between its prompt and question.
         messagesWire([{ role: 'system', content: 'be brief' }, ...window, { role: 'user', content: text(project) }]);
-        cache.remember(`p${project}`, { messages: window.reverse(), complete: false }, cache.version);
+        cache.remember(`p${project}`, { messages: window.reverse(), complete: false, revision: 0 }, cache.version);
       };
       for (let end = 200; end <= 240; end += 2) turn(end, 200);
       for (let end = 242; end <= 246; end += 2) turn(end, 100);

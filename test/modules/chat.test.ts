@@ -1367,6 +1367,26 @@ describe('idempotency', () => {
     expect((await stored(projectId)).filter((r) => r.status === 'failed')).toHaveLength(1);
   });
 
+  // Another instance keeps the history in memory past its newest page, and marked nothing itself.
+  it("has every instance's kept history forget the attempt's question that a retry marks deep in it", async () => {
+    const other = await buildApp(testConfig({ AI_BASE_URL: fake.url, AI_MODEL: 'gpt-4o-mini' }), { database: t.testDb.database });
+    try {
+      const projectId = await newProject();
+      const key = { 'idempotency-key': `key-${uuidv7()}` };
+      fake.enqueue({ content: 'first second third', chunks: 3, fault: 'reset', afterChunks: 2 });
+      expect((await readSse(await streamChat(projectId, { message: 'asked twice' }, undefined, key))).at(-1)!.event).toBe('error');
+      // Past the first page of 64 messages: the other instance keeps the history, the broken attempt in it.
+      for (let turn = 0; turn < 34; turn++) expect((await chat(projectId, { message: `turn ${turn}` }, {}, other)).statusCode).toBe(200);
+      expect((await chat(projectId, { message: 'asked twice' }, key)).statusCode).toBe(200);
+      expect((await chat(projectId, { message: 'after' }, {}, other)).statusCode).toBe(200);
+      const sent = fake.requests.at(-1)!.body.messages as { content: string }[];
+      expect(sent.filter((m) => m.content === 'asked twice')).toHaveLength(1);
+      expect(sent.map((m) => m.content)).not.toContain('first second');
+    } finally {
+      await other.close();
+    }
+  });
+
   // A key freed by a failure may be sent again with another message: a new turn, which takes nothing back.
   it('leaves the failed attempt\'s question as it is when its key comes back with another message', async () => {
     const projectId = await newProject();

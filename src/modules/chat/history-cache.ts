@@ -15,6 +15,8 @@ export interface KnownHistory {
   messages: StoredHistoryMessage[];
   /** The oldest stored message is the last of `messages`: there is nothing older to read. */
   complete: boolean;
+  /** The project's history revision it was read at (`projects.history_revision`): a stored message changed since is another. */
+  revision: number;
   /**
    * What `messages` take of a request in `encoding`, each message's framing included, when every one
    * carries its stored count in it: the next turn then finds where its window ends by the oldest
@@ -72,11 +74,12 @@ export type ForgetsHistory = Pick<HistoryCache, 'forget'>;
 /**
  * The history that turns read past their first page, per project, in this process, so that the next
  * turn of a long conversation reads its newest page and not the thousands of messages behind it again.
- * Messages are never changed once stored but for a question marked failed, which its turn forgets
- * here (with what turns reading meanwhile would keep); they are only added (newer than all others, as
- * a rule) and removed all at once (history cleared, project deleted). So a project's cached history still holds
- * when the newest page read now contains the cached newest message and, from there on, the same
- * messages as the cache: what is newer comes from the page, the rest from the cache. A cleared
+ * Messages are never changed once stored but for a question marked failed, which its project's history
+ * revision counts (in whichever instance marked it; this one also forgets it here, with what turns
+ * reading meanwhile would keep); they are only added (newer than all others, as a rule) and removed all
+ * at once (history cleared, project deleted). So a project's cached history still holds when it was read
+ * at the project's revision now, and the newest page read now contains the cached newest message and,
+ * from there on, the same messages as the cache: what is newer comes from the page, the rest from the cache. A cleared
  * history, a message stored out of order within that page (by hand: the service stamps each message
  * after the project's newest, see `message_stamp`) or anything else that does not line up is a miss,
  * and the turn reads from the database as if there were no cache. Least recently used projects go
@@ -92,10 +95,13 @@ export class HistoryCache {
 
   constructor(private readonly maxBytes: number) {}
 
-  /** The project's history: what of `newestPage` (read now, newest first) is newer than what the cache holds, when the two line up. */
-  extend(projectId: string, newestPage: StoredHistoryMessage[]): ExtendedHistory | undefined {
+  /**
+   * The project's history: what of `newestPage` (read now, at the history's `revision`, newest first) is
+   * newer than what the cache holds, when the two line up.
+   */
+  extend(projectId: string, newestPage: StoredHistoryMessage[], revision: number): ExtendedHistory | undefined {
     const entry = this.entries.get(projectId);
-    if (!entry) return undefined;
+    if (!entry || entry.history.revision !== revision) return undefined;
     const cached = entry.history.messages;
     const start = newestPage.findIndex((message) => message.id === cached[0]!.id);
     const overlap = newestPage.length - start;

@@ -1,4 +1,4 @@
-import { and, eq, getTableColumns, gt, ne, type SQL, sql, type SQLWrapper } from 'drizzle-orm';
+import { and, eq, getTableColumns, type SQL, sql, type SQLWrapper } from 'drizzle-orm';
 import { uuidv7 } from '../../db/ids.js';
 import { type Config, ConfigError } from '../../config.js';
 import type { Database, Db } from '../../db/database.js';
@@ -135,6 +135,8 @@ export function turnStatementOn(db: Db) {
         storedPromptTokens: sql<number>`${storedPromptTokens}`.mapWith(Number),
         files: chatFilesOf(projects.id),
         history: historyPage(projects.id, undefined, HISTORY_PAGES[0]!),
+        // Read with the page, in one snapshot: the history the cache may hold past it is of this revision or not.
+        historyRevision: projects.historyRevision,
         // When the read stored the question: its time, as stored.
         questionStoredAt: sql<Date | null>`(select created_at from ${question})`.mapWith(messages.createdAt),
         // Stored or not, the commit flushes nothing: see `storeQuestion`.
@@ -169,16 +171,26 @@ export function flushStatementOn(db: Db) {
 }
 
 /**
- * Marks the stored question `questionId` failed: its turn ended with no answer stored. A durable commit,
- * so it makes the question durable too, as `chat_make_durable` would (see `flushStatementOn`).
+ * Marks failed the stored questions of the project `projectId` that `which` names, counting the change
+ * in the project's history revision (see `HistoryCache`) when there is one. The project's row first, as
+ * a deletion of the project takes it before its messages: taken the other way round, the two could wait
+ * for each other. A durable commit, so it makes the questions durable too, as `chat_make_durable` would
+ * (see `flushStatementOn`).
  */
-function failedStatementOn(db: Db) {
+function markFailedOn(db: Db, which: SQL, name: string) {
+  const projectId = param('projectId', 'uuid');
+  const marked = sql`${messages.projectId} = ${projectId} and ${which}`;
+  const revised = db.$with('revised', { id: projects.id }).as(
+    sql`update ${projects} set history_revision = history_revision + 1
+      where ${projects.id} = ${projectId} and exists (select 1 from ${messages} where ${marked}) returning id`,
+  );
   return db
+    .with(revised)
     .update(messages)
     .set({ status: 'failed' })
-    .where(eq(messages.id, sql.placeholder('questionId')))
+    .where(sql`${marked} and ${messages.projectId} in (select id from ${revised})`)
     .returning({ id: messages.id })
-    .prepare('chat_mark_failed');
+    .prepare(name);
 }
 
 /**
@@ -335,28 +347,20 @@ export class ChatService {
         returning created_at, set_config('synchronous_commit', 'off', true)`,
     );
     this.insertQuestionStatement = direct(db.with(question).select({ createdAt: question.createdAt }).from(question).prepare('chat_insert_question'));
-    this.markFailedStatement = failedStatementOn(db);
+    // The question that its turn ended with no answer stored.
+    this.markFailedStatement = markFailedOn(db, sql`${messages.id} = ${param('questionId', 'uuid')}`, 'chat_mark_failed');
     // Within the replay window a key is claimed again only when its earlier attempts did not complete (a
     // completed one is replayed): those that asked the same question are the ones asked again. (A key
     // freed by a failure may be sent with another message: a new turn, which takes nothing back.) Past
     // the window, a key may be reused for the same question, answered then: what was asked stays as it is.
     // The window runs from the question, stamped a moment after its key's claim: a completed turn's key
     // reused in the moment past its window with the same message would have its question marked.
-    this.retireAttemptsStatement = db
-      .update(messages)
-      .set({ status: 'failed' })
-      .where(
-        and(
-          eq(messages.projectId, sql.placeholder('projectId')),
-          eq(messages.idempotencyKey, sql.placeholder('key')),
-          eq(messages.content, sql.placeholder('content')),
-          eq(messages.role, 'user'),
-          ne(messages.status, 'failed'),
-          gt(messages.createdAt, sql`now() - interval '${sql.raw(REPLAY_WINDOW)}'`),
-        ),
-      )
-      .returning({ id: messages.id })
-      .prepare('chat_retire_attempts');
+    this.retireAttemptsStatement = markFailedOn(
+      db,
+      sql`${messages.idempotencyKey} = ${param('key', 'text')} and ${messages.content} = ${param('content', 'text')}
+        and ${messages.role} = 'user' and ${messages.status} <> 'failed' and ${messages.createdAt} > now() - interval '${sql.raw(REPLAY_WINDOW)}'`,
+      'chat_retire_attempts',
+    );
     // A prompt changed since it was counted has another `updatedAt` (and its count is back to null); one
     // that another turn stored meanwhile is not written again. A count is worth no flush to disk: lost in
     // a crash, it is counted again (`set_config(…, true)`: for its own transaction).
@@ -432,7 +436,7 @@ export class ChatService {
           encoding,
           providerReadsFiles: adapter.supportsFiles,
         }),
-      history: (room) => this.newestHistory(ownedId, row.history, model, room, cacheVersion),
+      history: (room) => this.newestHistory(ownedId, { page: row.history, revision: row.historyRevision! }, model, room, cacheVersion),
       newMessage: { content: text, tokens: textTokens },
       budget,
       promptTokens: (prompt) => this.promptTokens(prompt, model, encoding, counted),
@@ -657,14 +661,14 @@ export class ChatService {
    */
   private async *newestHistory(
     projectId: string,
-    firstPage: StoredHistoryMessage[],
+    { page: firstPage, revision }: { page: StoredHistoryMessage[]; revision: number },
     model: string,
     room: number,
     cacheVersion: number,
   ): AsyncGenerator<HistoryPage> {
     const encoding = encodingName(model);
     const full = (page: StoredHistoryMessage[], size: number) => page.length === HISTORY_PAGES[size];
-    const known = full(firstPage, 0) ? this.historyCache.extend(projectId, firstPage) : undefined;
+    const known = full(firstPage, 0) ? this.historyCache.extend(projectId, firstPage, revision) : undefined;
     // Whether messages older than those read may exist: a short page that the budget did not cut was the oldest.
     let more = known ? !known.cached.complete : full(firstPage, 0);
     // What fitted, newest first, and what it takes while every message of it carried its count in `encoding`.
@@ -726,7 +730,7 @@ export class ChatService {
     // cut short would be cached as all there is.
     if (fitted.length > HISTORY_PAGES[0]!) {
       const tokens = fittedTokens === undefined ? undefined : { encoding, total: fittedTokens };
-      this.historyCache.remember(projectId, { messages: fitted, complete: !spent && !more, tokens }, cacheVersion, continues);
+      this.historyCache.remember(projectId, { messages: fitted, complete: !spent && !more, revision, tokens }, cacheVersion, continues);
     }
   }
 
@@ -777,12 +781,11 @@ export class ChatService {
    * answered nothing, the client left first, a retry took its key over), so that later turns leave it
    * out of their context (see `historyPage`). The project's cached history is dropped, and so is what
    * turns reading it now would cache: a question marked after it was read, past the newest page, would
-   * otherwise stay in it.
-   * (Another instance's cache may keep such a question: that needs more than a page of messages stored
-   * during the failed turn.) Whether the question was still stored to be marked.
+   * otherwise stay in it. Other instances' kept histories go at their next turn of the project, read at
+   * the revision the marking counted (see `markFailedOn`). Whether the question was still stored to be marked.
    */
   private async markFailed(turn: TurnOfQuestion): Promise<boolean> {
-    const marked = await this.markFailedStatement.execute({ questionId: turn.question.id });
+    const marked = await this.markFailedStatement.execute({ projectId: turn.projectId, questionId: turn.question.id });
     this.historyCache.forget(turn.projectId);
     return marked.length > 0;
   }
