@@ -35,10 +35,6 @@ export const projects = pgTable(
     model: text('model'),
     newestPromptId: uuid('newest_prompt_id'),
     newestFileCreatedAt: timestamp('newest_file_created_at', { withTimezone: true, mode: 'date' }),
-    // Counts the changes to the project's stored messages other than new ones (a question marked failed,
-    // however deep in the history): a history an instance keeps in memory (see `HistoryCache`) was read
-    // at a revision, and a turn that reads another reads its history again.
-    historyRevision: integer('history_revision').notNull().default(0),
     ...timestamps,
   },
   (t) => [index('projects_user_id_id_idx').on(t.userId, t.id)],
@@ -95,6 +91,8 @@ export const messages = pgTable(
   (t) => [
     index('messages_project_id_created_at_id_idx').on(t.projectId, t.createdAt, t.id),
     index('messages_project_id_idempotency_key_idx').on(t.projectId, t.idempotencyKey).where(sql`${t.idempotencyKey} is not null`),
+    // What a turn counts of its project's failed questions: its history's revision (see `turnStatementOn`).
+    index('messages_project_id_failed_idx').on(t.projectId).where(sql`${t.status} = 'failed'`),
     check('messages_role_check', sql`${t.role} in ('user', 'assistant', 'system')`),
     check('messages_status_check', sql`${t.status} in ('complete', 'incomplete', 'failed')`),
   ],

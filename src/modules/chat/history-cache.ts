@@ -15,7 +15,7 @@ export interface KnownHistory {
   messages: StoredHistoryMessage[];
   /** The oldest stored message is the last of `messages`: there is nothing older to read. */
   complete: boolean;
-  /** The project's history revision it was read at (`projects.history_revision`): a stored message changed since is another. */
+  /** The revision of the project's history it was read at (see `turnStatementOn`): a stored message changed since is another. */
   revision: number;
   /**
    * What `messages` take of a request in `encoding`, each message's framing included, when every one
@@ -74,8 +74,8 @@ export type ForgetsHistory = Pick<HistoryCache, 'forget'>;
 /**
  * The history that turns read past their first page, per project, in this process, so that the next
  * turn of a long conversation reads its newest page and not the thousands of messages behind it again.
- * Messages are never changed once stored but for a question marked failed, which its project's history
- * revision counts (in whichever instance marked it; this one also forgets it here, with what turns
+ * Messages are never changed once stored but for a question marked failed, which the revision of the
+ * project's history counts (whichever instance marked it; this one also forgets it here, with what turns
  * reading meanwhile would keep); they are only added (newer than all others, as a rule) and removed all
  * at once (history cleared, project deleted). So a project's cached history still holds when it was read
  * at the project's revision now, and the newest page read now contains the cached newest message and,

@@ -1,4 +1,4 @@
-import { and, eq, getTableColumns, type SQL, sql, type SQLWrapper } from 'drizzle-orm';
+import { and, eq, getTableColumns, gt, ne, type SQL, sql, type SQLWrapper } from 'drizzle-orm';
 import { uuidv7 } from '../../db/ids.js';
 import { type Config, ConfigError } from '../../config.js';
 import type { Database, Db } from '../../db/database.js';
@@ -135,8 +135,10 @@ export function turnStatementOn(db: Db) {
         storedPromptTokens: sql<number>`${storedPromptTokens}`.mapWith(Number),
         files: chatFilesOf(projects.id),
         history: historyPage(projects.id, undefined, HISTORY_PAGES[0]!),
-        // Read with the page, in one snapshot: the history the cache may hold past it is of this revision or not.
-        historyRevision: projects.historyRevision,
+        // The history's revision (see `HistoryCache`), read with the page in one snapshot: how many of its
+        // questions are marked failed, the one change made to a stored message (by any instance, of any
+        // release, however deep in the history). A clear lowers it, but the page then lines up with nothing.
+        historyRevision: sql<number>`(select count(*) from ${messages} where ${messages.projectId} = ${projects.id} and ${messages.status} = 'failed')`.mapWith(Number),
         // When the read stored the question: its time, as stored.
         questionStoredAt: sql<Date | null>`(select created_at from ${question})`.mapWith(messages.createdAt),
         // Stored or not, the commit flushes nothing: see `storeQuestion`.
@@ -171,26 +173,16 @@ export function flushStatementOn(db: Db) {
 }
 
 /**
- * Marks failed the stored questions of the project `projectId` that `which` names, counting the change
- * in the project's history revision (see `HistoryCache`) when there is one. The project's row first, as
- * a deletion of the project takes it before its messages: taken the other way round, the two could wait
- * for each other. A durable commit, so it makes the questions durable too, as `chat_make_durable` would
- * (see `flushStatementOn`).
+ * Marks the stored question `questionId` failed: its turn ended with no answer stored. A durable commit,
+ * so it makes the question durable too, as `chat_make_durable` would (see `flushStatementOn`).
  */
-function markFailedOn(db: Db, which: SQL, name: string) {
-  const projectId = param('projectId', 'uuid');
-  const marked = sql`${messages.projectId} = ${projectId} and ${which}`;
-  const revised = db.$with('revised', { id: projects.id }).as(
-    sql`update ${projects} set history_revision = history_revision + 1
-      where ${projects.id} = ${projectId} and exists (select 1 from ${messages} where ${marked}) returning id`,
-  );
+function failedStatementOn(db: Db) {
   return db
-    .with(revised)
     .update(messages)
     .set({ status: 'failed' })
-    .where(sql`${marked} and ${messages.projectId} in (select id from ${revised})`)
+    .where(eq(messages.id, sql.placeholder('questionId')))
     .returning({ id: messages.id })
-    .prepare(name);
+    .prepare('chat_mark_failed');
 }
 
 /**
@@ -347,20 +339,28 @@ export class ChatService {
         returning created_at, set_config('synchronous_commit', 'off', true)`,
     );
     this.insertQuestionStatement = direct(db.with(question).select({ createdAt: question.createdAt }).from(question).prepare('chat_insert_question'));
-    // The question that its turn ended with no answer stored.
-    this.markFailedStatement = markFailedOn(db, sql`${messages.id} = ${param('questionId', 'uuid')}`, 'chat_mark_failed');
+    this.markFailedStatement = failedStatementOn(db);
     // Within the replay window a key is claimed again only when its earlier attempts did not complete (a
     // completed one is replayed): those that asked the same question are the ones asked again. (A key
     // freed by a failure may be sent with another message: a new turn, which takes nothing back.) Past
     // the window, a key may be reused for the same question, answered then: what was asked stays as it is.
     // The window runs from the question, stamped a moment after its key's claim: a completed turn's key
     // reused in the moment past its window with the same message would have its question marked.
-    this.retireAttemptsStatement = markFailedOn(
-      db,
-      sql`${messages.idempotencyKey} = ${param('key', 'text')} and ${messages.content} = ${param('content', 'text')}
-        and ${messages.role} = 'user' and ${messages.status} <> 'failed' and ${messages.createdAt} > now() - interval '${sql.raw(REPLAY_WINDOW)}'`,
-      'chat_retire_attempts',
-    );
+    this.retireAttemptsStatement = db
+      .update(messages)
+      .set({ status: 'failed' })
+      .where(
+        and(
+          eq(messages.projectId, sql.placeholder('projectId')),
+          eq(messages.idempotencyKey, sql.placeholder('key')),
+          eq(messages.content, sql.placeholder('content')),
+          eq(messages.role, 'user'),
+          ne(messages.status, 'failed'),
+          gt(messages.createdAt, sql`now() - interval '${sql.raw(REPLAY_WINDOW)}'`),
+        ),
+      )
+      .returning({ id: messages.id })
+      .prepare('chat_retire_attempts');
     // A prompt changed since it was counted has another `updatedAt` (and its count is back to null); one
     // that another turn stored meanwhile is not written again. A count is worth no flush to disk: lost in
     // a crash, it is counted again (`set_config(…, true)`: for its own transaction).
@@ -436,7 +436,7 @@ export class ChatService {
           encoding,
           providerReadsFiles: adapter.supportsFiles,
         }),
-      history: (room) => this.newestHistory(ownedId, { page: row.history, revision: row.historyRevision! }, model, room, cacheVersion),
+      history: (room) => this.newestHistory(ownedId, { page: row.history, revision: row.historyRevision }, model, room, cacheVersion),
       newMessage: { content: text, tokens: textTokens },
       budget,
       promptTokens: (prompt) => this.promptTokens(prompt, model, encoding, counted),
@@ -781,11 +781,11 @@ export class ChatService {
    * answered nothing, the client left first, a retry took its key over), so that later turns leave it
    * out of their context (see `historyPage`). The project's cached history is dropped, and so is what
    * turns reading it now would cache: a question marked after it was read, past the newest page, would
-   * otherwise stay in it. Other instances' kept histories go at their next turn of the project, read at
-   * the revision the marking counted (see `markFailedOn`). Whether the question was still stored to be marked.
+   * otherwise stay in it. Other instances' kept histories go at their next turn of the project, which
+   * reads another revision of its history (see `turnStatementOn`). Whether the question was still stored to be marked.
    */
   private async markFailed(turn: TurnOfQuestion): Promise<boolean> {
-    const marked = await this.markFailedStatement.execute({ projectId: turn.projectId, questionId: turn.question.id });
+    const marked = await this.markFailedStatement.execute({ questionId: turn.question.id });
     this.historyCache.forget(turn.projectId);
     return marked.length > 0;
   }
