@@ -77,9 +77,9 @@ export interface UploadedFile {
 
 /**
  * One AI provider. `complete` and `stream` retry upstream 429/5xx/timeouts themselves within the
- * request's signal, and throw only the provider errors below; an answer they resolve with has text
- * (see `EmptyAnswer`). A stream may also fail mid-way (after
- * deltas were given to its sink), with the same error classes.
+ * request's signal, and throw only the provider errors below; an answer they resolve with has text (see
+ * `EmptyAnswer`). A stream may also fail mid-way (after deltas were given to its sink), with the same
+ * error classes.
  */
 export interface ProviderAdapter {
   readonly name: ProviderName;

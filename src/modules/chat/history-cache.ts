@@ -79,8 +79,8 @@ export type ForgetsHistory = Pick<HistoryCache, 'forget'>;
  * reading meanwhile would keep); they are only added (newer than all others, as a rule) and removed all
  * at once (history cleared, project deleted). So a project's cached history still holds when it was read
  * at the project's revision now, and the newest page read now contains the cached newest message and,
- * from there on, the same messages as the cache: what is newer comes from the page, the rest from the cache. A cleared
- * history, a message stored out of order within that page (by hand: the service stamps each message
+ * from there on, the same messages as the cache: what is newer comes from the page, the rest from the
+ * cache. A cleared history, a message stored out of order within that page (by hand: the service stamps each message
  * after the project's newest, see `message_stamp`) or anything else that does not line up is a miss,
  * and the turn reads from the database as if there were no cache. Least recently used projects go
  * first past `maxBytes`.

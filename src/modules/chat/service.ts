@@ -782,7 +782,8 @@ export class ChatService {
    * out of their context (see `historyPage`). The project's cached history is dropped, and so is what
    * turns reading it now would cache: a question marked after it was read, past the newest page, would
    * otherwise stay in it. Other instances' kept histories go at their next turn of the project, which
-   * reads another revision of its history (see `turnStatementOn`). Whether the question was still stored to be marked.
+   * reads another revision of its history (see `turnStatementOn`). Whether the question was still stored
+   * to be marked.
    */
   private async markFailed(turn: TurnOfQuestion): Promise<boolean> {
     const marked = await this.markFailedStatement.execute({ questionId: turn.question.id });
