@@ -1,7 +1,7 @@
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { createRequire } from 'node:module';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -18,19 +18,7 @@ const PINO = createRequire(import.meta.url).resolve('pino');
  * line.
  */
 async function printed(body: string, readFrom: number | 'exit' = 0): Promise<string[]> {
-  const script = join(mkdtempSync(join(tmpdir(), 'standard-output-')), 'script.ts');
-  writeFileSync(
-    script,
-    `import pino from ${JSON.stringify(PINO)};
-import { standardOutput } from ${JSON.stringify(MODULE)};
-// Made non-blocking, as anything that touches process.stdout makes it (tsx does): a full pipe then
-// takes part of a write and refuses the rest (EAGAIN) instead of holding the process.
-void process.stdout;
-const log = pino({ level: 'info', base: null, timestamp: false }, standardOutput());
-${body}
-`,
-  );
-  const child = spawn(process.execPath, ['--import', 'tsx', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const child = spawn(process.execPath, ['--import', 'tsx', scriptLogging(body)], { stdio: ['ignore', 'pipe', 'inherit'] });
   const closed = once(child, 'close');
   // Read through 'readable', not 'data': Node discards what a child printed into a stream nobody listens
   // to once the child exits.
@@ -46,6 +34,42 @@ ${body}
   read();
   await closed;
   return text.split('\n').filter(Boolean);
+}
+
+/** A script in a directory of its own that runs `body` with `log`, a pino logger writing through `standardOutput()`. */
+function scriptLogging(body: string): string {
+  const script = join(mkdtempSync(join(tmpdir(), 'standard-output-')), 'script.ts');
+  writeFileSync(
+    script,
+    `import pino from ${JSON.stringify(PINO)};
+import { standardOutput } from ${JSON.stringify(MODULE)};
+// Made non-blocking, as anything that touches process.stdout makes it (tsx does): a full pipe then
+// takes part of a write and refuses the rest (EAGAIN) instead of holding the process.
+void process.stdout;
+const log = pino({ level: 'info', base: null, timestamp: false }, standardOutput());
+${body}
+`,
+  );
+  return script;
+}
+
+/**
+ * Runs the script `body(file)` makes with its standard output a new file, opened with `flags`: the
+ * file, and what the script printed to standard error.
+ */
+async function runWithOutputTo(flags: 'w' | 'r', body: (file: string) => string, env: Record<string, string> = {}) {
+  const file = join(mkdtempSync(join(tmpdir(), 'standard-output-')), 'log');
+  writeFileSync(file, '');
+  const output = openSync(file, flags);
+  const child = spawn(process.execPath, ['--import', 'tsx', scriptLogging(body(file))], {
+    stdio: ['ignore', output, 'pipe'],
+    env: { ...process.env, ...env },
+  });
+  closeSync(output); // the child holds its own
+  let stderr = '';
+  child.stderr!.setEncoding('utf8').on('data', (chunk: string) => (stderr += chunk));
+  await once(child, 'close');
+  return { file, stderr };
 }
 
 const numbers = (lines: string[]) => lines.map((line) => (JSON.parse(line) as { i: number }).i);
@@ -95,6 +119,38 @@ setTimeout(() => log.info('after'), 200);`);
     expect(kept.length).toBeLessThan(80_000);
     expect(kept).toEqual([...Array(kept.length).keys()]);
     expect(JSON.parse(lines.at(-1)!)).toMatchObject({ msg: 'after' });
+  });
+
+  it('writes to a file by the end of the turn, not through the thread pool', async () => {
+    // The pool's one thread busy for a second or more: a write handed to it would wait that long. The
+    // script reads its own standard output two turns after logging, and prints what it read to
+    // standard error.
+    const { file, stderr } = await runWithOutputTo(
+      'w',
+      (file) => `import { pbkdf2 } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+pbkdf2('password', 'salt', 5_000_000, 32, 'sha256', () => {});
+for (let i = 0; i < 3; i++) log.info({ i }, 'line');
+setImmediate(() => setImmediate(() => {
+  process.stderr.write(readFileSync(${JSON.stringify(file)}, 'utf8'));
+  process.exit(0);
+}));`,
+      { UV_THREADPOOL_SIZE: '1' },
+    );
+    expect(numbers(stderr.split('\n').filter(Boolean))).toEqual([0, 1, 2]);
+    expect(numbers(readFileSync(file, 'utf8').split('\n').filter(Boolean))).toEqual([0, 1, 2]);
+  });
+
+  it('stops the log, said once, and goes on when the file refuses a write', async () => {
+    // Standard output a file opened for reading: every write fails (EBADF).
+    const { stderr } = await runWithOutputTo(
+      'r',
+      () => `log.info('first');
+setTimeout(() => log.info('second'), 20);
+setTimeout(() => { console.error('still running'); process.exit(0); }, 60);`,
+    );
+    expect(stderr.match(/the log stopped: standard output failed \(EBADF/g)).toHaveLength(1);
+    expect(stderr).toContain('still running');
   });
 
   it('is one per process, with one hook at exit, however many apps ask for it', () => {
