@@ -13,6 +13,8 @@ const MAX_UNWRITTEN_LOG = 16 * 1024 * 1024;
 const RETRY_MS = 10;
 /** How long the lines left at exit may wait for a reader that takes them slower (a full pipe): a while, not for ever. */
 const EXIT_WAIT_MS = 1_000;
+/** What a synchronous write waits on, for RETRY_MS, before it tries a full pipe again. */
+const PAUSE = new Int32Array(new SharedArrayBuffer(4));
 
 let output: StandardOutput | undefined;
 
@@ -23,10 +25,11 @@ export function standardOutput(): DestinationStream {
 
 /**
  * The log's writer: the lines logged in one turn of the event loop go out in one write, made once the
- * turn is done. To a regular file, at once: a file takes a write into the page cache without waiting
- * for a reader, as pino's own destination writes by default; handed to the thread pool, the write cost
- * a request two thread switches on the service's core (about 0.2–0.4 ms a sequential chat's added latency
- * on 2 cores, measured with the bench's figure 3). To anything else (a pipe, a terminal, a socket),
+ * turn is done. To a regular file, at once, as Node's own `process.stdout` writes a file: a file takes a
+ * write into the page cache without waiting for a reader, and a write handed to the thread pool cost
+ * two thread switches a request (with the service's threads on one core, as the bench pins them: 0.2
+ * ms of a sequential chat's added latency at the median, figure 3). A disk that stalls its writes then
+ * stalls the service (README, Production). To anything else (a pipe, a terminal, a socket),
  * asynchronously (a pipe's reader may be slow) and bounded: a reader slower than the
  * service (a stalled pipe) holds up to MAX_UNWRITTEN_LOG, not the whole log; past it, lines are
  * dropped. As the process exits, what is left is written at once, waiting up to EXIT_WAIT_MS for a full
@@ -42,9 +45,9 @@ class StandardOutput implements DestinationStream {
   private lines: string[] = [];
   /** The characters of the text in `lines` plus the bytes of `unwritten`: a line that would take it past MAX_UNWRITTEN_LOG is dropped. */
   private held = 0;
-  /** The bytes of the write under way not written yet: handed to the system, or waiting to be tried again. */
+  /** Not to a file: the bytes of the write under way not written yet, handed to the system or waiting to be tried again. */
   private unwritten: Buffer | undefined;
-  /** The system has `unwritten` (a write on libuv's thread pool): only its callback says how much went out. */
+  /** Not to a file: the system has `unwritten` (a write on libuv's thread pool), and only its callback says how much went out. */
   private inFlight = false;
   private scheduled = false;
   private stopped = false;
@@ -79,7 +82,7 @@ class StandardOutput implements DestinationStream {
 
   private writeToFile(bytes: Buffer): void {
     try {
-      for (let written = 0; written < bytes.length; ) written += writeSync(this.fd, bytes, written);
+      this.writeNow(bytes);
     } catch (error) {
       return this.stop(error as NodeJS.ErrnoException);
     }
@@ -126,14 +129,24 @@ class StandardOutput implements DestinationStream {
    */
   private writeAtExit(): void {
     if (this.stopped) return;
-    let bytes = Buffer.concat([this.inFlight || !this.unwritten ? Buffer.alloc(0) : this.unwritten, this.takeLines()]);
-    const pause = new Int32Array(new SharedArrayBuffer(4));
+    try {
+      this.writeNow(Buffer.concat([this.inFlight || !this.unwritten ? Buffer.alloc(0) : this.unwritten, this.takeLines()]));
+    } catch {
+      // The process is ending: the lines are lost, as they would be with nobody to read them.
+    }
+  }
+
+  /**
+   * Writes `bytes` whole before returning, waiting up to EXIT_WAIT_MS in all for a full pipe (a file
+   * never refuses a write that way); any other failure is thrown.
+   */
+  private writeNow(bytes: Buffer): void {
     for (let waited = 0; bytes.length > 0; ) {
       try {
         bytes = bytes.subarray(writeSync(this.fd, bytes));
       } catch (error) {
-        if ((error as NodeJS.ErrnoException).code !== 'EAGAIN' || waited >= EXIT_WAIT_MS) return;
-        Atomics.wait(pause, 0, 0, RETRY_MS);
+        if ((error as NodeJS.ErrnoException).code !== 'EAGAIN' || waited >= EXIT_WAIT_MS) throw error;
+        Atomics.wait(PAUSE, 0, 0, RETRY_MS);
         waited += RETRY_MS;
       }
     }

@@ -129,6 +129,7 @@ describe('the report', () => {
       background: [
         { figure: 1, othersCpu: 0.02, loadAverage: 1.5, checkpointBuffers: 0 },
         { figure: 8, othersCpu: 0.03, loadAverage: 1.1, checkpointBuffers: 3872 },
+        { figure: 9, othersCpu: -0.02, loadAverage: 1.2, checkpointBuffers: 0 },
       ],
       roundTrips: [],
     };
@@ -143,7 +144,7 @@ describe('the report', () => {
       '10 µs hot, 40 µs (4×) after 100 ms asleep, 55 µs (5.5×) after 100 ms of other work; then 20 µs hot, 30 µs (1.5×) after 100 ms asleep, 20 µs (1×) after 100 ms of other work.',
     );
     expect(table.find((line) => line.startsWith('Other processes'))).toBe(
-      "Other processes on the machine (not the bench) while each figure ran, CPU as a share of one core, and the load average; and what PostgreSQL's checkpoints wrote meanwhile: 1: 2%, 1.5, 0 buffers (0 MB); 8: 3%, 1.1, 3872 buffers (30.3 MB).",
+      "Other processes on the machine (not the bench) while each figure ran, CPU as a share of one core, and the load average; and what PostgreSQL's checkpoints wrote meanwhile: 1: 2%, 1.5, 0 buffers (0 MB); 8: 3%, 1.1, 3872 buffers (30.3 MB); 9: 0%, 1.2, 0 buffers (0 MB).",
     );
     // Without the checkpoints' count (the embedded database), the line says nothing of them.
     writeReport({ ...report, database: 'pglite', background: [{ figure: 1, othersCpu: 0.02, loadAverage: 1.5 }] }, join(dir, 'results.json'), join(dir, 'results.md'));

@@ -72,6 +72,9 @@ async function runWithOutputTo(flags: 'w' | 'r', body: (file: string) => string,
   return { file, stderr };
 }
 
+/** The log's lines in `text`, without anything else a process printed there (a warning of Node's). */
+const logLines = (text: string) => text.split('\n').filter((line) => line.startsWith('{'));
+
 const numbers = (lines: string[]) => lines.map((line) => (JSON.parse(line) as { i: number }).i);
 
 const PAD = 'x'.repeat(200);
@@ -122,14 +125,14 @@ setTimeout(() => log.info('after'), 200);`);
   });
 
   it('writes to a file by the end of the turn, not through the thread pool', async () => {
-    // The pool's one thread busy for a second or more: a write handed to it would wait that long. The
+    // The pool's one thread busy for a tenth of a second or more: a write handed to it would wait that long. The
     // script reads its own standard output two turns after logging, and prints what it read to
     // standard error.
     const { file, stderr } = await runWithOutputTo(
       'w',
       (file) => `import { pbkdf2 } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-pbkdf2('password', 'salt', 5_000_000, 32, 'sha256', () => {});
+pbkdf2('password', 'salt', 500_000, 32, 'sha256', () => {});
 for (let i = 0; i < 3; i++) log.info({ i }, 'line');
 setImmediate(() => setImmediate(() => {
   process.stderr.write(readFileSync(${JSON.stringify(file)}, 'utf8'));
@@ -137,8 +140,19 @@ setImmediate(() => setImmediate(() => {
 }));`,
       { UV_THREADPOOL_SIZE: '1' },
     );
-    expect(numbers(stderr.split('\n').filter(Boolean))).toEqual([0, 1, 2]);
-    expect(numbers(readFileSync(file, 'utf8').split('\n').filter(Boolean))).toEqual([0, 1, 2]);
+    expect(numbers(logLines(stderr))).toEqual([0, 1, 2]);
+    expect(numbers(logLines(readFileSync(file, 'utf8')))).toEqual([0, 1, 2]);
+  });
+
+  it('writes to a file every line of the turn that ends in process.exit', async () => {
+    const { file } = await runWithOutputTo(
+      'w',
+      () => `setTimeout(() => {
+  for (let i = 0; i < 2000; i++) log.info({ i, pad: ${JSON.stringify(PAD)} }, 'line');
+  process.exit(1);
+}, 20);`,
+    );
+    expect(numbers(logLines(readFileSync(file, 'utf8')))).toEqual([...Array(2000).keys()]);
   });
 
   it('stops the log, said once, and goes on when the file refuses a write', async () => {
