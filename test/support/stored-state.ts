@@ -5,10 +5,18 @@ import { sql } from 'drizzle-orm';
 import type { Db } from '../../src/db/database.js';
 
 /**
+ * Columns that hold what is counted from the rest of their row, not what anyone stored: a prompt's
+ * tokens are written back by the first turn that counts them, a turn refused for a context too long
+ * included, so that the next such turn is refused without counting them again.
+ */
+const DERIVED: Record<string, string[]> = { prompts: ['tokens', 'token_encoding'] };
+
+/**
  * A fingerprint of everything the service stores: per table of the database, its row count and an md5 of
  * all its rows (every table of the `public` schema, found when made, so a new table is covered with no
- * step of its own, all in one statement); and the files under the data folder, by path, size and
- * SHA-256. Two equal fingerprints mean nothing stored changed, not even an `updated_at`.
+ * step of its own, all in one statement), but for the DERIVED columns; and the files under the data
+ * folder, by path, size and SHA-256. Two equal fingerprints mean nothing stored changed, not even an
+ * `updated_at`.
  */
 export async function storedStateReader(db: Db, dataDir: string): Promise<() => Promise<Record<string, string>>> {
   const tables = rowsOf<{ table_name: string }>(
@@ -16,9 +24,11 @@ export async function storedStateReader(db: Db, dataDir: string): Promise<() => 
       where table_schema = 'public' and table_type = 'BASE TABLE' order by table_name`),
   ).map((row) => row.table_name);
   if (tables.length === 0) throw new Error('no tables to fingerprint');
-  const columns = tables.map(
-    (table) => `(select count(*) || ':' || coalesce(md5(string_agg(t::text, E'\\n' order by t::text)), '') from "${table}" t) as "${table}"`,
-  );
+  const columns = tables.map((table) => {
+    const derived = DERIVED[table];
+    const row = derived ? `(to_jsonb(t) - array[${derived.map((column) => `'${column}'`).join(', ')}])::text` : 't::text';
+    return `(select count(*) || ':' || coalesce(md5(string_agg(${row}, E'\\n' order by ${row})), '') from "${table}" t) as "${table}"`;
+  });
   const statement = sql.raw(`select ${columns.join(', ')}`);
   return async () => {
     const [row] = rowsOf<Record<string, string>>(await db.execute(statement));
