@@ -110,30 +110,50 @@ function refuseEncodedBody(request: FastifyRequest, reply: FastifyReply, payload
 }
 
 /**
+ * How long, at most, the rest of a body longer than its route takes (or of no declared length) is read
+ * and dropped after the answer, before its connection is closed. A proxy that buffers request bodies
+ * (nginx does by default) sends a body whole before it reads the answer: closed under it, with bytes
+ * unread, the connection was reset, and the proxy answered its own 502 in place of the service's 413 or
+ * 401. Not longer: the rest of a body of any length, read at the wire's speed, is work for nothing.
+ */
+const LINGER_MS = 5_000;
+
+/**
  * An onSend hook of the routes that may be sent a body: after the answer to a request refused before its
  * body had all come (a token refused, a rate limit, an encoded body, an upload to a full project, a file
- * too large), a body declared no longer than `limit` bytes, what the route takes, is read to its end and
- * dropped, its connection kept. Closed under a client still sending, with bytes unread, a connection is
- * reset, and a client still writing (fetch sending FormData or a stream, as generated clients do) got
- * EPIPE in place of its answer. A longer body, or one of no declared length, is not worth reading: the
- * connection is closed after the answer. (So is one whose client waits for 100 Continue and was not told
- * to go on: Node closes it.)
+ * too large), the body's rest is read to its end and dropped, its connection kept. Closed under a client
+ * still sending, with bytes unread, a connection is reset, and a client still writing (fetch sending
+ * FormData or a stream, as generated clients do; a proxy that buffered the body) got EPIPE in place of
+ * its answer. A body declared no longer than `limit` bytes, what the route takes, may take until
+ * REQUEST_TIMEOUT_MS as any other; a longer one, or one of no declared length, `lingerMs`, after which
+ * its connection is closed. (One whose client waits for 100 Continue and was not told to go on is
+ * closed after the answer: Node's doing.)
  */
-function endBodyAfterAnswer(limit: number) {
+function endBodyAfterAnswer(limit: number, lingerMs: number) {
   return (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (error: null, payload: unknown) => void): void => {
-    if (!request.raw.complete) {
-      if (Number(request.headers['content-length']) <= limit) {
-        answeredBeforeItsBody(request.raw);
-        // A form's parser that had begun no longer takes it; and a stream its backpressure paused stays
-        // paused until told otherwise.
-        request.raw.unpipe();
-        request.raw.resume();
-      } else {
-        reply.header('connection', 'close');
-      }
+    const { raw } = request;
+    if (!raw.complete) {
+      answeredBeforeItsBody(raw);
+      // A form's parser that had begun no longer takes it; and a stream its backpressure paused stays
+      // paused until told otherwise.
+      raw.unpipe();
+      raw.resume();
+      if (!(Number(request.headers['content-length']) <= limit)) closeUnlessEndedWithin(raw, lingerMs);
     }
     done(null, payload);
   };
+}
+
+/** Closes the connection of `request` if its body has not ended within `ms` (destroying a request whose body has not ended destroys its socket). */
+function closeUnlessEndedWithin(request: IncomingMessage, ms: number): void {
+  const timer = setTimeout(() => request.destroy(), ms).unref();
+  const stop = () => {
+    clearTimeout(timer);
+    request.off('end', stop);
+    request.off('close', stop);
+  };
+  request.once('end', stop);
+  request.once('close', stop);
 }
 
 const CONTINUED = Symbol('100 Continue sent');
@@ -221,7 +241,7 @@ export async function registerHardening(app: FastifyInstance, config: Config): P
     const continued = readsOwnBody(route) ? [] : [continueToBody];
     route.preParsing = [...[route.preParsing ?? []].flat(), hook, ...continued];
     const limit = readsOwnBody(route) ? config.FILE_MAX_BYTES + FORM_FRAMING_BYTES : (route.bodyLimit ?? SMALL_BODY_LIMIT_BYTES);
-    route.onSend = [...[route.onSend ?? []].flat(), endBodyAfterAnswer(limit)];
+    route.onSend = [...[route.onSend ?? []].flat(), endBodyAfterAnswer(limit, Math.min(LINGER_MS, config.REQUEST_TIMEOUT_MS))];
   });
   // Node answers `Expect: 100-continue` itself unless the server listens for it: the request is then
   // served as any other, and told to go on when its body is to be read (`sendContinue`).

@@ -1024,8 +1024,9 @@ describe('MAX_FILES_PER_PROJECT', () => {
     }
   });
 
-  // A refusal before the handler (the token) too: Node read such a body to its end, however long.
-  it('closes the connection after refusing an upload whose body is declared longer than an upload may be', async () => {
+  // A refusal before the handler (the token) too: Node read such a body to its end, however long. Its
+  // rest is read for a while (5 s: a proxy that buffered it sends it whole before reading the answer).
+  it('closes the connection a while after refusing an upload whose body is declared longer than an upload may be', async () => {
     const projectId = await projectWith(MAX);
     const { headers } = multipart();
     for (const [authorization, status] of [[owner.auth.authorization, 409], ['Bearer not-a-token', 401]] as const) {
@@ -1033,7 +1034,6 @@ describe('MAX_FILES_PER_PROJECT', () => {
       request.socket.write(partHead({ filename: 'big.bin' }));
       await request.closed;
       expect(statusLines(request.received())).toEqual([`HTTP/1.1 ${status} `]);
-      expect(request.received().toLowerCase()).toContain('\r\nconnection: close\r\n');
     }
   });
 
