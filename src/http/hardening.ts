@@ -133,6 +133,9 @@ function endBodyAfterAnswer(limit: number, lingerMs: number) {
   return (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (error: null, payload: unknown) => void): void => {
     const { raw } = request;
     if (!raw.complete) {
+      // Fastify says `connection: close` after a body its parser refused (too large), whose rest may still
+      // come: read and dropped here instead. A server closing says it on the response itself: kept.
+      if (!reply.raw.hasHeader('connection')) reply.removeHeader('connection');
       answeredBeforeItsBody(raw);
       // A form's parser that had begun no longer takes it; and a stream its backpressure paused stays
       // paused until told otherwise.

@@ -2,6 +2,7 @@ import { v7 as uuidv7 } from 'uuid';
 import { once } from 'node:events';
 import { connect, type Socket } from 'node:net';
 import { gunzipSync, gzipSync } from 'node:zlib';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BODY_LIMIT_BYTES, SMALL_BODY_LIMIT_BYTES } from '../../src/http/body-limits.js';
 import { ConfigError } from '../../src/config.js';
@@ -367,19 +368,30 @@ describe('a request refused before its body has all come', () => {
 
   // As a proxy that buffered the body sends it (nginx by default): whole, before it reads the answer.
   // Closed under it, the connection was reset, and the proxy answered its own 502.
-  it('reads and drops the rest of a body declared longer than the route takes, sent whole, and keeps its connection', async () => {
+  it('reads and drops the rest of a body longer than the route takes, sent whole, and keeps its connection: refused before it, or by its size', async () => {
     const served = await startTestApp();
     try {
       const url = await served.app.listen({ port: 0, host: '127.0.0.1' });
-      const length = SMALL_BODY_LIMIT_BYTES * 64;
-      const headers = { authorization: 'Bearer not-a-token', 'content-type': 'application/json', 'content-length': String(length) };
-      const request = rawRequest(url, 'POST', '/api/v1/projects', headers);
-      request.socket.write(`{"name":"${'x'.repeat(length - 11)}"}`);
-      await expect.poll(() => request.received().includes('HTTP/1.1 401 '), { timeout: 5_000 }).toBe(true);
-      request.socket.write('GET /health/live HTTP/1.1\r\nhost: localhost\r\n\r\n');
-      await expect.poll(() => statusLines(request.received()), { timeout: 5_000 }).toEqual(['HTTP/1.1 401 ', 'HTTP/1.1 200 ']);
-      expect(request.received().toLowerCase()).not.toContain('connection: close');
-      request.socket.destroy();
+      const body = `{"name":"${'x'.repeat(SMALL_BODY_LIMIT_BYTES * 64)}"}`;
+      const chunked = `${Buffer.byteLength(body).toString(16)}\r\n${body}\r\n0\r\n\r\n`;
+      for (const [path, authorization, status] of [
+        ['/api/v1/projects', 'Bearer not-a-token', 401],
+        ['/api/v1/auth/register', '', 413],
+      ] as const) {
+        for (const [length, sent] of [
+          [{ 'content-length': String(Buffer.byteLength(body)) }, body],
+          [{ 'transfer-encoding': 'chunked' }, chunked],
+        ] as const) {
+          const headers: Record<string, string> = { 'content-type': 'application/json', ...length, ...(authorization ? { authorization } : {}) };
+          const request = rawRequest(url, 'POST', path, headers);
+          request.socket.write(sent);
+          await expect.poll(() => request.received().includes(`HTTP/1.1 ${status} `), { timeout: 5_000 }).toBe(true);
+          request.socket.write('GET /health/live HTTP/1.1\r\nhost: localhost\r\n\r\n');
+          await expect.poll(() => statusLines(request.received()), { timeout: 5_000 }).toEqual([`HTTP/1.1 ${status} `, 'HTTP/1.1 200 ']);
+          expect(request.received().toLowerCase()).not.toContain('connection: close');
+          request.socket.destroy();
+        }
+      }
     } finally {
       await served.close();
     }
@@ -397,9 +409,14 @@ describe('a request refused before its body has all come', () => {
         const chunked = 'transfer-encoding' in length;
         request.socket.write(chunked ? '8\r\n{"name":\r\n' : '{"name":');
         trickle = setInterval(() => request.socket.writable && request.socket.write(chunked ? '1\r\n \r\n' : ' '), 100);
+        await expect.poll(() => request.received().includes('HTTP/1.1 401 '), { timeout: 5_000 }).toBe(true);
+        // Not closed at the answer: a second of the rest is read (what was closed at once before).
+        await sleep(1_000);
+        expect(request.socket.destroyed).toBe(false);
         await request.closed;
         clearInterval(trickle);
         expect(statusLines(request.received())).toEqual(['HTTP/1.1 401 ']);
+        expect(request.received().toLowerCase()).not.toContain('connection: close');
       }
     } finally {
       clearInterval(trickle);

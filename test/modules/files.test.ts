@@ -1034,6 +1034,7 @@ describe('MAX_FILES_PER_PROJECT', () => {
       request.socket.write(partHead({ filename: 'big.bin' }));
       await request.closed;
       expect(statusLines(request.received())).toEqual([`HTTP/1.1 ${status} `]);
+      expect(request.received().toLowerCase()).not.toContain('connection: close');
     }
   });
 
