@@ -134,8 +134,9 @@ function endBodyAfterAnswer(limit: number, lingerMs: number) {
     const { raw } = request;
     if (!raw.complete) {
       // Fastify says `connection: close` after a body its parser refused (too large), whose rest may still
-      // come: read and dropped here instead. A server closing says it on the response itself: kept.
-      if (!reply.raw.hasHeader('connection')) reply.removeHeader('connection');
+      // come: read and dropped here instead. Only Fastify's: a server closing says it on the response
+      // itself, and removing a header the response does not have would stop Node writing its own.
+      if (reply.hasHeader('connection') && !reply.raw.hasHeader('connection')) reply.removeHeader('connection');
       answeredBeforeItsBody(raw);
       // A form's parser that had begun no longer takes it; and a stream its backpressure paused stays
       // paused until told otherwise.
