@@ -509,12 +509,51 @@ describe('delete', () => {
     expectProblem(await remove(filesUrl(projectId, `/${file.id}`)), 404, 'NOT_FOUND');
   });
 
-  it('is 404, never 500, for a download caught between the row and the bytes of a delete', async () => {
+  it('is 200 or 404, never 500, for downloads racing the deletes of their files', async () => {
     const projectId = await newProject();
-    const file = await upload(projectId, 'going');
-    // What a concurrent DELETE leaves for a moment: the download has read the row, the bytes are gone.
-    rmSync(join(storageRoot, projectId, file.id));
-    expectProblem(await get(filesUrl(projectId, `/${file.id}/content`)), 404, 'NOT_FOUND');
+    const uploaded = await Promise.all(Array.from({ length: 20 }, (_, i) => upload(projectId, `going ${i}`)));
+    const raced = await Promise.all(
+      uploaded.map(async (file, i) => {
+        const [download, deleted] = await Promise.all([get(filesUrl(projectId, `/${file.id}/content`)), remove(filesUrl(projectId, `/${file.id}`))]);
+        expect(deleted.statusCode).toBe(204);
+        if (download.statusCode === 200) expect(download.body).toBe(`going ${i}`);
+        else expectProblem(download, 404, 'NOT_FOUND');
+        return download.statusCode;
+      }),
+    );
+    expect(raced).toHaveLength(20);
+    expect(await rowsOf(projectId)).toEqual([]);
+  });
+
+  it('fails (500, logged with the file and the path looked in) on an instance whose DATA_DIR lacks a recorded file\'s bytes, and takes it for no deleted file', async () => {
+    const projectId = await newProject();
+    const file = await upload(projectId, 'only on the first instance');
+    // A second instance of the same database, its DATA_DIR not the first's: a replica without the shared volume.
+    const logs = logCollector();
+    const config = testConfig({ ...appEnv(), LOG_LEVEL: 'info' });
+    const replica = await buildApp(config, { database: t.testDb.database, logStream: logs.stream });
+    try {
+      const download = await replica.inject({ method: 'GET', url: filesUrl(projectId, `/${file.id}/content`), headers: user.auth });
+      expectProblem(download, 500, 'INTERNAL');
+      expect(download.body).not.toContain(config.DATA_DIR);
+      const chat = await replica.inject({ method: 'POST', url: `/api/v1/projects/${projectId}/chat`, headers: user.auth, payload: { message: 'What do my notes say?' } });
+      expectProblem(chat, 500, 'INTERNAL');
+      expect(chat.json()).toMatchObject({ userMessageId: expect.any(String) });
+      expect(fake.requests.filter((request) => request.path === '/v1/chat/completions')).toEqual([]);
+
+      // An error's message as logged carries its causes': the chat's failure, the bytes missing, the path.
+      const errors = logs.lines.filter((line) => line.level === 50).map((line) => (line.err as { message: string }).message);
+      expect(errors).toHaveLength(2);
+      for (const message of errors) {
+        expect(message).toContain(`file ${file.id} is recorded but its bytes are missing`);
+        expect(message).toContain(join(config.DATA_DIR, 'files', projectId, file.id));
+      }
+    } finally {
+      await replica.close();
+    }
+    // Nothing of it was taken for gone: the file is listed and served where its bytes are.
+    expect((await get(filesUrl(projectId, `/${file.id}`))).statusCode).toBe(200);
+    expect((await get(filesUrl(projectId, `/${file.id}/content`))).body).toBe('only on the first instance');
   });
 
   it('finds and removes the bytes of a file uploaded through its project id in capitals', async () => {

@@ -217,7 +217,7 @@ export class FilesService {
     const row = await this.ownedRow(userId, projectId, fileId);
     const open = async (range?: ByteRange) => {
       try {
-        return await this.storage.open(storageKey(row), range);
+        return await this.openBytes(row, range);
       } catch (error) {
         // Deleted between the row and the bytes.
         if (bytesGone(error)) throw new NotFound('File');
@@ -418,7 +418,35 @@ export class FilesService {
   }
 
   private async readText(file: ChatFileRow): Promise<string> {
-    const bytes = await (await this.storage.open(storageKey(file))).toArray();
+    const bytes = await (await this.openBytes(file)).toArray();
     return new TextDecoder().decode(Buffer.concat(bytes));
+  }
+
+  /**
+   * The bytes of `file`, or `range` of them. Bytes not there are those of a file deleted since its row
+   * was read (a delete commits the row's removal first), and reject as `bytesGone`; while the row is still
+   * there, they are lost to this instance, and reject as BytesMissing.
+   */
+  private async openBytes(file: Pick<FileRow, 'id' | 'projectId'>, range?: ByteRange): Promise<Readable> {
+    try {
+      return await this.storage.open(storageKey(file), range);
+    } catch (error) {
+      if (!bytesGone(error)) throw error;
+      const [recorded] = await this.db.select({ id: files.id }).from(files).where(eq(files.id, file.id));
+      throw recorded ? new BytesMissing(file.id, error) : error;
+    }
+  }
+}
+
+/**
+ * A file whose row is there and whose bytes are not: most often an instance that does not share
+ * `DATA_DIR` with the one that took the upload, or a data directory restored without its files. An error
+ * of the deployment, not a file deleted: the request that meets it fails (500) and the log says which
+ * file and where its bytes were looked for (the cause's path), so that nobody takes the file for gone.
+ */
+class BytesMissing extends Error {
+  constructor(fileId: string, cause: unknown) {
+    super(`file ${fileId} is recorded but its bytes are missing from this instance's DATA_DIR (is DATA_DIR one volume shared by every instance?)`, { cause });
+    this.name = 'BytesMissing';
   }
 }
