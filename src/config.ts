@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { accessSync, constants, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { accessSync, closeSync, constants, mkdirSync, openSync, readFileSync, readSync, writeFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import { availableParallelism } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -299,7 +299,7 @@ export function loadEnvironment(env: NodeJS.ProcessEnv = process.env): Environme
 function readEnvironment(env: NodeJS.ProcessEnv): Environment & Pick<Env, 'JWT_SECRET'> {
   // Empty or blank is unset, whatever the variable: compose writes `${VAR:-}` for one it was not given,
   // and `z.coerce.number()` would read "" as 0 (a random port, load shedding off).
-  const parsed = envSchema.safeParse(Object.fromEntries(Object.entries(env).filter(([, value]) => value?.trim())));
+  const parsed = envSchema.safeParse(Object.fromEntries(Object.entries(withSecretFiles(env)).filter(([, value]) => value?.trim())));
   if (!parsed.success) {
     const issue = parsed.error.issues[0]!;
     const variable = String(issue.path[0] ?? 'environment');
@@ -315,6 +315,55 @@ function readEnvironment(env: NodeJS.ProcessEnv): Environment & Pick<Env, 'JWT_S
     );
   }
   return { ...values, DATA_DIR: resolve(values.DATA_DIR) };
+}
+
+/**
+ * The variables that hold a secret. Each may be given as a file instead, `<name>_FILE` naming it, as
+ * Docker's and Kubernetes' secrets are mounted (`JWT_SECRET_FILE=/run/secrets/jwt_secret`): then the
+ * secret is in no process's environment, which `docker inspect`, `/proc/<pid>/environ` and every child
+ * process can read.
+ */
+export const SECRET_VARIABLES = ['JWT_SECRET', 'DATABASE_URL', 'REDIS_URL', 'OPENAI_API_KEY', 'OPENROUTER_API_KEY', 'METRICS_TOKEN'] as const;
+/** The longest secret file read: far past any key or URL, short of a file named by mistake (a log, `/dev/zero`). */
+const MAX_SECRET_FILE_BYTES = 64 * 1024;
+
+/** `env` with each secret that a `<name>_FILE` names read from its file. */
+function withSecretFiles(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+  let read: NodeJS.ProcessEnv | undefined;
+  for (const name of SECRET_VARIABLES) {
+    const path = env[`${name}_FILE`]?.trim();
+    if (!path) continue;
+    if (env[name]?.trim()) throw new ConfigError(`Invalid configuration: ${name} and ${name}_FILE are both set; set one of them`);
+    (read ??= { ...env })[name] = readSecretFile(`${name}_FILE`, path);
+  }
+  return read ?? env;
+}
+
+/**
+ * The secret in the file at `path`; the line end that `echo` and editors put after it goes as any
+ * variable's surrounding blanks do (`optionalText`). Never shown: a refusal names only the path.
+ */
+function readSecretFile(variable: string, path: string): string {
+  const buffer = Buffer.alloc(MAX_SECRET_FILE_BYTES + 1);
+  let length = 0;
+  try {
+    const fd = openSync(path, 'r');
+    try {
+      let got: number;
+      do {
+        got = readSync(fd, buffer, length, buffer.length - length, null);
+        length += got;
+      } while (got > 0 && length < buffer.length);
+    } finally {
+      closeSync(fd);
+    }
+  } catch (error) {
+    throw new ConfigError(`Invalid configuration: ${variable} ${path} cannot be read: ${(error as Error).message}`);
+  }
+  if (length > MAX_SECRET_FILE_BYTES) throw new ConfigError(`Invalid configuration: ${variable} ${path} is longer than a secret (over ${MAX_SECRET_FILE_BYTES / 1024} KiB)`);
+  const secret = buffer.toString('utf8', 0, length);
+  if (!secret.trim()) throw new ConfigError(`Invalid configuration: ${variable} ${path} is empty`);
+  return secret;
 }
 
 /** How long a secret file found shorter than a secret is given to be written whole, before it is replaced. */

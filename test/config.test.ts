@@ -3,7 +3,7 @@ import { mkdtempSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { CONFIG_VARIABLES, ConfigError, loadConfig } from '../src/config.js';
+import { CONFIG_VARIABLES, ConfigError, loadConfig, loadEnvironment, SECRET_VARIABLES } from '../src/config.js';
 
 const dataDir = () => mkdtempSync(join(tmpdir(), 'chatbot-config-'));
 
@@ -216,6 +216,61 @@ describe('loadConfig', () => {
     expect(loadConfig({ NODE_ENV: 'development', DATA_DIR: dataDir(), JWT_SECRET: 'x'.repeat(32) }).JWT_SECRET).toBe('x'.repeat(32));
     const template = 'your-super-secret-jwt-key-change-this-in-production';
     expect(loadConfig({ NODE_ENV: 'development', DATA_DIR: dataDir(), JWT_SECRET: template }).JWT_SECRET).toBe(template);
+  });
+
+  describe('secrets from files (<name>_FILE)', () => {
+    const hex = '9252f780a99ef3d3978d0a8e884c9c2b5bf0bc0d0a5bfad0c8861ba8948142b9';
+    const secrets: Record<(typeof SECRET_VARIABLES)[number], string> = {
+      JWT_SECRET: hex,
+      DATABASE_URL: 'postgres://chatbot:p%40ss@db.internal:5432/chatbot',
+      REDIS_URL: 'redis://:s3cret@cache.internal:6379/0',
+      OPENAI_API_KEY: 'sk-from-a-file',
+      OPENROUTER_API_KEY: 'sk-or-from-a-file',
+      METRICS_TOKEN: 'a-scrapers-token-0123456789',
+    };
+    /** A file holding `content`, as a mounted secret is; its path. */
+    const secretFile = (content: string | Buffer) => {
+      const path = join(dataDir(), 'secret');
+      writeFileSync(path, content, { mode: 0o600 });
+      return path;
+    };
+
+    it('reads each secret from the file its _FILE names, less the line end after it, in production too', () => {
+      const files = Object.fromEntries(Object.entries(secrets).map(([name, value], i) => [`${name}_FILE`, secretFile(value + (i % 2 ? '\r\n' : '\n'))]));
+      const config = loadConfig({ NODE_ENV: 'production', DATA_DIR: dataDir(), ...files });
+      expect(Object.fromEntries(SECRET_VARIABLES.map((name) => [name, config[name]]))).toEqual(secrets);
+      // The database commands read theirs the same way.
+      expect(loadEnvironment({ DATA_DIR: dataDir(), DATABASE_URL_FILE: files.DATABASE_URL_FILE }).DATABASE_URL).toBe(secrets.DATABASE_URL);
+      // A file's content is checked as the variable's would be.
+      expect(() => loadConfig({ NODE_ENV: 'production', DATA_DIR: dataDir(), JWT_SECRET_FILE: secretFile('x'.repeat(40)) })).toThrow(/^Invalid configuration: JWT_SECRET must be random/);
+      expect(() => loadConfig({ DATA_DIR: dataDir(), REDIS_URL_FILE: secretFile('http://cache:6379') })).toThrow(/^Invalid configuration: REDIS_URL must be a redis:\/\//);
+    });
+
+    it('refuses, in one line naming the variable and the path but never a secret, a file that cannot be read, is empty or is too long, and a secret given both ways', () => {
+      const missing = join(dataDir(), 'no-such-secret');
+      const refusals: [Record<string, string>, RegExp][] = [
+        [{ JWT_SECRET_FILE: missing }, /^Invalid configuration: JWT_SECRET_FILE \S+no-such-secret cannot be read: ENOENT/],
+        [{ JWT_SECRET_FILE: dataDir() }, /^Invalid configuration: JWT_SECRET_FILE \S+ cannot be read: EISDIR/],
+        [{ OPENAI_API_KEY_FILE: secretFile('\n') }, /^Invalid configuration: OPENAI_API_KEY_FILE \S+ is empty$/],
+        [{ METRICS_TOKEN_FILE: secretFile(Buffer.alloc(64 * 1024 + 1, 'a')) }, /^Invalid configuration: METRICS_TOKEN_FILE \S+ is longer than a secret \(over 64 KiB\)$/],
+        [{ JWT_SECRET: hex, JWT_SECRET_FILE: secretFile(hex) }, /^Invalid configuration: JWT_SECRET and JWT_SECRET_FILE are both set; set one of them$/],
+      ];
+      for (const [env, refusal] of refusals) {
+        let error: unknown;
+        try {
+          loadConfig({ DATA_DIR: dataDir(), ...env });
+        } catch (thrown) {
+          error = thrown;
+        }
+        expect(error, JSON.stringify(env)).toBeInstanceOf(ConfigError);
+        expect((error as Error).message).toMatch(refusal);
+        expect((error as Error).message).not.toContain(hex);
+      }
+    });
+
+    it('takes a _FILE that is empty or blank for unset, as any variable', () => {
+      expect(loadConfig({ DATA_DIR: dataDir(), OPENAI_API_KEY: 'sk-env', OPENAI_API_KEY_FILE: ' ' }).OPENAI_API_KEY).toBe('sk-env');
+    });
   });
 
   it('generates a secret once outside production and keeps it under DATA_DIR, readable only by its owner', () => {
