@@ -149,7 +149,7 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
   const tokens = createTokens(config.JWT_SECRET, config.JWT_EXPIRES_IN);
   registerAuthentication(app, database.db, tokens, rateLimits);
 
-  await app.register(healthRoutes, { database });
+  await app.register(healthRoutes, { database, stopping: deps.stopping });
   // A retry is otherwise seen nowhere: a call that succeeds at its second try is one `ok`.
   const onRetry = (retry: ProviderRetry, log: CallLog = app.log) => {
     log.warn(retry, 'AI provider call failed; trying it again');

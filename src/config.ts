@@ -210,6 +210,9 @@ const envSchema = z.object({
   // all of RATE_LIMIT_CHAT (60 a minute) with replies of up to 30 s stays under it; past it are chats
   // piling up (streams held open, an upstream that hangs), each holding memory and an upstream connection.
   CHAT_CONCURRENCY_PER_USER: int(1, 1_000_000).default(32),
+  // Between SIGTERM and the shutdown: requests still served and /health answering 503, so that a load
+  // balancer that learns of the stop late (Kubernetes' endpoints, a target group) sends none to a closed port.
+  SHUTDOWN_DELAY_MS: int(0, 600_000).default(0),
   SHUTDOWN_TIMEOUT_MS: int(0, 600_000).default(10_000),
   REQUEST_TIMEOUT_MS: int(100, 3_600_000).default(300_000),
   CORS_ORIGINS: corsOrigins,

@@ -1,5 +1,6 @@
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { FastifyInstance } from 'fastify';
 import type { Config } from './config.js';
 /** Past the shutdown bound, how long the rest of closing (the database's connections) may take before the process exits anyway. */
@@ -80,6 +81,14 @@ async function main(): Promise<void> {
 
   const closeWhenAnswered = connectionsClosingWhenAnswered(app.server);
   stop = async (signal: NodeJS.Signals) => {
+    stopping.abort(); // readiness (GET /health) fails from here on
+    // An orchestrator's stop, not a Ctrl-C: served on for a while, so that what balances load here
+    // (which learns of the stop from the same orchestrator, a moment later) takes no new connection to a
+    // closed port. A second signal ends the process at once, as it would during the shutdown.
+    if (signal === 'SIGTERM' && config.SHUTDOWN_DELAY_MS > 0 && app.server.listening) {
+      app.log.info({ signal, delayMs: config.SHUTDOWN_DELAY_MS }, 'stopping after SHUTDOWN_DELAY_MS: serving meanwhile, GET /health answering 503');
+      await sleep(config.SHUTDOWN_DELAY_MS);
+    }
     app.log.info({ signal }, 'shutting down: no new connections, finishing requests in flight');
     closeWhenAnswered();
     // Requests still running after the bound are cut so that the process always exits.

@@ -1,6 +1,7 @@
 import { spawn } from 'node:child_process';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { get as httpGet } from 'node:http';
 import { tmpdir } from 'node:os';
 import { type AddressInfo, createServer, type Server, type Socket, connect } from 'node:net';
 import { join } from 'node:path';
@@ -170,6 +171,40 @@ describe('graceful shutdown', () => {
       again.child.kill('SIGTERM');
       expect(await again.exited).toBe(0);
     }
+  });
+
+  it('with SHUTDOWN_DELAY_MS, serves on after SIGTERM, new connections included, with readiness failing, then stops and exits 0; a Ctrl-C does not wait', async () => {
+    const delayMs = 5_000;
+    const database: Record<string, string> = testDb?.url ? { DATABASE_URL: testDb.url } : {};
+    const server = await spawnServer({ BCRYPT_ROUNDS: '4', SHUTDOWN_DELAY_MS: String(delayMs), ...database });
+    await waitUntilServing(server);
+    expect((await onNewConnection(`${server.url}/health`)).status).toBe(200);
+    const signalled = Date.now();
+    server.child.kill('SIGTERM');
+
+    await expect.poll(async () => (await onNewConnection(`${server.url}/health`)).status).toBe(503);
+    const readiness = await onNewConnection(`${server.url}/health`);
+    expect(JSON.parse(readiness.body)).toMatchObject({ status: 503, code: 'SERVICE_UNAVAILABLE', detail: 'The server is shutting down' });
+    expect((await onNewConnection(`${server.url}/health/live`)).status).toBe(200);
+    const registered = await fetch(`${server.url}/api/v1/auth/register`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ email: 'draining@example.com', password: 'password-1', name: 'Draining' }),
+    });
+    expect(registered.status).toBe(201);
+    expect(server.child.exitCode).toBeNull();
+
+    expect(await server.exited).toBe(0);
+    expect(Date.now() - signalled).toBeGreaterThanOrEqual(delayMs);
+    await expect(onNewConnection(`${server.url}/health/live`)).rejects.toThrow();
+
+    // A person's Ctrl-C (SIGINT) is not an orchestrator's stop: no wait, though the delay is a minute.
+    const again = await spawnServer({ BCRYPT_ROUNDS: '4', SHUTDOWN_DELAY_MS: '60000', DATA_DIR: server.dataDir, ...database });
+    await waitUntilServing(again);
+    const interrupted = Date.now();
+    again.child.kill('SIGINT');
+    expect(await again.exited).toBe(0);
+    expect(Date.now() - interrupted).toBeLessThan(60_000);
   });
 
   // A Ctrl-C under `npm start` reaches the server twice at once: from the terminal, and passed on by npm.
@@ -371,4 +406,17 @@ class HangingProxy {
 /** Until `condition` holds, looked at every 10 ms. */
 async function until(condition: () => boolean): Promise<void> {
   while (!condition()) await new Promise((resolve) => setTimeout(resolve, 10));
+}
+
+/** GET `url` on a connection of its own (no keep-alive pool): what a load balancer's new connection gets. */
+function onNewConnection(url: string): Promise<{ status: number; body: string }> {
+  return new Promise((resolve, reject) => {
+    httpGet(url, { agent: false }, (response) => {
+      let body = '';
+      response.setEncoding('utf8');
+      response.on('data', (chunk: string) => (body += chunk));
+      response.on('end', () => resolve({ status: response.statusCode!, body }));
+      response.on('error', reject);
+    }).on('error', reject);
+  });
 }

@@ -8,7 +8,11 @@ const healthy = z.object({ status: z.literal('ok'), checks: z.object({ database:
 /** GET /health/live's one possible answer. */
 const LIVE = { status: 'ok' } as const;
 
-export const healthRoutes: FastifyPluginAsyncZod<{ database: Database }> = async (app, { database }) => {
+/**
+ * `stopping`: aborted once the process is told to stop (server.ts). Readiness fails from then on, while
+ * SHUTDOWN_DELAY_MS keeps the server serving, so that load balancers take it out before it stops listening.
+ */
+export const healthRoutes: FastifyPluginAsyncZod<{ database: Database; stopping?: AbortSignal }> = async (app, { database, stopping }) => {
   // Checks at the same time share one ping, whose failure is logged once: a flood of /health (a probe
   // misconfigured, any client: the route takes no token) queued a query each in the pool, ahead of the
   // requests it serves, until the pings themselves timed out and reported the database down.
@@ -26,6 +30,7 @@ export const healthRoutes: FastifyPluginAsyncZod<{ database: Database }> = async
     '/health',
     { config: { public: true }, schema: { tags: ['health'], operationId: 'getHealth', response: { 200: healthy } } },
     async (request, reply) => {
+      if (stopping?.aborted) return sendProblem(reply, problemBody(request, 503, 'SERVICE_UNAVAILABLE', 'The server is shutting down'));
       try {
         await ping();
         return { status: 'ok' as const, checks: { database: 'ok' as const } };
