@@ -40,8 +40,8 @@ USER node
 EXPOSE 3000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
   CMD ["node", "-e", "fetch('http://127.0.0.1:' + (process.env.PORT || 3000) + '/health').then((r) => process.exit(r.ok ? 0 : 1), () => process.exit(1))"]
-# The server finishes requests in flight on SIGTERM (bounded by SHUTDOWN_TIMEOUT_MS, 10 s by default):
-# give `docker stop --time` / compose's stop_grace_period more than that. Exec form, so node itself
-# receives the signal (no shell in between).
+# The server finishes requests in flight on SIGTERM (bounded by SHUTDOWN_TIMEOUT_MS, 10 s by default, after
+# SHUTDOWN_DELAY_MS if set): give `docker stop --time` / compose's stop_grace_period more than the two.
+# Exec form, so node itself receives the signal (no shell in between).
 STOPSIGNAL SIGTERM
 CMD ["node", "dist/server.js"]

@@ -130,7 +130,13 @@ export async function buildApp(config: Config, deps: AppDependencies = {}): Prom
       cors?.(request, reply);
       done(new ShuttingDown());
     } else if (request.headers.host === undefined && request.raw.httpVersionMinor === 1) done(new MissingHost());
-    else done();
+    else {
+      // Stopping, the server still listening (SHUTDOWN_DELAY_MS): every connection closes after its
+      // answer, so that a load balancer's kept-alive ones are gone before the server stops listening,
+      // not closed under a request it is sending.
+      if (deps.stopping?.aborted) reply.header('connection', 'close');
+      done();
+    }
   });
   // An Expect other than 100-continue: Node's own 417 has no body and no request id. RFC 9110 (10.1.1)
   // lets a server ignore an expectation it does not know; the request is served as if it had none.

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { accessSync, closeSync, constants, mkdirSync, openSync, readFileSync, readSync, writeFileSync } from 'node:fs';
+import { accessSync, constants, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import { availableParallelism } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -269,11 +269,12 @@ export class ConfigError extends StartupError {
  * and kept under DATA_DIR, so tokens survive restarts of a laptop install.
  */
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
-  const { JWT_SECRET: given, ...values } = readEnvironment(env);
+  const { values: environment, named } = readEnvironment(env, SECRET_VARIABLES);
+  const { JWT_SECRET: given, ...values } = environment;
   let secret = given;
   if (!secret) {
     if (values.NODE_ENV === 'production') {
-      throw new ConfigError('Invalid configuration: JWT_SECRET is required when NODE_ENV=production (at least 32 characters)');
+      throw new ConfigError('Invalid configuration: JWT_SECRET is required when NODE_ENV=production (at least 32 characters; or JWT_SECRET_FILE, a file that holds it)');
     }
     secret = loadOrCreateSecret(values.DATA_DIR);
   } else if (values.NODE_ENV === 'production') {
@@ -284,7 +285,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
         : placeholderWord
           ? `not a placeholder (it contains "${placeholderWord}")`
           : inSequence(secret) && 'not characters in sequence or repeated (half of it is: "abcd", "1234", "aaaa")';
-    if (why) throw new ConfigError(`Invalid configuration: JWT_SECRET must be random: ${why} (e.g. openssl rand -base64 48)`);
+    if (why) throw new ConfigError(`Invalid configuration: ${named('JWT_SECRET')} must be random: ${why} (e.g. openssl rand -base64 48)`);
   }
   return { ...values, JWT_SECRET: secret };
 }
@@ -295,18 +296,28 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
  * a secret in it.
  */
 export function loadEnvironment(env: NodeJS.ProcessEnv = process.env): Environment {
-  const { JWT_SECRET: _secret, ...values } = readEnvironment(env);
+  // Nor its file: a migration job given the service's variables need not mount the JWT secret.
+  const { JWT_SECRET: _secret, ...values } = readEnvironment(env, SECRET_VARIABLES.filter((name) => name !== 'JWT_SECRET')).values;
   return values;
 }
 
-function readEnvironment(env: NodeJS.ProcessEnv): Environment & Pick<Env, 'JWT_SECRET'> {
+/**
+ * The environment validated, with `secrets` read from their files where a `<name>_FILE` names one; and
+ * how a refusal names a variable: with the file it came from, where it did.
+ */
+function readEnvironment(
+  env: NodeJS.ProcessEnv,
+  secrets: readonly SecretVariable[],
+): { values: Environment & Pick<Env, 'JWT_SECRET'>; named: (variable: string) => string } {
+  const fromFiles = secretsFromFiles(env, secrets);
+  const named = (variable: string) => (Object.hasOwn(fromFiles, variable) ? `${variable} (from ${variable}_FILE)` : variable);
   // Empty or blank is unset, whatever the variable: compose writes `${VAR:-}` for one it was not given,
   // and `z.coerce.number()` would read "" as 0 (a random port, load shedding off).
-  const parsed = envSchema.safeParse(Object.fromEntries(Object.entries(withSecretFiles(env)).filter(([, value]) => value?.trim())));
+  const parsed = envSchema.safeParse(Object.fromEntries(Object.entries({ ...env, ...fromFiles }).filter(([, value]) => value?.trim())));
   if (!parsed.success) {
     const issue = parsed.error.issues[0]!;
     const variable = String(issue.path[0] ?? 'environment');
-    throw new ConfigError(`Invalid configuration: ${variable} ${issue.message}`);
+    throw new ConfigError(`Invalid configuration: ${named(variable)} ${issue.message}`);
   }
   const values = parsed.data;
   // A context no larger than what is kept for the reply leaves no room for even a one-token message:
@@ -317,7 +328,7 @@ function readEnvironment(env: NodeJS.ProcessEnv): Environment & Pick<Env, 'JWT_S
       `Invalid configuration: AI_CONTEXT_TOKENS must leave room for a message besides the AI_MAX_OUTPUT_TOKENS (${values.AI_MAX_OUTPUT_TOKENS}) kept for the reply: at least ${minContext}`,
     );
   }
-  return { ...values, DATA_DIR: resolve(values.DATA_DIR) };
+  return { values: { ...values, DATA_DIR: resolve(values.DATA_DIR) }, named };
 }
 
 /**
@@ -327,45 +338,51 @@ function readEnvironment(env: NodeJS.ProcessEnv): Environment & Pick<Env, 'JWT_S
  * process can read.
  */
 export const SECRET_VARIABLES = ['JWT_SECRET', 'DATABASE_URL', 'REDIS_URL', 'OPENAI_API_KEY', 'OPENROUTER_API_KEY', 'METRICS_TOKEN'] as const;
-/** The longest secret file read: far past any key or URL, short of a file named by mistake (a log, `/dev/zero`). */
+/** The longest secret file read: far past any key or URL, short of a file named by mistake (a log, a dump). */
 const MAX_SECRET_FILE_BYTES = 64 * 1024;
 
-/** `env` with each secret that a `<name>_FILE` names read from its file. */
-function withSecretFiles(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
-  let read: NodeJS.ProcessEnv | undefined;
-  for (const name of SECRET_VARIABLES) {
+type SecretVariable = (typeof SECRET_VARIABLES)[number];
+
+/** Of `secrets`, those that a `<name>_FILE` names a file for, read from it. */
+function secretsFromFiles(env: NodeJS.ProcessEnv, secrets: readonly SecretVariable[]): Partial<Record<SecretVariable, string>> {
+  const read: Partial<Record<SecretVariable, string>> = {};
+  for (const name of secrets) {
     const path = env[`${name}_FILE`]?.trim();
     if (!path) continue;
     if (env[name]?.trim()) throw new ConfigError(`Invalid configuration: ${name} and ${name}_FILE are both set; set one of them`);
-    (read ??= { ...env })[name] = readSecretFile(`${name}_FILE`, path);
+    read[name] = readSecretFile(`${name}_FILE`, path);
   }
-  return read ?? env;
+  return read;
 }
 
+const UTF8 = new TextDecoder('utf-8', { fatal: true });
+/** A line break or another control character: a file holding more than the value (`KEY=value` lines, two secrets). */
+const CONTROL_CHARACTER = /\p{Cc}/u;
+
 /**
- * The secret in the file at `path`; the line end that `echo` and editors put after it goes as any
- * variable's surrounding blanks do (`optionalText`). Never shown: a refusal names only the path.
+ * The secret in the file at `path`, without the blanks around it (the line end that `echo` and editors
+ * put after it). Never shown: a refusal names the path, not what the file holds.
  */
 function readSecretFile(variable: string, path: string): string {
-  const buffer = Buffer.alloc(MAX_SECRET_FILE_BYTES + 1);
-  let length = 0;
+  const refuse = (why: string) => new ConfigError(`Invalid configuration: ${variable} ${path} ${why}`);
+  let bytes: Buffer;
   try {
-    const fd = openSync(path, 'r');
-    try {
-      let got: number;
-      do {
-        got = readSync(fd, buffer, length, buffer.length - length, null);
-        length += got;
-      } while (got > 0 && length < buffer.length);
-    } finally {
-      closeSync(fd);
-    }
+    const stats = statSync(path);
+    // A FIFO would hold the start, waiting for a writer, signals unheard; a device or a folder holds no secret.
+    if (!stats.isFile()) throw refuse('is not a regular file');
+    if (stats.size > MAX_SECRET_FILE_BYTES) throw refuse(`is longer than a secret (over ${MAX_SECRET_FILE_BYTES / 1024} KiB)`);
+    bytes = readFileSync(path);
   } catch (error) {
-    throw new ConfigError(`Invalid configuration: ${variable} ${path} cannot be read: ${(error as Error).message}`);
+    throw error instanceof ConfigError ? error : refuse(`cannot be read: ${(error as Error).message}`);
   }
-  if (length > MAX_SECRET_FILE_BYTES) throw new ConfigError(`Invalid configuration: ${variable} ${path} is longer than a secret (over ${MAX_SECRET_FILE_BYTES / 1024} KiB)`);
-  const secret = buffer.toString('utf8', 0, length);
-  if (!secret.trim()) throw new ConfigError(`Invalid configuration: ${variable} ${path} is empty`);
+  let secret: string;
+  try {
+    secret = UTF8.decode(bytes).trim();
+  } catch {
+    throw refuse('is not UTF-8 text');
+  }
+  if (!secret) throw refuse('is empty');
+  if (CONTROL_CHARACTER.test(secret)) throw refuse('holds more than one value: a line break or a control character within it');
   return secret;
 }
 

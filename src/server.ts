@@ -26,11 +26,19 @@ async function main(): Promise<void> {
     stopping.abort();
   };
   let firstSignalAt: number | undefined;
+  /** Ends SHUTDOWN_DELAY_MS's wait, while it runs. */
+  let endDelay: (() => void) | undefined;
   const onSignal = (signal: NodeJS.Signals) => {
     if (firstSignalAt === undefined) {
       firstSignalAt = Date.now();
       void stop(signal);
-    } else if (Date.now() - firstSignalAt >= RELAYED_SIGNAL_MS) {
+    } else if (Date.now() - firstSignalAt < RELAYED_SIGNAL_MS) {
+      // The first one passed on.
+    } else if (endDelay) {
+      // A second stop during the delay is not one during the shutdown: it ends the wait, not the process.
+      firstSignalAt = Date.now();
+      endDelay();
+    } else {
       process.off('SIGTERM', onSignal);
       process.off('SIGINT', onSignal);
       process.kill(process.pid, signal);
@@ -84,10 +92,13 @@ async function main(): Promise<void> {
     stopping.abort(); // readiness (GET /health) fails from here on
     // An orchestrator's stop, not a Ctrl-C: served on for a while, so that what balances load here
     // (which learns of the stop from the same orchestrator, a moment later) takes no new connection to a
-    // closed port. A second signal ends the process at once, as it would during the shutdown.
+    // closed port. A second signal ends the wait; a third, the process, as a second does during the shutdown.
     if (signal === 'SIGTERM' && config.SHUTDOWN_DELAY_MS > 0 && app.server.listening) {
       app.log.info({ signal, delayMs: config.SHUTDOWN_DELAY_MS }, 'stopping after SHUTDOWN_DELAY_MS: serving meanwhile, GET /health answering 503');
-      await sleep(config.SHUTDOWN_DELAY_MS);
+      const wait = new AbortController();
+      endDelay = () => wait.abort();
+      await sleep(config.SHUTDOWN_DELAY_MS, undefined, { signal: wait.signal }).catch(() => {});
+      endDelay = undefined;
     }
     app.log.info({ signal }, 'shutting down: no new connections, finishing requests in flight');
     closeWhenAnswered();

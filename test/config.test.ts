@@ -1,4 +1,4 @@
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -228,6 +228,11 @@ describe('loadConfig', () => {
       OPENROUTER_API_KEY: 'sk-or-from-a-file',
       METRICS_TOKEN: 'a-scrapers-token-0123456789',
     };
+    const fifo = () => {
+      const path = join(dataDir(), 'fifo');
+      execFileSync('mkfifo', [path]);
+      return path;
+    };
     /** A file holding `content`, as a mounted secret is; its path. */
     const secretFile = (content: string | Buffer) => {
       const path = join(dataDir(), 'secret');
@@ -241,17 +246,30 @@ describe('loadConfig', () => {
       expect(Object.fromEntries(SECRET_VARIABLES.map((name) => [name, config[name]]))).toEqual(secrets);
       // The database commands read theirs the same way.
       expect(loadEnvironment({ DATA_DIR: dataDir(), DATABASE_URL_FILE: files.DATABASE_URL_FILE }).DATABASE_URL).toBe(secrets.DATABASE_URL);
-      // A file's content is checked as the variable's would be.
-      expect(() => loadConfig({ NODE_ENV: 'production', DATA_DIR: dataDir(), JWT_SECRET_FILE: secretFile('x'.repeat(40)) })).toThrow(/^Invalid configuration: JWT_SECRET must be random/);
-      expect(() => loadConfig({ DATA_DIR: dataDir(), REDIS_URL_FILE: secretFile('http://cache:6379') })).toThrow(/^Invalid configuration: REDIS_URL must be a redis:\/\//);
+      // A file's content is checked as the variable's would be, and a refusal says where it came from.
+      expect(() => loadConfig({ NODE_ENV: 'production', DATA_DIR: dataDir(), JWT_SECRET_FILE: secretFile('x'.repeat(40)) })).toThrow(
+        /^Invalid configuration: JWT_SECRET \(from JWT_SECRET_FILE\) must be random/,
+      );
+      expect(() => loadConfig({ DATA_DIR: dataDir(), REDIS_URL_FILE: secretFile('http://cache:6379') })).toThrow(
+        /^Invalid configuration: REDIS_URL \(from REDIS_URL_FILE\) must be a redis:\/\//,
+      );
+    });
+
+    it('leaves the JWT secret\'s file to the server: the database commands neither read nor need it', () => {
+      const environment = loadEnvironment({ DATA_DIR: dataDir(), JWT_SECRET_FILE: join(dataDir(), 'not-mounted-here') });
+      expect(environment).not.toHaveProperty('JWT_SECRET');
     });
 
     it('refuses, in one line naming the variable and the path but never a secret, a file that cannot be read, is empty or is too long, and a secret given both ways', () => {
       const missing = join(dataDir(), 'no-such-secret');
       const refusals: [Record<string, string>, RegExp][] = [
         [{ JWT_SECRET_FILE: missing }, /^Invalid configuration: JWT_SECRET_FILE \S+no-such-secret cannot be read: ENOENT/],
-        [{ JWT_SECRET_FILE: dataDir() }, /^Invalid configuration: JWT_SECRET_FILE \S+ cannot be read: EISDIR/],
+        [{ JWT_SECRET_FILE: dataDir() }, /^Invalid configuration: JWT_SECRET_FILE \S+ is not a regular file$/],
+        // A FIFO would wait for a writer for ever, the start held and signals unheard.
+        [{ JWT_SECRET_FILE: fifo() }, /^Invalid configuration: JWT_SECRET_FILE \S+ is not a regular file$/],
         [{ OPENAI_API_KEY_FILE: secretFile('\n') }, /^Invalid configuration: OPENAI_API_KEY_FILE \S+ is empty$/],
+        [{ OPENAI_API_KEY_FILE: secretFile(`OPENAI_API_KEY=${hex}\nOPENROUTER_API_KEY=${hex}\n`) }, /^Invalid configuration: OPENAI_API_KEY_FILE \S+ holds more than one value/],
+        [{ OPENAI_API_KEY_FILE: secretFile(Buffer.from([0x73, 0x6b, 0xff, 0xfe])) }, /^Invalid configuration: OPENAI_API_KEY_FILE \S+ is not UTF-8 text$/],
         [{ METRICS_TOKEN_FILE: secretFile(Buffer.alloc(64 * 1024 + 1, 'a')) }, /^Invalid configuration: METRICS_TOKEN_FILE \S+ is longer than a secret \(over 64 KiB\)$/],
         [{ JWT_SECRET: hex, JWT_SECRET_FILE: secretFile(hex) }, /^Invalid configuration: JWT_SECRET and JWT_SECRET_FILE are both set; set one of them$/],
       ];

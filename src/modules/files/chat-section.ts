@@ -25,7 +25,11 @@ export interface ContextFile {
   mimeType: string;
   size: number;
   providerFileId: string | null;
-  /** The file's text; read only for a text file that may fit. Rejects as `bytesGone` for a file deleted since. */
+  /**
+   * The file's text; read only for a text file that may fit. Rejects as `bytesGone` for a file deleted
+   * since; bytes missing while the file is still recorded (an instance without the shared DATA_DIR) fail
+   * the turn (BytesMissing, service.ts).
+   */
   readText(): Promise<string>;
 }
 

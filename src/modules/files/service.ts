@@ -219,7 +219,6 @@ export class FilesService {
       try {
         return await this.openBytes(row, range);
       } catch (error) {
-        // Deleted between the row and the bytes.
         if (bytesGone(error)) throw new NotFound('File');
         throw error;
       }
