@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { accessSync, constants, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { accessSync, closeSync, constants, fstatSync, mkdirSync, openSync, readFileSync, readSync, writeFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import { availableParallelism } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -130,6 +130,17 @@ const HOST_NAME = /^(?=.{1,253}\.?$)[a-z\d]([a-z\d-]{0,61}[a-z\d])?(\.[a-z\d]([a
 /** The longest JWT_EXPIRES_IN: a year. */
 const MAX_TOKEN_LIFETIME_SECONDS = 365 * 86_400;
 
+/**
+ * A provider's API key, sent as an HTTP header: visible ASCII, as every provider's is. One pasted with
+ * typographic quotes or a space in it was taken, and every chat then failed at the upstream (a 502).
+ */
+const providerKey = optionalText.pipe(
+  z
+    .string()
+    .regex(/^[\x21-\x7e]+$/, 'must be visible ASCII characters with no spaces, as a key is (pasted with quotes or spaces around it?)')
+    .optional(),
+);
+
 const envSchema = z.object({
   NODE_ENV: z.enum(['development', 'production', 'test']).default('development'),
   PORT: int(0, 65535).default(3000),
@@ -171,8 +182,8 @@ const envSchema = z.object({
   PASSWORD_HASH_THREADS: int(1, 64).default(() => Math.min(4, availableParallelism())),
   PASSWORD_HASH_QUEUE: int(0, 100_000).default(64),
   AI_PROVIDER: z.enum(['openai', 'openrouter']).default('openai'),
-  OPENAI_API_KEY: optionalText,
-  OPENROUTER_API_KEY: optionalText,
+  OPENAI_API_KEY: providerKey,
+  OPENROUTER_API_KEY: providerKey,
   AI_BASE_URL: optionalText.pipe(httpUrl),
   OPENAI_BASE_URL: optionalText.pipe(httpUrl),
   AI_MODEL: optionalText,
@@ -350,7 +361,7 @@ function secretsFromFiles(env: NodeJS.ProcessEnv, secrets: readonly SecretVariab
     const path = env[`${name}_FILE`]?.trim();
     if (!path) continue;
     if (env[name]?.trim()) throw new ConfigError(`Invalid configuration: ${name} and ${name}_FILE are both set; set one of them`);
-    read[name] = readSecretFile(`${name}_FILE`, path);
+    read[name] = readSecretFile(name, path);
   }
   return read;
 }
@@ -363,18 +374,23 @@ const CONTROL_CHARACTER = /\p{Cc}/u;
  * The secret in the file at `path`, without the blanks around it (the line end that `echo` and editors
  * put after it). Never shown: a refusal names the path, not what the file holds.
  */
-function readSecretFile(variable: string, path: string): string {
-  const refuse = (why: string) => new ConfigError(`Invalid configuration: ${variable} ${path} ${why}`);
+function readSecretFile(name: SecretVariable, path: string): string {
+  const refuse = (why: string) => new ConfigError(`Invalid configuration: ${name}_FILE ${path} ${why}`);
   let bytes: Buffer;
   try {
-    const stats = statSync(path);
-    // A FIFO would hold the start, waiting for a writer, signals unheard; a device or a folder holds no secret.
-    if (!stats.isFile()) throw refuse('is not a regular file');
-    if (stats.size > MAX_SECRET_FILE_BYTES) throw refuse(`is longer than a secret (over ${MAX_SECRET_FILE_BYTES / 1024} KiB)`);
-    bytes = readFileSync(path);
+    // Not blocking: a FIFO would hold the start, waiting for a writer, signals unheard.
+    const fd = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK);
+    try {
+      // A FIFO, a device or a folder holds no secret; what is checked is what is read, not the path again.
+      if (!fstatSync(fd).isFile()) throw refuse('is not a regular file');
+      bytes = readAtMost(fd, MAX_SECRET_FILE_BYTES + 1);
+    } finally {
+      closeSync(fd);
+    }
   } catch (error) {
     throw error instanceof ConfigError ? error : refuse(`cannot be read: ${(error as Error).message}`);
   }
+  if (bytes.length > MAX_SECRET_FILE_BYTES) throw refuse(`is longer than a secret (over ${MAX_SECRET_FILE_BYTES / 1024} KiB)`);
   let secret: string;
   try {
     secret = UTF8.decode(bytes).trim();
@@ -382,8 +398,20 @@ function readSecretFile(variable: string, path: string): string {
     throw refuse('is not UTF-8 text');
   }
   if (!secret) throw refuse('is empty');
-  if (CONTROL_CHARACTER.test(secret)) throw refuse('holds more than one value: a line break or a control character within it');
+  if (CONTROL_CHARACTER.test(secret) || secret.startsWith(`${name}=`)) throw refuse(`holds more than the value (${name}=… or more than one line): it must hold the value alone`);
   return secret;
+}
+
+/** Up to `limit` bytes from the file open at `fd`: a file that reports no size (under /proc) is read as far as that too. */
+function readAtMost(fd: number, limit: number): Buffer {
+  const buffer = Buffer.alloc(limit);
+  let length = 0;
+  let got: number;
+  do {
+    got = readSync(fd, buffer, length, limit - length, null);
+    length += got;
+  } while (got > 0 && length < limit);
+  return buffer.subarray(0, length);
 }
 
 /** How long a secret file found shorter than a secret is given to be written whole, before it is replaced. */

@@ -1,5 +1,6 @@
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
+import { constants as osConstants } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { FastifyInstance } from 'fastify';
 import type { Config } from './config.js';
@@ -7,6 +8,8 @@ import type { Config } from './config.js';
 const CLOSE_GRACE_MS = 5_000;
 /** How soon after a first signal another is taken for the same one passed on (npm's relay), not a second Ctrl-C. */
 const RELAYED_SIGNAL_MS = 500;
+/** How long a signal sent to itself is given to end the process before it exits (see `onSignal`). */
+const SELF_SIGNAL_MS = 100;
 /** How often a server run by `npm start` looks whether its parent is still there (see `main`). */
 const PARENT_WATCH_MS = 500;
 
@@ -36,12 +39,16 @@ async function main(): Promise<void> {
       // The first one passed on.
     } else if (endDelay) {
       // A second stop during the delay is not one during the shutdown: it ends the wait, not the process.
+      process.stderr.write(`${signal} during SHUTDOWN_DELAY_MS: shutting down now\n`);
       firstSignalAt = Date.now();
       endDelay();
     } else {
+      process.stderr.write(`${signal} again: stopping at once, requests in flight cut\n`);
       process.off('SIGTERM', onSignal);
       process.off('SIGINT', onSignal);
       process.kill(process.pid, signal);
+      // As pid 1 (a container run without an init), a signal with no handler is ignored: end as it would have.
+      setTimeout(() => process.exit(128 + osConstants.signals[signal]), SELF_SIGNAL_MS);
     }
   };
   process.on('SIGTERM', onSignal);

@@ -218,6 +218,20 @@ describe('loadConfig', () => {
     expect(loadConfig({ NODE_ENV: 'development', DATA_DIR: dataDir(), JWT_SECRET: template }).JWT_SECRET).toBe(template);
   });
 
+  it('refuses a provider key that no header can carry (a space, typographic quotes, a letter past ASCII), without showing it', () => {
+    for (const [variable, key] of [['OPENAI_API_KEY', 'sk-abc def'], ['OPENAI_API_KEY', 'sk-fake-“quoted”'], ['OPENROUTER_API_KEY', 'sk-or-clé']]) {
+      let message = '';
+      try {
+        loadConfig({ DATA_DIR: dataDir(), [variable!]: key });
+      } catch (error) {
+        message = (error as Error).message;
+      }
+      expect(message, key).toMatch(new RegExp(`^Invalid configuration: ${variable} must be visible ASCII characters with no spaces`));
+      expect(message).not.toContain(key);
+    }
+    expect(loadConfig({ DATA_DIR: dataDir(), OPENAI_API_KEY: ' ollama \n' }).OPENAI_API_KEY).toBe('ollama');
+  });
+
   describe('secrets from files (<name>_FILE)', () => {
     const hex = '9252f780a99ef3d3978d0a8e884c9c2b5bf0bc0d0a5bfad0c8861ba8948142b9';
     const secrets: Record<(typeof SECRET_VARIABLES)[number], string> = {
@@ -268,7 +282,8 @@ describe('loadConfig', () => {
         // A FIFO would wait for a writer for ever, the start held and signals unheard.
         [{ JWT_SECRET_FILE: fifo() }, /^Invalid configuration: JWT_SECRET_FILE \S+ is not a regular file$/],
         [{ OPENAI_API_KEY_FILE: secretFile('\n') }, /^Invalid configuration: OPENAI_API_KEY_FILE \S+ is empty$/],
-        [{ OPENAI_API_KEY_FILE: secretFile(`OPENAI_API_KEY=${hex}\nOPENROUTER_API_KEY=${hex}\n`) }, /^Invalid configuration: OPENAI_API_KEY_FILE \S+ holds more than one value/],
+        [{ OPENAI_API_KEY_FILE: secretFile(`OPENAI_API_KEY=${hex}\nOPENROUTER_API_KEY=${hex}\n`) }, /^Invalid configuration: OPENAI_API_KEY_FILE \S+ holds more than the value/],
+        [{ OPENAI_API_KEY_FILE: secretFile(`OPENAI_API_KEY=${hex}\n`) }, /^Invalid configuration: OPENAI_API_KEY_FILE \S+ holds more than the value \(OPENAI_API_KEY=… or more than one line\)/],
         [{ OPENAI_API_KEY_FILE: secretFile(Buffer.from([0x73, 0x6b, 0xff, 0xfe])) }, /^Invalid configuration: OPENAI_API_KEY_FILE \S+ is not UTF-8 text$/],
         [{ METRICS_TOKEN_FILE: secretFile(Buffer.alloc(64 * 1024 + 1, 'a')) }, /^Invalid configuration: METRICS_TOKEN_FILE \S+ is longer than a secret \(over 64 KiB\)$/],
         [{ JWT_SECRET: hex, JWT_SECRET_FILE: secretFile(hex) }, /^Invalid configuration: JWT_SECRET and JWT_SECRET_FILE are both set; set one of them$/],

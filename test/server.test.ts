@@ -1,4 +1,4 @@
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { Agent, get as httpGet, type IncomingHttpHeaders } from 'node:http';
@@ -9,7 +9,7 @@ import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { MIGRATION_LOCK_ID, MIGRATIONS_WAIT_FOR_ANOTHER } from '../src/db/database.js';
 import { createTestDatabase, type TestDatabase } from './support/database.js';
-import { freePort, type ServerProcess, spawnServer, waitUntilServing } from './support/server-process.js';
+import { canUsePidNamespaces, freePort, type ServerProcess, spawnServer, waitUntilServing } from './support/server-process.js';
 
 // Each test starts real server processes (tsx compiles, PGlite boots): slow on a loaded machine.
 vi.setConfig({ testTimeout: 120_000 });
@@ -93,6 +93,13 @@ describe('graceful shutdown', () => {
   afterAll(() => testDb?.drop());
   /** The server's database: its own on PostgreSQL, none (the embedded default) otherwise. */
   const databaseEnv = (): Record<string, string> => (testDb?.url ? { DATABASE_URL: testDb.url } : {});
+  /** A sign-up, which hashes at the server's BCRYPT_ROUNDS: in flight for a while when a signal comes. */
+  const register = (server: ServerProcess, email: string) =>
+    fetch(`${server.url}/api/v1/auth/register`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ email, password: 'password-1', name: 'Signalled' }),
+    });
 
   it('stops cleanly on a SIGTERM that comes while it starts: built, never listening, its database closed, exit 0', async () => {
     // The embedded database: its lock file appears once the app is being built, a moment to signal in.
@@ -191,12 +198,7 @@ describe('graceful shutdown', () => {
     // Served as before, on a new connection too, but no connection is kept for another request.
     const live = await get(`${server.url}/health/live`, keptAlive);
     expect([live.status, live.headers.connection]).toEqual([200, 'close']);
-    const registered = await fetch(`${server.url}/api/v1/auth/register`, {
-      method: 'POST',
-      headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({ email: 'draining@example.com', password: 'password-1', name: 'Draining' }),
-    });
-    expect(registered.status).toBe(201);
+    expect((await register(server, 'draining@example.com')).status).toBe(201);
     expect(server.child.exitCode).toBeNull();
 
     expect(await server.exited).toBe(0);
@@ -229,13 +231,6 @@ describe('graceful shutdown', () => {
   // The second had its default effect, and ended the shutdown it had begun, the database left open.
   it('takes a signal passed on right after the first as the same one, and a later one as a second Ctrl-C that ends it at once', async () => {
     const env = { SHUTDOWN_TIMEOUT_MS: '60000', ...databaseEnv() };
-    // Registration hashes at the cost given: in flight for a while when a signal comes.
-    const register = (server: ServerProcess, email: string) =>
-      fetch(`${server.url}/api/v1/auth/register`, {
-        method: 'POST',
-        headers: { 'content-type': 'application/json' },
-        body: JSON.stringify({ email, password: 'password-1', name: 'Signalled' }),
-      });
     const relayed = await spawnServer({ ...env, BCRYPT_ROUNDS: '13' });
     await waitUntilServing(relayed);
     const answered = register(relayed, 'relayed@example.com');
@@ -258,6 +253,25 @@ describe('graceful shutdown', () => {
     await forced.exited;
     expect(forced.child.signalCode).toBe('SIGINT');
     expect(await cut).toBeInstanceOf(Error);
+  });
+
+  it.runIf(canUsePidNamespaces)('ends at a second Ctrl-C as pid 1 as well (a container without an init, where a signal with no handler is ignored)', async () => {
+    const server = await spawnServer({ BCRYPT_ROUNDS: '15', SHUTDOWN_TIMEOUT_MS: '60000', ...databaseEnv() }, { ownPidNamespace: true });
+    try {
+      await waitUntilServing(server);
+      // unshare's child: the server, pid 1 of its namespace.
+      const pid1 = Number(execFileSync('pgrep', ['-P', String(server.child.pid)], { encoding: 'utf8' }).trim());
+      const cut = register(server, 'pid1@example.com').catch((error: unknown) => error);
+      await sleep(80);
+      process.kill(pid1, 'SIGINT');
+      await sleep(1_000);
+      process.kill(pid1, 'SIGINT');
+      // 128 + SIGINT's number, as a shell reports a process a Ctrl-C ended; unshare passes it on.
+      expect(await server.exited).toBe(130);
+      expect(await cut).toBeInstanceOf(Error);
+    } finally {
+      server.child.kill('SIGKILL');
+    }
   });
 
   // `npm start` runs `sh -c 'node …'`, and the shell passes on no signal: a SIGTERM to npm (a process

@@ -4,6 +4,7 @@ import { connect, type Socket } from 'node:net';
 import { gunzipSync, gzipSync } from 'node:zlib';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { buildApp } from '../../src/app.js';
 import { BODY_LIMIT_BYTES, SMALL_BODY_LIMIT_BYTES } from '../../src/http/body-limits.js';
 import { ConfigError } from '../../src/config.js';
 import {
@@ -347,6 +348,33 @@ describe('a request that trickles in (REQUEST_TIMEOUT_MS)', () => {
 // Answered before its body had all come, a request's rest is read and dropped (a client still writing got
 // EPIPE from a connection closed under it); too slow to come, it was answered a second time, a 408 under
 // a request id of its own, on the connection that carried its 401.
+describe('a server stopping (SHUTDOWN_DELAY_MS)', () => {
+  it('answers readiness 503 and serves on, each connection, a stream\'s too, closed after its answer', async () => {
+    const stopping = new AbortController();
+    const app = await buildApp(testConfig({ AI_BASE_URL: t.fake.url }), { database: t.testDb.database, stopping: stopping.signal });
+    try {
+      const project = await createProject(app, user);
+      const ready = await app.inject({ method: 'GET', url: '/health' });
+      expect([ready.statusCode, ready.headers.connection]).toEqual([200, 'keep-alive']);
+
+      stopping.abort();
+      expectProblem(await app.inject({ method: 'GET', url: '/health' }), 503, 'SERVICE_UNAVAILABLE');
+      const read = await app.inject({ method: 'GET', url: `/api/v1/projects/${project.id}`, headers: user.auth });
+      expect([read.statusCode, read.headers.connection]).toEqual([200, 'close']);
+      const stream = await app.inject({
+        method: 'POST',
+        url: `/api/v1/projects/${project.id}/chat`,
+        headers: user.auth,
+        payload: { message: 'Still there?', stream: true },
+      });
+      expect([stream.statusCode, stream.headers['content-type'], stream.headers.connection]).toEqual([200, 'text/event-stream; charset=utf-8', 'close']);
+      expect(stream.body).toContain('event: done');
+    } finally {
+      await app.close();
+    }
+  });
+});
+
 describe('a request refused before its body has all come', () => {
   it('is answered once: its rest, read and dropped, too slow to come closes the connection, with no second answer', async () => {
     const slow = await startTestApp({ REQUEST_TIMEOUT_MS: '1000' });

@@ -32,7 +32,8 @@ export class EventStream {
       withFields(headers, {
         'content-type': 'text/event-stream; charset=utf-8',
         'cache-control': 'no-cache, no-transform',
-        connection: 'keep-alive',
+        // Unless the server is stopping (SHUTDOWN_DELAY_MS), when the connection closes after the stream.
+        connection: (headers.connection as string | undefined) ?? 'keep-alive',
         // Reverse proxies (nginx) must pass events through as they come.
         'x-accel-buffering': 'no',
       }),
