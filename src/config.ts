@@ -345,8 +345,8 @@ function readEnvironment(
 /**
  * The variables that hold a secret. Each may be given as a file instead, `<name>_FILE` naming it, as
  * Docker's and Kubernetes' secrets are mounted (`JWT_SECRET_FILE=/run/secrets/jwt_secret`): then the
- * secret is in no process's environment, which `docker inspect`, `/proc/<pid>/environ` and every child
- * process can read.
+ * secret is not in the service's environment, which `docker inspect`, `/proc/<pid>/environ` and its
+ * child processes can read.
  */
 export const SECRET_VARIABLES = ['JWT_SECRET', 'DATABASE_URL', 'REDIS_URL', 'OPENAI_API_KEY', 'OPENROUTER_API_KEY', 'METRICS_TOKEN'] as const;
 /** The longest secret file read: far past any key or URL, short of a file named by mistake (a log, a dump). */
