@@ -283,11 +283,18 @@ describe('a compressed request body (Content-Encoding)', () => {
 describe('load shedding', () => {
   it('answers 503 SERVICE_UNAVAILABLE with Retry-After while the event loop is saturated, but keeps /health/live up', async () => {
     const pressured = await startTestApp({ MAX_EVENT_LOOP_DELAY_MS: '10' });
-    try {
-      // Block this process's event loop, as a CPU-bound request would.
-      const until = Date.now() + 1_500;
+    // Saturate this process's event loop, as CPU-bound requests would: busy 200 ms at a time, every turn
+    // of the loop late, so that each one-second sample of its delay sees it, whatever the sample's phase
+    // (one block of 1.5 s, begun as a sample was taken, fell in none, and the test missed its 503).
+    let saturating = true;
+    const saturate = () => {
+      if (!saturating) return;
+      const until = Date.now() + 200;
       while (Date.now() < until);
-      // The load is sampled about once a second; the next sample sees the blocked loop.
+      setImmediate(saturate);
+    };
+    try {
+      saturate();
       const healthAnswered = async (status: number) => {
         for (let attempt = 0; attempt < 60; attempt++) {
           const response = await pressured.app.inject({ method: 'GET', url: '/health' });
@@ -297,20 +304,21 @@ describe('load shedding', () => {
         return undefined;
       };
       const shed = await healthAnswered(503);
-      expect(shed, 'no 503 while the event loop was blocked').toBeDefined();
+      expect(shed, 'no 503 while the event loop was saturated').toBeDefined();
       const body = expectProblem(shed!, 503, 'SERVICE_UNAVAILABLE');
       expect(body.detail).toMatch(/overloaded/);
       expect(Number(shed!.headers['retry-after'])).toBeGreaterThan(0);
       expect(shed!.headers['x-content-type-options']).toBe('nosniff');
       expect(shed!.headers['x-request-id']).toBeTruthy();
-      // Refused before authentication does any work: a request without a token is shed, not 401. Asked
-      // first, while the sample that saw the blocked loop holds (a second at most).
+      // Refused before authentication does any work: a request without a token is shed, not 401.
       expectProblem(await pressured.app.inject({ method: 'GET', url: '/api/v1/projects' }), 503, 'SERVICE_UNAVAILABLE');
       expect((await pressured.app.inject({ method: 'GET', url: '/health/live' })).statusCode).toBe(200);
       expect((await pressured.app.inject({ method: 'GET', url: '/metrics' })).statusCode).toBe(200);
       // Once the loop is free again, the next sample lets requests through.
+      saturating = false;
       expect(await healthAnswered(200), 'still shedding 3 s after the event loop was freed').toBeDefined();
     } finally {
+      saturating = false;
       await pressured.close();
     }
   });
