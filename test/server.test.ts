@@ -1,7 +1,7 @@
 import { execFileSync, spawn } from 'node:child_process';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
-import { Agent, get as httpGet, type IncomingHttpHeaders } from 'node:http';
+import { Agent } from 'node:http';
 import { tmpdir } from 'node:os';
 import { type AddressInfo, createServer, type Server, type Socket, connect } from 'node:net';
 import { join } from 'node:path';
@@ -9,6 +9,7 @@ import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { MIGRATION_LOCK_ID, MIGRATIONS_WAIT_FOR_ANOTHER } from '../src/db/database.js';
 import { createTestDatabase, type TestDatabase } from './support/database.js';
+import { send } from './support/raw-http.js';
 import { canUsePidNamespaces, freePort, type ServerProcess, spawnServer, waitUntilServing } from './support/server-process.js';
 
 // Each test starts real server processes (tsx compiles, PGlite boots): slow on a loaded machine.
@@ -188,15 +189,15 @@ describe('graceful shutdown', () => {
     const server = await spawnServer({ BCRYPT_ROUNDS: '4', LOG_LEVEL: 'info', SHUTDOWN_DELAY_MS: String(delayMs), ...databaseEnv() });
     await waitUntilServing(server);
     const keptAlive = new Agent({ keepAlive: true });
-    expect((await get(`${server.url}/health`, keptAlive)).headers.connection).toBe('keep-alive');
+    expect((await send(keptAlive, `${server.url}/health`, 'GET')).headers.connection).toBe('keep-alive');
     const signalled = Date.now();
     server.child.kill('SIGTERM');
 
-    await expect.poll(async () => (await get(`${server.url}/health`)).status, { timeout: 10_000 }).toBe(503);
-    const readiness = await get(`${server.url}/health`, keptAlive);
+    await expect.poll(async () => (await send(false, `${server.url}/health`, 'GET')).status, { timeout: 10_000 }).toBe(503);
+    const readiness = await send(keptAlive, `${server.url}/health`, 'GET');
     expect(JSON.parse(readiness.body)).toMatchObject({ status: 503, code: 'SERVICE_UNAVAILABLE', detail: 'The server is shutting down' });
     // Served as before, on a new connection too, but no connection is kept for another request.
-    const live = await get(`${server.url}/health/live`, keptAlive);
+    const live = await send(keptAlive, `${server.url}/health/live`, 'GET');
     expect([live.status, live.headers.connection]).toEqual([200, 'close']);
     expect((await register(server, 'draining@example.com')).status).toBe(201);
     expect(server.child.exitCode).toBeNull();
@@ -204,7 +205,7 @@ describe('graceful shutdown', () => {
     expect(await server.exited).toBe(0);
     expect(Date.now() - signalled).toBeGreaterThanOrEqual(delayMs);
     expect(server.output()).toContain('stopping after SHUTDOWN_DELAY_MS');
-    await expect(get(`${server.url}/health/live`)).rejects.toThrow();
+    await expect(send(false, `${server.url}/health/live`, 'GET')).rejects.toThrow();
     keptAlive.destroy();
   });
 
@@ -213,7 +214,7 @@ describe('graceful shutdown', () => {
     const server = await spawnServer(minute);
     await waitUntilServing(server);
     server.child.kill('SIGTERM');
-    await expect.poll(async () => (await get(`${server.url}/health`)).status, { timeout: 10_000 }).toBe(503);
+    await expect.poll(async () => (await send(false, `${server.url}/health`, 'GET')).status, { timeout: 10_000 }).toBe(503);
     await sleep(600); // past the window in which a signal is taken for the first one passed on
     server.child.kill('SIGTERM');
     // The graceful shutdown's exit, not the signal's: the database was closed.
@@ -438,17 +439,4 @@ class HangingProxy {
 /** Until `condition` holds, looked at every 10 ms. */
 async function until(condition: () => boolean): Promise<void> {
   while (!condition()) await new Promise((resolve) => setTimeout(resolve, 10));
-}
-
-/** GET `url`, on a connection of its own unless `agent` keeps one: what a load balancer's request gets. */
-function get(url: string, agent: Agent | false = false): Promise<{ status: number; headers: IncomingHttpHeaders; body: string }> {
-  return new Promise((resolve, reject) => {
-    httpGet(url, { agent }, (response) => {
-      let body = '';
-      response.setEncoding('utf8');
-      response.on('data', (chunk: string) => (body += chunk));
-      response.on('end', () => resolve({ status: response.statusCode!, headers: response.headers, body }));
-      response.on('error', reject);
-    }).on('error', reject);
-  });
 }

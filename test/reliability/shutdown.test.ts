@@ -1,4 +1,4 @@
-import { Agent, request as httpRequest } from 'node:http';
+import { Agent } from 'node:http';
 import { connect } from 'node:net';
 import { and, eq, inArray } from 'drizzle-orm';
 import { afterAll, beforeAll, expect, it, vi } from 'vitest';
@@ -7,6 +7,7 @@ import { messages } from '../../src/db/schema.js';
 import { createProject, expectProblem, registerUser, startTestApp } from '../support/app.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import { FakeUpstream } from '../support/fake-upstream.js';
+import { send } from '../support/raw-http.js';
 import { type ServerProcess, spawnServer, waitUntilServing } from '../support/server-process.js';
 import type { SseEvent } from '../support/sse.js';
 import { missingWrites, type Outcome, type Session, TrafficClient } from '../support/traffic.js';
@@ -220,18 +221,6 @@ it("stores a stream's answer as incomplete once interrupted, though its client t
     await t.testDb.drop();
   }
 });
-
-function send(agent: Agent, url: string, method: string, headers: Record<string, string>, body?: string) {
-  return new Promise<{ status: number; headers: Record<string, unknown>; body: string }>((resolve, reject) => {
-    const req = httpRequest(url, { agent, method, headers }, (res) => {
-      let text = '';
-      res.setEncoding('utf8').on('data', (chunk: string) => (text += chunk));
-      res.on('end', () => resolve({ status: res.statusCode!, headers: res.headers, body: text }));
-    });
-    req.on('error', reject);
-    req.end(body);
-  });
-}
 
 function deltaText(events: SseEvent[]): string {
   return events

@@ -1,3 +1,4 @@
+import { type Agent, type IncomingHttpHeaders, request as httpRequest } from 'node:http';
 import { connect } from 'node:net';
 
 /**
@@ -20,3 +21,26 @@ export function rawRequest(url: string, method: string, path: string, headers: R
 
 /** The status lines of what a connection received: one a response. */
 export const statusLines = (received: string) => received.match(/HTTP\/1\.1 \d{3} /g);
+
+/**
+ * A request through `agent` (one that keeps connections alive, to see what the server does with them),
+ * or on a connection of its own (`false`): its status, headers and body as text.
+ */
+export function send(
+  agent: Agent | false,
+  url: string,
+  method: string,
+  headers: Record<string, string> = {},
+  body?: string,
+): Promise<{ status: number; headers: IncomingHttpHeaders; body: string }> {
+  return new Promise((resolve, reject) => {
+    const req = httpRequest(url, { agent, method, headers }, (res) => {
+      let text = '';
+      res.setEncoding('utf8').on('data', (chunk: string) => (text += chunk));
+      res.on('end', () => resolve({ status: res.statusCode!, headers: res.headers, body: text }));
+      res.on('error', reject);
+    });
+    req.on('error', reject);
+    req.end(body);
+  });
+}
